@@ -1,0 +1,995 @@
+//! Round orchestration as a deterministic state machine (sans-IO).
+//!
+//! Inputs go in through `handle_*(now, ..)`; outputs come out of
+//! [`Coordinator::poll_output`]; the next timer is [`Coordinator::poll_timeout`].
+//! Time and randomness (a seed in the config) are inputs, so a simulated
+//! fleet with virtual time drives exactly the code the QUIC server drives.
+//!
+//! A round: devices check in (`TaskRequest`); the first
+//! `ceil(devices_per_round * over_selection)` are selected and sent a
+//! [`TaskOffer`]; the rest are paced away ("come back in [t1, t2]"). The
+//! round's deadline starts at its first selection. It closes as soon as
+//! `devices_per_round` updates are accepted, or at the deadline, when it is
+//! aggregated if at least `min_devices` updates arrived and aborted (model
+//! unchanged, round retried) otherwise. Late updates are rejected.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use fedge_proto::msg::{ModelRef, TaskOffer, TrainingPlan, UploadBegin};
+use fedge_proto::sign::{self, VerifyingKey};
+use fedge_proto::{
+    AggMsg, DeviceMsg, Limits, ModelBlob, ModelVersion, Params, ProtoError, RejectCode,
+    SCHEMA_VERSION, update,
+};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::aggregate::{WeightedMean, apply_delta};
+
+/// Identifies one connection (assigned by the driver).
+pub type SessionId = u64;
+
+#[derive(Clone, Debug)]
+pub struct CoordinatorConfig {
+    /// Updates that close a round (the target).
+    pub devices_per_round: usize,
+    /// Selected devices = ceil(devices_per_round * over_selection).
+    pub over_selection: f64,
+    /// Fewest accepted updates for a round to be aggregated at its deadline.
+    pub min_devices: usize,
+    /// Rounds to publish before finishing (0 = run forever).
+    pub rounds: u64,
+    /// Time from a round's first selection to its deadline.
+    pub round_deadline: Duration,
+    /// Pace-steering window for devices not needed now.
+    pub retry_window: (Duration, Duration),
+    /// Time a connection may take to authenticate.
+    pub auth_timeout: Duration,
+    /// Chunk size for model downloads.
+    pub chunk_bytes: u32,
+    /// Most concurrent connections.
+    pub max_sessions: usize,
+    /// Model versions kept for download (the current one and older ones).
+    pub versions_kept: usize,
+    /// Training plan sent with each task.
+    pub plan: TrainingPlan,
+    pub limits: Limits,
+    pub seed: u64,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        CoordinatorConfig {
+            devices_per_round: 10,
+            over_selection: 1.3,
+            min_devices: 1,
+            rounds: 10,
+            round_deadline: Duration::from_secs(60),
+            retry_window: (Duration::from_millis(500), Duration::from_millis(1500)),
+            auth_timeout: Duration::from_secs(10),
+            chunk_bytes: 256 << 10,
+            max_sessions: 10_000,
+            versions_kept: 4,
+            plan: TrainingPlan::default(),
+            limits: Limits::default(),
+            seed: 0,
+        }
+    }
+}
+
+impl CoordinatorConfig {
+    /// Devices selected per round.
+    pub fn selection_target(&self) -> usize {
+        ((self.devices_per_round as f64) * self.over_selection).ceil() as usize
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.devices_per_round == 0 {
+            return Err("devices_per_round must be at least 1".into());
+        }
+        if !(self.over_selection >= 1.0 && self.over_selection <= 10.0) {
+            return Err(format!(
+                "over_selection must be in [1, 10], got {}",
+                self.over_selection
+            ));
+        }
+        if self.min_devices == 0 || self.min_devices > self.devices_per_round {
+            return Err(format!(
+                "min_devices must be in [1, devices_per_round={}], got {}",
+                self.devices_per_round, self.min_devices
+            ));
+        }
+        if self.retry_window.0 > self.retry_window.1 {
+            return Err("retry window min is above its max".into());
+        }
+        if self.chunk_bytes == 0 || self.chunk_bytes > self.limits.chunk_bytes_max {
+            return Err(format!(
+                "chunk_bytes must be in [1, {}], got {}",
+                self.limits.chunk_bytes_max, self.chunk_bytes
+            ));
+        }
+        if self.versions_kept == 0 {
+            return Err("versions_kept must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// What the driver must do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Output {
+    Send {
+        session: SessionId,
+        msg: AggMsg,
+    },
+    /// Close the connection after sending what was queued before this.
+    Close {
+        session: SessionId,
+        reason: String,
+    },
+    Event(Event),
+}
+
+/// What happened, for logs, metrics, persistence and tests.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    RoundOpened {
+        round_id: u64,
+        model_version: ModelVersion,
+    },
+    DeviceSelected {
+        round_id: u64,
+        device: String,
+    },
+    UpdateAccepted {
+        round_id: u64,
+        device: String,
+        sample_count: u64,
+        payload_bytes: u64,
+    },
+    Rejected {
+        device: Option<String>,
+        code: RejectCode,
+        detail: String,
+    },
+    RoundClosed {
+        round_id: u64,
+        accepted: usize,
+        outcome: RoundOutcome,
+    },
+    /// A new model version; the blob is what devices download.
+    ModelPublished {
+        round_id: u64,
+        version: ModelVersion,
+        blob: Bytes,
+    },
+    Finished {
+        final_version: ModelVersion,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum RoundOutcome {
+    Published(ModelVersion),
+    /// Fewer than `min_devices` updates by the deadline; model unchanged.
+    Aborted,
+}
+
+fn device_id(k: &VerifyingKey) -> String {
+    hex::encode(k.to_bytes())
+}
+
+enum SessionState {
+    AwaitHello,
+    AwaitAuth { key: VerifyingKey, nonce: [u8; 32] },
+    Ready { key: VerifyingKey },
+}
+
+struct Session {
+    tls_binding: [u8; 32],
+    connected_at: Instant,
+    state: SessionState,
+}
+
+/// An upload in progress; kept across reconnects so it can resume.
+struct Upload {
+    begin: UploadBegin,
+    data: Vec<u8>,
+    next_index: u32,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Participation {
+    Selected,
+    Accepted,
+}
+
+struct Round {
+    id: u64,
+    model_version: ModelVersion,
+    deadline: Option<Instant>,
+    participants: HashMap<[u8; 32], Participation>,
+    uploads: HashMap<[u8; 32], Upload>,
+    accumulator: WeightedMean,
+}
+
+struct StoredModel {
+    blob: Bytes,
+    mref: ModelRef,
+}
+
+/// The aggregator's round orchestration.
+pub struct Coordinator {
+    cfg: CoordinatorConfig,
+    rng: ChaCha8Rng,
+    sessions: HashMap<SessionId, Session>,
+    by_device: HashMap<[u8; 32], SessionId>,
+    models: HashMap<ModelVersion, StoredModel>,
+    history: VecDeque<ModelVersion>,
+    current: ModelBlob,
+    current_version: ModelVersion,
+    round: Round,
+    published_rounds: u64,
+    finished: bool,
+    out: VecDeque<Output>,
+}
+
+impl Coordinator {
+    /// Start from `initial`, opening round `first_round_id` (a restarted
+    /// aggregator continues its numbering).
+    pub fn new(
+        cfg: CoordinatorConfig,
+        initial: ModelBlob,
+        first_round_id: u64,
+        published_rounds: u64,
+    ) -> Result<Self, String> {
+        cfg.validate()?;
+        let blob = initial.encode();
+        Limits::check("model bytes", blob.len() as u64, cfg.limits.model_bytes_max)
+            .map_err(|e| e.to_string())?;
+        let version = ModelVersion::of(&blob);
+        let dim = initial.params.values.len();
+        let mut c = Coordinator {
+            rng: ChaCha8Rng::seed_from_u64(cfg.seed),
+            sessions: HashMap::new(),
+            by_device: HashMap::new(),
+            models: HashMap::new(),
+            history: VecDeque::new(),
+            current: initial,
+            current_version: version,
+            round: Round {
+                id: first_round_id,
+                model_version: version,
+                deadline: None,
+                participants: HashMap::new(),
+                uploads: HashMap::new(),
+                accumulator: WeightedMean::new(dim),
+            },
+            published_rounds,
+            finished: false,
+            out: VecDeque::new(),
+            cfg,
+        };
+        c.store_model(version, blob);
+        c.finished = c.cfg.rounds != 0 && published_rounds >= c.cfg.rounds;
+        if !c.finished {
+            c.event(Event::RoundOpened {
+                round_id: first_round_id,
+                model_version: version,
+            });
+        }
+        Ok(c)
+    }
+
+    // ------------------------------------------------------------ getters
+
+    pub fn config(&self) -> &CoordinatorConfig {
+        &self.cfg
+    }
+
+    pub fn current_version(&self) -> ModelVersion {
+        self.current_version
+    }
+
+    pub fn current_model(&self) -> &ModelBlob {
+        &self.current
+    }
+
+    pub fn round_id(&self) -> u64 {
+        self.round.id
+    }
+
+    pub fn published_rounds(&self) -> u64 {
+        self.published_rounds
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Updates accepted so far in the open round.
+    pub fn accepted_in_round(&self) -> usize {
+        self.round.accumulator.count()
+    }
+
+    // ------------------------------------------------------------ outputs
+
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// The earliest instant at which `handle_timeout` has work to do.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let auth = self
+            .sessions
+            .values()
+            .filter(|s| !matches!(s.state, SessionState::Ready { .. }))
+            .map(|s| s.connected_at + self.cfg.auth_timeout)
+            .min();
+        match (auth, self.round.deadline.filter(|_| !self.finished)) {
+            (Some(a), Some(d)) => Some(a.min(d)),
+            (a, d) => a.or(d),
+        }
+    }
+
+    // ------------------------------------------------------------ inputs
+
+    /// A connection was established; `tls_binding` is exported from its TLS
+    /// session and binds the authentication signature to it.
+    pub fn handle_connect(&mut self, now: Instant, session: SessionId, tls_binding: [u8; 32]) {
+        if self.sessions.len() >= self.cfg.max_sessions {
+            self.reject(
+                session,
+                None,
+                RejectCode::TooManyDevices,
+                format!(
+                    "aggregator is at its limit of {} devices",
+                    self.cfg.max_sessions
+                ),
+                true,
+            );
+            return;
+        }
+        self.sessions.insert(
+            session,
+            Session {
+                tls_binding,
+                connected_at: now,
+                state: SessionState::AwaitHello,
+            },
+        );
+    }
+
+    pub fn handle_disconnect(&mut self, _now: Instant, session: SessionId) {
+        self.drop_session(session);
+    }
+
+    fn drop_session(&mut self, session: SessionId) {
+        if let Some(s) = self.sessions.remove(&session)
+            && let SessionState::Ready { key } = s.state
+            && self.by_device.get(key.as_bytes()) == Some(&session)
+        {
+            self.by_device.remove(key.as_bytes());
+        }
+    }
+
+    /// A frame arrived that could not be decoded (malformed, oversized, or
+    /// the wrong direction). The connection is told why and closed.
+    pub fn handle_bad_frame(&mut self, _now: Instant, session: SessionId, err: &ProtoError) {
+        let device = self.device_of(session);
+        self.reject(session, device, err.reject_code(), err.to_string(), true);
+    }
+
+    /// A connection exceeded its request rate.
+    pub fn handle_rate_limited(&mut self, _now: Instant, session: SessionId) {
+        let device = self.device_of(session);
+        self.reject(
+            session,
+            device,
+            RejectCode::RateLimited,
+            "request rate over the per-device limit".into(),
+            true,
+        );
+    }
+
+    pub fn handle_message(&mut self, now: Instant, session: SessionId, msg: DeviceMsg) {
+        let Some(s) = self.sessions.get(&session) else {
+            return; // already closed
+        };
+        match (&s.state, msg) {
+            (SessionState::AwaitHello, DeviceMsg::Hello(h)) => {
+                if h.schema_version != SCHEMA_VERSION {
+                    let detail = format!(
+                        "schema version mismatch: aggregator speaks {SCHEMA_VERSION}, device sent {}",
+                        h.schema_version
+                    );
+                    self.reject(session, None, RejectCode::SchemaMismatch, detail, true);
+                    return;
+                }
+                let mut nonce = [0u8; 32];
+                self.rng.fill(&mut nonce);
+                self.sessions.get_mut(&session).expect("checked").state = SessionState::AwaitAuth {
+                    key: h.device_public_key,
+                    nonce,
+                };
+                self.send(
+                    session,
+                    AggMsg::Challenge {
+                        schema_version: SCHEMA_VERSION,
+                        nonce,
+                    },
+                );
+            }
+            (SessionState::AwaitAuth { key, nonce }, DeviceMsg::AuthResponse { signature }) => {
+                let key = *key;
+                if sign::verify_auth(&key, nonce, &s.tls_binding, &signature).is_err() {
+                    self.reject(
+                        session,
+                        Some(device_id(&key)),
+                        RejectCode::AuthFailed,
+                        "challenge signature does not verify for this key and TLS session".into(),
+                        true,
+                    );
+                    return;
+                }
+                // A device that reconnects replaces its old connection.
+                if let Some(old) = self.by_device.insert(key.to_bytes(), session)
+                    && old != session
+                {
+                    self.sessions.remove(&old);
+                    self.out.push_back(Output::Close {
+                        session: old,
+                        reason: "device reconnected on another connection".into(),
+                    });
+                }
+                self.sessions.get_mut(&session).expect("checked").state =
+                    SessionState::Ready { key };
+                self.send(
+                    session,
+                    AggMsg::AuthOk {
+                        device_id: device_id(&key),
+                    },
+                );
+            }
+            (SessionState::Ready { key }, msg) => {
+                let key = *key;
+                self.handle_ready(now, session, key, msg);
+            }
+            (_, msg) => {
+                let device = self.device_of(session);
+                self.reject(
+                    session,
+                    device,
+                    RejectCode::ProtocolViolation,
+                    format!("`{}` before authentication completed", msg.name()),
+                    true,
+                );
+            }
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let expired: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| {
+                !matches!(s.state, SessionState::Ready { .. })
+                    && now >= s.connected_at + self.cfg.auth_timeout
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            self.reject(
+                id,
+                None,
+                RejectCode::AuthFailed,
+                "authentication timed out".into(),
+                true,
+            );
+        }
+        if !self.finished
+            && let Some(d) = self.round.deadline
+            && now >= d
+        {
+            self.close_round(now);
+        }
+    }
+
+    // ------------------------------------------------------------ internals
+
+    fn handle_ready(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        key: VerifyingKey,
+        msg: DeviceMsg,
+    ) {
+        match msg {
+            DeviceMsg::Heartbeat { seq } => self.send(session, AggMsg::HeartbeatAck { seq }),
+            DeviceMsg::TaskRequest { .. } => self.on_task_request(now, session, key),
+            DeviceMsg::ChunkRequest {
+                model_version,
+                index,
+            } => self.on_chunk_request(session, key, model_version, index),
+            DeviceMsg::UploadBegin(b) => self.on_upload_begin(now, session, key, *b),
+            DeviceMsg::UploadChunk {
+                payload_hash,
+                index,
+                data,
+            } => self.on_upload_chunk(now, session, key, payload_hash, index, data),
+            DeviceMsg::Hello(_) | DeviceMsg::AuthResponse { .. } => self.reject(
+                session,
+                Some(device_id(&key)),
+                RejectCode::ProtocolViolation,
+                format!("`{}` after authentication", msg.name()),
+                true,
+            ),
+        }
+    }
+
+    fn on_task_request(&mut self, now: Instant, session: SessionId, key: VerifyingKey) {
+        if self.finished {
+            let mref = self.models[&self.current_version].mref;
+            self.send(session, AggMsg::Finished(mref));
+            return;
+        }
+        let target = self.cfg.selection_target();
+        let part = self.round.participants.get(key.as_bytes()).copied();
+        match part {
+            Some(Participation::Selected) => {
+                // Reconnected mid-round: the same offer again.
+                self.send_offer(now, session);
+            }
+            Some(Participation::Accepted) => {
+                self.pace_away(session, "already contributed to this round");
+            }
+            None if self.round.participants.len() < target => {
+                self.round
+                    .participants
+                    .insert(key.to_bytes(), Participation::Selected);
+                if self.round.deadline.is_none() {
+                    self.round.deadline = Some(now + self.cfg.round_deadline);
+                }
+                self.event(Event::DeviceSelected {
+                    round_id: self.round.id,
+                    device: device_id(&key),
+                });
+                self.send_offer(now, session);
+            }
+            None => self.pace_away(session, "round is full"),
+        }
+    }
+
+    fn send_offer(&mut self, now: Instant, session: SessionId) {
+        let mref = self.models[&self.round.model_version].mref;
+        let deadline = self.round.deadline.expect("set at first selection");
+        let offer = TaskOffer {
+            round_id: self.round.id,
+            model: mref,
+            plan: self.cfg.plan.clone(),
+            deadline_ms: deadline.saturating_duration_since(now).as_millis() as u64,
+        };
+        self.send(session, AggMsg::TaskOffer(Box::new(offer)));
+    }
+
+    fn pace_away(&mut self, session: SessionId, reason: &str) {
+        let (lo, hi) = self.cfg.retry_window;
+        let lo_ms = lo.as_millis() as u64;
+        let hi_ms = hi.as_millis() as u64;
+        // Randomise the window's start so paced devices do not return as a herd.
+        let start = if hi_ms > lo_ms {
+            self.rng.random_range(lo_ms..=hi_ms)
+        } else {
+            lo_ms
+        };
+        let end = start + (hi_ms - lo_ms) / 2;
+        self.send(
+            session,
+            AggMsg::NoTask {
+                retry_after_ms_min: start,
+                retry_after_ms_max: end.max(start),
+                reason: reason.into(),
+            },
+        );
+    }
+
+    fn on_chunk_request(
+        &mut self,
+        session: SessionId,
+        key: VerifyingKey,
+        version: ModelVersion,
+        index: u32,
+    ) {
+        let Some(m) = self.models.get(&version) else {
+            self.reject(
+                session,
+                Some(device_id(&key)),
+                RejectCode::UnknownModelVersion,
+                format!("model version {version} is not held here"),
+                false,
+            );
+            return;
+        };
+        if index >= m.mref.chunk_count {
+            let detail = format!(
+                "chunk {index} out of range: model {version} has {} chunks",
+                m.mref.chunk_count
+            );
+            self.reject(
+                session,
+                Some(device_id(&key)),
+                RejectCode::Malformed,
+                detail,
+                false,
+            );
+            return;
+        }
+        let data = m.blob.slice(m.mref.chunk_range(index));
+        self.send(
+            session,
+            AggMsg::ModelChunk {
+                model_version: version,
+                index,
+                data,
+            },
+        );
+    }
+
+    /// Checks shared by upload begin; returns the reject to send, if any.
+    fn check_manifest(
+        &self,
+        now: Instant,
+        key: &VerifyingKey,
+        b: &UploadBegin,
+    ) -> Result<(), (RejectCode, String)> {
+        let m = &b.manifest;
+        if m.device_public_key != *key {
+            return Err((
+                RejectCode::BadSignature,
+                "manifest names another device's key".into(),
+            ));
+        }
+        m.verify(&b.signature)
+            .map_err(|e| (RejectCode::BadSignature, e.to_string()))?;
+        if self.finished || m.round_id > self.round.id {
+            return Err((
+                RejectCode::UnknownRound,
+                format!("round {} is not open here", m.round_id),
+            ));
+        }
+        if m.round_id < self.round.id {
+            return Err((
+                RejectCode::RoundClosed,
+                format!(
+                    "round {} is closed; round {} is open",
+                    m.round_id, self.round.id
+                ),
+            ));
+        }
+        if !self.models.contains_key(&m.model_version) {
+            return Err((
+                RejectCode::UnknownModelVersion,
+                format!("model version {} is not known here", m.model_version),
+            ));
+        }
+        if m.model_version != self.round.model_version {
+            return Err((
+                RejectCode::RoundClosed,
+                format!(
+                    "update is against model {}, round {} trains {}",
+                    m.model_version, self.round.id, self.round.model_version
+                ),
+            ));
+        }
+        match self.round.participants.get(key.as_bytes()) {
+            None => {
+                return Err((
+                    RejectCode::NotSelected,
+                    format!("device was not selected for round {}", self.round.id),
+                ));
+            }
+            Some(Participation::Accepted) => {
+                return Err((
+                    RejectCode::Replay,
+                    format!(
+                        "an update from this device was already accepted in round {}",
+                        self.round.id
+                    ),
+                ));
+            }
+            Some(Participation::Selected) => {}
+        }
+        if self.round.deadline.is_some_and(|d| now >= d) {
+            return Err((
+                RejectCode::DeadlinePassed,
+                "the round's deadline has passed".into(),
+            ));
+        }
+        if m.sample_count == 0 {
+            return Err((
+                RejectCode::Malformed,
+                "sample_count must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn on_upload_begin(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        key: VerifyingKey,
+        b: UploadBegin,
+    ) {
+        if let Err((code, detail)) = self.check_manifest(now, &key, &b) {
+            self.reject(session, Some(device_id(&key)), code, detail, false);
+            return;
+        }
+        let hash = b.manifest.payload_hash;
+        let next_index = match self.round.uploads.get(key.as_bytes()) {
+            // Resume the same payload from where it stopped.
+            Some(u)
+                if u.begin.manifest.payload_hash == hash
+                    && u.begin.chunk_bytes == b.chunk_bytes =>
+            {
+                u.next_index
+            }
+            _ => {
+                self.round.uploads.insert(
+                    key.to_bytes(),
+                    Upload {
+                        begin: b,
+                        data: Vec::new(),
+                        next_index: 0,
+                    },
+                );
+                0
+            }
+        };
+        self.send(
+            session,
+            AggMsg::UploadStatus {
+                payload_hash: hash,
+                next_index,
+            },
+        );
+        if next_index > 0 {
+            self.try_finish_upload(now, session, key);
+        }
+    }
+
+    fn on_upload_chunk(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        key: VerifyingKey,
+        hash: [u8; 32],
+        index: u32,
+        data: Bytes,
+    ) {
+        let dev = device_id(&key);
+        let Some(u) = self
+            .round
+            .uploads
+            .get_mut(key.as_bytes())
+            .filter(|u| u.begin.manifest.payload_hash == hash)
+        else {
+            self.reject(
+                session,
+                Some(dev),
+                RejectCode::UnknownRound,
+                "chunk for an upload that is not open in this round".into(),
+                false,
+            );
+            return;
+        };
+        if index < u.next_index {
+            return; // duplicate after a resume: already have it
+        }
+        if index > u.next_index {
+            let next = u.next_index;
+            self.send(
+                session,
+                AggMsg::UploadStatus {
+                    payload_hash: hash,
+                    next_index: next,
+                },
+            );
+            return;
+        }
+        let declared = u.begin.manifest.payload_bytes;
+        let is_last = u.data.len() as u64 + data.len() as u64 >= declared;
+        if (data.len() as u64) != u64::from(u.begin.chunk_bytes) && !is_last
+            || u.data.len() as u64 + data.len() as u64 > declared
+        {
+            self.round.uploads.remove(key.as_bytes());
+            self.reject(
+                session,
+                Some(dev),
+                RejectCode::TooLarge,
+                format!("upload chunks do not add up to the declared {declared} bytes"),
+                false,
+            );
+            return;
+        }
+        u.data.extend_from_slice(&data);
+        u.next_index += 1;
+        self.try_finish_upload(now, session, key);
+    }
+
+    fn try_finish_upload(&mut self, now: Instant, session: SessionId, key: VerifyingKey) {
+        let dev = device_id(&key);
+        let Some(u) = self.round.uploads.get(key.as_bytes()) else {
+            return;
+        };
+        if (u.data.len() as u64) < u.begin.manifest.payload_bytes {
+            return;
+        }
+        let u = self.round.uploads.remove(key.as_bytes()).expect("present");
+        let m = &u.begin.manifest;
+        if self.round.deadline.is_some_and(|d| now >= d) {
+            self.reject(
+                session,
+                Some(dev),
+                RejectCode::DeadlinePassed,
+                "the round's deadline passed during the upload".into(),
+                false,
+            );
+            return;
+        }
+        let got = *blake3::hash(&u.data).as_bytes();
+        if got != m.payload_hash {
+            self.reject(
+                session,
+                Some(dev),
+                RejectCode::HashMismatch,
+                "payload does not match the signed hash".into(),
+                false,
+            );
+            return;
+        }
+        let delta = match update::decode_update(
+            &u.data,
+            self.round.accumulator.dimension(),
+            &self.cfg.limits,
+        ) {
+            Ok(d) => d,
+            Err(e) => {
+                self.reject(session, Some(dev), e.reject_code(), e.to_string(), false);
+                return;
+            }
+        };
+        self.round.accumulator.add(&delta, m.sample_count as f64);
+        self.round
+            .participants
+            .insert(key.to_bytes(), Participation::Accepted);
+        let (round_id, payload_hash) = (m.round_id, m.payload_hash);
+        self.event(Event::UpdateAccepted {
+            round_id,
+            device: dev,
+            sample_count: m.sample_count,
+            payload_bytes: m.payload_bytes,
+        });
+        self.send(
+            session,
+            AggMsg::UpdateAccepted {
+                round_id,
+                payload_hash,
+            },
+        );
+        if self.round.accumulator.count() >= self.cfg.devices_per_round {
+            self.close_round(now);
+        }
+    }
+
+    fn close_round(&mut self, _now: Instant) {
+        let accepted = self.round.accumulator.count();
+        let round_id = self.round.id;
+        let outcome = if accepted >= self.cfg.min_devices {
+            let mean = self.round.accumulator.mean().expect("accepted >= 1");
+            let values = apply_delta(&self.current.params.values, &mean);
+            let params =
+                Params::new(Arc::clone(&self.current.params.layout), values).expect("same layout");
+            let next = ModelBlob {
+                onnx_graph: self.current.onnx_graph.clone(),
+                params,
+            };
+            let blob = next.encode();
+            let version = ModelVersion::of(&blob);
+            self.current = next;
+            self.current_version = version;
+            self.store_model(version, blob.clone());
+            self.published_rounds += 1;
+            self.event(Event::ModelPublished {
+                round_id,
+                version,
+                blob,
+            });
+            RoundOutcome::Published(version)
+        } else {
+            RoundOutcome::Aborted
+        };
+        self.event(Event::RoundClosed {
+            round_id,
+            accepted,
+            outcome,
+        });
+        let dim = self.current.params.values.len();
+        self.round = Round {
+            id: round_id + 1,
+            model_version: self.current_version,
+            deadline: None,
+            participants: HashMap::new(),
+            uploads: HashMap::new(),
+            accumulator: WeightedMean::new(dim),
+        };
+        if self.cfg.rounds != 0 && self.published_rounds >= self.cfg.rounds {
+            self.finished = true;
+            self.event(Event::Finished {
+                final_version: self.current_version,
+            });
+        } else {
+            self.event(Event::RoundOpened {
+                round_id: self.round.id,
+                model_version: self.current_version,
+            });
+        }
+    }
+
+    fn store_model(&mut self, version: ModelVersion, blob: Bytes) {
+        let mref = ModelRef::new(version, blob.len() as u64, self.cfg.chunk_bytes);
+        self.models.insert(version, StoredModel { blob, mref });
+        self.history.push_back(version);
+        while self.history.len() > self.cfg.versions_kept {
+            let old = self.history.pop_front().expect("non-empty");
+            self.models.remove(&old);
+        }
+    }
+
+    fn device_of(&self, session: SessionId) -> Option<String> {
+        match &self.sessions.get(&session)?.state {
+            SessionState::AwaitAuth { key, .. } | SessionState::Ready { key } => {
+                Some(device_id(key))
+            }
+            SessionState::AwaitHello => None,
+        }
+    }
+
+    fn send(&mut self, session: SessionId, msg: AggMsg) {
+        self.out.push_back(Output::Send { session, msg });
+    }
+
+    fn event(&mut self, e: Event) {
+        self.out.push_back(Output::Event(e));
+    }
+
+    fn reject(
+        &mut self,
+        session: SessionId,
+        device: Option<String>,
+        code: RejectCode,
+        detail: String,
+        fatal: bool,
+    ) {
+        self.event(Event::Rejected {
+            device,
+            code,
+            detail: detail.clone(),
+        });
+        self.send(session, AggMsg::reject(code, detail.clone(), fatal));
+        if fatal {
+            self.drop_session(session);
+            self.out.push_back(Output::Close {
+                session,
+                reason: format!("{code}: {detail}"),
+            });
+        }
+    }
+}

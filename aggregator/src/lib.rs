@@ -1,0 +1,18 @@
+//! fedge-aggregator: where untrusted updates become a model.
+//!
+//! - [`coordinator`]: round orchestration as a sans-IO state machine.
+//! - [`aggregate`]: aggregation math as pure, streaming functions.
+//! - [`server`]: the thin tokio + quinn driver around the coordinator.
+//! - [`tls`]: the aggregator's TLS identity (created once, pinned by devices).
+//! - [`store`]: durable state on disk (content-addressed model blobs).
+//! - [`config`]: the TOML configuration and its defaults.
+//!
+//! **Invariant:** the aggregator never depends on tract or on the device
+//! runtime; only tests and the `simulate` wiring in the binary do.
+
+pub mod aggregate;
+pub mod config;
+pub mod coordinator;
+pub mod server;
+pub mod store;
+pub mod tls;

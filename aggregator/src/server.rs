@@ -1,0 +1,420 @@
+//! The aggregator's QUIC driver: a thin tokio layer around [`Coordinator`].
+//!
+//! One task owns the coordinator. Each connection has a reader task (frames
+//! in, bounded, rate-limited, decoded at the boundary) and a writer task
+//! (frames out). A bad frame or a rate violation closes that connection
+//! only; every other device keeps being served.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use fedge_proto::io::{ReadError, read_frame, write_frame};
+use fedge_proto::sign::TLS_EXPORTER_LABEL;
+use fedge_proto::{DeviceMsg, Limits, ModelBlob, ModelVersion, ProtoError};
+use tokio::sync::mpsc;
+
+use crate::coordinator::{Coordinator, CoordinatorConfig, Event, Output, RoundOutcome, SessionId};
+use crate::store::Store;
+use crate::tls::TlsIdentity;
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub coordinator: CoordinatorConfig,
+    /// Sustained requests per second allowed from one connection.
+    pub rate_per_sec: f64,
+    /// Burst allowance on top of the sustained rate.
+    pub rate_burst: f64,
+    pub idle_timeout: Duration,
+    /// After the last round, keep serving this long so devices can fetch
+    /// the final model, then stop (None: serve forever).
+    pub finish_grace: Option<Duration>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:4433".parse().expect("addr"),
+            coordinator: CoordinatorConfig::default(),
+            rate_per_sec: 2000.0,
+            rate_burst: 4000.0,
+            idle_timeout: Duration::from_secs(60),
+            finish_grace: Some(Duration::from_secs(10)),
+        }
+    }
+}
+
+/// What happened during a run.
+#[derive(Clone, Debug, Default)]
+pub struct ServeReport {
+    pub rounds_published: u64,
+    pub final_version: Option<ModelVersion>,
+    pub rejections: HashMap<String, u64>,
+}
+
+enum Input {
+    Connected {
+        id: SessionId,
+        binding: [u8; 32],
+        writer: mpsc::Sender<WriterCmd>,
+    },
+    Message(SessionId, DeviceMsg),
+    BadFrame(SessionId, ProtoError),
+    RateLimited(SessionId),
+    Disconnected(SessionId),
+}
+
+enum WriterCmd {
+    Frame(Bytes),
+    Close(String),
+}
+
+/// Token bucket for one connection's request rate.
+struct RateLimit {
+    tokens: f64,
+    last: Instant,
+    rate: f64,
+    burst: f64,
+}
+
+impl RateLimit {
+    fn allow(&mut self, now: Instant) -> bool {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// A bound, ready server.
+pub struct Server {
+    endpoint: quinn::Endpoint,
+    cfg: ServerConfig,
+    store: Store,
+}
+
+impl Server {
+    /// Bind the QUIC endpoint.
+    pub fn bind(cfg: ServerConfig, identity: &TlsIdentity, store: Store) -> anyhow::Result<Self> {
+        let tls = identity.server_config()?;
+        let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+        let mut sc = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        let mut t = quinn::TransportConfig::default();
+        t.max_idle_timeout(Some(quinn::IdleTimeout::try_from(cfg.idle_timeout)?));
+        t.max_concurrent_bidi_streams(4u32.into());
+        t.max_concurrent_uni_streams(0u32.into());
+        sc.transport_config(Arc::new(t));
+        let endpoint = quinn::Endpoint::server(sc, cfg.listen)
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
+        Ok(Server {
+            endpoint,
+            cfg,
+            store,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Serve until all rounds are done (plus the grace period) or
+    /// `shutdown` resolves.
+    pub async fn run(
+        self,
+        initial: ModelBlob,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<ServeReport> {
+        let Server {
+            endpoint,
+            cfg,
+            mut store,
+        } = self;
+        let resume = store.resume_point();
+        let mut core = Coordinator::new(
+            cfg.coordinator.clone(),
+            initial,
+            resume.next_round_id,
+            resume.published_rounds,
+        )
+        .map_err(|e| anyhow::anyhow!("bad configuration: {e}"))?;
+        let limits = cfg.coordinator.limits.clone();
+        let (in_tx, mut in_rx) = mpsc::channel::<Input>(4096);
+        let accept = tokio::spawn(accept_loop(endpoint.clone(), in_tx, limits, cfg.clone()));
+        let mut writers: HashMap<SessionId, mpsc::Sender<WriterCmd>> = HashMap::new();
+        let mut report = ServeReport::default();
+        let mut finished_at: Option<Instant> = core.is_finished().then(Instant::now);
+        tokio::pin!(shutdown);
+        loop {
+            drain(
+                &mut core,
+                &mut writers,
+                &mut store,
+                &mut report,
+                &mut finished_at,
+            )?;
+            if let (Some(t), Some(grace)) = (finished_at, cfg.finish_grace)
+                && (Instant::now() >= t + grace
+                    || (writers.is_empty() && core.session_count() == 0))
+            {
+                break;
+            }
+            let mut wake = core.poll_timeout();
+            if let (Some(t), Some(grace)) = (finished_at, cfg.finish_grace) {
+                wake = Some(wake.map_or(t + grace, |w| w.min(t + grace)));
+            }
+            let sleep = async {
+                match wake {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                input = in_rx.recv() => {
+                    let Some(input) = input else { break };
+                    let now = Instant::now();
+                    match input {
+                        Input::Connected { id, binding, writer } => {
+                            writers.insert(id, writer);
+                            core.handle_connect(now, id, binding);
+                        }
+                        Input::Message(id, msg) => core.handle_message(now, id, msg),
+                        Input::BadFrame(id, e) => core.handle_bad_frame(now, id, &e),
+                        Input::RateLimited(id) => core.handle_rate_limited(now, id),
+                        Input::Disconnected(id) => {
+                            writers.remove(&id);
+                            core.handle_disconnect(now, id);
+                        }
+                    }
+                }
+                _ = sleep => core.handle_timeout(Instant::now()),
+                _ = &mut shutdown => break,
+            }
+        }
+        accept.abort();
+        report.rounds_published = core.published_rounds();
+        report.final_version = Some(core.current_version());
+        for (_, w) in writers.drain() {
+            let _ = w.try_send(WriterCmd::Close("aggregator stopping".into()));
+        }
+        endpoint.close(0u32.into(), b"aggregator stopping");
+        tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle())
+            .await
+            .ok();
+        Ok(report)
+    }
+}
+
+fn drain(
+    core: &mut Coordinator,
+    writers: &mut HashMap<SessionId, mpsc::Sender<WriterCmd>>,
+    store: &mut Store,
+    report: &mut ServeReport,
+    finished_at: &mut Option<Instant>,
+) -> anyhow::Result<()> {
+    while let Some(out) = core.poll_output() {
+        match out {
+            Output::Send { session, msg } => {
+                if let Some(w) = writers.get(&session)
+                    && w.try_send(WriterCmd::Frame(msg.encode())).is_err()
+                {
+                    // A device that does not read its messages is dropped,
+                    // never allowed to grow our queues.
+                    tracing::warn!(session, "writer queue full; closing connection");
+                    let w = writers.remove(&session).expect("present");
+                    let _ = w.try_send(WriterCmd::Close("too slow".into()));
+                    core.handle_disconnect(Instant::now(), session);
+                }
+            }
+            Output::Close { session, reason } => {
+                if let Some(w) = writers.remove(&session) {
+                    let _ = w.try_send(WriterCmd::Close(reason));
+                }
+            }
+            Output::Event(e) => on_event(e, store, report, finished_at)?,
+        }
+    }
+    Ok(())
+}
+
+fn on_event(
+    e: Event,
+    store: &mut Store,
+    report: &mut ServeReport,
+    finished_at: &mut Option<Instant>,
+) -> anyhow::Result<()> {
+    match e {
+        Event::RoundOpened {
+            round_id,
+            model_version,
+        } => tracing::info!(round_id, %model_version, "round opened"),
+        Event::DeviceSelected { round_id, device } => {
+            tracing::debug!(round_id, device = &device[..12], "device selected")
+        }
+        Event::UpdateAccepted {
+            round_id,
+            device,
+            sample_count,
+            payload_bytes,
+        } => tracing::info!(
+            round_id,
+            device = &device[..12],
+            sample_count,
+            payload_bytes,
+            "update accepted"
+        ),
+        Event::Rejected {
+            device,
+            code,
+            detail,
+        } => {
+            *report.rejections.entry(code.to_string()).or_default() += 1;
+            tracing::warn!(%code, device = device.as_deref().map(|d| &d[..12]), %detail, "rejected");
+        }
+        Event::RoundClosed {
+            round_id,
+            accepted,
+            outcome,
+        } => match outcome {
+            RoundOutcome::Published(v) => {
+                tracing::info!(round_id, accepted, version = %v, "round closed; model published")
+            }
+            RoundOutcome::Aborted => {
+                tracing::warn!(
+                    round_id,
+                    accepted,
+                    "round aborted: too few updates by the deadline"
+                )
+            }
+        },
+        Event::ModelPublished {
+            round_id,
+            version,
+            blob,
+        } => store.publish(round_id, version, &blob)?,
+        Event::Finished { final_version } => {
+            tracing::info!(%final_version, "all rounds done");
+            *finished_at = Some(Instant::now());
+        }
+    }
+    Ok(())
+}
+
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    core: mpsc::Sender<Input>,
+    limits: Limits,
+    cfg: ServerConfig,
+) {
+    let mut next_id: SessionId = 1;
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    while let Some(incoming) = endpoint.accept().await {
+        // Refuse at the door well before the coordinator's own limit.
+        if open.load(std::sync::atomic::Ordering::Relaxed) > cfg.coordinator.max_sessions + 64 {
+            incoming.refuse();
+            continue;
+        }
+        let id = next_id;
+        next_id += 1;
+        let core = core.clone();
+        let limits = limits.clone();
+        let cfg = cfg.clone();
+        let open = Arc::clone(&open);
+        tokio::spawn(async move {
+            open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if let Err(e) = connection(id, incoming, core.clone(), limits, &cfg).await {
+                tracing::debug!(session = id, error = %e, "connection ended");
+            }
+            let _ = core.send(Input::Disconnected(id)).await;
+            open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        });
+    }
+}
+
+async fn connection(
+    id: SessionId,
+    incoming: quinn::Incoming,
+    core: mpsc::Sender<Input>,
+    limits: Limits,
+    cfg: &ServerConfig,
+) -> anyhow::Result<()> {
+    let conn = incoming.await?;
+    let mut binding = [0u8; 32];
+    conn.export_keying_material(&mut binding, TLS_EXPORTER_LABEL, b"")
+        .map_err(|_| anyhow::anyhow!("TLS exporter unavailable"))?;
+    let (mut send, mut recv) =
+        tokio::time::timeout(cfg.coordinator.auth_timeout, conn.accept_bi()).await??;
+    let (wtx, mut wrx) = mpsc::channel::<WriterCmd>(1024);
+    core.send(Input::Connected {
+        id,
+        binding,
+        writer: wtx,
+    })
+    .await?;
+    let wconn = conn.clone();
+    let writer = tokio::spawn(async move {
+        while let Some(cmd) = wrx.recv().await {
+            match cmd {
+                WriterCmd::Frame(f) => {
+                    if write_frame(&mut send, &f).await.is_err() {
+                        break;
+                    }
+                }
+                WriterCmd::Close(reason) => {
+                    let _ = send.finish();
+                    // Give the peer a moment to read the reject first.
+                    let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+                    let reason = reason.as_bytes();
+                    wconn.close(1u32.into(), &reason[..reason.len().min(200)]);
+                    break;
+                }
+            }
+        }
+    });
+    let mut rate = RateLimit {
+        tokens: cfg.rate_burst,
+        last: Instant::now(),
+        rate: cfg.rate_per_sec,
+        burst: cfg.rate_burst,
+    };
+    let mut rejected = false;
+    loop {
+        let input = match read_frame(&mut recv, limits.frame_bytes_max).await {
+            Ok(Some(frame)) => {
+                if !rate.allow(Instant::now()) {
+                    core.send(Input::RateLimited(id)).await?;
+                    rejected = true;
+                    break;
+                }
+                match DeviceMsg::decode(&frame, &limits) {
+                    Ok(m) => Input::Message(id, m),
+                    Err(e) => {
+                        core.send(Input::BadFrame(id, e)).await?;
+                        rejected = true;
+                        break;
+                    }
+                }
+            }
+            Ok(None) => break,
+            Err(ReadError::Proto(e)) => {
+                core.send(Input::BadFrame(id, e)).await?;
+                rejected = true;
+                break;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        core.send(input).await?;
+    }
+    if rejected {
+        // Let the writer deliver the reject before the connection goes.
+        let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    }
+    Ok(())
+}

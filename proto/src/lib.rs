@@ -1,0 +1,45 @@
+//! fedge-proto: everything that crosses the wire between a device and an
+//! aggregator.
+//!
+//! - [`wire`]: the prost messages generated from `proto/fedge.proto`
+//!   (compiled with protox in build.rs; no `protoc` needed).
+//! - [`msg`]: the domain messages ([`DeviceMsg`], [`AggMsg`]) and their
+//!   validating conversions. Bad input is rejected here, with a typed
+//!   [`ProtoError`], before any state machine sees it.
+//! - [`frame`]: length-prefixed framing with a size bound checked before
+//!   anything is allocated.
+//! - [`params`]: the one canonical parameter layout, model blobs and their
+//!   content-addressed versions.
+//! - [`update`]: update payload encodings and their decoders.
+//! - [`sign`]: what devices sign (authentication and update manifests).
+//!
+//! **Invariant:** nothing in this crate does I/O or keeps time except the
+//! optional `io` helpers, which only read and write frames.
+
+pub mod error;
+pub mod frame;
+#[cfg(feature = "io")]
+pub mod io;
+pub mod limits;
+pub mod msg;
+pub mod params;
+pub mod sign;
+pub mod update;
+
+/// Generated prost code. Domain code uses [`msg`] instead.
+#[allow(clippy::all, missing_docs)]
+pub mod wire {
+    include!(concat!(env!("OUT_DIR"), "/fedge.v1.rs"));
+}
+
+pub use error::{ProtoError, RejectCode};
+pub use limits::Limits;
+pub use msg::{AggMsg, DeviceMsg};
+pub use params::{ModelBlob, ModelVersion, ParamLayout, Params, TensorSpec};
+
+/// The schema version this build speaks. A peer with another version is
+/// refused at hello with [`RejectCode::SchemaMismatch`].
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Version of this runtime, sent in hello.
+pub const RUNTIME_VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,928 @@
+//! Domain messages and their conversion from and to the wire.
+//!
+//! **API boundary:** the state machines consume [`DeviceMsg`] / [`AggMsg`]
+//! only. `decode` validates lengths, enums and limits; anything that fails
+//! is a [`ProtoError`] with the reject code to send back.
+
+use bytes::Bytes;
+use prost::Message;
+
+use crate::sign::{UpdateManifest, VerifyingKey, hash32, public_key, signature64};
+use crate::wire::envelope::Body;
+use crate::{Limits, ModelVersion, ProtoError, RejectCode, wire};
+
+/// What a device reports about itself at hello.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Capabilities {
+    pub executors: Vec<String>,
+    pub memory_bytes: u64,
+    pub charging: bool,
+    pub idle: bool,
+    pub unmetered: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Hello {
+    pub schema_version: u32,
+    pub device_public_key: VerifyingKey,
+    pub runtime_version: String,
+    pub capabilities: Capabilities,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Optimizer {
+    #[default]
+    Sgd,
+    Adam,
+    AdamW,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Loss {
+    #[default]
+    SoftmaxCrossEntropy,
+    Mse,
+}
+
+/// How to train this round. Part of the task offer, so the aggregator
+/// decides it per round.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainingPlan {
+    pub local_steps: u32,
+    pub local_epochs: u32,
+    pub batch_size: u32,
+    pub learning_rate: f32,
+    pub optimizer: Optimizer,
+    pub momentum: f32,
+    pub weight_decay: f32,
+    pub loss: Loss,
+    pub fedprox_mu: f32,
+    pub codec: String,
+    pub error_feedback: bool,
+    pub freeze: Vec<String>,
+}
+
+impl Default for TrainingPlan {
+    fn default() -> Self {
+        TrainingPlan {
+            local_steps: 0,
+            local_epochs: 1,
+            batch_size: 32,
+            learning_rate: 0.05,
+            optimizer: Optimizer::Sgd,
+            momentum: 0.0,
+            weight_decay: 0.0,
+            loss: Loss::SoftmaxCrossEntropy,
+            fedprox_mu: 0.0,
+            codec: "dense-f32".into(),
+            error_feedback: false,
+            freeze: Vec::new(),
+        }
+    }
+}
+
+/// A model as offered for download in chunks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModelRef {
+    pub version: ModelVersion,
+    pub model_bytes: u64,
+    pub chunk_bytes: u32,
+    pub chunk_count: u32,
+}
+
+impl ModelRef {
+    pub fn new(version: ModelVersion, model_bytes: u64, chunk_bytes: u32) -> Self {
+        let chunk_count = model_bytes.div_ceil(chunk_bytes.into()) as u32;
+        ModelRef {
+            version,
+            model_bytes,
+            chunk_bytes,
+            chunk_count,
+        }
+    }
+
+    /// Byte range of chunk `index` in the blob.
+    pub fn chunk_range(&self, index: u32) -> std::ops::Range<usize> {
+        let start = u64::from(index) * u64::from(self.chunk_bytes);
+        let end = (start + u64::from(self.chunk_bytes)).min(self.model_bytes);
+        start as usize..end as usize
+    }
+
+    fn check(&self, limits: &Limits) -> Result<(), ProtoError> {
+        Limits::check("model bytes", self.model_bytes, limits.model_bytes_max)?;
+        Limits::check(
+            "chunk bytes",
+            self.chunk_bytes.into(),
+            limits.chunk_bytes_max.into(),
+        )?;
+        Limits::check(
+            "chunk count",
+            self.chunk_count.into(),
+            limits.transfer_chunks_max.into(),
+        )?;
+        if self.chunk_bytes == 0 {
+            return Err(ProtoError::Invalid {
+                field: "chunk_bytes",
+                reason: "zero".into(),
+            });
+        }
+        let expected = self.model_bytes.div_ceil(self.chunk_bytes.into());
+        if u64::from(self.chunk_count) != expected {
+            return Err(ProtoError::Invalid {
+                field: "chunk_count",
+                reason: format!("{} chunks declared, {expected} implied", self.chunk_count),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskOffer {
+    pub round_id: u64,
+    pub model: ModelRef,
+    pub plan: TrainingPlan,
+    pub deadline_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct UploadBegin {
+    pub manifest: UpdateManifest,
+    pub signature: [u8; 64],
+    pub chunk_bytes: u32,
+}
+
+/// Device -> aggregator.
+#[derive(Clone, Debug, PartialEq)]
+pub enum DeviceMsg {
+    Hello(Hello),
+    AuthResponse {
+        signature: [u8; 64],
+    },
+    TaskRequest {
+        have_model_version: Option<ModelVersion>,
+    },
+    ChunkRequest {
+        model_version: ModelVersion,
+        index: u32,
+    },
+    UploadBegin(Box<UploadBegin>),
+    UploadChunk {
+        payload_hash: [u8; 32],
+        index: u32,
+        data: Bytes,
+    },
+    Heartbeat {
+        seq: u64,
+    },
+}
+
+/// Aggregator -> device.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AggMsg {
+    Challenge {
+        schema_version: u32,
+        nonce: [u8; 32],
+    },
+    AuthOk {
+        device_id: String,
+    },
+    TaskOffer(Box<TaskOffer>),
+    NoTask {
+        retry_after_ms_min: u64,
+        retry_after_ms_max: u64,
+        reason: String,
+    },
+    ModelChunk {
+        model_version: ModelVersion,
+        index: u32,
+        data: Bytes,
+    },
+    UploadStatus {
+        payload_hash: [u8; 32],
+        next_index: u32,
+    },
+    UpdateAccepted {
+        round_id: u64,
+        payload_hash: [u8; 32],
+    },
+    Reject {
+        code: RejectCode,
+        detail: String,
+        fatal: bool,
+    },
+    HeartbeatAck {
+        seq: u64,
+    },
+    Finished(ModelRef),
+}
+
+impl DeviceMsg {
+    pub fn name(&self) -> &'static str {
+        match self {
+            DeviceMsg::Hello(_) => "hello",
+            DeviceMsg::AuthResponse { .. } => "auth_response",
+            DeviceMsg::TaskRequest { .. } => "task_request",
+            DeviceMsg::ChunkRequest { .. } => "chunk_request",
+            DeviceMsg::UploadBegin(_) => "upload_begin",
+            DeviceMsg::UploadChunk { .. } => "upload_chunk",
+            DeviceMsg::Heartbeat { .. } => "heartbeat",
+        }
+    }
+
+    pub fn encode(&self) -> Bytes {
+        let body = match self {
+            DeviceMsg::Hello(h) => Body::Hello(wire::Hello {
+                schema_version: h.schema_version,
+                device_public_key: h.device_public_key.to_bytes().to_vec().into(),
+                runtime_version: h.runtime_version.clone(),
+                capabilities: Some(wire::Capabilities {
+                    executors: h.capabilities.executors.clone(),
+                    memory_bytes: h.capabilities.memory_bytes,
+                    charging: h.capabilities.charging,
+                    idle: h.capabilities.idle,
+                    unmetered: h.capabilities.unmetered,
+                }),
+            }),
+            DeviceMsg::AuthResponse { signature } => Body::AuthResponse(wire::AuthResponse {
+                signature: signature.to_vec().into(),
+            }),
+            DeviceMsg::TaskRequest { have_model_version } => Body::TaskRequest(wire::TaskRequest {
+                have_model_version: have_model_version
+                    .map(|v| Bytes::from(v.0.to_vec()))
+                    .unwrap_or_default(),
+            }),
+            DeviceMsg::ChunkRequest {
+                model_version,
+                index,
+            } => Body::ChunkRequest(wire::ChunkRequest {
+                model_version: model_version.0.to_vec().into(),
+                index: *index,
+            }),
+            DeviceMsg::UploadBegin(b) => Body::UploadBegin(wire::UploadBegin {
+                manifest: Some(b.manifest.to_wire()),
+                signature: b.signature.to_vec().into(),
+                chunk_bytes: b.chunk_bytes,
+            }),
+            DeviceMsg::UploadChunk {
+                payload_hash,
+                index,
+                data,
+            } => Body::UploadChunk(wire::UploadChunk {
+                payload_hash: payload_hash.to_vec().into(),
+                index: *index,
+                data: data.clone(),
+            }),
+            DeviceMsg::Heartbeat { seq } => Body::Heartbeat(wire::Heartbeat { seq: *seq }),
+        };
+        wire::Envelope { body: Some(body) }.encode_to_vec().into()
+    }
+
+    /// Decode one frame body sent by a device.
+    pub fn decode(frame: &[u8], limits: &Limits) -> Result<Self, ProtoError> {
+        Limits::check(
+            "frame bytes",
+            frame.len() as u64,
+            limits.frame_bytes_max.into(),
+        )?;
+        let env = wire::Envelope::decode(frame)?;
+        let body = env.body.ok_or(ProtoError::MissingField("envelope.body"))?;
+        let str_max = u64::from(limits.string_bytes_max);
+        Ok(match body {
+            Body::Hello(h) => {
+                Limits::check(
+                    "runtime_version length",
+                    h.runtime_version.len() as u64,
+                    str_max,
+                )?;
+                let c = h.capabilities.unwrap_or_default();
+                Limits::check("executor count", c.executors.len() as u64, 16)?;
+                for e in &c.executors {
+                    Limits::check("executor name length", e.len() as u64, str_max)?;
+                }
+                DeviceMsg::Hello(Hello {
+                    schema_version: h.schema_version,
+                    device_public_key: public_key("hello.device_public_key", &h.device_public_key)?,
+                    runtime_version: h.runtime_version,
+                    capabilities: Capabilities {
+                        executors: c.executors,
+                        memory_bytes: c.memory_bytes,
+                        charging: c.charging,
+                        idle: c.idle,
+                        unmetered: c.unmetered,
+                    },
+                })
+            }
+            Body::AuthResponse(a) => DeviceMsg::AuthResponse {
+                signature: signature64("auth_response.signature", &a.signature)?,
+            },
+            Body::TaskRequest(t) => DeviceMsg::TaskRequest {
+                have_model_version: if t.have_model_version.is_empty() {
+                    None
+                } else {
+                    Some(ModelVersion::from_slice(
+                        "task_request.have_model_version",
+                        &t.have_model_version,
+                    )?)
+                },
+            },
+            Body::ChunkRequest(c) => {
+                Limits::check(
+                    "chunk index",
+                    c.index.into(),
+                    limits.transfer_chunks_max.into(),
+                )?;
+                DeviceMsg::ChunkRequest {
+                    model_version: ModelVersion::from_slice(
+                        "chunk_request.model_version",
+                        &c.model_version,
+                    )?,
+                    index: c.index,
+                }
+            }
+            Body::UploadBegin(b) => {
+                let manifest = UpdateManifest::from_wire(
+                    b.manifest
+                        .ok_or(ProtoError::MissingField("upload_begin.manifest"))?,
+                    limits,
+                )?;
+                Limits::check(
+                    "upload chunk bytes",
+                    b.chunk_bytes.into(),
+                    limits.chunk_bytes_max.into(),
+                )?;
+                if b.chunk_bytes == 0 {
+                    return Err(ProtoError::Invalid {
+                        field: "upload_begin.chunk_bytes",
+                        reason: "zero".into(),
+                    });
+                }
+                let chunks = manifest.payload_bytes.div_ceil(b.chunk_bytes.into());
+                Limits::check(
+                    "upload chunk count",
+                    chunks,
+                    limits.transfer_chunks_max.into(),
+                )?;
+                DeviceMsg::UploadBegin(Box::new(UploadBegin {
+                    manifest,
+                    signature: signature64("upload_begin.signature", &b.signature)?,
+                    chunk_bytes: b.chunk_bytes,
+                }))
+            }
+            Body::UploadChunk(c) => {
+                Limits::check(
+                    "upload chunk bytes",
+                    c.data.len() as u64,
+                    limits.chunk_bytes_max.into(),
+                )?;
+                Limits::check(
+                    "chunk index",
+                    c.index.into(),
+                    limits.transfer_chunks_max.into(),
+                )?;
+                DeviceMsg::UploadChunk {
+                    payload_hash: hash32("upload_chunk.payload_hash", &c.payload_hash)?,
+                    index: c.index,
+                    data: c.data,
+                }
+            }
+            Body::Heartbeat(h) => DeviceMsg::Heartbeat { seq: h.seq },
+            other => return Err(ProtoError::WrongDirection(body_name(&other))),
+        })
+    }
+}
+
+fn plan_to_wire(p: &TrainingPlan) -> wire::TrainingPlan {
+    wire::TrainingPlan {
+        local_steps: p.local_steps,
+        local_epochs: p.local_epochs,
+        batch_size: p.batch_size,
+        learning_rate: p.learning_rate,
+        optimizer: match p.optimizer {
+            Optimizer::Sgd => wire::Optimizer::Sgd,
+            Optimizer::Adam => wire::Optimizer::Adam,
+            Optimizer::AdamW => wire::Optimizer::Adamw,
+        } as i32,
+        momentum: p.momentum,
+        weight_decay: p.weight_decay,
+        loss: match p.loss {
+            Loss::SoftmaxCrossEntropy => wire::Loss::SoftmaxCrossEntropy,
+            Loss::Mse => wire::Loss::Mse,
+        } as i32,
+        fedprox_mu: p.fedprox_mu,
+        compression: Some(wire::CompressionSpec {
+            codec: p.codec.clone(),
+            error_feedback: p.error_feedback,
+        }),
+        freeze: p.freeze.clone(),
+    }
+}
+
+fn plan_from_wire(p: wire::TrainingPlan, limits: &Limits) -> Result<TrainingPlan, ProtoError> {
+    let optimizer = match wire::Optimizer::try_from(p.optimizer) {
+        Ok(wire::Optimizer::Sgd) => Optimizer::Sgd,
+        Ok(wire::Optimizer::Adam) => Optimizer::Adam,
+        Ok(wire::Optimizer::Adamw) => Optimizer::AdamW,
+        _ => {
+            return Err(ProtoError::UnknownEnum {
+                field: "plan.optimizer",
+                value: p.optimizer,
+            });
+        }
+    };
+    let loss = match wire::Loss::try_from(p.loss) {
+        Ok(wire::Loss::SoftmaxCrossEntropy) => Loss::SoftmaxCrossEntropy,
+        Ok(wire::Loss::Mse) => Loss::Mse,
+        _ => {
+            return Err(ProtoError::UnknownEnum {
+                field: "plan.loss",
+                value: p.loss,
+            });
+        }
+    };
+    for (field, v) in [
+        ("plan.learning_rate", p.learning_rate),
+        ("plan.momentum", p.momentum),
+        ("plan.weight_decay", p.weight_decay),
+        ("plan.fedprox_mu", p.fedprox_mu),
+    ] {
+        if !v.is_finite() || v < 0.0 {
+            return Err(ProtoError::Invalid {
+                field,
+                reason: format!("{v} is not a finite non-negative number"),
+            });
+        }
+    }
+    if p.batch_size == 0 {
+        return Err(ProtoError::Invalid {
+            field: "plan.batch_size",
+            reason: "zero".into(),
+        });
+    }
+    let c = p.compression.unwrap_or_default();
+    let str_max = u64::from(limits.string_bytes_max);
+    Limits::check("codec length", c.codec.len() as u64, str_max)?;
+    Limits::check("freeze pattern count", p.freeze.len() as u64, 256)?;
+    for f in &p.freeze {
+        Limits::check("freeze pattern length", f.len() as u64, str_max)?;
+    }
+    Ok(TrainingPlan {
+        local_steps: p.local_steps,
+        local_epochs: p.local_epochs,
+        batch_size: p.batch_size,
+        learning_rate: p.learning_rate,
+        optimizer,
+        momentum: p.momentum,
+        weight_decay: p.weight_decay,
+        loss,
+        fedprox_mu: p.fedprox_mu,
+        codec: c.codec,
+        error_feedback: c.error_feedback,
+        freeze: p.freeze,
+    })
+}
+
+impl AggMsg {
+    pub fn name(&self) -> &'static str {
+        match self {
+            AggMsg::Challenge { .. } => "challenge",
+            AggMsg::AuthOk { .. } => "auth_ok",
+            AggMsg::TaskOffer(_) => "task_offer",
+            AggMsg::NoTask { .. } => "no_task",
+            AggMsg::ModelChunk { .. } => "model_chunk",
+            AggMsg::UploadStatus { .. } => "upload_status",
+            AggMsg::UpdateAccepted { .. } => "update_accepted",
+            AggMsg::Reject { .. } => "reject",
+            AggMsg::HeartbeatAck { .. } => "heartbeat_ack",
+            AggMsg::Finished(_) => "finished",
+        }
+    }
+
+    pub fn reject(code: RejectCode, detail: impl Into<String>, fatal: bool) -> Self {
+        AggMsg::Reject {
+            code,
+            detail: detail.into(),
+            fatal,
+        }
+    }
+
+    pub fn encode(&self) -> Bytes {
+        let body = match self {
+            AggMsg::Challenge {
+                schema_version,
+                nonce,
+            } => Body::Challenge(wire::Challenge {
+                schema_version: *schema_version,
+                nonce: nonce.to_vec().into(),
+            }),
+            AggMsg::AuthOk { device_id } => Body::AuthOk(wire::AuthOk {
+                device_id: device_id.clone(),
+            }),
+            AggMsg::TaskOffer(t) => Body::TaskOffer(wire::TaskOffer {
+                round_id: t.round_id,
+                model_version: t.model.version.0.to_vec().into(),
+                model_bytes: t.model.model_bytes,
+                chunk_bytes: t.model.chunk_bytes,
+                chunk_count: t.model.chunk_count,
+                plan: Some(plan_to_wire(&t.plan)),
+                deadline_ms: t.deadline_ms,
+            }),
+            AggMsg::NoTask {
+                retry_after_ms_min,
+                retry_after_ms_max,
+                reason,
+            } => Body::NoTask(wire::NoTask {
+                retry_after_ms_min: *retry_after_ms_min,
+                retry_after_ms_max: *retry_after_ms_max,
+                reason: reason.clone(),
+            }),
+            AggMsg::ModelChunk {
+                model_version,
+                index,
+                data,
+            } => Body::ModelChunk(wire::ModelChunk {
+                model_version: model_version.0.to_vec().into(),
+                index: *index,
+                data: data.clone(),
+            }),
+            AggMsg::UploadStatus {
+                payload_hash,
+                next_index,
+            } => Body::UploadStatus(wire::UploadStatus {
+                payload_hash: payload_hash.to_vec().into(),
+                next_index: *next_index,
+            }),
+            AggMsg::UpdateAccepted {
+                round_id,
+                payload_hash,
+            } => Body::UpdateAccepted(wire::UpdateAccepted {
+                round_id: *round_id,
+                payload_hash: payload_hash.to_vec().into(),
+            }),
+            AggMsg::Reject {
+                code,
+                detail,
+                fatal,
+            } => Body::Reject(wire::Reject {
+                code: code.to_wire() as i32,
+                detail: detail.clone(),
+                fatal: *fatal,
+            }),
+            AggMsg::HeartbeatAck { seq } => Body::HeartbeatAck(wire::HeartbeatAck { seq: *seq }),
+            AggMsg::Finished(m) => Body::Finished(wire::Finished {
+                final_model_version: m.version.0.to_vec().into(),
+                model_bytes: m.model_bytes,
+                chunk_bytes: m.chunk_bytes,
+                chunk_count: m.chunk_count,
+            }),
+        };
+        wire::Envelope { body: Some(body) }.encode_to_vec().into()
+    }
+
+    /// Decode one frame body sent by an aggregator.
+    pub fn decode(frame: &[u8], limits: &Limits) -> Result<Self, ProtoError> {
+        Limits::check(
+            "frame bytes",
+            frame.len() as u64,
+            limits.frame_bytes_max.into(),
+        )?;
+        let env = wire::Envelope::decode(frame)?;
+        let body = env.body.ok_or(ProtoError::MissingField("envelope.body"))?;
+        let str_max = u64::from(limits.string_bytes_max);
+        Ok(match body {
+            Body::Challenge(c) => AggMsg::Challenge {
+                schema_version: c.schema_version,
+                nonce: hash32("challenge.nonce", &c.nonce)?,
+            },
+            Body::AuthOk(a) => {
+                Limits::check("device_id length", a.device_id.len() as u64, str_max)?;
+                AggMsg::AuthOk {
+                    device_id: a.device_id,
+                }
+            }
+            Body::TaskOffer(t) => {
+                let model = ModelRef {
+                    version: ModelVersion::from_slice(
+                        "task_offer.model_version",
+                        &t.model_version,
+                    )?,
+                    model_bytes: t.model_bytes,
+                    chunk_bytes: t.chunk_bytes,
+                    chunk_count: t.chunk_count,
+                };
+                model.check(limits)?;
+                AggMsg::TaskOffer(Box::new(TaskOffer {
+                    round_id: t.round_id,
+                    model,
+                    plan: plan_from_wire(
+                        t.plan.ok_or(ProtoError::MissingField("task_offer.plan"))?,
+                        limits,
+                    )?,
+                    deadline_ms: t.deadline_ms,
+                }))
+            }
+            Body::NoTask(n) => {
+                Limits::check("reason length", n.reason.len() as u64, str_max)?;
+                if n.retry_after_ms_min > n.retry_after_ms_max {
+                    return Err(ProtoError::Invalid {
+                        field: "no_task.retry_after_ms",
+                        reason: "min is above max".into(),
+                    });
+                }
+                AggMsg::NoTask {
+                    retry_after_ms_min: n.retry_after_ms_min,
+                    retry_after_ms_max: n.retry_after_ms_max,
+                    reason: n.reason,
+                }
+            }
+            Body::ModelChunk(c) => {
+                Limits::check(
+                    "model chunk bytes",
+                    c.data.len() as u64,
+                    limits.chunk_bytes_max.into(),
+                )?;
+                AggMsg::ModelChunk {
+                    model_version: ModelVersion::from_slice(
+                        "model_chunk.model_version",
+                        &c.model_version,
+                    )?,
+                    index: c.index,
+                    data: c.data,
+                }
+            }
+            Body::UploadStatus(s) => AggMsg::UploadStatus {
+                payload_hash: hash32("upload_status.payload_hash", &s.payload_hash)?,
+                next_index: s.next_index,
+            },
+            Body::UpdateAccepted(a) => AggMsg::UpdateAccepted {
+                round_id: a.round_id,
+                payload_hash: hash32("update_accepted.payload_hash", &a.payload_hash)?,
+            },
+            Body::Reject(r) => {
+                Limits::check("detail length", r.detail.len() as u64, str_max)?;
+                AggMsg::Reject {
+                    code: RejectCode::from_wire(r.code)?,
+                    detail: r.detail,
+                    fatal: r.fatal,
+                }
+            }
+            Body::HeartbeatAck(h) => AggMsg::HeartbeatAck { seq: h.seq },
+            Body::Finished(f) => {
+                let m = ModelRef {
+                    version: ModelVersion::from_slice(
+                        "finished.final_model_version",
+                        &f.final_model_version,
+                    )?,
+                    model_bytes: f.model_bytes,
+                    chunk_bytes: f.chunk_bytes,
+                    chunk_count: f.chunk_count,
+                };
+                m.check(limits)?;
+                AggMsg::Finished(m)
+            }
+            other => return Err(ProtoError::WrongDirection(body_name(&other))),
+        })
+    }
+}
+
+fn body_name(b: &Body) -> &'static str {
+    match b {
+        Body::Hello(_) => "hello",
+        Body::AuthResponse(_) => "auth_response",
+        Body::TaskRequest(_) => "task_request",
+        Body::ChunkRequest(_) => "chunk_request",
+        Body::UploadBegin(_) => "upload_begin",
+        Body::UploadChunk(_) => "upload_chunk",
+        Body::Heartbeat(_) => "heartbeat",
+        Body::Challenge(_) => "challenge",
+        Body::AuthOk(_) => "auth_ok",
+        Body::TaskOffer(_) => "task_offer",
+        Body::NoTask(_) => "no_task",
+        Body::ModelChunk(_) => "model_chunk",
+        Body::UploadStatus(_) => "upload_status",
+        Body::UpdateAccepted(_) => "update_accepted",
+        Body::Reject(_) => "reject",
+        Body::HeartbeatAck(_) => "heartbeat_ack",
+        Body::Finished(_) => "finished",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sign::SigningKey;
+    use proptest::prelude::*;
+
+    fn key() -> SigningKey {
+        SigningKey::from_bytes(&[5; 32])
+    }
+
+    fn device_msgs() -> Vec<DeviceMsg> {
+        let k = key();
+        let manifest = UpdateManifest {
+            round_id: 1,
+            model_version: ModelVersion([1; 32]),
+            payload_hash: [2; 32],
+            payload_bytes: 10,
+            sample_count: 5,
+            metrics: vec![("loss".into(), 1.5)],
+            device_public_key: k.verifying_key(),
+        };
+        vec![
+            DeviceMsg::Hello(Hello {
+                schema_version: 1,
+                device_public_key: k.verifying_key(),
+                runtime_version: "0.1.0".into(),
+                capabilities: Capabilities {
+                    executors: vec!["tract-cpu".into()],
+                    memory_bytes: 1 << 30,
+                    charging: true,
+                    idle: true,
+                    unmetered: false,
+                },
+            }),
+            DeviceMsg::AuthResponse { signature: [3; 64] },
+            DeviceMsg::TaskRequest {
+                have_model_version: None,
+            },
+            DeviceMsg::TaskRequest {
+                have_model_version: Some(ModelVersion([4; 32])),
+            },
+            DeviceMsg::ChunkRequest {
+                model_version: ModelVersion([4; 32]),
+                index: 7,
+            },
+            DeviceMsg::UploadBegin(Box::new(UploadBegin {
+                signature: manifest.sign(&k),
+                manifest,
+                chunk_bytes: 4,
+            })),
+            DeviceMsg::UploadChunk {
+                payload_hash: [2; 32],
+                index: 1,
+                data: Bytes::from_static(b"abcd"),
+            },
+            DeviceMsg::Heartbeat { seq: 9 },
+        ]
+    }
+
+    fn agg_msgs() -> Vec<AggMsg> {
+        let m = ModelRef::new(ModelVersion([6; 32]), 1000, 300);
+        vec![
+            AggMsg::Challenge {
+                schema_version: 1,
+                nonce: [8; 32],
+            },
+            AggMsg::AuthOk {
+                device_id: "ab".into(),
+            },
+            AggMsg::TaskOffer(Box::new(TaskOffer {
+                round_id: 2,
+                model: m,
+                plan: TrainingPlan::default(),
+                deadline_ms: 5000,
+            })),
+            AggMsg::NoTask {
+                retry_after_ms_min: 10,
+                retry_after_ms_max: 20,
+                reason: "round full".into(),
+            },
+            AggMsg::ModelChunk {
+                model_version: ModelVersion([6; 32]),
+                index: 3,
+                data: Bytes::from_static(b"xyz"),
+            },
+            AggMsg::UploadStatus {
+                payload_hash: [1; 32],
+                next_index: 2,
+            },
+            AggMsg::UpdateAccepted {
+                round_id: 2,
+                payload_hash: [1; 32],
+            },
+            AggMsg::reject(RejectCode::Replay, "again", false),
+            AggMsg::HeartbeatAck { seq: 4 },
+            AggMsg::Finished(m),
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let l = Limits::default();
+        for m in device_msgs() {
+            assert_eq!(
+                DeviceMsg::decode(&m.encode(), &l).unwrap(),
+                m,
+                "{}",
+                m.name()
+            );
+            assert!(matches!(
+                AggMsg::decode(&m.encode(), &l),
+                Err(ProtoError::WrongDirection(_))
+            ));
+        }
+        for m in agg_msgs() {
+            assert_eq!(AggMsg::decode(&m.encode(), &l).unwrap(), m, "{}", m.name());
+            assert!(matches!(
+                DeviceMsg::decode(&m.encode(), &l),
+                Err(ProtoError::WrongDirection(_))
+            ));
+        }
+        assert_eq!(
+            ModelRef::new(ModelVersion([0; 32]), 1000, 300).chunk_count,
+            4
+        );
+        assert_eq!(
+            ModelRef::new(ModelVersion([0; 32]), 1000, 300).chunk_range(3),
+            900..1000
+        );
+    }
+
+    #[test]
+    fn bad_fields_are_typed_errors() {
+        let l = Limits::default();
+        let empty = wire::Envelope { body: None }.encode_to_vec();
+        assert_eq!(
+            DeviceMsg::decode(&empty, &l),
+            Err(ProtoError::MissingField("envelope.body"))
+        );
+        let short_key = wire::Envelope {
+            body: Some(Body::Hello(wire::Hello {
+                schema_version: 1,
+                device_public_key: vec![1, 2, 3].into(),
+                ..Default::default()
+            })),
+        }
+        .encode_to_vec();
+        assert!(matches!(
+            DeviceMsg::decode(&short_key, &l),
+            Err(ProtoError::BadLength {
+                expected: 32,
+                got: 3,
+                ..
+            })
+        ));
+        let bad_offer = wire::Envelope {
+            body: Some(Body::TaskOffer(wire::TaskOffer {
+                round_id: 1,
+                model_version: vec![0; 32].into(),
+                model_bytes: 1000,
+                chunk_bytes: 100,
+                chunk_count: 3,
+                plan: Some(plan_to_wire(&TrainingPlan::default())),
+                deadline_ms: 1,
+            })),
+        }
+        .encode_to_vec();
+        assert!(matches!(
+            AggMsg::decode(&bad_offer, &l),
+            Err(ProtoError::Invalid {
+                field: "chunk_count",
+                ..
+            })
+        ));
+        let mut plan = plan_to_wire(&TrainingPlan::default());
+        plan.learning_rate = f32::NAN;
+        let nan_plan = wire::Envelope {
+            body: Some(Body::TaskOffer(wire::TaskOffer {
+                round_id: 1,
+                model_version: vec![0; 32].into(),
+                model_bytes: 10,
+                chunk_bytes: 10,
+                chunk_count: 1,
+                plan: Some(plan),
+                deadline_ms: 1,
+            })),
+        }
+        .encode_to_vec();
+        assert!(matches!(
+            AggMsg::decode(&nan_plan, &l),
+            Err(ProtoError::Invalid {
+                field: "plan.learning_rate",
+                ..
+            })
+        ));
+        let big_chunk = DeviceMsg::UploadChunk {
+            payload_hash: [0; 32],
+            index: 0,
+            data: vec![0u8; 2000].into(),
+        }
+        .encode();
+        let small = Limits {
+            chunk_bytes_max: 1000,
+            ..Limits::default()
+        };
+        assert!(matches!(
+            DeviceMsg::decode(&big_chunk, &small),
+            Err(ProtoError::LimitExceeded { .. })
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn decoders_never_panic(b in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = DeviceMsg::decode(&b, &Limits::default());
+            let _ = AggMsg::decode(&b, &Limits::default());
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! What devices sign, and how the aggregator checks it.
+//!
+//! - Authentication: `"fedge-auth-v1" || nonce || tls_binding`, where
+//!   `tls_binding` is exported from the TLS session, so a signature is
+//!   worthless on any other connection.
+//! - Updates: `"fedge-update-v1" || encoded(UpdateManifest)`; the manifest
+//!   names the round, the model version and the payload hash, so a signed
+//!   update cannot be moved to another round, model or payload.
+
+pub use ed25519_dalek::{Signature, SigningKey, VerifyingKey};
+use ed25519_dalek::{Signer, Verifier};
+use prost::Message;
+
+use crate::{Limits, ModelVersion, ProtoError, wire};
+
+const AUTH_DOMAIN: &[u8] = b"fedge-auth-v1";
+const UPDATE_DOMAIN: &[u8] = b"fedge-update-v1";
+
+/// TLS exporter label used to bind authentication to the session.
+pub const TLS_EXPORTER_LABEL: &[u8] = b"EXPORTER-fedge-auth";
+
+pub fn auth_message(nonce: &[u8; 32], tls_binding: &[u8; 32]) -> Vec<u8> {
+    [AUTH_DOMAIN, nonce, tls_binding].concat()
+}
+
+pub fn sign_auth(key: &SigningKey, nonce: &[u8; 32], tls_binding: &[u8; 32]) -> [u8; 64] {
+    key.sign(&auth_message(nonce, tls_binding)).to_bytes()
+}
+
+pub fn verify_auth(
+    key: &VerifyingKey,
+    nonce: &[u8; 32],
+    tls_binding: &[u8; 32],
+    signature: &[u8; 64],
+) -> Result<(), ProtoError> {
+    key.verify(
+        &auth_message(nonce, tls_binding),
+        &Signature::from_bytes(signature),
+    )
+    .map_err(|_| ProtoError::BadSignature)
+}
+
+/// Parse a 32-byte Ed25519 public key.
+pub fn public_key(field: &'static str, b: &[u8]) -> Result<VerifyingKey, ProtoError> {
+    let arr: [u8; 32] = b.try_into().map_err(|_| ProtoError::BadLength {
+        field,
+        expected: 32,
+        got: b.len(),
+    })?;
+    VerifyingKey::from_bytes(&arr).map_err(|e| ProtoError::Invalid {
+        field,
+        reason: format!("not an Ed25519 public key: {e}"),
+    })
+}
+
+pub fn hash32(field: &'static str, b: &[u8]) -> Result<[u8; 32], ProtoError> {
+    b.try_into().map_err(|_| ProtoError::BadLength {
+        field,
+        expected: 32,
+        got: b.len(),
+    })
+}
+
+pub fn signature64(field: &'static str, b: &[u8]) -> Result<[u8; 64], ProtoError> {
+    b.try_into().map_err(|_| ProtoError::BadLength {
+        field,
+        expected: 64,
+        got: b.len(),
+    })
+}
+
+/// The signed description of an update.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UpdateManifest {
+    pub round_id: u64,
+    pub model_version: ModelVersion,
+    pub payload_hash: [u8; 32],
+    pub payload_bytes: u64,
+    pub sample_count: u64,
+    pub metrics: Vec<(String, f64)>,
+    pub device_public_key: VerifyingKey,
+}
+
+impl UpdateManifest {
+    pub fn to_wire(&self) -> wire::UpdateManifest {
+        wire::UpdateManifest {
+            round_id: self.round_id,
+            model_version: self.model_version.0.to_vec().into(),
+            payload_hash: self.payload_hash.to_vec().into(),
+            payload_bytes: self.payload_bytes,
+            sample_count: self.sample_count,
+            metrics: self
+                .metrics
+                .iter()
+                .map(|(n, v)| wire::Metric {
+                    name: n.clone(),
+                    value: *v,
+                })
+                .collect(),
+            device_public_key: self.device_public_key.to_bytes().to_vec().into(),
+        }
+    }
+
+    pub fn from_wire(w: wire::UpdateManifest, limits: &Limits) -> Result<Self, ProtoError> {
+        Limits::check(
+            "metric count",
+            w.metrics.len() as u64,
+            limits.metrics_max.into(),
+        )?;
+        let mut metrics = Vec::with_capacity(w.metrics.len());
+        for m in w.metrics {
+            Limits::check(
+                "metric name length",
+                m.name.len() as u64,
+                limits.string_bytes_max.into(),
+            )?;
+            if !m.value.is_finite() {
+                return Err(ProtoError::Invalid {
+                    field: "manifest.metrics",
+                    reason: format!("metric `{}` is not finite", m.name),
+                });
+            }
+            metrics.push((m.name, m.value));
+        }
+        let max_payload = u64::from(limits.chunk_bytes_max) * u64::from(limits.transfer_chunks_max);
+        Limits::check("update payload bytes", w.payload_bytes, max_payload)?;
+        Ok(UpdateManifest {
+            round_id: w.round_id,
+            model_version: ModelVersion::from_slice("manifest.model_version", &w.model_version)?,
+            payload_hash: hash32("manifest.payload_hash", &w.payload_hash)?,
+            payload_bytes: w.payload_bytes,
+            sample_count: w.sample_count,
+            metrics,
+            device_public_key: public_key("manifest.device_public_key", &w.device_public_key)?,
+        })
+    }
+
+    fn signing_bytes(&self) -> Vec<u8> {
+        [UPDATE_DOMAIN, &self.to_wire().encode_to_vec()].concat()
+    }
+
+    pub fn sign(&self, key: &SigningKey) -> [u8; 64] {
+        key.sign(&self.signing_bytes()).to_bytes()
+    }
+
+    /// Verify against the key named in the manifest.
+    pub fn verify(&self, signature: &[u8; 64]) -> Result<(), ProtoError> {
+        self.device_public_key
+            .verify(&self.signing_bytes(), &Signature::from_bytes(signature))
+            .map_err(|_| ProtoError::BadSignature)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(seed: u8) -> SigningKey {
+        SigningKey::from_bytes(&[seed; 32])
+    }
+
+    fn manifest(k: &SigningKey) -> UpdateManifest {
+        UpdateManifest {
+            round_id: 3,
+            model_version: ModelVersion([7; 32]),
+            payload_hash: [9; 32],
+            payload_bytes: 100,
+            sample_count: 42,
+            metrics: vec![("loss".into(), 0.5)],
+            device_public_key: k.verifying_key(),
+        }
+    }
+
+    #[test]
+    fn manifest_signature_binds_every_field() {
+        let k = key(1);
+        let m = manifest(&k);
+        let sig = m.sign(&k);
+        assert_eq!(m.verify(&sig), Ok(()));
+        let back = UpdateManifest::from_wire(m.to_wire(), &Limits::default()).unwrap();
+        assert_eq!(back.verify(&sig), Ok(()));
+        for tamper in [
+            |m: &mut UpdateManifest| m.round_id += 1,
+            |m: &mut UpdateManifest| m.model_version.0[0] ^= 1,
+            |m: &mut UpdateManifest| m.payload_hash[0] ^= 1,
+            |m: &mut UpdateManifest| m.sample_count += 1,
+        ] {
+            let mut t = m.clone();
+            tamper(&mut t);
+            assert_eq!(t.verify(&sig), Err(ProtoError::BadSignature));
+        }
+        let mut other = m.clone();
+        other.device_public_key = key(2).verifying_key();
+        assert_eq!(other.verify(&sig), Err(ProtoError::BadSignature));
+    }
+
+    #[test]
+    fn auth_is_bound_to_nonce_and_session() {
+        let k = key(4);
+        let sig = sign_auth(&k, &[1; 32], &[2; 32]);
+        assert!(verify_auth(&k.verifying_key(), &[1; 32], &[2; 32], &sig).is_ok());
+        assert!(verify_auth(&k.verifying_key(), &[1; 32], &[3; 32], &sig).is_err());
+        assert!(verify_auth(&k.verifying_key(), &[0; 32], &[2; 32], &sig).is_err());
+    }
+}

@@ -1,0 +1,271 @@
+//! The device's QUIC driver: a thin tokio loop around [`DeviceSession`].
+//!
+//! It opens connections when the session asks, reads frames into the
+//! session, writes what the session transmits, runs training on a blocking
+//! thread, fires timers, and persists models in the state directory.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fedge_proto::io::{read_frame, write_frame};
+use fedge_proto::sign::{SigningKey, TLS_EXPORTER_LABEL};
+use fedge_proto::{AggMsg, Limits, ModelBlob, ModelVersion, RejectCode};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::session::{DeviceEvent, DeviceSession, SessionConfig, TrainOutput};
+use crate::trainer::Trainer;
+use crate::transport::{QuicTiming, Trust, client_config};
+
+#[derive(Clone, Debug)]
+pub struct DriverConfig {
+    pub aggregator: SocketAddr,
+    /// TLS server name (the aggregator's certificate covers "localhost" and
+    /// its IP addresses; pinning makes the name a formality).
+    pub server_name: String,
+    pub trust: Trust,
+    pub session: SessionConfig,
+    pub timing: QuicTiming,
+    /// Where models are kept; `None` keeps nothing on disk.
+    pub state_dir: Option<PathBuf>,
+    pub connect_timeout: Duration,
+}
+
+/// What a device run achieved.
+#[derive(Clone, Debug)]
+pub struct DeviceReport {
+    pub final_version: ModelVersion,
+    pub final_model: Arc<ModelBlob>,
+    pub rounds_contributed: u64,
+    pub rejections: Vec<(RejectCode, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error(transparent)]
+    Transport(#[from] crate::transport::TransportError),
+    #[error("cannot open a UDP socket: {0}")]
+    Socket(std::io::Error),
+    #[error("device session failed: {0}")]
+    Failed(String),
+    #[error("local training failed: {0}")]
+    Training(String),
+    #[error("cannot write {path}: {source}")]
+    Persist {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+struct Conn {
+    connection: quinn::Connection,
+    writer: mpsc::Sender<bytes::Bytes>,
+    incoming: mpsc::Receiver<Result<AggMsg, String>>,
+    tasks: [JoinHandle<()>; 2],
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.connection.close(0u32.into(), b"bye");
+    }
+}
+
+async fn connect(
+    endpoint: &quinn::Endpoint,
+    cfg: &DriverConfig,
+) -> anyhow::Result<(Conn, [u8; 32])> {
+    let connecting = endpoint.connect(cfg.aggregator, &cfg.server_name)?;
+    let connection = tokio::time::timeout(cfg.connect_timeout, connecting)
+        .await
+        .map_err(|_| anyhow::anyhow!("connection timed out"))??;
+    let mut binding = [0u8; 32];
+    connection
+        .export_keying_material(&mut binding, TLS_EXPORTER_LABEL, b"")
+        .map_err(|_| anyhow::anyhow!("TLS exporter unavailable"))?;
+    let (mut send, mut recv) = connection.open_bi().await?;
+    let (wtx, mut wrx) = mpsc::channel::<bytes::Bytes>(256);
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = wrx.recv().await {
+            if write_frame(&mut send, &frame).await.is_err() {
+                break;
+            }
+        }
+        let _ = send.finish();
+    });
+    let (itx, irx) = mpsc::channel(256);
+    let limits: Limits = cfg.session.limits.clone();
+    let reader = tokio::spawn(async move {
+        loop {
+            let item = match read_frame(&mut recv, limits.frame_bytes_max).await {
+                Ok(Some(frame)) => AggMsg::decode(&frame, &limits).map_err(|e| e.to_string()),
+                Ok(None) => Err("connection closed by aggregator".to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            let stop = item.is_err();
+            if itx.send(item).await.is_err() || stop {
+                break;
+            }
+        }
+    });
+    Ok((
+        Conn {
+            connection,
+            writer: wtx,
+            incoming: irx,
+            tasks: [writer, reader],
+        },
+        binding,
+    ))
+}
+
+fn bind_addr(peer: SocketAddr) -> SocketAddr {
+    match peer {
+        SocketAddr::V4(_) => "0.0.0.0:0".parse().expect("addr"),
+        SocketAddr::V6(_) => "[::]:0".parse().expect("addr"),
+    }
+}
+
+/// Run one device until the aggregator finishes (or the session fails).
+pub async fn run_device(
+    cfg: DriverConfig,
+    key: SigningKey,
+    trainer: Box<dyn Trainer>,
+) -> Result<DeviceReport, DriverError> {
+    let mut endpoint =
+        quinn::Endpoint::client(bind_addr(cfg.aggregator)).map_err(DriverError::Socket)?;
+    endpoint.set_default_client_config(client_config(&cfg.trust, &cfg.timing)?);
+    let mut session = DeviceSession::new(cfg.session.clone(), key);
+    if let Some(dir) = &cfg.state_dir
+        && let Ok(bytes) = std::fs::read(dir.join("model.fedge"))
+        && let Ok(m) = ModelBlob::decode(&bytes, &cfg.session.limits)
+    {
+        session.set_cached_model(Arc::new(m));
+    }
+    let trainer = Arc::new(Mutex::new(trainer));
+    let (train_tx, mut train_rx) = mpsc::channel::<Result<TrainOutput, String>>(1);
+    let mut conn: Option<Conn> = None;
+    let mut rejections = Vec::new();
+    let mut connect_failures = 0u32;
+
+    loop {
+        while let Some(ev) = session.poll_event() {
+            match ev {
+                DeviceEvent::Connect => match connect(&endpoint, &cfg).await {
+                    Ok((c, binding)) => {
+                        conn = Some(c);
+                        connect_failures = 0;
+                        session.handle_connected(Instant::now(), binding);
+                    }
+                    Err(e) => {
+                        connect_failures += 1;
+                        tracing::warn!(error = %e, attempt = connect_failures, "connect failed");
+                        session.handle_disconnected(Instant::now());
+                    }
+                },
+                DeviceEvent::Disconnect => conn = None,
+                DeviceEvent::Train {
+                    round_id,
+                    model,
+                    plan,
+                } => {
+                    tracing::info!(round_id, "training");
+                    let trainer = Arc::clone(&trainer);
+                    let tx = train_tx.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let out = trainer
+                            .lock()
+                            .expect("trainer lock")
+                            .train(round_id, &model, &plan)
+                            .map_err(|e| format!("{e:#}"));
+                        let _ = tx.blocking_send(out);
+                    });
+                }
+                DeviceEvent::ModelReady { version, model } => {
+                    tracing::info!(%version, "model downloaded");
+                    persist_model(&cfg, &model)?;
+                }
+                DeviceEvent::UpdateAccepted { round_id } => {
+                    tracing::info!(round_id, "update accepted");
+                }
+                DeviceEvent::Rejected { code, detail } => {
+                    tracing::warn!(%code, %detail, "rejected by aggregator");
+                    rejections.push((code, detail));
+                }
+                DeviceEvent::Finished { version, model } => {
+                    persist_model(&cfg, &model)?;
+                    tracing::info!(%version, "aggregator finished; final model kept");
+                    return Ok(DeviceReport {
+                        final_version: version,
+                        final_model: model,
+                        rounds_contributed: session.rounds_contributed,
+                        rejections,
+                    });
+                }
+                DeviceEvent::Failed { reason } => return Err(DriverError::Failed(reason)),
+            }
+        }
+        if let Some(c) = &conn {
+            let mut broken = false;
+            while let Some(m) = session.poll_transmit() {
+                if c.writer.send(m.encode()).await.is_err() {
+                    broken = true;
+                    break;
+                }
+            }
+            if broken {
+                conn = None;
+                session.handle_disconnected(Instant::now());
+                continue;
+            }
+        } else {
+            while session.poll_transmit().is_some() {}
+        }
+        let wake = session.poll_timeout();
+        let sleep = async {
+            match wake {
+                Some(t) => tokio::time::sleep_until(t.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        let incoming = async {
+            match conn.as_mut() {
+                Some(c) => c.incoming.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            msg = incoming => match msg {
+                Some(Ok(m)) => session.handle_message(Instant::now(), m),
+                Some(Err(e)) => {
+                    tracing::info!(error = %e, "connection lost");
+                    conn = None;
+                    session.handle_disconnected(Instant::now());
+                }
+                None => {
+                    conn = None;
+                    session.handle_disconnected(Instant::now());
+                }
+            },
+            res = train_rx.recv() => match res {
+                Some(Ok(out)) => session.handle_trained(Instant::now(), out),
+                Some(Err(e)) => return Err(DriverError::Training(e)),
+                None => unreachable!("the driver holds a sender"),
+            },
+            _ = sleep => session.handle_timeout(Instant::now()),
+        }
+    }
+}
+
+fn persist_model(cfg: &DriverConfig, model: &ModelBlob) -> Result<(), DriverError> {
+    if let Some(dir) = &cfg.state_dir {
+        let path = dir.join("model.fedge");
+        fedge_proto::io::write_atomic(&path, &model.encode(), None)
+            .map_err(|source| DriverError::Persist { path, source })?;
+    }
+    Ok(())
+}

@@ -1,0 +1,18 @@
+//! fedge-runtime: what runs on a device.
+//!
+//! - [`session`]: the device side of the protocol as a sans-IO state machine.
+//! - [`driver`]: the thin tokio + quinn driver that feeds it.
+//! - [`transport`]: QUIC client configuration and aggregator pinning.
+//! - [`identity`]: the device's Ed25519 key, created once and kept.
+//! - [`trainer`]: the [`trainer::Trainer`] trait the driver calls to train.
+//!
+//! **Invariant:** `session` knows nothing of tokio, sockets or the clock;
+//! every protocol behaviour is testable on a simulated fleet.
+
+pub mod driver;
+pub mod identity;
+pub mod session;
+pub mod trainer;
+pub mod transport;
+
+pub use session::{DeviceEvent, DeviceSession, SessionConfig, TrainOutput};

@@ -1,0 +1,197 @@
+//! QUIC client setup: TLS 1.3 only (rustls with the ring provider), the
+//! aggregator pinned by the SHA-256 fingerprint of its certificate, and
+//! keepalive that survives minutes of local training.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use sha2::{Digest, Sha256};
+
+/// ALPN protocol id spoken by fedge.
+pub const ALPN: &[u8] = b"fedge/1";
+
+/// How the device decides to trust the aggregator.
+#[derive(Clone, Debug)]
+pub enum Trust {
+    /// Accept only a certificate with this SHA-256 fingerprint.
+    Pinned([u8; 32]),
+    /// Trust-on-first-use: pin whatever certificate is seen first and store
+    /// its fingerprint at `path`; later connections must match it.
+    FirstUse { path: PathBuf },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("fingerprint must be 64 hex digits (SHA-256 of the aggregator certificate), got `{0}`")]
+    BadFingerprint(String),
+    #[error("TLS configuration: {0}")]
+    Tls(String),
+    #[error("cannot store pinned fingerprint at {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Parse a fingerprint written as hex (colons allowed).
+pub fn parse_fingerprint(s: &str) -> Result<[u8; 32], TransportError> {
+    let clean: String = s.trim().chars().filter(|c| *c != ':').collect();
+    hex::decode(&clean)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| TransportError::BadFingerprint(s.trim().to_string()))
+}
+
+pub fn fingerprint(cert_der: &[u8]) -> [u8; 32] {
+    Sha256::digest(cert_der).into()
+}
+
+#[derive(Debug)]
+struct PinVerifier {
+    pin: Mutex<Option<[u8; 32]>>,
+    store: Option<PathBuf>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let got = fingerprint(end_entity.as_ref());
+        let mut pin = self.pin.lock().expect("pin lock");
+        match *pin {
+            Some(p) if p == got => Ok(ServerCertVerified::assertion()),
+            Some(p) => Err(rustls::Error::General(format!(
+                "aggregator certificate fingerprint {} does not match the pinned {}",
+                hex::encode(got),
+                hex::encode(p)
+            ))),
+            None => {
+                if let Some(path) = &self.store {
+                    fedge_proto::io::write_atomic(path, hex::encode(got).as_bytes(), None)
+                        .map_err(|e| rustls::Error::General(format!("storing pin: {e}")))?;
+                }
+                tracing::warn!(
+                    fingerprint = %hex::encode(got),
+                    "trust on first use: pinned the aggregator's certificate"
+                );
+                *pin = Some(got);
+                Ok(ServerCertVerified::assertion())
+            }
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 is not accepted".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Timing of the QUIC connection.
+#[derive(Clone, Debug)]
+pub struct QuicTiming {
+    pub keep_alive: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl Default for QuicTiming {
+    fn default() -> Self {
+        QuicTiming {
+            keep_alive: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Build the quinn client configuration for `trust`.
+pub fn client_config(
+    trust: &Trust,
+    timing: &QuicTiming,
+) -> Result<quinn::ClientConfig, TransportError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let (pin, store) = match trust {
+        Trust::Pinned(p) => (Some(*p), None),
+        Trust::FirstUse { path } => match std::fs::read_to_string(path) {
+            Ok(s) => (Some(parse_fingerprint(&s)?), None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (None, Some(path.clone())),
+            Err(source) => {
+                return Err(TransportError::Pin {
+                    path: path.clone(),
+                    source,
+                });
+            }
+        },
+    };
+    let verifier = Arc::new(PinVerifier {
+        pin: Mutex::new(pin),
+        store,
+        provider: Arc::clone(&provider),
+    });
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TransportError::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| TransportError::Tls(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(timing.keep_alive));
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(timing.idle_timeout)
+            .map_err(|e| TransportError::Tls(e.to_string()))?,
+    ));
+    cfg.transport_config(Arc::new(t));
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_parse_with_or_without_colons() {
+        let hex64 = "ab".repeat(32);
+        assert_eq!(parse_fingerprint(&hex64).unwrap(), [0xab; 32]);
+        let colons = vec!["ab"; 32].join(":");
+        assert_eq!(parse_fingerprint(&colons).unwrap(), [0xab; 32]);
+        assert!(parse_fingerprint("abcd").is_err());
+        assert!(parse_fingerprint(&"zz".repeat(32)).is_err());
+    }
+}
