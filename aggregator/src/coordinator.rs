@@ -232,6 +232,10 @@ pub struct Coordinator {
     current: ModelBlob,
     current_version: ModelVersion,
     round: Round,
+    /// Uploads cut short by a round closing: their next chunk is told
+    /// `RoundClosed` once, later ones are dropped silently. Bounded by one
+    /// round's selection.
+    closed_uploads: HashMap<[u8; 32], bool>,
     published_rounds: u64,
     finished: bool,
     out: VecDeque<Output>,
@@ -268,6 +272,7 @@ impl Coordinator {
                 uploads: HashMap::new(),
                 accumulator: WeightedMean::new(dim),
             },
+            closed_uploads: HashMap::new(),
             published_rounds,
             finished: false,
             out: VecDeque::new(),
@@ -476,7 +481,7 @@ impl Coordinator {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
-        let expired: Vec<SessionId> = self
+        let mut expired: Vec<SessionId> = self
             .sessions
             .iter()
             .filter(|(_, s)| {
@@ -485,6 +490,7 @@ impl Coordinator {
             })
             .map(|(id, _)| *id)
             .collect();
+        expired.sort_unstable(); // deterministic output order
         for id in expired {
             self.reject(
                 id,
@@ -658,12 +664,6 @@ impl Coordinator {
         }
         m.verify(&b.signature)
             .map_err(|e| (RejectCode::BadSignature, e.to_string()))?;
-        if self.finished || m.round_id > self.round.id {
-            return Err((
-                RejectCode::UnknownRound,
-                format!("round {} is not open here", m.round_id),
-            ));
-        }
         if m.round_id < self.round.id {
             return Err((
                 RejectCode::RoundClosed,
@@ -671,6 +671,12 @@ impl Coordinator {
                     "round {} is closed; round {} is open",
                     m.round_id, self.round.id
                 ),
+            ));
+        }
+        if self.finished || m.round_id > self.round.id {
+            return Err((
+                RejectCode::UnknownRound,
+                format!("round {} is not open here", m.round_id),
             ));
         }
         if !self.models.contains_key(&m.model_version) {
@@ -781,13 +787,26 @@ impl Coordinator {
             .get_mut(key.as_bytes())
             .filter(|u| u.begin.manifest.payload_hash == hash)
         else {
-            self.reject(
-                session,
-                Some(dev),
-                RejectCode::UnknownRound,
-                "chunk for an upload that is not open in this round".into(),
-                false,
-            );
+            match self.closed_uploads.get_mut(&hash) {
+                Some(told) if *told => {} // already told; drop the rest
+                Some(told) => {
+                    *told = true;
+                    self.reject(
+                        session,
+                        Some(dev),
+                        RejectCode::RoundClosed,
+                        "the round closed during this upload".into(),
+                        false,
+                    );
+                }
+                None => self.reject(
+                    session,
+                    Some(dev),
+                    RejectCode::UnknownRound,
+                    "chunk for an upload that is not open in this round".into(),
+                    false,
+                ),
+            }
             return;
         };
         if index < u.next_index {
@@ -922,6 +941,12 @@ impl Coordinator {
             outcome,
         });
         let dim = self.current.params.values.len();
+        self.closed_uploads = self
+            .round
+            .uploads
+            .values()
+            .map(|u| (u.begin.manifest.payload_hash, false))
+            .collect();
         self.round = Round {
             id: round_id + 1,
             model_version: self.current_version,

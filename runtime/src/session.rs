@@ -222,6 +222,11 @@ impl DeviceSession {
         self.model = Some((model.version(), model));
     }
 
+    /// Hex of this device's public key, as the aggregator names it.
+    pub fn device_id(&self) -> String {
+        hex::encode(self.key.verifying_key().to_bytes())
+    }
+
     pub fn cached_model(&self) -> Option<&Arc<ModelBlob>> {
         self.model.as_ref().map(|(_, m)| m)
     }

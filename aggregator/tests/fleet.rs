@@ -1,0 +1,234 @@
+//! Protocol behaviour on a simulated fleet (no sockets, virtual time):
+//! over-selection, deadlines, minimum-participant aborts, late updates,
+//! dropouts mid-download and mid-upload with resume, and message loss.
+
+mod sim;
+
+use std::time::Duration;
+
+use fedge_aggregator::coordinator::CoordinatorConfig;
+use fedge_proto::RejectCode;
+use fedge_runtime::session::{DeviceEvent, Status};
+use sim::{DeviceSpec, DropAt, NetConfig, Sim};
+
+const SEEDS: [u64; 3] = [1, 7, 42];
+
+fn cfg(per_round: usize, min: usize, rounds: u64) -> CoordinatorConfig {
+    CoordinatorConfig {
+        devices_per_round: per_round,
+        over_selection: 1.3,
+        min_devices: min,
+        rounds,
+        round_deadline: Duration::from_secs(10),
+        retry_window: (Duration::from_millis(300), Duration::from_millis(900)),
+        chunk_bytes: 128,
+        ..CoordinatorConfig::default()
+    }
+}
+
+fn specs(n: usize) -> Vec<DeviceSpec> {
+    (0..n)
+        .map(|i| DeviceSpec::new(0.01 * (i as f32 + 1.0), 10 + i as u64))
+        .collect()
+}
+
+/// Every published model equals the previous one plus the sample-weighted
+/// mean of that round's accepted deltas (checked against a naive recomputation).
+fn check_aggregates(sim: &Sim, initial: &[f32]) {
+    let mut expected: Vec<f64> = initial.iter().map(|&v| f64::from(v)).collect();
+    for (round, _, _) in sim.published() {
+        let d = sim.expected_round_delta(round);
+        for e in &mut expected {
+            *e += d;
+        }
+    }
+    let got = &sim.coord.current_model().params.values;
+    for (g, e) in got.iter().zip(&expected) {
+        assert!(
+            (f64::from(*g) - e).abs() < 1e-4,
+            "seed {}: aggregate {g} != expected {e}",
+            sim.seed
+        );
+    }
+}
+
+#[test]
+fn over_selection_closes_rounds_at_target() {
+    for seed in SEEDS {
+        let initial = sim::model(64).params.values;
+        let mut sim = Sim::new(seed, cfg(10, 5, 3), NetConfig::default(), specs(20));
+        sim.run_to_end(Duration::from_secs(120));
+        let published = sim.published();
+        assert_eq!(published.len(), 3, "seed {seed}");
+        for (round, accepted, _) in &published {
+            assert_eq!(*accepted, 10, "seed {seed}: round {round} closed at target");
+        }
+        assert!(sim.aborted().is_empty(), "seed {seed}");
+        // 13 selected, 10 needed: the 3 stragglers are refused as late.
+        let late = sim
+            .rejections()
+            .iter()
+            .filter(|c| **c == RejectCode::RoundClosed)
+            .count();
+        assert_eq!(late, 3 * 3, "seed {seed}: late updates rejected");
+        for i in 0..sim.device_count() {
+            assert_eq!(sim.device_status(i), Status::Done, "seed {seed} device {i}");
+            let finished = sim.device_events(i).iter().any(|e| {
+                matches!(e, DeviceEvent::Finished { version, .. } if *version == sim.coord.current_version())
+            });
+            assert!(finished, "seed {seed}: device {i} fetched the final model");
+        }
+        check_aggregates(&sim, &initial);
+    }
+}
+
+#[test]
+fn deadline_aggregates_what_arrived_when_enough() {
+    for seed in SEEDS {
+        // 4 fast devices, 6 that always miss the 10 s deadline.
+        let mut s = specs(10);
+        for d in s.iter_mut().skip(4) {
+            d.train_time = Duration::from_secs(30);
+        }
+        let initial = sim::model(64).params.values;
+        let mut sim = Sim::new(seed, cfg(8, 3, 2), NetConfig::default(), s);
+        sim.run_until(Duration::from_secs(300), |s| s.published().len() == 2);
+        for (round, accepted, _) in sim.published() {
+            assert_eq!(
+                accepted, 4,
+                "seed {seed}: round {round} aggregated the 4 on time"
+            );
+        }
+        check_aggregates(&sim, &initial);
+    }
+}
+
+#[test]
+fn too_few_updates_abort_the_round_and_keep_the_model() {
+    for seed in SEEDS {
+        let mut s = specs(6);
+        for d in s.iter_mut().skip(2) {
+            d.train_time = Duration::from_secs(60);
+        }
+        let mut sim = Sim::new(seed, cfg(5, 3, 1), NetConfig::default(), s);
+        let v0 = sim.coord.current_version();
+        sim.run_until(Duration::from_secs(100), |s| !s.aborted().is_empty());
+        let (round, accepted) = sim.aborted()[0];
+        assert_eq!((round, accepted), (1, 2), "seed {seed}");
+        assert_eq!(
+            sim.coord.current_version(),
+            v0,
+            "seed {seed}: model unchanged"
+        );
+        assert_eq!(
+            sim.coord.round_id(),
+            2,
+            "seed {seed}: round retried as round 2"
+        );
+        assert!(sim.published().is_empty());
+    }
+}
+
+#[test]
+fn late_updates_are_rejected_and_the_device_carries_on() {
+    for seed in SEEDS {
+        // Device 0 is slow: selected in round 1 but finishes after it closed.
+        let mut s = specs(8);
+        s[0].train_time = Duration::from_secs(4);
+        let mut sim = Sim::new(seed, cfg(4, 2, 2), NetConfig::default(), s);
+        sim.run_to_end(Duration::from_secs(120));
+        assert_eq!(sim.published().len(), 2, "seed {seed}");
+        let dev0_rejects: Vec<RejectCode> = sim
+            .device_events(0)
+            .iter()
+            .filter_map(|e| match e {
+                DeviceEvent::Rejected { code, .. } => Some(*code),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            dev0_rejects.contains(&RejectCode::RoundClosed),
+            "seed {seed}: slow device told its update is late: {dev0_rejects:?}"
+        );
+        assert_eq!(sim.device_status(0), Status::Done, "seed {seed}");
+    }
+}
+
+#[test]
+fn interrupted_download_resumes_from_the_missing_chunk() {
+    for seed in SEEDS {
+        // A 4 KiB model in 128-byte chunks: 33+ chunks.
+        let mut s = specs(4);
+        s[1].drop = Some((DropAt::DownloadChunks(5), Duration::from_secs(2)));
+        let mut sim = Sim::with_model(
+            seed,
+            cfg(4, 4, 1),
+            NetConfig::default(),
+            s,
+            sim::model(1024),
+        );
+        sim.run_to_end(Duration::from_secs(120));
+        assert_eq!(sim.published().len(), 1, "seed {seed}");
+        assert_eq!(
+            sim.published()[0].1,
+            4,
+            "seed {seed}: the dropped device contributed"
+        );
+        // Round model download + final model download, resumed rather than restarted.
+        let chunks: usize = 4 * 1024 + 100;
+        let per_model = chunks.div_ceil(128);
+        assert!(sim.was_dropped(1), "seed {seed}: the drop happened");
+        let normal = sim.chunk_requests(0);
+        let dropped = sim.chunk_requests(1);
+        assert!(
+            dropped < normal + per_model / 2,
+            "seed {seed}: dropped device requested {dropped} chunks, a clean one {normal}"
+        );
+    }
+}
+
+#[test]
+fn interrupted_upload_resumes_where_the_aggregator_stopped() {
+    for seed in SEEDS {
+        let mut s = specs(3);
+        for d in &mut s {
+            d.session.upload_chunk_bytes = 256;
+        }
+        s[2].drop = Some((DropAt::UploadChunks(6), Duration::from_secs(3)));
+        let mut sim = Sim::with_model(
+            seed,
+            cfg(3, 3, 1),
+            NetConfig::default(),
+            s,
+            sim::model(1024),
+        );
+        sim.run_to_end(Duration::from_secs(120));
+        assert_eq!(sim.published().len(), 1, "seed {seed}");
+        assert_eq!(sim.published()[0].1, 3, "seed {seed}");
+        assert!(sim.was_dropped(2), "seed {seed}: the drop happened");
+        let normal = sim.upload_chunk_msgs(0);
+        let dropped = sim.upload_chunk_msgs(2);
+        // A restart would resend all chunks; a resume only those after 6.
+        assert!(
+            dropped < normal + 6,
+            "seed {seed}: dropped device sent {dropped} chunk messages, a clean one {normal}"
+        );
+    }
+}
+
+#[test]
+fn rounds_complete_through_loss_and_jitter() {
+    for seed in SEEDS {
+        let net = NetConfig {
+            latency: std::time::Duration::from_millis(50),
+            jitter: std::time::Duration::from_millis(100),
+            loss: 0.1,
+            rto: std::time::Duration::from_millis(300),
+        };
+        let initial = sim::model(64).params.values;
+        let mut sim = Sim::new(seed, cfg(6, 3, 3), net, specs(12));
+        sim.run_to_end(Duration::from_secs(300));
+        assert_eq!(sim.published().len(), 3, "seed {seed}");
+        check_aggregates(&sim, &initial);
+    }
+}

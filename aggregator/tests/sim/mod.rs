@@ -1,0 +1,536 @@
+//! A simulated fleet: the real sans-IO [`Coordinator`] and real
+//! [`DeviceSession`]s exchanging messages through a simulated network with
+//! virtual time, latency, retransmission delays (message loss on a reliable
+//! stream), and connections dropped mid-download or mid-upload.
+//!
+//! Deterministic for a seed; a failing test prints it.
+
+#![allow(dead_code)]
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fedge_aggregator::coordinator::{Coordinator, CoordinatorConfig, Event, Output, RoundOutcome};
+use fedge_proto::sign::SigningKey;
+use fedge_proto::{AggMsg, DeviceMsg, ModelBlob, ModelVersion, ParamLayout, Params, TensorSpec};
+use fedge_runtime::session::{DeviceEvent, DeviceSession, SessionConfig, Status, TrainOutput};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+pub fn model(dim: usize) -> ModelBlob {
+    let layout = Arc::new(
+        ParamLayout::new(vec![
+            TensorSpec::new("w", &[dim - dim / 4]),
+            TensorSpec::new("b", &[dim / 4]),
+        ])
+        .unwrap(),
+    );
+    ModelBlob {
+        onnx_graph: Default::default(),
+        params: Params::new(layout, (0..dim).map(|i| i as f32 * 0.01).collect()).unwrap(),
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct NetConfig {
+    pub latency: Duration,
+    /// Extra random latency in [0, jitter].
+    pub jitter: Duration,
+    /// Probability a message is lost once and retransmitted after `rto`.
+    pub loss: f64,
+    pub rto: Duration,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        NetConfig {
+            latency: Duration::from_millis(20),
+            jitter: Duration::from_millis(10),
+            loss: 0.0,
+            rto: Duration::from_millis(200),
+        }
+    }
+}
+
+/// When to cut a device's connection, and for how long it stays offline.
+#[derive(Clone, Debug)]
+pub enum DropAt {
+    /// After the device has received this many model chunks.
+    DownloadChunks(usize),
+    /// After the aggregator has received this many upload chunks from it.
+    UploadChunks(usize),
+}
+
+#[derive(Clone, Debug)]
+pub struct DeviceSpec {
+    pub delta: f32,
+    pub samples: u64,
+    pub train_time: Duration,
+    pub drop: Option<(DropAt, Duration)>,
+    pub session: SessionConfig,
+}
+
+impl DeviceSpec {
+    pub fn new(delta: f32, samples: u64) -> Self {
+        DeviceSpec {
+            delta,
+            samples,
+            train_time: Duration::from_millis(500),
+            drop: None,
+            session: SessionConfig {
+                backoff_min: Duration::from_millis(100),
+                backoff_max: Duration::from_secs(2),
+                heartbeat_interval: Duration::from_secs(5),
+                ..SessionConfig::default()
+            },
+        }
+    }
+}
+
+struct Device {
+    spec: DeviceSpec,
+    session: DeviceSession,
+    conn: Option<u64>,
+    offline_until: Option<Instant>,
+    dropped: bool,
+    chunks_received: usize,
+    upload_chunks_sent_to_agg: usize,
+    chunk_requests: usize,
+    upload_chunk_msgs: usize,
+    events: Vec<DeviceEvent>,
+}
+
+enum Ev {
+    ToAgg {
+        conn: u64,
+        msg: DeviceMsg,
+    },
+    ToDev {
+        conn: u64,
+        msg: AggMsg,
+    },
+    Connected {
+        dev: usize,
+        conn: u64,
+    },
+    ConnectFailed {
+        dev: usize,
+    },
+    DevLost {
+        conn: u64,
+    },
+    AggLost {
+        conn: u64,
+    },
+    Trained {
+        dev: usize,
+        round: u64,
+        out: TrainOutput,
+    },
+}
+
+pub struct Sim {
+    pub seed: u64,
+    pub t0: Instant,
+    pub now: Instant,
+    net: NetConfig,
+    rng: ChaCha8Rng,
+    queue: BinaryHeap<Reverse<(Instant, u64)>>,
+    pending: BTreeMap<u64, Ev>,
+    seq: u64,
+    pub coord: Coordinator,
+    devices: Vec<Device>,
+    conn_dev: HashMap<u64, usize>,
+    last_delivery: HashMap<(u64, bool), Instant>,
+    next_conn: u64,
+    pub events: Vec<Event>,
+    pub steps: u64,
+}
+
+impl Sim {
+    pub fn new(seed: u64, cfg: CoordinatorConfig, net: NetConfig, specs: Vec<DeviceSpec>) -> Self {
+        Self::with_model(seed, cfg, net, specs, model(64))
+    }
+
+    pub fn with_model(
+        seed: u64,
+        cfg: CoordinatorConfig,
+        net: NetConfig,
+        specs: Vec<DeviceSpec>,
+        model: ModelBlob,
+    ) -> Self {
+        let t0 = Instant::now();
+        let coord = Coordinator::new(CoordinatorConfig { seed, ..cfg }, model, 1, 0).unwrap();
+        let devices = specs
+            .into_iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                let mut key = [0u8; 32];
+                key[..8].copy_from_slice(&(seed ^ (i as u64 + 1) * 0x9e37).to_le_bytes());
+                key[8] = i as u8;
+                let session = DeviceSession::new(
+                    SessionConfig {
+                        seed: seed.wrapping_add(i as u64),
+                        ..spec.session.clone()
+                    },
+                    SigningKey::from_bytes(&key),
+                );
+                Device {
+                    spec,
+                    session,
+                    conn: None,
+                    offline_until: None,
+                    dropped: false,
+                    chunks_received: 0,
+                    upload_chunks_sent_to_agg: 0,
+                    chunk_requests: 0,
+                    upload_chunk_msgs: 0,
+                    events: Vec::new(),
+                }
+            })
+            .collect();
+        Sim {
+            seed,
+            t0,
+            now: t0,
+            net,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            queue: BinaryHeap::new(),
+            pending: BTreeMap::new(),
+            seq: 0,
+            coord,
+            devices,
+            conn_dev: HashMap::new(),
+            last_delivery: HashMap::new(),
+            next_conn: 1,
+            events: Vec::new(),
+            steps: 0,
+        }
+    }
+
+    fn schedule(&mut self, at: Instant, ev: Ev) {
+        self.seq += 1;
+        self.queue.push(Reverse((at, self.seq)));
+        self.pending.insert(self.seq, ev);
+    }
+
+    /// Delivery time of the next message on one direction of a connection:
+    /// a QUIC stream is ordered, so a message never overtakes the previous one.
+    fn stream_at(&mut self, conn: u64, to_agg: bool) -> Instant {
+        let at = self.now + self.delay();
+        let last = self.last_delivery.entry((conn, to_agg)).or_insert(at);
+        *last = (*last).max(at);
+        *last
+    }
+
+    fn delay(&mut self) -> Duration {
+        let jitter = self.net.jitter.as_micros() as u64;
+        let mut d = self.net.latency + Duration::from_micros(self.rng.random_range(0..=jitter));
+        if self.rng.random_bool(self.net.loss) {
+            d += self.net.rto;
+        }
+        d
+    }
+
+    fn pump(&mut self) {
+        loop {
+            let mut progressed = false;
+            while let Some(out) = self.coord.poll_output() {
+                progressed = true;
+                match out {
+                    Output::Send { session, msg } => {
+                        let at = self.stream_at(session, false);
+                        self.schedule(at, Ev::ToDev { conn: session, msg });
+                    }
+                    Output::Close { session, .. } => {
+                        let at = self.now + self.net.latency * 2;
+                        self.schedule(at, Ev::DevLost { conn: session });
+                    }
+                    Output::Event(e) => self.events.push(e),
+                }
+            }
+            for i in 0..self.devices.len() {
+                while let Some(ev) = self.devices[i].session.poll_event() {
+                    progressed = true;
+                    match &ev {
+                        DeviceEvent::Connect => {
+                            let offline =
+                                self.devices[i].offline_until.is_some_and(|t| self.now < t);
+                            let at = self.now + self.net.latency * 2;
+                            if offline {
+                                self.schedule(at, Ev::ConnectFailed { dev: i });
+                            } else {
+                                let conn = self.next_conn;
+                                self.next_conn += 1;
+                                self.schedule(at, Ev::Connected { dev: i, conn });
+                            }
+                        }
+                        DeviceEvent::Disconnect => {
+                            if let Some(c) = self.devices[i].conn.take() {
+                                let at = self.now + self.net.latency;
+                                self.schedule(at, Ev::AggLost { conn: c });
+                            }
+                        }
+                        DeviceEvent::Train {
+                            round_id, model, ..
+                        } => {
+                            let spec = &self.devices[i].spec;
+                            let out = TrainOutput {
+                                delta: vec![spec.delta; model.params.values.len()],
+                                sample_count: spec.samples,
+                                metrics: vec![],
+                            };
+                            let at = self.now + spec.train_time;
+                            let round = *round_id;
+                            self.schedule(at, Ev::Trained { dev: i, round, out });
+                        }
+                        _ => {}
+                    }
+                    self.devices[i].events.push(ev);
+                }
+                while let Some(msg) = self.devices[i].session.poll_transmit() {
+                    progressed = true;
+                    if let Some(conn) = self.devices[i].conn {
+                        match &msg {
+                            DeviceMsg::ChunkRequest { .. } => self.devices[i].chunk_requests += 1,
+                            DeviceMsg::UploadChunk { .. } => self.devices[i].upload_chunk_msgs += 1,
+                            _ => {}
+                        }
+                        let at = self.stream_at(conn, true);
+                        self.schedule(at, Ev::ToAgg { conn, msg });
+                    }
+                }
+            }
+            if !progressed {
+                break;
+            }
+        }
+    }
+
+    fn next_time(&self) -> Option<Instant> {
+        let q = self.queue.peek().map(|Reverse((t, _))| *t);
+        let c = self.coord.poll_timeout();
+        let d = self
+            .devices
+            .iter()
+            .filter_map(|d| d.session.poll_timeout())
+            .min();
+        [q, c, d].into_iter().flatten().min()
+    }
+
+    fn cut(&mut self, dev: usize, offline: Duration) {
+        let d = &mut self.devices[dev];
+        d.dropped = true;
+        d.offline_until = Some(self.now + offline);
+        if let Some(c) = d.conn.take() {
+            d.session.handle_disconnected(self.now);
+            let at = self.now + self.net.latency;
+            self.schedule(at, Ev::AggLost { conn: c });
+        }
+    }
+
+    fn deliver(&mut self, ev: Ev) {
+        let now = self.now;
+        match ev {
+            Ev::ToAgg { conn, msg } => {
+                if !self.conn_dev.contains_key(&conn) {
+                    return;
+                }
+                let dev = self.conn_dev[&conn];
+                let is_chunk = matches!(msg, DeviceMsg::UploadChunk { .. });
+                self.coord.handle_message(now, conn, msg);
+                if is_chunk {
+                    self.devices[dev].upload_chunks_sent_to_agg += 1;
+                    let n = self.devices[dev].upload_chunks_sent_to_agg;
+                    if let Some((DropAt::UploadChunks(k), off)) =
+                        self.devices[dev].spec.drop.clone()
+                        && n == k
+                        && !self.devices[dev].dropped
+                    {
+                        self.cut(dev, off);
+                    }
+                }
+            }
+            Ev::ToDev { conn, msg } => {
+                let Some(&dev) = self.conn_dev.get(&conn) else {
+                    return;
+                };
+                if self.devices[dev].conn != Some(conn) {
+                    return;
+                }
+                let is_chunk = matches!(msg, AggMsg::ModelChunk { .. });
+                self.devices[dev].session.handle_message(now, msg);
+                if is_chunk {
+                    self.devices[dev].chunks_received += 1;
+                    let n = self.devices[dev].chunks_received;
+                    if let Some((DropAt::DownloadChunks(k), off)) =
+                        self.devices[dev].spec.drop.clone()
+                        && n == k
+                        && !self.devices[dev].dropped
+                    {
+                        self.cut(dev, off);
+                    }
+                }
+            }
+            Ev::Connected { dev, conn } => {
+                self.conn_dev.insert(conn, dev);
+                self.devices[dev].conn = Some(conn);
+                let mut binding = [0u8; 32];
+                binding[..8].copy_from_slice(&conn.to_le_bytes());
+                self.coord.handle_connect(now, conn, binding);
+                self.devices[dev].session.handle_connected(now, binding);
+            }
+            Ev::ConnectFailed { dev } => self.devices[dev].session.handle_disconnected(now),
+            Ev::DevLost { conn } => {
+                if let Some(&dev) = self.conn_dev.get(&conn)
+                    && self.devices[dev].conn == Some(conn)
+                {
+                    self.devices[dev].conn = None;
+                    self.devices[dev].session.handle_disconnected(now);
+                }
+            }
+            Ev::AggLost { conn } => self.coord.handle_disconnect(now, conn),
+            Ev::Trained { dev, out, .. } => self.devices[dev].session.handle_trained(now, out),
+        }
+    }
+
+    /// Run until `done` holds, at most `limit` of virtual time. Panics
+    /// (printing the seed) if the limit is reached.
+    pub fn run_until(&mut self, limit: Duration, mut done: impl FnMut(&Sim) -> bool) {
+        let end = self.t0 + limit;
+        for _ in 0..5_000_000u64 {
+            self.pump();
+            if done(self) {
+                return;
+            }
+            let Some(t) = self.next_time() else {
+                panic!(
+                    "seed {}: simulation stalled at {:?}",
+                    self.seed,
+                    self.now - self.t0
+                );
+            };
+            assert!(
+                t <= end,
+                "seed {}: not done within {limit:?} of virtual time; events: {:?}",
+                self.seed,
+                self.events
+                    .iter()
+                    .filter(|e| !matches!(e, Event::DeviceSelected { .. }))
+                    .collect::<Vec<_>>()
+            );
+            self.now = self.now.max(t);
+            self.steps += 1;
+            while let Some(Reverse((at, seq))) = self.queue.peek().copied() {
+                if at > self.now {
+                    break;
+                }
+                self.queue.pop();
+                let ev = self.pending.remove(&seq).expect("scheduled");
+                self.deliver(ev);
+            }
+            self.coord.handle_timeout(self.now);
+            let now = self.now;
+            for d in &mut self.devices {
+                if d.session.poll_timeout().is_some_and(|t| t <= now) {
+                    d.session.handle_timeout(now);
+                }
+            }
+        }
+        panic!("seed {}: step bound reached", self.seed);
+    }
+
+    /// Run until every device has finished (or failed).
+    pub fn run_to_end(&mut self, limit: Duration) {
+        self.run_until(limit, |s| s.devices.iter().all(|d| d.session.is_terminal()));
+    }
+
+    pub fn device_count(&self) -> usize {
+        self.devices.len()
+    }
+
+    pub fn device_events(&self, i: usize) -> &[DeviceEvent] {
+        &self.devices[i].events
+    }
+
+    pub fn device_status(&self, i: usize) -> Status {
+        self.devices[i].session.status()
+    }
+
+    /// Whether device `i`'s connection was cut by its drop plan.
+    pub fn was_dropped(&self, i: usize) -> bool {
+        self.devices[i].dropped
+    }
+
+    pub fn chunk_requests(&self, i: usize) -> usize {
+        self.devices[i].chunk_requests
+    }
+
+    pub fn upload_chunk_msgs(&self, i: usize) -> usize {
+        self.devices[i].upload_chunk_msgs
+    }
+
+    pub fn published(&self) -> Vec<(u64, usize, ModelVersion)> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::RoundClosed {
+                    round_id,
+                    accepted,
+                    outcome: RoundOutcome::Published(v),
+                } => Some((*round_id, *accepted, *v)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn aborted(&self) -> Vec<(u64, usize)> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::RoundClosed {
+                    round_id,
+                    accepted,
+                    outcome: RoundOutcome::Aborted,
+                } => Some((*round_id, *accepted)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn rejections(&self) -> Vec<fedge_proto::RejectCode> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Rejected { code, .. } => Some(*code),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Sample-weighted mean of the deltas of the devices whose updates were
+    /// accepted in `round`, recomputed naively from the specs.
+    pub fn expected_round_delta(&self, round: u64) -> f64 {
+        let by_key: HashMap<String, &DeviceSpec> = self
+            .devices
+            .iter()
+            .map(|d| (d.session.device_id(), &d.spec))
+            .collect();
+        let mut num = 0.0;
+        let mut den = 0.0;
+        for e in &self.events {
+            if let Event::UpdateAccepted {
+                round_id, device, ..
+            } = e
+                && *round_id == round
+            {
+                let s = by_key[device];
+                num += f64::from(s.delta) * s.samples as f64;
+                den += s.samples as f64;
+            }
+        }
+        num / den
+    }
+}
