@@ -78,9 +78,11 @@ mod tests {
             .collect()
     }
 
+    type Case = (Vec<(Vec<f32>, f64)>, Vec<f32>);
+
     #[test]
     fn weighted_mean_table() {
-        let cases: Vec<(Vec<(Vec<f32>, f64)>, Vec<f32>)> = vec![
+        let cases: Vec<Case> = vec![
             (vec![(vec![1.0, 2.0], 1.0)], vec![1.0, 2.0]),
             (
                 vec![(vec![1.0, 0.0], 1.0), (vec![3.0, 4.0], 1.0)],

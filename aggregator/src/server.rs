@@ -61,7 +61,7 @@ enum Input {
         binding: [u8; 32],
         writer: mpsc::Sender<WriterCmd>,
     },
-    Message(SessionId, DeviceMsg),
+    Message(SessionId, Box<DeviceMsg>),
     BadFrame(SessionId, ProtoError),
     RateLimited(SessionId),
     Disconnected(SessionId),
@@ -185,7 +185,7 @@ impl Server {
                             writers.insert(id, writer);
                             core.handle_connect(now, id, binding);
                         }
-                        Input::Message(id, msg) => core.handle_message(now, id, msg),
+                        Input::Message(id, msg) => core.handle_message(now, id, *msg),
                         Input::BadFrame(id, e) => core.handle_bad_frame(now, id, &e),
                         Input::RateLimited(id) => core.handle_rate_limited(now, id),
                         Input::Disconnected(id) => {
@@ -394,7 +394,7 @@ async fn connection(
                     break;
                 }
                 match DeviceMsg::decode(&frame, &limits) {
-                    Ok(m) => Input::Message(id, m),
+                    Ok(m) => Input::Message(id, Box::new(m)),
                     Err(e) => {
                         core.send(Input::BadFrame(id, e)).await?;
                         rejected = true;

@@ -199,6 +199,10 @@ pub async fn run_device(
                 DeviceEvent::Finished { version, model } => {
                     persist_model(&cfg, &model)?;
                     tracing::info!(%version, "aggregator finished; final model kept");
+                    // Close politely so the aggregator need not wait for a timeout.
+                    drop(conn.take());
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
                     return Ok(DeviceReport {
                         final_version: version,
                         final_model: model,

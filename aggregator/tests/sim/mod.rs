@@ -168,7 +168,7 @@ impl Sim {
             .enumerate()
             .map(|(i, spec)| {
                 let mut key = [0u8; 32];
-                key[..8].copy_from_slice(&(seed ^ (i as u64 + 1) * 0x9e37).to_le_bytes());
+                key[..8].copy_from_slice(&(seed ^ ((i as u64 + 1) * 0x9e37)).to_le_bytes());
                 key[8] = i as u8;
                 let session = DeviceSession::new(
                     SessionConfig {

@@ -1,0 +1,359 @@
+//! Bad input over the real transport (QUIC + TLS on loopback): each kind
+//! gets its typed rejection, and the aggregator keeps serving honest
+//! devices, whose rounds then complete with the hand-computed aggregate.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fedge_aggregator::coordinator::CoordinatorConfig;
+use fedge_aggregator::server::{Server, ServerConfig};
+use fedge_aggregator::store::Store;
+use fedge_aggregator::tls::TlsIdentity;
+use fedge_proto::io::{read_frame, write_frame};
+use fedge_proto::msg::{Capabilities, Hello, UploadBegin};
+use fedge_proto::sign::{self, SigningKey, TLS_EXPORTER_LABEL, UpdateManifest};
+use fedge_proto::update::{Codec, encode_update};
+use fedge_proto::{
+    AggMsg, DeviceMsg, Limits, ModelBlob, ModelVersion, ParamLayout, Params, RejectCode,
+    SCHEMA_VERSION, TensorSpec,
+};
+use fedge_runtime::driver::{DriverConfig, run_device};
+use fedge_runtime::session::SessionConfig;
+use fedge_runtime::trainer::KnownUpdate;
+use fedge_runtime::transport::{QuicTiming, Trust, client_config};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn model() -> ModelBlob {
+    let layout = Arc::new(
+        ParamLayout::new(vec![
+            TensorSpec::new("w", &[3, 4]),
+            TensorSpec::new("b", &[4]),
+        ])
+        .unwrap(),
+    );
+    ModelBlob {
+        onnx_graph: Bytes::new(),
+        params: Params::new(layout, vec![0.25; 16]).unwrap(),
+    }
+}
+
+struct Raw {
+    _endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    binding: [u8; 32],
+}
+
+impl Raw {
+    async fn connect(addr: SocketAddr, fp: [u8; 32]) -> Raw {
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(
+            client_config(&Trust::Pinned(fp), &QuicTiming::default()).unwrap(),
+        );
+        let conn = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
+        let mut binding = [0u8; 32];
+        conn.export_keying_material(&mut binding, TLS_EXPORTER_LABEL, b"")
+            .unwrap();
+        let (send, recv) = conn.open_bi().await.unwrap();
+        Raw {
+            _endpoint: endpoint,
+            conn,
+            send,
+            recv,
+            binding,
+        }
+    }
+
+    async fn send_raw(&mut self, bytes: &[u8]) {
+        self.send.write_all(bytes).await.unwrap();
+    }
+
+    async fn send(&mut self, m: &DeviceMsg) {
+        write_frame(&mut self.send, &m.encode()).await.unwrap();
+    }
+
+    async fn recv(&mut self) -> AggMsg {
+        let f = tokio::time::timeout(WAIT, read_frame(&mut self.recv, 4 << 20))
+            .await
+            .expect("answer in time")
+            .unwrap()
+            .expect("a frame");
+        AggMsg::decode(&f, &Limits::default()).unwrap()
+    }
+
+    async fn expect_reject(&mut self, code: RejectCode, fatal: bool) -> String {
+        match self.recv().await {
+            AggMsg::Reject {
+                code: c,
+                detail,
+                fatal: f,
+            } => {
+                assert_eq!((c, f), (code, fatal), "{detail}");
+                detail
+            }
+            other => panic!("expected reject {code}, got {other:?}"),
+        }
+    }
+
+    async fn expect_closed(&mut self) {
+        let closed = tokio::time::timeout(WAIT, self.conn.closed()).await;
+        assert!(closed.is_ok(), "connection closed by the aggregator");
+    }
+
+    async fn hello(&mut self, key: &SigningKey, schema: u32) {
+        self.send(&DeviceMsg::Hello(Hello {
+            schema_version: schema,
+            device_public_key: key.verifying_key(),
+            runtime_version: "test".into(),
+            capabilities: Capabilities::default(),
+        }))
+        .await;
+    }
+
+    async fn auth(&mut self, key: &SigningKey) {
+        self.hello(key, SCHEMA_VERSION).await;
+        let AggMsg::Challenge { nonce, .. } = self.recv().await else {
+            panic!("challenge")
+        };
+        let signature = sign::sign_auth(key, &nonce, &self.binding);
+        self.send(&DeviceMsg::AuthResponse { signature }).await;
+        assert!(matches!(self.recv().await, AggMsg::AuthOk { .. }));
+    }
+
+    async fn offer(&mut self) -> (u64, ModelVersion) {
+        self.send(&DeviceMsg::TaskRequest {
+            have_model_version: None,
+        })
+        .await;
+        match self.recv().await {
+            AggMsg::TaskOffer(o) => (o.round_id, o.model.version),
+            other => panic!("expected an offer, got {other:?}"),
+        }
+    }
+}
+
+fn upload(
+    signer: &SigningKey,
+    named: &SigningKey,
+    round_id: u64,
+    version: ModelVersion,
+    delta: f32,
+) -> (UploadBegin, Bytes) {
+    let payload = encode_update(Codec::DenseF32, &[delta; 16]);
+    let manifest = UpdateManifest {
+        round_id,
+        model_version: version,
+        payload_hash: *blake3::hash(&payload).as_bytes(),
+        payload_bytes: payload.len() as u64,
+        sample_count: 1,
+        metrics: vec![],
+        device_public_key: named.verifying_key(),
+    };
+    let signature = manifest.sign(signer);
+    (
+        UploadBegin {
+            manifest,
+            signature,
+            chunk_bytes: 1 << 16,
+        },
+        payload,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_rejected_and_honest_devices_still_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let identity = TlsIdentity::load_or_create(dir.path()).unwrap();
+    let fp: [u8; 32] = hex::decode(identity.fingerprint_hex())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let cfg = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        coordinator: CoordinatorConfig {
+            devices_per_round: 2,
+            min_devices: 2,
+            rounds: 2,
+            round_deadline: Duration::from_secs(30),
+            retry_window: (Duration::from_millis(50), Duration::from_millis(150)),
+            limits: Limits {
+                frame_bytes_max: 64 << 10,
+                ..Limits::default()
+            },
+            chunk_bytes: 32 << 10,
+            ..CoordinatorConfig::default()
+        },
+        finish_grace: Some(Duration::from_secs(5)),
+        ..ServerConfig::default()
+    };
+    let server = Server::bind(cfg, &identity, Store::open(dir.path()).unwrap()).unwrap();
+    let addr = server.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(server.run(model(), async {
+        let _ = stop_rx.await;
+    }));
+
+    // Malformed frame: not a protobuf envelope.
+    let mut c = Raw::connect(addr, fp).await;
+    c.send_raw(&fedge_proto::frame::encode(&[0xff, 0xff, 0xff, 0x07]))
+        .await;
+    c.expect_reject(RejectCode::Malformed, true).await;
+    c.expect_closed().await;
+
+    // Oversized frame: the header alone is refused.
+    let mut c = Raw::connect(addr, fp).await;
+    c.send_raw(&(1u32 << 30).to_be_bytes()).await;
+    let detail = c.expect_reject(RejectCode::TooLarge, true).await;
+    assert!(detail.contains("exceeds the limit"), "{detail}");
+    c.expect_closed().await;
+
+    // Wrong schema version: both versions named.
+    let mut c = Raw::connect(addr, fp).await;
+    c.hello(&SigningKey::from_bytes(&[9; 32]), 99).await;
+    let detail = c.expect_reject(RejectCode::SchemaMismatch, true).await;
+    assert!(
+        detail.contains("99") && detail.contains(&SCHEMA_VERSION.to_string()),
+        "{detail}"
+    );
+    c.expect_closed().await;
+
+    // Authentication signed for another TLS session.
+    let mut c = Raw::connect(addr, fp).await;
+    let k = SigningKey::from_bytes(&[8; 32]);
+    c.hello(&k, SCHEMA_VERSION).await;
+    let AggMsg::Challenge { nonce, .. } = c.recv().await else {
+        panic!()
+    };
+    let signature = sign::sign_auth(&k, &nonce, &[0; 32]);
+    c.send(&DeviceMsg::AuthResponse { signature }).await;
+    c.expect_reject(RejectCode::AuthFailed, true).await;
+
+    // Device A: a valid update, then replays and wrong rounds.
+    let ka = SigningKey::from_bytes(&[1; 32]);
+    let mut a = Raw::connect(addr, fp).await;
+    a.auth(&ka).await;
+    let (round, version) = a.offer().await;
+    assert_eq!(round, 1);
+    // Unknown model version.
+    a.send(&DeviceMsg::ChunkRequest {
+        model_version: ModelVersion([0xab; 32]),
+        index: 0,
+    })
+    .await;
+    a.expect_reject(RejectCode::UnknownModelVersion, false)
+        .await;
+    // Update for a round that does not exist.
+    let (b, _) = upload(&ka, &ka, 999, version, 1.0);
+    a.send(&DeviceMsg::UploadBegin(Box::new(b))).await;
+    a.expect_reject(RejectCode::UnknownRound, false).await;
+    // Update against an unknown model version.
+    let (b, _) = upload(&ka, &ka, round, ModelVersion([0xcd; 32]), 1.0);
+    a.send(&DeviceMsg::UploadBegin(Box::new(b))).await;
+    a.expect_reject(RejectCode::UnknownModelVersion, false)
+        .await;
+    // The valid one.
+    let (good, payload) = upload(&ka, &ka, round, version, 1.0);
+    a.send(&DeviceMsg::UploadBegin(Box::new(good.clone())))
+        .await;
+    assert!(matches!(
+        a.recv().await,
+        AggMsg::UploadStatus { next_index: 0, .. }
+    ));
+    a.send(&DeviceMsg::UploadChunk {
+        payload_hash: good.manifest.payload_hash,
+        index: 0,
+        data: payload,
+    })
+    .await;
+    assert!(matches!(
+        a.recv().await,
+        AggMsg::UpdateAccepted { round_id: 1, .. }
+    ));
+    // Replay of the accepted update.
+    a.send(&DeviceMsg::UploadBegin(Box::new(good.clone())))
+        .await;
+    a.expect_reject(RejectCode::Replay, false).await;
+
+    // Device B: selected, but its update is not signed by its key.
+    let kb = SigningKey::from_bytes(&[2; 32]);
+    let mut b = Raw::connect(addr, fp).await;
+    b.auth(&kb).await;
+    let (round_b, version_b) = b.offer().await;
+    let (forged, _) = upload(
+        &SigningKey::from_bytes(&[3; 32]),
+        &kb,
+        round_b,
+        version_b,
+        100.0,
+    );
+    b.send(&DeviceMsg::UploadBegin(Box::new(forged))).await;
+    b.expect_reject(RejectCode::BadSignature, false).await;
+    // ... nor may it submit under device A's name.
+    let (stolen, _) = upload(&kb, &ka, round_b, version_b, 100.0);
+    b.send(&DeviceMsg::UploadBegin(Box::new(stolen))).await;
+    b.expect_reject(RejectCode::BadSignature, false).await;
+
+    // Honest devices still complete both rounds.
+    let mut devices = Vec::new();
+    for i in 0..3u8 {
+        let cfg = DriverConfig {
+            aggregator: addr,
+            server_name: "localhost".into(),
+            trust: Trust::Pinned(fp),
+            session: SessionConfig {
+                seed: u64::from(i),
+                backoff_min: Duration::from_millis(50),
+                ..SessionConfig::default()
+            },
+            timing: QuicTiming::default(),
+            state_dir: None,
+            connect_timeout: Duration::from_secs(5),
+        };
+        let key = SigningKey::from_bytes(&[100 + i; 32]);
+        let trainer = Box::new(KnownUpdate {
+            value: 2.0,
+            sample_count: 1,
+        });
+        devices.push(tokio::spawn(run_device(cfg, key, trainer)));
+    }
+    let mut finals = Vec::new();
+    for d in devices {
+        let report = tokio::time::timeout(Duration::from_secs(60), d)
+            .await
+            .expect("device finished in time")
+            .unwrap()
+            .expect("device succeeded");
+        finals.push(report.final_model);
+    }
+    // Round 1: A (1.0) and one honest device (2.0) -> +1.5; round 2: +2.0.
+    for m in &finals {
+        assert_eq!(m.params.values, vec![0.25 + 1.5 + 2.0; 16]);
+    }
+
+    // Device A's old update for the closed round 1.
+    let (late, _) = upload(&ka, &ka, 1, version, 1.0);
+    a.send(&DeviceMsg::UploadBegin(Box::new(late))).await;
+    a.expect_reject(RejectCode::RoundClosed, false).await;
+
+    let _ = stop_tx.send(());
+    let report = serving.await.unwrap().unwrap();
+    assert_eq!(report.rounds_published, 2);
+    for code in [
+        "malformed",
+        "too_large",
+        "schema_mismatch",
+        "auth_failed",
+        "bad_signature",
+        "replay",
+    ] {
+        assert!(
+            report.rejections.contains_key(code),
+            "{code} counted: {:?}",
+            report.rejections
+        );
+    }
+}
