@@ -188,6 +188,8 @@ async fn bad_input_is_rejected_and_honest_devices_still_complete() {
             ..CoordinatorConfig::default()
         },
         finish_grace: Some(Duration::from_secs(5)),
+        rate_per_sec: 100.0,
+        rate_burst: 200.0,
         ..ServerConfig::default()
     };
     let server = Server::bind(cfg, &identity, Store::open(dir.path()).unwrap()).unwrap();
@@ -231,6 +233,26 @@ async fn bad_input_is_rejected_and_honest_devices_still_complete() {
     let signature = sign::sign_auth(&k, &nonce, &[0; 32]);
     c.send(&DeviceMsg::AuthResponse { signature }).await;
     c.expect_reject(RejectCode::AuthFailed, true).await;
+
+    // A flood of requests: over the per-connection rate limit.
+    let mut c = Raw::connect(addr, fp).await;
+    c.auth(&SigningKey::from_bytes(&[7; 32])).await;
+    let mut flood = Vec::new();
+    for seq in 0..1000 {
+        flood.extend_from_slice(&fedge_proto::frame::encode(
+            &DeviceMsg::Heartbeat { seq }.encode(),
+        ));
+    }
+    c.send_raw(&flood).await;
+    let rate_limited = loop {
+        match c.recv().await {
+            AggMsg::HeartbeatAck { .. } => continue,
+            AggMsg::Reject { code, fatal, .. } => break (code, fatal),
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(rate_limited, (RejectCode::RateLimited, true));
+    c.expect_closed().await;
 
     // Device A: a valid update, then replays and wrong rounds.
     let ka = SigningKey::from_bytes(&[1; 32]);

@@ -40,6 +40,8 @@ pub struct DeviceReport {
     pub final_model: Arc<ModelBlob>,
     pub rounds_contributed: u64,
     pub rejections: Vec<(RejectCode, String)>,
+    /// Connections established (1 when nothing was ever dropped).
+    pub connections: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +153,7 @@ pub async fn run_device(
     let mut conn: Option<Conn> = None;
     let mut rejections = Vec::new();
     let mut connect_failures = 0u32;
+    let mut connections = 0u32;
 
     loop {
         while let Some(ev) = session.poll_event() {
@@ -159,6 +162,7 @@ pub async fn run_device(
                     Ok((c, binding)) => {
                         conn = Some(c);
                         connect_failures = 0;
+                        connections += 1;
                         session.handle_connected(Instant::now(), binding);
                     }
                     Err(e) => {
@@ -208,6 +212,7 @@ pub async fn run_device(
                         final_model: model,
                         rounds_contributed: session.rounds_contributed,
                         rejections,
+                        connections,
                     });
                 }
                 DeviceEvent::Failed { reason } => return Err(DriverError::Failed(reason)),
