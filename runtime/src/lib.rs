@@ -9,10 +9,13 @@
 //! **Invariant:** `session` knows nothing of tokio, sockets or the clock;
 //! every protocol behaviour is testable on a simulated fleet.
 
+pub mod data;
 pub mod driver;
 pub mod identity;
 pub mod session;
+pub mod train;
 pub mod trainer;
 pub mod transport;
+pub mod zoo;
 
 pub use session::{DeviceEvent, DeviceSession, SessionConfig, TrainOutput};

@@ -1,0 +1,320 @@
+//! Local data: IDX files (MNIST) and plain text (Shakespeare), as datasets
+//! of fixed-shape samples with integer labels.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason}")]
+    Format { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Sample features, flat, `len * sample_numel` values.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Features {
+    F32(Vec<f32>),
+    I64(Vec<i64>),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dataset {
+    pub features: Features,
+    pub sample_shape: Vec<usize>,
+    pub labels: Vec<i64>,
+    pub classes: usize,
+}
+
+impl Dataset {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    pub fn sample_numel(&self) -> usize {
+        self.sample_shape.iter().product()
+    }
+
+    /// The samples at `idx`, in that order.
+    pub fn subset(&self, idx: &[usize]) -> Dataset {
+        let k = self.sample_numel();
+        let features = match &self.features {
+            Features::F32(v) => Features::F32(
+                idx.iter()
+                    .flat_map(|&i| v[i * k..(i + 1) * k].iter().copied())
+                    .collect(),
+            ),
+            Features::I64(v) => Features::I64(
+                idx.iter()
+                    .flat_map(|&i| v[i * k..(i + 1) * k].iter().copied())
+                    .collect(),
+            ),
+        };
+        Dataset {
+            features,
+            sample_shape: self.sample_shape.clone(),
+            labels: idx.iter().map(|&i| self.labels[i]).collect(),
+            classes: self.classes,
+        }
+    }
+
+    /// Samples `range`.
+    pub fn slice(&self, range: std::ops::Range<usize>) -> Dataset {
+        self.subset(&range.collect::<Vec<_>>())
+    }
+
+    /// Shuffled batch index lists for one epoch; the last partial batch is
+    /// dropped (the step graph has a fixed batch size).
+    pub fn epoch_batches(&self, batch: usize, seed: u64) -> Vec<Vec<usize>> {
+        let mut idx: Vec<usize> = (0..self.len()).collect();
+        idx.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+        idx.chunks_exact(batch).map(|c| c.to_vec()).collect()
+    }
+
+    /// Gather a batch's features and labels into the given buffers.
+    pub fn gather(&self, idx: &[usize], xf: &mut Vec<f32>, xi: &mut Vec<i64>, y: &mut Vec<i64>) {
+        let k = self.sample_numel();
+        xf.clear();
+        xi.clear();
+        y.clear();
+        for &i in idx {
+            match &self.features {
+                Features::F32(v) => xf.extend_from_slice(&v[i * k..(i + 1) * k]),
+                Features::I64(v) => xi.extend_from_slice(&v[i * k..(i + 1) * k]),
+            }
+            y.push(self.labels[i]);
+        }
+    }
+
+    /// Count of each label.
+    pub fn label_counts(&self) -> Vec<usize> {
+        let mut c = vec![0; self.classes];
+        for &l in &self.labels {
+            c[l as usize] += 1;
+        }
+        c
+    }
+}
+
+fn read_maybe_gz(path: &Path) -> Result<Vec<u8>, DataError> {
+    let raw = std::fs::read(path).map_err(|source| DataError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if raw.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(&raw[..])
+            .read_to_end(&mut out)
+            .map_err(|e| DataError::Format {
+                path: path.to_path_buf(),
+                reason: format!("bad gzip: {e}"),
+            })?;
+        Ok(out)
+    } else {
+        Ok(raw)
+    }
+}
+
+/// Parse an IDX file of unsigned bytes: (dims, data).
+pub fn parse_idx(path: &Path, bytes: &[u8]) -> Result<(Vec<usize>, Vec<u8>), DataError> {
+    let bad = |reason: String| DataError::Format {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if bytes.len() < 4 || bytes[0] != 0 || bytes[1] != 0 {
+        return Err(bad("not an IDX file".into()));
+    }
+    if bytes[2] != 0x08 {
+        return Err(bad(format!(
+            "IDX type 0x{:02x} is not unsigned bytes",
+            bytes[2]
+        )));
+    }
+    let rank = bytes[3] as usize;
+    if rank == 0 || rank > 4 || bytes.len() < 4 + 4 * rank {
+        return Err(bad(format!("bad IDX rank {rank}")));
+    }
+    let dims: Vec<usize> = (0..rank)
+        .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().expect("4")) as usize)
+        .collect();
+    let n = dims
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| bad("size overflows".into()))?;
+    let data = &bytes[4 + 4 * rank..];
+    if data.len() != n {
+        return Err(bad(format!(
+            "header declares {n} values, file has {}",
+            data.len()
+        )));
+    }
+    Ok((dims, data.to_vec()))
+}
+
+/// MNIST-style images and labels (IDX, optionally gzipped), pixels scaled
+/// to [0, 1], each sample shaped `[1, rows, cols]`.
+pub fn load_idx_images(images: &Path, labels: &Path) -> Result<Dataset, DataError> {
+    let (idims, pixels) = parse_idx(images, &read_maybe_gz(images)?)?;
+    let (ldims, lab) = parse_idx(labels, &read_maybe_gz(labels)?)?;
+    if idims.len() != 3 || ldims.len() != 1 || idims[0] != ldims[0] {
+        return Err(DataError::Invalid(format!(
+            "images {idims:?} and labels {ldims:?} do not match"
+        )));
+    }
+    let classes = lab.iter().copied().max().map_or(0, |m| m as usize + 1);
+    Ok(Dataset {
+        features: Features::F32(pixels.iter().map(|&p| f32::from(p) / 255.0).collect()),
+        sample_shape: vec![1, idims[1], idims[2]],
+        labels: lab.iter().map(|&l| i64::from(l)).collect(),
+        classes,
+    })
+}
+
+/// The repository's data directory (`models/data`), for tools and tests.
+pub fn shipped_data_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/data")
+}
+
+/// The shipped 10,000 MNIST digits.
+pub fn load_mnist(dir: &Path) -> Result<Dataset, DataError> {
+    let d = dir.join("mnist-10k");
+    load_idx_images(
+        &d.join("images-idx3-ubyte.gz"),
+        &d.join("labels-idx1-ubyte.gz"),
+    )
+}
+
+/// Characters of a text, sorted: the vocabulary of the character model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Vocab {
+    pub chars: Vec<char>,
+}
+
+impl Vocab {
+    pub fn of(text: &str) -> Vocab {
+        let mut chars: Vec<char> = text
+            .chars()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        chars.sort_unstable();
+        Vocab { chars }
+    }
+
+    pub fn len(&self) -> usize {
+        self.chars.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.chars.is_empty()
+    }
+
+    pub fn index(&self, c: char) -> Option<i64> {
+        self.chars.binary_search(&c).ok().map(|i| i as i64)
+    }
+}
+
+/// Next-character samples: each sample is `context` character indices, its
+/// label the character after them. Windows start every `stride` characters.
+pub fn char_windows(
+    text: &str,
+    vocab: &Vocab,
+    context: usize,
+    stride: usize,
+) -> Result<Dataset, DataError> {
+    let ids: Vec<i64> = text
+        .chars()
+        .map(|c| {
+            vocab.index(c).ok_or_else(|| {
+                DataError::Invalid(format!("character {c:?} is not in the vocabulary"))
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    if stride == 0 || context == 0 {
+        return Err(DataError::Invalid(
+            "context and stride must be positive".into(),
+        ));
+    }
+    let mut feats = Vec::new();
+    let mut labels = Vec::new();
+    let mut start = 0;
+    while start + context < ids.len() {
+        feats.extend_from_slice(&ids[start..start + context]);
+        labels.push(ids[start + context]);
+        start += stride;
+    }
+    Ok(Dataset {
+        features: Features::I64(feats),
+        sample_shape: vec![context],
+        labels,
+        classes: vocab.len(),
+    })
+}
+
+/// The shipped Shakespeare text.
+pub fn load_text(path: &Path) -> Result<String, DataError> {
+    std::fs::read_to_string(path).map_err(|source| DataError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_mnist_loads_and_is_balanced() {
+        let d = load_mnist(&shipped_data_dir()).unwrap();
+        assert_eq!(d.len(), 10_000);
+        assert_eq!(d.sample_shape, vec![1, 28, 28]);
+        assert_eq!(d.classes, 10);
+        assert_eq!(
+            d.label_counts(),
+            vec![1001, 1127, 991, 1032, 980, 863, 1014, 1070, 944, 978]
+        );
+        let Features::F32(v) = &d.features else {
+            panic!()
+        };
+        assert!(v.iter().all(|p| (0.0..=1.0).contains(p)));
+    }
+
+    #[test]
+    fn bad_idx_files_are_typed_errors() {
+        let p = Path::new("x");
+        assert!(parse_idx(p, b"\x00\x00\x08\x01\x00\x00\x00\x05abc").is_err());
+        assert!(parse_idx(p, b"\x00\x00\x0d\x01\x00\x00\x00\x01a").is_err());
+        assert!(parse_idx(p, b"PK").is_err());
+        assert_eq!(
+            parse_idx(p, b"\x00\x00\x08\x01\x00\x00\x00\x02ab").unwrap(),
+            (vec![2], b"ab".to_vec())
+        );
+        assert!(matches!(
+            load_idx_images(Path::new("/no/such/file"), Path::new("/no")),
+            Err(DataError::Read { .. })
+        ));
+    }
+
+    #[test]
+    fn char_windows_predict_the_next_character() {
+        let v = Vocab::of("abcab");
+        let d = char_windows("abcab", &v, 2, 1).unwrap();
+        assert_eq!(d.len(), 3);
+        assert_eq!(d.features, Features::I64(vec![0, 1, 1, 2, 2, 0]));
+        assert_eq!(d.labels, vec![2, 0, 1]);
+    }
+}

@@ -1,0 +1,680 @@
+//! The training-graph compiler.
+//!
+//! From a stripped inference graph ([`ModelGraph`]) it builds one ONNX
+//! model that does a whole training step: the user's forward nodes, the
+//! loss, the backward pass (one rule per op, [`super::grad`]) and the
+//! optimizer update. Parameters, optimizer state, the learning rate and
+//! (for FedProx) the global weights are graph inputs; the loss, the new
+//! parameters and the new state are outputs. tract optimizes it once and
+//! the plan serves every step.
+
+use std::collections::{HashMap, HashSet};
+
+use fedge_proto::msg::{Loss, Optimizer};
+use tract_onnx::pb::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto};
+
+use super::TrainError;
+use super::grad;
+use super::import::ModelGraph;
+use super::onnx::{self, F32, I64};
+use super::shape::{Shapes, infer, infer_node};
+
+/// Optimizer settings baked into the step graph (the learning rate is an
+/// input, so schedules need no recompile).
+#[derive(Clone, Debug, PartialEq)]
+pub struct OptimizerSpec {
+    pub kind: Optimizer,
+    pub momentum: f32,
+    pub weight_decay: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+}
+
+impl Default for OptimizerSpec {
+    fn default() -> Self {
+        OptimizerSpec {
+            kind: Optimizer::Sgd,
+            momentum: 0.0,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        }
+    }
+}
+
+impl OptimizerSpec {
+    /// State tensors kept per trainable parameter.
+    pub fn state_per_param(&self) -> usize {
+        match self.kind {
+            Optimizer::Sgd if self.momentum > 0.0 => 1,
+            Optimizer::Sgd => 0,
+            Optimizer::Adam | Optimizer::AdamW => 2,
+        }
+    }
+}
+
+/// What the compiled graph computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// A full step: outputs loss, new parameters, new optimizer state.
+    Step,
+    /// Outputs the loss and the gradient of each trainable parameter.
+    Gradients,
+}
+
+#[derive(Clone, Debug)]
+pub struct CompileOptions {
+    pub batch: usize,
+    pub loss: Loss,
+    pub optimizer: OptimizerSpec,
+    /// Parameter-name patterns (`*` wildcards) kept frozen.
+    pub freeze: Vec<String>,
+    pub fedprox_mu: f32,
+    pub mode: Mode,
+}
+
+impl Default for CompileOptions {
+    fn default() -> Self {
+        CompileOptions {
+            batch: 32,
+            loss: Loss::SoftmaxCrossEntropy,
+            optimizer: OptimizerSpec::default(),
+            freeze: Vec::new(),
+            fedprox_mu: 0.0,
+            mode: Mode::Step,
+        }
+    }
+}
+
+/// Names of the extra graph inputs and outputs.
+pub const LABELS: &str = "fedge.labels";
+pub const LR: &str = "fedge.lr";
+pub const WD_STEP: &str = "fedge.wd_step";
+pub const LOSS: &str = "fedge.loss";
+
+/// A compiled training step and how to feed it.
+#[derive(Clone, Debug)]
+pub struct TrainingGraph {
+    pub model: ModelProto,
+    pub mode: Mode,
+    pub batch: usize,
+    pub input_shape: Vec<usize>,
+    pub input_type: i32,
+    pub label_shape: Vec<usize>,
+    pub label_type: i32,
+    /// Indices (in the layout) of the trainable parameters.
+    pub trainable: Vec<usize>,
+    pub state_per_param: usize,
+    pub prox: bool,
+}
+
+/// `*` wildcard match of a parameter name.
+pub fn pattern_matches(pattern: &str, name: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == name;
+    }
+    let mut rest = name;
+    for (i, p) in parts.iter().enumerate() {
+        if i == 0 {
+            let Some(r) = rest.strip_prefix(p) else {
+                return false;
+            };
+            rest = r;
+        } else if i == parts.len() - 1 {
+            return rest.ends_with(p);
+        } else {
+            let Some(pos) = rest.find(p) else {
+                return false;
+            };
+            rest = &rest[pos + p.len()..];
+        }
+    }
+    true
+}
+
+/// Emits nodes with fresh names, inferring each output's shape.
+pub struct Builder {
+    pub nodes: Vec<NodeProto>,
+    pub inits: Vec<TensorProto>,
+    pub s: Shapes,
+    counter: usize,
+    i64_consts: HashMap<Vec<i64>, String>,
+    f32_consts: HashMap<u32, String>,
+}
+
+impl Builder {
+    pub fn new(s: Shapes) -> Self {
+        Builder {
+            nodes: Vec::new(),
+            inits: Vec::new(),
+            s,
+            counter: 0,
+            i64_consts: HashMap::new(),
+            f32_consts: HashMap::new(),
+        }
+    }
+
+    fn fresh(&mut self, hint: &str) -> String {
+        self.counter += 1;
+        format!("fedge.{hint}.{}", self.counter)
+    }
+
+    pub fn shape(&self, name: &str) -> Vec<usize> {
+        self.s
+            .shape(name)
+            .expect("builder tensors have shapes")
+            .to_vec()
+    }
+
+    /// Emit `op(inputs)` and return its output name.
+    pub fn op(
+        &mut self,
+        op: &str,
+        inputs: &[&str],
+        attrs: Vec<tract_onnx::pb::AttributeProto>,
+    ) -> Result<String, TrainError> {
+        let out = self.fresh(&op.to_lowercase());
+        self.op_named(op, inputs, attrs, &out)?;
+        Ok(out)
+    }
+
+    /// Emit `op(inputs)` writing to `out`.
+    pub fn op_named(
+        &mut self,
+        op: &str,
+        inputs: &[&str],
+        attrs: Vec<tract_onnx::pb::AttributeProto>,
+        out: &str,
+    ) -> Result<(), TrainError> {
+        let name = format!("{out}.node");
+        let node = onnx::node(op, &name, inputs, &[out], attrs);
+        infer_node(&node, &mut self.s)?;
+        self.nodes.push(node);
+        Ok(())
+    }
+
+    pub fn const_i64(&mut self, v: &[i64]) -> String {
+        if let Some(n) = self.i64_consts.get(v) {
+            return n.clone();
+        }
+        let name = self.fresh("const");
+        self.inits.push(onnx::tensor_i64(&name, &[v.len()], v));
+        self.s.set(&name, vec![v.len()], I64);
+        self.s.consts.insert(name.clone(), v.to_vec());
+        self.i64_consts.insert(v.to_vec(), name.clone());
+        name
+    }
+
+    /// A rank-0 f32 constant.
+    pub fn scalar(&mut self, v: f32) -> String {
+        if let Some(n) = self.f32_consts.get(&v.to_bits()) {
+            return n.clone();
+        }
+        let name = self.fresh("scalar");
+        self.inits.push(onnx::tensor_f32(&name, &[], &[v]));
+        self.s.set(&name, vec![], F32);
+        self.f32_consts.insert(v.to_bits(), name.clone());
+        name
+    }
+
+    pub fn binary(&mut self, op: &str, a: &str, b: &str) -> Result<String, TrainError> {
+        self.op(op, &[a, b], vec![])
+    }
+
+    pub fn unary(&mut self, op: &str, a: &str) -> Result<String, TrainError> {
+        self.op(op, &[a], vec![])
+    }
+
+    pub fn scale(&mut self, a: &str, k: f32) -> Result<String, TrainError> {
+        if k == 1.0 {
+            return Ok(a.to_string());
+        }
+        let c = self.scalar(k);
+        self.binary("Mul", a, &c)
+    }
+
+    pub fn transpose(&mut self, a: &str, perm: &[usize]) -> Result<String, TrainError> {
+        let p: Vec<i64> = perm.iter().map(|&x| x as i64).collect();
+        self.op("Transpose", &[a], vec![onnx::ints("perm", &p)])
+    }
+
+    /// Swap the last two axes.
+    pub fn transpose_last2(&mut self, a: &str) -> Result<String, TrainError> {
+        let r = self.shape(a).len();
+        let mut perm: Vec<usize> = (0..r).collect();
+        perm.swap(r - 2, r - 1);
+        self.transpose(a, &perm)
+    }
+
+    pub fn reshape(&mut self, a: &str, shape: &[usize]) -> Result<String, TrainError> {
+        if self.shape(a) == shape {
+            return Ok(a.to_string());
+        }
+        let v: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        let c = self.const_i64(&v);
+        self.op("Reshape", &[a, &c], vec![])
+    }
+
+    pub fn reduce_sum(
+        &mut self,
+        a: &str,
+        axes: &[usize],
+        keep: bool,
+    ) -> Result<String, TrainError> {
+        let v: Vec<i64> = axes.iter().map(|&d| d as i64).collect();
+        let c = self.const_i64(&v);
+        self.op(
+            "ReduceSum",
+            &[a, &c],
+            vec![onnx::int("keepdims", keep as i64)],
+        )
+    }
+
+    pub fn reduce_mean_last(&mut self, a: &str) -> Result<String, TrainError> {
+        self.op(
+            "ReduceMean",
+            &[a],
+            vec![onnx::ints("axes", &[-1]), onnx::int("keepdims", 1)],
+        )
+    }
+
+    /// Sum `g` down to `target` (the inverse of numpy broadcasting).
+    pub fn unbroadcast(&mut self, g: &str, target: &[usize]) -> Result<String, TrainError> {
+        let gs = self.shape(g);
+        if gs == target {
+            return Ok(g.to_string());
+        }
+        let off = gs.len() - target.len();
+        let axes: Vec<usize> = (0..gs.len())
+            .filter(|&i| i < off || (target[i - off] == 1 && gs[i] != 1))
+            .collect();
+        let summed = if axes.is_empty() {
+            g.to_string()
+        } else {
+            self.reduce_sum(g, &axes, true)?
+        };
+        self.reshape(&summed, target)
+    }
+
+    pub fn cast(&mut self, a: &str, to: i32) -> Result<String, TrainError> {
+        self.op("Cast", &[a], vec![onnx::int("to", to as i64)])
+    }
+}
+
+/// Inputs of `node` through which gradients flow.
+fn differentiable(node: &NodeProto) -> Vec<usize> {
+    match node.op_type.as_str() {
+        "Shape" | "Constant" | "Equal" | "Greater" | "Less" | "Cast" => vec![],
+        "Reshape" | "Gather" | "Expand" | "Slice" | "Unsqueeze" | "Squeeze" | "Dropout" => {
+            vec![0]
+        }
+        "BatchNormalization" => vec![0, 1, 2],
+        "Where" => vec![1, 2],
+        _ => (0..node.input.len()).collect(),
+    }
+}
+
+/// The inference graph with parameters as inputs, for a fixed batch.
+pub fn compile_inference(graph: &ModelGraph, batch: usize) -> Result<ModelProto, TrainError> {
+    let s = infer(graph, batch)?;
+    let g = graph.proto.graph.as_ref().expect("checked");
+    let mut inputs = vec![onnx::value_info(
+        &graph.input,
+        graph.input_type,
+        s.shape(&graph.input)?,
+    )];
+    for t in graph.layout.tensors() {
+        inputs.push(onnx::value_info(&t.name, F32, &t.shape));
+    }
+    let out = s.shape(&graph.output)?.to_vec();
+    Ok(model_proto(
+        graph,
+        GraphProto {
+            name: "fedge-inference".into(),
+            node: g.node.clone(),
+            initializer: g.initializer.clone(),
+            input: inputs,
+            output: vec![onnx::value_info(&graph.output, F32, &out)],
+            ..Default::default()
+        },
+    ))
+}
+
+fn model_proto(graph: &ModelGraph, g: GraphProto) -> ModelProto {
+    ModelProto {
+        ir_version: 8,
+        producer_name: "fedge".into(),
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: graph.opset,
+        }],
+        graph: Some(g),
+        ..Default::default()
+    }
+}
+
+/// Build the training step (or gradient) graph.
+pub fn compile_training(
+    graph: &ModelGraph,
+    opts: &CompileOptions,
+) -> Result<TrainingGraph, TrainError> {
+    if opts.batch == 0 {
+        return Err(TrainError::BadInput("batch size must be at least 1".into()));
+    }
+    let s = infer(graph, opts.batch)?;
+    let g = graph.proto.graph.as_ref().expect("checked");
+    let layout = &graph.layout;
+
+    // Which parameters train: not frozen by pattern, not a BatchNorm
+    // running statistic.
+    let mut bn_stats = HashSet::new();
+    for n in &g.node {
+        if n.op_type == "BatchNormalization" {
+            bn_stats.extend(n.input.iter().skip(3).cloned());
+        }
+    }
+    let trainable: Vec<usize> = layout
+        .tensors()
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| {
+            !bn_stats.contains(&t.name) && !opts.freeze.iter().any(|p| pattern_matches(p, &t.name))
+        })
+        .map(|(i, _)| i)
+        .collect();
+    if trainable.is_empty() {
+        return Err(TrainError::BadInput(
+            "every parameter is frozen: nothing to train".into(),
+        ));
+    }
+
+    // Forward: which tensors depend on a trainable parameter.
+    let mut requires: HashSet<String> = trainable
+        .iter()
+        .map(|&i| layout.tensors()[i].name.clone())
+        .collect();
+    for n in &g.node {
+        let diff = differentiable(n);
+        if diff
+            .iter()
+            .any(|&i| n.input.get(i).is_some_and(|x| requires.contains(x)))
+        {
+            if !grad::has_rule(&n.op_type) {
+                return Err(TrainError::UnsupportedOp {
+                    op: n.op_type.clone(),
+                    node: n.name.clone(),
+                });
+            }
+            requires.extend(n.output.iter().take(1).cloned());
+        }
+    }
+    if !requires.contains(&graph.output) {
+        return Err(TrainError::BadInput(
+            "the output does not depend on any trainable parameter".into(),
+        ));
+    }
+
+    let mut b = Builder::new(s);
+    let out_shape = b.shape(&graph.output);
+
+    // Loss and its gradient with respect to the output.
+    let (label_shape, label_type) = match opts.loss {
+        Loss::SoftmaxCrossEntropy => {
+            if out_shape.len() != 2 {
+                return Err(TrainError::BadInput(format!(
+                    "softmax cross-entropy needs [batch, classes] outputs, got {out_shape:?}"
+                )));
+            }
+            (vec![opts.batch], I64)
+        }
+        Loss::Mse => (out_shape.clone(), F32),
+    };
+    b.s.set(LABELS, label_shape.clone(), label_type);
+    let last_op = g
+        .node
+        .iter()
+        .find(|n| n.output.first() == Some(&graph.output))
+        .map(|n| n.op_type.clone());
+    let (loss, g_out) = match opts.loss {
+        Loss::SoftmaxCrossEntropy => {
+            let classes = out_shape[1];
+            let range: Vec<i64> = (0..classes as i64).collect();
+            let range = b.const_i64(&range);
+            let axes1 = b.const_i64(&[1]);
+            let lab = b.op("Unsqueeze", &[LABELS, &axes1], vec![])?;
+            let eq = b.binary("Equal", &lab, &range)?;
+            let onehot = b.cast(&eq, F32)?;
+            let inv_b = 1.0 / opts.batch as f32;
+            if last_op.as_deref() == Some("LogSoftmax") {
+                // The model already ends in log-probabilities: NLL.
+                let prod = b.binary("Mul", &onehot, &graph.output)?;
+                let sum = b.reduce_sum(&prod, &[0, 1], false)?;
+                let loss = b.scale(&sum, -inv_b)?;
+                let g_out = b.scale(&onehot, -inv_b)?;
+                (loss, g_out)
+            } else {
+                let logsm = b.op("LogSoftmax", &[&graph.output], vec![onnx::int("axis", 1)])?;
+                let prod = b.binary("Mul", &onehot, &logsm)?;
+                let sum = b.reduce_sum(&prod, &[0, 1], false)?;
+                let loss = b.scale(&sum, -inv_b)?;
+                let sm = b.unary("Exp", &logsm)?;
+                let diff = b.binary("Sub", &sm, &onehot)?;
+                let g_out = b.scale(&diff, inv_b)?;
+                (loss, g_out)
+            }
+        }
+        Loss::Mse => {
+            let n: usize = out_shape.iter().product();
+            let diff = b.binary("Sub", &graph.output, LABELS)?;
+            let sq = b.binary("Mul", &diff, &diff)?;
+            let all: Vec<usize> = (0..out_shape.len()).collect();
+            let sum = b.reduce_sum(&sq, &all, false)?;
+            let loss = b.scale(&sum, 1.0 / n as f32)?;
+            let g_out = b.scale(&diff, 2.0 / n as f32)?;
+            (loss, g_out)
+        }
+    };
+    b.op_named("Identity", &[&loss], vec![], LOSS)?;
+
+    // Backward, in reverse topological order, accumulating gradients.
+    let mut grads: HashMap<String, String> = HashMap::new();
+    grads.insert(graph.output.clone(), g_out);
+    for n in g.node.iter().rev() {
+        let Some(out) = n.output.first() else {
+            continue;
+        };
+        if !requires.contains(out) {
+            continue;
+        }
+        let Some(gy) = grads.get(out).cloned() else {
+            continue; // this node does not reach the loss
+        };
+        let diff = differentiable(n);
+        let needs: Vec<bool> = (0..n.input.len())
+            .map(|i| diff.contains(&i) && requires.contains(&n.input[i]))
+            .collect();
+        let gx = grad::backward(&mut b, n, &gy, &needs)?;
+        for (i, gi) in gx.into_iter().enumerate() {
+            let Some(gi) = gi else { continue };
+            debug_assert!(needs[i]);
+            let name = &n.input[i];
+            let acc = match grads.remove(name) {
+                Some(prev) => b.binary("Add", &prev, &gi)?,
+                None => gi,
+            };
+            grads.insert(name.clone(), acc);
+        }
+    }
+
+    let mut inputs = vec![
+        onnx::value_info(&graph.input, graph.input_type, &b.shape(&graph.input)),
+        onnx::value_info(LABELS, label_type, &label_shape),
+    ];
+    let mut outputs = vec![onnx::value_info(LOSS, F32, &[])];
+    let state_per_param = if opts.mode == Mode::Step {
+        opts.optimizer.state_per_param()
+    } else {
+        0
+    };
+    let prox = opts.mode == Mode::Step && opts.fedprox_mu > 0.0;
+    if opts.mode == Mode::Step {
+        inputs.push(onnx::value_info(LR, F32, &[]));
+        inputs.push(onnx::value_info(WD_STEP, F32, &[]));
+        b.s.set(LR, vec![], F32);
+        b.s.set(WD_STEP, vec![], F32);
+    }
+    for t in layout.tensors() {
+        inputs.push(onnx::value_info(&t.name, F32, &t.shape));
+    }
+    let mut state_inputs = Vec::new();
+    let mut state_outputs = Vec::new();
+    let mut prox_inputs = Vec::new();
+    let mut param_outputs = Vec::new();
+    for &i in &trainable {
+        let t = &layout.tensors()[i];
+        let w = t.name.as_str();
+        let grad = match grads.get(w) {
+            Some(gname) => gname.clone(),
+            None => {
+                // Unused by the loss: a zero gradient.
+                let z = b.scalar(0.0);
+                let sh: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+                let sh = b.const_i64(&sh);
+                b.op("Expand", &[&z, &sh], vec![])?
+            }
+        };
+        if opts.mode == Mode::Gradients {
+            let out = format!("fedge.grad.{w}");
+            b.op_named("Identity", &[&grad], vec![], &out)?;
+            outputs.push(onnx::value_info(&out, F32, &t.shape));
+            continue;
+        }
+        let mut gr = grad;
+        if prox {
+            let wg = format!("fedge.global.{w}");
+            b.s.set(&wg, t.shape.clone(), F32);
+            prox_inputs.push(onnx::value_info(&wg, F32, &t.shape));
+            let d = b.binary("Sub", w, &wg)?;
+            let pd = b.scale(&d, opts.fedprox_mu)?;
+            gr = b.binary("Add", &gr, &pd)?;
+        }
+        let new_w = format!("fedge.new.{w}");
+        let o = &opts.optimizer;
+        match o.kind {
+            Optimizer::Sgd => {
+                if o.weight_decay > 0.0 {
+                    let wd = b.scale(w, o.weight_decay)?;
+                    gr = b.binary("Add", &gr, &wd)?;
+                }
+                let step_dir = if o.momentum > 0.0 {
+                    let v = format!("fedge.state.{w}.v");
+                    b.s.set(&v, t.shape.clone(), F32);
+                    state_inputs.push(onnx::value_info(&v, F32, &t.shape));
+                    let mv = b.scale(&v, o.momentum)?;
+                    let new_v = format!("fedge.new_state.{w}.v");
+                    b.op_named("Add", &[&mv, &gr], vec![], &new_v)?;
+                    state_outputs.push(onnx::value_info(&new_v, F32, &t.shape));
+                    new_v
+                } else {
+                    gr
+                };
+                let upd = b.binary("Mul", &step_dir, LR)?;
+                b.op_named("Sub", &[w, &upd], vec![], &new_w)?;
+            }
+            Optimizer::Adam | Optimizer::AdamW => {
+                if o.kind == Optimizer::Adam && o.weight_decay > 0.0 {
+                    let wd = b.scale(w, o.weight_decay)?;
+                    gr = b.binary("Add", &gr, &wd)?;
+                }
+                let (m, v) = (format!("fedge.state.{w}.m"), format!("fedge.state.{w}.v"));
+                for name in [&m, &v] {
+                    b.s.set(name, t.shape.clone(), F32);
+                    state_inputs.push(onnx::value_info(name, F32, &t.shape));
+                }
+                let (new_m, new_v) = (
+                    format!("fedge.new_state.{w}.m"),
+                    format!("fedge.new_state.{w}.v"),
+                );
+                let bm = b.scale(&m, o.beta1)?;
+                let gm = b.scale(&gr, 1.0 - o.beta1)?;
+                b.op_named("Add", &[&bm, &gm], vec![], &new_m)?;
+                let bv = b.scale(&v, o.beta2)?;
+                let g2 = b.binary("Mul", &gr, &gr)?;
+                let g2 = b.scale(&g2, 1.0 - o.beta2)?;
+                b.op_named("Add", &[&bv, &g2], vec![], &new_v)?;
+                state_outputs.push(onnx::value_info(&new_m, F32, &t.shape));
+                state_outputs.push(onnx::value_info(&new_v, F32, &t.shape));
+                let sq = b.unary("Sqrt", &new_v)?;
+                let eps = b.scalar(o.eps);
+                let den = b.binary("Add", &sq, &eps)?;
+                let ratio = b.binary("Div", &new_m, &den)?;
+                let upd = b.binary("Mul", &ratio, LR)?;
+                if o.kind == Optimizer::AdamW && o.weight_decay > 0.0 {
+                    let decay = b.binary("Mul", w, WD_STEP)?;
+                    let upd2 = b.binary("Add", &upd, &decay)?;
+                    b.op_named("Sub", &[w, &upd2], vec![], &new_w)?;
+                } else {
+                    b.op_named("Sub", &[w, &upd], vec![], &new_w)?;
+                }
+            }
+        }
+        param_outputs.push(onnx::value_info(&new_w, F32, &t.shape));
+    }
+    inputs.extend(state_inputs);
+    inputs.extend(prox_inputs);
+    outputs.extend(param_outputs);
+    outputs.extend(state_outputs);
+
+    let mut nodes = g.node.clone();
+    nodes.extend(b.nodes);
+    let mut inits = g.initializer.clone();
+    inits.extend(b.inits);
+    let model = model_proto(
+        graph,
+        GraphProto {
+            name: "fedge-training-step".into(),
+            node: nodes,
+            initializer: inits,
+            input: inputs,
+            output: outputs,
+            ..Default::default()
+        },
+    );
+    let mut input_shape = vec![opts.batch];
+    input_shape.extend(graph.sample_shape());
+    Ok(TrainingGraph {
+        model,
+        mode: opts.mode,
+        batch: opts.batch,
+        input_shape,
+        input_type: graph.input_type,
+        label_shape,
+        label_type,
+        trainable,
+        state_per_param,
+        prox,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn freeze_patterns() {
+        for (p, n, m) in [
+            ("fc1.weight", "fc1.weight", true),
+            ("fc1.*", "fc1.bias", true),
+            ("*.bias", "fc2.bias", true),
+            ("*.bias", "fc2.weight", false),
+            ("conv*weight", "conv2.weight", true),
+            ("conv*weight", "fc.weight", false),
+            ("*", "anything", true),
+        ] {
+            assert_eq!(pattern_matches(p, n), m, "{p} vs {n}");
+        }
+    }
+}

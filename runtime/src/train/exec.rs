@@ -1,0 +1,314 @@
+//! Executors run a compiled training step. [`TractExecutor`] is the CPU
+//! default; a GPU executor implements the same [`Executor`] trait.
+
+use std::sync::Arc;
+
+use fedge_proto::msg::Optimizer;
+use tract_onnx::prelude::*;
+
+use super::TrainError;
+use super::compile::{CompileOptions, Mode, TrainingGraph, compile_inference, compile_training};
+use super::import::ModelGraph;
+use super::onnx::I64;
+
+/// One batch of model inputs, flat in row-major order.
+#[derive(Clone, Copy, Debug)]
+pub enum Batch<'a> {
+    F32(&'a [f32]),
+    I64(&'a [i64]),
+}
+
+/// One batch of labels: class indices (cross-entropy) or targets (MSE).
+#[derive(Clone, Copy, Debug)]
+pub enum Labels<'a> {
+    Classes(&'a [i64]),
+    Targets(&'a [f32]),
+}
+
+/// Runs training steps on some hardware.
+pub trait Executor: Send {
+    /// Human-readable name ("tract-cpu", "wgpu: <adapter>").
+    fn name(&self) -> String;
+    /// The batch size the step was compiled for.
+    fn batch_size(&self) -> usize;
+    /// Load every parameter (canonical layout) and reset optimizer state.
+    fn load(&mut self, params: &[f32]) -> Result<(), TrainError>;
+    /// One training step at learning rate `lr`; returns the batch loss.
+    fn step(&mut self, x: Batch<'_>, y: Labels<'_>, lr: f32) -> Result<f32, TrainError>;
+    /// The current parameters in the canonical layout.
+    fn params(&self) -> Result<Vec<f32>, TrainError>;
+}
+
+type Plan = Arc<TypedRunnableModel>;
+
+/// Optimize and plan an ONNX model with tract.
+pub fn plan(model: &tract_onnx::pb::ModelProto) -> Result<Plan, TrainError> {
+    tract_onnx::onnx()
+        .model_for_proto_model(model)
+        .and_then(|m| m.into_optimized())
+        .and_then(|m| m.into_runnable())
+        .map_err(TrainError::tract)
+}
+
+fn tensor_f32(shape: &[usize], data: &[f32]) -> Result<Tensor, TrainError> {
+    Tensor::from_shape(shape, data).map_err(TrainError::tract)
+}
+
+fn batch_tensor(shape: &[usize], ty: i32, x: Batch<'_>) -> Result<Tensor, TrainError> {
+    let n: usize = shape.iter().product();
+    let (len, t) = match x {
+        Batch::F32(v) => (v.len(), Tensor::from_shape(shape, v)),
+        Batch::I64(v) => (v.len(), Tensor::from_shape(shape, v)),
+    };
+    if len != n {
+        return Err(TrainError::BadInput(format!(
+            "batch has {len} values, the graph expects {n} ({shape:?})"
+        )));
+    }
+    if matches!(x, Batch::I64(_)) != (ty == I64) {
+        return Err(TrainError::BadInput(
+            "batch element type does not match the model input".into(),
+        ));
+    }
+    t.map_err(TrainError::tract)
+}
+
+fn read_f32(t: &Tensor) -> Result<&[f32], TrainError> {
+    t.try_as_plain_ram()
+        .and_then(|v| v.as_slice::<f32>())
+        .map_err(TrainError::tract)
+}
+
+/// The training step on CPU through tract.
+pub struct TractExecutor {
+    graph: TrainingGraph,
+    plan: Plan,
+    layout: Arc<fedge_proto::ParamLayout>,
+    params: Vec<Arc<Tensor>>,
+    state: Vec<Arc<Tensor>>,
+    global: Vec<Arc<Tensor>>,
+    opts: CompileOptions,
+    t: u64,
+}
+
+impl TractExecutor {
+    pub fn new(graph: &ModelGraph, opts: CompileOptions) -> Result<Self, TrainError> {
+        let tg = compile_training(graph, &opts)?;
+        let plan = plan(&tg.model)?;
+        let layout = Arc::clone(&graph.layout);
+        let mut ex = TractExecutor {
+            graph: tg,
+            plan,
+            params: Vec::new(),
+            state: Vec::new(),
+            global: Vec::new(),
+            layout,
+            opts,
+            t: 0,
+        };
+        let zeros = vec![0.0; ex.layout.dimension()];
+        ex.load(&zeros)?;
+        Ok(ex)
+    }
+
+    pub fn training_graph(&self) -> &TrainingGraph {
+        &self.graph
+    }
+
+    fn inputs(&self, x: Batch<'_>, y: Labels<'_>, lr: f32) -> Result<TVec<TValue>, TrainError> {
+        let g = &self.graph;
+        let mut v: TVec<TValue> =
+            tvec![batch_tensor(&g.input_shape, g.input_type, x)?.into_tvalue()];
+        let labels = match y {
+            Labels::Classes(c) if g.label_type == I64 => Tensor::from_shape(&g.label_shape, c),
+            Labels::Targets(t) if g.label_type != I64 => Tensor::from_shape(&g.label_shape, t),
+            _ => return Err(TrainError::BadInput("labels do not match the loss".into())),
+        }
+        .map_err(|e| TrainError::BadInput(format!("labels: {e}")))?;
+        v.push(labels.into_tvalue());
+        if g.mode == Mode::Step {
+            let o = &self.opts.optimizer;
+            let (lr_eff, wd_step) = match o.kind {
+                Optimizer::Sgd => (lr, 0.0),
+                Optimizer::Adam | Optimizer::AdamW => {
+                    let t = (self.t + 1) as i32;
+                    let bc = (1.0 - o.beta2.powi(t)).sqrt() / (1.0 - o.beta1.powi(t));
+                    (lr * bc, lr * o.weight_decay)
+                }
+            };
+            v.push(tensor0(lr_eff).into_tvalue());
+            v.push(tensor0(wd_step).into_tvalue());
+        }
+        v.extend(self.params.iter().map(|p| Arc::clone(p).into_tvalue()));
+        v.extend(self.state.iter().map(|p| Arc::clone(p).into_tvalue()));
+        if g.prox {
+            v.extend(self.global.iter().map(|p| Arc::clone(p).into_tvalue()));
+        }
+        Ok(v)
+    }
+
+    /// Loss and gradients (for a graph compiled with [`Mode::Gradients`]).
+    pub fn gradients(
+        &mut self,
+        x: Batch<'_>,
+        y: Labels<'_>,
+    ) -> Result<(f32, Vec<Vec<f32>>), TrainError> {
+        if self.graph.mode != Mode::Gradients {
+            return Err(TrainError::BadInput(
+                "compiled for steps, not gradients".into(),
+            ));
+        }
+        let out = self
+            .plan
+            .run(self.inputs(x, y, 0.0)?)
+            .map_err(TrainError::tract)?;
+        let loss = read_f32(&out[0])?[0];
+        let grads = out[1..]
+            .iter()
+            .map(|t| read_f32(t).map(|s| s.to_vec()))
+            .collect::<Result<_, _>>()?;
+        Ok((loss, grads))
+    }
+}
+
+impl Executor for TractExecutor {
+    fn name(&self) -> String {
+        "tract-cpu".into()
+    }
+
+    fn batch_size(&self) -> usize {
+        self.graph.batch
+    }
+
+    fn load(&mut self, values: &[f32]) -> Result<(), TrainError> {
+        if values.len() != self.layout.dimension() {
+            return Err(TrainError::BadInput(format!(
+                "{} parameters given, the model has {}",
+                values.len(),
+                self.layout.dimension()
+            )));
+        }
+        self.params = self
+            .layout
+            .tensors()
+            .iter()
+            .enumerate()
+            .map(|(i, t)| tensor_f32(&t.shape, &values[self.layout.range(i)]).map(Arc::new))
+            .collect::<Result<_, _>>()?;
+        // State inputs are ordered per trainable parameter, its states together.
+        let mut state = Vec::new();
+        for &i in &self.graph.trainable {
+            let shape = &self.layout.tensors()[i].shape;
+            for _ in 0..self.graph.state_per_param {
+                state.push(Arc::new(
+                    Tensor::zero::<f32>(shape).map_err(TrainError::tract)?,
+                ));
+            }
+        }
+        self.state = state;
+        self.global = if self.graph.prox {
+            self.graph
+                .trainable
+                .iter()
+                .map(|&i| Arc::clone(&self.params[i]))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        self.t = 0;
+        Ok(())
+    }
+
+    fn step(&mut self, x: Batch<'_>, y: Labels<'_>, lr: f32) -> Result<f32, TrainError> {
+        if self.graph.mode != Mode::Step {
+            return Err(TrainError::BadInput(
+                "compiled for gradients, not steps".into(),
+            ));
+        }
+        let out = self
+            .plan
+            .run(self.inputs(x, y, lr)?)
+            .map_err(TrainError::tract)?;
+        let loss = read_f32(&out[0])?[0];
+        let k = self.graph.trainable.len();
+        let mut it = out.into_iter().skip(1);
+        for &i in &self.graph.trainable {
+            self.params[i] = it.next().expect("param output").into_arc_tensor();
+        }
+        for s in self.state.iter_mut() {
+            *s = it.next().expect("state output").into_arc_tensor();
+        }
+        debug_assert_eq!(self.state.len(), k * self.graph.state_per_param);
+        self.t += 1;
+        Ok(loss)
+    }
+
+    fn params(&self) -> Result<Vec<f32>, TrainError> {
+        let mut out = Vec::with_capacity(self.layout.dimension());
+        for p in &self.params {
+            out.extend_from_slice(read_f32(p)?);
+        }
+        Ok(out)
+    }
+}
+
+/// Forward passes with the parameters as inputs (evaluation, inference).
+pub struct TractInference {
+    plan: Plan,
+    batch: usize,
+    input_shape: Vec<usize>,
+    input_type: i32,
+    params: Vec<Arc<Tensor>>,
+    layout: Arc<fedge_proto::ParamLayout>,
+    pub outputs_per_sample: usize,
+}
+
+impl TractInference {
+    pub fn new(graph: &ModelGraph, batch: usize) -> Result<Self, TrainError> {
+        let model = compile_inference(graph, batch)?;
+        let out_shape = super::shape::infer(graph, batch)?
+            .shape(&graph.output)?
+            .to_vec();
+        let mut input_shape = vec![batch];
+        input_shape.extend(graph.sample_shape());
+        Ok(TractInference {
+            plan: plan(&model)?,
+            batch,
+            input_shape,
+            input_type: graph.input_type,
+            params: Vec::new(),
+            layout: Arc::clone(&graph.layout),
+            outputs_per_sample: out_shape.iter().skip(1).product(),
+        })
+    }
+
+    pub fn batch_size(&self) -> usize {
+        self.batch
+    }
+
+    pub fn load(&mut self, values: &[f32]) -> Result<(), TrainError> {
+        if values.len() != self.layout.dimension() {
+            return Err(TrainError::BadInput("parameter count mismatch".into()));
+        }
+        self.params = self
+            .layout
+            .tensors()
+            .iter()
+            .enumerate()
+            .map(|(i, t)| tensor_f32(&t.shape, &values[self.layout.range(i)]).map(Arc::new))
+            .collect::<Result<_, _>>()?;
+        Ok(())
+    }
+
+    /// Outputs for one full batch, flat.
+    pub fn run(&self, x: Batch<'_>) -> Result<Vec<f32>, TrainError> {
+        if self.params.is_empty() {
+            return Err(TrainError::BadInput("no parameters loaded".into()));
+        }
+        let mut v: TVec<TValue> =
+            tvec![batch_tensor(&self.input_shape, self.input_type, x)?.into_tvalue()];
+        v.extend(self.params.iter().map(|p| Arc::clone(p).into_tvalue()));
+        let out = self.plan.run(v).map_err(TrainError::tract)?;
+        Ok(read_f32(&out[0])?.to_vec())
+    }
+}

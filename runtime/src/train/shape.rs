@@ -1,0 +1,580 @@
+//! Static shape inference (and int64 constant folding) for the ops the
+//! training compiler reads and writes. Shapes are concrete: the batch size
+//! is fixed when a training step is compiled.
+
+use std::collections::HashMap;
+
+use tract_onnx::pb::NodeProto;
+
+use super::TrainError;
+use super::import::ModelGraph;
+use super::onnx::{F32, I64, attr, attr_f, attr_i, attr_ints, attr_s, dims, i64_values};
+
+pub const BOOL: i32 = 9;
+
+/// Known shapes, element types and int64 constant values by tensor name.
+#[derive(Clone, Debug, Default)]
+pub struct Shapes {
+    pub shapes: HashMap<String, Vec<usize>>,
+    pub types: HashMap<String, i32>,
+    pub consts: HashMap<String, Vec<i64>>,
+}
+
+impl Shapes {
+    pub fn shape(&self, name: &str) -> Result<&[usize], TrainError> {
+        self.shapes
+            .get(name)
+            .map(|v| v.as_slice())
+            .ok_or_else(|| TrainError::Shape {
+                tensor: name.into(),
+                reason: "unknown tensor".into(),
+            })
+    }
+
+    pub fn set(&mut self, name: &str, shape: Vec<usize>, ty: i32) {
+        self.shapes.insert(name.into(), shape);
+        self.types.insert(name.into(), ty);
+    }
+
+    fn ty(&self, name: &str) -> i32 {
+        self.types.get(name).copied().unwrap_or(F32)
+    }
+
+    fn konst(&self, node: &NodeProto, i: usize) -> Result<&[i64], TrainError> {
+        let name = node
+            .input
+            .get(i)
+            .ok_or_else(|| err(node, "missing input"))?;
+        self.consts
+            .get(name)
+            .map(|v| v.as_slice())
+            .ok_or_else(|| err(node, &format!("input `{name}` must be a constant")))
+    }
+}
+
+fn err(node: &NodeProto, reason: &str) -> TrainError {
+    TrainError::Shape {
+        tensor: node.output.first().cloned().unwrap_or_default(),
+        reason: format!("{} `{}`: {reason}", node.op_type, node.name),
+    }
+}
+
+/// Shapes of every tensor of `graph` for batch size `batch`.
+pub fn infer(graph: &ModelGraph, batch: usize) -> Result<Shapes, TrainError> {
+    let mut s = Shapes::default();
+    let mut input_shape = vec![batch];
+    input_shape.extend(graph.sample_shape());
+    s.set(&graph.input, input_shape, graph.input_type);
+    for (i, t) in graph.layout.tensors().iter().enumerate() {
+        let _ = i;
+        s.set(&t.name, t.shape.clone(), F32);
+    }
+    let g = graph.proto.graph.as_ref().expect("checked");
+    for t in &g.initializer {
+        s.set(&t.name, dims(t)?, t.data_type);
+        if t.data_type == I64 {
+            s.consts.insert(t.name.clone(), i64_values(t)?);
+        }
+    }
+    for node in &g.node {
+        infer_node(node, &mut s)?;
+    }
+    Ok(s)
+}
+
+fn broadcast(node: &NodeProto, shapes: &[&[usize]]) -> Result<Vec<usize>, TrainError> {
+    let rank = shapes.iter().map(|s| s.len()).max().unwrap_or(0);
+    let mut out = vec![1usize; rank];
+    for s in shapes {
+        let off = rank - s.len();
+        for (i, &d) in s.iter().enumerate() {
+            let o = &mut out[off + i];
+            if *o == 1 {
+                *o = d;
+            } else if d != 1 && d != *o {
+                return Err(err(node, &format!("cannot broadcast {shapes:?}")));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn axis(node: &NodeProto, a: i64, rank: usize) -> Result<usize, TrainError> {
+    let r = rank as i64;
+    if a < -r || a >= r.max(1) {
+        return Err(err(node, &format!("axis {a} out of range for rank {rank}")));
+    }
+    Ok(if a < 0 { (a + r) as usize } else { a as usize })
+}
+
+/// Output size of a sliding window.
+pub fn window_out(
+    input: usize,
+    k: usize,
+    stride: usize,
+    pad_lo: usize,
+    pad_hi: usize,
+    dil: usize,
+) -> Option<usize> {
+    let span = dil * (k - 1) + 1;
+    let padded = input + pad_lo + pad_hi;
+    (padded >= span).then(|| (padded - span) / stride + 1)
+}
+
+/// Spatial attributes of Conv / pooling: (kernel, strides, pads[lo..,hi..], dilations).
+pub fn spatial_attrs(
+    node: &NodeProto,
+    kernel: Vec<usize>,
+) -> Result<(Vec<usize>, Vec<usize>, Vec<usize>, Vec<usize>), TrainError> {
+    let n = kernel.len();
+    if let Some(p) = attr_s(node, "auto_pad")
+        && p != "NOTSET"
+        && p != "VALID"
+    {
+        return Err(err(
+            node,
+            &format!("auto_pad={p} is not supported; export explicit pads"),
+        ));
+    }
+    if attr_i(node, "ceil_mode").unwrap_or(0) != 0 {
+        return Err(err(node, "ceil_mode=1 is not supported"));
+    }
+    let to_us = |v: Vec<i64>| v.into_iter().map(|x| x.max(0) as usize).collect::<Vec<_>>();
+    let strides = attr_ints(node, "strides").map(to_us).unwrap_or(vec![1; n]);
+    let pads = attr_ints(node, "pads").map(to_us).unwrap_or(vec![0; 2 * n]);
+    let dil = attr_ints(node, "dilations")
+        .map(to_us)
+        .unwrap_or(vec![1; n]);
+    if strides.len() != n || pads.len() != 2 * n || dil.len() != n {
+        return Err(err(
+            node,
+            "strides/pads/dilations do not match the kernel rank",
+        ));
+    }
+    if strides.contains(&0) || dil.contains(&0) || kernel.contains(&0) {
+        return Err(err(node, "zero stride, dilation or kernel"));
+    }
+    Ok((kernel, strides, pads, dil))
+}
+
+fn input_shape(node: &NodeProto, s: &Shapes, i: usize) -> Result<Vec<usize>, TrainError> {
+    let name = node
+        .input
+        .get(i)
+        .ok_or_else(|| err(node, &format!("missing input {i}")))?;
+    Ok(s.shape(name)?.to_vec())
+}
+
+/// Infer the outputs of one node from the shapes of its inputs.
+pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
+    let op = node.op_type.as_str();
+    macro_rules! inp {
+        ($i:expr) => {
+            input_shape(node, s, $i)?
+        };
+    }
+    let out0 = node.output.first().cloned().unwrap_or_default();
+    let x_ty = node.input.first().map(|n| s.ty(n)).unwrap_or(F32);
+    let (shape, ty): (Vec<usize>, i32) = match op {
+        "Relu" | "LeakyRelu" | "Sigmoid" | "Tanh" | "Exp" | "Log" | "Neg" | "Sqrt"
+        | "Reciprocal" | "Softmax" | "LogSoftmax" | "Identity" | "Dropout" | "Abs" => {
+            if op == "Neg" || op == "Identity" {
+                if let Some(c) = s.consts.get(&node.input[0]).cloned() {
+                    let v = if op == "Neg" {
+                        c.iter().map(|x| -x).collect()
+                    } else {
+                        c
+                    };
+                    s.consts.insert(out0.clone(), v);
+                }
+            }
+            (inp!(0), x_ty)
+        }
+        "Cast" => {
+            let to = attr_i(node, "to").ok_or_else(|| err(node, "missing `to`"))? as i32;
+            if to == I64
+                && let Some(c) = s.consts.get(&node.input[0]).cloned()
+            {
+                s.consts.insert(out0.clone(), c);
+            }
+            (inp!(0), to)
+        }
+        "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Equal" | "Greater" | "Less" => {
+            let a = inp!(0);
+            let b = inp!(1);
+            if let (Some(ca), Some(cb)) =
+                (s.consts.get(&node.input[0]), s.consts.get(&node.input[1]))
+                && ca.len() == cb.len().max(ca.len())
+                && (cb.len() == ca.len() || cb.len() == 1)
+            {
+                let f = |x: i64, y: i64| match op {
+                    "Add" => Some(x + y),
+                    "Sub" => Some(x - y),
+                    "Mul" => Some(x * y),
+                    "Div" if y != 0 => Some(x / y),
+                    _ => None,
+                };
+                let v: Option<Vec<i64>> = ca
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &x)| f(x, cb[if cb.len() == 1 { 0 } else { i }]))
+                    .collect();
+                if let Some(v) = v {
+                    s.consts.insert(out0.clone(), v);
+                }
+            }
+            let ty = if matches!(op, "Equal" | "Greater" | "Less") {
+                BOOL
+            } else {
+                x_ty
+            };
+            (broadcast(node, &[&a, &b])?, ty)
+        }
+        "Where" => {
+            let (c, a, b) = (inp!(0), inp!(1), inp!(2));
+            (broadcast(node, &[&c, &a, &b])?, s.ty(&node.input[1]))
+        }
+        "Sum" => {
+            let all: Vec<Vec<usize>> = (0..node.input.len())
+                .map(|i| input_shape(node, s, i))
+                .collect::<Result<_, _>>()?;
+            let refs: Vec<&[usize]> = all.iter().map(|v| v.as_slice()).collect();
+            (broadcast(node, &refs)?, x_ty)
+        }
+        "Gemm" => {
+            let (a, b) = (inp!(0), inp!(1));
+            if a.len() != 2 || b.len() != 2 {
+                return Err(err(node, "Gemm needs 2-D inputs"));
+            }
+            let ta = attr_i(node, "transA").unwrap_or(0) != 0;
+            let tb = attr_i(node, "transB").unwrap_or(0) != 0;
+            let (m, k) = if ta { (a[1], a[0]) } else { (a[0], a[1]) };
+            let (k2, n) = if tb { (b[1], b[0]) } else { (b[0], b[1]) };
+            if k != k2 {
+                return Err(err(node, &format!("inner dimensions {k} and {k2} differ")));
+            }
+            (vec![m, n], x_ty)
+        }
+        "MatMul" => {
+            let (a, b) = (inp!(0), inp!(1));
+            if a.len() < 2 || b.len() < 2 {
+                return Err(err(node, "MatMul with a 1-D operand is not supported"));
+            }
+            let (m, k) = (a[a.len() - 2], a[a.len() - 1]);
+            let (k2, n) = (b[b.len() - 2], b[b.len() - 1]);
+            if k != k2 {
+                return Err(err(node, &format!("inner dimensions {k} and {k2} differ")));
+            }
+            let mut batch = broadcast(node, &[&a[..a.len() - 2], &b[..b.len() - 2]])?;
+            batch.extend([m, n]);
+            (batch, x_ty)
+        }
+        "Conv" | "ConvTranspose" => {
+            let (x, w) = (inp!(0), inp!(1));
+            if x.len() != 4 || w.len() != 4 {
+                return Err(err(
+                    node,
+                    "only 2-D convolutions (4-D tensors) are supported",
+                ));
+            }
+            let (k, st, pads, dil) = spatial_attrs(node, w[2..].to_vec())?;
+            let group = attr_i(node, "group").unwrap_or(1);
+            if group != 1 {
+                return Err(err(node, "group != 1 is not supported"));
+            }
+            let mut out = vec![x[0]];
+            if op == "Conv" {
+                if x[1] != w[1] {
+                    return Err(err(
+                        node,
+                        &format!("input has {} channels, weight expects {}", x[1], w[1]),
+                    ));
+                }
+                out.push(w[0]);
+                for i in 0..2 {
+                    out.push(
+                        window_out(x[2 + i], k[i], st[i], pads[i], pads[2 + i], dil[i])
+                            .ok_or_else(|| err(node, "kernel larger than padded input"))?,
+                    );
+                }
+            } else {
+                if x[1] != w[0] {
+                    return Err(err(node, "ConvTranspose channel mismatch"));
+                }
+                out.push(w[1]);
+                let op_ = attr_ints(node, "output_padding").unwrap_or(vec![0, 0]);
+                for i in 0..2 {
+                    let full = st[i] * (x[2 + i] - 1) + op_[i] as usize + dil[i] * (k[i] - 1) + 1;
+                    out.push(full - pads[i] - pads[2 + i]);
+                }
+            }
+            (out, x_ty)
+        }
+        "MaxPool" | "AveragePool" => {
+            let x = inp!(0);
+            if x.len() != 4 {
+                return Err(err(node, "only 2-D pooling is supported"));
+            }
+            if node.output.len() > 1 {
+                return Err(err(node, "the Indices output is not supported"));
+            }
+            let kernel: Vec<usize> = attr_ints(node, "kernel_shape")
+                .ok_or_else(|| err(node, "missing kernel_shape"))?
+                .into_iter()
+                .map(|v| v as usize)
+                .collect();
+            let (k, st, pads, dil) = spatial_attrs(node, kernel)?;
+            let mut out = vec![x[0], x[1]];
+            for i in 0..2 {
+                out.push(
+                    window_out(x[2 + i], k[i], st[i], pads[i], pads[2 + i], dil[i])
+                        .ok_or_else(|| err(node, "window larger than padded input"))?,
+                );
+            }
+            (out, x_ty)
+        }
+        "GlobalAveragePool" => {
+            let x = inp!(0);
+            let mut out = x[..2].to_vec();
+            out.extend(std::iter::repeat_n(1, x.len() - 2));
+            (out, x_ty)
+        }
+        "Flatten" => {
+            let x = inp!(0);
+            let a = axis(node, attr_i(node, "axis").unwrap_or(1), x.len() + 1)?;
+            (vec![x[..a].iter().product(), x[a..].iter().product()], x_ty)
+        }
+        "Reshape" => {
+            let x = inp!(0);
+            let target = s.konst(node, 1)?.to_vec();
+            let total: usize = x.iter().product();
+            let mut out = Vec::with_capacity(target.len());
+            let mut infer_at = None;
+            for (i, &d) in target.iter().enumerate() {
+                match d {
+                    0 => out.push(*x.get(i).ok_or_else(|| err(node, "0 past the input rank"))?),
+                    -1 if infer_at.is_none() => {
+                        infer_at = Some(i);
+                        out.push(1);
+                    }
+                    d if d > 0 => out.push(d as usize),
+                    _ => return Err(err(node, &format!("bad target shape {target:?}"))),
+                }
+            }
+            let known: usize = out.iter().product();
+            if let Some(i) = infer_at {
+                if known == 0 || total % known != 0 {
+                    return Err(err(node, &format!("cannot reshape {x:?} to {target:?}")));
+                }
+                out[i] = total / known;
+            }
+            if out.iter().product::<usize>() != total {
+                return Err(err(node, &format!("cannot reshape {x:?} to {target:?}")));
+            }
+            if let Some(c) = s.consts.get(&node.input[0]).cloned() {
+                s.consts.insert(out0.clone(), c);
+            }
+            (out, x_ty)
+        }
+        "Transpose" => {
+            let x = inp!(0);
+            let perm: Vec<usize> = attr_ints(node, "perm")
+                .map(|p| p.into_iter().map(|v| v as usize).collect())
+                .unwrap_or_else(|| (0..x.len()).rev().collect());
+            if perm.len() != x.len() {
+                return Err(err(node, "perm does not match rank"));
+            }
+            (perm.iter().map(|&p| x[p]).collect(), x_ty)
+        }
+        "Concat" => {
+            let first = inp!(0);
+            let a = axis(
+                node,
+                attr_i(node, "axis").ok_or_else(|| err(node, "missing axis"))?,
+                first.len(),
+            )?;
+            let mut out = first.clone();
+            out[a] = 0;
+            let mut folded = Some(Vec::new());
+            for i in 0..node.input.len() {
+                let sh = inp!(i);
+                out[a] += sh[a];
+                folded = match (folded, s.consts.get(&node.input[i])) {
+                    (Some(mut acc), Some(c)) => {
+                        acc.extend_from_slice(c);
+                        Some(acc)
+                    }
+                    _ => None,
+                };
+            }
+            if let Some(v) = folded {
+                s.consts.insert(out0.clone(), v);
+            }
+            (out, x_ty)
+        }
+        "Gather" => {
+            let (d, idx) = (inp!(0), inp!(1));
+            let a = axis(node, attr_i(node, "axis").unwrap_or(0), d.len())?;
+            if let (Some(data), Some(ix)) =
+                (s.consts.get(&node.input[0]), s.consts.get(&node.input[1]))
+                && d.len() == 1
+            {
+                let n = data.len() as i64;
+                let v: Vec<i64> = ix
+                    .iter()
+                    .map(|&i| data[(if i < 0 { i + n } else { i }) as usize])
+                    .collect();
+                s.consts.insert(out0.clone(), v);
+            }
+            let mut out = d[..a].to_vec();
+            out.extend(&idx);
+            out.extend(&d[a + 1..]);
+            (out, x_ty)
+        }
+        "Unsqueeze" | "Squeeze" => {
+            let x = inp!(0);
+            let axes: Vec<i64> = if node.input.len() > 1 {
+                s.konst(node, 1)?.to_vec()
+            } else {
+                attr_ints(node, "axes").unwrap_or_default()
+            };
+            let out = if op == "Unsqueeze" {
+                let rank = x.len() + axes.len();
+                let mut ax: Vec<usize> = axes
+                    .iter()
+                    .map(|&a| axis(node, a, rank))
+                    .collect::<Result<_, _>>()?;
+                ax.sort_unstable();
+                let mut out = x.clone();
+                for a in ax {
+                    out.insert(a, 1);
+                }
+                out
+            } else {
+                let ax: Vec<usize> = if axes.is_empty() {
+                    (0..x.len()).filter(|&i| x[i] == 1).collect()
+                } else {
+                    axes.iter()
+                        .map(|&a| axis(node, a, x.len()))
+                        .collect::<Result<_, _>>()?
+                };
+                x.iter()
+                    .enumerate()
+                    .filter(|(i, _)| !ax.contains(i))
+                    .map(|(_, &d)| d)
+                    .collect()
+            };
+            if let Some(c) = s.consts.get(&node.input[0]).cloned() {
+                s.consts.insert(out0.clone(), c);
+            }
+            (out, x_ty)
+        }
+        "ReduceSum" | "ReduceMean" => {
+            let x = inp!(0);
+            let axes: Vec<i64> = if op == "ReduceSum" && node.input.len() > 1 {
+                s.konst(node, 1)?.to_vec()
+            } else {
+                attr_ints(node, "axes").unwrap_or_default()
+            };
+            let keep = attr_i(node, "keepdims").unwrap_or(1) != 0;
+            let ax: Vec<usize> = if axes.is_empty() {
+                (0..x.len()).collect()
+            } else {
+                axes.iter()
+                    .map(|&a| axis(node, a, x.len()))
+                    .collect::<Result<_, _>>()?
+            };
+            let out = x
+                .iter()
+                .enumerate()
+                .filter_map(|(i, &d)| match (ax.contains(&i), keep) {
+                    (true, true) => Some(1),
+                    (true, false) => None,
+                    (false, _) => Some(d),
+                })
+                .collect();
+            (out, x_ty)
+        }
+        "Expand" => {
+            let x = inp!(0);
+            let target: Vec<usize> = s
+                .konst(node, 1)?
+                .iter()
+                .map(|&d| d.max(0) as usize)
+                .collect();
+            (broadcast(node, &[&x, &target])?, x_ty)
+        }
+        "Slice" => {
+            let x = inp!(0);
+            let starts = s.konst(node, 1)?.to_vec();
+            let ends = s.konst(node, 2)?.to_vec();
+            let axes: Vec<i64> = if node.input.len() > 3 {
+                s.konst(node, 3)?.to_vec()
+            } else {
+                (0..starts.len() as i64).collect()
+            };
+            if node.input.len() > 4 && s.konst(node, 4)?.iter().any(|&st| st != 1) {
+                return Err(err(node, "steps other than 1 are not supported"));
+            }
+            let mut out = x.clone();
+            let mut ranges = vec![];
+            for ((&st, &en), &a) in starts.iter().zip(&ends).zip(&axes) {
+                let a = axis(node, a, x.len())?;
+                let dim = x[a] as i64;
+                let clamp = |v: i64| if v < 0 { (v + dim).max(0) } else { v.min(dim) };
+                let (b, e) = (clamp(st), clamp(en));
+                out[a] = (e - b).max(0) as usize;
+                ranges.push((a, b as usize, e.max(b) as usize));
+            }
+            if let Some(c) = s.consts.get(&node.input[0]).cloned()
+                && x.len() == 1
+                && let Some(&(_, b, e)) = ranges.first()
+            {
+                s.consts.insert(out0.clone(), c[b..e].to_vec());
+            }
+            (out, x_ty)
+        }
+        "Shape" => {
+            let x = inp!(0);
+            s.consts
+                .insert(out0.clone(), x.iter().map(|&d| d as i64).collect());
+            (vec![x.len()], I64)
+        }
+        "Constant" => {
+            let t = attr(node, "value")
+                .and_then(|a| a.t.as_ref())
+                .ok_or_else(|| err(node, "only `value` constants are supported"))?;
+            if t.data_type == I64 {
+                s.consts.insert(out0.clone(), i64_values(t)?);
+            }
+            (dims(t)?, t.data_type)
+        }
+        "LayerNormalization" => {
+            let x = inp!(0);
+            if node.output.len() > 1 {
+                return Err(err(node, "only the first output is supported"));
+            }
+            let a = axis(node, attr_i(node, "axis").unwrap_or(-1), x.len())?;
+            if a != x.len() - 1 {
+                return Err(err(node, "normalisation over the last axis only"));
+            }
+            let _ = attr_f(node, "epsilon");
+            (x, x_ty)
+        }
+        "BatchNormalization" => {
+            if attr_i(node, "training_mode").unwrap_or(0) != 0 || node.output.len() > 1 {
+                return Err(err(node, "only the inference form is supported"));
+            }
+            (inp!(0), x_ty)
+        }
+        other => {
+            return Err(TrainError::UnsupportedForm {
+                op: other.into(),
+                node: node.name.clone(),
+                reason: "no shape rule (unsupported op)".into(),
+            });
+        }
+    };
+    s.set(&out0, shape, ty);
+    Ok(())
+}
