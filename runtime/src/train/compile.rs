@@ -208,6 +208,15 @@ impl Builder {
         name
     }
 
+    /// A rank-0 int64 constant.
+    pub fn const_i64_scalar(&mut self, v: i64) -> String {
+        let name = self.fresh("const");
+        self.inits.push(onnx::tensor_i64(&name, &[], &[v]));
+        self.s.set(&name, vec![], I64);
+        self.s.consts.insert(name.clone(), vec![v]);
+        name
+    }
+
     /// A rank-0 f32 constant.
     pub fn scalar(&mut self, v: f32) -> String {
         if let Some(n) = self.f32_consts.get(&v.to_bits()) {
@@ -311,7 +320,6 @@ fn differentiable(node: &NodeProto) -> Vec<usize> {
         "Reshape" | "Gather" | "Expand" | "Slice" | "Unsqueeze" | "Squeeze" | "Dropout" => {
             vec![0]
         }
-        "BatchNormalization" => vec![0, 1, 2],
         "Where" => vec![1, 2],
         _ => (0..node.input.len()).collect(),
     }
@@ -370,12 +378,7 @@ pub fn compile_training(
 
     // Which parameters train: not frozen by pattern, not a BatchNorm
     // running statistic.
-    let mut bn_stats = HashSet::new();
-    for n in &g.node {
-        if n.op_type == "BatchNormalization" {
-            bn_stats.extend(n.input.iter().skip(3).cloned());
-        }
-    }
+    let bn_stats = &graph.frozen_stats;
     let trainable: Vec<usize> = layout
         .tensors()
         .iter()

@@ -39,7 +39,6 @@ pub const SUPPORTED: &[&str] = &[
     "LogSoftmax",
     "Gather",
     "LayerNormalization",
-    "BatchNormalization",
     "Dropout",
     "Identity",
 ];
@@ -197,7 +196,6 @@ pub fn backward(
         }
         "Gather" => gather(b, node, gy, &mut out)?,
         "LayerNormalization" => layer_norm(b, node, gy, needs, &mut out)?,
-        "BatchNormalization" => batch_norm(b, node, gy, needs, &mut out)?,
         other => {
             return Err(TrainError::UnsupportedOp {
                 op: other.into(),
@@ -400,17 +398,46 @@ fn pool(
             "pooling gradients need the input divisible by the kernel",
         ));
     }
-    let g_up = upsample(b, gy, k[0], k[1])?;
     out[0] = Some(if node.op_type == "MaxPool" {
-        // Route the gradient to the max of each window (ties share it).
-        let y_up = upsample(b, &node.output[0], k[0], k[1])?;
-        let eq = b.binary("Equal", x, &y_up)?;
-        let mask = b.cast(&eq, F32)?;
-        b.binary("Mul", &g_up, &mask)?
+        max_pool_grad(b, x, &node.output[0], gy, k[0], k[1])?
     } else {
+        let g_up = upsample(b, gy, k[0], k[1])?;
         b.scale(&g_up, 1.0 / (k[0] * k[1]) as f32)?
     });
     Ok(())
+}
+
+/// Route each window's gradient to the first position holding its max
+/// (PyTorch's convention), so ties (flat regions of real images) do not
+/// multiply the gradient.
+fn max_pool_grad(
+    b: &mut Builder,
+    x: &str,
+    y: &str,
+    gy: &str,
+    kh: usize,
+    kw: usize,
+) -> Result<String, TrainError> {
+    let xs = b.shape(x);
+    let (n, c, h, w) = (xs[0], xs[1], xs[2], xs[3]);
+    let (ho, wo) = (h / kh, w / kw);
+    let x6 = b.reshape(x, &[n, c, ho, kh, wo, kw])?;
+    let xt = b.transpose(&x6, &[0, 1, 2, 4, 3, 5])?;
+    let xw = b.reshape(&xt, &[n, c, ho, wo, kh * kw])?;
+    let y5 = b.reshape(y, &[n, c, ho, wo, 1])?;
+    let eq = b.binary("Equal", &xw, &y5)?;
+    let eq = b.cast(&eq, F32)?;
+    let axis = b.const_i64_scalar(4);
+    let cs = b.op("CumSum", &[&eq, &axis], vec![])?;
+    let one = b.scalar(1.0);
+    let is_first = b.binary("Equal", &cs, &one)?;
+    let is_first = b.cast(&is_first, F32)?;
+    let first = b.binary("Mul", &eq, &is_first)?;
+    let g5 = b.reshape(gy, &[n, c, ho, wo, 1])?;
+    let gw = b.binary("Mul", &first, &g5)?;
+    let g6 = b.reshape(&gw, &[n, c, ho, wo, kh, kw])?;
+    let gt = b.transpose(&g6, &[0, 1, 2, 4, 3, 5])?;
+    b.reshape(&gt, &[n, c, h, w])
 }
 
 fn gather(
@@ -475,43 +502,6 @@ fn layer_norm(
         let d = b.binary("Sub", &gx, &m1)?;
         let d = b.binary("Sub", &d, &t)?;
         out[0] = Some(b.binary("Mul", &d, &inv)?);
-    }
-    Ok(())
-}
-
-fn batch_norm(
-    b: &mut Builder,
-    node: &NodeProto,
-    gy: &str,
-    needs: &[bool],
-    out: &mut [Option<String>],
-) -> Result<(), TrainError> {
-    let x = node.input[0].as_str();
-    let xs = b.shape(x);
-    let c = xs[1];
-    let mut bshape = vec![1usize; xs.len()];
-    bshape[1] = c;
-    let eps = attr_f(node, "epsilon").unwrap_or(1e-5);
-    let var = b.reshape(&node.input[4], &bshape)?;
-    let e = b.scalar(eps);
-    let ve = b.binary("Add", &var, &e)?;
-    let sd = b.unary("Sqrt", &ve)?;
-    let inv = b.unary("Reciprocal", &sd)?;
-    let axes: Vec<usize> = (0..xs.len()).filter(|&i| i != 1).collect();
-    if needs[0] {
-        let sc = b.reshape(&node.input[1], &bshape)?;
-        let k = b.binary("Mul", &sc, &inv)?;
-        out[0] = Some(b.binary("Mul", gy, &k)?);
-    }
-    if needs[1] {
-        let mean = b.reshape(&node.input[3], &bshape)?;
-        let xc = b.binary("Sub", x, &mean)?;
-        let xh = b.binary("Mul", &xc, &inv)?;
-        let g = b.binary("Mul", gy, &xh)?;
-        out[1] = Some(b.reduce_sum(&g, &axes, false)?);
-    }
-    if needs[2] {
-        out[2] = Some(b.reduce_sum(gy, &axes, false)?);
     }
     Ok(())
 }

@@ -105,6 +105,8 @@ pub struct ModelGraph {
     pub input_shape: Vec<Option<usize>>,
     pub output: String,
     pub layout: Arc<ParamLayout>,
+    /// Parameters that never train (BatchNorm running statistics).
+    pub frozen_stats: std::collections::HashSet<String>,
 }
 
 impl ModelGraph {
@@ -138,7 +140,7 @@ impl ModelGraph {
                 input.name
             )));
         }
-        Ok(ModelGraph {
+        let mut mg = ModelGraph {
             input: input.name.clone(),
             input_type,
             input_shape,
@@ -146,7 +148,73 @@ impl ModelGraph {
             opset,
             layout: Arc::clone(&blob.params.layout),
             proto,
-        })
+            frozen_stats: Default::default(),
+        };
+        mg.lower_batch_norm()?;
+        Ok(mg)
+    }
+
+    /// Rewrite inference-form BatchNormalization into elementary ops
+    /// (tract wants its parameters constant; ours are graph inputs):
+    /// `y = (x - mean) * (scale / sqrt(var + eps)) + bias`, per channel.
+    /// The running statistics become frozen parameters.
+    fn lower_batch_norm(&mut self) -> Result<(), TrainError> {
+        let g = self.proto.graph.as_ref().expect("checked");
+        if !g.node.iter().any(|n| n.op_type == "BatchNormalization") {
+            return Ok(());
+        }
+        let shapes = super::shape::infer(self, 1)?;
+        let g = self.proto.graph.as_mut().expect("checked");
+        let mut nodes = Vec::with_capacity(g.node.len());
+        for n in std::mem::take(&mut g.node) {
+            if n.op_type != "BatchNormalization" {
+                nodes.push(n);
+                continue;
+            }
+            if n.input.len() != 5 || n.output.len() != 1 {
+                return Err(TrainError::UnsupportedForm {
+                    op: n.op_type.clone(),
+                    node: n.name.clone(),
+                    reason: "only the inference form (5 inputs, 1 output) is supported".into(),
+                });
+            }
+            let rank = shapes.shape(&n.input[0])?.len();
+            let c = shapes.shape(&n.input[1])?.first().copied().unwrap_or(1);
+            let eps = super::onnx::attr_f(&n, "epsilon").unwrap_or(1e-5);
+            let p = |s: &str| format!("{}/{s}", n.name);
+            let mut target = vec![c as i64];
+            target.extend(std::iter::repeat_n(1, rank.saturating_sub(2)));
+            g.initializer.push(super::onnx::tensor_i64(
+                &p("shape"),
+                &[target.len()],
+                &target,
+            ));
+            g.initializer
+                .push(super::onnx::tensor_f32(&p("eps"), &[], &[eps]));
+            let mk =
+                |op: &str, ins: &[&str], out: &str| super::onnx::node(op, out, ins, &[out], vec![]);
+            let (x, scale, bias, mean, var) = (
+                &n.input[0],
+                &n.input[1],
+                &n.input[2],
+                &n.input[3],
+                &n.input[4],
+            );
+            nodes.push(mk("Reshape", &[scale, &p("shape")], &p("scale_r")));
+            nodes.push(mk("Reshape", &[bias, &p("shape")], &p("bias_r")));
+            nodes.push(mk("Reshape", &[mean, &p("shape")], &p("mean_r")));
+            nodes.push(mk("Reshape", &[var, &p("shape")], &p("var_r")));
+            nodes.push(mk("Add", &[&p("var_r"), &p("eps")], &p("var_eps")));
+            nodes.push(mk("Sqrt", &[&p("var_eps")], &p("std")));
+            nodes.push(mk("Div", &[&p("scale_r"), &p("std")], &p("k")));
+            nodes.push(mk("Sub", &[x, &p("mean_r")], &p("centred")));
+            nodes.push(mk("Mul", &[&p("centred"), &p("k")], &p("scaled")));
+            nodes.push(mk("Add", &[&p("scaled"), &p("bias_r")], &n.output[0]));
+            self.frozen_stats.insert(mean.clone());
+            self.frozen_stats.insert(var.clone());
+        }
+        g.node = nodes;
+        Ok(())
     }
 
     /// Shape of one sample (input shape without the batch).

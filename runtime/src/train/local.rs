@@ -102,12 +102,12 @@ pub fn evaluate(inf: &TractInference, data: &Dataset) -> Result<EvalStats, Train
         let out = inf.run(x)?;
         for (j, row) in out.chunks_exact(k).enumerate().take(n - start) {
             let label = y[j] as usize;
-            let (arg, _) = row
-                .iter()
-                .enumerate()
-                .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
-                    if v > bv { (i, v) } else { (bi, bv) }
-                });
+            let (arg, _) =
+                row.iter()
+                    .enumerate()
+                    .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+                        if v > bv { (i, v) } else { (bi, bv) }
+                    });
             correct += usize::from(arg == label);
             let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let lse = m as f64

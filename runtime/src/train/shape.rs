@@ -176,8 +176,9 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
     let out0 = node.output.first().cloned().unwrap_or_default();
     let x_ty = node.input.first().map(|n| s.ty(n)).unwrap_or(F32);
     let (shape, ty): (Vec<usize>, i32) = match op {
-        "Relu" | "LeakyRelu" | "Sigmoid" | "Tanh" | "Exp" | "Log" | "Neg" | "Sqrt"
-        | "Reciprocal" | "Softmax" | "LogSoftmax" | "Identity" | "Dropout" | "Abs" => {
+        "Relu" | "LeakyRelu" | "Sigmoid" | "Tanh" | "Exp" | "Log" | "Neg" | "Sqrt" | "Sin"
+        | "Cos" | "Reciprocal" | "Softmax" | "LogSoftmax" | "Identity" | "Dropout" | "Abs"
+        | "CumSum" => {
             if op == "Neg" || op == "Identity" {
                 if let Some(c) = s.consts.get(&node.input[0]).cloned() {
                     let v = if op == "Neg" {
