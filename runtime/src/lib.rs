@@ -9,7 +9,9 @@
 //! **Invariant:** `session` knows nothing of tokio, sockets or the clock;
 //! every protocol behaviour is testable on a simulated fleet.
 
+pub mod bench;
 pub mod data;
+pub mod dataspec;
 pub mod driver;
 pub mod identity;
 pub mod session;

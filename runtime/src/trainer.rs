@@ -40,3 +40,88 @@ impl Trainer for KnownUpdate {
         })
     }
 }
+
+/// Trains the aggregator's ONNX model on local data with the tract
+/// executor. The compiled step is kept across rounds and recompiled only
+/// when the graph or the plan's compile-time settings change.
+pub struct OnnxTrainer {
+    data: crate::data::Dataset,
+    seed: u64,
+    cache: Option<(CacheKey, crate::train::exec::TractExecutor)>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct CacheKey {
+    graph: [u8; 32],
+    opts: String,
+}
+
+/// Compile options for a training plan.
+pub fn compile_options(plan: &TrainingPlan) -> crate::train::compile::CompileOptions {
+    use crate::train::compile::{CompileOptions, Mode, OptimizerSpec};
+    CompileOptions {
+        batch: plan.batch_size as usize,
+        loss: plan.loss,
+        optimizer: OptimizerSpec {
+            kind: plan.optimizer,
+            momentum: plan.momentum,
+            weight_decay: plan.weight_decay,
+            ..OptimizerSpec::default()
+        },
+        freeze: plan.freeze.clone(),
+        fedprox_mu: plan.fedprox_mu,
+        mode: Mode::Step,
+    }
+}
+
+impl OnnxTrainer {
+    pub fn new(data: crate::data::Dataset, seed: u64) -> Self {
+        OnnxTrainer {
+            data,
+            seed,
+            cache: None,
+        }
+    }
+
+    pub fn data(&self) -> &crate::data::Dataset {
+        &self.data
+    }
+}
+
+impl Trainer for OnnxTrainer {
+    fn train(
+        &mut self,
+        round_id: u64,
+        model: &ModelBlob,
+        plan: &TrainingPlan,
+    ) -> anyhow::Result<TrainOutput> {
+        use crate::train::exec::Executor;
+        let opts = compile_options(plan);
+        let key = CacheKey {
+            graph: *blake3::hash(&model.onnx_graph).as_bytes(),
+            opts: format!("{opts:?}"),
+        };
+        if self.cache.as_ref().map(|(k, _)| k) != Some(&key) {
+            let graph = crate::train::import::ModelGraph::from_blob(model)?;
+            let ex = crate::train::exec::TractExecutor::new(&graph, opts)?;
+            self.cache = Some((key, ex));
+        }
+        let (_, ex) = self.cache.as_mut().expect("just set");
+        ex.load(&model.params.values)?;
+        let stats = crate::train::local::train(ex, &self.data, plan, self.seed ^ round_id, |_, _, _| {})?;
+        let new = ex.params()?;
+        let delta: Vec<f32> = new
+            .iter()
+            .zip(&model.params.values)
+            .map(|(n, o)| n - o)
+            .collect();
+        Ok(TrainOutput {
+            delta,
+            sample_count: self.data.len() as u64,
+            metrics: vec![
+                ("train_loss".into(), stats.mean_loss),
+                ("steps".into(), stats.steps as f64),
+            ],
+        })
+    }
+}

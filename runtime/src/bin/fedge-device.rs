@@ -1,15 +1,22 @@
 //! `fedge-device`: a federated learning device.
 
 use std::net::ToSocketAddrs;
-use std::path::PathBuf;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use fedge_proto::msg::{Loss, Optimizer, TrainingPlan};
+use fedge_proto::{Limits, ModelBlob};
+use fedge_runtime::data::Dataset;
+use fedge_runtime::dataspec::{DataSpec, parse_range};
 use fedge_runtime::driver::{DriverConfig, run_device};
 use fedge_runtime::identity;
 use fedge_runtime::session::SessionConfig;
-use fedge_runtime::trainer::{KnownUpdate, Trainer};
+use fedge_runtime::train::exec::{Batch, Executor, TractExecutor, TractInference};
+use fedge_runtime::train::import::{ModelGraph, export_onnx, import_onnx};
+use fedge_runtime::train::local;
+use fedge_runtime::trainer::{KnownUpdate, OnnxTrainer, Trainer, compile_options};
 use fedge_runtime::transport::{QuicTiming, Trust, parse_fingerprint};
 
 #[derive(Parser)]
@@ -27,6 +34,12 @@ struct Cli {
 enum Cmd {
     /// Join an aggregator's rounds until it finishes.
     Run(RunArgs),
+    /// Train a model alone on local data and evaluate it on held-out data.
+    Train(TrainArgs),
+    /// Run a model on a few samples and print its predictions.
+    Infer(InferArgs),
+    /// Benchmark training steps (MLP and CNN, batch 32 and 64) and write JSON.
+    Bench(BenchArgs),
     /// Print this device's public key (creates the identity if needed).
     Identity {
         #[arg(long, default_value = "fedge-device-state")]
@@ -53,6 +66,13 @@ struct RunArgs {
     /// TLS server name to present.
     #[arg(long, default_value = "localhost")]
     server_name: String,
+    /// Local training data: mnist[:DIR], shakespeare[:FILE], text:FILE or
+    /// idx:IMAGES,LABELS.
+    #[arg(long, conflicts_with = "known_update")]
+    data: Option<String>,
+    /// Use samples START..END of the data.
+    #[arg(long, requires = "data")]
+    range: Option<String>,
     /// Send a known update instead of training: delta = VALUE on every
     /// parameter (protocol checks whose aggregate is hand-computable).
     #[arg(long, value_name = "VALUE")]
@@ -60,7 +80,7 @@ struct RunArgs {
     /// Sample count reported with --known-update.
     #[arg(long, default_value_t = 1)]
     samples: u64,
-    /// Seed for this device's randomness (backoff jitter).
+    /// Seed for this device's randomness (shuffling, backoff jitter).
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Heartbeat interval while connected, in ms.
@@ -71,11 +91,83 @@ struct RunArgs {
     reconnect_attempts: u32,
 }
 
+#[derive(clap::Args)]
+struct ModelData {
+    /// Model: an ONNX file (weights as initializers) or a .fedge blob.
+    #[arg(long)]
+    model: PathBuf,
+    /// Data: mnist[:DIR], shakespeare[:FILE], text:FILE or idx:IMAGES,LABELS.
+    #[arg(long, default_value = "mnist")]
+    data: String,
+    /// For text: a window starts every STRIDE characters.
+    #[arg(long, default_value_t = 7)]
+    stride: usize,
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    md: ModelData,
+    /// Training samples.
+    #[arg(long, default_value = "0..8000")]
+    train: String,
+    /// Held-out samples.
+    #[arg(long, default_value = "8000..10000")]
+    test: String,
+    #[arg(long, default_value_t = 10)]
+    epochs: u32,
+    #[arg(long, default_value_t = 32)]
+    batch: u32,
+    #[arg(long, default_value_t = 0.05)]
+    lr: f32,
+    /// Multiply the learning rate by this after each epoch.
+    #[arg(long, default_value_t = 1.0)]
+    lr_decay: f32,
+    /// sgd, adam or adamw.
+    #[arg(long, default_value = "sgd")]
+    optimizer: String,
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f32,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f32,
+    /// Parameter-name patterns to keep frozen (`*` wildcards), repeatable.
+    #[arg(long)]
+    freeze: Vec<String>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write the trained model here (.onnx or .fedge).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Write per-epoch results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct InferArgs {
+    #[command(flatten)]
+    md: ModelData,
+    /// Samples to run.
+    #[arg(long, default_value = "8000..8010")]
+    range: String,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Where to write the JSON report.
+    #[arg(long, default_value = "bench-train.json")]
+    out: PathBuf,
+    /// Seconds to time each configuration.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -86,7 +178,215 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Run(a) => run(a),
+        Cmd::Train(a) => train(a),
+        Cmd::Infer(a) => infer(a),
+        Cmd::Bench(a) => bench(a),
     }
+}
+
+fn load_model(path: &Path) -> anyhow::Result<ModelBlob> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read model {}", path.display()))?;
+    if path.extension().is_some_and(|e| e == "fedge") {
+        Ok(ModelBlob::decode(&bytes, &Limits::default())
+            .with_context(|| format!("model {}", path.display()))?)
+    } else {
+        Ok(import_onnx(&bytes).with_context(|| format!("model {}", path.display()))?)
+    }
+}
+
+fn load_data(md: &ModelData, graph: &ModelGraph) -> anyhow::Result<Dataset> {
+    let spec = DataSpec::parse(&md.data)?;
+    let context = graph.sample_shape().first().copied().unwrap_or(1);
+    let data = spec.load(context, md.stride)?;
+    anyhow::ensure!(
+        data.sample_shape == graph.sample_shape(),
+        "data samples are shaped {:?}, the model takes {:?}",
+        data.sample_shape,
+        graph.sample_shape()
+    );
+    Ok(data)
+}
+
+fn subset(data: &Dataset, range: &str) -> anyhow::Result<Dataset> {
+    let r = parse_range(range)?;
+    anyhow::ensure!(
+        r.end <= data.len(),
+        "range {range} is past the {} samples available",
+        data.len()
+    );
+    Ok(data.slice(r))
+}
+
+fn optimizer(name: &str) -> anyhow::Result<Optimizer> {
+    Ok(match name {
+        "sgd" => Optimizer::Sgd,
+        "adam" => Optimizer::Adam,
+        "adamw" => Optimizer::AdamW,
+        o => anyhow::bail!("optimizer `{o}`: expected sgd, adam or adamw"),
+    })
+}
+
+#[derive(serde::Serialize)]
+struct EpochRow {
+    epoch: u32,
+    lr: f32,
+    train_loss: f64,
+    test_accuracy: f64,
+    test_loss: f64,
+    seconds: f64,
+}
+
+fn train(a: TrainArgs) -> anyhow::Result<()> {
+    let blob = load_model(&a.md.model)?;
+    let graph = ModelGraph::from_blob(&blob)?;
+    let data = load_data(&a.md, &graph)?;
+    let train = subset(&data, &a.train)?;
+    let test = subset(&data, &a.test)?;
+    let mut plan = TrainingPlan {
+        local_epochs: 1,
+        batch_size: a.batch,
+        learning_rate: a.lr,
+        optimizer: optimizer(&a.optimizer)?,
+        momentum: a.momentum,
+        weight_decay: a.weight_decay,
+        loss: Loss::SoftmaxCrossEntropy,
+        freeze: a.freeze.clone(),
+        ..TrainingPlan::default()
+    };
+    let mut ex = TractExecutor::new(&graph, compile_options(&plan))?;
+    ex.load(&blob.params.values)?;
+    let mut inf = TractInference::new(&graph, 250)?;
+    let counts = test.label_counts();
+    let majority = *counts.iter().max().unwrap_or(&0) as f64 / test.len() as f64;
+    println!(
+        "model {} ({} parameters), {} training and {} held-out samples, most-frequent-label baseline {:.4}",
+        a.md.model.display(),
+        blob.params.values.len(),
+        train.len(),
+        test.len(),
+        majority
+    );
+    println!("{:>5} {:>9} {:>10} {:>9} {:>9} {:>7}", "epoch", "lr", "train_loss", "test_acc", "test_loss", "secs");
+    let mut rows = Vec::new();
+    for epoch in 1..=a.epochs {
+        let t = Instant::now();
+        let bar = indicatif::ProgressBar::new((train.len() / a.batch as usize) as u64).with_style(
+            indicatif::ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} steps, loss {msg}")
+                .expect("template")
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(epoch.to_string());
+        let stats = local::train(&mut ex, &train, &plan, a.seed.wrapping_add(u64::from(epoch)), |s, _, l| {
+            bar.set_position(s);
+            if s % 20 == 0 {
+                bar.set_message(format!("{l:.4}"));
+            }
+        })?;
+        bar.finish_and_clear();
+        inf.load(&ex.params()?)?;
+        let e = local::evaluate(&inf, &test)?;
+        let row = EpochRow {
+            epoch,
+            lr: plan.learning_rate,
+            train_loss: stats.mean_loss,
+            test_accuracy: e.accuracy,
+            test_loss: e.loss,
+            seconds: t.elapsed().as_secs_f64(),
+        };
+        println!(
+            "{:>5} {:>9.5} {:>10.4} {:>9.4} {:>9.4} {:>7.1}",
+            row.epoch, row.lr, row.train_loss, row.test_accuracy, row.test_loss, row.seconds
+        );
+        rows.push(row);
+        plan.learning_rate *= a.lr_decay;
+    }
+    if let Some(out) = &a.out {
+        let trained = ModelBlob {
+            onnx_graph: blob.onnx_graph.clone(),
+            params: fedge_proto::Params::new(blob.params.layout.clone(), ex.params()?)?,
+        };
+        let bytes = if out.extension().is_some_and(|e| e == "fedge") {
+            trained.encode().to_vec()
+        } else {
+            export_onnx(&trained)?
+        };
+        fedge_proto::io::write_atomic(out, &bytes, None)
+            .with_context(|| format!("cannot write {}", out.display()))?;
+        println!("trained model written to {}", out.display());
+    }
+    if let Some(path) = &a.json {
+        let json = serde_json::json!({
+            "model": a.md.model.display().to_string(),
+            "parameters": blob.params.values.len(),
+            "train_samples": train.len(),
+            "test_samples": test.len(),
+            "majority_baseline": majority,
+            "epochs": rows,
+        });
+        fedge_proto::io::write_atomic(path, serde_json::to_string_pretty(&json)?.as_bytes(), None)?;
+    }
+    Ok(())
+}
+
+fn infer(a: InferArgs) -> anyhow::Result<()> {
+    let blob = load_model(&a.md.model)?;
+    let graph = ModelGraph::from_blob(&blob)?;
+    let data = subset(&load_data(&a.md, &graph)?, &a.range)?;
+    let mut inf = TractInference::new(&graph, data.len())?;
+    inf.load(&blob.params.values)?;
+    let (mut xf, mut xi, mut y) = (Vec::new(), Vec::new(), Vec::new());
+    let idx: Vec<usize> = (0..data.len()).collect();
+    data.gather(&idx, &mut xf, &mut xi, &mut y);
+    let x = match data.features {
+        fedge_runtime::data::Features::F32(_) => Batch::F32(&xf),
+        fedge_runtime::data::Features::I64(_) => Batch::I64(&xi),
+    };
+    let out = inf.run(x)?;
+    let k = inf.outputs_per_sample;
+    let mut correct = 0;
+    println!("{:>6} {:>6} {:>9} {:>8}", "sample", "label", "predicted", "prob");
+    for (i, row) in out.chunks(k).enumerate() {
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let z: f32 = row.iter().map(|v| (v - m).exp()).sum();
+        let (arg, _) = row
+            .iter()
+            .enumerate()
+            .fold((0, f32::NEG_INFINITY), |(bi, bv), (j, &v)| if v > bv { (j, v) } else { (bi, bv) });
+        correct += usize::from(arg as i64 == y[i]);
+        println!("{:>6} {:>6} {:>9} {:>8.4}", i, y[i], arg, (row[arg] - m).exp() / z);
+    }
+    println!("accuracy {}/{}", correct, data.len());
+    Ok(())
+}
+
+fn bench(a: BenchArgs) -> anyhow::Result<()> {
+    let data = fedge_runtime::data::load_mnist(&fedge_runtime::data::shipped_data_dir())?.slice(0..2048);
+    let min_time = Duration::from_secs_f64(a.seconds);
+    let mut steps = Vec::new();
+    for (name, model) in [("cnn", fedge_runtime::zoo::cnn(2)), ("mlp", fedge_runtime::zoo::mlp(1))] {
+        for batch in [32, 64] {
+            eprintln!("benchmarking {name} at batch {batch}...");
+            let r = fedge_runtime::bench::bench_model(name, &model, &data, batch, min_time)?;
+            println!(
+                "{:<4} batch {:>3}: {:>8.1} samples/s, {:>6.2} GFLOP/s achieved, tract matmul on the same shapes {:>6.2} GFLOP/s (ratio {:.2})",
+                r.model, r.batch, r.samples_per_s, r.achieved_gflops, r.matmul_baseline_gflops, r.ratio_to_matmul
+            );
+            steps.push(r);
+        }
+    }
+    // Peak RSS so far: the CNN ran first and dominates.
+    let report = fedge_runtime::bench::BenchReport {
+        executor: "tract-cpu".into(),
+        threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        steps,
+        peak_rss_mib_after_cnn: fedge_runtime::bench::peak_rss_mib(),
+    };
+    if let Some(rss) = report.peak_rss_mib_after_cnn {
+        println!("peak RSS {rss:.1} MiB");
+    }
+    fedge_proto::io::write_atomic(&a.out, serde_json::to_string_pretty(&report)?.as_bytes(), None)?;
+    println!("report written to {}", a.out.display());
+    Ok(())
 }
 
 fn run(a: RunArgs) -> anyhow::Result<()> {
@@ -105,13 +405,22 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             "no way to trust the aggregator: pass --pin FINGERPRINT (see `fedge-aggregator fingerprint`) or --trust-on-first-use"
         ),
     };
-    let trainer: Box<dyn Trainer> = match a.known_update {
-        Some(value) => Box::new(KnownUpdate {
+    let trainer: Box<dyn Trainer> = match (a.known_update, &a.data) {
+        (Some(value), _) => Box::new(KnownUpdate {
             value,
             sample_count: a.samples,
         }),
-        None => anyhow::bail!(
-            "no trainer: this build trains with --known-update VALUE only (ONNX training arrives with the training engine)"
+        (None, Some(spec)) => {
+            // The model's input shape is only known once it is downloaded;
+            // text windows use the zoo's context length.
+            let mut data = DataSpec::parse(spec)?.load(fedge_runtime::zoo::CHAR_CONTEXT, 7)?;
+            if let Some(r) = &a.range {
+                data = subset(&data, r)?;
+            }
+            Box::new(OnnxTrainer::new(data, a.seed))
+        }
+        (None, None) => anyhow::bail!(
+            "nothing to train on: pass --data SPEC (e.g. --data mnist --range 0..400), or --known-update VALUE for protocol checks"
         ),
     };
     let key = identity::load_or_create(&a.state_dir)?;

@@ -1,0 +1,195 @@
+//! The training benchmark behind `fedge-device bench`: samples/s of whole
+//! training steps, the FLOP rate they reach, and beside it the FLOP rate of
+//! tract's own matrix multiply on the same shapes in the same run (the
+//! baseline), plus peak memory.
+
+use std::time::{Duration, Instant};
+
+use fedge_proto::msg::Loss;
+use prost::Message;
+use serde::Serialize;
+use tract_onnx::pb::{GraphProto, ModelProto, OperatorSetIdProto};
+use tract_onnx::prelude::*;
+
+use crate::data::{Dataset, Features};
+use crate::train::TrainError;
+use crate::train::compile::{CompileOptions, OptimizerSpec};
+use crate::train::exec::{Batch, Executor, Labels, TractExecutor};
+use crate::train::import::{ModelGraph, import_onnx};
+use crate::train::onnx::{self, F32, attr_i};
+use crate::train::shape::infer;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StepBench {
+    pub model: String,
+    pub batch: usize,
+    pub steps: u64,
+    pub samples_per_s: f64,
+    pub step_ms: f64,
+    /// Forward FLOPs per sample (2 x multiply-adds of Gemm/MatMul/Conv).
+    pub forward_flops_per_sample: f64,
+    /// A training step counted as 3 x forward (forward, input and weight
+    /// gradients).
+    pub achieved_gflops: f64,
+    /// tract's matmul on the same (im2col-equivalent) shapes.
+    pub matmul_baseline_gflops: f64,
+    /// achieved / baseline.
+    pub ratio_to_matmul: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub executor: String,
+    pub threads: usize,
+    pub steps: Vec<StepBench>,
+    /// Peak resident memory of the process after training the CNN, MiB.
+    pub peak_rss_mib_after_cnn: Option<f64>,
+}
+
+/// (M, K, N) of every matmul-like product in one forward pass, with conv
+/// layers in their im2col form.
+fn matmul_shapes(graph: &ModelGraph, batch: usize) -> Result<Vec<(usize, usize, usize)>, TrainError> {
+    let s = infer(graph, batch)?;
+    let g = graph.proto.graph.as_ref().expect("checked");
+    let mut out = Vec::new();
+    for n in &g.node {
+        match n.op_type.as_str() {
+            "Gemm" => {
+                let a = s.shape(&n.input[0])?;
+                let y = s.shape(&n.output[0])?;
+                out.push((a[0], a[1], y[1]));
+            }
+            "MatMul" => {
+                let a = s.shape(&n.input[0])?;
+                let y = s.shape(&n.output[0])?;
+                let rows: usize = a[..a.len() - 1].iter().product();
+                out.push((rows, a[a.len() - 1], y[y.len() - 1]));
+            }
+            "Conv" => {
+                let w = s.shape(&n.input[1])?;
+                let y = s.shape(&n.output[0])?;
+                let _ = attr_i(n, "group");
+                out.push((y[0] * y[2] * y[3], w[1] * w[2] * w[3], w[0]));
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+fn flops(shapes: &[(usize, usize, usize)]) -> f64 {
+    shapes.iter().map(|&(m, k, n)| 2.0 * (m * k * n) as f64).sum()
+}
+
+/// Time tract's MatMul on the training step's products: for each forward
+/// (M,K,N), the forward product and both gradient products.
+fn matmul_baseline(shapes: &[(usize, usize, usize)], min_time: Duration) -> Result<f64, TrainError> {
+    let mut nodes = Vec::new();
+    let mut inputs = Vec::new();
+    let mut outputs = Vec::new();
+    let mut values = Vec::new();
+    let mut total = 0.0;
+    let mut add = |i: usize, m: usize, k: usize, n: usize| {
+        let (a, b, y) = (format!("a{i}"), format!("b{i}"), format!("y{i}"));
+        nodes.push(onnx::node("MatMul", &format!("mm{i}"), &[&a, &b], &[&y], vec![]));
+        inputs.push(onnx::value_info(&a, F32, &[m, k]));
+        inputs.push(onnx::value_info(&b, F32, &[k, n]));
+        outputs.push(onnx::value_info(&y, F32, &[m, n]));
+        values.push(Tensor::zero::<f32>(&[m, k]).expect("alloc"));
+        values.push(Tensor::zero::<f32>(&[k, n]).expect("alloc"));
+        total += 2.0 * (m * k * n) as f64;
+    };
+    for (i, &(m, k, n)) in shapes.iter().enumerate() {
+        add(3 * i, m, k, n); // forward
+        add(3 * i + 1, m, n, k); // input gradient
+        add(3 * i + 2, k, m, n); // weight gradient
+    }
+    let model = ModelProto {
+        ir_version: 8,
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: 17,
+        }],
+        graph: Some(GraphProto {
+            node: nodes,
+            input: inputs,
+            output: outputs,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let plan = crate::train::exec::plan(&model)?;
+    let args: TVec<TValue> = values.into_iter().map(|t| t.into_tvalue()).collect();
+    plan.run(args.clone()).map_err(TrainError::tract)?;
+    let start = Instant::now();
+    let mut runs = 0u64;
+    while start.elapsed() < min_time || runs < 3 {
+        plan.run(args.clone()).map_err(TrainError::tract)?;
+        runs += 1;
+    }
+    Ok(total * runs as f64 / start.elapsed().as_secs_f64() / 1e9)
+}
+
+/// Benchmark training steps of `onnx_model` at `batch` on `data`.
+pub fn bench_model(
+    name: &str,
+    onnx_model: &ModelProto,
+    data: &Dataset,
+    batch: usize,
+    min_time: Duration,
+) -> Result<StepBench, TrainError> {
+    let blob = import_onnx(&onnx_model.encode_to_vec())?;
+    let graph = ModelGraph::from_blob(&blob)?;
+    let opts = CompileOptions {
+        batch,
+        loss: Loss::SoftmaxCrossEntropy,
+        optimizer: OptimizerSpec {
+            momentum: 0.9,
+            ..OptimizerSpec::default()
+        },
+        ..CompileOptions::default()
+    };
+    let mut ex = TractExecutor::new(&graph, opts)?;
+    ex.load(&blob.params.values)?;
+    let batches = data.epoch_batches(batch, 0);
+    let (mut xf, mut xi, mut y) = (Vec::new(), Vec::new(), Vec::new());
+    let mut step = |ex: &mut TractExecutor, i: usize| -> Result<(), TrainError> {
+        data.gather(&batches[i % batches.len()], &mut xf, &mut xi, &mut y);
+        let x = match data.features {
+            Features::F32(_) => Batch::F32(&xf),
+            Features::I64(_) => Batch::I64(&xi),
+        };
+        ex.step(x, Labels::Classes(&y), 0.01).map(|_| ())
+    };
+    step(&mut ex, 0)?; // warm-up
+    let start = Instant::now();
+    let mut steps = 0u64;
+    while start.elapsed() < min_time || steps < 3 {
+        step(&mut ex, steps as usize + 1)?;
+        steps += 1;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let shapes = matmul_shapes(&graph, batch)?;
+    let fwd = flops(&shapes);
+    let achieved = 3.0 * fwd * steps as f64 / secs / 1e9;
+    let baseline = matmul_baseline(&shapes, min_time)?;
+    Ok(StepBench {
+        model: name.into(),
+        batch,
+        steps,
+        samples_per_s: (steps as usize * batch) as f64 / secs,
+        step_ms: secs * 1e3 / steps as f64,
+        forward_flops_per_sample: fwd / batch as f64,
+        achieved_gflops: achieved,
+        matmul_baseline_gflops: baseline,
+        ratio_to_matmul: achieved / baseline,
+    })
+}
+
+/// Peak resident set size of this process (Linux), MiB.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
