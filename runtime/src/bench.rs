@@ -48,7 +48,10 @@ pub struct BenchReport {
 
 /// (M, K, N) of every matmul-like product in one forward pass, with conv
 /// layers in their im2col form.
-fn matmul_shapes(graph: &ModelGraph, batch: usize) -> Result<Vec<(usize, usize, usize)>, TrainError> {
+fn matmul_shapes(
+    graph: &ModelGraph,
+    batch: usize,
+) -> Result<Vec<(usize, usize, usize)>, TrainError> {
     let s = infer(graph, batch)?;
     let g = graph.proto.graph.as_ref().expect("checked");
     let mut out = Vec::new();
@@ -78,12 +81,18 @@ fn matmul_shapes(graph: &ModelGraph, batch: usize) -> Result<Vec<(usize, usize, 
 }
 
 fn flops(shapes: &[(usize, usize, usize)]) -> f64 {
-    shapes.iter().map(|&(m, k, n)| 2.0 * (m * k * n) as f64).sum()
+    shapes
+        .iter()
+        .map(|&(m, k, n)| 2.0 * (m * k * n) as f64)
+        .sum()
 }
 
 /// Time tract's MatMul on the training step's products: for each forward
 /// (M,K,N), the forward product and both gradient products.
-fn matmul_baseline(shapes: &[(usize, usize, usize)], min_time: Duration) -> Result<f64, TrainError> {
+fn matmul_baseline(
+    shapes: &[(usize, usize, usize)],
+    min_time: Duration,
+) -> Result<f64, TrainError> {
     let mut nodes = Vec::new();
     let mut inputs = Vec::new();
     let mut outputs = Vec::new();
@@ -91,7 +100,13 @@ fn matmul_baseline(shapes: &[(usize, usize, usize)], min_time: Duration) -> Resu
     let mut total = 0.0;
     let mut add = |i: usize, m: usize, k: usize, n: usize| {
         let (a, b, y) = (format!("a{i}"), format!("b{i}"), format!("y{i}"));
-        nodes.push(onnx::node("MatMul", &format!("mm{i}"), &[&a, &b], &[&y], vec![]));
+        nodes.push(onnx::node(
+            "MatMul",
+            &format!("mm{i}"),
+            &[&a, &b],
+            &[&y],
+            vec![],
+        ));
         inputs.push(onnx::value_info(&a, F32, &[m, k]));
         inputs.push(onnx::value_info(&b, F32, &[k, n]));
         outputs.push(onnx::value_info(&y, F32, &[m, n]));

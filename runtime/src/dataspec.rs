@@ -61,8 +61,12 @@ pub fn parse_range(s: &str) -> Result<std::ops::Range<usize>, DataError> {
     let (a, b) = s
         .split_once("..")
         .ok_or_else(|| DataError::Invalid(format!("range `{s}`: expected START..END")))?;
-    let a: usize = a.parse().map_err(|_| DataError::Invalid(format!("range `{s}`: bad start")))?;
-    let b: usize = b.parse().map_err(|_| DataError::Invalid(format!("range `{s}`: bad end")))?;
+    let a: usize = a
+        .parse()
+        .map_err(|_| DataError::Invalid(format!("range `{s}`: bad start")))?;
+    let b: usize = b
+        .parse()
+        .map_err(|_| DataError::Invalid(format!("range `{s}`: bad end")))?;
     if a >= b {
         return Err(DataError::Invalid(format!("range `{s}` is empty")));
     }
@@ -76,10 +80,18 @@ mod tests {
     #[test]
     fn specs_parse_or_explain() {
         assert!(matches!(DataSpec::parse("mnist"), Ok(DataSpec::Mnist(_))));
-        assert!(matches!(DataSpec::parse("shakespeare"), Ok(DataSpec::Text(_))));
+        assert!(matches!(
+            DataSpec::parse("shakespeare"),
+            Ok(DataSpec::Text(_))
+        ));
         assert!(matches!(DataSpec::parse("idx:a,b"), Ok(DataSpec::Idx(..))));
         assert!(DataSpec::parse("idx:a").is_err());
-        assert!(DataSpec::parse("cifar").unwrap_err().to_string().contains("mnist"));
+        assert!(
+            DataSpec::parse("cifar")
+                .unwrap_err()
+                .to_string()
+                .contains("mnist")
+        );
         assert_eq!(parse_range("10..20").unwrap(), 10..20);
         assert!(parse_range("20..10").is_err());
         assert!(parse_range("x").is_err());

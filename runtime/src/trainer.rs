@@ -108,7 +108,8 @@ impl Trainer for OnnxTrainer {
         }
         let (_, ex) = self.cache.as_mut().expect("just set");
         ex.load(&model.params.values)?;
-        let stats = crate::train::local::train(ex, &self.data, plan, self.seed ^ round_id, |_, _, _| {})?;
+        let stats =
+            crate::train::local::train(ex, &self.data, plan, self.seed ^ round_id, |_, _, _| {})?;
         let new = ex.params()?;
         let delta: Vec<f32> = new
             .iter()

@@ -10,7 +10,8 @@ use prost::Message;
 #[test]
 fn committed_models_match_the_generator() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
-    let text = data::load_text(&data::shipped_data_dir().join("tinyshakespeare/input.txt")).unwrap();
+    let text =
+        data::load_text(&data::shipped_data_dir().join("tinyshakespeare/input.txt")).unwrap();
     let vocab = data::Vocab::of(&text).len();
     assert_eq!(vocab, 65);
     let expected_params = [
@@ -19,7 +20,10 @@ fn committed_models_match_the_generator() {
         ("small_cnn.onnx", 9_098),
         ("char_model.onnx", 149_585),
     ];
-    for ((name, model), (name2, params)) in fedge_runtime::zoo::all(vocab).into_iter().zip(expected_params) {
+    for ((name, model), (name2, params)) in fedge_runtime::zoo::all(vocab)
+        .into_iter()
+        .zip(expected_params)
+    {
         assert_eq!(name, name2);
         let committed = std::fs::read(dir.join(name)).unwrap_or_default();
         assert!(
@@ -29,6 +33,13 @@ fn committed_models_match_the_generator() {
         let blob = import_onnx(&committed).unwrap();
         assert_eq!(blob.params.values.len(), params, "{name} parameter count");
         let graph = ModelGraph::from_blob(&blob).unwrap();
-        TractExecutor::new(&graph, CompileOptions { batch: 4, ..CompileOptions::default() }).unwrap();
+        TractExecutor::new(
+            &graph,
+            CompileOptions {
+                batch: 4,
+                ..CompileOptions::default()
+            },
+        )
+        .unwrap();
     }
 }

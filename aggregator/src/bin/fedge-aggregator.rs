@@ -53,6 +53,14 @@ enum ModelCmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Make a model blob from an ONNX file (weights as initializers, as
+    /// PyTorch exports them): the graph with the weights stripped, plus
+    /// the weights in the canonical parameter layout.
+    Import {
+        onnx: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Print a model's version, tensors and parameter count.
     Info { path: PathBuf },
 }
@@ -68,7 +76,7 @@ struct ServeArgs {
     /// State directory (keys, models, resume point).
     #[arg(long)]
     state_dir: Option<PathBuf>,
-    /// Initial model (`.fedge`), used when the state directory has none.
+    /// Initial model (`.onnx` or `.fedge`), used when the state directory has none.
     #[arg(long)]
     model: Option<PathBuf>,
     /// Rounds to publish before finishing (0: forever).
@@ -113,9 +121,14 @@ fn parse_tensors(s: &str) -> anyhow::Result<Vec<TensorSpec>> {
         .collect()
 }
 
+/// A `.fedge` blob, or an ONNX model imported on the fly.
 fn load_model(path: &std::path::Path, limits: &Limits) -> anyhow::Result<ModelBlob> {
     let bytes =
         std::fs::read(path).with_context(|| format!("cannot read model {}", path.display()))?;
+    if path.extension().is_some_and(|e| e == "onnx") {
+        return fedge_runtime::train::import::import_onnx(&bytes)
+            .with_context(|| format!("model {}", path.display()));
+    }
     ModelBlob::decode(&bytes, limits).with_context(|| format!("model {}", path.display()))
 }
 
@@ -145,6 +158,13 @@ fn main() -> anyhow::Result<()> {
                 onnx_graph: Default::default(),
                 params: Params::new(layout, values)?,
             };
+            fedge_proto::io::write_atomic(&out, &blob.encode(), None)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            println!("{} {}", blob.version().to_hex(), out.display());
+            Ok(())
+        }
+        Cmd::Model(ModelCmd::Import { onnx, out }) => {
+            let blob = load_model(&onnx, &Limits::default())?;
             fedge_proto::io::write_atomic(&out, &blob.encode(), None)
                 .with_context(|| format!("cannot write {}", out.display()))?;
             println!("{} {}", blob.version().to_hex(), out.display());

@@ -166,8 +166,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -185,7 +184,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn load_model(path: &Path) -> anyhow::Result<ModelBlob> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read model {}", path.display()))?;
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read model {}", path.display()))?;
     if path.extension().is_some_and(|e| e == "fedge") {
         Ok(ModelBlob::decode(&bytes, &Limits::default())
             .with_context(|| format!("model {}", path.display()))?)
@@ -266,22 +266,33 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         test.len(),
         majority
     );
-    println!("{:>5} {:>9} {:>10} {:>9} {:>9} {:>7}", "epoch", "lr", "train_loss", "test_acc", "test_loss", "secs");
+    println!(
+        "{:>5} {:>9} {:>10} {:>9} {:>9} {:>7}",
+        "epoch", "lr", "train_loss", "test_acc", "test_loss", "secs"
+    );
     let mut rows = Vec::new();
     for epoch in 1..=a.epochs {
         let t = Instant::now();
         let bar = indicatif::ProgressBar::new((train.len() / a.batch as usize) as u64).with_style(
-            indicatif::ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} steps, loss {msg}")
-                .expect("template")
-                .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template(
+                "epoch {prefix} [{bar:30}] {pos}/{len} steps, loss {msg}",
+            )
+            .expect("template")
+            .progress_chars("=> "),
         );
         bar.set_prefix(epoch.to_string());
-        let stats = local::train(&mut ex, &train, &plan, a.seed.wrapping_add(u64::from(epoch)), |s, _, l| {
-            bar.set_position(s);
-            if s % 20 == 0 {
-                bar.set_message(format!("{l:.4}"));
-            }
-        })?;
+        let stats = local::train(
+            &mut ex,
+            &train,
+            &plan,
+            a.seed.wrapping_add(u64::from(epoch)),
+            |s, _, l| {
+                bar.set_position(s);
+                if s % 20 == 0 {
+                    bar.set_message(format!("{l:.4}"));
+                }
+            },
+        )?;
         bar.finish_and_clear();
         inf.load(&ex.params()?)?;
         let e = local::evaluate(&inf, &test)?;
@@ -344,32 +355,52 @@ fn infer(a: InferArgs) -> anyhow::Result<()> {
     let out = inf.run(x)?;
     let k = inf.outputs_per_sample;
     let mut correct = 0;
-    println!("{:>6} {:>6} {:>9} {:>8}", "sample", "label", "predicted", "prob");
+    println!(
+        "{:>6} {:>6} {:>9} {:>8}",
+        "sample", "label", "predicted", "prob"
+    );
     for (i, row) in out.chunks(k).enumerate() {
         let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let z: f32 = row.iter().map(|v| (v - m).exp()).sum();
         let (arg, _) = row
             .iter()
             .enumerate()
-            .fold((0, f32::NEG_INFINITY), |(bi, bv), (j, &v)| if v > bv { (j, v) } else { (bi, bv) });
+            .fold((0, f32::NEG_INFINITY), |(bi, bv), (j, &v)| {
+                if v > bv { (j, v) } else { (bi, bv) }
+            });
         correct += usize::from(arg as i64 == y[i]);
-        println!("{:>6} {:>6} {:>9} {:>8.4}", i, y[i], arg, (row[arg] - m).exp() / z);
+        println!(
+            "{:>6} {:>6} {:>9} {:>8.4}",
+            i,
+            y[i],
+            arg,
+            (row[arg] - m).exp() / z
+        );
     }
     println!("accuracy {}/{}", correct, data.len());
     Ok(())
 }
 
 fn bench(a: BenchArgs) -> anyhow::Result<()> {
-    let data = fedge_runtime::data::load_mnist(&fedge_runtime::data::shipped_data_dir())?.slice(0..2048);
+    let data =
+        fedge_runtime::data::load_mnist(&fedge_runtime::data::shipped_data_dir())?.slice(0..2048);
     let min_time = Duration::from_secs_f64(a.seconds);
     let mut steps = Vec::new();
-    for (name, model) in [("cnn", fedge_runtime::zoo::cnn(2)), ("mlp", fedge_runtime::zoo::mlp(1))] {
+    for (name, model) in [
+        ("cnn", fedge_runtime::zoo::cnn(2)),
+        ("mlp", fedge_runtime::zoo::mlp(1)),
+    ] {
         for batch in [32, 64] {
             eprintln!("benchmarking {name} at batch {batch}...");
             let r = fedge_runtime::bench::bench_model(name, &model, &data, batch, min_time)?;
             println!(
                 "{:<4} batch {:>3}: {:>8.1} samples/s, {:>6.2} GFLOP/s achieved, tract matmul on the same shapes {:>6.2} GFLOP/s (ratio {:.2})",
-                r.model, r.batch, r.samples_per_s, r.achieved_gflops, r.matmul_baseline_gflops, r.ratio_to_matmul
+                r.model,
+                r.batch,
+                r.samples_per_s,
+                r.achieved_gflops,
+                r.matmul_baseline_gflops,
+                r.ratio_to_matmul
             );
             steps.push(r);
         }
@@ -377,14 +408,20 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
     // Peak RSS so far: the CNN ran first and dominates.
     let report = fedge_runtime::bench::BenchReport {
         executor: "tract-cpu".into(),
-        threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        threads: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
         steps,
         peak_rss_mib_after_cnn: fedge_runtime::bench::peak_rss_mib(),
     };
     if let Some(rss) = report.peak_rss_mib_after_cnn {
         println!("peak RSS {rss:.1} MiB");
     }
-    fedge_proto::io::write_atomic(&a.out, serde_json::to_string_pretty(&report)?.as_bytes(), None)?;
+    fedge_proto::io::write_atomic(
+        &a.out,
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+        None,
+    )?;
     println!("report written to {}", a.out.display());
     Ok(())
 }

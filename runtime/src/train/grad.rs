@@ -8,7 +8,7 @@ use tract_onnx::pb::NodeProto;
 use super::TrainError;
 use super::compile::Builder;
 use super::onnx::{self, F32, attr_f, attr_i, attr_ints};
-use super::shape::spatial_attrs;
+use super::shape::{Window, spatial_attrs};
 
 /// Ops with a gradient rule.
 pub const SUPPORTED: &[&str] = &[
@@ -297,7 +297,12 @@ fn conv(
 ) -> Result<(), TrainError> {
     let (x, w) = (node.input[0].as_str(), node.input[1].as_str());
     let (xs, ws, gs) = (b.shape(x), b.shape(w), b.shape(gy));
-    let (k, st, pads, dil) = spatial_attrs(node, ws[2..].to_vec())?;
+    let Window {
+        kernel: k,
+        strides: st,
+        pads,
+        dilations: dil,
+    } = spatial_attrs(node, ws[2..].to_vec())?;
     if dil.iter().any(|&d| d != 1) {
         return Err(unsupported(
             node,
@@ -385,7 +390,12 @@ fn pool(
         .into_iter()
         .map(|v| v as usize)
         .collect();
-    let (k, st, pads, dil) = spatial_attrs(node, kernel)?;
+    let Window {
+        kernel: k,
+        strides: st,
+        pads,
+        dilations: dil,
+    } = spatial_attrs(node, kernel)?;
     if st != k || pads.iter().any(|&p| p != 0) || dil.iter().any(|&d| d != 1) {
         return Err(unsupported(
             node,

@@ -121,11 +121,18 @@ pub fn window_out(
     (padded >= span).then(|| (padded - span) / stride + 1)
 }
 
-/// Spatial attributes of Conv / pooling: (kernel, strides, pads[lo..,hi..], dilations).
-pub fn spatial_attrs(
-    node: &NodeProto,
-    kernel: Vec<usize>,
-) -> Result<(Vec<usize>, Vec<usize>, Vec<usize>, Vec<usize>), TrainError> {
+/// Spatial attributes of Conv and pooling nodes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Window {
+    pub kernel: Vec<usize>,
+    pub strides: Vec<usize>,
+    /// All begins, then all ends (ONNX order).
+    pub pads: Vec<usize>,
+    pub dilations: Vec<usize>,
+}
+
+/// Read and check the spatial attributes of a Conv or pooling node.
+pub fn spatial_attrs(node: &NodeProto, kernel: Vec<usize>) -> Result<Window, TrainError> {
     let n = kernel.len();
     if let Some(p) = attr_s(node, "auto_pad")
         && p != "NOTSET"
@@ -154,7 +161,12 @@ pub fn spatial_attrs(
     if strides.contains(&0) || dil.contains(&0) || kernel.contains(&0) {
         return Err(err(node, "zero stride, dilation or kernel"));
     }
-    Ok((kernel, strides, pads, dil))
+    Ok(Window {
+        kernel,
+        strides,
+        pads,
+        dilations: dil,
+    })
 }
 
 fn input_shape(node: &NodeProto, s: &Shapes, i: usize) -> Result<Vec<usize>, TrainError> {
@@ -278,7 +290,12 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
                     "only 2-D convolutions (4-D tensors) are supported",
                 ));
             }
-            let (k, st, pads, dil) = spatial_attrs(node, w[2..].to_vec())?;
+            let Window {
+                kernel: k,
+                strides: st,
+                pads,
+                dilations: dil,
+            } = spatial_attrs(node, w[2..].to_vec())?;
             let group = attr_i(node, "group").unwrap_or(1);
             if group != 1 {
                 return Err(err(node, "group != 1 is not supported"));
@@ -324,7 +341,12 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
                 .into_iter()
                 .map(|v| v as usize)
                 .collect();
-            let (k, st, pads, dil) = spatial_attrs(node, kernel)?;
+            let Window {
+                kernel: k,
+                strides: st,
+                pads,
+                dilations: dil,
+            } = spatial_attrs(node, kernel)?;
             let mut out = vec![x[0], x[1]];
             for i in 0..2 {
                 out.push(
