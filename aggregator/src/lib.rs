@@ -13,6 +13,9 @@
 pub mod aggregate;
 pub mod config;
 pub mod coordinator;
+pub mod robust;
 pub mod server;
 pub mod store;
+pub mod strategy;
 pub mod tls;
+pub mod weighting;

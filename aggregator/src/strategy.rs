@@ -1,0 +1,477 @@
+//! Strategies: how a round is configured and how its combined update
+//! becomes the next model (Flower's strategy design).
+//!
+//! A [`Strategy`] configures a round's training plan, provides the
+//! [`Combiner`] that folds the round's updates (mean, median, ...), and
+//! turns the combined update into new parameters with a server optimizer:
+//! FedAvg (step 1), FedAvgM (server momentum), FedAdam / FedYogi /
+//! FedAdagrad (Reddi et al. 2021). FedProx is FedAvg whose plan carries the
+//! proximal term. Cross-cutting steps are wrappers: [`NormClipped`] clips
+//! every update before the inner combiner sees it.
+
+use fedge_proto::msg::TrainingPlan;
+
+use crate::robust::{CombineSpec, Combined, Combiner, StreamingMean, clip_to_norm, l2_norm};
+
+/// A failed participation, passed to strategies beside the results.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Failure {
+    pub device: String,
+    pub reason: String,
+}
+
+pub trait Strategy: Send {
+    fn name(&self) -> String;
+
+    /// The plan for `round_id`, from the configured base plan.
+    fn configure_round(&mut self, _round_id: u64, base: &TrainingPlan) -> TrainingPlan {
+        base.clone()
+    }
+
+    /// A fresh combiner for a round of `dim`-parameter updates.
+    fn combiner(&mut self, dim: usize, max_share: f64) -> Box<dyn Combiner>;
+
+    /// New parameters from the current ones and the round's combined update.
+    fn aggregate_round(
+        &mut self,
+        round_id: u64,
+        params: &[f32],
+        combined: &Combined,
+        failures: &[Failure],
+    ) -> Vec<f32>;
+
+    /// Whether devices should evaluate in this round (fedge evaluates on the
+    /// server by default; devices report training metrics with updates).
+    fn configure_evaluate(&mut self, _round_id: u64) -> bool {
+        false
+    }
+
+    /// Combine per-device metrics (weight, [(name, value)]) into the round's.
+    fn aggregate_evaluate(&mut self, results: &[(f64, Vec<(String, f64)>)]) -> Vec<(String, f64)> {
+        weighted_metrics(results)
+    }
+}
+
+/// Weighted mean of each metric over the devices that reported it.
+pub fn weighted_metrics(results: &[(f64, Vec<(String, f64)>)]) -> Vec<(String, f64)> {
+    let mut acc: std::collections::BTreeMap<String, (f64, f64)> = Default::default();
+    for (w, metrics) in results {
+        for (name, v) in metrics {
+            let e = acc.entry(name.clone()).or_default();
+            e.0 += w * v;
+            e.1 += w;
+        }
+    }
+    acc.into_iter()
+        .filter(|(_, (_, w))| *w > 0.0)
+        .map(|(k, (s, w))| (k, s / w))
+        .collect()
+}
+
+/// The server optimizer applied to the combined update (a pseudo-gradient
+/// pointing downhill).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum ServerOpt {
+    /// FedAvg: params + lr x delta (lr 1 is plain averaging).
+    Avg { lr: f64 },
+    /// FedAvgM: v = beta v + delta; params + lr x v.
+    Momentum { lr: f64, beta: f64 },
+    /// FedAdam: m = b1 m + (1-b1) d; v = b2 v + (1-b2) d^2; params + lr m / (sqrt v + tau).
+    Adam {
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        tau: f64,
+    },
+    /// FedYogi: as Adam with v = v - (1-b2) d^2 sign(v - d^2).
+    Yogi {
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        tau: f64,
+    },
+    /// FedAdagrad: v = v + d^2; params + lr m / (sqrt v + tau), m as Adam.
+    Adagrad { lr: f64, beta1: f64, tau: f64 },
+}
+
+impl ServerOpt {
+    pub fn name(&self) -> &'static str {
+        match self {
+            ServerOpt::Avg { .. } => "fedavg",
+            ServerOpt::Momentum { .. } => "fedavgm",
+            ServerOpt::Adam { .. } => "fedadam",
+            ServerOpt::Yogi { .. } => "fedyogi",
+            ServerOpt::Adagrad { .. } => "fedadagrad",
+        }
+    }
+}
+
+/// FedAvg and the FedOpt family, with a configurable combiner and an
+/// optional FedProx term in the plan.
+pub struct FedOpt {
+    pub opt: ServerOpt,
+    pub combine: CombineSpec,
+    pub fedprox_mu: f32,
+    m: Vec<f64>,
+    v: Vec<f64>,
+}
+
+impl FedOpt {
+    pub fn new(opt: ServerOpt, combine: CombineSpec, fedprox_mu: f32) -> Self {
+        FedOpt {
+            opt,
+            combine,
+            fedprox_mu,
+            m: Vec::new(),
+            v: Vec::new(),
+        }
+    }
+
+    pub fn fedavg() -> Self {
+        Self::new(ServerOpt::Avg { lr: 1.0 }, CombineSpec::Mean, 0.0)
+    }
+}
+
+impl Strategy for FedOpt {
+    fn name(&self) -> String {
+        let base = if self.fedprox_mu > 0.0 && matches!(self.opt, ServerOpt::Avg { .. }) {
+            "fedprox"
+        } else {
+            self.opt.name()
+        };
+        match self.combine {
+            CombineSpec::Mean => base.to_string(),
+            ref c => format!("{base}+{c:?}"),
+        }
+    }
+
+    fn configure_round(&mut self, _round_id: u64, base: &TrainingPlan) -> TrainingPlan {
+        let mut p = base.clone();
+        if self.fedprox_mu > 0.0 {
+            p.fedprox_mu = self.fedprox_mu;
+        }
+        p
+    }
+
+    fn combiner(&mut self, dim: usize, max_share: f64) -> Box<dyn Combiner> {
+        match self.combine {
+            CombineSpec::Mean => Box::new(StreamingMean::with_share_cap(dim, max_share)),
+            ref c => c.build(dim),
+        }
+    }
+
+    fn aggregate_round(
+        &mut self,
+        _round_id: u64,
+        params: &[f32],
+        combined: &Combined,
+        _failures: &[Failure],
+    ) -> Vec<f32> {
+        let d = &combined.delta;
+        assert_eq!(d.len(), params.len(), "delta dimension");
+        if self.m.len() != d.len() {
+            self.m = vec![0.0; d.len()];
+            self.v = vec![0.0; d.len()];
+        }
+        let step: Vec<f64> = match self.opt {
+            ServerOpt::Avg { lr } => d.iter().map(|&x| lr * f64::from(x)).collect(),
+            ServerOpt::Momentum { lr, beta } => {
+                for (m, &x) in self.m.iter_mut().zip(d) {
+                    *m = beta * *m + f64::from(x);
+                }
+                self.m.iter().map(|m| lr * m).collect()
+            }
+            ServerOpt::Adam {
+                lr,
+                beta1,
+                beta2,
+                tau,
+            }
+            | ServerOpt::Yogi {
+                lr,
+                beta1,
+                beta2,
+                tau,
+            } => {
+                let yogi = matches!(self.opt, ServerOpt::Yogi { .. });
+                for ((m, v), &x) in self.m.iter_mut().zip(self.v.iter_mut()).zip(d) {
+                    let x = f64::from(x);
+                    *m = beta1 * *m + (1.0 - beta1) * x;
+                    *v = if yogi {
+                        *v - (1.0 - beta2) * x * x * (*v - x * x).signum()
+                    } else {
+                        beta2 * *v + (1.0 - beta2) * x * x
+                    };
+                }
+                self.m
+                    .iter()
+                    .zip(&self.v)
+                    .map(|(m, v)| lr * m / (v.sqrt() + tau))
+                    .collect()
+            }
+            ServerOpt::Adagrad { lr, beta1, tau } => {
+                for ((m, v), &x) in self.m.iter_mut().zip(self.v.iter_mut()).zip(d) {
+                    let x = f64::from(x);
+                    *m = beta1 * *m + (1.0 - beta1) * x;
+                    *v += x * x;
+                }
+                self.m
+                    .iter()
+                    .zip(&self.v)
+                    .map(|(m, v)| lr * m / (v.sqrt() + tau))
+                    .collect()
+            }
+        };
+        params
+            .iter()
+            .zip(step)
+            .map(|(&p, s)| (f64::from(p) + s) as f32)
+            .collect()
+    }
+}
+
+/// How [`NormClipped`] bounds update norms.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum ClipSpec {
+    /// Clip every update to this L2 norm.
+    Fixed { bound: f64 },
+    /// Clip to `multiplier` x the median norm of the previous round's
+    /// updates (no clipping in the first round).
+    AdaptiveMedian { multiplier: f64 },
+}
+
+/// Wrapper: clip each update's norm before the inner strategy's combiner.
+pub struct NormClipped<S> {
+    pub inner: S,
+    pub clip: ClipSpec,
+    last_median: std::sync::Arc<std::sync::Mutex<Option<f64>>>,
+}
+
+impl<S: Strategy> NormClipped<S> {
+    pub fn new(inner: S, clip: ClipSpec) -> Self {
+        NormClipped {
+            inner,
+            clip,
+            last_median: Default::default(),
+        }
+    }
+}
+
+struct ClippingCombiner {
+    inner: Box<dyn Combiner>,
+    bound: Option<f64>,
+    norms: Vec<f64>,
+    median_out: std::sync::Arc<std::sync::Mutex<Option<f64>>>,
+}
+
+impl Combiner for ClippingCombiner {
+    fn dimension(&self) -> usize {
+        self.inner.dimension()
+    }
+
+    fn add(&mut self, mut update: Vec<f32>, weight: f64) {
+        self.norms.push(l2_norm(&update));
+        if let Some(b) = self.bound {
+            clip_to_norm(&mut update, b);
+        }
+        self.inner.add(update, weight);
+    }
+
+    fn count(&self) -> usize {
+        self.inner.count()
+    }
+
+    fn finish(&mut self, max_share: f64) -> Option<Combined> {
+        if !self.norms.is_empty() {
+            let mut n = self.norms.clone();
+            n.sort_by(|a, b| a.total_cmp(b));
+            *self.median_out.lock().expect("lock") = Some(n[n.len() / 2]);
+        }
+        self.inner.finish(max_share)
+    }
+}
+
+impl<S: Strategy> Strategy for NormClipped<S> {
+    fn name(&self) -> String {
+        format!("{}+clip", self.inner.name())
+    }
+
+    fn configure_round(&mut self, round_id: u64, base: &TrainingPlan) -> TrainingPlan {
+        self.inner.configure_round(round_id, base)
+    }
+
+    fn combiner(&mut self, dim: usize, max_share: f64) -> Box<dyn Combiner> {
+        let bound = match self.clip {
+            ClipSpec::Fixed { bound } => Some(bound),
+            ClipSpec::AdaptiveMedian { multiplier } => self
+                .last_median
+                .lock()
+                .expect("lock")
+                .map(|m| m * multiplier),
+        };
+        Box::new(ClippingCombiner {
+            inner: self.inner.combiner(dim, max_share),
+            bound,
+            norms: Vec::new(),
+            median_out: std::sync::Arc::clone(&self.last_median),
+        })
+    }
+
+    fn aggregate_round(
+        &mut self,
+        round_id: u64,
+        params: &[f32],
+        combined: &Combined,
+        failures: &[Failure],
+    ) -> Vec<f32> {
+        self.inner
+            .aggregate_round(round_id, params, combined, failures)
+    }
+
+    fn aggregate_evaluate(&mut self, results: &[(f64, Vec<(String, f64)>)]) -> Vec<(String, f64)> {
+        self.inner.aggregate_evaluate(results)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn combined(d: &[f32]) -> Combined {
+        Combined {
+            delta: d.to_vec(),
+            weights: vec![1.0],
+        }
+    }
+
+    /// Naive references, written out per step.
+    #[test]
+    fn server_optimizers_table() {
+        let p0 = [1.0f32, -1.0];
+        let deltas = [[0.5f32, -0.25], [0.1, 0.2], [-0.3, 0.4]];
+        let cases: Vec<(ServerOpt, Box<dyn Fn(&[[f32; 2]]) -> [f64; 2]>)> = vec![
+            (
+                ServerOpt::Avg { lr: 1.0 },
+                Box::new(|ds| {
+                    let mut p = [1.0, -1.0];
+                    for d in ds {
+                        p[0] += f64::from(d[0]);
+                        p[1] += f64::from(d[1]);
+                    }
+                    p
+                }),
+            ),
+            (
+                ServerOpt::Momentum { lr: 0.5, beta: 0.9 },
+                Box::new(|ds| {
+                    let (mut p, mut v) = ([1.0, -1.0], [0.0, 0.0]);
+                    for d in ds {
+                        for i in 0..2 {
+                            v[i] = 0.9 * v[i] + f64::from(d[i]);
+                            p[i] += 0.5 * v[i];
+                        }
+                    }
+                    p
+                }),
+            ),
+            (
+                ServerOpt::Adam {
+                    lr: 0.1,
+                    beta1: 0.9,
+                    beta2: 0.99,
+                    tau: 1e-3,
+                },
+                Box::new(|ds| adaptive(ds, |v, x| 0.99 * v + 0.01 * x * x)),
+            ),
+            (
+                ServerOpt::Yogi {
+                    lr: 0.1,
+                    beta1: 0.9,
+                    beta2: 0.99,
+                    tau: 1e-3,
+                },
+                Box::new(|ds| adaptive(ds, |v, x| v - 0.01 * x * x * (v - x * x).signum())),
+            ),
+            (
+                ServerOpt::Adagrad {
+                    lr: 0.1,
+                    beta1: 0.9,
+                    tau: 1e-3,
+                },
+                Box::new(|ds| adaptive(ds, |v, x| v + x * x)),
+            ),
+        ];
+        fn adaptive(ds: &[[f32; 2]], upd_v: impl Fn(f64, f64) -> f64) -> [f64; 2] {
+            let (mut p, mut m, mut v) = ([1.0, -1.0], [0.0, 0.0], [0.0, 0.0]);
+            for d in ds {
+                for i in 0..2 {
+                    let x = f64::from(d[i]);
+                    m[i] = 0.9 * m[i] + 0.1 * x;
+                    v[i] = upd_v(v[i], x);
+                    p[i] += 0.1 * m[i] / (v[i].sqrt() + 1e-3);
+                }
+            }
+            p
+        }
+        for (opt, reference) in cases {
+            let mut s = FedOpt::new(opt.clone(), CombineSpec::Mean, 0.0);
+            let mut p = p0.to_vec();
+            for d in &deltas {
+                p = s.aggregate_round(1, &p, &combined(d), &[]);
+            }
+            let want = reference(&deltas);
+            for (g, w) in p.iter().zip(want) {
+                assert!(
+                    (f64::from(*g) - w).abs() < 1e-5,
+                    "{opt:?}: {p:?} vs {want:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn fedprox_sets_the_plan_and_clipping_wraps_the_combiner() {
+        let mut s = FedOpt::new(ServerOpt::Avg { lr: 1.0 }, CombineSpec::Mean, 0.01);
+        assert_eq!(
+            s.configure_round(1, &TrainingPlan::default()).fedprox_mu,
+            0.01
+        );
+        assert_eq!(s.name(), "fedprox");
+
+        let mut c = NormClipped::new(FedOpt::fedavg(), ClipSpec::Fixed { bound: 1.0 });
+        let mut comb = c.combiner(2, 1.0);
+        comb.add(vec![30.0, 40.0], 1.0); // norm 50 -> clipped to 1
+        comb.add(vec![0.0, 0.5], 1.0);
+        let out = comb.finish(1.0).unwrap();
+        assert!(
+            (out.delta[0] - 0.3).abs() < 1e-6 && (out.delta[1] - 0.65).abs() < 1e-6,
+            "{out:?}"
+        );
+
+        // Adaptive: no bound in the first round, then 1 x the median norm (0.5 here).
+        let mut a = NormClipped::new(
+            FedOpt::fedavg(),
+            ClipSpec::AdaptiveMedian { multiplier: 1.0 },
+        );
+        let mut r1 = a.combiner(2, 1.0);
+        r1.add(vec![3.0, 4.0], 1.0);
+        r1.add(vec![0.0, 0.5], 1.0);
+        r1.add(vec![0.3, 0.4], 1.0);
+        assert_eq!(r1.finish(1.0).unwrap().delta[0], 1.1);
+        let mut r2 = a.combiner(2, 1.0);
+        r2.add(vec![3.0, 4.0], 1.0);
+        let d = r2.finish(1.0).unwrap().delta;
+        assert!((l2_norm(&d) - 0.5).abs() < 1e-6, "{d:?}");
+    }
+
+    #[test]
+    fn metrics_are_weighted_by_participant() {
+        let m = weighted_metrics(&[
+            (1.0, vec![("loss".into(), 2.0)]),
+            (3.0, vec![("loss".into(), 1.0), ("acc".into(), 0.5)]),
+        ]);
+        assert_eq!(m, vec![("acc".into(), 0.5), ("loss".into(), 1.25)]);
+    }
+}
