@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::coordinator::CoordinatorConfig;
 use crate::server::ServerConfig;
+use crate::strategy::StrategyConfig;
+use crate::weighting::WeightPolicy;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -27,6 +29,13 @@ pub struct AggregatorConfig {
     pub plan: PlanConfig,
     pub limits: LimitsConfig,
     pub server: ServerLimits,
+    pub strategy: StrategyConfig,
+    pub weights: WeightPolicy,
+    /// Stake registry file (`<hex public key> <stake>` lines); reloaded
+    /// when it changes. None: every device has stake 0.
+    pub stakes: Option<PathBuf>,
+    /// Reject updates whose L2 norm exceeds this.
+    pub update_norm_max: Option<f64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -96,6 +105,10 @@ impl Default for AggregatorConfig {
             plan: PlanConfig::default(),
             limits: LimitsConfig::default(),
             server: ServerLimits::default(),
+            strategy: StrategyConfig::default(),
+            weights: WeightPolicy::default(),
+            stakes: None,
+            update_norm_max: None,
         }
     }
 }
@@ -277,6 +290,9 @@ impl AggregatorConfig {
             max_sessions: self.server.max_devices,
             versions_kept: 4,
             plan: self.plan()?,
+            weights: self.weights.clone(),
+            strategy: self.strategy.clone(),
+            update_norm_max: self.update_norm_max,
             limits,
             seed: self.seed,
         };
@@ -294,6 +310,7 @@ impl AggregatorConfig {
             idle_timeout: Duration::from_millis(self.server.idle_timeout_ms),
             finish_grace: (!self.server.serve_forever)
                 .then(|| Duration::from_millis(self.server.finish_grace_ms)),
+            stakes: self.stakes.clone(),
         })
     }
 }

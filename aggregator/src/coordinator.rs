@@ -27,7 +27,9 @@ use fedge_proto::{
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::aggregate::{WeightedMean, apply_delta};
+use crate::robust::{Combiner, l2_norm};
+use crate::strategy::{Strategy, StrategyConfig};
+use crate::weighting::{StakeRegistry, WeightPolicy};
 
 /// Identifies one connection (assigned by the driver).
 pub type SessionId = u64;
@@ -54,8 +56,14 @@ pub struct CoordinatorConfig {
     pub max_sessions: usize,
     /// Model versions kept for download (the current one and older ones).
     pub versions_kept: usize,
-    /// Training plan sent with each task.
+    /// Training plan sent with each task (the strategy may adjust it).
     pub plan: TrainingPlan,
+    /// How participants are weighted (stake, samples, share cap).
+    pub weights: WeightPolicy,
+    /// How updates are combined and applied.
+    pub strategy: StrategyConfig,
+    /// Updates with a larger L2 norm are rejected (None: no bound).
+    pub update_norm_max: Option<f64>,
     pub limits: Limits,
     pub seed: u64,
 }
@@ -74,6 +82,9 @@ impl Default for CoordinatorConfig {
             max_sessions: 10_000,
             versions_kept: 4,
             plan: TrainingPlan::default(),
+            weights: WeightPolicy::default(),
+            strategy: StrategyConfig::default(),
+            update_norm_max: None,
             limits: Limits::default(),
             seed: 0,
         }
@@ -114,7 +125,13 @@ impl CoordinatorConfig {
         if self.versions_kept == 0 {
             return Err("versions_kept must be at least 1".into());
         }
-        Ok(())
+        if let Some(b) = self.update_norm_max
+            && !(b > 0.0 && b.is_finite())
+        {
+            return Err(format!("update_norm_max must be positive, got {b}"));
+        }
+        self.strategy.validate()?;
+        self.weights.validate()
     }
 }
 
@@ -159,7 +176,13 @@ pub enum Event {
         round_id: u64,
         accepted: usize,
         outcome: RoundOutcome,
+        /// Weighted means of the metrics devices reported with updates.
+        metrics: Vec<(String, f64)>,
     },
+    /// One participant's contribution to a round: accepted (with its final
+    /// weight, emitted when the round closes) or rejected (with the reason,
+    /// emitted at once).
+    Contribution(Contribution),
     /// A new model version; the blob is what devices download.
     ModelPublished {
         round_id: u64,
@@ -169,6 +192,20 @@ pub enum Event {
     Finished {
         final_version: ModelVersion,
     },
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Contribution {
+    pub round_id: u64,
+    pub device: String,
+    pub stake: Option<f64>,
+    pub samples: u64,
+    /// f(stake) x g(samples), before share capping.
+    pub raw_weight: f64,
+    /// Share of the round's total weight after capping (0 when rejected).
+    pub share: f64,
+    pub accepted: bool,
+    pub reason: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -213,7 +250,10 @@ struct Round {
     deadline: Option<Instant>,
     participants: HashMap<[u8; 32], Participation>,
     uploads: HashMap<[u8; 32], Upload>,
-    accumulator: WeightedMean,
+    combiner: Box<dyn Combiner>,
+    /// Accepted participants in the order their updates were combined.
+    accepted: Vec<Contribution>,
+    metrics: Vec<(f64, Vec<(String, f64)>)>,
 }
 
 struct StoredModel {
@@ -232,6 +272,8 @@ pub struct Coordinator {
     current: ModelBlob,
     current_version: ModelVersion,
     round: Round,
+    strategy: Box<dyn Strategy>,
+    stakes: Box<dyn StakeRegistry>,
     /// Uploads cut short by a round closing: their next chunk is told
     /// `RoundClosed` once, later ones are dropped silently. Bounded by one
     /// round's selection.
@@ -256,6 +298,8 @@ impl Coordinator {
             .map_err(|e| e.to_string())?;
         let version = ModelVersion::of(&blob);
         let dim = initial.params.values.len();
+        let mut strategy = cfg.strategy.build();
+        let combiner = strategy.combiner(dim, cfg.weights.max_share);
         let mut c = Coordinator {
             rng: ChaCha8Rng::seed_from_u64(cfg.seed),
             sessions: HashMap::new(),
@@ -270,8 +314,12 @@ impl Coordinator {
                 deadline: None,
                 participants: HashMap::new(),
                 uploads: HashMap::new(),
-                accumulator: WeightedMean::new(dim),
+                combiner,
+                accepted: Vec::new(),
+                metrics: Vec::new(),
             },
+            strategy,
+            stakes: Box::new(HashMap::<String, f64>::new()),
             closed_uploads: HashMap::new(),
             published_rounds,
             finished: false,
@@ -287,6 +335,25 @@ impl Coordinator {
             });
         }
         Ok(c)
+    }
+
+    /// Use `strategy` from the current round on.
+    pub fn set_strategy(&mut self, mut strategy: Box<dyn Strategy>) {
+        let dim = self.current.params.values.len();
+        self.round.combiner = strategy.combiner(dim, self.cfg.weights.max_share);
+        self.strategy = strategy;
+    }
+
+    pub fn set_stakes(&mut self, stakes: Box<dyn StakeRegistry>) {
+        self.stakes = stakes;
+    }
+
+    pub fn stakes_mut(&mut self) -> &mut dyn StakeRegistry {
+        self.stakes.as_mut()
+    }
+
+    pub fn strategy_name(&self) -> String {
+        self.strategy.name()
     }
 
     // ------------------------------------------------------------ getters
@@ -321,7 +388,7 @@ impl Coordinator {
 
     /// Updates accepted so far in the open round.
     pub fn accepted_in_round(&self) -> usize {
-        self.round.accumulator.count()
+        self.round.combiner.count()
     }
 
     // ------------------------------------------------------------ outputs
@@ -556,7 +623,29 @@ impl Coordinator {
             Some(Participation::Accepted) => {
                 self.pace_away(session, "already contributed to this round");
             }
-            None if self.round.participants.len() < target => {
+            None => {
+                let dev = device_id(&key);
+                if let Err(e) = self.cfg.weights.raw_weight(self.stakes.stake(&dev), 1) {
+                    self.event(Event::Rejected {
+                        device: Some(dev),
+                        code: RejectCode::NotSelected,
+                        detail: e.to_string(),
+                    });
+                    // Not eligible: come back much later.
+                    self.send(
+                        session,
+                        AggMsg::NoTask {
+                            retry_after_ms_min: 60_000,
+                            retry_after_ms_max: 120_000,
+                            reason: format!("not eligible: {e}"),
+                        },
+                    );
+                    return;
+                }
+                if self.round.participants.len() >= target {
+                    self.pace_away(session, "round is full");
+                    return;
+                }
                 self.round
                     .participants
                     .insert(key.to_bytes(), Participation::Selected);
@@ -569,17 +658,17 @@ impl Coordinator {
                 });
                 self.send_offer(now, session);
             }
-            None => self.pace_away(session, "round is full"),
         }
     }
 
     fn send_offer(&mut self, now: Instant, session: SessionId) {
         let mref = self.models[&self.round.model_version].mref;
         let deadline = self.round.deadline.expect("set at first selection");
+        let plan = self.strategy.configure_round(self.round.id, &self.cfg.plan);
         let offer = TaskOffer {
             round_id: self.round.id,
             model: mref,
-            plan: self.cfg.plan.clone(),
+            plan,
             deadline_ms: deadline.saturating_duration_since(now).as_millis() as u64,
         };
         self.send(session, AggMsg::TaskOffer(Box::new(offer)));
@@ -874,18 +963,66 @@ impl Coordinator {
             );
             return;
         }
-        let delta = match update::decode_update(
-            &u.data,
-            self.round.accumulator.dimension(),
-            &self.cfg.limits,
-        ) {
-            Ok(d) => d,
+        let delta =
+            match update::decode_update(&u.data, self.round.combiner.dimension(), &self.cfg.limits)
+            {
+                Ok(d) => d,
+                Err(e) => {
+                    self.reject_update(
+                        session,
+                        &dev,
+                        m.sample_count,
+                        e.reject_code(),
+                        e.to_string(),
+                    );
+                    return;
+                }
+            };
+        if let Some(bound) = self.cfg.update_norm_max {
+            let norm = l2_norm(&delta);
+            if norm > bound {
+                let detail = format!("update norm {norm:.4} exceeds the bound {bound}");
+                self.reject_update(session, &dev, m.sample_count, RejectCode::NormBound, detail);
+                return;
+            }
+        }
+        let stake = self.stakes.stake(&dev);
+        let raw_weight = match self.cfg.weights.raw_weight(stake, m.sample_count) {
+            Ok(w) if w > 0.0 && w.is_finite() => w,
+            Ok(w) => {
+                let detail = format!("participant weight {w} is not positive");
+                self.reject_update(
+                    session,
+                    &dev,
+                    m.sample_count,
+                    RejectCode::NotSelected,
+                    detail,
+                );
+                return;
+            }
             Err(e) => {
-                self.reject(session, Some(dev), e.reject_code(), e.to_string(), false);
+                self.reject_update(
+                    session,
+                    &dev,
+                    m.sample_count,
+                    RejectCode::NotSelected,
+                    e.to_string(),
+                );
                 return;
             }
         };
-        self.round.accumulator.add(&delta, m.sample_count as f64);
+        self.round.combiner.add(delta, raw_weight);
+        self.round.metrics.push((raw_weight, m.metrics.clone()));
+        self.round.accepted.push(Contribution {
+            round_id: m.round_id,
+            device: dev.clone(),
+            stake,
+            samples: m.sample_count,
+            raw_weight,
+            share: 0.0,
+            accepted: true,
+            reason: None,
+        });
         self.round
             .participants
             .insert(key.to_bytes(), Participation::Accepted);
@@ -903,17 +1040,54 @@ impl Coordinator {
                 payload_hash,
             },
         );
-        if self.round.accumulator.count() >= self.cfg.devices_per_round {
+        if self.round.combiner.count() >= self.cfg.devices_per_round {
             self.close_round(now);
         }
     }
 
+    /// Refuse a fully received update and record why.
+    fn reject_update(
+        &mut self,
+        session: SessionId,
+        dev: &str,
+        samples: u64,
+        code: RejectCode,
+        detail: String,
+    ) {
+        self.event(Event::Contribution(Contribution {
+            round_id: self.round.id,
+            device: dev.to_string(),
+            stake: self.stakes.stake(dev),
+            samples,
+            raw_weight: 0.0,
+            share: 0.0,
+            accepted: false,
+            reason: Some(format!("{code}: {detail}")),
+        }));
+        self.reject(session, Some(dev.to_string()), code, detail, false);
+    }
+
     fn close_round(&mut self, _now: Instant) {
-        let accepted = self.round.accumulator.count();
+        let accepted = self.round.combiner.count();
         let round_id = self.round.id;
+        let dim = self.current.params.values.len();
+        let mut contributions = std::mem::take(&mut self.round.accepted);
         let outcome = if accepted >= self.cfg.min_devices {
-            let mean = self.round.accumulator.mean().expect("accepted >= 1");
-            let values = apply_delta(&self.current.params.values, &mean);
+            let combined = self
+                .round
+                .combiner
+                .finish(self.cfg.weights.max_share)
+                .expect("accepted >= 1");
+            let total: f64 = combined.weights.iter().sum();
+            for (c, w) in contributions.iter_mut().zip(&combined.weights) {
+                c.share = w / total;
+            }
+            let values = self.strategy.aggregate_round(
+                round_id,
+                &self.current.params.values,
+                &combined,
+                &[],
+            );
             let params =
                 Params::new(Arc::clone(&self.current.params.layout), values).expect("same layout");
             let next = ModelBlob {
@@ -933,14 +1107,22 @@ impl Coordinator {
             });
             RoundOutcome::Published(version)
         } else {
+            for c in &mut contributions {
+                c.accepted = false;
+                c.reason = Some("round aborted: too few updates by the deadline".into());
+            }
             RoundOutcome::Aborted
         };
+        for c in contributions {
+            self.event(Event::Contribution(c));
+        }
+        let metrics = self.strategy.aggregate_evaluate(&self.round.metrics);
         self.event(Event::RoundClosed {
             round_id,
             accepted,
             outcome,
+            metrics,
         });
-        let dim = self.current.params.values.len();
         self.closed_uploads = self
             .round
             .uploads
@@ -953,7 +1135,9 @@ impl Coordinator {
             deadline: None,
             participants: HashMap::new(),
             uploads: HashMap::new(),
-            accumulator: WeightedMean::new(dim),
+            combiner: self.strategy.combiner(dim, self.cfg.weights.max_share),
+            accepted: Vec::new(),
+            metrics: Vec::new(),
         };
         if self.cfg.rounds != 0 && self.published_rounds >= self.cfg.rounds {
             self.finished = true;

@@ -32,6 +32,8 @@ pub struct ServerConfig {
     /// After the last round, keep serving this long so devices can fetch
     /// the final model, then stop (None: serve forever).
     pub finish_grace: Option<Duration>,
+    /// Stake registry file, reloaded every few seconds when it changes.
+    pub stakes: Option<std::path::PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -43,6 +45,7 @@ impl Default for ServerConfig {
             rate_burst: 4000.0,
             idle_timeout: Duration::from_secs(60),
             finish_grace: Some(Duration::from_secs(10)),
+            stakes: None,
         }
     }
 }
@@ -145,6 +148,13 @@ impl Server {
             resume.published_rounds,
         )
         .map_err(|e| anyhow::anyhow!("bad configuration: {e}"))?;
+        if let Some(path) = &cfg.stakes {
+            let reg = crate::weighting::FileRegistry::open(path)?;
+            tracing::info!(path = %path.display(), devices = reg.len(), "stake registry loaded");
+            core.set_stakes(Box::new(reg));
+        }
+        let mut reload = tokio::time::interval(Duration::from_secs(5));
+        reload.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let limits = cfg.coordinator.limits.clone();
         let (in_tx, mut in_rx) = mpsc::channel::<Input>(4096);
         let accept = tokio::spawn(accept_loop(endpoint.clone(), in_tx, limits, cfg.clone()));
@@ -195,6 +205,11 @@ impl Server {
                     }
                 }
                 _ = sleep => core.handle_timeout(Instant::now()),
+                _ = reload.tick() => match core.stakes_mut().reload() {
+                    Ok(true) => tracing::info!("stake registry reloaded"),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(error = %e, "stake registry not reloaded; previous stakes stay"),
+                },
                 _ = &mut shutdown => break,
             }
         }
@@ -278,13 +293,15 @@ fn on_event(
             *report.rejections.entry(code.to_string()).or_default() += 1;
             tracing::warn!(%code, device = device.as_deref().map(|d| &d[..12]), %detail, "rejected");
         }
+        Event::Contribution(c) => store.record_contribution(&c)?,
         Event::RoundClosed {
             round_id,
             accepted,
             outcome,
+            metrics,
         } => match outcome {
             RoundOutcome::Published(v) => {
-                tracing::info!(round_id, accepted, version = %v, "round closed; model published")
+                tracing::info!(round_id, accepted, version = %v, ?metrics, "round closed; model published")
             }
             RoundOutcome::Aborted => {
                 tracing::warn!(

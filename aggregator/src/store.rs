@@ -90,6 +90,27 @@ impl Store {
         Ok(Some(blob))
     }
 
+    /// Append a contribution record to `contributions.jsonl`.
+    pub fn record_contribution(
+        &mut self,
+        c: &crate::coordinator::Contribution,
+    ) -> Result<(), StoreError> {
+        use std::io::Write;
+        let path = self.dir.join("contributions.jsonl");
+        let io = |source| StoreError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io)?;
+        let mut line = serde_json::to_vec(c).expect("serialisable");
+        line.push(b'\n');
+        f.write_all(&line).map_err(io)
+    }
+
     /// Record a published model: blob first, then the resume point.
     pub fn publish(
         &mut self,

@@ -243,14 +243,14 @@ pub enum ClipSpec {
 }
 
 /// Wrapper: clip each update's norm before the inner strategy's combiner.
-pub struct NormClipped<S> {
-    pub inner: S,
+pub struct NormClipped {
+    pub inner: Box<dyn Strategy>,
     pub clip: ClipSpec,
     last_median: std::sync::Arc<std::sync::Mutex<Option<f64>>>,
 }
 
-impl<S: Strategy> NormClipped<S> {
-    pub fn new(inner: S, clip: ClipSpec) -> Self {
+impl NormClipped {
+    pub fn new(inner: Box<dyn Strategy>, clip: ClipSpec) -> Self {
         NormClipped {
             inner,
             clip,
@@ -293,7 +293,7 @@ impl Combiner for ClippingCombiner {
     }
 }
 
-impl<S: Strategy> Strategy for NormClipped<S> {
+impl Strategy for NormClipped {
     fn name(&self) -> String {
         format!("{}+clip", self.inner.name())
     }
@@ -332,6 +332,58 @@ impl<S: Strategy> Strategy for NormClipped<S> {
 
     fn aggregate_evaluate(&mut self, results: &[(f64, Vec<(String, f64)>)]) -> Vec<(String, f64)> {
         self.inner.aggregate_evaluate(results)
+    }
+}
+
+/// A strategy as written in the configuration file.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StrategyConfig {
+    pub server_opt: ServerOpt,
+    pub combine: CombineSpec,
+    /// FedProx proximal term sent in the plan (0: off).
+    pub fedprox_mu: f32,
+    pub clip: Option<ClipSpec>,
+}
+
+impl Default for StrategyConfig {
+    fn default() -> Self {
+        StrategyConfig {
+            server_opt: ServerOpt::Avg { lr: 1.0 },
+            combine: CombineSpec::Mean,
+            fedprox_mu: 0.0,
+            clip: None,
+        }
+    }
+}
+
+impl StrategyConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        self.combine.validate()?;
+        if !(self.fedprox_mu >= 0.0 && self.fedprox_mu.is_finite()) {
+            return Err(format!("fedprox_mu must be >= 0, got {}", self.fedprox_mu));
+        }
+        match self.clip {
+            Some(ClipSpec::Fixed { bound }) if !(bound > 0.0) => {
+                Err("clip bound must be > 0".into())
+            }
+            Some(ClipSpec::AdaptiveMedian { multiplier }) if !(multiplier > 0.0) => {
+                Err("clip multiplier must be > 0".into())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub fn build(&self) -> Box<dyn Strategy> {
+        let base = Box::new(FedOpt::new(
+            self.server_opt.clone(),
+            self.combine.clone(),
+            self.fedprox_mu,
+        ));
+        match &self.clip {
+            Some(c) => Box::new(NormClipped::new(base, c.clone())),
+            None => base,
+        }
     }
 }
 
@@ -440,7 +492,7 @@ mod tests {
         );
         assert_eq!(s.name(), "fedprox");
 
-        let mut c = NormClipped::new(FedOpt::fedavg(), ClipSpec::Fixed { bound: 1.0 });
+        let mut c = NormClipped::new(Box::new(FedOpt::fedavg()), ClipSpec::Fixed { bound: 1.0 });
         let mut comb = c.combiner(2, 1.0);
         comb.add(vec![30.0, 40.0], 1.0); // norm 50 -> clipped to 1
         comb.add(vec![0.0, 0.5], 1.0);
@@ -452,7 +504,7 @@ mod tests {
 
         // Adaptive: no bound in the first round, then 1 x the median norm (0.5 here).
         let mut a = NormClipped::new(
-            FedOpt::fedavg(),
+            Box::new(FedOpt::fedavg()),
             ClipSpec::AdaptiveMedian { multiplier: 1.0 },
         );
         let mut r1 = a.combiner(2, 1.0);

@@ -155,6 +155,12 @@ pub fn cap_shares(weights: &[f64], max_share: f64) -> Vec<f64> {
 pub trait StakeRegistry: Send {
     /// Stake of a device (hex public key), if registered.
     fn stake(&self, device: &str) -> Option<f64>;
+
+    /// Pick up changes from the source; `Ok(true)` when something changed.
+    /// On error the previous stakes stay in force.
+    fn reload(&mut self) -> Result<bool, String> {
+        Ok(false)
+    }
 }
 
 impl StakeRegistry for HashMap<String, f64> {
@@ -262,6 +268,10 @@ impl FileRegistry {
 impl StakeRegistry for FileRegistry {
     fn stake(&self, device: &str) -> Option<f64> {
         self.table.get(device).copied()
+    }
+
+    fn reload(&mut self) -> Result<bool, String> {
+        FileRegistry::reload(self).map_err(|e| e.to_string())
     }
 }
 

@@ -232,3 +232,99 @@ fn rounds_complete_through_loss_and_jitter() {
         check_aggregates(&sim, &initial);
     }
 }
+
+#[test]
+fn stake_weights_and_share_caps_shape_the_aggregate() {
+    use fedge_aggregator::weighting::{Transform, WeightPolicy};
+    for seed in SEEDS {
+        // A whale with stake 100 pushing +1, three small holders pushing 0.
+        let mut s = specs(4);
+        for (i, d) in s.iter_mut().enumerate() {
+            d.delta = if i == 0 { 1.0 } else { 0.0 };
+            d.samples = 10;
+        }
+        let mut c = cfg(4, 4, 1);
+        c.weights = WeightPolicy {
+            stake: Transform::Linear,
+            samples: Transform::Constant,
+            min_stake: 1.0,
+            max_share: 0.5,
+            allow_unknown: false,
+        };
+        let mut sim = Sim::new(seed, c, NetConfig::default(), s);
+        let stakes: std::collections::HashMap<String, f64> = (0..4)
+            .map(|i| (sim.device_id(i), if i == 0 { 100.0 } else { 1.0 }))
+            .collect();
+        sim.coord.set_stakes(Box::new(stakes));
+        let before = sim.coord.current_model().params.values.clone();
+        sim.run_to_end(Duration::from_secs(60));
+        // Uncapped the whale would own 100/103 of the round; capped, 1/2.
+        let after = &sim.coord.current_model().params.values;
+        for (a, b) in after.iter().zip(&before) {
+            assert!(
+                (a - b - 0.5).abs() < 1e-5,
+                "seed {seed}: moved by {}",
+                a - b
+            );
+        }
+        let contributions = sim.contributions();
+        assert_eq!(contributions.len(), 4);
+        let whale = contributions
+            .iter()
+            .find(|c| c.device == sim.device_id(0))
+            .unwrap();
+        assert!(
+            (whale.share - 0.5).abs() < 1e-9 && whale.raw_weight == 100.0,
+            "{whale:?}"
+        );
+    }
+}
+
+#[test]
+fn unregistered_devices_are_not_selected_and_oversized_updates_are_refused() {
+    use fedge_aggregator::weighting::WeightPolicy;
+    for seed in SEEDS {
+        let mut s = specs(4);
+        s[3].delta = 50.0; // norm 50 * sqrt(64) = 400
+        let mut c = cfg(2, 2, 1);
+        c.weights = WeightPolicy {
+            allow_unknown: false,
+            ..WeightPolicy::default()
+        };
+        c.update_norm_max = Some(10.0);
+        c.round_deadline = Duration::from_secs(5);
+        let mut sim = Sim::new(seed, c, NetConfig::default(), s);
+        // Device 2 is not in the registry.
+        let stakes: std::collections::HashMap<String, f64> =
+            [0, 1, 3].iter().map(|&i| (sim.device_id(i), 1.0)).collect();
+        sim.coord.set_stakes(Box::new(stakes));
+        sim.run_until(Duration::from_secs(60), |s| !s.published().is_empty());
+        let rejected = sim.rejections();
+        assert!(
+            rejected.contains(&RejectCode::NotSelected),
+            "seed {seed}: {rejected:?}"
+        );
+        let refused: Vec<_> = sim
+            .contributions()
+            .into_iter()
+            .filter(|c| !c.accepted)
+            .collect();
+        for r in &refused {
+            assert_eq!(r.device, sim.device_id(3), "seed {seed}");
+            assert!(
+                r.reason.as_deref().unwrap_or("").starts_with("norm_bound"),
+                "{r:?}"
+            );
+        }
+        let accepted: Vec<String> = sim
+            .contributions()
+            .into_iter()
+            .filter(|c| c.accepted)
+            .map(|c| c.device)
+            .collect();
+        assert!(
+            !accepted.contains(&sim.device_id(2)),
+            "seed {seed}: unregistered device took part"
+        );
+    }
+}

@@ -455,6 +455,20 @@ impl Sim {
         &self.devices[i].events
     }
 
+    pub fn device_id(&self, i: usize) -> String {
+        self.devices[i].session.device_id()
+    }
+
+    pub fn contributions(&self) -> Vec<fedge_aggregator::coordinator::Contribution> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Contribution(c) => Some(c.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     pub fn device_status(&self, i: usize) -> Status {
         self.devices[i].session.status()
     }
@@ -480,6 +494,7 @@ impl Sim {
                     round_id,
                     accepted,
                     outcome: RoundOutcome::Published(v),
+                    ..
                 } => Some((*round_id, *accepted, *v)),
                 _ => None,
             })
@@ -494,6 +509,7 @@ impl Sim {
                     round_id,
                     accepted,
                     outcome: RoundOutcome::Aborted,
+                    ..
                 } => Some((*round_id, *accepted)),
                 _ => None,
             })
