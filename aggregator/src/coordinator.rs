@@ -135,9 +135,25 @@ impl CoordinatorConfig {
     }
 }
 
-/// What the driver must do.
+/// An accepted update as it must be stored before it is acknowledged.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DurableUpdate {
+    pub round_id: u64,
+    pub device: String,
+    pub payload_hash: [u8; 32],
+    pub sample_count: u64,
+    pub raw_weight: f64,
+    pub stake: Option<f64>,
+    pub metrics: Vec<(String, f64)>,
+    pub payload: Bytes,
+}
+
+/// What the driver must do, in order.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Output {
+    /// Make this update durable before acting on any later output (the
+    /// acknowledgement follows it).
+    Persist(Box<DurableUpdate>),
     Send {
         session: SessionId,
         msg: AggMsg,
@@ -354,6 +370,50 @@ impl Coordinator {
 
     pub fn strategy_name(&self) -> String {
         self.strategy.name()
+    }
+
+    /// Put back an update that was acknowledged before a restart. Its
+    /// device counts as having contributed to the open round.
+    pub fn restore_update(&mut self, now: Instant, u: DurableUpdate) -> Result<(), String> {
+        if u.round_id != self.round.id {
+            return Err(format!(
+                "update for round {}, open round is {}",
+                u.round_id, self.round.id
+            ));
+        }
+        let key: [u8; 32] = hex::decode(&u.device)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| format!("bad device id `{}`", u.device))?;
+        if self.round.participants.get(&key) == Some(&Participation::Accepted) {
+            return Err(format!("device {} restored twice", u.device));
+        }
+        let delta = update::decode_update(
+            &u.payload,
+            self.round.combiner.dimension(),
+            &self.cfg.limits,
+        )
+        .map_err(|e| e.to_string())?;
+        self.round.combiner.add(delta, u.raw_weight);
+        self.round.metrics.push((u.raw_weight, u.metrics.clone()));
+        self.round.participants.insert(key, Participation::Accepted);
+        self.round.accepted.push(Contribution {
+            round_id: u.round_id,
+            device: u.device,
+            stake: u.stake,
+            samples: u.sample_count,
+            raw_weight: u.raw_weight,
+            share: 0.0,
+            accepted: true,
+            reason: None,
+        });
+        if self.round.deadline.is_none() {
+            self.round.deadline = Some(now + self.cfg.round_deadline);
+        }
+        if self.round.combiner.count() >= self.cfg.devices_per_round {
+            self.close_round(now);
+        }
+        Ok(())
     }
 
     // ------------------------------------------------------------ getters
@@ -1011,6 +1071,16 @@ impl Coordinator {
                 return;
             }
         };
+        self.out.push_back(Output::Persist(Box::new(DurableUpdate {
+            round_id: m.round_id,
+            device: dev.clone(),
+            payload_hash: m.payload_hash,
+            sample_count: m.sample_count,
+            raw_weight,
+            stake,
+            metrics: m.metrics.clone(),
+            payload: Bytes::from(u.data.clone()),
+        })));
         self.round.combiner.add(delta, raw_weight);
         self.round.metrics.push((raw_weight, m.metrics.clone()));
         self.round.accepted.push(Contribution {

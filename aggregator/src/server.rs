@@ -148,6 +148,19 @@ impl Server {
             resume.published_rounds,
         )
         .map_err(|e| anyhow::anyhow!("bad configuration: {e}"))?;
+        // Updates acknowledged before a restart rejoin their round.
+        for u in store.round_updates(core.round_id()).await? {
+            let device = u.device.clone();
+            core.restore_update(Instant::now(), u)
+                .map_err(|e| anyhow::anyhow!("restoring an update from {device}: {e}"))?;
+        }
+        if core.accepted_in_round() > 0 {
+            tracing::info!(
+                round_id = core.round_id(),
+                restored = core.accepted_in_round(),
+                "resumed the open round with its acknowledged updates"
+            );
+        }
         if let Some(path) = &cfg.stakes {
             let reg = crate::weighting::FileRegistry::open(path)?;
             tracing::info!(path = %path.display(), devices = reg.len(), "stake registry loaded");
@@ -169,7 +182,8 @@ impl Server {
                 &mut store,
                 &mut report,
                 &mut finished_at,
-            )?;
+            )
+            .await?;
             if let (Some(t), Some(grace)) = (finished_at, cfg.finish_grace)
                 && (Instant::now() >= t + grace
                     || (writers.is_empty() && core.session_count() == 0))
@@ -227,7 +241,7 @@ impl Server {
     }
 }
 
-fn drain(
+async fn drain(
     core: &mut Coordinator,
     writers: &mut HashMap<SessionId, mpsc::Sender<WriterCmd>>,
     store: &mut Store,
@@ -236,6 +250,10 @@ fn drain(
 ) -> anyhow::Result<()> {
     while let Some(out) = core.poll_output() {
         match out {
+            Output::Persist(u) => {
+                // Durable before the acknowledgement that follows it is sent.
+                store.persist_update(&u).await?;
+            }
             Output::Send { session, msg } => {
                 if let Some(w) = writers.get(&session)
                     && w.try_send(WriterCmd::Frame(msg.encode())).is_err()
@@ -253,13 +271,13 @@ fn drain(
                     let _ = w.try_send(WriterCmd::Close(reason));
                 }
             }
-            Output::Event(e) => on_event(e, store, report, finished_at)?,
+            Output::Event(e) => on_event(e, store, report, finished_at).await?,
         }
     }
     Ok(())
 }
 
-fn on_event(
+async fn on_event(
     e: Event,
     store: &mut Store,
     report: &mut ServeReport,
@@ -293,7 +311,7 @@ fn on_event(
             *report.rejections.entry(code.to_string()).or_default() += 1;
             tracing::warn!(%code, device = device.as_deref().map(|d| &d[..12]), %detail, "rejected");
         }
-        Event::Contribution(c) => store.record_contribution(&c)?,
+        Event::Contribution(c) => store.record_contribution(&c).await?,
         Event::RoundClosed {
             round_id,
             accepted,
@@ -315,7 +333,7 @@ fn on_event(
             round_id,
             version,
             blob,
-        } => store.publish(round_id, version, &blob)?,
+        } => store.publish(round_id, version, &blob).await?,
         Event::Finished { final_version } => {
             tracing::info!(%final_version, "all rounds done");
             *finished_at = Some(Instant::now());

@@ -1,14 +1,27 @@
-//! Durable aggregator state on disk: content-addressed model blobs
-//! (`models/<version>.fedge`) and a small resume point (`state.json`:
-//! next round id, rounds published, current version), each written
-//! atomically.
+//! Durable aggregator state: SQLite through sqlx (the SQL is kept portable
+//! to PostgreSQL: `$n` parameters, BIGINT / DOUBLE PRECISION / TEXT
+//! columns) plus content-addressed blobs on disk:
+//!
+//! - `models/<version>.fedge`: every published model;
+//! - `updates/<round>/<payload hash>.bin`: accepted update payloads of
+//!   rounds not yet published, so a restarted aggregator resumes the round
+//!   with every update it acknowledged;
+//! - tables `state` (resume point), `model_versions`, `updates`,
+//!   `contributions`.
+//!
+//! **Invariant:** an update is acknowledged only after [`Store::persist_update`]
+//! returned: its payload is fsynced and its row committed.
 
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use fedge_proto::{Limits, ModelBlob, ModelVersion};
-use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqliteSynchronous};
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+use crate::coordinator::{Contribution, DurableUpdate};
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ResumePoint {
     pub next_round_id: u64,
     pub published_rounds: u64,
@@ -24,36 +37,119 @@ pub enum StoreError {
     },
     #[error("{path} is corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
+    #[error("database {path}: {source}")]
+    Db { path: PathBuf, source: sqlx::Error },
+}
+
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS model_versions (
+        version TEXT PRIMARY KEY,
+        round_id BIGINT NOT NULL,
+        bytes BIGINT NOT NULL,
+        created_ms BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS updates (
+        round_id BIGINT NOT NULL,
+        device TEXT NOT NULL,
+        payload_hash TEXT NOT NULL,
+        samples BIGINT NOT NULL,
+        raw_weight DOUBLE PRECISION NOT NULL,
+        stake DOUBLE PRECISION,
+        metrics TEXT NOT NULL,
+        received_ms BIGINT NOT NULL,
+        PRIMARY KEY (round_id, device))",
+    "CREATE TABLE IF NOT EXISTS contributions (
+        round_id BIGINT NOT NULL,
+        device TEXT NOT NULL,
+        stake DOUBLE PRECISION,
+        samples BIGINT NOT NULL,
+        raw_weight DOUBLE PRECISION NOT NULL,
+        share DOUBLE PRECISION NOT NULL,
+        accepted BIGINT NOT NULL,
+        reason TEXT)",
+];
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 pub struct Store {
     dir: PathBuf,
+    db_path: PathBuf,
+    pool: SqlitePool,
     resume: ResumePoint,
 }
 
 impl Store {
-    /// Open (or create) the state directory.
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| StoreError::Io { path, source }
+    /// Open (or create) the state directory and its database.
+    pub async fn open(dir: &Path) -> Result<Self, StoreError> {
+        for sub in ["models", "updates"] {
+            std::fs::create_dir_all(dir.join(sub)).map_err(|source| StoreError::Io {
+                path: dir.join(sub),
+                source,
+            })?;
+        }
+        let db_path = dir.join("aggregator.db");
+        let db = |source| StoreError::Db {
+            path: db_path.clone(),
+            source,
         };
-        std::fs::create_dir_all(dir.join("models")).map_err(io(dir))?;
-        let state = dir.join("state.json");
-        let resume = match std::fs::read(&state) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| StoreError::Corrupt {
-                path: state.clone(),
-                reason: e.to_string(),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => ResumePoint {
-                next_round_id: 1,
-                ..ResumePoint::default()
-            },
-            Err(e) => return Err(io(&state)(e)),
-        };
-        Ok(Store {
+        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", db_path.display()))
+            .map_err(db)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full);
+        let pool = sqlx::pool::PoolOptions::new()
+            .max_connections(1)
+            .connect_with(opts)
+            .await
+            .map_err(db)?;
+        for stmt in SCHEMA {
+            sqlx::query(stmt).execute(&pool).await.map_err(db)?;
+        }
+        let mut store = Store {
             dir: dir.to_path_buf(),
-            resume,
+            db_path: db_path.clone(),
+            pool,
+            resume: ResumePoint::default(),
+        };
+        store.resume = store.read_resume().await?;
+        Ok(store)
+    }
+
+    fn db(&self) -> impl Fn(sqlx::Error) -> StoreError + '_ {
+        |source| StoreError::Db {
+            path: self.db_path.clone(),
+            source,
+        }
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT value FROM state WHERE key = $1")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(self.db())?;
+        Ok(row.map(|r| r.get::<String, _>(0)))
+    }
+
+    async fn read_resume(&self) -> Result<ResumePoint, StoreError> {
+        let num = |v: Option<String>, default: u64| -> Result<u64, StoreError> {
+            match v {
+                None => Ok(default),
+                Some(s) => s.parse().map_err(|_| StoreError::Corrupt {
+                    path: self.db_path.clone(),
+                    reason: format!("state value `{s}` is not a number"),
+                }),
+            }
+        };
+        Ok(ResumePoint {
+            next_round_id: num(self.get("next_round_id").await?, 1)?,
+            published_rounds: num(self.get("published_rounds").await?, 0)?,
+            current_version: self.get("current_version").await?,
         })
     }
 
@@ -90,29 +186,138 @@ impl Store {
         Ok(Some(blob))
     }
 
-    /// Append a contribution record to `contributions.jsonl`.
-    pub fn record_contribution(
-        &mut self,
-        c: &crate::coordinator::Contribution,
-    ) -> Result<(), StoreError> {
-        use std::io::Write;
-        let path = self.dir.join("contributions.jsonl");
-        let io = |source| StoreError::Io {
-            path: path.clone(),
-            source,
-        };
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(io)?;
-        let mut line = serde_json::to_vec(c).expect("serialisable");
-        line.push(b'\n');
-        f.write_all(&line).map_err(io)
+    fn update_path(&self, round_id: u64, payload_hash: &[u8; 32]) -> PathBuf {
+        self.dir
+            .join("updates")
+            .join(round_id.to_string())
+            .join(format!("{}.bin", hex::encode(payload_hash)))
     }
 
-    /// Record a published model: blob first, then the resume point.
-    pub fn publish(
+    /// Make an accepted update durable: payload fsynced, then its row.
+    pub async fn persist_update(&self, u: &DurableUpdate) -> Result<(), StoreError> {
+        let path = self.update_path(u.round_id, &u.payload_hash);
+        fedge_proto::io::write_atomic(&path, &u.payload, None).map_err(|source| {
+            StoreError::Io {
+                path: path.clone(),
+                source,
+            }
+        })?;
+        let metrics = serde_json::to_string(&u.metrics).expect("serialisable");
+        sqlx::query(
+            "INSERT INTO updates (round_id, device, payload_hash, samples, raw_weight, stake, metrics, received_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             ON CONFLICT (round_id, device) DO NOTHING",
+        )
+        .bind(u.round_id as i64)
+        .bind(&u.device)
+        .bind(hex::encode(u.payload_hash))
+        .bind(u.sample_count as i64)
+        .bind(u.raw_weight)
+        .bind(u.stake)
+        .bind(metrics)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(self.db())?;
+        Ok(())
+    }
+
+    /// Accepted updates of `round_id` (a round open when the aggregator stopped).
+    pub async fn round_updates(&self, round_id: u64) -> Result<Vec<DurableUpdate>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT device, payload_hash, samples, raw_weight, stake, metrics FROM updates
+             WHERE round_id = $1 ORDER BY received_ms, device",
+        )
+        .bind(round_id as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(self.db())?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let hash_hex: String = r.get(1);
+            let corrupt = |reason: String| StoreError::Corrupt {
+                path: self.db_path.clone(),
+                reason,
+            };
+            let payload_hash: [u8; 32] = hex::decode(&hash_hex)
+                .ok()
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| corrupt(format!("bad payload hash `{hash_hex}`")))?;
+            let path = self.update_path(round_id, &payload_hash);
+            let payload = std::fs::read(&path).map_err(|source| StoreError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            if blake3::hash(&payload).as_bytes() != &payload_hash {
+                return Err(StoreError::Corrupt {
+                    path,
+                    reason: "payload does not match its hash".into(),
+                });
+            }
+            let metrics: Vec<(String, f64)> =
+                serde_json::from_str(&r.get::<String, _>(5)).map_err(|e| corrupt(e.to_string()))?;
+            out.push(DurableUpdate {
+                round_id,
+                device: r.get(0),
+                payload_hash,
+                sample_count: r.get::<i64, _>(2) as u64,
+                raw_weight: r.get(3),
+                stake: r.get(4),
+                metrics,
+                payload: payload.into(),
+            });
+        }
+        Ok(out)
+    }
+
+    pub async fn record_contribution(&self, c: &Contribution) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO contributions (round_id, device, stake, samples, raw_weight, share, accepted, reason)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(c.round_id as i64)
+        .bind(&c.device)
+        .bind(c.stake)
+        .bind(c.samples as i64)
+        .bind(c.raw_weight)
+        .bind(c.share)
+        .bind(i64::from(c.accepted))
+        .bind(&c.reason)
+        .execute(&self.pool)
+        .await
+        .map_err(self.db())?;
+        Ok(())
+    }
+
+    /// Contribution records of a round, in insertion order.
+    pub async fn contributions(&self, round_id: u64) -> Result<Vec<Contribution>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT device, stake, samples, raw_weight, share, accepted, reason FROM contributions
+             WHERE round_id = $1 ORDER BY rowid",
+        )
+        .bind(round_id as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(self.db())?;
+        Ok(rows
+            .into_iter()
+            .map(|r| Contribution {
+                round_id,
+                device: r.get(0),
+                stake: r.get(1),
+                samples: r.get::<i64, _>(2) as u64,
+                raw_weight: r.get(3),
+                share: r.get(4),
+                accepted: r.get::<i64, _>(5) != 0,
+                reason: r.get(6),
+            })
+            .collect())
+    }
+
+    /// Record a published model: blob fsynced first, then one transaction
+    /// with its row and the new resume point; the round's update payloads
+    /// are no longer needed.
+    pub async fn publish(
         &mut self,
         round_id: u64,
         v: ModelVersion,
@@ -123,16 +328,56 @@ impl Store {
             path: path.clone(),
             source,
         })?;
-        self.resume = ResumePoint {
+        let next = ResumePoint {
             next_round_id: round_id + 1,
             published_rounds: self.resume.published_rounds + 1,
             current_version: Some(v.to_hex()),
         };
-        let state = self.dir.join("state.json");
-        let json = serde_json::to_vec_pretty(&self.resume).expect("serialisable");
-        fedge_proto::io::write_atomic(&state, &json, None).map_err(|source| StoreError::Io {
-            path: state,
-            source,
-        })
+        let mut tx = self.pool.begin().await.map_err(self.db())?;
+        sqlx::query(
+            "INSERT INTO model_versions (version, round_id, bytes, created_ms) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (version) DO NOTHING",
+        )
+        .bind(v.to_hex())
+        .bind(round_id as i64)
+        .bind(blob.len() as i64)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await
+        .map_err(self.db())?;
+        for (k, val) in [
+            ("next_round_id", next.next_round_id.to_string()),
+            ("published_rounds", next.published_rounds.to_string()),
+            ("current_version", v.to_hex()),
+        ] {
+            sqlx::query(
+                "INSERT INTO state (key, value) VALUES ($1, $2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )
+            .bind(k)
+            .bind(val)
+            .execute(&mut *tx)
+            .await
+            .map_err(self.db())?;
+        }
+        tx.commit().await.map_err(self.db())?;
+        self.resume = next;
+        let _ = std::fs::remove_dir_all(self.dir.join("updates").join(round_id.to_string()));
+        Ok(())
+    }
+
+    /// A round ended without a model (aborted): move the resume point past it.
+    pub async fn skip_round(&mut self, round_id: u64) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO state (key, value) VALUES ('next_round_id', $1)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind((round_id + 1).to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(self.db())?;
+        self.resume.next_round_id = round_id + 1;
+        let _ = std::fs::remove_dir_all(self.dir.join("updates").join(round_id.to_string()));
+        Ok(())
     }
 }

@@ -192,7 +192,7 @@ async fn bad_input_is_rejected_and_honest_devices_still_complete() {
         rate_burst: 200.0,
         ..ServerConfig::default()
     };
-    let server = Server::bind(cfg, &identity, Store::open(dir.path()).unwrap()).unwrap();
+    let server = Server::bind(cfg, &identity, Store::open(dir.path()).await.unwrap()).unwrap();
     let addr = server.local_addr().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn(server.run(model(), async {

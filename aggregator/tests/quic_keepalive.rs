@@ -55,7 +55,7 @@ async fn keepalive_carries_the_connection_through_long_training() {
         finish_grace: Some(Duration::from_secs(2)),
         ..ServerConfig::default()
     };
-    let server = Server::bind(cfg, &identity, Store::open(dir.path()).unwrap()).unwrap();
+    let server = Server::bind(cfg, &identity, Store::open(dir.path()).await.unwrap()).unwrap();
     let addr = server.local_addr().unwrap();
     let layout = Arc::new(ParamLayout::new(vec![TensorSpec::new("w", &[4])]).unwrap());
     let model = ModelBlob {

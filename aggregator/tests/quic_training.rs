@@ -55,7 +55,7 @@ async fn devices_train_the_mlp_over_quic_and_accuracy_improves() {
         finish_grace: Some(Duration::from_secs(3)),
         ..ServerConfig::default()
     };
-    let server = Server::bind(cfg, &identity, Store::open(dir.path()).unwrap()).unwrap();
+    let server = Server::bind(cfg, &identity, Store::open(dir.path()).await.unwrap()).unwrap();
     let addr = server.local_addr().unwrap();
     let serving = tokio::spawn(server.run(initial.clone(), std::future::pending()));
     let mut devices = Vec::new();

@@ -226,21 +226,21 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let server_cfg = cfg.server_config()?;
     let limits = server_cfg.coordinator.limits.clone();
     let identity = TlsIdentity::load_or_create(&cfg.state_dir)?;
-    let store = Store::open(&cfg.state_dir)?;
-    let initial = match store.current_model(&limits)? {
-        Some(m) => {
-            tracing::info!(version = %m.version(), "resuming from the state directory's model");
-            m
-        }
-        None => {
-            let path = cfg.model.as_ref().context(
-                "no model: pass --model FILE (a .fedge blob; `fedge-aggregator model init` makes one)",
-            )?;
-            load_model(path, &limits)?
-        }
-    };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
+        let store = Store::open(&cfg.state_dir).await?;
+        let initial = match store.current_model(&limits)? {
+            Some(m) => {
+                tracing::info!(version = %m.version(), "resuming from the state directory's model");
+                m
+            }
+            None => {
+                let path = cfg.model.as_ref().context(
+                    "no model: pass --model FILE (.onnx, or a .fedge blob from `fedge-aggregator model import`)",
+                )?;
+                load_model(path, &limits)?
+            }
+        };
         let server = Server::bind(server_cfg, &identity, store)?;
         let addr = server.local_addr()?;
         // Machine-readable lines for scripts and tests.

@@ -147,6 +147,8 @@ pub struct Sim {
     next_conn: u64,
     pub events: Vec<Event>,
     pub steps: u64,
+    /// Updates the coordinator asked to make durable.
+    pub persisted: usize,
 }
 
 impl Sim {
@@ -207,6 +209,7 @@ impl Sim {
             next_conn: 1,
             events: Vec::new(),
             steps: 0,
+            persisted: 0,
         }
     }
 
@@ -249,6 +252,7 @@ impl Sim {
                         self.schedule(at, Ev::DevLost { conn: session });
                     }
                     Output::Event(e) => self.events.push(e),
+                    Output::Persist(_) => self.persisted += 1,
                 }
             }
             for i in 0..self.devices.len() {
