@@ -296,6 +296,10 @@ pub struct Coordinator {
     closed_uploads: HashMap<[u8; 32], bool>,
     published_rounds: u64,
     finished: bool,
+    /// Devices seen by this process (authenticated or restored) and those
+    /// already told the run is finished: the driver waits for the rest.
+    known_devices: std::collections::HashSet<[u8; 32]>,
+    told_finished: std::collections::HashSet<[u8; 32]>,
     out: VecDeque<Output>,
 }
 
@@ -339,6 +343,8 @@ impl Coordinator {
             closed_uploads: HashMap::new(),
             published_rounds,
             finished: false,
+            known_devices: Default::default(),
+            told_finished: Default::default(),
             out: VecDeque::new(),
             cfg,
         };
@@ -397,6 +403,7 @@ impl Coordinator {
         self.round.combiner.add(delta, u.raw_weight);
         self.round.metrics.push((u.raw_weight, u.metrics.clone()));
         self.round.participants.insert(key, Participation::Accepted);
+        self.known_devices.insert(key);
         self.round.accepted.push(Contribution {
             round_id: u.round_id,
             device: u.device,
@@ -444,6 +451,12 @@ impl Coordinator {
 
     pub fn session_count(&self) -> usize {
         self.sessions.len()
+    }
+
+    /// Devices this process knows of that have not yet been told the run
+    /// is finished (and may still come back for the final model).
+    pub fn devices_awaiting_finish(&self) -> usize {
+        self.known_devices.difference(&self.told_finished).count()
     }
 
     /// Updates accepted so far in the open round.
@@ -581,6 +594,7 @@ impl Coordinator {
                         reason: "device reconnected on another connection".into(),
                     });
                 }
+                self.known_devices.insert(key.to_bytes());
                 self.sessions.get_mut(&session).expect("checked").state =
                     SessionState::Ready { key };
                 self.send(
@@ -670,6 +684,7 @@ impl Coordinator {
     fn on_task_request(&mut self, now: Instant, session: SessionId, key: VerifyingKey) {
         if self.finished {
             let mref = self.models[&self.current_version].mref;
+            self.told_finished.insert(key.to_bytes());
             self.send(session, AggMsg::Finished(mref));
             return;
         }

@@ -186,7 +186,9 @@ impl Server {
             .await?;
             if let (Some(t), Some(grace)) = (finished_at, cfg.finish_grace)
                 && (Instant::now() >= t + grace
-                    || (writers.is_empty() && core.session_count() == 0))
+                    || (writers.is_empty()
+                        && core.session_count() == 0
+                        && core.devices_awaiting_finish() == 0))
             {
                 break;
             }

@@ -89,6 +89,12 @@ struct RunArgs {
     /// Give up after this many failed connection attempts in a row (0: never).
     #[arg(long, default_value_t = 20)]
     reconnect_attempts: u32,
+    /// QUIC keepalive interval, in ms.
+    #[arg(long, default_value_t = 5_000)]
+    keepalive_ms: u64,
+    /// Drop a connection that heard nothing for this long, in ms.
+    #[arg(long, default_value_t = 60_000)]
+    idle_timeout_ms: u64,
 }
 
 #[derive(clap::Args)]
@@ -471,7 +477,10 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             seed: a.seed,
             ..SessionConfig::default()
         },
-        timing: QuicTiming::default(),
+        timing: QuicTiming {
+            keep_alive: Duration::from_millis(a.keepalive_ms),
+            idle_timeout: Duration::from_millis(a.idle_timeout_ms),
+        },
         state_dir: Some(a.state_dir.clone()),
         connect_timeout: Duration::from_secs(10),
     };

@@ -1,0 +1,168 @@
+//! Kill the real aggregator with SIGKILL in the middle of a round and
+//! restart it: no acknowledged update is lost, and the round completes
+//! with them.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use fedge_proto::{Limits, ModelBlob, ParamLayout, Params, TensorSpec};
+
+fn bin(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_fedge-aggregator")).with_file_name(name)
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_aggregator(listen: &str, state: &Path, model: &Path) -> (Proc, String, String) {
+    let mut p = Proc(
+        Command::new(bin("fedge-aggregator"))
+            .args(["serve", "--listen", listen, "--rounds", "1"])
+            .args([
+                "--devices-per-round",
+                "3",
+                "--min-devices",
+                "3",
+                "--round-deadline-ms",
+                "120000",
+            ])
+            .arg("--state-dir")
+            .arg(state)
+            .arg("--model")
+            .arg(model)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(p.0.stdout.take().unwrap()).lines();
+    let (mut addr, mut fp) = (String::new(), String::new());
+    while addr.is_empty() || fp.is_empty() {
+        let line = lines.next().expect("aggregator output").unwrap();
+        if let Some(a) = line.strip_prefix("listening ") {
+            addr = a.into();
+        } else if let Some(f) = line.strip_prefix("fingerprint ") {
+            fp = f.into();
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    (p, addr, fp)
+}
+
+/// A device process and a channel of its log lines.
+fn start_device(addr: &str, fp: &str, state: &Path, value: &str) -> (Proc, mpsc::Receiver<String>) {
+    let mut p = Proc(
+        Command::new(bin("fedge-device"))
+            .args(["run", "--aggregator", addr, "--pin", fp])
+            .arg("--state-dir")
+            .arg(state)
+            .args(["--known-update", value, "--samples", "1"])
+            .args(["--keepalive-ms", "300", "--idle-timeout-ms", "1500"])
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (tx, rx) = mpsc::channel();
+    let err = p.0.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (p, rx)
+}
+
+fn wait_for(rx: &mpsc::Receiver<String>, needle: &str, limit: Duration) {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100))
+            && line.contains(needle)
+        {
+            return;
+        }
+    }
+    panic!("no `{needle}` within {limit:?}");
+}
+
+fn wait_exit(p: &mut Proc, limit: Duration) -> std::process::ExitStatus {
+    let end = Instant::now() + limit;
+    loop {
+        if let Some(s) = p.0.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            Instant::now() < end,
+            "process did not exit within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn sigkill_mid_round_loses_no_acknowledged_update() {
+    // The device binary must be current (see e2e_processes.rs).
+    assert!(
+        bin("fedge-device").exists(),
+        "build the workspace first (cargo test --workspace)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m.fedge");
+    let layout = Arc::new(ParamLayout::new(vec![TensorSpec::new("w", &[6])]).unwrap());
+    let initial = ModelBlob {
+        onnx_graph: Default::default(),
+        params: Params::new(layout, vec![0.5; 6]).unwrap(),
+    };
+    std::fs::write(&model, initial.encode()).unwrap();
+    let state = dir.path().join("agg");
+
+    let (mut agg, addr, fp) = start_aggregator("127.0.0.1:0", &state, &model);
+    let (mut a, a_log) = start_device(&addr, &fp, &dir.path().join("a"), "1.0");
+    let (mut b, b_log) = start_device(&addr, &fp, &dir.path().join("b"), "2.0");
+    wait_for(&a_log, "update accepted", Duration::from_secs(30));
+    wait_for(&b_log, "update accepted", Duration::from_secs(30));
+
+    // Two of three updates acknowledged: kill -9.
+    agg.0.kill().unwrap();
+    agg.0.wait().unwrap();
+
+    let (mut agg, addr2, fp2) = start_aggregator(&addr, &state, &model);
+    assert_eq!(
+        (&addr2, &fp2),
+        (&addr, &fp),
+        "same address and identity after restart"
+    );
+    let (mut c, _c_log) = start_device(&addr, &fp, &dir.path().join("c"), "3.0");
+    for (name, p) in [("a", &mut a), ("b", &mut b), ("c", &mut c)] {
+        let status = wait_exit(p, Duration::from_secs(60));
+        assert!(status.success(), "device {name} exited with {status}");
+        let mut out = String::new();
+        std::io::Read::read_to_string(p.0.stdout.as_mut().unwrap(), &mut out).unwrap();
+        // Had the restarted aggregator forgotten a and b, they would have
+        // been selected again and contributed twice.
+        assert!(
+            out.contains("rounds_contributed=1 "),
+            "device {name}: {out}"
+        );
+    }
+    assert!(wait_exit(&mut agg, Duration::from_secs(30)).success());
+
+    // 0.5 + (1 + 2 + 3) / 3: both acknowledged updates made it in.
+    for d in ["a", "b", "c"] {
+        let bytes = std::fs::read(dir.path().join(d).join("model.fedge")).unwrap();
+        let m = ModelBlob::decode(&bytes, &Limits::default()).unwrap();
+        assert_eq!(m.params.values, vec![2.5; 6], "device {d}'s final model");
+    }
+}
