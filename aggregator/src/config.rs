@@ -92,6 +92,8 @@ pub struct ServerLimits {
     pub finish_grace_ms: u64,
     /// Keep serving after the last round instead of exiting.
     pub serve_forever: bool,
+    /// HTTP address for `/metrics` and `/status` (None: not served).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for AggregatorConfig {
@@ -175,6 +177,7 @@ impl Default for ServerLimits {
             auth_timeout_ms: CoordinatorConfig::default().auth_timeout.as_millis() as u64,
             finish_grace_ms: 10_000,
             serve_forever: false,
+            metrics_listen: None,
         }
     }
 }
@@ -311,6 +314,7 @@ impl AggregatorConfig {
             finish_grace: (!self.server.serve_forever)
                 .then(|| Duration::from_millis(self.server.finish_grace_ms)),
             stakes: self.stakes.clone(),
+            metrics_listen: self.server.metrics_listen,
         })
     }
 }

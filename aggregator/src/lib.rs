@@ -6,6 +6,9 @@
 //! - [`tls`]: the aggregator's TLS identity (created once, pinned by devices).
 //! - [`store`]: durable state on disk (content-addressed model blobs).
 //! - [`config`]: the TOML configuration and its defaults.
+//! - [`metrics`]: Prometheus metrics and the JSON status endpoint.
+//! - [`strategy`], [`robust`], [`weighting`]: strategies, robust
+//!   combiners, token-weighted contributions.
 //!
 //! **Invariant:** the aggregator never depends on tract or on the device
 //! runtime; only tests and the `simulate` wiring in the binary do.
@@ -13,6 +16,7 @@
 pub mod aggregate;
 pub mod config;
 pub mod coordinator;
+pub mod metrics;
 pub mod robust;
 pub mod server;
 pub mod store;

@@ -17,6 +17,7 @@ use fedge_proto::{DeviceMsg, Limits, ModelBlob, ModelVersion, ProtoError};
 use tokio::sync::mpsc;
 
 use crate::coordinator::{Coordinator, CoordinatorConfig, Event, Output, RoundOutcome, SessionId};
+use crate::metrics::{Metrics, SharedStatus, Status};
 use crate::store::Store;
 use crate::tls::TlsIdentity;
 
@@ -34,6 +35,8 @@ pub struct ServerConfig {
     pub finish_grace: Option<Duration>,
     /// Stake registry file, reloaded every few seconds when it changes.
     pub stakes: Option<std::path::PathBuf>,
+    /// HTTP address for `/metrics` (Prometheus) and `/status` (JSON).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for ServerConfig {
@@ -46,6 +49,7 @@ impl Default for ServerConfig {
             idle_timeout: Duration::from_secs(60),
             finish_grace: Some(Duration::from_secs(10)),
             stakes: None,
+            metrics_listen: None,
         }
     }
 }
@@ -102,6 +106,8 @@ pub struct Server {
     endpoint: quinn::Endpoint,
     cfg: ServerConfig,
     store: Store,
+    http: Option<std::net::TcpListener>,
+    metrics: Arc<Metrics>,
 }
 
 impl Server {
@@ -117,15 +123,31 @@ impl Server {
         sc.transport_config(Arc::new(t));
         let endpoint = quinn::Endpoint::server(sc, cfg.listen)
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
+        let http = match cfg.metrics_listen {
+            Some(addr) => {
+                let l = std::net::TcpListener::bind(addr)
+                    .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e}"))?;
+                l.set_nonblocking(true)?;
+                Some(l)
+            }
+            None => None,
+        };
         Ok(Server {
             endpoint,
             cfg,
             store,
+            http,
+            metrics: Arc::new(Metrics::default()),
         })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.endpoint.local_addr()
+    }
+
+    /// Where `/metrics` and `/status` are served, if configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// Serve until all rounds are done (plus the grace period) or
@@ -139,7 +161,18 @@ impl Server {
             endpoint,
             cfg,
             mut store,
+            http,
+            metrics,
         } = self;
+        let status: SharedStatus = Default::default();
+        let http_task = match http {
+            Some(l) => Some(tokio::spawn(crate::metrics::serve(
+                tokio::net::TcpListener::from_std(l)?,
+                Arc::clone(&metrics),
+                Arc::clone(&status),
+            ))),
+            None => None,
+        };
         let resume = store.resume_point();
         let mut core = Coordinator::new(
             cfg.coordinator.clone(),
@@ -170,20 +203,44 @@ impl Server {
         reload.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let limits = cfg.coordinator.limits.clone();
         let (in_tx, mut in_rx) = mpsc::channel::<Input>(4096);
-        let accept = tokio::spawn(accept_loop(endpoint.clone(), in_tx, limits, cfg.clone()));
+        let accept = tokio::spawn(accept_loop(
+            endpoint.clone(),
+            in_tx,
+            limits,
+            cfg.clone(),
+            Arc::clone(&metrics),
+        ));
         let mut writers: HashMap<SessionId, mpsc::Sender<WriterCmd>> = HashMap::new();
         let mut report = ServeReport::default();
         let mut finished_at: Option<Instant> = core.is_finished().then(Instant::now);
+        let mut handled_at = Instant::now();
         tokio::pin!(shutdown);
         loop {
-            drain(
+            let closed = drain(
                 &mut core,
                 &mut writers,
                 &mut store,
                 &mut report,
                 &mut finished_at,
+                &metrics,
             )
             .await?;
+            if closed {
+                metrics
+                    .aggregation_seconds
+                    .observe(handled_at.elapsed().as_secs_f64());
+            }
+            metrics.sessions.set(core.session_count() as i64);
+            *status.lock().expect("status lock") = Status {
+                round_id: core.round_id(),
+                model_version: core.current_version().to_hex(),
+                accepted_in_round: core.accepted_in_round(),
+                devices_per_round: cfg.coordinator.devices_per_round,
+                published_rounds: core.published_rounds(),
+                sessions: core.session_count(),
+                finished: core.is_finished(),
+                strategy: core.strategy_name(),
+            };
             if let (Some(t), Some(grace)) = (finished_at, cfg.finish_grace)
                 && (Instant::now() >= t + grace
                     || (writers.is_empty()
@@ -206,6 +263,7 @@ impl Server {
                 input = in_rx.recv() => {
                     let Some(input) = input else { break };
                     let now = Instant::now();
+                    handled_at = now;
                     match input {
                         Input::Connected { id, binding, writer } => {
                             writers.insert(id, writer);
@@ -220,7 +278,10 @@ impl Server {
                         }
                     }
                 }
-                _ = sleep => core.handle_timeout(Instant::now()),
+                _ = sleep => {
+                    handled_at = Instant::now();
+                    core.handle_timeout(handled_at);
+                }
                 _ = reload.tick() => match core.stakes_mut().reload() {
                     Ok(true) => tracing::info!("stake registry reloaded"),
                     Ok(false) => {}
@@ -230,6 +291,9 @@ impl Server {
             }
         }
         accept.abort();
+        if let Some(t) = http_task {
+            t.abort();
+        }
         report.rounds_published = core.published_rounds();
         report.final_version = Some(core.current_version());
         for (_, w) in writers.drain() {
@@ -249,7 +313,9 @@ async fn drain(
     store: &mut Store,
     report: &mut ServeReport,
     finished_at: &mut Option<Instant>,
-) -> anyhow::Result<()> {
+    metrics: &Metrics,
+) -> anyhow::Result<bool> {
+    let mut closed = false;
     while let Some(out) = core.poll_output() {
         match out {
             Output::Persist(u) => {
@@ -273,10 +339,29 @@ async fn drain(
                     let _ = w.try_send(WriterCmd::Close(reason));
                 }
             }
-            Output::Event(e) => on_event(e, store, report, finished_at).await?,
+            Output::Event(e) => {
+                match &e {
+                    Event::UpdateAccepted { .. } => {
+                        metrics.updates_accepted.inc();
+                    }
+                    Event::Rejected { code, .. } => metrics.reject(code.as_str()),
+                    Event::RoundClosed {
+                        accepted, outcome, ..
+                    } => {
+                        closed = true;
+                        metrics.round_participants.set(*accepted as i64);
+                        match outcome {
+                            RoundOutcome::Published(_) => metrics.rounds_published.inc(),
+                            RoundOutcome::Aborted => metrics.rounds_aborted.inc(),
+                        };
+                    }
+                    _ => {}
+                }
+                on_event(e, store, report, finished_at).await?
+            }
         }
     }
-    Ok(())
+    Ok(closed)
 }
 
 async fn on_event(
@@ -349,6 +434,7 @@ async fn accept_loop(
     core: mpsc::Sender<Input>,
     limits: Limits,
     cfg: ServerConfig,
+    metrics: Arc<Metrics>,
 ) {
     let mut next_id: SessionId = 1;
     let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -364,9 +450,10 @@ async fn accept_loop(
         let limits = limits.clone();
         let cfg = cfg.clone();
         let open = Arc::clone(&open);
+        let metrics = Arc::clone(&metrics);
         tokio::spawn(async move {
             open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if let Err(e) = connection(id, incoming, core.clone(), limits, &cfg).await {
+            if let Err(e) = connection(id, incoming, core.clone(), limits, &cfg, &metrics).await {
                 tracing::debug!(session = id, error = %e, "connection ended");
             }
             let _ = core.send(Input::Disconnected(id)).await;
@@ -381,6 +468,7 @@ async fn connection(
     core: mpsc::Sender<Input>,
     limits: Limits,
     cfg: &ServerConfig,
+    metrics: &Arc<Metrics>,
 ) -> anyhow::Result<()> {
     let conn = incoming.await?;
     let mut binding = [0u8; 32];
@@ -396,10 +484,12 @@ async fn connection(
     })
     .await?;
     let wconn = conn.clone();
+    let wmetrics = Arc::clone(metrics);
     let writer = tokio::spawn(async move {
         while let Some(cmd) = wrx.recv().await {
             match cmd {
                 WriterCmd::Frame(f) => {
+                    wmetrics.bytes_out.inc_by(f.len() as u64 + 4);
                     if write_frame(&mut send, &f).await.is_err() {
                         break;
                     }
@@ -425,6 +515,7 @@ async fn connection(
     loop {
         let input = match read_frame(&mut recv, limits.frame_bytes_max).await {
             Ok(Some(frame)) => {
+                metrics.bytes_in.inc_by(frame.len() as u64 + 4);
                 if !rate.allow(Instant::now()) {
                     core.send(Input::RateLimited(id)).await?;
                     rejected = true;

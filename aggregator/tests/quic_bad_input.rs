@@ -190,10 +190,12 @@ async fn bad_input_is_rejected_and_honest_devices_still_complete() {
         finish_grace: Some(Duration::from_secs(5)),
         rate_per_sec: 100.0,
         rate_burst: 200.0,
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
         ..ServerConfig::default()
     };
     let server = Server::bind(cfg, &identity, Store::open(dir.path()).await.unwrap()).unwrap();
     let addr = server.local_addr().unwrap();
+    let metrics_addr = server.metrics_addr().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn(server.run(model(), async {
         let _ = stop_rx.await;
@@ -361,6 +363,30 @@ async fn bad_input_is_rejected_and_honest_devices_still_complete() {
     a.send(&DeviceMsg::UploadBegin(Box::new(late))).await;
     a.expect_reject(RejectCode::RoundClosed, false).await;
 
+    // Metrics and status over HTTP, while the aggregator still serves.
+    let metrics = http_get(metrics_addr, "/metrics").await;
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    for needle in [
+        "fedge_rounds_published_total 2",
+        "fedge_updates_accepted_total",
+        "fedge_rejections_total{reason=\"bad_signature\"} 2",
+        "fedge_rejections_total{reason=\"malformed\"} 1",
+        "fedge_bytes_in_total",
+        "fedge_aggregation_seconds_count 2",
+    ] {
+        assert!(metrics.contains(needle), "missing `{needle}` in\n{metrics}");
+    }
+    let status = http_get(metrics_addr, "/status").await;
+    assert!(
+        status.contains("\"published_rounds\": 2") && status.contains("\"finished\": true"),
+        "{status}"
+    );
+    assert!(
+        http_get(metrics_addr, "/nope")
+            .await
+            .starts_with("HTTP/1.1 404")
+    );
+
     let _ = stop_tx.send(());
     let report = serving.await.unwrap().unwrap();
     assert_eq!(report.rounds_published, 2);
@@ -378,4 +404,20 @@ async fn bad_input_is_rejected_and_honest_devices_still_complete() {
             report.rejections
         );
     }
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(WAIT, s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    out
 }

@@ -1,0 +1,178 @@
+//! Observability: Prometheus metrics (`GET /metrics`) and a JSON status of
+//! the current round (`GET /status`), served over plain HTTP on a separate
+//! address (`server.metrics_listen`).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+/// Every metric the aggregator exports.
+pub struct Metrics {
+    registry: Registry,
+    pub rounds_published: Counter,
+    pub rounds_aborted: Counter,
+    pub updates_accepted: Counter,
+    pub round_participants: Gauge,
+    pub sessions: Gauge,
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
+    pub rejections: Family<ReasonLabel, Counter>,
+    pub aggregation_seconds: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("fedge");
+        let m = Metrics {
+            rounds_published: Counter::default(),
+            rounds_aborted: Counter::default(),
+            updates_accepted: Counter::default(),
+            round_participants: Gauge::default(),
+            sessions: Gauge::default(),
+            bytes_in: Counter::default(),
+            bytes_out: Counter::default(),
+            rejections: Family::default(),
+            aggregation_seconds: Histogram::new(exponential_buckets(1e-4, 4.0, 10)),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "rounds_published",
+            "Rounds that published a model",
+            m.rounds_published.clone(),
+        );
+        registry.register(
+            "rounds_aborted",
+            "Rounds aborted for too few updates",
+            m.rounds_aborted.clone(),
+        );
+        registry.register(
+            "updates_accepted",
+            "Updates accepted",
+            m.updates_accepted.clone(),
+        );
+        registry.register(
+            "round_participants",
+            "Updates accepted in the last closed round",
+            m.round_participants.clone(),
+        );
+        registry.register("sessions", "Connected devices", m.sessions.clone());
+        registry.register(
+            "bytes_in",
+            "Frame bytes received from devices",
+            m.bytes_in.clone(),
+        );
+        registry.register(
+            "bytes_out",
+            "Frame bytes sent to devices",
+            m.bytes_out.clone(),
+        );
+        registry.register("rejections", "Rejections by reason", m.rejections.clone());
+        registry.register(
+            "aggregation_seconds",
+            "Time to combine a round's updates and publish the model",
+            m.aggregation_seconds.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    pub fn reject(&self, reason: &str) {
+        self.rejections
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut s = String::new();
+        prometheus_client::encoding::text::encode(&mut s, &self.registry).expect("string write");
+        s
+    }
+}
+
+/// The current round, for `GET /status`.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Status {
+    pub round_id: u64,
+    pub model_version: String,
+    pub accepted_in_round: usize,
+    pub devices_per_round: usize,
+    pub published_rounds: u64,
+    pub sessions: usize,
+    pub finished: bool,
+    pub strategy: String,
+}
+
+pub type SharedStatus = Arc<Mutex<Status>>;
+
+async fn respond(
+    req: Request<hyper::body::Incoming>,
+    metrics: Arc<Metrics>,
+    status: SharedStatus,
+) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    let (code, ctype, body) = match (req.method().as_str(), req.uri().path()) {
+        ("GET", "/metrics") => (
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.encode(),
+        ),
+        ("GET", "/status") => {
+            let s = status.lock().expect("status lock").clone();
+            (
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_string_pretty(&s).expect("serialisable"),
+            )
+        }
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "try /metrics or /status\n".into(),
+        ),
+    };
+    Ok(Response::builder()
+        .status(code)
+        .header("content-type", ctype)
+        .body(Full::new(Bytes::from(body)))
+        .expect("valid response"))
+}
+
+/// Serve `/metrics` and `/status` on `listener` until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, status: SharedStatus) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let (metrics, status) = (Arc::clone(&metrics), Arc::clone(&status));
+        tokio::spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let svc = hyper::service::service_fn(move |req| {
+                respond(req, Arc::clone(&metrics), Arc::clone(&status))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await;
+        });
+    }
+}
+
+/// Bind the metrics listener.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
