@@ -75,9 +75,9 @@
 //! `limits.update_dimension_max` (checked before any allocation) or not the
 //! expected one, an unknown or malformed codec spec, a `zstd` flag on a
 //! spec without `+zstd`, a zstd frame that would decompress past the
-//! largest body the spec can produce for `n` (at most `4.125·n + 11`
-//! bytes; see [`CodecSpec::body_bytes_max`]) or is malformed or followed by
-//! bytes, a count `k` other than the spec's, indices out of range, repeated
+//! largest body the spec can produce for `n` (at most the dense size
+//! `4·n` plus `ceil(n/8) + 16` bytes; see [`CodecSpec::body_bytes_max`])
+//! or is malformed or followed by bytes, a count `k` other than the spec's, indices out of range, repeated
 //! or not increasing, sections of the wrong length, NaN or infinite values
 //! or scales, negative scales, codes past `2L`, and non-zero padding.
 //! Nothing a peer sends makes it allocate more than the declared (and
@@ -128,7 +128,9 @@ impl CodecSpec {
     }
 
     /// Largest body (before zstd) this spec can produce, and a decoder
-    /// accepts, for `dimension` coordinates. At most `4.125·dimension + 11`.
+    /// accepts, for `dimension` coordinates: at most the dense size
+    /// `4·dimension` plus `ceil(dimension/8) + 16` (top-k's index section,
+    /// its count and format byte, and one partial block's scale).
     pub fn body_bytes_max(&self, dimension: u64) -> u64 {
         let k = self.kept(dimension);
         let values = values::value_bytes(self.values, k);
@@ -142,7 +144,7 @@ impl CodecSpec {
         assert!(
             max <= dimension
                 .saturating_mul(4)
-                .saturating_add(dimension.div_ceil(8) + 11)
+                .saturating_add(dimension.div_ceil(8) + 16)
         );
         max
     }

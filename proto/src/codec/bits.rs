@@ -130,49 +130,63 @@ pub fn pack(codes: &[u8], bits: u32, out: &mut Vec<u8>) {
 fn pack_n<const B: usize>(codes: &[u8], out: &mut Vec<u8>) {
     let per_byte = 8 / B;
     out.reserve(codes.len().div_ceil(per_byte));
-    for chunk in codes.chunks(per_byte) {
-        let mut byte = 0u8;
-        for (j, &c) in chunk.iter().enumerate() {
+    let byte = |chunk: &[u8]| {
+        chunk.iter().enumerate().fold(0u8, |acc, (j, &c)| {
             debug_assert!(usize::from(c) < 1 << B);
-            byte |= c << (j * B);
-        }
-        out.push(byte);
+            acc | c << (j * B)
+        })
+    };
+    let whole = codes.chunks_exact(per_byte);
+    let tail = whole.remainder();
+    out.extend(whole.map(byte));
+    if !tail.is_empty() {
+        out.push(byte(tail));
     }
 }
 
 /// Unpack `count` codes of `bits` bits from `data` (exactly
-/// `packed_len(count, bits)` bytes, checked by the caller), calling
-/// `each(i, code)` in order. Padding bits must be zero.
+/// `packed_len(count, bits)` bytes, checked by the caller). Padding bits
+/// must be zero and every code at most `code_max`.
 pub fn unpack(
     data: &[u8],
     count: usize,
     bits: u32,
+    code_max: u8,
     field: &'static str,
-    mut each: impl FnMut(usize, u8) -> Result<(), ProtoError>,
-) -> Result<(), ProtoError> {
+) -> Result<Vec<u8>, ProtoError> {
     assert_eq!(data.len() as u64, packed_len(count as u64, bits));
-    if bits == 8 {
-        for (i, &c) in data.iter().enumerate() {
-            each(i, c)?;
-        }
-        return Ok(());
-    }
     let per_byte = 8 / bits as usize;
-    let mask = (1u8 << bits) - 1;
-    for (byte_index, &byte) in data.iter().enumerate() {
-        let first = byte_index * per_byte;
-        let here = per_byte.min(count - first);
-        for j in 0..here {
-            each(first + j, (byte >> (j * bits as usize)) & mask)?;
-        }
-        if here < per_byte && byte >> (here * bits as usize) != 0 {
-            return Err(invalid(
-                field,
-                "padding bits after the last code are not zero",
-            ));
+    let mut codes = Vec::with_capacity(data.len() * per_byte);
+    match bits {
+        8 => codes.extend_from_slice(data),
+        4 => unpack_n::<4>(data, &mut codes),
+        2 => unpack_n::<2>(data, &mut codes),
+        1 => unpack_n::<1>(data, &mut codes),
+        _ => unreachable!("bits is 1, 2, 4 or 8"),
+    }
+    if codes[count..].iter().any(|&c| c != 0) {
+        return Err(invalid(
+            field,
+            "padding bits after the last code are not zero",
+        ));
+    }
+    codes.truncate(count);
+    if let Some(i) = codes.iter().position(|&c| c > code_max) {
+        return Err(invalid(
+            field,
+            &format!("code {} at position {i} is over {code_max}", codes[i]),
+        ));
+    }
+    Ok(codes)
+}
+
+fn unpack_n<const B: usize>(data: &[u8], codes: &mut Vec<u8>) {
+    let mask = (1u8 << B) - 1;
+    for &byte in data {
+        for j in 0..8 / B {
+            codes.push((byte >> (j * B)) & mask);
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -211,16 +225,14 @@ mod tests {
                 let mut out = Vec::new();
                 pack(&codes, bits, &mut out);
                 assert_eq!(out.len() as u64, packed_len(count as u64, bits));
-                let mut back = Vec::new();
-                unpack(&out, count, bits, "c", |_, c| {
-                    back.push(c);
-                    Ok(())
-                })
-                .unwrap();
-                assert_eq!(back, codes, "bits {bits} count {count}");
+                let max = ((1u32 << bits) - 1) as u8;
+                assert_eq!(unpack(&out, count, bits, max, "c"), Ok(codes.clone()));
+                if codes.contains(&max) {
+                    assert!(unpack(&out, count, bits, max - 1, "c").is_err());
+                }
                 if bits < 8 && (count * bits as usize) % 8 != 0 {
                     *out.last_mut().unwrap() |= 0x80;
-                    assert!(unpack(&out, count, bits, "c", |_, _| Ok(())).is_err());
+                    assert!(unpack(&out, count, bits, max, "c").is_err());
                 }
             }
         }

@@ -281,6 +281,21 @@ fn hand_computed_codecs() {
 }
 
 #[test]
+fn every_codec_round_trips_every_small_dimension() {
+    // Small n is where block and index overheads dominate; encode asserts
+    // its body is within `body_bytes_max`, decode that it matches.
+    for s in SPECS {
+        for n in 0..=40 {
+            let v = sample(n, n as u64);
+            let (b, t) = encode_with_transmitted(&spec(s), &v, 3).unwrap();
+            assert_eq!(decode(&b, n, &limits()).unwrap(), t, "{s} n={n}");
+            let bound = spec(s).body_bytes_max(n as u64);
+            assert!(bound <= 4 * n as u64 + (n as u64).div_ceil(8) + 16);
+        }
+    }
+}
+
+#[test]
 fn every_codec_handles_extreme_finite_values() {
     let v = [
         f32::MAX,

@@ -1,6 +1,7 @@
 //! The value stage: how `n` values (all coordinates, or the kept ones of a
 //! sparsifier) become bytes, and back.
 
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::RngCore;
@@ -39,9 +40,13 @@ pub fn encode_values(codec: ValueCodec, xs: &[f32], rng: &mut ChaCha8Rng, out: &
             }
         }
         ValueCodec::F16 => {
+            // The slice conversion uses F16C where the CPU has it; both it
+            // and `f16::from_f32` round to nearest even.
+            let mut h = vec![f16::ZERO; xs.len()];
+            h.convert_from_f32_slice(xs);
             out.reserve(xs.len() * 2);
-            for &x in xs {
-                out.extend_from_slice(&to_f16(x).to_bits().to_le_bytes());
+            for (v, &x) in h.iter().zip(xs) {
+                out.extend_from_slice(&saturate_f16(*v, x).to_bits().to_le_bytes());
             }
         }
         ValueCodec::Bf16 => {
@@ -59,9 +64,8 @@ pub fn encode_values(codec: ValueCodec, xs: &[f32], rng: &mut ChaCha8Rng, out: &
     );
 }
 
-/// Round to nearest f16, saturating at ±65504 instead of going infinite.
-fn to_f16(x: f32) -> f16 {
-    let h = f16::from_f32(x);
+/// `h`, the f16 nearest `x`, or ±65504 where that overflowed to infinity.
+fn saturate_f16(h: f16, x: f32) -> f16 {
     if h.is_infinite() {
         if x > 0.0 { f16::MAX } else { f16::MIN }
     } else {
@@ -91,7 +95,7 @@ fn encode_quant(
     rng: &mut ChaCha8Rng,
     out: &mut Vec<u8>,
 ) {
-    let level = bits.level_max() as i32;
+    let level = bits.level_max() as f32;
     let mut codes = Vec::with_capacity(xs.len());
     for block in xs.chunks(block_len.get()) {
         let scale = block.iter().fold(0f32, |m, x| m.max(x.abs()));
@@ -100,16 +104,17 @@ fn encode_quant(
             codes.extend(std::iter::repeat_n(level as u8, block.len()));
             continue;
         }
-        // |x| <= scale, so t lies in [-L, L]; the clamp only absorbs
-        // rounding in the multiplication.
-        let inv = level as f32 / scale;
+        // u = x·L/scale + L lies in [0, 2L] (the clamp only absorbs rounding);
+        // it is rounded down or up to an integer code with probabilities
+        // that make E[code] = u. u >= 0, so the cast is a floor.
+        let inv = level / scale;
         for &x in block {
-            let t = (x * inv).clamp(-level as f32, level as f32);
-            let lo = t.floor();
-            let up = uniform01(rng) < t - lo;
-            let q = lo as i32 + i32::from(up);
-            debug_assert!((-level..=level).contains(&q));
-            codes.push((q + level) as u8);
+            let u = (x * inv + level).clamp(0.0, 2.0 * level);
+            let lo = u as u32;
+            let up = uniform01(rng) < u - lo as f32;
+            let code = lo + u32::from(up);
+            debug_assert!(code <= 2 * level as u32);
+            codes.push(code as u8);
         }
     }
     bits::pack(&codes, bits.bits(), out);
@@ -143,10 +148,19 @@ pub fn decode_values(codec: ValueCodec, data: &[u8], n: usize) -> Result<Vec<f32
             }
             out
         }
-        ValueCodec::F16 => decode_half(data, n, |b| {
-            let h = f16::from_bits(b);
-            h.is_finite().then(|| h.to_f32())
-        })?,
+        ValueCodec::F16 => {
+            let mut h = Vec::with_capacity(n);
+            for (i, c) in data.chunks_exact(2).enumerate() {
+                let v = f16::from_bits(u16::from_le_bytes([c[0], c[1]]));
+                if !v.is_finite() {
+                    return Err(ProtoError::NonFinite { index: i as u64 });
+                }
+                h.push(v);
+            }
+            let mut out = vec![0f32; n];
+            h.convert_to_f32_slice(&mut out);
+            out
+        }
         ValueCodec::Bf16 => decode_half(data, n, |b| {
             let h = bf16::from_bits(b);
             h.is_finite().then(|| h.to_f32())
@@ -199,43 +213,35 @@ fn decode_quant(
 ) -> Result<Vec<f32>, ProtoError> {
     let blocks = n.div_ceil(block_len.get());
     let scales = read_scales(data, blocks)?;
-    let level = bits.level_max();
-    let code_max = 2 * level;
-    // step in f64: |code - L| * (scale / L) then rounds to an f32 <= scale,
-    // so a finite scale always gives a finite value.
-    let steps: Vec<f64> = scales
-        .iter()
-        .map(|&s| f64::from(s) / f64::from(level))
-        .collect();
-    let mut out = Vec::with_capacity(n);
-    bits::unpack(
+    let level = bits.level_max() as i32;
+    let codes = bits::unpack(
         &data[blocks * 4..],
         n,
         bits.bits(),
+        (2 * level) as u8,
         FIELD_CODES,
-        |i, code| {
-            if u32::from(code) > code_max {
-                return Err(invalid(
-                    FIELD_CODES,
-                    &format!("code {code} at position {i} is over {code_max}"),
-                ));
-            }
-            let step = steps[i / block_len.get()];
-            out.push(((i32::from(code) - level as i32) as f64 * step) as f32);
-            Ok(())
-        },
     )?;
+    let mut out = Vec::with_capacity(n);
+    for (block, &scale) in codes.chunks(block_len.get()).zip(&scales) {
+        // In f64, |code - L| * (scale / L) rounds to an f32 <= scale, so a
+        // finite scale always gives a finite value.
+        let step = f64::from(scale) / f64::from(level);
+        out.extend(
+            block
+                .iter()
+                .map(|&c| (f64::from(i32::from(c) - level) * step) as f32),
+        );
+    }
     Ok(out)
 }
 
 fn decode_sign(block_len: BlockLen, data: &[u8], n: usize) -> Result<Vec<f32>, ProtoError> {
     let blocks = n.div_ceil(block_len.get());
     let scales = read_scales(data, blocks)?;
+    let codes = bits::unpack(&data[blocks * 4..], n, 1, 1, FIELD_CODES)?;
     let mut out = Vec::with_capacity(n);
-    bits::unpack(&data[blocks * 4..], n, 1, FIELD_CODES, |i, bit| {
-        let s = scales[i / block_len.get()];
-        out.push(if bit == 1 { s } else { -s });
-        Ok(())
-    })?;
+    for (block, &s) in codes.chunks(block_len.get()).zip(&scales) {
+        out.extend(block.iter().map(|&bit| if bit == 1 { s } else { -s }));
+    }
     Ok(out)
 }
