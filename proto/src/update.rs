@@ -44,6 +44,12 @@ mod tests {
     use prost::Message;
 
     proptest! {
+        #![proptest_config(ProptestConfig {
+            rng_seed: proptest::test_runner::RngSeed::Fixed(0x0bda7e),
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
         #[test]
         fn dense_round_trip_is_exact(v in prop::collection::vec(-1e6f32..1e6, 0..256)) {
             let b = encode_update(Codec::DenseF32, &v);
@@ -54,6 +60,29 @@ mod tests {
         fn decoder_never_panics_on_garbage(b in prop::collection::vec(any::<u8>(), 0..128), dim in 0usize..64) {
             let _ = decode_update(&b, dim, &Limits::default());
         }
+    }
+
+    /// The call shapes runtime/ and aggregator/ use, so a change here that
+    /// would break them fails in this crate first.
+    #[test]
+    fn legacy_call_sites_still_compile_and_work() {
+        // runtime/src/session.rs
+        let codec = Codec::parse("zip").unwrap_or(Codec::DenseF32);
+        let payload = encode_update(codec, &[1.0, -2.0]);
+        // aggregator/src/coordinator.rs
+        let delta = decode_update(&payload, 2, &Limits::default()).unwrap();
+        assert_eq!(delta, vec![1.0, -2.0]);
+        // aggregator/src/config.rs
+        let e = crate::update::Codec::parse("zip")
+            .map_err(|e| format!("plan.codec: {e}"))
+            .unwrap_err();
+        assert!(e.contains("zip"), "{e}");
+        // An empty plan codec still means dense f32.
+        assert_eq!(Codec::parse(""), Ok(Codec::DenseF32));
+        // Any spec now works through the same entry points.
+        let q = Codec::parse("topk:0.5+q8").unwrap();
+        let back = decode_update(&encode_update(q, &[0.0, 4.0]), 2, &Limits::default());
+        assert_eq!(back, Ok(vec![0.0, 4.0]));
     }
 
     #[test]
