@@ -153,27 +153,50 @@ pub enum ProtoError {
     NonFinite { index: u64 },
     #[error("content hash mismatch: expected {expected}, got {got}")]
     HashMismatch { expected: String, got: String },
-    #[error("unknown codec `{0}`")]
-    UnknownCodec(String),
+    #[error("{0}")]
+    CodecSpec(#[from] crate::codec::CodecSpecError),
+    #[error("index {index} is out of range for dimension {dimension}")]
+    IndexOutOfRange { index: u64, dimension: u64 },
+    #[error("index {index} at position {position} does not increase on {previous}")]
+    IndicesNotIncreasing {
+        position: u64,
+        index: u64,
+        previous: u64,
+    },
+    #[error("{what}: declared {got}, expected {expected}")]
+    CountMismatch {
+        what: &'static str,
+        expected: u64,
+        got: u64,
+    },
+    #[error("non-finite scale in block {block}")]
+    NonFiniteScale { block: u64 },
+    #[error("compressed update decompresses past {bytes_max} bytes")]
+    DecompressedTooLarge { bytes_max: u64 },
 }
 
 impl ProtoError {
     /// The reject code a peer is told when its input fails this way.
     pub fn reject_code(&self) -> RejectCode {
         match self {
-            ProtoError::FrameTooLarge { .. } | ProtoError::LimitExceeded { .. } => {
-                RejectCode::TooLarge
-            }
+            ProtoError::FrameTooLarge { .. }
+            | ProtoError::LimitExceeded { .. }
+            | ProtoError::DecompressedTooLarge { .. } => RejectCode::TooLarge,
             ProtoError::Malformed(_)
             | ProtoError::MissingField(_)
             | ProtoError::BadLength { .. }
             | ProtoError::UnknownEnum { .. }
             | ProtoError::Invalid { .. }
-            | ProtoError::UnknownCodec(_) => RejectCode::Malformed,
+            | ProtoError::CodecSpec(_)
+            | ProtoError::IndexOutOfRange { .. }
+            | ProtoError::IndicesNotIncreasing { .. }
+            | ProtoError::CountMismatch { .. } => RejectCode::Malformed,
             ProtoError::WrongDirection(_) => RejectCode::ProtocolViolation,
             ProtoError::BadSignature => RejectCode::BadSignature,
             ProtoError::DimensionMismatch { .. } => RejectCode::DimensionMismatch,
-            ProtoError::NonFinite { .. } => RejectCode::NonFinite,
+            ProtoError::NonFinite { .. } | ProtoError::NonFiniteScale { .. } => {
+                RejectCode::NonFinite
+            }
             ProtoError::HashMismatch { .. } => RejectCode::HashMismatch,
         }
     }

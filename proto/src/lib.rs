@@ -10,12 +10,16 @@
 //!   anything is allocated.
 //! - [`params`]: the one canonical parameter layout, model blobs and their
 //!   content-addressed versions.
-//! - [`update`]: update payload encodings and their decoders.
+//! - [`codec`]: update compression codecs (dense, half precision,
+//!   quantized, sign, top-k / random-k, zstd), their spec grammar and
+//!   their validating decoders.
+//! - [`update`]: the update encode/decode entry points callers use.
 //! - [`sign`]: what devices sign (authentication and update manifests).
 //!
 //! **Invariant:** nothing in this crate does I/O or keeps time except the
 //! optional `io` helpers, which only read and write frames.
 
+pub mod codec;
 pub mod error;
 pub mod frame;
 #[cfg(feature = "io")]
