@@ -148,6 +148,9 @@ pub async fn run_device(
     {
         session.set_cached_model(Arc::new(m));
     }
+    if let Some(dir) = &cfg.state_dir {
+        session.set_compressor(crate::compress::Compressor::load(&dir.join("residual.bin")));
+    }
     let trainer = Arc::new(Mutex::new(trainer));
     let (train_tx, mut train_rx) = mpsc::channel::<Result<TrainOutput, String>>(1);
     let mut conn: Option<Conn> = None;
@@ -192,6 +195,15 @@ pub async fn run_device(
                 DeviceEvent::ModelReady { version, model } => {
                     tracing::info!(%version, "model downloaded");
                     persist_model(&cfg, &model)?;
+                }
+                DeviceEvent::ResidualChanged => {
+                    if let Some(dir) = &cfg.state_dir {
+                        let path = dir.join("residual.bin");
+                        session
+                            .compressor()
+                            .save(&path)
+                            .map_err(|source| DriverError::Persist { path, source })?;
+                    }
                 }
                 DeviceEvent::UpdateAccepted { round_id } => {
                     tracing::info!(round_id, "update accepted");

@@ -10,6 +10,7 @@
 //! every protocol behaviour is testable on a simulated fleet.
 
 pub mod bench;
+pub mod compress;
 pub mod data;
 pub mod dataspec;
 pub mod driver;

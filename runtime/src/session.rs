@@ -16,9 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use fedge_proto::codec::CodecSpec;
 use fedge_proto::msg::{Capabilities, Hello, ModelRef, TaskOffer, TrainingPlan, UploadBegin};
 use fedge_proto::sign::{self, SigningKey, UpdateManifest};
-use fedge_proto::update::{self, Codec};
 use fedge_proto::{
     AggMsg, DeviceMsg, Limits, ModelBlob, ModelVersion, ProtoError, RUNTIME_VERSION, RejectCode,
     SCHEMA_VERSION,
@@ -96,6 +96,9 @@ pub enum DeviceEvent {
     UpdateAccepted {
         round_id: u64,
     },
+    /// The error-feedback residual changed: persist it (before the upload
+    /// that follows goes out).
+    ResidualChanged,
     /// The aggregator refused something; the session has recovered.
     Rejected {
         code: RejectCode,
@@ -185,6 +188,7 @@ pub struct DeviceSession {
     events: VecDeque<DeviceEvent>,
     /// Rounds whose update this device had accepted.
     pub rounds_contributed: u64,
+    compressor: crate::compress::Compressor,
 }
 
 impl DeviceSession {
@@ -211,6 +215,7 @@ impl DeviceSession {
             transmit: VecDeque::new(),
             events: VecDeque::new(),
             rounds_contributed: 0,
+            compressor: Default::default(),
         };
         s.events.push_back(DeviceEvent::Connect);
         s
@@ -225,6 +230,15 @@ impl DeviceSession {
     /// Hex of this device's public key, as the aggregator names it.
     pub fn device_id(&self) -> String {
         hex::encode(self.key.verifying_key().to_bytes())
+    }
+
+    /// Restore error-feedback state (from a checkpoint).
+    pub fn set_compressor(&mut self, c: crate::compress::Compressor) {
+        self.compressor = c;
+    }
+
+    pub fn compressor(&self) -> &crate::compress::Compressor {
+        &self.compressor
     }
 
     pub fn cached_model(&self) -> Option<&Arc<ModelBlob>> {
@@ -365,8 +379,36 @@ impl DeviceSession {
             self.after_round(now);
             return;
         }
-        let codec = Codec::parse(&offer.plan.codec).unwrap_or(Codec::DenseF32);
-        let payload = update::encode_update(codec, &out.delta);
+        let spec = match CodecSpec::parse(&offer.plan.codec) {
+            Ok(s) => s,
+            Err(e) => {
+                self.events.push_back(DeviceEvent::Rejected {
+                    code: RejectCode::Malformed,
+                    detail: format!("the plan's codec is not understood: {e}"),
+                });
+                self.after_round(now);
+                return;
+            }
+        };
+        let seed = crate::compress::round_seed(self.key.verifying_key().as_bytes(), offer.round_id);
+        let payload =
+            match self
+                .compressor
+                .compress(&spec, &out.delta, seed, offer.plan.error_feedback)
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    self.events.push_back(DeviceEvent::Rejected {
+                        code: RejectCode::NonFinite,
+                        detail: format!("update not encodable: {e}"),
+                    });
+                    self.after_round(now);
+                    return;
+                }
+            };
+        if offer.plan.error_feedback {
+            self.events.push_back(DeviceEvent::ResidualChanged);
+        }
         let manifest = UpdateManifest {
             round_id: offer.round_id,
             model_version: offer.model.version,
