@@ -108,6 +108,7 @@ pub struct Server {
     store: Store,
     http: Option<std::net::TcpListener>,
     metrics: Arc<Metrics>,
+    observer: Option<mpsc::UnboundedSender<Event>>,
 }
 
 impl Server {
@@ -138,11 +139,25 @@ impl Server {
             store,
             http,
             metrics: Arc::new(Metrics::default()),
+            observer: None,
         })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.endpoint.local_addr()
+    }
+
+    /// Receive a copy of every coordinator event (for the simulator and
+    /// embedding applications).
+    pub fn observe(&mut self) -> mpsc::UnboundedReceiver<Event> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.observer = Some(tx);
+        rx
+    }
+
+    /// The metrics this server updates.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
     }
 
     /// Where `/metrics` and `/status` are served, if configured.
@@ -163,6 +178,7 @@ impl Server {
             mut store,
             http,
             metrics,
+            observer,
         } = self;
         let status: SharedStatus = Default::default();
         let http_task = match http {
@@ -223,6 +239,7 @@ impl Server {
                 &mut report,
                 &mut finished_at,
                 &metrics,
+                observer.as_ref(),
             )
             .await?;
             if closed {
@@ -314,6 +331,7 @@ async fn drain(
     report: &mut ServeReport,
     finished_at: &mut Option<Instant>,
     metrics: &Metrics,
+    observer: Option<&mpsc::UnboundedSender<Event>>,
 ) -> anyhow::Result<bool> {
     let mut closed = false;
     while let Some(out) = core.poll_output() {
@@ -357,6 +375,9 @@ async fn drain(
                     }
                     _ => {}
                 }
+                if let Some(o) = observer {
+                    let _ = o.send(e.clone());
+                }
                 on_event(e, store, report, finished_at).await?
             }
         }
@@ -396,7 +417,16 @@ async fn on_event(
             detail,
         } => {
             *report.rejections.entry(code.to_string()).or_default() += 1;
-            tracing::warn!(%code, device = device.as_deref().map(|d| &d[..12]), %detail, "rejected");
+            let device = device.as_deref().map(|d| &d[..12]);
+            if matches!(
+                code,
+                fedge_proto::RejectCode::RoundClosed | fedge_proto::RejectCode::NotSelected
+            ) {
+                // Routine with over-selection and eligibility rules.
+                tracing::debug!(%code, device, %detail, "rejected");
+            } else {
+                tracing::warn!(%code, device, %detail, "rejected");
+            }
         }
         Event::Contribution(c) => store.record_contribution(&c).await?,
         Event::RoundClosed {

@@ -318,3 +318,166 @@ mod tests {
         assert_eq!(d.labels, vec![2, 0, 1]);
     }
 }
+
+/// How a data set is split across devices.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Partition {
+    /// Shuffled, equal shares.
+    Iid,
+    /// Per class, device shares ~ Dirichlet(alpha) (smaller: more skewed).
+    Dirichlet(f64),
+    /// Sort by label, cut into `devices x shards` shards, deal each device
+    /// `shards` of them (McMahan et al.'s pathological non-IID).
+    Shards(usize),
+}
+
+impl Partition {
+    pub fn parse(s: &str) -> Result<Self, DataError> {
+        let bad = || {
+            DataError::Invalid(format!(
+                "partition `{s}`: use iid, dirichlet:ALPHA or shards:N"
+            ))
+        };
+        match s.split_once(':') {
+            None if s == "iid" => Ok(Partition::Iid),
+            Some(("dirichlet", a)) => {
+                let a: f64 = a.parse().map_err(|_| bad())?;
+                if !(a > 0.0 && a.is_finite()) {
+                    return Err(bad());
+                }
+                Ok(Partition::Dirichlet(a))
+            }
+            Some(("shards", n)) => Ok(Partition::Shards(
+                n.parse().ok().filter(|n| *n > 0).ok_or_else(bad)?,
+            )),
+            _ => Err(bad()),
+        }
+    }
+
+    /// Sample indices of each of `devices` devices (each non-empty when
+    /// there are enough samples), deterministic for `seed`.
+    pub fn split(&self, data: &Dataset, devices: usize, seed: u64) -> Vec<Vec<usize>> {
+        use rand_distr::{Distribution, Gamma};
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut out = vec![Vec::new(); devices];
+        if devices == 0 {
+            return out;
+        }
+        match self {
+            Partition::Iid => {
+                let mut idx: Vec<usize> = (0..data.len()).collect();
+                idx.shuffle(&mut rng);
+                for (i, s) in idx.into_iter().enumerate() {
+                    out[i % devices].push(s);
+                }
+            }
+            Partition::Dirichlet(alpha) => {
+                let gamma = Gamma::new(*alpha, 1.0).expect("alpha > 0");
+                for class in 0..data.classes as i64 {
+                    let mut idx: Vec<usize> = (0..data.len())
+                        .filter(|&i| data.labels[i] == class)
+                        .collect();
+                    idx.shuffle(&mut rng);
+                    let w: Vec<f64> = (0..devices)
+                        .map(|_| gamma.sample(&mut rng).max(1e-12))
+                        .collect();
+                    let total: f64 = w.iter().sum();
+                    let mut start = 0usize;
+                    let mut acc = 0.0;
+                    for (d, wd) in w.iter().enumerate() {
+                        acc += wd / total;
+                        let end = if d + 1 == devices {
+                            idx.len()
+                        } else {
+                            (acc * idx.len() as f64).round() as usize
+                        };
+                        out[d].extend_from_slice(&idx[start..end.max(start)]);
+                        start = end.max(start);
+                    }
+                }
+                // No device left empty: give it a few random samples.
+                for d in 0..devices {
+                    if out[d].is_empty() {
+                        let donor = (0..devices).max_by_key(|&j| out[j].len()).expect("devices");
+                        let take = out[donor].len() / 10;
+                        let split_at = out[donor].len() - take.max(1);
+                        let moved: Vec<usize> = out[donor].split_off(split_at);
+                        out[d] = moved;
+                    }
+                }
+                for o in &mut out {
+                    o.shuffle(&mut rng);
+                }
+            }
+            Partition::Shards(per) => {
+                let mut idx: Vec<usize> = (0..data.len()).collect();
+                idx.shuffle(&mut rng);
+                idx.sort_by_key(|&i| data.labels[i]); // stable: shuffled within a class
+                let n_shards = devices * per;
+                let size = data.len() / n_shards.max(1);
+                let mut shards: Vec<usize> = (0..n_shards).collect();
+                shards.shuffle(&mut rng);
+                for (k, s) in shards.into_iter().enumerate() {
+                    out[k % devices].extend_from_slice(&idx[s * size..(s + 1) * size]);
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod partition_tests {
+    use super::*;
+
+    fn toy(n: usize, classes: usize) -> Dataset {
+        Dataset {
+            features: Features::F32(vec![0.0; n]),
+            sample_shape: vec![1],
+            labels: (0..n).map(|i| (i % classes) as i64).collect(),
+            classes,
+        }
+    }
+
+    #[test]
+    fn partitions_cover_every_sample_once_and_skew_as_asked() {
+        let d = toy(1000, 10);
+        for p in [
+            Partition::Iid,
+            Partition::Dirichlet(0.5),
+            Partition::Shards(2),
+        ] {
+            let parts = p.split(&d, 20, 7);
+            let mut all: Vec<usize> = parts.iter().flatten().copied().collect();
+            all.sort_unstable();
+            all.dedup();
+            assert_eq!(all.len(), 1000, "{p:?} covers every sample once");
+            assert!(parts.iter().all(|q| !q.is_empty()), "{p:?}");
+            assert_eq!(parts, p.split(&d, 20, 7), "deterministic");
+        }
+        // Shards(2): each device sees at most 2-3 classes.
+        for q in Partition::Shards(2).split(&d, 20, 1) {
+            let mut c: Vec<i64> = q.iter().map(|&i| d.labels[i]).collect();
+            c.sort_unstable();
+            c.dedup();
+            assert!(c.len() <= 3, "{c:?}");
+        }
+        // Dirichlet(0.1) is far more skewed than IID.
+        let skew = |p: Partition| {
+            p.split(&d, 10, 3)
+                .iter()
+                .map(|q| {
+                    let mut counts = [0usize; 10];
+                    for &i in q {
+                        counts[d.labels[i] as usize] += 1;
+                    }
+                    *counts.iter().max().unwrap() as f64 / q.len() as f64
+                })
+                .sum::<f64>()
+                / 10.0
+        };
+        assert!(skew(Partition::Dirichlet(0.1)) > 2.0 * skew(Partition::Iid));
+        assert!(Partition::parse("dirichlet:0").is_err());
+        assert_eq!(Partition::parse("shards:2").unwrap(), Partition::Shards(2));
+    }
+}

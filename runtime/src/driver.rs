@@ -209,7 +209,11 @@ pub async fn run_device(
                     tracing::info!(round_id, "update accepted");
                 }
                 DeviceEvent::Rejected { code, detail } => {
-                    tracing::warn!(%code, %detail, "rejected by aggregator");
+                    if code == RejectCode::RoundClosed {
+                        tracing::info!(%detail, "update arrived after the round closed");
+                    } else {
+                        tracing::warn!(%code, %detail, "rejected by aggregator");
+                    }
                     rejections.push((code, detail));
                 }
                 DeviceEvent::Finished { version, model } => {

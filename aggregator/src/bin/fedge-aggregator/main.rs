@@ -1,5 +1,7 @@
 //! `fedge-aggregator`: run federated rounds over QUIC.
 
+mod simulate;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -39,6 +41,12 @@ enum Cmd {
     /// Work with model files (`.fedge` blobs: ONNX graph plus parameters).
     #[command(subcommand)]
     Model(ModelCmd),
+    /// Run an aggregator and many devices in this process over loopback
+    /// QUIC, training a real model on the shipped data; prints a table per
+    /// round and writes results.json. With no arguments: MNIST, 20 devices
+    /// with Dirichlet(0.5) labels, 10 per round, compressed updates,
+    /// token-weighted FedAvg.
+    Simulate(simulate::SimArgs),
 }
 
 #[derive(Subcommand)]
@@ -181,6 +189,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Serve(args) => serve(args),
+        Cmd::Simulate(args) => simulate::run(args),
     }
 }
 

@@ -1,0 +1,491 @@
+//! `fedge-aggregator simulate`: an aggregator and N devices in one process,
+//! speaking the real protocol over loopback QUIC through the real device
+//! code path (driver, session, tract training), on the shipped data.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use fedge_aggregator::coordinator::{CoordinatorConfig, Event, RoundOutcome};
+use fedge_aggregator::server::{Server, ServerConfig};
+use fedge_aggregator::store::Store;
+use fedge_aggregator::strategy::StrategyConfig;
+use fedge_aggregator::tls::TlsIdentity;
+use fedge_aggregator::weighting::{Transform, WeightPolicy};
+use fedge_proto::msg::TrainingPlan;
+use fedge_proto::sign::SigningKey;
+use fedge_proto::{Limits, ModelBlob};
+use fedge_runtime::data::{self, Dataset, Partition};
+use fedge_runtime::driver::{DriverConfig, run_device};
+use fedge_runtime::session::SessionConfig;
+use fedge_runtime::train::exec::TractInference;
+use fedge_runtime::train::import::{ModelGraph, import_onnx};
+use fedge_runtime::train::local::evaluate;
+use fedge_runtime::trainer::OnnxTrainer;
+use fedge_runtime::transport::{QuicTiming, Trust};
+use prost::Message;
+use serde::{Deserialize, Serialize};
+
+/// A simulation, as written in TOML (every field has a default; flags
+/// override the file).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimConfig {
+    /// Zoo model (mlp, cnn, small_cnn, char) or a path to an ONNX file.
+    pub model: String,
+    /// mnist or shakespeare.
+    pub data: String,
+    /// iid, dirichlet:ALPHA or shards:N.
+    pub partition: String,
+    pub devices: usize,
+    pub devices_per_round: usize,
+    pub rounds: u64,
+    pub local_epochs: u32,
+    pub local_steps: u32,
+    pub batch_size: u32,
+    pub learning_rate: f32,
+    pub momentum: f32,
+    /// Update codec (see the codec grammar) and error feedback.
+    pub codec: String,
+    pub error_feedback: bool,
+    /// uniform, or zipf:S (device i holds 1/(i+1)^S of the top stake).
+    pub stakes: String,
+    pub weights: WeightPolicy,
+    pub strategy: StrategyConfig,
+    /// Training samples (the first N) and held-out samples (the last M).
+    pub train_samples: usize,
+    pub held_out: usize,
+    pub round_deadline_ms: u64,
+    pub seed: u64,
+    /// Where results.json goes.
+    pub out_dir: PathBuf,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            model: "mlp".into(),
+            data: "mnist".into(),
+            partition: "dirichlet:0.5".into(),
+            devices: 20,
+            devices_per_round: 10,
+            rounds: 20,
+            local_epochs: 2,
+            local_steps: 0,
+            batch_size: 32,
+            learning_rate: 0.05,
+            momentum: 0.9,
+            codec: "topk:0.1+q8".into(),
+            error_feedback: true,
+            stakes: "zipf:1.0".into(),
+            weights: WeightPolicy {
+                stake: Transform::Sqrt,
+                samples: Transform::Linear,
+                min_stake: 0.0,
+                max_share: 0.25,
+                allow_unknown: false,
+            },
+            strategy: StrategyConfig::default(),
+            train_samples: 8000,
+            held_out: 2000,
+            round_deadline_ms: 120_000,
+            seed: 1,
+            out_dir: PathBuf::from("results"),
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub struct SimArgs {
+    /// TOML file with a [`SimConfig`]; the flags below override it.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Zoo model name (mlp, cnn, small_cnn, char) or an ONNX file.
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long)]
+    devices: Option<usize>,
+    #[arg(long)]
+    devices_per_round: Option<usize>,
+    #[arg(long)]
+    rounds: Option<u64>,
+    /// iid, dirichlet:ALPHA or shards:N.
+    #[arg(long)]
+    partition: Option<String>,
+    /// Update codec, e.g. dense-f32, q8, topk:0.01+q4.
+    #[arg(long)]
+    codec: Option<String>,
+    #[arg(long)]
+    local_epochs: Option<u32>,
+    #[arg(long)]
+    learning_rate: Option<f32>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Directory for results.json.
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+struct Row {
+    round: u64,
+    participants: usize,
+    accuracy: f64,
+    loss: f64,
+    upload_bytes: u64,
+    download_bytes: u64,
+    cumulative_upload_bytes: u64,
+    seconds: f64,
+}
+
+fn zoo(name: &str, vocab: usize) -> anyhow::Result<Vec<u8>> {
+    Ok(match name {
+        "mlp" => fedge_runtime::zoo::mlp(1).encode_to_vec(),
+        "cnn" => fedge_runtime::zoo::cnn(2).encode_to_vec(),
+        "small_cnn" => fedge_runtime::zoo::small_cnn(3).encode_to_vec(),
+        "char" => fedge_runtime::zoo::char_model(4, vocab).encode_to_vec(),
+        path => std::fs::read(path)
+            .with_context(|| format!("model `{path}`: not a zoo name nor a readable file"))?,
+    })
+}
+
+fn stakes(spec: &str, n: usize) -> anyhow::Result<Vec<f64>> {
+    match spec.split_once(':') {
+        None if spec == "uniform" => Ok(vec![1.0; n]),
+        Some(("zipf", s)) => {
+            let s: f64 = s.parse().context("zipf exponent")?;
+            Ok((0..n).map(|i| 1000.0 / ((i + 1) as f64).powf(s)).collect())
+        }
+        _ => anyhow::bail!("stakes `{spec}`: use uniform or zipf:S"),
+    }
+}
+
+pub fn run(a: SimArgs) -> anyhow::Result<()> {
+    let mut c = match &a.config {
+        Some(p) => toml::from_str::<SimConfig>(
+            &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        )
+        .with_context(|| format!("config {}", p.display()))?,
+        None => SimConfig::default(),
+    };
+    macro_rules! set {
+        ($($f:ident),*) => { $(if let Some(v) = a.$f.clone() { c.$f = v; })* };
+    }
+    set!(
+        model,
+        devices,
+        devices_per_round,
+        rounds,
+        partition,
+        codec,
+        local_epochs,
+        learning_rate,
+        seed,
+        out_dir
+    );
+    if a.print_config {
+        print!("{}", toml::to_string(&c)?);
+        return Ok(());
+    }
+    anyhow::ensure!(
+        c.devices >= 1 && c.devices_per_round >= 1,
+        "devices and devices_per_round must be >= 1"
+    );
+    anyhow::ensure!(
+        c.devices_per_round <= c.devices,
+        "devices_per_round ({}) exceeds devices ({})",
+        c.devices_per_round,
+        c.devices
+    );
+    fedge_proto::codec::CodecSpec::parse(&c.codec)
+        .with_context(|| format!("codec `{}`", c.codec))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(simulate(c))
+}
+
+fn load_data(c: &SimConfig, context: usize) -> anyhow::Result<(Dataset, Dataset, usize)> {
+    let dir = data::shipped_data_dir();
+    match c.data.as_str() {
+        "mnist" => {
+            let d = data::load_mnist(&dir)?;
+            anyhow::ensure!(
+                c.train_samples + c.held_out <= d.len(),
+                "not enough MNIST samples"
+            );
+            Ok((
+                d.slice(0..c.train_samples),
+                d.slice(d.len() - c.held_out..d.len()),
+                0,
+            ))
+        }
+        "shakespeare" => {
+            let text = data::load_text(&dir.join("tinyshakespeare/input.txt"))?;
+            let vocab = data::Vocab::of(&text);
+            let d = data::char_windows(&text, &vocab, context, 7)?;
+            anyhow::ensure!(
+                c.train_samples + c.held_out <= d.len(),
+                "not enough text windows"
+            );
+            Ok((
+                d.slice(0..c.train_samples),
+                d.slice(d.len() - c.held_out..d.len()),
+                vocab.len(),
+            ))
+        }
+        other => anyhow::bail!("data `{other}`: use mnist or shakespeare"),
+    }
+}
+
+async fn simulate(c: SimConfig) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let vocab = if c.data == "shakespeare" { 65 } else { 0 };
+    let blob = import_onnx(&zoo(&c.model, vocab)?)?;
+    let graph = ModelGraph::from_blob(&blob)?;
+    let context = graph.sample_shape().first().copied().unwrap_or(1);
+    let (train, test, _) = load_data(&c, context)?;
+    let partition = Partition::parse(&c.partition)?;
+    let shards = partition.split(&train, c.devices, c.seed);
+
+    let work = tempfile::tempdir()?;
+    let state = work.path().join("aggregator");
+    std::fs::create_dir_all(&state)?;
+    let identity = TlsIdentity::load_or_create(&state)?;
+    let fp: [u8; 32] = hex::decode(identity.fingerprint_hex())?
+        .try_into()
+        .expect("32 bytes");
+    let keys: Vec<SigningKey> = (0..c.devices)
+        .map(|i| {
+            let seed = blake3::hash(format!("fedge-sim-device-{}-{i}", c.seed).as_bytes());
+            SigningKey::from_bytes(seed.as_bytes())
+        })
+        .collect();
+    let stake_values = stakes(&c.stakes, c.devices)?;
+    let stake_file = state.join("stakes.txt");
+    let lines: String = keys
+        .iter()
+        .zip(&stake_values)
+        .map(|(k, s)| format!("{} {s}\n", hex::encode(k.verifying_key().to_bytes())))
+        .collect();
+    std::fs::write(&stake_file, lines)?;
+
+    let plan = TrainingPlan {
+        local_epochs: c.local_epochs,
+        local_steps: c.local_steps,
+        batch_size: c.batch_size,
+        learning_rate: c.learning_rate,
+        momentum: c.momentum,
+        codec: c.codec.clone(),
+        error_feedback: c.error_feedback,
+        ..TrainingPlan::default()
+    };
+    let server_cfg = ServerConfig {
+        listen: "127.0.0.1:0".parse()?,
+        coordinator: CoordinatorConfig {
+            devices_per_round: c.devices_per_round,
+            min_devices: (c.devices_per_round / 2).max(1),
+            rounds: c.rounds,
+            round_deadline: Duration::from_millis(c.round_deadline_ms),
+            retry_window: (Duration::from_millis(200), Duration::from_millis(600)),
+            plan,
+            weights: c.weights.clone(),
+            strategy: c.strategy.clone(),
+            max_sessions: c.devices + 16,
+            seed: c.seed,
+            ..CoordinatorConfig::default()
+        },
+        finish_grace: Some(Duration::from_secs(10)),
+        stakes: Some(stake_file),
+        // Every device shares one process: a generous per-connection rate.
+        rate_per_sec: 10_000.0,
+        rate_burst: 20_000.0,
+        ..ServerConfig::default()
+    };
+    let mut server = Server::bind(server_cfg, &identity, Store::open(&state).await?)?;
+    let addr = server.local_addr()?;
+    let mut events = server.observe();
+    let metrics = server.metrics();
+    let serving = tokio::spawn(server.run(blob.clone(), std::future::pending()));
+
+    println!(
+        "simulating {} devices ({} per round, {} rounds) training {} on {} ({} partition), codec {}, over QUIC at {addr}",
+        c.devices, c.devices_per_round, c.rounds, c.model, c.data, c.partition, c.codec
+    );
+    let mut devices = Vec::new();
+    for (i, (key, shard)) in keys.into_iter().zip(&shards).enumerate() {
+        let cfg = DriverConfig {
+            aggregator: addr,
+            server_name: "localhost".into(),
+            trust: Trust::Pinned(fp),
+            session: SessionConfig {
+                seed: c.seed.wrapping_add(i as u64),
+                backoff_min: Duration::from_millis(100),
+                ..SessionConfig::default()
+            },
+            timing: QuicTiming::default(),
+            state_dir: None,
+            connect_timeout: Duration::from_secs(10),
+        };
+        let trainer = Box::new(OnnxTrainer::new(
+            train.subset(shard),
+            c.seed.wrapping_add(i as u64),
+        ));
+        devices.push(tokio::spawn(run_device(cfg, key, trainer)));
+    }
+
+    let mut inf = TractInference::new(&graph, 250)?;
+    inf.load(&blob.params.values)?;
+    let e0 = evaluate(&inf, &test)?;
+    let bar = indicatif::ProgressBar::new(c.rounds).with_style(
+        indicatif::ProgressStyle::with_template(
+            "[{elapsed_precise}] [{bar:30}] round {pos}/{len} {msg}",
+        )
+        .expect("template")
+        .progress_chars("=> "),
+    );
+    say(
+        &bar,
+        format!(
+            "{:>5} {:>12} {:>9} {:>8} {:>12} {:>13} {:>7}",
+            "round", "participants", "accuracy", "loss", "upload_B", "download_B", "secs"
+        ),
+    );
+    say(
+        &bar,
+        format!(
+            "{:>5} {:>12} {:>9.4} {:>8.4} {:>12} {:>13} {:>7.1}",
+            0, "-", e0.accuracy, e0.loss, 0, 0, 0.0
+        ),
+    );
+    let mut rows = Vec::new();
+    let (mut up, mut cum_up, mut participants) = (0u64, 0u64, 0usize);
+    let mut last_out = metrics.bytes_out.get();
+    let mut final_version = None;
+    while let Some(e) = tokio::time::timeout(Duration::from_secs(600), events.recv())
+        .await
+        .context("no progress for 10 minutes")?
+    {
+        match e {
+            Event::UpdateAccepted { payload_bytes, .. } => {
+                up += payload_bytes;
+                participants += 1;
+            }
+            Event::RoundClosed {
+                accepted,
+                outcome: RoundOutcome::Aborted,
+                round_id,
+                ..
+            } => {
+                say(
+                    &bar,
+                    format!("{round_id:>5} aborted with {accepted} updates"),
+                );
+                up = 0;
+                participants = 0;
+            }
+            Event::ModelPublished {
+                round_id,
+                blob: bytes,
+                ..
+            } => {
+                let m = ModelBlob::decode(&bytes, &Limits::default())?;
+                inf.load(&m.params.values)?;
+                let ev = evaluate(&inf, &test)?;
+                let out_now = metrics.bytes_out.get();
+                cum_up += up;
+                let row = Row {
+                    round: rows.len() as u64 + 1,
+                    participants,
+                    accuracy: ev.accuracy,
+                    loss: ev.loss,
+                    upload_bytes: up,
+                    download_bytes: out_now - last_out,
+                    cumulative_upload_bytes: cum_up,
+                    seconds: started.elapsed().as_secs_f64(),
+                };
+                let _ = round_id;
+                say(
+                    &bar,
+                    format!(
+                        "{:>5} {:>12} {:>9.4} {:>8.4} {:>12} {:>13} {:>7.1}",
+                        row.round,
+                        row.participants,
+                        row.accuracy,
+                        row.loss,
+                        row.upload_bytes,
+                        row.download_bytes,
+                        row.seconds
+                    ),
+                );
+                bar.inc(1);
+                bar.set_message(format!("accuracy {:.4}", ev.accuracy));
+                last_out = out_now;
+                up = 0;
+                participants = 0;
+                rows.push(row);
+            }
+            Event::Finished { final_version: v } => {
+                final_version = Some(v);
+                break;
+            }
+            _ => {}
+        }
+    }
+    bar.finish_and_clear();
+    let mut failed = 0;
+    for d in devices {
+        match tokio::time::timeout(Duration::from_secs(60), d).await {
+            Ok(Ok(Ok(_))) => {}
+            other => {
+                failed += 1;
+                tracing::warn!(?other, "a device did not finish cleanly");
+            }
+        }
+    }
+    let served = serving.await??;
+    let dense_bytes_per_update = 4 * blob.params.values.len() as u64;
+    let updates: usize = rows.iter().map(|r| r.participants).sum();
+    let dense_total = dense_bytes_per_update * updates as u64;
+    let final_acc = rows.last().map(|r| r.accuracy).unwrap_or(e0.accuracy);
+    println!(
+        "final accuracy {:.4} after {} rounds; upload {} bytes vs {} dense f32 ({:.1}x smaller); {} failed sessions; {:.1} s",
+        final_acc,
+        served.rounds_published,
+        cum_up,
+        dense_total,
+        dense_total as f64 / cum_up.max(1) as f64,
+        failed,
+        started.elapsed().as_secs_f64()
+    );
+    std::fs::create_dir_all(&c.out_dir)
+        .with_context(|| format!("creating {}", c.out_dir.display()))?;
+    let results = serde_json::json!({
+        "config": c,
+        "initial": {"accuracy": e0.accuracy, "loss": e0.loss},
+        "rounds": rows,
+        "final_accuracy": final_acc,
+        "final_version": final_version.map(|v| v.to_hex()),
+        "upload_bytes": cum_up,
+        "dense_f32_upload_bytes": dense_total,
+        "failed_sessions": failed,
+        "seconds": started.elapsed().as_secs_f64(),
+    });
+    let path = c.out_dir.join("results.json");
+    fedge_proto::io::write_atomic(
+        &path,
+        serde_json::to_string_pretty(&results)?.as_bytes(),
+        None,
+    )?;
+    println!("results written to {}", path.display());
+    Ok(())
+}
+
+/// Print a line above the progress bar (also when stdout is not a terminal
+/// and the bar is hidden).
+fn say(bar: &indicatif::ProgressBar, line: String) {
+    bar.suspend(|| println!("{line}"));
+}
