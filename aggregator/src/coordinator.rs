@@ -300,6 +300,10 @@ pub struct Coordinator {
     /// already told the run is finished: the driver waits for the rest.
     known_devices: std::collections::HashSet<[u8; 32]>,
     told_finished: std::collections::HashSet<[u8; 32]>,
+    /// Downlink deltas to the current model, by delta id, and which base
+    /// has one (None: the full model is smaller). Cleared each round.
+    deltas: HashMap<ModelVersion, StoredModel>,
+    delta_for: HashMap<ModelVersion, Option<ModelVersion>>,
     out: VecDeque<Output>,
 }
 
@@ -345,6 +349,8 @@ impl Coordinator {
             finished: false,
             known_devices: Default::default(),
             told_finished: Default::default(),
+            deltas: HashMap::new(),
+            delta_for: HashMap::new(),
             out: VecDeque::new(),
             cfg,
         };
@@ -660,7 +666,9 @@ impl Coordinator {
     ) {
         match msg {
             DeviceMsg::Heartbeat { seq } => self.send(session, AggMsg::HeartbeatAck { seq }),
-            DeviceMsg::TaskRequest { .. } => self.on_task_request(now, session, key),
+            DeviceMsg::TaskRequest { have_model_version } => {
+                self.on_task_request(now, session, key, have_model_version)
+            }
             DeviceMsg::ChunkRequest {
                 model_version,
                 index,
@@ -681,7 +689,13 @@ impl Coordinator {
         }
     }
 
-    fn on_task_request(&mut self, now: Instant, session: SessionId, key: VerifyingKey) {
+    fn on_task_request(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        key: VerifyingKey,
+        have: Option<ModelVersion>,
+    ) {
         if self.finished {
             let mref = self.models[&self.current_version].mref;
             self.told_finished.insert(key.to_bytes());
@@ -693,7 +707,7 @@ impl Coordinator {
         match part {
             Some(Participation::Selected) => {
                 // Reconnected mid-round: the same offer again.
-                self.send_offer(now, session);
+                self.send_offer(now, session, have);
             }
             Some(Participation::Accepted) => {
                 self.pace_away(session, "already contributed to this round");
@@ -731,13 +745,47 @@ impl Coordinator {
                     round_id: self.round.id,
                     device: device_id(&key),
                 });
-                self.send_offer(now, session);
+                self.send_offer(now, session, have);
             }
         }
     }
 
-    fn send_offer(&mut self, now: Instant, session: SessionId) {
+    /// A lossless delta from `base` to the round's model, when smaller.
+    fn delta_ref(&mut self, base: ModelVersion) -> Option<fedge_proto::msg::DeltaRef> {
+        if base == self.round.model_version {
+            return None;
+        }
+        if !self.delta_for.contains_key(&base) {
+            let made = self.models.get(&base).and_then(|m| {
+                let base_model = ModelBlob::decode(&m.blob, &self.cfg.limits).ok()?;
+                let bytes = fedge_proto::delta::encode(&base_model, &self.current)?;
+                let full = self.models[&self.round.model_version].mref.model_bytes;
+                if bytes.len() as u64 >= full {
+                    return None;
+                }
+                let id = ModelVersion::of(&bytes);
+                let mref = ModelRef::new(id, bytes.len() as u64, self.cfg.chunk_bytes);
+                self.deltas.insert(
+                    id,
+                    StoredModel {
+                        blob: Bytes::from(bytes),
+                        mref,
+                    },
+                );
+                Some(id)
+            });
+            self.delta_for.insert(base, made);
+        }
+        let id = self.delta_for[&base]?;
+        Some(fedge_proto::msg::DeltaRef {
+            base,
+            blob: self.deltas[&id].mref,
+        })
+    }
+
+    fn send_offer(&mut self, now: Instant, session: SessionId, have: Option<ModelVersion>) {
         let mref = self.models[&self.round.model_version].mref;
+        let delta = have.and_then(|v| self.delta_ref(v));
         let deadline = self.round.deadline.expect("set at first selection");
         let plan = self.strategy.configure_round(self.round.id, &self.cfg.plan);
         let offer = TaskOffer {
@@ -745,6 +793,7 @@ impl Coordinator {
             model: mref,
             plan,
             deadline_ms: deadline.saturating_duration_since(now).as_millis() as u64,
+            delta,
         };
         self.send(session, AggMsg::TaskOffer(Box::new(offer)));
     }
@@ -777,7 +826,11 @@ impl Coordinator {
         version: ModelVersion,
         index: u32,
     ) {
-        let Some(m) = self.models.get(&version) else {
+        let Some(m) = self
+            .models
+            .get(&version)
+            .or_else(|| self.deltas.get(&version))
+        else {
             self.reject(
                 session,
                 Some(device_id(&key)),
@@ -1208,6 +1261,8 @@ impl Coordinator {
             outcome,
             metrics,
         });
+        self.deltas.clear();
+        self.delta_for.clear();
         self.closed_uploads = self
             .round
             .uploads

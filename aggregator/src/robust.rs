@@ -70,7 +70,9 @@ impl CombineSpec {
                 "trimmed mean: trim must be in [0, 0.5), got {trim}"
             )),
             CombineSpec::MultiKrum { keep: 0, .. } => Err("multi-krum: keep must be >= 1".into()),
-            CombineSpec::CenteredClipping { tau, iters } if !(tau > 0.0) || iters == 0 => {
+            CombineSpec::CenteredClipping { tau, iters }
+                if tau.is_nan() || tau <= 0.0 || iters == 0 =>
+            {
                 Err("centered clipping: tau > 0 and iters >= 1".into())
             }
             _ => Ok(()),

@@ -364,10 +364,12 @@ impl StrategyConfig {
             return Err(format!("fedprox_mu must be >= 0, got {}", self.fedprox_mu));
         }
         match self.clip {
-            Some(ClipSpec::Fixed { bound }) if !(bound > 0.0) => {
+            Some(ClipSpec::Fixed { bound }) if bound.is_nan() || bound <= 0.0 => {
                 Err("clip bound must be > 0".into())
             }
-            Some(ClipSpec::AdaptiveMedian { multiplier }) if !(multiplier > 0.0) => {
+            Some(ClipSpec::AdaptiveMedian { multiplier })
+                if multiplier.is_nan() || multiplier <= 0.0 =>
+            {
                 Err("clip multiplier must be > 0".into())
             }
             _ => Ok(()),
@@ -403,7 +405,8 @@ mod tests {
     fn server_optimizers_table() {
         let p0 = [1.0f32, -1.0];
         let deltas = [[0.5f32, -0.25], [0.1, 0.2], [-0.3, 0.4]];
-        let cases: Vec<(ServerOpt, Box<dyn Fn(&[[f32; 2]]) -> [f64; 2]>)> = vec![
+        type Reference = Box<dyn Fn(&[[f32; 2]]) -> [f64; 2]>;
+        let cases: Vec<(ServerOpt, Reference)> = vec![
             (
                 ServerOpt::Avg { lr: 1.0 },
                 Box::new(|ds| {

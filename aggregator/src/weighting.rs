@@ -424,7 +424,7 @@ mod tests {
             "zz 1",
             &format!("{k1} -1"),
             &format!("{k1} 1\n{k1} 2"),
-            &format!("{k1}"),
+            &k1.to_string(),
         ] {
             assert!(FileRegistry::parse(&path, bad).is_err(), "{bad}");
         }

@@ -328,3 +328,38 @@ fn unregistered_devices_are_not_selected_and_oversized_updates_are_refused() {
         );
     }
 }
+
+#[test]
+fn devices_holding_the_last_model_download_a_smaller_delta() {
+    for seed in SEEDS {
+        let rounds = 4;
+        let mut sim = Sim::with_model(
+            seed,
+            cfg(3, 3, rounds),
+            NetConfig::default(),
+            specs(3),
+            sim::model(2048),
+        );
+        sim.run_to_end(Duration::from_secs(300));
+        assert_eq!(sim.published().len(), rounds as usize, "seed {seed}");
+        let model_bytes = sim.coord.current_model().encode().len();
+        let full_chunks = model_bytes.div_ceil(128);
+        for i in 0..3 {
+            // Full downloads would cost (rounds + 1) x full_chunks requests.
+            let asked = sim.chunk_requests(i);
+            assert!(
+                asked < (rounds as usize + 1) * full_chunks * 3 / 4,
+                "seed {seed} device {i}: {asked} chunk requests, a full model is {full_chunks}"
+            );
+            let last = sim.device_events(i).iter().rev().find_map(|e| match e {
+                DeviceEvent::Finished { model, .. } => Some(model.clone()),
+                _ => None,
+            });
+            assert_eq!(
+                last.unwrap().encode(),
+                sim.coord.current_model().encode(),
+                "seed {seed}: bit-exact final model"
+            );
+        }
+    }
+}

@@ -84,7 +84,7 @@
 //! limit-checked) dimension implies.
 
 mod bits;
-mod entropy;
+pub(crate) mod entropy;
 mod sparse;
 mod spec;
 mod values;

@@ -20,6 +20,7 @@
 //! optional `io` helpers, which only read and write frames.
 
 pub mod codec;
+pub mod delta;
 pub mod error;
 pub mod frame;
 #[cfg(feature = "io")]

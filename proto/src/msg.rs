@@ -143,6 +143,15 @@ pub struct TaskOffer {
     pub model: ModelRef,
     pub plan: TrainingPlan,
     pub deadline_ms: u64,
+    /// A smaller download for a device that holds `base`: the lossless
+    /// delta base -> model, fetched in chunks by its own id.
+    pub delta: Option<DeltaRef>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeltaRef {
+    pub base: ModelVersion,
+    pub blob: ModelRef,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -526,6 +535,16 @@ impl AggMsg {
                 chunk_count: t.model.chunk_count,
                 plan: Some(plan_to_wire(&t.plan)),
                 deadline_ms: t.deadline_ms,
+                delta_base_version: t
+                    .delta
+                    .map(|d| Bytes::from(d.base.0.to_vec()))
+                    .unwrap_or_default(),
+                delta_id: t
+                    .delta
+                    .map(|d| Bytes::from(d.blob.version.0.to_vec()))
+                    .unwrap_or_default(),
+                delta_bytes: t.delta.map_or(0, |d| d.blob.model_bytes),
+                delta_chunk_count: t.delta.map_or(0, |d| d.blob.chunk_count),
             }),
             AggMsg::NoTask {
                 retry_after_ms_min,
@@ -611,6 +630,24 @@ impl AggMsg {
                     chunk_count: t.chunk_count,
                 };
                 model.check(limits)?;
+                let delta = if t.delta_id.is_empty() {
+                    None
+                } else {
+                    let blob = ModelRef {
+                        version: ModelVersion::from_slice("task_offer.delta_id", &t.delta_id)?,
+                        model_bytes: t.delta_bytes,
+                        chunk_bytes: t.chunk_bytes,
+                        chunk_count: t.delta_chunk_count,
+                    };
+                    blob.check(limits)?;
+                    Some(DeltaRef {
+                        base: ModelVersion::from_slice(
+                            "task_offer.delta_base_version",
+                            &t.delta_base_version,
+                        )?,
+                        blob,
+                    })
+                };
                 AggMsg::TaskOffer(Box::new(TaskOffer {
                     round_id: t.round_id,
                     model,
@@ -619,6 +656,7 @@ impl AggMsg {
                         limits,
                     )?,
                     deadline_ms: t.deadline_ms,
+                    delta,
                 }))
             }
             Body::NoTask(n) => {
@@ -781,6 +819,10 @@ mod tests {
                 model: m,
                 plan: TrainingPlan::default(),
                 deadline_ms: 5000,
+                delta: Some(DeltaRef {
+                    base: ModelVersion([9; 32]),
+                    blob: ModelRef::new(ModelVersion([3; 32]), 500, 300),
+                }),
             })),
             AggMsg::NoTask {
                 retry_after_ms_min: 10,
@@ -871,6 +913,7 @@ mod tests {
                 chunk_count: 3,
                 plan: Some(plan_to_wire(&TrainingPlan::default())),
                 deadline_ms: 1,
+                ..Default::default()
             })),
         }
         .encode_to_vec();
@@ -892,6 +935,7 @@ mod tests {
                 chunk_count: 1,
                 plan: Some(plan),
                 deadline_ms: 1,
+                ..Default::default()
             })),
         }
         .encode_to_vec();

@@ -139,6 +139,8 @@ enum Phase {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum DownloadPurpose {
     Task,
+    /// A delta from the cached model to the offered one.
+    TaskDelta,
     Final,
 }
 
@@ -634,8 +636,14 @@ impl DeviceSession {
         self.offer = Some(offer);
         if self.model_matches_offer() {
             self.start_training();
-        } else {
-            self.start_download(now, mref, DownloadPurpose::Task);
+            return;
+        }
+        let delta = self.offer.as_ref().and_then(|o| o.delta);
+        match (delta, &self.model) {
+            (Some(d), Some((v, _))) if d.base == *v => {
+                self.start_download(now, d.blob, DownloadPurpose::TaskDelta)
+            }
+            _ => self.start_download(now, mref, DownloadPurpose::Task),
         }
     }
 
@@ -726,6 +734,10 @@ impl DeviceSession {
             );
             return;
         }
+        if d.purpose == DownloadPurpose::TaskDelta {
+            self.finish_delta(now, &d.data);
+            return;
+        }
         let model = match ModelBlob::decode(&d.data, &self.cfg.limits) {
             Ok(m) => Arc::new(m),
             Err(e) => {
@@ -740,13 +752,46 @@ impl DeviceSession {
         });
         match d.purpose {
             DownloadPurpose::Task if self.model_matches_offer() => self.start_training(),
-            DownloadPurpose::Task => self.after_round(now),
+            DownloadPurpose::Task | DownloadPurpose::TaskDelta => self.after_round(now),
             DownloadPurpose::Final => {
                 self.events.push_back(DeviceEvent::Finished {
                     version: got,
                     model,
                 });
                 self.phase = Phase::Done;
+            }
+        }
+    }
+
+    /// A downloaded delta: rebuild the offered model from the cached one,
+    /// bit for bit, or fall back to downloading it whole.
+    fn finish_delta(&mut self, now: Instant, delta: &[u8]) {
+        let applied = self
+            .model
+            .as_ref()
+            .map(|(_, base)| fedge_proto::delta::apply(base, delta, &self.cfg.limits));
+        let Some(target) = self.offer.as_ref().map(|o| o.model) else {
+            self.retry_later(now);
+            return;
+        };
+        match applied {
+            Some(Ok(m)) if m.version() == target.version => {
+                let model = Arc::new(m);
+                self.model = Some((target.version, Arc::clone(&model)));
+                self.events.push_back(DeviceEvent::ModelReady {
+                    version: target.version,
+                    model,
+                });
+                self.start_training();
+            }
+            other => {
+                let reason = match other {
+                    Some(Err(e)) => e.to_string(),
+                    Some(Ok(_)) => "delta gives another version".into(),
+                    None => "no base model".into(),
+                };
+                tracing::warn!(%reason, "model delta unusable; downloading the full model");
+                self.start_download(now, target, DownloadPurpose::Task);
             }
         }
     }

@@ -422,7 +422,17 @@ impl Sim {
                 self.seed,
                 self.events
                     .iter()
-                    .filter(|e| !matches!(e, Event::DeviceSelected { .. }))
+                    .filter_map(|e| match e {
+                        Event::DeviceSelected { .. } => None,
+                        Event::ModelPublished {
+                            round_id, version, ..
+                        } => Some(format!("published round {round_id} as {version}")),
+                        Event::Rejected { code, detail, .. } => {
+                            Some(format!("rejected {code}: {detail}"))
+                        }
+                        other => Some(format!("{other:?}").chars().take(100).collect()),
+                    })
+                    .take(30)
                     .collect::<Vec<_>>()
             );
             self.now = self.now.max(t);

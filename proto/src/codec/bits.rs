@@ -230,7 +230,7 @@ mod tests {
                 if codes.contains(&max) {
                     assert!(unpack(&out, count, bits, max - 1, "c").is_err());
                 }
-                if bits < 8 && (count * bits as usize) % 8 != 0 {
+                if bits < 8 && !(count * bits as usize).is_multiple_of(8) {
                     *out.last_mut().unwrap() |= 0x80;
                     assert!(unpack(&out, count, bits, max, "c").is_err());
                 }

@@ -194,7 +194,7 @@ pub fn decode_indices(r: &mut Reader<'_>, k: usize, n: usize) -> Result<Vec<u32>
                     got: ones,
                 });
             }
-            if n % 8 != 0 && bytes[bitmap_bytes - 1] >> (n % 8) != 0 {
+            if !n.is_multiple_of(8) && bytes[bitmap_bytes - 1] >> (n % 8) != 0 {
                 return Err(ProtoError::IndexOutOfRange {
                     index: (bitmap_bytes - 1) as u64 * 8
                         + u64::from(8 - (bytes[bitmap_bytes - 1]).leading_zeros())

@@ -402,7 +402,7 @@ fn pool(
             "pooling gradients need non-overlapping windows (strides == kernel, no pads)",
         ));
     }
-    if xs[2] % k[0] != 0 || xs[3] % k[1] != 0 {
+    if !xs[2].is_multiple_of(k[0]) || !xs[3].is_multiple_of(k[1]) {
         return Err(unsupported(
             node,
             "pooling gradients need the input divisible by the kernel",

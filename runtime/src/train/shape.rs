@@ -191,15 +191,15 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
         "Relu" | "LeakyRelu" | "Sigmoid" | "Tanh" | "Exp" | "Log" | "Neg" | "Sqrt" | "Sin"
         | "Cos" | "Reciprocal" | "Softmax" | "LogSoftmax" | "Identity" | "Dropout" | "Abs"
         | "CumSum" => {
-            if op == "Neg" || op == "Identity" {
-                if let Some(c) = s.consts.get(&node.input[0]).cloned() {
-                    let v = if op == "Neg" {
-                        c.iter().map(|x| -x).collect()
-                    } else {
-                        c
-                    };
-                    s.consts.insert(out0.clone(), v);
-                }
+            if (op == "Neg" || op == "Identity")
+                && let Some(c) = s.consts.get(&node.input[0]).cloned()
+            {
+                let v = if op == "Neg" {
+                    c.iter().map(|x| -x).collect()
+                } else {
+                    c
+                };
+                s.consts.insert(out0.clone(), v);
             }
             (inp!(0), x_ty)
         }
@@ -386,7 +386,7 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
             }
             let known: usize = out.iter().product();
             if let Some(i) = infer_at {
-                if known == 0 || total % known != 0 {
+                if known == 0 || !total.is_multiple_of(known) {
                     return Err(err(node, &format!("cannot reshape {x:?} to {target:?}")));
                 }
                 out[i] = total / known;
