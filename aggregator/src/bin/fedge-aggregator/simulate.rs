@@ -2,7 +2,9 @@
 //! speaking the real protocol over loopback QUIC through the real device
 //! code path (driver, session, tract training), on the shipped data.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -57,6 +59,10 @@ pub struct SimConfig {
     pub held_out: usize,
     pub round_deadline_ms: u64,
     pub seed: u64,
+    /// Fraction of devices that attack (the last ones by index).
+    pub attackers: f64,
+    /// sign-flip, scaling, gaussian, label-flip or alie.
+    pub attack: String,
     /// Where results.json goes.
     pub out_dir: PathBuf,
 }
@@ -90,6 +96,8 @@ impl Default for SimConfig {
             held_out: 2000,
             round_deadline_ms: 120_000,
             seed: 1,
+            attackers: 0.0,
+            attack: "sign-flip".into(),
             out_dir: PathBuf::from("results"),
         }
     }
@@ -121,6 +129,15 @@ pub struct SimArgs {
     learning_rate: Option<f32>,
     #[arg(long)]
     seed: Option<u64>,
+    /// Fraction of devices that attack, e.g. 0.2.
+    #[arg(long)]
+    attackers: Option<f64>,
+    /// sign-flip, scaling, gaussian, label-flip or alie.
+    #[arg(long)]
+    attack: Option<String>,
+    /// Robust aggregation: mean, median, trimmed-mean, multi-krum, centered-clipping, clip.
+    #[arg(long)]
+    aggregator: Option<String>,
     /// Directory for results.json.
     #[arg(long)]
     out_dir: Option<PathBuf>,
@@ -184,8 +201,35 @@ pub fn run(a: SimArgs) -> anyhow::Result<()> {
         local_epochs,
         learning_rate,
         seed,
+        attackers,
+        attack,
         out_dir
     );
+    if let Some(agg) = &a.aggregator {
+        use fedge_aggregator::robust::CombineSpec;
+        use fedge_aggregator::strategy::ClipSpec;
+        let f = ((c.devices_per_round as f64) * c.attackers).ceil() as usize;
+        c.strategy.clip = None;
+        c.strategy.combine = match agg.as_str() {
+            "mean" => CombineSpec::Mean,
+            "median" => CombineSpec::Median,
+            "trimmed-mean" => CombineSpec::TrimmedMean { trim: 0.2 },
+            "multi-krum" => CombineSpec::MultiKrum {
+                byzantine: f.max(1),
+                keep: c.devices_per_round.saturating_sub(f.max(1)).max(1),
+            },
+            "centered-clipping" => CombineSpec::CenteredClipping { tau: 1.0, iters: 3 },
+            "clip" => {
+                c.strategy.clip = Some(ClipSpec::AdaptiveMedian { multiplier: 1.0 });
+                CombineSpec::Mean
+            }
+            other => anyhow::bail!(
+                "aggregator `{other}`: use mean, median, trimmed-mean, multi-krum, centered-clipping or clip"
+            ),
+        };
+    }
+    anyhow::ensure!((0.0..1.0).contains(&c.attackers), "attackers must be in [0, 1)");
+    Attack::parse(&c.attack)?;
     if a.print_config {
         print!("{}", toml::to_string(&c)?);
         return Ok(());
@@ -315,6 +359,11 @@ async fn simulate(c: SimConfig) -> anyhow::Result<()> {
         "simulating {} devices ({} per round, {} rounds) training {} on {} ({} partition), codec {}, over QUIC at {addr}",
         c.devices, c.devices_per_round, c.rounds, c.model, c.data, c.partition, c.codec
     );
+    let n_attackers = ((c.devices as f64) * c.attackers).round() as usize;
+    if n_attackers > 0 {
+        println!("{n_attackers} of {} devices attack ({})", c.devices, c.attack);
+    }
+    let colluders: Colluders = Default::default();
     let mut devices = Vec::new();
     for (i, (key, shard)) in keys.into_iter().zip(&shards).enumerate() {
         let cfg = DriverConfig {
@@ -330,10 +379,27 @@ async fn simulate(c: SimConfig) -> anyhow::Result<()> {
             state_dir: None,
             connect_timeout: Duration::from_secs(10),
         };
-        let trainer = Box::new(OnnxTrainer::new(
-            train.subset(shard),
-            c.seed.wrapping_add(i as u64),
-        ));
+        let malicious = i >= c.devices - n_attackers;
+        let mut local = train.subset(shard);
+        let attack = Attack::parse(&c.attack)?;
+        if malicious && attack == Attack::LabelFlip {
+            let k = local.classes as i64;
+            for l in &mut local.labels {
+                *l = k - 1 - *l;
+            }
+        }
+        let honest = OnnxTrainer::new(local, c.seed.wrapping_add(i as u64));
+        let trainer: Box<dyn fedge_runtime::trainer::Trainer> =
+            if malicious && attack != Attack::LabelFlip {
+                Box::new(Attacker {
+                    inner: honest,
+                    attack,
+                    seed: c.seed.wrapping_add(1000 + i as u64),
+                    colluders: Arc::clone(&colluders),
+                })
+            } else {
+                Box::new(honest)
+            };
         devices.push(tokio::spawn(run_device(cfg, key, trainer)));
     }
 
@@ -488,4 +554,81 @@ async fn simulate(c: SimConfig) -> anyhow::Result<()> {
 /// and the bar is hidden).
 fn say(bar: &indicatif::ProgressBar, line: String) {
     bar.suspend(|| println!("{line}"));
+}
+
+/// Attacks a malicious device runs on its update.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Attack {
+    /// Send the negated update.
+    SignFlip,
+    /// Model replacement: scale the update up by 10.
+    Scaling,
+    /// Send Gaussian noise (sigma 0.5 per coordinate) instead of an update.
+    Gaussian,
+    /// Train on flipped labels (y -> classes - 1 - y).
+    LabelFlip,
+    /// "A little is enough" (Baruch et al. 2019): mean - z x std of the
+    /// colluders' honest updates, coordinate-wise (z = 1).
+    Alie,
+}
+
+impl Attack {
+    fn parse(s: &str) -> anyhow::Result<Self> {
+        Ok(match s {
+            "sign-flip" => Attack::SignFlip,
+            "scaling" => Attack::Scaling,
+            "gaussian" => Attack::Gaussian,
+            "label-flip" => Attack::LabelFlip,
+            "alie" => Attack::Alie,
+            o => anyhow::bail!("attack `{o}`: use sign-flip, scaling, gaussian, label-flip or alie"),
+        })
+    }
+}
+
+/// Honest updates the colluding attackers have computed, by round.
+type Colluders = Arc<Mutex<HashMap<u64, Vec<Vec<f32>>>>>;
+
+/// A device that trains honestly and then corrupts its update.
+struct Attacker {
+    inner: OnnxTrainer,
+    attack: Attack,
+    seed: u64,
+    colluders: Colluders,
+}
+
+impl fedge_runtime::trainer::Trainer for Attacker {
+    fn train(
+        &mut self,
+        round_id: u64,
+        model: &ModelBlob,
+        plan: &TrainingPlan,
+    ) -> anyhow::Result<fedge_runtime::TrainOutput> {
+        use rand::SeedableRng;
+        use rand_distr::Distribution;
+        let mut out = self.inner.train(round_id, model, plan)?;
+        match self.attack {
+            Attack::SignFlip => out.delta.iter_mut().for_each(|d| *d = -*d),
+            Attack::Scaling => out.delta.iter_mut().for_each(|d| *d *= 10.0),
+            Attack::Gaussian => {
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed ^ round_id);
+                let normal = rand_distr::Normal::new(0.0f32, 0.5).expect("sigma > 0");
+                out.delta.iter_mut().for_each(|d| *d = normal.sample(&mut rng));
+            }
+            Attack::LabelFlip => {}
+            Attack::Alie => {
+                let mut all = self.colluders.lock().expect("colluders");
+                let seen = all.entry(round_id).or_default();
+                seen.push(out.delta.clone());
+                let n = seen.len() as f32;
+                for (j, d) in out.delta.iter_mut().enumerate() {
+                    let mean = seen.iter().map(|u| u[j]).sum::<f32>() / n;
+                    let var = seen.iter().map(|u| (u[j] - mean).powi(2)).sum::<f32>() / n;
+                    // With one colluder so far, fall back to |mean| as the spread.
+                    let sd = if n > 1.0 { var.sqrt() } else { mean.abs() };
+                    *d = mean - sd;
+                }
+            }
+        }
+        Ok(out)
+    }
 }
