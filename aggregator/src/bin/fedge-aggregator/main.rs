@@ -1,5 +1,6 @@
 //! `fedge-aggregator`: run federated rounds over QUIC.
 
+mod bench;
 mod simulate;
 
 use std::path::PathBuf;
@@ -47,6 +48,9 @@ enum Cmd {
     /// with Dirichlet(0.5) labels, 10 per round, compressed updates,
     /// token-weighted FedAvg.
     Simulate(simulate::SimArgs),
+    /// Benchmark aggregation of 1M-parameter updates against a memory
+    /// bandwidth baseline; writes JSON.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -190,6 +194,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Serve(args) => serve(args),
         Cmd::Simulate(args) => simulate::run(args),
+        Cmd::Bench(args) => bench::run(args),
     }
 }
 

@@ -228,7 +228,10 @@ pub fn run(a: SimArgs) -> anyhow::Result<()> {
             ),
         };
     }
-    anyhow::ensure!((0.0..1.0).contains(&c.attackers), "attackers must be in [0, 1)");
+    anyhow::ensure!(
+        (0.0..1.0).contains(&c.attackers),
+        "attackers must be in [0, 1)"
+    );
     Attack::parse(&c.attack)?;
     if a.print_config {
         print!("{}", toml::to_string(&c)?);
@@ -361,7 +364,10 @@ async fn simulate(c: SimConfig) -> anyhow::Result<()> {
     );
     let n_attackers = ((c.devices as f64) * c.attackers).round() as usize;
     if n_attackers > 0 {
-        println!("{n_attackers} of {} devices attack ({})", c.devices, c.attack);
+        println!(
+            "{n_attackers} of {} devices attack ({})",
+            c.devices, c.attack
+        );
     }
     let colluders: Colluders = Default::default();
     let mut devices = Vec::new();
@@ -580,7 +586,9 @@ impl Attack {
             "gaussian" => Attack::Gaussian,
             "label-flip" => Attack::LabelFlip,
             "alie" => Attack::Alie,
-            o => anyhow::bail!("attack `{o}`: use sign-flip, scaling, gaussian, label-flip or alie"),
+            o => {
+                anyhow::bail!("attack `{o}`: use sign-flip, scaling, gaussian, label-flip or alie")
+            }
         })
     }
 }
@@ -612,7 +620,9 @@ impl fedge_runtime::trainer::Trainer for Attacker {
             Attack::Gaussian => {
                 let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed ^ round_id);
                 let normal = rand_distr::Normal::new(0.0f32, 0.5).expect("sigma > 0");
-                out.delta.iter_mut().for_each(|d| *d = normal.sample(&mut rng));
+                out.delta
+                    .iter_mut()
+                    .for_each(|d| *d = normal.sample(&mut rng));
             }
             Attack::LabelFlip => {}
             Attack::Alie => {
