@@ -42,7 +42,8 @@ pub struct CoordinatorConfig {
     pub over_selection: f64,
     /// Fewest accepted updates for a round to be aggregated at its deadline.
     pub min_devices: usize,
-    /// Rounds to publish before finishing (0 = run forever).
+    /// Rounds to run (round ids 1..=rounds, published or aborted) before
+    /// finishing (0 = run forever).
     pub rounds: u64,
     /// Time from a round's first selection to its deadline.
     pub round_deadline: Duration,
@@ -355,7 +356,7 @@ impl Coordinator {
             cfg,
         };
         c.store_model(version, blob);
-        c.finished = c.cfg.rounds != 0 && published_rounds >= c.cfg.rounds;
+        c.finished = c.cfg.rounds != 0 && first_round_id > c.cfg.rounds;
         if !c.finished {
             c.event(Event::RoundOpened {
                 round_id: first_round_id,
@@ -1220,12 +1221,23 @@ impl Coordinator {
             for (c, w) in contributions.iter_mut().zip(&combined.weights) {
                 c.share = w / total;
             }
-            let values = self.strategy.aggregate_round(
+            let mut values = self.strategy.aggregate_round(
                 round_id,
                 &self.current.params.values,
                 &combined,
                 &[],
             );
+            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                // Never publish a broken model: keep the current one.
+                self.event(Event::Rejected {
+                    device: None,
+                    code: RejectCode::NonFinite,
+                    detail: format!(
+                        "round {round_id}'s aggregate is not finite at parameter {i}; model kept"
+                    ),
+                });
+                values = self.current.params.values.clone();
+            }
             let params =
                 Params::new(Arc::clone(&self.current.params.layout), values).expect("same layout");
             let next = ModelBlob {
@@ -1279,7 +1291,7 @@ impl Coordinator {
             accepted: Vec::new(),
             metrics: Vec::new(),
         };
-        if self.cfg.rounds != 0 && self.published_rounds >= self.cfg.rounds {
+        if self.cfg.rounds != 0 && round_id >= self.cfg.rounds {
             self.finished = true;
             self.event(Event::Finished {
                 final_version: self.current_version,

@@ -110,7 +110,7 @@ fn too_few_updates_abort_the_round_and_keep_the_model() {
         for d in s.iter_mut().skip(2) {
             d.train_time = Duration::from_secs(60);
         }
-        let mut sim = Sim::new(seed, cfg(5, 3, 1), NetConfig::default(), s);
+        let mut sim = Sim::new(seed, cfg(5, 3, 2), NetConfig::default(), s);
         let v0 = sim.coord.current_version();
         sim.run_until(Duration::from_secs(100), |s| !s.aborted().is_empty());
         let (round, accepted) = sim.aborted()[0];

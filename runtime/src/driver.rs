@@ -157,6 +157,7 @@ pub async fn run_device(
     let mut rejections = Vec::new();
     let mut connect_failures = 0u32;
     let mut connections = 0u32;
+    let mut training_failures = 0u32;
 
     loop {
         while let Some(ev) = session.poll_event() {
@@ -278,7 +279,14 @@ pub async fn run_device(
             },
             res = train_rx.recv() => match res {
                 Some(Ok(out)) => session.handle_trained(Instant::now(), out),
-                Some(Err(e)) => return Err(DriverError::Training(e)),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "local training failed; skipping this round");
+                    training_failures += 1;
+                    if training_failures > 10 {
+                        return Err(DriverError::Training(e));
+                    }
+                    session.handle_training_failed(Instant::now());
+                }
                 None => unreachable!("the driver holds a sender"),
             },
             _ = sleep => session.handle_timeout(Instant::now()),

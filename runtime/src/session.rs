@@ -434,6 +434,16 @@ impl DeviceSession {
         }
     }
 
+    /// Local training failed (diverged, out of memory, ...): give up this
+    /// round's task and ask for another later; the device stays in the
+    /// federation.
+    pub fn handle_training_failed(&mut self, now: Instant) {
+        if self.phase != Phase::Training && !matches!(self.phase, Phase::Disconnected { .. }) {
+            return;
+        }
+        self.retry_later(now);
+    }
+
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.is_terminal() {
             return;

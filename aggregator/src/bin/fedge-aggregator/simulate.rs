@@ -94,7 +94,7 @@ impl Default for SimConfig {
             strategy: StrategyConfig::default(),
             train_samples: 8000,
             held_out: 2000,
-            round_deadline_ms: 120_000,
+            round_deadline_ms: 30_000,
             seed: 1,
             attackers: 0.0,
             attack: "sign-flip".into(),
@@ -132,6 +132,9 @@ pub struct SimArgs {
     /// Fraction of devices that attack, e.g. 0.2.
     #[arg(long)]
     attackers: Option<f64>,
+    /// Time from a round's first selection to its deadline, in ms.
+    #[arg(long)]
+    round_deadline_ms: Option<u64>,
     /// sign-flip, scaling, gaussian, label-flip or alie.
     #[arg(long)]
     attack: Option<String>,
@@ -203,6 +206,7 @@ pub fn run(a: SimArgs) -> anyhow::Result<()> {
         seed,
         attackers,
         attack,
+        round_deadline_ms,
         out_dir
     );
     if let Some(agg) = &a.aggregator {
@@ -456,6 +460,7 @@ async fn simulate(c: SimConfig) -> anyhow::Result<()> {
                     &bar,
                     format!("{round_id:>5} aborted with {accepted} updates"),
                 );
+                bar.inc(1);
                 up = 0;
                 participants = 0;
             }
