@@ -44,4 +44,6 @@ fn a_short_simulation_improves_held_out_accuracy() {
     assert_eq!(results["rounds"].as_array().unwrap().len(), 4);
     assert_eq!(results["failed_sessions"].as_u64(), Some(0));
     assert!(last > initial + 0.3, "accuracy {initial} -> {last}");
+    let png = std::fs::read(dir.path().join("accuracy.png")).unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "a PNG plot");
 }

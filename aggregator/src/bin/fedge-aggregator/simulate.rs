@@ -558,6 +558,15 @@ async fn simulate(c: SimConfig) -> anyhow::Result<()> {
         None,
     )?;
     println!("results written to {}", path.display());
+    let png = c.out_dir.join("accuracy.png");
+    let title = format!(
+        "{} on {}, {} devices ({} per round), {}, codec {}",
+        c.model, c.data, c.devices, c.devices_per_round, c.partition, c.codec
+    );
+    match plot(&png, e0.accuracy, &rows, &title) {
+        Ok(()) => println!("plot written to {}", png.display()),
+        Err(e) => tracing::warn!(error = %e, "no plot"),
+    }
     Ok(())
 }
 
@@ -646,4 +655,52 @@ impl fedge_runtime::trainer::Trainer for Attacker {
         }
         Ok(out)
     }
+}
+
+/// accuracy.png: held-out accuracy against the round and against the
+/// cumulative upload (MB).
+fn plot(path: &std::path::Path, initial: f64, rows: &[Row], title: &str) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    static FONT: &[u8] = include_bytes!("../../../assets/DejaVuSans.ttf");
+    // Registering twice (a second simulation in one process) is harmless.
+    let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    let root = BitMapBackend::new(path, (1100, 440)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let root = root
+        .titled(title, ("sans-serif", 20))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (left, right) = root.split_horizontally(550);
+    let mut by_round = vec![(0.0, initial)];
+    by_round.extend(rows.iter().map(|r| (r.round as f64, r.accuracy)));
+    let mut by_bytes = vec![(0.0, initial)];
+    by_bytes.extend(
+        rows.iter()
+            .map(|r| (r.cumulative_upload_bytes as f64 / 1e6, r.accuracy)),
+    );
+    for (area, series, xlabel) in [
+        (&left, &by_round, "round"),
+        (&right, &by_bytes, "cumulative upload (MB)"),
+    ] {
+        let x_max = series.iter().map(|p| p.0).fold(1e-9, f64::max);
+        let mut chart = ChartBuilder::on(area)
+            .margin(15)
+            .x_label_area_size(40)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0.0..x_max, 0.0..1.0)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        chart
+            .configure_mesh()
+            .x_desc(xlabel)
+            .y_desc("held-out accuracy")
+            .draw()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        chart
+            .draw_series(LineSeries::new(series.iter().copied(), &BLUE))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        chart
+            .draw_series(series.iter().map(|&p| Circle::new(p, 3, BLUE.filled())))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
 }
