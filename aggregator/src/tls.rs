@@ -37,9 +37,14 @@ pub struct TlsIdentity {
 }
 
 impl TlsIdentity {
-    /// SHA-256 of the certificate, hex: what devices pin.
+    /// SHA-256 of the certificate: what devices pin.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        Sha256::digest(self.cert.as_ref()).into()
+    }
+
+    /// [`TlsIdentity::fingerprint`] in hex.
     pub fn fingerprint_hex(&self) -> String {
-        hex::encode(Sha256::digest(self.cert.as_ref()))
+        hex::encode(self.fingerprint())
     }
 
     /// Load the identity from `dir`, or create and store one.

@@ -168,10 +168,7 @@ fn upload(
 async fn bad_input_is_rejected_and_honest_devices_still_complete() {
     let dir = tempfile::tempdir().unwrap();
     let identity = TlsIdentity::load_or_create(dir.path()).unwrap();
-    let fp: [u8; 32] = hex::decode(identity.fingerprint_hex())
-        .unwrap()
-        .try_into()
-        .unwrap();
+    let fp = identity.fingerprint();
     let cfg = ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         coordinator: CoordinatorConfig {
@@ -325,17 +322,12 @@ async fn bad_input_is_rejected_and_honest_devices_still_complete() {
     let mut devices = Vec::new();
     for i in 0..3u8 {
         let cfg = DriverConfig {
-            aggregator: addr,
-            server_name: "localhost".into(),
-            trust: Trust::Pinned(fp),
             session: SessionConfig {
                 seed: u64::from(i),
                 backoff_min: Duration::from_millis(50),
                 ..SessionConfig::default()
             },
-            timing: QuicTiming::default(),
-            state_dir: None,
-            connect_timeout: Duration::from_secs(5),
+            ..DriverConfig::new(addr, Trust::Pinned(fp))
         };
         let key = SigningKey::from_bytes(&[100 + i; 32]);
         let trainer = Box::new(KnownUpdate {

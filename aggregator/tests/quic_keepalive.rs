@@ -40,10 +40,7 @@ impl Trainer for SlowTrainer {
 async fn keepalive_carries_the_connection_through_long_training() {
     let dir = tempfile::tempdir().unwrap();
     let identity = TlsIdentity::load_or_create(dir.path()).unwrap();
-    let fp: [u8; 32] = hex::decode(identity.fingerprint_hex())
-        .unwrap()
-        .try_into()
-        .unwrap();
+    let fp = identity.fingerprint();
     let cfg = ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         coordinator: CoordinatorConfig {
@@ -64,9 +61,6 @@ async fn keepalive_carries_the_connection_through_long_training() {
     };
     let serving = tokio::spawn(server.run(model, std::future::pending()));
     let device = DriverConfig {
-        aggregator: addr,
-        server_name: "localhost".into(),
-        trust: Trust::Pinned(fp),
         session: SessionConfig {
             // Application heartbeats far apart: QUIC keepalive alone must do.
             heartbeat_interval: Duration::from_secs(60),
@@ -76,8 +70,7 @@ async fn keepalive_carries_the_connection_through_long_training() {
             keep_alive: Duration::from_millis(250),
             idle_timeout: Duration::from_secs(1),
         },
-        state_dir: None,
-        connect_timeout: Duration::from_secs(5),
+        ..DriverConfig::new(addr, Trust::Pinned(fp))
     };
     let report = tokio::time::timeout(
         Duration::from_secs(30),

@@ -18,7 +18,7 @@ use fedge_runtime::train::exec::TractInference;
 use fedge_runtime::train::import::{ModelGraph, import_onnx};
 use fedge_runtime::train::local::evaluate;
 use fedge_runtime::trainer::OnnxTrainer;
-use fedge_runtime::transport::{QuicTiming, Trust};
+use fedge_runtime::transport::Trust;
 use prost::Message;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -33,10 +33,7 @@ async fn devices_train_the_mlp_over_quic_and_accuracy_improves() {
 
     let dir = tempfile::tempdir().unwrap();
     let identity = TlsIdentity::load_or_create(dir.path()).unwrap();
-    let fp: [u8; 32] = hex::decode(identity.fingerprint_hex())
-        .unwrap()
-        .try_into()
-        .unwrap();
+    let fp = identity.fingerprint();
     let cfg = ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         coordinator: CoordinatorConfig {
@@ -62,16 +59,11 @@ async fn devices_train_the_mlp_over_quic_and_accuracy_improves() {
     for i in 0..3u8 {
         let shard = mnist.slice(usize::from(i) * 600..usize::from(i + 1) * 600);
         let cfg = DriverConfig {
-            aggregator: addr,
-            server_name: "localhost".into(),
-            trust: Trust::Pinned(fp),
             session: SessionConfig {
                 seed: u64::from(i),
                 ..SessionConfig::default()
             },
-            timing: QuicTiming::default(),
-            state_dir: None,
-            connect_timeout: Duration::from_secs(5),
+            ..DriverConfig::new(addr, Trust::Pinned(fp))
         };
         let trainer = Box::new(OnnxTrainer::new(shard, u64::from(i)));
         devices.push(tokio::spawn(run_device(

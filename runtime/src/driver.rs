@@ -33,6 +33,21 @@ pub struct DriverConfig {
     pub connect_timeout: Duration,
 }
 
+impl DriverConfig {
+    /// Defaults for everything but where the aggregator is and how to trust it.
+    pub fn new(aggregator: SocketAddr, trust: Trust) -> Self {
+        DriverConfig {
+            aggregator,
+            server_name: "localhost".into(),
+            trust,
+            session: SessionConfig::default(),
+            timing: QuicTiming::default(),
+            state_dir: None,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// What a device run achieved.
 #[derive(Clone, Debug)]
 pub struct DeviceReport {

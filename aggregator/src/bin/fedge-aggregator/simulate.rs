@@ -24,7 +24,7 @@ use fedge_runtime::train::exec::TractInference;
 use fedge_runtime::train::import::{ModelGraph, import_onnx};
 use fedge_runtime::train::local::evaluate;
 use fedge_runtime::trainer::OnnxTrainer;
-use fedge_runtime::transport::{QuicTiming, Trust};
+use fedge_runtime::transport::Trust;
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
@@ -306,9 +306,7 @@ async fn simulate(c: SimConfig) -> anyhow::Result<()> {
     let state = work.path().join("aggregator");
     std::fs::create_dir_all(&state)?;
     let identity = TlsIdentity::load_or_create(&state)?;
-    let fp: [u8; 32] = hex::decode(identity.fingerprint_hex())?
-        .try_into()
-        .expect("32 bytes");
+    let fp = identity.fingerprint();
     let keys: Vec<SigningKey> = (0..c.devices)
         .map(|i| {
             let seed = blake3::hash(format!("fedge-sim-device-{}-{i}", c.seed).as_bytes());
@@ -377,17 +375,12 @@ async fn simulate(c: SimConfig) -> anyhow::Result<()> {
     let mut devices = Vec::new();
     for (i, (key, shard)) in keys.into_iter().zip(&shards).enumerate() {
         let cfg = DriverConfig {
-            aggregator: addr,
-            server_name: "localhost".into(),
-            trust: Trust::Pinned(fp),
             session: SessionConfig {
                 seed: c.seed.wrapping_add(i as u64),
                 backoff_min: Duration::from_millis(100),
                 ..SessionConfig::default()
             },
-            timing: QuicTiming::default(),
-            state_dir: None,
-            connect_timeout: Duration::from_secs(10),
+            ..DriverConfig::new(addr, Trust::Pinned(fp))
         };
         let malicious = i >= c.devices - n_attackers;
         let mut local = train.subset(shard);
