@@ -78,10 +78,15 @@ impl Dataset {
     }
 
     /// Shuffled batch index lists for one epoch; the last partial batch is
-    /// dropped (the step graph has a fixed batch size).
+    /// dropped (the step graph has a fixed batch size). A data set smaller
+    /// than one batch (a device with few samples) gives one batch that
+    /// repeats its samples.
     pub fn epoch_batches(&self, batch: usize, seed: u64) -> Vec<Vec<usize>> {
         let mut idx: Vec<usize> = (0..self.len()).collect();
         idx.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+        if !idx.is_empty() && idx.len() < batch {
+            return vec![idx.iter().copied().cycle().take(batch).collect()];
+        }
         idx.chunks_exact(batch).map(|c| c.to_vec()).collect()
     }
 
@@ -307,6 +312,21 @@ mod tests {
             load_idx_images(Path::new("/no/such/file"), Path::new("/no")),
             Err(DataError::Read { .. })
         ));
+    }
+
+    #[test]
+    fn small_local_data_still_fills_a_batch() {
+        let v = Vocab::of("abcab");
+        let d = char_windows("abcab", &v, 2, 1).unwrap();
+        let b = d.epoch_batches(8, 1);
+        assert_eq!(b.len(), 1);
+        assert_eq!(b[0].len(), 8);
+        assert!(b[0].iter().all(|&i| i < 3));
+        assert_eq!(
+            d.slice(0..3).epoch_batches(2, 1).len(),
+            1,
+            "partial batches dropped"
+        );
     }
 
     #[test]

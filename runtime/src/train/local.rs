@@ -25,13 +25,10 @@ pub fn train(
     mut progress: impl FnMut(u64, u64, f32),
 ) -> Result<TrainStats, TrainError> {
     let b = ex.batch_size();
-    if data.len() < b {
-        return Err(TrainError::BadInput(format!(
-            "{} samples, fewer than one batch of {b}",
-            data.len()
-        )));
+    if data.is_empty() {
+        return Err(TrainError::BadInput("no local samples to train on".into()));
     }
-    let per_epoch = (data.len() / b) as u64;
+    let per_epoch = (data.len() / b).max(1) as u64;
     let total = if plan.local_steps > 0 {
         u64::from(plan.local_steps)
     } else {
