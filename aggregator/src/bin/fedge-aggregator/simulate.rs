@@ -347,7 +347,7 @@ async fn simulate(c: SimConfig) -> anyhow::Result<()> {
             seed: c.seed,
             ..CoordinatorConfig::default()
         },
-        finish_grace: Some(Duration::from_secs(10)),
+        finish_grace: Some(Duration::from_secs(30)),
         stakes: Some(stake_file),
         // Every device shares one process: a generous per-connection rate.
         rate_per_sec: 10_000.0,
@@ -378,6 +378,7 @@ async fn simulate(c: SimConfig) -> anyhow::Result<()> {
             session: SessionConfig {
                 seed: c.seed.wrapping_add(i as u64),
                 backoff_min: Duration::from_millis(100),
+                backoff_max: Duration::from_secs(3),
                 ..SessionConfig::default()
             },
             ..DriverConfig::new(addr, Trust::Pinned(fp))
@@ -507,13 +508,16 @@ async fn simulate(c: SimConfig) -> anyhow::Result<()> {
     }
     bar.finish_and_clear();
     let mut failed = 0;
+    // One deadline for all devices to fetch the final model and leave.
+    let until = tokio::time::Instant::now() + Duration::from_secs(60);
     for d in devices {
-        match tokio::time::timeout(Duration::from_secs(60), d).await {
+        match tokio::time::timeout_at(until, d).await {
             Ok(Ok(Ok(_))) => {}
-            other => {
+            Ok(other) => {
                 failed += 1;
                 tracing::warn!(?other, "a device did not finish cleanly");
             }
+            Err(_) => failed += 1, // still running at the deadline: dropped
         }
     }
     let served = serving.await??;
