@@ -1,7 +1,6 @@
 //! fedge-aggregator: where untrusted updates become a model.
 //!
 //! - [`coordinator`]: round orchestration as a sans-IO state machine.
-//! - [`aggregate`]: aggregation math as pure, streaming functions.
 //! - [`server`]: the thin tokio + quinn driver around the coordinator.
 //! - [`tls`]: the aggregator's TLS identity (created once, pinned by devices).
 //! - [`store`]: durable state on disk (content-addressed model blobs).
@@ -13,7 +12,6 @@
 //! **Invariant:** the aggregator never depends on tract or on the device
 //! runtime; only tests and the `simulate` wiring in the binary do.
 
-pub mod aggregate;
 pub mod config;
 pub mod coordinator;
 pub mod metrics;
