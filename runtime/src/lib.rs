@@ -4,7 +4,12 @@
 //! - [`driver`]: the thin tokio + quinn driver that feeds it.
 //! - [`transport`]: QUIC client configuration and aggregator pinning.
 //! - [`identity`]: the device's Ed25519 key, created once and kept.
-//! - [`trainer`]: the [`trainer::Trainer`] trait the driver calls to train.
+//! - [`trainer`]: the [`trainer::Trainer`] trait the driver calls to train,
+//!   and [`trainer::OnnxTrainer`], which trains the aggregator's model.
+//! - [`train`]: the training engine (ONNX -> training graph -> tract).
+//! - [`compress`]: update compression with error feedback.
+//! - [`data`], [`dataspec`]: local data sets, partitions, naming them.
+//! - [`zoo`]: the model zoo; [`bench`]: the training benchmark.
 //!
 //! **Invariant:** `session` knows nothing of tokio, sockets or the clock;
 //! every protocol behaviour is testable on a simulated fleet.
