@@ -242,7 +242,7 @@ fn dims(max: usize, rank: usize) -> impl Strategy<Value = Vec<usize>> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 6, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 6, failure_persistence: None, rng_seed: proptest::test_runner::RngSeed::Fixed(0x5eed), ..ProptestConfig::default() })]
 
     #[test]
     fn gemm(m in 1usize..5, k in 1usize..6, nn in 1usize..5, tb in any::<bool>(), full_c in any::<bool>(), seed in 0u64..1000) {
