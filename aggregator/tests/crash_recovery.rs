@@ -159,6 +159,21 @@ fn sigkill_mid_round_loses_no_acknowledged_update() {
     }
     assert!(wait_exit(&mut agg, Duration::from_secs(30)).success());
 
+    // The contribution records survived too: three accepted in round 1.
+    let records = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let store = fedge_aggregator::store::Store::open(&state).await.unwrap();
+        store.contributions(1).await.unwrap()
+    });
+    assert_eq!(
+        records.iter().filter(|c| c.accepted).count(),
+        3,
+        "{records:?}"
+    );
+    assert!(
+        records.iter().all(|c| (c.share - 1.0 / 3.0).abs() < 1e-9),
+        "{records:?}"
+    );
+
     // 0.5 + (1 + 2 + 3) / 3: both acknowledged updates made it in.
     for d in ["a", "b", "c"] {
         let bytes = std::fs::read(dir.path().join(d).join("model.fedge")).unwrap();

@@ -20,8 +20,7 @@ use fedge_proto::codec::CodecSpec;
 use fedge_proto::msg::{Capabilities, Hello, ModelRef, TaskOffer, TrainingPlan, UploadBegin};
 use fedge_proto::sign::{self, SigningKey, UpdateManifest};
 use fedge_proto::{
-    AggMsg, DeviceMsg, Limits, ModelBlob, ModelVersion, ProtoError, RUNTIME_VERSION, RejectCode,
-    SCHEMA_VERSION,
+    AggMsg, DeviceMsg, Limits, ModelBlob, ModelVersion, RUNTIME_VERSION, RejectCode, SCHEMA_VERSION,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -888,13 +887,4 @@ impl DeviceSession {
             self.retry_later(now);
         }
     }
-}
-
-/// Errors a device driver reports to its caller.
-#[derive(Debug, thiserror::Error)]
-pub enum SessionError {
-    #[error("protocol: {0}")]
-    Proto(#[from] ProtoError),
-    #[error("session failed: {0}")]
-    Failed(String),
 }
