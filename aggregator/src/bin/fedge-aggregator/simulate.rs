@@ -132,6 +132,9 @@ pub struct SimArgs {
     /// Fraction of devices that attack, e.g. 0.2.
     #[arg(long)]
     attackers: Option<f64>,
+    /// Stake distribution: uniform or zipf:S.
+    #[arg(long)]
+    stakes: Option<String>,
     /// Time from a round's first selection to its deadline, in ms.
     #[arg(long)]
     round_deadline_ms: Option<u64>,
@@ -206,6 +209,7 @@ pub fn run(a: SimArgs) -> anyhow::Result<()> {
         seed,
         attackers,
         attack,
+        stakes,
         round_deadline_ms,
         out_dir
     );
