@@ -6,9 +6,12 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+mod procs;
+use procs::{Proc, wait_exit};
 
 use fedge_proto::{Limits, ModelBlob, ParamLayout, Params, TensorSpec};
 
@@ -60,30 +63,6 @@ fn device_bin() -> PathBuf {
     }
     assert!(path.exists(), "fedge-device at {}", path.display());
     path
-}
-
-/// Kills the child if the test fails before waiting on it.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_with_timeout(p: &mut Proc, limit: Duration) -> std::process::ExitStatus {
-    let end = Instant::now() + limit;
-    loop {
-        if let Some(s) = p.0.try_wait().unwrap() {
-            return s;
-        }
-        assert!(
-            Instant::now() < end,
-            "process did not exit within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn read_model(path: &Path) -> ModelBlob {
@@ -155,7 +134,7 @@ fn aggregator_and_three_device_processes_complete_two_rounds() {
     }
     let mut device_finals = Vec::new();
     for (p, state) in &mut devices {
-        let status = wait_with_timeout(p, Duration::from_secs(60));
+        let status = wait_exit(p, Duration::from_secs(60));
         eprintln!("device done at {:?}", t0.elapsed());
         assert!(status.success(), "device exited with {status}");
         let mut out = String::new();
@@ -163,7 +142,7 @@ fn aggregator_and_three_device_processes_complete_two_rounds() {
         assert!(out.contains("rounds_contributed=2"), "{out}");
         device_finals.push(read_model(&state.join("model.fedge")));
     }
-    let status = wait_with_timeout(&mut agg, Duration::from_secs(30));
+    let status = wait_exit(&mut agg, Duration::from_secs(30));
     eprintln!("agg done at {:?}", t0.elapsed());
     assert!(status.success(), "aggregator exited with {status}");
     let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
