@@ -12,8 +12,17 @@
 //! `devices_per_round` updates are accepted, or at the deadline, when it is
 //! aggregated if at least `min_devices` updates arrived and aborted (model
 //! unchanged, round retried) otherwise. Late updates are rejected.
+//!
+//! With FedBuff ([`crate::strategy::BufferedSpec`]) there is no round
+//! barrier: any device asking for work gets the current model while fewer
+//! than `concurrency` are training, and may ask again as soon as its update
+//! is in. A "round" is then one buffer: it publishes after
+//! `devices_per_round` accepted updates (or at the deadline, as above).
+//! Updates trained on an older version are accepted up to `max_staleness`
+//! publications behind, weighted down by `(1 + staleness)^-a`; uploads in
+//! flight survive a publication.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -126,6 +135,16 @@ impl CoordinatorConfig {
         if self.versions_kept == 0 {
             return Err("versions_kept must be at least 1".into());
         }
+        if let Some(b) = &self.strategy.buffered
+            && self.versions_kept as u64 <= b.max_staleness
+        {
+            return Err(format!(
+                "FedBuff accepts updates {} versions stale, so versions_kept must be at least {}, got {}",
+                b.max_staleness,
+                b.max_staleness + 1,
+                self.versions_kept
+            ));
+        }
         if let Some(b) = self.update_norm_max
             && !(b > 0.0 && b.is_finite())
         {
@@ -178,11 +197,14 @@ pub enum Event {
         round_id: u64,
         device: String,
     },
+    /// An update was combined into round `round_id`; `staleness` is how
+    /// many versions behind it was trained (FedBuff; 0 in synchronous rounds).
     UpdateAccepted {
         round_id: u64,
         device: String,
         sample_count: u64,
         payload_bytes: u64,
+        staleness: u64,
     },
     Rejected {
         device: Option<String>,
@@ -305,6 +327,14 @@ pub struct Coordinator {
     /// has one (None: the full model is smaller). Cleared each round.
     deltas: HashMap<ModelVersion, StoredModel>,
     delta_for: HashMap<ModelVersion, Option<ModelVersion>>,
+    /// FedBuff state (unused in synchronous rounds): devices training now
+    /// and the round (buffer) whose model they train; the model of each
+    /// recent round; tasks and payloads already accepted (replays), kept
+    /// for the staleness window.
+    inflight: HashMap<[u8; 32], u64>,
+    round_versions: VecDeque<(u64, ModelVersion)>,
+    accepted_tasks: HashSet<([u8; 32], u64)>,
+    accepted_hashes: VecDeque<(u64, [u8; 32])>,
     out: VecDeque<Output>,
 }
 
@@ -352,6 +382,10 @@ impl Coordinator {
             told_finished: Default::default(),
             deltas: HashMap::new(),
             delta_for: HashMap::new(),
+            inflight: HashMap::new(),
+            round_versions: VecDeque::from([(first_round_id, version)]),
+            accepted_tasks: HashSet::new(),
+            accepted_hashes: VecDeque::new(),
             out: VecDeque::new(),
             cfg,
         };
@@ -410,6 +444,7 @@ impl Coordinator {
         self.round.combiner.add(delta, u.raw_weight);
         self.round.metrics.push((u.raw_weight, u.metrics.clone()));
         self.round.participants.insert(key, Participation::Accepted);
+        self.accepted_hashes.push_back((u.round_id, u.payload_hash));
         self.known_devices.insert(key);
         self.round.accepted.push(Contribution {
             round_id: u.round_id,
@@ -703,6 +738,10 @@ impl Coordinator {
             self.send(session, AggMsg::Finished(mref));
             return;
         }
+        if self.cfg.strategy.buffered.is_some() {
+            self.on_task_request_buffered(now, session, key, have);
+            return;
+        }
         let target = self.cfg.selection_target();
         let part = self.round.participants.get(key.as_bytes()).copied();
         match part {
@@ -714,22 +753,7 @@ impl Coordinator {
                 self.pace_away(session, "already contributed to this round");
             }
             None => {
-                let dev = device_id(&key);
-                if let Err(e) = self.cfg.weights.raw_weight(self.stakes.stake(&dev), 1) {
-                    self.event(Event::Rejected {
-                        device: Some(dev),
-                        code: RejectCode::NotSelected,
-                        detail: e.to_string(),
-                    });
-                    // Not eligible: come back much later.
-                    self.send(
-                        session,
-                        AggMsg::NoTask {
-                            retry_after_ms_min: 60_000,
-                            retry_after_ms_max: 120_000,
-                            reason: format!("not eligible: {e}"),
-                        },
-                    );
+                if !self.eligible(session, &key) {
                     return;
                 }
                 if self.round.participants.len() >= target {
@@ -749,6 +773,71 @@ impl Coordinator {
                 self.send_offer(now, session, have);
             }
         }
+    }
+
+    /// Whether the device's stake lets it take part; if not, it is told to
+    /// come back much later.
+    fn eligible(&mut self, session: SessionId, key: &VerifyingKey) -> bool {
+        let dev = device_id(key);
+        let Err(e) = self.cfg.weights.raw_weight(self.stakes.stake(&dev), 1) else {
+            return true;
+        };
+        self.event(Event::Rejected {
+            device: Some(dev),
+            code: RejectCode::NotSelected,
+            detail: e.to_string(),
+        });
+        self.send(
+            session,
+            AggMsg::NoTask {
+                retry_after_ms_min: 60_000,
+                retry_after_ms_max: 120_000,
+                reason: format!("not eligible: {e}"),
+            },
+        );
+        false
+    }
+
+    /// FedBuff: work for any eligible device while fewer than `concurrency`
+    /// are training; a device may ask again once its update is in.
+    fn on_task_request_buffered(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        key: VerifyingKey,
+        have: Option<ModelVersion>,
+    ) {
+        let dev = key.to_bytes();
+        if self.inflight.get(&dev) == Some(&self.round.id) {
+            // Reconnected while training: the same offer again.
+            self.send_offer(now, session, have);
+            return;
+        }
+        if !self.eligible(session, &key) {
+            return;
+        }
+        let concurrency = self
+            .cfg
+            .strategy
+            .buffered
+            .as_ref()
+            .and_then(|b| b.concurrency)
+            .unwrap_or_else(|| self.cfg.selection_target());
+        // A device asking again has given up its older task.
+        self.inflight.remove(&dev);
+        if self.inflight.len() >= concurrency {
+            self.pace_away(session, "enough devices are training");
+            return;
+        }
+        self.inflight.insert(dev, self.round.id);
+        if self.round.deadline.is_none() {
+            self.round.deadline = Some(now + self.cfg.round_deadline);
+        }
+        self.event(Event::DeviceSelected {
+            round_id: self.round.id,
+            device: device_id(&key),
+        });
+        self.send_offer(now, session, have);
     }
 
     /// A lossless delta from `base` to the round's model, when smaller.
@@ -787,7 +876,11 @@ impl Coordinator {
     fn send_offer(&mut self, now: Instant, session: SessionId, have: Option<ModelVersion>) {
         let mref = self.models[&self.round.model_version].mref;
         let delta = have.and_then(|v| self.delta_ref(v));
-        let deadline = self.round.deadline.expect("set at first selection");
+        let deadline = match self.cfg.strategy.buffered {
+            // FedBuff: each task has its own time budget.
+            Some(_) => now + self.cfg.round_deadline,
+            None => self.round.deadline.expect("set at first selection"),
+        };
         let plan = self.strategy.configure_round(self.round.id, &self.cfg.plan);
         let offer = TaskOffer {
             round_id: self.round.id,
@@ -882,6 +975,9 @@ impl Coordinator {
         }
         m.verify(&b.signature)
             .map_err(|e| (RejectCode::BadSignature, e.to_string()))?;
+        if let Some(spec) = &self.cfg.strategy.buffered {
+            return self.check_buffered(key, m, spec.max_staleness);
+        }
         if m.round_id < self.round.id {
             return Err((
                 RejectCode::RoundClosed,
@@ -934,6 +1030,79 @@ impl Coordinator {
             return Err((
                 RejectCode::DeadlinePassed,
                 "the round's deadline has passed".into(),
+            ));
+        }
+        if m.sample_count == 0 {
+            return Err((
+                RejectCode::Malformed,
+                "sample_count must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// FedBuff's checks: the task was handed out here, is within the
+    /// staleness window, trained the model of its round, and was not
+    /// accepted before.
+    fn check_buffered(
+        &self,
+        key: &VerifyingKey,
+        m: &sign::UpdateManifest,
+        max_staleness: u64,
+    ) -> Result<(), (RejectCode, String)> {
+        if self.finished || m.round_id > self.round.id {
+            return Err((
+                RejectCode::UnknownRound,
+                format!("round {} is not open here", m.round_id),
+            ));
+        }
+        let staleness = self.round.id - m.round_id;
+        if staleness > max_staleness {
+            return Err((
+                RejectCode::RoundClosed,
+                format!(
+                    "update is {staleness} versions stale; at most {max_staleness} are accepted"
+                ),
+            ));
+        }
+        if !self.models.contains_key(&m.model_version) {
+            return Err((
+                RejectCode::UnknownModelVersion,
+                format!("model version {} is not known here", m.model_version),
+            ));
+        }
+        let trained = self
+            .round_versions
+            .iter()
+            .find(|(r, _)| *r == m.round_id)
+            .map(|(_, v)| *v);
+        if trained != Some(m.model_version) {
+            return Err((
+                RejectCode::UnknownModelVersion,
+                format!(
+                    "update is against model {}, not the model of round {}",
+                    m.model_version, m.round_id
+                ),
+            ));
+        }
+        if self.accepted_tasks.contains(&(key.to_bytes(), m.round_id))
+            || self
+                .accepted_hashes
+                .iter()
+                .any(|(_, h)| *h == m.payload_hash)
+        {
+            return Err((
+                RejectCode::Replay,
+                format!(
+                    "an update from this device for round {} was already accepted",
+                    m.round_id
+                ),
+            ));
+        }
+        if self.inflight.get(key.as_bytes()) != Some(&m.round_id) {
+            return Err((
+                RejectCode::NotSelected,
+                format!("no task of round {} is open for this device", m.round_id),
             ));
         }
         if m.sample_count == 0 {
@@ -1071,7 +1240,8 @@ impl Coordinator {
         }
         let u = self.round.uploads.remove(key.as_bytes()).expect("present");
         let m = &u.begin.manifest;
-        if self.round.deadline.is_some_and(|d| now >= d) {
+        let buffered = self.cfg.strategy.buffered.clone();
+        if buffered.is_none() && self.round.deadline.is_some_and(|d| now >= d) {
             self.reject(
                 session,
                 Some(dev),
@@ -1116,8 +1286,12 @@ impl Coordinator {
             }
         }
         let stake = self.stakes.stake(&dev);
+        // FedBuff discounts stale updates; synchronous rounds have none.
+        let discount = buffered
+            .as_ref()
+            .map_or(1.0, |b| b.discount(self.round.id - m.round_id));
         let raw_weight = match self.cfg.weights.raw_weight(stake, m.sample_count) {
-            Ok(w) if w > 0.0 && w.is_finite() => w,
+            Ok(w) if w > 0.0 && w.is_finite() => w * discount,
             Ok(w) => {
                 let detail = format!("participant weight {w} is not positive");
                 self.reject_update(
@@ -1140,8 +1314,9 @@ impl Coordinator {
                 return;
             }
         };
+        // Recorded under the round (buffer) it is combined into.
         self.out.push_back(Output::Persist(Box::new(DurableUpdate {
-            round_id: m.round_id,
+            round_id: self.round.id,
             device: dev.clone(),
             payload_hash: m.payload_hash,
             sample_count: m.sample_count,
@@ -1153,7 +1328,7 @@ impl Coordinator {
         self.round.combiner.add(delta, raw_weight);
         self.round.metrics.push((raw_weight, m.metrics.clone()));
         self.round.accepted.push(Contribution {
-            round_id: m.round_id,
+            round_id: self.round.id,
             device: dev.clone(),
             stake,
             samples: m.sample_count,
@@ -1165,9 +1340,16 @@ impl Coordinator {
         self.round
             .participants
             .insert(key.to_bytes(), Participation::Accepted);
+        if buffered.is_some() {
+            self.inflight.remove(key.as_bytes());
+            self.accepted_tasks.insert((key.to_bytes(), m.round_id));
+        }
+        self.accepted_hashes
+            .push_back((self.round.id, m.payload_hash));
         let (round_id, payload_hash) = (m.round_id, m.payload_hash);
         self.event(Event::UpdateAccepted {
-            round_id,
+            round_id: self.round.id,
+            staleness: self.round.id - round_id,
             device: dev,
             sample_count: m.sample_count,
             payload_bytes: m.payload_bytes,
@@ -1275,18 +1457,48 @@ impl Coordinator {
         });
         self.deltas.clear();
         self.delta_for.clear();
-        self.closed_uploads = self
-            .round
-            .uploads
-            .values()
-            .map(|u| (u.begin.manifest.payload_hash, false))
-            .collect();
+        let uploads = match self.cfg.strategy.buffered.clone() {
+            Some(b) => {
+                // FedBuff: uploads in flight go on; tasks, replay records
+                // and model versions older than the staleness window go.
+                let next = round_id + 1;
+                let oldest = next.saturating_sub(b.max_staleness);
+                self.inflight.retain(|_, r| *r >= oldest);
+                self.accepted_tasks.retain(|(_, r)| *r >= oldest);
+                while self
+                    .accepted_hashes
+                    .front()
+                    .is_some_and(|(r, _)| *r < oldest)
+                {
+                    self.accepted_hashes.pop_front();
+                }
+                self.round_versions.push_back((next, self.current_version));
+                while self
+                    .round_versions
+                    .front()
+                    .is_some_and(|(r, _)| *r < oldest)
+                {
+                    self.round_versions.pop_front();
+                }
+                std::mem::take(&mut self.round.uploads)
+            }
+            None => {
+                self.closed_uploads = self
+                    .round
+                    .uploads
+                    .values()
+                    .map(|u| (u.begin.manifest.payload_hash, false))
+                    .collect();
+                self.accepted_hashes.clear();
+                HashMap::new()
+            }
+        };
         self.round = Round {
             id: round_id + 1,
             model_version: self.current_version,
             deadline: None,
             participants: HashMap::new(),
-            uploads: HashMap::new(),
+            uploads,
             combiner: self.strategy.combiner(dim, self.cfg.weights.max_share),
             accepted: Vec::new(),
             metrics: Vec::new(),

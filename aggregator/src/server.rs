@@ -404,11 +404,13 @@ async fn on_event(
             device,
             sample_count,
             payload_bytes,
+            staleness,
         } => tracing::info!(
             round_id,
             device = &device[..12],
             sample_count,
             payload_bytes,
+            staleness,
             "update accepted"
         ),
         Event::Rejected {

@@ -335,6 +335,48 @@ impl Strategy for NormClipped {
     }
 }
 
+/// FedBuff's naming wrapper: the buffering and staleness discount live in
+/// the coordinator (they decide which uploads are accepted and with what
+/// weight); the inner strategy turns each full buffer into a new version.
+pub struct Buffered {
+    inner: Box<dyn Strategy>,
+    spec: BufferedSpec,
+}
+
+impl Strategy for Buffered {
+    fn name(&self) -> String {
+        format!(
+            "fedbuff(max_staleness={}, a={})+{}",
+            self.spec.max_staleness,
+            self.spec.staleness_exponent,
+            self.inner.name()
+        )
+    }
+
+    fn configure_round(&mut self, round_id: u64, base: &TrainingPlan) -> TrainingPlan {
+        self.inner.configure_round(round_id, base)
+    }
+
+    fn combiner(&mut self, dim: usize, max_share: f64) -> Box<dyn Combiner> {
+        self.inner.combiner(dim, max_share)
+    }
+
+    fn aggregate_round(
+        &mut self,
+        round_id: u64,
+        params: &[f32],
+        combined: &Combined,
+        failures: &[Failure],
+    ) -> Vec<f32> {
+        self.inner
+            .aggregate_round(round_id, params, combined, failures)
+    }
+
+    fn aggregate_evaluate(&mut self, results: &[(f64, Vec<(String, f64)>)]) -> Vec<(String, f64)> {
+        self.inner.aggregate_evaluate(results)
+    }
+}
+
 /// A strategy as written in the configuration file.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -344,6 +386,8 @@ pub struct StrategyConfig {
     /// FedProx proximal term sent in the plan (0: off).
     pub fedprox_mu: f32,
     pub clip: Option<ClipSpec>,
+    /// FedBuff: asynchronous buffered aggregation (None: synchronous rounds).
+    pub buffered: Option<BufferedSpec>,
 }
 
 impl Default for StrategyConfig {
@@ -353,13 +397,64 @@ impl Default for StrategyConfig {
             combine: CombineSpec::Mean,
             fedprox_mu: 0.0,
             clip: None,
+            buffered: None,
         }
+    }
+}
+
+/// FedBuff (Nguyen et al. 2022): devices train whenever they ask, against
+/// whatever model is current; the aggregator buffers accepted updates and
+/// publishes a new version every `devices_per_round` of them. An update
+/// trained on a version `tau` publications old is accepted while
+/// `tau <= max_staleness`, its weight multiplied by [`Self::discount`].
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BufferedSpec {
+    /// Oldest accepted update, in publications behind the current version.
+    pub max_staleness: u64,
+    /// Staleness discount exponent `a` in `(1 + tau)^-a` (0.5: FedBuff's
+    /// `1 / sqrt(1 + tau)`; 0: no discount).
+    pub staleness_exponent: f64,
+    /// Devices training at once (None: ceil(devices_per_round x over_selection)).
+    pub concurrency: Option<usize>,
+}
+
+impl Default for BufferedSpec {
+    fn default() -> Self {
+        BufferedSpec {
+            max_staleness: 3,
+            staleness_exponent: 0.5,
+            concurrency: None,
+        }
+    }
+}
+
+impl BufferedSpec {
+    /// The weight multiplier for an update `tau` versions stale.
+    pub fn discount(&self, tau: u64) -> f64 {
+        (1.0 + tau as f64).powf(-self.staleness_exponent)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.staleness_exponent >= 0.0 && self.staleness_exponent.is_finite()) {
+            return Err(format!(
+                "staleness_exponent must be >= 0, got {}",
+                self.staleness_exponent
+            ));
+        }
+        if self.concurrency == Some(0) {
+            return Err("concurrency must be at least 1".into());
+        }
+        Ok(())
     }
 }
 
 impl StrategyConfig {
     pub fn validate(&self) -> Result<(), String> {
         self.combine.validate()?;
+        if let Some(b) = &self.buffered {
+            b.validate()?;
+        }
         if !(self.fedprox_mu >= 0.0 && self.fedprox_mu.is_finite()) {
             return Err(format!("fedprox_mu must be >= 0, got {}", self.fedprox_mu));
         }
@@ -382,9 +477,16 @@ impl StrategyConfig {
             self.combine.clone(),
             self.fedprox_mu,
         ));
-        match &self.clip {
+        let s: Box<dyn Strategy> = match &self.clip {
             Some(c) => Box::new(NormClipped::new(base, c.clone())),
             None => base,
+        };
+        match &self.buffered {
+            Some(b) => Box::new(Buffered {
+                inner: s,
+                spec: b.clone(),
+            }),
+            None => s,
         }
     }
 }

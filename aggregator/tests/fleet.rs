@@ -7,6 +7,7 @@ mod sim;
 use std::time::Duration;
 
 use fedge_aggregator::coordinator::CoordinatorConfig;
+use fedge_aggregator::strategy::BufferedSpec;
 use fedge_proto::RejectCode;
 use fedge_runtime::session::{DeviceEvent, Status};
 use sim::{DeviceSpec, DropAt, NetConfig, Sim};
@@ -362,4 +363,96 @@ fn devices_holding_the_last_model_download_a_smaller_delta() {
             );
         }
     }
+}
+
+fn fedbuff(per_round: usize, rounds: u64, max_staleness: u64) -> CoordinatorConfig {
+    let mut c = cfg(per_round, 1, rounds);
+    c.versions_kept = max_staleness as usize + 1;
+    c.strategy.buffered = Some(BufferedSpec {
+        max_staleness,
+        staleness_exponent: 0.5,
+        concurrency: Some(8),
+    });
+    c
+}
+
+/// Devices from 0.2 s to 3.2 s per task: fast ones lap slow ones.
+fn mixed_speed_specs(n: usize) -> Vec<DeviceSpec> {
+    (0..n)
+        .map(|i| {
+            let mut s = DeviceSpec::new(0.01 * (i as f32 + 1.0), 10 + i as u64);
+            s.train_time = Duration::from_millis(200 + 3000 * i as u64 / n as u64);
+            s
+        })
+        .collect()
+}
+
+#[test]
+fn fedbuff_publishes_every_k_updates_with_staleness_discounted_weights() {
+    for seed in SEEDS {
+        let initial = sim::model(64).params.values;
+        let mut sim = Sim::new(
+            seed,
+            fedbuff(4, 8, 3),
+            NetConfig::default(),
+            mixed_speed_specs(12),
+        );
+        sim.run_to_end(Duration::from_secs(300));
+        let published = sim.published();
+        assert_eq!(published.len(), 8, "seed {seed}");
+        for (round, accepted, _) in &published {
+            assert_eq!(*accepted, 4, "seed {seed}: buffer {round} publishes at K");
+        }
+        let accepted = sim.accepted();
+        // No round barrier: stale updates (trained on an older version) are
+        // accepted, and devices train again as soon as their update is in.
+        assert!(
+            accepted.iter().any(|(_, _, s)| *s > 0),
+            "seed {seed}: no stale update was accepted: {accepted:?}"
+        );
+        assert!(accepted.iter().all(|(_, _, s)| *s <= 3), "seed {seed}");
+        let fastest = sim.device_id(0);
+        let by_fastest = accepted.iter().filter(|(_, d, _)| *d == fastest).count();
+        assert!(
+            by_fastest >= 3,
+            "seed {seed}: the fastest device contributed {by_fastest} times"
+        );
+        // Every version = previous + the staleness-discounted weighted mean.
+        check_aggregates(&sim, &initial);
+    }
+}
+
+#[test]
+fn fedbuff_rejects_updates_beyond_the_staleness_bound() {
+    for seed in SEEDS {
+        let mut sim = Sim::new(
+            seed,
+            fedbuff(2, 6, 0),
+            NetConfig::default(),
+            mixed_speed_specs(8),
+        );
+        sim.run_to_end(Duration::from_secs(300));
+        assert_eq!(sim.published().len(), 6, "seed {seed}");
+        assert!(
+            sim.accepted().iter().all(|(_, _, s)| *s == 0),
+            "seed {seed}"
+        );
+        let stale = sim
+            .rejections()
+            .iter()
+            .filter(|c| **c == RejectCode::RoundClosed)
+            .count();
+        assert!(
+            stale > 0,
+            "seed {seed}: slow devices' stale updates refused"
+        );
+    }
+}
+
+#[test]
+fn fedbuff_config_needs_the_versions_its_staleness_window_reaches() {
+    let mut c = fedbuff(2, 2, 3);
+    c.versions_kept = 3;
+    let err = c.validate().unwrap_err();
+    assert!(err.contains("versions_kept must be at least 4"), "{err}");
 }

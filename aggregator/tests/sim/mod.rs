@@ -541,26 +541,54 @@ impl Sim {
     }
 
     /// Sample-weighted mean of the deltas of the devices whose updates were
-    /// accepted in `round`, recomputed naively from the specs.
+    /// accepted in `round`, recomputed naively from the specs; with FedBuff
+    /// each weight is also multiplied by `(1 + staleness)^-a`.
     pub fn expected_round_delta(&self, round: u64) -> f64 {
         let by_key: HashMap<String, &DeviceSpec> = self
             .devices
             .iter()
             .map(|d| (d.session.device_id(), &d.spec))
             .collect();
+        let a = self
+            .coord
+            .config()
+            .strategy
+            .buffered
+            .as_ref()
+            .map_or(0.0, |b| b.staleness_exponent);
         let mut num = 0.0;
         let mut den = 0.0;
         for e in &self.events {
             if let Event::UpdateAccepted {
-                round_id, device, ..
+                round_id,
+                device,
+                staleness,
+                ..
             } = e
                 && *round_id == round
             {
                 let s = by_key[device];
-                num += f64::from(s.delta) * s.samples as f64;
-                den += s.samples as f64;
+                let w = s.samples as f64 / (1.0 + *staleness as f64).powf(a);
+                num += f64::from(s.delta) * w;
+                den += w;
             }
         }
         num / den
+    }
+
+    /// (round, device, staleness) of every accepted update, in order.
+    pub fn accepted(&self) -> Vec<(u64, String, u64)> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::UpdateAccepted {
+                    round_id,
+                    device,
+                    staleness,
+                    ..
+                } => Some((*round_id, device.clone(), *staleness)),
+                _ => None,
+            })
+            .collect()
     }
 }
