@@ -72,6 +72,41 @@ impl Dataset {
         }
     }
 
+    /// The samples of `parts`, one after another (same shape and classes).
+    pub fn concat(parts: &[Dataset]) -> Result<Dataset, DataError> {
+        let Some(first) = parts.first() else {
+            return Err(DataError::Invalid("nothing to concatenate".into()));
+        };
+        let mut out = Dataset {
+            features: match first.features {
+                Features::F32(_) => Features::F32(Vec::new()),
+                Features::I64(_) => Features::I64(Vec::new()),
+            },
+            sample_shape: first.sample_shape.clone(),
+            labels: Vec::new(),
+            classes: first.classes,
+        };
+        for p in parts {
+            if p.sample_shape != out.sample_shape || p.classes != out.classes {
+                return Err(DataError::Invalid(format!(
+                    "cannot concatenate samples of shape {:?} ({} classes) with {:?} ({} classes)",
+                    p.sample_shape, p.classes, out.sample_shape, out.classes
+                )));
+            }
+            match (&mut out.features, &p.features) {
+                (Features::F32(a), Features::F32(b)) => a.extend_from_slice(b),
+                (Features::I64(a), Features::I64(b)) => a.extend_from_slice(b),
+                _ => {
+                    return Err(DataError::Invalid(
+                        "cannot concatenate f32 and i64 samples".into(),
+                    ));
+                }
+            }
+            out.labels.extend_from_slice(&p.labels);
+        }
+        Ok(out)
+    }
+
     /// Samples `range`.
     pub fn slice(&self, range: std::ops::Range<usize>) -> Dataset {
         self.subset(&range.collect::<Vec<_>>())
@@ -278,9 +313,162 @@ pub fn load_text(path: &Path) -> Result<String, DataError> {
     })
 }
 
+/// Speeches grouped by speaking role, roles in order of first appearance.
+/// In the shipped play text a speech is a line `NAME:` at the start of a
+/// paragraph (after a blank line, or first in the text), then its lines up
+/// to the next blank line. A role's text is its speeches joined by newlines.
+pub fn speeches_by_role(text: &str) -> Vec<(String, String)> {
+    let mut order: Vec<String> = Vec::new();
+    let mut by_role: std::collections::HashMap<String, String> = Default::default();
+    for para in text.split("\n\n") {
+        let para = para.trim_matches('\n');
+        let Some((head, body)) = para.split_once('\n') else {
+            continue;
+        };
+        let Some(name) = head.strip_suffix(':') else {
+            continue;
+        };
+        if name.is_empty() || name.contains(':') || body.trim().is_empty() {
+            continue;
+        }
+        let t = by_role.entry(name.to_string()).or_insert_with(|| {
+            order.push(name.to_string());
+            String::new()
+        });
+        t.push_str(body);
+        t.push('\n');
+    }
+    order
+        .into_iter()
+        .map(|r| {
+            let t = by_role.remove(&r).expect("every role has text");
+            (r, t)
+        })
+        .collect()
+}
+
+/// A federated split of a play "one device per speaking role" (LEAF's
+/// Shakespeare): the `devices` roles with the most text, each role's
+/// windows split into its training part and a held-out tail.
+#[derive(Clone, Debug)]
+pub struct RoleSplit {
+    pub roles: Vec<String>,
+    /// Every device's training windows, concatenated; `shards[i]` indexes
+    /// device i's.
+    pub train: Dataset,
+    pub shards: Vec<Vec<usize>>,
+    /// The held-out tails of every role, concatenated.
+    pub test: Dataset,
+}
+
+/// Split `text` by role: the `devices` roles with the most text; windows
+/// of `context` characters every `stride` over each role's own text (no
+/// window crosses roles); the last `held_out` fraction of each role's
+/// windows is held out; at most `max_per_role` training windows per role
+/// (0: no cap), the earliest kept.
+pub fn split_by_role(
+    text: &str,
+    vocab: &Vocab,
+    context: usize,
+    stride: usize,
+    devices: usize,
+    held_out: f64,
+    max_per_role: usize,
+) -> Result<RoleSplit, DataError> {
+    if !(0.0..1.0).contains(&held_out) {
+        return Err(DataError::Invalid(format!(
+            "held-out fraction must be in [0, 1), got {held_out}"
+        )));
+    }
+    let mut roles = speeches_by_role(text);
+    // Most text first; ties by name, so the choice is deterministic.
+    roles.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then_with(|| a.0.cmp(&b.0)));
+    let min_chars = 4 * (context + 1);
+    let usable = roles.iter().filter(|(_, t)| t.len() >= min_chars).count();
+    if usable < devices {
+        return Err(DataError::Invalid(format!(
+            "{devices} devices asked for, but only {usable} roles speak at least {min_chars} characters"
+        )));
+    }
+    roles.truncate(devices);
+    let mut train_parts = Vec::with_capacity(devices);
+    let mut test_parts = Vec::with_capacity(devices);
+    for (_, t) in &roles {
+        let w = char_windows(t, vocab, context, stride)?;
+        let n_test = ((w.len() as f64 * held_out).ceil() as usize).min(w.len() - 1);
+        let n_train = w.len() - n_test;
+        let keep = if max_per_role == 0 {
+            n_train
+        } else {
+            n_train.min(max_per_role)
+        };
+        train_parts.push(w.slice(0..keep));
+        test_parts.push(w.slice(n_train..w.len()));
+    }
+    let mut shards = Vec::with_capacity(devices);
+    let mut start = 0;
+    for p in &train_parts {
+        shards.push((start..start + p.len()).collect());
+        start += p.len();
+    }
+    Ok(RoleSplit {
+        roles: roles.into_iter().map(|(r, _)| r).collect(),
+        train: Dataset::concat(&train_parts)?,
+        shards,
+        test: Dataset::concat(&test_parts)?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn speeches_group_by_role_and_windows_stay_inside_a_role() {
+        let text = "A:\nab cd\n\nB:\nxy\nzw\n\nA:\nef gh\n\nnot a speech\n\nC:\n\n";
+        let roles = speeches_by_role(text);
+        assert_eq!(
+            roles,
+            vec![
+                ("A".to_string(), "ab cd\nef gh\n".to_string()),
+                ("B".to_string(), "xy\nzw\n".to_string()),
+            ]
+        );
+        let long: String = (0..40)
+            .map(|i| format!("R{}:\n{}\n\n", i % 3, "abcdefgh".repeat(i % 3 + 1)))
+            .collect();
+        let vocab = Vocab::of(&long);
+        let split = split_by_role(&long, &vocab, 4, 2, 3, 0.25, 0).unwrap();
+        // Most text first: R2 speaks 24 characters a speech, R0 8.
+        assert_eq!(split.roles, vec!["R2", "R1", "R0"]);
+        assert_eq!(split.shards.len(), 3);
+        let total: usize = split.shards.iter().map(Vec::len).sum();
+        assert_eq!(total, split.train.len());
+        // Device 2 (R0) only ever sees R0's characters (no `R`, `1`, `2`).
+        let Features::I64(f) = &split.train.features else {
+            panic!("char windows are i64")
+        };
+        let r0_text: std::collections::HashSet<i64> = "abcdefgh\n"
+            .chars()
+            .map(|c| vocab.index(c).unwrap())
+            .collect();
+        for &i in &split.shards[2] {
+            assert!(f[i * 4..i * 4 + 4].iter().all(|c| r0_text.contains(c)));
+        }
+        assert!(!split.test.is_empty());
+        let err = split_by_role(&long, &vocab, 4, 2, 4, 0.25, 0).unwrap_err();
+        assert!(err.to_string().contains("only 3 roles"), "{err}");
+    }
+
+    #[test]
+    fn shipped_play_has_enough_roles_for_fifty_devices() {
+        let text = load_text(&shipped_data_dir().join("tinyshakespeare/input.txt")).unwrap();
+        let vocab = Vocab::of(&text);
+        let split = split_by_role(&text, &vocab, 32, 7, 50, 0.1, 300).unwrap();
+        assert_eq!(split.roles.len(), 50);
+        assert!(split.shards.iter().all(|s| !s.is_empty() && s.len() <= 300));
+        assert!(split.test.len() > 1000, "{}", split.test.len());
+    }
 
     #[test]
     fn shipped_mnist_loads_and_is_balanced() {

@@ -11,7 +11,7 @@ use anyhow::Context;
 use fedge_aggregator::coordinator::{CoordinatorConfig, Event, RoundOutcome};
 use fedge_aggregator::server::{Server, ServerConfig};
 use fedge_aggregator::store::Store;
-use fedge_aggregator::strategy::StrategyConfig;
+use fedge_aggregator::strategy::{ServerOpt, StrategyConfig};
 use fedge_aggregator::tls::TlsIdentity;
 use fedge_aggregator::weighting::{Transform, WeightPolicy};
 use fedge_proto::msg::TrainingPlan;
@@ -37,7 +37,8 @@ pub struct SimConfig {
     pub model: String,
     /// mnist or shakespeare.
     pub data: String,
-    /// iid, dirichlet:ALPHA or shards:N.
+    /// iid, dirichlet:ALPHA, shards:N, or role (Shakespeare: one device
+    /// per speaking role, the roles with the most lines).
     pub partition: String,
     pub devices: usize,
     pub devices_per_round: usize,
@@ -63,8 +64,67 @@ pub struct SimConfig {
     pub attackers: f64,
     /// sign-flip, scaling, gaussian, label-flip or alie.
     pub attack: String,
+    /// Device heterogeneity (simulated by delays around real training).
+    pub heterogeneity: Heterogeneity,
     /// Where results.json goes.
     pub out_dir: PathBuf,
+}
+
+/// How simulated devices differ. Training itself is real; a slower device
+/// waits `(factor - 1) x` its training time after training, a capped link
+/// waits for its download and upload bytes at that rate, and a dropout
+/// stays away past the task's deadline, so its update arrives too late and
+/// is not sent (the aggregator sees a selected device that never answers).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Heterogeneity {
+    /// Slowdown factors (>= 1), dealt to devices round-robin.
+    pub speed_factors: Vec<f64>,
+    /// Chance that a device drops out of any one task.
+    pub dropout: f64,
+    /// Link rates in kbit/s (0: no cap), dealt round-robin.
+    pub bandwidth_kbps: Vec<f64>,
+}
+
+impl Default for Heterogeneity {
+    fn default() -> Self {
+        Heterogeneity {
+            speed_factors: vec![1.0],
+            dropout: 0.0,
+            bandwidth_kbps: vec![0.0],
+        }
+    }
+}
+
+impl Heterogeneity {
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.speed_factors.is_empty() && self.speed_factors.iter().all(|f| *f >= 1.0),
+            "speed factors must be >= 1 (1: full speed), got {:?}",
+            self.speed_factors
+        );
+        anyhow::ensure!(
+            (0.0..1.0).contains(&self.dropout),
+            "dropout must be in [0, 1), got {}",
+            self.dropout
+        );
+        anyhow::ensure!(
+            !self.bandwidth_kbps.is_empty()
+                && self
+                    .bandwidth_kbps
+                    .iter()
+                    .all(|b| *b >= 0.0 && b.is_finite()),
+            "bandwidth caps must be >= 0 kbit/s (0: none), got {:?}",
+            self.bandwidth_kbps
+        );
+        Ok(())
+    }
+
+    fn is_uniform(&self) -> bool {
+        self.speed_factors.iter().all(|f| *f == 1.0)
+            && self.dropout == 0.0
+            && self.bandwidth_kbps.iter().all(|b| *b == 0.0)
+    }
 }
 
 impl Default for SimConfig {
@@ -98,6 +158,7 @@ impl Default for SimConfig {
             seed: 1,
             attackers: 0.0,
             attack: "sign-flip".into(),
+            heterogeneity: Heterogeneity::default(),
             out_dir: PathBuf::from("results"),
         }
     }
@@ -117,9 +178,34 @@ pub struct SimArgs {
     devices_per_round: Option<usize>,
     #[arg(long)]
     rounds: Option<u64>,
-    /// iid, dirichlet:ALPHA or shards:N.
+    /// iid, dirichlet:ALPHA, shards:N, or role (Shakespeare only).
     #[arg(long)]
     partition: Option<String>,
+    /// Data set: mnist or shakespeare.
+    #[arg(long)]
+    data: Option<String>,
+    /// Training samples in all (the first N; with `role`, split evenly as a
+    /// per-role cap).
+    #[arg(long)]
+    train_samples: Option<usize>,
+    #[arg(long)]
+    batch_size: Option<u32>,
+    /// Local steps per task (0: use --local-epochs).
+    #[arg(long)]
+    local_steps: Option<u32>,
+    /// fedavg, fedavgm, fedadam, fedyogi, fedadagrad, fedprox:MU, or fedbuff
+    /// (asynchronous, staleness-discounted FedAvg).
+    #[arg(long)]
+    strategy: Option<String>,
+    /// Device slowdown factors, dealt round-robin, e.g. 1,1,2,4.
+    #[arg(long, value_delimiter = ',')]
+    speed_factors: Option<Vec<f64>>,
+    /// Chance that a device drops out of any one task, e.g. 0.1.
+    #[arg(long)]
+    dropout: Option<f64>,
+    /// Link caps in kbit/s, dealt round-robin (0: none), e.g. 0,1000,250.
+    #[arg(long, value_delimiter = ',')]
+    bandwidth_kbps: Option<Vec<f64>>,
     /// Update codec, e.g. dense-f32, q8, topk:0.01+q4.
     #[arg(long)]
     codec: Option<String>,
@@ -175,6 +261,36 @@ fn zoo(name: &str, vocab: usize) -> anyhow::Result<Vec<u8>> {
     })
 }
 
+/// The server optimizer a `--strategy` name stands for (defaults from
+/// Reddi et al. 2021 where they apply).
+fn server_opt(s: &str) -> anyhow::Result<ServerOpt> {
+    Ok(match s {
+        "fedavg" | "fedbuff" => ServerOpt::Avg { lr: 1.0 },
+        _ if s.starts_with("fedprox:") => ServerOpt::Avg { lr: 1.0 },
+        "fedavgm" => ServerOpt::Momentum { lr: 1.0, beta: 0.9 },
+        "fedadam" => ServerOpt::Adam {
+            lr: 0.01,
+            beta1: 0.9,
+            beta2: 0.99,
+            tau: 1e-3,
+        },
+        "fedyogi" => ServerOpt::Yogi {
+            lr: 0.01,
+            beta1: 0.9,
+            beta2: 0.99,
+            tau: 1e-3,
+        },
+        "fedadagrad" => ServerOpt::Adagrad {
+            lr: 0.01,
+            beta1: 0.0,
+            tau: 1e-3,
+        },
+        o => anyhow::bail!(
+            "strategy `{o}`: use fedavg, fedavgm, fedadam, fedyogi, fedadagrad, fedprox:MU or fedbuff"
+        ),
+    })
+}
+
 fn stakes(spec: &str, n: usize) -> anyhow::Result<Vec<f64>> {
     match spec.split_once(':') {
         None if spec == "uniform" => Ok(vec![1.0; n]),
@@ -203,6 +319,10 @@ pub fn run(a: SimArgs) -> anyhow::Result<()> {
         devices_per_round,
         rounds,
         partition,
+        data,
+        train_samples,
+        batch_size,
+        local_steps,
         codec,
         local_epochs,
         learning_rate,
@@ -213,6 +333,29 @@ pub fn run(a: SimArgs) -> anyhow::Result<()> {
         round_deadline_ms,
         out_dir
     );
+    if let Some(v) = a.speed_factors.clone() {
+        c.heterogeneity.speed_factors = v;
+    }
+    if let Some(v) = a.dropout {
+        c.heterogeneity.dropout = v;
+    }
+    if let Some(v) = a.bandwidth_kbps.clone() {
+        c.heterogeneity.bandwidth_kbps = v;
+    }
+    if let Some(s) = &a.strategy {
+        c.strategy.server_opt = server_opt(s)?;
+        c.strategy.fedprox_mu = 0.0;
+        c.strategy.buffered = None;
+        if let Some(mu) = s.strip_prefix("fedprox:") {
+            c.strategy.fedprox_mu = mu
+                .parse()
+                .with_context(|| format!("strategy `{s}`: fedprox:MU needs a number"))?;
+        }
+        if s == "fedbuff" {
+            c.strategy.buffered = Some(Default::default());
+        }
+    }
+    c.heterogeneity.validate()?;
     if let Some(agg) = &a.aggregator {
         use fedge_aggregator::robust::CombineSpec;
         use fedge_aggregator::strategy::ClipSpec;
@@ -263,8 +406,43 @@ pub fn run(a: SimArgs) -> anyhow::Result<()> {
     rt.block_on(simulate(c))
 }
 
-fn load_data(c: &SimConfig, context: usize) -> anyhow::Result<(Dataset, Dataset, usize)> {
+/// Training data, held-out data, and the devices' shards.
+fn load_data(c: &SimConfig, context: usize) -> anyhow::Result<(Dataset, Dataset, Vec<Vec<usize>>)> {
     let dir = data::shipped_data_dir();
+    if c.partition == "role" {
+        anyhow::ensure!(
+            c.data == "shakespeare",
+            "partition `role` splits a play by speaking role: use it with --data shakespeare"
+        );
+        let text = data::load_text(&dir.join("tinyshakespeare/input.txt"))?;
+        let vocab = data::Vocab::of(&text);
+        let per_role = c.train_samples.div_ceil(c.devices);
+        let split = data::split_by_role(&text, &vocab, context, 7, c.devices, 0.1, per_role)?;
+        // At most `held_out` samples, spread evenly over every role's tail.
+        let n = split.test.len();
+        let keep: Vec<usize> = (0..c.held_out.min(n))
+            .map(|i| i * n / c.held_out.min(n))
+            .collect();
+        println!(
+            "one device per speaking role: {} ... {} ({} training windows, {} held out)",
+            split.roles.first().map(String::as_str).unwrap_or("-"),
+            split.roles.last().map(String::as_str).unwrap_or("-"),
+            split.train.len(),
+            keep.len()
+        );
+        return Ok((split.train, split.test.subset(&keep), split.shards));
+    }
+    let partition = Partition::parse(&c.partition)?;
+    let (train, test) = load_split(c, &dir, context)?;
+    let shards = partition.split(&train, c.devices, c.seed);
+    Ok((train, test, shards))
+}
+
+fn load_split(
+    c: &SimConfig,
+    dir: &std::path::Path,
+    context: usize,
+) -> anyhow::Result<(Dataset, Dataset)> {
     match c.data.as_str() {
         "mnist" => {
             let d = data::load_mnist(&dir)?;
@@ -275,7 +453,6 @@ fn load_data(c: &SimConfig, context: usize) -> anyhow::Result<(Dataset, Dataset,
             Ok((
                 d.slice(0..c.train_samples),
                 d.slice(d.len() - c.held_out..d.len()),
-                0,
             ))
         }
         "shakespeare" => {
@@ -289,7 +466,6 @@ fn load_data(c: &SimConfig, context: usize) -> anyhow::Result<(Dataset, Dataset,
             Ok((
                 d.slice(0..c.train_samples),
                 d.slice(d.len() - c.held_out..d.len()),
-                vocab.len(),
             ))
         }
         other => anyhow::bail!("data `{other}`: use mnist or shakespeare"),
@@ -302,9 +478,7 @@ async fn simulate(c: SimConfig) -> anyhow::Result<()> {
     let blob = import_onnx(&zoo(&c.model, vocab)?)?;
     let graph = ModelGraph::from_blob(&blob)?;
     let context = graph.sample_shape().first().copied().unwrap_or(1);
-    let (train, test, _) = load_data(&c, context)?;
-    let partition = Partition::parse(&c.partition)?;
-    let shards = partition.split(&train, c.devices, c.seed);
+    let (train, test, shards) = load_data(&c, context)?;
 
     let work = tempfile::tempdir()?;
     let state = work.path().join("aggregator");
@@ -397,7 +571,7 @@ async fn simulate(c: SimConfig) -> anyhow::Result<()> {
             }
         }
         let honest = OnnxTrainer::new(local, c.seed.wrapping_add(i as u64));
-        let trainer: Box<dyn fedge_runtime::trainer::Trainer> =
+        let mut trainer: Box<dyn fedge_runtime::trainer::Trainer> =
             if malicious && attack != Attack::LabelFlip {
                 Box::new(Attacker {
                     inner: honest,
@@ -408,6 +582,17 @@ async fn simulate(c: SimConfig) -> anyhow::Result<()> {
             } else {
                 Box::new(honest)
             };
+        if !c.heterogeneity.is_uniform() {
+            let h = &c.heterogeneity;
+            trainer = Box::new(Profiled {
+                inner: trainer,
+                speed: h.speed_factors[i % h.speed_factors.len()],
+                dropout: h.dropout,
+                bytes_per_sec: h.bandwidth_kbps[i % h.bandwidth_kbps.len()] * 1000.0 / 8.0,
+                deadline: Duration::from_millis(c.round_deadline_ms),
+                seed: c.seed.wrapping_add(5000 + i as u64),
+            });
+        }
         devices.push(tokio::spawn(run_device(cfg, key, trainer)));
     }
 
@@ -605,6 +790,47 @@ impl Attack {
                 anyhow::bail!("attack `{o}`: use sign-flip, scaling, gaussian, label-flip or alie")
             }
         })
+    }
+}
+
+/// A device of a given speed, link and reliability around a real trainer
+/// (see [`Heterogeneity`]). Runs on the driver's blocking thread, so its
+/// waits hold no async worker.
+struct Profiled {
+    inner: Box<dyn fedge_runtime::trainer::Trainer>,
+    speed: f64,
+    dropout: f64,
+    /// Link rate (0: no cap).
+    bytes_per_sec: f64,
+    deadline: Duration,
+    seed: u64,
+}
+
+impl fedge_runtime::trainer::Trainer for Profiled {
+    fn train(
+        &mut self,
+        round_id: u64,
+        model: &ModelBlob,
+        plan: &TrainingPlan,
+    ) -> anyhow::Result<fedge_runtime::TrainOutput> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed ^ round_id);
+        let t0 = Instant::now();
+        let out = self.inner.train(round_id, model, plan)?;
+        let mut wait = t0.elapsed().mul_f64(self.speed - 1.0);
+        if self.bytes_per_sec > 0.0 {
+            // The model came down and the compressed update goes up.
+            let codec = fedge_proto::codec::CodecSpec::parse(&plan.codec)?;
+            let up = fedge_proto::codec::encode(&codec, &out.delta, self.seed ^ round_id)?.len();
+            let down = model.encode().len();
+            wait += Duration::from_secs_f64((up + down) as f64 / self.bytes_per_sec);
+        }
+        if rng.random::<f64>() < self.dropout {
+            // Gone until after the deadline: the session drops the update.
+            wait = wait.max(self.deadline + Duration::from_millis(100));
+        }
+        std::thread::sleep(wait);
+        Ok(out)
     }
 }
 
