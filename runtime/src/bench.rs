@@ -1,7 +1,9 @@
 //! The training benchmark behind `fedge-device bench`: samples/s of whole
 //! training steps, the FLOP rate they reach, and beside it the FLOP rate of
 //! tract's own matrix multiply on the same shapes in the same run (the
-//! baseline), plus peak memory.
+//! baseline, for the CPU executor), plus peak memory. The same steps run
+//! on any executor ([`ExecutorKind`]), so tract and the GPU executor can be
+//! compared configuration by configuration.
 
 use std::time::{Duration, Instant};
 
@@ -14,7 +16,8 @@ use tract_onnx::prelude::*;
 use crate::data::{Dataset, Features};
 use crate::train::TrainError;
 use crate::train::compile::{CompileOptions, OptimizerSpec};
-use crate::train::exec::{Batch, Executor, Labels, TractExecutor};
+use crate::train::exec::{Batch, Executor, Labels};
+use crate::train::gpu::{ExecutorKind, select_executor};
 use crate::train::import::{ModelGraph, import_onnx};
 use crate::train::onnx::{self, F32, attr_i};
 use crate::train::shape::infer;
@@ -22,6 +25,8 @@ use crate::train::shape::infer;
 #[derive(Clone, Debug, Serialize)]
 pub struct StepBench {
     pub model: String,
+    /// The executor's name ("tract-cpu", "wgpu: <adapter>").
+    pub executor: String,
     pub batch: usize,
     pub steps: u64,
     pub samples_per_s: f64,
@@ -31,15 +36,20 @@ pub struct StepBench {
     /// A training step counted as 3 x forward (forward, input and weight
     /// gradients).
     pub achieved_gflops: f64,
-    /// tract's matmul on the same (im2col-equivalent) shapes.
-    pub matmul_baseline_gflops: f64,
+    /// tract's matmul on the same (im2col-equivalent) shapes (CPU runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub matmul_baseline_gflops: Option<f64>,
     /// achieved / baseline.
-    pub ratio_to_matmul: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ratio_to_matmul: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
     pub executor: String,
+    /// The GPU adapter, for GPU runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<String>,
     pub threads: usize,
     pub steps: Vec<StepBench>,
     /// Peak resident memory of the process after training the CNN, MiB.
@@ -145,8 +155,63 @@ fn matmul_baseline(
     Ok(total * runs as f64 / start.elapsed().as_secs_f64() / 1e9)
 }
 
-/// Benchmark training steps of `onnx_model` at `batch` on `data`.
+/// Benchmark training steps of `onnx_model` at `batch` on `data` with
+/// tract.
 pub fn bench_model(
+    name: &str,
+    onnx_model: &ModelProto,
+    data: &Dataset,
+    batch: usize,
+    min_time: Duration,
+) -> Result<StepBench, TrainError> {
+    bench_model_on(ExecutorKind::Cpu, name, onnx_model, data, batch, min_time)
+}
+
+/// One configuration of a comparison between tract and the GPU executor.
+#[derive(Clone, Debug, Serialize)]
+pub struct CompareRow {
+    pub model: String,
+    pub batch: usize,
+    pub tract_samples_per_s: f64,
+    pub gpu_samples_per_s: f64,
+    /// gpu / tract.
+    pub speedup: f64,
+}
+
+/// `fedge-device bench --compare`: both executors on the same
+/// configurations.
+#[derive(Clone, Debug, Serialize)]
+pub struct CompareReport {
+    pub adapter: String,
+    pub rows: Vec<CompareRow>,
+    pub cpu: BenchReport,
+    pub gpu: BenchReport,
+}
+
+/// Pair up the configurations two reports share.
+pub fn compare_rows(cpu: &BenchReport, gpu: &BenchReport) -> Vec<CompareRow> {
+    cpu.steps
+        .iter()
+        .filter_map(|c| {
+            let g = gpu
+                .steps
+                .iter()
+                .find(|g| g.model == c.model && g.batch == c.batch)?;
+            Some(CompareRow {
+                model: c.model.clone(),
+                batch: c.batch,
+                tract_samples_per_s: c.samples_per_s,
+                gpu_samples_per_s: g.samples_per_s,
+                speedup: g.samples_per_s / c.samples_per_s,
+            })
+        })
+        .collect()
+}
+
+/// Benchmark training steps of `onnx_model` at `batch` on `data` with the
+/// executor `kind` selects.
+pub fn bench_model_on(
+    kind: ExecutorKind,
     name: &str,
     onnx_model: &ModelProto,
     data: &Dataset,
@@ -164,11 +229,11 @@ pub fn bench_model(
         },
         ..CompileOptions::default()
     };
-    let mut ex = TractExecutor::new(&graph, opts)?;
+    let mut ex = select_executor(kind, &graph, opts)?;
     ex.load(&blob.params.values)?;
     let batches = data.epoch_batches(batch, 0);
     let (mut xf, mut xi, mut y) = (Vec::new(), Vec::new(), Vec::new());
-    let mut step = |ex: &mut TractExecutor, i: usize| -> Result<(), TrainError> {
+    let mut step = |ex: &mut dyn Executor, i: usize| -> Result<(), TrainError> {
         data.gather(&batches[i % batches.len()], &mut xf, &mut xi, &mut y);
         let x = match data.features {
             Features::F32(_) => Batch::F32(&xf),
@@ -176,20 +241,26 @@ pub fn bench_model(
         };
         ex.step(x, Labels::Classes(&y), 0.01).map(|_| ())
     };
-    step(&mut ex, 0)?; // warm-up
+    step(ex.as_mut(), 0)?; // warm-up
     let start = Instant::now();
     let mut steps = 0u64;
     while start.elapsed() < min_time || steps < 3 {
-        step(&mut ex, steps as usize + 1)?;
+        step(ex.as_mut(), steps as usize + 1)?;
         steps += 1;
     }
     let secs = start.elapsed().as_secs_f64();
     let shapes = matmul_shapes(&graph, batch)?;
     let fwd = flops(&shapes);
     let achieved = 3.0 * fwd * steps as f64 / secs / 1e9;
-    let baseline = matmul_baseline(&shapes, min_time)?;
+    let executor = ex.name();
+    let baseline = if executor == "tract-cpu" {
+        Some(matmul_baseline(&shapes, min_time)?)
+    } else {
+        None
+    };
     Ok(StepBench {
         model: name.into(),
+        executor,
         batch,
         steps,
         samples_per_s: (steps as usize * batch) as f64 / secs,
@@ -197,7 +268,7 @@ pub fn bench_model(
         forward_flops_per_sample: fwd / batch as f64,
         achieved_gflops: achieved,
         matmul_baseline_gflops: baseline,
-        ratio_to_matmul: achieved / baseline,
+        ratio_to_matmul: baseline.map(|b| achieved / b),
     })
 }
 

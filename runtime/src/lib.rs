@@ -6,7 +6,8 @@
 //! - [`identity`]: the device's Ed25519 key, created once and kept.
 //! - [`trainer`]: the [`trainer::Trainer`] trait the driver calls to train,
 //!   and [`trainer::OnnxTrainer`], which trains the aggregator's model.
-//! - [`train`]: the training engine (ONNX -> training graph -> tract).
+//! - [`train`]: the training engine (ONNX -> training graph -> tract on the
+//!   CPU, or the wgpu executor on a GPU, [`train::gpu`]).
 //! - [`compress`]: update compression with error feedback.
 //! - [`data`], [`dataspec`]: local data sets, partitions, naming them.
 //! - [`zoo`]: the model zoo; [`bench`]: the training benchmark.

@@ -13,7 +13,8 @@ use fedge_runtime::dataspec::{DataSpec, parse_range};
 use fedge_runtime::driver::{DriverConfig, run_device};
 use fedge_runtime::identity;
 use fedge_runtime::session::SessionConfig;
-use fedge_runtime::train::exec::{Batch, Executor, TractExecutor, TractInference};
+use fedge_runtime::train::exec::{Batch, TractInference};
+use fedge_runtime::train::gpu::{ExecutorKind, select_executor};
 use fedge_runtime::train::import::{ModelGraph, export_onnx, import_onnx};
 use fedge_runtime::train::local;
 use fedge_runtime::trainer::{KnownUpdate, OnnxTrainer, Trainer, compile_options};
@@ -139,6 +140,10 @@ struct TrainArgs {
     /// Parameter-name patterns to keep frozen (`*` wildcards), repeatable.
     #[arg(long)]
     freeze: Vec<String>,
+    /// Executor: cpu (tract), gpu (wgpu; an error without a GPU) or auto
+    /// (a hardware GPU when one is usable, else tract with a warning).
+    #[arg(long, default_value = "cpu")]
+    executor: ExecutorKind,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Write the trained model here (.onnx or .fedge).
@@ -166,6 +171,13 @@ struct BenchArgs {
     /// Seconds to time each configuration.
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
+    /// Executor to benchmark: cpu (tract), gpu (wgpu) or auto.
+    #[arg(long, default_value = "cpu")]
+    executor: ExecutorKind,
+    /// Benchmark tract and the GPU executor on the same configurations and
+    /// report both, with the adapter's name.
+    #[arg(long)]
+    compare: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -259,7 +271,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         freeze: a.freeze.clone(),
         ..TrainingPlan::default()
     };
-    let mut ex = TractExecutor::new(&graph, compile_options(&plan))?;
+    let mut ex = select_executor(a.executor, &graph, compile_options(&plan))?;
     ex.load(&blob.params.values)?;
     let mut inf = TractInference::new(&graph, 250)?;
     let counts = test.label_counts();
@@ -272,6 +284,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         test.len(),
         majority
     );
+    println!("executor {}", ex.name());
     println!(
         "{:>5} {:>9} {:>10} {:>9} {:>9} {:>7}",
         "epoch", "lr", "train_loss", "test_acc", "test_loss", "secs"
@@ -288,7 +301,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         );
         bar.set_prefix(epoch.to_string());
         let stats = local::train(
-            &mut ex,
+            ex.as_mut(),
             &train,
             &plan,
             a.seed.wrapping_add(u64::from(epoch)),
@@ -391,29 +404,72 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
     let data =
         fedge_runtime::data::load_mnist(&fedge_runtime::data::shipped_data_dir())?.slice(0..2048);
     let min_time = Duration::from_secs_f64(a.seconds);
-    let mut steps = Vec::new();
+    let json = if a.compare {
+        let adapter = fedge_runtime::train::gpu::adapter_name()?;
+        println!("GPU adapter: {adapter}");
+        let cpu = bench_suite(ExecutorKind::Cpu, &data, min_time)?;
+        let gpu = bench_suite(ExecutorKind::Gpu, &data, min_time)?;
+        let rows = fedge_runtime::bench::compare_rows(&cpu, &gpu);
+        println!(
+            "{:<4} {:>5} {:>14} {:>14} {:>8}",
+            "", "batch", "tract samp/s", "wgpu samp/s", "speedup"
+        );
+        for r in &rows {
+            println!(
+                "{:<4} {:>5} {:>14.1} {:>14.1} {:>7.2}x",
+                r.model, r.batch, r.tract_samples_per_s, r.gpu_samples_per_s, r.speedup
+            );
+        }
+        serde_json::to_string_pretty(&fedge_runtime::bench::CompareReport {
+            adapter,
+            rows,
+            cpu,
+            gpu,
+        })?
+    } else {
+        serde_json::to_string_pretty(&bench_suite(a.executor, &data, min_time)?)?
+    };
+    fedge_proto::io::write_atomic(&a.out, json.as_bytes(), None)?;
+    println!("report written to {}", a.out.display());
+    Ok(())
+}
+
+/// MLP and CNN at batch 32 and 64 on one executor.
+fn bench_suite(
+    kind: ExecutorKind,
+    data: &Dataset,
+    min_time: Duration,
+) -> anyhow::Result<fedge_runtime::bench::BenchReport> {
+    let mut steps: Vec<fedge_runtime::bench::StepBench> = Vec::new();
     for (name, model) in [
         ("cnn", fedge_runtime::zoo::cnn(2)),
         ("mlp", fedge_runtime::zoo::mlp(1)),
     ] {
         for batch in [32, 64] {
-            eprintln!("benchmarking {name} at batch {batch}...");
-            let r = fedge_runtime::bench::bench_model(name, &model, &data, batch, min_time)?;
-            println!(
-                "{:<4} batch {:>3}: {:>8.1} samples/s, {:>6.2} GFLOP/s achieved, tract matmul on the same shapes {:>6.2} GFLOP/s (ratio {:.2})",
-                r.model,
-                r.batch,
-                r.samples_per_s,
-                r.achieved_gflops,
-                r.matmul_baseline_gflops,
-                r.ratio_to_matmul
-            );
+            eprintln!("benchmarking {name} at batch {batch} ({kind})...");
+            let r =
+                fedge_runtime::bench::bench_model_on(kind, name, &model, data, batch, min_time)?;
+            match (r.matmul_baseline_gflops, r.ratio_to_matmul) {
+                (Some(base), Some(ratio)) => println!(
+                    "{:<4} batch {:>3}: {:>8.1} samples/s, {:>6.2} GFLOP/s achieved, tract matmul on the same shapes {:>6.2} GFLOP/s (ratio {:.2})",
+                    r.model, r.batch, r.samples_per_s, r.achieved_gflops, base, ratio
+                ),
+                _ => println!(
+                    "{:<4} batch {:>3}: {:>8.1} samples/s, {:>6.2} GFLOP/s achieved on {}",
+                    r.model, r.batch, r.samples_per_s, r.achieved_gflops, r.executor
+                ),
+            }
             steps.push(r);
         }
     }
     // Peak RSS so far: the CNN ran first and dominates.
+    let executor = steps
+        .first()
+        .map(|s| s.executor.clone())
+        .unwrap_or_else(|| "tract-cpu".into());
     let report = fedge_runtime::bench::BenchReport {
-        executor: "tract-cpu".into(),
+        adapter: (executor != "tract-cpu").then(|| executor.clone()),
+        executor,
         threads: std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1),
@@ -423,13 +479,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
     if let Some(rss) = report.peak_rss_mib_after_cnn {
         println!("peak RSS {rss:.1} MiB");
     }
-    fedge_proto::io::write_atomic(
-        &a.out,
-        serde_json::to_string_pretty(&report)?.as_bytes(),
-        None,
-    )?;
-    println!("report written to {}", a.out.display());
-    Ok(())
+    Ok(report)
 }
 
 fn run(a: RunArgs) -> anyhow::Result<()> {

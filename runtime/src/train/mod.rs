@@ -10,6 +10,8 @@
 //!   outputs so one optimized tract plan serves every step.
 //! - [`grad`]: one gradient rule per supported op.
 //! - [`exec`]: the [`exec::Executor`] trait and the tract CPU executor.
+//! - [`gpu`]: the wgpu executor (the same step as WGSL compute shaders,
+//!   feature `gpu`) and the choice between it and tract.
 //! - [`local`]: local training loops and evaluation over a dataset.
 //!
 //! **Invariant:** trainable weights are graph inputs without initializers
@@ -17,6 +19,7 @@
 
 pub mod compile;
 pub mod exec;
+pub mod gpu;
 pub mod grad;
 pub mod import;
 pub mod local;
@@ -44,6 +47,8 @@ pub enum TrainError {
     BadInput(String),
     #[error("tract: {0}")]
     Tract(String),
+    #[error(transparent)]
+    Gpu(#[from] gpu::GpuError),
 }
 
 impl TrainError {
