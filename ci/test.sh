@@ -14,3 +14,5 @@ echo "== cargo clippy --all-targets -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --workspace --locked
+echo "== FFI bindings (Kotlin, Swift, C header) are current"
+bash targets/ffi/gen-bindings.sh --check
