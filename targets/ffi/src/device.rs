@@ -34,7 +34,7 @@ const RESIDUAL_FILE: &str = "residual.bin";
 /// Where the device loop keeps the latest global model it downloaded.
 const MODEL_FILE: &str = "model.fedge";
 
-/// How to create a [`Device`].
+/// How to create a `Device`.
 #[derive(Clone, Debug, PartialEq, uniffi::Record)]
 pub struct DeviceConfig {
     /// Directory for the device key (`device.key`, created on first use),
@@ -154,7 +154,7 @@ pub struct SignedUpdate {
     pub codec: String,
 }
 
-/// What [`verify_update`] found in a valid update.
+/// What `verify_update` found in a valid update.
 #[derive(Clone, Debug, PartialEq, uniffi::Record)]
 pub struct VerifiedUpdate {
     pub round_id: u64,
@@ -206,10 +206,11 @@ fn zoo_onnx(name: &str) -> Option<Vec<u8>> {
 /// A federated-learning device: its identity, the loaded model and its
 /// locally trained parameters.
 ///
-/// Long calls are `async` and run on the library's runtime (see
-/// [`crate::boundary`]); `new`, `public_key` and `model_info` are quick
-/// and synchronous. Calls on one device are serialized: a second `train`
-/// waits for the first; `run_rounds` refuses to run twice at once.
+/// Long calls are `async`: their work runs on threads the library owns,
+/// never on the caller's, so they are safe to await from a UI thread.
+/// `new`, `public_key` and `model_info` are quick and synchronous. Calls
+/// on one device are serialized: a second `train` waits for the first;
+/// `run_rounds` refuses to run twice at once.
 #[derive(uniffi::Object)]
 pub struct Device {
     key: SigningKey,
@@ -663,7 +664,7 @@ impl Device {
         .await
     }
 
-    /// Load a model of the built-in zoo by name (see [`zoo_models`]).
+    /// Load a model of the built-in zoo by name (see `zoo_models`).
     pub async fn load_zoo_model(&self, name: String) -> Result<ModelInfo, FedgeError> {
         guard_async(self.load(move || {
             let onnx = zoo_onnx(&name).ok_or_else(|| FedgeError::BadModel {

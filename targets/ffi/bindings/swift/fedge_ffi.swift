@@ -637,10 +637,11 @@ fileprivate struct FfiConverterData: FfiConverterRustBuffer {
  * A federated-learning device: its identity, the loaded model and its
  * locally trained parameters.
  *
- * Long calls are `async` and run on the library's runtime (see
- * [`crate::boundary`]); `new`, `public_key` and `model_info` are quick
- * and synchronous. Calls on one device are serialized: a second `train`
- * waits for the first; `run_rounds` refuses to run twice at once.
+ * Long calls are `async`: their work runs on threads the library owns,
+ * never on the caller's, so they are safe to await from a UI thread.
+ * `new`, `public_key` and `model_info` are quick and synchronous. Calls
+ * on one device are serialized: a second `train` waits for the first;
+ * `run_rounds` refuses to run twice at once.
  */
 public protocol DeviceProtocol: AnyObject, Sendable {
     
@@ -658,7 +659,7 @@ public protocol DeviceProtocol: AnyObject, Sendable {
     func loadModelOnnx(onnx: Data) async throws  -> ModelInfo
     
     /**
-     * Load a model of the built-in zoo by name (see [`zoo_models`]).
+     * Load a model of the built-in zoo by name (see `zoo_models`).
      */
     func loadZooModel(name: String) async throws  -> ModelInfo
     
@@ -710,10 +711,11 @@ public protocol DeviceProtocol: AnyObject, Sendable {
  * A federated-learning device: its identity, the loaded model and its
  * locally trained parameters.
  *
- * Long calls are `async` and run on the library's runtime (see
- * [`crate::boundary`]); `new`, `public_key` and `model_info` are quick
- * and synchronous. Calls on one device are serialized: a second `train`
- * waits for the first; `run_rounds` refuses to run twice at once.
+ * Long calls are `async`: their work runs on threads the library owns,
+ * never on the caller's, so they are safe to await from a UI thread.
+ * `new`, `public_key` and `model_info` are quick and synchronous. Calls
+ * on one device are serialized: a second `train` waits for the first;
+ * `run_rounds` refuses to run twice at once.
  */
 open class Device: DeviceProtocol, @unchecked Sendable {
     fileprivate let handle: UInt64
@@ -824,7 +826,7 @@ open func loadModelOnnx(onnx: Data)async throws  -> ModelInfo  {
 }
     
     /**
-     * Load a model of the built-in zoo by name (see [`zoo_models`]).
+     * Load a model of the built-in zoo by name (see `zoo_models`).
      */
 open func loadZooModel(name: String)async throws  -> ModelInfo  {
     return
@@ -1004,7 +1006,7 @@ public func FfiConverterTypeDevice_lower(_ value: Device) -> UInt64 {
 
 
 /**
- * How to create a [`Device`].
+ * How to create a `Device`.
  */
 public struct DeviceConfig: Equatable, Hashable {
     /**
@@ -1751,7 +1753,7 @@ public func FfiConverterTypeTrainReport_lower(_ value: TrainReport) -> RustBuffe
 
 
 /**
- * What [`verify_update`] found in a valid update.
+ * What `verify_update` found in a valid update.
  */
 public struct VerifiedUpdate: Equatable, Hashable {
     public var roundId: UInt64
@@ -2311,7 +2313,7 @@ private let initializationResult: InitializationResult = {
     if (uniffi_fedge_ffi_checksum_method_device_load_model_onnx() != 16337) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_fedge_ffi_checksum_method_device_load_zoo_model() != 55414) {
+    if (uniffi_fedge_ffi_checksum_method_device_load_zoo_model() != 9712) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_fedge_ffi_checksum_method_device_make_update() != 43416) {

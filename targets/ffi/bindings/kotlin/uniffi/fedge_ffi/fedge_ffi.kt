@@ -885,7 +885,7 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_fedge_ffi_checksum_method_device_load_model_onnx() and 0xFFFF) != 16337) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_fedge_ffi_checksum_method_device_load_zoo_model() and 0xFFFF) != 55414) {
+    if ((lib.uniffi_fedge_ffi_checksum_method_device_load_zoo_model() and 0xFFFF) != 9712) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_fedge_ffi_checksum_method_device_make_update() and 0xFFFF) != 43416) {
@@ -1420,10 +1420,11 @@ public object FfiConverterByteArray: FfiConverterRustBuffer<ByteArray> {
  * A federated-learning device: its identity, the loaded model and its
  * locally trained parameters.
  *
- * Long calls are `async` and run on the library's runtime (see
- * [`crate::boundary`]); `new`, `public_key` and `model_info` are quick
- * and synchronous. Calls on one device are serialized: a second `train`
- * waits for the first; `run_rounds` refuses to run twice at once.
+ * Long calls are `async`: their work runs on threads the library owns,
+ * never on the caller's, so they are safe to await from a UI thread.
+ * `new`, `public_key` and `model_info` are quick and synchronous. Calls
+ * on one device are serialized: a second `train` waits for the first;
+ * `run_rounds` refuses to run twice at once.
  */
 public interface DeviceInterface {
     
@@ -1441,7 +1442,7 @@ public interface DeviceInterface {
     suspend fun `loadModelOnnx`(`onnx`: kotlin.ByteArray): ModelInfo
     
     /**
-     * Load a model of the built-in zoo by name (see [`zoo_models`]).
+     * Load a model of the built-in zoo by name (see `zoo_models`).
      */
     suspend fun `loadZooModel`(`name`: kotlin.String): ModelInfo
     
@@ -1495,10 +1496,11 @@ public interface DeviceInterface {
  * A federated-learning device: its identity, the loaded model and its
  * locally trained parameters.
  *
- * Long calls are `async` and run on the library's runtime (see
- * [`crate::boundary`]); `new`, `public_key` and `model_info` are quick
- * and synchronous. Calls on one device are serialized: a second `train`
- * waits for the first; `run_rounds` refuses to run twice at once.
+ * Long calls are `async`: their work runs on threads the library owns,
+ * never on the caller's, so they are safe to await from a UI thread.
+ * `new`, `public_key` and `model_info` are quick and synchronous. Calls
+ * on one device are serialized: a second `train` waits for the first;
+ * `run_rounds` refuses to run twice at once.
  */
 open class Device: Disposable, AutoCloseable, DeviceInterface
 {
@@ -1670,7 +1672,7 @@ open class Device: Disposable, AutoCloseable, DeviceInterface
 
     
     /**
-     * Load a model of the built-in zoo by name (see [`zoo_models`]).
+     * Load a model of the built-in zoo by name (see `zoo_models`).
      */
     @Throws(FedgeException::class)
     @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
@@ -1883,7 +1885,7 @@ public object FfiConverterTypeDevice: FfiConverter<Device, Long> {
 
 
 /**
- * How to create a [`Device`].
+ * How to create a `Device`.
  */
 data class DeviceConfig (
     /**
@@ -2436,7 +2438,7 @@ public object FfiConverterTypeTrainReport: FfiConverterRustBuffer<TrainReport> {
 
 
 /**
- * What [`verify_update`] found in a valid update.
+ * What `verify_update` found in a valid update.
  */
 data class VerifiedUpdate (
     var `roundId`: kotlin.ULong
