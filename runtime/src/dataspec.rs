@@ -1,5 +1,6 @@
 //! Naming local data on the command line: `mnist[:DIR]`,
-//! `shakespeare[:FILE]`, or `idx:IMAGES,LABELS`.
+//! `shakespeare[:FILE]`, `idx:IMAGES,LABELS`, or `imu:STORE_DIR` (IMU
+//! windows collected by `fedge-device collect`).
 
 use std::path::PathBuf;
 
@@ -13,6 +14,8 @@ pub enum DataSpec {
     Idx(PathBuf, PathBuf),
     /// Plain text for next-character prediction.
     Text(PathBuf),
+    /// IMU windows in a sample store directory ([`crate::sensor::window`]).
+    Imu(PathBuf),
 }
 
 impl DataSpec {
@@ -28,6 +31,7 @@ impl DataSpec {
                 data::shipped_data_dir().join("tinyshakespeare/input.txt"),
             )),
             ("shakespeare" | "text", Some(f)) => Ok(DataSpec::Text(f.into())),
+            ("imu", Some(d)) => Ok(DataSpec::Imu(d.into())),
             ("idx", Some(pair)) => {
                 let (i, l) = pair.split_once(',').ok_or_else(|| {
                     DataError::Invalid("idx data needs `idx:IMAGES,LABELS`".into())
@@ -35,7 +39,7 @@ impl DataSpec {
                 Ok(DataSpec::Idx(i.into(), l.into()))
             }
             _ => Err(DataError::Invalid(format!(
-                "unknown data `{s}`: use mnist[:DIR], shakespeare[:FILE], text:FILE or idx:IMAGES,LABELS"
+                "unknown data `{s}`: use mnist[:DIR], shakespeare[:FILE], text:FILE, idx:IMAGES,LABELS or imu:STORE_DIR"
             ))),
         }
     }
@@ -47,6 +51,7 @@ impl DataSpec {
         match self {
             DataSpec::Mnist(dir) => data::load_mnist(dir),
             DataSpec::Idx(i, l) => data::load_idx_images(i, l),
+            DataSpec::Imu(dir) => crate::sensor::window::load_store(dir),
             DataSpec::Text(f) => {
                 let text = data::load_text(f)?;
                 let vocab = data::Vocab::of(&text);
@@ -86,6 +91,10 @@ mod tests {
         ));
         assert!(matches!(DataSpec::parse("idx:a,b"), Ok(DataSpec::Idx(..))));
         assert!(DataSpec::parse("idx:a").is_err());
+        assert_eq!(
+            DataSpec::parse("imu:/var/lib/fedge/samples").unwrap(),
+            DataSpec::Imu("/var/lib/fedge/samples".into())
+        );
         assert!(
             DataSpec::parse("cifar")
                 .unwrap_err()

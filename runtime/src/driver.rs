@@ -31,6 +31,9 @@ pub struct DriverConfig {
     /// Where models are kept; `None` keeps nothing on disk.
     pub state_dir: Option<PathBuf>,
     pub connect_timeout: Duration,
+    /// Device policy: checked at start and every `recheck`; while it says
+    /// no, the session asks for no tasks. `None`: always eligible.
+    pub eligibility: Option<crate::policy::Gate>,
 }
 
 impl DriverConfig {
@@ -44,6 +47,7 @@ impl DriverConfig {
             timing: QuicTiming::default(),
             state_dir: None,
             connect_timeout: Duration::from_secs(10),
+            eligibility: None,
         }
     }
 }
@@ -173,6 +177,10 @@ pub async fn run_device(
     let mut connect_failures = 0u32;
     let mut connections = 0u32;
     let mut training_failures = 0u32;
+    let mut eligibility = cfg.eligibility.clone().map(EligibilityCheck::new);
+    if let Some(e) = eligibility.as_mut() {
+        e.run(&mut session, Instant::now());
+    }
 
     loop {
         while let Some(ev) = session.poll_event() {
@@ -273,6 +281,13 @@ pub async fn run_device(
                 None => std::future::pending().await,
             }
         };
+        let recheck_at = eligibility.as_ref().map(|e| e.next);
+        let recheck = async {
+            match recheck_at {
+                Some(t) => tokio::time::sleep_until(t.into()).await,
+                None => std::future::pending().await,
+            }
+        };
         let incoming = async {
             match conn.as_mut() {
                 Some(c) => c.incoming.recv().await,
@@ -305,6 +320,9 @@ pub async fn run_device(
                 None => unreachable!("the driver holds a sender"),
             },
             _ = sleep => session.handle_timeout(Instant::now()),
+            _ = recheck => if let Some(e) = eligibility.as_mut() {
+                e.run(&mut session, Instant::now());
+            },
         }
     }
 }
@@ -316,4 +334,72 @@ fn persist_model(cfg: &DriverConfig, model: &ModelBlob) -> Result<(), DriverErro
             .map_err(|source| DriverError::Persist { path, source })?;
     }
     Ok(())
+}
+
+/// The driver's side of the device policy: asks the gate, tells the
+/// session, logs changes (not every check), schedules the next check.
+struct EligibilityCheck {
+    gate: crate::policy::Gate,
+    next: Instant,
+    last: Option<bool>,
+}
+
+impl EligibilityCheck {
+    fn new(gate: crate::policy::Gate) -> Self {
+        EligibilityCheck {
+            gate,
+            next: Instant::now(),
+            last: None,
+        }
+    }
+
+    fn run(&mut self, session: &mut DeviceSession, now: Instant) {
+        let d = self.gate.check();
+        if self.last != Some(d.eligible) {
+            if d.eligible {
+                tracing::info!("device eligible for tasks");
+            } else {
+                tracing::info!(reasons = %d.reasons.join("; "), "device not eligible for tasks; will check again");
+            }
+            self.last = Some(d.eligible);
+        }
+        session.handle_eligibility(now, d.eligible);
+        self.next = now + self.gate.recheck.max(Duration::from_millis(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Conditions, Gate, Policy, Reported};
+
+    #[test]
+    fn the_check_tells_the_session_and_schedules_the_next_one() {
+        let src = Reported::new(Conditions {
+            external_power: Some(false),
+            ..Conditions::unknown()
+        });
+        let gate = Gate::new(
+            Arc::new(src.clone()),
+            Policy {
+                require_charging: true,
+                ..Policy::default()
+            },
+            Duration::from_secs(30),
+        );
+        let mut session =
+            DeviceSession::new(SessionConfig::default(), SigningKey::from_bytes(&[3; 32]));
+        let mut check = EligibilityCheck::new(gate);
+        let now = Instant::now();
+        check.run(&mut session, now);
+        assert!(!session.is_eligible());
+        assert_eq!(check.next, now + Duration::from_secs(30));
+        src.set(Conditions {
+            external_power: Some(true),
+            ..Conditions::unknown()
+        });
+        check.run(&mut session, check.next);
+        assert!(session.is_eligible());
+        assert_eq!(check.next, now + Duration::from_secs(60));
+    }
 }

@@ -10,6 +10,11 @@
 //!   CPU, or the wgpu executor on a GPU, [`train::gpu`]).
 //! - [`compress`]: update compression with error feedback.
 //! - [`data`], [`dataspec`]: local data sets, partitions, naming them.
+//! - [`sensor`]: IMU drivers over embedded-hal 1.0 I2C and the windowed
+//!   activity-recognition data set; [`store`]: the bounded, crash-safe
+//!   on-device sample store they fill.
+//! - [`policy`]: device policy: when the device may take tasks (charging,
+//!   battery floor, idle, unmetered), and the Linux power-supply source.
 //! - [`zoo`]: the model zoo; [`bench`]: the training benchmark.
 //!
 //! **Invariant:** `session` knows nothing of tokio, sockets or the clock;
@@ -21,7 +26,10 @@ pub mod data;
 pub mod dataspec;
 pub mod driver;
 pub mod identity;
+pub mod policy;
+pub mod sensor;
 pub mod session;
+pub mod store;
 pub mod train;
 pub mod trainer;
 pub mod transport;

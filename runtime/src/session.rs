@@ -127,6 +127,9 @@ enum Phase {
     Idle {
         at: Instant,
     },
+    /// Authenticated, but the device's policy says it may not take work
+    /// now: ask for a task once the driver reports it eligible again.
+    Held,
     AwaitTask,
     Downloading,
     Training,
@@ -162,6 +165,9 @@ pub enum Status {
     Disconnected,
     Connecting,
     Idle,
+    /// Connected, but not asking for tasks: the device's policy (charging,
+    /// battery, ...) says no.
+    Ineligible,
     Downloading,
     Training,
     Uploading,
@@ -190,6 +196,9 @@ pub struct DeviceSession {
     /// Rounds whose update this device had accepted.
     pub rounds_contributed: u64,
     compressor: crate::compress::Compressor,
+    /// Whether the device's policy lets it take tasks (see
+    /// [`DeviceSession::handle_eligibility`]).
+    eligible: bool,
 }
 
 impl DeviceSession {
@@ -217,6 +226,7 @@ impl DeviceSession {
             events: VecDeque::new(),
             rounds_contributed: 0,
             compressor: Default::default(),
+            eligible: true,
         };
         s.events.push_back(DeviceEvent::Connect);
         s
@@ -254,6 +264,7 @@ impl DeviceSession {
             Phase::Disconnected { .. } => Status::Disconnected,
             Phase::AwaitChallenge | Phase::AwaitAuthOk => Status::Connecting,
             Phase::Idle { .. } | Phase::AwaitTask => Status::Idle,
+            Phase::Held => Status::Ineligible,
             Phase::Downloading => Status::Downloading,
             Phase::Training => Status::Training,
             Phase::Uploading => Status::Uploading,
@@ -312,6 +323,24 @@ impl DeviceSession {
             runtime_version: RUNTIME_VERSION.into(),
             capabilities: self.cfg.capabilities.clone(),
         }));
+    }
+
+    /// The device's policy changed its mind (the driver checks
+    /// periodically; sessions start eligible). An ineligible session sends
+    /// no `TaskRequest` and declines offers it receives (the aggregator's
+    /// deadline and over-selection cover the slot); pace steering still
+    /// holds: a device told by `NoTask` to come back at `t` asks no earlier
+    /// than `t`, and no earlier than it is eligible again. A task already
+    /// downloading, training or uploading is finished.
+    pub fn handle_eligibility(&mut self, now: Instant, eligible: bool) {
+        self.eligible = eligible;
+        if eligible && self.phase == Phase::Held && !self.is_terminal() {
+            self.request_task(now);
+        }
+    }
+
+    pub fn is_eligible(&self) -> bool {
+        self.eligible
     }
 
     /// A connection attempt failed or the connection dropped.
@@ -526,6 +555,14 @@ impl DeviceSession {
                     self.request_task(now);
                 }
             }
+            (Phase::AwaitTask, AggMsg::TaskOffer(offer)) if !self.eligible => {
+                tracing::info!(
+                    round_id = offer.round_id,
+                    "declining a task offer: the device is not eligible now"
+                );
+                self.request_deadline = None;
+                self.phase = Phase::Held;
+            }
             (Phase::AwaitTask, AggMsg::TaskOffer(offer)) => self.on_offer(now, *offer),
             (
                 Phase::AwaitTask,
@@ -622,6 +659,11 @@ impl DeviceSession {
     }
 
     fn request_task(&mut self, now: Instant) {
+        if !self.eligible {
+            self.request_deadline = None;
+            self.phase = Phase::Held;
+            return;
+        }
         self.phase = Phase::AwaitTask;
         self.transmit.push_back(DeviceMsg::TaskRequest {
             have_model_version: self.model.as_ref().map(|(v, _)| *v),

@@ -12,6 +12,7 @@ use fedge_runtime::data::Dataset;
 use fedge_runtime::dataspec::{DataSpec, parse_range};
 use fedge_runtime::driver::{DriverConfig, run_device};
 use fedge_runtime::identity;
+use fedge_runtime::policy;
 use fedge_runtime::session::SessionConfig;
 use fedge_runtime::train::exec::{Batch, TractInference};
 use fedge_runtime::train::gpu::{ExecutorKind, select_executor};
@@ -41,6 +42,9 @@ enum Cmd {
     Infer(InferArgs),
     /// Benchmark training steps (MLP and CNN, batch 32 and 64) and write JSON.
     Bench(BenchArgs),
+    /// Read an MPU-6050 IMU over Linux I2C into labelled windows in the
+    /// sample store (train on them with `--data imu:STORE`).
+    Collect(CollectArgs),
     /// Print this device's public key (creates the identity if needed).
     Identity {
         #[arg(long, default_value = "fedge-device-state")]
@@ -67,8 +71,8 @@ struct RunArgs {
     /// TLS server name to present.
     #[arg(long, default_value = "localhost")]
     server_name: String,
-    /// Local training data: mnist[:DIR], shakespeare[:FILE], text:FILE or
-    /// idx:IMAGES,LABELS.
+    /// Local training data: mnist[:DIR], shakespeare[:FILE], text:FILE,
+    /// idx:IMAGES,LABELS or imu:STORE_DIR (windows from `collect`).
     #[arg(long, conflicts_with = "known_update")]
     data: Option<String>,
     /// Use samples START..END of the data.
@@ -96,6 +100,78 @@ struct RunArgs {
     /// Drop a connection that heard nothing for this long, in ms.
     #[arg(long, default_value_t = 60_000)]
     idle_timeout_ms: u64,
+    /// Take tasks only while on external power (plugged in or charging).
+    #[arg(long)]
+    require_charging: bool,
+    /// Take tasks only while the battery holds at least PERCENT (devices
+    /// without a battery always pass).
+    #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(0..=100))]
+    battery_floor: Option<u8>,
+    /// The Linux power-supply class the policy reads.
+    #[arg(long, default_value = fedge_runtime::policy::POWER_SUPPLY_ROOT)]
+    power_supply_root: PathBuf,
+    /// How often to check the policy again, in ms.
+    #[arg(long, default_value_t = 60_000)]
+    eligibility_check_ms: u64,
+}
+
+#[derive(clap::Args)]
+struct CollectArgs {
+    /// I2C bus device.
+    #[arg(long, default_value = "/dev/i2c-1")]
+    i2c: PathBuf,
+    /// The sensor's I2C address: 0x68, or 0x69 with AD0 high.
+    #[arg(long, default_value = "0x68", value_parser = parse_i2c_addr)]
+    addr: u8,
+    /// Sample store directory (created if needed).
+    #[arg(long, default_value = "fedge-device-state/samples")]
+    store: PathBuf,
+    /// Windows the store keeps; the oldest are overwritten.
+    #[arg(long, default_value_t = 10_000)]
+    store_windows: u64,
+    /// Samples per window.
+    #[arg(long, default_value_t = fedge_runtime::sensor::window::WINDOW_SAMPLES_DEFAULT)]
+    window: usize,
+    /// Sampling rate, Hz.
+    #[arg(long, default_value_t = 50.0)]
+    rate_hz: f64,
+    /// Activity classes, in class-index order (the same on every device).
+    #[arg(long, default_value = "still,walking,running")]
+    classes: String,
+    /// Label every window with this activity.
+    #[arg(
+        long,
+        conflicts_with = "label_file",
+        required_unless_present = "label_file"
+    )]
+    label: Option<String>,
+    /// Read the current activity from this file (written by the app the
+    /// user tags activities with); untagged windows are dropped.
+    #[arg(long)]
+    label_file: Option<PathBuf>,
+    /// Stop after this many stored windows (0: until interrupted).
+    #[arg(long, default_value_t = 0)]
+    windows: u64,
+    /// Accelerometer full scale: 2, 4, 8 or 16 (g).
+    #[arg(long, default_value_t = 4)]
+    accel_range_g: u8,
+    /// Gyroscope full scale: 250, 500, 1000 or 2000 (deg/s).
+    #[arg(long, default_value_t = 500)]
+    gyro_range_dps: u16,
+}
+
+fn parse_i2c_addr(s: &str) -> Result<u8, String> {
+    let v = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u8::from_str_radix(h, 16),
+        None => s.parse(),
+    }
+    .map_err(|_| format!("`{s}` is not an I2C address (e.g. 0x68)"))?;
+    if !(0x08..=0x77).contains(&v) {
+        return Err(format!(
+            "{v:#04x} is outside the 7-bit address range 0x08..=0x77"
+        ));
+    }
+    Ok(v)
 }
 
 #[derive(clap::Args)]
@@ -103,7 +179,8 @@ struct ModelData {
     /// Model: an ONNX file (weights as initializers) or a .fedge blob.
     #[arg(long)]
     model: PathBuf,
-    /// Data: mnist[:DIR], shakespeare[:FILE], text:FILE or idx:IMAGES,LABELS.
+    /// Data: mnist[:DIR], shakespeare[:FILE], text:FILE, idx:IMAGES,LABELS
+    /// or imu:STORE_DIR.
     #[arg(long, default_value = "mnist")]
     data: String,
     /// For text: a window starts every STRIDE characters.
@@ -198,6 +275,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Train(a) => train(a),
         Cmd::Infer(a) => infer(a),
         Cmd::Bench(a) => bench(a),
+        Cmd::Collect(a) => collect(a),
     }
 }
 
@@ -516,6 +594,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             "nothing to train on: pass --data SPEC (e.g. --data mnist --range 0..400), or --known-update VALUE for protocol checks"
         ),
     };
+    let eligibility = device_policy(&a)?;
     let key = identity::load_or_create(&a.state_dir)?;
     let cfg = DriverConfig {
         aggregator,
@@ -533,6 +612,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         },
         state_dir: Some(a.state_dir.clone()),
         connect_timeout: Duration::from_secs(10),
+        eligibility,
     };
     let rt = tokio::runtime::Runtime::new()?;
     let report = rt.block_on(run_device(cfg, key, trainer))?;
@@ -543,4 +623,144 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         report.rejections.len()
     );
     Ok(())
+}
+
+/// The device policy from the flags; `None` when nothing is required. The
+/// source is read once here so a wrong `--power-supply-root` fails now,
+/// not silently at every check.
+fn device_policy(a: &RunArgs) -> anyhow::Result<Option<policy::Gate>> {
+    let p = policy::Policy {
+        require_charging: a.require_charging,
+        battery_floor_percent: a.battery_floor,
+        ..policy::Policy::default()
+    };
+    p.validate()?;
+    if p.is_permissive() {
+        return Ok(None);
+    }
+    let source = policy::PowerSupplySysfs::new(&a.power_supply_root);
+    let now = policy::EligibilitySource::conditions(&source)
+        .context("cannot read the device's power state for the device policy")?;
+    let d = p.decide(&now);
+    if d.eligible {
+        tracing::info!(?now, "device policy: eligible now");
+    } else {
+        tracing::info!(reasons = %d.reasons.join("; "), "device policy: not eligible now; will wait");
+    }
+    Ok(Some(policy::Gate::new(
+        std::sync::Arc::new(source),
+        p,
+        Duration::from_millis(a.eligibility_check_ms),
+    )))
+}
+
+fn collect(a: CollectArgs) -> anyhow::Result<()> {
+    use fedge_runtime::sensor::mpu6050::{AccelRange, Config, GyroRange};
+    use fedge_runtime::sensor::window::{ActivityClasses, WindowSpec};
+    let spec = WindowSpec {
+        samples: a.window,
+        rate_hz: a.rate_hz,
+    };
+    spec.validate()?;
+    let classes = ActivityClasses::parse(&a.classes)?;
+    let accel_range = match a.accel_range_g {
+        2 => AccelRange::G2,
+        4 => AccelRange::G4,
+        8 => AccelRange::G8,
+        16 => AccelRange::G16,
+        g => anyhow::bail!("--accel-range-g {g}: use 2, 4, 8 or 16"),
+    };
+    let gyro_range = match a.gyro_range_dps {
+        250 => GyroRange::Dps250,
+        500 => GyroRange::Dps500,
+        1000 => GyroRange::Dps1000,
+        2000 => GyroRange::Dps2000,
+        d => anyhow::bail!("--gyro-range-dps {d}: use 250, 500, 1000 or 2000"),
+    };
+    let cfg = Config {
+        accel_range,
+        gyro_range,
+        ..Config::default()
+    };
+    let fixed = a.label.as_deref().map(|l| classes.require(l)).transpose()?;
+    std::fs::create_dir_all(&a.store)
+        .with_context(|| format!("cannot create the sample store {}", a.store.display()))?;
+    let mut store = fedge_runtime::store::SampleStore::open_or_create(
+        &a.store,
+        spec.record_bytes(),
+        a.store_windows,
+    )?;
+    if store.skipped_on_open() > 0 {
+        tracing::warn!(
+            skipped = store.skipped_on_open(),
+            "sample store had unreadable records (a write cut short by a crash); they were skipped"
+        );
+    }
+    collect_from_sensor(&a, spec, cfg, classes, fixed, &mut store)
+}
+
+#[cfg(feature = "sensors-linux")]
+fn collect_from_sensor(
+    a: &CollectArgs,
+    spec: fedge_runtime::sensor::window::WindowSpec,
+    cfg: fedge_runtime::sensor::mpu6050::Config,
+    classes: fedge_runtime::sensor::window::ActivityClasses,
+    fixed: Option<u32>,
+    store: &mut fedge_runtime::store::SampleStore,
+) -> anyhow::Result<()> {
+    use fedge_runtime::sensor::window::{
+        FileLabel, FixedLabel, FixedRate, LabelSource, collect_window,
+    };
+    let bus = fedge_runtime::sensor::linux::open(&a.i2c)?;
+    let mut imu = fedge_runtime::sensor::mpu6050::Mpu6050::new(bus, a.addr, cfg)?;
+    // Let the gyro PLL settle after wake-up before the first window.
+    std::thread::sleep(Duration::from_millis(100));
+    let mut labels: Box<dyn LabelSource> = match (fixed, &a.label_file) {
+        (Some(l), _) => Box::new(FixedLabel(l)),
+        (None, Some(path)) => Box::new(FileLabel {
+            path: path.clone(),
+            classes,
+        }),
+        (None, None) => anyhow::bail!("pass --label ACTIVITY or --label-file FILE"),
+    };
+    let mut pacer = FixedRate::new(spec.period());
+    let (mut stored, mut dropped) = (0u64, 0u64);
+    tracing::info!(
+        i2c = %a.i2c.display(), addr = format!("{:#04x}", a.addr), store = %store.path().display(),
+        "collecting {}-sample windows at {} Hz", spec.samples, spec.rate_hz
+    );
+    while a.windows == 0 || stored < a.windows {
+        match collect_window(&mut imu, labels.as_mut(), &spec, &mut pacer)? {
+            Some(w) => {
+                let seq = store.append(&w.encode())?;
+                stored += 1;
+                tracing::info!(seq, label = w.label, "window stored");
+            }
+            None => {
+                dropped += 1;
+                tracing::debug!("window dropped: untagged, or the tag changed");
+            }
+        }
+    }
+    println!(
+        "stored {stored} windows ({dropped} dropped untagged), store holds {} of {}; {} late samples",
+        store.len(),
+        store.capacity(),
+        pacer.overruns
+    );
+    Ok(())
+}
+
+#[cfg(not(feature = "sensors-linux"))]
+fn collect_from_sensor(
+    _: &CollectArgs,
+    _: fedge_runtime::sensor::window::WindowSpec,
+    _: fedge_runtime::sensor::mpu6050::Config,
+    _: fedge_runtime::sensor::window::ActivityClasses,
+    _: Option<u32>,
+    _: &mut fedge_runtime::store::SampleStore,
+) -> anyhow::Result<()> {
+    anyhow::bail!(
+        "this fedge-device was built without Linux sensor support: rebuild with `cargo build -p fedge-runtime --features sensors-linux`"
+    )
 }
