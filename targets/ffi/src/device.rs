@@ -11,7 +11,7 @@ use fedge_proto::sign::{SigningKey, UpdateManifest};
 use fedge_proto::{Limits, ModelBlob, wire};
 use fedge_runtime::compress::{Compressor, round_seed};
 use fedge_runtime::data::{Dataset, Features};
-use fedge_runtime::driver::{DriverConfig, run_device};
+use fedge_runtime::driver::{DriverConfig, DriverError, run_device};
 use fedge_runtime::session::SessionConfig;
 use fedge_runtime::train::exec::{Batch, Executor, TractExecutor, TractInference};
 use fedge_runtime::train::import::{ModelGraph, import_onnx};
@@ -786,9 +786,7 @@ impl Device {
                     ..DriverConfig::new(aggregator, Trust::Pinned(fingerprint))
                 };
                 tokio::select! {
-                    r = run_device(cfg, key, Box::new(trainer)) => r
-                        .map(Some)
-                        .map_err(|e| FedgeError::Network { detail: e.to_string() }),
+                    r = run_device(cfg, key, Box::new(trainer)) => r.map(Some).map_err(driver_error),
                     Ok(()) = stop_rx => Ok(None),
                 }
             })
@@ -829,6 +827,15 @@ impl Device {
             })
         })
         .await
+    }
+}
+
+fn driver_error(e: DriverError) -> FedgeError {
+    let detail = e.to_string();
+    match e {
+        DriverError::Persist { .. } => FedgeError::Storage { detail },
+        DriverError::Training(_) => FedgeError::Training { detail },
+        _ => FedgeError::Network { detail },
     }
 }
 
