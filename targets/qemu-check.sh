@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The cross-built aarch64 device binary, run under qemu-user, trains zoo
+# models on shipped data and must reach the same losses as the native
+# build (relative tolerance 1e-3: NEON and AVX kernels sum in different
+# orders). Part of the test suite (ci/test.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fedge/target}"
+target=aarch64-unknown-linux-gnu
+bash targets/build.sh "$target"
+cross="$CARGO_TARGET_DIR/$target/device/fedge-device"
+cargo build --locked --quiet -p fedge-runtime --bin fedge-device
+native="$CARGO_TARGET_DIR/debug/fedge-device"
+command -v qemu-aarch64 >/dev/null || { echo "error: qemu-aarch64 missing (bash ci/setup.sh installs qemu-user)" >&2; exit 1; }
+sysroot=/usr/aarch64-linux-gnu
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+file "$cross" 2>/dev/null | grep -q aarch64 || readelf -h "$cross" | grep -q AArch64
+
+check() {
+    local name="$1"; shift
+    "$native" train "$@" --json "$work/$name-native.json" > /dev/null
+    qemu-aarch64 -L "$sysroot" "$cross" train "$@" --json "$work/$name-qemu.json" > /dev/null
+    python3 - "$name" "$work/$name-native.json" "$work/$name-qemu.json" <<'PY'
+import json, sys
+name, a, b = sys.argv[1], json.load(open(sys.argv[2])), json.load(open(sys.argv[3]))
+worst = 0.0
+for ea, eb in zip(a["epochs"], b["epochs"], strict=True):
+    for k in ("train_loss", "test_loss"):
+        x, y = ea[k], eb[k]
+        rel = abs(x - y) / max(1.0, abs(x))
+        worst = max(worst, rel)
+        print(f"{name} epoch {ea['epoch']} {k}: native {x:.6f} aarch64/qemu {y:.6f} (rel diff {rel:.2e})")
+        if not rel <= 1e-3:
+            sys.exit(f"{name}: {k} differs beyond 1e-3")
+print(f"{name}: worst relative loss difference {worst:.2e} (tolerance 1e-3)")
+PY
+}
+
+check mlp --model models/mlp.onnx --train 0..512 --test 9000..9256 --epochs 2 --batch 32 --seed 1
+check small_cnn --model models/small_cnn.onnx --train 0..256 --test 9000..9128 --epochs 1 --batch 32 --seed 1
+echo "qemu check passed"
