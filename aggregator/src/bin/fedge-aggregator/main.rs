@@ -47,7 +47,7 @@ enum Cmd {
     /// round and writes results.json. With no arguments: MNIST, 20 devices
     /// with Dirichlet(0.5) labels, 10 per round, compressed updates,
     /// token-weighted FedAvg.
-    Simulate(simulate::SimArgs),
+    Simulate(Box<simulate::SimArgs>),
     /// Benchmark aggregation of 1M-parameter updates against a memory
     /// bandwidth baseline; writes JSON.
     Bench(bench::BenchArgs),
@@ -193,7 +193,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Serve(args) => serve(args),
-        Cmd::Simulate(args) => simulate::run(args),
+        Cmd::Simulate(args) => simulate::run(*args),
         Cmd::Bench(args) => bench::run(args),
     }
 }

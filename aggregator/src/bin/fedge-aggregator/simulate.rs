@@ -445,7 +445,7 @@ fn load_split(
 ) -> anyhow::Result<(Dataset, Dataset)> {
     match c.data.as_str() {
         "mnist" => {
-            let d = data::load_mnist(&dir)?;
+            let d = data::load_mnist(dir)?;
             anyhow::ensure!(
                 c.train_samples + c.held_out <= d.len(),
                 "not enough MNIST samples"
