@@ -10,6 +10,12 @@ for c in rustfmt clippy; do
     fi
 done
 
+# The rest is for the test suite only (`bash ci/setup.sh suite`, called by
+# ci/test.sh); the main command needs nothing more than Rust.
+if [ "${1:-}" != "suite" ]; then
+    exit 0
+fi
+
 # Debian packages the suite uses:
 #   mesa-vulkan-drivers, libvulkan1: lavapipe, Mesa's software Vulkan driver,
 #     so the wgpu executor's tests run on machines without a GPU;

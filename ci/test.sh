@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 # the suite also passes from nothing.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fedge/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
-bash ci/setup.sh
+bash ci/setup.sh suite
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -D warnings"
@@ -16,3 +16,5 @@ echo "== cargo test"
 cargo test --workspace --locked
 echo "== FFI bindings (Kotlin, Swift, C header) are current"
 bash targets/ffi/gen-bindings.sh --check
+echo "== aarch64 device binary: size budget, and the same losses under qemu as native"
+bash targets/qemu-check.sh

@@ -9,6 +9,10 @@
 # an NDK in $ANDROID_NDK_HOME). Installs what it needs (Rust target, Debian
 # cross gcc). Prints the binary's path and stripped size; fails when the
 # size is over the budget (FEDGE_SIZE_BUDGET_MB, default 15).
+#
+# FEDGE_DEVICE_FEATURES picks cargo features (default: none, the tract CPU
+# executor only); `FEDGE_DEVICE_FEATURES=gpu` adds the wgpu executor for
+# boards with a Vulkan GPU (Jetson), about 6 MiB more.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target="${1:-aarch64-unknown-linux-gnu}"
@@ -57,15 +61,17 @@ if ! rustup target list --installed | grep -qx "$target"; then
     rustup target add "$target"
 fi
 
-echo "== cargo build --profile device --target $target -p fedge-runtime --bin fedge-device"
-cargo build --locked --profile device --target "$target" -p fedge-runtime --bin fedge-device
+features="${FEDGE_DEVICE_FEATURES:-}"
+echo "== cargo build --profile device --target $target -p fedge-runtime --bin fedge-device --no-default-features --features '$features'"
+cargo build --locked --profile device --target "$target" -p fedge-runtime --bin fedge-device \
+    --no-default-features --features "$features"
 bin="$CARGO_TARGET_DIR/$target/device/fedge-device"
 # The profile strips already; strip again with the target's tool in case a
 # toolchain left sections behind (a no-op when there are none).
 "$strip_tool" "$bin" 2>/dev/null || true
 bytes=$(stat -c %s "$bin")
 mb=$(awk "BEGIN { printf \"%.2f\", $bytes / 1048576 }")
-echo "fedge-device for $target: $bin"
+echo "fedge-device for $target (features: ${features:-none}): $bin"
 echo "stripped size: $bytes bytes ($mb MiB); budget $budget_mb MiB"
 if [ "$bytes" -gt $((budget_mb * 1048576)) ]; then
     echo "error: the stripped binary is over the $budget_mb MiB budget" >&2

@@ -11,7 +11,7 @@ bash targets/build.sh "$target"
 cross="$CARGO_TARGET_DIR/$target/device/fedge-device"
 cargo build --locked --quiet -p fedge-runtime --bin fedge-device
 native="$CARGO_TARGET_DIR/debug/fedge-device"
-command -v qemu-aarch64 >/dev/null || { echo "error: qemu-aarch64 missing (bash ci/setup.sh installs qemu-user)" >&2; exit 1; }
+command -v qemu-aarch64 >/dev/null || { echo "error: qemu-aarch64 missing (`bash ci/setup.sh suite` installs qemu-user)" >&2; exit 1; }
 sysroot=/usr/aarch64-linux-gnu
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT

@@ -491,10 +491,15 @@ impl DeviceSession {
         if let Some(hb) = self.heartbeat_at
             && now >= hb
         {
-            self.heartbeat_seq += 1;
-            self.transmit.push_back(DeviceMsg::Heartbeat {
-                seq: self.heartbeat_seq,
-            });
+            // The aggregator takes nothing but authentication before it is
+            // done (a slow handshake under load must not look like a
+            // protocol violation); the request deadline covers that phase.
+            if !matches!(self.phase, Phase::AwaitChallenge | Phase::AwaitAuthOk) {
+                self.heartbeat_seq += 1;
+                self.transmit.push_back(DeviceMsg::Heartbeat {
+                    seq: self.heartbeat_seq,
+                });
+            }
             self.heartbeat_at = Some(now + self.cfg.heartbeat_interval);
         }
         if let Some(d) = self.request_deadline

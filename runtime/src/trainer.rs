@@ -41,13 +41,15 @@ impl Trainer for KnownUpdate {
     }
 }
 
-/// Trains the aggregator's ONNX model on local data with the tract
-/// executor. The compiled step is kept across rounds and recompiled only
-/// when the graph or the plan's compile-time settings change.
+/// Trains the aggregator's ONNX model on local data with the chosen
+/// executor (tract by default; see [`OnnxTrainer::with_executor`]). The
+/// compiled step is kept across rounds and recompiled only when the graph
+/// or the plan's compile-time settings change.
 pub struct OnnxTrainer {
     data: crate::data::Dataset,
     seed: u64,
-    cache: Option<(CacheKey, crate::train::exec::TractExecutor)>,
+    executor: crate::train::gpu::ExecutorKind,
+    cache: Option<(CacheKey, Box<dyn crate::train::exec::Executor>)>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -79,8 +81,16 @@ impl OnnxTrainer {
         OnnxTrainer {
             data,
             seed,
+            executor: crate::train::gpu::ExecutorKind::Cpu,
             cache: None,
         }
+    }
+
+    /// Train with `kind`: cpu (tract), gpu (wgpu; training fails without a
+    /// usable GPU) or auto (a hardware GPU when usable, else tract, logged).
+    pub fn with_executor(mut self, kind: crate::train::gpu::ExecutorKind) -> Self {
+        self.executor = kind;
+        self
     }
 
     pub fn data(&self) -> &crate::data::Dataset {
@@ -95,7 +105,6 @@ impl Trainer for OnnxTrainer {
         model: &ModelBlob,
         plan: &TrainingPlan,
     ) -> anyhow::Result<TrainOutput> {
-        use crate::train::exec::Executor;
         let opts = compile_options(plan);
         let key = CacheKey {
             graph: *blake3::hash(&model.onnx_graph).as_bytes(),
@@ -103,13 +112,19 @@ impl Trainer for OnnxTrainer {
         };
         if self.cache.as_ref().map(|(k, _)| k) != Some(&key) {
             let graph = crate::train::import::ModelGraph::from_blob(model)?;
-            let ex = crate::train::exec::TractExecutor::new(&graph, opts)?;
+            let ex = crate::train::gpu::select_executor(self.executor, &graph, opts)?;
+            tracing::info!(executor = %ex.name(), "training step compiled");
             self.cache = Some((key, ex));
         }
         let (_, ex) = self.cache.as_mut().expect("just set");
         ex.load(&model.params.values)?;
-        let stats =
-            crate::train::local::train(ex, &self.data, plan, self.seed ^ round_id, |_, _, _| {})?;
+        let stats = crate::train::local::train(
+            ex.as_mut(),
+            &self.data,
+            plan,
+            self.seed ^ round_id,
+            |_, _, _| {},
+        )?;
         let new = ex.params()?;
         let delta: Vec<f32> = new
             .iter()

@@ -57,6 +57,11 @@ struct RunArgs {
     /// Aggregator address, host:port.
     #[arg(long)]
     aggregator: String,
+    /// Executor for local training: cpu (tract), gpu (wgpu; training fails
+    /// without a usable GPU) or auto (a hardware GPU when one is usable,
+    /// else tract with a warning).
+    #[arg(long, default_value = "cpu")]
+    executor: ExecutorKind,
     /// SHA-256 fingerprint of the aggregator's certificate (printed by
     /// `fedge-aggregator fingerprint`).
     #[arg(long, conflicts_with = "trust_on_first_use")]
@@ -588,7 +593,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             if let Some(r) = &a.range {
                 data = subset(&data, r)?;
             }
-            Box::new(OnnxTrainer::new(data, a.seed))
+            Box::new(OnnxTrainer::new(data, a.seed).with_executor(a.executor))
         }
         (None, None) => anyhow::bail!(
             "nothing to train on: pass --data SPEC (e.g. --data mnist --range 0..400), or --known-update VALUE for protocol checks"
