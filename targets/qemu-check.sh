@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fedge/target}"
+export RUST_LOG="${RUST_LOG:-error}"
 target=aarch64-unknown-linux-gnu
 bash targets/build.sh "$target"
 cross="$CARGO_TARGET_DIR/$target/device/fedge-device"
