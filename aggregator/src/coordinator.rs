@@ -416,7 +416,15 @@ impl Coordinator {
     }
 
     pub fn strategy_name(&self) -> String {
-        self.strategy.name()
+        match &self.cfg.strategy.buffered {
+            Some(b) => format!(
+                "fedbuff(max_staleness={}, a={})+{}",
+                b.max_staleness,
+                b.staleness_exponent,
+                self.strategy.name()
+            ),
+            None => self.strategy.name(),
+        }
     }
 
     /// Put back an update that was acknowledged before a restart. Its
@@ -444,7 +452,9 @@ impl Coordinator {
         self.round.combiner.add(delta, u.raw_weight);
         self.round.metrics.push((u.raw_weight, u.metrics.clone()));
         self.round.participants.insert(key, Participation::Accepted);
-        self.accepted_hashes.push_back((u.round_id, u.payload_hash));
+        if self.cfg.strategy.buffered.is_some() {
+            self.accepted_hashes.push_back((u.round_id, u.payload_hash));
+        }
         self.known_devices.insert(key);
         self.round.accepted.push(Contribution {
             round_id: u.round_id,
@@ -1343,9 +1353,9 @@ impl Coordinator {
         if buffered.is_some() {
             self.inflight.remove(key.as_bytes());
             self.accepted_tasks.insert((key.to_bytes(), m.round_id));
+            self.accepted_hashes
+                .push_back((self.round.id, m.payload_hash));
         }
-        self.accepted_hashes
-            .push_back((self.round.id, m.payload_hash));
         let (round_id, payload_hash) = (m.round_id, m.payload_hash);
         self.event(Event::UpdateAccepted {
             round_id: self.round.id,
@@ -1489,7 +1499,6 @@ impl Coordinator {
                     .values()
                     .map(|u| (u.begin.manifest.payload_hash, false))
                     .collect();
-                self.accepted_hashes.clear();
                 HashMap::new()
             }
         };

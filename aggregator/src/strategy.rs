@@ -335,48 +335,6 @@ impl Strategy for NormClipped {
     }
 }
 
-/// FedBuff's naming wrapper: the buffering and staleness discount live in
-/// the coordinator (they decide which uploads are accepted and with what
-/// weight); the inner strategy turns each full buffer into a new version.
-pub struct Buffered {
-    inner: Box<dyn Strategy>,
-    spec: BufferedSpec,
-}
-
-impl Strategy for Buffered {
-    fn name(&self) -> String {
-        format!(
-            "fedbuff(max_staleness={}, a={})+{}",
-            self.spec.max_staleness,
-            self.spec.staleness_exponent,
-            self.inner.name()
-        )
-    }
-
-    fn configure_round(&mut self, round_id: u64, base: &TrainingPlan) -> TrainingPlan {
-        self.inner.configure_round(round_id, base)
-    }
-
-    fn combiner(&mut self, dim: usize, max_share: f64) -> Box<dyn Combiner> {
-        self.inner.combiner(dim, max_share)
-    }
-
-    fn aggregate_round(
-        &mut self,
-        round_id: u64,
-        params: &[f32],
-        combined: &Combined,
-        failures: &[Failure],
-    ) -> Vec<f32> {
-        self.inner
-            .aggregate_round(round_id, params, combined, failures)
-    }
-
-    fn aggregate_evaluate(&mut self, results: &[(f64, Vec<(String, f64)>)]) -> Vec<(String, f64)> {
-        self.inner.aggregate_evaluate(results)
-    }
-}
-
 /// A strategy as written in the configuration file.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -402,7 +360,9 @@ impl Default for StrategyConfig {
     }
 }
 
-/// FedBuff (Nguyen et al. 2022): devices train whenever they ask, against
+/// FedBuff (Nguyen et al. 2022), applied by the coordinator: it decides
+/// which uploads are accepted and with what weight, and the configured
+/// strategy turns each full buffer into a version. Devices train whenever they ask, against
 /// whatever model is current; the aggregator buffers accepted updates and
 /// publishes a new version every `devices_per_round` of them. An update
 /// trained on a version `tau` publications old is accepted while
@@ -477,16 +437,9 @@ impl StrategyConfig {
             self.combine.clone(),
             self.fedprox_mu,
         ));
-        let s: Box<dyn Strategy> = match &self.clip {
+        match &self.clip {
             Some(c) => Box::new(NormClipped::new(base, c.clone())),
             None => base,
-        };
-        match &self.buffered {
-            Some(b) => Box::new(Buffered {
-                inner: s,
-                spec: b.clone(),
-            }),
-            None => s,
         }
     }
 }

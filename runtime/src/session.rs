@@ -315,7 +315,10 @@ impl DeviceSession {
         }
         self.tls_binding = tls_binding;
         self.phase = Phase::AwaitChallenge;
-        self.heartbeat_at = Some(now + self.cfg.heartbeat_interval);
+        // Heartbeats start once authenticated: the aggregator takes nothing
+        // but the handshake before that (a slow handshake under load must
+        // not look like a protocol violation); the request deadline covers it.
+        self.heartbeat_at = None;
         self.request_deadline = Some(now + self.cfg.request_timeout);
         self.transmit.push_back(DeviceMsg::Hello(Hello {
             schema_version: SCHEMA_VERSION,
@@ -491,15 +494,10 @@ impl DeviceSession {
         if let Some(hb) = self.heartbeat_at
             && now >= hb
         {
-            // The aggregator takes nothing but authentication before it is
-            // done (a slow handshake under load must not look like a
-            // protocol violation); the request deadline covers that phase.
-            if !matches!(self.phase, Phase::AwaitChallenge | Phase::AwaitAuthOk) {
-                self.heartbeat_seq += 1;
-                self.transmit.push_back(DeviceMsg::Heartbeat {
-                    seq: self.heartbeat_seq,
-                });
-            }
+            self.heartbeat_seq += 1;
+            self.transmit.push_back(DeviceMsg::Heartbeat {
+                seq: self.heartbeat_seq,
+            });
             self.heartbeat_at = Some(now + self.cfg.heartbeat_interval);
         }
         if let Some(d) = self.request_deadline
@@ -548,6 +546,7 @@ impl DeviceSession {
             (Phase::AwaitAuthOk, AggMsg::AuthOk { .. }) => {
                 self.attempts = 0;
                 self.request_deadline = None;
+                self.heartbeat_at = Some(now + self.cfg.heartbeat_interval);
                 if self.upload.is_some() {
                     self.begin_upload(now);
                 } else if self.offer.is_some() && self.model_matches_offer() {
