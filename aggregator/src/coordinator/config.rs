@@ -1,0 +1,122 @@
+//! The coordinator's configuration: every round rule and bound, validated
+//! before a coordinator starts.
+
+use std::time::Duration;
+
+use fedge_proto::Limits;
+use fedge_proto::msg::TrainingPlan;
+
+use crate::strategy::StrategyConfig;
+use crate::weighting::WeightPolicy;
+
+#[derive(Clone, Debug)]
+pub struct CoordinatorConfig {
+    /// Updates that close a round (the target).
+    pub devices_per_round: usize,
+    /// Selected devices = ceil(devices_per_round * over_selection).
+    pub over_selection: f64,
+    /// Fewest accepted updates for a round to be aggregated at its deadline.
+    pub min_devices: usize,
+    /// Rounds to run (round ids 1..=rounds, published or aborted) before
+    /// finishing (0 = run forever).
+    pub rounds: u64,
+    /// Time from a round's first selection to its deadline.
+    pub round_deadline: Duration,
+    /// Pace-steering window for devices not needed now.
+    pub retry_window: (Duration, Duration),
+    /// Time a connection may take to authenticate.
+    pub auth_timeout: Duration,
+    /// Chunk size for model downloads.
+    pub chunk_bytes: u32,
+    /// Most concurrent connections.
+    pub max_sessions: usize,
+    /// Model versions kept for download (the current one and older ones).
+    pub versions_kept: usize,
+    /// Training plan sent with each task (the strategy may adjust it).
+    pub plan: TrainingPlan,
+    /// How participants are weighted (stake, samples, share cap).
+    pub weights: WeightPolicy,
+    /// How updates are combined and applied.
+    pub strategy: StrategyConfig,
+    /// Updates with a larger L2 norm are rejected (None: no bound).
+    pub update_norm_max: Option<f64>,
+    pub limits: Limits,
+    pub seed: u64,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        CoordinatorConfig {
+            devices_per_round: 10,
+            over_selection: 1.3,
+            min_devices: 1,
+            rounds: 10,
+            round_deadline: Duration::from_secs(60),
+            retry_window: (Duration::from_millis(500), Duration::from_millis(1500)),
+            auth_timeout: Duration::from_secs(10),
+            chunk_bytes: 256 << 10,
+            max_sessions: 10_000,
+            versions_kept: 4,
+            plan: TrainingPlan::default(),
+            weights: WeightPolicy::default(),
+            strategy: StrategyConfig::default(),
+            update_norm_max: None,
+            limits: Limits::default(),
+            seed: 0,
+        }
+    }
+}
+
+impl CoordinatorConfig {
+    /// Devices selected per round.
+    pub fn selection_target(&self) -> usize {
+        ((self.devices_per_round as f64) * self.over_selection).ceil() as usize
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.devices_per_round == 0 {
+            return Err("devices_per_round must be at least 1".into());
+        }
+        if !(self.over_selection >= 1.0 && self.over_selection <= 10.0) {
+            return Err(format!(
+                "over_selection must be in [1, 10], got {}",
+                self.over_selection
+            ));
+        }
+        if self.min_devices == 0 || self.min_devices > self.devices_per_round {
+            return Err(format!(
+                "min_devices must be in [1, devices_per_round={}], got {}",
+                self.devices_per_round, self.min_devices
+            ));
+        }
+        if self.retry_window.0 > self.retry_window.1 {
+            return Err("retry window min is above its max".into());
+        }
+        if self.chunk_bytes == 0 || self.chunk_bytes > self.limits.chunk_bytes_max {
+            return Err(format!(
+                "chunk_bytes must be in [1, {}], got {}",
+                self.limits.chunk_bytes_max, self.chunk_bytes
+            ));
+        }
+        if self.versions_kept == 0 {
+            return Err("versions_kept must be at least 1".into());
+        }
+        if let Some(b) = &self.strategy.buffered
+            && self.versions_kept as u64 <= b.max_staleness
+        {
+            return Err(format!(
+                "FedBuff accepts updates {} versions stale, so versions_kept must be at least {}, got {}",
+                b.max_staleness,
+                b.max_staleness + 1,
+                self.versions_kept
+            ));
+        }
+        if let Some(b) = self.update_norm_max
+            && !(b > 0.0 && b.is_finite())
+        {
+            return Err(format!("update_norm_max must be positive, got {b}"));
+        }
+        self.strategy.validate()?;
+        self.weights.validate()
+    }
+}

@@ -1,0 +1,191 @@
+//! FedBuff (Nguyen et al., "Federated Learning with Buffered Asynchronous
+//! Aggregation", AISTATS 2022) as a round policy: no round barrier. Any
+//! eligible device asking for work gets the current model while fewer than
+//! `concurrency` are training, and may ask again once its update is in. A
+//! "round" is one buffer that publishes after `devices_per_round` accepted
+//! updates. Updates trained on an older version are accepted up to
+//! `max_staleness` publications behind, weighted by `(1 + staleness)^-a`;
+//! uploads in flight survive a publication.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use fedge_proto::sign::UpdateManifest;
+use fedge_proto::{ModelVersion, RejectCode};
+
+use super::policy::{
+    Refusal, RoundPolicy, RoundView, TaskDecision, check_model_held, check_not_ahead,
+};
+use super::sessions::DeviceKey;
+use super::transfers::TransferManager;
+use crate::strategy::BufferedSpec;
+
+pub(super) struct FedBuff {
+    spec: BufferedSpec,
+    concurrency: usize,
+    /// Devices training now, and the round (buffer) whose model they train.
+    inflight: HashMap<DeviceKey, u64>,
+    /// The model each recent round trains, within the staleness window.
+    round_versions: VecDeque<(u64, ModelVersion)>,
+    /// Tasks and payloads already accepted (replays), kept for the
+    /// staleness window.
+    accepted_tasks: HashSet<(DeviceKey, u64)>,
+    accepted_hashes: VecDeque<(u64, [u8; 32])>,
+    /// Devices with an update in the open buffer (restores are checked
+    /// against it).
+    in_buffer: HashSet<DeviceKey>,
+}
+
+impl FedBuff {
+    /// `selection_target` is the default concurrency.
+    pub fn new(
+        spec: BufferedSpec,
+        selection_target: usize,
+        first_round: u64,
+        version: ModelVersion,
+    ) -> Self {
+        FedBuff {
+            concurrency: spec.concurrency.unwrap_or(selection_target),
+            spec,
+            inflight: HashMap::new(),
+            round_versions: VecDeque::from([(first_round, version)]),
+            accepted_tasks: HashSet::new(),
+            accepted_hashes: VecDeque::new(),
+            in_buffer: HashSet::new(),
+        }
+    }
+}
+
+impl RoundPolicy for FedBuff {
+    fn describe(&self, strategy: &str) -> String {
+        format!(
+            "fedbuff(max_staleness={}, a={})+{strategy}",
+            self.spec.max_staleness, self.spec.staleness_exponent
+        )
+    }
+
+    fn existing_task(&self, key: &DeviceKey, round: &RoundView) -> Option<TaskDecision> {
+        // Reconnected while training: the same offer again.
+        (self.inflight.get(key) == Some(&round.id)).then_some(TaskDecision::Offer)
+    }
+
+    fn select(&mut self, key: DeviceKey, round: &RoundView) -> TaskDecision {
+        // A device asking again has given up its older task.
+        self.inflight.remove(&key);
+        if self.inflight.len() >= self.concurrency {
+            return TaskDecision::PaceAway("enough devices are training");
+        }
+        self.inflight.insert(key, round.id);
+        TaskDecision::Offer
+    }
+
+    fn offer_deadline(&self, now: Instant, _round: &RoundView, task_time: Duration) -> Instant {
+        // Each task has its own time budget.
+        now + task_time
+    }
+
+    /// The task was handed out here, is within the staleness window,
+    /// trained the model of its round, and was not accepted before.
+    fn check_task(
+        &self,
+        key: &DeviceKey,
+        m: &UpdateManifest,
+        round: &RoundView,
+        _now: Instant,
+        models: &TransferManager,
+    ) -> Result<(), Refusal> {
+        check_not_ahead(m, round)?;
+        let staleness = round.id - m.round_id;
+        let max = self.spec.max_staleness;
+        if staleness > max {
+            return Err((
+                RejectCode::RoundClosed,
+                format!("update is {staleness} versions stale; at most {max} are accepted"),
+            ));
+        }
+        check_model_held(m, models)?;
+        let trained = self
+            .round_versions
+            .iter()
+            .find(|(r, _)| *r == m.round_id)
+            .map(|(_, v)| *v);
+        if trained != Some(m.model_version) {
+            return Err((
+                RejectCode::UnknownModelVersion,
+                format!(
+                    "update is against model {}, not the model of round {}",
+                    m.model_version, m.round_id
+                ),
+            ));
+        }
+        if self.accepted_tasks.contains(&(*key, m.round_id))
+            || self
+                .accepted_hashes
+                .iter()
+                .any(|(_, h)| *h == m.payload_hash)
+        {
+            return Err((
+                RejectCode::Replay,
+                format!(
+                    "an update from this device for round {} was already accepted",
+                    m.round_id
+                ),
+            ));
+        }
+        if self.inflight.get(key) != Some(&m.round_id) {
+            return Err((
+                RejectCode::NotSelected,
+                format!("no task of round {} is open for this device", m.round_id),
+            ));
+        }
+        Ok(())
+    }
+
+    fn deadline_bounds_uploads(&self) -> bool {
+        false
+    }
+
+    fn discount(&self, staleness: u64) -> f64 {
+        self.spec.discount(staleness)
+    }
+
+    fn on_accepted(&mut self, key: DeviceKey, task_round: u64, open: u64, payload_hash: [u8; 32]) {
+        self.in_buffer.insert(key);
+        self.inflight.remove(&key);
+        self.accepted_tasks.insert((key, task_round));
+        self.accepted_hashes.push_back((open, payload_hash));
+    }
+
+    fn on_restored(&mut self, key: DeviceKey, round: u64, hash: [u8; 32]) -> Result<(), String> {
+        if !self.in_buffer.insert(key) {
+            return Err(format!("device {} restored twice", hex::encode(key)));
+        }
+        self.accepted_hashes.push_back((round, hash));
+        Ok(())
+    }
+
+    /// Tasks, replay records and model versions older than the staleness
+    /// window go; uploads in flight go on.
+    fn on_round_closed(&mut self, next: u64, next_version: ModelVersion) -> bool {
+        let oldest = next.saturating_sub(self.spec.max_staleness);
+        self.inflight.retain(|_, r| *r >= oldest);
+        self.accepted_tasks.retain(|(_, r)| *r >= oldest);
+        while self
+            .accepted_hashes
+            .front()
+            .is_some_and(|(r, _)| *r < oldest)
+        {
+            self.accepted_hashes.pop_front();
+        }
+        self.round_versions.push_back((next, next_version));
+        while self
+            .round_versions
+            .front()
+            .is_some_and(|(r, _)| *r < oldest)
+        {
+            self.round_versions.pop_front();
+        }
+        self.in_buffer.clear();
+        true
+    }
+}

@@ -1,0 +1,244 @@
+//! Update intake: a signed manifest is checked, the upload reassembled
+//! (by the transfer manager), and the complete payload admitted (hash,
+//! decoding, norm, weight) before it is made durable, combined and
+//! acknowledged.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use fedge_proto::msg::UploadBegin;
+use fedge_proto::sign::VerifyingKey;
+use fedge_proto::{AggMsg, RejectCode, update};
+
+use super::ledger::{self, Accepted};
+use super::policy::Refusal;
+use super::sessions::device_id;
+use super::transfers::{ChunkOutcome, Upload};
+use super::{Coordinator, DurableUpdate, Event, Output, SessionId};
+use crate::robust::l2_norm;
+
+impl Coordinator {
+    /// Checks of a signed upload manifest; returns the reject to send, if any.
+    pub(super) fn check_manifest(
+        &self,
+        now: Instant,
+        key: &VerifyingKey,
+        b: &UploadBegin,
+    ) -> Result<(), Refusal> {
+        let m = &b.manifest;
+        if m.device_public_key != *key {
+            return Err((
+                RejectCode::BadSignature,
+                "manifest names another device's key".into(),
+            ));
+        }
+        m.verify(&b.signature)
+            .map_err(|e| (RejectCode::BadSignature, e.to_string()))?;
+        self.policy
+            .check_task(key.as_bytes(), m, &self.round_view(), now, &self.transfers)?;
+        if m.sample_count == 0 {
+            return Err((
+                RejectCode::Malformed,
+                "sample_count must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub(super) fn on_upload_begin(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        key: VerifyingKey,
+        b: UploadBegin,
+    ) {
+        if let Err((code, detail)) = self.check_manifest(now, &key, &b) {
+            self.reject(session, Some(device_id(&key)), code, detail, false);
+            return;
+        }
+        let payload_hash = b.manifest.payload_hash;
+        let next_index = self.transfers.begin_upload(key.to_bytes(), b);
+        self.send(
+            session,
+            AggMsg::UploadStatus {
+                payload_hash,
+                next_index,
+            },
+        );
+        if next_index > 0 {
+            self.try_finish_upload(now, session, key);
+        }
+    }
+
+    pub(super) fn on_upload_chunk(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        key: VerifyingKey,
+        hash: [u8; 32],
+        index: u32,
+        data: Bytes,
+    ) {
+        let dev = Some(device_id(&key));
+        match self.transfers.add_chunk(key.to_bytes(), hash, index, &data) {
+            ChunkOutcome::Stored => self.try_finish_upload(now, session, key),
+            ChunkOutcome::Duplicate | ChunkOutcome::Ignored => {}
+            ChunkOutcome::Ahead { next_index } => self.send(
+                session,
+                AggMsg::UploadStatus {
+                    payload_hash: hash,
+                    next_index,
+                },
+            ),
+            ChunkOutcome::Overflow { declared } => self.reject(
+                session,
+                dev,
+                RejectCode::TooLarge,
+                format!("upload chunks do not add up to the declared {declared} bytes"),
+                false,
+            ),
+            ChunkOutcome::RoundClosed => self.reject(
+                session,
+                dev,
+                RejectCode::RoundClosed,
+                "the round closed during this upload".into(),
+                false,
+            ),
+            ChunkOutcome::Unknown => self.reject(
+                session,
+                dev,
+                RejectCode::UnknownRound,
+                "chunk for an upload that is not open in this round".into(),
+                false,
+            ),
+        }
+    }
+
+    pub(super) fn try_finish_upload(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        key: VerifyingKey,
+    ) {
+        let Some(u) = self.transfers.take_complete(key.as_bytes()) else {
+            return;
+        };
+        let dev = device_id(&key);
+        if self.policy.deadline_bounds_uploads() && self.round.deadline.is_some_and(|d| now >= d) {
+            self.reject(
+                session,
+                Some(dev),
+                RejectCode::DeadlinePassed,
+                "the round's deadline passed during the upload".into(),
+                false,
+            );
+            return;
+        }
+        match self.admit(&dev, &u) {
+            Ok((delta, raw_weight, stake)) => {
+                self.accept(now, session, key, u, delta, raw_weight, stake)
+            }
+            Err((code, detail)) => {
+                let samples = u.begin.manifest.sample_count;
+                let stake = self.stakes.stake(&dev);
+                let reason = format!("{code}: {detail}");
+                let record = ledger::refused(self.round.id, &dev, stake, samples, reason);
+                self.event(Event::Contribution(record));
+                self.reject(session, Some(dev), code, detail, false);
+            }
+        }
+    }
+
+    /// The checks of a complete upload: its hash, its decoding, its norm
+    /// and its weight. Returns the delta, its raw weight and the stake.
+    pub(super) fn admit(
+        &self,
+        dev: &str,
+        u: &Upload,
+    ) -> Result<(Vec<f32>, f64, Option<f64>), Refusal> {
+        let m = &u.begin.manifest;
+        if *blake3::hash(&u.data).as_bytes() != m.payload_hash {
+            return Err((
+                RejectCode::HashMismatch,
+                "payload does not match the signed hash".into(),
+            ));
+        }
+        let delta =
+            update::decode_update(&u.data, self.round.combiner.dimension(), &self.cfg.limits)
+                .map_err(|e| (e.reject_code(), e.to_string()))?;
+        if let Some(bound) = self.cfg.update_norm_max {
+            let norm = l2_norm(&delta);
+            if norm > bound {
+                let detail = format!("update norm {norm:.4} exceeds the bound {bound}");
+                return Err((RejectCode::NormBound, detail));
+            }
+        }
+        let stake = self.stakes.stake(dev);
+        let discount = self.policy.discount(self.round.id - m.round_id);
+        match self.cfg.weights.raw_weight(stake, m.sample_count) {
+            Ok(w) if w > 0.0 && w.is_finite() => Ok((delta, w * discount, stake)),
+            Ok(w) => Err((
+                RejectCode::NotSelected,
+                format!("participant weight {w} is not positive"),
+            )),
+            Err(e) => Err((RejectCode::NotSelected, e.to_string())),
+        }
+    }
+
+    /// Combines an admitted update: made durable first, then acknowledged.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn accept(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        key: VerifyingKey,
+        u: Upload,
+        delta: Vec<f32>,
+        raw_weight: f64,
+        stake: Option<f64>,
+    ) {
+        let dev = device_id(&key);
+        let m = u.begin.manifest;
+        // Recorded under the round (buffer) it is combined into.
+        self.out.push_back(Output::Persist(Box::new(DurableUpdate {
+            round_id: self.round.id,
+            device: dev.clone(),
+            payload_hash: m.payload_hash,
+            sample_count: m.sample_count,
+            raw_weight,
+            stake,
+            metrics: m.metrics.clone(),
+            payload: Bytes::from(u.data),
+        })));
+        self.round.combiner.add(delta, raw_weight);
+        self.round.book.record(
+            self.round.id,
+            Accepted {
+                device: dev.clone(),
+                stake,
+                samples: m.sample_count,
+                raw_weight,
+                metrics: m.metrics,
+            },
+        );
+        self.policy
+            .on_accepted(key.to_bytes(), m.round_id, self.round.id, m.payload_hash);
+        self.event(Event::UpdateAccepted {
+            round_id: self.round.id,
+            staleness: self.round.id - m.round_id,
+            device: dev,
+            sample_count: m.sample_count,
+            payload_bytes: m.payload_bytes,
+        });
+        self.send(
+            session,
+            AggMsg::UpdateAccepted {
+                round_id: m.round_id,
+                payload_hash: m.payload_hash,
+            },
+        );
+        if self.round.combiner.count() >= self.cfg.devices_per_round {
+            self.close_round(now);
+        }
+    }
+}

@@ -1,0 +1,613 @@
+//! Round orchestration as a deterministic state machine (sans-IO).
+//!
+//! Inputs go in through `handle_*(now, ..)`; outputs come out of
+//! [`Coordinator::poll_output`]; the next timer is [`Coordinator::poll_timeout`].
+//! Time and randomness (a seed in the config) are inputs, so a simulated
+//! fleet with virtual time drives exactly the code the QUIC server drives.
+//!
+//! A round: devices check in (`TaskRequest`); the first
+//! `ceil(devices_per_round * over_selection)` are selected and sent a
+//! [`TaskOffer`]; the rest are paced away ("come back in [t1, t2]"). The
+//! round's deadline starts at its first selection. It closes as soon as
+//! `devices_per_round` updates are accepted, or at the deadline, when it is
+//! aggregated if at least `min_devices` updates arrived and aborted (model
+//! unchanged, round retried) otherwise. Late updates are rejected. With
+//! FedBuff ([`crate::strategy::BufferedSpec`]) rounds run without a
+//! barrier instead (see [`fedbuff`]).
+//!
+//! The coordinator is cut by responsibility:
+//! - [`sessions`]: connections, authentication and its timers;
+//! - [`transfers`]: chunked model downloads and upload reassembly, where
+//!   every byte a device can make the coordinator hold is kept and counted;
+//! - [`policy`] (synchronous rounds) and [`fedbuff`]: how rounds run, behind
+//!   one `RoundPolicy` trait;
+//! - [`ledger`]: the round's contribution records;
+//! - this module: the message flow that ties them together, weighting,
+//!   combining and publishing.
+
+mod closing;
+mod config;
+mod fedbuff;
+mod intake;
+mod ledger;
+mod output;
+mod policy;
+mod sessions;
+mod transfers;
+
+pub use config::CoordinatorConfig;
+pub use output::{Contribution, DurableUpdate, Event, Output, RoundOutcome};
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use fedge_proto::msg::TaskOffer;
+use fedge_proto::sign::{self, VerifyingKey};
+use fedge_proto::{
+    AggMsg, DeviceMsg, Limits, ModelBlob, ModelVersion, ProtoError, RejectCode, SCHEMA_VERSION,
+    update,
+};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::robust::Combiner;
+use crate::strategy::Strategy;
+use crate::weighting::StakeRegistry;
+use ledger::{Accepted, RoundBook};
+use policy::{RoundPolicy, RoundView, Synchronous, TaskDecision};
+use sessions::{DeviceKey, SessionState, SessionTable, device_id};
+use transfers::TransferManager;
+
+/// Identifies one connection (assigned by the driver).
+pub type SessionId = u64;
+
+struct Round {
+    id: u64,
+    model_version: ModelVersion,
+    deadline: Option<Instant>,
+    combiner: Box<dyn Combiner>,
+    book: RoundBook,
+}
+
+/// The aggregator's round orchestration.
+pub struct Coordinator {
+    cfg: CoordinatorConfig,
+    rng: ChaCha8Rng,
+    sessions: SessionTable,
+    transfers: TransferManager,
+    current: ModelBlob,
+    current_version: ModelVersion,
+    round: Round,
+    policy: Box<dyn RoundPolicy>,
+    strategy: Box<dyn Strategy>,
+    stakes: Box<dyn StakeRegistry>,
+    published_rounds: u64,
+    finished: bool,
+    out: VecDeque<Output>,
+}
+
+impl Coordinator {
+    /// Start from `initial`, opening round `first_round_id` (a restarted
+    /// aggregator continues its numbering).
+    pub fn new(
+        cfg: CoordinatorConfig,
+        initial: ModelBlob,
+        first_round_id: u64,
+        published_rounds: u64,
+    ) -> Result<Self, String> {
+        cfg.validate()?;
+        let blob = initial.encode();
+        Limits::check("model bytes", blob.len() as u64, cfg.limits.model_bytes_max)
+            .map_err(|e| e.to_string())?;
+        let version = ModelVersion::of(&blob);
+        let dim = initial.params.values.len();
+        let mut strategy = cfg.strategy.build();
+        let combiner = strategy.combiner(dim, cfg.weights.max_share);
+        let policy: Box<dyn RoundPolicy> = match &cfg.strategy.buffered {
+            Some(spec) => Box::new(fedbuff::FedBuff::new(
+                spec.clone(),
+                cfg.selection_target(),
+                first_round_id,
+                version,
+            )),
+            None => Box::new(Synchronous::new(cfg.selection_target())),
+        };
+        let mut transfers = TransferManager::new(cfg.chunk_bytes, cfg.versions_kept);
+        transfers.store_model(version, blob);
+        let finished = cfg.rounds != 0 && first_round_id > cfg.rounds;
+        let mut c = Coordinator {
+            rng: ChaCha8Rng::seed_from_u64(cfg.seed),
+            sessions: SessionTable::new(cfg.auth_timeout, cfg.max_sessions),
+            transfers,
+            current: initial,
+            current_version: version,
+            round: Round {
+                id: first_round_id,
+                model_version: version,
+                deadline: None,
+                combiner,
+                book: RoundBook::default(),
+            },
+            policy,
+            strategy,
+            stakes: Box::new(std::collections::HashMap::<String, f64>::new()),
+            published_rounds,
+            finished,
+            out: VecDeque::new(),
+            cfg,
+        };
+        if !finished {
+            c.event(Event::RoundOpened {
+                round_id: first_round_id,
+                model_version: version,
+            });
+        }
+        Ok(c)
+    }
+
+    /// Use `strategy` from the current round on.
+    pub fn set_strategy(&mut self, mut strategy: Box<dyn Strategy>) {
+        let dim = self.current.params.values.len();
+        self.round.combiner = strategy.combiner(dim, self.cfg.weights.max_share);
+        self.strategy = strategy;
+    }
+
+    pub fn set_stakes(&mut self, stakes: Box<dyn StakeRegistry>) {
+        self.stakes = stakes;
+    }
+
+    pub fn stakes_mut(&mut self) -> &mut dyn StakeRegistry {
+        self.stakes.as_mut()
+    }
+
+    pub fn strategy_name(&self) -> String {
+        self.policy.describe(&self.strategy.name())
+    }
+
+    /// Put back an update that was acknowledged before a restart. Its
+    /// device counts as having contributed to the open round.
+    pub fn restore_update(&mut self, now: Instant, u: DurableUpdate) -> Result<(), String> {
+        if u.round_id != self.round.id {
+            return Err(format!(
+                "update for round {}, open round is {}",
+                u.round_id, self.round.id
+            ));
+        }
+        let key: DeviceKey = hex::decode(&u.device)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| format!("bad device id `{}`", u.device))?;
+        let delta = update::decode_update(
+            &u.payload,
+            self.round.combiner.dimension(),
+            &self.cfg.limits,
+        )
+        .map_err(|e| e.to_string())?;
+        self.policy.on_restored(key, u.round_id, u.payload_hash)?;
+        self.round.combiner.add(delta, u.raw_weight);
+        self.sessions.note_known(key);
+        self.round.book.record(
+            u.round_id,
+            Accepted {
+                device: u.device,
+                stake: u.stake,
+                samples: u.sample_count,
+                raw_weight: u.raw_weight,
+                metrics: u.metrics,
+            },
+        );
+        if self.round.deadline.is_none() {
+            self.round.deadline = Some(now + self.cfg.round_deadline);
+        }
+        if self.round.combiner.count() >= self.cfg.devices_per_round {
+            self.close_round(now);
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ getters
+
+    pub fn config(&self) -> &CoordinatorConfig {
+        &self.cfg
+    }
+
+    pub fn current_version(&self) -> ModelVersion {
+        self.current_version
+    }
+
+    pub fn current_model(&self) -> &ModelBlob {
+        &self.current
+    }
+
+    pub fn round_id(&self) -> u64 {
+        self.round.id
+    }
+
+    pub fn published_rounds(&self) -> u64 {
+        self.published_rounds
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Devices this process knows of that have not yet been told the run
+    /// is finished (and may still come back for the final model).
+    pub fn devices_awaiting_finish(&self) -> usize {
+        self.sessions.awaiting_finish()
+    }
+
+    /// Updates accepted so far in the open round.
+    pub fn accepted_in_round(&self) -> usize {
+        self.round.combiner.count()
+    }
+
+    /// Bytes of partial uploads the coordinator holds.
+    pub fn upload_bytes_held(&self) -> u64 {
+        self.transfers.upload_bytes_held()
+    }
+
+    // ------------------------------------------------------------ outputs
+
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// The earliest instant at which `handle_timeout` has work to do.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let auth = self.sessions.next_timeout();
+        match (auth, self.round.deadline.filter(|_| !self.finished)) {
+            (Some(a), Some(d)) => Some(a.min(d)),
+            (a, d) => a.or(d),
+        }
+    }
+
+    // ------------------------------------------------------------ inputs
+
+    /// A connection was established; `tls_binding` is exported from its TLS
+    /// session and binds the authentication signature to it.
+    pub fn handle_connect(&mut self, now: Instant, session: SessionId, tls_binding: [u8; 32]) {
+        if !self.sessions.connect(now, session, tls_binding) {
+            let max = self.sessions.max_sessions();
+            self.reject(
+                session,
+                None,
+                RejectCode::TooManyDevices,
+                format!("aggregator is at its limit of {max} devices"),
+                true,
+            );
+        }
+    }
+
+    pub fn handle_disconnect(&mut self, _now: Instant, session: SessionId) {
+        self.sessions.remove(session);
+    }
+
+    /// A frame arrived that could not be decoded (malformed, oversized, or
+    /// the wrong direction). The connection is told why and closed.
+    pub fn handle_bad_frame(&mut self, _now: Instant, session: SessionId, err: &ProtoError) {
+        let device = self.sessions.device_of(session);
+        self.reject(session, device, err.reject_code(), err.to_string(), true);
+    }
+
+    /// A connection exceeded its request rate.
+    pub fn handle_rate_limited(&mut self, _now: Instant, session: SessionId) {
+        let device = self.sessions.device_of(session);
+        self.reject(
+            session,
+            device,
+            RejectCode::RateLimited,
+            "request rate over the per-device limit".into(),
+            true,
+        );
+    }
+
+    pub fn handle_message(&mut self, now: Instant, session: SessionId, msg: DeviceMsg) {
+        let Some(state) = self.sessions.state(session) else {
+            return; // already closed
+        };
+        match (state, msg) {
+            (SessionState::AwaitHello, DeviceMsg::Hello(h)) => {
+                self.on_hello(session, h.schema_version, h.device_public_key)
+            }
+            (SessionState::AwaitAuth { key, nonce }, DeviceMsg::AuthResponse { signature }) => {
+                let (key, nonce) = (*key, *nonce);
+                self.on_auth_response(session, key, nonce, &signature)
+            }
+            (SessionState::Ready { key }, msg) => {
+                let key = *key;
+                self.handle_ready(now, session, key, msg);
+            }
+            (_, msg) => {
+                let device = self.sessions.device_of(session);
+                self.reject(
+                    session,
+                    device,
+                    RejectCode::ProtocolViolation,
+                    format!("`{}` before authentication completed", msg.name()),
+                    true,
+                );
+            }
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for id in self.sessions.auth_expired(now) {
+            self.reject(
+                id,
+                None,
+                RejectCode::AuthFailed,
+                "authentication timed out".into(),
+                true,
+            );
+        }
+        if !self.finished
+            && let Some(d) = self.round.deadline
+            && now >= d
+        {
+            self.close_round(now);
+        }
+    }
+
+    // ------------------------------------------------------------ internals
+
+    fn on_hello(&mut self, session: SessionId, schema_version: u32, key: VerifyingKey) {
+        if schema_version != SCHEMA_VERSION {
+            let detail = format!(
+                "schema version mismatch: aggregator speaks {SCHEMA_VERSION}, device sent {schema_version}"
+            );
+            self.reject(session, None, RejectCode::SchemaMismatch, detail, true);
+            return;
+        }
+        let mut nonce = [0u8; 32];
+        self.rng.fill(&mut nonce);
+        self.sessions.await_auth(session, key, nonce);
+        self.send(
+            session,
+            AggMsg::Challenge {
+                schema_version: SCHEMA_VERSION,
+                nonce,
+            },
+        );
+    }
+
+    fn on_auth_response(
+        &mut self,
+        session: SessionId,
+        key: VerifyingKey,
+        nonce: [u8; 32],
+        signature: &[u8; 64],
+    ) {
+        let binding = self
+            .sessions
+            .tls_binding(session)
+            .copied()
+            .unwrap_or([0; 32]);
+        if sign::verify_auth(&key, &nonce, &binding, signature).is_err() {
+            self.reject(
+                session,
+                Some(device_id(&key)),
+                RejectCode::AuthFailed,
+                "challenge signature does not verify for this key and TLS session".into(),
+                true,
+            );
+            return;
+        }
+        // A device that reconnects replaces its old connection.
+        if let Some(old) = self.sessions.authenticate(session, key) {
+            self.out.push_back(Output::Close {
+                session: old,
+                reason: "device reconnected on another connection".into(),
+            });
+        }
+        self.send(
+            session,
+            AggMsg::AuthOk {
+                device_id: device_id(&key),
+            },
+        );
+    }
+
+    fn handle_ready(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        key: VerifyingKey,
+        msg: DeviceMsg,
+    ) {
+        match msg {
+            DeviceMsg::Heartbeat { seq } => self.send(session, AggMsg::HeartbeatAck { seq }),
+            DeviceMsg::TaskRequest { have_model_version } => {
+                self.on_task_request(now, session, key, have_model_version)
+            }
+            DeviceMsg::ChunkRequest {
+                model_version,
+                index,
+            } => self.on_chunk_request(session, key, model_version, index),
+            DeviceMsg::UploadBegin(b) => self.on_upload_begin(now, session, key, *b),
+            DeviceMsg::UploadChunk {
+                payload_hash,
+                index,
+                data,
+            } => self.on_upload_chunk(now, session, key, payload_hash, index, data),
+            DeviceMsg::Hello(_) | DeviceMsg::AuthResponse { .. } => self.reject(
+                session,
+                Some(device_id(&key)),
+                RejectCode::ProtocolViolation,
+                format!("`{}` after authentication", msg.name()),
+                true,
+            ),
+        }
+    }
+
+    fn round_view(&self) -> RoundView {
+        RoundView {
+            id: self.round.id,
+            model_version: self.round.model_version,
+            deadline: self.round.deadline,
+            finished: self.finished,
+        }
+    }
+
+    fn on_task_request(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        key: VerifyingKey,
+        have: Option<ModelVersion>,
+    ) {
+        if self.finished {
+            let mref = self.transfers.model_ref(&self.current_version);
+            self.sessions.note_told_finished(key.to_bytes());
+            self.send(session, AggMsg::Finished(mref));
+            return;
+        }
+        let view = self.round_view();
+        let decision = match self.policy.existing_task(key.as_bytes(), &view) {
+            Some(d) => d,
+            None => {
+                if !self.eligible(session, &key) {
+                    return;
+                }
+                let d = self.policy.select(key.to_bytes(), &view);
+                if d == TaskDecision::Offer {
+                    if self.round.deadline.is_none() {
+                        self.round.deadline = Some(now + self.cfg.round_deadline);
+                    }
+                    self.event(Event::DeviceSelected {
+                        round_id: self.round.id,
+                        device: device_id(&key),
+                    });
+                }
+                d
+            }
+        };
+        match decision {
+            TaskDecision::Offer => self.send_offer(now, session, have),
+            TaskDecision::PaceAway(reason) => self.pace_away(session, reason),
+        }
+    }
+
+    /// Whether the device's stake lets it take part; if not, it is told to
+    /// come back much later.
+    fn eligible(&mut self, session: SessionId, key: &VerifyingKey) -> bool {
+        let dev = device_id(key);
+        let Err(e) = self.cfg.weights.raw_weight(self.stakes.stake(&dev), 1) else {
+            return true;
+        };
+        self.event(Event::Rejected {
+            device: Some(dev),
+            code: RejectCode::NotSelected,
+            detail: e.to_string(),
+        });
+        self.send(
+            session,
+            AggMsg::NoTask {
+                retry_after_ms_min: 60_000,
+                retry_after_ms_max: 120_000,
+                reason: format!("not eligible: {e}"),
+            },
+        );
+        false
+    }
+
+    fn send_offer(&mut self, now: Instant, session: SessionId, have: Option<ModelVersion>) {
+        let mref = self.transfers.model_ref(&self.round.model_version);
+        let delta = have.and_then(|base| {
+            self.transfers.delta_ref(
+                base,
+                self.round.model_version,
+                &self.current,
+                &self.cfg.limits,
+            )
+        });
+        let deadline = self
+            .policy
+            .offer_deadline(now, &self.round_view(), self.cfg.round_deadline);
+        let plan = self.strategy.configure_round(self.round.id, &self.cfg.plan);
+        let offer = TaskOffer {
+            round_id: self.round.id,
+            model: mref,
+            plan,
+            deadline_ms: deadline.saturating_duration_since(now).as_millis() as u64,
+            delta,
+        };
+        self.send(session, AggMsg::TaskOffer(Box::new(offer)));
+    }
+
+    fn pace_away(&mut self, session: SessionId, reason: &str) {
+        let (lo, hi) = self.cfg.retry_window;
+        let lo_ms = lo.as_millis() as u64;
+        let hi_ms = hi.as_millis() as u64;
+        // Randomise the window's start so paced devices do not return as a herd.
+        let start = if hi_ms > lo_ms {
+            self.rng.random_range(lo_ms..=hi_ms)
+        } else {
+            lo_ms
+        };
+        let end = start + (hi_ms - lo_ms) / 2;
+        self.send(
+            session,
+            AggMsg::NoTask {
+                retry_after_ms_min: start,
+                retry_after_ms_max: end.max(start),
+                reason: reason.into(),
+            },
+        );
+    }
+
+    fn on_chunk_request(
+        &mut self,
+        session: SessionId,
+        key: VerifyingKey,
+        version: ModelVersion,
+        index: u32,
+    ) {
+        match self.transfers.chunk(version, index) {
+            Ok(data) => self.send(
+                session,
+                AggMsg::ModelChunk {
+                    model_version: version,
+                    index,
+                    data,
+                },
+            ),
+            Err((code, detail)) => self.reject(session, Some(device_id(&key)), code, detail, false),
+        }
+    }
+
+    fn send(&mut self, session: SessionId, msg: AggMsg) {
+        self.out.push_back(Output::Send { session, msg });
+    }
+
+    fn event(&mut self, e: Event) {
+        self.out.push_back(Output::Event(e));
+    }
+
+    fn reject(
+        &mut self,
+        session: SessionId,
+        device: Option<String>,
+        code: RejectCode,
+        detail: String,
+        fatal: bool,
+    ) {
+        self.event(Event::Rejected {
+            device,
+            code,
+            detail: detail.clone(),
+        });
+        self.send(session, AggMsg::reject(code, detail.clone(), fatal));
+        if fatal {
+            self.sessions.remove(session);
+            self.out.push_back(Output::Close {
+                session,
+                reason: format!("{code}: {detail}"),
+            });
+        }
+    }
+}

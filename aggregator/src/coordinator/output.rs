@@ -1,0 +1,107 @@
+//! What the coordinator asks of its driver ([`Output`]) and reports
+//! ([`Event`]), and the records that must outlive the process
+//! ([`DurableUpdate`], [`Contribution`]).
+
+use bytes::Bytes;
+use fedge_proto::{AggMsg, ModelVersion, RejectCode};
+
+use super::SessionId;
+
+/// An accepted update as it must be stored before it is acknowledged.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DurableUpdate {
+    pub round_id: u64,
+    pub device: String,
+    pub payload_hash: [u8; 32],
+    pub sample_count: u64,
+    pub raw_weight: f64,
+    pub stake: Option<f64>,
+    pub metrics: Vec<(String, f64)>,
+    pub payload: Bytes,
+}
+
+/// What the driver must do, in order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Output {
+    /// Make this update durable before acting on any later output (the
+    /// acknowledgement follows it).
+    Persist(Box<DurableUpdate>),
+    Send {
+        session: SessionId,
+        msg: AggMsg,
+    },
+    /// Close the connection after sending what was queued before this.
+    Close {
+        session: SessionId,
+        reason: String,
+    },
+    Event(Event),
+}
+
+/// What happened, for logs, metrics, persistence and tests.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    RoundOpened {
+        round_id: u64,
+        model_version: ModelVersion,
+    },
+    DeviceSelected {
+        round_id: u64,
+        device: String,
+    },
+    /// An update was combined into round `round_id`; `staleness` is how
+    /// many versions behind it was trained (FedBuff; 0 in synchronous rounds).
+    UpdateAccepted {
+        round_id: u64,
+        device: String,
+        sample_count: u64,
+        payload_bytes: u64,
+        staleness: u64,
+    },
+    Rejected {
+        device: Option<String>,
+        code: RejectCode,
+        detail: String,
+    },
+    RoundClosed {
+        round_id: u64,
+        accepted: usize,
+        outcome: RoundOutcome,
+        /// Weighted means of the metrics devices reported with updates.
+        metrics: Vec<(String, f64)>,
+    },
+    /// One participant's contribution to a round: accepted (with its final
+    /// weight, emitted when the round closes) or rejected (with the reason,
+    /// emitted at once).
+    Contribution(Contribution),
+    /// A new model version; the blob is what devices download.
+    ModelPublished {
+        round_id: u64,
+        version: ModelVersion,
+        blob: Bytes,
+    },
+    Finished {
+        final_version: ModelVersion,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Contribution {
+    pub round_id: u64,
+    pub device: String,
+    pub stake: Option<f64>,
+    pub samples: u64,
+    /// f(stake) x g(samples), before share capping.
+    pub raw_weight: f64,
+    /// Share of the round's total weight after capping (0 when rejected).
+    pub share: f64,
+    pub accepted: bool,
+    pub reason: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum RoundOutcome {
+    Published(ModelVersion),
+    /// Fewer than `min_devices` updates by the deadline; model unchanged.
+    Aborted,
+}

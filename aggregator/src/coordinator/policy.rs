@@ -1,0 +1,236 @@
+//! Round policies: how rounds run. [`Synchronous`] rounds select a fixed
+//! set of devices and wait for them behind a barrier; FedBuff
+//! ([`super::fedbuff::FedBuff`]) hands out work continuously and turns
+//! every full buffer of updates into a version. The coordinator asks the
+//! policy who gets a task, whether an update's task is valid, how much a
+//! stale update weighs, and what survives a round closing; everything else
+//! (authentication, transfers, weighting, combining, durability) is shared.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use fedge_proto::sign::UpdateManifest;
+use fedge_proto::{ModelVersion, RejectCode};
+
+use super::sessions::DeviceKey;
+use super::transfers::TransferManager;
+
+/// The open round, as a policy sees it.
+pub(super) struct RoundView {
+    pub id: u64,
+    pub model_version: ModelVersion,
+    pub deadline: Option<Instant>,
+    pub finished: bool,
+}
+
+/// The answer to a device asking for work.
+#[derive(Debug, PartialEq)]
+pub(super) enum TaskDecision {
+    /// Offer the round's task (again, to a device that already has it).
+    Offer,
+    /// Nothing for this device now: pace it away with this reason.
+    PaceAway(&'static str),
+}
+
+pub(super) type Refusal = (RejectCode, String);
+
+pub(super) trait RoundPolicy: Send {
+    /// The policy's name composed with the strategy's.
+    fn describe(&self, strategy: &str) -> String;
+
+    /// A device that already holds a task in this round (or contributed to
+    /// it): what it gets, before any eligibility check. None: a newcomer.
+    fn existing_task(&self, key: &DeviceKey, round: &RoundView) -> Option<TaskDecision>;
+
+    /// An eligible newcomer asks for work.
+    fn select(&mut self, key: DeviceKey, round: &RoundView) -> TaskDecision;
+
+    /// When a task offered at `now` is due.
+    fn offer_deadline(&self, now: Instant, round: &RoundView, task_time: Duration) -> Instant;
+
+    /// Whether a signed manifest names a task this device may upload for
+    /// now: the right round and model, selected, not already accepted.
+    fn check_task(
+        &self,
+        key: &DeviceKey,
+        m: &UpdateManifest,
+        round: &RoundView,
+        now: Instant,
+        models: &TransferManager,
+    ) -> Result<(), Refusal>;
+
+    /// Whether an upload that completes after the round's deadline is
+    /// refused.
+    fn deadline_bounds_uploads(&self) -> bool;
+
+    /// The weight factor of an update `staleness` versions behind.
+    fn discount(&self, staleness: u64) -> f64;
+
+    /// An update for the task of round `task_round` was accepted into the
+    /// open round `open`.
+    fn on_accepted(&mut self, key: DeviceKey, task_round: u64, open: u64, payload_hash: [u8; 32]);
+
+    /// An update acknowledged before a restart is put back into the open
+    /// round; refused if the device already has one there.
+    fn on_restored(
+        &mut self,
+        key: DeviceKey,
+        round: u64,
+        payload_hash: [u8; 32],
+    ) -> Result<(), String>;
+
+    /// The open round closed; `next` trains `next_version`. Returns whether
+    /// uploads in flight carry over into it.
+    fn on_round_closed(&mut self, next: u64, next_version: ModelVersion) -> bool;
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Participation {
+    Selected,
+    Accepted,
+}
+
+/// Synchronous rounds: the first `selection_target` devices to ask are
+/// selected; the round waits for them until its deadline.
+pub(super) struct Synchronous {
+    selection_target: usize,
+    participants: HashMap<DeviceKey, Participation>,
+}
+
+impl Synchronous {
+    pub fn new(selection_target: usize) -> Self {
+        Synchronous {
+            selection_target,
+            participants: HashMap::new(),
+        }
+    }
+}
+
+/// Refuses a manifest for a round that is not open yet (or a finished run).
+pub(super) fn check_not_ahead(m: &UpdateManifest, round: &RoundView) -> Result<(), Refusal> {
+    if round.finished || m.round_id > round.id {
+        return Err((
+            RejectCode::UnknownRound,
+            format!("round {} is not open here", m.round_id),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a manifest whose model version is not held here.
+pub(super) fn check_model_held(
+    m: &UpdateManifest,
+    models: &TransferManager,
+) -> Result<(), Refusal> {
+    if !models.has_model(&m.model_version) {
+        return Err((
+            RejectCode::UnknownModelVersion,
+            format!("model version {} is not known here", m.model_version),
+        ));
+    }
+    Ok(())
+}
+
+impl RoundPolicy for Synchronous {
+    fn describe(&self, strategy: &str) -> String {
+        strategy.to_string()
+    }
+
+    fn existing_task(&self, key: &DeviceKey, _round: &RoundView) -> Option<TaskDecision> {
+        match self.participants.get(key)? {
+            // Reconnected mid-round: the same offer again.
+            Participation::Selected => Some(TaskDecision::Offer),
+            Participation::Accepted => {
+                Some(TaskDecision::PaceAway("already contributed to this round"))
+            }
+        }
+    }
+
+    fn select(&mut self, key: DeviceKey, _round: &RoundView) -> TaskDecision {
+        if self.participants.len() >= self.selection_target {
+            return TaskDecision::PaceAway("round is full");
+        }
+        self.participants.insert(key, Participation::Selected);
+        TaskDecision::Offer
+    }
+
+    fn offer_deadline(&self, _now: Instant, round: &RoundView, _task_time: Duration) -> Instant {
+        round.deadline.expect("set at first selection")
+    }
+
+    fn check_task(
+        &self,
+        key: &DeviceKey,
+        m: &UpdateManifest,
+        round: &RoundView,
+        now: Instant,
+        models: &TransferManager,
+    ) -> Result<(), Refusal> {
+        if m.round_id < round.id {
+            return Err((
+                RejectCode::RoundClosed,
+                format!("round {} is closed; round {} is open", m.round_id, round.id),
+            ));
+        }
+        check_not_ahead(m, round)?;
+        check_model_held(m, models)?;
+        if m.model_version != round.model_version {
+            return Err((
+                RejectCode::RoundClosed,
+                format!(
+                    "update is against model {}, round {} trains {}",
+                    m.model_version, round.id, round.model_version
+                ),
+            ));
+        }
+        match self.participants.get(key) {
+            None => {
+                return Err((
+                    RejectCode::NotSelected,
+                    format!("device was not selected for round {}", round.id),
+                ));
+            }
+            Some(Participation::Accepted) => {
+                return Err((
+                    RejectCode::Replay,
+                    format!(
+                        "an update from this device was already accepted in round {}",
+                        round.id
+                    ),
+                ));
+            }
+            Some(Participation::Selected) => {}
+        }
+        if round.deadline.is_some_and(|d| now >= d) {
+            return Err((
+                RejectCode::DeadlinePassed,
+                "the round's deadline has passed".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn deadline_bounds_uploads(&self) -> bool {
+        true
+    }
+
+    fn discount(&self, _staleness: u64) -> f64 {
+        1.0
+    }
+
+    fn on_accepted(&mut self, key: DeviceKey, _task_round: u64, _open: u64, _hash: [u8; 32]) {
+        self.participants.insert(key, Participation::Accepted);
+    }
+
+    fn on_restored(&mut self, key: DeviceKey, _round: u64, _hash: [u8; 32]) -> Result<(), String> {
+        if self.participants.insert(key, Participation::Accepted) == Some(Participation::Accepted) {
+            return Err(format!("device {} restored twice", hex::encode(key)));
+        }
+        Ok(())
+    }
+
+    fn on_round_closed(&mut self, _next: u64, _next_version: ModelVersion) -> bool {
+        self.participants.clear();
+        false
+    }
+}

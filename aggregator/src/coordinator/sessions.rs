@@ -1,0 +1,218 @@
+//! The session table: connections, their authentication state, which
+//! connection speaks for which device key, and the authentication timers.
+//!
+//! Timers live in one ordered set keyed by deadline, so finding the next
+//! one and expiring the due ones costs O(log n) per timer, never a scan of
+//! every session.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use fedge_proto::sign::VerifyingKey;
+
+use super::SessionId;
+
+/// A device key's raw bytes, the table's key for devices.
+pub(super) type DeviceKey = [u8; 32];
+
+pub(super) fn device_id(k: &VerifyingKey) -> String {
+    hex::encode(k.to_bytes())
+}
+
+pub(super) enum SessionState {
+    AwaitHello,
+    AwaitAuth { key: VerifyingKey, nonce: [u8; 32] },
+    Ready { key: VerifyingKey },
+}
+
+struct Session {
+    tls_binding: [u8; 32],
+    /// When an unauthenticated session times out (None once authenticated).
+    auth_deadline: Option<Instant>,
+    state: SessionState,
+}
+
+/// Every connection the coordinator knows of.
+pub(super) struct SessionTable {
+    sessions: HashMap<SessionId, Session>,
+    by_device: HashMap<DeviceKey, SessionId>,
+    /// Authentication deadlines of unauthenticated sessions, earliest first.
+    auth_timers: BTreeSet<(Instant, SessionId)>,
+    auth_timeout: Duration,
+    max_sessions: usize,
+    /// Devices seen by this process (authenticated or restored) and those
+    /// already told the run is finished: the driver waits for the rest.
+    known: HashSet<DeviceKey>,
+    told_finished: HashSet<DeviceKey>,
+}
+
+impl SessionTable {
+    pub fn new(auth_timeout: Duration, max_sessions: usize) -> Self {
+        SessionTable {
+            sessions: HashMap::new(),
+            by_device: HashMap::new(),
+            auth_timers: BTreeSet::new(),
+            auth_timeout,
+            max_sessions,
+            known: HashSet::new(),
+            told_finished: HashSet::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn max_sessions(&self) -> usize {
+        self.max_sessions
+    }
+
+    /// Registers a new connection; false when the table is full.
+    pub fn connect(&mut self, now: Instant, session: SessionId, tls_binding: [u8; 32]) -> bool {
+        if self.sessions.len() >= self.max_sessions {
+            return false;
+        }
+        let deadline = now + self.auth_timeout;
+        self.auth_timers.insert((deadline, session));
+        self.sessions.insert(
+            session,
+            Session {
+                tls_binding,
+                auth_deadline: Some(deadline),
+                state: SessionState::AwaitHello,
+            },
+        );
+        true
+    }
+
+    pub fn state(&self, session: SessionId) -> Option<&SessionState> {
+        self.sessions.get(&session).map(|s| &s.state)
+    }
+
+    pub fn tls_binding(&self, session: SessionId) -> Option<&[u8; 32]> {
+        self.sessions.get(&session).map(|s| &s.tls_binding)
+    }
+
+    /// The device said hello: it must now sign `nonce`.
+    pub fn await_auth(&mut self, session: SessionId, key: VerifyingKey, nonce: [u8; 32]) {
+        if let Some(s) = self.sessions.get_mut(&session) {
+            s.state = SessionState::AwaitAuth { key, nonce };
+        }
+    }
+
+    /// The device proved its key. Returns the device's previous connection,
+    /// now forgotten, which the caller must close.
+    pub fn authenticate(&mut self, session: SessionId, key: VerifyingKey) -> Option<SessionId> {
+        let s = self.sessions.get_mut(&session)?;
+        s.state = SessionState::Ready { key };
+        if let Some(d) = s.auth_deadline.take() {
+            self.auth_timers.remove(&(d, session));
+        }
+        self.known.insert(key.to_bytes());
+        let old = self.by_device.insert(key.to_bytes(), session)?;
+        if old == session {
+            return None;
+        }
+        self.forget(old);
+        Some(old)
+    }
+
+    /// Removes a session (disconnected or closed by the coordinator).
+    pub fn remove(&mut self, session: SessionId) {
+        let Some(key) = self.forget(session) else {
+            return;
+        };
+        if self.by_device.get(&key) == Some(&session) {
+            self.by_device.remove(&key);
+        }
+    }
+
+    /// Removes a session's entry and timer; returns its key if authenticated.
+    fn forget(&mut self, session: SessionId) -> Option<DeviceKey> {
+        let s = self.sessions.remove(&session)?;
+        if let Some(d) = s.auth_deadline {
+            self.auth_timers.remove(&(d, session));
+        }
+        match s.state {
+            SessionState::Ready { key } => Some(key.to_bytes()),
+            _ => None,
+        }
+    }
+
+    /// The device a session speaks for, once it has named its key.
+    pub fn device_of(&self, session: SessionId) -> Option<String> {
+        match &self.sessions.get(&session)?.state {
+            SessionState::AwaitAuth { key, .. } | SessionState::Ready { key } => {
+                Some(device_id(key))
+            }
+            SessionState::AwaitHello => None,
+        }
+    }
+
+    /// The earliest authentication deadline.
+    pub fn next_timeout(&self) -> Option<Instant> {
+        self.auth_timers.first().map(|(t, _)| *t)
+    }
+
+    /// Sessions whose authentication deadline is at or before `now`, in
+    /// deadline order (ties by session id). They stay in the table until
+    /// the caller removes them.
+    pub fn auth_expired(&self, now: Instant) -> Vec<SessionId> {
+        self.auth_timers
+            .iter()
+            .take_while(|(t, _)| *t <= now)
+            .map(|(_, s)| *s)
+            .collect()
+    }
+
+    /// A device restored from disk counts as known.
+    pub fn note_known(&mut self, key: DeviceKey) {
+        self.known.insert(key);
+    }
+
+    pub fn note_told_finished(&mut self, key: DeviceKey) {
+        self.told_finished.insert(key);
+    }
+
+    /// Devices this process knows of that have not been told the run is
+    /// finished.
+    pub fn awaiting_finish(&self) -> usize {
+        self.known.difference(&self.told_finished).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedge_proto::sign::SigningKey;
+
+    /// Authentication timers expire in deadline order, and go away when a
+    /// session authenticates or disconnects.
+    #[test]
+    fn auth_timers_follow_sessions() {
+        let t0 = Instant::now();
+        let mut t = SessionTable::new(Duration::from_secs(10), 3);
+        assert!(t.connect(t0, 5, [0; 32]));
+        assert!(t.connect(t0 + Duration::from_secs(1), 2, [0; 32]));
+        assert!(t.connect(t0 + Duration::from_secs(2), 9, [0; 32]));
+        assert!(!t.connect(t0, 4, [0; 32]), "table is full");
+        assert_eq!(t.next_timeout(), Some(t0 + Duration::from_secs(10)));
+        let key = SigningKey::from_bytes(&[1; 32]).verifying_key();
+        t.await_auth(5, key, [0; 32]);
+        assert_eq!(t.authenticate(5, key), None);
+        t.remove(2);
+        assert_eq!(t.next_timeout(), Some(t0 + Duration::from_secs(12)));
+        assert_eq!(
+            t.auth_expired(t0 + Duration::from_secs(11)),
+            Vec::<u64>::new()
+        );
+        assert_eq!(t.auth_expired(t0 + Duration::from_secs(12)), vec![9]);
+        // The same key on a new connection replaces the old one.
+        assert!(t.connect(t0, 6, [0; 32]));
+        assert_eq!(t.authenticate(6, key), Some(5));
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.awaiting_finish(), 1);
+        t.note_told_finished(key.to_bytes());
+        assert_eq!(t.awaiting_finish(), 0);
+    }
+}

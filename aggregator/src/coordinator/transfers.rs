@@ -1,0 +1,362 @@
+//! The transfer manager: what devices download (model versions and
+//! downlink deltas, served in chunks) and what they upload (updates,
+//! reassembled chunk by chunk and resumable across reconnects).
+//!
+//! **Every byte an untrusted device can make the coordinator hold lives
+//! here**: upload buffers (counted in [`TransferManager::upload_bytes_held`])
+//! and the record of uploads cut short by a closed round. Model versions and
+//! deltas are the aggregator's own data, bounded by `versions_kept` and
+//! cleared every round.
+
+use std::collections::{HashMap, VecDeque};
+
+use bytes::Bytes;
+use fedge_proto::msg::{DeltaRef, ModelRef, UploadBegin};
+use fedge_proto::{Limits, ModelBlob, ModelVersion, RejectCode};
+
+use super::sessions::DeviceKey;
+
+struct StoredModel {
+    blob: Bytes,
+    mref: ModelRef,
+}
+
+/// An upload in progress; kept across reconnects so it can resume.
+pub(super) struct Upload {
+    pub begin: UploadBegin,
+    pub data: Vec<u8>,
+    pub next_index: u32,
+}
+
+/// What became of an upload chunk.
+#[derive(Debug, PartialEq)]
+pub(super) enum ChunkOutcome {
+    /// Appended; the upload may now be complete.
+    Stored,
+    /// Already held (a resend after a resume): ignored.
+    Duplicate,
+    /// Ahead of the next expected chunk: the device is told where to resume.
+    Ahead {
+        next_index: u32,
+    },
+    /// The chunks do not add up to the declared size: the upload is dropped.
+    Overflow {
+        declared: u64,
+    },
+    /// The upload was cut short by a closed round, and this is the first
+    /// chunk to arrive since (later ones are `Ignored`).
+    RoundClosed,
+    Ignored,
+    /// No such upload is open.
+    Unknown,
+}
+
+pub(super) struct TransferManager {
+    chunk_bytes: u32,
+    versions_kept: usize,
+    models: HashMap<ModelVersion, StoredModel>,
+    history: VecDeque<ModelVersion>,
+    /// Downlink deltas to the current model, by delta id, and which base
+    /// has one (None: the full model is smaller). Cleared each round.
+    deltas: HashMap<ModelVersion, StoredModel>,
+    delta_for: HashMap<ModelVersion, Option<ModelVersion>>,
+    uploads: HashMap<DeviceKey, Upload>,
+    /// Bytes held in `uploads` buffers.
+    upload_bytes: u64,
+    /// Uploads cut short by a round closing: their next chunk is told
+    /// `RoundClosed` once, later ones are dropped silently. Bounded by one
+    /// round's selection.
+    closed_uploads: HashMap<[u8; 32], bool>,
+}
+
+impl TransferManager {
+    pub fn new(chunk_bytes: u32, versions_kept: usize) -> Self {
+        TransferManager {
+            chunk_bytes,
+            versions_kept,
+            models: HashMap::new(),
+            history: VecDeque::new(),
+            deltas: HashMap::new(),
+            delta_for: HashMap::new(),
+            uploads: HashMap::new(),
+            upload_bytes: 0,
+            closed_uploads: HashMap::new(),
+        }
+    }
+
+    // ------------------------------------------------------------ downloads
+
+    /// Keeps a published model for download, evicting the oldest beyond
+    /// `versions_kept`.
+    pub fn store_model(&mut self, version: ModelVersion, blob: Bytes) {
+        let mref = ModelRef::new(version, blob.len() as u64, self.chunk_bytes);
+        self.models.insert(version, StoredModel { blob, mref });
+        self.history.push_back(version);
+        while self.history.len() > self.versions_kept {
+            let old = self.history.pop_front().expect("non-empty");
+            self.models.remove(&old);
+        }
+    }
+
+    pub fn has_model(&self, version: &ModelVersion) -> bool {
+        self.models.contains_key(version)
+    }
+
+    /// The download reference of a held model version.
+    pub fn model_ref(&self, version: &ModelVersion) -> ModelRef {
+        self.models[version].mref
+    }
+
+    /// A lossless delta from `base` to `current` (whose version is
+    /// `current_version`), when `base` is held and the delta is smaller
+    /// than the full model.
+    pub fn delta_ref(
+        &mut self,
+        base: ModelVersion,
+        current_version: ModelVersion,
+        current: &ModelBlob,
+        limits: &Limits,
+    ) -> Option<DeltaRef> {
+        if base == current_version {
+            return None;
+        }
+        if !self.delta_for.contains_key(&base) {
+            let made = self.make_delta(base, current_version, current, limits);
+            self.delta_for.insert(base, made);
+        }
+        let id = self.delta_for[&base]?;
+        Some(DeltaRef {
+            base,
+            blob: self.deltas[&id].mref,
+        })
+    }
+
+    fn make_delta(
+        &mut self,
+        base: ModelVersion,
+        current_version: ModelVersion,
+        current: &ModelBlob,
+        limits: &Limits,
+    ) -> Option<ModelVersion> {
+        let m = self.models.get(&base)?;
+        let base_model = ModelBlob::decode(&m.blob, limits).ok()?;
+        let bytes = fedge_proto::delta::encode(&base_model, current)?;
+        let full = self.models[&current_version].mref.model_bytes;
+        if bytes.len() as u64 >= full {
+            return None;
+        }
+        let id = ModelVersion::of(&bytes);
+        let mref = ModelRef::new(id, bytes.len() as u64, self.chunk_bytes);
+        self.deltas.insert(
+            id,
+            StoredModel {
+                blob: Bytes::from(bytes),
+                mref,
+            },
+        );
+        Some(id)
+    }
+
+    /// Chunk `index` of a held model or delta.
+    pub fn chunk(&self, version: ModelVersion, index: u32) -> Result<Bytes, (RejectCode, String)> {
+        let Some(m) = self
+            .models
+            .get(&version)
+            .or_else(|| self.deltas.get(&version))
+        else {
+            return Err((
+                RejectCode::UnknownModelVersion,
+                format!("model version {version} is not held here"),
+            ));
+        };
+        if index >= m.mref.chunk_count {
+            return Err((
+                RejectCode::Malformed,
+                format!(
+                    "chunk {index} out of range: model {version} has {} chunks",
+                    m.mref.chunk_count
+                ),
+            ));
+        }
+        Ok(m.blob.slice(m.mref.chunk_range(index)))
+    }
+
+    // ------------------------------------------------------------ uploads
+
+    /// Opens (or resumes) `key`'s upload for a checked manifest; returns the
+    /// index of the next chunk the device must send.
+    pub fn begin_upload(&mut self, key: DeviceKey, b: UploadBegin) -> u32 {
+        if let Some(u) = self.uploads.get(&key)
+            && u.begin.manifest.payload_hash == b.manifest.payload_hash
+            && u.begin.chunk_bytes == b.chunk_bytes
+        {
+            // Resume the same payload from where it stopped.
+            return u.next_index;
+        }
+        self.drop_upload(&key);
+        self.uploads.insert(
+            key,
+            Upload {
+                begin: b,
+                data: Vec::new(),
+                next_index: 0,
+            },
+        );
+        0
+    }
+
+    /// Chunk `index` of the upload with payload `hash` from `key`.
+    pub fn add_chunk(
+        &mut self,
+        key: DeviceKey,
+        hash: [u8; 32],
+        index: u32,
+        data: &[u8],
+    ) -> ChunkOutcome {
+        let Some(u) = self
+            .uploads
+            .get_mut(&key)
+            .filter(|u| u.begin.manifest.payload_hash == hash)
+        else {
+            return match self.closed_uploads.get_mut(&hash) {
+                Some(told) if *told => ChunkOutcome::Ignored,
+                Some(told) => {
+                    *told = true;
+                    ChunkOutcome::RoundClosed
+                }
+                None => ChunkOutcome::Unknown,
+            };
+        };
+        if index < u.next_index {
+            return ChunkOutcome::Duplicate;
+        }
+        if index > u.next_index {
+            return ChunkOutcome::Ahead {
+                next_index: u.next_index,
+            };
+        }
+        let declared = u.begin.manifest.payload_bytes;
+        let total = u.data.len() as u64 + data.len() as u64;
+        let is_last = total >= declared;
+        if (data.len() as u64) != u64::from(u.begin.chunk_bytes) && !is_last || total > declared {
+            self.drop_upload(&key);
+            return ChunkOutcome::Overflow { declared };
+        }
+        u.data.extend_from_slice(data);
+        u.next_index += 1;
+        self.upload_bytes += data.len() as u64;
+        ChunkOutcome::Stored
+    }
+
+    /// Takes `key`'s upload out if every declared byte has arrived.
+    pub fn take_complete(&mut self, key: &DeviceKey) -> Option<Upload> {
+        let u = self.uploads.get(key)?;
+        if (u.data.len() as u64) < u.begin.manifest.payload_bytes {
+            return None;
+        }
+        let u = self.uploads.remove(key)?;
+        self.upload_bytes -= u.data.len() as u64;
+        Some(u)
+    }
+
+    fn drop_upload(&mut self, key: &DeviceKey) {
+        if let Some(u) = self.uploads.remove(key) {
+            self.upload_bytes -= u.data.len() as u64;
+        }
+    }
+
+    /// Bytes of partial uploads held in memory.
+    pub fn upload_bytes_held(&self) -> u64 {
+        self.upload_bytes
+    }
+
+    // ------------------------------------------------------------ rounds
+
+    /// A round closed. Deltas to the old model go; uploads in flight either
+    /// carry over to the next round (`carry`) or are cut short, and then
+    /// each is told `RoundClosed` at its next chunk.
+    pub fn on_round_closed(&mut self, carry: bool) {
+        self.deltas.clear();
+        self.delta_for.clear();
+        if carry {
+            return;
+        }
+        self.closed_uploads = self
+            .uploads
+            .values()
+            .map(|u| (u.begin.manifest.payload_hash, false))
+            .collect();
+        self.uploads.clear();
+        self.upload_bytes = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedge_proto::sign::{SigningKey, UpdateManifest};
+
+    fn begin(payload_bytes: u64, chunk_bytes: u32, hash: u8) -> UploadBegin {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        UploadBegin {
+            manifest: UpdateManifest {
+                round_id: 1,
+                model_version: ModelVersion([0; 32]),
+                payload_hash: [hash; 32],
+                payload_bytes,
+                sample_count: 1,
+                metrics: vec![],
+                device_public_key: key.verifying_key(),
+            },
+            signature: [0; 64],
+            chunk_bytes,
+        }
+    }
+
+    /// Every byte of a partial upload is counted while held and released
+    /// when the upload completes, is replaced, overflows or is cut short.
+    #[test]
+    fn upload_bytes_are_accounted_for() {
+        let mut t = TransferManager::new(64, 2);
+        let (a, b) = ([1; 32], [2; 32]);
+        assert_eq!(t.begin_upload(a, begin(10, 4, 1)), 0);
+        assert_eq!(t.add_chunk(a, [1; 32], 0, &[0; 4]), ChunkOutcome::Stored);
+        assert_eq!(t.add_chunk(a, [1; 32], 0, &[0; 4]), ChunkOutcome::Duplicate);
+        assert_eq!(
+            t.add_chunk(a, [1; 32], 3, &[0; 4]),
+            ChunkOutcome::Ahead { next_index: 1 }
+        );
+        assert_eq!(t.upload_bytes_held(), 4);
+        // Resuming the same payload keeps what arrived.
+        assert_eq!(t.begin_upload(a, begin(10, 4, 1)), 1);
+        assert_eq!(t.begin_upload(b, begin(8, 4, 2)), 0);
+        assert_eq!(t.add_chunk(b, [2; 32], 0, &[0; 4]), ChunkOutcome::Stored);
+        assert_eq!(t.upload_bytes_held(), 8);
+        // A different payload replaces the old upload.
+        assert_eq!(t.begin_upload(a, begin(10, 4, 3)), 0);
+        assert_eq!(t.upload_bytes_held(), 4);
+        // Chunks that overshoot the declared size drop the upload.
+        assert_eq!(
+            t.add_chunk(b, [2; 32], 1, &[0; 5]),
+            ChunkOutcome::Overflow { declared: 8 }
+        );
+        assert_eq!(t.upload_bytes_held(), 0);
+        assert_eq!(t.add_chunk(a, [3; 32], 0, &[0; 4]), ChunkOutcome::Stored);
+        assert!(t.take_complete(&a).is_none());
+        // A closed round cuts uploads short: told once, then ignored.
+        t.on_round_closed(false);
+        assert_eq!(t.upload_bytes_held(), 0);
+        assert_eq!(
+            t.add_chunk(a, [3; 32], 1, &[0; 4]),
+            ChunkOutcome::RoundClosed
+        );
+        assert_eq!(t.add_chunk(a, [3; 32], 2, &[0; 2]), ChunkOutcome::Ignored);
+        assert_eq!(t.add_chunk(a, [9; 32], 0, &[0; 2]), ChunkOutcome::Unknown);
+        // A complete upload leaves nothing behind.
+        assert_eq!(t.begin_upload(b, begin(6, 4, 4)), 0);
+        assert_eq!(t.add_chunk(b, [4; 32], 0, &[0; 4]), ChunkOutcome::Stored);
+        assert_eq!(t.add_chunk(b, [4; 32], 1, &[0; 2]), ChunkOutcome::Stored);
+        assert_eq!(t.take_complete(&b).map(|u| u.data.len()), Some(6));
+        assert_eq!(t.upload_bytes_held(), 0);
+    }
+}
