@@ -1,0 +1,231 @@
+//! Round trips and rejections of every domain message.
+
+use super::*;
+use crate::sign::SigningKey;
+use proptest::prelude::*;
+
+fn key() -> SigningKey {
+    SigningKey::from_bytes(&[5; 32])
+}
+
+fn device_msgs() -> Vec<DeviceMsg> {
+    let k = key();
+    let manifest = UpdateManifest {
+        round_id: 1,
+        model_version: ModelVersion([1; 32]),
+        payload_hash: [2; 32],
+        payload_bytes: 10,
+        sample_count: 5,
+        metrics: vec![("loss".into(), 1.5)],
+        device_public_key: k.verifying_key(),
+    };
+    vec![
+        DeviceMsg::Hello(Hello {
+            schema_version: 1,
+            device_public_key: k.verifying_key(),
+            runtime_version: "0.1.0".into(),
+            capabilities: Capabilities {
+                executors: vec!["tract-cpu".into()],
+                memory_bytes: 1 << 30,
+                charging: true,
+                idle: true,
+                unmetered: false,
+            },
+        }),
+        DeviceMsg::AuthResponse { signature: [3; 64] },
+        DeviceMsg::TaskRequest {
+            have_model_version: None,
+        },
+        DeviceMsg::TaskRequest {
+            have_model_version: Some(ModelVersion([4; 32])),
+        },
+        DeviceMsg::ChunkRequest {
+            model_version: ModelVersion([4; 32]),
+            index: 7,
+        },
+        DeviceMsg::UploadBegin(Box::new(UploadBegin {
+            signature: manifest.sign(&k),
+            manifest,
+            chunk_bytes: 4,
+        })),
+        DeviceMsg::UploadChunk {
+            payload_hash: [2; 32],
+            index: 1,
+            data: Bytes::from_static(b"abcd"),
+        },
+        DeviceMsg::Heartbeat { seq: 9 },
+    ]
+}
+
+fn agg_msgs() -> Vec<AggMsg> {
+    let m = ModelRef::new(ModelVersion([6; 32]), 1000, 300);
+    vec![
+        AggMsg::Challenge {
+            schema_version: 1,
+            nonce: [8; 32],
+        },
+        AggMsg::AuthOk {
+            device_id: "ab".into(),
+        },
+        AggMsg::TaskOffer(Box::new(TaskOffer {
+            round_id: 2,
+            model: m,
+            plan: TrainingPlan::default(),
+            deadline_ms: 5000,
+            delta: Some(DeltaRef {
+                base: ModelVersion([9; 32]),
+                blob: ModelRef::new(ModelVersion([3; 32]), 500, 300),
+            }),
+        })),
+        AggMsg::NoTask {
+            retry_after_ms_min: 10,
+            retry_after_ms_max: 20,
+            reason: "round full".into(),
+        },
+        AggMsg::ModelChunk {
+            model_version: ModelVersion([6; 32]),
+            index: 3,
+            data: Bytes::from_static(b"xyz"),
+        },
+        AggMsg::UploadStatus {
+            payload_hash: [1; 32],
+            next_index: 2,
+        },
+        AggMsg::UpdateAccepted {
+            round_id: 2,
+            payload_hash: [1; 32],
+        },
+        AggMsg::reject(RejectCode::Replay, "again", false),
+        AggMsg::HeartbeatAck { seq: 4 },
+        AggMsg::Finished(m),
+    ]
+}
+
+#[test]
+fn every_message_round_trips() {
+    let l = Limits::default();
+    for m in device_msgs() {
+        assert_eq!(
+            DeviceMsg::decode(&m.encode(), &l).unwrap(),
+            m,
+            "{}",
+            m.name()
+        );
+        assert!(matches!(
+            AggMsg::decode(&m.encode(), &l),
+            Err(ProtoError::WrongDirection(_))
+        ));
+    }
+    for m in agg_msgs() {
+        assert_eq!(AggMsg::decode(&m.encode(), &l).unwrap(), m, "{}", m.name());
+        assert!(matches!(
+            DeviceMsg::decode(&m.encode(), &l),
+            Err(ProtoError::WrongDirection(_))
+        ));
+    }
+    assert_eq!(
+        ModelRef::new(ModelVersion([0; 32]), 1000, 300).chunk_count,
+        4
+    );
+    assert_eq!(
+        ModelRef::new(ModelVersion([0; 32]), 1000, 300).chunk_range(3),
+        900..1000
+    );
+}
+
+#[test]
+fn bad_fields_are_typed_errors() {
+    let l = Limits::default();
+    let empty = wire::Envelope { body: None }.encode_to_vec();
+    assert_eq!(
+        DeviceMsg::decode(&empty, &l),
+        Err(ProtoError::MissingField("envelope.body"))
+    );
+    let short_key = wire::Envelope {
+        body: Some(Body::Hello(wire::Hello {
+            schema_version: 1,
+            device_public_key: vec![1, 2, 3].into(),
+            ..Default::default()
+        })),
+    }
+    .encode_to_vec();
+    assert!(matches!(
+        DeviceMsg::decode(&short_key, &l),
+        Err(ProtoError::BadLength {
+            expected: 32,
+            got: 3,
+            ..
+        })
+    ));
+    let bad_offer = wire::Envelope {
+        body: Some(Body::TaskOffer(wire::TaskOffer {
+            round_id: 1,
+            model_version: vec![0; 32].into(),
+            model_bytes: 1000,
+            chunk_bytes: 100,
+            chunk_count: 3,
+            plan: Some(plan_to_wire(&TrainingPlan::default())),
+            deadline_ms: 1,
+            ..Default::default()
+        })),
+    }
+    .encode_to_vec();
+    assert!(matches!(
+        AggMsg::decode(&bad_offer, &l),
+        Err(ProtoError::Invalid {
+            field: "chunk_count",
+            ..
+        })
+    ));
+    let mut plan = plan_to_wire(&TrainingPlan::default());
+    plan.learning_rate = f32::NAN;
+    let nan_plan = wire::Envelope {
+        body: Some(Body::TaskOffer(wire::TaskOffer {
+            round_id: 1,
+            model_version: vec![0; 32].into(),
+            model_bytes: 10,
+            chunk_bytes: 10,
+            chunk_count: 1,
+            plan: Some(plan),
+            deadline_ms: 1,
+            ..Default::default()
+        })),
+    }
+    .encode_to_vec();
+    assert!(matches!(
+        AggMsg::decode(&nan_plan, &l),
+        Err(ProtoError::Invalid {
+            field: "plan.learning_rate",
+            ..
+        })
+    ));
+    let big_chunk = DeviceMsg::UploadChunk {
+        payload_hash: [0; 32],
+        index: 0,
+        data: vec![0u8; 2000].into(),
+    }
+    .encode();
+    let small = Limits {
+        chunk_bytes_max: 1000,
+        ..Limits::default()
+    };
+    assert!(matches!(
+        DeviceMsg::decode(&big_chunk, &small),
+        Err(ProtoError::LimitExceeded { .. })
+    ));
+}
+
+proptest! {
+    // Seeded: the suite is deterministic (a failure prints its input).
+    #![proptest_config(ProptestConfig {
+        failure_persistence: None,
+        rng_seed: proptest::test_runner::RngSeed::Fixed(0xfed6e),
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn decoders_never_panic(b in prop::collection::vec(any::<u8>(), 0..256)) {
+        let _ = DeviceMsg::decode(&b, &Limits::default());
+        let _ = AggMsg::decode(&b, &Limits::default());
+    }
+}
