@@ -150,6 +150,23 @@ impl CodecSpec {
     }
 }
 
+/// Largest encoded `UpdatePayload` (envelope included) any codec produces
+/// for `dimension` coordinates; a manifest announcing more is refused
+/// before a byte of it is held. The body is at most the dense bound of
+/// [`CodecSpec::body_bytes_max`]; zstd stores incompressible data in raw
+/// blocks of at most 128 KiB with a 3-byte header each, after a frame
+/// header of at most 18 bytes and a 4-byte checksum (RFC 8878, 3.1); the
+/// envelope adds the tags and varints of dimension, seed, flag and length,
+/// and the codec string.
+pub fn payload_bytes_max(dimension: u64) -> u64 {
+    let body = dimension
+        .saturating_mul(4)
+        .saturating_add(dimension.div_ceil(8) + 16);
+    let zstd = body.div_ceil(128 << 10).saturating_mul(3) + 3 + 18 + 4;
+    let envelope = 4 * (1 + bits::VARINT_BYTES_MAX as u64) + 2 + SPEC_BYTES_MAX as u64;
+    body.saturating_add(zstd).saturating_add(envelope)
+}
+
 /// Encode `delta` as an `UpdatePayload` with `spec`, drawing any randomness
 /// from `seed`.
 pub fn encode(spec: &CodecSpec, delta: &[f32], seed: u64) -> Result<Bytes, EncodeError> {

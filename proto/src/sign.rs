@@ -33,7 +33,7 @@ pub fn verify_auth(
     tls_binding: &[u8; 32],
     signature: &[u8; 64],
 ) -> Result<(), ProtoError> {
-    key.verify(
+    key.verify_strict(
         &auth_message(nonce, tls_binding),
         &Signature::from_bytes(signature),
     )
@@ -143,10 +143,13 @@ impl UpdateManifest {
         key.sign(&self.signing_bytes()).to_bytes()
     }
 
-    /// Verify against the key named in the manifest.
+    /// Verify against the key named in the manifest. Strict verification
+    /// (RFC 8032 plus the checks of `verify_strict`): small-order keys and
+    /// non-canonical or small-order `R` are refused, so one signature cannot
+    /// verify for many messages.
     pub fn verify(&self, signature: &[u8; 64]) -> Result<(), ProtoError> {
         self.device_public_key
-            .verify(&self.signing_bytes(), &Signature::from_bytes(signature))
+            .verify_strict(&self.signing_bytes(), &Signature::from_bytes(signature))
             .map_err(|_| ProtoError::BadSignature)
     }
 }
@@ -201,5 +204,30 @@ mod tests {
         assert!(verify_auth(&k.verifying_key(), &[1; 32], &[2; 32], &sig).is_ok());
         assert!(verify_auth(&k.verifying_key(), &[1; 32], &[3; 32], &sig).is_err());
         assert!(verify_auth(&k.verifying_key(), &[0; 32], &[2; 32], &sig).is_err());
+    }
+
+    /// A small-order public key (the identity point) with the signature
+    /// R = identity, s = 0 "verifies" any message under cofactorless
+    /// non-strict verification (Chalkias, Garillot, Nikolaenko, "Taming the
+    /// many EdDSAs", SSR 2020, test vector 0). Both checks must refuse it.
+    #[test]
+    fn small_order_keys_are_refused() {
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let weak = VerifyingKey::from_bytes(&identity).expect("the identity point decodes");
+        let mut sig = [0u8; 64];
+        sig[..32].copy_from_slice(&identity);
+        assert!(
+            weak.verify(b"any message", &Signature::from_bytes(&sig))
+                .is_ok(),
+            "the vector verifies non-strictly"
+        );
+        assert_eq!(
+            verify_auth(&weak, &[3; 32], &[4; 32], &sig),
+            Err(ProtoError::BadSignature)
+        );
+        let mut m = manifest(&key(1));
+        m.device_public_key = weak;
+        assert_eq!(m.verify(&sig), Err(ProtoError::BadSignature));
     }
 }

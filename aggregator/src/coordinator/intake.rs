@@ -42,6 +42,19 @@ impl Coordinator {
                 "sample_count must be at least 1".into(),
             ));
         }
+        // The announced size is what the upload buffer may grow to: no
+        // more than any codec can produce for this model.
+        let dim = self.round.combiner.dimension() as u64;
+        let max = fedge_proto::codec::payload_bytes_max(dim);
+        if m.payload_bytes > max {
+            return Err((
+                RejectCode::TooLarge,
+                format!(
+                    "announced payload of {} bytes; no codec makes more than {max} for {dim} parameters",
+                    m.payload_bytes
+                ),
+            ));
+        }
         Ok(())
     }
 

@@ -89,6 +89,14 @@ impl TransferManager {
     /// Keeps a published model for download, evicting the oldest beyond
     /// `versions_kept`.
     pub fn store_model(&mut self, version: ModelVersion, blob: Bytes) {
+        if self.models.contains_key(&version) {
+            // The same parameters again (a round of all-zero updates, or the
+            // non-finite fallback): held once, now the newest, so the
+            // current model is never the one evicted.
+            self.history.retain(|v| *v != version);
+            self.history.push_back(version);
+            return;
+        }
         let mref = ModelRef::new(version, blob.len() as u64, self.chunk_bytes);
         self.models.insert(version, StoredModel { blob, mref });
         self.history.push_back(version);
@@ -311,6 +319,27 @@ mod tests {
             signature: [0; 64],
             chunk_bytes,
         }
+    }
+
+    /// A version published again (a round that changed nothing) is held
+    /// once and stays the newest: the current model is never evicted.
+    #[test]
+    fn republished_versions_are_not_evicted() {
+        let mut t = TransferManager::new(64, 2);
+        let (a, b) = (ModelVersion([1; 32]), ModelVersion([2; 32]));
+        t.store_model(a, Bytes::from_static(b"a"));
+        t.store_model(b, Bytes::from_static(b"b"));
+        for _ in 0..5 {
+            t.store_model(b, Bytes::from_static(b"b"));
+            assert!(t.has_model(&b));
+            assert_eq!(t.chunk(b, 0).unwrap(), Bytes::from_static(b"b"));
+        }
+        assert!(
+            t.has_model(&a),
+            "the older version is still within versions_kept"
+        );
+        t.store_model(ModelVersion([3; 32]), Bytes::from_static(b"c"));
+        assert!(!t.has_model(&a) && t.has_model(&b));
     }
 
     /// Every byte of a partial upload is counted while held and released

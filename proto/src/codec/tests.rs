@@ -295,6 +295,23 @@ fn every_codec_round_trips_every_small_dimension() {
     }
 }
 
+/// No codec's payload, envelope and zstd frame included, exceeds
+/// `payload_bytes_max`, for small dimensions, a block boundary and one past
+/// a zstd block, with incompressible (random) and extreme values.
+#[test]
+fn payloads_stay_within_payload_bytes_max() {
+    for s in SPECS {
+        for n in (0..=40).chain([255, 256, 257, 40_000]) {
+            for v in [sample(n, n as u64), vec![f32::MAX; n]] {
+                let (b, _) = encode_with_transmitted(&spec(s), &v, u64::MAX).unwrap();
+                let max = payload_bytes_max(n as u64);
+                assert!(b.len() as u64 <= max, "{s} n={n}: {} > {max}", b.len());
+            }
+        }
+    }
+    assert_eq!(payload_bytes_max(u64::MAX), u64::MAX);
+}
+
 #[test]
 fn every_codec_handles_extreme_finite_values() {
     let v = [
