@@ -8,7 +8,7 @@
 //!   update cannot be moved to another round, model or payload.
 
 pub use ed25519_dalek::{Signature, SigningKey, VerifyingKey};
-use ed25519_dalek::{Signer, Verifier};
+use ed25519_dalek::Signer;
 use prost::Message;
 
 use crate::{Limits, ModelVersion, ProtoError, wire};
@@ -157,6 +157,7 @@ impl UpdateManifest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ed25519_dalek::Verifier;
 
     fn key(seed: u8) -> SigningKey {
         SigningKey::from_bytes(&[seed; 32])
