@@ -7,8 +7,8 @@
 //!   names the round, the model version and the payload hash, so a signed
 //!   update cannot be moved to another round, model or payload.
 
-pub use ed25519_dalek::{Signature, SigningKey, VerifyingKey};
 use ed25519_dalek::Signer;
+pub use ed25519_dalek::{Signature, SigningKey, VerifyingKey};
 use prost::Message;
 
 use crate::{Limits, ModelVersion, ProtoError, wire};
