@@ -1,5 +1,14 @@
 //! The aggregator's configuration file (TOML). Every field has a default;
 //! unknown fields are an error, so a typo is caught rather than ignored.
+//!
+//! The defaults are chosen for an open network, where every number a device
+//! sends is a claim: a share cap per device (`weights.max_share = 0.2`),
+//! sample counts counted up to a cap (`weights.samples`), no weight for
+//! devices missing from the stake registry, adaptive norm clipping, a
+//! robust combiner (20% trimmed mean) and at least 2 updates per round. A
+//! configuration that lets one participant dominate a round is refused at
+//! start with the reason ([`AggregatorConfig::dominance_risks`]) unless
+//! `i_know_this_is_unsafe = true`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -10,9 +19,10 @@ use fedge_proto::msg::{Loss, Optimizer, TrainingPlan};
 use serde::{Deserialize, Serialize};
 
 use crate::coordinator::CoordinatorConfig;
+use crate::robust::CombineSpec;
 use crate::server::ServerConfig;
-use crate::strategy::StrategyConfig;
-use crate::weighting::WeightPolicy;
+use crate::strategy::{ClipSpec, StrategyConfig};
+use crate::weighting::{Transform, WeightPolicy};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -36,6 +46,9 @@ pub struct AggregatorConfig {
     pub stakes: Option<PathBuf>,
     /// Reject updates whose L2 norm exceeds this.
     pub update_norm_max: Option<f64>,
+    /// Start even when one participant could dominate a round (see
+    /// [`AggregatorConfig::dominance_risks`]). For closed test fleets only.
+    pub i_know_this_is_unsafe: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -107,13 +120,30 @@ impl Default for AggregatorConfig {
             plan: PlanConfig::default(),
             limits: LimitsConfig::default(),
             server: ServerLimits::default(),
-            strategy: StrategyConfig::default(),
-            weights: WeightPolicy::default(),
+            strategy: StrategyConfig {
+                combine: CombineSpec::TrimmedMean { trim: 0.2 },
+                clip: Some(ClipSpec::AdaptiveMedian { multiplier: 2.0 }),
+                ..StrategyConfig::default()
+            },
+            weights: WeightPolicy {
+                stake: Transform::Sqrt,
+                samples: Transform::Capped {
+                    cap: SAMPLES_COUNTED_MAX,
+                },
+                min_stake: 0.0,
+                max_share: 0.2,
+                allow_unknown: false,
+            },
             stakes: None,
             update_norm_max: None,
+            i_know_this_is_unsafe: false,
         }
     }
 }
+
+/// The default cap on the sample count a claim is counted for: a device
+/// that claims more counts as this many.
+pub const SAMPLES_COUNTED_MAX: f64 = 1000.0;
 
 impl Default for RoundsConfig {
     fn default() -> Self {
@@ -122,7 +152,8 @@ impl Default for RoundsConfig {
             rounds: c.rounds,
             devices_per_round: c.devices_per_round,
             over_selection: c.over_selection,
-            min_devices: c.min_devices,
+            // One update alone never makes a version.
+            min_devices: c.min_devices.max(2),
             round_deadline_ms: c.round_deadline.as_millis() as u64,
             retry_window_ms: [
                 c.retry_window.0.as_millis() as u64,
@@ -269,6 +300,54 @@ impl AggregatorConfig {
         }
     }
 
+    /// Ways this configuration lets one participant (or one key that
+    /// lies about its sample count) dominate a round. Empty for the
+    /// defaults; `server_config` refuses a non-empty list unless
+    /// `i_know_this_is_unsafe` is set.
+    pub fn dominance_risks(&self) -> Vec<String> {
+        let mut risks = Vec::new();
+        let w = &self.weights;
+        let dpr = self.rounds.devices_per_round.max(1) as f64;
+        // cap_shares raises a cap below 1/n to 1/n.
+        let cap = w.max_share.max(1.0 / dpr);
+        if cap > 0.5 {
+            risks.push(format!(
+                "one participant may hold {:.0}% of a round's weight (weights.max_share = {}, \
+                 devices_per_round = {}): keep it at or below 50%",
+                cap * 100.0,
+                w.max_share,
+                self.rounds.devices_per_round
+            ));
+        }
+        if self.rounds.min_devices < 2 {
+            risks.push(
+                "rounds.min_devices = 1 publishes a version from a single device's update".into(),
+            );
+        }
+        let no_norm_bound = self.strategy.clip.is_none() && self.update_norm_max.is_none();
+        if no_norm_bound && self.strategy.combine == CombineSpec::Mean {
+            risks.push(
+                "a plain mean with no norm bound (strategy.clip, update_norm_max) lets one scaled \
+                 update replace the model"
+                    .into(),
+            );
+        }
+        if w.max_share >= 1.0
+            && matches!(
+                w.samples,
+                Transform::Linear | Transform::Sqrt | Transform::Log
+            )
+        {
+            risks.push(
+                "sample counts are a device's claim: with no share cap (weights.max_share = 1) \
+                 and an uncapped samples transform, one device claiming 10^12 samples owns \
+                 the round"
+                    .into(),
+            );
+        }
+        risks
+    }
+
     /// The server configuration this file describes, validated.
     pub fn server_config(&self) -> Result<ServerConfig, ConfigError> {
         let r = &self.rounds;
@@ -305,6 +384,31 @@ impl AggregatorConfig {
                 "server.rate_per_sec must be positive and server.rate_burst at least 1".into(),
             ));
         }
+        let risks = self.dominance_risks();
+        if !risks.is_empty() && !self.i_know_this_is_unsafe {
+            return Err(ConfigError::Invalid(format!(
+                "refusing a configuration in which one participant can dominate a round:\n  - {}\n\
+                 fix the settings above, or set i_know_this_is_unsafe = true \
+                 (--i-know-this-is-unsafe) for a closed fleet you trust",
+                risks.join("\n  - ")
+            )));
+        }
+        if self.weights.allow_unknown && self.weights.stake.apply(0.0) <= 0.0 {
+            return Err(ConfigError::Invalid(format!(
+                "weights.allow_unknown = true gives unknown devices stake 0, which weights.stake \
+                 = {:?} turns into weight 0: use stake = {{ kind = \"constant\" }} for open \
+                 enrolment",
+                self.weights.stake
+            )));
+        }
+        if self.stakes.is_none() && !self.weights.allow_unknown {
+            return Err(ConfigError::Invalid(
+                "no stake registry: every device would be refused. Set stakes = \"FILE\" \
+                 (lines `<hex public key> <stake>`), or weights.allow_unknown = true to let any \
+                 key take part with stake 0 (open enrolment: free keys are Sybils)"
+                    .into(),
+            ));
+        }
         Ok(ServerConfig {
             listen: self.listen,
             coordinator,
@@ -325,11 +429,56 @@ mod tests {
 
     #[test]
     fn defaults_are_valid_and_round_trip() {
-        let c = AggregatorConfig::default();
+        let mut c = AggregatorConfig::default();
+        assert!(c.dominance_risks().is_empty(), "{:?}", c.dominance_risks());
+        // Without a stake registry nobody could take part: a clear error.
+        let e = c.server_config().unwrap_err().to_string();
+        assert!(e.contains("no stake registry"), "{e}");
+        c.stakes = Some("stakes.txt".into());
         c.server_config().unwrap();
         let text = toml::to_string(&c).unwrap();
         let back: AggregatorConfig = toml::from_str(&text).unwrap();
         assert_eq!(back, c);
+    }
+
+    /// Each way to let one participant dominate is refused with its
+    /// reason, and only the explicit flag lets it start.
+    #[test]
+    fn dominating_configs_are_refused_unless_explicitly_unsafe() {
+        let base = AggregatorConfig {
+            stakes: Some("stakes.txt".into()),
+            ..AggregatorConfig::default()
+        };
+        let cases: [(&str, fn(&mut AggregatorConfig)); 4] = [
+            ("max_share", |c| c.weights.max_share = 0.6),
+            ("min_devices", |c| c.rounds.min_devices = 1),
+            ("plain mean", |c| {
+                c.strategy.combine = CombineSpec::Mean;
+                c.strategy.clip = None;
+            }),
+            ("10^12 samples", |c| {
+                c.weights.max_share = 1.0;
+                c.weights.samples = Transform::Linear;
+            }),
+        ];
+        for (needle, change) in cases {
+            let mut c = base.clone();
+            change(&mut c);
+            let e = c.server_config().unwrap_err().to_string();
+            assert!(
+                e.contains(needle) && e.contains("i_know_this_is_unsafe"),
+                "{e}"
+            );
+            c.i_know_this_is_unsafe = true;
+            c.server_config().unwrap();
+        }
+        let mut open = base.clone();
+        open.stakes = None;
+        open.weights.allow_unknown = true;
+        let e = open.server_config().unwrap_err().to_string();
+        assert!(e.contains("constant"), "{e}");
+        open.weights.stake = Transform::Constant;
+        open.server_config().unwrap();
     }
 
     #[test]

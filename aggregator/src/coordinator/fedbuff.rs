@@ -31,8 +31,7 @@ pub(super) struct FedBuff {
     /// staleness window.
     accepted_tasks: HashSet<(DeviceKey, u64)>,
     accepted_hashes: VecDeque<(u64, [u8; 32])>,
-    /// Devices with an update in the open buffer (restores are checked
-    /// against it).
+    /// Devices with an update in the open buffer: at most one each.
     in_buffer: HashSet<DeviceKey>,
 }
 
@@ -65,6 +64,14 @@ impl RoundPolicy for FedBuff {
     }
 
     fn existing_task(&self, key: &DeviceKey, round: &RoundView) -> Option<TaskDecision> {
+        if self.in_buffer.contains(key) {
+            // One update per device per version: its share cap is per
+            // device, and a second task for this version would only be
+            // refused as a replay.
+            return Some(TaskDecision::PaceAway(
+                "already contributed to this version",
+            ));
+        }
         // Reconnected while training: the same offer again.
         (self.inflight.get(key) == Some(&round.id)).then_some(TaskDecision::Offer)
     }
@@ -129,6 +136,15 @@ impl RoundPolicy for FedBuff {
                 format!(
                     "an update from this device for round {} was already accepted",
                     m.round_id
+                ),
+            ));
+        }
+        if self.in_buffer.contains(key) {
+            return Err((
+                RejectCode::Replay,
+                format!(
+                    "this device already has an update in version {}'s buffer",
+                    round.id
                 ),
             ));
         }

@@ -188,13 +188,28 @@ impl Coordinator {
         }
         let stake = self.stakes.stake(dev);
         let discount = self.policy.discount(self.round.id - m.round_id);
-        match self.cfg.weights.raw_weight(stake, m.sample_count) {
+        match self
+            .cfg
+            .weights
+            .raw_weight(stake, self.samples_counted(m.sample_count))
+        {
             Ok(w) if w > 0.0 && w.is_finite() => Ok((delta, w * discount, stake)),
             Ok(w) => Err((
                 RejectCode::NotSelected,
                 format!("participant weight {w} is not positive"),
             )),
             Err(e) => Err((RejectCode::NotSelected, e.to_string())),
+        }
+    }
+
+    /// A sample count is the device's claim. With a fixed number of local
+    /// steps the plan says exactly how many samples a device trains on
+    /// (`local_steps x batch_size`), and a claim counts for no more.
+    pub(super) fn samples_counted(&self, claim: u64) -> u64 {
+        let p = &self.cfg.plan;
+        match p.local_steps {
+            0 => claim,
+            steps => claim.min(u64::from(steps) * u64::from(p.batch_size)),
         }
     }
 
