@@ -107,6 +107,9 @@ pub struct ServerLimits {
     pub serve_forever: bool,
     /// HTTP address for `/metrics` and `/status` (None: not served).
     pub metrics_listen: Option<SocketAddr>,
+    /// Bytes queued for one connection that it has not read yet; a device
+    /// over it is dropped.
+    pub writer_queue_bytes_max: usize,
 }
 
 impl Default for AggregatorConfig {
@@ -209,6 +212,7 @@ impl Default for ServerLimits {
             finish_grace_ms: 10_000,
             serve_forever: false,
             metrics_listen: None,
+            writer_queue_bytes_max: s.writer_queue_bytes_max,
         }
     }
 }
@@ -352,6 +356,12 @@ impl AggregatorConfig {
     pub fn server_config(&self) -> Result<ServerConfig, ConfigError> {
         let r = &self.rounds;
         let limits = self.limits();
+        if (self.server.writer_queue_bytes_max as u64) < u64::from(limits.frame_bytes_max) {
+            return Err(ConfigError::Invalid(format!(
+                "server.writer_queue_bytes_max ({}) must hold at least one frame (limits.frame_bytes_max = {})",
+                self.server.writer_queue_bytes_max, limits.frame_bytes_max
+            )));
+        }
         if limits.frame_bytes_max < limits.chunk_bytes_max + 1024 {
             return Err(ConfigError::Invalid(
                 "limits.frame_bytes_max must exceed chunk_bytes_max by at least 1024".into(),
@@ -419,6 +429,7 @@ impl AggregatorConfig {
                 .then(|| Duration::from_millis(self.server.finish_grace_ms)),
             stakes: self.stakes.clone(),
             metrics_listen: self.server.metrics_listen,
+            writer_queue_bytes_max: self.server.writer_queue_bytes_max,
         })
     }
 }
@@ -449,7 +460,8 @@ mod tests {
             stakes: Some("stakes.txt".into()),
             ..AggregatorConfig::default()
         };
-        let cases: [(&str, fn(&mut AggregatorConfig)); 4] = [
+        type Change = fn(&mut AggregatorConfig);
+        let cases: [(&str, Change); 4] = [
             ("max_share", |c| c.weights.max_share = 0.6),
             ("min_devices", |c| c.rounds.min_devices = 1),
             ("plain mean", |c| {

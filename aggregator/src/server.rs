@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -37,6 +38,9 @@ pub struct ServerConfig {
     pub stakes: Option<std::path::PathBuf>,
     /// HTTP address for `/metrics` (Prometheus) and `/status` (JSON).
     pub metrics_listen: Option<SocketAddr>,
+    /// Bytes queued for one connection that has not read them yet; a
+    /// device over it is dropped (it never makes the server hold more).
+    pub writer_queue_bytes_max: usize,
 }
 
 impl Default for ServerConfig {
@@ -50,7 +54,51 @@ impl Default for ServerConfig {
             finish_grace: Some(Duration::from_secs(10)),
             stakes: None,
             metrics_listen: None,
+            writer_queue_bytes_max: WRITER_QUEUE_BYTES_MAX,
         }
+    }
+}
+
+/// Default for [`ServerConfig::writer_queue_bytes_max`]: a few model chunks.
+pub const WRITER_QUEUE_BYTES_MAX: usize = 4 << 20;
+
+/// Frames a connection's writer may have queued, whatever their size.
+const WRITER_QUEUE_FRAMES_MAX: usize = 1024;
+
+/// The coordinator's side of a connection's outgoing queue, bounded in
+/// frames and in bytes: the writer task gives bytes back as it sends them.
+#[derive(Clone)]
+struct Writer {
+    tx: mpsc::Sender<WriterCmd>,
+    queued_bytes: Arc<AtomicUsize>,
+    bytes_max: usize,
+}
+
+impl Writer {
+    fn new(bytes_max: usize) -> (Self, mpsc::Receiver<WriterCmd>, Arc<AtomicUsize>) {
+        let (tx, rx) = mpsc::channel(WRITER_QUEUE_FRAMES_MAX);
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let w = Writer {
+            tx,
+            queued_bytes: Arc::clone(&queued_bytes),
+            bytes_max,
+        };
+        (w, rx, queued_bytes)
+    }
+
+    /// Queues a frame; false (and nothing queued) when either bound is hit.
+    fn try_frame(&self, frame: Bytes) -> bool {
+        let n = frame.len();
+        let before = self.queued_bytes.fetch_add(n, Ordering::AcqRel);
+        if before + n > self.bytes_max || self.tx.try_send(WriterCmd::Frame(frame)).is_err() {
+            self.queued_bytes.fetch_sub(n, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    fn close(&self, reason: String) {
+        let _ = self.tx.try_send(WriterCmd::Close(reason));
     }
 }
 
@@ -66,7 +114,7 @@ enum Input {
     Connected {
         id: SessionId,
         binding: [u8; 32],
-        writer: mpsc::Sender<WriterCmd>,
+        writer: Writer,
     },
     Message(SessionId, Box<DeviceMsg>),
     BadFrame(SessionId, ProtoError),
@@ -226,7 +274,7 @@ impl Server {
             cfg.clone(),
             Arc::clone(&metrics),
         ));
-        let mut writers: HashMap<SessionId, mpsc::Sender<WriterCmd>> = HashMap::new();
+        let mut writers: HashMap<SessionId, Writer> = HashMap::new();
         let mut report = ServeReport::default();
         let mut finished_at: Option<Instant> = core.is_finished().then(Instant::now);
         let mut handled_at = Instant::now();
@@ -314,7 +362,7 @@ impl Server {
         report.rounds_published = core.published_rounds();
         report.final_version = Some(core.current_version());
         for (_, w) in writers.drain() {
-            let _ = w.try_send(WriterCmd::Close("aggregator stopping".into()));
+            w.close("aggregator stopping".into());
         }
         endpoint.close(0u32.into(), b"aggregator stopping");
         tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle())
@@ -326,7 +374,7 @@ impl Server {
 
 async fn drain(
     core: &mut Coordinator,
-    writers: &mut HashMap<SessionId, mpsc::Sender<WriterCmd>>,
+    writers: &mut HashMap<SessionId, Writer>,
     store: &mut Store,
     report: &mut ServeReport,
     finished_at: &mut Option<Instant>,
@@ -342,19 +390,20 @@ async fn drain(
             }
             Output::Send { session, msg } => {
                 if let Some(w) = writers.get(&session)
-                    && w.try_send(WriterCmd::Frame(msg.encode())).is_err()
+                    && !w.try_frame(msg.encode())
                 {
                     // A device that does not read its messages is dropped,
                     // never allowed to grow our queues.
                     tracing::warn!(session, "writer queue full; closing connection");
+                    metrics.reject("too_slow");
                     let w = writers.remove(&session).expect("present");
-                    let _ = w.try_send(WriterCmd::Close("too slow".into()));
+                    w.close("too slow: messages queued for this device were not read".into());
                     core.handle_disconnect(Instant::now(), session);
                 }
             }
             Output::Close { session, reason } => {
                 if let Some(w) = writers.remove(&session) {
-                    let _ = w.try_send(WriterCmd::Close(reason));
+                    w.close(reason);
                 }
             }
             Output::Event(e) => {
@@ -508,7 +557,7 @@ async fn connection(
         .map_err(|_| anyhow::anyhow!("TLS exporter unavailable"))?;
     let (mut send, mut recv) =
         tokio::time::timeout(cfg.coordinator.auth_timeout, conn.accept_bi()).await??;
-    let (wtx, mut wrx) = mpsc::channel::<WriterCmd>(1024);
+    let (wtx, mut wrx, queued_bytes) = Writer::new(cfg.writer_queue_bytes_max);
     core.send(Input::Connected {
         id,
         binding,
@@ -522,7 +571,9 @@ async fn connection(
             match cmd {
                 WriterCmd::Frame(f) => {
                     wmetrics.bytes_out.inc_by(f.len() as u64 + 4);
-                    if write_frame(&mut send, &f).await.is_err() {
+                    let sent = write_frame(&mut send, &f).await;
+                    queued_bytes.fetch_sub(f.len(), Ordering::AcqRel);
+                    if sent.is_err() {
                         break;
                     }
                 }
