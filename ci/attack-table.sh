@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fedge/target}"
 export RUST_LOG="${RUST_LOG:-error}"
-cargo build --locked --quiet -p fedge-aggregator --bin fedge-aggregator
+cargo build --locked --quiet -p fedge-aggregator-cli --bin fedge-aggregator
 bin="$CARGO_TARGET_DIR/debug/fedge-aggregator"
 out="${1:-attack-table.tsv}"
 printf "aggregator\tnone\tsign-flip\tscaling\tgaussian\tlabel-flip\talie\n" > "$out"

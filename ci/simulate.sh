@@ -8,4 +8,8 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fedge/target}"
 export RUST_LOG="${RUST_LOG:-warn}"
 bash ci/setup.sh
-cargo run --locked --quiet -p fedge-aggregator --bin fedge-aggregator -- simulate "$@"
+# Build with cargo's progress shown (a cold build compiles tract and
+# takes a while), then run the binary.
+echo "== building fedge (the first build takes 10-15 minutes on 2 cores; later runs start in seconds)"
+cargo build --locked -p fedge-aggregator-cli --bin fedge-aggregator
+exec "$CARGO_TARGET_DIR/debug/fedge-aggregator" simulate "$@"

@@ -10,9 +10,11 @@
 # cross gcc). Prints the binary's path and stripped size; fails when the
 # size is over the budget (FEDGE_SIZE_BUDGET_MB, default 15).
 #
-# FEDGE_DEVICE_FEATURES picks cargo features (default: none, the tract CPU
-# executor only); `FEDGE_DEVICE_FEATURES=gpu` adds the wgpu executor for
-# boards with a Vulkan GPU (Jetson), about 6 MiB more.
+# FEDGE_DEVICE_FEATURES picks extra cargo features of fedge-device
+# (default: none, the engine with the tract CPU executor only);
+# `FEDGE_DEVICE_FEATURES=gpu` adds the wgpu executor for boards with a
+# Vulkan GPU (Jetson), about 6 MiB more. The `engine` feature is always on:
+# the binary needs it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target="${1:-aarch64-unknown-linux-gnu}"
@@ -62,9 +64,9 @@ if ! rustup target list --installed | grep -qx "$target"; then
 fi
 
 features="${FEDGE_DEVICE_FEATURES:-}"
-echo "== cargo build --profile device --target $target -p fedge-runtime --bin fedge-device --no-default-features --features '$features'"
-cargo build --locked --profile device --target "$target" -p fedge-runtime --bin fedge-device \
-    --no-default-features --features "$features"
+echo "== cargo build --profile device --target $target -p fedge-device --bin fedge-device --no-default-features --features 'engine,$features'"
+cargo build --locked --profile device --target "$target" -p fedge-device --bin fedge-device \
+    --no-default-features --features "engine,$features"
 bin="$CARGO_TARGET_DIR/$target/device/fedge-device"
 # The profile strips already; strip again with the target's tool in case a
 # toolchain left sections behind (a no-op when there are none).

@@ -10,7 +10,15 @@ export RUST_LOG="${RUST_LOG:-error}"
 target=aarch64-unknown-linux-gnu
 bash targets/build.sh "$target"
 cross="$CARGO_TARGET_DIR/$target/device/fedge-device"
-cargo build --locked --quiet -p fedge-runtime --bin fedge-device
+# The native reference binary comes from the suite's own build: the same
+# package selection, features and dev-dependencies as `cargo test
+# --workspace`, so after the suite this rebuilds nothing. A narrower build
+# (`-p fedge-device --bin fedge-device`) resolves features differently
+# (serde, smallvec, memchr, ...) and recompiles tract and wgpu; even
+# `cargo build --workspace --bins` differs (no dev-dependencies: proptest's
+# regex-syntax features drop out) and recompiles fedge-proto's build
+# dependencies and every fedge crate.
+cargo test --workspace --locked --quiet --no-run
 native="$CARGO_TARGET_DIR/debug/fedge-device"
 command -v qemu-aarch64 >/dev/null || { echo "error: qemu-aarch64 missing (`bash ci/setup.sh suite` installs qemu-user)" >&2; exit 1; }
 sysroot=/usr/aarch64-linux-gnu

@@ -9,8 +9,14 @@
 //! - [`strategy`], [`robust`], [`weighting`]: strategies, robust
 //!   combiners, token-weighted contributions.
 //!
-//! **Invariant:** the aggregator never depends on tract or on the device
-//! runtime; only tests and the `simulate` wiring in the binary do.
+//! The `fedge-aggregator` binary (serve, model files, `simulate`, `bench`)
+//! is the `fedge-aggregator-cli` package in `aggregator/cli`.
+//!
+//! **Invariant:** this library never depends on tract, wgpu, the engine
+//! (`fedge-engine`) or the device crate (`fedge-device`); only its tests
+//! (the device's protocol client, without the engine) and the binary's
+//! `simulate` wiring do. `tests/layering.rs` checks it on the resolved
+//! dependency graph.
 
 pub mod config;
 pub mod coordinator;

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use fedge_aggregator::coordinator::CoordinatorConfig;
 use fedge_aggregator::strategy::BufferedSpec;
+use fedge_device::session::{DeviceEvent, Status};
 use fedge_proto::RejectCode;
-use fedge_runtime::session::{DeviceEvent, Status};
 use sim::{DeviceSpec, DropAt, NetConfig, Sim};
 
 const SEEDS: [u64; 3] = [1, 7, 42];

@@ -11,6 +11,10 @@ use fedge_aggregator::coordinator::CoordinatorConfig;
 use fedge_aggregator::server::{Server, ServerConfig};
 use fedge_aggregator::store::Store;
 use fedge_aggregator::tls::TlsIdentity;
+use fedge_device::driver::{DriverConfig, run_device};
+use fedge_device::session::SessionConfig;
+use fedge_device::trainer::KnownUpdate;
+use fedge_device::transport::{QuicTiming, Trust, client_config};
 use fedge_proto::io::{read_frame, write_frame};
 use fedge_proto::msg::{Capabilities, Hello, UploadBegin};
 use fedge_proto::sign::{self, SigningKey, TLS_EXPORTER_LABEL, UpdateManifest};
@@ -19,10 +23,6 @@ use fedge_proto::{
     AggMsg, DeviceMsg, Limits, ModelBlob, ModelVersion, ParamLayout, Params, RejectCode,
     SCHEMA_VERSION, TensorSpec,
 };
-use fedge_runtime::driver::{DriverConfig, run_device};
-use fedge_runtime::session::SessionConfig;
-use fedge_runtime::trainer::KnownUpdate;
-use fedge_runtime::transport::{QuicTiming, Trust, client_config};
 
 const WAIT: Duration = Duration::from_secs(10);
 

@@ -8,14 +8,14 @@ use fedge_aggregator::coordinator::CoordinatorConfig;
 use fedge_aggregator::server::{Server, ServerConfig};
 use fedge_aggregator::store::Store;
 use fedge_aggregator::tls::TlsIdentity;
+use fedge_device::TrainOutput;
+use fedge_device::driver::{DriverConfig, run_device};
+use fedge_device::session::SessionConfig;
+use fedge_device::trainer::Trainer;
+use fedge_device::transport::{QuicTiming, Trust};
 use fedge_proto::msg::TrainingPlan;
 use fedge_proto::sign::SigningKey;
 use fedge_proto::{ModelBlob, ParamLayout, Params, TensorSpec};
-use fedge_runtime::TrainOutput;
-use fedge_runtime::driver::{DriverConfig, run_device};
-use fedge_runtime::session::SessionConfig;
-use fedge_runtime::trainer::Trainer;
-use fedge_runtime::transport::{QuicTiming, Trust};
 
 /// Takes 3 s, three times the idle timeout.
 struct SlowTrainer;

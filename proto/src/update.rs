@@ -66,7 +66,7 @@ mod tests {
     /// would break them fails in this crate first.
     #[test]
     fn legacy_call_sites_still_compile_and_work() {
-        // runtime/src/session.rs
+        // runtime/device/src/session.rs
         let codec = Codec::parse("zip").unwrap_or(Codec::DenseF32);
         let payload = encode_update(codec, &[1.0, -2.0]);
         // aggregator/src/coordinator.rs

@@ -28,8 +28,11 @@ case "${1:-}" in
 esac
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fedge/target}"
-# The generator and the library, built together (one feature set).
-cargo build -p fedge-ffi --lib --bins --locked
+# The generator and the library, built together (one feature set): the
+# workspace's test build, which builds both, so that after `cargo test
+# --workspace` (ci/test.sh) this rebuilds nothing; `cargo build -p
+# fedge-ffi` alone resolves other features and recompiles tract and wgpu.
+cargo test --workspace --locked --no-run
 case "$(uname -s)" in
     Darwin) lib="$CARGO_TARGET_DIR/debug/libfedge_ffi.dylib" ;;
     *) lib="$CARGO_TARGET_DIR/debug/libfedge_ffi.so" ;;

@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fedge_aggregator::coordinator::{Coordinator, CoordinatorConfig, Event, Output, RoundOutcome};
+use fedge_device::session::{DeviceEvent, DeviceSession, SessionConfig, Status, TrainOutput};
 use fedge_proto::sign::SigningKey;
 use fedge_proto::{AggMsg, DeviceMsg, ModelBlob, ModelVersion, ParamLayout, Params, TensorSpec};
-use fedge_runtime::session::{DeviceEvent, DeviceSession, SessionConfig, Status, TrainOutput};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

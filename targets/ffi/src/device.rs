@@ -5,21 +5,22 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use fedge_device::compress::{Compressor, round_seed};
+use fedge_device::driver::{DriverConfig, DriverError, run_device};
+use fedge_device::session::SessionConfig;
+use fedge_device::trainer::Trainer;
+use fedge_device::transport::{QuicTiming, Trust, parse_fingerprint};
+use fedge_device::{TrainOutput, identity};
+use fedge_engine::data::{Dataset, Features};
+use fedge_engine::train::exec::{Batch, Executor, TractExecutor, TractInference};
+use fedge_engine::train::import::{ModelGraph, import_onnx};
+use fedge_engine::train::onnx::F32;
+use fedge_engine::train::{TrainError, local, shape};
+use fedge_engine::trainer::{OnnxTrainer, compile_options};
 use fedge_proto::codec::CodecSpec;
 use fedge_proto::msg::{Optimizer, TrainingPlan};
 use fedge_proto::sign::{SigningKey, UpdateManifest};
 use fedge_proto::{Limits, ModelBlob, wire};
-use fedge_runtime::compress::{Compressor, round_seed};
-use fedge_runtime::data::{Dataset, Features};
-use fedge_runtime::driver::{DriverConfig, DriverError, run_device};
-use fedge_runtime::session::SessionConfig;
-use fedge_runtime::train::exec::{Batch, Executor, TractExecutor, TractInference};
-use fedge_runtime::train::import::{ModelGraph, import_onnx};
-use fedge_runtime::train::onnx::F32;
-use fedge_runtime::train::{TrainError, local, shape};
-use fedge_runtime::trainer::{OnnxTrainer, Trainer, compile_options};
-use fedge_runtime::transport::{QuicTiming, Trust, parse_fingerprint};
-use fedge_runtime::{TrainOutput, identity};
 use prost::Message;
 
 use crate::boundary::{blocking, guard, guard_async, spawn};
@@ -192,12 +193,12 @@ pub fn zoo_models() -> Vec<String> {
 
 const ZOO_NAMES: [&str; 3] = ["mlp", "cnn", "small_cnn"];
 
-/// The ONNX bytes of a zoo model (the seeds of `fedge_runtime::zoo::all`).
+/// The ONNX bytes of a zoo model (the seeds of `fedge_engine::zoo::all`).
 fn zoo_onnx(name: &str) -> Option<Vec<u8>> {
     let model = match name {
-        "mlp" => fedge_runtime::zoo::mlp(1),
-        "cnn" => fedge_runtime::zoo::cnn(2),
-        "small_cnn" => fedge_runtime::zoo::small_cnn(3),
+        "mlp" => fedge_engine::zoo::mlp(1),
+        "cnn" => fedge_engine::zoo::cnn(2),
+        "small_cnn" => fedge_engine::zoo::small_cnn(3),
         _ => return None,
     };
     Some(model.encode_to_vec())

@@ -1,6 +1,6 @@
 //! The one error type that crosses the boundary.
 
-use fedge_runtime::train::TrainError;
+use fedge_engine::train::TrainError;
 
 /// Everything an exported function can fail with. Foreign code sees one
 /// exception (Kotlin, Python) or `Error` (Swift) type with one subtype per

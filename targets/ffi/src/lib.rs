@@ -20,7 +20,7 @@
 //! **Threading model:** see [`boundary`]. Long calls are `async` and run on
 //! the library's own tokio runtime; a host's UI thread never blocks.
 //!
-//! **API boundary:** this crate only wraps `fedge-runtime` and
+//! **API boundary:** this crate only wraps `fedge-engine`, `fedge-device` and
 //! `fedge-proto`; it adds no training, protocol or codec logic of its own.
 
 uniffi::setup_scaffolding!();

@@ -8,10 +8,10 @@ use fedge_aggregator::coordinator::CoordinatorConfig;
 use fedge_aggregator::server::{Server, ServerConfig};
 use fedge_aggregator::store::Store;
 use fedge_aggregator::tls::TlsIdentity;
+use fedge_engine::data::{self, Features};
+use fedge_engine::train::import::import_onnx;
 use fedge_ffi::{Device, DeviceConfig, Samples};
 use fedge_proto::msg::TrainingPlan;
-use fedge_runtime::data::{self, Features};
-use fedge_runtime::train::import::import_onnx;
 use prost::Message;
 
 fn mnist(range: std::ops::Range<usize>) -> Samples {
@@ -77,7 +77,7 @@ fn device(dir: &std::path::Path, agg: &Aggregator) -> std::sync::Arc<Device> {
 }
 
 fn initial_mlp() -> fedge_proto::ModelBlob {
-    import_onnx(&fedge_runtime::zoo::mlp(1).encode_to_vec()).unwrap()
+    import_onnx(&fedge_engine::zoo::mlp(1).encode_to_vec()).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -32,7 +32,7 @@ MLP_PARAMETERS = 784 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10
 
 
 def read_idx(path):
-    """An IDX file of unsigned bytes (as runtime/src/data.rs reads it)."""
+    """An IDX file of unsigned bytes (as runtime/engine/src/data.rs reads it)."""
     with gzip.open(path, "rb") as f:
         data = f.read()
     assert data[0] == 0 and data[1] == 0 and data[2] == 0x08, path

@@ -1,0 +1,384 @@
+//! The simulation's configuration: [`SimConfig`] (a TOML file, every
+//! field defaulted), the command line's [`SimArgs`] that override it, and
+//! turning the two into one checked configuration.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use fedge_aggregator::strategy::{ServerOpt, StrategyConfig};
+use fedge_aggregator::weighting::{Transform, WeightPolicy};
+use serde::{Deserialize, Serialize};
+
+use super::fleet::Attack;
+
+/// A simulation, as written in TOML (every field has a default; flags
+/// override the file).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimConfig {
+    /// Zoo model (mlp, cnn, small_cnn, char) or a path to an ONNX file.
+    pub model: String,
+    /// mnist or shakespeare.
+    pub data: String,
+    /// iid, dirichlet:ALPHA, shards:N, or role (Shakespeare: one device
+    /// per speaking role, the roles with the most lines).
+    pub partition: String,
+    pub devices: usize,
+    pub devices_per_round: usize,
+    pub rounds: u64,
+    pub local_epochs: u32,
+    pub local_steps: u32,
+    pub batch_size: u32,
+    pub learning_rate: f32,
+    pub momentum: f32,
+    /// Update codec (see the codec grammar) and error feedback.
+    pub codec: String,
+    pub error_feedback: bool,
+    /// uniform, or zipf:S (device i holds 1/(i+1)^S of the top stake).
+    pub stakes: String,
+    pub weights: WeightPolicy,
+    pub strategy: StrategyConfig,
+    /// Training samples (the first N) and held-out samples (the last M).
+    pub train_samples: usize,
+    pub held_out: usize,
+    pub round_deadline_ms: u64,
+    pub seed: u64,
+    /// Fraction of devices that attack (the last ones by index).
+    pub attackers: f64,
+    /// sign-flip, scaling, gaussian, label-flip or alie.
+    pub attack: String,
+    /// Device heterogeneity (simulated by delays around real training).
+    pub heterogeneity: Heterogeneity,
+    /// Where results.json goes.
+    pub out_dir: PathBuf,
+}
+
+/// How simulated devices differ. Training itself is real; a slower device
+/// waits `(factor - 1) x` its training time after training, a capped link
+/// waits for its download and upload bytes at that rate, and a dropout
+/// stays away past the task's deadline, so its update arrives too late and
+/// is not sent (the aggregator sees a selected device that never answers).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Heterogeneity {
+    /// Slowdown factors (>= 1), dealt to devices round-robin.
+    pub speed_factors: Vec<f64>,
+    /// Chance that a device drops out of any one task.
+    pub dropout: f64,
+    /// Link rates in kbit/s (0: no cap), dealt round-robin.
+    pub bandwidth_kbps: Vec<f64>,
+}
+
+impl Default for Heterogeneity {
+    fn default() -> Self {
+        Heterogeneity {
+            speed_factors: vec![1.0],
+            dropout: 0.0,
+            bandwidth_kbps: vec![0.0],
+        }
+    }
+}
+
+impl Heterogeneity {
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.speed_factors.is_empty() && self.speed_factors.iter().all(|f| *f >= 1.0),
+            "speed factors must be >= 1 (1: full speed), got {:?}",
+            self.speed_factors
+        );
+        anyhow::ensure!(
+            (0.0..1.0).contains(&self.dropout),
+            "dropout must be in [0, 1), got {}",
+            self.dropout
+        );
+        anyhow::ensure!(
+            !self.bandwidth_kbps.is_empty()
+                && self
+                    .bandwidth_kbps
+                    .iter()
+                    .all(|b| *b >= 0.0 && b.is_finite()),
+            "bandwidth caps must be >= 0 kbit/s (0: none), got {:?}",
+            self.bandwidth_kbps
+        );
+        Ok(())
+    }
+
+    pub fn is_uniform(&self) -> bool {
+        self.speed_factors.iter().all(|f| *f == 1.0)
+            && self.dropout == 0.0
+            && self.bandwidth_kbps.iter().all(|b| *b == 0.0)
+    }
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            model: "mlp".into(),
+            data: "mnist".into(),
+            partition: "dirichlet:0.5".into(),
+            devices: 20,
+            devices_per_round: 10,
+            rounds: 20,
+            local_epochs: 2,
+            local_steps: 0,
+            batch_size: 32,
+            learning_rate: 0.05,
+            momentum: 0.9,
+            codec: "topk:0.1+q8".into(),
+            error_feedback: true,
+            stakes: "zipf:1.0".into(),
+            weights: WeightPolicy {
+                stake: Transform::Sqrt,
+                samples: Transform::Linear,
+                min_stake: 0.0,
+                max_share: 0.25,
+                allow_unknown: false,
+            },
+            strategy: StrategyConfig::default(),
+            train_samples: 8000,
+            held_out: 2000,
+            round_deadline_ms: 30_000,
+            seed: 1,
+            attackers: 0.0,
+            attack: "sign-flip".into(),
+            heterogeneity: Heterogeneity::default(),
+            out_dir: PathBuf::from("results"),
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub struct SimArgs {
+    /// TOML file with a [`SimConfig`]; the flags below override it.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Zoo model name (mlp, cnn, small_cnn, char) or an ONNX file.
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long)]
+    devices: Option<usize>,
+    #[arg(long)]
+    devices_per_round: Option<usize>,
+    #[arg(long)]
+    rounds: Option<u64>,
+    /// iid, dirichlet:ALPHA, shards:N, or role (Shakespeare only).
+    #[arg(long)]
+    partition: Option<String>,
+    /// Data set: mnist or shakespeare.
+    #[arg(long)]
+    data: Option<String>,
+    /// Training samples in all (the first N; with `role`, split evenly as a
+    /// per-role cap).
+    #[arg(long)]
+    train_samples: Option<usize>,
+    #[arg(long)]
+    batch_size: Option<u32>,
+    /// Local steps per task (0: use --local-epochs).
+    #[arg(long)]
+    local_steps: Option<u32>,
+    /// fedavg, fedavgm, fedadam, fedyogi, fedadagrad, fedprox:MU, or fedbuff
+    /// (asynchronous, staleness-discounted FedAvg).
+    #[arg(long)]
+    strategy: Option<String>,
+    /// Device slowdown factors, dealt round-robin, e.g. 1,1,2,4.
+    #[arg(long, value_delimiter = ',')]
+    speed_factors: Option<Vec<f64>>,
+    /// Chance that a device drops out of any one task, e.g. 0.1.
+    #[arg(long)]
+    dropout: Option<f64>,
+    /// Link caps in kbit/s, dealt round-robin (0: none), e.g. 0,1000,250.
+    #[arg(long, value_delimiter = ',')]
+    bandwidth_kbps: Option<Vec<f64>>,
+    /// Update codec, e.g. dense-f32, q8, topk:0.01+q4.
+    #[arg(long)]
+    codec: Option<String>,
+    #[arg(long)]
+    local_epochs: Option<u32>,
+    #[arg(long)]
+    learning_rate: Option<f32>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Fraction of devices that attack, e.g. 0.2.
+    #[arg(long)]
+    attackers: Option<f64>,
+    /// Stake distribution: uniform or zipf:S.
+    #[arg(long)]
+    stakes: Option<String>,
+    /// Time from a round's first selection to its deadline, in ms.
+    #[arg(long)]
+    round_deadline_ms: Option<u64>,
+    /// sign-flip, scaling, gaussian, label-flip or alie.
+    #[arg(long)]
+    attack: Option<String>,
+    /// Robust aggregation: mean, median, trimmed-mean, multi-krum, centered-clipping, clip.
+    #[arg(long)]
+    aggregator: Option<String>,
+    /// Directory for results.json.
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+impl SimConfig {
+    /// The configuration `a` asks for: its file (or the defaults) with its
+    /// flags applied, checked as far as `--print-config` needs.
+    pub fn from_args(a: &SimArgs) -> anyhow::Result<Self> {
+        let mut c = Self::load(a.config.as_deref())?;
+        c.apply_flags(a);
+        if let Some(s) = &a.strategy {
+            c.apply_strategy(s)?;
+        }
+        c.heterogeneity.validate()?;
+        if let Some(agg) = &a.aggregator {
+            c.apply_aggregator(agg)?;
+        }
+        anyhow::ensure!(
+            (0.0..1.0).contains(&c.attackers),
+            "attackers must be in [0, 1)"
+        );
+        Attack::parse(&c.attack)?;
+        Ok(c)
+    }
+
+    /// The TOML file at `path`, or the defaults.
+    fn load(path: Option<&Path>) -> anyhow::Result<Self> {
+        Ok(match path {
+            Some(p) => toml::from_str::<SimConfig>(
+                &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            )
+            .with_context(|| format!("config {}", p.display()))?,
+            None => SimConfig::default(),
+        })
+    }
+
+    /// The flags that override a field as they are.
+    fn apply_flags(&mut self, a: &SimArgs) {
+        let c = self;
+        macro_rules! set {
+            ($($f:ident),*) => { $(if let Some(v) = a.$f.clone() { c.$f = v; })* };
+        }
+        set!(
+            model,
+            devices,
+            devices_per_round,
+            rounds,
+            partition,
+            data,
+            train_samples,
+            batch_size,
+            local_steps,
+            codec,
+            local_epochs,
+            learning_rate,
+            seed,
+            attackers,
+            attack,
+            stakes,
+            round_deadline_ms,
+            out_dir
+        );
+        if let Some(v) = a.speed_factors.clone() {
+            c.heterogeneity.speed_factors = v;
+        }
+        if let Some(v) = a.dropout {
+            c.heterogeneity.dropout = v;
+        }
+        if let Some(v) = a.bandwidth_kbps.clone() {
+            c.heterogeneity.bandwidth_kbps = v;
+        }
+    }
+
+    /// `--strategy`: the server optimizer, FedProx's mu, or FedBuff.
+    fn apply_strategy(&mut self, s: &str) -> anyhow::Result<()> {
+        self.strategy.server_opt = server_opt(s)?;
+        self.strategy.fedprox_mu = 0.0;
+        self.strategy.buffered = None;
+        if let Some(mu) = s.strip_prefix("fedprox:") {
+            self.strategy.fedprox_mu = mu
+                .parse()
+                .with_context(|| format!("strategy `{s}`: fedprox:MU needs a number"))?;
+        }
+        if s == "fedbuff" {
+            self.strategy.buffered = Some(Default::default());
+        }
+        Ok(())
+    }
+
+    /// `--aggregator`: the robust combiner (or adaptive clipping), sized for
+    /// the expected number of attackers per round.
+    fn apply_aggregator(&mut self, agg: &str) -> anyhow::Result<()> {
+        use fedge_aggregator::robust::CombineSpec;
+        use fedge_aggregator::strategy::ClipSpec;
+        let c = self;
+        let f = ((c.devices_per_round as f64) * c.attackers).ceil() as usize;
+        c.strategy.clip = None;
+        c.strategy.combine = match agg {
+            "mean" => CombineSpec::Mean,
+            "median" => CombineSpec::Median,
+            "trimmed-mean" => CombineSpec::TrimmedMean { trim: 0.2 },
+            "multi-krum" => CombineSpec::MultiKrum {
+                byzantine: f.max(1),
+                keep: c.devices_per_round.saturating_sub(f.max(1)).max(1),
+            },
+            "centered-clipping" => CombineSpec::CenteredClipping { tau: 1.0, iters: 3 },
+            "clip" => {
+                c.strategy.clip = Some(ClipSpec::AdaptiveMedian { multiplier: 1.0 });
+                CombineSpec::Mean
+            }
+            other => anyhow::bail!(
+                "aggregator `{other}`: use mean, median, trimmed-mean, multi-krum, centered-clipping or clip"
+            ),
+        };
+        Ok(())
+    }
+
+    /// What running (not printing) the configuration also needs: a fleet
+    /// that can fill a round, and a codec that parses.
+    pub fn check_runnable(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.devices >= 1 && self.devices_per_round >= 1,
+            "devices and devices_per_round must be >= 1"
+        );
+        anyhow::ensure!(
+            self.devices_per_round <= self.devices,
+            "devices_per_round ({}) exceeds devices ({})",
+            self.devices_per_round,
+            self.devices
+        );
+        fedge_proto::codec::CodecSpec::parse(&self.codec)
+            .with_context(|| format!("codec `{}`", self.codec))?;
+        Ok(())
+    }
+}
+
+/// The server optimizer a `--strategy` name stands for (defaults from
+/// Reddi et al. 2021 where they apply).
+fn server_opt(s: &str) -> anyhow::Result<ServerOpt> {
+    Ok(match s {
+        "fedavg" | "fedbuff" => ServerOpt::Avg { lr: 1.0 },
+        _ if s.starts_with("fedprox:") => ServerOpt::Avg { lr: 1.0 },
+        "fedavgm" => ServerOpt::Momentum { lr: 1.0, beta: 0.9 },
+        "fedadam" => ServerOpt::Adam {
+            lr: 0.01,
+            beta1: 0.9,
+            beta2: 0.99,
+            tau: 1e-3,
+        },
+        "fedyogi" => ServerOpt::Yogi {
+            lr: 0.01,
+            beta1: 0.9,
+            beta2: 0.99,
+            tau: 1e-3,
+        },
+        "fedadagrad" => ServerOpt::Adagrad {
+            lr: 0.01,
+            beta1: 0.0,
+            tau: 1e-3,
+        },
+        o => anyhow::bail!(
+            "strategy `{o}`: use fedavg, fedavgm, fedadam, fedyogi, fedadagrad, fedprox:MU or fedbuff"
+        ),
+    })
+}

@@ -1,0 +1,278 @@
+//! The simulated fleet: device keys and stakes, one real device (driver,
+//! session, training) per shard, and the trainers that make a device slow,
+//! flaky or malicious.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use fedge_device::TrainOutput;
+use fedge_device::driver::{DeviceReport, DriverConfig, DriverError, run_device};
+use fedge_device::session::SessionConfig;
+use fedge_device::trainer::{OnnxTrainer, Trainer};
+use fedge_device::transport::Trust;
+use fedge_engine::data::Dataset;
+use fedge_proto::ModelBlob;
+use fedge_proto::msg::TrainingPlan;
+use fedge_proto::sign::SigningKey;
+use tokio::task::JoinHandle;
+
+use super::args::SimConfig;
+
+/// A running device: its driver task.
+pub type Device = JoinHandle<Result<DeviceReport, DriverError>>;
+
+/// Every device's signing key, derived from the simulation's seed.
+pub fn device_keys(c: &SimConfig) -> Vec<SigningKey> {
+    (0..c.devices)
+        .map(|i| {
+            let seed = blake3::hash(format!("fedge-sim-device-{}-{i}", c.seed).as_bytes());
+            SigningKey::from_bytes(seed.as_bytes())
+        })
+        .collect()
+}
+
+/// Write the stake registry (`stakes.txt` in `dir`: one `KEY STAKE` line
+/// per device) and return its path.
+pub fn write_stake_file(c: &SimConfig, keys: &[SigningKey], dir: &Path) -> anyhow::Result<PathBuf> {
+    let stake_values = stakes(&c.stakes, c.devices)?;
+    let stake_file = dir.join("stakes.txt");
+    let lines: String = keys
+        .iter()
+        .zip(&stake_values)
+        .map(|(k, s)| format!("{} {s}\n", hex::encode(k.verifying_key().to_bytes())))
+        .collect();
+    std::fs::write(&stake_file, lines)?;
+    Ok(stake_file)
+}
+
+fn stakes(spec: &str, n: usize) -> anyhow::Result<Vec<f64>> {
+    match spec.split_once(':') {
+        None if spec == "uniform" => Ok(vec![1.0; n]),
+        Some(("zipf", s)) => {
+            let s: f64 = s.parse().context("zipf exponent")?;
+            Ok((0..n).map(|i| 1000.0 / ((i + 1) as f64).powf(s)).collect())
+        }
+        _ => anyhow::bail!("stakes `{spec}`: use uniform or zipf:S"),
+    }
+}
+
+/// How many devices attack (the last ones by index).
+pub fn attacker_count(c: &SimConfig) -> usize {
+    ((c.devices as f64) * c.attackers).round() as usize
+}
+
+/// Start one device per shard against the aggregator at `addr` (pinned to
+/// the certificate fingerprint `fp`), each training on its shard of
+/// `train`.
+pub fn spawn_devices(
+    c: &SimConfig,
+    keys: Vec<SigningKey>,
+    train: &Dataset,
+    shards: &[Vec<usize>],
+    addr: SocketAddr,
+    fp: [u8; 32],
+) -> anyhow::Result<Vec<Device>> {
+    let n_attackers = attacker_count(c);
+    let attack = Attack::parse(&c.attack)?;
+    let colluders: Colluders = Default::default();
+    let mut devices = Vec::new();
+    for (i, (key, shard)) in keys.into_iter().zip(shards).enumerate() {
+        let cfg = DriverConfig {
+            session: SessionConfig {
+                seed: c.seed.wrapping_add(i as u64),
+                backoff_min: Duration::from_millis(100),
+                backoff_max: Duration::from_secs(3),
+                ..SessionConfig::default()
+            },
+            ..DriverConfig::new(addr, Trust::Pinned(fp))
+        };
+        let malicious = (i >= c.devices - n_attackers).then_some(attack);
+        let trainer = device_trainer(c, i, train.subset(shard), malicious, &colluders);
+        devices.push(tokio::spawn(run_device(cfg, key, trainer)));
+    }
+    Ok(devices)
+}
+
+/// Device `i`'s trainer on its `local` data: honest, or running
+/// `malicious`, and slowed, capped or flaky as the heterogeneity says.
+fn device_trainer(
+    c: &SimConfig,
+    i: usize,
+    mut local: Dataset,
+    malicious: Option<Attack>,
+    colluders: &Colluders,
+) -> Box<dyn Trainer> {
+    if malicious == Some(Attack::LabelFlip) {
+        let k = local.classes as i64;
+        for l in &mut local.labels {
+            *l = k - 1 - *l;
+        }
+    }
+    let honest = OnnxTrainer::new(local, c.seed.wrapping_add(i as u64));
+    let mut trainer: Box<dyn Trainer> = match malicious {
+        Some(attack) if attack != Attack::LabelFlip => Box::new(Attacker {
+            inner: honest,
+            attack,
+            seed: c.seed.wrapping_add(1000 + i as u64),
+            colluders: Arc::clone(colluders),
+        }),
+        _ => Box::new(honest),
+    };
+    if !c.heterogeneity.is_uniform() {
+        let h = &c.heterogeneity;
+        trainer = Box::new(Profiled {
+            inner: trainer,
+            speed: h.speed_factors[i % h.speed_factors.len()],
+            dropout: h.dropout,
+            bytes_per_sec: h.bandwidth_kbps[i % h.bandwidth_kbps.len()] * 1000.0 / 8.0,
+            deadline: Duration::from_millis(c.round_deadline_ms),
+            seed: c.seed.wrapping_add(5000 + i as u64),
+        });
+    }
+    trainer
+}
+
+/// Wait for every device to fetch the final model and leave, with one
+/// 60 s deadline for all; returns how many did not finish cleanly.
+pub async fn join_devices(devices: Vec<Device>) -> usize {
+    let mut failed = 0;
+    // One deadline for all devices to fetch the final model and leave.
+    let until = tokio::time::Instant::now() + Duration::from_secs(60);
+    for d in devices {
+        match tokio::time::timeout_at(until, d).await {
+            Ok(Ok(Ok(_))) => {}
+            Ok(other) => {
+                failed += 1;
+                tracing::warn!(?other, "a device did not finish cleanly");
+            }
+            Err(_) => failed += 1, // still running at the deadline: dropped
+        }
+    }
+    failed
+}
+
+/// Attacks a malicious device runs on its update.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attack {
+    /// Send the negated update.
+    SignFlip,
+    /// Model replacement: scale the update up by 10.
+    Scaling,
+    /// Send Gaussian noise (sigma 0.5 per coordinate) instead of an update.
+    Gaussian,
+    /// Train on flipped labels (y -> classes - 1 - y).
+    LabelFlip,
+    /// "A little is enough" (Baruch et al. 2019): mean - z x std of the
+    /// colluders' honest updates, coordinate-wise (z = 1).
+    Alie,
+}
+
+impl Attack {
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        Ok(match s {
+            "sign-flip" => Attack::SignFlip,
+            "scaling" => Attack::Scaling,
+            "gaussian" => Attack::Gaussian,
+            "label-flip" => Attack::LabelFlip,
+            "alie" => Attack::Alie,
+            o => {
+                anyhow::bail!("attack `{o}`: use sign-flip, scaling, gaussian, label-flip or alie")
+            }
+        })
+    }
+}
+
+/// A device of a given speed, link and reliability around a real trainer
+/// (see [`Heterogeneity`]). Runs on the driver's blocking thread, so its
+/// waits hold no async worker.
+struct Profiled {
+    inner: Box<dyn Trainer>,
+    speed: f64,
+    dropout: f64,
+    /// Link rate (0: no cap).
+    bytes_per_sec: f64,
+    deadline: Duration,
+    seed: u64,
+}
+
+impl Trainer for Profiled {
+    fn train(
+        &mut self,
+        round_id: u64,
+        model: &ModelBlob,
+        plan: &TrainingPlan,
+    ) -> anyhow::Result<TrainOutput> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed ^ round_id);
+        let t0 = Instant::now();
+        let out = self.inner.train(round_id, model, plan)?;
+        let mut wait = t0.elapsed().mul_f64(self.speed - 1.0);
+        if self.bytes_per_sec > 0.0 {
+            // The model came down and the compressed update goes up.
+            let codec = fedge_proto::codec::CodecSpec::parse(&plan.codec)?;
+            let up = fedge_proto::codec::encode(&codec, &out.delta, self.seed ^ round_id)?.len();
+            let down = model.encode().len();
+            wait += Duration::from_secs_f64((up + down) as f64 / self.bytes_per_sec);
+        }
+        if rng.random::<f64>() < self.dropout {
+            // Gone until after the deadline: the session drops the update.
+            wait = wait.max(self.deadline + Duration::from_millis(100));
+        }
+        std::thread::sleep(wait);
+        Ok(out)
+    }
+}
+
+/// Honest updates the colluding attackers have computed, by round.
+type Colluders = Arc<Mutex<HashMap<u64, Vec<Vec<f32>>>>>;
+
+/// A device that trains honestly and then corrupts its update.
+struct Attacker {
+    inner: OnnxTrainer,
+    attack: Attack,
+    seed: u64,
+    colluders: Colluders,
+}
+
+impl Trainer for Attacker {
+    fn train(
+        &mut self,
+        round_id: u64,
+        model: &ModelBlob,
+        plan: &TrainingPlan,
+    ) -> anyhow::Result<TrainOutput> {
+        use rand::SeedableRng;
+        use rand_distr::Distribution;
+        let mut out = self.inner.train(round_id, model, plan)?;
+        match self.attack {
+            Attack::SignFlip => out.delta.iter_mut().for_each(|d| *d = -*d),
+            Attack::Scaling => out.delta.iter_mut().for_each(|d| *d *= 10.0),
+            Attack::Gaussian => {
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed ^ round_id);
+                let normal = rand_distr::Normal::new(0.0f32, 0.5).expect("sigma > 0");
+                out.delta
+                    .iter_mut()
+                    .for_each(|d| *d = normal.sample(&mut rng));
+            }
+            Attack::LabelFlip => {}
+            Attack::Alie => {
+                let mut all = self.colluders.lock().expect("colluders");
+                let seen = all.entry(round_id).or_default();
+                seen.push(out.delta.clone());
+                let n = seen.len() as f32;
+                for (j, d) in out.delta.iter_mut().enumerate() {
+                    let mean = seen.iter().map(|u| u[j]).sum::<f32>() / n;
+                    let var = seen.iter().map(|u| (u[j] - mean).powi(2)).sum::<f32>() / n;
+                    // With one colluder so far, fall back to |mean| as the spread.
+                    let sd = if n > 1.0 { var.sqrt() } else { mean.abs() };
+                    *d = mean - sd;
+                }
+            }
+        }
+        Ok(out)
+    }
+}

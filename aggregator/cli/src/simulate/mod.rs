@@ -1,0 +1,175 @@
+//! `fedge-aggregator simulate`: an aggregator and N devices in one process,
+//! speaking the real protocol over loopback QUIC through the real device
+//! code path (driver, session, tract training), on the shipped data.
+//!
+//! - [`args`]: the configuration (TOML and flags) and its checks.
+//! - [`data`]: the model and the data, split into the devices' shards.
+//! - [`fleet`]: device keys and stakes, the devices, and the trainers that
+//!   make a device slow, flaky or malicious.
+//! - [`report`]: the per-round table, results.json and the plot.
+
+mod args;
+mod data;
+mod fleet;
+mod report;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fedge_aggregator::coordinator::{CoordinatorConfig, Event};
+use fedge_aggregator::metrics::Metrics;
+use fedge_aggregator::server::{ServeReport, Server, ServerConfig};
+use fedge_aggregator::store::Store;
+use fedge_aggregator::tls::TlsIdentity;
+use fedge_proto::ModelBlob;
+use fedge_proto::msg::TrainingPlan;
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::task::JoinHandle;
+
+pub use args::{SimArgs, SimConfig};
+
+pub fn run(a: SimArgs) -> anyhow::Result<()> {
+    let c = SimConfig::from_args(&a)?;
+    if a.print_config {
+        print!("{}", toml::to_string(&c)?);
+        return Ok(());
+    }
+    c.check_runnable()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(simulate(c))
+}
+
+/// The simulation, step by step.
+async fn simulate(c: SimConfig) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let model = data::load_model(&c)?;
+    let (train, test, shards) = data::load_data(&c, model.context)?;
+    let work = tempfile::tempdir()?;
+    let keys = fleet::device_keys(&c);
+    let mut aggregator = start_aggregator(&c, work.path(), &keys, &model.blob).await?;
+    announce(&c, aggregator.addr);
+    let devices = fleet::spawn_devices(
+        &c,
+        keys,
+        &train,
+        &shards,
+        aggregator.addr,
+        aggregator.fingerprint,
+    )?;
+    let mut held_out = report::HeldOut::new(&model.graph, test)?;
+    let initial = held_out.evaluate(&model.blob.params.values)?;
+    let table = report::Table::start(c.rounds, &initial);
+    let rounds = report::follow_rounds(
+        &mut aggregator.events,
+        &aggregator.metrics,
+        &mut held_out,
+        &table,
+        started,
+    )
+    .await?;
+    table.finish();
+    let failed_sessions = fleet::join_devices(devices).await;
+    let served = aggregator.serving.await??;
+    report::Summary {
+        config: &c,
+        params: model.blob.params.values.len(),
+        initial,
+        rounds,
+        failed_sessions,
+        rounds_published: served.rounds_published,
+        started,
+    }
+    .report()
+}
+
+/// The aggregator serving the simulation, and what the simulation watches.
+struct Aggregator {
+    addr: SocketAddr,
+    /// Its certificate's fingerprint, which the devices pin.
+    fingerprint: [u8; 32],
+    events: UnboundedReceiver<Event>,
+    metrics: Arc<Metrics>,
+    serving: JoinHandle<anyhow::Result<ServeReport>>,
+}
+
+/// Start the aggregator on loopback with its state (TLS identity, stake
+/// registry, store) under `work`, publishing `initial` first.
+async fn start_aggregator(
+    c: &SimConfig,
+    work: &Path,
+    keys: &[fedge_proto::sign::SigningKey],
+    initial: &ModelBlob,
+) -> anyhow::Result<Aggregator> {
+    let state = work.join("aggregator");
+    std::fs::create_dir_all(&state)?;
+    let identity = TlsIdentity::load_or_create(&state)?;
+    let stake_file = fleet::write_stake_file(c, keys, &state)?;
+    let mut server = Server::bind(
+        server_config(c, stake_file)?,
+        &identity,
+        Store::open(&state).await?,
+    )?;
+    Ok(Aggregator {
+        addr: server.local_addr()?,
+        fingerprint: identity.fingerprint(),
+        events: server.observe(),
+        metrics: server.metrics(),
+        serving: tokio::spawn(server.run(initial.clone(), std::future::pending())),
+    })
+}
+
+/// The server's configuration: the simulation's rounds, plan, weights and
+/// strategy, with limits for a whole fleet in one process.
+fn server_config(c: &SimConfig, stake_file: std::path::PathBuf) -> anyhow::Result<ServerConfig> {
+    let plan = TrainingPlan {
+        local_epochs: c.local_epochs,
+        local_steps: c.local_steps,
+        batch_size: c.batch_size,
+        learning_rate: c.learning_rate,
+        momentum: c.momentum,
+        codec: c.codec.clone(),
+        error_feedback: c.error_feedback,
+        ..TrainingPlan::default()
+    };
+    Ok(ServerConfig {
+        listen: "127.0.0.1:0".parse()?,
+        coordinator: CoordinatorConfig {
+            devices_per_round: c.devices_per_round,
+            min_devices: (c.devices_per_round / 2).max(1),
+            rounds: c.rounds,
+            round_deadline: Duration::from_millis(c.round_deadline_ms),
+            retry_window: (Duration::from_millis(200), Duration::from_millis(600)),
+            plan,
+            weights: c.weights.clone(),
+            strategy: c.strategy.clone(),
+            max_sessions: c.devices + 16,
+            seed: c.seed,
+            ..CoordinatorConfig::default()
+        },
+        finish_grace: Some(Duration::from_secs(30)),
+        stakes: Some(stake_file),
+        // Every device shares one process: a generous per-connection rate.
+        rate_per_sec: 10_000.0,
+        rate_burst: 20_000.0,
+        ..ServerConfig::default()
+    })
+}
+
+/// What is about to run.
+fn announce(c: &SimConfig, addr: SocketAddr) {
+    println!(
+        "simulating {} devices ({} per round, {} rounds) training {} on {} ({} partition), codec {}, over QUIC at {addr}",
+        c.devices, c.devices_per_round, c.rounds, c.model, c.data, c.partition, c.codec
+    );
+    let n_attackers = fleet::attacker_count(c);
+    if n_attackers > 0 {
+        println!(
+            "{n_attackers} of {} devices attack ({})",
+            c.devices, c.attack
+        );
+    }
+}

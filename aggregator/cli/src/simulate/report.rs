@@ -1,0 +1,300 @@
+//! What a simulation shows and keeps: the per-round table above a
+//! progress bar, held-out accuracy after every published model, the
+//! summary line, results.json and accuracy.png.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use fedge_aggregator::coordinator::{Event, RoundOutcome};
+use fedge_aggregator::metrics::Metrics;
+use fedge_engine::data::Dataset;
+use fedge_engine::train::exec::TractInference;
+use fedge_engine::train::import::ModelGraph;
+use fedge_engine::train::local::{EvalStats, evaluate};
+use fedge_proto::{Limits, ModelBlob, ModelVersion};
+use serde::Serialize;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::args::SimConfig;
+
+/// One published round, as printed and as written to results.json.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    round: u64,
+    participants: usize,
+    accuracy: f64,
+    loss: f64,
+    upload_bytes: u64,
+    download_bytes: u64,
+    cumulative_upload_bytes: u64,
+    seconds: f64,
+}
+
+/// Held-out evaluation of a model's parameters.
+pub struct HeldOut {
+    inf: TractInference,
+    test: Dataset,
+}
+
+impl HeldOut {
+    pub fn new(graph: &ModelGraph, test: Dataset) -> anyhow::Result<Self> {
+        Ok(HeldOut {
+            inf: TractInference::new(graph, 250)?,
+            test,
+        })
+    }
+
+    pub fn evaluate(&mut self, params: &[f32]) -> anyhow::Result<EvalStats> {
+        self.inf.load(params)?;
+        Ok(evaluate(&self.inf, &self.test)?)
+    }
+}
+
+/// The per-round table, printed above a progress bar.
+pub struct Table {
+    bar: indicatif::ProgressBar,
+}
+
+impl Table {
+    /// The header and round 0 (the initial model).
+    pub fn start(rounds: u64, initial: &EvalStats) -> Self {
+        let bar = indicatif::ProgressBar::new(rounds).with_style(
+            indicatif::ProgressStyle::with_template(
+                "[{elapsed_precise}] [{bar:30}] round {pos}/{len} {msg}",
+            )
+            .expect("template")
+            .progress_chars("=> "),
+        );
+        let table = Table { bar };
+        table.say(format!(
+            "{:>5} {:>12} {:>9} {:>8} {:>12} {:>13} {:>7}",
+            "round", "participants", "accuracy", "loss", "upload_B", "download_B", "secs"
+        ));
+        table.say(format!(
+            "{:>5} {:>12} {:>9.4} {:>8.4} {:>12} {:>13} {:>7.1}",
+            0, "-", initial.accuracy, initial.loss, 0, 0, 0.0
+        ));
+        table
+    }
+
+    /// Print a line above the progress bar (also when stdout is not a
+    /// terminal and the bar is hidden).
+    fn say(&self, line: String) {
+        self.bar.suspend(|| println!("{line}"));
+    }
+
+    fn aborted(&self, round_id: u64, accepted: usize) {
+        self.say(format!("{round_id:>5} aborted with {accepted} updates"));
+        self.bar.inc(1);
+    }
+
+    fn published(&self, row: &Row) {
+        self.say(format!(
+            "{:>5} {:>12} {:>9.4} {:>8.4} {:>12} {:>13} {:>7.1}",
+            row.round,
+            row.participants,
+            row.accuracy,
+            row.loss,
+            row.upload_bytes,
+            row.download_bytes,
+            row.seconds
+        ));
+        self.bar.inc(1);
+        self.bar
+            .set_message(format!("accuracy {:.4}", row.accuracy));
+    }
+
+    pub fn finish(self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+/// The rounds as the simulation saw them.
+#[derive(Default)]
+pub struct Rounds {
+    pub rows: Vec<Row>,
+    /// Update bytes uploaded in published rounds.
+    pub upload_bytes: u64,
+    pub final_version: Option<ModelVersion>,
+}
+
+/// Follow the aggregator's events until it finishes: count the accepted
+/// updates of each round, evaluate every published model on held-out data
+/// and print its row. Fails after 10 minutes without an event.
+pub async fn follow_rounds(
+    events: &mut UnboundedReceiver<Event>,
+    metrics: &Metrics,
+    held_out: &mut HeldOut,
+    table: &Table,
+    started: Instant,
+) -> anyhow::Result<Rounds> {
+    let mut rounds = Rounds::default();
+    let (mut up, mut participants) = (0u64, 0usize);
+    let mut last_out = metrics.bytes_out.get();
+    while let Some(e) = tokio::time::timeout(Duration::from_secs(600), events.recv())
+        .await
+        .context("no progress for 10 minutes")?
+    {
+        match e {
+            Event::UpdateAccepted { payload_bytes, .. } => {
+                up += payload_bytes;
+                participants += 1;
+            }
+            Event::RoundClosed {
+                accepted,
+                outcome: RoundOutcome::Aborted,
+                round_id,
+                ..
+            } => {
+                table.aborted(round_id, accepted);
+                up = 0;
+                participants = 0;
+            }
+            Event::ModelPublished { blob: bytes, .. } => {
+                let m = ModelBlob::decode(&bytes, &Limits::default())?;
+                let ev = held_out.evaluate(&m.params.values)?;
+                let out_now = metrics.bytes_out.get();
+                rounds.upload_bytes += up;
+                let row = Row {
+                    round: rounds.rows.len() as u64 + 1,
+                    participants,
+                    accuracy: ev.accuracy,
+                    loss: ev.loss,
+                    upload_bytes: up,
+                    download_bytes: out_now - last_out,
+                    cumulative_upload_bytes: rounds.upload_bytes,
+                    seconds: started.elapsed().as_secs_f64(),
+                };
+                table.published(&row);
+                last_out = out_now;
+                up = 0;
+                participants = 0;
+                rounds.rows.push(row);
+            }
+            Event::Finished { final_version: v } => {
+                rounds.final_version = Some(v);
+                break;
+            }
+            _ => {}
+        }
+    }
+    Ok(rounds)
+}
+
+/// What a finished simulation reports.
+pub struct Summary<'a> {
+    pub config: &'a SimConfig,
+    /// Parameters per update (the dense f32 baseline is 4 bytes each).
+    pub params: usize,
+    pub initial: EvalStats,
+    pub rounds: Rounds,
+    /// Devices that did not finish cleanly.
+    pub failed_sessions: usize,
+    pub rounds_published: u64,
+    pub started: Instant,
+}
+
+impl Summary<'_> {
+    /// Print the summary line, write results.json and draw accuracy.png
+    /// (a plot that fails is logged, not an error).
+    pub fn report(&self) -> anyhow::Result<()> {
+        let c = self.config;
+        let rows = &self.rounds.rows;
+        let cum_up = self.rounds.upload_bytes;
+        let dense_bytes_per_update = 4 * self.params as u64;
+        let updates: usize = rows.iter().map(|r| r.participants).sum();
+        let dense_total = dense_bytes_per_update * updates as u64;
+        let final_acc = rows
+            .last()
+            .map(|r| r.accuracy)
+            .unwrap_or(self.initial.accuracy);
+        println!(
+            "final accuracy {:.4} after {} rounds; upload {} bytes vs {} dense f32 ({:.1}x smaller); {} failed sessions; {:.1} s",
+            final_acc,
+            self.rounds_published,
+            cum_up,
+            dense_total,
+            dense_total as f64 / cum_up.max(1) as f64,
+            self.failed_sessions,
+            self.started.elapsed().as_secs_f64()
+        );
+        std::fs::create_dir_all(&c.out_dir)
+            .with_context(|| format!("creating {}", c.out_dir.display()))?;
+        let results = serde_json::json!({
+            "config": c,
+            "initial": {"accuracy": self.initial.accuracy, "loss": self.initial.loss},
+            "rounds": rows,
+            "final_accuracy": final_acc,
+            "final_version": self.rounds.final_version.as_ref().map(|v| v.to_hex()),
+            "upload_bytes": cum_up,
+            "dense_f32_upload_bytes": dense_total,
+            "failed_sessions": self.failed_sessions,
+            "seconds": self.started.elapsed().as_secs_f64(),
+        });
+        let path = c.out_dir.join("results.json");
+        fedge_proto::io::write_atomic(
+            &path,
+            serde_json::to_string_pretty(&results)?.as_bytes(),
+            None,
+        )?;
+        println!("results written to {}", path.display());
+        let png = c.out_dir.join("accuracy.png");
+        let title = format!(
+            "{} on {}, {} devices ({} per round), {}, codec {}",
+            c.model, c.data, c.devices, c.devices_per_round, c.partition, c.codec
+        );
+        match plot(&png, self.initial.accuracy, rows, &title) {
+            Ok(()) => println!("plot written to {}", png.display()),
+            Err(e) => tracing::warn!(error = %e, "no plot"),
+        }
+        Ok(())
+    }
+}
+
+/// accuracy.png: held-out accuracy against the round and against the
+/// cumulative upload (MB).
+fn plot(path: &std::path::Path, initial: f64, rows: &[Row], title: &str) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    static FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
+    // Registering twice (a second simulation in one process) is harmless.
+    let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    let root = BitMapBackend::new(path, (1100, 440)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let root = root
+        .titled(title, ("sans-serif", 20))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (left, right) = root.split_horizontally(550);
+    let mut by_round = vec![(0.0, initial)];
+    by_round.extend(rows.iter().map(|r| (r.round as f64, r.accuracy)));
+    let mut by_bytes = vec![(0.0, initial)];
+    by_bytes.extend(
+        rows.iter()
+            .map(|r| (r.cumulative_upload_bytes as f64 / 1e6, r.accuracy)),
+    );
+    for (area, series, xlabel) in [
+        (&left, &by_round, "round"),
+        (&right, &by_bytes, "cumulative upload (MB)"),
+    ] {
+        let x_max = series.iter().map(|p| p.0).fold(1e-9, f64::max);
+        let mut chart = ChartBuilder::on(area)
+            .margin(15)
+            .x_label_area_size(40)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0.0..x_max, 0.0..1.0)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        chart
+            .configure_mesh()
+            .x_desc(xlabel)
+            .y_desc("held-out accuracy")
+            .draw()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        chart
+            .draw_series(LineSeries::new(series.iter().copied(), &BLUE))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        chart
+            .draw_series(series.iter().map(|&p| Circle::new(p, 3, BLUE.filled())))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}

@@ -1,0 +1,771 @@
+//! `fedge-device`: a federated learning device.
+
+use std::net::ToSocketAddrs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use fedge_device::dataspec::{DataSpec, parse_range};
+use fedge_device::driver::{DriverConfig, run_device};
+use fedge_device::identity;
+use fedge_device::policy;
+use fedge_device::session::SessionConfig;
+use fedge_device::trainer::{KnownUpdate, Trainer};
+use fedge_device::transport::{QuicTiming, Trust, parse_fingerprint};
+use fedge_engine::data::Dataset;
+use fedge_engine::train::exec::{Batch, TractInference};
+use fedge_engine::train::gpu::{ExecutorKind, select_executor};
+use fedge_engine::train::import::{ModelGraph, export_onnx, import_onnx};
+use fedge_engine::train::local;
+use fedge_engine::trainer::{OnnxTrainer, compile_options};
+use fedge_proto::msg::{Loss, Optimizer, TrainingPlan};
+use fedge_proto::{Limits, ModelBlob};
+
+#[derive(Parser)]
+#[command(
+    name = "fedge-device",
+    version,
+    about = "A fedge device: trains locally and sends signed updates to an aggregator over QUIC"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Join an aggregator's rounds until it finishes.
+    Run(RunArgs),
+    /// Train a model alone on local data and evaluate it on held-out data.
+    Train(TrainArgs),
+    /// Run a model on a few samples and print its predictions.
+    Infer(InferArgs),
+    /// Benchmark training steps (MLP and CNN, batch 32 and 64) and write JSON.
+    Bench(BenchArgs),
+    /// Read an MPU-6050 IMU over Linux I2C into labelled windows in the
+    /// sample store (train on them with `--data imu:STORE`).
+    Collect(CollectArgs),
+    /// Print this device's public key (creates the identity if needed).
+    Identity {
+        #[arg(long, default_value = "fedge-device-state")]
+        state_dir: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Aggregator address, host:port.
+    #[arg(long)]
+    aggregator: String,
+    /// Executor for local training: cpu (tract), gpu (wgpu; training fails
+    /// without a usable GPU) or auto (a hardware GPU when one is usable,
+    /// else tract with a warning).
+    #[arg(long, default_value = "cpu")]
+    executor: ExecutorKind,
+    /// SHA-256 fingerprint of the aggregator's certificate (printed by
+    /// `fedge-aggregator fingerprint`).
+    #[arg(long, conflicts_with = "trust_on_first_use")]
+    pin: Option<String>,
+    /// Pin whatever certificate the aggregator shows first (stored in the
+    /// state directory). Only for networks you trust.
+    #[arg(long)]
+    trust_on_first_use: bool,
+    /// State directory: device key, pinned fingerprint, models.
+    #[arg(long, default_value = "fedge-device-state")]
+    state_dir: PathBuf,
+    /// TLS server name to present.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// Local training data: mnist[:DIR], shakespeare[:FILE], text:FILE,
+    /// idx:IMAGES,LABELS or imu:STORE_DIR (windows from `collect`).
+    #[arg(long, conflicts_with = "known_update")]
+    data: Option<String>,
+    /// Use samples START..END of the data.
+    #[arg(long, requires = "data")]
+    range: Option<String>,
+    /// Send a known update instead of training: delta = VALUE on every
+    /// parameter (protocol checks whose aggregate is hand-computable).
+    #[arg(long, value_name = "VALUE")]
+    known_update: Option<f32>,
+    /// Sample count reported with --known-update.
+    #[arg(long, default_value_t = 1)]
+    samples: u64,
+    /// Seed for this device's randomness (shuffling, backoff jitter).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Heartbeat interval while connected, in ms.
+    #[arg(long, default_value_t = 15_000)]
+    heartbeat_ms: u64,
+    /// Give up after this many failed connection attempts in a row (0: never).
+    #[arg(long, default_value_t = 20)]
+    reconnect_attempts: u32,
+    /// QUIC keepalive interval, in ms.
+    #[arg(long, default_value_t = 5_000)]
+    keepalive_ms: u64,
+    /// Drop a connection that heard nothing for this long, in ms.
+    #[arg(long, default_value_t = 60_000)]
+    idle_timeout_ms: u64,
+    /// Take tasks only while on external power (plugged in or charging).
+    #[arg(long)]
+    require_charging: bool,
+    /// Take tasks only while the battery holds at least PERCENT (devices
+    /// without a battery always pass).
+    #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(0..=100))]
+    battery_floor: Option<u8>,
+    /// The Linux power-supply class the policy reads.
+    #[arg(long, default_value = fedge_device::policy::POWER_SUPPLY_ROOT)]
+    power_supply_root: PathBuf,
+    /// How often to check the policy again, in ms.
+    #[arg(long, default_value_t = 60_000)]
+    eligibility_check_ms: u64,
+}
+
+#[derive(clap::Args)]
+struct CollectArgs {
+    /// I2C bus device.
+    #[arg(long, default_value = "/dev/i2c-1")]
+    i2c: PathBuf,
+    /// The sensor's I2C address: 0x68, or 0x69 with AD0 high.
+    #[arg(long, default_value = "0x68", value_parser = parse_i2c_addr)]
+    addr: u8,
+    /// Sample store directory (created if needed).
+    #[arg(long, default_value = "fedge-device-state/samples")]
+    store: PathBuf,
+    /// Windows the store keeps; the oldest are overwritten.
+    #[arg(long, default_value_t = 10_000)]
+    store_windows: u64,
+    /// Samples per window.
+    #[arg(long, default_value_t = fedge_device::sensor::window::WINDOW_SAMPLES_DEFAULT)]
+    window: usize,
+    /// Sampling rate, Hz.
+    #[arg(long, default_value_t = 50.0)]
+    rate_hz: f64,
+    /// Activity classes, in class-index order (the same on every device).
+    #[arg(long, default_value = "still,walking,running")]
+    classes: String,
+    /// Label every window with this activity.
+    #[arg(
+        long,
+        conflicts_with = "label_file",
+        required_unless_present = "label_file"
+    )]
+    label: Option<String>,
+    /// Read the current activity from this file (written by the app the
+    /// user tags activities with); untagged windows are dropped.
+    #[arg(long)]
+    label_file: Option<PathBuf>,
+    /// Stop after this many stored windows (0: until interrupted).
+    #[arg(long, default_value_t = 0)]
+    windows: u64,
+    /// Accelerometer full scale: 2, 4, 8 or 16 (g).
+    #[arg(long, default_value_t = 4)]
+    accel_range_g: u8,
+    /// Gyroscope full scale: 250, 500, 1000 or 2000 (deg/s).
+    #[arg(long, default_value_t = 500)]
+    gyro_range_dps: u16,
+}
+
+fn parse_i2c_addr(s: &str) -> Result<u8, String> {
+    let v = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u8::from_str_radix(h, 16),
+        None => s.parse(),
+    }
+    .map_err(|_| format!("`{s}` is not an I2C address (e.g. 0x68)"))?;
+    if !(0x08..=0x77).contains(&v) {
+        return Err(format!(
+            "{v:#04x} is outside the 7-bit address range 0x08..=0x77"
+        ));
+    }
+    Ok(v)
+}
+
+#[derive(clap::Args)]
+struct ModelData {
+    /// Model: an ONNX file (weights as initializers) or a .fedge blob.
+    #[arg(long)]
+    model: PathBuf,
+    /// Data: mnist[:DIR], shakespeare[:FILE], text:FILE, idx:IMAGES,LABELS
+    /// or imu:STORE_DIR.
+    #[arg(long, default_value = "mnist")]
+    data: String,
+    /// For text: a window starts every STRIDE characters.
+    #[arg(long, default_value_t = 7)]
+    stride: usize,
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    md: ModelData,
+    /// Training samples.
+    #[arg(long, default_value = "0..8000")]
+    train: String,
+    /// Held-out samples.
+    #[arg(long, default_value = "8000..10000")]
+    test: String,
+    #[arg(long, default_value_t = 10)]
+    epochs: u32,
+    #[arg(long, default_value_t = 32)]
+    batch: u32,
+    #[arg(long, default_value_t = 0.05)]
+    lr: f32,
+    /// Multiply the learning rate by this after each epoch.
+    #[arg(long, default_value_t = 1.0)]
+    lr_decay: f32,
+    /// sgd, adam or adamw.
+    #[arg(long, default_value = "sgd")]
+    optimizer: String,
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f32,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f32,
+    /// Parameter-name patterns to keep frozen (`*` wildcards), repeatable.
+    #[arg(long)]
+    freeze: Vec<String>,
+    /// Executor: cpu (tract), gpu (wgpu; an error without a GPU) or auto
+    /// (a hardware GPU when one is usable, else tract with a warning).
+    #[arg(long, default_value = "cpu")]
+    executor: ExecutorKind,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write the trained model here (.onnx or .fedge).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Write per-epoch results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct InferArgs {
+    #[command(flatten)]
+    md: ModelData,
+    /// Samples to run.
+    #[arg(long, default_value = "8000..8010")]
+    range: String,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Where to write the JSON report.
+    #[arg(long, default_value = "bench-train.json")]
+    out: PathBuf,
+    /// Seconds to time each configuration.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Executor to benchmark: cpu (tract), gpu (wgpu) or auto.
+    #[arg(long, default_value = "cpu")]
+    executor: ExecutorKind,
+    /// Benchmark tract and the GPU executor on the same configurations and
+    /// report both, with the adapter's name.
+    #[arg(long)]
+    compare: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.cmd {
+        Cmd::Identity { state_dir } => {
+            let key = identity::load_or_create(&state_dir)?;
+            println!("{}", hex::encode(key.verifying_key().to_bytes()));
+            Ok(())
+        }
+        Cmd::Run(a) => run(a),
+        Cmd::Train(a) => train(a),
+        Cmd::Infer(a) => infer(a),
+        Cmd::Bench(a) => bench(a),
+        Cmd::Collect(a) => collect(a),
+    }
+}
+
+fn load_model(path: &Path) -> anyhow::Result<ModelBlob> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read model {}", path.display()))?;
+    if path.extension().is_some_and(|e| e == "fedge") {
+        Ok(ModelBlob::decode(&bytes, &Limits::default())
+            .with_context(|| format!("model {}", path.display()))?)
+    } else {
+        Ok(import_onnx(&bytes).with_context(|| format!("model {}", path.display()))?)
+    }
+}
+
+fn load_data(md: &ModelData, graph: &ModelGraph) -> anyhow::Result<Dataset> {
+    let spec = DataSpec::parse(&md.data)?;
+    let context = graph.sample_shape().first().copied().unwrap_or(1);
+    let data = spec.load(context, md.stride)?;
+    anyhow::ensure!(
+        data.sample_shape == graph.sample_shape(),
+        "data samples are shaped {:?}, the model takes {:?}",
+        data.sample_shape,
+        graph.sample_shape()
+    );
+    Ok(data)
+}
+
+fn subset(data: &Dataset, range: &str) -> anyhow::Result<Dataset> {
+    let r = parse_range(range)?;
+    anyhow::ensure!(
+        r.end <= data.len(),
+        "range {range} is past the {} samples available",
+        data.len()
+    );
+    Ok(data.slice(r))
+}
+
+fn optimizer(name: &str) -> anyhow::Result<Optimizer> {
+    Ok(match name {
+        "sgd" => Optimizer::Sgd,
+        "adam" => Optimizer::Adam,
+        "adamw" => Optimizer::AdamW,
+        o => anyhow::bail!("optimizer `{o}`: expected sgd, adam or adamw"),
+    })
+}
+
+#[derive(serde::Serialize)]
+struct EpochRow {
+    epoch: u32,
+    lr: f32,
+    train_loss: f64,
+    test_accuracy: f64,
+    test_loss: f64,
+    seconds: f64,
+}
+
+fn train(a: TrainArgs) -> anyhow::Result<()> {
+    let blob = load_model(&a.md.model)?;
+    let graph = ModelGraph::from_blob(&blob)?;
+    let data = load_data(&a.md, &graph)?;
+    let train = subset(&data, &a.train)?;
+    let test = subset(&data, &a.test)?;
+    let mut plan = TrainingPlan {
+        local_epochs: 1,
+        batch_size: a.batch,
+        learning_rate: a.lr,
+        optimizer: optimizer(&a.optimizer)?,
+        momentum: a.momentum,
+        weight_decay: a.weight_decay,
+        loss: Loss::SoftmaxCrossEntropy,
+        freeze: a.freeze.clone(),
+        ..TrainingPlan::default()
+    };
+    let mut ex = select_executor(a.executor, &graph, compile_options(&plan))?;
+    ex.load(&blob.params.values)?;
+    let mut inf = TractInference::new(&graph, 250)?;
+    let counts = test.label_counts();
+    let majority = *counts.iter().max().unwrap_or(&0) as f64 / test.len() as f64;
+    println!(
+        "model {} ({} parameters), {} training and {} held-out samples, most-frequent-label baseline {:.4}",
+        a.md.model.display(),
+        blob.params.values.len(),
+        train.len(),
+        test.len(),
+        majority
+    );
+    println!("executor {}", ex.name());
+    println!(
+        "{:>5} {:>9} {:>10} {:>9} {:>9} {:>7}",
+        "epoch", "lr", "train_loss", "test_acc", "test_loss", "secs"
+    );
+    let mut rows = Vec::new();
+    for epoch in 1..=a.epochs {
+        let t = Instant::now();
+        let bar = indicatif::ProgressBar::new((train.len() / a.batch as usize) as u64).with_style(
+            indicatif::ProgressStyle::with_template(
+                "epoch {prefix} [{bar:30}] {pos}/{len} steps, loss {msg}",
+            )
+            .expect("template")
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(epoch.to_string());
+        let stats = local::train(
+            ex.as_mut(),
+            &train,
+            &plan,
+            a.seed.wrapping_add(u64::from(epoch)),
+            |s, _, l| {
+                bar.set_position(s);
+                if s % 20 == 0 {
+                    bar.set_message(format!("{l:.4}"));
+                }
+            },
+        )?;
+        bar.finish_and_clear();
+        inf.load(&ex.params()?)?;
+        let e = local::evaluate(&inf, &test)?;
+        let row = EpochRow {
+            epoch,
+            lr: plan.learning_rate,
+            train_loss: stats.mean_loss,
+            test_accuracy: e.accuracy,
+            test_loss: e.loss,
+            seconds: t.elapsed().as_secs_f64(),
+        };
+        println!(
+            "{:>5} {:>9.5} {:>10.4} {:>9.4} {:>9.4} {:>7.1}",
+            row.epoch, row.lr, row.train_loss, row.test_accuracy, row.test_loss, row.seconds
+        );
+        rows.push(row);
+        plan.learning_rate *= a.lr_decay;
+    }
+    if let Some(out) = &a.out {
+        let trained = ModelBlob {
+            onnx_graph: blob.onnx_graph.clone(),
+            params: fedge_proto::Params::new(blob.params.layout.clone(), ex.params()?)?,
+        };
+        let bytes = if out.extension().is_some_and(|e| e == "fedge") {
+            trained.encode().to_vec()
+        } else {
+            export_onnx(&trained)?
+        };
+        fedge_proto::io::write_atomic(out, &bytes, None)
+            .with_context(|| format!("cannot write {}", out.display()))?;
+        println!("trained model written to {}", out.display());
+    }
+    if let Some(path) = &a.json {
+        let json = serde_json::json!({
+            "model": a.md.model.display().to_string(),
+            "parameters": blob.params.values.len(),
+            "train_samples": train.len(),
+            "test_samples": test.len(),
+            "majority_baseline": majority,
+            "epochs": rows,
+        });
+        fedge_proto::io::write_atomic(path, serde_json::to_string_pretty(&json)?.as_bytes(), None)?;
+    }
+    Ok(())
+}
+
+fn infer(a: InferArgs) -> anyhow::Result<()> {
+    let blob = load_model(&a.md.model)?;
+    let graph = ModelGraph::from_blob(&blob)?;
+    let data = subset(&load_data(&a.md, &graph)?, &a.range)?;
+    let mut inf = TractInference::new(&graph, data.len())?;
+    inf.load(&blob.params.values)?;
+    let (mut xf, mut xi, mut y) = (Vec::new(), Vec::new(), Vec::new());
+    let idx: Vec<usize> = (0..data.len()).collect();
+    data.gather(&idx, &mut xf, &mut xi, &mut y);
+    let x = match data.features {
+        fedge_engine::data::Features::F32(_) => Batch::F32(&xf),
+        fedge_engine::data::Features::I64(_) => Batch::I64(&xi),
+    };
+    let out = inf.run(x)?;
+    let k = inf.outputs_per_sample;
+    let mut correct = 0;
+    println!(
+        "{:>6} {:>6} {:>9} {:>8}",
+        "sample", "label", "predicted", "prob"
+    );
+    for (i, row) in out.chunks(k).enumerate() {
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let z: f32 = row.iter().map(|v| (v - m).exp()).sum();
+        let (arg, _) = row
+            .iter()
+            .enumerate()
+            .fold((0, f32::NEG_INFINITY), |(bi, bv), (j, &v)| {
+                if v > bv { (j, v) } else { (bi, bv) }
+            });
+        correct += usize::from(arg as i64 == y[i]);
+        println!(
+            "{:>6} {:>6} {:>9} {:>8.4}",
+            i,
+            y[i],
+            arg,
+            (row[arg] - m).exp() / z
+        );
+    }
+    println!("accuracy {}/{}", correct, data.len());
+    Ok(())
+}
+
+fn bench(a: BenchArgs) -> anyhow::Result<()> {
+    let data =
+        fedge_engine::data::load_mnist(&fedge_engine::data::shipped_data_dir())?.slice(0..2048);
+    let min_time = Duration::from_secs_f64(a.seconds);
+    let json = if a.compare {
+        let adapter = fedge_engine::train::gpu::adapter_name()?;
+        println!("GPU adapter: {adapter}");
+        let cpu = bench_suite(ExecutorKind::Cpu, &data, min_time)?;
+        let gpu = bench_suite(ExecutorKind::Gpu, &data, min_time)?;
+        let rows = fedge_engine::bench::compare_rows(&cpu, &gpu);
+        println!(
+            "{:<4} {:>5} {:>14} {:>14} {:>8}",
+            "", "batch", "tract samp/s", "wgpu samp/s", "speedup"
+        );
+        for r in &rows {
+            println!(
+                "{:<4} {:>5} {:>14.1} {:>14.1} {:>7.2}x",
+                r.model, r.batch, r.tract_samples_per_s, r.gpu_samples_per_s, r.speedup
+            );
+        }
+        serde_json::to_string_pretty(&fedge_engine::bench::CompareReport {
+            adapter,
+            rows,
+            cpu,
+            gpu,
+        })?
+    } else {
+        serde_json::to_string_pretty(&bench_suite(a.executor, &data, min_time)?)?
+    };
+    fedge_proto::io::write_atomic(&a.out, json.as_bytes(), None)?;
+    println!("report written to {}", a.out.display());
+    Ok(())
+}
+
+/// MLP and CNN at batch 32 and 64 on one executor.
+fn bench_suite(
+    kind: ExecutorKind,
+    data: &Dataset,
+    min_time: Duration,
+) -> anyhow::Result<fedge_engine::bench::BenchReport> {
+    let mut steps: Vec<fedge_engine::bench::StepBench> = Vec::new();
+    for (name, model) in [
+        ("cnn", fedge_engine::zoo::cnn(2)),
+        ("mlp", fedge_engine::zoo::mlp(1)),
+    ] {
+        for batch in [32, 64] {
+            eprintln!("benchmarking {name} at batch {batch} ({kind})...");
+            let r = fedge_engine::bench::bench_model_on(kind, name, &model, data, batch, min_time)?;
+            match (r.matmul_baseline_gflops, r.ratio_to_matmul) {
+                (Some(base), Some(ratio)) => println!(
+                    "{:<4} batch {:>3}: {:>8.1} samples/s, {:>6.2} GFLOP/s achieved, tract matmul on the same shapes {:>6.2} GFLOP/s (ratio {:.2})",
+                    r.model, r.batch, r.samples_per_s, r.achieved_gflops, base, ratio
+                ),
+                _ => println!(
+                    "{:<4} batch {:>3}: {:>8.1} samples/s, {:>6.2} GFLOP/s achieved on {}",
+                    r.model, r.batch, r.samples_per_s, r.achieved_gflops, r.executor
+                ),
+            }
+            steps.push(r);
+        }
+    }
+    // Peak RSS so far: the CNN ran first and dominates.
+    let executor = steps
+        .first()
+        .map(|s| s.executor.clone())
+        .unwrap_or_else(|| "tract-cpu".into());
+    let report = fedge_engine::bench::BenchReport {
+        adapter: (executor != "tract-cpu").then(|| executor.clone()),
+        executor,
+        threads: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        steps,
+        peak_rss_mib_after_cnn: fedge_engine::bench::peak_rss_mib(),
+    };
+    if let Some(rss) = report.peak_rss_mib_after_cnn {
+        println!("peak RSS {rss:.1} MiB");
+    }
+    Ok(report)
+}
+
+fn run(a: RunArgs) -> anyhow::Result<()> {
+    let aggregator = a
+        .aggregator
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve aggregator address `{}`", a.aggregator))?
+        .next()
+        .with_context(|| format!("aggregator address `{}` resolves to nothing", a.aggregator))?;
+    let trust = match (&a.pin, a.trust_on_first_use) {
+        (Some(p), _) => Trust::Pinned(parse_fingerprint(p)?),
+        (None, true) => Trust::FirstUse {
+            path: a.state_dir.join("aggregator.pin"),
+        },
+        (None, false) => anyhow::bail!(
+            "no way to trust the aggregator: pass --pin FINGERPRINT (see `fedge-aggregator fingerprint`) or --trust-on-first-use"
+        ),
+    };
+    let trainer: Box<dyn Trainer> = match (a.known_update, &a.data) {
+        (Some(value), _) => Box::new(KnownUpdate {
+            value,
+            sample_count: a.samples,
+        }),
+        (None, Some(spec)) => {
+            // The model's input shape is only known once it is downloaded;
+            // text windows use the zoo's context length.
+            let mut data = DataSpec::parse(spec)?.load(fedge_engine::zoo::CHAR_CONTEXT, 7)?;
+            if let Some(r) = &a.range {
+                data = subset(&data, r)?;
+            }
+            Box::new(OnnxTrainer::new(data, a.seed).with_executor(a.executor))
+        }
+        (None, None) => anyhow::bail!(
+            "nothing to train on: pass --data SPEC (e.g. --data mnist --range 0..400), or --known-update VALUE for protocol checks"
+        ),
+    };
+    let eligibility = device_policy(&a)?;
+    let key = identity::load_or_create(&a.state_dir)?;
+    let cfg = DriverConfig {
+        aggregator,
+        server_name: a.server_name,
+        trust,
+        session: SessionConfig {
+            heartbeat_interval: Duration::from_millis(a.heartbeat_ms),
+            reconnect_attempts_max: a.reconnect_attempts,
+            seed: a.seed,
+            ..SessionConfig::default()
+        },
+        timing: QuicTiming {
+            keep_alive: Duration::from_millis(a.keepalive_ms),
+            idle_timeout: Duration::from_millis(a.idle_timeout_ms),
+        },
+        state_dir: Some(a.state_dir.clone()),
+        connect_timeout: Duration::from_secs(10),
+        eligibility,
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    let report = rt.block_on(run_device(cfg, key, trainer))?;
+    println!(
+        "finished rounds_contributed={} final_version={} rejections={}",
+        report.rounds_contributed,
+        report.final_version.to_hex(),
+        report.rejections.len()
+    );
+    Ok(())
+}
+
+/// The device policy from the flags; `None` when nothing is required. The
+/// source is read once here so a wrong `--power-supply-root` fails now,
+/// not silently at every check.
+fn device_policy(a: &RunArgs) -> anyhow::Result<Option<policy::Gate>> {
+    let p = policy::Policy {
+        require_charging: a.require_charging,
+        battery_floor_percent: a.battery_floor,
+        ..policy::Policy::default()
+    };
+    p.validate()?;
+    if p.is_permissive() {
+        return Ok(None);
+    }
+    let source = policy::PowerSupplySysfs::new(&a.power_supply_root);
+    let now = policy::EligibilitySource::conditions(&source)
+        .context("cannot read the device's power state for the device policy")?;
+    let d = p.decide(&now);
+    if d.eligible {
+        tracing::info!(?now, "device policy: eligible now");
+    } else {
+        tracing::info!(reasons = %d.reasons.join("; "), "device policy: not eligible now; will wait");
+    }
+    Ok(Some(policy::Gate::new(
+        std::sync::Arc::new(source),
+        p,
+        Duration::from_millis(a.eligibility_check_ms),
+    )))
+}
+
+fn collect(a: CollectArgs) -> anyhow::Result<()> {
+    use fedge_device::sensor::mpu6050::{AccelRange, Config, GyroRange};
+    use fedge_device::sensor::window::{ActivityClasses, WindowSpec};
+    let spec = WindowSpec {
+        samples: a.window,
+        rate_hz: a.rate_hz,
+    };
+    spec.validate()?;
+    let classes = ActivityClasses::parse(&a.classes)?;
+    let accel_range = match a.accel_range_g {
+        2 => AccelRange::G2,
+        4 => AccelRange::G4,
+        8 => AccelRange::G8,
+        16 => AccelRange::G16,
+        g => anyhow::bail!("--accel-range-g {g}: use 2, 4, 8 or 16"),
+    };
+    let gyro_range = match a.gyro_range_dps {
+        250 => GyroRange::Dps250,
+        500 => GyroRange::Dps500,
+        1000 => GyroRange::Dps1000,
+        2000 => GyroRange::Dps2000,
+        d => anyhow::bail!("--gyro-range-dps {d}: use 250, 500, 1000 or 2000"),
+    };
+    let cfg = Config {
+        accel_range,
+        gyro_range,
+        ..Config::default()
+    };
+    let fixed = a.label.as_deref().map(|l| classes.require(l)).transpose()?;
+    std::fs::create_dir_all(&a.store)
+        .with_context(|| format!("cannot create the sample store {}", a.store.display()))?;
+    let mut store = fedge_device::store::SampleStore::open_or_create(
+        &a.store,
+        spec.record_bytes(),
+        a.store_windows,
+    )?;
+    if store.skipped_on_open() > 0 {
+        tracing::warn!(
+            skipped = store.skipped_on_open(),
+            "sample store had unreadable records (a write cut short by a crash); they were skipped"
+        );
+    }
+    collect_from_sensor(&a, spec, cfg, classes, fixed, &mut store)
+}
+
+#[cfg(feature = "sensors-linux")]
+fn collect_from_sensor(
+    a: &CollectArgs,
+    spec: fedge_device::sensor::window::WindowSpec,
+    cfg: fedge_device::sensor::mpu6050::Config,
+    classes: fedge_device::sensor::window::ActivityClasses,
+    fixed: Option<u32>,
+    store: &mut fedge_device::store::SampleStore,
+) -> anyhow::Result<()> {
+    use fedge_device::sensor::window::{
+        FileLabel, FixedLabel, FixedRate, LabelSource, collect_window,
+    };
+    let bus = fedge_device::sensor::linux::open(&a.i2c)?;
+    let mut imu = fedge_device::sensor::mpu6050::Mpu6050::new(bus, a.addr, cfg)?;
+    // Let the gyro PLL settle after wake-up before the first window.
+    std::thread::sleep(Duration::from_millis(100));
+    let mut labels: Box<dyn LabelSource> = match (fixed, &a.label_file) {
+        (Some(l), _) => Box::new(FixedLabel(l)),
+        (None, Some(path)) => Box::new(FileLabel {
+            path: path.clone(),
+            classes,
+        }),
+        (None, None) => anyhow::bail!("pass --label ACTIVITY or --label-file FILE"),
+    };
+    let mut pacer = FixedRate::new(spec.period());
+    let (mut stored, mut dropped) = (0u64, 0u64);
+    tracing::info!(
+        i2c = %a.i2c.display(), addr = format!("{:#04x}", a.addr), store = %store.path().display(),
+        "collecting {}-sample windows at {} Hz", spec.samples, spec.rate_hz
+    );
+    while a.windows == 0 || stored < a.windows {
+        match collect_window(&mut imu, labels.as_mut(), &spec, &mut pacer)? {
+            Some(w) => {
+                let seq = store.append(&w.encode())?;
+                stored += 1;
+                tracing::info!(seq, label = w.label, "window stored");
+            }
+            None => {
+                dropped += 1;
+                tracing::debug!("window dropped: untagged, or the tag changed");
+            }
+        }
+    }
+    println!(
+        "stored {stored} windows ({dropped} dropped untagged), store holds {} of {}; {} late samples",
+        store.len(),
+        store.capacity(),
+        pacer.overruns
+    );
+    Ok(())
+}
+
+#[cfg(not(feature = "sensors-linux"))]
+fn collect_from_sensor(
+    _: &CollectArgs,
+    _: fedge_device::sensor::window::WindowSpec,
+    _: fedge_device::sensor::mpu6050::Config,
+    _: fedge_device::sensor::window::ActivityClasses,
+    _: Option<u32>,
+    _: &mut fedge_device::store::SampleStore,
+) -> anyhow::Result<()> {
+    anyhow::bail!(
+        "this fedge-device was built without Linux sensor support: rebuild with `cargo build -p fedge-device --features sensors-linux`"
+    )
+}

@@ -1,0 +1,517 @@
+//! Gradient rules, one per op, written in plain ONNX ops that tract runs.
+//! Each rule receives the gradient of the node's first output and returns
+//! the gradient of each input that needs one. Every rule is checked against
+//! central finite differences in `runtime/engine/tests/grad_check.rs`.
+
+use tract_onnx::pb::NodeProto;
+
+use super::TrainError;
+use super::compile::Builder;
+use super::onnx::{self, F32, attr_f, attr_i, attr_ints};
+use super::shape::{Window, spatial_attrs};
+
+/// Ops with a gradient rule.
+pub const SUPPORTED: &[&str] = &[
+    "Gemm",
+    "MatMul",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Relu",
+    "LeakyRelu",
+    "Sigmoid",
+    "Tanh",
+    "Exp",
+    "Neg",
+    "Sqrt",
+    "Conv",
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "Flatten",
+    "Reshape",
+    "Squeeze",
+    "Unsqueeze",
+    "Transpose",
+    "Concat",
+    "Softmax",
+    "LogSoftmax",
+    "Gather",
+    "LayerNormalization",
+    "Dropout",
+    "Identity",
+];
+
+pub fn has_rule(op: &str) -> bool {
+    SUPPORTED.contains(&op)
+}
+
+fn unsupported(node: &NodeProto, reason: impl Into<String>) -> TrainError {
+    TrainError::UnsupportedForm {
+        op: node.op_type.clone(),
+        node: node.name.clone(),
+        reason: reason.into(),
+    }
+}
+
+/// Gradients of `node`'s inputs given `gy`, the gradient of its output.
+pub fn backward(
+    b: &mut Builder,
+    node: &NodeProto,
+    gy: &str,
+    needs: &[bool],
+) -> Result<Vec<Option<String>>, TrainError> {
+    let n = node.input.len();
+    let mut out: Vec<Option<String>> = vec![None; n];
+    let x = |i: usize| node.input[i].as_str();
+    let y = node.output[0].as_str();
+    match node.op_type.as_str() {
+        "Identity" | "Dropout" => out[0] = Some(gy.to_string()),
+        "Neg" => out[0] = Some(b.unary("Neg", gy)?),
+        "Add" | "Sub" => {
+            for i in 0..2 {
+                if needs[i] {
+                    let xs = b.shape(x(i));
+                    let g = if i == 1 && node.op_type == "Sub" {
+                        b.unary("Neg", gy)?
+                    } else {
+                        gy.to_string()
+                    };
+                    out[i] = Some(b.unbroadcast(&g, &xs)?);
+                }
+            }
+        }
+        "Mul" => {
+            for i in 0..2 {
+                if needs[i] {
+                    let xs = b.shape(x(i));
+                    let g = b.binary("Mul", gy, x(1 - i))?;
+                    out[i] = Some(b.unbroadcast(&g, &xs)?);
+                }
+            }
+        }
+        "Div" => {
+            if needs[0] {
+                let xs = b.shape(x(0));
+                let g = b.binary("Div", gy, x(1))?;
+                out[0] = Some(b.unbroadcast(&g, &xs)?);
+            }
+            if needs[1] {
+                // d(a/b)/db = -y/b
+                let xs = b.shape(x(1));
+                let gyy = b.binary("Mul", gy, y)?;
+                let q = b.binary("Div", &gyy, x(1))?;
+                let neg = b.unary("Neg", &q)?;
+                out[1] = Some(b.unbroadcast(&neg, &xs)?);
+            }
+        }
+        "Relu" | "LeakyRelu" => {
+            let zero = b.scalar(0.0);
+            let mask = b.binary("Greater", x(0), &zero)?;
+            let other = if node.op_type == "Relu" {
+                zero.clone()
+            } else {
+                b.scale(gy, attr_f(node, "alpha").unwrap_or(0.01))?
+            };
+            out[0] = Some(b.op("Where", &[&mask, gy, &other], vec![])?);
+        }
+        "Sigmoid" => {
+            let one = b.scalar(1.0);
+            let om = b.binary("Sub", &one, y)?;
+            let d = b.binary("Mul", y, &om)?;
+            out[0] = Some(b.binary("Mul", gy, &d)?);
+        }
+        "Tanh" => {
+            let one = b.scalar(1.0);
+            let y2 = b.binary("Mul", y, y)?;
+            let d = b.binary("Sub", &one, &y2)?;
+            out[0] = Some(b.binary("Mul", gy, &d)?);
+        }
+        "Exp" => out[0] = Some(b.binary("Mul", gy, y)?),
+        "Sqrt" => {
+            let g = b.binary("Div", gy, y)?;
+            out[0] = Some(b.scale(&g, 0.5)?);
+        }
+        "Flatten" | "Reshape" | "Squeeze" | "Unsqueeze" => {
+            let xs = b.shape(x(0));
+            out[0] = Some(b.reshape(gy, &xs)?);
+        }
+        "Transpose" => {
+            let r = b.shape(x(0)).len();
+            let perm: Vec<usize> = attr_ints(node, "perm")
+                .map(|p| p.into_iter().map(|v| v as usize).collect())
+                .unwrap_or_else(|| (0..r).rev().collect());
+            let mut inv = vec![0; r];
+            for (i, &p) in perm.iter().enumerate() {
+                inv[p] = i;
+            }
+            out[0] = Some(b.transpose(gy, &inv)?);
+        }
+        "Concat" => {
+            let r = b.shape(x(0)).len() as i64;
+            let a = attr_i(node, "axis").unwrap_or(0);
+            let a = if a < 0 { a + r } else { a };
+            let mut off = 0i64;
+            for (i, need) in needs.iter().enumerate() {
+                let len = b.shape(x(i))[a as usize] as i64;
+                if *need {
+                    let st = b.const_i64(&[off]);
+                    let en = b.const_i64(&[off + len]);
+                    let ax = b.const_i64(&[a]);
+                    out[i] = Some(b.op("Slice", &[gy, &st, &en, &ax], vec![])?);
+                }
+                off += len;
+            }
+        }
+        "Softmax" | "LogSoftmax" => {
+            let r = b.shape(x(0)).len() as i64;
+            let a = attr_i(node, "axis").unwrap_or(-1);
+            let a = (if a < 0 { a + r } else { a }) as usize;
+            if node.op_type == "Softmax" {
+                // dx = y * (g - sum(g * y))
+                let gyy = b.binary("Mul", gy, y)?;
+                let s = b.reduce_sum(&gyy, &[a], true)?;
+                let d = b.binary("Sub", gy, &s)?;
+                out[0] = Some(b.binary("Mul", y, &d)?);
+            } else {
+                // dx = g - exp(y) * sum(g)
+                let s = b.reduce_sum(gy, &[a], true)?;
+                let p = b.unary("Exp", y)?;
+                let ps = b.binary("Mul", &p, &s)?;
+                out[0] = Some(b.binary("Sub", gy, &ps)?);
+            }
+        }
+        "Gemm" => gemm(b, node, gy, needs, &mut out)?,
+        "MatMul" => matmul(b, node, gy, needs, &mut out)?,
+        "Conv" => conv(b, node, gy, needs, &mut out)?,
+        "MaxPool" | "AveragePool" => pool(b, node, gy, &mut out)?,
+        "GlobalAveragePool" => {
+            let xs = b.shape(x(0));
+            let hw: usize = xs[2..].iter().product();
+            let sh: Vec<i64> = xs.iter().map(|&d| d as i64).collect();
+            let sh = b.const_i64(&sh);
+            let e = b.op("Expand", &[gy, &sh], vec![])?;
+            out[0] = Some(b.scale(&e, 1.0 / hw as f32)?);
+        }
+        "Gather" => gather(b, node, gy, &mut out)?,
+        "LayerNormalization" => layer_norm(b, node, gy, needs, &mut out)?,
+        other => {
+            return Err(TrainError::UnsupportedOp {
+                op: other.into(),
+                node: node.name.clone(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn gemm(
+    b: &mut Builder,
+    node: &NodeProto,
+    gy: &str,
+    needs: &[bool],
+    out: &mut [Option<String>],
+) -> Result<(), TrainError> {
+    let alpha = attr_f(node, "alpha").unwrap_or(1.0);
+    let beta = attr_f(node, "beta").unwrap_or(1.0);
+    if attr_i(node, "transA").unwrap_or(0) != 0 {
+        return Err(unsupported(node, "transA=1 has no gradient rule"));
+    }
+    let tb = attr_i(node, "transB").unwrap_or(0) != 0;
+    let (a, w) = (node.input[0].as_str(), node.input[1].as_str());
+    if needs[0] {
+        // dA = alpha * G * B'^T
+        out[0] = Some(b.op(
+            "Gemm",
+            &[gy, w],
+            vec![
+                onnx::float("alpha", alpha),
+                onnx::int("transB", (!tb) as i64),
+            ],
+        )?);
+    }
+    if needs[1] {
+        out[1] = Some(if tb {
+            // B is [N, K]: dB = alpha * G^T A
+            b.op(
+                "Gemm",
+                &[gy, a],
+                vec![onnx::float("alpha", alpha), onnx::int("transA", 1)],
+            )?
+        } else {
+            b.op(
+                "Gemm",
+                &[a, gy],
+                vec![onnx::float("alpha", alpha), onnx::int("transA", 1)],
+            )?
+        });
+    }
+    if needs.len() > 2 && needs[2] {
+        let cs = b.shape(&node.input[2]);
+        let g = b.scale(gy, beta)?;
+        out[2] = Some(b.unbroadcast(&g, &cs)?);
+    }
+    Ok(())
+}
+
+fn matmul(
+    b: &mut Builder,
+    node: &NodeProto,
+    gy: &str,
+    needs: &[bool],
+    out: &mut [Option<String>],
+) -> Result<(), TrainError> {
+    let (a, w) = (node.input[0].as_str(), node.input[1].as_str());
+    let (sa, sb) = (b.shape(a), b.shape(w));
+    if needs[0] {
+        let bt = b.transpose_last2(w)?;
+        let g = b.binary("MatMul", gy, &bt)?;
+        out[0] = Some(b.unbroadcast(&g, &sa)?);
+    }
+    if needs[1] {
+        let g = if sb.len() == 2 && sa.len() > 2 {
+            let k = sa[sa.len() - 1];
+            let n = sb[1];
+            let rows: usize = sa[..sa.len() - 1].iter().product();
+            let a2 = b.reshape(a, &[rows, k])?;
+            let g2 = b.reshape(gy, &[rows, n])?;
+            let at = b.transpose(&a2, &[1, 0])?;
+            b.binary("MatMul", &at, &g2)?
+        } else {
+            let at = b.transpose_last2(a)?;
+            let g = b.binary("MatMul", &at, gy)?;
+            b.unbroadcast(&g, &sb)?
+        };
+        out[1] = Some(g);
+    }
+    Ok(())
+}
+
+fn conv(
+    b: &mut Builder,
+    node: &NodeProto,
+    gy: &str,
+    needs: &[bool],
+    out: &mut [Option<String>],
+) -> Result<(), TrainError> {
+    let (x, w) = (node.input[0].as_str(), node.input[1].as_str());
+    let (xs, ws, gs) = (b.shape(x), b.shape(w), b.shape(gy));
+    let Window {
+        kernel: k,
+        strides: st,
+        pads,
+        dilations: dil,
+    } = spatial_attrs(node, ws[2..].to_vec())?;
+    if dil.iter().any(|&d| d != 1) {
+        return Err(unsupported(
+            node,
+            "dilated convolutions have no gradient rule",
+        ));
+    }
+    let to_i = |v: &[usize]| v.iter().map(|&d| d as i64).collect::<Vec<_>>();
+    if needs[0] {
+        // dX = ConvTranspose(G, W) with the forward strides and pads.
+        let mut op_pad = vec![0i64; 2];
+        for i in 0..2 {
+            let full = st[i] * (gs[2 + i] - 1) + k[i];
+            let produced = full - pads[i] - pads[2 + i];
+            op_pad[i] = xs[2 + i] as i64 - produced as i64;
+            if op_pad[i] < 0 || op_pad[i] >= st[i] as i64 {
+                return Err(unsupported(
+                    node,
+                    "no ConvTranspose matches this stride/pad",
+                ));
+            }
+        }
+        out[0] = Some(b.op(
+            "ConvTranspose",
+            &[gy, w],
+            vec![
+                onnx::ints("strides", &to_i(&st)),
+                onnx::ints("pads", &to_i(&pads)),
+                onnx::ints("output_padding", &op_pad),
+                onnx::ints("kernel_shape", &to_i(&k)),
+            ],
+        )?);
+    }
+    if needs[1] {
+        // dW: batch becomes channels; the forward stride becomes dilation.
+        let xt = b.transpose(x, &[1, 0, 2, 3])?;
+        let gt = b.transpose(gy, &[1, 0, 2, 3])?;
+        let dwt = b.op(
+            "Conv",
+            &[&xt, &gt],
+            vec![
+                onnx::ints("pads", &to_i(&pads)),
+                onnx::ints("strides", &[1, 1]),
+                onnx::ints("dilations", &to_i(&st)),
+                onnx::ints("kernel_shape", &[gs[2] as i64, gs[3] as i64]),
+            ],
+        )?;
+        let got = b.shape(&dwt);
+        let dwt = if got[2] != k[0] || got[3] != k[1] {
+            let st0 = b.const_i64(&[0, 0]);
+            let en = b.const_i64(&[k[0] as i64, k[1] as i64]);
+            let ax = b.const_i64(&[2, 3]);
+            b.op("Slice", &[&dwt, &st0, &en, &ax], vec![])?
+        } else {
+            dwt
+        };
+        out[1] = Some(b.transpose(&dwt, &[1, 0, 2, 3])?);
+    }
+    if needs.len() > 2 && needs[2] {
+        out[2] = Some(b.reduce_sum(gy, &[0, 2, 3], false)?);
+    }
+    Ok(())
+}
+
+/// Nearest-neighbour upsampling of `t` ([N,C,h,w]) by (kh, kw), via
+/// Reshape + Expand + Reshape.
+fn upsample(b: &mut Builder, t: &str, kh: usize, kw: usize) -> Result<String, TrainError> {
+    let s = b.shape(t);
+    let (n, c, h, w) = (s[0], s[1], s[2], s[3]);
+    let r = b.reshape(t, &[n, c, h, 1, w, 1])?;
+    let target = b.const_i64(&[n as i64, c as i64, h as i64, kh as i64, w as i64, kw as i64]);
+    let e = b.op("Expand", &[&r, &target], vec![])?;
+    b.reshape(&e, &[n, c, h * kh, w * kw])
+}
+
+fn pool(
+    b: &mut Builder,
+    node: &NodeProto,
+    gy: &str,
+    out: &mut [Option<String>],
+) -> Result<(), TrainError> {
+    let x = node.input[0].as_str();
+    let xs = b.shape(x);
+    let kernel: Vec<usize> = attr_ints(node, "kernel_shape")
+        .unwrap_or_default()
+        .into_iter()
+        .map(|v| v as usize)
+        .collect();
+    let Window {
+        kernel: k,
+        strides: st,
+        pads,
+        dilations: dil,
+    } = spatial_attrs(node, kernel)?;
+    if st != k || pads.iter().any(|&p| p != 0) || dil.iter().any(|&d| d != 1) {
+        return Err(unsupported(
+            node,
+            "pooling gradients need non-overlapping windows (strides == kernel, no pads)",
+        ));
+    }
+    if !xs[2].is_multiple_of(k[0]) || !xs[3].is_multiple_of(k[1]) {
+        return Err(unsupported(
+            node,
+            "pooling gradients need the input divisible by the kernel",
+        ));
+    }
+    out[0] = Some(if node.op_type == "MaxPool" {
+        max_pool_grad(b, x, &node.output[0], gy, k[0], k[1])?
+    } else {
+        let g_up = upsample(b, gy, k[0], k[1])?;
+        b.scale(&g_up, 1.0 / (k[0] * k[1]) as f32)?
+    });
+    Ok(())
+}
+
+/// Route each window's gradient to the first position holding its max
+/// (PyTorch's convention), so ties (flat regions of real images) do not
+/// multiply the gradient.
+fn max_pool_grad(
+    b: &mut Builder,
+    x: &str,
+    y: &str,
+    gy: &str,
+    kh: usize,
+    kw: usize,
+) -> Result<String, TrainError> {
+    let xs = b.shape(x);
+    let (n, c, h, w) = (xs[0], xs[1], xs[2], xs[3]);
+    let (ho, wo) = (h / kh, w / kw);
+    let x6 = b.reshape(x, &[n, c, ho, kh, wo, kw])?;
+    let xt = b.transpose(&x6, &[0, 1, 2, 4, 3, 5])?;
+    let xw = b.reshape(&xt, &[n, c, ho, wo, kh * kw])?;
+    let y5 = b.reshape(y, &[n, c, ho, wo, 1])?;
+    let eq = b.binary("Equal", &xw, &y5)?;
+    let eq = b.cast(&eq, F32)?;
+    let axis = b.const_i64_scalar(4);
+    let cs = b.op("CumSum", &[&eq, &axis], vec![])?;
+    let one = b.scalar(1.0);
+    let is_first = b.binary("Equal", &cs, &one)?;
+    let is_first = b.cast(&is_first, F32)?;
+    let first = b.binary("Mul", &eq, &is_first)?;
+    let g5 = b.reshape(gy, &[n, c, ho, wo, 1])?;
+    let gw = b.binary("Mul", &first, &g5)?;
+    let g6 = b.reshape(&gw, &[n, c, ho, wo, kh, kw])?;
+    let gt = b.transpose(&g6, &[0, 1, 2, 4, 3, 5])?;
+    b.reshape(&gt, &[n, c, h, w])
+}
+
+fn gather(
+    b: &mut Builder,
+    node: &NodeProto,
+    gy: &str,
+    out: &mut [Option<String>],
+) -> Result<(), TrainError> {
+    if attr_i(node, "axis").unwrap_or(0) != 0 {
+        return Err(unsupported(node, "Gather gradients along axis 0 only"));
+    }
+    let (data, idx) = (node.input[0].as_str(), node.input[1].as_str());
+    let ds = b.shape(data);
+    let count: usize = b.shape(idx).iter().product();
+    let rest: usize = ds[1..].iter().product();
+    // dData = onehot(idx)^T . G, with the one-hot built from Equal.
+    let flat = b.reshape(idx, &[count, 1])?;
+    let range: Vec<i64> = (0..ds[0] as i64).collect();
+    let range = b.const_i64(&range);
+    let eq = b.binary("Equal", &flat, &range)?;
+    let onehot = b.cast(&eq, F32)?;
+    let oht = b.transpose(&onehot, &[1, 0])?;
+    let g2 = b.reshape(gy, &[count, rest])?;
+    let d = b.binary("MatMul", &oht, &g2)?;
+    out[0] = Some(b.reshape(&d, &ds)?);
+    Ok(())
+}
+
+fn layer_norm(
+    b: &mut Builder,
+    node: &NodeProto,
+    gy: &str,
+    needs: &[bool],
+    out: &mut [Option<String>],
+) -> Result<(), TrainError> {
+    let x = node.input[0].as_str();
+    let eps = attr_f(node, "epsilon").unwrap_or(1e-5);
+    let mean = b.reduce_mean_last(x)?;
+    let xc = b.binary("Sub", x, &mean)?;
+    let xc2 = b.binary("Mul", &xc, &xc)?;
+    let var = b.reduce_mean_last(&xc2)?;
+    let e = b.scalar(eps);
+    let ve = b.binary("Add", &var, &e)?;
+    let sd = b.unary("Sqrt", &ve)?;
+    let inv = b.unary("Reciprocal", &sd)?;
+    let xh = b.binary("Mul", &xc, &inv)?;
+    if needs.len() > 1 && needs[1] {
+        let ss = b.shape(&node.input[1]);
+        let g = b.binary("Mul", gy, &xh)?;
+        out[1] = Some(b.unbroadcast(&g, &ss)?);
+    }
+    if needs.len() > 2 && needs[2] {
+        let bs = b.shape(&node.input[2]);
+        out[2] = Some(b.unbroadcast(gy, &bs)?);
+    }
+    if needs[0] {
+        let gx = b.binary("Mul", gy, &node.input[1])?;
+        let m1 = b.reduce_mean_last(&gx)?;
+        let gxh = b.binary("Mul", &gx, &xh)?;
+        let m2 = b.reduce_mean_last(&gxh)?;
+        let t = b.binary("Mul", &xh, &m2)?;
+        let d = b.binary("Sub", &gx, &m1)?;
+        let d = b.binary("Sub", &d, &t)?;
+        out[0] = Some(b.binary("Mul", &d, &inv)?);
+    }
+    Ok(())
+}

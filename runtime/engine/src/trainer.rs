@@ -1,0 +1,124 @@
+//! One round of local training on the aggregator's model: what a device
+//! runs when it takes a task. The device crate wraps [`OnnxTrainer`] in
+//! its `Trainer` trait; nothing here knows the protocol or the network.
+
+use fedge_proto::ModelBlob;
+use fedge_proto::msg::TrainingPlan;
+
+use crate::data::Dataset;
+use crate::train::compile::CompileOptions;
+use crate::train::exec::Executor;
+use crate::train::gpu::ExecutorKind;
+
+/// What one round of local training produced.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LocalUpdate {
+    /// New parameters minus the received ones, in the canonical layout.
+    pub delta: Vec<f32>,
+    /// Samples the update was trained on (the local data set's size).
+    pub sample_count: u64,
+    /// Named training metrics (`train_loss`, `steps`).
+    pub metrics: Vec<(String, f64)>,
+}
+
+/// Trains the aggregator's ONNX model on local data with the chosen
+/// executor (tract by default; see [`OnnxTrainer::with_executor`]). The
+/// compiled step is kept across rounds and recompiled only when the graph
+/// or the plan's compile-time settings change.
+pub struct OnnxTrainer {
+    data: Dataset,
+    seed: u64,
+    executor: ExecutorKind,
+    cache: Option<(CacheKey, Box<dyn Executor>)>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct CacheKey {
+    graph: [u8; 32],
+    opts: String,
+}
+
+/// Compile options for a training plan.
+pub fn compile_options(plan: &TrainingPlan) -> CompileOptions {
+    use crate::train::compile::{Mode, OptimizerSpec};
+    CompileOptions {
+        batch: plan.batch_size as usize,
+        loss: plan.loss,
+        optimizer: OptimizerSpec {
+            kind: plan.optimizer,
+            momentum: plan.momentum,
+            weight_decay: plan.weight_decay,
+            ..OptimizerSpec::default()
+        },
+        freeze: plan.freeze.clone(),
+        fedprox_mu: plan.fedprox_mu,
+        mode: Mode::Step,
+    }
+}
+
+impl OnnxTrainer {
+    pub fn new(data: Dataset, seed: u64) -> Self {
+        OnnxTrainer {
+            data,
+            seed,
+            executor: ExecutorKind::Cpu,
+            cache: None,
+        }
+    }
+
+    /// Train with `kind`: cpu (tract), gpu (wgpu; training fails without a
+    /// usable GPU) or auto (a hardware GPU when usable, else tract, logged).
+    pub fn with_executor(mut self, kind: ExecutorKind) -> Self {
+        self.executor = kind;
+        self
+    }
+
+    pub fn data(&self) -> &Dataset {
+        &self.data
+    }
+
+    /// Train round `round_id` of `model` under `plan` on the local data,
+    /// starting from the model's parameters; the round's seed is
+    /// `seed ^ round_id`.
+    pub fn train_round(
+        &mut self,
+        round_id: u64,
+        model: &ModelBlob,
+        plan: &TrainingPlan,
+    ) -> anyhow::Result<LocalUpdate> {
+        let opts = compile_options(plan);
+        let key = CacheKey {
+            graph: *blake3::hash(&model.onnx_graph).as_bytes(),
+            opts: format!("{opts:?}"),
+        };
+        if self.cache.as_ref().map(|(k, _)| k) != Some(&key) {
+            let graph = crate::train::import::ModelGraph::from_blob(model)?;
+            let ex = crate::train::gpu::select_executor(self.executor, &graph, opts)?;
+            tracing::info!(executor = %ex.name(), "training step compiled");
+            self.cache = Some((key, ex));
+        }
+        let (_, ex) = self.cache.as_mut().expect("just set");
+        ex.load(&model.params.values)?;
+        let stats = crate::train::local::train(
+            ex.as_mut(),
+            &self.data,
+            plan,
+            self.seed ^ round_id,
+            |_, _, _| {},
+        )?;
+        let new = ex.params()?;
+        let delta: Vec<f32> = new
+            .iter()
+            .zip(&model.params.values)
+            .map(|(n, o)| n - o)
+            .collect();
+        Ok(LocalUpdate {
+            delta,
+            sample_count: self.data.len() as u64,
+            metrics: vec![
+                ("train_loss".into(), stats.mean_loss),
+                ("steps".into(), stats.steps as f64),
+            ],
+        })
+    }
+}
