@@ -414,8 +414,9 @@ impl AggregatorConfig {
         if self.stakes.is_none() && !self.weights.allow_unknown {
             return Err(ConfigError::Invalid(
                 "no stake registry: every device would be refused. Set stakes = \"FILE\" \
-                 (lines `<hex public key> <stake>`), or weights.allow_unknown = true to let any \
-                 key take part with stake 0 (open enrolment: free keys are Sybils)"
+                 (lines `<hex public key> <stake>`; --stakes FILE), or weights.allow_unknown = true \
+                 with weights.stake = { kind = \"constant\" } to let any key take part with equal \
+                 stake (open enrolment: free keys are Sybils)"
                     .into(),
             ));
         }

@@ -32,6 +32,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Serve rounds until the configured number is published.
+    ///
+    /// The defaults are for an open network: a stake registry (--stakes)
+    /// decides who takes part, no device holds more than 20% of a round's
+    /// weight, sample counts count up to 1000, updates are clipped to twice
+    /// the previous round's median norm and combined by a 20% trimmed mean,
+    /// and a round needs 2 updates. `--print-config` shows every setting.
+    #[command(verbatim_doc_comment)]
     Serve(ServeArgs),
     /// Print the TLS certificate fingerprint devices must pin (creates the
     /// identity if the state directory has none).
@@ -112,6 +119,17 @@ struct ServeArgs {
     /// Keep serving after the last round.
     #[arg(long)]
     serve_forever: bool,
+    /// Stake registry: a file of `<hex public key> <stake>` lines, reloaded
+    /// when it changes. Devices missing from it get no weight unless the
+    /// config sets `weights.allow_unknown = true` (open enrolment).
+    #[arg(long)]
+    stakes: Option<PathBuf>,
+    /// Start even when the configuration lets one participant dominate a
+    /// round (no share cap, a single-device round, a plain mean without a
+    /// norm bound). Only for closed fleets you trust: on an open network a
+    /// device that lies about its sample count then owns the model.
+    #[arg(long)]
+    i_know_this_is_unsafe: bool,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -232,6 +250,12 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     }
     if a.serve_forever {
         cfg.server.serve_forever = true;
+    }
+    if let Some(v) = a.stakes {
+        cfg.stakes = Some(v);
+    }
+    if a.i_know_this_is_unsafe {
+        cfg.i_know_this_is_unsafe = true;
     }
     if a.print_config {
         print!("{}", toml::to_string(&cfg)?);

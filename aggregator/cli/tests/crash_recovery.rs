@@ -10,7 +10,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 mod procs;
-use procs::{Proc, wait_exit};
+use procs::{Proc, closed_fleet_config, wait_exit};
 
 use fedge_proto::{Limits, ModelBlob, ParamLayout, Params, TensorSpec};
 
@@ -22,6 +22,10 @@ fn start_aggregator(listen: &str, state: &Path, model: &Path) -> (Proc, String, 
     let mut p = Proc(
         Command::new(bin("fedge-aggregator"))
             .args(["serve", "--listen", listen, "--rounds", "1"])
+            .arg("--config")
+            .arg(closed_fleet_config(
+                state.parent().expect("state has a parent"),
+            ))
             .args([
                 "--devices-per-round",
                 "3",

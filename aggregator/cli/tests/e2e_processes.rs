@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod procs;
-use procs::{Proc, wait_exit};
+use procs::{Proc, closed_fleet_config, wait_exit};
 
 use fedge_proto::{Limits, ModelBlob, ParamLayout, Params, TensorSpec};
 
@@ -92,6 +92,8 @@ fn aggregator_and_three_device_processes_complete_two_rounds() {
     let mut agg = Proc(
         Command::new(aggregator_bin())
             .args(["serve", "--listen", "127.0.0.1:0", "--rounds", "2"])
+            .arg("--config")
+            .arg(closed_fleet_config(dir.path()))
             .args(["--devices-per-round", "3", "--min-devices", "3"])
             .arg("--state-dir")
             .arg(&agg_state)

@@ -28,3 +28,26 @@ pub fn wait_exit(p: &mut Proc, limit: Duration) -> ExitStatus {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Writes the configuration of a closed test fleet whose aggregate can be
+/// computed by hand (plain sample-weighted FedAvg, any key takes part):
+/// what `serve` refuses by default, so it says `i_know_this_is_unsafe`.
+pub fn closed_fleet_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("closed-fleet.toml");
+    std::fs::write(
+        &path,
+        r#"i_know_this_is_unsafe = true
+
+[weights]
+stake = { kind = "constant" }
+samples = { kind = "linear" }
+max_share = 1.0
+allow_unknown = true
+
+[strategy]
+combine = { kind = "mean" }
+"#,
+    )
+    .expect("write the test config");
+    path
+}
