@@ -494,7 +494,11 @@ async fn on_event(
                     round_id,
                     accepted,
                     "round aborted: too few updates by the deadline"
-                )
+                );
+                // Recorded, so a restart never reuses the round's id (and
+                // its acknowledged updates, dropped with it, never come
+                // back into a later round under the same id).
+                store.skip_round(round_id).await?
             }
         },
         Event::ModelPublished {

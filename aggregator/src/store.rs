@@ -381,3 +381,24 @@ impl Store {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An aborted round moves the resume point past it, across a reopen,
+    /// so its id is never used again.
+    #[tokio::test]
+    async fn aborted_rounds_are_never_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).await.unwrap();
+        assert_eq!(store.resume_point().next_round_id, 1);
+        store.skip_round(1).await.unwrap();
+        store.skip_round(2).await.unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).await.unwrap();
+        let resume = store.resume_point();
+        assert_eq!(resume.next_round_id, 3);
+        assert_eq!(resume.published_rounds, 0);
+    }
+}
