@@ -1,33 +1,36 @@
 //! The exported device: model, local training, signed updates, rounds.
+//!
+//! This module is the exported surface: the `Device` object, the records,
+//! the exported methods and functions stay here, because UniFFI records
+//! `module_path!()` in each item's metadata and the bindings' checksums
+//! hash it (moving one changes the generated Kotlin and Swift). The work
+//! behind them lives in the submodules.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use fedge_device::compress::{Compressor, round_seed};
-use fedge_device::driver::{DriverConfig, DriverError, run_device};
+use fedge_device::driver::{DriverConfig, run_device};
+use fedge_device::identity;
 use fedge_device::session::SessionConfig;
-use fedge_device::trainer::Trainer;
 use fedge_device::transport::{QuicTiming, Trust, parse_fingerprint};
-use fedge_device::{TrainOutput, identity};
-use fedge_engine::data::{Dataset, Features};
-use fedge_engine::train::exec::{Batch, Executor, TractExecutor, TractInference};
+use fedge_engine::train::exec::{TractExecutor, TractInference};
 use fedge_engine::train::import::{ModelGraph, import_onnx};
-use fedge_engine::train::onnx::F32;
-use fedge_engine::train::{TrainError, local, shape};
-use fedge_engine::trainer::{OnnxTrainer, compile_options};
-use fedge_proto::codec::CodecSpec;
-use fedge_proto::msg::{Optimizer, TrainingPlan};
 use fedge_proto::sign::{SigningKey, UpdateManifest};
 use fedge_proto::{Limits, ModelBlob, wire};
 use prost::Message;
 
-use crate::boundary::{blocking, guard, guard_async, spawn};
-use crate::{
-    FedgeError, INFER_BATCH_MAX, RECONNECT_ATTEMPTS_MAX, SAMPLES_MAX, TRAIN_BATCH_MAX,
-    TRAIN_EPOCHS_MAX, TRAIN_STEPS_MAX,
-};
+use crate::boundary::{guard, guard_async, spawn};
+use crate::{FedgeError, RECONNECT_ATTEMPTS_MAX, SAMPLES_MAX};
+
+mod model;
+mod rounds;
+mod train;
+mod update;
+
+use model::zoo_onnx;
+use rounds::{ClearOnDrop, RoundTrainer, driver_error};
 
 /// Where the error-feedback residual lives in the data directory (the
 /// same file the device loop keeps, so both paths share one residual).
@@ -193,17 +196,6 @@ pub fn zoo_models() -> Vec<String> {
 
 const ZOO_NAMES: [&str; 3] = ["mlp", "cnn", "small_cnn"];
 
-/// The ONNX bytes of a zoo model (the seeds of `fedge_engine::zoo::all`).
-fn zoo_onnx(name: &str) -> Option<Vec<u8>> {
-    let model = match name {
-        "mlp" => fedge_engine::zoo::mlp(1),
-        "cnn" => fedge_engine::zoo::cnn(2),
-        "small_cnn" => fedge_engine::zoo::small_cnn(3),
-        _ => return None,
-    };
-    Some(model.encode_to_vec())
-}
-
 /// A federated-learning device: its identity, the loaded model and its
 /// locally trained parameters.
 ///
@@ -256,319 +248,7 @@ fn io_error(what: &str, path: &Path, e: impl std::fmt::Display) -> FedgeError {
     }
 }
 
-/// Output values per sample of `graph`.
-fn outputs_per_sample(graph: &ModelGraph) -> Result<usize, TrainError> {
-    Ok(shape::infer(graph, 1)?
-        .shape(&graph.output)?
-        .iter()
-        .skip(1)
-        .product())
-}
-
-fn to_u32(what: &str, v: usize) -> Result<u32, FedgeError> {
-    u32::try_from(v).map_err(|_| FedgeError::BadModel {
-        detail: format!("{what} {v} does not fit in 32 bits"),
-    })
-}
-
-/// Check a model and compile its batch-1 inference plan, so a model the
-/// engine cannot run is refused at load.
-fn load_blob(blob: ModelBlob) -> Result<Loaded, FedgeError> {
-    let bad = |e: TrainError| FedgeError::BadModel {
-        detail: e.to_string(),
-    };
-    let graph = ModelGraph::from_blob(&blob).map_err(bad)?;
-    if graph.input_type != F32 {
-        return Err(FedgeError::BadModel {
-            detail:
-                "the model's input is not float32 (a token model?); these bindings feed f32 inputs"
-                    .into(),
-        });
-    }
-    let sample_shape = graph.sample_shape();
-    let outputs = outputs_per_sample(&graph).map_err(bad)?;
-    let mut inference = TractInference::new(&graph, 1).map_err(bad)?;
-    inference.load(&blob.params.values).map_err(bad)?;
-    let info = ModelInfo {
-        version: blob.version().to_hex(),
-        parameters: blob.params.values.len() as u64,
-        input_shape: sample_shape
-            .iter()
-            .map(|&d| to_u32("input dimension", d))
-            .collect::<Result<_, _>>()?,
-        input_values_per_sample: to_u32("input size", sample_shape.iter().product())?,
-        outputs_per_sample: to_u32("output size", outputs)?,
-    };
-    Ok(Loaded {
-        params: blob.params.values.clone(),
-        blob,
-        graph,
-        info,
-        samples_since_load: 0,
-        last_mean_loss: None,
-        inference,
-        executor: None,
-    })
-}
-
-/// Build a data set of `samples` shaped as `sample_shape`, checking every
-/// length, bound and label.
-fn dataset(
-    samples: Samples,
-    sample_shape: Vec<usize>,
-    classes: usize,
-) -> Result<Dataset, FedgeError> {
-    let n = samples.labels.len();
-    if n == 0 {
-        return Err(FedgeError::bad_input("no samples given"));
-    }
-    if n > SAMPLES_MAX as usize {
-        return Err(FedgeError::bad_input(format!(
-            "{n} samples given, at most {SAMPLES_MAX} per call"
-        )));
-    }
-    let per_sample: usize = sample_shape.iter().product();
-    if samples.inputs.len() != n * per_sample {
-        return Err(FedgeError::bad_input(format!(
-            "{} input values for {n} labels; the model takes {per_sample} values per sample ({sample_shape:?})",
-            samples.inputs.len()
-        )));
-    }
-    if let Some((i, l)) = samples
-        .labels
-        .iter()
-        .enumerate()
-        .find(|(_, l)| !(0..classes as i64).contains(l))
-    {
-        return Err(FedgeError::bad_input(format!(
-            "label {l} (sample {i}) is not a class index in 0..{classes}"
-        )));
-    }
-    if let Some(i) = samples.inputs.iter().position(|v| !v.is_finite()) {
-        return Err(FedgeError::bad_input(format!(
-            "input value {i} is not finite"
-        )));
-    }
-    Ok(Dataset {
-        features: Features::F32(samples.inputs),
-        sample_shape,
-        labels: samples.labels,
-        classes,
-    })
-}
-
-fn training_plan(o: &TrainOptions) -> Result<TrainingPlan, FedgeError> {
-    let optimizer = match o.optimizer.as_str() {
-        "sgd" => Optimizer::Sgd,
-        "adam" => Optimizer::Adam,
-        "adamw" => Optimizer::AdamW,
-        other => {
-            return Err(FedgeError::bad_input(format!(
-                "optimizer `{other}`: expected sgd, adam or adamw"
-            )));
-        }
-    };
-    if !(1..=TRAIN_BATCH_MAX).contains(&o.batch_size) {
-        return Err(FedgeError::bad_input(format!(
-            "batch size {} is not in 1..={TRAIN_BATCH_MAX}",
-            o.batch_size
-        )));
-    }
-    if o.steps == 0 && o.epochs == 0 {
-        return Err(FedgeError::bad_input(
-            "nothing to do: steps and epochs are both 0",
-        ));
-    }
-    if o.steps > TRAIN_STEPS_MAX || o.epochs > TRAIN_EPOCHS_MAX {
-        return Err(FedgeError::bad_input(format!(
-            "at most {TRAIN_STEPS_MAX} steps or {TRAIN_EPOCHS_MAX} epochs per call"
-        )));
-    }
-    for (name, v) in [
-        ("learning rate", o.learning_rate),
-        ("momentum", o.momentum),
-        ("weight decay", o.weight_decay),
-    ] {
-        if !v.is_finite() || v < 0.0 {
-            return Err(FedgeError::bad_input(format!(
-                "{name} {v} must be finite and not negative"
-            )));
-        }
-    }
-    Ok(TrainingPlan {
-        local_steps: o.steps,
-        local_epochs: o.epochs,
-        batch_size: o.batch_size,
-        learning_rate: o.learning_rate,
-        optimizer,
-        momentum: o.momentum,
-        weight_decay: o.weight_decay,
-        ..TrainingPlan::default()
-    })
-}
-
-impl Loaded {
-    fn infer(&mut self, inputs: &[f32]) -> Result<InferOutput, FedgeError> {
-        let per_sample = self.info.input_values_per_sample as usize;
-        if inputs.is_empty() || !inputs.len().is_multiple_of(per_sample) {
-            return Err(FedgeError::bad_input(format!(
-                "{} input values is not a whole number of samples of {per_sample} values ({:?})",
-                inputs.len(),
-                self.info.input_shape
-            )));
-        }
-        let batch = inputs.len() / per_sample;
-        if batch > INFER_BATCH_MAX as usize {
-            return Err(FedgeError::bad_input(format!(
-                "batch of {batch} samples, at most {INFER_BATCH_MAX}"
-            )));
-        }
-        if self.inference.batch_size() != batch {
-            self.inference = TractInference::new(&self.graph, batch)?;
-        }
-        self.inference.load(&self.params)?;
-        let values = self.inference.run(Batch::F32(inputs))?;
-        Ok(InferOutput {
-            batch: batch as u32,
-            outputs_per_sample: self.info.outputs_per_sample,
-            values,
-        })
-    }
-
-    fn train(&mut self, samples: Samples, o: &TrainOptions) -> Result<TrainReport, FedgeError> {
-        let plan = training_plan(o)?;
-        let data = dataset(
-            samples,
-            self.graph.sample_shape(),
-            self.info.outputs_per_sample as usize,
-        )?;
-        let opts = compile_options(&plan);
-        let key = format!("{opts:?}");
-        if self.executor.as_ref().map(|(k, _)| k) != Some(&key) {
-            self.executor = Some((key, TractExecutor::new(&self.graph, opts)?));
-        }
-        let (_, ex) = self.executor.as_mut().expect("just compiled");
-        ex.load(&self.params)?;
-        let training = |e: TrainError| FedgeError::Training {
-            detail: e.to_string(),
-        };
-        let stats = local::train(ex, &data, &plan, o.seed, |_, _, _| {}).map_err(training)?;
-        let params = ex.params().map_err(training)?;
-        if let Some(i) = params.iter().position(|v| !v.is_finite()) {
-            return Err(FedgeError::Training {
-                detail: format!("parameter {i} became non-finite; lower the learning rate"),
-            });
-        }
-        self.params = params;
-        self.samples_since_load += stats.samples;
-        self.last_mean_loss = Some(stats.mean_loss);
-        Ok(TrainReport {
-            steps: stats.steps,
-            samples: stats.samples,
-            mean_loss: stats.mean_loss,
-            last_loss: stats.last_loss,
-            samples_since_load: self.samples_since_load,
-        })
-    }
-
-    fn make_update(
-        &self,
-        key: &SigningKey,
-        residual_path: &Path,
-        codec: &str,
-        round_id: u64,
-        error_feedback: bool,
-    ) -> Result<SignedUpdate, FedgeError> {
-        let spec = CodecSpec::parse(codec).map_err(|e| FedgeError::Codec {
-            detail: e.to_string(),
-        })?;
-        if self.samples_since_load == 0 {
-            return Err(FedgeError::bad_input(
-                "nothing to send: train on local samples before making an update",
-            ));
-        }
-        let delta: Vec<f32> = self
-            .params
-            .iter()
-            .zip(&self.blob.params.values)
-            .map(|(n, o)| n - o)
-            .collect();
-        let mut compressor = if error_feedback {
-            Compressor::load(residual_path)
-        } else {
-            Compressor::default()
-        };
-        let seed = round_seed(key.verifying_key().as_bytes(), round_id);
-        let payload = compressor
-            .compress(&spec, &delta, seed, error_feedback)
-            .map_err(|e| FedgeError::Codec {
-                detail: e.to_string(),
-            })?;
-        if error_feedback {
-            compressor
-                .save(residual_path)
-                .map_err(|e| io_error("cannot write the residual", residual_path, e))?;
-        }
-        let manifest = UpdateManifest {
-            round_id,
-            model_version: self.blob.version(),
-            payload_hash: *blake3::hash(&payload).as_bytes(),
-            payload_bytes: payload.len() as u64,
-            sample_count: self.samples_since_load,
-            metrics: self
-                .last_mean_loss
-                .map(|l| vec![("train_loss".to_string(), l)])
-                .unwrap_or_default(),
-            device_public_key: key.verifying_key(),
-        };
-        let signature = manifest.sign(key);
-        Ok(SignedUpdate {
-            manifest: manifest.to_wire().encode_to_vec(),
-            signature: signature.to_vec(),
-            round_id,
-            model_version: manifest.model_version.to_hex(),
-            payload_hash: hex::encode(manifest.payload_hash),
-            device_public_key: hex::encode(key.verifying_key().as_bytes()),
-            sample_count: manifest.sample_count,
-            dimension: delta.len() as u64,
-            codec: codec.to_string(),
-            payload: payload.to_vec(),
-        })
-    }
-}
-
 impl Device {
-    /// Run `f` on the loaded model, on the runtime's blocking pool.
-    async fn with_model<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Loaded) -> Result<T, FedgeError> + Send + 'static,
-    ) -> Result<T, FedgeError> {
-        let engine = Arc::clone(&self.engine);
-        blocking(move || {
-            let mut guard = lock(&engine)?;
-            let loaded = guard.as_mut().ok_or(FedgeError::NoModel)?;
-            f(loaded)
-        })
-        .await
-    }
-
-    /// Load `blob` (checked and compiled on the blocking pool) as the model.
-    async fn load(
-        &self,
-        blob: impl FnOnce() -> Result<ModelBlob, FedgeError> + Send + 'static,
-    ) -> Result<ModelInfo, FedgeError> {
-        let engine = Arc::clone(&self.engine);
-        let info = Arc::clone(&self.info);
-        blocking(move || {
-            let loaded = load_blob(blob()?)?;
-            let out = loaded.info.clone();
-            *lock(&engine)? = Some(loaded);
-            *lock(&info)? = Some(out.clone());
-            Ok(out)
-        })
-        .await
-    }
-
     fn aggregator(&self) -> Result<(String, [u8; 32]), FedgeError> {
         self.aggregator.clone().ok_or_else(|| FedgeError::Config {
             detail:
@@ -828,66 +508,6 @@ impl Device {
             })
         })
         .await
-    }
-}
-
-fn driver_error(e: DriverError) -> FedgeError {
-    let detail = e.to_string();
-    match e {
-        DriverError::Persist { .. } => FedgeError::Storage { detail },
-        DriverError::Training(_) => FedgeError::Training { detail },
-        _ => FedgeError::Network { detail },
-    }
-}
-
-/// Clears the `running` flag when `run_rounds` ends, however it ends.
-struct ClearOnDrop(Arc<AtomicBool>);
-
-impl Drop for ClearOnDrop {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::SeqCst);
-    }
-}
-
-/// The trainer `run_rounds` gives the device loop: the host's samples,
-/// shaped for whatever model the aggregator sends, and the round limit.
-struct RoundTrainer {
-    samples: Samples,
-    seed: u64,
-    rounds_max: u32,
-    trained: Arc<AtomicU32>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    /// The trainer for the current model's sample shape.
-    inner: Option<(Vec<usize>, OnnxTrainer)>,
-}
-
-impl Trainer for RoundTrainer {
-    fn train(
-        &mut self,
-        round_id: u64,
-        model: &ModelBlob,
-        plan: &TrainingPlan,
-    ) -> anyhow::Result<TrainOutput> {
-        if self.rounds_max > 0 && self.trained.load(Ordering::SeqCst) >= self.rounds_max {
-            if let Some(stop) = self.stop.take() {
-                let _ = stop.send(());
-            }
-            anyhow::bail!(
-                "round limit of {} reached; not training round {round_id}",
-                self.rounds_max
-            );
-        }
-        let graph = ModelGraph::from_blob(model)?;
-        let shape = graph.sample_shape();
-        if self.inner.as_ref().map(|(s, _)| s) != Some(&shape) {
-            let classes = outputs_per_sample(&graph)?;
-            let data = dataset(self.samples.clone(), shape.clone(), classes)?;
-            self.inner = Some((shape, OnnxTrainer::new(data, self.seed)));
-        }
-        let (_, inner) = self.inner.as_mut().expect("just set");
-        let out = inner.train(round_id, model, plan)?;
-        self.trained.fetch_add(1, Ordering::SeqCst);
-        Ok(out)
     }
 }
 

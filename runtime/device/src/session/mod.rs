@@ -1,0 +1,447 @@
+//! The device side of the protocol as a deterministic state machine
+//! (sans-IO, quinn-proto's shape).
+//!
+//! Inputs: [`DeviceSession::handle_connected`], `handle_message`,
+//! `handle_disconnected`, `handle_trained`, `handle_timeout`, each with the
+//! current time. Outputs: [`DeviceSession::poll_transmit`] (messages to
+//! send), [`DeviceSession::poll_event`] (work for the driver: connect,
+//! train, persist), [`DeviceSession::poll_timeout`] (next timer).
+//!
+//! Transfers survive disconnects: a model download resumes from the first
+//! missing chunk and an update upload from the chunk the aggregator reports,
+//! after a reconnect with exponential backoff and jitter.
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fedge_proto::msg::{Hello, TaskOffer};
+use fedge_proto::sign::{self, SigningKey};
+use fedge_proto::{
+    AggMsg, DeviceMsg, ModelBlob, ModelVersion, RUNTIME_VERSION, RejectCode, SCHEMA_VERSION,
+};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+mod download;
+mod timers;
+mod types;
+mod upload;
+
+use download::{Download, DownloadPurpose};
+pub use types::{DeviceEvent, SessionConfig, Status, TrainOutput};
+use upload::PendingUpload;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Phase {
+    /// No connection; reconnect at `at` (None: waiting for the driver).
+    Disconnected {
+        at: Option<Instant>,
+    },
+    AwaitChallenge,
+    AwaitAuthOk,
+    /// Authenticated; ask for a task at `at`.
+    Idle {
+        at: Instant,
+    },
+    /// Authenticated, but the device's policy says it may not take work
+    /// now: ask for a task once the driver reports it eligible again.
+    Held,
+    AwaitTask,
+    Downloading,
+    Training,
+    /// Upload begun; waiting for status or acceptance.
+    Uploading,
+    Done,
+}
+
+pub struct DeviceSession {
+    cfg: SessionConfig,
+    key: SigningKey,
+    rng: ChaCha8Rng,
+    phase: Phase,
+    failed: bool,
+    attempts: u32,
+    tls_binding: [u8; 32],
+    model: Option<(ModelVersion, Arc<ModelBlob>)>,
+    download: Option<Download>,
+    offer: Option<TaskOffer>,
+    offer_received: Option<Instant>,
+    upload: Option<PendingUpload>,
+    heartbeat_at: Option<Instant>,
+    heartbeat_seq: u64,
+    request_deadline: Option<Instant>,
+    transmit: VecDeque<DeviceMsg>,
+    events: VecDeque<DeviceEvent>,
+    /// Rounds whose update this device had accepted.
+    pub rounds_contributed: u64,
+    compressor: crate::compress::Compressor,
+    /// Whether the device's policy lets it take tasks (see
+    /// [`DeviceSession::handle_eligibility`]).
+    eligible: bool,
+}
+
+impl DeviceSession {
+    /// A new session; the driver should connect (the first event is
+    /// [`DeviceEvent::Connect`]).
+    pub fn new(cfg: SessionConfig, key: SigningKey) -> Self {
+        let rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        let mut s = DeviceSession {
+            cfg,
+            key,
+            rng,
+            phase: Phase::Disconnected { at: None },
+            failed: false,
+            attempts: 0,
+            tls_binding: [0; 32],
+            model: None,
+            download: None,
+            offer: None,
+            offer_received: None,
+            upload: None,
+            heartbeat_at: None,
+            heartbeat_seq: 0,
+            request_deadline: None,
+            transmit: VecDeque::new(),
+            events: VecDeque::new(),
+            rounds_contributed: 0,
+            compressor: Default::default(),
+            eligible: true,
+        };
+        s.events.push_back(DeviceEvent::Connect);
+        s
+    }
+
+    /// Seed the model cache (from a local checkpoint), so an offer of the
+    /// same version needs no download.
+    pub fn set_cached_model(&mut self, model: Arc<ModelBlob>) {
+        self.model = Some((model.version(), model));
+    }
+
+    /// Hex of this device's public key, as the aggregator names it.
+    pub fn device_id(&self) -> String {
+        hex::encode(self.key.verifying_key().to_bytes())
+    }
+
+    /// Restore error-feedback state (from a checkpoint).
+    pub fn set_compressor(&mut self, c: crate::compress::Compressor) {
+        self.compressor = c;
+    }
+
+    pub fn compressor(&self) -> &crate::compress::Compressor {
+        &self.compressor
+    }
+
+    pub fn cached_model(&self) -> Option<&Arc<ModelBlob>> {
+        self.model.as_ref().map(|(_, m)| m)
+    }
+
+    pub fn status(&self) -> Status {
+        if self.failed {
+            return Status::Failed;
+        }
+        match self.phase {
+            Phase::Disconnected { .. } => Status::Disconnected,
+            Phase::AwaitChallenge | Phase::AwaitAuthOk => Status::Connecting,
+            Phase::Idle { .. } | Phase::AwaitTask => Status::Idle,
+            Phase::Held => Status::Ineligible,
+            Phase::Downloading => Status::Downloading,
+            Phase::Training => Status::Training,
+            Phase::Uploading => Status::Uploading,
+            Phase::Done => Status::Done,
+        }
+    }
+
+    pub fn is_terminal(&self) -> bool {
+        self.failed || self.phase == Phase::Done
+    }
+
+    // ------------------------------------------------------------ outputs
+
+    pub fn poll_transmit(&mut self) -> Option<DeviceMsg> {
+        self.transmit.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<DeviceEvent> {
+        self.events.pop_front()
+    }
+
+    // ------------------------------------------------------------ inputs
+
+    /// The driver connected; `tls_binding` is the TLS exporter value.
+    pub fn handle_connected(&mut self, now: Instant, tls_binding: [u8; 32]) {
+        if self.is_terminal() {
+            return;
+        }
+        self.tls_binding = tls_binding;
+        self.phase = Phase::AwaitChallenge;
+        // Heartbeats start once authenticated: the aggregator takes nothing
+        // but the handshake before that (a slow handshake under load must
+        // not look like a protocol violation); the request deadline covers it.
+        self.heartbeat_at = None;
+        self.request_deadline = Some(now + self.cfg.request_timeout);
+        self.transmit.push_back(DeviceMsg::Hello(Hello {
+            schema_version: SCHEMA_VERSION,
+            device_public_key: self.key.verifying_key(),
+            runtime_version: RUNTIME_VERSION.into(),
+            capabilities: self.cfg.capabilities.clone(),
+        }));
+    }
+
+    /// The device's policy changed its mind (the driver checks
+    /// periodically; sessions start eligible). An ineligible session sends
+    /// no `TaskRequest` and declines offers it receives (the aggregator's
+    /// deadline and over-selection cover the slot); pace steering still
+    /// holds: a device told by `NoTask` to come back at `t` asks no earlier
+    /// than `t`, and no earlier than it is eligible again. A task already
+    /// downloading, training or uploading is finished.
+    pub fn handle_eligibility(&mut self, now: Instant, eligible: bool) {
+        self.eligible = eligible;
+        if eligible && self.phase == Phase::Held && !self.is_terminal() {
+            self.request_task(now);
+        }
+    }
+
+    pub fn is_eligible(&self) -> bool {
+        self.eligible
+    }
+
+    pub fn handle_message(&mut self, now: Instant, msg: AggMsg) {
+        if self.is_terminal() {
+            return;
+        }
+        match (self.phase.clone(), msg) {
+            (_, AggMsg::HeartbeatAck { .. }) => {}
+            (
+                _,
+                AggMsg::Reject {
+                    code,
+                    detail,
+                    fatal,
+                },
+            ) => self.on_reject(now, code, detail, fatal),
+            (
+                Phase::AwaitChallenge,
+                AggMsg::Challenge {
+                    schema_version,
+                    nonce,
+                },
+            ) => {
+                if schema_version != SCHEMA_VERSION {
+                    self.fail(format!(
+                        "schema version mismatch: device speaks {SCHEMA_VERSION}, aggregator {schema_version}"
+                    ));
+                    return;
+                }
+                let signature = sign::sign_auth(&self.key, &nonce, &self.tls_binding);
+                self.transmit
+                    .push_back(DeviceMsg::AuthResponse { signature });
+                self.phase = Phase::AwaitAuthOk;
+                self.touch(now);
+            }
+            (Phase::AwaitAuthOk, AggMsg::AuthOk { .. }) => {
+                self.attempts = 0;
+                self.request_deadline = None;
+                self.heartbeat_at = Some(now + self.cfg.heartbeat_interval);
+                if self.upload.is_some() {
+                    self.begin_upload(now);
+                } else if self.offer.is_some() && self.model_matches_offer() {
+                    // Training continues in the driver; nothing to ask for.
+                    self.phase = Phase::Training;
+                } else if self.download.is_some() {
+                    self.phase = Phase::Downloading;
+                    self.pump_download(now);
+                } else {
+                    self.request_task(now);
+                }
+            }
+            (Phase::AwaitTask, AggMsg::TaskOffer(offer)) if !self.eligible => {
+                tracing::info!(
+                    round_id = offer.round_id,
+                    "declining a task offer: the device is not eligible now"
+                );
+                self.request_deadline = None;
+                self.phase = Phase::Held;
+            }
+            (Phase::AwaitTask, AggMsg::TaskOffer(offer)) => self.on_offer(now, *offer),
+            (
+                Phase::AwaitTask,
+                AggMsg::NoTask {
+                    retry_after_ms_min,
+                    retry_after_ms_max,
+                    ..
+                },
+            ) => {
+                let wait = self
+                    .rng
+                    .random_range(retry_after_ms_min..=retry_after_ms_max.max(retry_after_ms_min));
+                self.request_deadline = None;
+                self.phase = Phase::Idle {
+                    at: now + Duration::from_millis(wait),
+                };
+            }
+            (Phase::AwaitTask, AggMsg::Finished(mref)) => {
+                self.request_deadline = None;
+                match &self.model {
+                    Some((v, m)) if *v == mref.version => {
+                        self.events.push_back(DeviceEvent::Finished {
+                            version: *v,
+                            model: Arc::clone(m),
+                        });
+                        self.phase = Phase::Done;
+                    }
+                    _ => self.start_download(now, mref, DownloadPurpose::Final),
+                }
+            }
+            (
+                Phase::Downloading,
+                AggMsg::ModelChunk {
+                    model_version,
+                    index,
+                    data,
+                },
+            ) => self.on_chunk(now, model_version, index, data),
+            (
+                Phase::Uploading,
+                AggMsg::UploadStatus {
+                    payload_hash,
+                    next_index,
+                },
+            ) => self.on_upload_status(now, payload_hash, next_index),
+            (
+                Phase::Uploading,
+                AggMsg::UpdateAccepted {
+                    round_id,
+                    payload_hash,
+                },
+            ) => {
+                if self
+                    .upload
+                    .as_ref()
+                    .is_some_and(|u| u.begin.manifest.payload_hash == payload_hash)
+                {
+                    self.upload = None;
+                    self.rounds_contributed += 1;
+                    self.events
+                        .push_back(DeviceEvent::UpdateAccepted { round_id });
+                    self.after_round(now);
+                }
+            }
+            (phase, msg) => {
+                // Stale answers after a reconnect or a round change are
+                // harmless; anything else is a confused peer: reconnect.
+                if !matches!(msg, AggMsg::ModelChunk { .. } | AggMsg::UploadStatus { .. }) {
+                    tracing::warn!(?phase, msg = msg.name(), "unexpected message; reconnecting");
+                    self.events.push_back(DeviceEvent::Disconnect);
+                    self.handle_disconnected(now);
+                }
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ internals
+
+    fn fail(&mut self, reason: String) {
+        self.failed = true;
+        self.transmit.clear();
+        self.events.push_back(DeviceEvent::Failed { reason });
+    }
+
+    fn model_matches_offer(&self) -> bool {
+        match (&self.offer, &self.model) {
+            (Some(o), Some((v, _))) => o.model.version == *v,
+            _ => false,
+        }
+    }
+
+    fn request_task(&mut self, now: Instant) {
+        if !self.eligible {
+            self.request_deadline = None;
+            self.phase = Phase::Held;
+            return;
+        }
+        self.phase = Phase::AwaitTask;
+        self.transmit.push_back(DeviceMsg::TaskRequest {
+            have_model_version: self.model.as_ref().map(|(v, _)| *v),
+        });
+        self.touch(now);
+    }
+
+    fn after_round(&mut self, now: Instant) {
+        self.offer = None;
+        self.offer_received = None;
+        if matches!(self.phase, Phase::Disconnected { .. }) {
+            return;
+        }
+        self.request_task(now);
+    }
+
+    fn on_offer(&mut self, now: Instant, offer: TaskOffer) {
+        self.request_deadline = None;
+        let mref = offer.model;
+        self.offer_received = Some(now);
+        self.offer = Some(offer);
+        if self.model_matches_offer() {
+            self.start_training();
+            return;
+        }
+        let delta = self.offer.as_ref().and_then(|o| o.delta);
+        match (delta, &self.model) {
+            (Some(d), Some((v, _))) if d.base == *v => {
+                self.start_download(now, d.blob, DownloadPurpose::TaskDelta)
+            }
+            _ => self.start_download(now, mref, DownloadPurpose::Task),
+        }
+    }
+
+    fn start_training(&mut self) {
+        let offer = self.offer.as_ref().expect("offer");
+        let (_, model) = self.model.as_ref().expect("model");
+        self.phase = Phase::Training;
+        self.events.push_back(DeviceEvent::Train {
+            round_id: offer.round_id,
+            model: Arc::clone(model),
+            plan: offer.plan.clone(),
+        });
+    }
+
+    /// Something went wrong that a fresh task request recovers from.
+    fn fail_soft(&mut self, now: Instant, code: RejectCode, detail: String) {
+        self.events
+            .push_back(DeviceEvent::Rejected { code, detail });
+        self.retry_later(now);
+    }
+
+    fn on_reject(&mut self, now: Instant, code: RejectCode, detail: String, fatal: bool) {
+        tracing::debug!(%code, %detail, fatal, "rejected");
+        match code {
+            RejectCode::SchemaMismatch | RejectCode::AuthFailed => {
+                self.fail(format!("aggregator refused this device ({code}): {detail}"));
+                return;
+            }
+            RejectCode::UnknownModelVersion if self.download.is_some() => {
+                // The round moved on while we downloaded; ask again.
+                self.download = None;
+            }
+            _ => {}
+        }
+        self.events.push_back(DeviceEvent::Rejected {
+            code,
+            detail: detail.clone(),
+        });
+        if fatal {
+            self.events.push_back(DeviceEvent::Disconnect);
+            self.handle_disconnected(now);
+            return;
+        }
+        if self.phase == Phase::Uploading {
+            // The update was refused: it will not be accepted on retry.
+            self.upload = None;
+        }
+        if matches!(
+            self.phase,
+            Phase::Uploading | Phase::Downloading | Phase::AwaitTask
+        ) {
+            self.retry_later(now);
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! Time: reconnect backoff with jitter, heartbeats, request deadlines and
+//! the pause before asking again.
+
+use std::time::{Duration, Instant};
+
+use fedge_proto::DeviceMsg;
+use rand::Rng;
+
+use super::{DeviceEvent, DeviceSession, Phase};
+
+impl DeviceSession {
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.is_terminal() {
+            return None;
+        }
+        let phase_timer = match self.phase {
+            Phase::Disconnected { at } => at,
+            Phase::Idle { at } => Some(at),
+            _ => None,
+        };
+        let connected = !matches!(self.phase, Phase::Disconnected { .. });
+        [
+            phase_timer,
+            self.heartbeat_at.filter(|_| connected),
+            self.request_deadline.filter(|_| connected),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// A connection attempt failed or the connection dropped.
+    pub fn handle_disconnected(&mut self, now: Instant) {
+        if self.is_terminal() {
+            return;
+        }
+        self.transmit.clear();
+        self.request_deadline = None;
+        if let Some(d) = self.download.as_mut() {
+            // Resume from the first chunk not yet received.
+            d.next_to_request = d.next_expected;
+        }
+        if matches!(self.phase, Phase::Disconnected { at: Some(_) }) {
+            return; // already waiting to reconnect
+        }
+        self.attempts += 1;
+        if self.cfg.reconnect_attempts_max != 0 && self.attempts > self.cfg.reconnect_attempts_max {
+            self.fail(format!(
+                "gave up after {} failed connection attempts",
+                self.attempts - 1
+            ));
+            return;
+        }
+        let exp = self.cfg.backoff_min.as_millis() as u64
+            * 2u64.saturating_pow(self.attempts.saturating_sub(1).min(20));
+        let cap = (self.cfg.backoff_max.as_millis() as u64).max(1);
+        let base = exp.min(cap).max(1);
+        let delay = self.rng.random_range(base / 2..=base);
+        self.phase = Phase::Disconnected {
+            at: Some(now + Duration::from_millis(delay)),
+        };
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.is_terminal() {
+            return;
+        }
+        match self.phase {
+            Phase::Disconnected { at: Some(at) } if now >= at => {
+                self.phase = Phase::Disconnected { at: None };
+                self.events.push_back(DeviceEvent::Connect);
+                return;
+            }
+            Phase::Idle { at } if now >= at => self.request_task(now),
+            _ => {}
+        }
+        if matches!(self.phase, Phase::Disconnected { .. }) {
+            return;
+        }
+        if let Some(hb) = self.heartbeat_at
+            && now >= hb
+        {
+            self.heartbeat_seq += 1;
+            self.transmit.push_back(DeviceMsg::Heartbeat {
+                seq: self.heartbeat_seq,
+            });
+            self.heartbeat_at = Some(now + self.cfg.heartbeat_interval);
+        }
+        if let Some(d) = self.request_deadline
+            && now >= d
+        {
+            // The aggregator went quiet: drop the connection and reconnect.
+            self.request_deadline = None;
+            self.events.push_back(DeviceEvent::Disconnect);
+            self.handle_disconnected(now);
+        }
+    }
+
+    pub(super) fn touch(&mut self, now: Instant) {
+        self.request_deadline = Some(now + self.cfg.request_timeout);
+    }
+
+    /// Drop the current task and ask again after a short pause, so a
+    /// confused exchange cannot become a hot loop.
+    pub(super) fn retry_later(&mut self, now: Instant) {
+        self.offer = None;
+        self.offer_received = None;
+        self.request_deadline = None;
+        if !matches!(self.phase, Phase::Disconnected { .. }) {
+            self.phase = Phase::Idle {
+                at: now + self.cfg.backoff_min,
+            };
+        }
+    }
+}
