@@ -33,10 +33,13 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fedge/target}"
 # --workspace` (ci/test.sh) this rebuilds nothing; `cargo build -p
 # fedge-ffi` alone resolves other features and recompiles tract and wgpu.
 cargo test --workspace --locked --no-run
+# The cdylib that build made: `cargo test` leaves it in debug/deps/ (only
+# `cargo build` copies it up to debug/, so a copy there may be stale).
 case "$(uname -s)" in
-    Darwin) lib="$CARGO_TARGET_DIR/debug/libfedge_ffi.dylib" ;;
-    *) lib="$CARGO_TARGET_DIR/debug/libfedge_ffi.so" ;;
+    Darwin) lib="$CARGO_TARGET_DIR/debug/deps/libfedge_ffi.dylib" ;;
+    *) lib="$CARGO_TARGET_DIR/debug/deps/libfedge_ffi.so" ;;
 esac
+[ -f "$lib" ] || { echo "error: $lib was not built" >&2; exit 1; }
 bindgen="$CARGO_TARGET_DIR/debug/uniffi-bindgen"
 
 generate() { # out_dir
