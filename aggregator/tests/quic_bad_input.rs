@@ -276,6 +276,15 @@ async fn bad_input_is_rejected_and_honest_devices_still_complete() {
     a.send(&DeviceMsg::UploadBegin(Box::new(b))).await;
     a.expect_reject(RejectCode::UnknownModelVersion, false)
         .await;
+    // An announced size no codec makes for this model (it would be what
+    // the upload buffer may grow to): 100 MiB for 16 parameters, within
+    // the frame decoder's chunk-count limit, refused by the coordinator.
+    let (mut huge, _) = upload(&ka, &ka, round, version, 1.0);
+    huge.manifest.payload_bytes = 100 << 20;
+    huge.signature = huge.manifest.sign(&ka);
+    a.send(&DeviceMsg::UploadBegin(Box::new(huge))).await;
+    let detail = a.expect_reject(RejectCode::TooLarge, false).await;
+    assert!(detail.contains("104857600"), "{detail}");
     // The valid one.
     let (good, payload) = upload(&ka, &ka, round, version, 1.0);
     a.send(&DeviceMsg::UploadBegin(Box::new(good.clone())))
@@ -396,6 +405,68 @@ async fn bad_input_is_rejected_and_honest_devices_still_complete() {
             report.rejections
         );
     }
+}
+
+/// A device that asks for model chunks and never reads them: the server's
+/// queue for it is bounded in bytes, so it is dropped as too slow instead
+/// of holding what the device asked for; other devices are still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_never_reads_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let identity = TlsIdentity::load_or_create(dir.path()).unwrap();
+    let fp = identity.fingerprint();
+    // 64k parameters: a 256 KiB model in 8 chunks of 32 KiB.
+    let layout = Arc::new(ParamLayout::new(vec![TensorSpec::new("w", &[1 << 16])]).unwrap());
+    let big = ModelBlob {
+        onnx_graph: Bytes::new(),
+        params: Params::new(layout, vec![0.5; 1 << 16]).unwrap(),
+    };
+    let cfg = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        coordinator: CoordinatorConfig {
+            devices_per_round: 2,
+            min_devices: 2,
+            limits: Limits {
+                frame_bytes_max: 64 << 10,
+                ..Limits::default()
+            },
+            chunk_bytes: 32 << 10,
+            ..CoordinatorConfig::default()
+        },
+        rate_per_sec: 10_000.0,
+        rate_burst: 10_000.0,
+        writer_queue_bytes_max: 256 << 10,
+        ..ServerConfig::default()
+    };
+    let server = Server::bind(cfg, &identity, Store::open(dir.path()).await.unwrap()).unwrap();
+    let addr = server.local_addr().unwrap();
+    let serving = tokio::spawn(server.run(big, std::future::pending()));
+
+    let mut c = Raw::connect(addr, fp).await;
+    c.auth(&SigningKey::from_bytes(&[5; 32])).await;
+    let (_, version) = c.offer().await;
+    // 64 MiB of chunks asked for, none read.
+    let mut asks = Vec::new();
+    for i in 0..2048u32 {
+        asks.extend_from_slice(&fedge_proto::frame::encode(
+            &DeviceMsg::ChunkRequest {
+                model_version: version,
+                index: i % 8,
+            }
+            .encode(),
+        ));
+    }
+    c.send_raw(&asks).await;
+    let closed = tokio::time::timeout(WAIT, c.conn.closed()).await;
+    let reason = format!("{:?}", closed.expect("the aggregator drops the device"));
+    assert!(reason.contains("too slow"), "{reason}");
+
+    // The aggregator still serves everyone else.
+    let mut d = Raw::connect(addr, fp).await;
+    d.auth(&SigningKey::from_bytes(&[6; 32])).await;
+    let (_, v) = d.offer().await;
+    assert_eq!(v, version);
+    serving.abort();
 }
 
 async fn http_get(addr: SocketAddr, path: &str) -> String {

@@ -9,14 +9,82 @@ use bytes::Bytes;
 use fedge_proto::codec::{self, CodecSpec, EncodeError};
 
 /// The error-feedback state of one device.
+///
+/// [`Compressor::compress`] treats what it encodes as delivered. The
+/// device session uses [`Compressor::compress_pending`] instead: what the
+/// upload transmits is held aside until the aggregator acknowledges it
+/// ([`Compressor::commit`]); if the update is refused or abandoned,
+/// [`Compressor::restore_unsent`] puts it back into the residual, so a
+/// rejected upload loses nothing of the signal.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Compressor {
     residual: Vec<f32>,
+    /// What the pending upload transmits (empty when none is pending).
+    unacked: Vec<f32>,
 }
 
 impl Compressor {
+    /// The residual as committed: what has not been delivered, assuming the
+    /// pending upload (if any) will be.
     pub fn residual(&self) -> &[f32] {
         &self.residual
+    }
+
+    /// Whether an upload's transmitted part awaits an acknowledgement.
+    pub fn has_pending(&self) -> bool {
+        !self.unacked.is_empty()
+    }
+
+    /// Like [`Compressor::compress`], but the transmitted part stays
+    /// pending until [`Compressor::commit`] or
+    /// [`Compressor::restore_unsent`]. A pending upload never resolved is
+    /// taken as not delivered.
+    pub fn compress_pending(
+        &mut self,
+        spec: &CodecSpec,
+        delta: &[f32],
+        seed: u64,
+        error_feedback: bool,
+    ) -> Result<Bytes, EncodeError> {
+        self.restore_unsent();
+        if !error_feedback {
+            return self.compress(spec, delta, seed, false);
+        }
+        if self.residual.len() != delta.len() {
+            // A new model layout: nothing carries over.
+            self.residual = vec![0.0; delta.len()];
+        }
+        let before = self.residual.clone();
+        let bytes = self.compress(spec, delta, seed, true)?;
+        // delta + before = sent + residual, so what was sent is:
+        self.unacked = delta
+            .iter()
+            .zip(&before)
+            .zip(&self.residual)
+            .map(|((d, b), r)| d + b - r)
+            .collect();
+        Ok(bytes)
+    }
+
+    /// The aggregator acknowledged the pending upload; true if one was
+    /// pending (the residual file then needs saving).
+    pub fn commit(&mut self) -> bool {
+        let had = self.has_pending();
+        self.unacked.clear();
+        had
+    }
+
+    /// The pending upload was refused or abandoned: what it carried goes
+    /// back into the residual. True if one was pending.
+    pub fn restore_unsent(&mut self) -> bool {
+        if !self.has_pending() {
+            return false;
+        }
+        for (r, u) in self.residual.iter_mut().zip(&self.unacked) {
+            *r += u;
+        }
+        self.unacked.clear();
+        true
     }
 
     /// Encode `delta` with `spec`. With `error_feedback`, the residual is
@@ -46,11 +114,14 @@ impl Compressor {
         Ok(bytes)
     }
 
-    /// Serialise: dimension (u64 LE) then the residual as f32 LE.
+    /// Serialise: dimension (u64 LE) then the residual as f32 LE. A
+    /// pending upload is saved as not delivered (after a restart it is
+    /// gone), so the file never loses its part.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(8 + 4 * self.residual.len());
         out.extend_from_slice(&(self.residual.len() as u64).to_le_bytes());
-        for v in &self.residual {
+        for (i, v) in self.residual.iter().enumerate() {
+            let v = v + self.unacked.get(i).copied().unwrap_or(0.0);
             out.extend_from_slice(&v.to_le_bytes());
         }
         out
@@ -76,7 +147,10 @@ impl Compressor {
         if residual.iter().any(|v| !v.is_finite()) {
             return Err("residual holds non-finite values".into());
         }
-        Ok(Compressor { residual })
+        Ok(Compressor {
+            residual,
+            unacked: Vec::new(),
+        })
     }
 
     pub fn load(path: &Path) -> Self {
@@ -148,5 +222,60 @@ mod tests {
         assert!(Compressor::from_bytes(&[1, 0, 0, 0, 0, 0, 0, 0]).is_err());
         assert_ne!(round_seed(&[1; 32], 1), round_seed(&[1; 32], 2));
         assert_ne!(round_seed(&[1; 32], 1), round_seed(&[2; 32], 1));
+    }
+
+    /// An upload refused (or abandoned) loses nothing: the residual after
+    /// restoring equals what it would be had the round not been attempted
+    /// plus this round's delta; an acknowledged one keeps the
+    /// `sent + residual == true` invariant.
+    #[test]
+    fn a_rejected_upload_loses_nothing() {
+        let spec = CodecSpec::parse("topk:0.1+q4").unwrap();
+        let dim = 200;
+        let delta = |round: u64| -> Vec<f32> {
+            (0..dim)
+                .map(|i| ((i as f32 * 0.71 + round as f32).cos()) * 0.02)
+                .collect()
+        };
+        let mut c = Compressor::default();
+        let mut sum_true = vec![0.0f64; dim];
+        let mut sum_sent = vec![0.0f64; dim];
+        for round in 0..30u64 {
+            let d = delta(round);
+            let bytes = c
+                .compress_pending(&spec, &d, round_seed(&[3; 32], round), true)
+                .unwrap();
+            assert!(c.has_pending());
+            for (t, v) in sum_true.iter_mut().zip(&d) {
+                *t += f64::from(*v);
+            }
+            // Every third upload is refused, every fifth abandoned (the
+            // next compress resolves it); the rest are acknowledged.
+            if round % 3 == 0 {
+                assert!(c.restore_unsent());
+            } else if round % 5 != 0 {
+                assert!(c.commit());
+                let sent = codec::decode(&bytes, dim, &Limits::default()).unwrap();
+                for (s, v) in sum_sent.iter_mut().zip(&sent) {
+                    *s += f64::from(*v);
+                }
+            } else {
+                // Abandoned: the residual file holds it as not delivered.
+                let saved = Compressor::from_bytes(&c.to_bytes()).unwrap();
+                for i in 0..dim {
+                    let lhs = sum_sent[i] + f64::from(saved.residual()[i]);
+                    assert!((lhs - sum_true[i]).abs() < 1e-4, "round {round} file {i}");
+                }
+                continue;
+            }
+            for i in 0..dim {
+                let lhs = sum_sent[i] + f64::from(c.residual()[i]);
+                assert!(
+                    (lhs - sum_true[i]).abs() < 1e-4,
+                    "round {round} coordinate {i}: {lhs} vs {}",
+                    sum_true[i]
+                );
+            }
+        }
     }
 }

@@ -320,6 +320,9 @@ impl DeviceSession {
                     .is_some_and(|u| u.begin.manifest.payload_hash == payload_hash)
                 {
                     self.upload = None;
+                    if self.compressor.commit() {
+                        self.events.push_back(DeviceEvent::ResidualChanged);
+                    }
                     self.rounds_contributed += 1;
                     self.events
                         .push_back(DeviceEvent::UpdateAccepted { round_id });
@@ -435,7 +438,18 @@ impl DeviceSession {
         }
         if self.phase == Phase::Uploading {
             // The update was refused: it will not be accepted on retry.
+            // What it carried goes back into the error-feedback residual,
+            // unless the refusal says it was accepted already (a replay of
+            // an update whose acknowledgement was lost).
             self.upload = None;
+            let changed = if code == RejectCode::Replay {
+                self.compressor.commit()
+            } else {
+                self.compressor.restore_unsent()
+            };
+            if changed {
+                self.events.push_back(DeviceEvent::ResidualChanged);
+            }
         }
         if matches!(
             self.phase,

@@ -63,21 +63,22 @@ impl DeviceSession {
             }
         };
         let seed = crate::compress::round_seed(self.key.verifying_key().as_bytes(), offer.round_id);
-        let payload =
-            match self
-                .compressor
-                .compress(&spec, &out.delta, seed, offer.plan.error_feedback)
-            {
-                Ok(p) => p,
-                Err(e) => {
-                    self.events.push_back(DeviceEvent::Rejected {
-                        code: RejectCode::NonFinite,
-                        detail: format!("update not encodable: {e}"),
-                    });
-                    self.after_round(now);
-                    return;
-                }
-            };
+        let payload = match self.compressor.compress_pending(
+            &spec,
+            &out.delta,
+            seed,
+            offer.plan.error_feedback,
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                self.events.push_back(DeviceEvent::Rejected {
+                    code: RejectCode::NonFinite,
+                    detail: format!("update not encodable: {e}"),
+                });
+                self.after_round(now);
+                return;
+            }
+        };
         if offer.plan.error_feedback {
             self.events.push_back(DeviceEvent::ResidualChanged);
         }
