@@ -66,10 +66,10 @@ mod tests {
     /// would break them fails in this crate first.
     #[test]
     fn legacy_call_sites_still_compile_and_work() {
-        // runtime/device/src/session.rs
+        // Device-side callers (the FFI, tests): an unknown codec falls back.
         let codec = Codec::parse("zip").unwrap_or(Codec::DenseF32);
         let payload = encode_update(codec, &[1.0, -2.0]);
-        // aggregator/src/coordinator.rs
+        // aggregator/src/coordinator/intake.rs
         let delta = decode_update(&payload, 2, &Limits::default()).unwrap();
         assert_eq!(delta, vec![1.0, -2.0]);
         // aggregator/src/config.rs
