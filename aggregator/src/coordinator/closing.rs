@@ -40,10 +40,10 @@ impl Coordinator {
             outcome,
             metrics,
         });
-        let carry = self
+        let keep_from = self
             .policy
             .on_round_closed(round_id + 1, self.current_version);
-        self.transfers.on_round_closed(carry);
+        self.transfers.on_round_closed(keep_from);
         let dim = self.current.params.values.len();
         self.round = Round {
             id: round_id + 1,

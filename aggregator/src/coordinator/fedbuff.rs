@@ -102,14 +102,7 @@ impl RoundPolicy for FedBuff {
         models: &TransferManager,
     ) -> Result<(), Refusal> {
         check_not_ahead(m, round)?;
-        let staleness = round.id - m.round_id;
-        let max = self.spec.max_staleness;
-        if staleness > max {
-            return Err((
-                RejectCode::RoundClosed,
-                format!("update is {staleness} versions stale; at most {max} are accepted"),
-            ));
-        }
+        self.check_staleness(m, round)?;
         check_model_held(m, models)?;
         let trained = self
             .round_versions
@@ -157,8 +150,15 @@ impl RoundPolicy for FedBuff {
         Ok(())
     }
 
-    fn deadline_bounds_uploads(&self) -> bool {
-        false
+    /// Staleness is checked again at completion: an upload begun in the
+    /// window may finish after it has moved on.
+    fn check_completion(
+        &self,
+        m: &UpdateManifest,
+        round: &RoundView,
+        _now: Instant,
+    ) -> Result<(), Refusal> {
+        self.check_staleness(m, round)
     }
 
     fn discount(&self, staleness: u64) -> f64 {
@@ -182,7 +182,7 @@ impl RoundPolicy for FedBuff {
 
     /// Tasks, replay records and model versions older than the staleness
     /// window go; uploads in flight go on.
-    fn on_round_closed(&mut self, next: u64, next_version: ModelVersion) -> bool {
+    fn on_round_closed(&mut self, next: u64, next_version: ModelVersion) -> u64 {
         let oldest = next.saturating_sub(self.spec.max_staleness);
         self.inflight.retain(|_, r| *r >= oldest);
         self.accepted_tasks.retain(|(_, r)| *r >= oldest);
@@ -202,6 +202,58 @@ impl RoundPolicy for FedBuff {
             self.round_versions.pop_front();
         }
         self.in_buffer.clear();
-        true
+        // Uploads of tasks the window has left can never be combined.
+        oldest
+    }
+}
+
+impl FedBuff {
+    fn check_staleness(&self, m: &UpdateManifest, round: &RoundView) -> Result<(), Refusal> {
+        let staleness = round.id.saturating_sub(m.round_id);
+        let max = self.spec.max_staleness;
+        if staleness > max {
+            return Err((
+                RejectCode::RoundClosed,
+                format!("update is {staleness} versions stale; at most {max} are accepted"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedge_proto::sign::SigningKey;
+
+    /// An upload begun within the staleness window but completed after the
+    /// window moved on is refused at completion, not combined.
+    #[test]
+    fn staleness_is_checked_again_at_completion() {
+        let spec = BufferedSpec {
+            max_staleness: 1,
+            ..BufferedSpec::default()
+        };
+        let p = FedBuff::new(spec, 4, 1, ModelVersion([0; 32]));
+        let m = UpdateManifest {
+            round_id: 1,
+            model_version: ModelVersion([0; 32]),
+            payload_hash: [0; 32],
+            payload_bytes: 1,
+            sample_count: 1,
+            metrics: vec![],
+            device_public_key: SigningKey::from_bytes(&[1; 32]).verifying_key(),
+        };
+        let view = |id| RoundView {
+            id,
+            model_version: ModelVersion([0; 32]),
+            deadline: None,
+            finished: false,
+        };
+        let now = Instant::now();
+        assert_eq!(p.check_completion(&m, &view(2), now), Ok(()));
+        let (code, detail) = p.check_completion(&m, &view(7), now).unwrap_err();
+        assert_eq!(code, RejectCode::RoundClosed);
+        assert!(detail.contains("6 versions stale"), "{detail}");
     }
 }

@@ -137,14 +137,11 @@ impl Coordinator {
             return;
         };
         let dev = device_id(&key);
-        if self.policy.deadline_bounds_uploads() && self.round.deadline.is_some_and(|d| now >= d) {
-            self.reject(
-                session,
-                Some(dev),
-                RejectCode::DeadlinePassed,
-                "the round's deadline passed during the upload".into(),
-                false,
-            );
+        let late = self
+            .policy
+            .check_completion(&u.begin.manifest, &self.round_view(), now);
+        if let Err((code, detail)) = late {
+            self.reject(session, Some(dev), code, detail, false);
             return;
         }
         match self.admit(&dev, &u) {

@@ -59,9 +59,15 @@ pub(super) trait RoundPolicy: Send {
         models: &TransferManager,
     ) -> Result<(), Refusal>;
 
-    /// Whether an upload that completes after the round's deadline is
-    /// refused.
-    fn deadline_bounds_uploads(&self) -> bool;
+    /// Whether an upload that has just completed may still be combined:
+    /// the checks of [`RoundPolicy::check_task`] that time can change
+    /// while it arrives (a deadline, the staleness window).
+    fn check_completion(
+        &self,
+        m: &UpdateManifest,
+        round: &RoundView,
+        now: Instant,
+    ) -> Result<(), Refusal>;
 
     /// The weight factor of an update `staleness` versions behind.
     fn discount(&self, staleness: u64) -> f64;
@@ -79,9 +85,10 @@ pub(super) trait RoundPolicy: Send {
         payload_hash: [u8; 32],
     ) -> Result<(), String>;
 
-    /// The open round closed; `next` trains `next_version`. Returns whether
-    /// uploads in flight carry over into it.
-    fn on_round_closed(&mut self, next: u64, next_version: ModelVersion) -> bool;
+    /// The open round closed; `next` trains `next_version`. Returns the
+    /// oldest task round whose uploads in flight carry over into it (older
+    /// ones are cut short).
+    fn on_round_closed(&mut self, next: u64, next_version: ModelVersion) -> u64;
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -210,8 +217,19 @@ impl RoundPolicy for Synchronous {
         Ok(())
     }
 
-    fn deadline_bounds_uploads(&self) -> bool {
-        true
+    fn check_completion(
+        &self,
+        _m: &UpdateManifest,
+        round: &RoundView,
+        now: Instant,
+    ) -> Result<(), Refusal> {
+        if round.deadline.is_some_and(|d| now >= d) {
+            return Err((
+                RejectCode::DeadlinePassed,
+                "the round's deadline passed during the upload".into(),
+            ));
+        }
+        Ok(())
     }
 
     fn discount(&self, _staleness: u64) -> f64 {
@@ -229,8 +247,9 @@ impl RoundPolicy for Synchronous {
         Ok(())
     }
 
-    fn on_round_closed(&mut self, _next: u64, _next_version: ModelVersion) -> bool {
+    fn on_round_closed(&mut self, next: u64, _next_version: ModelVersion) -> u64 {
         self.participants.clear();
-        false
+        // No upload survives a synchronous round.
+        next
     }
 }

@@ -280,22 +280,26 @@ impl TransferManager {
 
     // ------------------------------------------------------------ rounds
 
-    /// A round closed. Deltas to the old model go; uploads in flight either
-    /// carry over to the next round (`carry`) or are cut short, and then
-    /// each is told `RoundClosed` at its next chunk.
-    pub fn on_round_closed(&mut self, carry: bool) {
+    /// A round closed. Deltas to the old model go; uploads in flight for
+    /// tasks of round `keep_from` or later carry over to the next round,
+    /// the others are cut short (their memory freed), and each of those is
+    /// told `RoundClosed` at its next chunk.
+    pub fn on_round_closed(&mut self, keep_from: u64) {
         self.deltas.clear();
         self.delta_for.clear();
-        if carry {
-            return;
-        }
-        self.closed_uploads = self
+        let cut: Vec<DeviceKey> = self
             .uploads
-            .values()
-            .map(|u| (u.begin.manifest.payload_hash, false))
+            .iter()
+            .filter(|(_, u)| u.begin.manifest.round_id < keep_from)
+            .map(|(k, _)| *k)
             .collect();
-        self.uploads.clear();
-        self.upload_bytes = 0;
+        self.closed_uploads.clear();
+        for key in cut {
+            let u = self.uploads.remove(&key).expect("listed");
+            self.upload_bytes -= u.data.len() as u64;
+            self.closed_uploads
+                .insert(u.begin.manifest.payload_hash, false);
+        }
     }
 }
 
@@ -319,6 +323,29 @@ mod tests {
             signature: [0; 64],
             chunk_bytes,
         }
+    }
+
+    /// Uploads for tasks older than `keep_from` are cut at a round's close
+    /// (FedBuff's staleness window), the rest carry on with their bytes.
+    #[test]
+    fn uploads_outside_the_window_expire() {
+        let mut t = TransferManager::new(64, 2);
+        let mut old = begin(10, 4, 1);
+        old.manifest.round_id = 3;
+        let mut recent = begin(10, 4, 2);
+        recent.manifest.round_id = 5;
+        let (a, b) = ([1; 32], [2; 32]);
+        t.begin_upload(a, old);
+        t.begin_upload(b, recent);
+        assert_eq!(t.add_chunk(a, [1; 32], 0, &[0; 4]), ChunkOutcome::Stored);
+        assert_eq!(t.add_chunk(b, [2; 32], 0, &[0; 4]), ChunkOutcome::Stored);
+        t.on_round_closed(4);
+        assert_eq!(t.upload_bytes_held(), 4, "only the recent upload is held");
+        assert_eq!(
+            t.add_chunk(a, [1; 32], 1, &[0; 4]),
+            ChunkOutcome::RoundClosed
+        );
+        assert_eq!(t.add_chunk(b, [2; 32], 1, &[0; 4]), ChunkOutcome::Stored);
     }
 
     /// A version published again (a round that changed nothing) is held
@@ -373,7 +400,7 @@ mod tests {
         assert_eq!(t.add_chunk(a, [3; 32], 0, &[0; 4]), ChunkOutcome::Stored);
         assert!(t.take_complete(&a).is_none());
         // A closed round cuts uploads short: told once, then ignored.
-        t.on_round_closed(false);
+        t.on_round_closed(2);
         assert_eq!(t.upload_bytes_held(), 0);
         assert_eq!(
             t.add_chunk(a, [3; 32], 1, &[0; 4]),
