@@ -95,7 +95,11 @@ pub struct LimitsConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerLimits {
+    /// Most authenticated devices connected at once.
     pub max_devices: usize,
+    /// Most connections authenticating at once (their own budget: a
+    /// handshake flood never takes authenticated capacity).
+    pub max_authenticating: usize,
     pub rate_per_sec: f64,
     pub rate_burst: f64,
     pub idle_timeout_ms: u64,
@@ -205,6 +209,7 @@ impl Default for ServerLimits {
         let s = ServerConfig::default();
         ServerLimits {
             max_devices: CoordinatorConfig::default().max_sessions,
+            max_authenticating: CoordinatorConfig::default().max_unauthenticated,
             rate_per_sec: s.rate_per_sec,
             rate_burst: s.rate_burst,
             idle_timeout_ms: s.idle_timeout.as_millis() as u64,
@@ -380,6 +385,7 @@ impl AggregatorConfig {
             auth_timeout: Duration::from_millis(self.server.auth_timeout_ms),
             chunk_bytes: r.chunk_bytes,
             max_sessions: self.server.max_devices,
+            max_unauthenticated: self.server.max_authenticating,
             versions_kept: 4,
             plan: self.plan()?,
             weights: self.weights.clone(),

@@ -525,7 +525,8 @@ async fn accept_loop(
     let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     while let Some(incoming) = endpoint.accept().await {
         // Refuse at the door well before the coordinator's own limit.
-        if open.load(std::sync::atomic::Ordering::Relaxed) > cfg.coordinator.max_sessions + 64 {
+        let room = cfg.coordinator.max_sessions + cfg.coordinator.max_unauthenticated;
+        if open.load(std::sync::atomic::Ordering::Relaxed) > room {
             incoming.refuse();
             continue;
         }

@@ -43,7 +43,8 @@ fn config(seed: u64) -> CoordinatorConfig {
         retry_window: (Duration::from_millis(10), Duration::from_millis(50)),
         auth_timeout: Duration::from_secs(2),
         chunk_bytes: 96,
-        max_sessions: 6,
+        max_sessions: 4,
+        max_unauthenticated: 3,
         versions_kept: 2,
         seed,
         ..CoordinatorConfig::default()
@@ -338,7 +339,7 @@ impl Run {
             }
         }
         assert!(
-            self.c.session_count() <= 6,
+            self.c.session_count() <= 4 + 3,
             "seed {seed}: {} sessions",
             self.c.session_count()
         );

@@ -28,8 +28,11 @@ pub struct CoordinatorConfig {
     pub auth_timeout: Duration,
     /// Chunk size for model downloads.
     pub chunk_bytes: u32,
-    /// Most concurrent connections.
+    /// Most authenticated devices connected at once.
     pub max_sessions: usize,
+    /// Most connections still authenticating at once: their own budget,
+    /// so a flood of handshakes never takes authenticated capacity.
+    pub max_unauthenticated: usize,
     /// Model versions kept for download (the current one and older ones).
     pub versions_kept: usize,
     /// Training plan sent with each task (the strategy may adjust it).
@@ -56,6 +59,7 @@ impl Default for CoordinatorConfig {
             auth_timeout: Duration::from_secs(10),
             chunk_bytes: 256 << 10,
             max_sessions: 10_000,
+            max_unauthenticated: 1024,
             versions_kept: 4,
             plan: TrainingPlan::default(),
             weights: WeightPolicy::default(),
@@ -97,6 +101,9 @@ impl CoordinatorConfig {
                 "chunk_bytes must be in [1, {}], got {}",
                 self.limits.chunk_bytes_max, self.chunk_bytes
             ));
+        }
+        if self.max_sessions == 0 || self.max_unauthenticated == 0 {
+            return Err("max_sessions and max_unauthenticated must be at least 1".into());
         }
         if self.versions_kept == 0 {
             return Err("versions_kept must be at least 1".into());

@@ -117,7 +117,11 @@ impl Coordinator {
         let finished = cfg.rounds != 0 && first_round_id > cfg.rounds;
         let mut c = Coordinator {
             rng: ChaCha8Rng::seed_from_u64(cfg.seed),
-            sessions: SessionTable::new(cfg.auth_timeout, cfg.max_sessions),
+            sessions: SessionTable::new(
+                cfg.auth_timeout,
+                cfg.max_sessions,
+                cfg.max_unauthenticated,
+            ),
             transfers,
             current: initial,
             current_version: version,
@@ -272,12 +276,12 @@ impl Coordinator {
     /// session and binds the authentication signature to it.
     pub fn handle_connect(&mut self, now: Instant, session: SessionId, tls_binding: [u8; 32]) {
         if !self.sessions.connect(now, session, tls_binding) {
-            let max = self.sessions.max_sessions();
+            let max = self.sessions.max_unauthenticated();
             self.reject(
                 session,
                 None,
                 RejectCode::TooManyDevices,
-                format!("aggregator is at its limit of {max} devices"),
+                format!("{max} connections are already authenticating; come back later"),
                 true,
             );
         }
@@ -393,6 +397,17 @@ impl Coordinator {
                 Some(device_id(&key)),
                 RejectCode::AuthFailed,
                 "challenge signature does not verify for this key and TLS session".into(),
+                true,
+            );
+            return;
+        }
+        if !self.sessions.has_room_for(&key) {
+            let max = self.sessions.max_sessions();
+            self.reject(
+                session,
+                Some(device_id(&key)),
+                RejectCode::TooManyDevices,
+                format!("aggregator is at its limit of {max} devices"),
                 true,
             );
             return;

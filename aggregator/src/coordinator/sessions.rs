@@ -40,6 +40,9 @@ pub(super) struct SessionTable {
     auth_timers: BTreeSet<(Instant, SessionId)>,
     auth_timeout: Duration,
     max_sessions: usize,
+    max_unauthenticated: usize,
+    /// Sessions authenticated now (the rest are authenticating).
+    ready: usize,
     /// Devices seen by this process (authenticated or restored) and those
     /// already told the run is finished: the driver waits for the rest.
     known: HashSet<DeviceKey>,
@@ -47,13 +50,15 @@ pub(super) struct SessionTable {
 }
 
 impl SessionTable {
-    pub fn new(auth_timeout: Duration, max_sessions: usize) -> Self {
+    pub fn new(auth_timeout: Duration, max_sessions: usize, max_unauthenticated: usize) -> Self {
         SessionTable {
             sessions: HashMap::new(),
             by_device: HashMap::new(),
             auth_timers: BTreeSet::new(),
             auth_timeout,
             max_sessions,
+            max_unauthenticated,
+            ready: 0,
             known: HashSet::new(),
             told_finished: HashSet::new(),
         }
@@ -67,9 +72,14 @@ impl SessionTable {
         self.max_sessions
     }
 
-    /// Registers a new connection; false when the table is full.
+    pub fn max_unauthenticated(&self) -> usize {
+        self.max_unauthenticated
+    }
+
+    /// Registers a new connection; false when the authentication budget is
+    /// spent (authenticated devices do not count against it).
     pub fn connect(&mut self, now: Instant, session: SessionId, tls_binding: [u8; 32]) -> bool {
-        if self.sessions.len() >= self.max_sessions {
+        if self.auth_timers.len() >= self.max_unauthenticated {
             return false;
         }
         let deadline = now + self.auth_timeout;
@@ -100,6 +110,12 @@ impl SessionTable {
         }
     }
 
+    /// Whether a device with `key` may become authenticated now: there is
+    /// room, or it replaces its own older connection.
+    pub fn has_room_for(&self, key: &VerifyingKey) -> bool {
+        self.ready < self.max_sessions || self.by_device.contains_key(key.as_bytes())
+    }
+
     /// The device proved its key. Returns the device's previous connection,
     /// now forgotten, which the caller must close.
     pub fn authenticate(&mut self, session: SessionId, key: VerifyingKey) -> Option<SessionId> {
@@ -108,6 +124,7 @@ impl SessionTable {
         if let Some(d) = s.auth_deadline.take() {
             self.auth_timers.remove(&(d, session));
         }
+        self.ready += 1;
         self.known.insert(key.to_bytes());
         let old = self.by_device.insert(key.to_bytes(), session)?;
         if old == session {
@@ -134,7 +151,10 @@ impl SessionTable {
             self.auth_timers.remove(&(d, session));
         }
         match s.state {
-            SessionState::Ready { key } => Some(key.to_bytes()),
+            SessionState::Ready { key } => {
+                self.ready -= 1;
+                Some(key.to_bytes())
+            }
             _ => None,
         }
     }
@@ -191,11 +211,14 @@ mod tests {
     #[test]
     fn auth_timers_follow_sessions() {
         let t0 = Instant::now();
-        let mut t = SessionTable::new(Duration::from_secs(10), 3);
+        let mut t = SessionTable::new(Duration::from_secs(10), 2, 3);
         assert!(t.connect(t0, 5, [0; 32]));
         assert!(t.connect(t0 + Duration::from_secs(1), 2, [0; 32]));
         assert!(t.connect(t0 + Duration::from_secs(2), 9, [0; 32]));
-        assert!(!t.connect(t0, 4, [0; 32]), "table is full");
+        assert!(
+            !t.connect(t0, 4, [0; 32]),
+            "the authentication budget is spent"
+        );
         assert_eq!(t.next_timeout(), Some(t0 + Duration::from_secs(10)));
         let key = SigningKey::from_bytes(&[1; 32]).verifying_key();
         t.await_auth(5, key, [0; 32]);
@@ -209,10 +232,25 @@ mod tests {
         assert_eq!(t.auth_expired(t0 + Duration::from_secs(12)), vec![9]);
         // The same key on a new connection replaces the old one.
         assert!(t.connect(t0, 6, [0; 32]));
+        assert!(t.has_room_for(&key));
         assert_eq!(t.authenticate(6, key), Some(5));
         assert_eq!(t.len(), 2);
-        assert_eq!(t.awaiting_finish(), 1);
+        // Authenticated devices do not spend the authentication budget,
+        // and have their own.
+        let other = SigningKey::from_bytes(&[2; 32]).verifying_key();
+        let third = SigningKey::from_bytes(&[3; 32]).verifying_key();
+        assert!(t.connect(t0, 7, [0; 32]) && t.connect(t0, 8, [0; 32]));
+        assert!(t.has_room_for(&other));
+        t.authenticate(7, other);
+        assert!(!t.has_room_for(&third), "two devices are the limit");
+        assert!(
+            t.has_room_for(&other),
+            "a device may replace its own connection"
+        );
+        t.remove(7);
+        assert!(t.has_room_for(&third));
+        assert_eq!(t.awaiting_finish(), 2, "both keys seen");
         t.note_told_finished(key.to_bytes());
-        assert_eq!(t.awaiting_finish(), 0);
+        assert_eq!(t.awaiting_finish(), 1);
     }
 }

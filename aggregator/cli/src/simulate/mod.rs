@@ -147,6 +147,8 @@ fn server_config(c: &SimConfig, stake_file: std::path::PathBuf) -> anyhow::Resul
             weights: c.weights.clone(),
             strategy: c.strategy.clone(),
             max_sessions: c.devices + 16,
+            // Every simulated device dials at once.
+            max_unauthenticated: c.devices + 16,
             seed: c.seed,
             ..CoordinatorConfig::default()
         },
