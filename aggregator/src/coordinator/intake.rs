@@ -17,6 +17,14 @@ use super::transfers::{ChunkOutcome, Upload};
 use super::{Coordinator, DurableUpdate, Event, Output, SessionId};
 use crate::robust::l2_norm;
 
+/// An update that passed every check: its delta, the weight it is
+/// combined with (staleness discount included) and the device's stake.
+pub(super) struct Admitted {
+    delta: Vec<f32>,
+    raw_weight: f64,
+    stake: Option<f64>,
+}
+
 impl Coordinator {
     /// Checks of a signed upload manifest; returns the reject to send, if any.
     pub(super) fn check_manifest(
@@ -145,9 +153,7 @@ impl Coordinator {
             return;
         }
         match self.admit(&dev, &u) {
-            Ok((delta, raw_weight, stake)) => {
-                self.accept(now, session, key, u, delta, raw_weight, stake)
-            }
+            Ok(admitted) => self.accept(now, session, key, u, admitted),
             Err((code, detail)) => {
                 let samples = u.begin.manifest.sample_count;
                 let stake = self.stakes.stake(&dev);
@@ -160,12 +166,8 @@ impl Coordinator {
     }
 
     /// The checks of a complete upload: its hash, its decoding, its norm
-    /// and its weight. Returns the delta, its raw weight and the stake.
-    pub(super) fn admit(
-        &self,
-        dev: &str,
-        u: &Upload,
-    ) -> Result<(Vec<f32>, f64, Option<f64>), Refusal> {
+    /// and its weight.
+    pub(super) fn admit(&self, dev: &str, u: &Upload) -> Result<Admitted, Refusal> {
         let m = &u.begin.manifest;
         if *blake3::hash(&u.data).as_bytes() != m.payload_hash {
             return Err((
@@ -190,7 +192,11 @@ impl Coordinator {
             .weights
             .raw_weight(stake, self.samples_counted(m.sample_count))
         {
-            Ok(w) if w > 0.0 && w.is_finite() => Ok((delta, w * discount, stake)),
+            Ok(w) if w > 0.0 && w.is_finite() => Ok(Admitted {
+                delta,
+                raw_weight: w * discount,
+                stake,
+            }),
             Ok(w) => Err((
                 RejectCode::NotSelected,
                 format!("participant weight {w} is not positive"),
@@ -211,17 +217,19 @@ impl Coordinator {
     }
 
     /// Combines an admitted update: made durable first, then acknowledged.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn accept(
         &mut self,
         now: Instant,
         session: SessionId,
         key: VerifyingKey,
         u: Upload,
-        delta: Vec<f32>,
-        raw_weight: f64,
-        stake: Option<f64>,
+        a: Admitted,
     ) {
+        let Admitted {
+            delta,
+            raw_weight,
+            stake,
+        } = a;
         let dev = device_id(&key);
         let m = u.begin.manifest;
         // Recorded under the round (buffer) it is combined into.

@@ -41,8 +41,6 @@ pub(super) struct SessionTable {
     auth_timeout: Duration,
     max_sessions: usize,
     max_unauthenticated: usize,
-    /// Sessions authenticated now (the rest are authenticating).
-    ready: usize,
     /// Devices seen by this process (authenticated or restored) and those
     /// already told the run is finished: the driver waits for the rest.
     known: HashSet<DeviceKey>,
@@ -58,7 +56,6 @@ impl SessionTable {
             auth_timeout,
             max_sessions,
             max_unauthenticated,
-            ready: 0,
             known: HashSet::new(),
             told_finished: HashSet::new(),
         }
@@ -113,7 +110,8 @@ impl SessionTable {
     /// Whether a device with `key` may become authenticated now: there is
     /// room, or it replaces its own older connection.
     pub fn has_room_for(&self, key: &VerifyingKey) -> bool {
-        self.ready < self.max_sessions || self.by_device.contains_key(key.as_bytes())
+        // `by_device` holds exactly the authenticated sessions.
+        self.by_device.len() < self.max_sessions || self.by_device.contains_key(key.as_bytes())
     }
 
     /// The device proved its key. Returns the device's previous connection,
@@ -124,7 +122,6 @@ impl SessionTable {
         if let Some(d) = s.auth_deadline.take() {
             self.auth_timers.remove(&(d, session));
         }
-        self.ready += 1;
         self.known.insert(key.to_bytes());
         let old = self.by_device.insert(key.to_bytes(), session)?;
         if old == session {
@@ -151,10 +148,7 @@ impl SessionTable {
             self.auth_timers.remove(&(d, session));
         }
         match s.state {
-            SessionState::Ready { key } => {
-                self.ready -= 1;
-                Some(key.to_bytes())
-            }
+            SessionState::Ready { key } => Some(key.to_bytes()),
             _ => None,
         }
     }

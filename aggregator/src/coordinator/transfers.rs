@@ -287,19 +287,16 @@ impl TransferManager {
     pub fn on_round_closed(&mut self, keep_from: u64) {
         self.deltas.clear();
         self.delta_for.clear();
-        let cut: Vec<DeviceKey> = self
-            .uploads
-            .iter()
-            .filter(|(_, u)| u.begin.manifest.round_id < keep_from)
-            .map(|(k, _)| *k)
-            .collect();
         self.closed_uploads.clear();
-        for key in cut {
-            let u = self.uploads.remove(&key).expect("listed");
-            self.upload_bytes -= u.data.len() as u64;
-            self.closed_uploads
-                .insert(u.begin.manifest.payload_hash, false);
-        }
+        let (closed, held) = (&mut self.closed_uploads, &mut self.upload_bytes);
+        self.uploads.retain(|_, u| {
+            let keep = u.begin.manifest.round_id >= keep_from;
+            if !keep {
+                *held -= u.data.len() as u64;
+                closed.insert(u.begin.manifest.payload_hash, false);
+            }
+            keep
+        });
     }
 }
 
