@@ -46,6 +46,8 @@ struct Raw {
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     binding: [u8; 32],
+    /// The federation id the aggregator named at authentication.
+    federation: [u8; 32],
 }
 
 impl Raw {
@@ -65,6 +67,7 @@ impl Raw {
             send,
             recv,
             binding,
+            federation: [0; 32],
         }
     }
 
@@ -121,7 +124,10 @@ impl Raw {
         };
         let signature = sign::sign_auth(key, &nonce, &self.binding);
         self.send(&DeviceMsg::AuthResponse { signature }).await;
-        assert!(matches!(self.recv().await, AggMsg::AuthOk { .. }));
+        match self.recv().await {
+            AggMsg::AuthOk { federation_id, .. } => self.federation = federation_id,
+            other => panic!("expected auth_ok, got {other:?}"),
+        }
     }
 
     async fn offer(&mut self) -> (u64, ModelVersion) {
@@ -137,6 +143,7 @@ impl Raw {
 }
 
 fn upload(
+    federation: [u8; 32],
     signer: &SigningKey,
     named: &SigningKey,
     round_id: u64,
@@ -152,6 +159,7 @@ fn upload(
         sample_count: 1,
         metrics: vec![],
         device_public_key: named.verifying_key(),
+        federation_id: federation,
     };
     let signature = manifest.sign(signer);
     (
@@ -268,25 +276,25 @@ async fn bad_input_is_rejected_and_honest_devices_still_complete() {
     a.expect_reject(RejectCode::UnknownModelVersion, false)
         .await;
     // Update for a round that does not exist.
-    let (b, _) = upload(&ka, &ka, 999, version, 1.0);
+    let (b, _) = upload(a.federation, &ka, &ka, 999, version, 1.0);
     a.send(&DeviceMsg::UploadBegin(Box::new(b))).await;
     a.expect_reject(RejectCode::UnknownRound, false).await;
     // Update against an unknown model version.
-    let (b, _) = upload(&ka, &ka, round, ModelVersion([0xcd; 32]), 1.0);
+    let (b, _) = upload(a.federation, &ka, &ka, round, ModelVersion([0xcd; 32]), 1.0);
     a.send(&DeviceMsg::UploadBegin(Box::new(b))).await;
     a.expect_reject(RejectCode::UnknownModelVersion, false)
         .await;
     // An announced size no codec makes for this model (it would be what
     // the upload buffer may grow to): 100 MiB for 16 parameters, within
     // the frame decoder's chunk-count limit, refused by the coordinator.
-    let (mut huge, _) = upload(&ka, &ka, round, version, 1.0);
+    let (mut huge, _) = upload(a.federation, &ka, &ka, round, version, 1.0);
     huge.manifest.payload_bytes = 100 << 20;
     huge.signature = huge.manifest.sign(&ka);
     a.send(&DeviceMsg::UploadBegin(Box::new(huge))).await;
     let detail = a.expect_reject(RejectCode::TooLarge, false).await;
     assert!(detail.contains("104857600"), "{detail}");
     // The valid one.
-    let (good, payload) = upload(&ka, &ka, round, version, 1.0);
+    let (good, payload) = upload(a.federation, &ka, &ka, round, version, 1.0);
     a.send(&DeviceMsg::UploadBegin(Box::new(good.clone())))
         .await;
     assert!(matches!(
@@ -314,6 +322,7 @@ async fn bad_input_is_rejected_and_honest_devices_still_complete() {
     b.auth(&kb).await;
     let (round_b, version_b) = b.offer().await;
     let (forged, _) = upload(
+        b.federation,
         &SigningKey::from_bytes(&[3; 32]),
         &kb,
         round_b,
@@ -323,7 +332,7 @@ async fn bad_input_is_rejected_and_honest_devices_still_complete() {
     b.send(&DeviceMsg::UploadBegin(Box::new(forged))).await;
     b.expect_reject(RejectCode::BadSignature, false).await;
     // ... nor may it submit under device A's name.
-    let (stolen, _) = upload(&kb, &ka, round_b, version_b, 100.0);
+    let (stolen, _) = upload(b.federation, &kb, &ka, round_b, version_b, 100.0);
     b.send(&DeviceMsg::UploadBegin(Box::new(stolen))).await;
     b.expect_reject(RejectCode::BadSignature, false).await;
 
@@ -360,7 +369,7 @@ async fn bad_input_is_rejected_and_honest_devices_still_complete() {
     }
 
     // Device A's old update for the closed round 1.
-    let (late, _) = upload(&ka, &ka, 1, version, 1.0);
+    let (late, _) = upload(a.federation, &ka, &ka, 1, version, 1.0);
     a.send(&DeviceMsg::UploadBegin(Box::new(late))).await;
     a.expect_reject(RejectCode::RoundClosed, false).await;
 
@@ -483,4 +492,72 @@ async fn http_get(addr: SocketAddr, path: &str) -> String {
         .unwrap()
         .unwrap();
     out
+}
+
+/// An update signed for one aggregator does not verify at another serving
+/// the same model in the same round: the federation id (name and
+/// certificate) is in the signed manifest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_signed_for_another_federation_is_refused() {
+    let mut servers = Vec::new();
+    let mut dirs = Vec::new();
+    for _ in 0..2 {
+        let dir = tempfile::tempdir().unwrap();
+        let identity = TlsIdentity::load_or_create(dir.path()).unwrap();
+        let cfg = ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            coordinator: CoordinatorConfig {
+                devices_per_round: 2,
+                min_devices: 2,
+                selection_window: Duration::from_millis(100),
+                ..CoordinatorConfig::default()
+            },
+            ..ServerConfig::default()
+        };
+        let server = Server::bind(cfg, &identity, Store::open(dir.path()).await.unwrap()).unwrap();
+        let addr = server.local_addr().unwrap();
+        servers.push((
+            addr,
+            identity.fingerprint(),
+            tokio::spawn(server.run(model(), std::future::pending())),
+        ));
+        dirs.push(dir);
+    }
+    let key = SigningKey::from_bytes(&[11; 32]);
+    let mut here = Raw::connect(servers[0].0, servers[0].1).await;
+    here.auth(&key).await;
+    let mut there = Raw::connect(servers[1].0, servers[1].1).await;
+    there.auth(&key).await;
+    assert_ne!(here.federation, there.federation);
+    let (round, version) = here.offer().await;
+    assert_eq!(there.offer().await, (round, version));
+
+    let (signed_here, payload) = upload(here.federation, &key, &key, round, version, 1.0);
+    there
+        .send(&DeviceMsg::UploadBegin(Box::new(signed_here.clone())))
+        .await;
+    let detail = there
+        .expect_reject(RejectCode::WrongFederation, false)
+        .await;
+    assert!(detail.contains(&hex::encode(here.federation)), "{detail}");
+    // Where it was signed for, it is accepted.
+    here.send(&DeviceMsg::UploadBegin(Box::new(signed_here.clone())))
+        .await;
+    assert!(matches!(
+        here.recv().await,
+        AggMsg::UploadStatus { next_index: 0, .. }
+    ));
+    here.send(&DeviceMsg::UploadChunk {
+        payload_hash: signed_here.manifest.payload_hash,
+        index: 0,
+        data: payload,
+    })
+    .await;
+    assert!(matches!(
+        here.recv().await,
+        AggMsg::UpdateAccepted { round_id: 1, .. }
+    ));
+    for (_, _, s) in servers {
+        s.abort();
+    }
 }
