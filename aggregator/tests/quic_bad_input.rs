@@ -561,3 +561,184 @@ async fn an_update_signed_for_another_federation_is_refused() {
         s.abort();
     }
 }
+
+/// The process's peak resident set (VmHWM), in bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb << 10)
+}
+
+/// 50 devices that take tasks, announce the largest upload the model
+/// allows and trickle one chunk of it, and 50 that ask for the model and
+/// never read, beside 3 honest devices: what the aggregator holds for
+/// uploads is bounded by its slots (only a selected device may announce
+/// one), the never-readers are dropped at the writer-queue bound, the run
+/// finishes, and the whole process (aggregator and 103 clients) stays
+/// within 300 MiB of where it started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_uploads_and_never_reading_clients_hold_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let identity = TlsIdentity::load_or_create(dir.path()).unwrap();
+    let fp = identity.fingerprint();
+    const DIM: usize = 1 << 16;
+    let layout = Arc::new(ParamLayout::new(vec![TensorSpec::new("w", &[DIM])]).unwrap());
+    let big = ModelBlob {
+        onnx_graph: Bytes::new(),
+        params: Params::new(layout, vec![0.5; DIM]).unwrap(),
+    };
+    let cfg = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        coordinator: CoordinatorConfig {
+            devices_per_round: 3,
+            over_selection: 5.0,
+            min_devices: 2,
+            rounds: 2,
+            round_deadline: Duration::from_secs(4),
+            selection_window: Duration::from_millis(300),
+            retry_window: (Duration::from_millis(100), Duration::from_millis(300)),
+            chunk_bytes: 32 << 10,
+            ..CoordinatorConfig::default()
+        },
+        finish_grace: Some(Duration::from_secs(3)),
+        rate_per_sec: 10_000.0,
+        rate_burst: 10_000.0,
+        writer_queue_bytes_max: 256 << 10,
+        ..ServerConfig::default()
+    };
+    let server = Server::bind(cfg, &identity, Store::open(dir.path()).await.unwrap()).unwrap();
+    let addr = server.local_addr().unwrap();
+    let start_rss = peak_rss();
+    let serving = tokio::spawn(server.run(big, std::future::pending()));
+
+    let max_payload = fedge_proto::codec::payload_bytes_max(DIM as u64);
+    let mut attackers = Vec::new();
+    for i in 0..50u32 {
+        attackers.push(tokio::spawn(async move {
+            let mut key = [0u8; 32];
+            key[..4].copy_from_slice(&(1000 + i).to_le_bytes());
+            let key = SigningKey::from_bytes(&key);
+            let mut c = Raw::connect(addr, fp).await;
+            c.auth(&key).await;
+            c.send(&DeviceMsg::TaskRequest {
+                have_model_version: None,
+            })
+            .await;
+            let (round_id, version) = match c.recv().await {
+                AggMsg::TaskOffer(o) => (o.round_id, o.model.version),
+                _ => return (c, false),
+            };
+            let payload = vec![7u8; max_payload as usize];
+            let manifest = UpdateManifest {
+                round_id,
+                model_version: version,
+                payload_hash: *blake3::hash(&payload).as_bytes(),
+                payload_bytes: max_payload,
+                sample_count: 1,
+                metrics: vec![],
+                device_public_key: key.verifying_key(),
+                federation_id: c.federation,
+            };
+            let signature = manifest.sign(&key);
+            let chunk = 64 << 10;
+            c.send(&DeviceMsg::UploadBegin(Box::new(UploadBegin {
+                manifest,
+                signature,
+                chunk_bytes: chunk as u32,
+            })))
+            .await;
+            c.send(&DeviceMsg::UploadChunk {
+                payload_hash: *blake3::hash(&payload).as_bytes(),
+                index: 0,
+                data: Bytes::from(payload[..chunk].to_vec()),
+            })
+            .await;
+            (c, true) // and never another chunk
+        }));
+    }
+    let mut readers = Vec::new();
+    for i in 0..50u32 {
+        readers.push(tokio::spawn(async move {
+            let mut key = [0u8; 32];
+            key[..4].copy_from_slice(&(5000 + i).to_le_bytes());
+            let mut c = Raw::connect(addr, fp).await;
+            c.auth(&SigningKey::from_bytes(&key)).await;
+            // Whatever model is current: ask for every chunk, again and
+            // again, and read nothing.
+            c.send(&DeviceMsg::TaskRequest {
+                have_model_version: None,
+            })
+            .await;
+            let version = match c.recv().await {
+                AggMsg::TaskOffer(o) => o.model.version,
+                _ => return c,
+            };
+            let mut asks = Vec::new();
+            for j in 0..1024u32 {
+                asks.extend_from_slice(&fedge_proto::frame::encode(
+                    &DeviceMsg::ChunkRequest {
+                        model_version: version,
+                        index: j % 8,
+                    }
+                    .encode(),
+                ));
+            }
+            c.send_raw(&asks).await;
+            c
+        }));
+    }
+    let mut devices = Vec::new();
+    for i in 0..3u8 {
+        let cfg = DriverConfig {
+            session: SessionConfig {
+                seed: u64::from(i),
+                backoff_min: Duration::from_millis(50),
+                ..SessionConfig::default()
+            },
+            ..DriverConfig::new(addr, Trust::Pinned(fp))
+        };
+        let key = SigningKey::from_bytes(&[200 + i; 32]);
+        let trainer = Box::new(KnownUpdate {
+            value: 1.0,
+            sample_count: 1,
+        });
+        devices.push(tokio::spawn(run_device(cfg, key, trainer)));
+    }
+    let mut held = Vec::new();
+    let mut uploads_begun = 0;
+    for a in attackers {
+        let (c, began) = a.await.unwrap();
+        uploads_begun += usize::from(began);
+        held.push(c);
+    }
+    let readers: Vec<Raw> = futures_join(readers).await;
+    for d in devices {
+        tokio::time::timeout(Duration::from_secs(60), d)
+            .await
+            .expect("honest devices finish")
+            .unwrap()
+            .expect("honest device succeeded");
+    }
+    let grown = peak_rss().saturating_sub(start_rss);
+    eprintln!(
+        "{uploads_begun} slowloris uploads begun ({} KiB each announced), 50 never-reading \
+         clients; peak RSS grew {} MiB",
+        max_payload >> 10,
+        grown >> 20
+    );
+    assert!(grown < 300 << 20, "peak RSS grew {} MiB", grown >> 20);
+    drop(held);
+    drop(readers);
+    serving.abort();
+}
+
+async fn futures_join<T: Send + 'static>(hs: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::with_capacity(hs.len());
+    for h in hs {
+        out.push(h.await.unwrap());
+    }
+    out
+}
