@@ -15,6 +15,8 @@
 //!   their validating decoders.
 //! - [`update`]: the update encode/decode entry points callers use.
 //! - [`sign`]: what devices sign (authentication and update manifests).
+//! - [`fuzzing`]: one entry point a decoder for the fuzz targets (`fuzz/`)
+//!   and the corpus replay test.
 //!
 //! **Invariant:** nothing in this crate does I/O or keeps time except the
 //! optional `io` helpers, which only read and write frames.
@@ -23,6 +25,7 @@ pub mod codec;
 pub mod delta;
 pub mod error;
 pub mod frame;
+pub mod fuzzing;
 #[cfg(feature = "io")]
 pub mod io;
 pub mod limits;

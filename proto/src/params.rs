@@ -263,7 +263,9 @@ impl ModelBlob {
 
 /// Decode exactly `dimension` finite little-endian f32 values.
 pub fn decode_f32le(data: &[u8], dimension: usize) -> Result<Vec<f32>, ProtoError> {
-    if data.len() != dimension * 4 {
+    // A dimension past usize::MAX / 4 cannot match any slice; checked so
+    // that it is a mismatch rather than an overflow.
+    if dimension.checked_mul(4) != Some(data.len()) {
         return Err(ProtoError::DimensionMismatch {
             expected: dimension as u64,
             got: (data.len() / 4) as u64,
@@ -319,6 +321,27 @@ mod tests {
         other.params.values[0] = 9.0;
         assert_ne!(other.version(), b.version());
         assert_eq!(b.params.tensor("b").unwrap(), &[3.0, 3.5, 4.0]);
+    }
+
+    #[test]
+    fn f32le_dimension_past_usize_is_a_mismatch() {
+        // fuzz/corpus params_f32le: a dimension whose byte length overflows.
+        let input: &[u8] = &[0x2b, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+        let dimension = u64::from_le_bytes(input.try_into().unwrap()) as usize;
+        assert_eq!(
+            decode_f32le(&[], dimension),
+            Err(ProtoError::DimensionMismatch {
+                expected: dimension as u64,
+                got: 0
+            })
+        );
+        assert_eq!(
+            decode_f32le(&[0; 4], usize::MAX).map(|v| v.len()),
+            Err(ProtoError::DimensionMismatch {
+                expected: u64::MAX,
+                got: 1
+            })
+        );
     }
 
     #[test]

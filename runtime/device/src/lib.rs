@@ -14,6 +14,8 @@
 //! - [`policy`]: device policy: when the device may take tasks (charging,
 //!   battery floor, idle, unmetered), and the Linux power-supply source.
 //! - `dataspec` (feature `engine`): naming local data on the command line.
+//! - [`fuzzing`]: entry points for the residual and sensor-window fuzz
+//!   targets (`fuzz/`) and their corpus replay test.
 //!
 //! The training engine is the `fedge-engine` crate, an optional
 //! dependency behind the `engine` feature (on by default, as is `gpu`);
@@ -30,6 +32,7 @@ pub mod compress;
 #[cfg(feature = "engine")]
 pub mod dataspec;
 pub mod driver;
+pub mod fuzzing;
 pub mod identity;
 pub mod policy;
 pub mod sensor;

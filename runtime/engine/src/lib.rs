@@ -7,6 +7,8 @@
 //!   the aggregator's model, giving a [`trainer::LocalUpdate`].
 //! - [`data`]: local data sets (MNIST, IDX, text windows) and partitions.
 //! - [`zoo`]: the model zoo; [`bench`]: the training benchmark.
+//! - [`fuzzing`]: entry points for the ONNX fuzz targets (`fuzz/`) and
+//!   their corpus replay test.
 //!
 //! **Invariant:** no networking: the engine knows nothing of the protocol,
 //! QUIC, TLS or tokio. The device crate (`fedge-device`) drives it.
@@ -16,6 +18,7 @@
 
 pub mod bench;
 pub mod data;
+pub mod fuzzing;
 pub mod train;
 pub mod trainer;
 pub mod zoo;
