@@ -501,8 +501,11 @@ pub fn compile_training(
             .collect();
         let gx = grad::backward(&mut b, n, &gy, &needs)?;
         for (i, gi) in gx.into_iter().enumerate() {
-            let Some(gi) = gi else { continue };
-            debug_assert!(needs[i]);
+            // A rule may also give the gradient of an input that needs
+            // none (a constant beside a parameter); it is dropped.
+            let Some(gi) = gi.filter(|_| needs[i]) else {
+                continue;
+            };
             let name = &n.input[i];
             let acc = match grads.remove(name) {
                 Some(prev) => b.binary("Add", &prev, &gi)?,
