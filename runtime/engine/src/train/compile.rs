@@ -296,7 +296,13 @@ impl Builder {
         if gs == target {
             return Ok(g.to_string());
         }
-        let off = gs.len() - target.len();
+        let off = gs
+            .len()
+            .checked_sub(target.len())
+            .ok_or_else(|| TrainError::Shape {
+                tensor: g.to_string(),
+                reason: format!("{gs:?} cannot be summed down to the larger {target:?}"),
+            })?;
         let axes: Vec<usize> = (0..gs.len())
             .filter(|&i| i < off || (target[i - off] == 1 && gs[i] != 1))
             .collect();

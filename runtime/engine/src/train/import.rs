@@ -390,6 +390,22 @@ mod tests {
     }
 
     #[test]
+    fn a_bias_of_higher_rank_than_its_gemm_is_a_shape_error() {
+        // onnx_train: Gemm's bias gradient summed [2, 3] down to [1, 2, 3].
+        let w = onnx::tensor_f32("w", &[3, 4], &[0.5; 12]);
+        let c = onnx::tensor_f32("c", &[1, 2, 3], &[0.1; 6]);
+        let gemm = onnx::node(
+            "Gemm",
+            "y",
+            &["x", "w", "c"],
+            &["y"],
+            vec![onnx::int("transB", 1)],
+        );
+        let e = compile(&model(vec![gemm], vec![w, c], &["y"])).unwrap_err();
+        assert!(matches!(e, TrainError::Shape { .. }), "{e}");
+    }
+
+    #[test]
     fn constant_operands_beside_a_parameter_get_no_gradient() {
         // onnx_train: Concat gives a gradient to every operand, also to a
         // constant; the compiler asserted that only needed ones come back.

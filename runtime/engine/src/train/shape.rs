@@ -131,7 +131,7 @@ fn numel(node: &NodeProto, shape: &[usize]) -> Result<usize, TrainError> {
 }
 
 /// Input `i`'s name.
-fn input_name<'a>(node: &'a NodeProto, i: usize) -> Result<&'a str, TrainError> {
+fn input_name(node: &NodeProto, i: usize) -> Result<&str, TrainError> {
     node.input
         .get(i)
         .map(String::as_str)
