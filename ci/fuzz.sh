@@ -8,6 +8,9 @@
 # (minimise with `cargo +nightly fuzz cmin <target>` before committing);
 # crashing inputs go to fuzz/artifacts/<target>/. Exits 1 if any target
 # crashed. The onnx_* and sensor_window targets build tract (minutes, cold).
+# Builds keep debug assertions and overflow checks; SANITIZER (default
+# none: our code has no `unsafe`, and AddressSanitizer costs several times
+# the executions) may be `address`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$PWD"
@@ -33,7 +36,8 @@ for t in $targets; do
         features="$f"
     fi
 done
-(cd fuzz && cargo +nightly fuzz build ${features:+--features "$features"} --target-dir "$CARGO_TARGET_DIR")
+(cd fuzz && cargo +nightly fuzz build --sanitizer "${SANITIZER:-none}" \
+    ${features:+--features "$features"} --target-dir "$CARGO_TARGET_DIR")
 bin="$CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/release"
 
 # Limits on one input: ONNX models are larger and slower than frames.

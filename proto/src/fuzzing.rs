@@ -369,12 +369,13 @@ pub fn update(data: &[u8]) {
 /// An update body under a well-formed envelope, so the fuzzer spends its
 /// time in the value and index sections rather than in protobuf. Byte 0
 /// picks a codec from [`BODY_SPECS`], byte 1 bit 0 is the zstd flag,
-/// bytes 2..4 the dimension (u16 LE) modulo 4097, bytes 4..12 the seed;
-/// the rest is the body. See [`check_update`].
+/// bytes 2..4 the dimension (u16 LE) modulo 1025 (four default blocks:
+/// small enough to keep executions fast; [`update`] reaches larger ones),
+/// bytes 4..12 the seed; the rest is the body. See [`check_update`].
 pub fn update_body(data: &[u8]) {
     let (head, body) = split::<12>(data);
     let spec = BODY_SPECS[usize::from(head[0]) % BODY_SPECS.len()];
-    let dimension = u64::from(u16::from_le_bytes([head[2], head[3]])) % 4097;
+    let dimension = u64::from(u16::from_le_bytes([head[2], head[3]])) % 1025;
     let payload = wire::UpdatePayload {
         codec: spec.into(),
         dimension,

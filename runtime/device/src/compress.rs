@@ -134,7 +134,8 @@ impl Compressor {
             .get(..8)
             .map(|h| u64::from_le_bytes(h.try_into().expect("8 bytes")))
             .ok_or("residual file too short")?;
-        if b.len() as u64 != 8 + 4 * dim {
+        // Checked: a foreign header can declare any u64.
+        if dim.checked_mul(4).and_then(|n| n.checked_add(8)) != Some(b.len() as u64) {
             return Err(format!(
                 "residual file holds {} bytes for {dim} values",
                 b.len()
@@ -182,6 +183,22 @@ pub fn round_seed(device_key: &[u8; 32], round_id: u64) -> u64 {
 mod tests {
     use super::*;
     use fedge_proto::Limits;
+
+    #[test]
+    fn residual_header_past_u64_bytes_is_refused() {
+        // fuzz/artifacts/residual (the `residual` fuzz target): a declared
+        // dimension of 0x7d7d7d7d7d000000 overflowed `8 + 4 * dim`.
+        let input: &[u8] = &[
+            0x00, 0x00, 0x00, 0x7d, 0x7d, 0x7d, 0x7d, 0x7d, 0x7d, 0x7d, 0x7d, 0x7d, 0x7d, 0x7d,
+            0x7d, 0x7d, 0x7d, 0x7d, 0x7d, 0x7d, 0x7d, 0x7d, 0x7d, 0x00, 0x55, 0x00, 0x00, 0x00,
+            0x00,
+        ];
+        let e = Compressor::from_bytes(input).unwrap_err();
+        assert!(e.contains("29 bytes"), "{e}");
+        let mut huge = u64::MAX.to_le_bytes().to_vec();
+        huge.extend_from_slice(&[0; 4]);
+        assert!(Compressor::from_bytes(&huge).is_err());
+    }
 
     #[test]
     fn error_feedback_invariant_holds_over_many_rounds_and_a_restart() {

@@ -11,7 +11,7 @@
 
 use fedge_proto::fuzzing::Target;
 use fedge_proto::msg::Loss;
-use fedge_proto::{Limits, ModelBlob, ProtoError};
+use fedge_proto::{Limits, ModelBlob, ParamLayout, Params, ProtoError};
 use prost::Message;
 use tract_onnx::pb::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto};
 
@@ -62,15 +62,26 @@ const TRAIN_CASES: [(usize, Loss, Mode); 2] = [
     (1, Loss::Mse, Mode::Gradients),
 ];
 
-/// Import, then build what a trainer builds before running anything:
+/// Build what a trainer builds before running anything:
 /// [`ModelGraph::from_blob`] (BatchNorm lowering, shape inference) and
-/// [`compile_training`] for a step and for gradients. Errors are fine;
-/// a compiled graph must encode and name its parameters.
+/// [`compile_training`] for a step and for gradients, twice: for the
+/// imported model, and for the bytes taken as the stripped graph of a
+/// downloaded blob (no parameters), as a device does with the graph an
+/// aggregator sends. Errors are fine; a compiled graph must encode and
+/// name its parameters.
 pub fn onnx_train(data: &[u8]) {
-    let Ok(blob) = import_onnx(data) else {
-        return;
-    };
-    let Ok(graph) = ModelGraph::from_blob(&blob) else {
+    if let Ok(blob) = import_onnx(data) {
+        compile(&blob);
+    }
+    let layout = std::sync::Arc::new(ParamLayout::new(vec![]).expect("empty layout"));
+    compile(&ModelBlob {
+        onnx_graph: data.to_vec().into(),
+        params: Params::zeros(layout),
+    });
+}
+
+fn compile(blob: &ModelBlob) {
+    let Ok(graph) = ModelGraph::from_blob(blob) else {
         return;
     };
     for (batch, loss, mode) in TRAIN_CASES {

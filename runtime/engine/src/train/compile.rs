@@ -296,7 +296,13 @@ impl Builder {
         if gs == target {
             return Ok(g.to_string());
         }
-        let off = gs.len() - target.len();
+        let off = gs
+            .len()
+            .checked_sub(target.len())
+            .ok_or_else(|| TrainError::Shape {
+                tensor: g.to_string(),
+                reason: format!("{gs:?} cannot be summed down to the larger {target:?}"),
+            })?;
         let axes: Vec<usize> = (0..gs.len())
             .filter(|&i| i < off || (target[i - off] == 1 && gs[i] != 1))
             .collect();
@@ -501,8 +507,11 @@ pub fn compile_training(
             .collect();
         let gx = grad::backward(&mut b, n, &gy, &needs)?;
         for (i, gi) in gx.into_iter().enumerate() {
-            let Some(gi) = gi else { continue };
-            debug_assert!(needs[i]);
+            // A rule may also give the gradient of an input that needs
+            // none (a constant beside a parameter); it is dropped.
+            let Some(gi) = gi.filter(|_| needs[i]) else {
+                continue;
+            };
             let name = &n.input[i];
             let acc = match grads.remove(name) {
                 Some(prev) => b.binary("Add", &prev, &gi)?,

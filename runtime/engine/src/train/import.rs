@@ -49,7 +49,16 @@ pub fn import_onnx(bytes: &[u8]) -> Result<ModelBlob, TrainError> {
     let mut kept = Vec::new();
     for t in std::mem::take(&mut graph.initializer) {
         if t.data_type == F32 {
-            values.extend(f32_values(&t)?);
+            let v = f32_values(&t)?;
+            // The wire refuses non-finite parameters (ModelBlob::decode):
+            // refuse them here, where the user can still fix the export.
+            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                return Err(TrainError::BadModel(format!(
+                    "initializer `{}` holds {} at index {i}",
+                    t.name, v[i]
+                )));
+            }
+            values.extend(v);
             specs.push(TensorSpec::new(t.name.clone(), &dims(&t)?));
         } else {
             kept.push(t);
@@ -144,14 +153,46 @@ impl ModelGraph {
             input: input.name.clone(),
             input_type,
             input_shape,
-            output: g.output[0].name.clone(),
+            output: g
+                .output
+                .first()
+                .ok_or_else(|| TrainError::BadModel("model has no output".into()))?
+                .name
+                .clone(),
             opset,
             layout: Arc::clone(&blob.params.layout),
             proto,
             frozen_stats: Default::default(),
         };
         mg.lower_batch_norm()?;
+        mg.check_single_assignment()?;
         Ok(mg)
+    }
+
+    /// Every tensor has one producer: a node output never repeats an input,
+    /// an initializer, a parameter or another output. Gradients flow by
+    /// name, so a graph that reuses one would send a gradient to a node
+    /// whose inputs do not need it.
+    fn check_single_assignment(&self) -> Result<(), TrainError> {
+        let g = self.proto.graph.as_ref().expect("checked");
+        let mut seen: std::collections::HashSet<&str> = g
+            .input
+            .iter()
+            .map(|i| i.name.as_str())
+            .chain(g.initializer.iter().map(|t| t.name.as_str()))
+            .chain(self.layout.tensors().iter().map(|t| t.name.as_str()))
+            .collect();
+        for n in &g.node {
+            for o in n.output.iter().filter(|o| !o.is_empty()) {
+                if !seen.insert(o) {
+                    return Err(TrainError::BadModel(format!(
+                        "tensor `{o}` is produced twice (node `{}`)",
+                        n.name
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Rewrite inference-form BatchNormalization into elementary ops
@@ -224,5 +265,171 @@ impl ModelGraph {
             .skip(1)
             .map(|d| d.expect("checked static"))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Inputs the `onnx_import` and `onnx_train` fuzz targets found
+    //! (`fedge_engine::fuzzing`), each rebuilt here as the smallest model
+    //! that shows the same fault: each panicked and is now a typed error
+    //! (or, for the gradient, a compiled step).
+    use super::*;
+    use crate::train::compile::{CompileOptions, compile_training};
+    use crate::train::onnx::{self, F32};
+    use tract_onnx::pb::{GraphProto, NodeProto, OperatorSetIdProto, TensorProto};
+
+    fn model(nodes: Vec<NodeProto>, inits: Vec<TensorProto>, outputs: &[&str]) -> Vec<u8> {
+        ModelProto {
+            ir_version: 8,
+            opset_import: vec![OperatorSetIdProto {
+                domain: String::new(),
+                version: 17,
+            }],
+            graph: Some(GraphProto {
+                node: nodes,
+                initializer: inits,
+                input: vec![onnx::value_info("x", F32, &[2, 4])],
+                output: outputs
+                    .iter()
+                    .map(|o| onnx::value_info(o, F32, &[]))
+                    .collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    fn node(op: &str, ins: &[&str], out: &str) -> NodeProto {
+        onnx::node(op, out, ins, &[out], vec![])
+    }
+
+    fn compile(bytes: &[u8]) -> Result<(), TrainError> {
+        let blob = import_onnx(bytes)?;
+        let g = ModelGraph::from_blob(&blob)?;
+        let opts = CompileOptions {
+            batch: 2,
+            ..CompileOptions::default()
+        };
+        compile_training(&g, &opts).map(|_| ())
+    }
+
+    #[test]
+    fn non_finite_initializers_are_refused_at_import() {
+        // onnx_import: a NaN weight imported into a blob the wire refuses.
+        let w = onnx::tensor_f32("w", &[2], &[1.0, f32::NAN]);
+        let bytes = model(vec![node("Mul", &["x", "w"], "y")], vec![w], &["y"]);
+        let e = import_onnx(&bytes).unwrap_err().to_string();
+        assert!(e.contains("initializer `w` holds NaN at index 1"), "{e}");
+    }
+
+    #[test]
+    fn element_counts_past_usize_are_refused_at_import() {
+        let mut w = onnx::tensor_f32("w", &[], &[]);
+        w.dims = vec![1 << 32, 1 << 32];
+        let bytes = model(vec![node("Mul", &["x", "w"], "y")], vec![w], &["y"]);
+        let e = import_onnx(&bytes).unwrap_err().to_string();
+        assert!(e.contains("more elements than usize"), "{e}");
+    }
+
+    #[test]
+    fn a_downloaded_graph_without_outputs_is_a_bad_model() {
+        // onnx_train: the graph of a blob, not imported, with no output.
+        let bytes = model(vec![node("Relu", &["x"], "y")], vec![], &[]);
+        let blob = ModelBlob {
+            onnx_graph: bytes.into(),
+            params: Params::zeros(Arc::new(ParamLayout::new(vec![]).unwrap())),
+        };
+        let e = ModelGraph::from_blob(&blob).unwrap_err().to_string();
+        assert!(e.contains("no output"), "{e}");
+    }
+
+    #[test]
+    fn reshape_to_more_elements_than_usize_is_a_shape_error() {
+        // onnx_train: a Reshape target whose element count overflows.
+        let w = onnx::tensor_f32("w", &[2, 4], &[0.5; 8]);
+        let t = onnx::tensor_i64("t", &[3], &[1 << 40, 1 << 40, -1]);
+        let nodes = vec![
+            node("Mul", &["x", "w"], "m"),
+            node("Reshape", &["m", "t"], "y"),
+        ];
+        let e = compile(&model(nodes, vec![w, t], &["y"])).unwrap_err();
+        assert!(matches!(e, TrainError::Shape { .. }), "{e}");
+    }
+
+    #[test]
+    fn pooling_with_a_one_entry_kernel_is_a_shape_error() {
+        // onnx_train: MaxPool with kernel_shape [2] indexed pads[2].
+        let w = onnx::tensor_f32("w", &[2, 4], &[0.5; 8]);
+        let r = onnx::tensor_i64("r", &[4], &[2, 1, 2, 2]);
+        let pool = onnx::node(
+            "MaxPool",
+            "y",
+            &["r4"],
+            &["y"],
+            vec![onnx::ints("kernel_shape", &[2])],
+        );
+        let nodes = vec![
+            node("Mul", &["x", "w"], "m"),
+            node("Reshape", &["m", "r"], "r4"),
+            pool,
+        ];
+        let e = compile(&model(nodes, vec![w, r], &["y"])).unwrap_err();
+        assert!(e.to_string().contains("kernel_shape"), "{e}");
+    }
+
+    #[test]
+    fn a_tensor_produced_twice_is_a_bad_model() {
+        // onnx_train: two nodes writing `y` sent a gradient to an input
+        // that needed none.
+        let w = onnx::tensor_f32("w", &[2, 4], &[0.5; 8]);
+        let nodes = vec![node("Mul", &["x", "w"], "y"), node("Relu", &["x"], "y")];
+        let e = compile(&model(nodes, vec![w], &["y"])).unwrap_err();
+        assert!(e.to_string().contains("produced twice"), "{e}");
+    }
+
+    #[test]
+    fn a_bias_of_higher_rank_than_its_gemm_is_a_shape_error() {
+        // onnx_train: Gemm's bias gradient summed [2, 3] down to [1, 2, 3].
+        let w = onnx::tensor_f32("w", &[3, 4], &[0.5; 12]);
+        let c = onnx::tensor_f32("c", &[1, 2, 3], &[0.1; 6]);
+        let gemm = onnx::node(
+            "Gemm",
+            "y",
+            &["x", "w", "c"],
+            &["y"],
+            vec![onnx::int("transB", 1)],
+        );
+        let e = compile(&model(vec![gemm], vec![w, c], &["y"])).unwrap_err();
+        assert!(matches!(e, TrainError::Shape { .. }), "{e}");
+    }
+
+    #[test]
+    fn constant_operands_beside_a_parameter_get_no_gradient() {
+        // onnx_train: Concat gives a gradient to every operand, also to a
+        // constant; the compiler asserted that only needed ones come back.
+        let w = onnx::tensor_f32("w", &[2, 4], &[0.5; 8]);
+        let c = onnx::tensor_f32("c", &[2, 4], &[1.0; 8]);
+        let constant = onnx::node(
+            "Constant",
+            "c",
+            &[],
+            &["c"],
+            vec![tract_onnx::pb::AttributeProto {
+                name: "value".into(),
+                t: Some(c),
+                ..Default::default()
+            }],
+        );
+        let concat = onnx::node(
+            "Concat",
+            "y",
+            &["m", "c"],
+            &["y"],
+            vec![onnx::int("axis", 1)],
+        );
+        let nodes = vec![node("Mul", &["x", "w"], "m"), constant, concat];
+        compile(&model(nodes, vec![w], &["y"])).unwrap();
     }
 }

@@ -122,7 +122,12 @@ pub fn dims(t: &TensorProto) -> Result<Vec<usize>, TrainError> {
 }
 
 fn numel(t: &TensorProto) -> Result<usize, TrainError> {
-    Ok(dims(t)?.iter().product())
+    dims(t)?
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| {
+            TrainError::BadModel(format!("tensor `{}` has more elements than usize", t.name))
+        })
 }
 
 /// Values of a float tensor (raw or typed storage).

@@ -107,7 +107,8 @@ fn axis(node: &NodeProto, a: i64, rank: usize) -> Result<usize, TrainError> {
     Ok(if a < 0 { (a + r) as usize } else { a as usize })
 }
 
-/// Output size of a sliding window.
+/// Output size of a sliding window; `None` when the window does not fit
+/// (or the attributes overflow, as a hostile model's can).
 pub fn window_out(
     input: usize,
     k: usize,
@@ -116,9 +117,25 @@ pub fn window_out(
     pad_hi: usize,
     dil: usize,
 ) -> Option<usize> {
-    let span = dil * (k - 1) + 1;
-    let padded = input + pad_lo + pad_hi;
-    (padded >= span).then(|| (padded - span) / stride + 1)
+    let span = dil.checked_mul(k.checked_sub(1)?)?.checked_add(1)?;
+    let padded = input.checked_add(pad_lo)?.checked_add(pad_hi)?;
+    (padded >= span && stride > 0).then(|| (padded - span) / stride + 1)
+}
+
+/// Elements of a tensor of `shape`; an error when that overflows.
+fn numel(node: &NodeProto, shape: &[usize]) -> Result<usize, TrainError> {
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| err(node, &format!("{shape:?} has more elements than usize")))
+}
+
+/// Input `i`'s name.
+fn input_name(node: &NodeProto, i: usize) -> Result<&str, TrainError> {
+    node.input
+        .get(i)
+        .map(String::as_str)
+        .ok_or_else(|| err(node, &format!("missing input {i}")))
 }
 
 /// Spatial attributes of Conv and pooling nodes.
@@ -192,21 +209,23 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
         | "Cos" | "Reciprocal" | "Softmax" | "LogSoftmax" | "Identity" | "Dropout" | "Abs"
         | "CumSum" => {
             if (op == "Neg" || op == "Identity")
-                && let Some(c) = s.consts.get(&node.input[0]).cloned()
+                && let Some(c) = s.consts.get(input_name(node, 0)?).cloned()
             {
                 let v = if op == "Neg" {
-                    c.iter().map(|x| -x).collect()
+                    c.iter().map(|x| x.checked_neg()).collect()
                 } else {
-                    c
+                    Some(c)
                 };
-                s.consts.insert(out0.clone(), v);
+                if let Some(v) = v {
+                    s.consts.insert(out0.clone(), v);
+                }
             }
             (inp!(0), x_ty)
         }
         "Cast" => {
             let to = attr_i(node, "to").ok_or_else(|| err(node, "missing `to`"))? as i32;
             if to == I64
-                && let Some(c) = s.consts.get(&node.input[0]).cloned()
+                && let Some(c) = s.consts.get(input_name(node, 0)?).cloned()
             {
                 s.consts.insert(out0.clone(), c);
             }
@@ -221,10 +240,10 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
                 && (cb.len() == ca.len() || cb.len() == 1)
             {
                 let f = |x: i64, y: i64| match op {
-                    "Add" => Some(x + y),
-                    "Sub" => Some(x - y),
-                    "Mul" => Some(x * y),
-                    "Div" if y != 0 => Some(x / y),
+                    "Add" => x.checked_add(y),
+                    "Sub" => x.checked_sub(y),
+                    "Mul" => x.checked_mul(y),
+                    "Div" => x.checked_div(y),
                     _ => None,
                 };
                 let v: Option<Vec<i64>> = ca
@@ -321,9 +340,20 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
                 }
                 out.push(w[1]);
                 let op_ = attr_ints(node, "output_padding").unwrap_or(vec![0, 0]);
+                if op_.len() != 2 || op_.iter().any(|&p| p < 0) {
+                    return Err(err(node, "output_padding must be two non-negative ints"));
+                }
                 for i in 0..2 {
-                    let full = st[i] * (x[2 + i] - 1) + op_[i] as usize + dil[i] * (k[i] - 1) + 1;
-                    out.push(full - pads[i] - pads[2 + i]);
+                    // st·(x-1) + output_padding + dil·(k-1) + 1 - pads, checked.
+                    let full = x[2 + i]
+                        .checked_sub(1)
+                        .and_then(|v| st[i].checked_mul(v))
+                        .and_then(|v| v.checked_add(op_[i] as usize))
+                        .and_then(|v| v.checked_add(dil[i].checked_mul(k[i] - 1)?))
+                        .and_then(|v| v.checked_add(1))
+                        .and_then(|v| v.checked_sub(pads[i])?.checked_sub(pads[2 + i]))
+                        .ok_or_else(|| err(node, "output size out of range"))?;
+                    out.push(full);
                 }
             }
             (out, x_ty)
@@ -339,8 +369,11 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
             let kernel: Vec<usize> = attr_ints(node, "kernel_shape")
                 .ok_or_else(|| err(node, "missing kernel_shape"))?
                 .into_iter()
-                .map(|v| v as usize)
+                .map(|v| usize::try_from(v).unwrap_or(0))
                 .collect();
+            if kernel.len() != 2 {
+                return Err(err(node, "kernel_shape must have two entries"));
+            }
             let Window {
                 kernel: k,
                 strides: st,
@@ -358,6 +391,9 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
         }
         "GlobalAveragePool" => {
             let x = inp!(0);
+            if x.len() < 2 {
+                return Err(err(node, "input rank below 2"));
+            }
             let mut out = x[..2].to_vec();
             out.extend(std::iter::repeat_n(1, x.len() - 2));
             (out, x_ty)
@@ -365,12 +401,12 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
         "Flatten" => {
             let x = inp!(0);
             let a = axis(node, attr_i(node, "axis").unwrap_or(1), x.len() + 1)?;
-            (vec![x[..a].iter().product(), x[a..].iter().product()], x_ty)
+            (vec![numel(node, &x[..a])?, numel(node, &x[a..])?], x_ty)
         }
         "Reshape" => {
             let x = inp!(0);
             let target = s.konst(node, 1)?.to_vec();
-            let total: usize = x.iter().product();
+            let total = numel(node, &x)?;
             let mut out = Vec::with_capacity(target.len());
             let mut infer_at = None;
             for (i, &d) in target.iter().enumerate() {
@@ -384,14 +420,14 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
                     _ => return Err(err(node, &format!("bad target shape {target:?}"))),
                 }
             }
-            let known: usize = out.iter().product();
+            let known = numel(node, &out)?;
             if let Some(i) = infer_at {
                 if known == 0 || !total.is_multiple_of(known) {
                     return Err(err(node, &format!("cannot reshape {x:?} to {target:?}")));
                 }
                 out[i] = total / known;
             }
-            if out.iter().product::<usize>() != total {
+            if numel(node, &out)? != total {
                 return Err(err(node, &format!("cannot reshape {x:?} to {target:?}")));
             }
             if let Some(c) = s.consts.get(&node.input[0]).cloned() {
@@ -404,7 +440,7 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
             let perm: Vec<usize> = attr_ints(node, "perm")
                 .map(|p| p.into_iter().map(|v| v as usize).collect())
                 .unwrap_or_else(|| (0..x.len()).rev().collect());
-            if perm.len() != x.len() {
+            if perm.len() != x.len() || perm.iter().any(|&p| p >= x.len()) {
                 return Err(err(node, "perm does not match rank"));
             }
             (perm.iter().map(|&p| x[p]).collect(), x_ty)
@@ -421,7 +457,12 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
             let mut folded = Some(Vec::new());
             for i in 0..node.input.len() {
                 let sh = inp!(i);
-                out[a] += sh[a];
+                if sh.len() != first.len() {
+                    return Err(err(node, "inputs of different ranks"));
+                }
+                out[a] = out[a]
+                    .checked_add(sh[a])
+                    .ok_or_else(|| err(node, "concatenated size overflows"))?;
                 folded = match (folded, s.consts.get(&node.input[i])) {
                     (Some(mut acc), Some(c)) => {
                         acc.extend_from_slice(c);
@@ -437,16 +478,23 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
         }
         "Gather" => {
             let (d, idx) = (inp!(0), inp!(1));
+            if d.is_empty() {
+                return Err(err(node, "gather from a scalar"));
+            }
             let a = axis(node, attr_i(node, "axis").unwrap_or(0), d.len())?;
             if let (Some(data), Some(ix)) =
                 (s.consts.get(&node.input[0]), s.consts.get(&node.input[1]))
                 && d.len() == 1
             {
                 let n = data.len() as i64;
-                let v: Vec<i64> = ix
+                let v: Option<Vec<i64>> = ix
                     .iter()
-                    .map(|&i| data[(if i < 0 { i + n } else { i }) as usize])
+                    .map(|&i| {
+                        let i = if i < 0 { i.checked_add(n)? } else { i };
+                        data.get(usize::try_from(i).ok()?).copied()
+                    })
                     .collect();
+                let v = v.ok_or_else(|| err(node, "constant index out of range"))?;
                 s.consts.insert(out0.clone(), v);
             }
             let mut out = d[..a].to_vec();
@@ -470,6 +518,9 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
                 ax.sort_unstable();
                 let mut out = x.clone();
                 for a in ax {
+                    if a > out.len() {
+                        return Err(err(node, "repeated or out-of-range axes"));
+                    }
                     out.insert(a, 1);
                 }
                 out
@@ -543,7 +594,7 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
             let mut ranges = vec![];
             for ((&st, &en), &a) in starts.iter().zip(&ends).zip(&axes) {
                 let a = axis(node, a, x.len())?;
-                let dim = x[a] as i64;
+                let dim = i64::try_from(x[a]).map_err(|_| err(node, "dimension past i64"))?;
                 let clamp = |v: i64| if v < 0 { (v + dim).max(0) } else { v.min(dim) };
                 let (b, e) = (clamp(st), clamp(en));
                 out[a] = (e - b).max(0) as usize;
@@ -553,7 +604,12 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
                 && x.len() == 1
                 && let Some(&(_, b, e)) = ranges.first()
             {
-                s.consts.insert(out0.clone(), c[b..e].to_vec());
+                s.consts.insert(
+                    out0.clone(),
+                    c.get(b..e)
+                        .ok_or_else(|| err(node, "slice out of range"))?
+                        .to_vec(),
+                );
             }
             (out, x_ty)
         }
@@ -578,7 +634,7 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
                 return Err(err(node, "only the first output is supported"));
             }
             let a = axis(node, attr_i(node, "axis").unwrap_or(-1), x.len())?;
-            if a != x.len() - 1 {
+            if a + 1 != x.len() {
                 return Err(err(node, "normalisation over the last axis only"));
             }
             let _ = attr_f(node, "epsilon");
