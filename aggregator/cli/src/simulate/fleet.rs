@@ -25,20 +25,25 @@ use super::args::SimConfig;
 /// A running device: its driver task.
 pub type Device = JoinHandle<Result<DeviceReport, DriverError>>;
 
-/// Every device's signing key, derived from the simulation's seed.
+/// Every device's signing key, derived from the simulation's seed: the
+/// fleet's `devices`, then the `attacker_devices` added beyond it.
 pub fn device_keys(c: &SimConfig) -> Vec<SigningKey> {
-    (0..c.devices)
-        .map(|i| {
-            let seed = blake3::hash(format!("fedge-sim-device-{}-{i}", c.seed).as_bytes());
-            SigningKey::from_bytes(seed.as_bytes())
-        })
+    let fleet = (0..c.devices).map(|i| format!("fedge-sim-device-{}-{i}", c.seed));
+    let added = (0..c.attacker_devices).map(|j| format!("fedge-sim-attacker-{}-{j}", c.seed));
+    fleet
+        .chain(added)
+        .map(|name| SigningKey::from_bytes(blake3::hash(name.as_bytes()).as_bytes()))
         .collect()
 }
 
 /// Write the stake registry (`stakes.txt` in `dir`: one `KEY STAKE` line
-/// per device) and return its path.
+/// per device; added attackers only with `attacker_stake`) and return
+/// its path.
 pub fn write_stake_file(c: &SimConfig, keys: &[SigningKey], dir: &Path) -> anyhow::Result<PathBuf> {
-    let stake_values = stakes(&c.stakes, c.devices)?;
+    let mut stake_values = stakes(&c.stakes, c.devices)?;
+    if let Some(s) = c.attacker_stake {
+        stake_values.extend(std::iter::repeat_n(s, c.attacker_devices));
+    }
     let stake_file = dir.join("stakes.txt");
     let lines: String = keys
         .iter()
@@ -60,7 +65,8 @@ fn stakes(spec: &str, n: usize) -> anyhow::Result<Vec<f64>> {
     }
 }
 
-/// How many devices attack (the last ones by index).
+/// How many of the fleet's devices attack (the last ones by index); the
+/// `attacker_devices` added beyond the fleet attack too.
 pub fn attacker_count(c: &SimConfig) -> usize {
     ((c.devices as f64) * c.attackers).round() as usize
 }
@@ -77,9 +83,11 @@ pub fn spawn_devices(
     fp: [u8; 32],
 ) -> anyhow::Result<Vec<Device>> {
     let n_attackers = attacker_count(c);
-    let attack = Attack::parse(&c.attack)?;
+    let attack = AttackPlan::of(c)?;
     let colluders: Colluders = Default::default();
     let mut devices = Vec::new();
+    // An added attacker trains on a copy of an honest device's shard.
+    let shards = shards.iter().cycle();
     for (i, (key, shard)) in keys.into_iter().zip(shards).enumerate() {
         let cfg = DriverConfig {
             session: SessionConfig {
@@ -103,10 +111,10 @@ fn device_trainer(
     c: &SimConfig,
     i: usize,
     mut local: Dataset,
-    malicious: Option<Attack>,
+    malicious: Option<AttackPlan>,
     colluders: &Colluders,
 ) -> Box<dyn Trainer> {
-    if malicious == Some(Attack::LabelFlip) {
+    if malicious.is_some_and(|a| a.kind == Attack::LabelFlip) {
         let k = local.classes as i64;
         for l in &mut local.labels {
             *l = k - 1 - *l;
@@ -114,13 +122,17 @@ fn device_trainer(
     }
     let honest = OnnxTrainer::new(local, c.seed.wrapping_add(i as u64));
     let mut trainer: Box<dyn Trainer> = match malicious {
-        Some(attack) if attack != Attack::LabelFlip => Box::new(Attacker {
+        Some(plan) if plan.kind == Attack::Hog => Box::new(Hog {
+            hold: Duration::from_millis(c.round_deadline_ms) + HOG_MARGIN,
+        }),
+        Some(plan) => Box::new(Attacker {
             inner: honest,
-            attack,
+            plan,
             seed: c.seed.wrapping_add(1000 + i as u64),
             colluders: Arc::clone(colluders),
+            first: None,
         }),
-        _ => Box::new(honest),
+        None => Box::new(honest),
     };
     if !c.heterogeneity.is_uniform() {
         let h = &c.heterogeneity;
@@ -169,22 +181,107 @@ pub enum Attack {
     /// "A little is enough" (Baruch et al. 2019): mean - z x std of the
     /// colluders' honest updates, coordinate-wise (z = 1).
     Alie,
+    /// Send an all-zero update every round (a free rider, and a model
+    /// that does not move).
+    Zero,
+    /// Slot hogging: take every task offered, download the model, never
+    /// upload. The trainer holds the task past the round's deadline
+    /// without training, so the session keeps its slot the whole round.
+    Hog,
+    /// Re-send the update of the device's first task in every later task
+    /// (freshly signed for the new round: a stale update, not a replayed
+    /// signature; replaying the signed upload itself is the QUIC tests').
+    Replay,
 }
 
+/// The liar: claims 10^12 samples and sends its update
+/// sign-flipped x10.
+const LIAR_SAMPLES: u64 = 1_000_000_000_000;
+const LIAR_SCALE: f32 = 10.0;
+
 impl Attack {
+    pub const NAMES: &str = "sign-flip, scaling, gaussian, label-flip, alie, zero, hog, replay or liar";
+
+    /// An attack by name (`liar` is sign-flip; see [`AttackPlan::of`]).
     pub fn parse(s: &str) -> anyhow::Result<Self> {
         Ok(match s {
-            "sign-flip" => Attack::SignFlip,
+            "sign-flip" | "liar" => Attack::SignFlip,
             "scaling" => Attack::Scaling,
             "gaussian" => Attack::Gaussian,
             "label-flip" => Attack::LabelFlip,
             "alie" => Attack::Alie,
-            o => {
-                anyhow::bail!("attack `{o}`: use sign-flip, scaling, gaussian, label-flip or alie")
-            }
+            "zero" => Attack::Zero,
+            "hog" => Attack::Hog,
+            "replay" => Attack::Replay,
+            o => anyhow::bail!("attack `{o}`: use {}", Attack::NAMES),
         })
     }
 }
+
+/// What every attacker of a simulation does: the attack, a factor on the
+/// corrupted update, and the sample count it claims.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttackPlan {
+    pub kind: Attack,
+    pub scale: f32,
+    /// None: the honest count.
+    pub claim_samples: Option<u64>,
+}
+
+impl AttackPlan {
+    /// The configuration's attack: `liar` is sign-flip with scale 10 and a
+    /// claim of 10^12 samples unless `attack_scale` or `claim_samples`
+    /// say otherwise.
+    pub fn of(c: &SimConfig) -> anyhow::Result<Self> {
+        let kind = Attack::parse(&c.attack)?;
+        let liar = c.attack == "liar";
+        let plan = AttackPlan {
+            kind,
+            scale: c.attack_scale.unwrap_or(if liar { LIAR_SCALE } else { 1.0 }),
+            claim_samples: c.claim_samples.or(liar.then_some(LIAR_SAMPLES)),
+        };
+        anyhow::ensure!(
+            plan.scale.is_finite(),
+            "attack_scale must be finite, got {}",
+            plan.scale
+        );
+        anyhow::ensure!(
+            plan.claim_samples != Some(0),
+            "claim_samples must be at least 1 (a device never sends a 0-sample update)"
+        );
+        if let Some(s) = c.attacker_stake {
+            anyhow::ensure!(
+                s >= 0.0 && s.is_finite(),
+                "attacker_stake must be >= 0, got {s}"
+            );
+        }
+        anyhow::ensure!(
+            c.attacker_devices <= MAX_ADDED_ATTACKERS,
+            "attacker_devices must be at most {MAX_ADDED_ATTACKERS}, got {}",
+            c.attacker_devices
+        );
+        Ok(plan)
+    }
+
+    /// What the plan says, for the run's announcement.
+    pub fn describe(&self, name: &str) -> String {
+        let mut s = name.to_string();
+        if self.scale != 1.0 {
+            s += &format!(", update x{}", self.scale);
+        }
+        if let Some(n) = self.claim_samples {
+            s += &format!(", claiming {n} samples");
+        }
+        s
+    }
+}
+
+/// Added attacker devices a simulation may start (each is a full device
+/// stack in this process).
+const MAX_ADDED_ATTACKERS: usize = 10_000;
+
+/// How long past the round's deadline a hog holds its task.
+const HOG_MARGIN: Duration = Duration::from_millis(500);
 
 /// A device of a given speed, link and reliability around a real trainer
 /// (see [`Heterogeneity`]). Runs on the driver's blocking thread, so its
@@ -230,12 +327,15 @@ impl Trainer for Profiled {
 /// Honest updates the colluding attackers have computed, by round.
 type Colluders = Arc<Mutex<HashMap<u64, Vec<Vec<f32>>>>>;
 
-/// A device that trains honestly and then corrupts its update.
+/// A device that trains honestly and then corrupts its update (and may
+/// lie about its sample count).
 struct Attacker {
     inner: OnnxTrainer,
-    attack: Attack,
+    plan: AttackPlan,
     seed: u64,
     colluders: Colluders,
+    /// The update of the first task, for [`Attack::Replay`].
+    first: Option<Vec<f32>>,
 }
 
 impl Trainer for Attacker {
@@ -248,7 +348,7 @@ impl Trainer for Attacker {
         use rand::SeedableRng;
         use rand_distr::Distribution;
         let mut out = self.inner.train(round_id, model, plan)?;
-        match self.attack {
+        match self.plan.kind {
             Attack::SignFlip => out.delta.iter_mut().for_each(|d| *d = -*d),
             Attack::Scaling => out.delta.iter_mut().for_each(|d| *d *= 10.0),
             Attack::Gaussian => {
@@ -272,7 +372,45 @@ impl Trainer for Attacker {
                     *d = mean - sd;
                 }
             }
+            Attack::Zero => out.delta.iter_mut().for_each(|d| *d = 0.0),
+            Attack::Replay => match &self.first {
+                Some(first) if first.len() == out.delta.len() => out.delta.clone_from(first),
+                _ => self.first = Some(out.delta.clone()),
+            },
+            Attack::Hog => unreachable!("a hog has its own trainer"),
+        }
+        if self.plan.scale != 1.0 {
+            let k = self.plan.scale;
+            out.delta.iter_mut().for_each(|d| *d *= k);
+        }
+        if let Some(n) = self.plan.claim_samples {
+            out.sample_count = n;
         }
         Ok(out)
+    }
+}
+
+/// Slot hogging ([`Attack::Hog`]): holds every task it is given for
+/// `hold` (the round's deadline and a margin) without training, then
+/// returns an update the session sees is too late to send. The session
+/// meanwhile keeps the task, so the aggregator counts the slot as taken.
+/// Runs on the driver's blocking thread; the wait is bounded by `hold`.
+struct Hog {
+    hold: Duration,
+}
+
+impl Trainer for Hog {
+    fn train(
+        &mut self,
+        _round_id: u64,
+        model: &ModelBlob,
+        _plan: &TrainingPlan,
+    ) -> anyhow::Result<TrainOutput> {
+        std::thread::sleep(self.hold);
+        Ok(TrainOutput {
+            delta: vec![0.0; model.params.values.len()],
+            sample_count: 1,
+            metrics: Vec::new(),
+        })
     }
 }

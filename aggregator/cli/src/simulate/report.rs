@@ -116,25 +116,38 @@ pub struct Rounds {
     /// Update bytes uploaded in published rounds.
     pub upload_bytes: u64,
     pub final_version: Option<ModelVersion>,
+    /// Rounds that closed without publishing.
+    pub aborted: Vec<u64>,
+    /// The aggregator stopped making progress before its last round (every
+    /// device gave up: a poisoned model makes honest training diverge).
+    pub stalled: bool,
 }
 
 /// Follow the aggregator's events until it finishes: count the accepted
 /// updates of each round, evaluate every published model on held-out data
-/// and print its row. Fails after 10 minutes without an event.
+/// and print its row. After `stall` without an event the federation has
+/// stalled: the rounds so far come back with `stalled` set.
 pub async fn follow_rounds(
     events: &mut UnboundedReceiver<Event>,
     metrics: &Metrics,
     held_out: &mut HeldOut,
     table: &Table,
     started: Instant,
+    stall: Duration,
 ) -> anyhow::Result<Rounds> {
     let mut rounds = Rounds::default();
     let (mut up, mut participants) = (0u64, 0usize);
     let mut last_out = metrics.bytes_out.get();
-    while let Some(e) = tokio::time::timeout(Duration::from_secs(600), events.recv())
-        .await
-        .context("no progress for 10 minutes")?
-    {
+    loop {
+        let Ok(next) = tokio::time::timeout(stall, events.recv()).await else {
+            table.say(format!(
+                "no progress for {:.0} s: the federation stalled",
+                stall.as_secs_f64()
+            ));
+            rounds.stalled = true;
+            break;
+        };
+        let Some(e) = next else { break };
         match e {
             Event::UpdateAccepted { payload_bytes, .. } => {
                 up += payload_bytes;
@@ -147,6 +160,7 @@ pub async fn follow_rounds(
                 ..
             } => {
                 table.aborted(round_id, accepted);
+                rounds.aborted.push(round_id);
                 up = 0;
                 participants = 0;
             }
@@ -208,6 +222,13 @@ impl Summary<'_> {
             .last()
             .map(|r| r.accuracy)
             .unwrap_or(self.initial.accuracy);
+        if !self.rounds.aborted.is_empty() {
+            println!(
+                "{} rounds aborted: {:?}",
+                self.rounds.aborted.len(),
+                self.rounds.aborted
+            );
+        }
         println!(
             "final accuracy {:.4} after {} rounds; upload {} bytes vs {} dense f32 ({:.1}x smaller); {} failed sessions; {:.1} s",
             final_acc,
@@ -226,6 +247,9 @@ impl Summary<'_> {
             "rounds": rows,
             "final_accuracy": final_acc,
             "final_version": self.rounds.final_version.as_ref().map(|v| v.to_hex()),
+            "rounds_published": self.rounds_published,
+            "rounds_aborted": self.rounds.aborted,
+            "stalled": self.rounds.stalled,
             "upload_bytes": cum_up,
             "dense_f32_upload_bytes": dense_total,
             "failed_sessions": self.failed_sessions,
