@@ -72,8 +72,14 @@ fn red_team_flags_are_checked_before_anything_runs() {
             &["--attack", "bogus"][..],
             "attack `bogus`: use sign-flip, scaling, gaussian, label-flip, alie, zero, hog, replay or liar",
         ),
-        (&["--defaults", "secure"], "defaults `secure`: use simulate, serve or legacy"),
-        (&["--claim-samples", "0"], "claim_samples must be at least 1"),
+        (
+            &["--defaults", "secure"],
+            "defaults `secure`: use simulate, serve or legacy",
+        ),
+        (
+            &["--claim-samples", "0"],
+            "claim_samples must be at least 1",
+        ),
         (&["--attack-scale", "inf"], "attack_scale must be finite"),
         (&["--attacker-stake", "-1"], "attacker_stake must be >= 0"),
         (&["--attackers", "1.5"], "attackers must be in [0, 1)"),
@@ -102,7 +108,10 @@ fn presets_set_the_weighting_the_other_flags_then_override() {
         "kind = \"adaptive_median\"",
         "kind = \"capped\"",
     ] {
-        assert!(serve.contains(needle), "serve preset lacks {needle}:\n{serve}");
+        assert!(
+            serve.contains(needle),
+            "serve preset lacks {needle}:\n{serve}"
+        );
     }
     let (ok, legacy, err) = simulate(&[
         "--defaults",
@@ -129,7 +138,10 @@ fn presets_set_the_weighting_the_other_flags_then_override() {
         "claim_samples = 5000",
         "attacker_devices = 3",
     ] {
-        assert!(legacy.contains(needle), "legacy preset lacks {needle}:\n{legacy}");
+        assert!(
+            legacy.contains(needle),
+            "legacy preset lacks {needle}:\n{legacy}"
+        );
     }
     assert!(!legacy.contains("[strategy.clip]"), "{legacy}");
     // A flag after the preset wins.

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -76,6 +77,7 @@ pub fn attacker_count(c: &SimConfig) -> usize {
 /// `train`.
 pub fn spawn_devices(
     c: &SimConfig,
+    closed: &ClosedRounds,
     keys: Vec<SigningKey>,
     train: &Dataset,
     shards: &[Vec<usize>],
@@ -99,7 +101,7 @@ pub fn spawn_devices(
             ..DriverConfig::new(addr, Trust::Pinned(fp))
         };
         let malicious = (i >= c.devices - n_attackers).then_some(attack);
-        let trainer = device_trainer(c, i, train.subset(shard), malicious, &colluders);
+        let trainer = device_trainer(c, i, train.subset(shard), malicious, &colluders, closed);
         devices.push(tokio::spawn(run_device(cfg, key, trainer)));
     }
     Ok(devices)
@@ -113,6 +115,7 @@ fn device_trainer(
     mut local: Dataset,
     malicious: Option<AttackPlan>,
     colluders: &Colluders,
+    closed: &ClosedRounds,
 ) -> Box<dyn Trainer> {
     if malicious.is_some_and(|a| a.kind == Attack::LabelFlip) {
         let k = local.classes as i64;
@@ -124,6 +127,7 @@ fn device_trainer(
     let mut trainer: Box<dyn Trainer> = match malicious {
         Some(plan) if plan.kind == Attack::Hog => Box::new(Hog {
             hold: Duration::from_millis(c.round_deadline_ms) + HOG_MARGIN,
+            closed: Arc::clone(closed),
         }),
         Some(plan) => Box::new(Attacker {
             inner: honest,
@@ -200,7 +204,8 @@ const LIAR_SAMPLES: u64 = 1_000_000_000_000;
 const LIAR_SCALE: f32 = 10.0;
 
 impl Attack {
-    pub const NAMES: &str = "sign-flip, scaling, gaussian, label-flip, alie, zero, hog, replay or liar";
+    pub const NAMES: &str =
+        "sign-flip, scaling, gaussian, label-flip, alie, zero, hog, replay or liar";
 
     /// An attack by name (`liar` is sign-flip; see [`AttackPlan::of`]).
     pub fn parse(s: &str) -> anyhow::Result<Self> {
@@ -237,7 +242,9 @@ impl AttackPlan {
         let liar = c.attack == "liar";
         let plan = AttackPlan {
             kind,
-            scale: c.attack_scale.unwrap_or(if liar { LIAR_SCALE } else { 1.0 }),
+            scale: c
+                .attack_scale
+                .unwrap_or(if liar { LIAR_SCALE } else { 1.0 }),
             claim_samples: c.claim_samples.or(liar.then_some(LIAR_SAMPLES)),
         };
         anyhow::ensure!(
@@ -280,8 +287,10 @@ impl AttackPlan {
 /// stack in this process).
 const MAX_ADDED_ATTACKERS: usize = 10_000;
 
-/// How long past the round's deadline a hog holds its task.
+/// How long past the round's deadline a hog holds its task at most.
 const HOG_MARGIN: Duration = Duration::from_millis(500);
+/// How often a hog looks whether its round has closed.
+const HOG_POLL: Duration = Duration::from_millis(10);
 
 /// A device of a given speed, link and reliability around a real trainer
 /// (see [`Heterogeneity`]). Runs on the driver's blocking thread, so its
@@ -390,25 +399,39 @@ impl Trainer for Attacker {
     }
 }
 
-/// Slot hogging ([`Attack::Hog`]): holds every task it is given for
-/// `hold` (the round's deadline and a margin) without training, then
-/// returns an update the session sees is too late to send. The session
-/// meanwhile keeps the task, so the aggregator counts the slot as taken.
-/// Runs on the driver's blocking thread; the wait is bounded by `hold`.
+/// The highest round id the aggregator has closed (published or
+/// aborted), as the simulation sees its events. Hogs read it: a real
+/// attacker learns the same by polling with a spare key or reading the
+/// aggregator's `/status`.
+pub type ClosedRounds = Arc<AtomicU64>;
+
+/// Slot hogging ([`Attack::Hog`]): holds every task it is given, without
+/// training, until its round has closed (or for `hold`, the round's
+/// deadline and a margin, at most), then returns an update that is not
+/// finite, which the session refuses to send. The session meanwhile keeps
+/// the task, so the aggregator counts the slot as taken; once the round is
+/// over the hog asks for the next task at once, first in line when the
+/// next round opens. Runs on the driver's blocking thread.
 struct Hog {
     hold: Duration,
+    closed: ClosedRounds,
 }
 
 impl Trainer for Hog {
     fn train(
         &mut self,
-        _round_id: u64,
+        round_id: u64,
         model: &ModelBlob,
         _plan: &TrainingPlan,
     ) -> anyhow::Result<TrainOutput> {
-        std::thread::sleep(self.hold);
+        let until = Instant::now() + self.hold;
+        while self.closed.load(Ordering::Acquire) < round_id && Instant::now() < until {
+            std::thread::sleep(HOG_POLL);
+        }
+        // Not an error: the driver gives up after repeated training
+        // failures, and a hog never gives up.
         Ok(TrainOutput {
-            delta: vec![0.0; model.params.values.len()],
+            delta: vec![f32::NAN; model.params.values.len()],
             sample_count: 1,
             metrics: Vec::new(),
         })

@@ -52,8 +52,10 @@ async fn simulate(c: SimConfig) -> anyhow::Result<()> {
     let keys = fleet::device_keys(&c);
     let mut aggregator = start_aggregator(&c, work.path(), &keys, &model.blob).await?;
     announce(&c, aggregator.addr);
+    let closed = fleet::ClosedRounds::default();
     let devices = fleet::spawn_devices(
         &c,
+        &closed,
         keys,
         &train,
         &shards,
@@ -70,6 +72,7 @@ async fn simulate(c: SimConfig) -> anyhow::Result<()> {
         &table,
         started,
         stall_after(&c),
+        &closed,
     )
     .await?;
     table.finish();
@@ -178,9 +181,7 @@ fn aggregator_config(c: &SimConfig, stake_file: std::path::PathBuf) -> Aggregato
         rounds: RoundsConfig {
             rounds: c.rounds,
             devices_per_round: c.devices_per_round,
-            min_devices: c
-                .min_devices
-                .unwrap_or((c.devices_per_round / 2).max(1)),
+            min_devices: c.min_devices.unwrap_or((c.devices_per_round / 2).max(1)),
             round_deadline_ms: c.round_deadline_ms,
             retry_window_ms: [200, 600],
             ..d.rounds
@@ -218,10 +219,7 @@ fn announce(c: &SimConfig, addr: SocketAddr) {
     );
     let n_attackers = fleet::attacker_count(c);
     if n_attackers > 0 {
-        println!(
-            "{n_attackers} of {} devices attack",
-            c.devices
-        );
+        println!("{n_attackers} of {} devices attack", c.devices);
     }
     if c.attacker_devices > 0 {
         let stake = match c.attacker_stake {

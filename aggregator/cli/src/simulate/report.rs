@@ -16,6 +16,8 @@ use serde::Serialize;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::args::SimConfig;
+use super::fleet::ClosedRounds;
+use std::sync::atomic::Ordering;
 
 /// One published round, as printed and as written to results.json.
 #[derive(Clone, Debug, Serialize)]
@@ -134,6 +136,7 @@ pub async fn follow_rounds(
     table: &Table,
     started: Instant,
     stall: Duration,
+    closed: &ClosedRounds,
 ) -> anyhow::Result<Rounds> {
     let mut rounds = Rounds::default();
     let (mut up, mut participants) = (0u64, 0usize);
@@ -148,6 +151,9 @@ pub async fn follow_rounds(
             break;
         };
         let Some(e) = next else { break };
+        if let Event::RoundClosed { round_id, .. } = &e {
+            closed.fetch_max(*round_id, Ordering::AcqRel);
+        }
         match e {
             Event::UpdateAccepted { payload_bytes, .. } => {
                 up += payload_bytes;
