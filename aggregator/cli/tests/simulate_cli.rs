@@ -81,7 +81,7 @@ fn red_team_flags_are_checked_before_anything_runs() {
             "claim_samples must be at least 1",
         ),
         (&["--attack-scale", "inf"], "attack_scale must be finite"),
-        (&["--attacker-stake", "-1"], "attacker_stake must be >= 0"),
+        (&["--attacker-stake=-1"], "attacker_stake must be >= 0"),
         (&["--attackers", "1.5"], "attackers must be in [0, 1)"),
         (
             &["--min-devices", "11", "--devices-per-round", "10"],
@@ -203,4 +203,43 @@ fn a_liar_does_not_stop_serve_defaults_from_learning() {
     let initial = results["initial"]["accuracy"].as_f64().unwrap();
     let last = results["final_accuracy"].as_f64().unwrap();
     assert!(last > initial + 0.3, "accuracy {initial} -> {last}");
+}
+
+/// Two staked keys that take tasks and never upload, beside six honest
+/// devices: the run finishes, the hogs are stopped at the end, and no
+/// honest session fails.
+#[test]
+fn slot_hogs_run_and_are_stopped_at_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, stdout, stderr) = simulate(&[
+        "--devices",
+        "6",
+        "--devices-per-round",
+        "3",
+        "--min-devices",
+        "1",
+        "--rounds",
+        "2",
+        "--codec",
+        "q8",
+        "--attacker-devices",
+        "2",
+        "--attacker-stake",
+        "1",
+        "--attack",
+        "hog",
+        "--round-deadline-ms",
+        "3000",
+        "--out-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("2 attacking devices added beyond them (stake 1 each)"),
+        "{stdout}"
+    );
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("results.json")).unwrap()).unwrap();
+    assert_eq!(results["failed_sessions"].as_u64(), Some(0), "{stdout}");
+    assert_eq!(results["rounds_published"].as_u64(), Some(2), "{stdout}");
 }

@@ -23,8 +23,11 @@ use tokio::task::JoinHandle;
 
 use super::args::SimConfig;
 
-/// A running device: its driver task.
-pub type Device = JoinHandle<Result<DeviceReport, DriverError>>;
+/// A running device: its driver task, and whether it attacks.
+pub struct Device {
+    pub task: JoinHandle<Result<DeviceReport, DriverError>>,
+    pub attacker: bool,
+}
 
 /// Every device's signing key, derived from the simulation's seed: the
 /// fleet's `devices`, then the `attacker_devices` added beyond it.
@@ -102,7 +105,10 @@ pub fn spawn_devices(
         };
         let malicious = (i >= c.devices - n_attackers).then_some(attack);
         let trainer = device_trainer(c, i, train.subset(shard), malicious, &colluders, closed);
-        devices.push(tokio::spawn(run_device(cfg, key, trainer)));
+        devices.push(Device {
+            task: tokio::spawn(run_device(cfg, key, trainer)),
+            attacker: malicious.is_some(),
+        });
     }
     Ok(devices)
 }
@@ -152,23 +158,44 @@ fn device_trainer(
     trainer
 }
 
-/// Wait for every device to fetch the final model and leave, with one
-/// 60 s deadline for all; returns how many did not finish cleanly.
-pub async fn join_devices(devices: Vec<Device>) -> usize {
-    let mut failed = 0;
-    // One deadline for all devices to fetch the final model and leave.
+/// What became of the devices once the rounds were over.
+pub struct Joined {
+    /// Honest devices that did not finish cleanly.
+    pub failed: usize,
+    /// Attackers still running when the honest devices were done (a key
+    /// refused a task is paced away for minutes): stopped.
+    pub attackers_stopped: usize,
+}
+
+/// Wait for every honest device to fetch the final model and leave, with
+/// one 60 s deadline for all, then give the attackers a second more and
+/// stop the ones still running.
+pub async fn join_devices(devices: Vec<Device>) -> Joined {
+    let (attackers, honest): (Vec<_>, Vec<_>) = devices.into_iter().partition(|d| d.attacker);
+    let mut joined = Joined {
+        failed: 0,
+        attackers_stopped: 0,
+    };
     let until = tokio::time::Instant::now() + Duration::from_secs(60);
-    for d in devices {
-        match tokio::time::timeout_at(until, d).await {
+    for d in honest {
+        match tokio::time::timeout_at(until, d.task).await {
             Ok(Ok(Ok(_))) => {}
             Ok(other) => {
-                failed += 1;
+                joined.failed += 1;
                 tracing::warn!(?other, "a device did not finish cleanly");
             }
-            Err(_) => failed += 1, // still running at the deadline: dropped
+            Err(_) => joined.failed += 1, // still running at the deadline: dropped
         }
     }
-    failed
+    let until = tokio::time::Instant::now() + Duration::from_secs(1);
+    for d in attackers {
+        let abort = d.task.abort_handle();
+        if tokio::time::timeout_at(until, d.task).await.is_err() {
+            abort.abort();
+            joined.attackers_stopped += 1;
+        }
+    }
+    joined
 }
 
 /// Attacks a malicious device runs on its update.

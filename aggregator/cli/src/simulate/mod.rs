@@ -77,23 +77,33 @@ async fn simulate(c: SimConfig) -> anyhow::Result<()> {
     .await?;
     table.finish();
     let stalled = rounds.stalled;
-    let (failed_sessions, rounds_published) = if stalled {
+    let (joined, rounds_published) = if stalled {
         // Nobody is left to finish the rounds: stop the devices still
         // running and the aggregator.
-        let left = devices.iter().filter(|d| !d.is_finished()).count();
-        devices.iter().for_each(|d| d.abort());
+        let left = |attacker: bool| {
+            devices
+                .iter()
+                .filter(|d| d.attacker == attacker && !d.task.is_finished())
+                .count()
+        };
+        let joined = fleet::Joined {
+            failed: left(false),
+            attackers_stopped: left(true),
+        };
+        devices.iter().for_each(|d| d.task.abort());
         aggregator.serving.abort();
-        (left, rounds.rows.len() as u64)
+        (joined, rounds.rows.len() as u64)
     } else {
-        let failed = fleet::join_devices(devices).await;
-        (failed, aggregator.serving.await??.rounds_published)
+        let joined = fleet::join_devices(devices).await;
+        (joined, aggregator.serving.await??.rounds_published)
     };
     report::Summary {
         config: &c,
         params: model.blob.params.values.len(),
         initial,
         rounds,
-        failed_sessions,
+        failed_sessions: joined.failed,
+        attackers_stopped: joined.attackers_stopped,
         rounds_published,
         started,
     }

@@ -208,8 +208,10 @@ pub struct Summary<'a> {
     pub params: usize,
     pub initial: EvalStats,
     pub rounds: Rounds,
-    /// Devices that did not finish cleanly.
+    /// Honest devices that did not finish cleanly.
     pub failed_sessions: usize,
+    /// Attackers still running at the end, stopped.
+    pub attackers_stopped: usize,
     pub rounds_published: u64,
     pub started: Instant,
 }
@@ -259,6 +261,7 @@ impl Summary<'_> {
             "upload_bytes": cum_up,
             "dense_f32_upload_bytes": dense_total,
             "failed_sessions": self.failed_sessions,
+            "attackers_stopped": self.attackers_stopped,
             "seconds": self.started.elapsed().as_secs_f64(),
         });
         let path = c.out_dir.join("results.json");
