@@ -73,6 +73,7 @@ async fn simulate(c: SimConfig) -> anyhow::Result<()> {
         started,
         stall_after(&c),
         &closed,
+        &devices,
     )
     .await?;
     table.finish();

@@ -16,7 +16,7 @@ use serde::Serialize;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::args::SimConfig;
-use super::fleet::ClosedRounds;
+use super::fleet::{ClosedRounds, Device};
 use std::sync::atomic::Ordering;
 
 /// One published round, as printed and as written to results.json.
@@ -127,8 +127,9 @@ pub struct Rounds {
 
 /// Follow the aggregator's events until it finishes: count the accepted
 /// updates of each round, evaluate every published model on held-out data
-/// and print its row. After `stall` without an event the federation has
-/// stalled: the rounds so far come back with `stalled` set.
+/// and print its row. After `stall` without an event, or once every
+/// honest device has given up, the federation has stalled: the rounds so
+/// far come back with `stalled` set.
 pub async fn follow_rounds(
     events: &mut UnboundedReceiver<Event>,
     metrics: &Metrics,
@@ -137,20 +138,29 @@ pub async fn follow_rounds(
     started: Instant,
     stall: Duration,
     closed: &ClosedRounds,
+    devices: &[Device],
 ) -> anyhow::Result<Rounds> {
     let mut rounds = Rounds::default();
     let (mut up, mut participants) = (0u64, 0usize);
     let mut last_out = metrics.bytes_out.get();
     loop {
-        let Ok(next) = tokio::time::timeout(stall, events.recv()).await else {
-            table.say(format!(
-                "no progress for {:.0} s: the federation stalled",
+        let next = tokio::select! {
+            e = events.recv() => Ok(e),
+            () = tokio::time::sleep(stall) => Err(format!(
+                "no progress for {:.0} s",
                 stall.as_secs_f64()
-            ));
-            rounds.stalled = true;
-            break;
+            )),
+            () = honest_gone(devices) => Err("every honest device has given up".into()),
         };
-        let Some(e) = next else { break };
+        let e = match next {
+            Ok(Some(e)) => e,
+            Ok(None) => break,
+            Err(why) => {
+                table.say(format!("{why}: the federation stalled"));
+                rounds.stalled = true;
+                break;
+            }
+        };
         if let Event::RoundClosed { round_id, .. } = &e {
             closed.fetch_max(*round_id, Ordering::AcqRel);
         }
@@ -199,6 +209,22 @@ pub async fn follow_rounds(
         }
     }
     Ok(rounds)
+}
+
+/// Resolves once every honest device's driver has returned (each gives up
+/// after repeated training failures: a poisoned model); checked every
+/// second.
+async fn honest_gone(devices: &[Device]) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if devices
+            .iter()
+            .filter(|d| !d.attacker)
+            .all(|d| d.task.is_finished())
+        {
+            return;
+        }
+    }
 }
 
 /// What a finished simulation reports.
