@@ -65,17 +65,14 @@ async fn simulate(c: SimConfig) -> anyhow::Result<()> {
     let mut held_out = report::HeldOut::new(&model.graph, test)?;
     let initial = held_out.evaluate(&model.blob.params.values)?;
     let table = report::Table::start(c.rounds, &initial);
-    let rounds = report::follow_rounds(
-        &mut aggregator.events,
-        &aggregator.metrics,
-        &mut held_out,
-        &table,
-        started,
-        stall_after(&c),
-        &closed,
-        &devices,
-    )
-    .await?;
+    let watched = report::Watched {
+        events: &mut aggregator.events,
+        metrics: &aggregator.metrics,
+        closed: &closed,
+        devices: &devices,
+        stall: stall_after(&c),
+    };
+    let rounds = report::follow_rounds(watched, &mut held_out, &table, started).await?;
     table.finish();
     let stalled = rounds.stalled;
     let (joined, rounds_published) = if stalled {

@@ -125,21 +125,36 @@ pub struct Rounds {
     pub stalled: bool,
 }
 
+/// What a simulation watches while its rounds run.
+pub struct Watched<'a> {
+    /// The aggregator's events.
+    pub events: &'a mut UnboundedReceiver<Event>,
+    pub metrics: &'a Metrics,
+    /// Where the rounds' closings are told (hogs read it).
+    pub closed: &'a ClosedRounds,
+    pub devices: &'a [Device],
+    /// How long without an event means the federation stalled.
+    pub stall: Duration,
+}
+
 /// Follow the aggregator's events until it finishes: count the accepted
 /// updates of each round, evaluate every published model on held-out data
 /// and print its row. After `stall` without an event, or once every
 /// honest device has given up, the federation has stalled: the rounds so
 /// far come back with `stalled` set.
 pub async fn follow_rounds(
-    events: &mut UnboundedReceiver<Event>,
-    metrics: &Metrics,
+    w: Watched<'_>,
     held_out: &mut HeldOut,
     table: &Table,
     started: Instant,
-    stall: Duration,
-    closed: &ClosedRounds,
-    devices: &[Device],
 ) -> anyhow::Result<Rounds> {
+    let Watched {
+        events,
+        metrics,
+        closed,
+        devices,
+        stall,
+    } = w;
     let mut rounds = Rounds::default();
     let (mut up, mut participants) = (0u64, 0usize);
     let mut last_out = metrics.bytes_out.get();
