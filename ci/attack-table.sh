@@ -16,6 +16,12 @@
 # training a poisoned model) shows its last published accuracy and
 # "stalled at round N". DEADLINE_MS (default 5000) bounds each round;
 # ROUNDS (default 10) the run.
+#
+# `ci/attack-table.sh figures [OUT]` instead runs the issue's figures (20
+# honest devices, 20 rounds, seed 1, equal stakes, rounds of at most
+# DEADLINE_MS, default 10000): clean and 1-of-20 liar runs on serve's old
+# and new defaults, and 13 slot-hogging keys beside the 20 honest devices;
+# it writes OUT/figures.md (default attack-table/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fedge/target}"
@@ -28,6 +34,11 @@ trap 'rm -rf "$tmp"' EXIT
 bin="$tmp/fedge-aggregator"
 cp "$CARGO_TARGET_DIR/debug/fedge-aggregator" "$bin"
 
+mode=table
+if [ "${1:-}" = figures ]; then
+    mode=figures
+    shift
+fi
 out="${1:-attack-table}"
 mkdir -p "$out"
 rounds="${ROUNDS:-10}"
@@ -110,6 +121,48 @@ table() {
     done
     echo "stakes $stakes: table in $((SECONDS - t0)) s ($md)"
 }
+
+# One figure: NAME, a description, then simulate's flags; prints its row.
+figure() {
+    local name="$1" what="$2" work="$out/figure-$1"
+    shift 2
+    rm -rf "$work"
+    local t0=$SECONDS
+    "$bin" simulate --rounds 20 --seed 1 --stakes uniform \
+        --round-deadline-ms "${DEADLINE_MS:-10000}" "$@" --out-dir "$work" \
+        > "$out/figure-$name.log" 2>&1 || true
+    python3 - "$work/results.json" "$what" "$((SECONDS - t0))" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+rows = r["rounds"]
+parts = [x["participants"] for x in rows]
+state = f"stalled after {len(rows)} published" if r["stalled"] else f"{r['rounds_published']} published"
+if r["rounds_aborted"]:
+    state += f", {len(r['rounds_aborted'])} aborted"
+span = f"{min(parts)}-{max(parts)}" if parts else "-"
+print(f"| {sys.argv[2]} | {100 * r['final_accuracy']:.2f}% | {state} | {span} | {sys.argv[3]} s |")
+EOF
+}
+
+if [ "$mode" = figures ]; then
+    md="$out/figures.md"
+    {
+        echo "| run | final accuracy | rounds | updates per published round | wall |"
+        echo "|---|---:|---|---|---:|"
+    } > "$md"
+    figure clean-serve "clean, serve defaults" --defaults serve >> "$md"
+    figure clean-legacy "clean, old serve defaults" --defaults legacy >> "$md"
+    figure liar-legacy "1 of 20 liar (10^12 samples, -10x), old defaults" \
+        --defaults legacy --attackers 0.05 --attack liar >> "$md"
+    figure liar-serve "1 of 20 liar (10^12 samples, -10x), serve defaults" \
+        --defaults serve --attackers 0.05 --attack liar >> "$md"
+    figure hog-serve "13 staked hogging keys + 20 honest, serve defaults" \
+        --defaults serve --attacker-devices 13 --attacker-stake 1 --attack hog >> "$md"
+    figure hog-legacy "13 fresh hogging keys + 20 honest, old defaults" \
+        --defaults legacy --attacker-devices 13 --attack hog >> "$md"
+    cat "$md"
+    exit 0
+fi
 
 for stakes in ${STAKES:-uniform zipf:1.0}; do
     table "$stakes"
