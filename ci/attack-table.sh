@@ -158,6 +158,8 @@ if [ "$mode" = figures ]; then
         --defaults serve --attackers 0.05 --attack liar >> "$md"
     figure hog-serve "13 staked hogging keys + 20 honest, serve defaults" \
         --defaults serve --attacker-devices 13 --attacker-stake 1 --attack hog >> "$md"
+    figure hog-fresh-serve "13 fresh hogging keys + 20 honest, serve defaults" \
+        --defaults serve --attacker-devices 13 --attack hog >> "$md"
     figure hog-legacy "13 fresh hogging keys + 20 honest, old defaults" \
         --defaults legacy --attacker-devices 13 --attack hog >> "$md"
     cat "$md"
