@@ -34,6 +34,10 @@ pub struct AggregatorConfig {
     /// Initial model (a `.fedge` blob); ignored when the state directory
     /// already holds a published model.
     pub model: Option<PathBuf>,
+    /// The federation's name. With the aggregator's certificate it makes
+    /// the federation id every device signs into its updates, so an update
+    /// signed here verifies nowhere else.
+    pub federation: String,
     pub seed: u64,
     pub rounds: RoundsConfig,
     pub plan: PlanConfig,
@@ -58,7 +62,20 @@ pub struct RoundsConfig {
     pub devices_per_round: usize,
     pub over_selection: f64,
     pub min_devices: usize,
+    /// From a round's opening to its deadline.
     pub round_deadline_ms: u64,
+    /// Check-in window at a round's opening: the selected devices are
+    /// drawn at random among those that asked during it (0: first come,
+    /// first served, which lets the fastest keys take every slot).
+    pub selection_window_ms: u64,
+    /// Draw candidates in proportion to stake instead of uniformly.
+    pub selection_by_stake: bool,
+    /// A selected device that has not begun its download this long after
+    /// its offer loses the slot.
+    pub slot_timeout_ms: u64,
+    /// Roll back to the previous model when most devices of a round report
+    /// that training diverged.
+    pub rollback_on_divergence: bool,
     pub retry_window_ms: [u64; 2],
     pub chunk_bytes: u32,
 }
@@ -122,6 +139,7 @@ impl Default for AggregatorConfig {
             listen: "127.0.0.1:4433".parse().expect("addr"),
             state_dir: PathBuf::from("fedge-aggregator-state"),
             model: None,
+            federation: "fedge".into(),
             seed: 0,
             rounds: RoundsConfig::default(),
             plan: PlanConfig::default(),
@@ -162,6 +180,10 @@ impl Default for RoundsConfig {
             // One update alone never makes a version.
             min_devices: c.min_devices.max(2),
             round_deadline_ms: c.round_deadline.as_millis() as u64,
+            selection_window_ms: c.selection_window.as_millis() as u64,
+            selection_by_stake: c.selection_by_stake,
+            slot_timeout_ms: c.slot_timeout.as_millis() as u64,
+            rollback_on_divergence: c.rollback_on_divergence,
             retry_window_ms: [
                 c.retry_window.0.as_millis() as u64,
                 c.retry_window.1.as_millis() as u64,
@@ -372,12 +394,29 @@ impl AggregatorConfig {
                 "limits.frame_bytes_max must exceed chunk_bytes_max by at least 1024".into(),
             ));
         }
+        if self.federation.is_empty() || self.federation.len() > 128 {
+            return Err(ConfigError::Invalid(format!(
+                "federation must be a name of 1 to 128 bytes, got {} bytes",
+                self.federation.len()
+            )));
+        }
+        if r.selection_by_stake && self.stakes.is_none() {
+            return Err(ConfigError::Invalid(
+                "rounds.selection_by_stake needs a stake registry (stakes = \"FILE\")".into(),
+            ));
+        }
         let coordinator = CoordinatorConfig {
             devices_per_round: r.devices_per_round,
             over_selection: r.over_selection,
             min_devices: r.min_devices,
             rounds: r.rounds,
             round_deadline: Duration::from_millis(r.round_deadline_ms),
+            selection_window: Duration::from_millis(r.selection_window_ms),
+            selection_by_stake: r.selection_by_stake,
+            slot_timeout: Duration::from_millis(r.slot_timeout_ms),
+            rollback_on_divergence: r.rollback_on_divergence,
+            federation: self.federation.clone(),
+            federation_id: [0; 32],
             retry_window: (
                 Duration::from_millis(r.retry_window_ms[0]),
                 Duration::from_millis(r.retry_window_ms[1]),

@@ -161,7 +161,13 @@ pub struct Server {
 
 impl Server {
     /// Bind the QUIC endpoint.
-    pub fn bind(cfg: ServerConfig, identity: &TlsIdentity, store: Store) -> anyhow::Result<Self> {
+    pub fn bind(
+        mut cfg: ServerConfig,
+        identity: &TlsIdentity,
+        store: Store,
+    ) -> anyhow::Result<Self> {
+        cfg.coordinator.federation_id =
+            fedge_proto::sign::federation_id(&cfg.coordinator.federation, &identity.fingerprint());
         let tls = identity.server_config()?;
         let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
         let mut sc = quinn::ServerConfig::with_crypto(Arc::new(quic));
@@ -245,7 +251,23 @@ impl Server {
             resume.published_rounds,
         )
         .map_err(|e| anyhow::anyhow!("bad configuration: {e}"))?;
-        // Updates acknowledged before a restart rejoin their round.
+        // Server optimizer, clipping and FedBuff state of the current
+        // version, then the updates acknowledged before a restart.
+        let current = core.current_version();
+        match store.checkpoint(&current)? {
+            Some(state) => {
+                core.restore_checkpoint(&state)
+                    .map_err(|e| anyhow::anyhow!("restoring the server state of {current}: {e}"))?;
+                tracing::info!(version = %current, "server state restored");
+            }
+            None if resume.published_rounds > 0 => tracing::warn!(
+                version = %current,
+                "no saved server state for the current model (it was published just before a \
+                 crash): server optimizer moments, the clipping bound and FedBuff's records \
+                 start afresh"
+            ),
+            None => {}
+        }
         for u in store.round_updates(core.round_id()).await? {
             let device = u.device.clone();
             core.restore_update(Instant::now(), u)
@@ -506,6 +528,21 @@ async fn on_event(
             version,
             blob,
         } => store.publish(round_id, version, &blob).await?,
+        Event::Checkpoint { version, state } => store.save_checkpoint(&version, &state)?,
+        Event::RolledBack {
+            round_id,
+            from,
+            to,
+            diverged,
+            accepted,
+        } => tracing::warn!(
+            round_id,
+            %from,
+            %to,
+            diverged,
+            discarded = accepted,
+            "most devices diverged on the current model: rolled back"
+        ),
         Event::Finished { final_version } => {
             tracing::info!(%final_version, "all rounds done");
             *finished_at = Some(Instant::now());

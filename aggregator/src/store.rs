@@ -69,6 +69,18 @@ const SCHEMA: &[&str] = &[
         reason TEXT)",
 ];
 
+/// Columns added after a table was first released: `(table, column,
+/// type)`, each added once to a database that lacks it (`ALTER TABLE ...
+/// ADD COLUMN`, the same statement on SQLite and PostgreSQL). Rows written
+/// before have NULL there.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    // The task an update answers, the model it trained, and its staleness
+    // discount: restored updates are checked against them.
+    ("updates", "task_round", "BIGINT"),
+    ("updates", "model_version", "TEXT"),
+    ("updates", "discount", "DOUBLE PRECISION"),
+];
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -109,6 +121,20 @@ impl Store {
             .map_err(db)?;
         for stmt in SCHEMA {
             sqlx::query(stmt).execute(&pool).await.map_err(db)?;
+        }
+        for (table, column, ty) in ADDED_COLUMNS {
+            let present: i64 = sqlx::query_scalar(&format!(
+                "SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = '{column}'"
+            ))
+            .fetch_one(&pool)
+            .await
+            .map_err(db)?;
+            if present == 0 {
+                sqlx::query(&format!("ALTER TABLE {table} ADD COLUMN {column} {ty}"))
+                    .execute(&pool)
+                    .await
+                    .map_err(db)?;
+            }
         }
         let mut store = Store {
             dir: dir.to_path_buf(),
@@ -204,8 +230,9 @@ impl Store {
         })?;
         let metrics = serde_json::to_string(&u.metrics).expect("serialisable");
         sqlx::query(
-            "INSERT INTO updates (round_id, device, payload_hash, samples, raw_weight, stake, metrics, received_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+            "INSERT INTO updates (round_id, device, payload_hash, samples, raw_weight, stake, metrics, received_ms,
+                                  task_round, model_version, discount)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
              ON CONFLICT (round_id, device) DO NOTHING",
         )
         .bind(u.round_id as i64)
@@ -216,6 +243,9 @@ impl Store {
         .bind(u.stake)
         .bind(metrics)
         .bind(now_ms())
+        .bind(u.task_round as i64)
+        .bind(u.model_version.map(|v| v.to_hex()))
+        .bind(u.discount)
         .execute(&self.pool)
         .await
         .map_err(self.db())?;
@@ -225,7 +255,8 @@ impl Store {
     /// Accepted updates of `round_id` (a round open when the aggregator stopped).
     pub async fn round_updates(&self, round_id: u64) -> Result<Vec<DurableUpdate>, StoreError> {
         let rows = sqlx::query(
-            "SELECT device, payload_hash, samples, raw_weight, stake, metrics FROM updates
+            "SELECT device, payload_hash, samples, raw_weight, stake, metrics,
+                    task_round, model_version, discount FROM updates
              WHERE round_id = $1 ORDER BY received_ms, device",
         )
         .bind(round_id as i64)
@@ -256,12 +287,23 @@ impl Store {
             }
             let metrics: Vec<(String, f64)> =
                 serde_json::from_str(&r.get::<String, _>(5)).map_err(|e| corrupt(e.to_string()))?;
+            let model_version = match r.get::<Option<String>, _>(7) {
+                None => None,
+                Some(h) => Some(
+                    ModelVersion::from_hex(&h)
+                        .ok_or_else(|| corrupt(format!("bad model version `{h}`")))?,
+                ),
+            };
             out.push(DurableUpdate {
                 round_id,
+                // Rows from before these columns: a fresh update of the round.
+                task_round: r.get::<Option<i64>, _>(6).map_or(round_id, |t| t as u64),
+                model_version,
                 device: r.get(0),
                 payload_hash,
                 sample_count: r.get::<i64, _>(2) as u64,
                 raw_weight: r.get(3),
+                discount: r.get::<Option<f64>, _>(8).unwrap_or(1.0),
                 stake: r.get(4),
                 metrics,
                 payload: payload.into(),
@@ -364,6 +406,29 @@ impl Store {
         self.resume = next;
         let _ = std::fs::remove_dir_all(self.dir.join("updates").join(round_id.to_string()));
         Ok(())
+    }
+
+    fn checkpoint_path(&self, v: &ModelVersion) -> PathBuf {
+        self.dir
+            .join("models")
+            .join(format!("{}.state", v.to_hex()))
+    }
+
+    /// Keep the coordinator's checkpoint of version `v` (fsynced).
+    pub fn save_checkpoint(&self, v: &ModelVersion, state: &[u8]) -> Result<(), StoreError> {
+        let path = self.checkpoint_path(v);
+        fedge_proto::io::write_atomic(&path, state, None)
+            .map_err(|source| StoreError::Io { path, source })
+    }
+
+    /// The coordinator's checkpoint of version `v`, if one was kept.
+    pub fn checkpoint(&self, v: &ModelVersion) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = self.checkpoint_path(v);
+        match std::fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StoreError::Io { path, source }),
+        }
     }
 
     /// A round ended without a model (aborted): move the resume point past it.

@@ -50,6 +50,39 @@ pub trait Strategy: Send {
     fn aggregate_evaluate(&mut self, results: &[(f64, Vec<(String, f64)>)]) -> Vec<(String, f64)> {
         weighted_metrics(results)
     }
+
+    /// State that must survive a restart (server optimizer moments, an
+    /// adaptive clipping bound), checkpointed with each published version.
+    fn checkpoint(&self, out: &mut Vec<u8>) {
+        let _ = out;
+    }
+
+    /// Restores what [`Strategy::checkpoint`] wrote; returns the bytes it
+    /// did not consume. Refuses state that does not fit.
+    fn restore<'a>(&mut self, state: &'a [u8]) -> Result<&'a [u8], String> {
+        Ok(state)
+    }
+}
+
+/// Reads a little-endian u64 from the front of `b`.
+fn take_u64<'a>(b: &'a [u8], what: &str) -> Result<(u64, &'a [u8]), String> {
+    let (head, rest) = b
+        .split_first_chunk::<8>()
+        .ok_or_else(|| format!("strategy state: {what} is cut short"))?;
+    Ok((u64::from_le_bytes(*head), rest))
+}
+
+fn take_f64s<'a>(b: &'a [u8], n: usize, what: &str) -> Result<(Vec<f64>, &'a [u8]), String> {
+    let bytes = n
+        .checked_mul(8)
+        .filter(|&l| l <= b.len())
+        .ok_or_else(|| format!("strategy state: {what} is cut short"))?;
+    let (head, rest) = b.split_at(bytes);
+    let v = head
+        .chunks_exact(8)
+        .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect();
+    Ok((v, rest))
 }
 
 /// Weighted mean of each metric over the devices that reported it.
@@ -159,6 +192,28 @@ impl Strategy for FedOpt {
             CombineSpec::Mean => Box::new(StreamingMean::with_share_cap(dim, max_share)),
             ref c => c.build(dim),
         }
+    }
+
+    /// The moments `m` and `v`: their length (0 before the first round),
+    /// then both as f64 little-endian.
+    fn checkpoint(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&(self.m.len() as u64).to_le_bytes());
+        for x in self.m.iter().chain(&self.v) {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+
+    fn restore<'a>(&mut self, state: &'a [u8]) -> Result<&'a [u8], String> {
+        let (n, rest) = take_u64(state, "the moment length")?;
+        let n = usize::try_from(n).map_err(|_| "strategy state: moment length".to_string())?;
+        let (m, rest) = take_f64s(rest, n, "the first moment")?;
+        let (v, rest) = take_f64s(rest, n, "the second moment")?;
+        if m.iter().chain(&v).any(|x| !x.is_finite()) {
+            return Err("strategy state: a moment is not finite".into());
+        }
+        self.m = m;
+        self.v = v;
+        Ok(rest)
     }
 
     fn aggregate_round(
@@ -332,6 +387,26 @@ impl Strategy for NormClipped {
 
     fn aggregate_evaluate(&mut self, results: &[(f64, Vec<(String, f64)>)]) -> Vec<(String, f64)> {
         self.inner.aggregate_evaluate(results)
+    }
+
+    /// The last round's median norm (NaN: none yet), then the inner
+    /// strategy's state.
+    fn checkpoint(&self, out: &mut Vec<u8>) {
+        let median = self.last_median.lock().expect("lock").unwrap_or(f64::NAN);
+        out.extend_from_slice(&median.to_le_bytes());
+        self.inner.checkpoint(out);
+    }
+
+    fn restore<'a>(&mut self, state: &'a [u8]) -> Result<&'a [u8], String> {
+        let (m, rest) = take_f64s(state, 1, "the clipping median")?;
+        let median = match m[0] {
+            x if x.is_nan() => None,
+            x if x >= 0.0 && x.is_finite() => Some(x),
+            x => return Err(format!("strategy state: clipping median {x}")),
+        };
+        let rest = self.inner.restore(rest)?;
+        *self.last_median.lock().expect("lock") = median;
+        Ok(rest)
     }
 }
 

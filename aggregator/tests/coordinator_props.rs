@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use fedge_aggregator::coordinator::{Coordinator, CoordinatorConfig, Event, Output, SessionId};
 use fedge_aggregator::strategy::BufferedSpec;
-use fedge_proto::msg::{Capabilities, Hello, ModelRef, UploadBegin};
+use fedge_proto::msg::{AbandonReason, Capabilities, Hello, ModelRef, UploadBegin};
 use fedge_proto::sign::{SigningKey, UpdateManifest, sign_auth};
 use fedge_proto::update::{CodecSpec, encode_update};
 use fedge_proto::{
@@ -46,6 +46,9 @@ fn config(seed: u64) -> CoordinatorConfig {
         max_sessions: 4,
         max_unauthenticated: 3,
         versions_kept: 2,
+        // First come first served, a short and a long check-in window.
+        selection_window: Duration::from_millis([0, 500, 2000][(seed / 2 % 3) as usize]),
+        slot_timeout: Duration::from_secs(3),
         seed,
         ..CoordinatorConfig::default()
     };
@@ -119,7 +122,7 @@ impl Run {
         let i = self.rng.random_range(0..DEVICES);
         let d = &self.devs[i];
         let action = if self.rng.random_bool(0.15) {
-            self.rng.random_range(0..12)
+            self.rng.random_range(0..13)
         } else if d.session.is_none() {
             0
         } else if d.nonce.is_none() {
@@ -203,6 +206,25 @@ impl Run {
                 self.now += Duration::from_millis(self.rng.random_range(0..3000));
                 self.c.handle_timeout(self.now);
             }
+            12 => {
+                let round_id = match self.devs[i].offer {
+                    Some((r, _)) if self.rng.random_bool(0.8) => r,
+                    _ => self.rng.random_range(0..4),
+                };
+                let reason = [
+                    AbandonReason::Diverged,
+                    AbandonReason::Failed,
+                    AbandonReason::Declined,
+                ][self.rng.random_range(0..3)];
+                self.msg(
+                    i,
+                    DeviceMsg::TaskAbandoned {
+                        round_id,
+                        reason,
+                        detail: "test".into(),
+                    },
+                );
+            }
             _ => {
                 if let Some(s) = self.devs[i].session {
                     if self.rng.random_bool(0.5) {
@@ -252,6 +274,7 @@ impl Run {
             sample_count: [0, 1, 50, u64::MAX][self.rng.random_range(0..4)],
             metrics: vec![("loss".into(), 1.0)],
             device_public_key: self.keys[i].verifying_key(),
+            federation_id: [0; 32],
         };
         let signer = if self.rng.random_bool(0.95) {
             i

@@ -46,6 +46,8 @@ struct Raw {
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     binding: [u8; 32],
+    /// The federation id the aggregator named at authentication.
+    federation: [u8; 32],
 }
 
 impl Raw {
@@ -65,6 +67,7 @@ impl Raw {
             send,
             recv,
             binding,
+            federation: [0; 32],
         }
     }
 
@@ -121,7 +124,10 @@ impl Raw {
         };
         let signature = sign::sign_auth(key, &nonce, &self.binding);
         self.send(&DeviceMsg::AuthResponse { signature }).await;
-        assert!(matches!(self.recv().await, AggMsg::AuthOk { .. }));
+        match self.recv().await {
+            AggMsg::AuthOk { federation_id, .. } => self.federation = federation_id,
+            other => panic!("expected auth_ok, got {other:?}"),
+        }
     }
 
     async fn offer(&mut self) -> (u64, ModelVersion) {
@@ -137,6 +143,7 @@ impl Raw {
 }
 
 fn upload(
+    federation: [u8; 32],
     signer: &SigningKey,
     named: &SigningKey,
     round_id: u64,
@@ -152,6 +159,7 @@ fn upload(
         sample_count: 1,
         metrics: vec![],
         device_public_key: named.verifying_key(),
+        federation_id: federation,
     };
     let signature = manifest.sign(signer);
     (
@@ -268,25 +276,25 @@ async fn bad_input_is_rejected_and_honest_devices_still_complete() {
     a.expect_reject(RejectCode::UnknownModelVersion, false)
         .await;
     // Update for a round that does not exist.
-    let (b, _) = upload(&ka, &ka, 999, version, 1.0);
+    let (b, _) = upload(a.federation, &ka, &ka, 999, version, 1.0);
     a.send(&DeviceMsg::UploadBegin(Box::new(b))).await;
     a.expect_reject(RejectCode::UnknownRound, false).await;
     // Update against an unknown model version.
-    let (b, _) = upload(&ka, &ka, round, ModelVersion([0xcd; 32]), 1.0);
+    let (b, _) = upload(a.federation, &ka, &ka, round, ModelVersion([0xcd; 32]), 1.0);
     a.send(&DeviceMsg::UploadBegin(Box::new(b))).await;
     a.expect_reject(RejectCode::UnknownModelVersion, false)
         .await;
     // An announced size no codec makes for this model (it would be what
     // the upload buffer may grow to): 100 MiB for 16 parameters, within
     // the frame decoder's chunk-count limit, refused by the coordinator.
-    let (mut huge, _) = upload(&ka, &ka, round, version, 1.0);
+    let (mut huge, _) = upload(a.federation, &ka, &ka, round, version, 1.0);
     huge.manifest.payload_bytes = 100 << 20;
     huge.signature = huge.manifest.sign(&ka);
     a.send(&DeviceMsg::UploadBegin(Box::new(huge))).await;
     let detail = a.expect_reject(RejectCode::TooLarge, false).await;
     assert!(detail.contains("104857600"), "{detail}");
     // The valid one.
-    let (good, payload) = upload(&ka, &ka, round, version, 1.0);
+    let (good, payload) = upload(a.federation, &ka, &ka, round, version, 1.0);
     a.send(&DeviceMsg::UploadBegin(Box::new(good.clone())))
         .await;
     assert!(matches!(
@@ -314,6 +322,7 @@ async fn bad_input_is_rejected_and_honest_devices_still_complete() {
     b.auth(&kb).await;
     let (round_b, version_b) = b.offer().await;
     let (forged, _) = upload(
+        b.federation,
         &SigningKey::from_bytes(&[3; 32]),
         &kb,
         round_b,
@@ -323,7 +332,7 @@ async fn bad_input_is_rejected_and_honest_devices_still_complete() {
     b.send(&DeviceMsg::UploadBegin(Box::new(forged))).await;
     b.expect_reject(RejectCode::BadSignature, false).await;
     // ... nor may it submit under device A's name.
-    let (stolen, _) = upload(&kb, &ka, round_b, version_b, 100.0);
+    let (stolen, _) = upload(b.federation, &kb, &ka, round_b, version_b, 100.0);
     b.send(&DeviceMsg::UploadBegin(Box::new(stolen))).await;
     b.expect_reject(RejectCode::BadSignature, false).await;
 
@@ -360,7 +369,7 @@ async fn bad_input_is_rejected_and_honest_devices_still_complete() {
     }
 
     // Device A's old update for the closed round 1.
-    let (late, _) = upload(&ka, &ka, 1, version, 1.0);
+    let (late, _) = upload(a.federation, &ka, &ka, 1, version, 1.0);
     a.send(&DeviceMsg::UploadBegin(Box::new(late))).await;
     a.expect_reject(RejectCode::RoundClosed, false).await;
 
@@ -482,5 +491,254 @@ async fn http_get(addr: SocketAddr, path: &str) -> String {
         .await
         .unwrap()
         .unwrap();
+    out
+}
+
+/// An update signed for one aggregator does not verify at another serving
+/// the same model in the same round: the federation id (name and
+/// certificate) is in the signed manifest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_signed_for_another_federation_is_refused() {
+    let mut servers = Vec::new();
+    let mut dirs = Vec::new();
+    for _ in 0..2 {
+        let dir = tempfile::tempdir().unwrap();
+        let identity = TlsIdentity::load_or_create(dir.path()).unwrap();
+        let cfg = ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            coordinator: CoordinatorConfig {
+                devices_per_round: 2,
+                min_devices: 2,
+                selection_window: Duration::from_millis(100),
+                ..CoordinatorConfig::default()
+            },
+            ..ServerConfig::default()
+        };
+        let server = Server::bind(cfg, &identity, Store::open(dir.path()).await.unwrap()).unwrap();
+        let addr = server.local_addr().unwrap();
+        servers.push((
+            addr,
+            identity.fingerprint(),
+            tokio::spawn(server.run(model(), std::future::pending())),
+        ));
+        dirs.push(dir);
+    }
+    let key = SigningKey::from_bytes(&[11; 32]);
+    let mut here = Raw::connect(servers[0].0, servers[0].1).await;
+    here.auth(&key).await;
+    let mut there = Raw::connect(servers[1].0, servers[1].1).await;
+    there.auth(&key).await;
+    assert_ne!(here.federation, there.federation);
+    let (round, version) = here.offer().await;
+    assert_eq!(there.offer().await, (round, version));
+
+    let (signed_here, payload) = upload(here.federation, &key, &key, round, version, 1.0);
+    there
+        .send(&DeviceMsg::UploadBegin(Box::new(signed_here.clone())))
+        .await;
+    let detail = there
+        .expect_reject(RejectCode::WrongFederation, false)
+        .await;
+    assert!(detail.contains(&hex::encode(here.federation)), "{detail}");
+    // Where it was signed for, it is accepted.
+    here.send(&DeviceMsg::UploadBegin(Box::new(signed_here.clone())))
+        .await;
+    assert!(matches!(
+        here.recv().await,
+        AggMsg::UploadStatus { next_index: 0, .. }
+    ));
+    here.send(&DeviceMsg::UploadChunk {
+        payload_hash: signed_here.manifest.payload_hash,
+        index: 0,
+        data: payload,
+    })
+    .await;
+    assert!(matches!(
+        here.recv().await,
+        AggMsg::UpdateAccepted { round_id: 1, .. }
+    ));
+    for (_, _, s) in servers {
+        s.abort();
+    }
+}
+
+/// The process's peak resident set (VmHWM), in bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb << 10)
+}
+
+/// 50 devices that take tasks, announce the largest upload the model
+/// allows and trickle one chunk of it, and 50 that ask for the model and
+/// never read, beside 3 honest devices: what the aggregator holds for
+/// uploads is bounded by its slots (only a selected device may announce
+/// one), the never-readers are dropped at the writer-queue bound, the run
+/// finishes, and the whole process (aggregator and 103 clients) stays
+/// within 300 MiB of where it started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_uploads_and_never_reading_clients_hold_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let identity = TlsIdentity::load_or_create(dir.path()).unwrap();
+    let fp = identity.fingerprint();
+    const DIM: usize = 1 << 16;
+    let layout = Arc::new(ParamLayout::new(vec![TensorSpec::new("w", &[DIM])]).unwrap());
+    let big = ModelBlob {
+        onnx_graph: Bytes::new(),
+        params: Params::new(layout, vec![0.5; DIM]).unwrap(),
+    };
+    let cfg = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        coordinator: CoordinatorConfig {
+            devices_per_round: 3,
+            over_selection: 5.0,
+            min_devices: 2,
+            rounds: 2,
+            round_deadline: Duration::from_secs(4),
+            selection_window: Duration::from_millis(300),
+            retry_window: (Duration::from_millis(100), Duration::from_millis(300)),
+            chunk_bytes: 32 << 10,
+            ..CoordinatorConfig::default()
+        },
+        finish_grace: Some(Duration::from_secs(3)),
+        rate_per_sec: 10_000.0,
+        rate_burst: 10_000.0,
+        writer_queue_bytes_max: 256 << 10,
+        ..ServerConfig::default()
+    };
+    let server = Server::bind(cfg, &identity, Store::open(dir.path()).await.unwrap()).unwrap();
+    let addr = server.local_addr().unwrap();
+    let start_rss = peak_rss();
+    let serving = tokio::spawn(server.run(big, std::future::pending()));
+
+    let max_payload = fedge_proto::codec::payload_bytes_max(DIM as u64);
+    let mut attackers = Vec::new();
+    for i in 0..50u32 {
+        attackers.push(tokio::spawn(async move {
+            let mut key = [0u8; 32];
+            key[..4].copy_from_slice(&(1000 + i).to_le_bytes());
+            let key = SigningKey::from_bytes(&key);
+            let mut c = Raw::connect(addr, fp).await;
+            c.auth(&key).await;
+            c.send(&DeviceMsg::TaskRequest {
+                have_model_version: None,
+            })
+            .await;
+            let (round_id, version) = match c.recv().await {
+                AggMsg::TaskOffer(o) => (o.round_id, o.model.version),
+                _ => return (c, false),
+            };
+            let payload = vec![7u8; max_payload as usize];
+            let manifest = UpdateManifest {
+                round_id,
+                model_version: version,
+                payload_hash: *blake3::hash(&payload).as_bytes(),
+                payload_bytes: max_payload,
+                sample_count: 1,
+                metrics: vec![],
+                device_public_key: key.verifying_key(),
+                federation_id: c.federation,
+            };
+            let signature = manifest.sign(&key);
+            let chunk = 64 << 10;
+            c.send(&DeviceMsg::UploadBegin(Box::new(UploadBegin {
+                manifest,
+                signature,
+                chunk_bytes: chunk as u32,
+            })))
+            .await;
+            c.send(&DeviceMsg::UploadChunk {
+                payload_hash: *blake3::hash(&payload).as_bytes(),
+                index: 0,
+                data: Bytes::from(payload[..chunk].to_vec()),
+            })
+            .await;
+            (c, true) // and never another chunk
+        }));
+    }
+    let mut readers = Vec::new();
+    for i in 0..50u32 {
+        readers.push(tokio::spawn(async move {
+            let mut key = [0u8; 32];
+            key[..4].copy_from_slice(&(5000 + i).to_le_bytes());
+            let mut c = Raw::connect(addr, fp).await;
+            c.auth(&SigningKey::from_bytes(&key)).await;
+            // Whatever model is current: ask for every chunk, again and
+            // again, and read nothing.
+            c.send(&DeviceMsg::TaskRequest {
+                have_model_version: None,
+            })
+            .await;
+            let version = match c.recv().await {
+                AggMsg::TaskOffer(o) => o.model.version,
+                _ => return c,
+            };
+            let mut asks = Vec::new();
+            for j in 0..1024u32 {
+                asks.extend_from_slice(&fedge_proto::frame::encode(
+                    &DeviceMsg::ChunkRequest {
+                        model_version: version,
+                        index: j % 8,
+                    }
+                    .encode(),
+                ));
+            }
+            c.send_raw(&asks).await;
+            c
+        }));
+    }
+    let mut devices = Vec::new();
+    for i in 0..3u8 {
+        let cfg = DriverConfig {
+            session: SessionConfig {
+                seed: u64::from(i),
+                backoff_min: Duration::from_millis(50),
+                ..SessionConfig::default()
+            },
+            ..DriverConfig::new(addr, Trust::Pinned(fp))
+        };
+        let key = SigningKey::from_bytes(&[200 + i; 32]);
+        let trainer = Box::new(KnownUpdate {
+            value: 1.0,
+            sample_count: 1,
+        });
+        devices.push(tokio::spawn(run_device(cfg, key, trainer)));
+    }
+    let mut held = Vec::new();
+    let mut uploads_begun = 0;
+    for a in attackers {
+        let (c, began) = a.await.unwrap();
+        uploads_begun += usize::from(began);
+        held.push(c);
+    }
+    let readers: Vec<Raw> = futures_join(readers).await;
+    for d in devices {
+        tokio::time::timeout(Duration::from_secs(60), d)
+            .await
+            .expect("honest devices finish")
+            .unwrap()
+            .expect("honest device succeeded");
+    }
+    let grown = peak_rss().saturating_sub(start_rss);
+    eprintln!(
+        "{uploads_begun} slowloris uploads begun ({} KiB each announced), 50 never-reading \
+         clients; peak RSS grew {} MiB",
+        max_payload >> 10,
+        grown >> 20
+    );
+    assert!(grown < 300 << 20, "peak RSS grew {} MiB", grown >> 20);
+    drop(held);
+    drop(readers);
+    serving.abort();
+}
+
+async fn futures_join<T: Send + 'static>(hs: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::with_capacity(hs.len());
+    for h in hs {
+        out.push(h.await.unwrap());
+    }
     out
 }

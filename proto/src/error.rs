@@ -25,10 +25,12 @@ pub enum RejectCode {
     ProtocolViolation,
     NormBound,
     Internal,
+    /// The manifest was signed for another federation.
+    WrongFederation,
 }
 
 impl RejectCode {
-    pub const ALL: [RejectCode; 19] = [
+    pub const ALL: [RejectCode; 20] = [
         RejectCode::SchemaMismatch,
         RejectCode::Malformed,
         RejectCode::TooLarge,
@@ -48,6 +50,7 @@ impl RejectCode {
         RejectCode::ProtocolViolation,
         RejectCode::NormBound,
         RejectCode::Internal,
+        RejectCode::WrongFederation,
     ];
 
     pub fn to_wire(self) -> wire::RejectCode {
@@ -72,6 +75,7 @@ impl RejectCode {
             RejectCode::ProtocolViolation => W::RejectProtocolViolation,
             RejectCode::NormBound => W::RejectNormBound,
             RejectCode::Internal => W::RejectInternal,
+            RejectCode::WrongFederation => W::RejectWrongFederation,
         }
     }
 
@@ -108,6 +112,7 @@ impl RejectCode {
             RejectCode::ProtocolViolation => "protocol_violation",
             RejectCode::NormBound => "norm_bound",
             RejectCode::Internal => "internal",
+            RejectCode::WrongFederation => "wrong_federation",
         }
     }
 }

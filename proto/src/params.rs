@@ -31,6 +31,18 @@ impl ModelVersion {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
     }
 
+    /// Parses what [`ModelVersion::to_hex`] writes (64 hex digits).
+    pub fn from_hex(s: &str) -> Option<Self> {
+        if s.len() != 64 || !s.is_ascii() {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(ModelVersion(out))
+    }
+
     /// First 12 hex digits, for logs and tables.
     pub fn short(&self) -> String {
         self.to_hex()[..12].to_string()
@@ -271,6 +283,15 @@ pub fn decode_f32le(data: &[u8], dimension: usize) -> Result<Vec<f32>, ProtoErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn model_versions_round_trip_through_hex() {
+        let v = ModelVersion(std::array::from_fn(|i| (i * 37) as u8));
+        assert_eq!(ModelVersion::from_hex(&v.to_hex()), Some(v));
+        assert_eq!(ModelVersion::from_hex("ab"), None);
+        assert_eq!(ModelVersion::from_hex(&"zz".repeat(32)), None);
+        assert_eq!(ModelVersion::from_hex(&"é".repeat(32)), None);
+    }
 
     fn blob() -> ModelBlob {
         let layout = Arc::new(

@@ -79,6 +79,21 @@ pub struct UpdateManifest {
     pub sample_count: u64,
     pub metrics: Vec<(String, f64)>,
     pub device_public_key: VerifyingKey,
+    /// The federation the update is for (see [`federation_id`]): an update
+    /// signed for one aggregator does not verify at another.
+    pub federation_id: [u8; 32],
+}
+
+/// A federation's id: blake3 (in key-derivation mode, context
+/// `"fedge federation v1"`) of its configured name and the SHA-256
+/// fingerprint of the aggregator's TLS certificate. Two aggregators serving
+/// the same model under different certificates or names have different ids.
+pub fn federation_id(name: &str, cert_fingerprint: &[u8; 32]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_derive_key("fedge federation v1");
+    h.update(&(name.len() as u64).to_le_bytes());
+    h.update(name.as_bytes());
+    h.update(cert_fingerprint);
+    *h.finalize().as_bytes()
 }
 
 impl UpdateManifest {
@@ -98,6 +113,7 @@ impl UpdateManifest {
                 })
                 .collect(),
             device_public_key: self.device_public_key.to_bytes().to_vec().into(),
+            federation_id: self.federation_id.to_vec().into(),
         }
     }
 
@@ -132,6 +148,7 @@ impl UpdateManifest {
             sample_count: w.sample_count,
             metrics,
             device_public_key: public_key("manifest.device_public_key", &w.device_public_key)?,
+            federation_id: hash32("manifest.federation_id", &w.federation_id)?,
         })
     }
 
@@ -172,6 +189,7 @@ mod tests {
             sample_count: 42,
             metrics: vec![("loss".into(), 0.5)],
             device_public_key: k.verifying_key(),
+            federation_id: [5; 32],
         }
     }
 
@@ -188,6 +206,7 @@ mod tests {
             |m: &mut UpdateManifest| m.model_version.0[0] ^= 1,
             |m: &mut UpdateManifest| m.payload_hash[0] ^= 1,
             |m: &mut UpdateManifest| m.sample_count += 1,
+            |m: &mut UpdateManifest| m.federation_id[31] ^= 1,
         ] {
             let mut t = m.clone();
             tamper(&mut t);
@@ -196,6 +215,19 @@ mod tests {
         let mut other = m.clone();
         other.device_public_key = key(2).verifying_key();
         assert_eq!(other.verify(&sig), Err(ProtoError::BadSignature));
+    }
+
+    #[test]
+    fn federation_ids_differ_by_name_and_certificate() {
+        let a = federation_id("mnist", &[1; 32]);
+        assert_eq!(a, federation_id("mnist", &[1; 32]));
+        assert_ne!(a, federation_id("mnist", &[2; 32]));
+        assert_ne!(a, federation_id("mnist2", &[1; 32]));
+        // The name's length is hashed: no name/fingerprint boundary games.
+        assert_ne!(
+            federation_id("", &[1; 32]),
+            federation_id("\u{1}", &[1; 32])
+        );
     }
 
     #[test]

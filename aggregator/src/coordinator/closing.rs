@@ -1,19 +1,61 @@
-//! Closing a round: combine what was accepted (or abort), settle the
-//! contribution records, publish the new version, open the next round.
+//! Closing a round: combine what was accepted (or abort, or roll back),
+//! settle the contribution records, publish the new version, open the
+//! next round.
+//!
+//! **Rollback.** Devices report when local training on the round's model
+//! diverged (`TaskAbandoned`, reason `Diverged`: the update was not
+//! finite). When at least `min_devices` of a round's devices say so and
+//! they outnumber the updates accepted in it, the model is taken to be
+//! poisoned: the round publishes the version the current one was built
+//! from (kept for download, up to `versions_kept` back) instead of
+//! building on it, and its accepted updates are discarded. The devices of
+//! a round are drawn among its check-ins, so a minority of the fleet sits
+//! in a majority of a round's slots only by chance, and every report
+//! costs the device its slot and its reward in that round.
 
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
+
 use fedge_proto::{ModelBlob, ModelVersion, Params, RejectCode};
 
-use super::ledger::RoundBook;
 use super::{Coordinator, Event, Round, RoundOutcome};
 
 impl Coordinator {
-    pub(super) fn close_round(&mut self, _now: Instant) {
+    /// Whether the open round's reports of divergence call for a rollback.
+    pub(super) fn rollback_due(&self) -> bool {
+        let diverged = self.round.diverged;
+        self.cfg.rollback_on_divergence
+            && diverged >= self.cfg.min_devices
+            && diverged > self.round.combiner.count()
+    }
+
+    pub(super) fn close_round(&mut self, now: Instant) {
         let accepted = self.round.combiner.count();
         let round_id = self.round.id;
-        let (outcome, contributions) = if accepted >= self.cfg.min_devices {
+        let rollback = if self.rollback_due() {
+            self.rollback_target()
+        } else {
+            None
+        };
+        let (outcome, contributions) = if let Some((to, model)) = rollback {
+            let from = self.current_version;
+            let why = format!(
+                "round rolled back: {} devices reported that training on model {from} diverged",
+                self.round.diverged
+            );
+            self.event(Event::RolledBack {
+                round_id,
+                from,
+                to,
+                diverged: self.round.diverged,
+                accepted,
+            });
+            let contributions = self.round.book.settle_discarded(&why);
+            let blob = model.encode();
+            (self.make_current(round_id, to, model, blob), contributions)
+        } else if accepted >= self.cfg.min_devices {
             let combined = self
                 .round
                 .combiner
@@ -33,6 +75,7 @@ impl Coordinator {
         for c in contributions {
             self.event(Event::Contribution(c));
         }
+        let published = matches!(outcome, RoundOutcome::Published(_));
         let metrics = self.strategy.aggregate_evaluate(self.round.book.metrics());
         self.event(Event::RoundClosed {
             round_id,
@@ -44,14 +87,14 @@ impl Coordinator {
             .policy
             .on_round_closed(round_id + 1, self.current_version);
         self.transfers.on_round_closed(keep_from);
+        self.slots.clear();
+        if published {
+            self.emit_checkpoint();
+        }
         let dim = self.current.params.values.len();
-        self.round = Round {
-            id: round_id + 1,
-            model_version: self.current_version,
-            deadline: None,
-            combiner: self.strategy.combiner(dim, self.cfg.weights.max_share),
-            book: RoundBook::default(),
-        };
+        let combiner = self.strategy.combiner(dim, self.cfg.weights.max_share);
+        let waiting = std::mem::take(&mut self.round.waiting);
+        self.round = Round::new(round_id + 1, self.current_version, combiner);
         if self.cfg.rounds != 0 && round_id >= self.cfg.rounds {
             self.finished = true;
             self.event(Event::Finished {
@@ -62,7 +105,50 @@ impl Coordinator {
                 round_id: self.round.id,
                 model_version: self.current_version,
             });
+            self.arm_round(now);
         }
+        // Requests held for a window that never got drawn (the round closed
+        // first) are answered in the next round.
+        for c in waiting {
+            self.requeue(now, c);
+        }
+    }
+
+    /// The version the current model was built from, with its model, if it
+    /// is still held.
+    fn rollback_target(&mut self) -> Option<(ModelVersion, ModelBlob)> {
+        while let Some(v) = self.lineage.pop() {
+            let decoded = self
+                .transfers
+                .model_blob(&v)
+                .and_then(|b| ModelBlob::decode(&b, &self.cfg.limits).ok());
+            if let Some(m) = decoded {
+                return Some((v, m));
+            }
+        }
+        None
+    }
+
+    /// Makes `model` (encoded as `blob`, version `version`) current and
+    /// offers it for download: a new version, or an earlier one again (a
+    /// rollback).
+    fn make_current(
+        &mut self,
+        round_id: u64,
+        version: ModelVersion,
+        model: ModelBlob,
+        blob: Bytes,
+    ) -> RoundOutcome {
+        self.current = model;
+        self.current_version = version;
+        self.transfers.store_model(version, blob.clone());
+        self.published_rounds += 1;
+        self.event(Event::ModelPublished {
+            round_id,
+            version,
+            blob,
+        });
+        RoundOutcome::Published(version)
     }
 
     /// Makes `values` the current model and offers it for download.
@@ -86,15 +172,13 @@ impl Coordinator {
         };
         let blob = next.encode();
         let version = ModelVersion::of(&blob);
-        self.current = next;
-        self.current_version = version;
-        self.transfers.store_model(version, blob.clone());
-        self.published_rounds += 1;
-        self.event(Event::ModelPublished {
-            round_id,
-            version,
-            blob,
-        });
-        RoundOutcome::Published(version)
+        if version != self.current_version {
+            self.lineage.push(self.current_version);
+            let keep = self.cfg.versions_kept;
+            if self.lineage.len() > keep {
+                self.lineage.drain(..self.lineage.len() - keep);
+            }
+        }
+        self.make_current(round_id, version, next, blob)
     }
 }

@@ -20,8 +20,33 @@ pub struct CoordinatorConfig {
     /// Rounds to run (round ids 1..=rounds, published or aborted) before
     /// finishing (0 = run forever).
     pub rounds: u64,
-    /// Time from a round's first selection to its deadline.
+    /// Time from a round's opening to its deadline. A round that reaches
+    /// its deadline without ever selecting a device stays open for another
+    /// period instead (nobody was there to train it).
     pub round_deadline: Duration,
+    /// Synchronous rounds: devices that ask for work during this window
+    /// after a round opens are candidates, and the selected ones are drawn
+    /// among them at random (seeded) when it ends, so being first buys
+    /// nothing. Slots still free after the window go to the next eligible
+    /// devices to ask. Zero: first come, first served.
+    pub selection_window: Duration,
+    /// Draw candidates with probability proportional to stake (needs a
+    /// stake registry) instead of uniformly.
+    pub selection_by_stake: bool,
+    /// A selected device that has not begun its download (or its upload)
+    /// this long after its offer loses the slot to another device, and
+    /// gets no other slot in the round.
+    pub slot_timeout: Duration,
+    /// Roll back to the model the current one was built from when most
+    /// devices that finished a round report that training on it diverged
+    /// (and at least `min_devices` do).
+    pub rollback_on_divergence: bool,
+    /// The federation's name.
+    pub federation: String,
+    /// Signed into every manifest: `fedge_proto::sign::federation_id` of
+    /// `federation` and the aggregator's certificate, set by the server
+    /// when it binds. An update signed for another federation is refused.
+    pub federation_id: [u8; 32],
     /// Pace-steering window for devices not needed now.
     pub retry_window: (Duration, Duration),
     /// Time a connection may take to authenticate.
@@ -55,6 +80,12 @@ impl Default for CoordinatorConfig {
             min_devices: 1,
             rounds: 10,
             round_deadline: Duration::from_secs(60),
+            selection_window: Duration::from_secs(2),
+            selection_by_stake: false,
+            slot_timeout: Duration::from_secs(10),
+            rollback_on_divergence: true,
+            federation: "fedge".into(),
+            federation_id: [0; 32],
             retry_window: (Duration::from_millis(500), Duration::from_millis(1500)),
             auth_timeout: Duration::from_secs(10),
             chunk_bytes: 256 << 10,
@@ -91,6 +122,15 @@ impl CoordinatorConfig {
             return Err(format!(
                 "min_devices must be in [1, devices_per_round={}], got {}",
                 self.devices_per_round, self.min_devices
+            ));
+        }
+        if self.round_deadline.is_zero() || self.slot_timeout.is_zero() {
+            return Err("round_deadline and slot_timeout must be positive".into());
+        }
+        if self.selection_window >= self.round_deadline {
+            return Err(format!(
+                "selection_window ({:?}) must be shorter than round_deadline ({:?})",
+                self.selection_window, self.round_deadline
             ));
         }
         if self.retry_window.0 > self.retry_window.1 {

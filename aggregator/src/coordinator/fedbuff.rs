@@ -86,6 +86,32 @@ impl RoundPolicy for FedBuff {
         TaskDecision::Offer
     }
 
+    fn windowed(&self) -> bool {
+        // Work is handed out continuously: there is no moment to draw at.
+        false
+    }
+
+    fn release(&mut self, key: &DeviceKey, task_round: u64) -> bool {
+        if self.inflight.get(key) == Some(&task_round) {
+            self.inflight.remove(key);
+            return true;
+        }
+        false
+    }
+
+    fn all_done(&self) -> bool {
+        // A buffer fills from whoever comes; it never waits on a fixed set.
+        false
+    }
+
+    fn slot_free(&self) -> bool {
+        self.inflight.len() < self.concurrency
+    }
+
+    fn idle(&self) -> bool {
+        self.inflight.is_empty() && self.in_buffer.is_empty()
+    }
+
     fn offer_deadline(&self, now: Instant, _round: &RoundView, task_time: Duration) -> Instant {
         // Each task has its own time budget.
         now + task_time
@@ -172,11 +198,86 @@ impl RoundPolicy for FedBuff {
         self.accepted_hashes.push_back((open, payload_hash));
     }
 
-    fn on_restored(&mut self, key: DeviceKey, round: u64, hash: [u8; 32]) -> Result<(), String> {
+    fn on_restored(
+        &mut self,
+        key: DeviceKey,
+        task_round: u64,
+        model_version: Option<ModelVersion>,
+        hash: [u8; 32],
+    ) -> Result<(), String> {
+        let trained = self
+            .round_versions
+            .iter()
+            .find(|(r, _)| *r == task_round)
+            .map(|(_, v)| *v);
+        match (trained, model_version) {
+            (None, _) => {
+                return Err(format!(
+                    "update for the task of round {task_round}, outside the staleness window"
+                ));
+            }
+            (Some(t), Some(v)) if t != v => {
+                return Err(format!(
+                    "update trained against model {v}, round {task_round} trained {t}"
+                ));
+            }
+            _ => {}
+        }
+        let round = self.round_versions.back().map_or(task_round, |(r, _)| *r);
         if !self.in_buffer.insert(key) {
             return Err(format!("device {} restored twice", hex::encode(key)));
         }
+        self.accepted_tasks.insert((key, task_round));
         self.accepted_hashes.push_back((round, hash));
+        Ok(())
+    }
+
+    /// The model of each round in the window and the replay records (the
+    /// tasks in flight are not kept: their devices ask again).
+    fn checkpoint(&self) -> Vec<u8> {
+        let state = FedBuffState {
+            round_versions: self
+                .round_versions
+                .iter()
+                .map(|(r, v)| (*r, v.to_hex()))
+                .collect(),
+            accepted_tasks: self
+                .accepted_tasks
+                .iter()
+                .map(|(k, r)| (hex::encode(k), *r))
+                .collect(),
+            accepted_hashes: self
+                .accepted_hashes
+                .iter()
+                .map(|(r, h)| (*r, hex::encode(h)))
+                .collect(),
+        };
+        serde_json::to_vec(&state).expect("serialisable")
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
+        let bad = |what: &str| format!("FedBuff state: bad {what}");
+        let s: FedBuffState =
+            serde_json::from_slice(state).map_err(|e| format!("FedBuff state: {e}"))?;
+        let hash = |h: &str| -> Option<[u8; 32]> { hex::decode(h).ok()?.try_into().ok() };
+        let mut versions = VecDeque::new();
+        for (r, v) in &s.round_versions {
+            versions.push_back((*r, ModelVersion::from_hex(v).ok_or_else(|| bad("version"))?));
+        }
+        if versions.is_empty() {
+            return Err(bad("round list (empty)"));
+        }
+        let mut tasks = HashSet::new();
+        for (k, r) in &s.accepted_tasks {
+            tasks.insert((hash(k).ok_or_else(|| bad("device key"))?, *r));
+        }
+        let mut hashes = VecDeque::new();
+        for (r, h) in &s.accepted_hashes {
+            hashes.push_back((*r, hash(h).ok_or_else(|| bad("payload hash"))?));
+        }
+        self.round_versions = versions;
+        self.accepted_tasks = tasks;
+        self.accepted_hashes = hashes;
         Ok(())
     }
 
@@ -205,6 +306,13 @@ impl RoundPolicy for FedBuff {
         // Uploads of tasks the window has left can never be combined.
         oldest
     }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct FedBuffState {
+    round_versions: Vec<(u64, String)>,
+    accepted_tasks: Vec<(String, u64)>,
+    accepted_hashes: Vec<(u64, String)>,
 }
 
 impl FedBuff {
@@ -243,6 +351,7 @@ mod tests {
             sample_count: 1,
             metrics: vec![],
             device_public_key: SigningKey::from_bytes(&[1; 32]).verifying_key(),
+            federation_id: [0; 32],
         };
         let view = |id| RoundView {
             id,

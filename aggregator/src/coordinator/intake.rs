@@ -17,12 +17,30 @@ use super::transfers::{ChunkOutcome, Upload};
 use super::{Coordinator, DurableUpdate, Event, Output, SessionId};
 use crate::robust::l2_norm;
 
-/// An update that passed every check: its delta, the weight it is
-/// combined with (staleness discount included) and the device's stake.
+/// An update that passed every check: its delta (already scaled by its
+/// staleness discount), the participant's weight and stake, and the
+/// discount.
 pub(super) struct Admitted {
     delta: Vec<f32>,
     raw_weight: f64,
+    discount: f64,
     stake: Option<f64>,
+}
+
+/// Scales a stale update's delta by its discount. FedBuff (Nguyen et al.
+/// 2022, Algorithm 1) divides the buffer's discounted sum by the buffer
+/// size, so staleness shrinks the step; weighting the mean by discounted
+/// weights instead would cancel the discount out when every update in a
+/// buffer is equally stale. Here the mean is weighted by the participants'
+/// undiscounted weights (the weighted buffer size) over discounted deltas.
+pub(super) fn discounted(mut delta: Vec<f32>, discount: f64) -> Vec<f32> {
+    if discount != 1.0 {
+        let d = discount as f32;
+        for v in &mut delta {
+            *v *= d;
+        }
+    }
+    delta
 }
 
 impl Coordinator {
@@ -42,6 +60,16 @@ impl Coordinator {
         }
         m.verify(&b.signature)
             .map_err(|e| (RejectCode::BadSignature, e.to_string()))?;
+        if m.federation_id != self.cfg.federation_id {
+            return Err((
+                RejectCode::WrongFederation,
+                format!(
+                    "update was signed for federation {}, this is {}",
+                    hex::encode(m.federation_id),
+                    hex::encode(self.cfg.federation_id)
+                ),
+            ));
+        }
         self.policy
             .check_task(key.as_bytes(), m, &self.round_view(), now, &self.transfers)?;
         if m.sample_count == 0 {
@@ -193,8 +221,9 @@ impl Coordinator {
             .raw_weight(stake, self.samples_counted(m.sample_count))
         {
             Ok(w) if w > 0.0 && w.is_finite() => Ok(Admitted {
-                delta,
-                raw_weight: w * discount,
+                delta: discounted(delta, discount),
+                raw_weight: w,
+                discount,
                 stake,
             }),
             Ok(w) => Err((
@@ -228,6 +257,7 @@ impl Coordinator {
         let Admitted {
             delta,
             raw_weight,
+            discount,
             stake,
         } = a;
         let dev = device_id(&key);
@@ -235,10 +265,13 @@ impl Coordinator {
         // Recorded under the round (buffer) it is combined into.
         self.out.push_back(Output::Persist(Box::new(DurableUpdate {
             round_id: self.round.id,
+            task_round: m.round_id,
+            model_version: Some(m.model_version),
             device: dev.clone(),
             payload_hash: m.payload_hash,
             sample_count: m.sample_count,
             raw_weight,
+            discount,
             stake,
             metrics: m.metrics.clone(),
             payload: Bytes::from(u.data),
@@ -272,6 +305,9 @@ impl Coordinator {
         );
         if self.round.combiner.count() >= self.cfg.devices_per_round {
             self.close_round(now);
+        } else {
+            // The last of the selected devices to finish closes the round.
+            self.close_if_done(now);
         }
     }
 }

@@ -52,6 +52,16 @@ impl RoundBook {
         out
     }
 
+    /// The round's updates were discarded (a rollback): nothing counted.
+    pub fn settle_discarded(&mut self, reason: &str) -> Vec<Contribution> {
+        let mut out = std::mem::take(&mut self.accepted);
+        for c in &mut out {
+            c.accepted = false;
+            c.reason = Some(reason.to_string());
+        }
+        out
+    }
+
     /// The round was aborted: nothing counted.
     pub fn settle_aborted(&mut self) -> Vec<Contribution> {
         let mut out = std::mem::take(&mut self.accepted);

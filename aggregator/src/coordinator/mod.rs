@@ -5,15 +5,18 @@
 //! Time and randomness (a seed in the config) are inputs, so a simulated
 //! fleet with virtual time drives exactly the code the QUIC server drives.
 //!
-//! A round: devices check in (`TaskRequest`); the first
-//! `ceil(devices_per_round * over_selection)` are selected and sent a
-//! [`TaskOffer`]; the rest are paced away ("come back in [t1, t2]"). The
-//! round's deadline starts at its first selection. It closes as soon as
-//! `devices_per_round` updates are accepted, or at the deadline, when it is
-//! aggregated if at least `min_devices` updates arrived and aborted (model
-//! unchanged, round retried) otherwise. Late updates are rejected. With
-//! FedBuff ([`crate::strategy::BufferedSpec`]) rounds run without a
-//! barrier instead (see [`fedbuff`]).
+//! A round: devices check in (`TaskRequest`) during a window after it
+//! opens; `ceil(devices_per_round * over_selection)` of them are drawn at
+//! random and sent a [`TaskOffer`]; the rest are paced away ("come back in
+//! [t1, t2]") (see [`selection`]). The round's deadline runs from its
+//! opening. It closes as soon as `devices_per_round` updates are accepted,
+//! when every selected device has delivered or given up, or at the
+//! deadline; it is aggregated if at least `min_devices` updates arrived and
+//! aborted (model unchanged, the next round retries) otherwise, and rolled
+//! back when most of its devices report that training diverged (see
+//! [`closing`]). Late updates are rejected. With FedBuff
+//! ([`crate::strategy::BufferedSpec`]) rounds run without a barrier
+//! instead (see [`fedbuff`]).
 //!
 //! The coordinator is cut by responsibility:
 //! - [`sessions`]: connections, authentication and its timers;
@@ -21,10 +24,12 @@
 //!   every byte a device can make the coordinator hold is kept and counted;
 //! - [`policy`] (synchronous rounds) and [`fedbuff`]: how rounds run, behind
 //!   one `RoundPolicy` trait;
+//! - [`selection`]: the check-in window, slot timeouts, abandoned tasks;
 //! - [`ledger`]: the round's contribution records;
 //! - this module: the message flow that ties them together, weighting,
 //!   combining and publishing.
 
+mod checkpoint;
 mod closing;
 mod config;
 mod fedbuff;
@@ -32,6 +37,7 @@ mod intake;
 mod ledger;
 mod output;
 mod policy;
+mod selection;
 mod sessions;
 mod transfers;
 
@@ -64,9 +70,36 @@ pub type SessionId = u64;
 struct Round {
     id: u64,
     model_version: ModelVersion,
+    /// None until the round's clock starts (the first round: at the first
+    /// input; later ones when they open).
     deadline: Option<Instant>,
+    /// While the check-in window is open: when it ends.
+    window_end: Option<Instant>,
+    /// Candidates checked in during the window.
+    waiting: Vec<selection::Candidate>,
+    /// Devices that reported their training on this round's model diverged.
+    diverged: usize,
+    /// Devices that asked in this round and were paced away for want of a
+    /// slot: they come back, and a freed slot is theirs to take.
+    reserve: std::collections::HashSet<sessions::DeviceKey>,
     combiner: Box<dyn Combiner>,
     book: RoundBook,
+}
+
+impl Round {
+    fn new(id: u64, model_version: ModelVersion, combiner: Box<dyn Combiner>) -> Self {
+        Round {
+            id,
+            model_version,
+            deadline: None,
+            window_end: None,
+            waiting: Vec::new(),
+            diverged: 0,
+            reserve: Default::default(),
+            combiner,
+            book: RoundBook::default(),
+        }
+    }
 }
 
 /// The aggregator's round orchestration.
@@ -78,6 +111,10 @@ pub struct Coordinator {
     current: ModelBlob,
     current_version: ModelVersion,
     round: Round,
+    slots: selection::SlotTimers,
+    /// Versions the current model was built from, most recent last (the
+    /// rollback targets).
+    lineage: Vec<ModelVersion>,
     policy: Box<dyn RoundPolicy>,
     strategy: Box<dyn Strategy>,
     stakes: Box<dyn StakeRegistry>,
@@ -110,7 +147,11 @@ impl Coordinator {
                 first_round_id,
                 version,
             )),
-            None => Box::new(Synchronous::new(cfg.selection_target())),
+            None => Box::new(Synchronous::new(
+                cfg.selection_target(),
+                first_round_id,
+                version,
+            )),
         };
         let mut transfers = TransferManager::new(cfg.chunk_bytes, cfg.versions_kept);
         transfers.store_model(version, blob);
@@ -125,13 +166,9 @@ impl Coordinator {
             transfers,
             current: initial,
             current_version: version,
-            round: Round {
-                id: first_round_id,
-                model_version: version,
-                deadline: None,
-                combiner,
-                book: RoundBook::default(),
-            },
+            round: Round::new(first_round_id, version, combiner),
+            slots: selection::SlotTimers::default(),
+            lineage: Vec::new(),
             policy,
             strategy,
             stakes: Box::new(std::collections::HashMap::<String, f64>::new()),
@@ -171,6 +208,7 @@ impl Coordinator {
     /// Put back an update that was acknowledged before a restart. Its
     /// device counts as having contributed to the open round.
     pub fn restore_update(&mut self, now: Instant, u: DurableUpdate) -> Result<(), String> {
+        self.tick(now);
         if u.round_id != self.round.id {
             return Err(format!(
                 "update for round {}, open round is {}",
@@ -187,8 +225,21 @@ impl Coordinator {
             &self.cfg.limits,
         )
         .map_err(|e| e.to_string())?;
-        self.policy.on_restored(key, u.round_id, u.payload_hash)?;
-        self.round.combiner.add(delta, u.raw_weight);
+        if !(u.discount > 0.0
+            && u.discount <= 1.0
+            && u.raw_weight > 0.0
+            && u.raw_weight.is_finite())
+        {
+            return Err(format!(
+                "update of device {} has weight {} and discount {}",
+                u.device, u.raw_weight, u.discount
+            ));
+        }
+        self.policy
+            .on_restored(key, u.task_round, u.model_version, u.payload_hash)?;
+        self.round
+            .combiner
+            .add(intake::discounted(delta, u.discount), u.raw_weight);
         self.sessions.note_known(key);
         self.round.book.record(
             u.round_id,
@@ -200,9 +251,6 @@ impl Coordinator {
                 metrics: u.metrics,
             },
         );
-        if self.round.deadline.is_none() {
-            self.round.deadline = Some(now + self.cfg.round_deadline);
-        }
         if self.round.combiner.count() >= self.cfg.devices_per_round {
             self.close_round(now);
         }
@@ -263,11 +311,20 @@ impl Coordinator {
 
     /// The earliest instant at which `handle_timeout` has work to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let auth = self.sessions.next_timeout();
-        match (auth, self.round.deadline.filter(|_| !self.finished)) {
-            (Some(a), Some(d)) => Some(a.min(d)),
-            (a, d) => a.or(d),
-        }
+        let round = if self.finished {
+            [None; 3]
+        } else {
+            [
+                self.round.deadline,
+                self.round.window_end,
+                self.slots.next(),
+            ]
+        };
+        round
+            .into_iter()
+            .chain([self.sessions.next_timeout()])
+            .flatten()
+            .min()
     }
 
     // ------------------------------------------------------------ inputs
@@ -275,6 +332,7 @@ impl Coordinator {
     /// A connection was established; `tls_binding` is exported from its TLS
     /// session and binds the authentication signature to it.
     pub fn handle_connect(&mut self, now: Instant, session: SessionId, tls_binding: [u8; 32]) {
+        self.tick(now);
         if !self.sessions.connect(now, session, tls_binding) {
             let max = self.sessions.max_unauthenticated();
             self.reject(
@@ -311,6 +369,7 @@ impl Coordinator {
     }
 
     pub fn handle_message(&mut self, now: Instant, session: SessionId, msg: DeviceMsg) {
+        self.tick(now);
         let Some(state) = self.sessions.state(session) else {
             return; // already closed
         };
@@ -340,6 +399,7 @@ impl Coordinator {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.tick(now);
         for id in self.sessions.auth_expired(now) {
             self.reject(
                 id,
@@ -349,11 +409,20 @@ impl Coordinator {
                 true,
             );
         }
+        if !self.finished {
+            self.expire_slots(now);
+        }
         if !self.finished
             && let Some(d) = self.round.deadline
             && now >= d
         {
-            self.close_round(now);
+            if self.policy.idle() && self.round.combiner.count() == 0 {
+                // Nobody came to train this round: nothing to close. Give
+                // it another period rather than spend a round id on it.
+                self.arm_round(now);
+            } else {
+                self.close_round(now);
+            }
         }
     }
 
@@ -423,6 +492,7 @@ impl Coordinator {
             session,
             AggMsg::AuthOk {
                 device_id: device_id(&key),
+                federation_id: self.cfg.federation_id,
             },
         );
     }
@@ -442,8 +512,19 @@ impl Coordinator {
             DeviceMsg::ChunkRequest {
                 model_version,
                 index,
-            } => self.on_chunk_request(session, key, model_version, index),
-            DeviceMsg::UploadBegin(b) => self.on_upload_begin(now, session, key, *b),
+            } => {
+                self.slots.stop(key.as_bytes());
+                self.on_chunk_request(session, key, model_version, index)
+            }
+            DeviceMsg::UploadBegin(b) => {
+                self.slots.stop(key.as_bytes());
+                self.on_upload_begin(now, session, key, *b)
+            }
+            DeviceMsg::TaskAbandoned {
+                round_id,
+                reason,
+                detail,
+            } => self.on_abandoned(now, key, round_id, reason, detail),
             DeviceMsg::UploadChunk {
                 payload_hash,
                 index,
@@ -468,7 +549,7 @@ impl Coordinator {
         }
     }
 
-    fn on_task_request(
+    pub(super) fn on_task_request(
         &mut self,
         now: Instant,
         session: SessionId,
@@ -488,17 +569,13 @@ impl Coordinator {
                 if !self.eligible(session, &key) {
                     return;
                 }
-                let d = self.policy.select(key.to_bytes(), &view);
-                if d == TaskDecision::Offer {
-                    if self.round.deadline.is_none() {
-                        self.round.deadline = Some(now + self.cfg.round_deadline);
-                    }
-                    self.event(Event::DeviceSelected {
-                        round_id: self.round.id,
-                        device: device_id(&key),
-                    });
+                if self.window_open(now) {
+                    // Answered when the window is drawn.
+                    self.check_in(session, key, have);
+                } else {
+                    self.select_now(now, session, key, have);
                 }
-                d
+                return;
             }
         };
         match decision {

@@ -10,11 +10,21 @@ use super::SessionId;
 /// An accepted update as it must be stored before it is acknowledged.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DurableUpdate {
+    /// The round (FedBuff: the buffer) it was combined into.
     pub round_id: u64,
+    /// The round whose task it answers (earlier than `round_id` for a
+    /// stale FedBuff update).
+    pub task_round: u64,
+    /// The model it was trained against (None for records written before
+    /// fedge kept it); checked again when it is restored.
+    pub model_version: Option<ModelVersion>,
     pub device: String,
     pub payload_hash: [u8; 32],
     pub sample_count: u64,
+    /// The participant's weight, before any staleness discount.
     pub raw_weight: f64,
+    /// The staleness discount its delta is scaled by (1 when fresh).
+    pub discount: f64,
     pub stake: Option<f64>,
     pub metrics: Vec<(String, f64)>,
     pub payload: Bytes,
@@ -82,6 +92,24 @@ pub enum Event {
     },
     Finished {
         final_version: ModelVersion,
+    },
+    /// The state to keep with `version` (see [`Coordinator::checkpoint`]),
+    /// emitted after each published version.
+    ///
+    /// [`Coordinator::checkpoint`]: super::Coordinator::checkpoint
+    Checkpoint {
+        version: ModelVersion,
+        state: Bytes,
+    },
+    /// Most devices of round `round_id` reported that training on `from`
+    /// diverged: the round publishes `to` (the version `from` was built
+    /// from) again, and its `accepted` updates are discarded.
+    RolledBack {
+        round_id: u64,
+        from: ModelVersion,
+        to: ModelVersion,
+        diverged: usize,
+        accepted: usize,
     },
 }
 

@@ -45,6 +45,26 @@ pub(super) trait RoundPolicy: Send {
     /// An eligible newcomer asks for work.
     fn select(&mut self, key: DeviceKey, round: &RoundView) -> TaskDecision;
 
+    /// Whether newcomers are drawn among those who check in during a
+    /// window after the round opens (rather than served as they ask).
+    fn windowed(&self) -> bool;
+
+    /// The device gives up (or lost) its task of round `task_round`;
+    /// true if it held one, whose slot is now free. The device gets no
+    /// other task in this round.
+    fn release(&mut self, key: &DeviceKey, task_round: u64) -> bool;
+
+    /// Every task handed out in the open round has ended (accepted or
+    /// released), and at least one was: waiting longer gains nothing
+    /// from the devices already chosen.
+    fn all_done(&self) -> bool;
+
+    /// No device has held a task in the open round.
+    fn idle(&self) -> bool;
+
+    /// Whether a newcomer asking now could get a slot.
+    fn slot_free(&self) -> bool;
+
     /// When a task offered at `now` is due.
     fn offer_deadline(&self, now: Instant, round: &RoundView, task_time: Duration) -> Instant;
 
@@ -77,13 +97,32 @@ pub(super) trait RoundPolicy: Send {
     fn on_accepted(&mut self, key: DeviceKey, task_round: u64, open: u64, payload_hash: [u8; 32]);
 
     /// An update acknowledged before a restart is put back into the open
-    /// round; refused if the device already has one there.
+    /// round; refused if the device already has one there, or if its task
+    /// or model is not one this round takes (checked when the record has
+    /// its model version).
     fn on_restored(
         &mut self,
         key: DeviceKey,
-        round: u64,
+        task_round: u64,
+        model_version: Option<ModelVersion>,
         payload_hash: [u8; 32],
     ) -> Result<(), String>;
+
+    /// What must survive a restart beyond the open round's updates (JSON;
+    /// empty when nothing).
+    fn checkpoint(&self) -> Vec<u8> {
+        Vec::new()
+    }
+
+    /// Restores what [`RoundPolicy::checkpoint`] wrote, before the open
+    /// round's updates are restored.
+    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
+        if state.is_empty() {
+            Ok(())
+        } else {
+            Err("this round policy keeps no state, but state was given".into())
+        }
+    }
 
     /// The open round closed; `next` trains `next_version`. Returns the
     /// oldest task round whose uploads in flight carry over into it (older
@@ -95,20 +134,34 @@ pub(super) trait RoundPolicy: Send {
 enum Participation {
     Selected,
     Accepted,
+    /// Gave the task up, or lost it to the slot timeout.
+    Released,
 }
 
-/// Synchronous rounds: the first `selection_target` devices to ask are
-/// selected; the round waits for them until its deadline.
+/// Synchronous rounds: `selection_target` devices are selected (drawn
+/// among the check-ins of the round's window by the coordinator, then
+/// first come first served); the round waits for them until its deadline.
 pub(super) struct Synchronous {
     selection_target: usize,
     participants: HashMap<DeviceKey, Participation>,
+    /// Participants holding a slot (selected or accepted).
+    taken: usize,
+    /// Participants still selected (neither accepted nor released).
+    outstanding: usize,
+    /// The open round and the model it trains.
+    round_id: u64,
+    model_version: ModelVersion,
 }
 
 impl Synchronous {
-    pub fn new(selection_target: usize) -> Self {
+    pub fn new(selection_target: usize, round_id: u64, model_version: ModelVersion) -> Self {
         Synchronous {
+            round_id,
+            model_version,
             selection_target,
             participants: HashMap::new(),
+            taken: 0,
+            outstanding: 0,
         }
     }
 }
@@ -150,19 +203,53 @@ impl RoundPolicy for Synchronous {
             Participation::Accepted => {
                 Some(TaskDecision::PaceAway("already contributed to this round"))
             }
+            Participation::Released => Some(TaskDecision::PaceAway(
+                "gave up or lost its task in this round",
+            )),
         }
     }
 
     fn select(&mut self, key: DeviceKey, _round: &RoundView) -> TaskDecision {
-        if self.participants.len() >= self.selection_target {
+        if self.taken >= self.selection_target {
             return TaskDecision::PaceAway("round is full");
         }
         self.participants.insert(key, Participation::Selected);
+        self.taken += 1;
+        self.outstanding += 1;
         TaskDecision::Offer
     }
 
-    fn offer_deadline(&self, _now: Instant, round: &RoundView, _task_time: Duration) -> Instant {
-        round.deadline.expect("set at first selection")
+    fn windowed(&self) -> bool {
+        true
+    }
+
+    fn release(&mut self, key: &DeviceKey, task_round: u64) -> bool {
+        let _ = task_round; // only the open round has tasks
+        match self.participants.get_mut(key) {
+            Some(p @ Participation::Selected) => {
+                *p = Participation::Released;
+                self.taken -= 1;
+                self.outstanding -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn all_done(&self) -> bool {
+        !self.participants.is_empty() && self.outstanding == 0
+    }
+
+    fn idle(&self) -> bool {
+        self.participants.is_empty()
+    }
+
+    fn slot_free(&self) -> bool {
+        self.taken < self.selection_target
+    }
+
+    fn offer_deadline(&self, now: Instant, round: &RoundView, task_time: Duration) -> Instant {
+        round.deadline.unwrap_or(now + task_time)
     }
 
     fn check_task(
@@ -206,6 +293,15 @@ impl RoundPolicy for Synchronous {
                     ),
                 ));
             }
+            Some(Participation::Released) => {
+                return Err((
+                    RejectCode::NotSelected,
+                    format!(
+                        "this device's task in round {} was given up or timed out",
+                        round.id
+                    ),
+                ));
+            }
             Some(Participation::Selected) => {}
         }
         if round.deadline.is_some_and(|d| now >= d) {
@@ -237,18 +333,46 @@ impl RoundPolicy for Synchronous {
     }
 
     fn on_accepted(&mut self, key: DeviceKey, _task_round: u64, _open: u64, _hash: [u8; 32]) {
-        self.participants.insert(key, Participation::Accepted);
+        if self.participants.insert(key, Participation::Accepted) == Some(Participation::Selected) {
+            self.outstanding -= 1;
+        }
     }
 
-    fn on_restored(&mut self, key: DeviceKey, _round: u64, _hash: [u8; 32]) -> Result<(), String> {
-        if self.participants.insert(key, Participation::Accepted) == Some(Participation::Accepted) {
+    fn on_restored(
+        &mut self,
+        key: DeviceKey,
+        task_round: u64,
+        model_version: Option<ModelVersion>,
+        _hash: [u8; 32],
+    ) -> Result<(), String> {
+        if task_round != self.round_id {
+            return Err(format!(
+                "update for the task of round {task_round}, open round is {}",
+                self.round_id
+            ));
+        }
+        if let Some(v) = model_version
+            && v != self.model_version
+        {
+            return Err(format!(
+                "update trained against model {v}, round {} trains {}",
+                self.round_id, self.model_version
+            ));
+        }
+        if self.participants.contains_key(&key) {
             return Err(format!("device {} restored twice", hex::encode(key)));
         }
+        self.participants.insert(key, Participation::Accepted);
+        self.taken += 1;
         Ok(())
     }
 
-    fn on_round_closed(&mut self, next: u64, _next_version: ModelVersion) -> u64 {
+    fn on_round_closed(&mut self, next: u64, next_version: ModelVersion) -> u64 {
+        self.round_id = next;
+        self.model_version = next_version;
         self.participants.clear();
+        self.taken = 0;
+        self.outstanding = 0;
         // No upload survives a synchronous round.
         next
     }

@@ -106,6 +106,11 @@ impl TransferManager {
         }
     }
 
+    /// A held model's encoded blob.
+    pub fn model_blob(&self, version: &ModelVersion) -> Option<Bytes> {
+        self.models.get(version).map(|m| m.blob.clone())
+    }
+
     pub fn has_model(&self, version: &ModelVersion) -> bool {
         self.models.contains_key(version)
     }
@@ -316,6 +321,7 @@ mod tests {
                 sample_count: 1,
                 metrics: vec![],
                 device_public_key: key.verifying_key(),
+                federation_id: [0; 32],
             },
             signature: [0; 64],
             chunk_bytes,

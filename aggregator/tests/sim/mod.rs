@@ -70,6 +70,10 @@ pub struct DeviceSpec {
     pub train_time: Duration,
     pub drop: Option<(DropAt, Duration)>,
     pub session: SessionConfig,
+    /// From this round on, local training diverges (the update is NaN).
+    pub diverge_from_round: Option<u64>,
+    /// Takes offers but never asks for a model chunk (a slot hog).
+    pub never_download: bool,
 }
 
 impl DeviceSpec {
@@ -79,6 +83,8 @@ impl DeviceSpec {
             samples,
             train_time: Duration::from_millis(500),
             drop: None,
+            diverge_from_round: None,
+            never_download: false,
             session: SessionConfig {
                 backoff_min: Duration::from_millis(100),
                 backoff_max: Duration::from_secs(2),
@@ -281,8 +287,10 @@ impl Sim {
                             round_id, model, ..
                         } => {
                             let spec = &self.devices[i].spec;
+                            let diverged = spec.diverge_from_round.is_some_and(|r| *round_id >= r);
+                            let value = if diverged { f32::NAN } else { spec.delta };
                             let out = TrainOutput {
-                                delta: vec![spec.delta; model.params.values.len()],
+                                delta: vec![value; model.params.values.len()],
                                 sample_count: spec.samples,
                                 metrics: vec![],
                             };
@@ -296,6 +304,11 @@ impl Sim {
                 }
                 while let Some(msg) = self.devices[i].session.poll_transmit() {
                     progressed = true;
+                    if self.devices[i].spec.never_download
+                        && matches!(msg, DeviceMsg::ChunkRequest { .. })
+                    {
+                        continue;
+                    }
                     if let Some(conn) = self.devices[i].conn {
                         match &msg {
                             DeviceMsg::ChunkRequest { .. } => self.devices[i].chunk_requests += 1,
@@ -456,6 +469,24 @@ impl Sim {
         panic!("seed {}: step bound reached", self.seed);
     }
 
+    /// The aggregator restarts: a new coordinator from the current model,
+    /// the next round id and (with `keep_state`) the old one's checkpoint;
+    /// every device loses its connection and reconnects.
+    pub fn restart_aggregator(&mut self, keep_state: bool) {
+        let state = self.coord.checkpoint();
+        let cfg = self.coord.config().clone();
+        let model = self.coord.current_model().clone();
+        let (round, published) = (self.coord.round_id(), self.coord.published_rounds());
+        self.coord = Coordinator::new(cfg, model, round, published).unwrap();
+        if keep_state {
+            self.coord.restore_checkpoint(&state).unwrap();
+        }
+        for i in 0..self.devices.len() {
+            self.cut(i, Duration::ZERO);
+        }
+        self.conn_dev.clear();
+    }
+
     /// Run until every device has finished (or failed).
     pub fn run_to_end(&mut self, limit: Duration) {
         self.run_until(limit, |s| s.devices.iter().all(|d| d.session.is_terminal()));
@@ -530,6 +561,32 @@ impl Sim {
             .collect()
     }
 
+    /// (round, from, to) of every rollback.
+    pub fn rollbacks(&self) -> Vec<(u64, ModelVersion, ModelVersion)> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::RolledBack {
+                    round_id, from, to, ..
+                } => Some((*round_id, *from, *to)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Details of the rejections with `code`.
+    pub fn rejection_details(&self, code: fedge_proto::RejectCode) -> Vec<String> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Rejected {
+                    code: c, detail, ..
+                } if *c == code => Some(detail.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     pub fn rejections(&self) -> Vec<fedge_proto::RejectCode> {
         self.events
             .iter()
@@ -542,7 +599,8 @@ impl Sim {
 
     /// Sample-weighted mean of the deltas of the devices whose updates were
     /// accepted in `round`, recomputed naively from the specs; with FedBuff
-    /// each weight is also multiplied by `(1 + staleness)^-a`.
+    /// each delta is also multiplied by `(1 + staleness)^-a` (Nguyen et al.
+    /// divide the discounted sum by the buffer size).
     pub fn expected_round_delta(&self, round: u64) -> f64 {
         let by_key: HashMap<String, &DeviceSpec> = self
             .devices
@@ -567,9 +625,12 @@ impl Sim {
             } = e
                 && *round_id == round
             {
+                // FedBuff divides by the (weighted) buffer size: the
+                // discount shrinks the delta, not its share of the weight.
                 let s = by_key[device];
-                let w = s.samples as f64 / (1.0 + *staleness as f64).powf(a);
-                num += f64::from(s.delta) * w;
+                let w = s.samples as f64;
+                let discount = (1.0 + *staleness as f64).powf(-a);
+                num += f64::from(s.delta) * discount * w;
                 den += w;
             }
         }

@@ -116,6 +116,48 @@ pub struct UploadBegin {
     pub chunk_bytes: u32,
 }
 
+/// Why a device gives up a task it was offered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AbandonReason {
+    /// Local training produced a non-finite update: the model it was given
+    /// may be poisoned (the aggregator counts these; see rollback).
+    Diverged,
+    /// Local training failed for another reason.
+    Failed,
+    /// The device's policy says it may not work now.
+    Declined,
+}
+
+impl AbandonReason {
+    pub fn name(self) -> &'static str {
+        match self {
+            AbandonReason::Diverged => "diverged",
+            AbandonReason::Failed => "failed",
+            AbandonReason::Declined => "declined",
+        }
+    }
+
+    fn to_wire(self) -> wire::AbandonReason {
+        match self {
+            AbandonReason::Diverged => wire::AbandonReason::AbandonDiverged,
+            AbandonReason::Failed => wire::AbandonReason::AbandonFailed,
+            AbandonReason::Declined => wire::AbandonReason::AbandonDeclined,
+        }
+    }
+
+    fn from_wire(v: i32) -> Result<Self, ProtoError> {
+        match wire::AbandonReason::try_from(v) {
+            Ok(wire::AbandonReason::AbandonDiverged) => Ok(AbandonReason::Diverged),
+            Ok(wire::AbandonReason::AbandonFailed) => Ok(AbandonReason::Failed),
+            Ok(wire::AbandonReason::AbandonDeclined) => Ok(AbandonReason::Declined),
+            _ => Err(ProtoError::Invalid {
+                field: "task_abandoned.reason",
+                reason: format!("unknown abandon reason {v}"),
+            }),
+        }
+    }
+}
+
 /// Device -> aggregator.
 #[derive(Clone, Debug, PartialEq)]
 pub enum DeviceMsg {
@@ -139,6 +181,12 @@ pub enum DeviceMsg {
     Heartbeat {
         seq: u64,
     },
+    /// The device gives up its task for `round_id`.
+    TaskAbandoned {
+        round_id: u64,
+        reason: AbandonReason,
+        detail: String,
+    },
 }
 
 /// Aggregator -> device.
@@ -150,6 +198,8 @@ pub enum AggMsg {
     },
     AuthOk {
         device_id: String,
+        /// What the device signs into every manifest here.
+        federation_id: [u8; 32],
     },
     TaskOffer(Box<TaskOffer>),
     NoTask {
@@ -191,6 +241,7 @@ impl DeviceMsg {
             DeviceMsg::UploadBegin(_) => "upload_begin",
             DeviceMsg::UploadChunk { .. } => "upload_chunk",
             DeviceMsg::Heartbeat { .. } => "heartbeat",
+            DeviceMsg::TaskAbandoned { .. } => "task_abandoned",
         }
     }
 
@@ -238,6 +289,15 @@ impl DeviceMsg {
                 data: data.clone(),
             }),
             DeviceMsg::Heartbeat { seq } => Body::Heartbeat(wire::Heartbeat { seq: *seq }),
+            DeviceMsg::TaskAbandoned {
+                round_id,
+                reason,
+                detail,
+            } => Body::TaskAbandoned(wire::TaskAbandoned {
+                round_id: *round_id,
+                reason: reason.to_wire() as i32,
+                detail: detail.clone(),
+            }),
         };
         wire::Envelope { body: Some(body) }.encode_to_vec().into()
     }
@@ -351,6 +411,14 @@ impl DeviceMsg {
                 }
             }
             Body::Heartbeat(h) => DeviceMsg::Heartbeat { seq: h.seq },
+            Body::TaskAbandoned(a) => {
+                Limits::check("detail length", a.detail.len() as u64, str_max)?;
+                DeviceMsg::TaskAbandoned {
+                    round_id: a.round_id,
+                    reason: AbandonReason::from_wire(a.reason)?,
+                    detail: a.detail,
+                }
+            }
             other => return Err(ProtoError::WrongDirection(body_name(&other))),
         })
     }
@@ -389,8 +457,12 @@ impl AggMsg {
                 schema_version: *schema_version,
                 nonce: nonce.to_vec().into(),
             }),
-            AggMsg::AuthOk { device_id } => Body::AuthOk(wire::AuthOk {
+            AggMsg::AuthOk {
+                device_id,
+                federation_id,
+            } => Body::AuthOk(wire::AuthOk {
                 device_id: device_id.clone(),
+                federation_id: federation_id.to_vec().into(),
             }),
             AggMsg::TaskOffer(t) => Body::TaskOffer(wire::TaskOffer {
                 round_id: t.round_id,
@@ -482,6 +554,7 @@ impl AggMsg {
                 Limits::check("device_id length", a.device_id.len() as u64, str_max)?;
                 AggMsg::AuthOk {
                     device_id: a.device_id,
+                    federation_id: hash32("auth_ok.federation_id", &a.federation_id)?,
                 }
             }
             Body::TaskOffer(t) => {
@@ -597,6 +670,7 @@ fn body_name(b: &Body) -> &'static str {
         Body::UploadBegin(_) => "upload_begin",
         Body::UploadChunk(_) => "upload_chunk",
         Body::Heartbeat(_) => "heartbeat",
+        Body::TaskAbandoned(_) => "task_abandoned",
         Body::Challenge(_) => "challenge",
         Body::AuthOk(_) => "auth_ok",
         Body::TaskOffer(_) => "task_offer",

@@ -18,6 +18,7 @@ fn device_msgs() -> Vec<DeviceMsg> {
         sample_count: 5,
         metrics: vec![("loss".into(), 1.5)],
         device_public_key: k.verifying_key(),
+        federation_id: [3; 32],
     };
     vec![
         DeviceMsg::Hello(Hello {
@@ -54,6 +55,11 @@ fn device_msgs() -> Vec<DeviceMsg> {
             data: Bytes::from_static(b"abcd"),
         },
         DeviceMsg::Heartbeat { seq: 9 },
+        DeviceMsg::TaskAbandoned {
+            round_id: 4,
+            reason: crate::msg::AbandonReason::Diverged,
+            detail: "loss is NaN".into(),
+        },
     ]
 }
 
@@ -66,6 +72,7 @@ fn agg_msgs() -> Vec<AggMsg> {
         },
         AggMsg::AuthOk {
             device_id: "ab".into(),
+            federation_id: [4; 32],
         },
         AggMsg::TaskOffer(Box::new(TaskOffer {
             round_id: 2,

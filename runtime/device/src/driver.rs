@@ -71,8 +71,6 @@ pub enum DriverError {
     Socket(std::io::Error),
     #[error("device session failed: {0}")]
     Failed(String),
-    #[error("local training failed: {0}")]
-    Training(String),
     #[error("cannot write {path}: {source}")]
     Persist {
         path: PathBuf,
@@ -176,6 +174,9 @@ pub async fn run_device(
     let mut rejections = Vec::new();
     let mut connect_failures = 0u32;
     let mut connections = 0u32;
+    // Consecutive training failures, for the log: a device never quits
+    // over them (the aggregator is told each time, and a rolled-back or
+    // newer model may train again).
     let mut training_failures = 0u32;
     let mut eligibility = cfg.eligibility.clone().map(EligibilityCheck::new);
     if let Some(e) = eligibility.as_mut() {
@@ -308,14 +309,18 @@ pub async fn run_device(
                 }
             },
             res = train_rx.recv() => match res {
-                Some(Ok(out)) => session.handle_trained(Instant::now(), out),
+                Some(Ok(out)) => {
+                    training_failures = 0;
+                    session.handle_trained(Instant::now(), out)
+                }
                 Some(Err(e)) => {
-                    tracing::warn!(error = %e, "local training failed; skipping this round");
                     training_failures += 1;
-                    if training_failures > 10 {
-                        return Err(DriverError::Training(e));
-                    }
-                    session.handle_training_failed(Instant::now());
+                    tracing::warn!(
+                        error = %e,
+                        consecutive = training_failures,
+                        "local training failed; the task is given up and the device asks again later"
+                    );
+                    session.handle_training_failed(Instant::now(), e);
                 }
                 None => unreachable!("the driver holds a sender"),
             },

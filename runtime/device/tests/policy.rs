@@ -11,7 +11,7 @@ use fedge_device::policy::{
     Battery, Conditions, EligibilitySource, Gate, Policy, PolicyError, PowerSupplySysfs, Reported,
 };
 use fedge_device::session::{DeviceEvent, DeviceSession, SessionConfig, Status};
-use fedge_proto::msg::{ModelRef, TaskOffer, TrainingPlan};
+use fedge_proto::msg::{AbandonReason, ModelRef, TaskOffer, TrainingPlan};
 use fedge_proto::sign::SigningKey;
 use fedge_proto::{AggMsg, DeviceMsg, ModelVersion, SCHEMA_VERSION};
 
@@ -283,7 +283,13 @@ fn authenticated(now: Instant, eligible: bool) -> DeviceSession {
         Some(DeviceMsg::AuthResponse { .. })
     ));
     let device_id = s.device_id();
-    s.handle_message(now, AggMsg::AuthOk { device_id });
+    s.handle_message(
+        now,
+        AggMsg::AuthOk {
+            device_id,
+            federation_id: [0; 32],
+        },
+    );
     s
 }
 
@@ -338,7 +344,17 @@ fn an_offer_that_arrives_after_the_device_became_ineligible_is_declined() {
     // Unplugged while the request was in flight.
     s.handle_eligibility(t0, false);
     s.handle_message(t0, offer());
-    assert_eq!(sent(&mut s), vec![], "no model download");
+    // No model download; the slot is given back at once.
+    assert!(
+        matches!(
+            sent(&mut s).as_slice(),
+            [DeviceMsg::TaskAbandoned {
+                reason: AbandonReason::Declined,
+                ..
+            }]
+        ),
+        "the task is given back, nothing downloaded"
+    );
     let events: Vec<DeviceEvent> = std::iter::from_fn(|| s.poll_event()).collect();
     assert!(
         events
@@ -347,8 +363,8 @@ fn an_offer_that_arrives_after_the_device_became_ineligible_is_declined() {
         "{events:?}"
     );
     assert_eq!(s.status(), Status::Ineligible);
-    // Plugged back in: asks again (the aggregator re-offers the same task
-    // if the round is still open).
+    // Plugged back in: asks again (for a later round: the slot it gave
+    // back is not its to take again in this one).
     s.handle_eligibility(t0 + Duration::from_secs(5), true);
     assert!(matches!(
         sent(&mut s).as_slice(),

@@ -56,7 +56,13 @@ fn no_heartbeats_before_authentication_completes_and_then_they_flow() {
 
     let t2 = t1 + Duration::from_secs(3);
     let device_id = s.device_id();
-    s.handle_message(t2, AggMsg::AuthOk { device_id });
+    s.handle_message(
+        t2,
+        AggMsg::AuthOk {
+            device_id,
+            federation_id: [0; 32],
+        },
+    );
     for i in 1..=3 {
         s.handle_timeout(t2 + Duration::from_secs(i));
     }

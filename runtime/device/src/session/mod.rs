@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fedge_proto::msg::{Hello, TaskOffer};
+use fedge_proto::msg::{AbandonReason, Hello, TaskOffer};
 use fedge_proto::sign::{self, SigningKey};
 use fedge_proto::{
     AggMsg, DeviceMsg, ModelBlob, ModelVersion, RUNTIME_VERSION, RejectCode, SCHEMA_VERSION,
@@ -62,6 +62,9 @@ pub struct DeviceSession {
     failed: bool,
     attempts: u32,
     tls_binding: [u8; 32],
+    /// The federation this aggregator named at authentication; signed into
+    /// every manifest.
+    federation_id: [u8; 32],
     model: Option<(ModelVersion, Arc<ModelBlob>)>,
     download: Option<Download>,
     offer: Option<TaskOffer>,
@@ -93,6 +96,7 @@ impl DeviceSession {
             failed: false,
             attempts: 0,
             tls_binding: [0; 32],
+            federation_id: [0; 32],
             model: None,
             download: None,
             offer: None,
@@ -238,7 +242,15 @@ impl DeviceSession {
                 self.phase = Phase::AwaitAuthOk;
                 self.touch(now);
             }
-            (Phase::AwaitAuthOk, AggMsg::AuthOk { .. }) => {
+            (Phase::AwaitAuthOk, AggMsg::AuthOk { federation_id, .. }) => {
+                if self.upload.is_some() && self.federation_id != federation_id {
+                    // Signed for another federation: it cannot verify here.
+                    self.upload = None;
+                    if self.compressor.restore_unsent() {
+                        self.events.push_back(DeviceEvent::ResidualChanged);
+                    }
+                }
+                self.federation_id = federation_id;
                 self.attempts = 0;
                 self.request_deadline = None;
                 self.heartbeat_at = Some(now + self.cfg.heartbeat_interval);
@@ -258,6 +270,11 @@ impl DeviceSession {
                 tracing::info!(
                     round_id = offer.round_id,
                     "declining a task offer: the device is not eligible now"
+                );
+                self.abandon(
+                    offer.round_id,
+                    AbandonReason::Declined,
+                    "the device's policy says not now".into(),
                 );
                 self.request_deadline = None;
                 self.phase = Phase::Held;
@@ -347,6 +364,16 @@ impl DeviceSession {
         self.failed = true;
         self.transmit.clear();
         self.events.push_back(DeviceEvent::Failed { reason });
+    }
+
+    /// Tell the aggregator this device gives up its task for `round_id`,
+    /// so the round need not wait for it.
+    pub(super) fn abandon(&mut self, round_id: u64, reason: AbandonReason, detail: String) {
+        self.transmit.push_back(DeviceMsg::TaskAbandoned {
+            round_id,
+            reason,
+            detail,
+        });
     }
 
     fn model_matches_offer(&self) -> bool {

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fedge_proto::codec::CodecSpec;
-use fedge_proto::msg::UploadBegin;
+use fedge_proto::msg::{AbandonReason, UploadBegin};
 use fedge_proto::sign::UpdateManifest;
 use fedge_proto::{DeviceMsg, RejectCode};
 
@@ -34,12 +34,21 @@ impl DeviceSession {
         let late = self
             .offer_received
             .is_some_and(|t| now >= t + Duration::from_millis(offer.deadline_ms));
-        if late || out.delta.iter().any(|v| !v.is_finite()) || out.sample_count == 0 {
+        let diverged = out.delta.iter().any(|v| !v.is_finite());
+        if late || diverged || out.sample_count == 0 {
             let reason = if late {
                 "training finished after the round's deadline; update not sent"
             } else {
                 "training produced no usable update (non-finite values or no samples)"
             };
+            if !late {
+                let why = if diverged {
+                    AbandonReason::Diverged
+                } else {
+                    AbandonReason::Failed
+                };
+                self.abandon(offer.round_id, why, reason.into());
+            }
             self.events.push_back(DeviceEvent::Rejected {
                 code: if late {
                     RejectCode::DeadlinePassed
@@ -54,9 +63,11 @@ impl DeviceSession {
         let spec = match CodecSpec::parse(&offer.plan.codec) {
             Ok(s) => s,
             Err(e) => {
+                let detail = format!("the plan's codec is not understood: {e}");
+                self.abandon(offer.round_id, AbandonReason::Failed, detail.clone());
                 self.events.push_back(DeviceEvent::Rejected {
                     code: RejectCode::Malformed,
-                    detail: format!("the plan's codec is not understood: {e}"),
+                    detail,
                 });
                 self.after_round(now);
                 return;
@@ -71,9 +82,11 @@ impl DeviceSession {
         ) {
             Ok(p) => p,
             Err(e) => {
+                let detail = format!("update not encodable: {e}");
+                self.abandon(offer.round_id, AbandonReason::Failed, detail.clone());
                 self.events.push_back(DeviceEvent::Rejected {
                     code: RejectCode::NonFinite,
-                    detail: format!("update not encodable: {e}"),
+                    detail,
                 });
                 self.after_round(now);
                 return;
@@ -90,6 +103,7 @@ impl DeviceSession {
             sample_count: out.sample_count,
             metrics: out.metrics,
             device_public_key: self.key.verifying_key(),
+            federation_id: self.federation_id,
         };
         let signature = manifest.sign(&self.key);
         self.upload = Some(PendingUpload {
@@ -105,12 +119,18 @@ impl DeviceSession {
         }
     }
 
-    /// Local training failed (diverged, out of memory, ...): give up this
-    /// round's task and ask for another later; the device stays in the
-    /// federation.
-    pub fn handle_training_failed(&mut self, now: Instant) {
+    /// Local training failed (out of memory, a bad model, ...): tell the
+    /// aggregator the task is given up (so the round need not wait for
+    /// it), and ask for another later; the device stays in the federation.
+    pub fn handle_training_failed(&mut self, now: Instant, detail: String) {
         if self.phase != Phase::Training && !matches!(self.phase, Phase::Disconnected { .. }) {
             return;
+        }
+        if let Some(offer) = &self.offer
+            && self.phase == Phase::Training
+        {
+            let round_id = offer.round_id;
+            self.abandon(round_id, AbandonReason::Failed, detail);
         }
         self.retry_later(now);
     }

@@ -669,7 +669,9 @@ public protocol DeviceProtocol: AnyObject, Sendable {
      * `randk:0.05+f16+zstd`). With `error_feedback`, what the codec drops
      * is kept in the data directory and added to the next update (the same
      * residual `run_rounds` keeps). The codec's randomness is seeded per
-     * device and round.
+     * device and round. The update names no federation (an all-zero
+     * federation id), so a fedge aggregator refuses it: updates for one
+     * come from `run_rounds`, which signs for the federation it joined.
      */
     func makeUpdate(codec: String, roundId: UInt64, errorFeedback: Bool) async throws  -> SignedUpdate
     
@@ -850,7 +852,9 @@ open func loadZooModel(name: String)async throws  -> ModelInfo  {
      * `randk:0.05+f16+zstd`). With `error_feedback`, what the codec drops
      * is kept in the data directory and added to the next update (the same
      * residual `run_rounds` keeps). The codec's randomness is seeded per
-     * device and round.
+     * device and round. The update names no federation (an all-zero
+     * federation id), so a fedge aggregator refuses it: updates for one
+     * come from `run_rounds`, which signs for the federation it joined.
      */
 open func makeUpdate(codec: String, roundId: UInt64, errorFeedback: Bool)async throws  -> SignedUpdate  {
     return
@@ -2316,7 +2320,7 @@ private let initializationResult: InitializationResult = {
     if (uniffi_fedge_ffi_checksum_method_device_load_zoo_model() != 9712) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_fedge_ffi_checksum_method_device_make_update() != 43416) {
+    if (uniffi_fedge_ffi_checksum_method_device_make_update() != 5885) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_fedge_ffi_checksum_method_device_model_info() != 39906) {

@@ -388,7 +388,9 @@ impl Device {
     /// `randk:0.05+f16+zstd`). With `error_feedback`, what the codec drops
     /// is kept in the data directory and added to the next update (the same
     /// residual `run_rounds` keeps). The codec's randomness is seeded per
-    /// device and round.
+    /// device and round. The update names no federation (an all-zero
+    /// federation id), so a fedge aggregator refuses it: updates for one
+    /// come from `run_rounds`, which signs for the federation it joined.
     pub async fn make_update(
         &self,
         codec: String,

@@ -22,7 +22,6 @@ pub(super) fn driver_error(e: DriverError) -> FedgeError {
     let detail = e.to_string();
     match e {
         DriverError::Persist { .. } => FedgeError::Storage { detail },
-        DriverError::Training(_) => FedgeError::Training { detail },
         _ => FedgeError::Network { detail },
     }
 }

@@ -60,6 +60,8 @@ impl Loaded {
                 .map(|l| vec![("train_loss".to_string(), l)])
                 .unwrap_or_default(),
             device_public_key: key.verifying_key(),
+            // Not bound to a federation: the app carries the update itself.
+            federation_id: [0; 32],
         };
         let signature = manifest.sign(key);
         Ok(SignedUpdate {

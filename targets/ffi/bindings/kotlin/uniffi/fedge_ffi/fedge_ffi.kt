@@ -888,7 +888,7 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_fedge_ffi_checksum_method_device_load_zoo_model() and 0xFFFF) != 9712) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_fedge_ffi_checksum_method_device_make_update() and 0xFFFF) != 43416) {
+    if ((lib.uniffi_fedge_ffi_checksum_method_device_make_update() and 0xFFFF) != 5885) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_fedge_ffi_checksum_method_device_model_info() and 0xFFFF) != 39906) {
@@ -1452,7 +1452,9 @@ public interface DeviceInterface {
      * `randk:0.05+f16+zstd`). With `error_feedback`, what the codec drops
      * is kept in the data directory and added to the next update (the same
      * residual `run_rounds` keeps). The codec's randomness is seeded per
-     * device and round.
+     * device and round. The update names no federation (an all-zero
+     * federation id), so a fedge aggregator refuses it: updates for one
+     * come from `run_rounds`, which signs for the federation it joined.
      */
     suspend fun `makeUpdate`(`codec`: kotlin.String, `roundId`: kotlin.ULong, `errorFeedback`: kotlin.Boolean): SignedUpdate
     
@@ -1702,7 +1704,9 @@ open class Device: Disposable, AutoCloseable, DeviceInterface
      * `randk:0.05+f16+zstd`). With `error_feedback`, what the codec drops
      * is kept in the data directory and added to the next update (the same
      * residual `run_rounds` keeps). The codec's randomness is seeded per
-     * device and round.
+     * device and round. The update names no federation (an all-zero
+     * federation id), so a fedge aggregator refuses it: updates for one
+     * come from `run_rounds`, which signs for the federation it joined.
      */
     @Throws(FedgeException::class)
     @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
