@@ -15,13 +15,16 @@
 # wall time. A cell whose federation stalled (every device gave up
 # training a poisoned model) shows its last published accuracy and
 # "stalled at round N". DEADLINE_MS (default 5000) bounds each round;
-# ROUNDS (default 10) the run.
+# ROUNDS (default 10) the run; WINDOW_MS (default 600: every device paced
+# away comes back within 600 ms) is each round's check-in window
+# (serve's default, 2000, would add over a second to every round).
 #
 # `ci/attack-table.sh figures [OUT]` instead runs the issue's figures (20
 # honest devices, 20 rounds, seed 1, equal stakes, rounds of at most
 # DEADLINE_MS, default 10000): clean and 1-of-20 liar runs on serve's old
-# and new defaults, and 13 slot-hogging keys beside the 20 honest devices;
-# it writes OUT/figures.md (default attack-table/).
+# and new defaults, and 13 slot-hogging keys beside the 20 honest devices,
+# with serve's check-in window unless WINDOW_MS is set; it writes
+# OUT/figures.md (default attack-table/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fedge/target}"
@@ -66,7 +69,8 @@ cell() {
     local stakes="$1" agg="$2" attack="$3" work="$tmp/cell"
     rm -rf "$work"
     local args=(--defaults serve --stakes "$stakes" --codec q8 --rounds "$rounds"
-        --round-deadline-ms "$deadline" --seed 1 --out-dir "$work")
+        --round-deadline-ms "$deadline" --selection-window-ms "${WINDOW_MS:-600}"
+        --seed 1 --out-dir "$work")
     [ "$agg" = serve ] || args+=(--aggregator "$agg")
     if [ "$attack" = none ]; then
         args+=(--attackers 0)
@@ -128,7 +132,9 @@ figure() {
     shift 2
     rm -rf "$work"
     local t0=$SECONDS
-    "$bin" simulate --rounds 20 --seed 1 --stakes uniform \
+    local window=()
+    [ -z "${WINDOW_MS:-}" ] || window=(--selection-window-ms "$WINDOW_MS")
+    "$bin" simulate --rounds 20 --seed 1 --stakes uniform "${window[@]}" \
         --round-deadline-ms "${DEADLINE_MS:-10000}" "$@" --out-dir "$work" \
         > "$out/figure-$name.log" 2>&1 || true
     python3 - "$work/results.json" "$what" "$((SECONDS - t0))" <<'EOF'

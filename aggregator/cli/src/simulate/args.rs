@@ -50,6 +50,11 @@ pub struct SimConfig {
     /// Updates with a larger L2 norm are refused (None: no bound).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub update_norm_max: Option<f64>,
+    /// Check-in window at a round's opening, in ms: the selected devices
+    /// are drawn among those that asked during it (None: serve's default;
+    /// 0: first come, first served).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub selection_window_ms: Option<u64>,
     /// Fraction of devices that attack (the last ones by index).
     pub attackers: f64,
     /// Attacking devices added beyond the honest fleet (their own keys;
@@ -165,6 +170,7 @@ impl Default for SimConfig {
             seed: 1,
             min_devices: None,
             update_norm_max: None,
+            selection_window_ms: None,
             attackers: 0.0,
             attacker_devices: 0,
             attacker_stake: None,
@@ -235,6 +241,11 @@ pub struct SimArgs {
     /// Refuse updates with a larger L2 norm.
     #[arg(long)]
     update_norm_max: Option<f64>,
+    /// Check-in window at a round's opening, in ms: selected devices are
+    /// drawn among those that asked during it (default: serve's; 0: first
+    /// come, first served).
+    #[arg(long)]
+    selection_window_ms: Option<u64>,
     /// Fraction of devices that attack (the last ones by index), e.g. 0.2.
     #[arg(long)]
     attackers: Option<f64>,
@@ -394,6 +405,9 @@ impl SimConfig {
         }
         if a.update_norm_max.is_some() {
             c.update_norm_max = a.update_norm_max;
+        }
+        if a.selection_window_ms.is_some() {
+            c.selection_window_ms = a.selection_window_ms;
         }
         if a.attacker_stake.is_some() {
             c.attacker_stake = a.attacker_stake;

@@ -192,6 +192,9 @@ fn aggregator_config(c: &SimConfig, stake_file: std::path::PathBuf) -> Aggregato
             min_devices: c.min_devices.unwrap_or((c.devices_per_round / 2).max(1)),
             round_deadline_ms: c.round_deadline_ms,
             retry_window_ms: [200, 600],
+            selection_window_ms: c
+                .selection_window_ms
+                .unwrap_or(d.rounds.selection_window_ms),
             ..d.rounds
         },
         plan: PlanConfig {
