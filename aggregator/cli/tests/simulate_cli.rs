@@ -47,3 +47,199 @@ fn a_short_simulation_improves_held_out_accuracy() {
     let png = std::fs::read(dir.path().join("accuracy.png")).unwrap();
     assert!(png.starts_with(b"\x89PNG"), "a PNG plot");
 }
+
+/// `simulate` with `args`, its output and exit status (no backtraces:
+/// a user sees the error, not a trace).
+fn simulate(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fedge-aggregator"))
+        .arg("simulate")
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn red_team_flags_are_checked_before_anything_runs() {
+    for (args, needle) in [
+        (
+            &["--attack", "bogus"][..],
+            "attack `bogus`: use sign-flip, scaling, gaussian, label-flip, alie, zero, hog, replay or liar",
+        ),
+        (
+            &["--defaults", "secure"],
+            "defaults `secure`: use simulate, serve or legacy",
+        ),
+        (
+            &["--claim-samples", "0"],
+            "claim_samples must be at least 1",
+        ),
+        (&["--attack-scale", "inf"], "attack_scale must be finite"),
+        (&["--attacker-stake=-1"], "attacker_stake must be >= 0"),
+        (&["--attackers", "1.5"], "attackers must be in [0, 1)"),
+        (
+            &["--min-devices", "11", "--devices-per-round", "10"],
+            "min_devices must be in [1, devices_per_round = 10], got 11",
+        ),
+        (&["--claim-samples", "lots"], "invalid value 'lots'"),
+    ] {
+        let (ok, _, stderr) = simulate(args);
+        assert!(!ok, "{args:?} ran");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn presets_set_the_weighting_the_other_flags_then_override() {
+    let (ok, serve, err) = simulate(&["--defaults", "serve", "--print-config"]);
+    assert!(ok, "{err}");
+    for needle in [
+        "min_devices = 2",
+        "max_share = 0.2",
+        "allow_unknown = false",
+        "kind = \"trimmed_mean\"",
+        "kind = \"adaptive_median\"",
+        "kind = \"capped\"",
+    ] {
+        assert!(
+            serve.contains(needle),
+            "serve preset lacks {needle}:\n{serve}"
+        );
+    }
+    let (ok, legacy, err) = simulate(&[
+        "--defaults",
+        "legacy",
+        "--attackers",
+        "0.05",
+        "--attack",
+        "liar",
+        "--claim-samples",
+        "5000",
+        "--attacker-devices",
+        "3",
+        "--print-config",
+    ]);
+    assert!(ok, "{err}");
+    for needle in [
+        "min_devices = 1",
+        "max_share = 1.0",
+        "allow_unknown = true",
+        "kind = \"constant\"",
+        "kind = \"linear\"",
+        "kind = \"mean\"",
+        "attack = \"liar\"",
+        "claim_samples = 5000",
+        "attacker_devices = 3",
+    ] {
+        assert!(
+            legacy.contains(needle),
+            "legacy preset lacks {needle}:\n{legacy}"
+        );
+    }
+    assert!(!legacy.contains("[strategy.clip]"), "{legacy}");
+    // A flag after the preset wins.
+    let (ok, mixed, err) = simulate(&[
+        "--defaults",
+        "serve",
+        "--aggregator",
+        "median",
+        "--min-devices",
+        "3",
+        "--print-config",
+    ]);
+    assert!(ok, "{err}");
+    assert!(mixed.contains("kind = \"median\""), "{mixed}");
+    assert!(mixed.contains("min_devices = 3"), "{mixed}");
+    assert!(mixed.contains("max_share = 0.2"), "{mixed}");
+}
+
+/// The liar (10^12 samples claimed, update sign-flipped x10)
+/// against `serve`'s defaults: every round publishes and the model still
+/// learns.
+#[test]
+fn a_liar_does_not_stop_serve_defaults_from_learning() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().to_str().unwrap();
+    let (ok, stdout, stderr) = simulate(&[
+        "--defaults",
+        "serve",
+        "--devices",
+        "6",
+        "--devices-per-round",
+        "3",
+        "--rounds",
+        "4",
+        "--codec",
+        "q8",
+        "--stakes",
+        "uniform",
+        "--attackers",
+        "0.17",
+        "--attack",
+        "liar",
+        "--round-deadline-ms",
+        "4000",
+        "--out-dir",
+        out_dir,
+    ]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(stdout.contains("1 of 6 devices attack"), "{stdout}");
+    assert!(
+        stdout.contains("attack: liar, update x10, claiming 1000000000000 samples"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("serve would refuse"), "{stdout}");
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("results.json")).unwrap()).unwrap();
+    assert_eq!(results["rounds_aborted"].as_array().unwrap().len(), 0);
+    assert_eq!(results["stalled"].as_bool(), Some(false));
+    let initial = results["initial"]["accuracy"].as_f64().unwrap();
+    let last = results["final_accuracy"].as_f64().unwrap();
+    assert!(last > initial + 0.3, "accuracy {initial} -> {last}");
+}
+
+/// Two staked keys that take tasks and never upload, beside six honest
+/// devices: the run finishes, the hogs are stopped at the end, and no
+/// honest session fails.
+#[test]
+fn slot_hogs_run_and_are_stopped_at_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, stdout, stderr) = simulate(&[
+        "--devices",
+        "6",
+        "--devices-per-round",
+        "3",
+        "--min-devices",
+        "1",
+        "--rounds",
+        "2",
+        "--codec",
+        "q8",
+        "--attacker-devices",
+        "2",
+        "--attacker-stake",
+        "1",
+        "--attack",
+        "hog",
+        "--round-deadline-ms",
+        "3000",
+        "--out-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("2 attacking devices added beyond them (stake 1 each)"),
+        "{stdout}"
+    );
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("results.json")).unwrap()).unwrap();
+    assert_eq!(results["failed_sessions"].as_u64(), Some(0), "{stdout}");
+    assert_eq!(results["rounds_published"].as_u64(), Some(2), "{stdout}");
+}

@@ -9,7 +9,7 @@ use fedge_aggregator::strategy::{ServerOpt, StrategyConfig};
 use fedge_aggregator::weighting::{Transform, WeightPolicy};
 use serde::{Deserialize, Serialize};
 
-use super::fleet::Attack;
+use super::fleet::AttackPlan;
 
 /// A simulation, as written in TOML (every field has a default; flags
 /// override the file).
@@ -43,10 +43,39 @@ pub struct SimConfig {
     pub held_out: usize,
     pub round_deadline_ms: u64,
     pub seed: u64,
+    /// Fewest accepted updates for a round to publish at its deadline
+    /// (None: half of `devices_per_round`, at least 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_devices: Option<usize>,
+    /// Updates with a larger L2 norm are refused (None: no bound).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub update_norm_max: Option<f64>,
+    /// Check-in window at a round's opening, in ms: the selected devices
+    /// are drawn among those that asked during it (None: serve's default;
+    /// 0: first come, first served).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub selection_window_ms: Option<u64>,
     /// Fraction of devices that attack (the last ones by index).
     pub attackers: f64,
-    /// sign-flip, scaling, gaussian, label-flip or alie.
+    /// Attacking devices added beyond the honest fleet (their own keys;
+    /// each trains on a copy of an honest device's shard).
+    pub attacker_devices: usize,
+    /// The stake registered for each added attacker key (None: not in the
+    /// registry, a fresh key with no stake).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attacker_stake: Option<f64>,
+    /// What attackers do (see [`Attack`]): sign-flip, scaling, gaussian,
+    /// label-flip, alie, zero, hog, replay, or liar (sign-flip x10
+    /// claiming 10^12 samples).
     pub attack: String,
+    /// Attackers multiply their corrupted update by this (None: 1, or 10
+    /// for `liar`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attack_scale: Option<f32>,
+    /// Attackers claim this many samples in their signed manifest (None:
+    /// their honest count, or 10^12 for `liar`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub claim_samples: Option<u64>,
     /// Device heterogeneity (simulated by delays around real training).
     pub heterogeneity: Heterogeneity,
     /// Where results.json goes.
@@ -139,8 +168,15 @@ impl Default for SimConfig {
             held_out: 2000,
             round_deadline_ms: 30_000,
             seed: 1,
+            min_devices: None,
+            update_norm_max: None,
+            selection_window_ms: None,
             attackers: 0.0,
+            attacker_devices: 0,
+            attacker_stake: None,
             attack: "sign-flip".into(),
+            attack_scale: None,
+            claim_samples: None,
             heterogeneity: Heterogeneity::default(),
             out_dir: PathBuf::from("results"),
         }
@@ -198,21 +234,70 @@ pub struct SimArgs {
     learning_rate: Option<f32>,
     #[arg(long)]
     seed: Option<u64>,
-    /// Fraction of devices that attack, e.g. 0.2.
+    /// Fewest accepted updates for a round to publish at its deadline
+    /// (default: half of --devices-per-round).
+    #[arg(long)]
+    min_devices: Option<usize>,
+    /// Refuse updates with a larger L2 norm.
+    #[arg(long)]
+    update_norm_max: Option<f64>,
+    /// Check-in window at a round's opening, in ms: selected devices are
+    /// drawn among those that asked during it (default: serve's; 0: first
+    /// come, first served).
+    #[arg(long)]
+    selection_window_ms: Option<u64>,
+    /// Fraction of devices that attack (the last ones by index), e.g. 0.2.
     #[arg(long)]
     attackers: Option<f64>,
+    /// Attacking devices added beyond the honest fleet, e.g. 13 hogs
+    /// against 20 honest devices: `--attacker-devices 13 --attack hog`.
+    /// Each has its own key and trains on a copy of an honest shard.
+    #[arg(long)]
+    attacker_devices: Option<usize>,
+    /// Stake registered for each added attacker key (default: none, a
+    /// fresh key missing from the stake registry).
+    #[arg(long)]
+    attacker_stake: Option<f64>,
+    /// Attackers multiply their corrupted update by this (default 1; 10
+    /// for `liar`): `--attack sign-flip --attack-scale 10`.
+    #[arg(long)]
+    attack_scale: Option<f32>,
+    /// Attackers claim N samples in their signed manifest instead of
+    /// their honest count (the sample-count lie; composes with every
+    /// attack), e.g. 1000000000000.
+    #[arg(long, value_name = "N")]
+    claim_samples: Option<u64>,
     /// Stake distribution: uniform or zipf:S.
     #[arg(long)]
     stakes: Option<String>,
     /// Time from a round's first selection to its deadline, in ms.
     #[arg(long)]
     round_deadline_ms: Option<u64>,
-    /// sign-flip, scaling, gaussian, label-flip or alie.
+    /// What attackers do: sign-flip (negated update), scaling (x10),
+    /// gaussian (noise, sigma 0.5), label-flip (train on flipped labels),
+    /// alie ("a little is enough"), zero (an all-zero update), hog (take
+    /// every task offered, download, never upload: the slot is held until
+    /// the round's deadline), replay (re-send the update of the first task
+    /// in every later task), or liar (sign-flip x10 claiming 10^12
+    /// samples; --attack-scale and --claim-samples override either).
     #[arg(long)]
     attack: Option<String>,
-    /// Robust aggregation: mean, median, trimmed-mean, multi-krum, centered-clipping, clip.
+    /// Robust aggregation, replacing the preset's combiner and clipping:
+    /// mean, median, trimmed-mean, multi-krum, centered-clipping, clip
+    /// (adaptive norm clipping + mean).
     #[arg(long)]
     aggregator: Option<String>,
+    /// Aggregator weighting and robustness preset, applied before the
+    /// other flags: `simulate` (this command's defaults: sqrt stake,
+    /// samples linear, 25% share cap, plain mean, min_devices half a
+    /// round), `serve` (exactly `fedge-aggregator serve`'s open-network
+    /// defaults: sqrt stake, samples counted up to 1000, 20% share cap,
+    /// no weight for unknown keys, adaptive clipping, 20% trimmed mean,
+    /// min_devices 2) or `legacy` (serve's defaults before they were made
+    /// safe: constant stake, samples linear, no share cap, unknown keys
+    /// allowed, plain mean, no norm bound, min_devices 1).
+    #[arg(long, value_name = "PRESET")]
+    defaults: Option<String>,
     /// Directory for results.json.
     #[arg(long)]
     out_dir: Option<PathBuf>,
@@ -226,6 +311,9 @@ impl SimConfig {
     /// flags applied, checked as far as `--print-config` needs.
     pub fn from_args(a: &SimArgs) -> anyhow::Result<Self> {
         let mut c = Self::load(a.config.as_deref())?;
+        if let Some(p) = &a.defaults {
+            c.apply_preset(p)?;
+        }
         c.apply_flags(a);
         if let Some(s) = &a.strategy {
             c.apply_strategy(s)?;
@@ -236,10 +324,42 @@ impl SimConfig {
         }
         anyhow::ensure!(
             (0.0..1.0).contains(&c.attackers),
-            "attackers must be in [0, 1)"
+            "attackers must be in [0, 1), got {}",
+            c.attackers
         );
-        Attack::parse(&c.attack)?;
+        AttackPlan::of(&c)?;
         Ok(c)
+    }
+
+    /// `--defaults`: the aggregator's weighting, combiner, clipping, norm
+    /// bound and round minimum as a preset names them.
+    fn apply_preset(&mut self, preset: &str) -> anyhow::Result<()> {
+        match preset {
+            "simulate" => {
+                let d = SimConfig::default();
+                self.weights = d.weights;
+                self.strategy = d.strategy;
+                self.min_devices = d.min_devices;
+                self.update_norm_max = d.update_norm_max;
+            }
+            "serve" => {
+                let d = fedge_aggregator::config::AggregatorConfig::default();
+                self.weights = d.weights;
+                self.strategy = d.strategy;
+                self.min_devices = Some(d.rounds.min_devices);
+                self.update_norm_max = d.update_norm_max;
+            }
+            "legacy" => {
+                // What `serve` ran with before its open-network defaults:
+                // the library's permissive defaults.
+                self.weights = WeightPolicy::default();
+                self.strategy = StrategyConfig::default();
+                self.min_devices = Some(1);
+                self.update_norm_max = None;
+            }
+            other => anyhow::bail!("defaults `{other}`: use simulate, serve or legacy"),
+        }
+        Ok(())
     }
 
     /// The TOML file at `path`, or the defaults.
@@ -274,11 +394,30 @@ impl SimConfig {
             learning_rate,
             seed,
             attackers,
+            attacker_devices,
             attack,
             stakes,
             round_deadline_ms,
             out_dir
         );
+        if a.min_devices.is_some() {
+            c.min_devices = a.min_devices;
+        }
+        if a.update_norm_max.is_some() {
+            c.update_norm_max = a.update_norm_max;
+        }
+        if a.selection_window_ms.is_some() {
+            c.selection_window_ms = a.selection_window_ms;
+        }
+        if a.attacker_stake.is_some() {
+            c.attacker_stake = a.attacker_stake;
+        }
+        if a.attack_scale.is_some() {
+            c.attack_scale = a.attack_scale;
+        }
+        if a.claim_samples.is_some() {
+            c.claim_samples = a.claim_samples;
+        }
         if let Some(v) = a.speed_factors.clone() {
             c.heterogeneity.speed_factors = v;
         }
@@ -347,6 +486,13 @@ impl SimConfig {
             self.devices_per_round,
             self.devices
         );
+        if let Some(m) = self.min_devices {
+            anyhow::ensure!(
+                (1..=self.devices_per_round).contains(&m),
+                "min_devices must be in [1, devices_per_round = {}], got {m}",
+                self.devices_per_round
+            );
+        }
         fedge_proto::codec::CodecSpec::parse(&self.codec)
             .with_context(|| format!("codec `{}`", self.codec))?;
         Ok(())

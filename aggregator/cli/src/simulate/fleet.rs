@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,23 +23,31 @@ use tokio::task::JoinHandle;
 
 use super::args::SimConfig;
 
-/// A running device: its driver task.
-pub type Device = JoinHandle<Result<DeviceReport, DriverError>>;
+/// A running device: its driver task, and whether it attacks.
+pub struct Device {
+    pub task: JoinHandle<Result<DeviceReport, DriverError>>,
+    pub attacker: bool,
+}
 
-/// Every device's signing key, derived from the simulation's seed.
+/// Every device's signing key, derived from the simulation's seed: the
+/// fleet's `devices`, then the `attacker_devices` added beyond it.
 pub fn device_keys(c: &SimConfig) -> Vec<SigningKey> {
-    (0..c.devices)
-        .map(|i| {
-            let seed = blake3::hash(format!("fedge-sim-device-{}-{i}", c.seed).as_bytes());
-            SigningKey::from_bytes(seed.as_bytes())
-        })
+    let fleet = (0..c.devices).map(|i| format!("fedge-sim-device-{}-{i}", c.seed));
+    let added = (0..c.attacker_devices).map(|j| format!("fedge-sim-attacker-{}-{j}", c.seed));
+    fleet
+        .chain(added)
+        .map(|name| SigningKey::from_bytes(blake3::hash(name.as_bytes()).as_bytes()))
         .collect()
 }
 
 /// Write the stake registry (`stakes.txt` in `dir`: one `KEY STAKE` line
-/// per device) and return its path.
+/// per device; added attackers only with `attacker_stake`) and return
+/// its path.
 pub fn write_stake_file(c: &SimConfig, keys: &[SigningKey], dir: &Path) -> anyhow::Result<PathBuf> {
-    let stake_values = stakes(&c.stakes, c.devices)?;
+    let mut stake_values = stakes(&c.stakes, c.devices)?;
+    if let Some(s) = c.attacker_stake {
+        stake_values.extend(std::iter::repeat_n(s, c.attacker_devices));
+    }
     let stake_file = dir.join("stakes.txt");
     let lines: String = keys
         .iter()
@@ -60,7 +69,8 @@ fn stakes(spec: &str, n: usize) -> anyhow::Result<Vec<f64>> {
     }
 }
 
-/// How many devices attack (the last ones by index).
+/// How many of the fleet's devices attack (the last ones by index); the
+/// `attacker_devices` added beyond the fleet attack too.
 pub fn attacker_count(c: &SimConfig) -> usize {
     ((c.devices as f64) * c.attackers).round() as usize
 }
@@ -70,6 +80,7 @@ pub fn attacker_count(c: &SimConfig) -> usize {
 /// `train`.
 pub fn spawn_devices(
     c: &SimConfig,
+    closed: &ClosedRounds,
     keys: Vec<SigningKey>,
     train: &Dataset,
     shards: &[Vec<usize>],
@@ -77,9 +88,11 @@ pub fn spawn_devices(
     fp: [u8; 32],
 ) -> anyhow::Result<Vec<Device>> {
     let n_attackers = attacker_count(c);
-    let attack = Attack::parse(&c.attack)?;
+    let attack = AttackPlan::of(c)?;
     let colluders: Colluders = Default::default();
     let mut devices = Vec::new();
+    // An added attacker trains on a copy of an honest device's shard.
+    let shards = shards.iter().cycle();
     for (i, (key, shard)) in keys.into_iter().zip(shards).enumerate() {
         let cfg = DriverConfig {
             session: SessionConfig {
@@ -91,8 +104,11 @@ pub fn spawn_devices(
             ..DriverConfig::new(addr, Trust::Pinned(fp))
         };
         let malicious = (i >= c.devices - n_attackers).then_some(attack);
-        let trainer = device_trainer(c, i, train.subset(shard), malicious, &colluders);
-        devices.push(tokio::spawn(run_device(cfg, key, trainer)));
+        let trainer = device_trainer(c, i, train.subset(shard), malicious, &colluders, closed);
+        devices.push(Device {
+            task: tokio::spawn(run_device(cfg, key, trainer)),
+            attacker: malicious.is_some(),
+        });
     }
     Ok(devices)
 }
@@ -103,10 +119,11 @@ fn device_trainer(
     c: &SimConfig,
     i: usize,
     mut local: Dataset,
-    malicious: Option<Attack>,
+    malicious: Option<AttackPlan>,
     colluders: &Colluders,
+    closed: &ClosedRounds,
 ) -> Box<dyn Trainer> {
-    if malicious == Some(Attack::LabelFlip) {
+    if malicious.is_some_and(|a| a.kind == Attack::LabelFlip) {
         let k = local.classes as i64;
         for l in &mut local.labels {
             *l = k - 1 - *l;
@@ -114,13 +131,18 @@ fn device_trainer(
     }
     let honest = OnnxTrainer::new(local, c.seed.wrapping_add(i as u64));
     let mut trainer: Box<dyn Trainer> = match malicious {
-        Some(attack) if attack != Attack::LabelFlip => Box::new(Attacker {
+        Some(plan) if plan.kind == Attack::Hog => Box::new(Hog {
+            hold: Duration::from_millis(c.round_deadline_ms) + HOG_MARGIN,
+            closed: Arc::clone(closed),
+        }),
+        Some(plan) => Box::new(Attacker {
             inner: honest,
-            attack,
+            plan,
             seed: c.seed.wrapping_add(1000 + i as u64),
             colluders: Arc::clone(colluders),
+            first: None,
         }),
-        _ => Box::new(honest),
+        None => Box::new(honest),
     };
     if !c.heterogeneity.is_uniform() {
         let h = &c.heterogeneity;
@@ -136,23 +158,44 @@ fn device_trainer(
     trainer
 }
 
-/// Wait for every device to fetch the final model and leave, with one
-/// 60 s deadline for all; returns how many did not finish cleanly.
-pub async fn join_devices(devices: Vec<Device>) -> usize {
-    let mut failed = 0;
-    // One deadline for all devices to fetch the final model and leave.
+/// What became of the devices once the rounds were over.
+pub struct Joined {
+    /// Honest devices that did not finish cleanly.
+    pub failed: usize,
+    /// Attackers still running when the honest devices were done (a key
+    /// refused a task is paced away for minutes): stopped.
+    pub attackers_stopped: usize,
+}
+
+/// Wait for every honest device to fetch the final model and leave, with
+/// one 60 s deadline for all, then give the attackers a second more and
+/// stop the ones still running.
+pub async fn join_devices(devices: Vec<Device>) -> Joined {
+    let (attackers, honest): (Vec<_>, Vec<_>) = devices.into_iter().partition(|d| d.attacker);
+    let mut joined = Joined {
+        failed: 0,
+        attackers_stopped: 0,
+    };
     let until = tokio::time::Instant::now() + Duration::from_secs(60);
-    for d in devices {
-        match tokio::time::timeout_at(until, d).await {
+    for d in honest {
+        match tokio::time::timeout_at(until, d.task).await {
             Ok(Ok(Ok(_))) => {}
             Ok(other) => {
-                failed += 1;
+                joined.failed += 1;
                 tracing::warn!(?other, "a device did not finish cleanly");
             }
-            Err(_) => failed += 1, // still running at the deadline: dropped
+            Err(_) => joined.failed += 1, // still running at the deadline: dropped
         }
     }
-    failed
+    let until = tokio::time::Instant::now() + Duration::from_secs(1);
+    for d in attackers {
+        let abort = d.task.abort_handle();
+        if tokio::time::timeout_at(until, d.task).await.is_err() {
+            abort.abort();
+            joined.attackers_stopped += 1;
+        }
+    }
+    joined
 }
 
 /// Attacks a malicious device runs on its update.
@@ -169,22 +212,112 @@ pub enum Attack {
     /// "A little is enough" (Baruch et al. 2019): mean - z x std of the
     /// colluders' honest updates, coordinate-wise (z = 1).
     Alie,
+    /// Send an all-zero update every round (a free rider, and a model
+    /// that does not move).
+    Zero,
+    /// Slot hogging: take every task offered, download the model, never
+    /// upload. The trainer holds the task past the round's deadline
+    /// without training, so the session keeps its slot the whole round.
+    Hog,
+    /// Re-send the update of the device's first task in every later task
+    /// (freshly signed for the new round: a stale update, not a replayed
+    /// signature; replaying the signed upload itself is the QUIC tests').
+    Replay,
 }
 
+/// The liar: claims 10^12 samples and sends its update
+/// sign-flipped x10.
+const LIAR_SAMPLES: u64 = 1_000_000_000_000;
+const LIAR_SCALE: f32 = 10.0;
+
 impl Attack {
+    pub const NAMES: &str =
+        "sign-flip, scaling, gaussian, label-flip, alie, zero, hog, replay or liar";
+
+    /// An attack by name (`liar` is sign-flip; see [`AttackPlan::of`]).
     pub fn parse(s: &str) -> anyhow::Result<Self> {
         Ok(match s {
-            "sign-flip" => Attack::SignFlip,
+            "sign-flip" | "liar" => Attack::SignFlip,
             "scaling" => Attack::Scaling,
             "gaussian" => Attack::Gaussian,
             "label-flip" => Attack::LabelFlip,
             "alie" => Attack::Alie,
-            o => {
-                anyhow::bail!("attack `{o}`: use sign-flip, scaling, gaussian, label-flip or alie")
-            }
+            "zero" => Attack::Zero,
+            "hog" => Attack::Hog,
+            "replay" => Attack::Replay,
+            o => anyhow::bail!("attack `{o}`: use {}", Attack::NAMES),
         })
     }
 }
+
+/// What every attacker of a simulation does: the attack, a factor on the
+/// corrupted update, and the sample count it claims.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttackPlan {
+    pub kind: Attack,
+    pub scale: f32,
+    /// None: the honest count.
+    pub claim_samples: Option<u64>,
+}
+
+impl AttackPlan {
+    /// The configuration's attack: `liar` is sign-flip with scale 10 and a
+    /// claim of 10^12 samples unless `attack_scale` or `claim_samples`
+    /// say otherwise.
+    pub fn of(c: &SimConfig) -> anyhow::Result<Self> {
+        let kind = Attack::parse(&c.attack)?;
+        let liar = c.attack == "liar";
+        let plan = AttackPlan {
+            kind,
+            scale: c
+                .attack_scale
+                .unwrap_or(if liar { LIAR_SCALE } else { 1.0 }),
+            claim_samples: c.claim_samples.or(liar.then_some(LIAR_SAMPLES)),
+        };
+        anyhow::ensure!(
+            plan.scale.is_finite(),
+            "attack_scale must be finite, got {}",
+            plan.scale
+        );
+        anyhow::ensure!(
+            plan.claim_samples != Some(0),
+            "claim_samples must be at least 1 (a device never sends a 0-sample update)"
+        );
+        if let Some(s) = c.attacker_stake {
+            anyhow::ensure!(
+                s >= 0.0 && s.is_finite(),
+                "attacker_stake must be >= 0, got {s}"
+            );
+        }
+        anyhow::ensure!(
+            c.attacker_devices <= MAX_ADDED_ATTACKERS,
+            "attacker_devices must be at most {MAX_ADDED_ATTACKERS}, got {}",
+            c.attacker_devices
+        );
+        Ok(plan)
+    }
+
+    /// What the plan says, for the run's announcement.
+    pub fn describe(&self, name: &str) -> String {
+        let mut s = name.to_string();
+        if self.scale != 1.0 {
+            s += &format!(", update x{}", self.scale);
+        }
+        if let Some(n) = self.claim_samples {
+            s += &format!(", claiming {n} samples");
+        }
+        s
+    }
+}
+
+/// Added attacker devices a simulation may start (each is a full device
+/// stack in this process).
+const MAX_ADDED_ATTACKERS: usize = 10_000;
+
+/// How long past the round's deadline a hog holds its task at most.
+const HOG_MARGIN: Duration = Duration::from_millis(500);
+/// How often a hog looks whether its round has closed.
+const HOG_POLL: Duration = Duration::from_millis(10);
 
 /// A device of a given speed, link and reliability around a real trainer
 /// (see [`Heterogeneity`]). Runs on the driver's blocking thread, so its
@@ -230,12 +363,15 @@ impl Trainer for Profiled {
 /// Honest updates the colluding attackers have computed, by round.
 type Colluders = Arc<Mutex<HashMap<u64, Vec<Vec<f32>>>>>;
 
-/// A device that trains honestly and then corrupts its update.
+/// A device that trains honestly and then corrupts its update (and may
+/// lie about its sample count).
 struct Attacker {
     inner: OnnxTrainer,
-    attack: Attack,
+    plan: AttackPlan,
     seed: u64,
     colluders: Colluders,
+    /// The update of the first task, for [`Attack::Replay`].
+    first: Option<Vec<f32>>,
 }
 
 impl Trainer for Attacker {
@@ -248,7 +384,7 @@ impl Trainer for Attacker {
         use rand::SeedableRng;
         use rand_distr::Distribution;
         let mut out = self.inner.train(round_id, model, plan)?;
-        match self.attack {
+        match self.plan.kind {
             Attack::SignFlip => out.delta.iter_mut().for_each(|d| *d = -*d),
             Attack::Scaling => out.delta.iter_mut().for_each(|d| *d *= 10.0),
             Attack::Gaussian => {
@@ -272,7 +408,59 @@ impl Trainer for Attacker {
                     *d = mean - sd;
                 }
             }
+            Attack::Zero => out.delta.iter_mut().for_each(|d| *d = 0.0),
+            Attack::Replay => match &self.first {
+                Some(first) if first.len() == out.delta.len() => out.delta.clone_from(first),
+                _ => self.first = Some(out.delta.clone()),
+            },
+            Attack::Hog => unreachable!("a hog has its own trainer"),
+        }
+        if self.plan.scale != 1.0 {
+            let k = self.plan.scale;
+            out.delta.iter_mut().for_each(|d| *d *= k);
+        }
+        if let Some(n) = self.plan.claim_samples {
+            out.sample_count = n;
         }
         Ok(out)
+    }
+}
+
+/// The highest round id the aggregator has closed (published or
+/// aborted), as the simulation sees its events. Hogs read it: a real
+/// attacker learns the same by polling with a spare key or reading the
+/// aggregator's `/status`.
+pub type ClosedRounds = Arc<AtomicU64>;
+
+/// Slot hogging ([`Attack::Hog`]): holds every task it is given, without
+/// training, until its round has closed (or for `hold`, the round's
+/// deadline and a margin, at most), then returns an update that is not
+/// finite, which the session refuses to send. The session meanwhile keeps
+/// the task, so the aggregator counts the slot as taken; once the round is
+/// over the hog asks for the next task at once, first in line when the
+/// next round opens. Runs on the driver's blocking thread.
+struct Hog {
+    hold: Duration,
+    closed: ClosedRounds,
+}
+
+impl Trainer for Hog {
+    fn train(
+        &mut self,
+        round_id: u64,
+        model: &ModelBlob,
+        _plan: &TrainingPlan,
+    ) -> anyhow::Result<TrainOutput> {
+        let until = Instant::now() + self.hold;
+        while self.closed.load(Ordering::Acquire) < round_id && Instant::now() < until {
+            std::thread::sleep(HOG_POLL);
+        }
+        // Not an error: the driver gives up after repeated training
+        // failures, and a hog never gives up.
+        Ok(TrainOutput {
+            delta: vec![f32::NAN; model.params.values.len()],
+            sample_count: 1,
+            metrics: Vec::new(),
+        })
     }
 }

@@ -18,13 +18,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fedge_aggregator::coordinator::{CoordinatorConfig, Event};
+use fedge_aggregator::config::{AggregatorConfig, PlanConfig, RoundsConfig, ServerLimits};
+use fedge_aggregator::coordinator::Event;
 use fedge_aggregator::metrics::Metrics;
 use fedge_aggregator::server::{ServeReport, Server, ServerConfig};
 use fedge_aggregator::store::Store;
 use fedge_aggregator::tls::TlsIdentity;
 use fedge_proto::ModelBlob;
-use fedge_proto::msg::TrainingPlan;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::task::JoinHandle;
 
@@ -52,8 +52,10 @@ async fn simulate(c: SimConfig) -> anyhow::Result<()> {
     let keys = fleet::device_keys(&c);
     let mut aggregator = start_aggregator(&c, work.path(), &keys, &model.blob).await?;
     announce(&c, aggregator.addr);
+    let closed = fleet::ClosedRounds::default();
     let devices = fleet::spawn_devices(
         &c,
+        &closed,
         keys,
         &train,
         &shards,
@@ -63,27 +65,59 @@ async fn simulate(c: SimConfig) -> anyhow::Result<()> {
     let mut held_out = report::HeldOut::new(&model.graph, test)?;
     let initial = held_out.evaluate(&model.blob.params.values)?;
     let table = report::Table::start(c.rounds, &initial);
-    let rounds = report::follow_rounds(
-        &mut aggregator.events,
-        &aggregator.metrics,
-        &mut held_out,
-        &table,
-        started,
-    )
-    .await?;
+    let watched = report::Watched {
+        events: &mut aggregator.events,
+        metrics: &aggregator.metrics,
+        closed: &closed,
+        devices: &devices,
+        stall: stall_after(&c),
+    };
+    let rounds = report::follow_rounds(watched, &mut held_out, &table, started).await?;
     table.finish();
-    let failed_sessions = fleet::join_devices(devices).await;
-    let served = aggregator.serving.await??;
+    let stalled = rounds.stalled;
+    let (joined, rounds_published) = if stalled {
+        // Nobody is left to finish the rounds: stop the devices still
+        // running and the aggregator.
+        let left = |attacker: bool| {
+            devices
+                .iter()
+                .filter(|d| d.attacker == attacker && !d.task.is_finished())
+                .count()
+        };
+        let joined = fleet::Joined {
+            failed: left(false),
+            attackers_stopped: left(true),
+        };
+        devices.iter().for_each(|d| d.task.abort());
+        aggregator.serving.abort();
+        (joined, rounds.rows.len() as u64)
+    } else {
+        let joined = fleet::join_devices(devices).await;
+        (joined, aggregator.serving.await??.rounds_published)
+    };
     report::Summary {
         config: &c,
         params: model.blob.params.values.len(),
         initial,
         rounds,
-        failed_sessions,
-        rounds_published: served.rounds_published,
+        failed_sessions: joined.failed,
+        attackers_stopped: joined.attackers_stopped,
+        rounds_published,
         started,
     }
-    .report()
+    .report()?;
+    anyhow::ensure!(
+        !stalled,
+        "the federation stalled after {rounds_published} published rounds (results.json says so)"
+    );
+    Ok(())
+}
+
+/// How long without any aggregator event means the federation stalled: a
+/// round that has begun closes by its deadline, and live devices ask for
+/// tasks within seconds.
+fn stall_after(c: &SimConfig) -> Duration {
+    Duration::from_millis(c.round_deadline_ms) + Duration::from_secs(60)
 }
 
 /// The aggregator serving the simulation, and what the simulation watches.
@@ -122,43 +156,70 @@ async fn start_aggregator(
     })
 }
 
-/// The server's configuration: the simulation's rounds, plan, weights and
-/// strategy, with limits for a whole fleet in one process.
+/// The server's configuration, made the way `serve` makes it: the
+/// simulation's rounds, plan, weights and strategy written into an
+/// [`AggregatorConfig`] (every other field at `serve`'s default) and
+/// validated by [`AggregatorConfig::server_config`]. A simulation may
+/// study a configuration `serve` would refuse: it runs, and says so. The
+/// limits then fit a whole fleet in one process.
 fn server_config(c: &SimConfig, stake_file: std::path::PathBuf) -> anyhow::Result<ServerConfig> {
-    let plan = TrainingPlan {
-        local_epochs: c.local_epochs,
-        local_steps: c.local_steps,
-        batch_size: c.batch_size,
-        learning_rate: c.learning_rate,
-        momentum: c.momentum,
-        codec: c.codec.clone(),
-        error_feedback: c.error_feedback,
-        ..TrainingPlan::default()
-    };
-    Ok(ServerConfig {
-        listen: "127.0.0.1:0".parse()?,
-        coordinator: CoordinatorConfig {
-            devices_per_round: c.devices_per_round,
-            min_devices: (c.devices_per_round / 2).max(1),
+    let agg = aggregator_config(c, stake_file);
+    let risks = agg.dominance_risks();
+    if !risks.is_empty() {
+        println!(
+            "serve would refuse this configuration (one participant can dominate a round):\n  - {}",
+            risks.join("\n  - ")
+        );
+    }
+    let mut s = agg.server_config()?;
+    // Every simulated device dials at once, from one process.
+    let fleet = c.devices + c.attacker_devices;
+    s.coordinator.max_sessions = fleet + 16;
+    s.coordinator.max_unauthenticated = fleet + 16;
+    s.finish_grace = Some(Duration::from_secs(30));
+    Ok(s)
+}
+
+/// The simulation as an aggregator configuration file would say it.
+fn aggregator_config(c: &SimConfig, stake_file: std::path::PathBuf) -> AggregatorConfig {
+    let d = AggregatorConfig::default();
+    AggregatorConfig {
+        listen: "127.0.0.1:0".parse().expect("loopback address"),
+        seed: c.seed,
+        rounds: RoundsConfig {
             rounds: c.rounds,
-            round_deadline: Duration::from_millis(c.round_deadline_ms),
-            retry_window: (Duration::from_millis(200), Duration::from_millis(600)),
-            plan,
-            weights: c.weights.clone(),
-            strategy: c.strategy.clone(),
-            max_sessions: c.devices + 16,
-            // Every simulated device dials at once.
-            max_unauthenticated: c.devices + 16,
-            seed: c.seed,
-            ..CoordinatorConfig::default()
+            devices_per_round: c.devices_per_round,
+            min_devices: c.min_devices.unwrap_or((c.devices_per_round / 2).max(1)),
+            round_deadline_ms: c.round_deadline_ms,
+            retry_window_ms: [200, 600],
+            selection_window_ms: c
+                .selection_window_ms
+                .unwrap_or(d.rounds.selection_window_ms),
+            ..d.rounds
         },
-        finish_grace: Some(Duration::from_secs(30)),
+        plan: PlanConfig {
+            local_epochs: c.local_epochs,
+            local_steps: c.local_steps,
+            batch_size: c.batch_size,
+            learning_rate: c.learning_rate,
+            momentum: c.momentum,
+            codec: c.codec.clone(),
+            error_feedback: c.error_feedback,
+            ..PlanConfig::default()
+        },
+        server: ServerLimits {
+            // Every device shares one process: a generous per-connection rate.
+            rate_per_sec: 10_000.0,
+            rate_burst: 20_000.0,
+            ..d.server
+        },
+        weights: c.weights.clone(),
+        strategy: c.strategy.clone(),
         stakes: Some(stake_file),
-        // Every device shares one process: a generous per-connection rate.
-        rate_per_sec: 10_000.0,
-        rate_burst: 20_000.0,
-        ..ServerConfig::default()
-    })
+        update_norm_max: c.update_norm_max,
+        i_know_this_is_unsafe: true,
+        ..d
+    }
 }
 
 /// What is about to run.
@@ -169,9 +230,21 @@ fn announce(c: &SimConfig, addr: SocketAddr) {
     );
     let n_attackers = fleet::attacker_count(c);
     if n_attackers > 0 {
+        println!("{n_attackers} of {} devices attack", c.devices);
+    }
+    if c.attacker_devices > 0 {
+        let stake = match c.attacker_stake {
+            Some(s) => format!("stake {s} each"),
+            None => "fresh keys with no stake".into(),
+        };
         println!(
-            "{n_attackers} of {} devices attack ({})",
-            c.devices, c.attack
+            "{} attacking devices added beyond them ({stake})",
+            c.attacker_devices
         );
+    }
+    if n_attackers + c.attacker_devices > 0
+        && let Ok(plan) = fleet::AttackPlan::of(c)
+    {
+        println!("attack: {}", plan.describe(&c.attack));
     }
 }

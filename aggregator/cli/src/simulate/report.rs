@@ -16,6 +16,8 @@ use serde::Serialize;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::args::SimConfig;
+use super::fleet::{ClosedRounds, Device};
+use std::sync::atomic::Ordering;
 
 /// One published round, as printed and as written to results.json.
 #[derive(Clone, Debug, Serialize)]
@@ -116,25 +118,67 @@ pub struct Rounds {
     /// Update bytes uploaded in published rounds.
     pub upload_bytes: u64,
     pub final_version: Option<ModelVersion>,
+    /// Rounds that closed without publishing.
+    pub aborted: Vec<u64>,
+    /// The aggregator stopped making progress before its last round (every
+    /// device gave up: a poisoned model makes honest training diverge).
+    pub stalled: bool,
+}
+
+/// What a simulation watches while its rounds run.
+pub struct Watched<'a> {
+    /// The aggregator's events.
+    pub events: &'a mut UnboundedReceiver<Event>,
+    pub metrics: &'a Metrics,
+    /// Where the rounds' closings are told (hogs read it).
+    pub closed: &'a ClosedRounds,
+    pub devices: &'a [Device],
+    /// How long without an event means the federation stalled.
+    pub stall: Duration,
 }
 
 /// Follow the aggregator's events until it finishes: count the accepted
 /// updates of each round, evaluate every published model on held-out data
-/// and print its row. Fails after 10 minutes without an event.
+/// and print its row. After `stall` without an event, or once every
+/// honest device has given up, the federation has stalled: the rounds so
+/// far come back with `stalled` set.
 pub async fn follow_rounds(
-    events: &mut UnboundedReceiver<Event>,
-    metrics: &Metrics,
+    w: Watched<'_>,
     held_out: &mut HeldOut,
     table: &Table,
     started: Instant,
 ) -> anyhow::Result<Rounds> {
+    let Watched {
+        events,
+        metrics,
+        closed,
+        devices,
+        stall,
+    } = w;
     let mut rounds = Rounds::default();
     let (mut up, mut participants) = (0u64, 0usize);
     let mut last_out = metrics.bytes_out.get();
-    while let Some(e) = tokio::time::timeout(Duration::from_secs(600), events.recv())
-        .await
-        .context("no progress for 10 minutes")?
-    {
+    loop {
+        let next = tokio::select! {
+            e = events.recv() => Ok(e),
+            () = tokio::time::sleep(stall) => Err(format!(
+                "no progress for {:.0} s",
+                stall.as_secs_f64()
+            )),
+            () = honest_gone(devices) => Err("every honest device has given up".into()),
+        };
+        let e = match next {
+            Ok(Some(e)) => e,
+            Ok(None) => break,
+            Err(why) => {
+                table.say(format!("{why}: the federation stalled"));
+                rounds.stalled = true;
+                break;
+            }
+        };
+        if let Event::RoundClosed { round_id, .. } = &e {
+            closed.fetch_max(*round_id, Ordering::AcqRel);
+        }
         match e {
             Event::UpdateAccepted { payload_bytes, .. } => {
                 up += payload_bytes;
@@ -147,6 +191,7 @@ pub async fn follow_rounds(
                 ..
             } => {
                 table.aborted(round_id, accepted);
+                rounds.aborted.push(round_id);
                 up = 0;
                 participants = 0;
             }
@@ -181,6 +226,22 @@ pub async fn follow_rounds(
     Ok(rounds)
 }
 
+/// Resolves once every honest device's driver has returned (each gives up
+/// after repeated training failures: a poisoned model); checked every
+/// second.
+async fn honest_gone(devices: &[Device]) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if devices
+            .iter()
+            .filter(|d| !d.attacker)
+            .all(|d| d.task.is_finished())
+        {
+            return;
+        }
+    }
+}
+
 /// What a finished simulation reports.
 pub struct Summary<'a> {
     pub config: &'a SimConfig,
@@ -188,8 +249,10 @@ pub struct Summary<'a> {
     pub params: usize,
     pub initial: EvalStats,
     pub rounds: Rounds,
-    /// Devices that did not finish cleanly.
+    /// Honest devices that did not finish cleanly.
     pub failed_sessions: usize,
+    /// Attackers still running at the end, stopped.
+    pub attackers_stopped: usize,
     pub rounds_published: u64,
     pub started: Instant,
 }
@@ -208,6 +271,13 @@ impl Summary<'_> {
             .last()
             .map(|r| r.accuracy)
             .unwrap_or(self.initial.accuracy);
+        if !self.rounds.aborted.is_empty() {
+            println!(
+                "{} rounds aborted: {:?}",
+                self.rounds.aborted.len(),
+                self.rounds.aborted
+            );
+        }
         println!(
             "final accuracy {:.4} after {} rounds; upload {} bytes vs {} dense f32 ({:.1}x smaller); {} failed sessions; {:.1} s",
             final_acc,
@@ -226,9 +296,13 @@ impl Summary<'_> {
             "rounds": rows,
             "final_accuracy": final_acc,
             "final_version": self.rounds.final_version.as_ref().map(|v| v.to_hex()),
+            "rounds_published": self.rounds_published,
+            "rounds_aborted": self.rounds.aborted,
+            "stalled": self.rounds.stalled,
             "upload_bytes": cum_up,
             "dense_f32_upload_bytes": dense_total,
             "failed_sessions": self.failed_sessions,
+            "attackers_stopped": self.attackers_stopped,
             "seconds": self.started.elapsed().as_secs_f64(),
         });
         let path = c.out_dir.join("results.json");
