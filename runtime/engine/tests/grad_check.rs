@@ -5,7 +5,7 @@
 //! on the host in f64. Pass: max relative error <= 1e-2.
 
 use fedge_engine::data;
-use fedge_engine::train::compile::{CompileOptions, Mode};
+use fedge_engine::train::compile::{CompileOptions, Lowering, Mode};
 use fedge_engine::train::exec::{Batch, Executor, Labels, TractExecutor, TractInference};
 use fedge_engine::train::import::{ModelGraph, import_onnx};
 use fedge_engine::train::onnx::{self, F32};
@@ -112,15 +112,22 @@ fn check(
     skip_kinks: bool,
 ) -> f64 {
     let g = ModelGraph::from_blob(blob).unwrap();
-    let opts = CompileOptions {
-        batch,
-        loss,
-        mode: Mode::Gradients,
-        ..CompileOptions::default()
-    };
-    let mut ex = TractExecutor::new(&g, opts).unwrap();
-    ex.load(&blob.params.values).unwrap();
-    let (_, grads) = ex.gradients(x, y).unwrap();
+    // Both lowerings: fedge's tract kernels and the portable ONNX rules.
+    let mut by_lowering = Vec::new();
+    let mut trainable = Vec::new();
+    for lowering in [Lowering::Tract, Lowering::Portable] {
+        let opts = CompileOptions {
+            batch,
+            loss,
+            mode: Mode::Gradients,
+            lowering,
+            ..CompileOptions::default()
+        };
+        let mut ex = TractExecutor::new(&g, opts).unwrap();
+        ex.load(&blob.params.values).unwrap();
+        by_lowering.push((lowering, ex.gradients(x, y).unwrap().1));
+        trainable = ex.training_graph().trainable.clone();
+    }
     let mut inf = TractInference::new(&g, batch).unwrap();
     let host_loss = |inf: &mut TractInference, values: &[f32]| -> f64 {
         inf.load(values).unwrap();
@@ -148,7 +155,6 @@ fn check(
         }
     };
     let layout = &blob.params.layout;
-    let trainable = ex.training_graph().trainable.clone();
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xfd);
     let mut worst = 0.0f64;
     let (mut checked, mut skipped) = (0usize, 0usize);
@@ -180,15 +186,17 @@ fn check(
             let d1 = (up - down) / (su - sd);
             let d2 = (up2 - down2) / (su2 - sd2);
             let numeric = (4.0 * d2 - d1) / 3.0;
-            let analytic = f64::from(grads[gi][j - range.start]);
-            let rel = (numeric - analytic).abs() / (numeric.abs().max(analytic.abs()) + 1e-3);
-            assert!(
-                rel <= TOL,
-                "param `{}`[{}]: analytic {analytic:e}, numeric {numeric:e}, relative error {rel:.3e}",
-                layout.tensors()[ti].name,
-                j - range.start
-            );
-            worst = worst.max(rel);
+            for (lowering, grads) in &by_lowering {
+                let analytic = f64::from(grads[gi][j - range.start]);
+                let rel = (numeric - analytic).abs() / (numeric.abs().max(analytic.abs()) + 1e-3);
+                assert!(
+                    rel <= TOL,
+                    "param `{}`[{}] ({lowering:?} lowering): analytic {analytic:e}, numeric {numeric:e}, relative error {rel:.3e}",
+                    layout.tensors()[ti].name,
+                    j - range.start
+                );
+                worst = worst.max(rel);
+            }
             checked += 1;
         }
     }
@@ -407,11 +415,26 @@ proptest! {
 /// max-pool ties, and f32 forward rounding (~1e-6 in the loss) swamps the
 /// small ones; the per-op property tests above check coordinates.
 fn check_directional(blob: &ModelBlob, x: Batch<'_>, y: &[i64], batch: usize, seed: u64) -> f64 {
+    [Lowering::Tract, Lowering::Portable]
+        .into_iter()
+        .map(|l| check_directional_with(l, blob, x, y, batch, seed))
+        .fold(0.0, f64::max)
+}
+
+fn check_directional_with(
+    lowering: Lowering,
+    blob: &ModelBlob,
+    x: Batch<'_>,
+    y: &[i64],
+    batch: usize,
+    seed: u64,
+) -> f64 {
     let g = ModelGraph::from_blob(blob).unwrap();
     let opts = CompileOptions {
         batch,
         loss: Loss::SoftmaxCrossEntropy,
         mode: Mode::Gradients,
+        lowering,
         ..CompileOptions::default()
     };
     let mut ex = TractExecutor::new(&g, opts).unwrap();
@@ -462,7 +485,7 @@ fn check_directional(blob: &ModelBlob, x: Batch<'_>, y: &[i64], batch: usize, se
             let rel = (numeric - analytic).abs() / (numeric.abs().max(analytic.abs()) + 1e-9);
             assert!(
                 rel <= TOL,
-                "`{}` along its gradient: analytic {analytic:e}, numeric {numeric:e}, relative error {rel:.3e}",
+                "`{}` along its gradient ({lowering:?} lowering): analytic {analytic:e}, numeric {numeric:e}, relative error {rel:.3e}",
                 layout.tensors()[ti].name
             );
             worst = worst.max(rel);

@@ -6,7 +6,8 @@
 use tract_onnx::pb::NodeProto;
 
 use super::TrainError;
-use super::compile::Builder;
+use super::compile::{Builder, Lowering};
+use super::kernels::{self, Geometry};
 use super::onnx::{self, F32, attr_f, attr_i, attr_ints};
 use super::shape::{Window, spatial_attrs};
 
@@ -309,6 +310,9 @@ fn conv(
             "dilated convolutions have no gradient rule",
         ));
     }
+    if b.lowering == Lowering::Tract {
+        return conv_as_gemm(b, node, gy, needs, out);
+    }
     let to_i = |v: &[usize]| v.iter().map(|&d| d as i64).collect::<Vec<_>>();
     if needs[0] {
         // dX = ConvTranspose(G, W) with the forward strides and pads.
@@ -366,6 +370,56 @@ fn conv(
     Ok(())
 }
 
+/// Conv gradients as one large matrix product each (tract lowering).
+/// With `G2` the output gradient as `[Co, N*Ho*Wo]` and `W2` the weight as
+/// `[Co, C*kh*kw]`: `dW2 = G2 x im2col(X)^T` (inner dimension `N*Ho*Wo`)
+/// and `dX = col2im(W2^T x G2)`.
+fn conv_as_gemm(
+    b: &mut Builder,
+    node: &NodeProto,
+    gy: &str,
+    needs: &[bool],
+    out: &mut [Option<String>],
+) -> Result<(), TrainError> {
+    let (x, w) = (node.input[0].as_str(), node.input[1].as_str());
+    let (xs, ws, gs) = (b.shape(x), b.shape(w), b.shape(gy));
+    let win = spatial_attrs(node, ws[2..].to_vec())?;
+    let geometry = Geometry {
+        n: xs[0],
+        c: xs[1],
+        h: xs[2],
+        w: xs[3],
+        kh: win.kernel[0],
+        kw: win.kernel[1],
+        sh: win.strides[0],
+        sw: win.strides[1],
+        pt: win.pads[0],
+        pl: win.pads[1],
+        ho: gs[2],
+        wo: gs[3],
+    };
+    let geometry = vec![onnx::ints("geometry", &geometry.to_ints())];
+    let (co, ck, p) = (ws[0], ws[1] * ws[2] * ws[3], gs[0] * gs[2] * gs[3]);
+    let gt = b.transpose(gy, &[1, 0, 2, 3])?;
+    let g2 = b.reshape(&gt, &[co, p])?;
+    if needs[1] {
+        let cols = b.fedge_op(kernels::IM2COL, &[x], geometry.clone(), 1)?;
+        let cols_t = b.transpose(&cols[0], &[1, 0])?;
+        let dw2 = b.binary("MatMul", &g2, &cols_t)?;
+        out[1] = Some(b.reshape(&dw2, &ws)?);
+    }
+    if needs[0] {
+        let w2 = b.reshape(w, &[co, ck])?;
+        let w2t = b.transpose(&w2, &[1, 0])?;
+        let cols = b.binary("MatMul", &w2t, &g2)?;
+        out[0] = Some(b.fedge_op(kernels::COL2IM, &[&cols], geometry, 1)?.remove(0));
+    }
+    if needs.len() > 2 && needs[2] {
+        out[2] = Some(b.reduce_sum(gy, &[0, 2, 3], false)?);
+    }
+    Ok(())
+}
+
 /// Nearest-neighbour upsampling of `t` ([N,C,h,w]) by (kh, kw), via
 /// Reshape + Expand + Reshape.
 fn upsample(b: &mut Builder, t: &str, kh: usize, kw: usize) -> Result<String, TrainError> {
@@ -408,7 +462,26 @@ fn pool(
             "pooling gradients need the input divisible by the kernel",
         ));
     }
-    out[0] = Some(if node.op_type == "MaxPool" {
+    out[0] = Some(if node.op_type == "MaxPool" && b.lowering == Lowering::Tract {
+        let ys = b.shape(&node.output[0]);
+        let geometry = Geometry {
+            n: xs[0],
+            c: xs[1],
+            h: xs[2],
+            w: xs[3],
+            kh: k[0],
+            kw: k[1],
+            sh: k[0],
+            sw: k[1],
+            pt: 0,
+            pl: 0,
+            ho: ys[2],
+            wo: ys[3],
+        };
+        let attrs = vec![onnx::ints("geometry", &geometry.to_ints())];
+        b.fedge_op(kernels::MAX_POOL_GRAD, &[x, gy], attrs, 1)?
+            .remove(0)
+    } else if node.op_type == "MaxPool" {
         max_pool_grad(b, x, &node.output[0], gy, k[0], k[1])?
     } else {
         let g_up = upsample(b, gy, k[0], k[1])?;
