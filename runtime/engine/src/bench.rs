@@ -68,6 +68,10 @@ pub struct StepBench {
     /// MiB.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peak_rss_mib: Option<f64>,
+    /// Resident memory when this configuration started (the binary, the
+    /// data set, what earlier configurations left), MiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rss_before_mib: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -264,6 +268,7 @@ pub fn bench_model_on(
     opts: &BenchOptions,
 ) -> Result<StepBench, TrainError> {
     reset_peak_rss();
+    let rss_before_mib = proc_status_mib("VmRSS:");
     let blob = import_onnx(&onnx_model.encode_to_vec())?;
     let graph = ModelGraph::from_blob(&blob)?;
     let mut ex = select_executor(opts.executor, &graph, step_options(batch, opts.threads))?;
@@ -310,6 +315,7 @@ pub fn bench_model_on(
         matmul_baseline_gflops: baseline,
         ratio_to_matmul: baseline.map(|b| achieved / b),
         peak_rss_mib,
+        rss_before_mib,
     })
 }
 
@@ -358,8 +364,13 @@ pub fn reset_peak_rss() {
 
 /// Peak resident set size of this process (Linux), MiB.
 pub fn peak_rss_mib() -> Option<f64> {
+    proc_status_mib("VmHWM:")
+}
+
+/// A `kB` line of `/proc/self/status`, MiB.
+fn proc_status_mib(key: &str) -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
 }

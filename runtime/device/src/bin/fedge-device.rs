@@ -562,10 +562,11 @@ fn bench_suite(
                     opts.executor, opts.threads
                 );
                 let r = fedge_engine::bench::bench_model_on(name, &model, data, batch, opts)?;
-                let rss = r
-                    .peak_rss_mib
-                    .map(|m| format!(", peak RSS {m:.1} MiB"))
-                    .unwrap_or_default();
+                let rss = match (r.peak_rss_mib, r.rss_before_mib) {
+                    (Some(p), Some(b)) => format!(", peak RSS {p:.1} MiB (from {b:.1})"),
+                    (Some(p), None) => format!(", peak RSS {p:.1} MiB"),
+                    _ => String::new(),
+                };
                 match (r.matmul_baseline_gflops, r.ratio_to_matmul) {
                     (Some(base), Some(ratio)) => println!(
                         "{:<4} batch {:>3} threads {}: {:>8.1} samples/s, {:>6.2} GFLOP/s achieved, tract matmul on the same shapes {:>6.2} GFLOP/s (ratio {:.2}){rss}",

@@ -91,7 +91,14 @@ pub struct CompileOptions {
     /// CPU threads for tract's matrix products (1: the calling thread
     /// only). The GPU executor ignores it.
     pub threads: usize,
+    /// Tract lowering: the most bytes of im2col patches a convolution
+    /// materializes at once; a larger batch runs in chunks of images, so
+    /// the patches of one chunk live only while its products run.
+    pub im2col_bytes_max: usize,
 }
+
+/// Default [`CompileOptions::im2col_bytes_max`].
+pub const IM2COL_BYTES_MAX: usize = 8 << 20;
 
 impl Default for CompileOptions {
     fn default() -> Self {
@@ -104,6 +111,7 @@ impl Default for CompileOptions {
             mode: Mode::Step,
             lowering: Lowering::default(),
             threads: 1,
+            im2col_bytes_max: IM2COL_BYTES_MAX,
         }
     }
 }
@@ -158,6 +166,11 @@ pub fn pattern_matches(pattern: &str, name: &str) -> bool {
 /// Emits nodes with fresh names, inferring each output's shape.
 pub struct Builder {
     pub lowering: Lowering,
+    /// See [`CompileOptions::im2col_bytes_max`].
+    pub im2col_bytes_max: usize,
+    /// Tract lowering: the im2col patches of each forward Conv's input,
+    /// by the Conv's output (reused by its weight gradient).
+    pub conv_cols: HashMap<String, String>,
     pub nodes: Vec<NodeProto>,
     pub inits: Vec<TensorProto>,
     pub s: Shapes,
@@ -170,6 +183,8 @@ impl Builder {
     pub fn new(s: Shapes, lowering: Lowering) -> Self {
         Builder {
             lowering,
+            im2col_bytes_max: IM2COL_BYTES_MAX,
+            conv_cols: HashMap::new(),
             nodes: Vec::new(),
             inits: Vec::new(),
             s,
@@ -476,6 +491,14 @@ pub fn compile_training(
     }
 
     let mut b = Builder::new(s, opts.lowering);
+    b.im2col_bytes_max = opts.im2col_bytes_max;
+    // Forward: the user's nodes, some computed fedge's way for tract.
+    for n in &g.node {
+        if opts.lowering == Lowering::Tract && grad::lower_forward(&mut b, n)? {
+            continue;
+        }
+        b.nodes.push(n.clone());
+    }
     let out_shape = b.shape(&graph.output);
 
     // Loss and its gradient with respect to the output.
@@ -703,8 +726,7 @@ pub fn compile_training(
     outputs.extend(param_outputs);
     outputs.extend(state_outputs);
 
-    let mut nodes = g.node.clone();
-    nodes.extend(b.nodes);
+    let nodes = b.nodes;
     let mut inits = g.initializer.clone();
     inits.extend(b.inits);
     let mut model = model_proto(

@@ -14,6 +14,9 @@
 //! - `FedgeCol2Im` (cols `[C*kh*kw, N*Ho*Wo]`) -> `[N,C,H,W]`: the adjoint
 //!   of `FedgeIm2Col` (overlapping patches add up). A conv input gradient is
 //!   `col2im(W^T x G)`, again one matrix product.
+//! - `FedgeMaxPool` (x) -> y: max pooling over non-overlapping windows
+//!   (tract's general pooling is several times slower on these).
+//! - `FedgeReluGrad` (x, gy) -> `gy` where `x > 0`, else 0, in one pass.
 //! - `FedgeMaxPoolGrad` (x, gy) -> gx for non-overlapping windows: each
 //!   window's gradient goes to the first position holding its maximum
 //!   (PyTorch's convention), in one pass.
@@ -33,22 +36,25 @@ use tract_onnx::tract_hir::internal::*;
 pub const DOMAIN: &str = "ai.fedge";
 pub const IM2COL: &str = "FedgeIm2Col";
 pub const COL2IM: &str = "FedgeCol2Im";
+pub const MAX_POOL: &str = "FedgeMaxPool";
 pub const MAX_POOL_GRAD: &str = "FedgeMaxPoolGrad";
+pub const RELU_GRAD: &str = "FedgeReluGrad";
 pub const SGD: &str = "FedgeSgd";
 
 /// Whether `op` is one of fedge's ops.
 pub fn is_fedge_op(op: &str) -> bool {
-    [IM2COL, COL2IM, MAX_POOL_GRAD, SGD].contains(&op)
+    [IM2COL, COL2IM, MAX_POOL, MAX_POOL_GRAD, RELU_GRAD, SGD].contains(&op)
 }
 
 /// The shape of `node`'s outputs (a fedge op) given its first input's.
 pub fn output_shape(node: &NodeProto, x: &[usize]) -> Result<Vec<usize>, String> {
-    if node.op_type == SGD {
+    if node.op_type == SGD || node.op_type == RELU_GRAD {
         return Ok(x.to_vec());
     }
     let kind = match node.op_type.as_str() {
         IM2COL => Kind::Im2Col,
         COL2IM => Kind::Col2Im,
+        MAX_POOL => Kind::MaxPool,
         MAX_POOL_GRAD => Kind::MaxPoolGrad,
         other => return Err(format!("`{other}` is not a fedge op")),
     };
@@ -73,7 +79,11 @@ pub fn onnx() -> tract_onnx::Onnx {
 fn register(reg: &mut OnnxOpRegister) {
     reg.insert(IM2COL, |_, n| parse(n, Kind::Im2Col));
     reg.insert(COL2IM, |_, n| parse(n, Kind::Col2Im));
+    reg.insert(MAX_POOL, |_, n| parse(n, Kind::MaxPool));
     reg.insert(MAX_POOL_GRAD, |_, n| parse(n, Kind::MaxPoolGrad));
+    reg.insert(RELU_GRAD, |_, _| {
+        Ok((expand(Typed(TypedOpBox(Box::new(ReluGrad)))), vec![]))
+    });
     reg.insert(SGD, parse_sgd);
 }
 
@@ -256,8 +266,28 @@ impl Geometry {
         }
     }
 
-    /// Non-overlapping windows (stride == kernel, no pads, `Ho*kh <= H`).
-    fn max_pool_grad(&self, x: &[f32], gy: &[f32], gx: &mut [f32]) {
+    /// Index (within the plane) of the first maximum of window (oy, ox):
+    /// non-overlapping windows (stride == kernel, no pads, `Ho*kh <= H`).
+    /// Strictly greater replaces: the first maximum wins, and a window
+    /// holding a NaN keeps its first position.
+    #[inline]
+    fn argmax(&self, xi: &[f32], oy: usize, ox: usize) -> usize {
+        let (w, kh, kw) = (self.w, self.kh, self.kw);
+        let mut best = oy * kh * w + ox * kw;
+        let mut m = xi[best];
+        for i in 0..kh {
+            let row = (oy * kh + i) * w + ox * kw;
+            for (j, &v) in xi[row..row + kw].iter().enumerate() {
+                if v > m {
+                    m = v;
+                    best = row + j;
+                }
+            }
+        }
+        best
+    }
+
+    fn max_pool(&self, x: &[f32], y: &mut [f32]) {
         let Geometry {
             n,
             c,
@@ -269,6 +299,33 @@ impl Geometry {
             wo,
             ..
         } = *self;
+        for plane in 0..n * c {
+            let xi = &x[plane * h * w..][..h * w];
+            let yo = &mut y[plane * ho * wo..][..ho * wo];
+            if kh == 2 && kw == 2 {
+                // The common 2x2 case: two rows at a time, no branches.
+                for oy in 0..ho {
+                    let (r0, r1) = (&xi[2 * oy * w..][..w], &xi[(2 * oy + 1) * w..][..w]);
+                    for (ox, o) in yo[oy * wo..][..wo].iter_mut().enumerate() {
+                        let a = r0[2 * ox].max(r0[2 * ox + 1]);
+                        let b = r1[2 * ox].max(r1[2 * ox + 1]);
+                        *o = a.max(b);
+                    }
+                }
+                continue;
+            }
+            for oy in 0..ho {
+                for ox in 0..wo {
+                    yo[oy * wo + ox] = xi[self.argmax(xi, oy, ox)];
+                }
+            }
+        }
+    }
+
+    fn max_pool_grad(&self, x: &[f32], gy: &[f32], gx: &mut [f32]) {
+        let Geometry {
+            n, c, h, w, ho, wo, ..
+        } = *self;
         gx.fill(0.0);
         for plane in 0..n * c {
             let xi = &x[plane * h * w..][..h * w];
@@ -276,18 +333,7 @@ impl Geometry {
             let go = &mut gx[plane * h * w..][..h * w];
             for oy in 0..ho {
                 for ox in 0..wo {
-                    let mut best = oy * kh * w + ox * kw;
-                    for i in 0..kh {
-                        for j in 0..kw {
-                            let at = (oy * kh + i) * w + ox * kw + j;
-                            // Strictly greater: the first maximum wins; a
-                            // NaN window keeps its first position.
-                            if xi[at] > xi[best] {
-                                best = at;
-                            }
-                        }
-                    }
-                    go[best] += gi[oy * wo + ox];
+                    go[self.argmax(xi, oy, ox)] += gi[oy * wo + ox];
                 }
             }
         }
@@ -298,6 +344,7 @@ impl Geometry {
 enum Kind {
     Im2Col,
     Col2Im,
+    MaxPool,
     MaxPoolGrad,
 }
 
@@ -306,13 +353,14 @@ impl Kind {
         match self {
             Kind::Im2Col => IM2COL,
             Kind::Col2Im => COL2IM,
+            Kind::MaxPool => MAX_POOL,
             Kind::MaxPoolGrad => MAX_POOL_GRAD,
         }
     }
 
     fn inputs(self) -> usize {
         match self {
-            Kind::Im2Col | Kind::Col2Im => 1,
+            Kind::Im2Col | Kind::Col2Im | Kind::MaxPool => 1,
             Kind::MaxPoolGrad => 2,
         }
     }
@@ -373,6 +421,12 @@ impl Expansion for Typed {
             let shape: TVec<TDim> = w.output_shape().iter().map(|&d| d.to_dim()).collect();
             s.equals(&outputs[0].datum_type, f32::datum_type())?;
             s.equals(&outputs[0].shape, ShapeFactoid::from(shape))?;
+        } else if self.0.0.as_op().downcast_ref::<ReluGrad>().is_some() {
+            check_input_arity(inputs, 2)?;
+            check_output_arity(outputs, 1)?;
+            s.equals(&outputs[0].datum_type, f32::datum_type())?;
+            s.equals(&outputs[0].shape, &inputs[0].shape)?;
+            s.equals(&inputs[1].shape, &inputs[0].shape)?;
         } else {
             check_input_arity(inputs, 4)?;
             check_output_arity(outputs, 2)?;
@@ -405,6 +459,10 @@ impl WindowOp {
     fn output_shape(&self) -> Vec<usize> {
         match self.kind {
             Kind::Im2Col => self.geometry.cols_shape().to_vec(),
+            Kind::MaxPool => {
+                let g = &self.geometry;
+                vec![g.n, g.c, g.ho, g.wo]
+            }
             Kind::Col2Im | Kind::MaxPoolGrad => self.geometry.image_shape().to_vec(),
         }
     }
@@ -412,7 +470,7 @@ impl WindowOp {
     fn input_shapes(&self) -> Vec<Vec<usize>> {
         let g = &self.geometry;
         match self.kind {
-            Kind::Im2Col => vec![g.image_shape().to_vec()],
+            Kind::Im2Col | Kind::MaxPool => vec![g.image_shape().to_vec()],
             Kind::Col2Im => vec![g.cols_shape().to_vec()],
             Kind::MaxPoolGrad => vec![g.image_shape().to_vec(), vec![g.n, g.c, g.ho, g.wo]],
         }
@@ -459,6 +517,7 @@ impl EvalOp for WindowOp {
             match self.kind {
                 Kind::Im2Col => g.im2col(plain(&inputs[0])?, o),
                 Kind::Col2Im => g.col2im(plain(&inputs[0])?, o),
+                Kind::MaxPool => g.max_pool(plain(&inputs[0])?, o),
                 Kind::MaxPoolGrad => g.max_pool_grad(plain(&inputs[0])?, plain(&inputs[1])?, o),
             }
         }
@@ -471,6 +530,50 @@ impl TypedOp for WindowOp {
 
     fn output_facts(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         Ok(tvec!(TypedFact::dt_shape(f32::datum_type(), self.output_shape())))
+    }
+}
+
+/// `FedgeReluGrad`: inputs (x, gy) -> gy where x > 0, else 0.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+struct ReluGrad;
+
+impl Op for ReluGrad {
+    fn name(&self) -> StaticName {
+        RELU_GRAD.into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for ReluGrad {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        ensure!(
+            inputs.len() == 2 && inputs[0].shape() == inputs[1].shape(),
+            "{RELU_GRAD}: needs two inputs of one shape"
+        );
+        let (x, gy) = (plain(&inputs[0])?, plain(&inputs[1])?);
+        let mut out = unsafe { Tensor::uninitialized::<f32>(inputs[0].shape())? };
+        {
+            let mut view = out.try_as_plain_ram_mut()?;
+            let o = view.as_slice_mut::<f32>()?;
+            for ((o, &x), &g) in o.iter_mut().zip(x).zip(gy) {
+                *o = if x > 0.0 { g } else { 0.0 };
+            }
+        }
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for ReluGrad {
+    as_op!();
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(TypedFact::dt_shape(
+            f32::datum_type(),
+            inputs[0].shape.clone()
+        )))
     }
 }
 
@@ -618,5 +721,27 @@ mod tests {
         let mut gx = [f32::NAN; 8];
         g.max_pool_grad(&x, &[10.0, 20.0], &mut gx);
         assert_eq!(gx, [0.0, 10.0, 20.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+        let mut y = [f32::NAN; 2];
+        g.max_pool(&x, &mut y);
+        assert_eq!(y, [3.0, 5.0]);
+    }
+
+    #[test]
+    fn max_pool_matches_the_general_path() {
+        for (kh, kw) in [(2, 2), (3, 2), (1, 3)] {
+            let (ho, wo) = (3, 2);
+            let g = Geometry { n: 2, c: 2, h: ho * kh + 1, w: wo * kw, kh, kw, sh: kh, sw: kw, pt: 0, pl: 0, ho, wo };
+            let x: Vec<f32> = (0..g.n * g.c * g.h * g.w).map(|i| ((i * 37 % 23) as f32) - 11.0).collect();
+            let mut y = vec![f32::NAN; g.n * g.c * ho * wo];
+            g.max_pool(&x, &mut y);
+            for plane in 0..g.n * g.c {
+                let xi = &x[plane * g.h * g.w..][..g.h * g.w];
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        assert_eq!(y[(plane * ho + oy) * wo + ox], xi[g.argmax(xi, oy, ox)]);
+                    }
+                }
+            }
+        }
     }
 }
