@@ -56,12 +56,21 @@ fn run(spec: OptimizerSpec, mu: f32, steps: usize, lr: f32) -> Vec<f32> {
     let tract = run_lowered(Lowering::Tract, spec.clone(), mu, steps, lr);
     let portable = run_lowered(Lowering::Portable, spec, mu, steps, lr);
     for (a, b) in tract.iter().zip(&portable) {
-        assert!((a - b).abs() <= 1e-6, "tract {tract:?}, portable {portable:?}");
+        assert!(
+            (a - b).abs() <= 1e-6,
+            "tract {tract:?}, portable {portable:?}"
+        );
     }
     tract
 }
 
-fn run_lowered(lowering: Lowering, spec: OptimizerSpec, mu: f32, steps: usize, lr: f32) -> Vec<f32> {
+fn run_lowered(
+    lowering: Lowering,
+    spec: OptimizerSpec,
+    mu: f32,
+    steps: usize,
+    lr: f32,
+) -> Vec<f32> {
     let blob = model();
     let g = ModelGraph::from_blob(&blob).unwrap();
     let opts = CompileOptions {

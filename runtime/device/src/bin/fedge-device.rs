@@ -506,7 +506,12 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         let total: f64 = times.iter().map(|t| t.ms).sum();
         println!("CNN step at batch 32, 1 thread: {total:.2} ms in tract's nodes; the slowest:");
         for t in times.iter().take(a.profile) {
-            println!("{:>8.3} ms {:>5.1}%  {}", t.ms, 100.0 * t.ms / total, t.node);
+            println!(
+                "{:>8.3} ms {:>5.1}%  {}",
+                t.ms,
+                100.0 * t.ms / total,
+                t.node
+            );
         }
     }
     let opts = |executor, threads| BenchOptions {
@@ -570,7 +575,13 @@ fn bench_suite(
                 match (r.matmul_baseline_gflops, r.ratio_to_matmul) {
                     (Some(base), Some(ratio)) => println!(
                         "{:<4} batch {:>3} threads {}: {:>8.1} samples/s, {:>6.2} GFLOP/s achieved, tract matmul on the same shapes {:>6.2} GFLOP/s (ratio {:.2}){rss}",
-                        r.model, r.batch, r.threads, r.samples_per_s, r.achieved_gflops, base, ratio
+                        r.model,
+                        r.batch,
+                        r.threads,
+                        r.samples_per_s,
+                        r.achieved_gflops,
+                        base,
+                        ratio
                     ),
                     _ => println!(
                         "{:<4} batch {:>3}: {:>8.1} samples/s, {:>6.2} GFLOP/s achieved on {}{rss}",

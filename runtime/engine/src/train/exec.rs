@@ -49,10 +49,16 @@ pub fn plan(model: &tract_onnx::pb::ModelProto) -> Result<Plan, TrainError> {
 /// Optimize and plan an ONNX model with tract; its matrix products spread
 /// over `threads` threads (a pool private to the plan) when more than one.
 /// fedge's own ops ([`super::kernels`]) are registered.
-pub fn plan_threads(model: &tract_onnx::pb::ModelProto, threads: usize) -> Result<Plan, TrainError> {
+pub fn plan_threads(
+    model: &tract_onnx::pb::ModelProto,
+    threads: usize,
+) -> Result<Plan, TrainError> {
     let options = RunOptions {
-        executor: (threads > 1)
-            .then(|| tract_onnx::tract_core::tract_linalg::multithread::Executor::multithread_with_name(threads, "fedge")),
+        executor: (threads > 1).then(|| {
+            tract_onnx::tract_core::tract_linalg::multithread::Executor::multithread_with_name(
+                threads, "fedge",
+            )
+        }),
         ..RunOptions::default()
     };
     super::kernels::onnx()

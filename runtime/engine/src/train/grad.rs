@@ -108,7 +108,10 @@ pub fn backward(
             }
         }
         "Relu" if b.lowering == Lowering::Tract => {
-            out[0] = Some(b.fedge_op(kernels::RELU_GRAD, &[x(0), gy], vec![], 1)?.remove(0));
+            out[0] = Some(
+                b.fedge_op(kernels::RELU_GRAD, &[x(0), gy], vec![], 1)?
+                    .remove(0),
+            );
         }
         "Relu" | "LeakyRelu" => {
             let zero = b.scalar(0.0);
@@ -417,7 +420,13 @@ fn chunks(n: usize, per: usize) -> Vec<(usize, usize)> {
 }
 
 /// Rows (or, with `axis` 1, columns) `[first, first + len)` of `t`.
-fn slice(b: &mut Builder, t: &str, axis: i64, first: usize, len: usize) -> Result<String, TrainError> {
+fn slice(
+    b: &mut Builder,
+    t: &str,
+    axis: i64,
+    first: usize,
+    len: usize,
+) -> Result<String, TrainError> {
     if first == 0 && b.shape(t)[axis as usize] == len {
         return Ok(t.to_string());
     }
@@ -628,18 +637,20 @@ fn pool(
             "pooling gradients need the input divisible by the kernel",
         ));
     }
-    out[0] = Some(if node.op_type == "MaxPool" && b.lowering == Lowering::Tract {
-        let ys = b.shape(&node.output[0]);
-        let geometry = geometry_of(node, &xs, k.clone(), &ys)?;
-        let attrs = vec![onnx::ints("geometry", &geometry.to_ints())];
-        b.fedge_op(kernels::MAX_POOL_GRAD, &[x, gy], attrs, 1)?
-            .remove(0)
-    } else if node.op_type == "MaxPool" {
-        max_pool_grad(b, x, &node.output[0], gy, k[0], k[1])?
-    } else {
-        let g_up = upsample(b, gy, k[0], k[1])?;
-        b.scale(&g_up, 1.0 / (k[0] * k[1]) as f32)?
-    });
+    out[0] = Some(
+        if node.op_type == "MaxPool" && b.lowering == Lowering::Tract {
+            let ys = b.shape(&node.output[0]);
+            let geometry = geometry_of(node, &xs, k.clone(), &ys)?;
+            let attrs = vec![onnx::ints("geometry", &geometry.to_ints())];
+            b.fedge_op(kernels::MAX_POOL_GRAD, &[x, gy], attrs, 1)?
+                .remove(0)
+        } else if node.op_type == "MaxPool" {
+            max_pool_grad(b, x, &node.output[0], gy, k[0], k[1])?
+        } else {
+            let g_up = upsample(b, gy, k[0], k[1])?;
+            b.scale(&g_up, 1.0 / (k[0] * k[1]) as f32)?
+        },
+    );
     Ok(())
 }
 

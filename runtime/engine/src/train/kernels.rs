@@ -378,7 +378,10 @@ fn parse(node: &NodeProto, kind: Kind) -> TractResult<(Box<dyn InferenceOp>, Vec
     Ok((expand(Typed(TypedOpBox(Box::new(op)))), vec![]))
 }
 
-fn parse_sgd(_: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+fn parse_sgd(
+    _: &ParsingContext,
+    node: &NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
     let f = |name: &str| super::onnx::attr_f(node, name).unwrap_or(0.0);
     let op = Sgd {
         momentum_bits: f("momentum").to_bits(),
@@ -498,7 +501,11 @@ impl EvalOp for WindowOp {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let expected = self.input_shapes();
-        ensure!(inputs.len() == expected.len(), "{}: wrong input count", self.kind.name());
+        ensure!(
+            inputs.len() == expected.len(),
+            "{}: wrong input count",
+            self.kind.name()
+        );
         for (t, e) in inputs.iter().zip(&expected) {
             ensure!(
                 t.shape() == e.as_slice() && t.datum_type() == f32::datum_type(),
@@ -529,7 +536,10 @@ impl TypedOp for WindowOp {
     as_op!();
 
     fn output_facts(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        Ok(tvec!(TypedFact::dt_shape(f32::datum_type(), self.output_shape())))
+        Ok(tvec!(TypedFact::dt_shape(
+            f32::datum_type(),
+            self.output_shape()
+        )))
     }
 }
 
@@ -653,12 +663,18 @@ mod tests {
                             for ox in 0..g.wo {
                                 let y = (oy * g.sh + i) as isize - g.pt as isize;
                                 let xx = (ox * g.sw + j) as isize - g.pl as isize;
-                                let v = if y >= 0 && xx >= 0 && (y as usize) < g.h && (xx as usize) < g.w {
+                                let v = if y >= 0
+                                    && xx >= 0
+                                    && (y as usize) < g.h
+                                    && (xx as usize) < g.w
+                                {
                                     x[((b * g.c + c) * g.h + y as usize) * g.w + xx as usize]
                                 } else {
                                     0.0
                                 };
-                                out[((c * g.kh + i) * g.kw + j) * p + (b * g.ho + oy) * g.wo + ox] = v;
+                                out[((c * g.kh + i) * g.kw + j) * p
+                                    + (b * g.ho + oy) * g.wo
+                                    + ox] = v;
                             }
                         }
                     }
@@ -681,7 +697,20 @@ mod tests {
         ] {
             let ho = (h + 2 * p - k) / s + 1;
             let wo = (w + 2 * p - k) / s + 1;
-            v.push(Geometry { n: 2, c: 3, h, w, kh: k, kw: k, sh: s, sw: s, pt: p, pl: p, ho, wo });
+            v.push(Geometry {
+                n: 2,
+                c: 3,
+                h,
+                w,
+                kh: k,
+                kw: k,
+                sh: s,
+                sw: s,
+                pt: p,
+                pl: p,
+                ho,
+                wo,
+            });
         }
         v
     }
@@ -716,7 +745,20 @@ mod tests {
 
     #[test]
     fn max_pool_grad_routes_to_the_first_maximum() {
-        let g = Geometry { n: 1, c: 1, h: 2, w: 4, kh: 2, kw: 2, sh: 2, sw: 2, pt: 0, pl: 0, ho: 1, wo: 2 };
+        let g = Geometry {
+            n: 1,
+            c: 1,
+            h: 2,
+            w: 4,
+            kh: 2,
+            kw: 2,
+            sh: 2,
+            sw: 2,
+            pt: 0,
+            pl: 0,
+            ho: 1,
+            wo: 2,
+        };
         let x = [1.0, 3.0, 5.0, 5.0, 3.0, 2.0, 5.0, 0.0];
         let mut gx = [f32::NAN; 8];
         g.max_pool_grad(&x, &[10.0, 20.0], &mut gx);
@@ -730,8 +772,23 @@ mod tests {
     fn max_pool_matches_the_general_path() {
         for (kh, kw) in [(2, 2), (3, 2), (1, 3)] {
             let (ho, wo) = (3, 2);
-            let g = Geometry { n: 2, c: 2, h: ho * kh + 1, w: wo * kw, kh, kw, sh: kh, sw: kw, pt: 0, pl: 0, ho, wo };
-            let x: Vec<f32> = (0..g.n * g.c * g.h * g.w).map(|i| ((i * 37 % 23) as f32) - 11.0).collect();
+            let g = Geometry {
+                n: 2,
+                c: 2,
+                h: ho * kh + 1,
+                w: wo * kw,
+                kh,
+                kw,
+                sh: kh,
+                sw: kw,
+                pt: 0,
+                pl: 0,
+                ho,
+                wo,
+            };
+            let x: Vec<f32> = (0..g.n * g.c * g.h * g.w)
+                .map(|i| ((i * 37 % 23) as f32) - 11.0)
+                .collect();
             let mut y = vec![f32::NAN; g.n * g.c * ho * wo];
             g.max_pool(&x, &mut y);
             for plane in 0..g.n * g.c {
