@@ -30,6 +30,8 @@ pub struct BenchOptions {
     pub threads: usize,
     /// Time each configuration at least this long.
     pub min_time: Duration,
+    /// See [`CompileOptions::im2col_bytes_max`].
+    pub im2col_bytes_max: usize,
 }
 
 impl Default for BenchOptions {
@@ -38,6 +40,7 @@ impl Default for BenchOptions {
             executor: ExecutorKind::Cpu,
             threads: 1,
             min_time: Duration::from_secs(3),
+            im2col_bytes_max: crate::train::compile::IM2COL_BYTES_MAX,
         }
     }
 }
@@ -49,6 +52,8 @@ pub struct StepBench {
     pub executor: String,
     pub batch: usize,
     pub threads: usize,
+    /// The im2col budget of the step (CPU runs), bytes.
+    pub im2col_bytes_max: usize,
     pub steps: u64,
     pub samples_per_s: f64,
     pub step_ms: f64,
@@ -271,7 +276,11 @@ pub fn bench_model_on(
     let rss_before_mib = proc_status_mib("VmRSS:");
     let blob = import_onnx(&onnx_model.encode_to_vec())?;
     let graph = ModelGraph::from_blob(&blob)?;
-    let mut ex = select_executor(opts.executor, &graph, step_options(batch, opts.threads))?;
+    let step_opts = CompileOptions {
+        im2col_bytes_max: opts.im2col_bytes_max,
+        ..step_options(batch, opts.threads)
+    };
+    let mut ex = select_executor(opts.executor, &graph, step_opts)?;
     ex.load(&blob.params.values)?;
     let batches = data.epoch_batches(batch, 0);
     let (mut xf, mut xi, mut y) = (Vec::new(), Vec::new(), Vec::new());
@@ -307,6 +316,7 @@ pub fn bench_model_on(
         executor,
         batch,
         threads: opts.threads,
+        im2col_bytes_max: opts.im2col_bytes_max,
         steps,
         samples_per_s: (steps as usize * batch) as f64 / secs,
         step_ms: secs * 1e3 / steps as f64,

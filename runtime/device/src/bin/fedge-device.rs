@@ -269,6 +269,16 @@ struct BenchArgs {
     /// slowest this many (0: none).
     #[arg(long, default_value_t = 0)]
     profile: usize,
+    /// Models to benchmark (`cnn`, `mlp`).
+    #[arg(long, value_delimiter = ',', default_value = "cnn,mlp")]
+    models: Vec<String>,
+    /// Batch sizes to benchmark.
+    #[arg(long, value_delimiter = ',', default_value = "32,64")]
+    batches: Vec<usize>,
+    /// The most MiB of im2col patches a convolution materializes at once
+    /// (larger batches run in chunks of images): trades memory for speed.
+    #[arg(long, default_value_t = 8)]
+    im2col_mib: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -500,6 +510,23 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
     if a.threads.is_empty() || a.threads.iter().any(|&t| t == 0 || t > 256) {
         anyhow::bail!("--threads takes thread counts from 1 to 256, e.g. `1,2`");
     }
+    if let Some(m) = a
+        .models
+        .iter()
+        .find(|m| !["cnn", "mlp"].contains(&m.as_str()))
+    {
+        anyhow::bail!("unknown model `{m}`: --models takes cnn and mlp");
+    }
+    if a.batches.is_empty() || a.batches.iter().any(|&b| b == 0 || b > 4096) {
+        anyhow::bail!("--batches takes batch sizes from 1 to 4096, e.g. `32,64`");
+    }
+    if a.im2col_mib == 0 || a.im2col_mib > 4096 {
+        anyhow::bail!("--im2col-mib takes 1 to 4096");
+    }
+    let suite = Suite {
+        models: a.models.clone(),
+        batches: a.batches.clone(),
+    };
     if a.profile > 0 {
         let times =
             fedge_engine::bench::profile_cpu_step(&fedge_engine::zoo::cnn(2), &data, 32, 1, 10)?;
@@ -518,12 +545,13 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         executor,
         threads,
         min_time,
+        im2col_bytes_max: a.im2col_mib << 20,
     };
     let json = if a.compare {
         let adapter = fedge_engine::train::gpu::adapter_name()?;
         println!("GPU adapter: {adapter}");
-        let cpu = bench_suite(&data, &[opts(ExecutorKind::Cpu, a.threads[0])])?;
-        let gpu = bench_suite(&data, &[opts(ExecutorKind::Gpu, 1)])?;
+        let cpu = bench_suite(&data, &suite, &[opts(ExecutorKind::Cpu, a.threads[0])])?;
+        let gpu = bench_suite(&data, &suite, &[opts(ExecutorKind::Gpu, 1)])?;
         let rows = fedge_engine::bench::compare_rows(&cpu, &gpu);
         println!(
             "{:<4} {:>5} {:>14} {:>14} {:>8}",
@@ -543,16 +571,23 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         })?
     } else {
         let runs: Vec<BenchOptions> = a.threads.iter().map(|&t| opts(a.executor, t)).collect();
-        serde_json::to_string_pretty(&bench_suite(&data, &runs)?)?
+        serde_json::to_string_pretty(&bench_suite(&data, &suite, &runs)?)?
     };
     fedge_proto::io::write_atomic(&a.out, json.as_bytes(), None)?;
     println!("report written to {}", a.out.display());
     Ok(())
 }
 
-/// CNN and MLP at batch 32 and 64, once per entry of `runs`.
+/// Which models and batch sizes a benchmark runs.
+struct Suite {
+    models: Vec<String>,
+    batches: Vec<usize>,
+}
+
+/// The suite's models at its batch sizes, once per entry of `runs`.
 fn bench_suite(
     data: &Dataset,
+    suite: &Suite,
     runs: &[fedge_engine::bench::BenchOptions],
 ) -> anyhow::Result<fedge_engine::bench::BenchReport> {
     let mut steps: Vec<fedge_engine::bench::StepBench> = Vec::new();
@@ -561,7 +596,10 @@ fn bench_suite(
             ("cnn", fedge_engine::zoo::cnn(2)),
             ("mlp", fedge_engine::zoo::mlp(1)),
         ] {
-            for batch in [32, 64] {
+            if !suite.models.iter().any(|m| m == name) {
+                continue;
+            }
+            for &batch in &suite.batches {
                 eprintln!(
                     "benchmarking {name} at batch {batch} ({}, {} thread(s))...",
                     opts.executor, opts.threads
