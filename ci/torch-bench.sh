@@ -7,7 +7,8 @@
 #
 # The CPU-only wheel index (download.pytorch.org/whl/cpu) is used when it is
 # reachable, else plain PyPI (whose Linux wheel also pulls the CUDA
-# libraries: a few GB once; torch still runs on the CPU).
+# libraries: about 5.5 GB in the environment, nothing left in pip's cache;
+# torch still runs on the CPU).
 # TORCH_VENV keeps the environment somewhere else (default: a temporary
 # directory removed on exit); TORCH_VERSION overrides the pin.
 set -euo pipefail
@@ -28,10 +29,10 @@ fi
 if ! "$venv/bin/python" -c "import torch; assert torch.__version__.split('+')[0] == '$version'" 2>/dev/null; then
     if curl -fsS -o /dev/null --max-time 10 https://download.pytorch.org/whl/cpu/torch/; then
         echo "installing torch $version from the CPU wheel index" >&2
-        "$venv/bin/pip" install -q "torch==$version" --index-url https://download.pytorch.org/whl/cpu
+        "$venv/bin/pip" install -q --no-cache-dir "torch==$version" --index-url https://download.pytorch.org/whl/cpu
     else
         echo "CPU wheel index unreachable: installing torch $version from PyPI" >&2
-        "$venv/bin/pip" install -q "torch==$version"
+        "$venv/bin/pip" install -q --no-cache-dir "torch==$version"
     fi
 fi
 "$venv/bin/python" "$here/torch-bench.py" "$@"
