@@ -53,12 +53,23 @@ pub fn plan_threads(
     model: &tract_onnx::pb::ModelProto,
     threads: usize,
 ) -> Result<Plan, TrainError> {
+    #[cfg(feature = "threads")]
+    let executor = (threads > 1).then(|| {
+        tract_onnx::tract_core::tract_linalg::multithread::Executor::multithread_with_name(
+            threads, "fedge",
+        )
+    });
+    #[cfg(not(feature = "threads"))]
+    let executor = {
+        if threads > 1 {
+            tracing::warn!(
+                "fedge-engine was built without the `threads` feature: training on one thread"
+            );
+        }
+        None
+    };
     let options = RunOptions {
-        executor: (threads > 1).then(|| {
-            tract_onnx::tract_core::tract_linalg::multithread::Executor::multithread_with_name(
-                threads, "fedge",
-            )
-        }),
+        executor,
         ..RunOptions::default()
     };
     super::kernels::onnx()
