@@ -16,11 +16,34 @@ use tract_onnx::prelude::*;
 use crate::data::{Dataset, Features};
 use crate::train::TrainError;
 use crate::train::compile::{CompileOptions, OptimizerSpec};
-use crate::train::exec::{Batch, Executor, Labels};
+use crate::train::exec::{Batch, Executor, Labels, NodeTime, TractExecutor};
 use crate::train::gpu::{ExecutorKind, select_executor};
 use crate::train::import::{ModelGraph, import_onnx};
 use crate::train::onnx::{self, F32, attr_i};
 use crate::train::shape::infer;
+
+/// How to run one benchmark configuration.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub executor: ExecutorKind,
+    /// Threads for tract's matrix products (CPU runs).
+    pub threads: usize,
+    /// Time each configuration at least this long.
+    pub min_time: Duration,
+    /// See [`CompileOptions::im2col_bytes_max`].
+    pub im2col_bytes_max: usize,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            executor: ExecutorKind::Cpu,
+            threads: 1,
+            min_time: Duration::from_secs(3),
+            im2col_bytes_max: crate::train::compile::IM2COL_BYTES_MAX,
+        }
+    }
+}
 
 #[derive(Clone, Debug, Serialize)]
 pub struct StepBench {
@@ -28,6 +51,9 @@ pub struct StepBench {
     /// The executor's name ("tract-cpu", "wgpu: <adapter>").
     pub executor: String,
     pub batch: usize,
+    pub threads: usize,
+    /// The im2col budget of the step (CPU runs), bytes.
+    pub im2col_bytes_max: usize,
     pub steps: u64,
     pub samples_per_s: f64,
     pub step_ms: f64,
@@ -42,6 +68,15 @@ pub struct StepBench {
     /// achieved / baseline.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ratio_to_matmul: Option<f64>,
+    /// Peak resident memory of the process while this configuration
+    /// compiled and trained (Linux: the high-water mark is reset before),
+    /// MiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_rss_mib: Option<f64>,
+    /// Resident memory when this configuration started (the binary, the
+    /// data set, what earlier configurations left), MiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rss_before_mib: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -50,10 +85,11 @@ pub struct BenchReport {
     /// The GPU adapter, for GPU runs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub adapter: Option<String>,
-    pub threads: usize,
+    /// Cores the machine offers.
+    pub cores: usize,
     pub steps: Vec<StepBench>,
-    /// Peak resident memory of the process after training the CNN, MiB.
-    pub peak_rss_mib_after_cnn: Option<f64>,
+    /// The largest peak resident memory of any CNN configuration, MiB.
+    pub peak_rss_mib_cnn: Option<f64>,
 }
 
 /// (M, K, N) of every matmul-like product in one forward pass, with conv
@@ -101,6 +137,7 @@ fn flops(shapes: &[(usize, usize, usize)]) -> f64 {
 /// (M,K,N), the forward product and both gradient products.
 fn matmul_baseline(
     shapes: &[(usize, usize, usize)],
+    threads: usize,
     min_time: Duration,
 ) -> Result<f64, TrainError> {
     let mut nodes = Vec::new();
@@ -143,7 +180,7 @@ fn matmul_baseline(
         }),
         ..Default::default()
     };
-    let plan = crate::train::exec::plan(&model)?;
+    let plan = crate::train::exec::plan_threads(&model, threads)?;
     let args: TVec<TValue> = values.into_iter().map(|t| t.into_tvalue()).collect();
     plan.run(args.clone()).map_err(TrainError::tract)?;
     let start = Instant::now();
@@ -156,7 +193,7 @@ fn matmul_baseline(
 }
 
 /// Benchmark training steps of `onnx_model` at `batch` on `data` with
-/// tract.
+/// tract on one thread.
 pub fn bench_model(
     name: &str,
     onnx_model: &ModelProto,
@@ -164,7 +201,11 @@ pub fn bench_model(
     batch: usize,
     min_time: Duration,
 ) -> Result<StepBench, TrainError> {
-    bench_model_on(ExecutorKind::Cpu, name, onnx_model, data, batch, min_time)
+    let opts = BenchOptions {
+        min_time,
+        ..BenchOptions::default()
+    };
+    bench_model_on(name, onnx_model, data, batch, &opts)
 }
 
 /// One configuration of a comparison between tract and the GPU executor.
@@ -208,28 +249,38 @@ pub fn compare_rows(cpu: &BenchReport, gpu: &BenchReport) -> Vec<CompareRow> {
         .collect()
 }
 
-/// Benchmark training steps of `onnx_model` at `batch` on `data` with the
-/// executor `kind` selects.
-pub fn bench_model_on(
-    kind: ExecutorKind,
-    name: &str,
-    onnx_model: &ModelProto,
-    data: &Dataset,
-    batch: usize,
-    min_time: Duration,
-) -> Result<StepBench, TrainError> {
-    let blob = import_onnx(&onnx_model.encode_to_vec())?;
-    let graph = ModelGraph::from_blob(&blob)?;
-    let opts = CompileOptions {
+/// The step options the benchmark trains with (SGD, momentum 0.9).
+fn step_options(batch: usize, threads: usize) -> CompileOptions {
+    CompileOptions {
         batch,
         loss: Loss::SoftmaxCrossEntropy,
         optimizer: OptimizerSpec {
             momentum: 0.9,
             ..OptimizerSpec::default()
         },
+        threads,
         ..CompileOptions::default()
+    }
+}
+
+/// Benchmark training steps of `onnx_model` at `batch` on `data` with the
+/// executor and threads `opts` ask for.
+pub fn bench_model_on(
+    name: &str,
+    onnx_model: &ModelProto,
+    data: &Dataset,
+    batch: usize,
+    opts: &BenchOptions,
+) -> Result<StepBench, TrainError> {
+    reset_peak_rss();
+    let rss_before_mib = proc_status_mib("VmRSS:");
+    let blob = import_onnx(&onnx_model.encode_to_vec())?;
+    let graph = ModelGraph::from_blob(&blob)?;
+    let step_opts = CompileOptions {
+        im2col_bytes_max: opts.im2col_bytes_max,
+        ..step_options(batch, opts.threads)
     };
-    let mut ex = select_executor(kind, &graph, opts)?;
+    let mut ex = select_executor(opts.executor, &graph, step_opts)?;
     ex.load(&blob.params.values)?;
     let batches = data.epoch_batches(batch, 0);
     let (mut xf, mut xi, mut y) = (Vec::new(), Vec::new(), Vec::new());
@@ -244,17 +295,19 @@ pub fn bench_model_on(
     step(ex.as_mut(), 0)?; // warm-up
     let start = Instant::now();
     let mut steps = 0u64;
-    while start.elapsed() < min_time || steps < 3 {
+    while start.elapsed() < opts.min_time || steps < 3 {
         step(ex.as_mut(), steps as usize + 1)?;
         steps += 1;
     }
     let secs = start.elapsed().as_secs_f64();
+    let peak_rss_mib = peak_rss_mib();
+    let executor = ex.name();
+    drop(ex);
     let shapes = matmul_shapes(&graph, batch)?;
     let fwd = flops(&shapes);
     let achieved = 3.0 * fwd * steps as f64 / secs / 1e9;
-    let executor = ex.name();
     let baseline = if executor == "tract-cpu" {
-        Some(matmul_baseline(&shapes, min_time)?)
+        Some(matmul_baseline(&shapes, opts.threads, opts.min_time)?)
     } else {
         None
     };
@@ -262,6 +315,8 @@ pub fn bench_model_on(
         model: name.into(),
         executor,
         batch,
+        threads: opts.threads,
+        im2col_bytes_max: opts.im2col_bytes_max,
         steps,
         samples_per_s: (steps as usize * batch) as f64 / secs,
         step_ms: secs * 1e3 / steps as f64,
@@ -269,13 +324,63 @@ pub fn bench_model_on(
         achieved_gflops: achieved,
         matmul_baseline_gflops: baseline,
         ratio_to_matmul: baseline.map(|b| achieved / b),
+        peak_rss_mib,
+        rss_before_mib,
     })
+}
+
+/// Time every node of tract's plan of the training step over `steps`
+/// steps (after one warm-up step): where a CPU step spends its time,
+/// slowest first.
+pub fn profile_cpu_step(
+    onnx_model: &ModelProto,
+    data: &Dataset,
+    batch: usize,
+    threads: usize,
+    steps: usize,
+) -> Result<Vec<NodeTime>, TrainError> {
+    let blob = import_onnx(&onnx_model.encode_to_vec())?;
+    let graph = ModelGraph::from_blob(&blob)?;
+    let mut ex = TractExecutor::new(&graph, step_options(batch, threads))?;
+    ex.load(&blob.params.values)?;
+    let batches = data.epoch_batches(batch, 0);
+    let (mut xf, mut xi, mut y) = (Vec::new(), Vec::new(), Vec::new());
+    let mut times = Vec::new();
+    for i in 0..=steps {
+        data.gather(&batches[i % batches.len()], &mut xf, &mut xi, &mut y);
+        let x = match data.features {
+            Features::F32(_) => Batch::F32(&xf),
+            Features::I64(_) => Batch::I64(&xi),
+        };
+        if i == 0 {
+            ex.step(x, Labels::Classes(&y), 0.01)?;
+        } else {
+            ex.step_profiled(x, Labels::Classes(&y), 0.01, &mut times)?;
+        }
+    }
+    for t in &mut times {
+        t.ms /= steps.max(1) as f64;
+    }
+    times.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+    Ok(times)
+}
+
+/// Reset this process's peak resident set size to its current one
+/// (Linux: `/proc/self/clear_refs`), so that [`peak_rss_mib`] measures
+/// what comes after. Elsewhere a no-op.
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 /// Peak resident set size of this process (Linux), MiB.
 pub fn peak_rss_mib() -> Option<f64> {
+    proc_status_mib("VmHWM:")
+}
+
+/// A `kB` line of `/proc/self/status`, MiB.
+fn proc_status_mib(key: &str) -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
 }

@@ -53,6 +53,7 @@ pub fn compile_options(plan: &TrainingPlan) -> CompileOptions {
         freeze: plan.freeze.clone(),
         fedprox_mu: plan.fedprox_mu,
         mode: Mode::Step,
+        ..CompileOptions::default()
     }
 }
 

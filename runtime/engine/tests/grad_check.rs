@@ -5,7 +5,7 @@
 //! on the host in f64. Pass: max relative error <= 1e-2.
 
 use fedge_engine::data;
-use fedge_engine::train::compile::{CompileOptions, Mode};
+use fedge_engine::train::compile::{CompileOptions, IM2COL_BYTES_MAX, Lowering, Mode};
 use fedge_engine::train::exec::{Batch, Executor, Labels, TractExecutor, TractInference};
 use fedge_engine::train::import::{ModelGraph, import_onnx};
 use fedge_engine::train::onnx::{self, F32};
@@ -21,6 +21,14 @@ use tract_onnx::pb::{
 };
 
 const TOL: f64 = 1e-2;
+
+/// The lowerings every check runs: tract's (whole batch, then convolutions
+/// forced into chunks of one image) and the portable one.
+const LOWERINGS: [(Lowering, usize); 3] = [
+    (Lowering::Tract, IM2COL_BYTES_MAX),
+    (Lowering::Tract, 1),
+    (Lowering::Portable, IM2COL_BYTES_MAX),
+];
 
 /// One parameter of a test model: a shape and how to draw its values.
 #[derive(Clone, Debug)]
@@ -112,15 +120,25 @@ fn check(
     skip_kinks: bool,
 ) -> f64 {
     let g = ModelGraph::from_blob(blob).unwrap();
-    let opts = CompileOptions {
-        batch,
-        loss,
-        mode: Mode::Gradients,
-        ..CompileOptions::default()
-    };
-    let mut ex = TractExecutor::new(&g, opts).unwrap();
-    ex.load(&blob.params.values).unwrap();
-    let (_, grads) = ex.gradients(x, y).unwrap();
+    // Every lowering: fedge's tract kernels (convolutions whole and in
+    // chunks of one image) and the portable ONNX rules.
+    let mut by_lowering = Vec::new();
+    let mut trainable = Vec::new();
+    for (lowering, im2col_bytes_max) in LOWERINGS {
+        let opts = CompileOptions {
+            batch,
+            loss,
+            mode: Mode::Gradients,
+            lowering,
+            im2col_bytes_max,
+            ..CompileOptions::default()
+        };
+        let mut ex = TractExecutor::new(&g, opts).unwrap();
+        ex.load(&blob.params.values).unwrap();
+        let label = format!("{lowering:?}, im2col at most {im2col_bytes_max} bytes");
+        by_lowering.push((label, ex.gradients(x, y).unwrap().1));
+        trainable = ex.training_graph().trainable.clone();
+    }
     let mut inf = TractInference::new(&g, batch).unwrap();
     let host_loss = |inf: &mut TractInference, values: &[f32]| -> f64 {
         inf.load(values).unwrap();
@@ -148,7 +166,6 @@ fn check(
         }
     };
     let layout = &blob.params.layout;
-    let trainable = ex.training_graph().trainable.clone();
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xfd);
     let mut worst = 0.0f64;
     let (mut checked, mut skipped) = (0usize, 0usize);
@@ -180,15 +197,17 @@ fn check(
             let d1 = (up - down) / (su - sd);
             let d2 = (up2 - down2) / (su2 - sd2);
             let numeric = (4.0 * d2 - d1) / 3.0;
-            let analytic = f64::from(grads[gi][j - range.start]);
-            let rel = (numeric - analytic).abs() / (numeric.abs().max(analytic.abs()) + 1e-3);
-            assert!(
-                rel <= TOL,
-                "param `{}`[{}]: analytic {analytic:e}, numeric {numeric:e}, relative error {rel:.3e}",
-                layout.tensors()[ti].name,
-                j - range.start
-            );
-            worst = worst.max(rel);
+            for (lowering, grads) in &by_lowering {
+                let analytic = f64::from(grads[gi][j - range.start]);
+                let rel = (numeric - analytic).abs() / (numeric.abs().max(analytic.abs()) + 1e-3);
+                assert!(
+                    rel <= TOL,
+                    "param `{}`[{}] ({lowering}): analytic {analytic:e}, numeric {numeric:e}, relative error {rel:.3e}",
+                    layout.tensors()[ti].name,
+                    j - range.start
+                );
+                worst = worst.max(rel);
+            }
             checked += 1;
         }
     }
@@ -407,11 +426,27 @@ proptest! {
 /// max-pool ties, and f32 forward rounding (~1e-6 in the loss) swamps the
 /// small ones; the per-op property tests above check coordinates.
 fn check_directional(blob: &ModelBlob, x: Batch<'_>, y: &[i64], batch: usize, seed: u64) -> f64 {
+    LOWERINGS
+        .into_iter()
+        .map(|l| check_directional_with(l, blob, x, y, batch, seed))
+        .fold(0.0, f64::max)
+}
+
+fn check_directional_with(
+    (lowering, im2col_bytes_max): (Lowering, usize),
+    blob: &ModelBlob,
+    x: Batch<'_>,
+    y: &[i64],
+    batch: usize,
+    seed: u64,
+) -> f64 {
     let g = ModelGraph::from_blob(blob).unwrap();
     let opts = CompileOptions {
         batch,
         loss: Loss::SoftmaxCrossEntropy,
         mode: Mode::Gradients,
+        lowering,
+        im2col_bytes_max,
         ..CompileOptions::default()
     };
     let mut ex = TractExecutor::new(&g, opts).unwrap();
@@ -462,7 +497,7 @@ fn check_directional(blob: &ModelBlob, x: Batch<'_>, y: &[i64], batch: usize, se
             let rel = (numeric - analytic).abs() / (numeric.abs().max(analytic.abs()) + 1e-9);
             assert!(
                 rel <= TOL,
-                "`{}` along its gradient: analytic {analytic:e}, numeric {numeric:e}, relative error {rel:.3e}",
+                "`{}` along its gradient ({lowering:?}, im2col at most {im2col_bytes_max} bytes): analytic {analytic:e}, numeric {numeric:e}, relative error {rel:.3e}",
                 layout.tensors()[ti].name
             );
             worst = worst.max(rel);

@@ -2,7 +2,7 @@
 //! model whose gradient is known in closed form: y = w (Identity), MSE
 //! loss against a target, so dL/dw = 2 (w - t) / n.
 
-use fedge_engine::train::compile::{CompileOptions, OptimizerSpec};
+use fedge_engine::train::compile::{CompileOptions, Lowering, OptimizerSpec};
 use fedge_engine::train::exec::{Batch, Executor, Labels, TractExecutor};
 use fedge_engine::train::import::{ModelGraph, import_onnx};
 use fedge_engine::train::onnx::{self, F32};
@@ -50,7 +50,27 @@ fn grad(w: &[f64]) -> Vec<f64> {
         .collect()
 }
 
+/// The parameters after `steps` steps, with fedge's fused tract update
+/// and with the portable one (which must agree).
 fn run(spec: OptimizerSpec, mu: f32, steps: usize, lr: f32) -> Vec<f32> {
+    let tract = run_lowered(Lowering::Tract, spec.clone(), mu, steps, lr);
+    let portable = run_lowered(Lowering::Portable, spec, mu, steps, lr);
+    for (a, b) in tract.iter().zip(&portable) {
+        assert!(
+            (a - b).abs() <= 1e-6,
+            "tract {tract:?}, portable {portable:?}"
+        );
+    }
+    tract
+}
+
+fn run_lowered(
+    lowering: Lowering,
+    spec: OptimizerSpec,
+    mu: f32,
+    steps: usize,
+    lr: f32,
+) -> Vec<f32> {
     let blob = model();
     let g = ModelGraph::from_blob(&blob).unwrap();
     let opts = CompileOptions {
@@ -59,6 +79,7 @@ fn run(spec: OptimizerSpec, mu: f32, steps: usize, lr: f32) -> Vec<f32> {
         optimizer: spec,
         freeze: vec!["froz*".into()],
         fedprox_mu: mu,
+        lowering,
         ..CompileOptions::default()
     };
     let mut ex = TractExecutor::new(&g, opts).unwrap();

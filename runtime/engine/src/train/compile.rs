@@ -64,6 +64,20 @@ pub enum Mode {
     Gradients,
 }
 
+/// Which ops the backward pass and the optimizer update are written in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Lowering {
+    /// For tract on the CPU: conv gradients as one im2col / col2im matrix
+    /// product each, max-pool gradients and the SGD update as single fused
+    /// ops ([`super::kernels`]).
+    #[default]
+    Tract,
+    /// Standard ONNX ops only (ConvTranspose, transposed Conv, Equal +
+    /// CumSum masks, element-wise updates): what the GPU executor
+    /// interprets.
+    Portable,
+}
+
 #[derive(Clone, Debug)]
 pub struct CompileOptions {
     pub batch: usize,
@@ -73,7 +87,18 @@ pub struct CompileOptions {
     pub freeze: Vec<String>,
     pub fedprox_mu: f32,
     pub mode: Mode,
+    pub lowering: Lowering,
+    /// CPU threads for tract's matrix products (1: the calling thread
+    /// only). The GPU executor ignores it.
+    pub threads: usize,
+    /// Tract lowering: the most bytes of im2col patches a convolution
+    /// materializes at once; a larger batch runs in chunks of images, so
+    /// the patches of one chunk live only while its products run.
+    pub im2col_bytes_max: usize,
 }
+
+/// Default [`CompileOptions::im2col_bytes_max`].
+pub const IM2COL_BYTES_MAX: usize = 8 << 20;
 
 impl Default for CompileOptions {
     fn default() -> Self {
@@ -84,6 +109,9 @@ impl Default for CompileOptions {
             freeze: Vec::new(),
             fedprox_mu: 0.0,
             mode: Mode::Step,
+            lowering: Lowering::default(),
+            threads: 1,
+            im2col_bytes_max: IM2COL_BYTES_MAX,
         }
     }
 }
@@ -137,6 +165,12 @@ pub fn pattern_matches(pattern: &str, name: &str) -> bool {
 
 /// Emits nodes with fresh names, inferring each output's shape.
 pub struct Builder {
+    pub lowering: Lowering,
+    /// See [`CompileOptions::im2col_bytes_max`].
+    pub im2col_bytes_max: usize,
+    /// Tract lowering: the im2col patches of each forward Conv's input,
+    /// by the Conv's output (reused by its weight gradient).
+    pub conv_cols: HashMap<String, String>,
     pub nodes: Vec<NodeProto>,
     pub inits: Vec<TensorProto>,
     pub s: Shapes,
@@ -146,8 +180,11 @@ pub struct Builder {
 }
 
 impl Builder {
-    pub fn new(s: Shapes) -> Self {
+    pub fn new(s: Shapes, lowering: Lowering) -> Self {
         Builder {
+            lowering,
+            im2col_bytes_max: IM2COL_BYTES_MAX,
+            conv_cols: HashMap::new(),
             nodes: Vec::new(),
             inits: Vec::new(),
             s,
@@ -191,6 +228,39 @@ impl Builder {
     ) -> Result<(), TrainError> {
         let name = format!("{out}.node");
         let node = onnx::node(op, &name, inputs, &[out], attrs);
+        infer_node(&node, &mut self.s)?;
+        self.nodes.push(node);
+        Ok(())
+    }
+
+    /// Emit one of fedge's own ops ([`super::kernels`]) with `outputs`
+    /// outputs; returns their names.
+    pub fn fedge_op(
+        &mut self,
+        op: &str,
+        inputs: &[&str],
+        attrs: Vec<tract_onnx::pb::AttributeProto>,
+        outputs: usize,
+    ) -> Result<Vec<String>, TrainError> {
+        let outs: Vec<String> = (0..outputs)
+            .map(|_| self.fresh(&op.to_lowercase()))
+            .collect();
+        let refs: Vec<&str> = outs.iter().map(|s| s.as_str()).collect();
+        self.fedge_op_named(op, inputs, attrs, &refs)?;
+        Ok(outs)
+    }
+
+    /// [`Builder::fedge_op`] writing to `outputs`.
+    pub fn fedge_op_named(
+        &mut self,
+        op: &str,
+        inputs: &[&str],
+        attrs: Vec<tract_onnx::pb::AttributeProto>,
+        outputs: &[&str],
+    ) -> Result<(), TrainError> {
+        debug_assert_eq!(self.lowering, Lowering::Tract);
+        let mut node = onnx::node(op, &format!("{}.node", outputs[0]), inputs, outputs, attrs);
+        node.domain = super::kernels::DOMAIN.into();
         infer_node(&node, &mut self.s)?;
         self.nodes.push(node);
         Ok(())
@@ -426,7 +496,15 @@ pub fn compile_training(
         ));
     }
 
-    let mut b = Builder::new(s);
+    let mut b = Builder::new(s, opts.lowering);
+    b.im2col_bytes_max = opts.im2col_bytes_max;
+    // Forward: the user's nodes, some computed fedge's way for tract.
+    for n in &g.node {
+        if opts.lowering == Lowering::Tract && grad::lower_forward(&mut b, n)? {
+            continue;
+        }
+        b.nodes.push(n.clone());
+    }
     let out_shape = b.shape(&graph.output);
 
     // Loss and its gradient with respect to the output.
@@ -576,6 +654,23 @@ pub fn compile_training(
         let new_w = format!("fedge.new.{w}");
         let o = &opts.optimizer;
         match o.kind {
+            Optimizer::Sgd if o.momentum > 0.0 && opts.lowering == Lowering::Tract => {
+                // One pass: v' = mu v + g + wd w, w' = w - lr v'.
+                let v = format!("fedge.state.{w}.v");
+                b.s.set(&v, t.shape.clone(), F32);
+                state_inputs.push(onnx::value_info(&v, F32, &t.shape));
+                let new_v = format!("fedge.new_state.{w}.v");
+                b.fedge_op_named(
+                    super::kernels::SGD,
+                    &[w, &v, &gr, LR],
+                    vec![
+                        onnx::float("momentum", o.momentum),
+                        onnx::float("weight_decay", o.weight_decay),
+                    ],
+                    &[&new_w, &new_v],
+                )?;
+                state_outputs.push(onnx::value_info(&new_v, F32, &t.shape));
+            }
             Optimizer::Sgd => {
                 if o.weight_decay > 0.0 {
                     let wd = b.scale(w, o.weight_decay)?;
@@ -640,11 +735,10 @@ pub fn compile_training(
     outputs.extend(param_outputs);
     outputs.extend(state_outputs);
 
-    let mut nodes = g.node.clone();
-    nodes.extend(b.nodes);
+    let nodes = b.nodes;
     let mut inits = g.initializer.clone();
     inits.extend(b.inits);
-    let model = model_proto(
+    let mut model = model_proto(
         graph,
         GraphProto {
             name: "fedge-training-step".into(),
@@ -655,6 +749,12 @@ pub fn compile_training(
             ..Default::default()
         },
     );
+    if opts.lowering == Lowering::Tract {
+        model.opset_import.push(OperatorSetIdProto {
+            domain: super::kernels::DOMAIN.into(),
+            version: 1,
+        });
+    }
     let mut input_shape = vec![opts.batch];
     input_shape.extend(graph.sample_shape());
     Ok(TrainingGraph {

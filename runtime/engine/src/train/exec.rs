@@ -41,13 +41,79 @@ pub trait Executor: Send {
 
 type Plan = Arc<TypedRunnableModel>;
 
-/// Optimize and plan an ONNX model with tract.
+/// Optimize and plan an ONNX model with tract, on one thread.
 pub fn plan(model: &tract_onnx::pb::ModelProto) -> Result<Plan, TrainError> {
-    tract_onnx::onnx()
+    plan_threads(model, 1)
+}
+
+/// Optimize and plan an ONNX model with tract; its matrix products spread
+/// over `threads` threads (a pool private to the plan) when more than one.
+/// fedge's own ops ([`super::kernels`]) are registered.
+pub fn plan_threads(
+    model: &tract_onnx::pb::ModelProto,
+    threads: usize,
+) -> Result<Plan, TrainError> {
+    #[cfg(feature = "threads")]
+    let executor = (threads > 1).then(|| {
+        tract_onnx::tract_core::tract_linalg::multithread::Executor::multithread_with_name(
+            threads, "fedge",
+        )
+    });
+    #[cfg(not(feature = "threads"))]
+    let executor = {
+        if threads > 1 {
+            tracing::warn!(
+                "fedge-engine was built without the `threads` feature: training on one thread"
+            );
+        }
+        None
+    };
+    let options = RunOptions {
+        executor,
+        ..RunOptions::default()
+    };
+    super::kernels::onnx()
         .model_for_proto_model(model)
         .and_then(|m| m.into_optimized())
-        .and_then(|m| m.into_runnable())
+        .and_then(|m| m.into_runnable_with_options(&options))
         .map_err(TrainError::tract)
+}
+
+/// Keep a training step's tensors in glibc's heap, where the next step
+/// reuses them, instead of fresh `mmap`s: glibc maps large blocks (its
+/// threshold starts at 128 KiB and moves with what is freed) and returns
+/// them on free, so each step would fault its large tensors' pages in
+/// again, and the heap's top is trimmed and regrown. A fixed 32 MiB
+/// threshold (glibc's largest) and a 64 MiB trim threshold make a step's
+/// allocations a steady pattern in the heap: resident memory stays at the
+/// step's peak, with no page faults after the first step. Process-wide,
+/// once; a no-op off glibc.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            unsafe extern "C" {
+                fn mallopt(param: i32, value: i32) -> i32;
+            }
+            const M_TRIM_THRESHOLD: i32 = -1;
+            const M_MMAP_THRESHOLD: i32 = -3;
+            // SAFETY: mallopt only changes allocator tuning parameters;
+            // both values are within glibc's accepted ranges.
+            unsafe {
+                mallopt(M_MMAP_THRESHOLD, 32 << 20);
+                mallopt(M_TRIM_THRESHOLD, 64 << 20);
+            }
+        });
+    }
+}
+
+/// Time spent in one node of a plan over the profiled steps.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct NodeTime {
+    /// The node's name and tract's op.
+    pub node: String,
+    pub ms: f64,
 }
 
 fn tensor_f32(shape: &[usize], data: &[f32]) -> Result<Tensor, TrainError> {
@@ -93,8 +159,9 @@ pub struct TractExecutor {
 
 impl TractExecutor {
     pub fn new(graph: &ModelGraph, opts: CompileOptions) -> Result<Self, TrainError> {
+        tune_allocator();
         let tg = compile_training(graph, &opts)?;
-        let plan = plan(&tg.model)?;
+        let plan = plan_threads(&tg.model, opts.threads.max(1))?;
         let layout = Arc::clone(&graph.layout);
         let mut ex = TractExecutor {
             graph: tg,
@@ -145,6 +212,66 @@ impl TractExecutor {
             v.extend(self.global.iter().map(|p| Arc::clone(p).into_tvalue()));
         }
         Ok(v)
+    }
+
+    fn check_step(&self) -> Result<(), TrainError> {
+        if self.graph.mode != Mode::Step {
+            return Err(TrainError::BadInput(
+                "compiled for gradients, not steps".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Take a step's outputs: the loss, then the new parameters and state.
+    fn finish_step(&mut self, out: TVec<TValue>) -> Result<f32, TrainError> {
+        let loss = read_f32(&out[0])?[0];
+        let k = self.graph.trainable.len();
+        let mut it = out.into_iter().skip(1);
+        for &i in &self.graph.trainable {
+            self.params[i] = it.next().expect("param output").into_arc_tensor();
+        }
+        for s in self.state.iter_mut() {
+            *s = it.next().expect("state output").into_arc_tensor();
+        }
+        debug_assert_eq!(self.state.len(), k * self.graph.state_per_param);
+        self.t += 1;
+        Ok(loss)
+    }
+
+    /// One training step like [`Executor::step`], adding the time spent in
+    /// each node of tract's plan to `times` (keyed by node, in plan order).
+    pub fn step_profiled(
+        &mut self,
+        x: Batch<'_>,
+        y: Labels<'_>,
+        lr: f32,
+        times: &mut Vec<NodeTime>,
+    ) -> Result<f32, TrainError> {
+        self.check_step()?;
+        let inputs = self.inputs(x, y, lr)?;
+        let mut state = self.plan.spawn().map_err(TrainError::tract)?;
+        let mut seen = 0usize;
+        let out = state
+            .run_plan_with_eval(inputs, |ctx, op_state, node, input| {
+                let start = std::time::Instant::now();
+                let r = tract_onnx::tract_core::plan::eval(ctx, op_state, node, input);
+                let ms = start.elapsed().as_secs_f64() * 1e3;
+                // The plan's order is fixed: the n-th node evaluated is the
+                // same node every step.
+                match times.get_mut(seen) {
+                    Some(t) => t.ms += ms,
+                    None => times.push(NodeTime {
+                        node: format!("{} ({})", node.name, node.op().name()),
+                        ms,
+                    }),
+                }
+                seen += 1;
+                r
+            })
+            .map_err(TrainError::tract)?;
+        drop(state);
+        self.finish_step(out)
     }
 
     /// Loss and gradients (for a graph compiled with [`Mode::Gradients`]).
@@ -220,27 +347,12 @@ impl Executor for TractExecutor {
     }
 
     fn step(&mut self, x: Batch<'_>, y: Labels<'_>, lr: f32) -> Result<f32, TrainError> {
-        if self.graph.mode != Mode::Step {
-            return Err(TrainError::BadInput(
-                "compiled for gradients, not steps".into(),
-            ));
-        }
+        self.check_step()?;
         let out = self
             .plan
             .run(self.inputs(x, y, lr)?)
             .map_err(TrainError::tract)?;
-        let loss = read_f32(&out[0])?[0];
-        let k = self.graph.trainable.len();
-        let mut it = out.into_iter().skip(1);
-        for &i in &self.graph.trainable {
-            self.params[i] = it.next().expect("param output").into_arc_tensor();
-        }
-        for s in self.state.iter_mut() {
-            *s = it.next().expect("state output").into_arc_tensor();
-        }
-        debug_assert_eq!(self.state.len(), k * self.graph.state_per_param);
-        self.t += 1;
-        Ok(loss)
+        self.finish_step(out)
     }
 
     fn params(&self) -> Result<Vec<f32>, TrainError> {

@@ -6,7 +6,8 @@
 use tract_onnx::pb::NodeProto;
 
 use super::TrainError;
-use super::compile::Builder;
+use super::compile::{Builder, Lowering};
+use super::kernels::{self, Geometry};
 use super::onnx::{self, F32, attr_f, attr_i, attr_ints};
 use super::shape::{Window, spatial_attrs};
 
@@ -105,6 +106,12 @@ pub fn backward(
                 let neg = b.unary("Neg", &q)?;
                 out[1] = Some(b.unbroadcast(&neg, &xs)?);
             }
+        }
+        "Relu" if b.lowering == Lowering::Tract => {
+            out[0] = Some(
+                b.fedge_op(kernels::RELU_GRAD, &[x(0), gy], vec![], 1)?
+                    .remove(0),
+            );
         }
         "Relu" | "LeakyRelu" => {
             let zero = b.scalar(0.0);
@@ -309,6 +316,9 @@ fn conv(
             "dilated convolutions have no gradient rule",
         ));
     }
+    if b.lowering == Lowering::Tract {
+        return conv_as_gemm(b, node, gy, needs, out);
+    }
     let to_i = |v: &[usize]| v.iter().map(|&d| d as i64).collect::<Vec<_>>();
     if needs[0] {
         // dX = ConvTranspose(G, W) with the forward strides and pads.
@@ -366,6 +376,225 @@ fn conv(
     Ok(())
 }
 
+/// The window of `node` (a 2-D Conv or MaxPool) over `x`, with `y` its
+/// output's shape.
+fn geometry_of(
+    node: &NodeProto,
+    xs: &[usize],
+    kernel: Vec<usize>,
+    ys: &[usize],
+) -> Result<Geometry, TrainError> {
+    let win = spatial_attrs(node, kernel)?;
+    Ok(Geometry {
+        n: xs[0],
+        c: xs[1],
+        h: xs[2],
+        w: xs[3],
+        kh: win.kernel[0],
+        kw: win.kernel[1],
+        sh: win.strides[0],
+        sw: win.strides[1],
+        pt: win.pads[0],
+        pl: win.pads[1],
+        ho: ys[2],
+        wo: ys[3],
+    })
+}
+
+/// Images per chunk for a convolution with this geometry: the whole batch
+/// when its patches fit `bytes_max` ([`super::compile::CompileOptions::im2col_bytes_max`]),
+/// else equal chunks that do (one image at least).
+fn chunk_images(g: &Geometry, bytes_max: usize) -> usize {
+    let [rows, p] = g.cols_shape();
+    let bytes = 4 * rows * p;
+    let chunks = bytes.div_ceil(bytes_max.max(1)).clamp(1, g.n.max(1));
+    g.n.div_ceil(chunks)
+}
+
+/// `(first image, images)` of each chunk.
+fn chunks(n: usize, per: usize) -> Vec<(usize, usize)> {
+    (0..n)
+        .step_by(per.max(1))
+        .map(|s| (s, per.min(n - s)))
+        .collect()
+}
+
+/// Rows (or, with `axis` 1, columns) `[first, first + len)` of `t`.
+fn slice(
+    b: &mut Builder,
+    t: &str,
+    axis: i64,
+    first: usize,
+    len: usize,
+) -> Result<String, TrainError> {
+    if first == 0 && b.shape(t)[axis as usize] == len {
+        return Ok(t.to_string());
+    }
+    let st = b.const_i64(&[first as i64]);
+    let en = b.const_i64(&[(first + len) as i64]);
+    let ax = b.const_i64(&[axis]);
+    b.op("Slice", &[t, &st, &en, &ax], vec![])
+}
+
+/// `im2col` of images `[first, first + len)` of `x`.
+fn im2col_chunk(
+    b: &mut Builder,
+    x: &str,
+    g: &Geometry,
+    first: usize,
+    len: usize,
+) -> Result<String, TrainError> {
+    let xc = slice(b, x, 0, first, len)?;
+    let gc = Geometry { n: len, ..*g };
+    let attrs = vec![onnx::ints("geometry", &gc.to_ints())];
+    Ok(b.fedge_op(kernels::IM2COL, &[&xc], attrs, 1)?.remove(0))
+}
+
+/// Concatenate along `axis` into `out` (or rename the one part).
+fn concat_named(b: &mut Builder, parts: &[String], axis: i64, out: &str) -> Result<(), TrainError> {
+    let refs: Vec<&str> = parts.iter().map(|s| s.as_str()).collect();
+    if refs.len() == 1 {
+        return b.op_named("Identity", &refs, vec![], out);
+    }
+    b.op_named("Concat", &refs, vec![onnx::int("axis", axis)], out)
+}
+
+/// Emit a forward node the tract lowering computes its own way, writing
+/// the node's output; false when `node` stays as it is.
+///
+/// - Conv (2-D, no dilation): per chunk of images,
+///   `Y = W2 x im2col(X)` as one matrix product (`W2` the weight as
+///   `[Co, C*kh*kw]`), bias added, back to NCHW. When the whole batch is
+///   one chunk its patches are kept for the weight gradient
+///   ([`Builder::conv_cols`]).
+/// - MaxPool over non-overlapping windows: `FedgeMaxPool`.
+pub fn lower_forward(b: &mut Builder, node: &NodeProto) -> Result<bool, TrainError> {
+    debug_assert_eq!(b.lowering, Lowering::Tract);
+    match node.op_type.as_str() {
+        "Conv" => {
+            let (x, w) = (node.input[0].as_str(), node.input[1].as_str());
+            let y = node.output[0].as_str();
+            let (xs, ws, ys) = (b.shape(x), b.shape(w), b.shape(y));
+            let win = spatial_attrs(node, ws[2..].to_vec())?;
+            if xs.len() != 4 || win.dilations.iter().any(|&d| d != 1) {
+                return Ok(false);
+            }
+            let g = geometry_of(node, &xs, ws[2..].to_vec(), &ys)?;
+            let (co, ck) = (ws[0], ws[1] * ws[2] * ws[3]);
+            let w2 = b.reshape(w, &[co, ck])?;
+            let bias = match node.input.get(2).filter(|b| !b.is_empty()) {
+                Some(bias) => Some(b.reshape(bias, &[co, 1])?),
+                None => None,
+            };
+            let per = chunk_images(&g, b.im2col_bytes_max);
+            let mut parts = Vec::new();
+            for (first, len) in chunks(g.n, per) {
+                let cols = im2col_chunk(b, x, &g, first, len)?;
+                let mut y2 = b.binary("MatMul", &w2, &cols)?;
+                if let Some(bias) = &bias {
+                    y2 = b.binary("Add", &y2, bias)?;
+                }
+                let y4 = b.reshape(&y2, &[co, len, ys[2], ys[3]])?;
+                parts.push(b.transpose(&y4, &[1, 0, 2, 3])?);
+                if per >= g.n {
+                    b.conv_cols.insert(y.to_string(), cols);
+                }
+            }
+            concat_named(b, &parts, 0, y)?;
+            Ok(true)
+        }
+        "MaxPool" => {
+            let (x, y) = (node.input[0].as_str(), node.output[0].as_str());
+            let (xs, ys) = (b.shape(x), b.shape(y));
+            let kernel: Vec<usize> = attr_ints(node, "kernel_shape")
+                .unwrap_or_default()
+                .into_iter()
+                .map(|v| v as usize)
+                .collect();
+            if xs.len() != 4 || kernel.len() != 2 || attr_i(node, "ceil_mode").unwrap_or(0) != 0 {
+                return Ok(false);
+            }
+            let win = spatial_attrs(node, kernel.clone())?;
+            if win.strides != win.kernel
+                || win.pads.iter().any(|&p| p != 0)
+                || win.dilations.iter().any(|&d| d != 1)
+            {
+                return Ok(false);
+            }
+            let geometry = geometry_of(node, &xs, kernel, &ys)?;
+            let attrs = vec![onnx::ints("geometry", &geometry.to_ints())];
+            b.fedge_op_named(kernels::MAX_POOL, &[x], attrs, &[y])?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// Conv gradients as one large matrix product each per chunk of images
+/// (tract lowering). With `cols = im2col(X)` (`[C*kh*kw, n*Ho*Wo]`, kept
+/// from the forward pass when the batch is one chunk), `G` the output
+/// gradient and `W2` the weight as `[Co, C*kh*kw]`:
+/// `dW2^T = sum over chunks of cols x G^T` (inner dimension `n*Ho*Wo`)
+/// and `dX = col2im(W2^T x G)`, chunk by chunk.
+fn conv_as_gemm(
+    b: &mut Builder,
+    node: &NodeProto,
+    gy: &str,
+    needs: &[bool],
+    out: &mut [Option<String>],
+) -> Result<(), TrainError> {
+    let (x, w) = (node.input[0].as_str(), node.input[1].as_str());
+    let (xs, ws, gs) = (b.shape(x), b.shape(w), b.shape(gy));
+    let g = geometry_of(node, &xs, ws[2..].to_vec(), &gs)?;
+    let (co, ck, hw) = (ws[0], ws[1] * ws[2] * ws[3], gs[2] * gs[3]);
+    let p = gs[0] * hw;
+    let parts = chunks(g.n, chunk_images(&g, b.im2col_bytes_max));
+    if needs[1] {
+        let gt = b.transpose(gy, &[0, 2, 3, 1])?;
+        let g2t = b.reshape(&gt, &[p, co])?;
+        let mut acc: Option<String> = None;
+        for &(first, len) in &parts {
+            let cols = match b.conv_cols.get(&node.output[0]) {
+                Some(c) if parts.len() == 1 => c.clone(),
+                _ => im2col_chunk(b, x, &g, first, len)?,
+            };
+            let g2tc = slice(b, &g2t, 0, first * hw, len * hw)?;
+            let d = b.binary("MatMul", &cols, &g2tc)?;
+            acc = Some(match acc {
+                Some(a) => b.binary("Add", &a, &d)?,
+                None => d,
+            });
+        }
+        let dw2 = b.transpose(&acc.expect("a chunk"), &[1, 0])?;
+        out[1] = Some(b.reshape(&dw2, &ws)?);
+    }
+    if needs[0] {
+        let gt = b.transpose(gy, &[1, 0, 2, 3])?;
+        let g2 = b.reshape(&gt, &[co, p])?;
+        let w2 = b.reshape(w, &[co, ck])?;
+        let w2t = b.transpose(&w2, &[1, 0])?;
+        let mut dx = Vec::new();
+        for &(first, len) in &parts {
+            let g2c = slice(b, &g2, 1, first * hw, len * hw)?;
+            let cols = b.binary("MatMul", &w2t, &g2c)?;
+            let gc = Geometry { n: len, ..g };
+            let attrs = vec![onnx::ints("geometry", &gc.to_ints())];
+            dx.push(b.fedge_op(kernels::COL2IM, &[&cols], attrs, 1)?.remove(0));
+        }
+        let name = if dx.len() == 1 {
+            dx.remove(0)
+        } else {
+            let refs: Vec<&str> = dx.iter().map(|s| s.as_str()).collect();
+            b.op("Concat", &refs, vec![onnx::int("axis", 0)])?
+        };
+        out[0] = Some(name);
+    }
+    if needs.len() > 2 && needs[2] {
+        out[2] = Some(b.reduce_sum(gy, &[0, 2, 3], false)?);
+    }
+    Ok(())
+}
+
 /// Nearest-neighbour upsampling of `t` ([N,C,h,w]) by (kh, kw), via
 /// Reshape + Expand + Reshape.
 fn upsample(b: &mut Builder, t: &str, kh: usize, kw: usize) -> Result<String, TrainError> {
@@ -408,12 +637,20 @@ fn pool(
             "pooling gradients need the input divisible by the kernel",
         ));
     }
-    out[0] = Some(if node.op_type == "MaxPool" {
-        max_pool_grad(b, x, &node.output[0], gy, k[0], k[1])?
-    } else {
-        let g_up = upsample(b, gy, k[0], k[1])?;
-        b.scale(&g_up, 1.0 / (k[0] * k[1]) as f32)?
-    });
+    out[0] = Some(
+        if node.op_type == "MaxPool" && b.lowering == Lowering::Tract {
+            let ys = b.shape(&node.output[0]);
+            let geometry = geometry_of(node, &xs, k.clone(), &ys)?;
+            let attrs = vec![onnx::ints("geometry", &geometry.to_ints())];
+            b.fedge_op(kernels::MAX_POOL_GRAD, &[x, gy], attrs, 1)?
+                .remove(0)
+        } else if node.op_type == "MaxPool" {
+            max_pool_grad(b, x, &node.output[0], gy, k[0], k[1])?
+        } else {
+            let g_up = upsample(b, gy, k[0], k[1])?;
+            b.scale(&g_up, 1.0 / (k[0] * k[1]) as f32)?
+        },
+    );
     Ok(())
 }
 

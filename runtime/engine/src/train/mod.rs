@@ -9,6 +9,8 @@
 //!   optimizer step, with parameters and optimizer state as graph inputs and
 //!   outputs so one optimized tract plan serves every step.
 //! - [`grad`]: one gradient rule per supported op.
+//! - [`kernels`]: fedge's own tract ops (im2col, col2im, max-pool gradient,
+//!   fused SGD) that the compiler uses when it lowers for tract.
 //! - [`exec`]: the [`exec::Executor`] trait and the tract CPU executor.
 //! - [`gpu`]: the wgpu executor (the same step as WGSL compute shaders,
 //!   feature `gpu`) and the choice between it and tract.
@@ -22,6 +24,7 @@ pub mod exec;
 pub mod gpu;
 pub mod grad;
 pub mod import;
+pub mod kernels;
 pub mod local;
 pub mod onnx;
 pub mod shape;

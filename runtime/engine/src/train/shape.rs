@@ -640,6 +640,15 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
             let _ = attr_f(node, "epsilon");
             (x, x_ty)
         }
+        op if super::kernels::is_fedge_op(op) => {
+            let x = inp!(0);
+            let shape = super::kernels::output_shape(node, &x).map_err(|e| err(node, &e))?;
+            // FedgeSgd's second output (the new momentum) is shaped like its first.
+            for o in node.output.iter().skip(1) {
+                s.set(o, shape.clone(), F32);
+            }
+            (shape, F32)
+        }
         "BatchNormalization" => {
             if attr_i(node, "training_mode").unwrap_or(0) != 0 || node.output.len() > 1 {
                 return Err(err(node, "only the inference form is supported"));

@@ -9,7 +9,7 @@ use super::GpuError;
 use super::device::{BINDINGS, Gpu, shared};
 use super::lower::{Program, Role, lower};
 use crate::train::TrainError;
-use crate::train::compile::{CompileOptions, TrainingGraph, compile_training};
+use crate::train::compile::{CompileOptions, Lowering, TrainingGraph, compile_training};
 use crate::train::exec::{Batch, Executor, Labels};
 use crate::train::import::ModelGraph;
 use crate::train::onnx::I64;
@@ -61,7 +61,9 @@ fn i64_words(v: &[i64], what: &str, bound: Option<usize>) -> Result<Vec<u8>, Tra
 
 impl GpuExecutor {
     /// Compile the training step for `graph` and prepare it on the GPU.
-    pub fn new(graph: &ModelGraph, opts: CompileOptions) -> Result<Self, TrainError> {
+    pub fn new(graph: &ModelGraph, mut opts: CompileOptions) -> Result<Self, TrainError> {
+        // The GPU interprets standard ONNX ops, not fedge's tract kernels.
+        opts.lowering = Lowering::Portable;
         let tg = compile_training(graph, &opts)?;
         let program = lower(&tg, graph.layout.tensors().len())?;
         let gpu = shared()?;

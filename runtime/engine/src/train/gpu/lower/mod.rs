@@ -258,6 +258,10 @@ impl Lowerer {
             "LayerNormalization" => self.layer_norm(node),
             "CumSum" => self.cumsum(node),
             "Gather" => self.gather(node),
+            op if crate::train::kernels::is_fedge_op(op) => Err(unsupported_form(
+                node,
+                "a fedge kernel for tract: the GPU runs steps compiled with Lowering::Portable",
+            )),
             other => Err(GpuError::UnsupportedOp {
                 op: other.into(),
                 node: node.name.clone(),
