@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fedge/target}"
 bash ci/setup.sh
-cargo build --locked -p fedge-aggregator-cli -p fedge-device --bins
+cargo build --workspace --locked
 bin="$CARGO_TARGET_DIR/debug"
 work="$(mktemp -d)"
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT

@@ -11,5 +11,7 @@ bash ci/setup.sh
 # Build with cargo's progress shown (a cold build compiles tract and
 # takes a while), then run the binary.
 echo "== building fedge (the first build takes 10-15 minutes on 2 cores; later runs start in seconds)"
-cargo build --locked -p fedge-aggregator-cli --bin fedge-aggregator
+# The whole workspace, as attack-table.sh builds it: one feature set, so
+# switching between them rebuilds nothing.
+cargo build --workspace --locked
 exec "$CARGO_TARGET_DIR/debug/fedge-aggregator" simulate "$@"

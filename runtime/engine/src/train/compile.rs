@@ -199,6 +199,12 @@ impl Builder {
         format!("fedge.{hint}.{}", self.counter)
     }
 
+    /// A tensor's shape, or a typed error for a tensor the graph never
+    /// gave one (a malformed model).
+    pub fn try_shape(&self, name: &str) -> Result<Vec<usize>, TrainError> {
+        self.s.shape(name).map(|s| s.to_vec())
+    }
+
     pub fn shape(&self, name: &str) -> Vec<usize> {
         self.s
             .shape(name)
@@ -329,7 +335,7 @@ impl Builder {
     }
 
     pub fn reshape(&mut self, a: &str, shape: &[usize]) -> Result<String, TrainError> {
-        if self.shape(a) == shape {
+        if self.try_shape(a)? == shape {
             return Ok(a.to_string());
         }
         let v: Vec<i64> = shape.iter().map(|&d| d as i64).collect();

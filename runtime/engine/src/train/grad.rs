@@ -474,9 +474,12 @@ pub fn lower_forward(b: &mut Builder, node: &NodeProto) -> Result<bool, TrainErr
         "Conv" => {
             let (x, w) = (node.input[0].as_str(), node.input[1].as_str());
             let y = node.output[0].as_str();
-            let (xs, ws, ys) = (b.shape(x), b.shape(w), b.shape(y));
+            let (xs, ws, ys) = (b.try_shape(x)?, b.try_shape(w)?, b.try_shape(y)?);
+            if xs.len() != 4 || ws.len() != 4 || ys.len() != 4 {
+                return Ok(false);
+            }
             let win = spatial_attrs(node, ws[2..].to_vec())?;
-            if xs.len() != 4 || win.dilations.iter().any(|&d| d != 1) {
+            if win.dilations.iter().any(|&d| d != 1) {
                 return Ok(false);
             }
             let g = geometry_of(node, &xs, ws[2..].to_vec(), &ys)?;
@@ -505,13 +508,17 @@ pub fn lower_forward(b: &mut Builder, node: &NodeProto) -> Result<bool, TrainErr
         }
         "MaxPool" => {
             let (x, y) = (node.input[0].as_str(), node.output[0].as_str());
-            let (xs, ys) = (b.shape(x), b.shape(y));
+            let (xs, ys) = (b.try_shape(x)?, b.try_shape(y)?);
             let kernel: Vec<usize> = attr_ints(node, "kernel_shape")
                 .unwrap_or_default()
                 .into_iter()
                 .map(|v| v as usize)
                 .collect();
-            if xs.len() != 4 || kernel.len() != 2 || attr_i(node, "ceil_mode").unwrap_or(0) != 0 {
+            if xs.len() != 4
+                || ys.len() != 4
+                || kernel.len() != 2
+                || attr_i(node, "ceil_mode").unwrap_or(0) != 0
+            {
                 return Ok(false);
             }
             let win = spatial_attrs(node, kernel.clone())?;
