@@ -39,6 +39,39 @@ pub struct Target {
 }
 
 /// Every decoder of this crate under fuzzing.
+/// Replays the committed corpus of each of `targets` (`fuzz/corpus/<name>/`
+/// under `repo_root`) through its entry point, as the stable tests of the
+/// proto, engine and device crates do: a panic names the target and the
+/// file, and an empty corpus folder fails. With `FEDGE_WRITE_FUZZ_SEEDS`
+/// set, each target's seeds (valid encodings from the real encoders) are
+/// (re)written first as `seed-<hash>`.
+pub fn replay_corpus(repo_root: &std::path::Path, targets: &[Target]) {
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    let write = std::env::var_os("FEDGE_WRITE_FUZZ_SEEDS").is_some();
+    for t in targets {
+        let dir = repo_root.join("fuzz/corpus").join(t.name);
+        if write {
+            std::fs::create_dir_all(&dir).expect("corpus folder");
+            for s in (t.seeds)() {
+                let name = format!("seed-{}", &blake3::hash(&s).to_hex()[..16]);
+                std::fs::write(dir.join(name), &s).expect("write seed");
+            }
+        }
+        let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .map(|e| e.expect("corpus entry").path())
+            .collect();
+        files.sort();
+        assert!(!files.is_empty(), "fuzz/corpus/{} is empty", t.name);
+        for f in &files {
+            let bytes = std::fs::read(f).expect("corpus file");
+            if catch_unwind(AssertUnwindSafe(|| (t.run)(&bytes))).is_err() {
+                panic!("fuzz target `{}` panics on {}", t.name, f.display());
+            }
+        }
+    }
+}
+
 pub const TARGETS: &[Target] = &[
     Target {
         name: "frame",

@@ -31,9 +31,10 @@ fn device_bin() -> PathBuf {
         .flatten()
         .flatten()
         .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with("libfedge_device-")
+            // Libraries only: `cargo clippy` and `cargo check` leave newer
+            // `.rmeta` files that say nothing about the binary.
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with("libfedge_device-") && name.ends_with(".rlib")
         })
         .filter_map(|e| modified(&e.path()))
         .max();
@@ -45,14 +46,9 @@ fn device_bin() -> PathBuf {
     if stale {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "--quiet",
-            "-p",
-            "fedge-device",
-            "--bin",
-            "fedge-device",
-        ]);
+        // The workspace, as `cargo test --workspace` resolves it: `-p
+        // fedge-device` alone resolves other features and rebuilds tract.
+        cmd.args(["build", "--quiet", "--workspace", "--locked", "--bins"]);
         if path.parent().and_then(|p| p.file_name()) == Some(std::ffi::OsStr::new("release")) {
             cmd.arg("--release");
         }
