@@ -1,0 +1,412 @@
+//! The window geometry of a 2-D convolution or pooling, and the kernels
+//! fedge's ops run over it: im2col and its adjoint col2im, max pooling over
+//! non-overlapping windows and its gradient.
+
+/// The window of a 2-D convolution or pooling: image `[n, c, h, w]`,
+/// kernel, strides, leading pads, output size.
+#[derive(Clone, Copy, Debug, Default, Hash, PartialEq, Eq)]
+pub struct Geometry {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub sh: usize,
+    pub sw: usize,
+    pub pt: usize,
+    pub pl: usize,
+    pub ho: usize,
+    pub wo: usize,
+}
+
+impl Geometry {
+    pub fn to_ints(&self) -> Vec<i64> {
+        [
+            self.n, self.c, self.h, self.w, self.kh, self.kw, self.sh, self.sw, self.pt, self.pl,
+            self.ho, self.wo,
+        ]
+        .iter()
+        .map(|&v| v as i64)
+        .collect()
+    }
+
+    pub fn from_ints(v: &[i64]) -> Option<Geometry> {
+        if v.len() != 12 || v.iter().any(|&d| d < 0) {
+            return None;
+        }
+        let u = |i: usize| v[i] as usize;
+        let g = Geometry {
+            n: u(0),
+            c: u(1),
+            h: u(2),
+            w: u(3),
+            kh: u(4),
+            kw: u(5),
+            sh: u(6),
+            sw: u(7),
+            pt: u(8),
+            pl: u(9),
+            ho: u(10),
+            wo: u(11),
+        };
+        (g.kh > 0 && g.kw > 0 && g.sh > 0 && g.sw > 0).then_some(g)
+    }
+
+    /// `[C*kh*kw, N*Ho*Wo]`
+    pub fn cols_shape(&self) -> [usize; 2] {
+        [self.c * self.kh * self.kw, self.n * self.ho * self.wo]
+    }
+
+    pub fn image_shape(&self) -> [usize; 4] {
+        [self.n, self.c, self.h, self.w]
+    }
+
+    /// For kernel offset `i` and output row `o`, the input row, if inside.
+    #[inline]
+    pub(super) fn src(o: usize, s: usize, i: usize, p: usize, len: usize) -> Option<usize> {
+        (o * s + i).checked_sub(p).filter(|&r| r < len)
+    }
+
+    /// The range of output columns `wo` whose input column
+    /// `wo * sw + j - pl` falls inside the image.
+    pub(super) fn valid_cols(&self, j: usize) -> std::ops::Range<usize> {
+        let lo = self.pl.saturating_sub(j).div_ceil(self.sw);
+        let hi = if self.w + self.pl > j {
+            ((self.w + self.pl - j - 1) / self.sw + 1).min(self.wo)
+        } else {
+            0
+        };
+        lo.min(hi)..hi
+    }
+
+    pub(super) fn im2col(&self, x: &[f32], cols: &mut [f32]) {
+        let Geometry {
+            n,
+            c,
+            h,
+            w,
+            kh,
+            kw,
+            sh,
+            sw,
+            pt,
+            pl,
+            ho,
+            wo,
+        } = *self;
+        let p = n * ho * wo;
+        for ci in 0..c {
+            for i in 0..kh {
+                for j in 0..kw {
+                    let row = &mut cols[((ci * kh + i) * kw + j) * p..][..p];
+                    let valid = self.valid_cols(j);
+                    if valid.is_empty() {
+                        row.fill(0.0);
+                        continue;
+                    }
+                    let x0 = valid.start * sw + j - pl;
+                    for b in 0..n {
+                        let img = &x[(b * c + ci) * h * w..][..h * w];
+                        for oy in 0..ho {
+                            let out = &mut row[(b * ho + oy) * wo..][..wo];
+                            let Some(y) = Self::src(oy, sh, i, pt, h) else {
+                                out.fill(0.0);
+                                continue;
+                            };
+                            let line = &img[y * w..][..w];
+                            out[..valid.start].fill(0.0);
+                            out[valid.end..].fill(0.0);
+                            if sw == 1 {
+                                out[valid.clone()].copy_from_slice(&line[x0..x0 + valid.len()]);
+                            } else {
+                                for (k, o) in out[valid.clone()].iter_mut().enumerate() {
+                                    *o = line[x0 + k * sw];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) fn col2im(&self, cols: &[f32], x: &mut [f32]) {
+        let Geometry {
+            n,
+            c,
+            h,
+            w,
+            kh,
+            kw,
+            sh,
+            sw,
+            pt,
+            pl,
+            ho,
+            wo,
+        } = *self;
+        let p = n * ho * wo;
+        x.fill(0.0);
+        for ci in 0..c {
+            for i in 0..kh {
+                for j in 0..kw {
+                    let row = &cols[((ci * kh + i) * kw + j) * p..][..p];
+                    let valid = self.valid_cols(j);
+                    if valid.is_empty() {
+                        continue;
+                    }
+                    let x0 = valid.start * sw + j - pl;
+                    for b in 0..n {
+                        let img = &mut x[(b * c + ci) * h * w..][..h * w];
+                        for oy in 0..ho {
+                            let Some(y) = Self::src(oy, sh, i, pt, h) else {
+                                continue;
+                            };
+                            let src = &row[(b * ho + oy) * wo..][..wo][valid.clone()];
+                            let line = &mut img[y * w..][..w];
+                            if sw == 1 {
+                                for (d, s) in line[x0..x0 + src.len()].iter_mut().zip(src) {
+                                    *d += s;
+                                }
+                            } else {
+                                for (k, s) in src.iter().enumerate() {
+                                    line[x0 + k * sw] += s;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Index (within the plane) of the first maximum of window (oy, ox):
+    /// non-overlapping windows (stride == kernel, no pads, `Ho*kh <= H`).
+    /// Strictly greater replaces: the first maximum wins, and a window
+    /// holding a NaN keeps its first position.
+    #[inline]
+    pub(super) fn argmax(&self, xi: &[f32], oy: usize, ox: usize) -> usize {
+        let (w, kh, kw) = (self.w, self.kh, self.kw);
+        let mut best = oy * kh * w + ox * kw;
+        let mut m = xi[best];
+        for i in 0..kh {
+            let row = (oy * kh + i) * w + ox * kw;
+            for (j, &v) in xi[row..row + kw].iter().enumerate() {
+                if v > m {
+                    m = v;
+                    best = row + j;
+                }
+            }
+        }
+        best
+    }
+
+    pub(super) fn max_pool(&self, x: &[f32], y: &mut [f32]) {
+        let Geometry {
+            n,
+            c,
+            h,
+            w,
+            kh,
+            kw,
+            ho,
+            wo,
+            ..
+        } = *self;
+        for plane in 0..n * c {
+            let xi = &x[plane * h * w..][..h * w];
+            let yo = &mut y[plane * ho * wo..][..ho * wo];
+            if kh == 2 && kw == 2 {
+                // The common 2x2 case: two rows at a time, no branches.
+                for oy in 0..ho {
+                    let (r0, r1) = (&xi[2 * oy * w..][..w], &xi[(2 * oy + 1) * w..][..w]);
+                    for (ox, o) in yo[oy * wo..][..wo].iter_mut().enumerate() {
+                        let a = r0[2 * ox].max(r0[2 * ox + 1]);
+                        let b = r1[2 * ox].max(r1[2 * ox + 1]);
+                        *o = a.max(b);
+                    }
+                }
+                continue;
+            }
+            for oy in 0..ho {
+                for ox in 0..wo {
+                    yo[oy * wo + ox] = xi[self.argmax(xi, oy, ox)];
+                }
+            }
+        }
+    }
+
+    pub(super) fn max_pool_grad(&self, x: &[f32], gy: &[f32], gx: &mut [f32]) {
+        let Geometry {
+            n, c, h, w, ho, wo, ..
+        } = *self;
+        gx.fill(0.0);
+        for plane in 0..n * c {
+            let xi = &x[plane * h * w..][..h * w];
+            let gi = &gy[plane * ho * wo..][..ho * wo];
+            let go = &mut gx[plane * h * w..][..h * w];
+            for oy in 0..ho {
+                for ox in 0..wo {
+                    go[self.argmax(xi, oy, ox)] += gi[oy * wo + ox];
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The naive definition: cols[(c,i,j), (b,oy,ox)] = x[b,c,oy*sh+i-pt,ox*sw+j-pl].
+    fn naive_im2col(g: &Geometry, x: &[f32]) -> Vec<f32> {
+        let [rows, p] = g.cols_shape();
+        let mut out = vec![0.0; rows * p];
+        for c in 0..g.c {
+            for i in 0..g.kh {
+                for j in 0..g.kw {
+                    for b in 0..g.n {
+                        for oy in 0..g.ho {
+                            for ox in 0..g.wo {
+                                let y = (oy * g.sh + i) as isize - g.pt as isize;
+                                let xx = (ox * g.sw + j) as isize - g.pl as isize;
+                                let v = if y >= 0
+                                    && xx >= 0
+                                    && (y as usize) < g.h
+                                    && (xx as usize) < g.w
+                                {
+                                    x[((b * g.c + c) * g.h + y as usize) * g.w + xx as usize]
+                                } else {
+                                    0.0
+                                };
+                                out[((c * g.kh + i) * g.kw + j) * p
+                                    + (b * g.ho + oy) * g.wo
+                                    + ox] = v;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn geometries() -> Vec<Geometry> {
+        let mut v = Vec::new();
+        for (h, w, k, s, p) in [
+            (5, 6, 3, 1, 1),
+            (5, 6, 3, 2, 0),
+            (7, 4, 2, 2, 1),
+            (4, 4, 1, 1, 0),
+            (6, 7, 5, 1, 2),
+            (3, 3, 3, 3, 2),
+            (8, 5, 3, 2, 2),
+        ] {
+            let ho = (h + 2 * p - k) / s + 1;
+            let wo = (w + 2 * p - k) / s + 1;
+            v.push(Geometry {
+                n: 2,
+                c: 3,
+                h,
+                w,
+                kh: k,
+                kw: k,
+                sh: s,
+                sw: s,
+                pt: p,
+                pl: p,
+                ho,
+                wo,
+            });
+        }
+        v
+    }
+
+    #[test]
+    fn im2col_matches_the_definition() {
+        for g in geometries() {
+            let x: Vec<f32> = (0..g.n * g.c * g.h * g.w).map(|i| i as f32 + 1.0).collect();
+            let mut cols = vec![f32::NAN; g.cols_shape().iter().product()];
+            g.im2col(&x, &mut cols);
+            assert_eq!(cols, naive_im2col(&g, &x), "{g:?}");
+        }
+    }
+
+    /// col2im is the adjoint of im2col: <im2col(x), c> == <x, col2im(c)>.
+    #[test]
+    fn col2im_is_the_adjoint() {
+        for g in geometries() {
+            let nx = g.n * g.c * g.h * g.w;
+            let nc: usize = g.cols_shape().iter().product();
+            let x: Vec<f32> = (0..nx).map(|i| ((i * 7 % 11) as f32) - 5.0).collect();
+            let c: Vec<f32> = (0..nc).map(|i| ((i * 5 % 13) as f32) - 6.0).collect();
+            let mut cols = vec![0.0; nc];
+            g.im2col(&x, &mut cols);
+            let mut back = vec![f32::NAN; nx];
+            g.col2im(&c, &mut back);
+            let lhs: f64 = cols.iter().zip(&c).map(|(a, b)| (a * b) as f64).sum();
+            let rhs: f64 = x.iter().zip(&back).map(|(a, b)| (a * b) as f64).sum();
+            assert_eq!(lhs, rhs, "{g:?}");
+        }
+    }
+
+    #[test]
+    fn max_pool_grad_routes_to_the_first_maximum() {
+        let g = Geometry {
+            n: 1,
+            c: 1,
+            h: 2,
+            w: 4,
+            kh: 2,
+            kw: 2,
+            sh: 2,
+            sw: 2,
+            pt: 0,
+            pl: 0,
+            ho: 1,
+            wo: 2,
+        };
+        let x = [1.0, 3.0, 5.0, 5.0, 3.0, 2.0, 5.0, 0.0];
+        let mut gx = [f32::NAN; 8];
+        g.max_pool_grad(&x, &[10.0, 20.0], &mut gx);
+        assert_eq!(gx, [0.0, 10.0, 20.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+        let mut y = [f32::NAN; 2];
+        g.max_pool(&x, &mut y);
+        assert_eq!(y, [3.0, 5.0]);
+    }
+
+    #[test]
+    fn max_pool_matches_the_general_path() {
+        for (kh, kw) in [(2, 2), (3, 2), (1, 3)] {
+            let (ho, wo) = (3, 2);
+            let g = Geometry {
+                n: 2,
+                c: 2,
+                h: ho * kh + 1,
+                w: wo * kw,
+                kh,
+                kw,
+                sh: kh,
+                sw: kw,
+                pt: 0,
+                pl: 0,
+                ho,
+                wo,
+            };
+            let x: Vec<f32> = (0..g.n * g.c * g.h * g.w)
+                .map(|i| ((i * 37 % 23) as f32) - 11.0)
+                .collect();
+            let mut y = vec![f32::NAN; g.n * g.c * ho * wo];
+            g.max_pool(&x, &mut y);
+            for plane in 0..g.n * g.c {
+                let xi = &x[plane * g.h * g.w..][..g.h * g.w];
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        assert_eq!(y[(plane * ho + oy) * wo + ox], xi[g.argmax(xi, oy, ox)]);
+                    }
+                }
+            }
+        }
+    }
+}
