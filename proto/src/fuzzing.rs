@@ -271,6 +271,16 @@ fn seed_key() -> SigningKey {
 }
 
 fn device_msg_seeds() -> Vec<Vec<u8>> {
+    device_msg_samples()
+        .iter()
+        .map(|m| m.encode().to_vec())
+        .collect()
+}
+
+/// One of every device message, with every optional part set somewhere:
+/// the seeds of the `device_msg` target and the messages the round-trip
+/// tests check.
+pub fn device_msg_samples() -> Vec<DeviceMsg> {
     let k = seed_key();
     let manifest = UpdateManifest {
         round_id: 1,
@@ -323,12 +333,19 @@ fn device_msg_seeds() -> Vec<Vec<u8>> {
             detail: "loss is NaN".into(),
         },
     ]
-    .iter()
-    .map(|m| m.encode().to_vec())
-    .collect()
+    .into()
 }
 
 fn agg_msg_seeds() -> Vec<Vec<u8>> {
+    agg_msg_samples()
+        .iter()
+        .map(|m| m.encode().to_vec())
+        .collect()
+}
+
+/// One of every aggregator message (the `agg_msg` seeds; see
+/// [`device_msg_samples`]).
+pub fn agg_msg_samples() -> Vec<AggMsg> {
     let m = ModelRef::new(ModelVersion([6; 32]), 1000, 300);
     let plan = TrainingPlan {
         codec: "topk:0.01+q4+zstd".into(),
@@ -384,10 +401,14 @@ fn agg_msg_seeds() -> Vec<Vec<u8>> {
         AggMsg::Finished(m),
     ];
     msgs.extend(
-        [RejectCode::Malformed, RejectCode::TooLarge]
-            .map(|code| AggMsg::reject(code, "why", code == RejectCode::TooLarge)),
+        [
+            RejectCode::Malformed,
+            RejectCode::TooLarge,
+            RejectCode::Replay,
+        ]
+        .map(|code| AggMsg::reject(code, "why", code == RejectCode::TooLarge)),
     );
-    msgs.iter().map(|m| m.encode().to_vec()).collect()
+    msgs
 }
 
 // --------------------------------------------------------------- updates

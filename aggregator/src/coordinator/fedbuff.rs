@@ -204,6 +204,7 @@ impl RoundPolicy for FedBuff {
         task_round: u64,
         model_version: Option<ModelVersion>,
         hash: [u8; 32],
+        _round: &RoundView,
     ) -> Result<(), String> {
         let trained = self
             .round_versions

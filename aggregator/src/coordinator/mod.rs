@@ -147,11 +147,7 @@ impl Coordinator {
                 first_round_id,
                 version,
             )),
-            None => Box::new(Synchronous::new(
-                cfg.selection_target(),
-                first_round_id,
-                version,
-            )),
+            None => Box::new(Synchronous::new(cfg.selection_target())),
         };
         let mut transfers = TransferManager::new(cfg.chunk_bytes, cfg.versions_kept);
         transfers.store_model(version, blob);
@@ -235,8 +231,9 @@ impl Coordinator {
                 u.device, u.raw_weight, u.discount
             ));
         }
+        let view = self.round_view();
         self.policy
-            .on_restored(key, u.task_round, u.model_version, u.payload_hash)?;
+            .on_restored(key, u.task_round, u.model_version, u.payload_hash, &view)?;
         self.round
             .combiner
             .add(intake::discounted(delta, u.discount), u.raw_weight);

@@ -106,6 +106,7 @@ pub(super) trait RoundPolicy: Send {
         task_round: u64,
         model_version: Option<ModelVersion>,
         payload_hash: [u8; 32],
+        round: &RoundView,
     ) -> Result<(), String>;
 
     /// What must survive a restart beyond the open round's updates (JSON;
@@ -148,16 +149,11 @@ pub(super) struct Synchronous {
     taken: usize,
     /// Participants still selected (neither accepted nor released).
     outstanding: usize,
-    /// The open round and the model it trains.
-    round_id: u64,
-    model_version: ModelVersion,
 }
 
 impl Synchronous {
-    pub fn new(selection_target: usize, round_id: u64, model_version: ModelVersion) -> Self {
+    pub fn new(selection_target: usize) -> Self {
         Synchronous {
-            round_id,
-            model_version,
             selection_target,
             participants: HashMap::new(),
             taken: 0,
@@ -344,19 +340,20 @@ impl RoundPolicy for Synchronous {
         task_round: u64,
         model_version: Option<ModelVersion>,
         _hash: [u8; 32],
+        round: &RoundView,
     ) -> Result<(), String> {
-        if task_round != self.round_id {
+        if task_round != round.id {
             return Err(format!(
                 "update for the task of round {task_round}, open round is {}",
-                self.round_id
+                round.id
             ));
         }
         if let Some(v) = model_version
-            && v != self.model_version
+            && v != round.model_version
         {
             return Err(format!(
                 "update trained against model {v}, round {} trains {}",
-                self.round_id, self.model_version
+                round.id, round.model_version
             ));
         }
         if self.participants.contains_key(&key) {
@@ -367,9 +364,7 @@ impl RoundPolicy for Synchronous {
         Ok(())
     }
 
-    fn on_round_closed(&mut self, next: u64, next_version: ModelVersion) -> u64 {
-        self.round_id = next;
-        self.model_version = next_version;
+    fn on_round_closed(&mut self, next: u64, _next_version: ModelVersion) -> u64 {
         self.participants.clear();
         self.taken = 0;
         self.outstanding = 0;

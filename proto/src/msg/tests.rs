@@ -1,111 +1,14 @@
 //! Round trips and rejections of every domain message.
 
 use super::*;
-use crate::sign::SigningKey;
 use proptest::prelude::*;
 
-fn key() -> SigningKey {
-    SigningKey::from_bytes(&[5; 32])
-}
-
 fn device_msgs() -> Vec<DeviceMsg> {
-    let k = key();
-    let manifest = UpdateManifest {
-        round_id: 1,
-        model_version: ModelVersion([1; 32]),
-        payload_hash: [2; 32],
-        payload_bytes: 10,
-        sample_count: 5,
-        metrics: vec![("loss".into(), 1.5)],
-        device_public_key: k.verifying_key(),
-        federation_id: [3; 32],
-    };
-    vec![
-        DeviceMsg::Hello(Hello {
-            schema_version: 1,
-            device_public_key: k.verifying_key(),
-            runtime_version: "0.1.0".into(),
-            capabilities: Capabilities {
-                executors: vec!["tract-cpu".into()],
-                memory_bytes: 1 << 30,
-                charging: true,
-                idle: true,
-                unmetered: false,
-            },
-        }),
-        DeviceMsg::AuthResponse { signature: [3; 64] },
-        DeviceMsg::TaskRequest {
-            have_model_version: None,
-        },
-        DeviceMsg::TaskRequest {
-            have_model_version: Some(ModelVersion([4; 32])),
-        },
-        DeviceMsg::ChunkRequest {
-            model_version: ModelVersion([4; 32]),
-            index: 7,
-        },
-        DeviceMsg::UploadBegin(Box::new(UploadBegin {
-            signature: manifest.sign(&k),
-            manifest,
-            chunk_bytes: 4,
-        })),
-        DeviceMsg::UploadChunk {
-            payload_hash: [2; 32],
-            index: 1,
-            data: Bytes::from_static(b"abcd"),
-        },
-        DeviceMsg::Heartbeat { seq: 9 },
-        DeviceMsg::TaskAbandoned {
-            round_id: 4,
-            reason: crate::msg::AbandonReason::Diverged,
-            detail: "loss is NaN".into(),
-        },
-    ]
+    crate::fuzzing::device_msg_samples()
 }
 
 fn agg_msgs() -> Vec<AggMsg> {
-    let m = ModelRef::new(ModelVersion([6; 32]), 1000, 300);
-    vec![
-        AggMsg::Challenge {
-            schema_version: 1,
-            nonce: [8; 32],
-        },
-        AggMsg::AuthOk {
-            device_id: "ab".into(),
-            federation_id: [4; 32],
-        },
-        AggMsg::TaskOffer(Box::new(TaskOffer {
-            round_id: 2,
-            model: m,
-            plan: TrainingPlan::default(),
-            deadline_ms: 5000,
-            delta: Some(DeltaRef {
-                base: ModelVersion([9; 32]),
-                blob: ModelRef::new(ModelVersion([3; 32]), 500, 300),
-            }),
-        })),
-        AggMsg::NoTask {
-            retry_after_ms_min: 10,
-            retry_after_ms_max: 20,
-            reason: "round full".into(),
-        },
-        AggMsg::ModelChunk {
-            model_version: ModelVersion([6; 32]),
-            index: 3,
-            data: Bytes::from_static(b"xyz"),
-        },
-        AggMsg::UploadStatus {
-            payload_hash: [1; 32],
-            next_index: 2,
-        },
-        AggMsg::UpdateAccepted {
-            round_id: 2,
-            payload_hash: [1; 32],
-        },
-        AggMsg::reject(RejectCode::Replay, "again", false),
-        AggMsg::HeartbeatAck { seq: 4 },
-        AggMsg::Finished(m),
-    ]
+    crate::fuzzing::agg_msg_samples()
 }
 
 #[test]
