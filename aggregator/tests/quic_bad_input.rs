@@ -11,7 +11,7 @@ use fedge_aggregator::coordinator::CoordinatorConfig;
 use fedge_aggregator::server::{Server, ServerConfig};
 use fedge_aggregator::store::Store;
 use fedge_aggregator::tls::TlsIdentity;
-use fedge_device::driver::{DriverConfig, run_device};
+use fedge_device::driver::{DeviceReport, DriverConfig, DriverError, run_device};
 use fedge_device::session::SessionConfig;
 use fedge_device::trainer::KnownUpdate;
 use fedge_device::transport::{QuicTiming, Trust, client_config};
@@ -140,6 +140,34 @@ impl Raw {
             other => panic!("expected an offer, got {other:?}"),
         }
     }
+}
+
+/// Three stock devices (keys `[key_byte + i; 32]`) that send `value` on
+/// every coordinate each round.
+fn honest_devices(
+    addr: SocketAddr,
+    fp: [u8; 32],
+    key_byte: u8,
+    value: f32,
+) -> Vec<tokio::task::JoinHandle<Result<DeviceReport, DriverError>>> {
+    (0..3u8)
+        .map(|i| {
+            let cfg = DriverConfig {
+                session: SessionConfig {
+                    seed: u64::from(i),
+                    backoff_min: Duration::from_millis(50),
+                    ..SessionConfig::default()
+                },
+                ..DriverConfig::new(addr, Trust::Pinned(fp))
+            };
+            let key = SigningKey::from_bytes(&[key_byte + i; 32]);
+            let trainer = Box::new(KnownUpdate {
+                value,
+                sample_count: 1,
+            });
+            tokio::spawn(run_device(cfg, key, trainer))
+        })
+        .collect()
 }
 
 fn upload(
@@ -337,23 +365,7 @@ async fn bad_input_is_rejected_and_honest_devices_still_complete() {
     b.expect_reject(RejectCode::BadSignature, false).await;
 
     // Honest devices still complete both rounds.
-    let mut devices = Vec::new();
-    for i in 0..3u8 {
-        let cfg = DriverConfig {
-            session: SessionConfig {
-                seed: u64::from(i),
-                backoff_min: Duration::from_millis(50),
-                ..SessionConfig::default()
-            },
-            ..DriverConfig::new(addr, Trust::Pinned(fp))
-        };
-        let key = SigningKey::from_bytes(&[100 + i; 32]);
-        let trainer = Box::new(KnownUpdate {
-            value: 2.0,
-            sample_count: 1,
-        });
-        devices.push(tokio::spawn(run_device(cfg, key, trainer)));
-    }
+    let devices = honest_devices(addr, fp, 100, 2.0);
     let mut finals = Vec::new();
     for d in devices {
         let report = tokio::time::timeout(Duration::from_secs(60), d)
@@ -690,23 +702,7 @@ async fn slowloris_uploads_and_never_reading_clients_hold_bounded_memory() {
             c
         }));
     }
-    let mut devices = Vec::new();
-    for i in 0..3u8 {
-        let cfg = DriverConfig {
-            session: SessionConfig {
-                seed: u64::from(i),
-                backoff_min: Duration::from_millis(50),
-                ..SessionConfig::default()
-            },
-            ..DriverConfig::new(addr, Trust::Pinned(fp))
-        };
-        let key = SigningKey::from_bytes(&[200 + i; 32]);
-        let trainer = Box::new(KnownUpdate {
-            value: 1.0,
-            sample_count: 1,
-        });
-        devices.push(tokio::spawn(run_device(cfg, key, trainer)));
-    }
+    let devices = honest_devices(addr, fp, 200, 1.0);
     let mut held = Vec::new();
     let mut uploads_begun = 0;
     for a in attackers {
