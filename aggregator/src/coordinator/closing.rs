@@ -109,7 +109,7 @@ impl Coordinator {
         }
         // Requests held for a window that never got drawn (the round closed
         // first) are answered in the next round.
-        for c in waiting {
+        for c in waiting.into_values() {
             self.requeue(now, c);
         }
     }

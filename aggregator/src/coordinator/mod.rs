@@ -75,8 +75,10 @@ struct Round {
     deadline: Option<Instant>,
     /// While the check-in window is open: when it ends.
     window_end: Option<Instant>,
-    /// Candidates checked in during the window.
-    waiting: Vec<selection::Candidate>,
+    /// Candidates checked in during the window, one per key (a key that
+    /// asks again replaces its entry; ordered by key, so the draw does not
+    /// depend on who asked first).
+    waiting: std::collections::BTreeMap<sessions::DeviceKey, selection::Candidate>,
     /// Devices that reported their training on this round's model diverged.
     diverged: usize,
     /// Devices that asked in this round and were paced away for want of a
@@ -93,7 +95,7 @@ impl Round {
             model_version,
             deadline: None,
             window_end: None,
-            waiting: Vec::new(),
+            waiting: Default::default(),
             diverged: 0,
             reserve: Default::default(),
             combiner,

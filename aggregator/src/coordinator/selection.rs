@@ -120,16 +120,18 @@ impl Coordinator {
         key: VerifyingKey,
         have: Option<ModelVersion>,
     ) {
-        let k = key.to_bytes();
-        self.round.waiting.retain(|c| c.key.to_bytes() != k);
-        self.round.waiting.push(Candidate { session, key, have });
+        self.round
+            .waiting
+            .insert(key.to_bytes(), Candidate { session, key, have });
     }
 
     /// The window ended: draw the selected devices among the candidates
     /// still connected; the rest are paced away.
     pub(super) fn draw_window(&mut self, now: Instant) {
         self.round.window_end = None;
-        let mut waiting = std::mem::take(&mut self.round.waiting);
+        let mut waiting: Vec<Candidate> = std::mem::take(&mut self.round.waiting)
+            .into_values()
+            .collect();
         waiting.retain(|c| {
             matches!(self.sessions.state(c.session),
                 Some(SessionState::Ready { key }) if *key == c.key)
