@@ -225,7 +225,8 @@ impl Strategy for FedOpt {
     ) -> Vec<f32> {
         let d = &combined.delta;
         assert_eq!(d.len(), params.len(), "delta dimension");
-        if self.m.len() != d.len() {
+        // Plain averaging keeps no state (and so checkpoints none).
+        if self.m.len() != d.len() && !matches!(self.opt, ServerOpt::Avg { .. }) {
             self.m = vec![0.0; d.len()];
             self.v = vec![0.0; d.len()];
         }
