@@ -3,7 +3,7 @@
 # each combiner under each attack with 20% attackers (20 devices of which
 # the last 4 attack, 10 per round, 10 rounds, Dirichlet(0.5), q8 updates,
 # seed 1), weighted as `serve` weights by default (`simulate --defaults
-# serve`: sqrt stake, samples counted up to 1000, 20% share cap, no weight
+# serve`: sqrt stake, sample claims ignored, 20% share cap, no weight
 # for unknown keys). Each row replaces the combiner (and the clipping);
 # the `serve` row is serve's defaults as they are (20% trimmed mean after
 # adaptive clipping at 2x the previous round's median norm).
@@ -15,8 +15,9 @@
 # wall time. A cell whose federation stalled (every device gave up
 # training a poisoned model) shows its last published accuracy and
 # "stalled at round N". DEADLINE_MS (default 5000) bounds each round;
-# ROUNDS (default 10) the run; WINDOW_MS (default 600: every device paced
-# away comes back within 600 ms) is each round's check-in window
+# ROUNDS (default 10) the run; WINDOW_MS (default 300: most devices paced
+# away come back within it, the rest take the slots still free after it)
+# is each round's check-in window
 # (serve's default, 2000, would add over a second to every round).
 #
 # `ci/attack-table.sh figures [OUT]` instead runs the issue's figures (20
@@ -69,7 +70,7 @@ cell() {
     local stakes="$1" agg="$2" attack="$3" work="$tmp/cell"
     rm -rf "$work"
     local args=(--defaults serve --stakes "$stakes" --codec q8 --rounds "$rounds"
-        --round-deadline-ms "$deadline" --selection-window-ms "${WINDOW_MS:-600}"
+        --round-deadline-ms "$deadline" --selection-window-ms "${WINDOW_MS:-300}"
         --seed 1 --out-dir "$work")
     [ "$agg" = serve ] || args+=(--aggregator "$agg")
     if [ "$attack" = none ]; then

@@ -3,9 +3,10 @@
 //!
 //! The defaults are chosen for an open network, where every number a device
 //! sends is a claim: a share cap per device (`weights.max_share = 0.2`),
-//! sample counts counted up to a cap (`weights.samples`), no weight for
-//! devices missing from the stake registry, adaptive norm clipping, a
-//! robust combiner (20% trimmed mean) and at least 2 updates per round. A
+//! weight from stake alone (a claimed sample count buys none:
+//! `weights.samples = constant`), no weight for devices missing from the
+//! stake registry, adaptive norm clipping, a robust combiner (20% trimmed
+//! mean) and at least 2 updates per round. A
 //! configuration that lets one participant dominate a round is refused at
 //! start with the reason ([`AggregatorConfig::dominance_risks`]) unless
 //! `i_know_this_is_unsafe = true`.
@@ -131,6 +132,12 @@ pub struct ServerLimits {
     /// Bytes queued for one connection that it has not read yet; a device
     /// over it is dropped.
     pub writer_queue_bytes_max: usize,
+    /// Bytes of uploads in flight, all devices together (each upload
+    /// reserves its declared size when it begins). When full, a device
+    /// that begins an upload is told to come back later and keeps its
+    /// update: memory stays bounded however many devices upload slowly.
+    /// Must hold the largest upload of the model (dense float32).
+    pub uploads_in_flight_bytes_max: u64,
 }
 
 impl Default for AggregatorConfig {
@@ -152,9 +159,9 @@ impl Default for AggregatorConfig {
             },
             weights: WeightPolicy {
                 stake: Transform::Sqrt,
-                samples: Transform::Capped {
-                    cap: SAMPLES_COUNTED_MAX,
-                },
+                // A sample count is a claim nothing here can check: on an
+                // open network it buys no weight (see `dominance_risks`).
+                samples: Transform::Constant,
                 min_stake: 0.0,
                 max_share: 0.2,
                 allow_unknown: false,
@@ -165,10 +172,6 @@ impl Default for AggregatorConfig {
         }
     }
 }
-
-/// The default cap on the sample count a claim is counted for: a device
-/// that claims more counts as this many.
-pub const SAMPLES_COUNTED_MAX: f64 = 1000.0;
 
 impl Default for RoundsConfig {
     fn default() -> Self {
@@ -240,6 +243,7 @@ impl Default for ServerLimits {
             serve_forever: false,
             metrics_listen: None,
             writer_queue_bytes_max: s.writer_queue_bytes_max,
+            uploads_in_flight_bytes_max: CoordinatorConfig::default().uploads_in_flight_bytes_max,
         }
     }
 }
@@ -376,6 +380,17 @@ impl AggregatorConfig {
                     .into(),
             );
         }
+        if w.samples != Transform::Constant && self.plan.local_steps == 0 {
+            risks.push(format!(
+                "weights.samples ({:?}) counts each device's claimed sample count, and with \
+                 plan.local_steps = 0 the plan bounds no claim: devices that lie buy weight up \
+                 to what the transform allows (four liars of 20, each counted at a 1000-sample \
+                 cap against honest shards of about 400, took the model to 9% accuracy). Use \
+                 weights.samples = {{ kind = \"constant\" }}, or a plan with local_steps \
+                 (claims then count for at most local_steps x batch_size)",
+                w.samples
+            ));
+        }
         risks
     }
 
@@ -426,6 +441,7 @@ impl AggregatorConfig {
             max_sessions: self.server.max_devices,
             max_unauthenticated: self.server.max_authenticating,
             versions_kept: 4,
+            uploads_in_flight_bytes_max: self.server.uploads_in_flight_bytes_max,
             plan: self.plan()?,
             weights: self.weights.clone(),
             strategy: self.strategy.clone(),
@@ -507,7 +523,7 @@ mod tests {
             ..AggregatorConfig::default()
         };
         type Change = fn(&mut AggregatorConfig);
-        let cases: [(&str, Change); 4] = [
+        let cases: [(&str, Change); 5] = [
             ("max_share", |c| c.weights.max_share = 0.6),
             ("min_devices", |c| c.rounds.min_devices = 1),
             ("plain mean", |c| {
@@ -517,6 +533,11 @@ mod tests {
             ("10^12 samples", |c| {
                 c.weights.max_share = 1.0;
                 c.weights.samples = Transform::Linear;
+            }),
+            // Capped claims on an epoch plan: a coalition of liars buys
+            // the cap each.
+            ("claimed sample count", |c| {
+                c.weights.samples = Transform::Capped { cap: 1000.0 };
             }),
         ];
         for (needle, change) in cases {
@@ -537,6 +558,13 @@ mod tests {
         assert!(e.contains("constant"), "{e}");
         open.weights.stake = Transform::Constant;
         open.server_config().unwrap();
+        // A plan that fixes the work bounds every claim: counting claims
+        // is then no risk.
+        let mut fixed_work = base.clone();
+        fixed_work.weights.samples = Transform::Linear;
+        fixed_work.plan.local_steps = 20;
+        assert!(fixed_work.dominance_risks().is_empty());
+        fixed_work.server_config().unwrap();
     }
 
     #[test]

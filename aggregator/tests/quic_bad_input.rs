@@ -10,6 +10,7 @@ use bytes::Bytes;
 use fedge_aggregator::coordinator::CoordinatorConfig;
 use fedge_aggregator::server::{Server, ServerConfig};
 use fedge_aggregator::store::Store;
+use fedge_aggregator::strategy::{BufferedSpec, StrategyConfig};
 use fedge_aggregator::tls::TlsIdentity;
 use fedge_device::driver::{DeviceReport, DriverConfig, DriverError, run_device};
 use fedge_device::session::SessionConfig;
@@ -574,6 +575,108 @@ async fn an_update_signed_for_another_federation_is_refused() {
     }
 }
 
+/// FedBuff over QUIC: an upload begun against the current version and
+/// finished after the buffer has published past its staleness window is
+/// cut short (`RoundClosed`), not accepted at staleness 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fedbuff_upload_finished_beyond_the_staleness_window_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let identity = TlsIdentity::load_or_create(dir.path()).unwrap();
+    let fp = identity.fingerprint();
+    let cfg = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        coordinator: CoordinatorConfig {
+            devices_per_round: 1,
+            min_devices: 1,
+            versions_kept: 2,
+            strategy: StrategyConfig {
+                buffered: Some(BufferedSpec {
+                    max_staleness: 1,
+                    staleness_exponent: 0.5,
+                    concurrency: Some(4),
+                }),
+                ..StrategyConfig::default()
+            },
+            ..CoordinatorConfig::default()
+        },
+        ..ServerConfig::default()
+    };
+    let server = Server::bind(cfg, &identity, Store::open(dir.path()).await.unwrap()).unwrap();
+    let addr = server.local_addr().unwrap();
+    let serving = tokio::spawn(server.run(model(), std::future::pending()));
+
+    // The slow device takes a task on the first version and sends the
+    // first chunk of its update.
+    let slow_key = SigningKey::from_bytes(&[40; 32]);
+    let mut slow = Raw::connect(addr, fp).await;
+    slow.auth(&slow_key).await;
+    let (round, v0) = slow.offer().await;
+    let (mut begin, payload) = upload(slow.federation, &slow_key, &slow_key, round, v0, 0.5);
+    let chunk = payload.len().div_ceil(2);
+    begin.chunk_bytes = chunk as u32;
+    slow.send(&DeviceMsg::UploadBegin(Box::new(begin.clone())))
+        .await;
+    assert!(matches!(
+        slow.recv().await,
+        AggMsg::UploadStatus { next_index: 0, .. }
+    ));
+    slow.send(&DeviceMsg::UploadChunk {
+        payload_hash: begin.manifest.payload_hash,
+        index: 0,
+        data: payload.slice(..chunk),
+    })
+    .await;
+
+    // Two fast devices each fill a buffer of one: two versions publish.
+    let mut versions = vec![v0];
+    for k in [41u8, 42] {
+        let key = SigningKey::from_bytes(&[k; 32]);
+        let mut fast = Raw::connect(addr, fp).await;
+        fast.auth(&key).await;
+        let (round, version) = fast.offer().await;
+        assert_eq!(
+            version,
+            *versions.last().unwrap(),
+            "offered the newest version"
+        );
+        let (b, p) = upload(
+            fast.federation,
+            &key,
+            &key,
+            round,
+            version,
+            f32::from(k) / 100.0,
+        );
+        let hash = b.manifest.payload_hash;
+        fast.send(&DeviceMsg::UploadBegin(Box::new(b))).await;
+        match fast.recv().await {
+            AggMsg::UploadStatus { next_index: 0, .. } => {}
+            other => panic!("expected the upload's status, got {other:?}"),
+        }
+        fast.send(&DeviceMsg::UploadChunk {
+            payload_hash: hash,
+            index: 0,
+            data: p,
+        })
+        .await;
+        assert!(matches!(fast.recv().await, AggMsg::UpdateAccepted { .. }));
+        // The next task is offered on the version this update published.
+        let (_, next) = fast.offer().await;
+        assert_ne!(next, version);
+        versions.push(next);
+    }
+
+    // Two versions later the slow device finishes: cut short, not counted.
+    slow.send(&DeviceMsg::UploadChunk {
+        payload_hash: begin.manifest.payload_hash,
+        index: 1,
+        data: payload.slice(chunk..),
+    })
+    .await;
+    slow.expect_reject(RejectCode::RoundClosed, false).await;
+    serving.abort();
+}
+
 /// The process's peak resident set (VmHWM), in bytes.
 fn peak_rss() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -588,7 +691,8 @@ fn peak_rss() -> u64 {
 /// allows and trickle one chunk of it, and 50 that ask for the model and
 /// never read, beside 3 honest devices: what the aggregator holds for
 /// uploads is bounded by its slots (only a selected device may announce
-/// one), the never-readers are dropped at the writer-queue bound, the run
+/// one) and by its in-flight byte budget (four largest uploads here: the
+/// others are paced away), the never-readers are dropped at the writer-queue bound, the run
 /// finishes, and the whole process (aggregator and 103 clients) stays
 /// within 300 MiB of where it started.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -602,6 +706,10 @@ async fn slowloris_uploads_and_never_reading_clients_hold_bounded_memory() {
         onnx_graph: Bytes::new(),
         params: Params::new(layout, vec![0.5; DIM]).unwrap(),
     };
+    let max_payload = fedge_proto::codec::payload_bytes_max(DIM as u64);
+    // Uploads in flight, all devices together, are held to four largest
+    // uploads: the rest of the slowloris crowd is paced away.
+    const BUDGET_UPLOADS: u64 = 4;
     let cfg = ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         coordinator: CoordinatorConfig {
@@ -613,6 +721,7 @@ async fn slowloris_uploads_and_never_reading_clients_hold_bounded_memory() {
             selection_window: Duration::from_millis(300),
             retry_window: (Duration::from_millis(100), Duration::from_millis(300)),
             chunk_bytes: 32 << 10,
+            uploads_in_flight_bytes_max: BUDGET_UPLOADS * max_payload,
             ..CoordinatorConfig::default()
         },
         finish_grace: Some(Duration::from_secs(3)),
@@ -626,7 +735,6 @@ async fn slowloris_uploads_and_never_reading_clients_hold_bounded_memory() {
     let start_rss = peak_rss();
     let serving = tokio::spawn(server.run(big, std::future::pending()));
 
-    let max_payload = fedge_proto::codec::payload_bytes_max(DIM as u64);
     let mut attackers = Vec::new();
     for i in 0..50u32 {
         attackers.push(tokio::spawn(async move {
@@ -662,6 +770,15 @@ async fn slowloris_uploads_and_never_reading_clients_hold_bounded_memory() {
                 chunk_bytes: chunk as u32,
             })))
             .await;
+            match c.recv().await {
+                AggMsg::UploadStatus { next_index: 0, .. } => {}
+                // The in-flight byte budget is full: come back later.
+                AggMsg::NoTask { reason, .. } => {
+                    assert!(reason.contains("byte budget"), "{reason}");
+                    return (c, false);
+                }
+                other => panic!("expected the upload's status, got {other:?}"),
+            }
             c.send(&DeviceMsg::UploadChunk {
                 payload_hash: *blake3::hash(&payload).as_bytes(),
                 index: 0,
@@ -726,6 +843,10 @@ async fn slowloris_uploads_and_never_reading_clients_hold_bounded_memory() {
         grown >> 20
     );
     assert!(grown < 300 << 20, "peak RSS grew {} MiB", grown >> 20);
+    assert!(
+        (1..=BUDGET_UPLOADS as usize).contains(&uploads_begun),
+        "{uploads_begun} uploads opened within a budget of {BUDGET_UPLOADS}"
+    );
     drop(held);
     drop(readers);
     serving.abort();

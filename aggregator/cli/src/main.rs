@@ -35,9 +35,10 @@ enum Cmd {
     ///
     /// The defaults are for an open network: a stake registry (--stakes)
     /// decides who takes part, no device holds more than 20% of a round's
-    /// weight, sample counts count up to 1000, updates are clipped to twice
-    /// the previous round's median norm and combined by a 20% trimmed mean,
-    /// and a round needs 2 updates. `--print-config` shows every setting.
+    /// weight, a claimed sample count buys no weight, updates are clipped
+    /// to twice the previous round's median norm and combined by a 20%
+    /// trimmed mean, and a round needs 2 updates. `--print-config` shows
+    /// every setting.
     #[command(verbatim_doc_comment)]
     Serve(ServeArgs),
     /// Print the TLS certificate fingerprint devices must pin (creates the

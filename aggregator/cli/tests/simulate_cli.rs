@@ -106,7 +106,7 @@ fn presets_set_the_weighting_the_other_flags_then_override() {
         "allow_unknown = false",
         "kind = \"trimmed_mean\"",
         "kind = \"adaptive_median\"",
-        "kind = \"capped\"",
+        "[weights.samples]\nkind = \"constant\"",
     ] {
         assert!(
             serve.contains(needle),

@@ -60,6 +60,11 @@ pub struct CoordinatorConfig {
     pub max_unauthenticated: usize,
     /// Model versions kept for download (the current one and older ones).
     pub versions_kept: usize,
+    /// Bytes of uploads in flight, all devices together: each upload
+    /// reserves its declared size when it begins, and one that would take
+    /// the total past this waits (the device is paced away, keeps its
+    /// update and comes back) instead of growing the aggregator's memory.
+    pub uploads_in_flight_bytes_max: u64,
     /// Training plan sent with each task (the strategy may adjust it).
     pub plan: TrainingPlan,
     /// How participants are weighted (stake, samples, share cap).
@@ -92,6 +97,7 @@ impl Default for CoordinatorConfig {
             max_sessions: 10_000,
             max_unauthenticated: 1024,
             versions_kept: 4,
+            uploads_in_flight_bytes_max: 256 << 20,
             plan: TrainingPlan::default(),
             weights: WeightPolicy::default(),
             strategy: StrategyConfig::default(),
@@ -144,6 +150,9 @@ impl CoordinatorConfig {
         }
         if self.max_sessions == 0 || self.max_unauthenticated == 0 {
             return Err("max_sessions and max_unauthenticated must be at least 1".into());
+        }
+        if self.uploads_in_flight_bytes_max == 0 {
+            return Err("uploads_in_flight_bytes_max must be at least 1".into());
         }
         if self.versions_kept == 0 {
             return Err("versions_kept must be at least 1".into());

@@ -106,7 +106,24 @@ impl Coordinator {
             return;
         }
         let payload_hash = b.manifest.payload_hash;
-        let next_index = self.transfers.begin_upload(key.to_bytes(), b);
+        let budget = self.cfg.uploads_in_flight_bytes_max;
+        let next_index = match self.transfers.begin_upload(key.to_bytes(), b, budget) {
+            Ok(i) => i,
+            Err(reserved) => {
+                // Back-pressure: the device keeps its update and comes back.
+                tracing::debug!(
+                    device = %device_id(&key),
+                    reserved,
+                    budget,
+                    "upload paced away: the in-flight byte budget is full"
+                );
+                self.pace_away(
+                    session,
+                    "uploads in flight fill the aggregator's byte budget",
+                );
+                return;
+            }
+        };
         self.send(
             session,
             AggMsg::UploadStatus {

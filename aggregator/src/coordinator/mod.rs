@@ -140,6 +140,14 @@ impl Coordinator {
             .map_err(|e| e.to_string())?;
         let version = ModelVersion::of(&blob);
         let dim = initial.params.values.len();
+        let largest_upload = fedge_proto::codec::payload_bytes_max(dim as u64);
+        if cfg.uploads_in_flight_bytes_max < largest_upload {
+            return Err(format!(
+                "uploads_in_flight_bytes_max ({}) is below the largest upload of this model's \
+                 {dim} parameters ({largest_upload} bytes): no device could ever upload",
+                cfg.uploads_in_flight_bytes_max
+            ));
+        }
         let mut strategy = cfg.strategy.build();
         let combiner = strategy.combiner(dim, cfg.weights.max_share);
         let policy: Box<dyn RoundPolicy> = match &cfg.strategy.buffered {

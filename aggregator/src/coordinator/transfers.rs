@@ -197,14 +197,31 @@ impl TransferManager {
     // ------------------------------------------------------------ uploads
 
     /// Opens (or resumes) `key`'s upload for a checked manifest; returns the
-    /// index of the next chunk the device must send.
-    pub fn begin_upload(&mut self, key: DeviceKey, b: UploadBegin) -> u32 {
+    /// index of the next chunk the device must send. A new upload reserves
+    /// its declared size against `budget` (bytes of uploads in flight, all
+    /// devices together); when that would overflow it is not opened and the
+    /// bytes already reserved by others come back as the error.
+    pub fn begin_upload(
+        &mut self,
+        key: DeviceKey,
+        b: UploadBegin,
+        budget: u64,
+    ) -> Result<u32, u64> {
         if let Some(u) = self.uploads.get(&key)
             && u.begin.manifest.payload_hash == b.manifest.payload_hash
             && u.begin.chunk_bytes == b.chunk_bytes
         {
             // Resume the same payload from where it stopped.
-            return u.next_index;
+            return Ok(u.next_index);
+        }
+        let reserved_by_others: u64 = self
+            .uploads
+            .iter()
+            .filter(|(k, _)| **k != key)
+            .map(|(_, u)| u.begin.manifest.payload_bytes)
+            .sum();
+        if reserved_by_others.saturating_add(b.manifest.payload_bytes) > budget {
+            return Err(reserved_by_others);
         }
         self.drop_upload(&key);
         self.uploads.insert(
@@ -215,7 +232,7 @@ impl TransferManager {
                 next_index: 0,
             },
         );
-        0
+        Ok(0)
     }
 
     /// Chunk `index` of the upload with payload `hash` from `key`.
@@ -338,8 +355,8 @@ mod tests {
         let mut recent = begin(10, 4, 2);
         recent.manifest.round_id = 5;
         let (a, b) = ([1; 32], [2; 32]);
-        t.begin_upload(a, old);
-        t.begin_upload(b, recent);
+        t.begin_upload(a, old, u64::MAX).unwrap();
+        t.begin_upload(b, recent, u64::MAX).unwrap();
         assert_eq!(t.add_chunk(a, [1; 32], 0, &[0; 4]), ChunkOutcome::Stored);
         assert_eq!(t.add_chunk(b, [2; 32], 0, &[0; 4]), ChunkOutcome::Stored);
         t.on_round_closed(4);
@@ -378,7 +395,7 @@ mod tests {
     fn upload_bytes_are_accounted_for() {
         let mut t = TransferManager::new(64, 2);
         let (a, b) = ([1; 32], [2; 32]);
-        assert_eq!(t.begin_upload(a, begin(10, 4, 1)), 0);
+        assert_eq!(t.begin_upload(a, begin(10, 4, 1), u64::MAX), Ok(0));
         assert_eq!(t.add_chunk(a, [1; 32], 0, &[0; 4]), ChunkOutcome::Stored);
         assert_eq!(t.add_chunk(a, [1; 32], 0, &[0; 4]), ChunkOutcome::Duplicate);
         assert_eq!(
@@ -387,12 +404,12 @@ mod tests {
         );
         assert_eq!(t.upload_bytes_held(), 4);
         // Resuming the same payload keeps what arrived.
-        assert_eq!(t.begin_upload(a, begin(10, 4, 1)), 1);
-        assert_eq!(t.begin_upload(b, begin(8, 4, 2)), 0);
+        assert_eq!(t.begin_upload(a, begin(10, 4, 1), u64::MAX), Ok(1));
+        assert_eq!(t.begin_upload(b, begin(8, 4, 2), u64::MAX), Ok(0));
         assert_eq!(t.add_chunk(b, [2; 32], 0, &[0; 4]), ChunkOutcome::Stored);
         assert_eq!(t.upload_bytes_held(), 8);
         // A different payload replaces the old upload.
-        assert_eq!(t.begin_upload(a, begin(10, 4, 3)), 0);
+        assert_eq!(t.begin_upload(a, begin(10, 4, 3), u64::MAX), Ok(0));
         assert_eq!(t.upload_bytes_held(), 4);
         // Chunks that overshoot the declared size drop the upload.
         assert_eq!(
@@ -412,10 +429,37 @@ mod tests {
         assert_eq!(t.add_chunk(a, [3; 32], 2, &[0; 2]), ChunkOutcome::Ignored);
         assert_eq!(t.add_chunk(a, [9; 32], 0, &[0; 2]), ChunkOutcome::Unknown);
         // A complete upload leaves nothing behind.
-        assert_eq!(t.begin_upload(b, begin(6, 4, 4)), 0);
+        assert_eq!(t.begin_upload(b, begin(6, 4, 4), u64::MAX), Ok(0));
         assert_eq!(t.add_chunk(b, [4; 32], 0, &[0; 4]), ChunkOutcome::Stored);
         assert_eq!(t.add_chunk(b, [4; 32], 1, &[0; 2]), ChunkOutcome::Stored);
         assert_eq!(t.take_complete(&b).map(|u| u.data.len()), Some(6));
         assert_eq!(t.upload_bytes_held(), 0);
+    }
+
+    /// Uploads in flight reserve their declared size: one that would take
+    /// the total past the budget is not opened (the device is paced away),
+    /// and a finished, replaced or expired upload gives its bytes back.
+    #[test]
+    fn uploads_in_flight_stay_within_the_byte_budget() {
+        let mut t = TransferManager::new(64, 2);
+        let (a, b, c) = ([1; 32], [2; 32], [3; 32]);
+        assert_eq!(t.begin_upload(a, begin(10, 4, 1), 16), Ok(0));
+        assert_eq!(t.begin_upload(b, begin(8, 4, 2), 16), Err(10));
+        // Nothing was opened for `b`: its chunks are unknown.
+        assert_eq!(t.add_chunk(b, [2; 32], 0, &[0; 4]), ChunkOutcome::Unknown);
+        assert_eq!(t.begin_upload(c, begin(6, 4, 3), 16), Ok(0));
+        // `a` resumes its own upload whatever the others hold, and may
+        // replace it by one that fits beside them.
+        assert_eq!(t.begin_upload(a, begin(10, 4, 1), 16), Ok(0));
+        assert_eq!(t.begin_upload(a, begin(11, 4, 4), 16), Err(6));
+        assert_eq!(t.begin_upload(a, begin(10, 4, 5), 16), Ok(0));
+        // `c` completes: its bytes go back, and `b` fits.
+        assert_eq!(t.add_chunk(c, [3; 32], 0, &[0; 4]), ChunkOutcome::Stored);
+        assert_eq!(t.add_chunk(c, [3; 32], 1, &[0; 2]), ChunkOutcome::Stored);
+        assert!(t.take_complete(&c).is_some());
+        assert_eq!(t.begin_upload(b, begin(6, 4, 2), 16), Ok(0));
+        // A closed round frees what it cut short.
+        t.on_round_closed(2);
+        assert_eq!(t.begin_upload(c, begin(16, 4, 6), 16), Ok(0));
     }
 }

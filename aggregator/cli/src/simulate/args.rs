@@ -291,7 +291,7 @@ pub struct SimArgs {
     /// other flags: `simulate` (this command's defaults: sqrt stake,
     /// samples linear, 25% share cap, plain mean, min_devices half a
     /// round), `serve` (exactly `fedge-aggregator serve`'s open-network
-    /// defaults: sqrt stake, samples counted up to 1000, 20% share cap,
+    /// defaults: sqrt stake, sample claims ignored, 20% share cap,
     /// no weight for unknown keys, adaptive clipping, 20% trimmed mean,
     /// min_devices 2) or `legacy` (serve's defaults before they were made
     /// safe: constant stake, samples linear, no share cap, unknown keys

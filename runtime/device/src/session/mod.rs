@@ -296,6 +296,25 @@ impl DeviceSession {
                     at: now + Duration::from_millis(wait),
                 };
             }
+            (
+                Phase::Uploading,
+                AggMsg::NoTask {
+                    retry_after_ms_min,
+                    retry_after_ms_max,
+                    reason,
+                },
+            ) if self.upload.is_some() => {
+                // Back-pressure: the aggregator's uploads in flight are at
+                // its byte budget. The update is kept and offered again.
+                tracing::debug!(%reason, "upload paced away");
+                let wait = self
+                    .rng
+                    .random_range(retry_after_ms_min..=retry_after_ms_max.max(retry_after_ms_min));
+                self.request_deadline = None;
+                self.phase = Phase::Idle {
+                    at: now + Duration::from_millis(wait),
+                };
+            }
             (Phase::AwaitTask, AggMsg::Finished(mref)) => {
                 self.request_deadline = None;
                 match &self.model {

@@ -71,6 +71,9 @@ impl DeviceSession {
                 self.events.push_back(DeviceEvent::Connect);
                 return;
             }
+            // An upload paced away by the aggregator is offered again;
+            // otherwise the device asks for work.
+            Phase::Idle { at } if now >= at && self.upload.is_some() => self.begin_upload(now),
             Phase::Idle { at } if now >= at => self.request_task(now),
             _ => {}
         }
