@@ -575,6 +575,99 @@ async fn an_update_signed_for_another_federation_is_refused() {
     }
 }
 
+/// A device that holds the whole in-flight upload budget (it announces
+/// the largest upload and sends half of it) makes the honest devices'
+/// uploads wait: each is paced away, keeps its update, offers it again on
+/// the same connection, and is accepted once the budget frees. Nothing is
+/// lost to back-pressure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_paced_away_by_a_full_budget_are_offered_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let identity = TlsIdentity::load_or_create(dir.path()).unwrap();
+    let fp = identity.fingerprint();
+    let max_payload = fedge_proto::codec::payload_bytes_max(16);
+    let cfg = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        coordinator: CoordinatorConfig {
+            devices_per_round: 4,
+            min_devices: 3,
+            rounds: 1,
+            // The hog's refused upload leaves its slot taken: the round
+            // closes at its deadline, with the three honest updates.
+            round_deadline: Duration::from_secs(5),
+            selection_window: Duration::from_millis(300),
+            retry_window: (Duration::from_millis(200), Duration::from_millis(400)),
+            // One largest upload at a time.
+            uploads_in_flight_bytes_max: max_payload,
+            ..CoordinatorConfig::default()
+        },
+        finish_grace: Some(Duration::from_secs(2)),
+        ..ServerConfig::default()
+    };
+    let server = Server::bind(cfg, &identity, Store::open(dir.path()).await.unwrap()).unwrap();
+    let addr = server.local_addr().unwrap();
+    let serving = tokio::spawn(server.run(model(), std::future::pending()));
+
+    let key = SigningKey::from_bytes(&[60; 32]);
+    let mut hog = Raw::connect(addr, fp).await;
+    hog.auth(&key).await;
+    let (round_id, version) = hog.offer().await;
+    let payload = vec![7u8; max_payload as usize];
+    let manifest = UpdateManifest {
+        round_id,
+        model_version: version,
+        payload_hash: *blake3::hash(&payload).as_bytes(),
+        payload_bytes: max_payload,
+        sample_count: 1,
+        metrics: vec![],
+        device_public_key: key.verifying_key(),
+        federation_id: hog.federation,
+    };
+    let signature = manifest.sign(&key);
+    let half = max_payload.div_ceil(2) as usize;
+    hog.send(&DeviceMsg::UploadBegin(Box::new(UploadBegin {
+        manifest: manifest.clone(),
+        signature,
+        chunk_bytes: half as u32,
+    })))
+    .await;
+    match hog.recv().await {
+        AggMsg::UploadStatus { next_index: 0, .. } => {}
+        other => panic!("expected the upload's status, got {other:?}"),
+    }
+    hog.send(&DeviceMsg::UploadChunk {
+        payload_hash: manifest.payload_hash,
+        index: 0,
+        data: Bytes::from(payload[..half].to_vec()),
+    })
+    .await;
+    // Slots are still free after the check-in window: the honest devices
+    // take them, train at once and find the budget full for the next
+    // 1.5 s; then the hog's garbage completes, is refused, and its bytes
+    // go back.
+    let devices = honest_devices(addr, fp, 70, 1.0);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    hog.send(&DeviceMsg::UploadChunk {
+        payload_hash: manifest.payload_hash,
+        index: 1,
+        data: Bytes::from(payload[half..].to_vec()),
+    })
+    .await;
+    for d in devices {
+        let report = tokio::time::timeout(Duration::from_secs(30), d)
+            .await
+            .expect("honest devices finish")
+            .unwrap()
+            .expect("honest device succeeded");
+        assert_eq!(report.rounds_contributed, 1, "{:?}", report.rejections);
+        assert!(report.rejections.is_empty(), "{:?}", report.rejections);
+        // Paced, not confused: the device waited on its connection
+        // instead of dropping it and reconnecting.
+        assert_eq!(report.connections, 1);
+    }
+    serving.abort();
+}
+
 /// FedBuff over QUIC: an upload begun against the current version and
 /// finished after the buffer has published past its staleness window is
 /// cut short (`RoundClosed`), not accepted at staleness 2.
