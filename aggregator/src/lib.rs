@@ -21,6 +21,7 @@
 pub mod config;
 pub mod coordinator;
 pub mod metrics;
+pub mod privacy;
 pub mod robust;
 pub mod server;
 pub mod store;

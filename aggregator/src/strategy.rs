@@ -62,6 +62,12 @@ pub trait Strategy: Send {
     fn restore<'a>(&mut self, state: &'a [u8]) -> Result<&'a [u8], String> {
         Ok(state)
     }
+
+    /// Figures about the strategy itself, reported with each closed
+    /// round's metrics (the privacy spent, a clipping bound).
+    fn report(&self) -> Vec<(String, f64)> {
+        Vec::new()
+    }
 }
 
 /// Reads a little-endian u64 from the front of `b`.
@@ -422,6 +428,8 @@ pub struct StrategyConfig {
     pub clip: Option<ClipSpec>,
     /// FedBuff: asynchronous buffered aggregation (None: synchronous rounds).
     pub buffered: Option<BufferedSpec>,
+    /// Central user-level differential privacy (DP-FedAvg; None: off).
+    pub dp: Option<crate::privacy::DpSpec>,
 }
 
 impl Default for StrategyConfig {
@@ -432,6 +440,7 @@ impl Default for StrategyConfig {
             fedprox_mu: 0.0,
             clip: None,
             buffered: None,
+            dp: None,
         }
     }
 }
@@ -507,12 +516,46 @@ impl StrategyConfig {
         }
     }
 
-    pub fn build(&self) -> Box<dyn Strategy> {
+    /// DP-FedAvg sums clipped updates with equal weight and adds noise:
+    /// it needs every update in the clear and treated alike, so it refuses
+    /// what would change either. `expected`: participants per round.
+    pub fn validate_dp(&self, expected: usize) -> Result<(), String> {
+        let Some(dp) = &self.dp else {
+            return Ok(());
+        };
+        if self.combine != CombineSpec::Mean {
+            return Err(format!(
+                "strategy.dp needs combine = mean: DP-FedAvg adds noise calibrated to the sum of \
+                 clipped updates, and a robust combiner ({:?}) has another sensitivity",
+                self.combine
+            ));
+        }
+        if self.clip.is_some() {
+            return Err(
+                "strategy.dp clips every update itself (dp.clip): remove strategy.clip".into(),
+            );
+        }
+        if self.buffered.is_some() {
+            return Err(
+                "strategy.dp accounts synchronous rounds; FedBuff (strategy.buffered) is not \
+                 supported with it"
+                    .into(),
+            );
+        }
+        dp.validate(expected)
+    }
+
+    /// The strategy this configuration describes; `expected` participants
+    /// per round (DP's fixed denominator and sampling rate).
+    pub fn build(&self, expected: usize) -> Box<dyn Strategy> {
         let base = Box::new(FedOpt::new(
             self.server_opt.clone(),
             self.combine.clone(),
             self.fedprox_mu,
         ));
+        if let Some(dp) = &self.dp {
+            return Box::new(crate::privacy::DpFedAvg::new(base, dp.clone(), expected));
+        }
         match &self.clip {
             Some(c) => Box::new(NormClipped::new(base, c.clone())),
             None => base,

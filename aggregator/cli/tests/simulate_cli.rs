@@ -245,3 +245,59 @@ fn slot_hogs_run_and_are_stopped_at_the_end() {
     assert_eq!(results["failed_sessions"].as_u64(), Some(0), "{stdout}");
     assert_eq!(results["rounds_published"].as_u64(), Some(2), "{stdout}");
 }
+
+/// Central DP over the real simulation: every published round carries the
+/// privacy spent, epsilon grows with the rounds and the rho-zCDP figure is
+/// rounds / (2 z^2); a robust combiner or FedBuff beside DP is refused
+/// before anything runs.
+#[test]
+fn dp_runs_report_the_privacy_spent_and_incompatible_settings_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, stdout, stderr) = simulate(&[
+        "--devices",
+        "6",
+        "--devices-per-round",
+        "3",
+        "--rounds",
+        "3",
+        "--codec",
+        "q8",
+        "--dp-noise",
+        "0.8",
+        "--dp-clip",
+        "fixed:0.5",
+        "--dp-population",
+        "600",
+        "--out-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(stdout.contains("privacy spent: epsilon"), "{stdout}");
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("results.json")).unwrap()).unwrap();
+    let rows = results["rounds"].as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    let eps: Vec<f64> = rows
+        .iter()
+        .map(|r| r["privacy"]["epsilon"].as_f64().unwrap())
+        .collect();
+    assert!(
+        eps[0] > 0.0 && eps.windows(2).all(|w| w[1] > w[0]),
+        "{eps:?}"
+    );
+    let rho = results["privacy"]["rho_zcdp"].as_f64().unwrap();
+    assert!((rho - 3.0 / (2.0 * 0.64)).abs() < 1e-9, "{rho}");
+    assert_eq!(results["privacy"]["clip_bound"].as_f64(), Some(0.5));
+
+    for (extra, needle) in [
+        (&["--defaults", "serve"][..], "combine = mean"),
+        (&["--strategy", "fedbuff"][..], "FedBuff"),
+        (&["--dp-population", "2"][..], "population"),
+    ] {
+        let mut args = vec!["--dp-noise", "1", "--rounds", "1"];
+        args.extend_from_slice(extra);
+        let (ok, stdout, stderr) = simulate(&args);
+        assert!(!ok, "{extra:?} ran: {stdout}");
+        assert!(stderr.contains(needle), "{extra:?}: {stderr}");
+    }
+}

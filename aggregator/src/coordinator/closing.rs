@@ -76,7 +76,8 @@ impl Coordinator {
             self.event(Event::Contribution(c));
         }
         let published = matches!(outcome, RoundOutcome::Published(_));
-        let metrics = self.strategy.aggregate_evaluate(self.round.book.metrics());
+        let mut metrics = self.strategy.aggregate_evaluate(self.round.book.metrics());
+        metrics.extend(self.strategy.report());
         self.event(Event::RoundClosed {
             round_id,
             accepted,

@@ -173,6 +173,7 @@ impl CoordinatorConfig {
             return Err(format!("update_norm_max must be positive, got {b}"));
         }
         self.strategy.validate()?;
+        self.strategy.validate_dp(self.devices_per_round)?;
         self.weights.validate()
     }
 }

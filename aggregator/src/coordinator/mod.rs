@@ -148,7 +148,7 @@ impl Coordinator {
                 cfg.uploads_in_flight_bytes_max
             ));
         }
-        let mut strategy = cfg.strategy.build();
+        let mut strategy = cfg.strategy.build(cfg.devices_per_round);
         let combiner = strategy.combiner(dim, cfg.weights.max_share);
         let policy: Box<dyn RoundPolicy> = match &cfg.strategy.buffered {
             Some(spec) => Box::new(fedbuff::FedBuff::new(

@@ -298,6 +298,23 @@ pub struct SimArgs {
     /// allowed, plain mean, no norm bound, min_devices 1).
     #[arg(long, value_name = "PRESET")]
     defaults: Option<String>,
+    /// Central user-level differential privacy (DP-FedAvg): the noise
+    /// multiplier z (noise stddev z x clip bound on the sum of clipped
+    /// updates). Needs a plain mean and no other clipping (the `simulate`
+    /// preset). The privacy spent is printed and written to results.json.
+    #[arg(long, value_name = "Z")]
+    dp_noise: Option<f64>,
+    /// DP clipping: `adaptive` (Andrew et al. 2021: target quantile 0.5,
+    /// learning rate 0.2, from 0.1), `adaptive:INITIAL`, or `fixed:BOUND`.
+    #[arg(long, value_name = "SPEC", requires = "dp_noise")]
+    dp_clip: Option<String>,
+    /// Population the accountant's sampling rate is taken from
+    /// (participants per round / population; default: --devices).
+    #[arg(long, value_name = "N", requires = "dp_noise")]
+    dp_population: Option<u64>,
+    /// Delta at which epsilon is reported (default 1e-5).
+    #[arg(long, requires = "dp_noise")]
+    dp_delta: Option<f64>,
     /// Directory for results.json.
     #[arg(long)]
     out_dir: Option<PathBuf>,
@@ -322,6 +339,7 @@ impl SimConfig {
         if let Some(agg) = &a.aggregator {
             c.apply_aggregator(agg)?;
         }
+        c.apply_dp(a)?;
         anyhow::ensure!(
             (0.0..1.0).contains(&c.attackers),
             "attackers must be in [0, 1), got {}",
@@ -427,6 +445,49 @@ impl SimConfig {
         if let Some(v) = a.bandwidth_kbps.clone() {
             c.heterogeneity.bandwidth_kbps = v;
         }
+    }
+
+    /// `--dp-*`: central DP. The simulation seeds the noise with its seed
+    /// so that a run can be repeated (a deployment never does).
+    fn apply_dp(&mut self, a: &SimArgs) -> anyhow::Result<()> {
+        use fedge_aggregator::privacy::DpClip;
+        let Some(z) = a.dp_noise else {
+            return Ok(());
+        };
+        let mut spec = self.strategy.dp.clone().unwrap_or_default();
+        spec.noise_multiplier = z;
+        spec.population = a.dp_population.unwrap_or(self.devices as u64);
+        if let Some(d) = a.dp_delta {
+            spec.delta = d;
+        }
+        spec.noise_seed = Some(self.seed);
+        if let Some(clip) = &a.dp_clip {
+            let adaptive = |initial| DpClip::Adaptive {
+                initial,
+                target_quantile: 0.5,
+                learning_rate: 0.2,
+                count_noise: None,
+            };
+            spec.clip = match clip.split_once(':') {
+                None if clip == "adaptive" => adaptive(0.1),
+                Some(("adaptive", v)) => adaptive(
+                    v.parse()
+                        .with_context(|| format!("--dp-clip `{clip}`: adaptive:INITIAL"))?,
+                ),
+                Some(("fixed", v)) => DpClip::Fixed {
+                    bound: v
+                        .parse()
+                        .with_context(|| format!("--dp-clip `{clip}`: fixed:BOUND"))?,
+                },
+                _ => anyhow::bail!(
+                    "--dp-clip `{clip}`: use adaptive, adaptive:INITIAL or fixed:BOUND"
+                ),
+            };
+        }
+        self.strategy.dp = Some(spec);
+        self.strategy
+            .validate_dp(self.devices_per_round)
+            .map_err(|e| anyhow::anyhow!("{e}"))
     }
 
     /// `--strategy`: the server optimizer, FedProx's mu, or FedBuff.

@@ -30,6 +30,31 @@ pub struct Row {
     download_bytes: u64,
     cumulative_upload_bytes: u64,
     seconds: f64,
+    /// The privacy spent up to this round (DP runs only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    privacy: Option<Privacy>,
+}
+
+/// What the aggregator's accountant reported when a round closed.
+#[derive(Clone, Debug, Serialize)]
+pub struct Privacy {
+    epsilon: f64,
+    delta: f64,
+    rho_zcdp: f64,
+    clip_bound: f64,
+}
+
+impl Privacy {
+    /// From a closed round's metrics, when the strategy reports them.
+    fn of(metrics: &[(String, f64)]) -> Option<Self> {
+        let get = |k: &str| metrics.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
+        Some(Privacy {
+            epsilon: get("dp_epsilon")?,
+            delta: get("dp_delta")?,
+            rho_zcdp: get("dp_rho_zcdp")?,
+            clip_bound: get("dp_clip_bound")?,
+        })
+    }
 }
 
 /// Held-out evaluation of a model's parameters.
@@ -209,12 +234,23 @@ pub async fn follow_rounds(
                     download_bytes: out_now - last_out,
                     cumulative_upload_bytes: rounds.upload_bytes,
                     seconds: started.elapsed().as_secs_f64(),
+                    privacy: None,
                 };
                 table.published(&row);
                 last_out = out_now;
                 up = 0;
                 participants = 0;
                 rounds.rows.push(row);
+            }
+            // The round's model was published just before this.
+            Event::RoundClosed {
+                outcome: RoundOutcome::Published(_),
+                metrics,
+                ..
+            } => {
+                if let (Some(row), Some(p)) = (rounds.rows.last_mut(), Privacy::of(&metrics)) {
+                    row.privacy = Some(p);
+                }
             }
             Event::Finished { final_version: v } => {
                 rounds.final_version = Some(v);
@@ -288,6 +324,19 @@ impl Summary<'_> {
             self.failed_sessions,
             self.started.elapsed().as_secs_f64()
         );
+        let privacy = rows.last().and_then(|r| r.privacy.clone());
+        if let Some(p) = &privacy {
+            println!(
+                "privacy spent: epsilon {:.3} at delta {:e} (Poisson sampling at {} of {} devices per round), \
+                 rho-zCDP {:.4} without sampling amplification; last clip bound {:.4}",
+                p.epsilon,
+                p.delta,
+                c.devices_per_round,
+                c.strategy.dp.as_ref().map_or(0, |d| d.population),
+                p.rho_zcdp,
+                p.clip_bound
+            );
+        }
         std::fs::create_dir_all(&c.out_dir)
             .with_context(|| format!("creating {}", c.out_dir.display()))?;
         let results = serde_json::json!({
@@ -303,6 +352,7 @@ impl Summary<'_> {
             "dense_f32_upload_bytes": dense_total,
             "failed_sessions": self.failed_sessions,
             "attackers_stopped": self.attackers_stopped,
+            "privacy": privacy,
             "seconds": self.started.elapsed().as_secs_f64(),
         });
         let path = c.out_dir.join("results.json");
