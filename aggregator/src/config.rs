@@ -359,7 +359,9 @@ impl AggregatorConfig {
                 "rounds.min_devices = 1 publishes a version from a single device's update".into(),
             );
         }
-        let no_norm_bound = self.strategy.clip.is_none() && self.update_norm_max.is_none();
+        // DP-FedAvg clips every update and gives each the same weight.
+        let dp = self.strategy.dp.is_some();
+        let no_norm_bound = self.strategy.clip.is_none() && self.update_norm_max.is_none() && !dp;
         if no_norm_bound && self.strategy.combine == CombineSpec::Mean {
             risks.push(
                 "a plain mean with no norm bound (strategy.clip, update_norm_max) lets one scaled \
@@ -368,6 +370,7 @@ impl AggregatorConfig {
             );
         }
         if w.max_share >= 1.0
+            && !dp
             && matches!(
                 w.samples,
                 Transform::Linear | Transform::Sqrt | Transform::Log
@@ -380,7 +383,7 @@ impl AggregatorConfig {
                     .into(),
             );
         }
-        if w.samples != Transform::Constant && self.plan.local_steps == 0 {
+        if w.samples != Transform::Constant && self.plan.local_steps == 0 && !dp {
             risks.push(format!(
                 "weights.samples ({:?}) counts each device's claimed sample count, and with \
                  plan.local_steps = 0 the plan bounds no claim: devices that lie buy weight up \
@@ -565,6 +568,23 @@ mod tests {
         fixed_work.plan.local_steps = 20;
         assert!(fixed_work.dominance_risks().is_empty());
         fixed_work.server_config().unwrap();
+        // DP-FedAvg clips every update and weighs each the same: neither
+        // the missing norm bound nor counted claims is a risk.
+        let mut dp = base.clone();
+        dp.strategy.combine = CombineSpec::Mean;
+        dp.strategy.clip = None;
+        dp.strategy.dp = Some(crate::privacy::DpSpec {
+            population: 1000,
+            clip: crate::privacy::DpClip::Fixed { bound: 1.0 },
+            ..Default::default()
+        });
+        dp.weights.samples = Transform::Linear;
+        assert!(
+            dp.dominance_risks().is_empty(),
+            "{:?}",
+            dp.dominance_risks()
+        );
+        dp.server_config().unwrap();
     }
 
     #[test]
