@@ -42,6 +42,20 @@ pub const SUPPORTED: &[&str] = &[
     "LayerNormalization",
     "Dropout",
     "Identity",
+    "Clip",
+    "HardSigmoid",
+    "HardSwish",
+    "Erf",
+    "Gelu",
+    "Pow",
+    "ReduceMean",
+    "ReduceSum",
+    "Split",
+    "Slice",
+    "Expand",
+    "Where",
+    "Trilu",
+    "Cast",
 ];
 
 pub fn has_rule(op: &str) -> bool {
@@ -56,19 +70,96 @@ fn unsupported(node: &NodeProto, reason: impl Into<String>) -> TrainError {
     }
 }
 
-/// Gradients of `node`'s inputs given `gy`, the gradient of its output.
+/// Gradients of `node`'s inputs given `gys`, the gradients of its
+/// outputs that carry one (every part of a Split, else the first output;
+/// `None` where an output does not reach the loss).
 pub fn backward(
     b: &mut Builder,
     node: &NodeProto,
-    gy: &str,
+    gys: &[Option<String>],
     needs: &[bool],
 ) -> Result<Vec<Option<String>>, TrainError> {
     let n = node.input.len();
     let mut out: Vec<Option<String>> = vec![None; n];
+    if node.op_type == "Split" {
+        split(b, node, gys, &mut out)?;
+        return Ok(out);
+    }
+    let Some(gy) = gys.first().cloned().flatten() else {
+        return Ok(out);
+    };
+    let gy = gy.as_str();
     let x = |i: usize| node.input[i].as_str();
     let y = node.output[0].as_str();
     match node.op_type.as_str() {
-        "Identity" | "Dropout" => out[0] = Some(gy.to_string()),
+        // Dropout runs in inference mode (shape inference refuses training
+        // mode); a float-to-float Cast passes the gradient through.
+        "Identity" | "Dropout" | "Cast" => out[0] = Some(gy.to_string()),
+        "Clip" => out[0] = Some(clip(b, node, gy, needs)?),
+        "HardSigmoid" => {
+            // y = clamp(alpha x + beta, 0, 1): slope alpha strictly inside.
+            let alpha = attr_f(node, "alpha").unwrap_or(0.2);
+            let (zero, one) = (b.scalar(0.0), b.scalar(1.0));
+            let g = b.scale(gy, alpha)?;
+            let below_one = b.binary("Less", y, &one)?;
+            let g = b.op("Where", &[&below_one, &g, &zero], vec![])?;
+            let above_zero = b.binary("Greater", y, &zero)?;
+            out[0] = Some(b.op("Where", &[&above_zero, &g, &zero], vec![])?);
+        }
+        "HardSwish" => {
+            // y = x clamp(x/6 + 1/2, 0, 1): dy/dx is 0 below -3, 1 above
+            // 3 and x/3 + 1/2 between.
+            let (zero, one, half) = (b.scalar(0.0), b.scalar(1.0), b.scalar(0.5));
+            let (lo, hi) = (b.scalar(-3.0), b.scalar(3.0));
+            let third = b.scale(x(0), 1.0 / 3.0)?;
+            let mid = b.binary("Add", &third, &half)?;
+            let above = b.binary("Greater", x(0), &hi)?;
+            let d = b.op("Where", &[&above, &one, &mid], vec![])?;
+            let below = b.binary("Less", x(0), &lo)?;
+            let d = b.op("Where", &[&below, &zero, &d], vec![])?;
+            out[0] = Some(b.binary("Mul", gy, &d)?);
+        }
+        "Erf" => {
+            // d erf(x) = 2/sqrt(pi) exp(-x^2)
+            let x2 = b.binary("Mul", x(0), x(0))?;
+            let nx2 = b.unary("Neg", &x2)?;
+            let e = b.unary("Exp", &nx2)?;
+            let d = b.scale(&e, std::f32::consts::FRAC_2_SQRT_PI)?;
+            out[0] = Some(b.binary("Mul", gy, &d)?);
+        }
+        "Gelu" => out[0] = Some(gelu(b, node, gy)?),
+        "Pow" => pow(b, node, gy, needs, &mut out)?,
+        "ReduceMean" | "ReduceSum" => out[0] = Some(reduce(b, node, gy)?),
+        "Slice" => out[0] = Some(slice_grad(b, node, gy)?),
+        "Expand" => {
+            let xs = b.shape(x(0));
+            out[0] = Some(b.unbroadcast(gy, &xs)?);
+        }
+        "Where" => {
+            // The condition is bool: no gradient; each branch gets the
+            // gradient where it was taken.
+            let zero = b.scalar(0.0);
+            for i in 1..3 {
+                if needs[i] {
+                    let xs = b.shape(x(i));
+                    let ins = if i == 1 {
+                        [x(0), gy, zero.as_str()]
+                    } else {
+                        [x(0), zero.as_str(), gy]
+                    };
+                    let g = b.op("Where", &ins, vec![])?;
+                    out[i] = Some(b.unbroadcast(&g, &xs)?);
+                }
+            }
+        }
+        "Trilu" => {
+            // The kept triangle passes the gradient: the same Trilu of it.
+            let mut ins = vec![gy];
+            if let Some(k) = node.input.get(1).filter(|k| !k.is_empty()) {
+                ins.push(k);
+            }
+            out[0] = Some(b.op("Trilu", &ins, node.attribute.clone())?);
+        }
         "Neg" => out[0] = Some(b.unary("Neg", gy)?),
         "Add" | "Sub" => {
             for i in 0..2 {
@@ -303,7 +394,7 @@ fn conv(
     out: &mut [Option<String>],
 ) -> Result<(), TrainError> {
     let (x, w) = (node.input[0].as_str(), node.input[1].as_str());
-    let (xs, ws, gs) = (b.shape(x), b.shape(w), b.shape(gy));
+    let (xs, ws) = (b.shape(x), b.shape(w));
     let Window {
         kernel: k,
         strides: st,
@@ -319,9 +410,68 @@ fn conv(
     if b.lowering == Lowering::Tract {
         return conv_as_gemm(b, node, gy, needs, out);
     }
+    let win = Window {
+        kernel: k,
+        strides: st,
+        pads,
+        dilations: dil,
+    };
+    let groups = group_of(node);
+    if groups == 1 {
+        let (dx, dw) = conv_portable(b, node, (x, w, gy), (needs[0], needs[1]), &win)?;
+        out[0] = dx;
+        out[1] = dw;
+    } else {
+        // One group at a time: its input channels, its filters, its
+        // output channels.
+        let (cg, cog) = (xs[1] / groups, ws[0] / groups);
+        let (mut dxs, mut dws) = (Vec::new(), Vec::new());
+        for g in 0..groups {
+            let xg = slice(b, x, 1, g * cg, cg)?;
+            let wg = slice(b, w, 0, g * cog, cog)?;
+            let gyg = slice(b, gy, 1, g * cog, cog)?;
+            let (dx, dw) = conv_portable(b, node, (&xg, &wg, &gyg), (needs[0], needs[1]), &win)?;
+            dxs.extend(dx);
+            dws.extend(dw);
+        }
+        let cat = |b: &mut Builder, parts: &[String], axis: i64| {
+            let refs: Vec<&str> = parts.iter().map(|s| s.as_str()).collect();
+            b.op("Concat", &refs, vec![onnx::int("axis", axis)])
+        };
+        if needs[0] {
+            out[0] = Some(cat(b, &dxs, 1)?);
+        }
+        if needs[1] {
+            out[1] = Some(cat(b, &dws, 0)?);
+        }
+    }
+    if needs.len() > 2 && needs[2] {
+        out[2] = Some(b.reduce_sum(gy, &[0, 2, 3], false)?);
+    }
+    Ok(())
+}
+
+/// Conv's `group` attribute (1 when absent).
+fn group_of(node: &NodeProto) -> usize {
+    attr_i(node, "group").unwrap_or(1).max(1) as usize
+}
+
+/// Input and weight gradients of one ungrouped 2-D convolution in
+/// standard ONNX ops: `dX = ConvTranspose(G, W)` with the forward strides
+/// and pads, `dW` a Conv of the transposed input by the transposed output
+/// gradient (the forward stride becomes the dilation).
+fn conv_portable(
+    b: &mut Builder,
+    node: &NodeProto,
+    (x, w, gy): (&str, &str, &str),
+    (need_x, need_w): (bool, bool),
+    win: &Window,
+) -> Result<(Option<String>, Option<String>), TrainError> {
+    let (xs, gs) = (b.shape(x), b.shape(gy));
+    let (k, st, pads) = (&win.kernel, &win.strides, &win.pads);
     let to_i = |v: &[usize]| v.iter().map(|&d| d as i64).collect::<Vec<_>>();
-    if needs[0] {
-        // dX = ConvTranspose(G, W) with the forward strides and pads.
+    let mut dx = None;
+    if need_x {
         let mut op_pad = vec![0i64; 2];
         for i in 0..2 {
             let full = st[i] * (gs[2 + i] - 1) + k[i];
@@ -334,28 +484,28 @@ fn conv(
                 ));
             }
         }
-        out[0] = Some(b.op(
+        dx = Some(b.op(
             "ConvTranspose",
             &[gy, w],
             vec![
-                onnx::ints("strides", &to_i(&st)),
-                onnx::ints("pads", &to_i(&pads)),
+                onnx::ints("strides", &to_i(st)),
+                onnx::ints("pads", &to_i(pads)),
                 onnx::ints("output_padding", &op_pad),
-                onnx::ints("kernel_shape", &to_i(&k)),
+                onnx::ints("kernel_shape", &to_i(k)),
             ],
         )?);
     }
-    if needs[1] {
-        // dW: batch becomes channels; the forward stride becomes dilation.
+    let mut dw = None;
+    if need_w {
         let xt = b.transpose(x, &[1, 0, 2, 3])?;
         let gt = b.transpose(gy, &[1, 0, 2, 3])?;
         let dwt = b.op(
             "Conv",
             &[&xt, &gt],
             vec![
-                onnx::ints("pads", &to_i(&pads)),
+                onnx::ints("pads", &to_i(pads)),
                 onnx::ints("strides", &[1, 1]),
-                onnx::ints("dilations", &to_i(&st)),
+                onnx::ints("dilations", &to_i(st)),
                 onnx::ints("kernel_shape", &[gs[2] as i64, gs[3] as i64]),
             ],
         )?;
@@ -368,12 +518,9 @@ fn conv(
         } else {
             dwt
         };
-        out[1] = Some(b.transpose(&dwt, &[1, 0, 2, 3])?);
+        dw = Some(b.transpose(&dwt, &[1, 0, 2, 3])?);
     }
-    if needs.len() > 2 && needs[2] {
-        out[2] = Some(b.reduce_sum(gy, &[0, 2, 3], false)?);
-    }
-    Ok(())
+    Ok((dx, dw))
 }
 
 /// The window of `node` (a 2-D Conv or MaxPool) over `x`, with `y` its
@@ -483,8 +630,15 @@ pub fn lower_forward(b: &mut Builder, node: &NodeProto) -> Result<bool, TrainErr
                 return Ok(false);
             }
             let g = geometry_of(node, &xs, ws[2..].to_vec(), &ys)?;
-            let (co, ck) = (ws[0], ws[1] * ws[2] * ws[3]);
-            let w2 = b.reshape(w, &[co, ck])?;
+            // ck: one group's rows of the patches.
+            let (co, ck, groups) = (ws[0], ws[1] * ws[2] * ws[3], group_of(node));
+            // Grouped: [groups, co/groups, ck] against the patches as
+            // [groups, ck, pixels], one batched product.
+            let w2 = if groups == 1 {
+                b.reshape(w, &[co, ck])?
+            } else {
+                b.reshape(w, &[groups, co / groups, ck])?
+            };
             let bias = match node.input.get(2).filter(|b| !b.is_empty()) {
                 Some(bias) => Some(b.reshape(bias, &[co, 1])?),
                 None => None,
@@ -493,7 +647,14 @@ pub fn lower_forward(b: &mut Builder, node: &NodeProto) -> Result<bool, TrainErr
             let mut parts = Vec::new();
             for (first, len) in chunks(g.n, per) {
                 let cols = im2col_chunk(b, x, &g, first, len)?;
-                let mut y2 = b.binary("MatMul", &w2, &cols)?;
+                let mut y2 = if groups == 1 {
+                    b.binary("MatMul", &w2, &cols)?
+                } else {
+                    let pixels = len * ys[2] * ys[3];
+                    let cols3 = b.reshape(&cols, &[groups, ck, pixels])?;
+                    let y3 = b.binary("MatMul", &w2, &cols3)?;
+                    b.reshape(&y3, &[co, pixels])?
+                };
                 if let Some(bias) = &bias {
                     y2 = b.binary("Add", &y2, bias)?;
                 }
@@ -556,6 +717,10 @@ fn conv_as_gemm(
     let (co, ck, hw) = (ws[0], ws[1] * ws[2] * ws[3], gs[2] * gs[3]);
     let p = gs[0] * hw;
     let parts = chunks(g.n, chunk_images(&g, b.im2col_bytes_max));
+    let groups = group_of(node);
+    if groups > 1 {
+        return grouped_conv_as_gemm(b, node, gy, needs, out, (&g, &parts, groups));
+    }
     if needs[1] {
         let gt = b.transpose(gy, &[0, 2, 3, 1])?;
         let g2t = b.reshape(&gt, &[p, co])?;
@@ -756,6 +921,296 @@ fn layer_norm(
         let d = b.binary("Sub", &gx, &m1)?;
         let d = b.binary("Sub", &d, &t)?;
         out[0] = Some(b.binary("Mul", &d, &inv)?);
+    }
+    Ok(())
+}
+
+/// Clip: the gradient passes where the input is inside [min, max] (either
+/// bound may be absent); bounds are constants (ReLU6 is Clip(x, 0, 6)).
+fn clip(b: &mut Builder, node: &NodeProto, gy: &str, needs: &[bool]) -> Result<String, TrainError> {
+    if needs.iter().skip(1).any(|&n| n) {
+        return Err(unsupported(
+            node,
+            "a trainable min or max bound has no gradient rule; make the bounds constants",
+        ));
+    }
+    let x = node.input[0].as_str();
+    let zero = b.scalar(0.0);
+    let mut g = gy.to_string();
+    for (i, cmp) in [(1, "Less"), (2, "Greater")] {
+        if let Some(bound) = node.input.get(i).filter(|s| !s.is_empty()) {
+            let outside = b.binary(cmp, x, bound)?;
+            g = b.op("Where", &[&outside, &zero, &g], vec![])?;
+        }
+    }
+    Ok(g)
+}
+
+/// Gelu, exact (`0.5 x (1 + erf(x / sqrt 2))`) or with
+/// `approximate="tanh"`.
+fn gelu(b: &mut Builder, node: &NodeProto, gy: &str) -> Result<String, TrainError> {
+    let x = node.input[0].as_str();
+    let (half, one) = (b.scalar(0.5), b.scalar(1.0));
+    let approximate = super::onnx::attr_s(node, "approximate").unwrap_or_default();
+    let d = match approximate.as_str() {
+        "" | "none" => {
+            // 0.5 (1 + erf(x / sqrt 2)) + x exp(-x^2 / 2) / sqrt(2 pi)
+            let xs = b.scale(x, std::f32::consts::FRAC_1_SQRT_2)?;
+            let erf = b.unary("Erf", &xs)?;
+            let cdf = b.binary("Add", &one, &erf)?;
+            let cdf = b.binary("Mul", &cdf, &half)?;
+            let x2 = b.binary("Mul", x, x)?;
+            let e = b.scale(&x2, -0.5)?;
+            let e = b.unary("Exp", &e)?;
+            let pdf = b.scale(&e, 1.0 / (2.0 * std::f32::consts::PI).sqrt())?;
+            let xp = b.binary("Mul", x, &pdf)?;
+            b.binary("Add", &cdf, &xp)?
+        }
+        "tanh" => {
+            // u = c (x + k x^3), t = tanh u:
+            // 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 k x^2)
+            let (c, k) = ((2.0 / std::f32::consts::PI).sqrt(), 0.044715f32);
+            let x2 = b.binary("Mul", x, x)?;
+            let x3 = b.binary("Mul", &x2, x)?;
+            let kx3 = b.scale(&x3, k)?;
+            let inner = b.binary("Add", x, &kx3)?;
+            let u = b.scale(&inner, c)?;
+            let t = b.unary("Tanh", &u)?;
+            let opt = b.binary("Add", &one, &t)?;
+            let first = b.binary("Mul", &opt, &half)?;
+            let t2 = b.binary("Mul", &t, &t)?;
+            let sech2 = b.binary("Sub", &one, &t2)?;
+            let kx2 = b.scale(&x2, 3.0 * k)?;
+            let du = b.binary("Add", &one, &kx2)?;
+            let du = b.scale(&du, 0.5 * c)?;
+            let xs = b.binary("Mul", x, &sech2)?;
+            let second = b.binary("Mul", &xs, &du)?;
+            b.binary("Add", &first, &second)?
+        }
+        other => {
+            return Err(unsupported(
+                node,
+                format!("approximate=\"{other}\" is not an ONNX Gelu form"),
+            ));
+        }
+    };
+    b.binary("Mul", gy, &d)
+}
+
+/// Pow with a constant exponent `p`: `dx = g p x^(p-1)`.
+fn pow(
+    b: &mut Builder,
+    node: &NodeProto,
+    gy: &str,
+    needs: &[bool],
+    out: &mut [Option<String>],
+) -> Result<(), TrainError> {
+    if needs.get(1) == Some(&true) {
+        return Err(unsupported(
+            node,
+            "a trainable exponent has no gradient rule; make the exponent a constant",
+        ));
+    }
+    let x = node.input[0].as_str();
+    let p = node.input[1].clone();
+    let p = if b.s.types.get(&p).copied().unwrap_or(F32) != F32 {
+        b.cast(&p, F32)?
+    } else {
+        p
+    };
+    let p = p.as_str();
+    let one = b.scalar(1.0);
+    let pm1 = b.binary("Sub", p, &one)?;
+    let xp = b.binary("Pow", x, &pm1)?;
+    let d = b.binary("Mul", &xp, p)?;
+    let g = b.binary("Mul", gy, &d)?;
+    let xs = b.shape(x);
+    out[0] = Some(b.unbroadcast(&g, &xs)?);
+    Ok(())
+}
+
+/// ReduceSum and ReduceMean: the output gradient spread back over the
+/// reduced axes (divided by their size for the mean).
+fn reduce(b: &mut Builder, node: &NodeProto, gy: &str) -> Result<String, TrainError> {
+    let x = node.input[0].as_str();
+    let xs = b.shape(x);
+    let axes = super::shape::reduce_axes(node, &b.s)?;
+    if axes.is_empty() && attr_i(node, "noop_with_empty_axes").unwrap_or(0) != 0 {
+        return Ok(gy.to_string());
+    }
+    let r = xs.len() as i64;
+    let ax: Vec<usize> = if axes.is_empty() {
+        (0..xs.len()).collect()
+    } else {
+        axes.iter()
+            .map(|&a| (if a < 0 { a + r } else { a }) as usize)
+            .collect()
+    };
+    let kept: Vec<usize> = xs
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| if ax.contains(&i) { 1 } else { d })
+        .collect();
+    let g = b.reshape(gy, &kept)?;
+    let sh: Vec<i64> = xs.iter().map(|&d| d as i64).collect();
+    let sh = b.const_i64(&sh);
+    let e = b.op("Expand", &[&g, &sh], vec![])?;
+    if node.op_type == "ReduceMean" {
+        let count: usize = ax.iter().map(|&i| xs[i]).product();
+        b.scale(&e, 1.0 / count.max(1) as f32)
+    } else {
+        Ok(e)
+    }
+}
+
+/// `t` with `before` and `after` zeros added along `axis`.
+fn pad_axis(
+    b: &mut Builder,
+    t: &str,
+    axis: usize,
+    before: usize,
+    after: usize,
+) -> Result<String, TrainError> {
+    if before == 0 && after == 0 {
+        return Ok(t.to_string());
+    }
+    let ts = b.shape(t);
+    let mut parts = Vec::new();
+    for (len, is_t) in [(before, false), (0, true), (after, false)] {
+        if is_t {
+            parts.push(t.to_string());
+        } else if len > 0 {
+            let mut zs = ts.clone();
+            zs[axis] = len;
+            parts.push(b.zeros(&zs)?);
+        }
+    }
+    let refs: Vec<&str> = parts.iter().map(|s| s.as_str()).collect();
+    b.op("Concat", &refs, vec![onnx::int("axis", axis as i64)])
+}
+
+/// Slice (steps of 1, as shape inference accepts): the gradient back in
+/// place, zeros around it.
+fn slice_grad(b: &mut Builder, node: &NodeProto, gy: &str) -> Result<String, TrainError> {
+    let xs = b.shape(&node.input[0]);
+    let konst = |i: usize| -> Result<Vec<i64>, TrainError> {
+        node.input
+            .get(i)
+            .and_then(|n| b.s.consts.get(n))
+            .cloned()
+            .ok_or_else(|| unsupported(node, format!("input {i} must be a constant")))
+    };
+    let (starts, ends) = (konst(1)?, konst(2)?);
+    let axes = if node.input.len() > 3 && !node.input[3].is_empty() {
+        konst(3)?
+    } else {
+        (0..starts.len() as i64).collect()
+    };
+    let r = xs.len() as i64;
+    let mut g = gy.to_string();
+    for ((&st, &en), &a) in starts.iter().zip(&ends).zip(&axes) {
+        let a = (if a < 0 { a + r } else { a }) as usize;
+        let dim = xs[a] as i64;
+        let clamp = |v: i64| if v < 0 { (v + dim).max(0) } else { v.min(dim) };
+        let (lo, hi) = (clamp(st), clamp(en).max(clamp(st)));
+        g = pad_axis(b, &g, a, lo as usize, (dim - hi) as usize)?;
+    }
+    Ok(g)
+}
+
+/// Split: the parts' gradients concatenated back (zeros for a part that
+/// does not reach the loss).
+fn split(
+    b: &mut Builder,
+    node: &NodeProto,
+    gys: &[Option<String>],
+    out: &mut [Option<String>],
+) -> Result<(), TrainError> {
+    let xs = b.shape(&node.input[0]);
+    let r = xs.len() as i64;
+    let a = attr_i(node, "axis").unwrap_or(0);
+    let a = if a < 0 { a + r } else { a };
+    let mut parts = Vec::new();
+    for (o, g) in node.output.iter().zip(gys) {
+        parts.push(match g {
+            Some(g) => g.clone(),
+            None => {
+                let os = b.shape(o);
+                b.zeros(&os)?
+            }
+        });
+    }
+    let refs: Vec<&str> = parts.iter().map(|s| s.as_str()).collect();
+    out[0] = Some(if refs.len() == 1 {
+        refs[0].to_string()
+    } else {
+        b.op("Concat", &refs, vec![onnx::int("axis", a)])?
+    });
+    Ok(())
+}
+
+/// [`conv_as_gemm`] for a grouped (or depthwise) convolution: the same
+/// products batched over the groups. With `cols` as `[groups, ck, pixels]`,
+/// `G` as `[groups, co/groups, pixels]` and `W` as `[groups, co/groups, ck]`:
+/// `dW^T = cols x G^T` and `dX = col2im(W^T x G)`, per group.
+fn grouped_conv_as_gemm(
+    b: &mut Builder,
+    node: &NodeProto,
+    gy: &str,
+    needs: &[bool],
+    out: &mut [Option<String>],
+    (g, parts, groups): (&Geometry, &[(usize, usize)], usize),
+) -> Result<(), TrainError> {
+    let (x, w) = (node.input[0].as_str(), node.input[1].as_str());
+    let (ws, gs) = (b.shape(w), b.shape(gy));
+    let (co, ck, hw) = (ws[0], ws[1] * ws[2] * ws[3], gs[2] * gs[3]);
+    let (cog, p) = (co / groups, gs[0] * hw);
+    // G as [n, groups, co/groups, pixels of one image].
+    let g4 = b.reshape(gy, &[gs[0], groups, cog, hw])?;
+    if needs[1] {
+        let gt = b.transpose(&g4, &[1, 0, 3, 2])?;
+        let g3t = b.reshape(&gt, &[groups, p, cog])?;
+        let mut acc: Option<String> = None;
+        for &(first, len) in parts {
+            let cols = match b.conv_cols.get(&node.output[0]) {
+                Some(c) if parts.len() == 1 => c.clone(),
+                _ => im2col_chunk(b, x, g, first, len)?,
+            };
+            let cols3 = b.reshape(&cols, &[groups, ck, len * hw])?;
+            let g3tc = slice(b, &g3t, 1, first * hw, len * hw)?;
+            let d = b.binary("MatMul", &cols3, &g3tc)?;
+            acc = Some(match acc {
+                Some(a) => b.binary("Add", &a, &d)?,
+                None => d,
+            });
+        }
+        let dw3 = b.transpose(&acc.expect("a chunk"), &[0, 2, 1])?;
+        out[1] = Some(b.reshape(&dw3, &ws)?);
+    }
+    if needs[0] {
+        let gt = b.transpose(&g4, &[1, 2, 0, 3])?;
+        let g3 = b.reshape(&gt, &[groups, cog, p])?;
+        let w3 = b.reshape(w, &[groups, cog, ck])?;
+        let w3t = b.transpose(&w3, &[0, 2, 1])?;
+        let mut dx = Vec::new();
+        for &(first, len) in parts {
+            let g3c = slice(b, &g3, 2, first * hw, len * hw)?;
+            let cols3 = b.binary("MatMul", &w3t, &g3c)?;
+            let cols = b.reshape(&cols3, &[groups * ck, len * hw])?;
+            let gc = Geometry { n: len, ..*g };
+            let attrs = vec![onnx::ints("geometry", &gc.to_ints())];
+            dx.push(b.fedge_op(kernels::COL2IM, &[&cols], attrs, 1)?.remove(0));
+        }
+        let name = if dx.len() == 1 {
+            dx.remove(0)
+        } else {
+            let refs: Vec<&str> = dx.iter().map(|s| s.as_str()).collect();
+            b.op("Concat", &refs, vec![onnx::int("axis", 0)])?
+        };
+        out[0] = Some(name);
+    }
+    if needs.len() > 2 && needs[2] {
+        out[2] = Some(b.reduce_sum(gy, &[0, 2, 3], false)?);
     }
     Ok(())
 }

@@ -1,9 +1,29 @@
 //! ONNX models in and out of fedge's model blobs.
 //!
 //! Importing takes every float32 initializer as a parameter (in initializer
-//! order: the canonical layout) and strips it from the graph; int64
-//! initializers (reshape targets and the like) stay as constants. The
-//! stripped graph travels in [`ModelBlob::onnx_graph`].
+//! order: the canonical layout) and strips it from the graph; int64 and
+//! bool initializers (reshape targets, masks) stay as constants, and so do
+//! float initializers that are only ever an op's constant operand (Clip's
+//! bounds, Dropout's ratio, Pow's exponent, a comparison's operand) or a
+//! non-finite fill value of
+//! `Where` (attention masks' -inf). The stripped graph travels in
+//! [`ModelBlob::onnx_graph`].
+//!
+//! # Opsets
+//!
+//! Models from opset 13 to 21 are accepted (PyTorch's legacy exporter
+//! writes 17 by default, its dynamo exporter 18 and up). What changed
+//! after 17 in the ops fedge reads, and how it is handled:
+//!
+//! | opset | change | handled |
+//! |---|---|---|
+//! | 18 | ReduceMean, ReduceMax, ... take `axes` as an input, not an attribute | shape inference and the GPU lowering read either; the compiler emits the form of the model's opset ([`super::compile::Builder::reduce_mean_last`]) |
+//! | 18 | Split gains `num_outputs` | equal parts only (unequal ones need the `split` input), checked against the outputs |
+//! | 18 | Pad, Resize, Col2Im, GroupNormalization, bitwise ops, ... | not supported: refused by shape inference naming op and node |
+//! | 19 | AveragePool gains `dilations`; Cast gains `saturate` (float8 only) | dilated pooling has no gradient rule and is refused; `saturate` does not apply to the types fedge trains |
+//! | 19-21 | Reshape, Shape, Cast, Constant, Identity, Flatten, Squeeze, Unsqueeze, Transpose accept new element types (float8, int4) | those types are not trained: a float8 or int4 tensor has no shape rule or GPU type |
+//! | 20 | Gelu (exact and tanh) | a gradient rule |
+//! | 21 | GroupNormalization changes its scale and bias shapes | not supported (refused, as at 18) |
 
 use std::sync::Arc;
 
@@ -16,7 +36,54 @@ use super::onnx::{F32, dims, f32_values, value_info_shape};
 
 /// Opset versions the training compiler understands.
 pub const OPSET_MIN: i64 = 13;
-pub const OPSET_MAX: i64 = 17;
+pub const OPSET_MAX: i64 = 21;
+
+/// `(op, input)` operands that are constants by nature: a float
+/// initializer used only here is kept as a constant, not made a parameter
+/// (a comparison's operand has no gradient; bounds, ratios and exponents
+/// are hyperparameters).
+const CONSTANT_OPERANDS: &[(&str, usize)] = &[
+    ("Clip", 1),
+    ("Clip", 2),
+    ("Dropout", 1),
+    ("Pow", 1),
+    ("Equal", 0),
+    ("Equal", 1),
+    ("Greater", 0),
+    ("Greater", 1),
+    ("Less", 0),
+    ("Less", 1),
+];
+
+/// Float initializers that stay constants: every use is a constant
+/// operand ([`CONSTANT_OPERANDS`]), or the value is not finite (it cannot
+/// be a parameter) and every use is a value operand of `Where` (a masked
+/// fill with -inf).
+fn float_constants(
+    graph: &tract_onnx::pb::GraphProto,
+) -> Result<std::collections::HashSet<String>, TrainError> {
+    let mut uses: std::collections::HashMap<&str, Vec<(&str, usize)>> = Default::default();
+    for n in &graph.node {
+        for (i, x) in n.input.iter().enumerate() {
+            uses.entry(x.as_str())
+                .or_default()
+                .push((n.op_type.as_str(), i));
+        }
+    }
+    let mut out = std::collections::HashSet::new();
+    for t in graph.initializer.iter().filter(|t| t.data_type == F32) {
+        let Some(u) = uses.get(t.name.as_str()) else {
+            continue;
+        };
+        let constant_operand = u.iter().all(|use_| CONSTANT_OPERANDS.contains(use_));
+        let masked_fill = u.iter().all(|&(op, i)| op == "Where" && i > 0)
+            && f32_values(t)?.iter().any(|v| !v.is_finite());
+        if constant_operand || masked_fill {
+            out.insert(t.name.clone());
+        }
+    }
+    Ok(out)
+}
 
 pub fn decode_model(bytes: &[u8]) -> Result<ModelProto, TrainError> {
     ModelProto::decode(bytes).map_err(|e| TrainError::BadModel(format!("not an ONNX model: {e}")))
@@ -47,8 +114,9 @@ pub fn import_onnx(bytes: &[u8]) -> Result<ModelBlob, TrainError> {
     let mut specs = Vec::new();
     let mut values = Vec::new();
     let mut kept = Vec::new();
+    let constants = float_constants(graph)?;
     for t in std::mem::take(&mut graph.initializer) {
-        if t.data_type == F32 {
+        if t.data_type == F32 && !constants.contains(&t.name) {
             let v = f32_values(&t)?;
             // The wire refuses non-finite parameters (ModelBlob::decode):
             // refuse them here, where the user can still fix the export.
@@ -212,11 +280,14 @@ impl ModelGraph {
                 nodes.push(n);
                 continue;
             }
-            if n.input.len() != 5 || n.output.len() != 1 {
+            if n.input.len() != 5
+                || n.output.len() != 1
+                || super::onnx::attr_i(&n, "training_mode").unwrap_or(0) != 0
+            {
                 return Err(TrainError::UnsupportedForm {
                     op: n.op_type.clone(),
                     node: n.name.clone(),
-                    reason: "only the inference form (5 inputs, 1 output) is supported".into(),
+                    reason: "only the inference form (5 inputs, 1 output, running statistics) is supported; export the model in eval mode".into(),
                 });
             }
             let rank = shapes.shape(&n.input[0])?.len();

@@ -8,9 +8,11 @@ use tract_onnx::pb::NodeProto;
 
 use super::TrainError;
 use super::import::ModelGraph;
-use super::onnx::{F32, I64, attr, attr_f, attr_i, attr_ints, attr_s, dims, i64_values};
+use super::onnx::{
+    F32, I64, attr, attr_f, attr_i, attr_ints, attr_s, bool_values, dims, i64_values,
+};
 
-pub const BOOL: i32 = 9;
+pub use super::onnx::BOOL;
 
 /// Known shapes, element types and int64 constant values by tensor name.
 #[derive(Clone, Debug, Default)]
@@ -18,6 +20,9 @@ pub struct Shapes {
     pub shapes: HashMap<String, Vec<usize>>,
     pub types: HashMap<String, i32>,
     pub consts: HashMap<String, Vec<i64>>,
+    /// Values of constant bool tensors (initializers and `Constant`
+    /// nodes): Dropout's `training_mode`, attention masks.
+    pub bools: HashMap<String, Vec<bool>>,
 }
 
 impl Shapes {
@@ -74,6 +79,9 @@ pub fn infer(graph: &ModelGraph, batch: usize) -> Result<Shapes, TrainError> {
         s.set(&t.name, dims(t)?, t.data_type);
         if t.data_type == I64 {
             s.consts.insert(t.name.clone(), i64_values(t)?);
+        }
+        if t.data_type == BOOL {
+            s.bools.insert(t.name.clone(), bool_values(t)?);
         }
     }
     for node in &g.node {
@@ -207,7 +215,10 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
     let (shape, ty): (Vec<usize>, i32) = match op {
         "Relu" | "LeakyRelu" | "Sigmoid" | "Tanh" | "Exp" | "Log" | "Neg" | "Sqrt" | "Sin"
         | "Cos" | "Reciprocal" | "Softmax" | "LogSoftmax" | "Identity" | "Dropout" | "Abs"
-        | "CumSum" => {
+        | "CumSum" | "Erf" | "Gelu" | "HardSigmoid" | "HardSwish" | "Clip" | "Trilu" => {
+            if op == "Dropout" {
+                dropout_mask(node, s)?;
+            }
             if (op == "Neg" || op == "Identity")
                 && let Some(c) = s.consts.get(input_name(node, 0)?).cloned()
             {
@@ -231,7 +242,8 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
             }
             (inp!(0), to)
         }
-        "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Equal" | "Greater" | "Less" => {
+        "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Mod" | "Equal" | "Greater" | "Less" => {
+            let fmod = attr_i(node, "fmod").unwrap_or(0) != 0;
             let a = inp!(0);
             let b = inp!(1);
             if let (Some(ca), Some(cb)) =
@@ -244,6 +256,16 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
                     "Sub" => x.checked_sub(y),
                     "Mul" => x.checked_mul(y),
                     "Div" => x.checked_div(y),
+                    // ONNX Mod: C's remainder with fmod=1, else the
+                    // remainder takes the divisor's sign (Python's %).
+                    "Mod" if fmod => x.checked_rem(y),
+                    "Mod" => x.checked_rem(y).map(|r| {
+                        if r != 0 && (r < 0) != (y < 0) {
+                            r + y
+                        } else {
+                            r
+                        }
+                    }),
                     _ => None,
                 };
                 let v: Option<Vec<i64>> = ca
@@ -315,16 +337,19 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
                 pads,
                 dilations: dil,
             } = spatial_attrs(node, w[2..].to_vec())?;
-            let group = attr_i(node, "group").unwrap_or(1);
-            if group != 1 {
-                return Err(err(node, "group != 1 is not supported"));
-            }
+            let group = usize::try_from(attr_i(node, "group").unwrap_or(1))
+                .ok()
+                .filter(|&g| g >= 1)
+                .ok_or_else(|| err(node, "group must be at least 1"))?;
             let mut out = vec![x[0]];
             if op == "Conv" {
-                if x[1] != w[1] {
+                if Some(x[1]) != w[1].checked_mul(group) || !w[0].is_multiple_of(group) {
                     return Err(err(
                         node,
-                        &format!("input has {} channels, weight expects {}", x[1], w[1]),
+                        &format!(
+                            "input has {} channels and the weight is {w:?}: not a convolution in {group} group(s)",
+                            x[1]
+                        ),
                     ));
                 }
                 out.push(w[0]);
@@ -335,10 +360,13 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
                     );
                 }
             } else {
-                if x[1] != w[0] {
+                if x[1] != w[0] || !w[0].is_multiple_of(group) {
                     return Err(err(node, "ConvTranspose channel mismatch"));
                 }
-                out.push(w[1]);
+                out.push(
+                    w[1].checked_mul(group)
+                        .ok_or_else(|| err(node, "output channels overflow"))?,
+                );
                 let op_ = attr_ints(node, "output_padding").unwrap_or(vec![0, 0]);
                 if op_.len() != 2 || op_.iter().any(|&p| p < 0) {
                     return Err(err(node, "output_padding must be two non-negative ints"));
@@ -545,12 +573,12 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
         }
         "ReduceSum" | "ReduceMean" => {
             let x = inp!(0);
-            let axes: Vec<i64> = if op == "ReduceSum" && node.input.len() > 1 {
-                s.konst(node, 1)?.to_vec()
-            } else {
-                attr_ints(node, "axes").unwrap_or_default()
-            };
+            let axes = reduce_axes(node, s)?;
             let keep = attr_i(node, "keepdims").unwrap_or(1) != 0;
+            if axes.is_empty() && attr_i(node, "noop_with_empty_axes").unwrap_or(0) != 0 {
+                s.set(&out0, x, x_ty);
+                return Ok(());
+            }
             let ax: Vec<usize> = if axes.is_empty() {
                 (0..x.len()).collect()
             } else {
@@ -626,7 +654,23 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
             if t.data_type == I64 {
                 s.consts.insert(out0.clone(), i64_values(t)?);
             }
+            if t.data_type == BOOL {
+                s.bools.insert(out0.clone(), bool_values(t)?);
+            }
             (dims(t)?, t.data_type)
+        }
+        "Split" => {
+            let x = inp!(0);
+            let sizes = split_sizes(node, s, &x)?;
+            let a = axis(node, attr_i(node, "axis").unwrap_or(0), x.len())?;
+            for (o, &len) in node.output.iter().zip(&sizes).skip(1) {
+                let mut sh = x.clone();
+                sh[a] = len;
+                s.set(o, sh, x_ty);
+            }
+            let mut sh = x.clone();
+            sh[a] = sizes[0];
+            (sh, x_ty)
         }
         "LayerNormalization" => {
             let x = inp!(0);
@@ -651,7 +695,11 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
         }
         "BatchNormalization" => {
             if attr_i(node, "training_mode").unwrap_or(0) != 0 || node.output.len() > 1 {
-                return Err(err(node, "only the inference form is supported"));
+                return Err(TrainError::UnsupportedForm {
+                    op: op.into(),
+                    node: node.name.clone(),
+                    reason: "only the inference form (running statistics, one output) is supported; export the model in eval mode".into(),
+                });
             }
             (inp!(0), x_ty)
         }
@@ -664,5 +712,88 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
         }
     };
     s.set(&out0, shape, ty);
+    Ok(())
+}
+
+/// The reduction axes of a Reduce* node: its second input when present
+/// (ReduceSum from opset 13, every reduction from opset 18), else its
+/// `axes` attribute (the other reductions up to opset 17).
+pub fn reduce_axes(node: &NodeProto, s: &Shapes) -> Result<Vec<i64>, TrainError> {
+    Ok(match node.input.get(1).filter(|n| !n.is_empty()) {
+        Some(_) => s.konst(node, 1)?.to_vec(),
+        None => attr_ints(node, "axes").unwrap_or_default(),
+    })
+}
+
+/// Sizes of Split's outputs along its axis: the `split` input when given,
+/// else equal parts, one per output (opset 18 names their count in
+/// `num_outputs`). Unequal parts without a `split` input are refused:
+/// tract does not make the smaller last part ONNX 18 describes.
+pub fn split_sizes(node: &NodeProto, s: &Shapes, x: &[usize]) -> Result<Vec<usize>, TrainError> {
+    let a = axis(node, attr_i(node, "axis").unwrap_or(0), x.len())?;
+    let outputs = node.output.len();
+    if outputs == 0 {
+        return Err(err(node, "no outputs"));
+    }
+    if let Some(n) = attr_i(node, "num_outputs")
+        && usize::try_from(n).ok() != Some(outputs)
+    {
+        return Err(err(node, &format!("num_outputs={n} but {outputs} outputs")));
+    }
+    let sizes: Vec<usize> = match node.input.get(1).filter(|n| !n.is_empty()) {
+        Some(_) => s
+            .konst(node, 1)?
+            .iter()
+            .map(|&v| usize::try_from(v).map_err(|_| err(node, "negative split size")))
+            .collect::<Result<_, _>>()?,
+        None => {
+            if !x[a].is_multiple_of(outputs) {
+                return Err(TrainError::UnsupportedForm {
+                    op: node.op_type.clone(),
+                    node: node.name.clone(),
+                    reason: format!(
+                        "{} elements do not split into {outputs} equal parts; give the sizes as the `split` input",
+                        x[a]
+                    ),
+                });
+            }
+            vec![x[a] / outputs; outputs]
+        }
+    };
+    if sizes.len() != outputs
+        || sizes.iter().try_fold(0usize, |t, &v| t.checked_add(v)) != Some(x[a])
+    {
+        return Err(err(
+            node,
+            &format!(
+                "split sizes {sizes:?} do not cover {} elements in {outputs} outputs",
+                x[a]
+            ),
+        ));
+    }
+    Ok(sizes)
+}
+
+/// Dropout runs as in inference (the output is the input); its optional
+/// mask output is all true, a bool tensor shaped like the input. Training
+/// mode (a `training_mode` input that is not a constant false) would drop
+/// at random, which a reproducible training step does not do: refused.
+fn dropout_mask(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
+    if let Some(tm) = node.input.get(2).filter(|n| !n.is_empty()) {
+        match s.bools.get(tm) {
+            Some(v) if v.iter().all(|&b| !b) => {}
+            _ => {
+                return Err(TrainError::UnsupportedForm {
+                    op: node.op_type.clone(),
+                    node: node.name.clone(),
+                    reason: "training mode (random dropping) is not supported; export the model in eval mode, where Dropout is the identity".into(),
+                });
+            }
+        }
+    }
+    if let Some(mask) = node.output.get(1).filter(|n| !n.is_empty()) {
+        let x = input_shape(node, s, 0)?;
+        s.set(mask, x, BOOL);
+    }
     Ok(())
 }

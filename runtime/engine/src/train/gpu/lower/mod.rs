@@ -17,7 +17,7 @@ use tract_onnx::pb::{ModelProto, NodeProto};
 use super::GpuError;
 use crate::train::TrainError;
 use crate::train::compile::{LABELS, LOSS, LR, Mode, TrainingGraph, WD_STEP};
-use crate::train::onnx::{F32, I64, attr, attr_i, attr_ints, dims, f32_values};
+use crate::train::onnx::{F32, I64, attr, attr_i, dims, f32_values};
 use crate::train::shape::{BOOL, Shapes, infer_node};
 
 mod buffers;
@@ -234,14 +234,10 @@ impl Lowerer {
             }
             "ReduceSum" | "ReduceMean" => {
                 let r = self.shape(&node.input[0])?.len();
-                let axes: Vec<i64> =
-                    if op == "ReduceSum" && node.input.len() > 1 {
-                        self.s.consts.get(&node.input[1]).cloned().ok_or_else(|| {
-                            unsupported_form(node, "reduction axes must be constant")
-                        })?
-                    } else {
-                        attr_ints(node, "axes").unwrap_or_default()
-                    };
+                // Axes as an input (ReduceSum from opset 13, ReduceMean
+                // from 18) or as an attribute (ReduceMean up to 17).
+                let axes: Vec<i64> = crate::train::shape::reduce_axes(node, &self.s)
+                    .map_err(|_| unsupported_form(node, "reduction axes must be constant"))?;
                 let axes: Vec<usize> = if axes.is_empty() {
                     if attr_i(node, "noop_with_empty_axes").unwrap_or(0) != 0 {
                         return self.alias(node);
