@@ -1030,6 +1030,27 @@ proptest! {
         }, seed);
     }
 
+    /// Gather along any axis with constant indices, negative and repeated
+    /// ones among them (`x[:, -1, :]` selects the last position).
+    #[test]
+    fn gather_any_axis(shape in dims(4, 3), axis in -3i64..3, idx in prop::collection::vec(-4i64..4, 0..4), seed in 0u64..1000) {
+        let a = axis.rem_euclid(3) as usize;
+        let d = shape[a] as i64;
+        let idx: Vec<i64> = idx.into_iter().map(|i| if i < 0 { -1 - (-1 - i) % d } else { i % d }).collect();
+        // No indices: a scalar index, which drops the axis.
+        let t = if idx.is_empty() {
+            onnx::tensor_i64("idx", &[], &[-1])
+        } else {
+            onnx::tensor_i64("idx", &[idx.len()], &idx)
+        };
+        check_case(OpCase {
+            params: vec![p("a", &shape, Init::Any)],
+            consts: vec![t],
+            nodes: vec![n("Gather", &["a", "idx"], "y", vec![onnx::int("axis", axis)])],
+            output: "y".into(),
+        }, seed);
+    }
+
     /// A float-to-float Cast on the trainable path passes the gradient;
     /// Equal and a Cast to bool beside it carry none.
     #[test]
@@ -1255,7 +1276,7 @@ fn unsupported_forms_are_refused_naming_op_and_node() {
 
     // A trainable Clip bound.
     let case = OpCase {
-        params: vec![p("a", &[2, 3], Init::Any), p("hi", &[], Init::Positive)],
+        params: vec![p("a", &[2, 3], Init::Any), p("hi", &[3], Init::Positive)],
         consts: vec![],
         nodes: vec![
             onnx::node("Relu", "/hi/Relu", &["hi"], &["hi_r"], vec![]),

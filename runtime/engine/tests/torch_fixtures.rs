@@ -28,10 +28,15 @@ const LR: f32 = 0.05;
 #[derive(Default)]
 struct Reference {
     input: Vec<f32>,
+    /// Token ids (the transformers' input) instead of `input`.
+    tokens: Vec<i64>,
     input_shape: Vec<usize>,
     labels: Vec<i64>,
     grads: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
     losses: Vec<f32>,
+    /// Literals the dynamo exporter lifted to `[1]` initializers: fedge
+    /// cannot tell them from parameters; frozen here, as in PyTorch.
+    literals: Vec<String>,
 }
 
 fn dir() -> PathBuf {
@@ -54,15 +59,23 @@ fn read_reference(name: &str) -> Reference {
                 r.input = floats();
                 r.input_shape = dims;
             }
+            "tokens" => {
+                r.tokens = values.split(' ').map(|v| v.parse().unwrap()).collect();
+                r.input_shape = dims;
+            }
             "labels" => r.labels = values.split(' ').map(|v| v.parse().unwrap()).collect(),
             "grad" => {
                 r.grads.insert(tensor, (dims, floats()));
             }
             "losses" => r.losses = floats(),
+            "literal" => r.literals.push(tensor),
             other => panic!("{}: unknown record `{other}`", path.display()),
         }
     }
-    assert_eq!(r.input.len(), r.input_shape.iter().product::<usize>());
+    assert_eq!(
+        r.input.len().max(r.tokens.len()),
+        r.input_shape.iter().product::<usize>()
+    );
     r
 }
 
@@ -73,12 +86,18 @@ fn check_fixture(name: &str) {
     let g = ModelGraph::from_blob(&blob).unwrap_or_else(|e| panic!("{name}: {e}"));
     let batch = r.labels.len();
     let layout = &blob.params.layout;
-    let (x, y) = (Batch::F32(&r.input), Labels::Classes(&r.labels));
+    let x = if r.tokens.is_empty() {
+        Batch::F32(&r.input)
+    } else {
+        Batch::I64(&r.tokens)
+    };
+    let y = Labels::Classes(&r.labels);
     for lowering in [Lowering::Tract, Lowering::Portable] {
         let opts = CompileOptions {
             batch,
             loss: Loss::SoftmaxCrossEntropy,
             lowering,
+            freeze: r.literals.clone(),
             ..CompileOptions::default()
         };
 
@@ -172,4 +191,24 @@ fn resnet_legacy_exporter() {
 #[test]
 fn resnet_dynamo_exporter() {
     check_fixture("resnet_dynamo");
+}
+
+#[test]
+fn transformer_by_hand_legacy_exporter() {
+    check_fixture("transformer_hand_legacy");
+}
+
+#[test]
+fn transformer_by_hand_dynamo_exporter() {
+    check_fixture("transformer_hand_dynamo");
+}
+
+#[test]
+fn transformer_encoder_layer_legacy_exporter() {
+    check_fixture("transformer_layer_legacy");
+}
+
+#[test]
+fn transformer_encoder_layer_dynamo_exporter() {
+    check_fixture("transformer_layer_dynamo");
 }

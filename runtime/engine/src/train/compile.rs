@@ -419,7 +419,7 @@ impl Builder {
 /// Cast passes a gradient only when it casts to float32 (a float path the
 /// exporter re-typed); a cast to an integer or bool stops it, as the
 /// comparisons do.
-fn differentiable(node: &NodeProto) -> Vec<usize> {
+pub(crate) fn differentiable(node: &NodeProto) -> Vec<usize> {
     match node.op_type.as_str() {
         "Shape" | "Constant" | "Equal" | "Greater" | "Less" | "Mod" => vec![],
         "Cast" if onnx::attr_i(node, "to") == Some(F32 as i64) => vec![0],
@@ -433,7 +433,7 @@ fn differentiable(node: &NodeProto) -> Vec<usize> {
 
 /// Outputs of `node` that carry a gradient: every part of a Split, else
 /// the first output only (Dropout's mask carries none).
-fn grad_outputs(node: &NodeProto) -> &[String] {
+pub(crate) fn grad_outputs(node: &NodeProto) -> &[String] {
     match node.op_type.as_str() {
         "Split" => &node.output,
         _ => &node.output[..node.output.len().min(1)],

@@ -859,28 +859,47 @@ fn max_pool_grad(
     b.reshape(&gt, &[n, c, h, w])
 }
 
+/// Gather along any axis: the output gradient scattered back with a
+/// one-hot product, `dData[pre, d, post] = sum over i of [idx_i == d]
+/// G[pre, i, post]` (repeated indices add up). Constant indices may be
+/// negative (`x[:, -1]`); data-dependent ones (token ids) are taken as
+/// given.
 fn gather(
     b: &mut Builder,
     node: &NodeProto,
     gy: &str,
     out: &mut [Option<String>],
 ) -> Result<(), TrainError> {
-    if attr_i(node, "axis").unwrap_or(0) != 0 {
-        return Err(unsupported(node, "Gather gradients along axis 0 only"));
-    }
     let (data, idx) = (node.input[0].as_str(), node.input[1].as_str());
     let ds = b.shape(data);
+    let r = ds.len() as i64;
+    let a = attr_i(node, "axis").unwrap_or(0);
+    let a = (if a < 0 { a + r } else { a }) as usize;
+    let dim = ds[a];
     let count: usize = b.shape(idx).iter().product();
-    let rest: usize = ds[1..].iter().product();
-    // dData = onehot(idx)^T . G, with the one-hot built from Equal.
-    let flat = b.reshape(idx, &[count, 1])?;
-    let range: Vec<i64> = (0..ds[0] as i64).collect();
+    let (pre, post): (usize, usize) = (ds[..a].iter().product(), ds[a + 1..].iter().product());
+    let idx = match b.s.consts.get(idx).cloned() {
+        Some(c) => {
+            let v: Vec<i64> = c
+                .iter()
+                .map(|&i| if i < 0 { i + dim as i64 } else { i })
+                .collect();
+            b.const_i64(&v)
+        }
+        None => idx.to_string(),
+    };
+    let flat = b.reshape(&idx, &[count, 1])?;
+    let range: Vec<i64> = (0..dim as i64).collect();
     let range = b.const_i64(&range);
     let eq = b.binary("Equal", &flat, &range)?;
     let onehot = b.cast(&eq, F32)?;
     let oht = b.transpose(&onehot, &[1, 0])?;
-    let g2 = b.reshape(gy, &[count, rest])?;
-    let d = b.binary("MatMul", &oht, &g2)?;
+    let g = if pre == 1 {
+        b.reshape(gy, &[count, post])?
+    } else {
+        b.reshape(gy, &[pre, count, post])?
+    };
+    let d = b.binary("MatMul", &oht, &g)?;
     out[0] = Some(b.reshape(&d, &ds)?);
     Ok(())
 }

@@ -3,10 +3,13 @@
 //! Importing takes every float32 initializer as a parameter (in initializer
 //! order: the canonical layout) and strips it from the graph; int64 and
 //! bool initializers (reshape targets, masks) stay as constants, and so do
-//! float initializers that are only ever an op's constant operand (Clip's
-//! bounds, Dropout's ratio, Pow's exponent, a comparison's operand) or a
-//! non-finite fill value of
-//! `Where` (attention masks' -inf). The stripped graph travels in
+//! float initializers no gradient reaches (a causal-mask buffer compared
+//! with Equal), rank-0 ones (the dynamo exporter lifts literals such as
+//! attention's 1/sqrt(d) to initializers; a learnable rank-0 number, a
+//! temperature, is imported as a constant too), those only ever an op's
+//! constant operand (Clip's bounds, Dropout's ratio, Pow's exponent) and
+//! attention masks (-inf, filled in by `Where` or added to the scores).
+//! The stripped graph travels in
 //! [`ModelBlob::onnx_graph`].
 //!
 //! # Opsets
@@ -40,25 +43,39 @@ pub const OPSET_MAX: i64 = 21;
 
 /// `(op, input)` operands that are constants by nature: a float
 /// initializer used only here is kept as a constant, not made a parameter
-/// (a comparison's operand has no gradient; bounds, ratios and exponents
-/// are hyperparameters).
-const CONSTANT_OPERANDS: &[(&str, usize)] = &[
-    ("Clip", 1),
-    ("Clip", 2),
-    ("Dropout", 1),
-    ("Pow", 1),
-    ("Equal", 0),
-    ("Equal", 1),
-    ("Greater", 0),
-    ("Greater", 1),
-    ("Less", 0),
-    ("Less", 1),
-];
+/// (bounds, ratios and exponents are hyperparameters).
+const CONSTANT_OPERANDS: &[(&str, usize)] = &[("Clip", 1), ("Clip", 2), ("Dropout", 1), ("Pow", 1)];
 
-/// Float initializers that stay constants: every use is a constant
-/// operand ([`CONSTANT_OPERANDS`]), or the value is not finite (it cannot
-/// be a parameter) and every use is a value operand of `Where` (a masked
-/// fill with -inf).
+/// Tensors from which a gradient can flow back from the first output:
+/// the output, then walking the nodes backwards, the differentiable inputs
+/// of each node one of whose gradient-carrying outputs is in the set.
+fn reaching_output(graph: &tract_onnx::pb::GraphProto) -> std::collections::HashSet<String> {
+    let mut set: std::collections::HashSet<String> = graph
+        .output
+        .iter()
+        .take(1)
+        .map(|o| o.name.clone())
+        .collect();
+    for n in graph.node.iter().rev() {
+        if super::compile::grad_outputs(n)
+            .iter()
+            .any(|o| set.contains(o))
+        {
+            for i in super::compile::differentiable(n) {
+                if let Some(x) = n.input.get(i).filter(|x| !x.is_empty()) {
+                    set.insert(x.clone());
+                }
+            }
+        }
+    }
+    set
+}
+
+/// Float initializers that stay constants: rank-0 ones, those no
+/// gradient reaches ([`reaching_output`]: used, but only through
+/// comparisons, shapes or conditions), those whose every use is a constant operand ([`CONSTANT_OPERANDS`]),
+/// or the value holds infinities (it cannot be a parameter) and every use
+/// is a value operand of `Where` or of `Add` (an attention mask).
 fn float_constants(
     graph: &tract_onnx::pb::GraphProto,
 ) -> Result<std::collections::HashSet<String>, TrainError> {
@@ -71,13 +88,25 @@ fn float_constants(
         }
     }
     let mut out = std::collections::HashSet::new();
+    let reaching = reaching_output(graph);
     for t in graph.initializer.iter().filter(|t| t.data_type == F32) {
         let Some(u) = uses.get(t.name.as_str()) else {
             continue;
         };
+        if t.dims.is_empty() || !reaching.contains(&t.name) {
+            out.insert(t.name.clone());
+            continue;
+        }
         let constant_operand = u.iter().all(|use_| CONSTANT_OPERANDS.contains(use_));
-        let masked_fill = u.iter().all(|&(op, i)| op == "Where" && i > 0)
-            && f32_values(t)?.iter().any(|v| !v.is_finite());
+        // An attention mask: -inf where attention is not allowed, filled in
+        // with Where or added to the scores; infinite, never NaN.
+        let masked_fill = u
+            .iter()
+            .all(|&(op, i)| (op == "Where" && i > 0) || op == "Add")
+            && {
+                let v = f32_values(t)?;
+                v.iter().any(|v| v.is_infinite()) && !v.iter().any(|v| v.is_nan())
+            };
         if constant_operand || masked_fill {
             out.insert(t.name.clone());
         }
