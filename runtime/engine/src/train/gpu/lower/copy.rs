@@ -127,4 +127,36 @@ impl Lowerer {
         }
         Ok(())
     }
+
+    /// Split: one strided copy per output.
+    pub(super) fn split(&mut self, node: &NodeProto) -> Result<(), TrainError> {
+        let xs = self.shape(&node.input[0])?;
+        let sizes = crate::train::shape::split_sizes(node, &self.s, &xs)?;
+        let r = xs.len() as i64;
+        let a = attr_i(node, "axis").unwrap_or(0);
+        let a = if a < 0 { a + r } else { a } as usize;
+        let x = self.data(&node.input[0])?;
+        let ty = self.ty(x);
+        let xst = strides(&xs);
+        let mut off = 0;
+        for (o, len) in node.output.iter().zip(sizes) {
+            if !o.is_empty() {
+                let out_shape = self.shape(o)?;
+                let out = self.add(o, out_shape.iter().product(), ty, super::Role::Temp);
+                if len > 0 {
+                    self.copy(
+                        node,
+                        x,
+                        out,
+                        &out_shape,
+                        xst.clone(),
+                        strides(&out_shape),
+                        (off * xst[a], 0),
+                    )?;
+                }
+            }
+            off += len;
+        }
+        Ok(())
+    }
 }
