@@ -438,7 +438,7 @@ fn fixture_agrees(name: &str, vocab: Option<usize>) {
 fn agree_on_random_batches(name: &str, blob: &ModelBlob, vocab: Option<usize>) {
     use rand::{Rng, SeedableRng};
     require_adapter();
-    let graph = ModelGraph::from_blob(&blob).unwrap();
+    let graph = ModelGraph::from_blob(blob).unwrap();
     let batch = 4;
     let opts = CompileOptions {
         batch,
