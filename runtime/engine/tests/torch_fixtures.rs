@@ -11,7 +11,8 @@
 //! For each file, with both lowerings: the first step's gradient of every
 //! parameter agrees with PyTorch's within 1e-3 of that tensor's largest
 //! magnitude (max |fedge - torch| <= 1e-3 * max |torch|), and five plain
-//! SGD steps give PyTorch's losses within a relative 1e-3, falling.
+//! SGD steps give PyTorch's losses within a relative 1e-3, falling; and
+//! the model, exported with a symbolic batch, also trains on a batch of 3.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -166,6 +167,24 @@ fn check_fixture(name: &str) {
             losses.last() < losses.first(),
             "{name} ({lowering:?}): loss did not fall: {losses:?}"
         );
+        // Both exports have a symbolic batch: the first three samples make
+        // a batch of three, whose loss is theirs alone.
+        let three = CompileOptions {
+            batch: 3,
+            loss: Loss::SoftmaxCrossEntropy,
+            lowering,
+            freeze: r.literals.clone(),
+            ..CompileOptions::default()
+        };
+        let mut ex3 = TractExecutor::new(&g, three).unwrap_or_else(|e| panic!("{name}: {e}"));
+        ex3.load(&blob.params.values).unwrap();
+        let sample = r.input_shape[1..].iter().product::<usize>();
+        let x3 = match x {
+            Batch::F32(v) => Batch::F32(&v[..3 * sample]),
+            Batch::I64(v) => Batch::I64(&v[..3 * sample]),
+        };
+        let loss3 = ex3.step(x3, Labels::Classes(&r.labels[..3]), LR).unwrap();
+        assert!(loss3.is_finite(), "{name}: batch of three: loss {loss3}");
         eprintln!(
             "{name} ({lowering:?}): {} gradients, worst difference {worst:.1e} of the tensor's scale; losses {losses:?}",
             grads.len()
