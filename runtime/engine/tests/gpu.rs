@@ -512,6 +512,15 @@ fn transformer_fixtures_agree_with_tract() {
     }
 }
 
+/// LSTM and GRU, unrolled at load (ConstantOfShape and Expand for the
+/// initial state, Split into gates).
+#[test]
+fn recurrent_fixtures_agree_with_tract() {
+    for name in ["lstm_legacy", "lstm_dynamo", "gru_legacy", "gru_dynamo"] {
+        fixture_agrees(name, Some(16));
+    }
+}
+
 /// The new element-wise and copy kernels beside the fixtures': Trilu with
 /// k, Erf, Pow, Split by `num_outputs`, Gelu's tanh form, Clip with one
 /// bound, Where on a constant bool mask (opset 20).

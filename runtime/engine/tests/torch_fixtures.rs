@@ -1,10 +1,12 @@
 //! Models exported by PyTorch train in fedge as they do in PyTorch.
 //!
 //! `tests/fixtures/torch/` holds a MobileNet-style CNN (depthwise
-//! convolutions, ReLU6, HardSwish, a HardSigmoid squeeze-excite) and a
-//! ResNet-style CNN (BatchNorm, residual blocks), each exported by
-//! PyTorch's legacy exporter (opset 17, BatchNorm kept) and by its default
-//! dynamo exporter (opset 20, BatchNorm folded into the convolutions), and
+//! convolutions, ReLU6, HardSwish, a HardSigmoid squeeze-excite), a
+//! ResNet-style CNN (BatchNorm, residual blocks), a character transformer
+//! written by hand and one of `nn.TransformerEncoderLayer`, a 2-layer LSTM
+//! and a GRU character model, each exported by PyTorch's legacy exporter
+//! (opset 17, BatchNorm kept) and by its default dynamo exporter (opset 20,
+//! BatchNorm folded into the convolutions), and
 //! for each file what PyTorch computed on a fixed batch
 //! (`make_fixtures.py` made them all; nothing is downloaded here).
 //!
@@ -230,4 +232,24 @@ fn transformer_encoder_layer_legacy_exporter() {
 #[test]
 fn transformer_encoder_layer_dynamo_exporter() {
     check_fixture("transformer_layer_dynamo");
+}
+
+#[test]
+fn lstm_legacy_exporter() {
+    check_fixture("lstm_legacy");
+}
+
+#[test]
+fn lstm_dynamo_exporter() {
+    check_fixture("lstm_dynamo");
+}
+
+#[test]
+fn gru_legacy_exporter() {
+    check_fixture("gru_legacy");
+}
+
+#[test]
+fn gru_dynamo_exporter() {
+    check_fixture("gru_dynamo");
 }

@@ -431,11 +431,12 @@ pub(crate) fn differentiable(node: &NodeProto) -> Vec<usize> {
     }
 }
 
-/// Outputs of `node` that carry a gradient: every part of a Split, else
-/// the first output only (Dropout's mask carries none).
+/// Outputs of `node` that carry a gradient: every part of a Split and
+/// every output of LSTM and GRU (unrolled at load, but not yet when a model
+/// is imported), else the first output only (Dropout's mask carries none).
 pub(crate) fn grad_outputs(node: &NodeProto) -> &[String] {
     match node.op_type.as_str() {
-        "Split" => &node.output,
+        "Split" | "LSTM" | "GRU" => &node.output,
         _ => &node.output[..node.output.len().min(1)],
     }
 }

@@ -261,6 +261,7 @@ impl ModelGraph {
             proto,
             frozen_stats: Default::default(),
         };
+        mg.lower_recurrent()?;
         mg.lower_batch_norm()?;
         mg.check_single_assignment()?;
         Ok(mg)
@@ -289,6 +290,51 @@ impl ModelGraph {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Unroll LSTM and GRU over their (static) sequence into elementary
+    /// ops, which have gradient rules: per time step, the gate products
+    /// (`x W^T + h R^T + biases`), Split into gates, Sigmoid and Tanh, the
+    /// state updates; `Y` is the steps' `h` concatenated. Forward
+    /// direction, default activations, no peepholes, clip or
+    /// `sequence_lens` (else refused, naming the node); the initial state
+    /// is the input's or zeros.
+    fn lower_recurrent(&mut self) -> Result<(), TrainError> {
+        let g = self.proto.graph.as_ref().expect("checked");
+        if !g
+            .node
+            .iter()
+            .any(|n| n.op_type == "LSTM" || n.op_type == "GRU")
+        {
+            return Ok(());
+        }
+        let mut s = super::shape::seed(self, 1)?;
+        let g = self.proto.graph.as_mut().expect("checked");
+        let mut nodes = Vec::with_capacity(g.node.len());
+        let mut inits = Vec::new();
+        for n in std::mem::take(&mut g.node) {
+            if n.op_type != "LSTM" && n.op_type != "GRU" {
+                super::shape::infer_node(&n, &mut s)?;
+                nodes.push(n);
+                continue;
+            }
+            let start = nodes.len();
+            super::recurrent::unroll(&n, &s, &mut nodes, &mut inits)?;
+            for t in &inits {
+                if !s.shapes.contains_key(&t.name) {
+                    s.set(&t.name, super::onnx::dims(t)?, t.data_type);
+                    if t.data_type == super::onnx::I64 {
+                        s.consts.insert(t.name.clone(), super::onnx::i64_values(t)?);
+                    }
+                }
+            }
+            for m in &nodes[start..] {
+                super::shape::infer_node(m, &mut s)?;
+            }
+        }
+        g.node = nodes;
+        g.initializer.extend(inits);
         Ok(())
     }
 

@@ -66,6 +66,17 @@ fn err(node: &NodeProto, reason: &str) -> TrainError {
 
 /// Shapes of every tensor of `graph` for batch size `batch`.
 pub fn infer(graph: &ModelGraph, batch: usize) -> Result<Shapes, TrainError> {
+    let mut s = seed(graph, batch)?;
+    let g = graph.proto.graph.as_ref().expect("checked");
+    for node in &g.node {
+        infer_node(node, &mut s)?;
+    }
+    Ok(s)
+}
+
+/// The shapes known before any node runs: the data input (batch
+/// `batch`), the parameters and the initializers.
+pub fn seed(graph: &ModelGraph, batch: usize) -> Result<Shapes, TrainError> {
     let mut s = Shapes::default();
     let mut input_shape = vec![batch];
     input_shape.extend(graph.sample_shape());
@@ -83,9 +94,6 @@ pub fn infer(graph: &ModelGraph, batch: usize) -> Result<Shapes, TrainError> {
         if t.data_type == BOOL {
             s.bools.insert(t.name.clone(), bool_values(t)?);
         }
-    }
-    for node in &g.node {
-        infer_node(node, &mut s)?;
     }
     Ok(s)
 }
@@ -642,10 +650,16 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
             (out, x_ty)
         }
         "Shape" => {
+            // `start` and `end` (opset 15) take a range of the dimensions.
             let x = inp!(0);
-            s.consts
-                .insert(out0.clone(), x.iter().map(|&d| d as i64).collect());
-            (vec![x.len()], I64)
+            let r = x.len() as i64;
+            let clamp = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;
+            let start = clamp(attr_i(node, "start").unwrap_or(0));
+            let end = clamp(attr_i(node, "end").unwrap_or(r)).max(start);
+            let dims: Vec<i64> = x[start..end].iter().map(|&d| d as i64).collect();
+            let len = dims.len();
+            s.consts.insert(out0.clone(), dims);
+            (vec![len], I64)
         }
         "Constant" => {
             let t = attr(node, "value")
@@ -671,6 +685,24 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
             let mut sh = x.clone();
             sh[a] = sizes[0];
             (sh, x_ty)
+        }
+        "ConstantOfShape" => {
+            let dims: Vec<usize> = s
+                .konst(node, 0)?
+                .iter()
+                .map(|&d| usize::try_from(d).map_err(|_| err(node, "negative dimension")))
+                .collect::<Result<_, _>>()?;
+            let n = numel(node, &dims)?;
+            let value = attr(node, "value").and_then(|a| a.t.as_ref());
+            let ty = value.map(|t| t.data_type).unwrap_or(F32);
+            if ty == I64 && n <= 64 {
+                let v = value
+                    .map(i64_values)
+                    .transpose()?
+                    .and_then(|v| v.first().copied());
+                s.consts.insert(out0.clone(), vec![v.unwrap_or(0); n]);
+            }
+            (dims, ty)
         }
         "LayerNormalization" => {
             let x = inp!(0);

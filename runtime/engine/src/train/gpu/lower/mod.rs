@@ -213,6 +213,27 @@ impl Lowerer {
                     .insert(node.output[0].clone(), f32_values(t)?);
                 Ok(())
             }
+            "ConstantOfShape" => {
+                let words: usize = self.shape(&node.output[0])?.iter().product();
+                let value = attr(node, "value").and_then(|a| a.t.as_ref());
+                let (ty, word) = match value {
+                    None => (Ty::F32, 0),
+                    Some(t) if t.data_type == F32 => (
+                        Ty::F32,
+                        f32_values(t)?.first().copied().unwrap_or(0.0).to_bits(),
+                    ),
+                    Some(t) if t.data_type == BOOL => (
+                        Ty::Bool,
+                        crate::train::onnx::bool_values(t)?
+                            .first()
+                            .copied()
+                            .unwrap_or(false) as u32,
+                    ),
+                    Some(_) => return Err(unsupported_form(node, "a value of this type")),
+                };
+                self.add(&node.output[0], words, ty, Role::Const(vec![word; words]));
+                Ok(())
+            }
             "Equal" | "Greater" | "Less" => {
                 let e = EwOp::from_onnx(op).expect("listed");
                 self.eltwise(node, e, Ty::Bool)
