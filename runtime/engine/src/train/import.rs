@@ -46,16 +46,14 @@ pub const OPSET_MAX: i64 = 21;
 /// (bounds, ratios and exponents are hyperparameters).
 const CONSTANT_OPERANDS: &[(&str, usize)] = &[("Clip", 1), ("Clip", 2), ("Dropout", 1), ("Pow", 1)];
 
-/// Tensors from which a gradient can flow back from the first output:
-/// the output, then walking the nodes backwards, the differentiable inputs
-/// of each node one of whose gradient-carrying outputs is in the set.
-fn reaching_output(graph: &tract_onnx::pb::GraphProto) -> std::collections::HashSet<String> {
-    let mut set: std::collections::HashSet<String> = graph
-        .output
-        .iter()
-        .take(1)
-        .map(|o| o.name.clone())
-        .collect();
+/// Tensors from which one of `seeds` is reached through differentiable
+/// inputs: walking the nodes backwards, the differentiable inputs of each
+/// node one of whose gradient-carrying outputs is in the set.
+fn reaching(
+    graph: &tract_onnx::pb::GraphProto,
+    seeds: std::collections::HashSet<String>,
+) -> std::collections::HashSet<String> {
+    let mut set = seeds;
     for n in graph.node.iter().rev() {
         if super::compile::grad_outputs(n)
             .iter()
@@ -71,10 +69,11 @@ fn reaching_output(graph: &tract_onnx::pb::GraphProto) -> std::collections::Hash
     set
 }
 
-/// Float initializers that stay constants: rank-0 ones, those no
-/// gradient reaches ([`reaching_output`]: used, but only through
-/// comparisons, shapes or conditions), those whose every use is a constant operand ([`CONSTANT_OPERANDS`]),
-/// or the value holds infinities (it cannot be a parameter) and every use
+/// Float initializers that stay constants: rank-0 ones; those no
+/// gradient reaches that end in a comparison, a shape or a condition (a
+/// mask buffer; one in a dead branch stays a parameter, with a zero
+/// gradient); those whose every use is a constant operand
+/// ([`CONSTANT_OPERANDS`]); or the value holds infinities (it cannot be a parameter) and every use
 /// is a value operand of `Where` or of `Add` (an attention mask).
 fn float_constants(
     graph: &tract_onnx::pb::GraphProto,
@@ -88,12 +87,35 @@ fn float_constants(
         }
     }
     let mut out = std::collections::HashSet::new();
-    let reaching = reaching_output(graph);
+    let to_output = reaching(
+        graph,
+        graph
+            .output
+            .iter()
+            .take(1)
+            .map(|o| o.name.clone())
+            .collect(),
+    );
+    let non_differentiable_uses = graph
+        .node
+        .iter()
+        .flat_map(|n| {
+            let diff = super::compile::differentiable(n);
+            n.input
+                .iter()
+                .enumerate()
+                .filter(move |(i, x)| !diff.contains(i) && !x.is_empty())
+                .map(|(_, x)| x.clone())
+        })
+        .collect();
+    let to_non_differentiable = reaching(graph, non_differentiable_uses);
     for t in graph.initializer.iter().filter(|t| t.data_type == F32) {
         let Some(u) = uses.get(t.name.as_str()) else {
             continue;
         };
-        if t.dims.is_empty() || !reaching.contains(&t.name) {
+        if t.dims.is_empty()
+            || (!to_output.contains(&t.name) && to_non_differentiable.contains(&t.name))
+        {
             out.insert(t.name.clone());
             continue;
         }
