@@ -24,7 +24,8 @@
 //! | 18 | Split gains `num_outputs` | equal parts only (unequal ones need the `split` input), checked against the outputs |
 //! | 18 | Pad, Resize, Col2Im, GroupNormalization, bitwise ops, ... | not supported: refused by shape inference naming op and node |
 //! | 19 | AveragePool gains `dilations`; Cast gains `saturate` (float8 only) | dilated pooling has no gradient rule and is refused; `saturate` does not apply to the types fedge trains |
-//! | 19-21 | Reshape, Shape, Cast, Constant, Identity, Flatten, Squeeze, Unsqueeze, Transpose accept new element types (float8, int4) | those types are not trained: a float8 or int4 tensor has no shape rule or GPU type |
+//! | 15 | Shape gains `start` and `end` | read by shape inference |
+//! | 19-21 | Reshape, Shape, Cast, Constant, Identity, Flatten, Squeeze, Unsqueeze, Transpose accept new element types (float8, int4) | only float32 initializers become parameters; other types pass through as constants where tract runs them, and the GPU lowering refuses a type it has no representation for |
 //! | 20 | Gelu (exact and tanh) | a gradient rule |
 //! | 21 | GroupNormalization changes its scale and bias shapes | not supported (refused, as at 18) |
 
