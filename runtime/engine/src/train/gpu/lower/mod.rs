@@ -229,7 +229,15 @@ impl Lowerer {
                             .copied()
                             .unwrap_or(false) as u32,
                     ),
-                    Some(_) => return Err(unsupported_form(node, "a value of this type")),
+                    Some(t) => {
+                        return Err(unsupported_form(
+                            node,
+                            format!(
+                                "a fill of element type {} (int64 fills of up to 64 elements fold to constants)",
+                                t.data_type
+                            ),
+                        ));
+                    }
                 };
                 self.add(&node.output[0], words, ty, Role::Const(vec![word; words]));
                 Ok(())
