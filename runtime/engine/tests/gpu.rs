@@ -491,11 +491,18 @@ fn agree_on_random_batches(name: &str, blob: &ModelBlob, vocab: Option<usize>) {
 }
 
 /// Depthwise and grouped convolutions, Clip (ReLU6), HardSwish and
-/// HardSigmoid, BatchNorm, ReduceMean over H and W.
+/// HardSigmoid, BatchNorm, ReduceMean over H and W; ResNet's overlapping
+/// 3x3 stride-2 max pool.
 #[test]
-fn mobilenet_fixtures_agree_with_tract() {
-    fixture_agrees("mobilenet_legacy", None);
-    fixture_agrees("mobilenet_dynamo", None);
+fn cnn_fixtures_agree_with_tract() {
+    for name in [
+        "mobilenet_legacy",
+        "mobilenet_dynamo",
+        "resnet_legacy",
+        "resnet_dynamo",
+    ] {
+        fixture_agrees(name, None);
+    }
 }
 
 /// Embeddings, 4-D MatMul, Split, Softmax with -inf masks (bool and

@@ -1095,6 +1095,26 @@ proptest! {
         }, seed);
     }
 
+    /// Pooling over overlapping, padded windows and sizes the windows do
+    /// not divide (ResNet's 3x3 stride-2 max pool, Inception's 3x3
+    /// stride-1 average pool), padding counted or not.
+    #[test]
+    fn pooling_any_windows(nb in 1usize..3, c in 1usize..3, h in 1usize..7, w in 1usize..7, k in 1usize..4, stride in 1usize..3, pad in 0usize..2, max in any::<bool>(), include_pad in any::<bool>(), seed in 0u64..1000) {
+        let pad = pad.min(k - 1);
+        let (h, w) = (h.max(k), w.max(k));
+        let op = if max { "MaxPool" } else { "AveragePool" };
+        let (ks, s, pd) = (k as i64, stride as i64, pad as i64);
+        let mut attrs = vec![
+            onnx::ints("kernel_shape", &[ks, ks]),
+            onnx::ints("strides", &[s, s]),
+            onnx::ints("pads", &[pd, pd, pd, pd]),
+        ];
+        if !max {
+            attrs.push(onnx::int("count_include_pad", include_pad as i64));
+        }
+        check_case(unary(op, &[nb, c, h, w], Init::Distinct, attrs), seed);
+    }
+
     /// A float-to-float Cast on the trainable path passes the gradient;
     /// Equal and a Cast to bool beside it carry none.
     #[test]

@@ -297,6 +297,14 @@ impl Builder {
         name
     }
 
+    /// A float32 constant of `shape`.
+    pub fn const_f32(&mut self, shape: &[usize], values: &[f32]) -> String {
+        let name = self.fresh("const");
+        self.inits.push(onnx::tensor_f32(&name, shape, values));
+        self.s.set(&name, shape.to_vec(), F32);
+        name
+    }
+
     /// A rank-0 f32 constant.
     pub fn scalar(&mut self, v: f32) -> String {
         if let Some(n) = self.f32_consts.get(&v.to_bits()) {
