@@ -606,3 +606,66 @@ fn new_op_kernels_agree_with_tract() {
     };
     agree_on_random_batches("new ops", &blob(&proto), None);
 }
+
+/// A dilated convolution and pooling over overlapping, padded windows
+/// (their gradients go through one-hot Conv and ConvTranspose).
+#[test]
+fn dilated_conv_and_padded_pools_agree_with_tract() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(21);
+    let mut w = |name: &str, shape: &[usize], scale: f32| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
+        onnx::tensor_f32(name, shape, &v)
+    };
+    let inits = vec![
+        w("conv.w", &[4, 2, 3, 3], 0.4),
+        w("conv.b", &[4], 0.1),
+        w("fc.w", &[10, 100], 0.1),
+        w("fc.b", &[10], 0.1),
+        onnx::tensor_i64("flat", &[2], &[4, 100]),
+    ];
+    let window = |k: i64, s: i64, p: i64| {
+        vec![
+            onnx::ints("kernel_shape", &[k, k]),
+            onnx::ints("strides", &[s, s]),
+            onnx::ints("pads", &[p, p, p, p]),
+        ]
+    };
+    let mut conv = window(3, 1, 2);
+    conv.push(onnx::ints("dilations", &[2, 2]));
+    let mut avg = window(3, 1, 1);
+    avg.push(onnx::int("count_include_pad", 0));
+    let node = |op: &str, ins: &[&str], out: &str, attrs| {
+        onnx::node(op, &format!("/{out}"), ins, &[out], attrs)
+    };
+    let nodes = vec![
+        node("Conv", &["x", "conv.w", "conv.b"], "c", conv),
+        node("Relu", &["c"], "r", vec![]),
+        node("MaxPool", &["r"], "m", window(3, 2, 1)),
+        node("AveragePool", &["m"], "a", avg),
+        node("Reshape", &["a", "flat"], "f", vec![]),
+        node(
+            "Gemm",
+            &["f", "fc.w", "fc.b"],
+            "logits",
+            vec![onnx::int("transB", 1)],
+        ),
+    ];
+    let proto = ModelProto {
+        ir_version: 8,
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: 17,
+        }],
+        graph: Some(GraphProto {
+            node: nodes,
+            initializer: inits,
+            input: vec![onnx::value_info("x", F32, &[4, 2, 9, 9])],
+            output: vec![onnx::value_info("logits", F32, &[4, 10])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    agree_on_random_batches("dilated conv and padded pools", &blob(&proto), None);
+}

@@ -735,6 +735,26 @@ proptest! {
         }, seed);
     }
 
+    /// Dilated convolutions (DeepLab's atrous ones), strided, padded,
+    /// grouped or not.
+    #[test]
+    fn dilated_conv(nb in 1usize..3, groups in 1usize..3, cg in 1usize..3, mult in 1usize..3, hw in 5usize..9, k in 1usize..4, dilation in 1usize..3, stride in 1usize..3, pad in 0usize..3, seed in 0u64..1000) {
+        let (c, m) = (groups * cg, groups * mult);
+        let (d, s, pd) = (dilation as i64, stride as i64, pad as i64);
+        check_case(OpCase {
+            params: vec![p("x", &[nb, c, hw, hw + 1], Init::Any), p("w", &[m, cg, k, k], Init::Any), p("b", &[m], Init::Any)],
+            consts: vec![],
+            nodes: vec![n("Conv", &["x", "w", "b"], "y", vec![
+                onnx::ints("kernel_shape", &[k as i64, k as i64]),
+                onnx::ints("strides", &[s, s]),
+                onnx::ints("pads", &[pd, pd, pd, pd]),
+                onnx::ints("dilations", &[d, d]),
+                onnx::int("group", groups as i64),
+            ])],
+            output: "y".into(),
+        }, seed);
+    }
+
     /// MobileNet's depthwise 3x3 (pads 1, stride 1 or 2, channel
     /// multiplier 1 or 2).
     #[test]

@@ -401,13 +401,9 @@ fn conv(
         pads,
         dilations: dil,
     } = spatial_attrs(node, ws[2..].to_vec())?;
-    if dil.iter().any(|&d| d != 1) {
-        return Err(unsupported(
-            node,
-            "dilated convolutions have no gradient rule",
-        ));
-    }
-    if b.lowering == Lowering::Tract {
+    // fedge's im2col has no dilation: a dilated convolution takes the
+    // portable rules on tract too.
+    if b.lowering == Lowering::Tract && dil.iter().all(|&d| d == 1) {
         return conv_as_gemm(b, node, gy, needs, out);
     }
     let win = Window {
@@ -457,9 +453,10 @@ fn group_of(node: &NodeProto) -> usize {
 }
 
 /// Input and weight gradients of one ungrouped 2-D convolution in
-/// standard ONNX ops: `dX = ConvTranspose(G, W)` with the forward strides
-/// and pads, `dW` a Conv of the transposed input by the transposed output
-/// gradient (the forward stride becomes the dilation).
+/// standard ONNX ops: `dX = ConvTranspose(G, W)` with the forward strides,
+/// pads and dilations, `dW` a Conv of the transposed input by the
+/// transposed output gradient (the forward stride becomes the dilation,
+/// the forward dilation the stride).
 fn conv_portable(
     b: &mut Builder,
     node: &NodeProto,
@@ -468,13 +465,13 @@ fn conv_portable(
     win: &Window,
 ) -> Result<(Option<String>, Option<String>), TrainError> {
     let (xs, gs) = (b.shape(x), b.shape(gy));
-    let (k, st, pads) = (&win.kernel, &win.strides, &win.pads);
+    let (k, st, pads, dil) = (&win.kernel, &win.strides, &win.pads, &win.dilations);
     let to_i = |v: &[usize]| v.iter().map(|&d| d as i64).collect::<Vec<_>>();
     let mut dx = None;
     if need_x {
         let mut op_pad = vec![0i64; 2];
         for i in 0..2 {
-            let full = st[i] * (gs[2 + i] - 1) + k[i];
+            let full = st[i] * (gs[2 + i] - 1) + dil[i] * (k[i] - 1) + 1;
             let produced = full - pads[i] - pads[2 + i];
             op_pad[i] = xs[2 + i] as i64 - produced as i64;
             if op_pad[i] < 0 || op_pad[i] >= st[i] as i64 {
@@ -492,6 +489,7 @@ fn conv_portable(
                 onnx::ints("pads", &to_i(pads)),
                 onnx::ints("output_padding", &op_pad),
                 onnx::ints("kernel_shape", &to_i(k)),
+                onnx::ints("dilations", &to_i(dil)),
             ],
         )?);
     }
@@ -504,7 +502,7 @@ fn conv_portable(
             &[&xt, &gt],
             vec![
                 onnx::ints("pads", &to_i(pads)),
-                onnx::ints("strides", &[1, 1]),
+                onnx::ints("strides", &to_i(dil)),
                 onnx::ints("dilations", &to_i(st)),
                 onnx::ints("kernel_shape", &[gs[2] as i64, gs[3] as i64]),
             ],

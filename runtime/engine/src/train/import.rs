@@ -23,7 +23,7 @@
 //! | 18 | ReduceMean, ReduceMax, ... take `axes` as an input, not an attribute | shape inference and the GPU lowering read either; the compiler emits the form of the model's opset ([`super::compile::Builder::reduce_mean_last`]) |
 //! | 18 | Split gains `num_outputs` | equal parts only (unequal ones need the `split` input), checked against the outputs |
 //! | 18 | Pad, Resize, Col2Im, GroupNormalization, bitwise ops, ... | not supported: refused by shape inference naming op and node |
-//! | 19 | AveragePool gains `dilations`; Cast gains `saturate` (float8 only) | dilated pooling has no gradient rule and is refused; `saturate` does not apply to the types fedge trains |
+//! | 19 | AveragePool gains `dilations`; Cast gains `saturate` (float8 only) | dilated pooling has no gradient rule and is refused naming the node; `saturate` does not apply to the types fedge trains |
 //! | 15 | Shape gains `start` and `end` | read by shape inference |
 //! | 19-21 | Reshape, Shape, Cast, Constant, Identity, Flatten, Squeeze, Unsqueeze, Transpose accept new element types (float8, int4) | only float32 initializers become parameters; other types pass through as constants where tract runs them, and the GPU lowering refuses a type it has no representation for |
 //! | 20 | Gelu (exact and tanh) | a gradient rule |
