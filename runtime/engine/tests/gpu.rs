@@ -529,8 +529,8 @@ fn recurrent_fixtures_agree_with_tract() {
 }
 
 /// The new element-wise and copy kernels beside the fixtures': Trilu with
-/// k, Erf, Pow, Split by `num_outputs`, Gelu's tanh form, Clip with one
-/// bound, Where on a constant bool mask (opset 20).
+/// k, Erf, Pow, Split by `num_outputs`, Slice with a step, Gelu's tanh
+/// form, Clip with one bound, Where on a constant bool mask (opset 20).
 #[test]
 fn new_op_kernels_agree_with_tract() {
     use rand::{Rng, SeedableRng};
@@ -547,6 +547,9 @@ fn new_op_kernels_agree_with_tract() {
         onnx::tensor_i64("cube", &[3], &[4, 4, 4]),
         onnx::tensor_i64("flat", &[2], &[4, 16]),
         onnx::tensor_i64("k", &[], &[-1]),
+        onnx::tensor_i64("one", &[1], &[1]),
+        onnx::tensor_i64("end", &[1], &[i64::MAX]),
+        onnx::tensor_i64("two_i", &[1], &[2]),
         onnx::tensor_f32("two", &[], &[2.0]),
         onnx::tensor_f32("lo", &[], &[-0.3]),
         onnx::tensor_f32("zero", &[], &[0.0]),
@@ -574,8 +577,15 @@ fn new_op_kernels_agree_with_tract() {
             vec![onnx::int("axis", 1), onnx::int("num_outputs", 2)],
         ),
         node(
+            "Slice",
+            &["s", "one", "end", "one", "two_i"],
+            &["odd"],
+            vec![],
+        ),
+        node("Add", &["a", "odd"], &["a2"], vec![]),
+        node(
             "Gelu",
-            &["a"],
+            &["a2"],
             &["ga"],
             vec![onnx::string("approximate", "tanh")],
         ),

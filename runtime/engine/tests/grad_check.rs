@@ -1037,6 +1037,52 @@ proptest! {
         }, seed);
     }
 
+    /// Slice with steps, forward and backward (`x[:, ::2]`, `flip`),
+    /// starts and ends past the ends (clamped).
+    #[test]
+    fn slice_with_steps(shape in dims(6, 3), axes in prop::collection::vec((0i64..3, -8i64..8, -9i64..9, prop::sample::select(vec![-3i64, -2, -1, 1, 2, 3])), 1..3), seed in 0u64..1000) {
+        let mut seen = vec![];
+        let (mut starts, mut ends, mut ax, mut steps) = (vec![], vec![], vec![], vec![]);
+        for (a, st, en, step) in axes {
+            if seen.contains(&a) {
+                continue;
+            }
+            seen.push(a);
+            // Skip empty slices (no loss to check); ONNX's clamping.
+            let d = shape[a as usize] as i64;
+            let wrap = |v: i64| if v < 0 { v + d } else { v };
+            let len = if step > 0 {
+                let (b, e) = (wrap(st).clamp(0, d), wrap(en).clamp(0, d));
+                if e > b { (e - b - 1) / step + 1 } else { 0 }
+            } else {
+                let (b, e) = (wrap(st).clamp(0, d - 1), wrap(en).clamp(-1, d - 1));
+                if b > e { (b - e - 1) / -step + 1 } else { 0 }
+            };
+            prop_assume!(len > 0);
+            // Bounds tract reads differently from ONNX are refused (see
+            // unsupported_forms_are_refused_naming_op_and_node).
+            let end = if en == 8 { i64::MAX } else if en == -9 { i64::MIN } else { en };
+            prop_assume!(!(step < 0 && st + d < 0));
+            prop_assume!(!(step > 0 && end == i64::MIN) && !(step < 0 && end == i64::MAX));
+            starts.push(st);
+            ends.push(end);
+            ax.push(a);
+            steps.push(step);
+        }
+        let k = starts.len();
+        check_case(OpCase {
+            params: vec![p("a", &shape, Init::Any)],
+            consts: vec![
+                onnx::tensor_i64("starts", &[k], &starts),
+                onnx::tensor_i64("ends", &[k], &ends),
+                onnx::tensor_i64("axes", &[k], &ax),
+                onnx::tensor_i64("steps", &[k], &steps),
+            ],
+            nodes: vec![n("Slice", &["a", "starts", "ends", "axes", "steps"], "y", vec![])],
+            output: "y".into(),
+        }, seed);
+    }
+
     #[test]
     fn expand(shape in dims(3, 3), ones in prop::collection::vec(any::<bool>(), 3), extra in 0usize..3, seed in 0u64..1000) {
         let x: Vec<usize> = shape.iter().zip(&ones).map(|(&d, &o)| if o { 1 } else { d }).collect();
@@ -1365,6 +1411,30 @@ fn unsupported_forms_are_refused_naming_op_and_node() {
         "{e}"
     );
 
+    // A backward Slice starting before the first element: empty in
+    // tract, the first element in ONNX.
+    let case = OpCase {
+        params: vec![p("a", &[3, 2], Init::Any)],
+        consts: vec![
+            onnx::tensor_i64("starts", &[1], &[-5]),
+            onnx::tensor_i64("ends", &[1], &[-9]),
+            onnx::tensor_i64("steps", &[1], &[-1]),
+        ],
+        nodes: vec![onnx::node(
+            "Slice",
+            "/flip",
+            &["a", "starts", "ends", "", "steps"],
+            &["y"],
+            vec![],
+        )],
+        output: "y".into(),
+    };
+    let e = compile_error(&case, 17);
+    assert!(
+        e.contains("Slice") && e.contains("/flip") && e.contains("differently"),
+        "{e}"
+    );
+
     // Split into unequal parts without sizes.
     let case = OpCase {
         params: vec![p("a", &[5, 2], Init::Any)],
@@ -1403,7 +1473,8 @@ fn unsupported_forms_are_refused_naming_op_and_node() {
 
 /// The GPU lowering refuses what its kernels cannot do, naming the op and
 /// the node (checked without a GPU: the lowering is bookkeeping): a
-/// Dropout whose mask is read, and Clip with a bound computed on the way.
+/// Dropout whose mask is read, Clip with a bound computed on the way, a
+/// backward Slice (`flip`).
 #[test]
 fn the_gpu_lowering_refuses_what_it_cannot_run_by_name() {
     use fedge_engine::train::TrainError;
@@ -1442,6 +1513,26 @@ fn the_gpu_lowering_refuses_what_it_cannot_run_by_name() {
             },
             "Dropout",
             "another is read",
+        ),
+        (
+            OpCase {
+                params: vec![p("a", &[3, 2], Init::Any)],
+                consts: vec![
+                    onnx::tensor_i64("starts", &[1], &[-1]),
+                    onnx::tensor_i64("ends", &[1], &[i64::MIN]),
+                    onnx::tensor_i64("steps", &[1], &[-1]),
+                ],
+                nodes: vec![onnx::node(
+                    "Slice",
+                    "/flip/Slice",
+                    &["a", "starts", "ends", "", "steps"],
+                    &["y"],
+                    vec![],
+                )],
+                output: "y".into(),
+            },
+            "Slice",
+            "backward step",
         ),
     ];
     for (case, op, why) in cases {

@@ -1111,31 +1111,59 @@ fn pad_axis(
     b.op("Concat", &refs, vec![onnx::int("axis", axis as i64)])
 }
 
-/// Slice (steps of 1, as shape inference accepts): the gradient back in
-/// place, zeros around it.
+/// Slice: the gradient back in place, zeros around it. Per sliced axis,
+/// a backward step first reverses the gradient (Gather with reversed
+/// indices); a step above 1 interleaves `step - 1` zeros after each
+/// element; then zeros pad it to the input's extent.
 fn slice_grad(b: &mut Builder, node: &NodeProto, gy: &str) -> Result<String, TrainError> {
     let xs = b.shape(&node.input[0]);
-    let konst = |i: usize| -> Result<Vec<i64>, TrainError> {
-        node.input
-            .get(i)
-            .and_then(|n| b.s.consts.get(n))
-            .cloned()
-            .ok_or_else(|| unsupported(node, format!("input {i} must be a constant")))
-    };
-    let (starts, ends) = (konst(1)?, konst(2)?);
-    let axes = if node.input.len() > 3 && !node.input[3].is_empty() {
-        konst(3)?
-    } else {
-        (0..starts.len() as i64).collect()
-    };
-    let r = xs.len() as i64;
+    let axes = super::shape::slice_axes(node, &b.s, &xs)?;
     let mut g = gy.to_string();
-    for ((&st, &en), &a) in starts.iter().zip(&ends).zip(&axes) {
-        let a = (if a < 0 { a + r } else { a }) as usize;
-        let dim = xs[a] as i64;
-        let clamp = |v: i64| if v < 0 { (v + dim).max(0) } else { v.min(dim) };
-        let (lo, hi) = (clamp(st), clamp(en).max(clamp(st)));
-        g = pad_axis(b, &g, a, lo as usize, (dim - hi) as usize)?;
+    for r in axes {
+        let dim = xs[r.axis];
+        if r.len == 0 {
+            let mut zs = b.shape(&g);
+            zs[r.axis] = dim;
+            g = b.zeros(&zs)?;
+            continue;
+        }
+        let stride = r.step.unsigned_abs() as usize;
+        // The lowest index taken, and g in ascending index order.
+        let first = if r.step > 0 {
+            r.start
+        } else {
+            let rev: Vec<i64> = (0..r.len as i64).rev().collect();
+            let rev = b.const_i64(&rev);
+            g = b.op(
+                "Gather",
+                &[&g, &rev],
+                vec![onnx::int("axis", r.axis as i64)],
+            )?;
+            r.start - (r.len - 1) * stride
+        };
+        if stride > 1 {
+            // [.., len, ..] -> [.., len, stride, ..] with zeros after each
+            // element -> [.., len * stride, ..], cut to what the input holds.
+            let gs = b.shape(&g);
+            let mut one = gs.clone();
+            one.insert(r.axis + 1, 1);
+            let g1 = b.reshape(&g, &one)?;
+            let mut zs = one.clone();
+            zs[r.axis + 1] = stride - 1;
+            let z = b.zeros(&zs)?;
+            let cat = b.op(
+                "Concat",
+                &[&g1, &z],
+                vec![onnx::int("axis", r.axis as i64 + 1)],
+            )?;
+            let mut spread = gs.clone();
+            spread[r.axis] = r.len * stride;
+            let spread_g = b.reshape(&cat, &spread)?;
+            let keep = (r.len * stride).min(dim - first);
+            g = slice(b, &spread_g, r.axis as i64, 0, keep)?;
+        }
+        let covered = b.shape(&g)[r.axis];
+        g = pad_axis(b, &g, r.axis, first, dim - first - covered)?;
     }
     Ok(g)
 }

@@ -616,36 +616,26 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
         }
         "Slice" => {
             let x = inp!(0);
-            let starts = s.konst(node, 1)?.to_vec();
-            let ends = s.konst(node, 2)?.to_vec();
-            let axes: Vec<i64> = if node.input.len() > 3 {
-                s.konst(node, 3)?.to_vec()
-            } else {
-                (0..starts.len() as i64).collect()
-            };
-            if node.input.len() > 4 && s.konst(node, 4)?.iter().any(|&st| st != 1) {
-                return Err(err(node, "steps other than 1 are not supported"));
-            }
+            let ranges = slice_axes(node, s, &x)?;
             let mut out = x.clone();
-            let mut ranges = vec![];
-            for ((&st, &en), &a) in starts.iter().zip(&ends).zip(&axes) {
-                let a = axis(node, a, x.len())?;
-                let dim = i64::try_from(x[a]).map_err(|_| err(node, "dimension past i64"))?;
-                let clamp = |v: i64| if v < 0 { (v + dim).max(0) } else { v.min(dim) };
-                let (b, e) = (clamp(st), clamp(en));
-                out[a] = (e - b).max(0) as usize;
-                ranges.push((a, b as usize, e.max(b) as usize));
+            for r in &ranges {
+                out[r.axis] = r.len;
             }
             if let Some(c) = s.consts.get(&node.input[0]).cloned()
                 && x.len() == 1
-                && let Some(&(_, b, e)) = ranges.first()
             {
-                s.consts.insert(
-                    out0.clone(),
-                    c.get(b..e)
-                        .ok_or_else(|| err(node, "slice out of range"))?
-                        .to_vec(),
-                );
+                let folded: Vec<i64> = match ranges.first() {
+                    Some(r) => (0..r.len)
+                        .map(|j| {
+                            usize::try_from(r.start as i64 + j as i64 * r.step)
+                                .ok()
+                                .and_then(|i| c.get(i).copied())
+                                .ok_or_else(|| err(node, "slice out of range"))
+                        })
+                        .collect::<Result<_, _>>()?,
+                    None => c,
+                };
+                s.consts.insert(out0.clone(), folded);
             }
             (out, x_ty)
         }
@@ -828,4 +818,91 @@ fn dropout_mask(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
         s.set(mask, x, BOOL);
     }
     Ok(())
+}
+
+/// One sliced axis: the first index taken, how many and the step between
+/// them (negative: backwards).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SliceAxis {
+    pub axis: usize,
+    pub start: usize,
+    pub len: usize,
+    pub step: i64,
+}
+
+/// The axes a Slice node takes, with ONNX's clamping of starts and ends
+/// (to `[0, dim]`, or `[0, dim - 1]` and `[-1, dim - 1]` stepping
+/// backwards). Starts, ends, axes and steps must be constants.
+pub fn slice_axes(node: &NodeProto, s: &Shapes, x: &[usize]) -> Result<Vec<SliceAxis>, TrainError> {
+    let starts = s.konst(node, 1)?.to_vec();
+    let ends = s.konst(node, 2)?.to_vec();
+    let present = |i: usize| node.input.get(i).is_some_and(|n| !n.is_empty());
+    let axes: Vec<i64> = if present(3) {
+        s.konst(node, 3)?.to_vec()
+    } else {
+        (0..starts.len() as i64).collect()
+    };
+    let steps: Vec<i64> = if present(4) {
+        s.konst(node, 4)?.to_vec()
+    } else {
+        vec![1; starts.len()]
+    };
+    if ends.len() != starts.len() || axes.len() != starts.len() || steps.len() != starts.len() {
+        return Err(err(node, "starts, ends, axes and steps differ in length"));
+    }
+    let mut out: Vec<SliceAxis> = Vec::with_capacity(starts.len());
+    for i in 0..starts.len() {
+        let a = axis(node, axes[i], x.len())?;
+        if out.iter().any(|r| r.axis == a) {
+            return Err(err(node, "an axis sliced twice"));
+        }
+        let dim = i64::try_from(x[a]).map_err(|_| err(node, "dimension past i64"))?;
+        let step = steps[i];
+        // tract reads a few bounds its own (numpy's) way: a backward
+        // slice starting before the first element is empty there, and the
+        // ends i64::MIN, i64::MIN + 1, i64::MAX and i32::MAX mean "to the
+        // end in the step's direction". Where that differs from ONNX's
+        // clamping the node is refused rather than trained on a shape
+        // that is not the one computed.
+        let end_magic_back = [i64::MIN, i64::MIN + 1].contains(&ends[i]);
+        let end_magic_forward = [i64::MAX, i64::from(i32::MAX)].contains(&ends[i]);
+        if (step < 0 && starts[i].saturating_add(dim) < 0)
+            || (step > 0 && end_magic_back)
+            || (step < 0 && end_magic_forward)
+        {
+            return Err(TrainError::UnsupportedForm {
+                op: node.op_type.clone(),
+                node: node.name.clone(),
+                reason: format!(
+                    "start {}, end {}, step {step} over {dim} elements: tract and ONNX read these bounds differently",
+                    starts[i], ends[i]
+                ),
+            });
+        }
+        let wrap = |v: i64| if v < 0 { v.saturating_add(dim) } else { v };
+        let (start, len) = if step == 0 {
+            return Err(err(node, "a step of 0"));
+        } else if dim == 0 {
+            (0, 0)
+        } else if step > 0 {
+            let (b, e) = (wrap(starts[i]).clamp(0, dim), wrap(ends[i]).clamp(0, dim));
+            (b, if e > b { (e - b - 1) / step + 1 } else { 0 })
+        } else {
+            let (b, e) = (
+                wrap(starts[i]).clamp(0, dim - 1),
+                wrap(ends[i]).clamp(-1, dim - 1),
+            );
+            let back = step
+                .checked_neg()
+                .ok_or_else(|| err(node, "step out of range"))?;
+            (b, if b > e { (b - e - 1) / back + 1 } else { 0 })
+        };
+        out.push(SliceAxis {
+            axis: a,
+            start: start as usize,
+            len: len as usize,
+            step,
+        });
+    }
+    Ok(out)
 }
