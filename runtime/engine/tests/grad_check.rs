@@ -1800,3 +1800,115 @@ fn whole_model_resnet_block() {
     let worst = check_directional(&blob, Batch::F32(&x), &y, batch, 5);
     eprintln!("resnet block: worst relative error {worst:.2e}");
 }
+
+/// A whole LSTM character model by directional derivatives (opset 18):
+/// embedding, Transpose to time-major, two LSTM layers (the second fed
+/// the first's `Y`), the last step through Gather, a linear head.
+#[test]
+fn whole_model_lstm() {
+    let (batch, t, vocab, e, h) = (4usize, 5usize, 11usize, 6usize, 7usize);
+    let mut rng = ChaCha8Rng::seed_from_u64(18);
+    let mut w = |name: &str, shape: &[usize], bound: f32| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-bound..bound)).collect();
+        onnx::tensor_f32(name, shape, &v)
+    };
+    let b = 1.0 / (h as f32).sqrt();
+    let inits = vec![
+        w("embed.weight", &[vocab, e], 1.0),
+        w("lstm.w0", &[1, 4 * h, e], b),
+        w("lstm.r0", &[1, 4 * h, h], b),
+        w("lstm.b0", &[1, 8 * h], b),
+        w("lstm.w1", &[1, 4 * h, h], b),
+        w("lstm.r1", &[1, 4 * h, h], b),
+        w("lstm.b1", &[1, 8 * h], b),
+        w("head.weight", &[vocab, h], b),
+        w("head.bias", &[vocab], b),
+        onnx::tensor_i64("axis0", &[1], &[0]),
+        onnx::tensor_i64("axis1", &[1], &[1]),
+        onnx::tensor_i64("last", &[], &[-1]),
+    ];
+    let hs = || onnx::int("hidden_size", h as i64);
+    let nodes = vec![
+        onnx::node(
+            "Gather",
+            "/embed/Gather",
+            &["embed.weight", "tokens"],
+            &["emb"],
+            vec![],
+        ),
+        onnx::node(
+            "Transpose",
+            "/t",
+            &["emb"],
+            &["x"],
+            vec![onnx::ints("perm", &[1, 0, 2])],
+        ),
+        onnx::node(
+            "LSTM",
+            "/lstm/LSTM",
+            &["x", "lstm.w0", "lstm.r0", "lstm.b0"],
+            &["y0"],
+            vec![hs()],
+        ),
+        onnx::node(
+            "Squeeze",
+            "/lstm/Squeeze",
+            &["y0", "axis1"],
+            &["x1"],
+            vec![],
+        ),
+        onnx::node(
+            "LSTM",
+            "/lstm/LSTM_1",
+            &["x1", "lstm.w1", "lstm.r1", "lstm.b1"],
+            &["y1"],
+            vec![hs()],
+        ),
+        onnx::node(
+            "Squeeze",
+            "/lstm/Squeeze_1",
+            &["y1", "axis1"],
+            &["y1s"],
+            vec![],
+        ),
+        onnx::node(
+            "Gather",
+            "/last/Gather",
+            &["y1s", "last"],
+            &["last_h"],
+            vec![onnx::int("axis", 0)],
+        ),
+        onnx::node(
+            "Gemm",
+            "/head/Gemm",
+            &["last_h", "head.weight", "head.bias"],
+            &["logits"],
+            vec![onnx::int("transB", 1)],
+        ),
+    ];
+    let model = ModelProto {
+        ir_version: 8,
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: 18,
+        }],
+        graph: Some(GraphProto {
+            node: nodes,
+            initializer: inits,
+            input: vec![onnx::value_info("tokens", onnx::I64, &[batch, t])],
+            output: vec![onnx::value_info("logits", F32, &[batch, vocab])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let blob = import_onnx(&model.encode_to_vec()).unwrap();
+    let tokens: Vec<i64> = (0..batch * t)
+        .map(|_| rng.random_range(0..vocab as i64))
+        .collect();
+    let labels: Vec<i64> = (0..batch)
+        .map(|_| rng.random_range(0..vocab as i64))
+        .collect();
+    let worst = check_directional(&blob, Batch::I64(&tokens), &labels, batch, 5);
+    eprintln!("lstm: worst relative error {worst:.2e}");
+}
