@@ -523,7 +523,14 @@ fn transformer_fixtures_agree_with_tract() {
 /// initial state, Split into gates).
 #[test]
 fn recurrent_fixtures_agree_with_tract() {
-    for name in ["lstm_legacy", "lstm_dynamo", "gru_legacy", "gru_dynamo"] {
+    for name in [
+        "lstm_legacy",
+        "lstm_dynamo",
+        "gru_legacy",
+        "gru_dynamo",
+        "bilstm_legacy",
+        "bilstm_dynamo",
+    ] {
         fixture_agrees(name, Some(16));
     }
 }

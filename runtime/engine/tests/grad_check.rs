@@ -1117,11 +1117,13 @@ proptest! {
         }, seed);
     }
 
-    /// LSTM and GRU (unrolled at load): every output, with and without
-    /// biases and initial states, GRU in both `linear_before_reset` forms.
+    /// LSTM and GRU (unrolled at load): every output and direction, with
+    /// and without biases and initial states, GRU in both
+    /// `linear_before_reset` forms.
     #[test]
-    fn recurrent(lstm in any::<bool>(), t in 1usize..4, b in 1usize..3, i in 1usize..4, h in 1usize..4, bias in any::<bool>(), init in any::<bool>(), lbr in any::<bool>(), out in 0usize..3, seed in 0u64..1000) {
+    fn recurrent(lstm in any::<bool>(), t in 1usize..4, b in 1usize..3, i in 1usize..4, h in 1usize..4, bias in any::<bool>(), init in any::<bool>(), lbr in any::<bool>(), out in 0usize..3, direction in 0usize..3, seed in 0u64..1000) {
         let g = if lstm { 4 } else { 3 };
+        let (dir, dirs) = [("forward", 1), ("reverse", 1), ("bidirectional", 2)][direction];
         // Weights of PyTorch's initial scale (1/sqrt(H) and below): with
         // weights near 1 the gates saturate, the gradients of the early
         // steps shrink toward the f32 rounding of the loss, and the finite
@@ -1130,25 +1132,25 @@ proptest! {
         let small = || Init::AvoidKinks(-0.5, 0.5, vec![]);
         let mut params = vec![
             p("x", &[t, b, i], Init::Any),
-            p("w", &[1, g * h, i], small()),
-            p("r", &[1, g * h, h], small()),
+            p("w", &[dirs, g * h, i], small()),
+            p("r", &[dirs, g * h, h], small()),
         ];
         let mut inputs = vec!["x", "w", "r", "", "", "", ""];
         if bias {
-            params.push(p("bias", &[1, 2 * g * h], small()));
+            params.push(p("bias", &[dirs, 2 * g * h], small()));
             inputs[3] = "bias";
         }
         if init {
-            params.push(p("h0", &[1, b, h], Init::Any));
+            params.push(p("h0", &[dirs, b, h], Init::Any));
             inputs[5] = "h0";
             if lstm {
-                params.push(p("c0", &[1, b, h], Init::Any));
+                params.push(p("c0", &[dirs, b, h], Init::Any));
                 inputs[6] = "c0";
             }
         }
         inputs.truncate(if lstm { 7 } else { 6 });
         let outs = if lstm { vec!["y", "yh", "yc"] } else { vec!["y", "yh"] };
-        let mut attrs = vec![onnx::int("hidden_size", h as i64)];
+        let mut attrs = vec![onnx::int("hidden_size", h as i64), onnx::string("direction", dir)];
         if !lstm {
             attrs.push(onnx::int("linear_before_reset", lbr as i64));
         }
@@ -1385,12 +1387,12 @@ fn unsupported_forms_are_refused_naming_op_and_node() {
         "{e}"
     );
 
-    // A bidirectional LSTM.
+    // An LSTM with cell clipping.
     let case = OpCase {
         params: vec![
             p("x", &[2, 1, 2], Init::Any),
-            p("w", &[2, 8, 2], Init::Any),
-            p("r", &[2, 8, 2], Init::Any),
+            p("w", &[1, 8, 2], Init::Any),
+            p("r", &[1, 8, 2], Init::Any),
         ],
         consts: vec![],
         nodes: vec![onnx::node(
@@ -1398,16 +1400,13 @@ fn unsupported_forms_are_refused_naming_op_and_node() {
             "/lstm",
             &["x", "w", "r"],
             &["y"],
-            vec![
-                onnx::int("hidden_size", 2),
-                onnx::string("direction", "bidirectional"),
-            ],
+            vec![onnx::int("hidden_size", 2), onnx::float("clip", 3.0)],
         )],
         output: "y".into(),
     };
     let e = compile_error(&case, 17);
     assert!(
-        e.contains("LSTM") && e.contains("/lstm") && e.contains("bidirectional"),
+        e.contains("LSTM") && e.contains("/lstm") && e.contains("clipping"),
         "{e}"
     );
 

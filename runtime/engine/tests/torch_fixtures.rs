@@ -253,3 +253,13 @@ fn gru_legacy_exporter() {
 fn gru_dynamo_exporter() {
     check_fixture("gru_dynamo");
 }
+
+#[test]
+fn bidirectional_lstm_legacy_exporter() {
+    check_fixture("bilstm_legacy");
+}
+
+#[test]
+fn bidirectional_lstm_dynamo_exporter() {
+    check_fixture("bilstm_dynamo");
+}

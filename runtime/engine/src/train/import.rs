@@ -319,10 +319,10 @@ impl ModelGraph {
     /// Unroll LSTM and GRU over their (static) sequence into elementary
     /// ops, which have gradient rules: per time step, the gate products
     /// (`x W^T + h R^T + biases`), Split into gates, Sigmoid and Tanh, the
-    /// state updates; `Y` is the steps' `h` concatenated. Forward
-    /// direction, default activations, no peepholes, clip or
-    /// `sequence_lens` (else refused, naming the node); the initial state
-    /// is the input's or zeros.
+    /// state updates; `Y` is the steps' `h` concatenated. Any direction,
+    /// default activations, no peepholes, clip or `sequence_lens` (else
+    /// refused, naming the node); the initial state is the input's or
+    /// zeros.
     fn lower_recurrent(&mut self) -> Result<(), TrainError> {
         let g = self.proto.graph.as_ref().expect("checked");
         if !g

@@ -18,10 +18,11 @@
 //!   `linear_before_reset=1` (PyTorch's), else
 //!   `n = tanh(x Wh^T + Wbh + (r h) Rh^T + Rbh)`; `h' = n + z (h - n)`.
 //!
-//! Supported: the forward direction, default activations, no clip, no
-//! peepholes, no `sequence_lens`, `layout=0`, LSTM's `input_forget=0`;
-//! anything else is refused naming the node. A missing initial state is
-//! zeros.
+//! Supported: every direction (forward, reverse, bidirectional: the
+//! reverse one runs from the last step to the first and its outputs are
+//! stored in time order), default activations, no clip, no peepholes, no
+//! `sequence_lens`, `layout=0`, LSTM's `input_forget=0`; anything else is
+//! refused naming the node. A missing initial state is zeros.
 
 use tract_onnx::pb::{NodeProto, TensorProto};
 
@@ -123,13 +124,14 @@ pub fn unroll(
     };
     let lstm = node.op_type == "LSTM";
     let gates = if lstm { 4 } else { 3 };
-    if let Some(d) = attr_s(node, "direction")
-        && d != "forward"
-    {
-        return Err(refuse(format!(
-            "direction \"{d}\": only the forward direction is unrolled"
-        )));
-    }
+    // One entry per direction: whether it runs backwards in time.
+    let directions: &[bool] = match attr_s(node, "direction").as_deref() {
+        None | Some("forward") => &[false],
+        Some("reverse") => &[true],
+        Some("bidirectional") => &[false, true],
+        Some(d) => return Err(refuse(format!("direction \"{d}\""))),
+    };
+    let dirs = directions.len();
     if attr_i(node, "layout").unwrap_or(0) != 0 {
         return Err(refuse("layout=1 is not supported".into()));
     }
@@ -169,9 +171,9 @@ pub fn unroll(
         _ => return Err(refuse("X, W and R are required".into())),
     };
     let (xs, ws, rs) = (s.shape(x)?, s.shape(w)?, s.shape(r)?);
-    if xs.len() != 3 || ws.len() != 3 || rs.len() != 3 || ws[0] != 1 || rs[0] != 1 {
+    if xs.len() != 3 || ws.len() != 3 || rs.len() != 3 || ws[0] != dirs || rs[0] != dirs {
         return Err(refuse(format!(
-            "shapes X {xs:?}, W {ws:?}, R {rs:?}: expected [T, B, I], [1, {gates}H, I], [1, {gates}H, H]"
+            "shapes X {xs:?}, W {ws:?}, R {rs:?}: expected [T, B, I], [{dirs}, {gates}H, I], [{dirs}, {gates}H, H]"
         )));
     }
     let h = match attr_i(node, "hidden_size") {
@@ -200,124 +202,155 @@ pub fn unroll(
     };
     let gh = gates * h;
     let ax0 = e.i64s(&[0]);
-    let ax1 = e.i64s(&[1]);
-    let perm = vec![onnx::ints("perm", &[1, 0])];
-    let w2 = e.op("Squeeze", &[w, &ax0]);
-    let wt = e.op_attrs("Transpose", &[&w2], perm.clone());
-    let r2 = e.op("Squeeze", &[r, &ax0]);
-    let rt = e.op_attrs("Transpose", &[&r2], perm);
-    let biases = match input(node, 3) {
-        Some(b) => {
-            let b1 = e.op("Squeeze", &[b, &ax0]);
-            Some((e.slice(&b1, 0, 0, gh), e.slice(&b1, 0, gh, 2 * gh)))
-        }
-        None => None,
+    let lbr = attr_i(node, "linear_before_reset").unwrap_or(0) != 0;
+    // Direction d's slice of a [dirs, ..] tensor, without that axis.
+    let of_direction = |e: &mut Emit, t: &str, d: usize| {
+        let one = if dirs == 1 {
+            t.to_string()
+        } else {
+            e.slice(t, 0, d, d + 1)
+        };
+        e.op("Squeeze", &[&one, &ax0])
     };
     let step_input = |e: &mut Emit, t: usize| {
         let one = e.slice(x, 0, t, t + 1);
         e.op("Squeeze", &[&one, &ax0])
     };
-    let x0 = step_input(&mut e, 0);
-    let zero_state = |e: &mut Emit| {
-        let z = e.zeros(&[i_len, h]);
-        e.op("MatMul", &[&x0, &z])
-    };
-    let mut hs = match input(node, 5) {
-        Some(h0) => e.op("Squeeze", &[h0, &ax0]),
-        None => zero_state(&mut e),
-    };
-    let mut cs = if lstm {
-        match input(node, 6) {
-            Some(c0) => e.op("Squeeze", &[c0, &ax0]),
-            None => zero_state(&mut e),
-        }
-    } else {
-        String::new()
-    };
-    let add_bias = |e: &mut Emit, t: String, bias: Option<&String>| match bias {
-        Some(b) => e.op("Add", &[&t, b]),
-        None => t,
-    };
-    let (wb, rb) = match &biases {
-        Some((wb, rb)) => (Some(wb), Some(rb)),
-        None => (None, None),
-    };
-    let lbr = attr_i(node, "linear_before_reset").unwrap_or(0) != 0;
-    let mut ys = Vec::with_capacity(t_len);
-    for t in 0..t_len {
-        let xt = if t == 0 {
-            x0.clone()
-        } else {
-            step_input(&mut e, t)
+    let xts: Vec<String> = (0..t_len).map(|t| step_input(&mut e, t)).collect();
+    // Per direction: each step's h ([B, H], in time order), the last h
+    // and c.
+    let mut ys_by_dir: Vec<Vec<String>> = Vec::with_capacity(dirs);
+    let mut last_h = Vec::with_capacity(dirs);
+    let mut last_c = Vec::with_capacity(dirs);
+    for (d, &backwards) in directions.iter().enumerate() {
+        let perm = vec![onnx::ints("perm", &[1, 0])];
+        let w2 = of_direction(&mut e, w, d);
+        let wt = e.op_attrs("Transpose", &[&w2], perm.clone());
+        let r2 = of_direction(&mut e, r, d);
+        let rt = e.op_attrs("Transpose", &[&r2], perm);
+        let biases = match input(node, 3) {
+            Some(b) => {
+                let b1 = of_direction(&mut e, b, d);
+                Some((e.slice(&b1, 0, 0, gh), e.slice(&b1, 0, gh, 2 * gh)))
+            }
+            None => None,
         };
-        let gx = e.op("MatMul", &[&xt, &wt]);
-        let gx = add_bias(&mut e, gx, wb);
-        if lstm {
-            let ghh = e.op("MatMul", &[&hs, &rt]);
-            let ghh = add_bias(&mut e, ghh, rb);
-            let g = e.op("Add", &[&gx, &ghh]);
-            let parts = e.split(&g, 4, h);
-            let i = e.op("Sigmoid", &[&parts[0]]);
-            let o = e.op("Sigmoid", &[&parts[1]]);
-            let f = e.op("Sigmoid", &[&parts[2]]);
-            let g = e.op("Tanh", &[&parts[3]]);
-            let fc = e.op("Mul", &[&f, &cs]);
-            let ig = e.op("Mul", &[&i, &g]);
-            cs = e.op("Add", &[&fc, &ig]);
-            let tc = e.op("Tanh", &[&cs]);
-            hs = e.op("Mul", &[&o, &tc]);
+        let zero_state = |e: &mut Emit| {
+            let z = e.zeros(&[i_len, h]);
+            e.op("MatMul", &[&xts[0], &z])
+        };
+        let mut hs = match input(node, 5) {
+            Some(h0) => of_direction(&mut e, h0, d),
+            None => zero_state(&mut e),
+        };
+        let mut cs = if lstm {
+            match input(node, 6) {
+                Some(c0) => of_direction(&mut e, c0, d),
+                None => zero_state(&mut e),
+            }
         } else {
-            let xp = e.split(&gx, 3, h);
-            let (z, n) = if lbr {
+            String::new()
+        };
+        let add_bias = |e: &mut Emit, t: String, bias: Option<&String>| match bias {
+            Some(b) => e.op("Add", &[&t, b]),
+            None => t,
+        };
+        let (wb, rb) = match &biases {
+            Some((wb, rb)) => (Some(wb), Some(rb)),
+            None => (None, None),
+        };
+        let mut ys = vec![String::new(); t_len];
+        for k in 0..t_len {
+            let t = if backwards { t_len - 1 - k } else { k };
+            let gx = e.op("MatMul", &[&xts[t], &wt]);
+            let gx = add_bias(&mut e, gx, wb);
+            if lstm {
                 let ghh = e.op("MatMul", &[&hs, &rt]);
                 let ghh = add_bias(&mut e, ghh, rb);
-                let hp = e.split(&ghh, 3, h);
-                let zs = e.op("Add", &[&xp[0], &hp[0]]);
-                let z = e.op("Sigmoid", &[&zs]);
-                let rs_ = e.op("Add", &[&xp[1], &hp[1]]);
-                let rg = e.op("Sigmoid", &[&rs_]);
-                let rh = e.op("Mul", &[&rg, &hp[2]]);
-                let ns = e.op("Add", &[&xp[2], &rh]);
-                (z, e.op("Tanh", &[&ns]))
+                let g = e.op("Add", &[&gx, &ghh]);
+                let parts = e.split(&g, 4, h);
+                let i = e.op("Sigmoid", &[&parts[0]]);
+                let o = e.op("Sigmoid", &[&parts[1]]);
+                let f = e.op("Sigmoid", &[&parts[2]]);
+                let g = e.op("Tanh", &[&parts[3]]);
+                let fc = e.op("Mul", &[&f, &cs]);
+                let ig = e.op("Mul", &[&i, &g]);
+                cs = e.op("Add", &[&fc, &ig]);
+                let tc = e.op("Tanh", &[&cs]);
+                hs = e.op("Mul", &[&o, &tc]);
             } else {
-                let rt_zr = e.slice(&rt, 1, 0, 2 * h);
-                let rt_n = e.slice(&rt, 1, 2 * h, 3 * h);
-                let (rb_zr, rb_n) = match rb {
-                    Some(rb) => (
-                        Some(e.slice(rb, 0, 0, 2 * h)),
-                        Some(e.slice(rb, 0, 2 * h, 3 * h)),
-                    ),
-                    None => (None, None),
+                let xp = e.split(&gx, 3, h);
+                let (z, n) = if lbr {
+                    let ghh = e.op("MatMul", &[&hs, &rt]);
+                    let ghh = add_bias(&mut e, ghh, rb);
+                    let hp = e.split(&ghh, 3, h);
+                    let zs = e.op("Add", &[&xp[0], &hp[0]]);
+                    let z = e.op("Sigmoid", &[&zs]);
+                    let rs_ = e.op("Add", &[&xp[1], &hp[1]]);
+                    let rg = e.op("Sigmoid", &[&rs_]);
+                    let rh = e.op("Mul", &[&rg, &hp[2]]);
+                    let ns = e.op("Add", &[&xp[2], &rh]);
+                    (z, e.op("Tanh", &[&ns]))
+                } else {
+                    let rt_zr = e.slice(&rt, 1, 0, 2 * h);
+                    let rt_n = e.slice(&rt, 1, 2 * h, 3 * h);
+                    let (rb_zr, rb_n) = match rb {
+                        Some(rb) => (
+                            Some(e.slice(rb, 0, 0, 2 * h)),
+                            Some(e.slice(rb, 0, 2 * h, 3 * h)),
+                        ),
+                        None => (None, None),
+                    };
+                    let ghh = e.op("MatMul", &[&hs, &rt_zr]);
+                    let ghh = add_bias(&mut e, ghh, rb_zr.as_ref());
+                    let hp = e.split(&ghh, 2, h);
+                    let zs = e.op("Add", &[&xp[0], &hp[0]]);
+                    let z = e.op("Sigmoid", &[&zs]);
+                    let rs_ = e.op("Add", &[&xp[1], &hp[1]]);
+                    let rg = e.op("Sigmoid", &[&rs_]);
+                    let rh = e.op("Mul", &[&rg, &hs]);
+                    let rhr = e.op("MatMul", &[&rh, &rt_n]);
+                    let rhr = add_bias(&mut e, rhr, rb_n.as_ref());
+                    let ns = e.op("Add", &[&xp[2], &rhr]);
+                    (z, e.op("Tanh", &[&ns]))
                 };
-                let ghh = e.op("MatMul", &[&hs, &rt_zr]);
-                let ghh = add_bias(&mut e, ghh, rb_zr.as_ref());
-                let hp = e.split(&ghh, 2, h);
-                let zs = e.op("Add", &[&xp[0], &hp[0]]);
-                let z = e.op("Sigmoid", &[&zs]);
-                let rs_ = e.op("Add", &[&xp[1], &hp[1]]);
-                let rg = e.op("Sigmoid", &[&rs_]);
-                let rh = e.op("Mul", &[&rg, &hs]);
-                let rhr = e.op("MatMul", &[&rh, &rt_n]);
-                let rhr = add_bias(&mut e, rhr, rb_n.as_ref());
-                let ns = e.op("Add", &[&xp[2], &rhr]);
-                (z, e.op("Tanh", &[&ns]))
-            };
-            let d = e.op("Sub", &[&hs, &n]);
-            let zd = e.op("Mul", &[&z, &d]);
-            hs = e.op("Add", &[&n, &zd]);
+                let dd = e.op("Sub", &[&hs, &n]);
+                let zd = e.op("Mul", &[&z, &dd]);
+                hs = e.op("Add", &[&n, &zd]);
+            }
+            ys[t] = hs.clone();
         }
-        ys.push(e.op("Unsqueeze", &[&hs, &ax0]));
+        ys_by_dir.push(ys);
+        last_h.push(hs);
+        last_c.push(cs);
     }
+    // `out` = [dirs, B, H] from one [B, H] per direction.
+    let stack = |e: &mut Emit, parts: &[String], out: &str| {
+        let ups: Vec<String> = parts
+            .iter()
+            .map(|p| e.op("Unsqueeze", &[p, &ax0]))
+            .collect();
+        let refs: Vec<&str> = ups.iter().map(|s| s.as_str()).collect();
+        e.op_to("Concat", &refs, vec![onnx::int("axis", 0)], out);
+    };
     if let Some(y) = node.output.first().filter(|o| !o.is_empty()) {
-        let refs: Vec<&str> = ys.iter().map(|s| s.as_str()).collect();
-        let cat = e.op_attrs("Concat", &refs, vec![onnx::int("axis", 0)]);
-        e.op_to("Unsqueeze", &[&cat, &ax1], vec![], y);
+        // Y: [T, dirs, B, H].
+        let steps: Vec<String> = (0..t_len)
+            .map(|t| {
+                let at_t: Vec<String> = ys_by_dir.iter().map(|ys| ys[t].clone()).collect();
+                let st = e.fresh("stack");
+                stack(&mut e, &at_t, &st);
+                e.op("Unsqueeze", &[&st, &ax0])
+            })
+            .collect();
+        let refs: Vec<&str> = steps.iter().map(|s| s.as_str()).collect();
+        e.op_to("Concat", &refs, vec![onnx::int("axis", 0)], y);
     }
     if let Some(yh) = node.output.get(1).filter(|o| !o.is_empty()) {
-        e.op_to("Unsqueeze", &[&hs, &ax0], vec![], yh);
+        stack(&mut e, &last_h, yh);
     }
     if lstm && let Some(yc) = node.output.get(2).filter(|o| !o.is_empty()) {
-        e.op_to("Unsqueeze", &[&cs, &ax0], vec![], yc);
+        stack(&mut e, &last_c, yc);
     }
     Ok(())
 }
