@@ -536,8 +536,9 @@ fn recurrent_fixtures_agree_with_tract() {
 }
 
 /// The new element-wise and copy kernels beside the fixtures': Trilu with
-/// k, Erf, Pow, Split by `num_outputs`, Slice with a step, Gelu's tanh
-/// form, Clip with one bound, Where on a constant bool mask (opset 20).
+/// k, Erf, Pow, PRelu, Split by `num_outputs`, Slice with a step, Gelu's
+/// tanh form, Clip with one bound, Where on a constant bool mask (opset
+/// 20).
 #[test]
 fn new_op_kernels_agree_with_tract() {
     use rand::{Rng, SeedableRng};
@@ -550,6 +551,7 @@ fn new_op_kernels_agree_with_tract() {
     let inits = vec![
         w("w1", &[16, 12]),
         w("w2", &[10, 16]),
+        w("slope", &[16]),
         w("b2", &[10]),
         onnx::tensor_i64("cube", &[3], &[4, 4, 4]),
         onnx::tensor_i64("flat", &[2], &[4, 16]),
@@ -576,7 +578,8 @@ fn new_op_kernels_agree_with_tract() {
         node("Trilu", &["e3", "k"], &["tri"], vec![onnx::int("upper", 0)]),
         node("Reshape", &["tri", "flat"], &["t2"], vec![]),
         node("Pow", &["t2", "two"], &["sq"], vec![]),
-        node("Add", &["sq", "h"], &["s"], vec![]),
+        node("Add", &["sq", "h"], &["s0"], vec![]),
+        node("PRelu", &["s0", "slope"], &["s"], vec![]),
         node(
             "Split",
             &["s"],

@@ -1183,6 +1183,19 @@ proptest! {
         check_case(unary(op, &[nb, c, h, w], Init::Distinct, attrs), seed);
     }
 
+    /// PRelu with a slope per channel (`nn.PReLU(C)` exports `[C, 1, 1]`)
+    /// or one for all.
+    #[test]
+    fn prelu(nb in 1usize..3, c in 1usize..4, hw in 1usize..4, per_channel in any::<bool>(), seed in 0u64..1000) {
+        let slope = if per_channel { vec![c, 1, 1] } else { vec![1] };
+        check_case(OpCase {
+            params: vec![p("x", &[nb, c, hw, hw], Init::AwayFromZero), p("slope", &slope, Init::Any)],
+            consts: vec![],
+            nodes: vec![n("PRelu", &["x", "slope"], "y", vec![])],
+            output: "y".into(),
+        }, seed);
+    }
+
     /// A float-to-float Cast on the trainable path passes the gradient;
     /// Equal and a Cast to bool beside it carry none.
     #[test]

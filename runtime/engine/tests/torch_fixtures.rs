@@ -3,8 +3,8 @@
 //! `tests/fixtures/torch/` holds a MobileNet-style CNN (depthwise
 //! convolutions, ReLU6, HardSwish, a HardSigmoid squeeze-excite), a
 //! ResNet-style CNN (BatchNorm, residual blocks), a character transformer
-//! written by hand and one of `nn.TransformerEncoderLayer`, a 2-layer LSTM
-//! and a GRU character model, each exported by PyTorch's legacy exporter
+//! written by hand and one of `nn.TransformerEncoderLayer`, a 2-layer LSTM,
+//! a GRU and a bidirectional LSTM character model, each exported by PyTorch's legacy exporter
 //! (opset 17, BatchNorm kept) and by its default dynamo exporter (opset 20,
 //! BatchNorm folded into the convolutions), and
 //! for each file what PyTorch computed on a fixed batch

@@ -21,6 +21,7 @@ pub const SUPPORTED: &[&str] = &[
     "Div",
     "Relu",
     "LeakyRelu",
+    "PRelu",
     "Sigmoid",
     "Tanh",
     "Exp",
@@ -213,6 +214,21 @@ pub fn backward(
                 b.scale(gy, attr_f(node, "alpha").unwrap_or(0.01))?
             };
             out[0] = Some(b.op("Where", &[&mask, gy, &other], vec![])?);
+        }
+        "PRelu" => {
+            // y = x where x > 0, else slope x (the slope broadcasts).
+            let zero = b.scalar(0.0);
+            let pos = b.binary("Greater", x(0), &zero)?;
+            if needs[0] {
+                let gs = b.binary("Mul", gy, x(1))?;
+                out[0] = Some(b.op("Where", &[&pos, gy, &gs], vec![])?);
+            }
+            if needs[1] {
+                let gx = b.binary("Mul", gy, x(0))?;
+                let g = b.op("Where", &[&pos, &zero, &gx], vec![])?;
+                let ss = b.shape(x(1));
+                out[1] = Some(b.unbroadcast(&g, &ss)?);
+            }
         }
         "Sigmoid" => {
             let one = b.scalar(1.0);

@@ -223,7 +223,7 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
     let (shape, ty): (Vec<usize>, i32) = match op {
         "Relu" | "LeakyRelu" | "Sigmoid" | "Tanh" | "Exp" | "Log" | "Neg" | "Sqrt" | "Sin"
         | "Cos" | "Reciprocal" | "Softmax" | "LogSoftmax" | "Identity" | "Dropout" | "Abs"
-        | "CumSum" | "Erf" | "Gelu" | "HardSigmoid" | "HardSwish" | "Clip" | "Trilu" => {
+        | "CumSum" | "Erf" | "Gelu" | "HardSigmoid" | "HardSwish" | "Clip" | "Trilu" | "PRelu" => {
             if op == "Dropout" {
                 dropout_mask(node, s)?;
             }

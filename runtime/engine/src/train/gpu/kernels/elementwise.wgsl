@@ -56,6 +56,7 @@ fn ew_apply(op: u32, a: f32, b: f32, c: f32) -> f32 {
         case 22u: { return a * b; }
         case 23u: { return a / b; }
         case 24u: { return pow_onnx(a, b); }
+        case 28u: { return select(a * b, a, a > 0.0); }
         case 25u: { return select(0.0, 1.0, a == b); }
         case 26u: { return select(0.0, 1.0, a > b); }
         case 27u: { return select(0.0, 1.0, a < b); }

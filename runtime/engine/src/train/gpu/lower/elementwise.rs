@@ -37,6 +37,8 @@ pub enum EwOp {
     Mul = 22,
     Div = 23,
     Pow = 24,
+    /// `a` where `a > 0`, else `a b`.
+    PRelu = 28,
     Equal = 25,
     Greater = 26,
     Less = 27,
@@ -59,6 +61,7 @@ impl EwOp {
             "Erf" => EwOp::Erf,
             "HardSwish" => EwOp::HardSwish,
             "Pow" => EwOp::Pow,
+            "PRelu" => EwOp::PRelu,
             "Add" => EwOp::Add,
             "Sub" => EwOp::Sub,
             "Mul" => EwOp::Mul,

@@ -290,7 +290,7 @@ impl Lowerer {
             "Trilu" => self.trilu(node),
             "Relu" | "LeakyRelu" | "Sigmoid" | "Tanh" | "Exp" | "Log" | "Neg" | "Sqrt"
             | "Reciprocal" | "Abs" | "Add" | "Sub" | "Mul" | "Div" | "Erf" | "HardSwish"
-            | "Pow" => {
+            | "Pow" | "PRelu" => {
                 let e = EwOp::from_onnx(op).expect("listed");
                 let ty = {
                     let a = self.data(&node.input[0])?;
