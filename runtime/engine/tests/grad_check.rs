@@ -1183,6 +1183,28 @@ proptest! {
         check_case(unary(op, &[nb, c, h, w], Init::Distinct, attrs), seed);
     }
 
+    /// Log and Reciprocal (positive inputs), Abs (away from 0), Sum of
+    /// three broadcast operands.
+    #[test]
+    fn log_reciprocal_abs_sum(shape in dims(4, 3), which in 0usize..4, seed in 0u64..1000) {
+        let case = match which {
+            0 => unary("Log", &shape, Init::Positive, vec![]),
+            1 => unary("Reciprocal", &shape, Init::Positive, vec![]),
+            2 => unary("Abs", &shape, Init::AwayFromZero, vec![]),
+            _ => OpCase {
+                params: vec![
+                    p("a", &shape, Init::Any),
+                    p("b", &shape[1..], Init::Any),
+                    p("c", &[1, shape[1], 1], Init::Any),
+                ],
+                consts: vec![],
+                nodes: vec![n("Sum", &["a", "b", "c"], "y", vec![])],
+                output: "y".into(),
+            },
+        };
+        check_case(case, seed);
+    }
+
     /// PRelu with a slope per channel (`nn.PReLU(C)` exports `[C, 1, 1]`)
     /// or one for all.
     #[test]

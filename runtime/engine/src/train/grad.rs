@@ -25,6 +25,10 @@ pub const SUPPORTED: &[&str] = &[
     "Sigmoid",
     "Tanh",
     "Exp",
+    "Log",
+    "Reciprocal",
+    "Abs",
+    "Sum",
     "Neg",
     "Sqrt",
     "Conv",
@@ -243,6 +247,30 @@ pub fn backward(
             out[0] = Some(b.binary("Mul", gy, &d)?);
         }
         "Exp" => out[0] = Some(b.binary("Mul", gy, y)?),
+        "Log" => out[0] = Some(b.binary("Div", gy, x(0))?),
+        "Reciprocal" => {
+            // d(1/x) = -1/x^2 = -y^2
+            let y2 = b.binary("Mul", y, y)?;
+            let g = b.binary("Mul", gy, &y2)?;
+            out[0] = Some(b.unary("Neg", &g)?);
+        }
+        "Abs" => {
+            // sign(x), 0 at 0 (PyTorch's choice)
+            let zero = b.scalar(0.0);
+            let neg = b.unary("Neg", gy)?;
+            let below = b.binary("Less", x(0), &zero)?;
+            let g = b.op("Where", &[&below, &neg, gy], vec![])?;
+            let at_zero = b.binary("Equal", x(0), &zero)?;
+            out[0] = Some(b.op("Where", &[&at_zero, &zero, &g], vec![])?);
+        }
+        "Sum" => {
+            for (i, need) in needs.iter().enumerate() {
+                if *need {
+                    let xs = b.shape(x(i));
+                    out[i] = Some(b.unbroadcast(gy, &xs)?);
+                }
+            }
+        }
         "Sqrt" => {
             let g = b.binary("Div", gy, y)?;
             out[0] = Some(b.scale(&g, 0.5)?);
