@@ -332,7 +332,7 @@ impl ModelGraph {
         {
             return Ok(());
         }
-        let mut s = super::shape::seed(self, 1)?;
+        let mut s = super::shape::seed(self, self.declared_batch())?;
         let g = self.proto.graph.as_mut().expect("checked");
         let mut nodes = Vec::with_capacity(g.node.len());
         let mut inits = Vec::new();
@@ -370,7 +370,7 @@ impl ModelGraph {
         if !g.node.iter().any(|n| n.op_type == "BatchNormalization") {
             return Ok(());
         }
-        let shapes = super::shape::infer(self, 1)?;
+        let shapes = super::shape::infer(self, self.declared_batch())?;
         let g = self.proto.graph.as_mut().expect("checked");
         let mut nodes = Vec::with_capacity(g.node.len());
         for n in std::mem::take(&mut g.node) {
@@ -425,6 +425,13 @@ impl ModelGraph {
         }
         g.node = nodes;
         Ok(())
+    }
+
+    /// The batch the model was exported with when it is fixed, else 1:
+    /// the rewrites at load infer shapes at it (a model exported with a
+    /// fixed batch may reshape to it).
+    fn declared_batch(&self) -> usize {
+        self.input_shape.first().copied().flatten().unwrap_or(1)
     }
 
     /// Shape of one sample (input shape without the batch).
@@ -572,6 +579,35 @@ mod tests {
         );
         let e = compile(&model(vec![gemm], vec![w, c], &["y"])).unwrap_err();
         assert!(matches!(e, TrainError::Shape { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_fixed_batch_reshape_before_batch_norm_loads() {
+        // The dynamo exporter without dynamic shapes writes the batch into
+        // Reshape targets; the BatchNorm rewrite at load inferred shapes
+        // at batch 1 and refused such a model.
+        let w = onnx::tensor_f32("w", &[2, 4], &[0.5; 8]);
+        let target = onnx::tensor_i64("t", &[4], &[2, 2, 2, 1]);
+        let back = onnx::tensor_i64("t2", &[2], &[2, 4]);
+        let stats: Vec<_> = ["s", "b", "m", "v"]
+            .iter()
+            .map(|n| onnx::tensor_f32(n, &[2], &[1.0, 0.5]))
+            .collect();
+        let mut inits = vec![w, target, back];
+        inits.extend(stats);
+        let nodes = vec![
+            node("Mul", &["x", "w"], "m0"),
+            node("Reshape", &["m0", "t"], "r"),
+            onnx::node(
+                "BatchNormalization",
+                "bn",
+                &["r", "s", "b", "m", "v"],
+                &["n"],
+                vec![],
+            ),
+            node("Reshape", &["n", "t2"], "y"),
+        ];
+        compile(&model(nodes, inits, &["y"])).unwrap();
     }
 
     #[test]
