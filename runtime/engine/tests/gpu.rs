@@ -421,3 +421,271 @@ fn embedding_indices_outside_the_vocabulary_are_rejected() {
         .unwrap_err();
     assert!(matches!(err, TrainError::BadInput(_)), "{err}");
 }
+
+/// Five SGD steps (momentum 0.9) of a PyTorch-exported fixture
+/// (`tests/fixtures/torch/`, see `torch_fixtures.rs`) on both executors,
+/// on a seeded random batch: image batches for the CNNs, token ids below
+/// `vocab` for the transformers. Losses and parameters must agree.
+fn fixture_agrees(name: &str, vocab: Option<usize>) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/torch")
+        .join(format!("{name}.onnx"));
+    let blob = import_onnx(&std::fs::read(&path).unwrap()).unwrap();
+    agree_on_random_batches(name, &blob, vocab);
+}
+
+/// [`fixture_agrees`] for any model with 10 classes.
+fn agree_on_random_batches(name: &str, blob: &ModelBlob, vocab: Option<usize>) {
+    use rand::{Rng, SeedableRng};
+    require_adapter();
+    let graph = ModelGraph::from_blob(blob).unwrap();
+    let batch = 4;
+    let opts = CompileOptions {
+        batch,
+        loss: Loss::SoftmaxCrossEntropy,
+        optimizer: optimizer(Optimizer::Sgd, 0.9, 0.0),
+        ..CompileOptions::default()
+    };
+    let mut cpu = TractExecutor::new(&graph, opts.clone()).unwrap();
+    let mut gpu = GpuExecutor::new(&graph, opts).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let blob = blob.clone();
+    cpu.load(&blob.params.values).unwrap();
+    gpu.load(&blob.params.values).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(16);
+    let sample: usize = graph.sample_shape().iter().product();
+    for step in 0..5 {
+        let y: Vec<i64> = (0..batch).map(|_| rng.random_range(0..10)).collect();
+        let (xf, xi): (Vec<f32>, Vec<i64>) = match vocab {
+            None => (
+                (0..batch * sample)
+                    .map(|_| rng.random_range(-2.0..2.0))
+                    .collect(),
+                vec![],
+            ),
+            Some(v) => (
+                vec![],
+                (0..batch * sample)
+                    .map(|_| rng.random_range(0..v as i64))
+                    .collect(),
+            ),
+        };
+        let x = if vocab.is_some() {
+            Batch::I64(&xi)
+        } else {
+            Batch::F32(&xf)
+        };
+        let lc = cpu.step(x, Labels::Classes(&y), 0.05).unwrap();
+        let lg = gpu.step(x, Labels::Classes(&y), 0.05).unwrap();
+        assert!(
+            (lg - lc).abs() <= REL_TOL * lc.abs(),
+            "{name} step {step}: wgpu loss {lg} vs tract {lc}"
+        );
+    }
+    let (pc, pg) = (cpu.params().unwrap(), gpu.params().unwrap());
+    let (gap, tensor) = worst_param_gap(&blob, &pg, &pc);
+    eprintln!("{name}: worst parameter gap {gap:.2e} ({tensor})");
+    assert!(
+        gap <= REL_TOL,
+        "{name}: parameters of `{tensor}` differ by {gap:.2e} of its magnitude"
+    );
+}
+
+/// Depthwise and grouped convolutions, Clip (ReLU6), HardSwish and
+/// HardSigmoid, BatchNorm, ReduceMean over H and W; ResNet's overlapping
+/// 3x3 stride-2 max pool.
+#[test]
+fn cnn_fixtures_agree_with_tract() {
+    for name in [
+        "mobilenet_legacy",
+        "mobilenet_dynamo",
+        "resnet_legacy",
+        "resnet_dynamo",
+    ] {
+        fixture_agrees(name, None);
+    }
+}
+
+/// Embeddings, 4-D MatMul, Split, Softmax with -inf masks (bool and
+/// additive), LayerNorm, Erf and Gelu, Pow, Gather on the last position.
+#[test]
+fn transformer_fixtures_agree_with_tract() {
+    for name in [
+        "transformer_hand_legacy",
+        "transformer_hand_dynamo",
+        "transformer_layer_legacy",
+        "transformer_layer_dynamo",
+    ] {
+        fixture_agrees(name, Some(16));
+    }
+}
+
+/// LSTM and GRU, unrolled at load (ConstantOfShape and Expand for the
+/// initial state, Split into gates).
+#[test]
+fn recurrent_fixtures_agree_with_tract() {
+    for name in [
+        "lstm_legacy",
+        "lstm_dynamo",
+        "gru_legacy",
+        "gru_dynamo",
+        "bilstm_legacy",
+        "bilstm_dynamo",
+    ] {
+        fixture_agrees(name, Some(16));
+    }
+}
+
+/// The new element-wise and copy kernels beside the fixtures': Trilu with
+/// k, Erf, Pow, PRelu, Split by `num_outputs`, Slice with a step, Gelu's
+/// tanh form, Clip with one bound, Where on a constant bool mask (opset
+/// 20).
+#[test]
+fn new_op_kernels_agree_with_tract() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(20);
+    let mut w = |name: &str, shape: &[usize]| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-0.5..0.5)).collect();
+        onnx::tensor_f32(name, shape, &v)
+    };
+    let inits = vec![
+        w("w1", &[16, 12]),
+        w("w2", &[10, 16]),
+        w("slope", &[16]),
+        w("b2", &[10]),
+        onnx::tensor_i64("cube", &[3], &[4, 4, 4]),
+        onnx::tensor_i64("flat", &[2], &[4, 16]),
+        onnx::tensor_i64("k", &[], &[-1]),
+        onnx::tensor_i64("one", &[1], &[1]),
+        onnx::tensor_i64("end", &[1], &[i64::MAX]),
+        onnx::tensor_i64("two_i", &[1], &[2]),
+        onnx::tensor_f32("two", &[], &[2.0]),
+        onnx::tensor_f32("lo", &[], &[-0.3]),
+        onnx::tensor_f32("zero", &[], &[0.0]),
+        onnx::tensor_bool(
+            "keep",
+            &[1, 8],
+            &[true, false, true, true, false, true, true, true],
+        ),
+    ];
+    let node = |op: &str, ins: &[&str], outs: &[&str], attrs| {
+        onnx::node(op, &format!("/{}", outs[0]), ins, outs, attrs)
+    };
+    let nodes = vec![
+        node("Gemm", &["x", "w1"], &["h"], vec![onnx::int("transB", 1)]),
+        node("Erf", &["h"], &["e"], vec![]),
+        node("Reshape", &["e", "cube"], &["e3"], vec![]),
+        node("Trilu", &["e3", "k"], &["tri"], vec![onnx::int("upper", 0)]),
+        node("Reshape", &["tri", "flat"], &["t2"], vec![]),
+        node("Pow", &["t2", "two"], &["sq"], vec![]),
+        node("Add", &["sq", "h"], &["s0"], vec![]),
+        node("PRelu", &["s0", "slope"], &["s"], vec![]),
+        node(
+            "Split",
+            &["s"],
+            &["a", "b"],
+            vec![onnx::int("axis", 1), onnx::int("num_outputs", 2)],
+        ),
+        node(
+            "Slice",
+            &["s", "one", "end", "one", "two_i"],
+            &["odd"],
+            vec![],
+        ),
+        node("Add", &["a", "odd"], &["a2"], vec![]),
+        node(
+            "Gelu",
+            &["a2"],
+            &["ga"],
+            vec![onnx::string("approximate", "tanh")],
+        ),
+        node("Clip", &["b", "lo"], &["cb"], vec![]),
+        node("Where", &["keep", "cb", "zero"], &["mb"], vec![]),
+        node("Concat", &["ga", "mb"], &["c"], vec![onnx::int("axis", 1)]),
+        node(
+            "Gemm",
+            &["c", "w2", "b2"],
+            &["logits"],
+            vec![onnx::int("transB", 1)],
+        ),
+    ];
+    let proto = ModelProto {
+        ir_version: 8,
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: 20,
+        }],
+        graph: Some(GraphProto {
+            node: nodes,
+            initializer: inits,
+            input: vec![onnx::value_info("x", F32, &[4, 12])],
+            output: vec![onnx::value_info("logits", F32, &[4, 10])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    agree_on_random_batches("new ops", &blob(&proto), None);
+}
+
+/// A dilated convolution and pooling over overlapping, padded windows
+/// (their gradients go through one-hot Conv and ConvTranspose).
+#[test]
+fn dilated_conv_and_padded_pools_agree_with_tract() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(21);
+    let mut w = |name: &str, shape: &[usize], scale: f32| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
+        onnx::tensor_f32(name, shape, &v)
+    };
+    let inits = vec![
+        w("conv.w", &[4, 2, 3, 3], 0.4),
+        w("conv.b", &[4], 0.1),
+        w("fc.w", &[10, 100], 0.1),
+        w("fc.b", &[10], 0.1),
+        onnx::tensor_i64("flat", &[2], &[4, 100]),
+    ];
+    let window = |k: i64, s: i64, p: i64| {
+        vec![
+            onnx::ints("kernel_shape", &[k, k]),
+            onnx::ints("strides", &[s, s]),
+            onnx::ints("pads", &[p, p, p, p]),
+        ]
+    };
+    let mut conv = window(3, 1, 2);
+    conv.push(onnx::ints("dilations", &[2, 2]));
+    let mut avg = window(3, 1, 1);
+    avg.push(onnx::int("count_include_pad", 0));
+    let node = |op: &str, ins: &[&str], out: &str, attrs| {
+        onnx::node(op, &format!("/{out}"), ins, &[out], attrs)
+    };
+    let nodes = vec![
+        node("Conv", &["x", "conv.w", "conv.b"], "c", conv),
+        node("Relu", &["c"], "r", vec![]),
+        node("MaxPool", &["r"], "m", window(3, 2, 1)),
+        node("AveragePool", &["m"], "a", avg),
+        node("Reshape", &["a", "flat"], "f", vec![]),
+        node(
+            "Gemm",
+            &["f", "fc.w", "fc.b"],
+            "logits",
+            vec![onnx::int("transB", 1)],
+        ),
+    ];
+    let proto = ModelProto {
+        ir_version: 8,
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: 17,
+        }],
+        graph: Some(GraphProto {
+            node: nodes,
+            initializer: inits,
+            input: vec![onnx::value_info("x", F32, &[4, 2, 9, 9])],
+            output: vec![onnx::value_info("logits", F32, &[4, 10])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    agree_on_random_batches("dilated conv and padded pools", &blob(&proto), None);
+}

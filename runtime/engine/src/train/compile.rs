@@ -166,6 +166,9 @@ pub fn pattern_matches(pattern: &str, name: &str) -> bool {
 /// Emits nodes with fresh names, inferring each output's shape.
 pub struct Builder {
     pub lowering: Lowering,
+    /// The default-domain opset the step graph declares (the model's):
+    /// the ops the builder emits take that opset's form.
+    pub opset: i64,
     /// See [`CompileOptions::im2col_bytes_max`].
     pub im2col_bytes_max: usize,
     /// Tract lowering: the im2col patches of each forward Conv's input,
@@ -183,6 +186,7 @@ impl Builder {
     pub fn new(s: Shapes, lowering: Lowering) -> Self {
         Builder {
             lowering,
+            opset: super::import::OPSET_MAX,
             im2col_bytes_max: IM2COL_BYTES_MAX,
             conv_cols: HashMap::new(),
             nodes: Vec::new(),
@@ -293,6 +297,14 @@ impl Builder {
         name
     }
 
+    /// A float32 constant of `shape`.
+    pub fn const_f32(&mut self, shape: &[usize], values: &[f32]) -> String {
+        let name = self.fresh("const");
+        self.inits.push(onnx::tensor_f32(&name, shape, values));
+        self.s.set(&name, shape.to_vec(), F32);
+        name
+    }
+
     /// A rank-0 f32 constant.
     pub fn scalar(&mut self, v: f32) -> String {
         if let Some(n) = self.f32_consts.get(&v.to_bits()) {
@@ -358,12 +370,27 @@ impl Builder {
         )
     }
 
+    /// Mean over the last axis, kept. ReduceMean takes its axes as an
+    /// attribute up to opset 17 and as an input from 18.
     pub fn reduce_mean_last(&mut self, a: &str) -> Result<String, TrainError> {
-        self.op(
-            "ReduceMean",
-            &[a],
-            vec![onnx::ints("axes", &[-1]), onnx::int("keepdims", 1)],
-        )
+        if self.opset >= 18 {
+            let axes = self.const_i64(&[-1]);
+            self.op("ReduceMean", &[a, &axes], vec![onnx::int("keepdims", 1)])
+        } else {
+            self.op(
+                "ReduceMean",
+                &[a],
+                vec![onnx::ints("axes", &[-1]), onnx::int("keepdims", 1)],
+            )
+        }
+    }
+
+    /// A float tensor of zeros shaped `shape`.
+    pub fn zeros(&mut self, shape: &[usize]) -> Result<String, TrainError> {
+        let z = self.scalar(0.0);
+        let sh: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        let sh = self.const_i64(&sh);
+        self.op("Expand", &[&z, &sh], vec![])
     }
 
     /// Sum `g` down to `target` (the inverse of numpy broadcasting).
@@ -396,14 +423,29 @@ impl Builder {
 }
 
 /// Inputs of `node` through which gradients flow.
-fn differentiable(node: &NodeProto) -> Vec<usize> {
+///
+/// Cast passes a gradient only when it casts to float32 (a float path the
+/// exporter re-typed); a cast to an integer or bool stops it, as the
+/// comparisons do.
+pub(crate) fn differentiable(node: &NodeProto) -> Vec<usize> {
     match node.op_type.as_str() {
-        "Shape" | "Constant" | "Equal" | "Greater" | "Less" | "Cast" => vec![],
-        "Reshape" | "Gather" | "Expand" | "Slice" | "Unsqueeze" | "Squeeze" | "Dropout" => {
-            vec![0]
-        }
+        "Shape" | "Constant" | "Equal" | "Greater" | "Less" | "Mod" => vec![],
+        "Cast" if onnx::attr_i(node, "to") == Some(F32 as i64) => vec![0],
+        "Cast" => vec![],
+        "Reshape" | "Gather" | "Expand" | "Slice" | "Unsqueeze" | "Squeeze" | "Dropout"
+        | "Split" | "Trilu" => vec![0],
         "Where" => vec![1, 2],
         _ => (0..node.input.len()).collect(),
+    }
+}
+
+/// Outputs of `node` that carry a gradient: every part of a Split and
+/// every output of LSTM and GRU (unrolled at load, but not yet when a model
+/// is imported), else the first output only (Dropout's mask carries none).
+pub(crate) fn grad_outputs(node: &NodeProto) -> &[String] {
+    match node.op_type.as_str() {
+        "Split" | "LSTM" | "GRU" => &node.output,
+        _ => &node.output[..node.output.len().min(1)],
     }
 }
 
@@ -493,7 +535,7 @@ pub fn compile_training(
                     node: n.name.clone(),
                 });
             }
-            requires.extend(n.output.iter().take(1).cloned());
+            requires.extend(grad_outputs(n).iter().cloned());
         }
     }
     if !requires.contains(&graph.output) {
@@ -503,6 +545,7 @@ pub fn compile_training(
     }
 
     let mut b = Builder::new(s, opts.lowering);
+    b.opset = graph.opset;
     b.im2col_bytes_max = opts.im2col_bytes_max;
     // Forward: the user's nodes, some computed fedge's way for tract.
     for n in &g.node {
@@ -582,14 +625,18 @@ pub fn compile_training(
         if !requires.contains(out) {
             continue;
         }
-        let Some(gy) = grads.get(out).cloned() else {
+        let gys: Vec<Option<String>> = grad_outputs(n)
+            .iter()
+            .map(|o| grads.get(o).cloned())
+            .collect();
+        if gys.iter().all(Option::is_none) {
             continue; // this node does not reach the loss
-        };
+        }
         let diff = differentiable(n);
         let needs: Vec<bool> = (0..n.input.len())
             .map(|i| diff.contains(&i) && requires.contains(&n.input[i]))
             .collect();
-        let gx = grad::backward(&mut b, n, &gy, &needs)?;
+        let gx = grad::backward(&mut b, n, &gys, &needs)?;
         for (i, gi) in gx.into_iter().enumerate() {
             // A rule may also give the gradient of an input that needs
             // none (a constant beside a parameter); it is dropped.

@@ -21,9 +21,14 @@ pub const SUPPORTED: &[&str] = &[
     "Div",
     "Relu",
     "LeakyRelu",
+    "PRelu",
     "Sigmoid",
     "Tanh",
     "Exp",
+    "Log",
+    "Reciprocal",
+    "Abs",
+    "Sum",
     "Neg",
     "Sqrt",
     "Conv",
@@ -42,6 +47,20 @@ pub const SUPPORTED: &[&str] = &[
     "LayerNormalization",
     "Dropout",
     "Identity",
+    "Clip",
+    "HardSigmoid",
+    "HardSwish",
+    "Erf",
+    "Gelu",
+    "Pow",
+    "ReduceMean",
+    "ReduceSum",
+    "Split",
+    "Slice",
+    "Expand",
+    "Where",
+    "Trilu",
+    "Cast",
 ];
 
 pub fn has_rule(op: &str) -> bool {
@@ -56,19 +75,96 @@ fn unsupported(node: &NodeProto, reason: impl Into<String>) -> TrainError {
     }
 }
 
-/// Gradients of `node`'s inputs given `gy`, the gradient of its output.
+/// Gradients of `node`'s inputs given `gys`, the gradients of its
+/// outputs that carry one (every part of a Split, else the first output;
+/// `None` where an output does not reach the loss).
 pub fn backward(
     b: &mut Builder,
     node: &NodeProto,
-    gy: &str,
+    gys: &[Option<String>],
     needs: &[bool],
 ) -> Result<Vec<Option<String>>, TrainError> {
     let n = node.input.len();
     let mut out: Vec<Option<String>> = vec![None; n];
+    if node.op_type == "Split" {
+        split(b, node, gys, &mut out)?;
+        return Ok(out);
+    }
+    let Some(gy) = gys.first().cloned().flatten() else {
+        return Ok(out);
+    };
+    let gy = gy.as_str();
     let x = |i: usize| node.input[i].as_str();
     let y = node.output[0].as_str();
     match node.op_type.as_str() {
-        "Identity" | "Dropout" => out[0] = Some(gy.to_string()),
+        // Dropout runs in inference mode (shape inference refuses training
+        // mode); a float-to-float Cast passes the gradient through.
+        "Identity" | "Dropout" | "Cast" => out[0] = Some(gy.to_string()),
+        "Clip" => out[0] = Some(clip(b, node, gy, needs)?),
+        "HardSigmoid" => {
+            // y = clamp(alpha x + beta, 0, 1): slope alpha strictly inside.
+            let alpha = attr_f(node, "alpha").unwrap_or(0.2);
+            let (zero, one) = (b.scalar(0.0), b.scalar(1.0));
+            let g = b.scale(gy, alpha)?;
+            let below_one = b.binary("Less", y, &one)?;
+            let g = b.op("Where", &[&below_one, &g, &zero], vec![])?;
+            let above_zero = b.binary("Greater", y, &zero)?;
+            out[0] = Some(b.op("Where", &[&above_zero, &g, &zero], vec![])?);
+        }
+        "HardSwish" => {
+            // y = x clamp(x/6 + 1/2, 0, 1): dy/dx is 0 below -3, 1 above
+            // 3 and x/3 + 1/2 between.
+            let (zero, one, half) = (b.scalar(0.0), b.scalar(1.0), b.scalar(0.5));
+            let (lo, hi) = (b.scalar(-3.0), b.scalar(3.0));
+            let third = b.scale(x(0), 1.0 / 3.0)?;
+            let mid = b.binary("Add", &third, &half)?;
+            let above = b.binary("Greater", x(0), &hi)?;
+            let d = b.op("Where", &[&above, &one, &mid], vec![])?;
+            let below = b.binary("Less", x(0), &lo)?;
+            let d = b.op("Where", &[&below, &zero, &d], vec![])?;
+            out[0] = Some(b.binary("Mul", gy, &d)?);
+        }
+        "Erf" => {
+            // d erf(x) = 2/sqrt(pi) exp(-x^2)
+            let x2 = b.binary("Mul", x(0), x(0))?;
+            let nx2 = b.unary("Neg", &x2)?;
+            let e = b.unary("Exp", &nx2)?;
+            let d = b.scale(&e, std::f32::consts::FRAC_2_SQRT_PI)?;
+            out[0] = Some(b.binary("Mul", gy, &d)?);
+        }
+        "Gelu" => out[0] = Some(gelu(b, node, gy)?),
+        "Pow" => pow(b, node, gy, needs, &mut out)?,
+        "ReduceMean" | "ReduceSum" => out[0] = Some(reduce(b, node, gy)?),
+        "Slice" => out[0] = Some(slice_grad(b, node, gy)?),
+        "Expand" => {
+            let xs = b.shape(x(0));
+            out[0] = Some(b.unbroadcast(gy, &xs)?);
+        }
+        "Where" => {
+            // The condition is bool: no gradient; each branch gets the
+            // gradient where it was taken.
+            let zero = b.scalar(0.0);
+            for i in 1..3 {
+                if needs[i] {
+                    let xs = b.shape(x(i));
+                    let ins = if i == 1 {
+                        [x(0), gy, zero.as_str()]
+                    } else {
+                        [x(0), zero.as_str(), gy]
+                    };
+                    let g = b.op("Where", &ins, vec![])?;
+                    out[i] = Some(b.unbroadcast(&g, &xs)?);
+                }
+            }
+        }
+        "Trilu" => {
+            // The kept triangle passes the gradient: the same Trilu of it.
+            let mut ins = vec![gy];
+            if let Some(k) = node.input.get(1).filter(|k| !k.is_empty()) {
+                ins.push(k);
+            }
+            out[0] = Some(b.op("Trilu", &ins, node.attribute.clone())?);
+        }
         "Neg" => out[0] = Some(b.unary("Neg", gy)?),
         "Add" | "Sub" => {
             for i in 0..2 {
@@ -123,6 +219,21 @@ pub fn backward(
             };
             out[0] = Some(b.op("Where", &[&mask, gy, &other], vec![])?);
         }
+        "PRelu" => {
+            // y = x where x > 0, else slope x (the slope broadcasts).
+            let zero = b.scalar(0.0);
+            let pos = b.binary("Greater", x(0), &zero)?;
+            if needs[0] {
+                let gs = b.binary("Mul", gy, x(1))?;
+                out[0] = Some(b.op("Where", &[&pos, gy, &gs], vec![])?);
+            }
+            if needs[1] {
+                let gx = b.binary("Mul", gy, x(0))?;
+                let g = b.op("Where", &[&pos, &zero, &gx], vec![])?;
+                let ss = b.shape(x(1));
+                out[1] = Some(b.unbroadcast(&g, &ss)?);
+            }
+        }
         "Sigmoid" => {
             let one = b.scalar(1.0);
             let om = b.binary("Sub", &one, y)?;
@@ -136,6 +247,30 @@ pub fn backward(
             out[0] = Some(b.binary("Mul", gy, &d)?);
         }
         "Exp" => out[0] = Some(b.binary("Mul", gy, y)?),
+        "Log" => out[0] = Some(b.binary("Div", gy, x(0))?),
+        "Reciprocal" => {
+            // d(1/x) = -1/x^2 = -y^2
+            let y2 = b.binary("Mul", y, y)?;
+            let g = b.binary("Mul", gy, &y2)?;
+            out[0] = Some(b.unary("Neg", &g)?);
+        }
+        "Abs" => {
+            // sign(x), 0 at 0 (PyTorch's choice)
+            let zero = b.scalar(0.0);
+            let neg = b.unary("Neg", gy)?;
+            let below = b.binary("Less", x(0), &zero)?;
+            let g = b.op("Where", &[&below, &neg, gy], vec![])?;
+            let at_zero = b.binary("Equal", x(0), &zero)?;
+            out[0] = Some(b.op("Where", &[&at_zero, &zero, &g], vec![])?);
+        }
+        "Sum" => {
+            for (i, need) in needs.iter().enumerate() {
+                if *need {
+                    let xs = b.shape(x(i));
+                    out[i] = Some(b.unbroadcast(gy, &xs)?);
+                }
+            }
+        }
         "Sqrt" => {
             let g = b.binary("Div", gy, y)?;
             out[0] = Some(b.scale(&g, 0.5)?);
@@ -303,28 +438,84 @@ fn conv(
     out: &mut [Option<String>],
 ) -> Result<(), TrainError> {
     let (x, w) = (node.input[0].as_str(), node.input[1].as_str());
-    let (xs, ws, gs) = (b.shape(x), b.shape(w), b.shape(gy));
+    let (xs, ws) = (b.shape(x), b.shape(w));
     let Window {
         kernel: k,
         strides: st,
         pads,
         dilations: dil,
     } = spatial_attrs(node, ws[2..].to_vec())?;
-    if dil.iter().any(|&d| d != 1) {
-        return Err(unsupported(
-            node,
-            "dilated convolutions have no gradient rule",
-        ));
-    }
-    if b.lowering == Lowering::Tract {
+    // fedge's im2col has no dilation: a dilated convolution takes the
+    // portable rules on tract too.
+    if b.lowering == Lowering::Tract && dil.iter().all(|&d| d == 1) {
         return conv_as_gemm(b, node, gy, needs, out);
     }
+    let win = Window {
+        kernel: k,
+        strides: st,
+        pads,
+        dilations: dil,
+    };
+    let groups = group_of(node);
+    if groups == 1 {
+        let (dx, dw) = conv_portable(b, node, (x, w, gy), (needs[0], needs[1]), &win)?;
+        out[0] = dx;
+        out[1] = dw;
+    } else {
+        // One group at a time: its input channels, its filters, its
+        // output channels.
+        let (cg, cog) = (xs[1] / groups, ws[0] / groups);
+        let (mut dxs, mut dws) = (Vec::new(), Vec::new());
+        for g in 0..groups {
+            let xg = slice(b, x, 1, g * cg, cg)?;
+            let wg = slice(b, w, 0, g * cog, cog)?;
+            let gyg = slice(b, gy, 1, g * cog, cog)?;
+            let (dx, dw) = conv_portable(b, node, (&xg, &wg, &gyg), (needs[0], needs[1]), &win)?;
+            dxs.extend(dx);
+            dws.extend(dw);
+        }
+        let cat = |b: &mut Builder, parts: &[String], axis: i64| {
+            let refs: Vec<&str> = parts.iter().map(|s| s.as_str()).collect();
+            b.op("Concat", &refs, vec![onnx::int("axis", axis)])
+        };
+        if needs[0] {
+            out[0] = Some(cat(b, &dxs, 1)?);
+        }
+        if needs[1] {
+            out[1] = Some(cat(b, &dws, 0)?);
+        }
+    }
+    if needs.len() > 2 && needs[2] {
+        out[2] = Some(b.reduce_sum(gy, &[0, 2, 3], false)?);
+    }
+    Ok(())
+}
+
+/// Conv's `group` attribute (1 when absent).
+fn group_of(node: &NodeProto) -> usize {
+    attr_i(node, "group").unwrap_or(1).max(1) as usize
+}
+
+/// Input and weight gradients of one ungrouped 2-D convolution in
+/// standard ONNX ops: `dX = ConvTranspose(G, W)` with the forward strides,
+/// pads and dilations, `dW` a Conv of the transposed input by the
+/// transposed output gradient (the forward stride becomes the dilation,
+/// the forward dilation the stride).
+fn conv_portable(
+    b: &mut Builder,
+    node: &NodeProto,
+    (x, w, gy): (&str, &str, &str),
+    (need_x, need_w): (bool, bool),
+    win: &Window,
+) -> Result<(Option<String>, Option<String>), TrainError> {
+    let (xs, gs) = (b.shape(x), b.shape(gy));
+    let (k, st, pads, dil) = (&win.kernel, &win.strides, &win.pads, &win.dilations);
     let to_i = |v: &[usize]| v.iter().map(|&d| d as i64).collect::<Vec<_>>();
-    if needs[0] {
-        // dX = ConvTranspose(G, W) with the forward strides and pads.
+    let mut dx = None;
+    if need_x {
         let mut op_pad = vec![0i64; 2];
         for i in 0..2 {
-            let full = st[i] * (gs[2 + i] - 1) + k[i];
+            let full = st[i] * (gs[2 + i] - 1) + dil[i] * (k[i] - 1) + 1;
             let produced = full - pads[i] - pads[2 + i];
             op_pad[i] = xs[2 + i] as i64 - produced as i64;
             if op_pad[i] < 0 || op_pad[i] >= st[i] as i64 {
@@ -334,28 +525,29 @@ fn conv(
                 ));
             }
         }
-        out[0] = Some(b.op(
+        dx = Some(b.op(
             "ConvTranspose",
             &[gy, w],
             vec![
-                onnx::ints("strides", &to_i(&st)),
-                onnx::ints("pads", &to_i(&pads)),
+                onnx::ints("strides", &to_i(st)),
+                onnx::ints("pads", &to_i(pads)),
                 onnx::ints("output_padding", &op_pad),
-                onnx::ints("kernel_shape", &to_i(&k)),
+                onnx::ints("kernel_shape", &to_i(k)),
+                onnx::ints("dilations", &to_i(dil)),
             ],
         )?);
     }
-    if needs[1] {
-        // dW: batch becomes channels; the forward stride becomes dilation.
+    let mut dw = None;
+    if need_w {
         let xt = b.transpose(x, &[1, 0, 2, 3])?;
         let gt = b.transpose(gy, &[1, 0, 2, 3])?;
         let dwt = b.op(
             "Conv",
             &[&xt, &gt],
             vec![
-                onnx::ints("pads", &to_i(&pads)),
-                onnx::ints("strides", &[1, 1]),
-                onnx::ints("dilations", &to_i(&st)),
+                onnx::ints("pads", &to_i(pads)),
+                onnx::ints("strides", &to_i(dil)),
+                onnx::ints("dilations", &to_i(st)),
                 onnx::ints("kernel_shape", &[gs[2] as i64, gs[3] as i64]),
             ],
         )?;
@@ -368,12 +560,9 @@ fn conv(
         } else {
             dwt
         };
-        out[1] = Some(b.transpose(&dwt, &[1, 0, 2, 3])?);
+        dw = Some(b.transpose(&dwt, &[1, 0, 2, 3])?);
     }
-    if needs.len() > 2 && needs[2] {
-        out[2] = Some(b.reduce_sum(gy, &[0, 2, 3], false)?);
-    }
-    Ok(())
+    Ok((dx, dw))
 }
 
 /// The window of `node` (a 2-D Conv or MaxPool) over `x`, with `y` its
@@ -483,8 +672,15 @@ pub fn lower_forward(b: &mut Builder, node: &NodeProto) -> Result<bool, TrainErr
                 return Ok(false);
             }
             let g = geometry_of(node, &xs, ws[2..].to_vec(), &ys)?;
-            let (co, ck) = (ws[0], ws[1] * ws[2] * ws[3]);
-            let w2 = b.reshape(w, &[co, ck])?;
+            // ck: one group's rows of the patches.
+            let (co, ck, groups) = (ws[0], ws[1] * ws[2] * ws[3], group_of(node));
+            // Grouped: [groups, co/groups, ck] against the patches as
+            // [groups, ck, pixels], one batched product.
+            let w2 = if groups == 1 {
+                b.reshape(w, &[co, ck])?
+            } else {
+                b.reshape(w, &[groups, co / groups, ck])?
+            };
             let bias = match node.input.get(2).filter(|b| !b.is_empty()) {
                 Some(bias) => Some(b.reshape(bias, &[co, 1])?),
                 None => None,
@@ -493,7 +689,14 @@ pub fn lower_forward(b: &mut Builder, node: &NodeProto) -> Result<bool, TrainErr
             let mut parts = Vec::new();
             for (first, len) in chunks(g.n, per) {
                 let cols = im2col_chunk(b, x, &g, first, len)?;
-                let mut y2 = b.binary("MatMul", &w2, &cols)?;
+                let mut y2 = if groups == 1 {
+                    b.binary("MatMul", &w2, &cols)?
+                } else {
+                    let pixels = len * ys[2] * ys[3];
+                    let cols3 = b.reshape(&cols, &[groups, ck, pixels])?;
+                    let y3 = b.binary("MatMul", &w2, &cols3)?;
+                    b.reshape(&y3, &[co, pixels])?
+                };
                 if let Some(bias) = &bias {
                     y2 = b.binary("Add", &y2, bias)?;
                 }
@@ -556,6 +759,10 @@ fn conv_as_gemm(
     let (co, ck, hw) = (ws[0], ws[1] * ws[2] * ws[3], gs[2] * gs[3]);
     let p = gs[0] * hw;
     let parts = chunks(g.n, chunk_images(&g, b.im2col_bytes_max));
+    let groups = group_of(node);
+    if groups > 1 {
+        return grouped_conv_as_gemm(b, node, gy, needs, out, (&g, &parts, groups));
+    }
     if needs[1] {
         let gt = b.transpose(gy, &[0, 2, 3, 1])?;
         let g2t = b.reshape(&gt, &[p, co])?;
@@ -632,17 +839,22 @@ fn pool(
         pads,
         dilations: dil,
     } = spatial_attrs(node, kernel)?;
-    if st != k || pads.iter().any(|&p| p != 0) || dil.iter().any(|&d| d != 1) {
-        return Err(unsupported(
-            node,
-            "pooling gradients need non-overlapping windows (strides == kernel, no pads)",
-        ));
+    if dil.iter().any(|&d| d != 1) {
+        return Err(unsupported(node, "dilated pooling has no gradient rule"));
     }
-    if !xs[2].is_multiple_of(k[0]) || !xs[3].is_multiple_of(k[1]) {
-        return Err(unsupported(
-            node,
-            "pooling gradients need the input divisible by the kernel",
-        ));
+    if st != k
+        || pads.iter().any(|&p| p != 0)
+        || !xs[2].is_multiple_of(k[0])
+        || !xs[3].is_multiple_of(k[1])
+    {
+        let win = Window {
+            kernel: k,
+            strides: st,
+            pads,
+            dilations: dil,
+        };
+        out[0] = Some(pool_grad_windows(b, node, gy, &win)?);
+        return Ok(());
     }
     out[0] = Some(
         if node.op_type == "MaxPool" && b.lowering == Lowering::Tract {
@@ -694,28 +906,47 @@ fn max_pool_grad(
     b.reshape(&gt, &[n, c, h, w])
 }
 
+/// Gather along any axis: the output gradient scattered back with a
+/// one-hot product, `dData[pre, d, post] = sum over i of [idx_i == d]
+/// G[pre, i, post]` (repeated indices add up). Constant indices may be
+/// negative (`x[:, -1]`); data-dependent ones (token ids) are taken as
+/// given.
 fn gather(
     b: &mut Builder,
     node: &NodeProto,
     gy: &str,
     out: &mut [Option<String>],
 ) -> Result<(), TrainError> {
-    if attr_i(node, "axis").unwrap_or(0) != 0 {
-        return Err(unsupported(node, "Gather gradients along axis 0 only"));
-    }
     let (data, idx) = (node.input[0].as_str(), node.input[1].as_str());
     let ds = b.shape(data);
+    let r = ds.len() as i64;
+    let a = attr_i(node, "axis").unwrap_or(0);
+    let a = (if a < 0 { a + r } else { a }) as usize;
+    let dim = ds[a];
     let count: usize = b.shape(idx).iter().product();
-    let rest: usize = ds[1..].iter().product();
-    // dData = onehot(idx)^T . G, with the one-hot built from Equal.
-    let flat = b.reshape(idx, &[count, 1])?;
-    let range: Vec<i64> = (0..ds[0] as i64).collect();
+    let (pre, post): (usize, usize) = (ds[..a].iter().product(), ds[a + 1..].iter().product());
+    let idx = match b.s.consts.get(idx).cloned() {
+        Some(c) => {
+            let v: Vec<i64> = c
+                .iter()
+                .map(|&i| if i < 0 { i + dim as i64 } else { i })
+                .collect();
+            b.const_i64(&v)
+        }
+        None => idx.to_string(),
+    };
+    let flat = b.reshape(&idx, &[count, 1])?;
+    let range: Vec<i64> = (0..dim as i64).collect();
     let range = b.const_i64(&range);
     let eq = b.binary("Equal", &flat, &range)?;
     let onehot = b.cast(&eq, F32)?;
     let oht = b.transpose(&onehot, &[1, 0])?;
-    let g2 = b.reshape(gy, &[count, rest])?;
-    let d = b.binary("MatMul", &oht, &g2)?;
+    let g = if pre == 1 {
+        b.reshape(gy, &[count, post])?
+    } else {
+        b.reshape(gy, &[pre, count, post])?
+    };
+    let d = b.binary("MatMul", &oht, &g)?;
     out[0] = Some(b.reshape(&d, &ds)?);
     Ok(())
 }
@@ -758,4 +989,417 @@ fn layer_norm(
         out[0] = Some(b.binary("Mul", &d, &inv)?);
     }
     Ok(())
+}
+
+/// Clip: the gradient passes where the input is inside [min, max] (either
+/// bound may be absent); bounds are constants (ReLU6 is Clip(x, 0, 6)).
+fn clip(b: &mut Builder, node: &NodeProto, gy: &str, needs: &[bool]) -> Result<String, TrainError> {
+    if needs.iter().skip(1).any(|&n| n) {
+        return Err(unsupported(
+            node,
+            "a trainable min or max bound has no gradient rule; make the bounds constants",
+        ));
+    }
+    let x = node.input[0].as_str();
+    let zero = b.scalar(0.0);
+    let mut g = gy.to_string();
+    for (i, cmp) in [(1, "Less"), (2, "Greater")] {
+        if let Some(bound) = node.input.get(i).filter(|s| !s.is_empty()) {
+            let outside = b.binary(cmp, x, bound)?;
+            g = b.op("Where", &[&outside, &zero, &g], vec![])?;
+        }
+    }
+    Ok(g)
+}
+
+/// Gelu, exact (`0.5 x (1 + erf(x / sqrt 2))`) or with
+/// `approximate="tanh"`.
+fn gelu(b: &mut Builder, node: &NodeProto, gy: &str) -> Result<String, TrainError> {
+    let x = node.input[0].as_str();
+    let (half, one) = (b.scalar(0.5), b.scalar(1.0));
+    let approximate = super::onnx::attr_s(node, "approximate").unwrap_or_default();
+    let d = match approximate.as_str() {
+        "" | "none" => {
+            // 0.5 (1 + erf(x / sqrt 2)) + x exp(-x^2 / 2) / sqrt(2 pi)
+            let xs = b.scale(x, std::f32::consts::FRAC_1_SQRT_2)?;
+            let erf = b.unary("Erf", &xs)?;
+            let cdf = b.binary("Add", &one, &erf)?;
+            let cdf = b.binary("Mul", &cdf, &half)?;
+            let x2 = b.binary("Mul", x, x)?;
+            let e = b.scale(&x2, -0.5)?;
+            let e = b.unary("Exp", &e)?;
+            let pdf = b.scale(&e, 1.0 / (2.0 * std::f32::consts::PI).sqrt())?;
+            let xp = b.binary("Mul", x, &pdf)?;
+            b.binary("Add", &cdf, &xp)?
+        }
+        "tanh" => {
+            // u = c (x + k x^3), t = tanh u:
+            // 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 k x^2)
+            let (c, k) = ((2.0 / std::f32::consts::PI).sqrt(), 0.044715f32);
+            let x2 = b.binary("Mul", x, x)?;
+            let x3 = b.binary("Mul", &x2, x)?;
+            let kx3 = b.scale(&x3, k)?;
+            let inner = b.binary("Add", x, &kx3)?;
+            let u = b.scale(&inner, c)?;
+            let t = b.unary("Tanh", &u)?;
+            let opt = b.binary("Add", &one, &t)?;
+            let first = b.binary("Mul", &opt, &half)?;
+            let t2 = b.binary("Mul", &t, &t)?;
+            let sech2 = b.binary("Sub", &one, &t2)?;
+            let kx2 = b.scale(&x2, 3.0 * k)?;
+            let du = b.binary("Add", &one, &kx2)?;
+            let du = b.scale(&du, 0.5 * c)?;
+            let xs = b.binary("Mul", x, &sech2)?;
+            let second = b.binary("Mul", &xs, &du)?;
+            b.binary("Add", &first, &second)?
+        }
+        other => {
+            return Err(unsupported(
+                node,
+                format!("approximate=\"{other}\" is not an ONNX Gelu form"),
+            ));
+        }
+    };
+    b.binary("Mul", gy, &d)
+}
+
+/// Pow with a constant exponent `p`: `dx = g p x^(p-1)`.
+fn pow(
+    b: &mut Builder,
+    node: &NodeProto,
+    gy: &str,
+    needs: &[bool],
+    out: &mut [Option<String>],
+) -> Result<(), TrainError> {
+    if needs.get(1) == Some(&true) {
+        return Err(unsupported(
+            node,
+            "a trainable exponent has no gradient rule; make the exponent a constant",
+        ));
+    }
+    let x = node.input[0].as_str();
+    let p = node.input[1].clone();
+    let p = if b.s.types.get(&p).copied().unwrap_or(F32) != F32 {
+        b.cast(&p, F32)?
+    } else {
+        p
+    };
+    let p = p.as_str();
+    let one = b.scalar(1.0);
+    let pm1 = b.binary("Sub", p, &one)?;
+    let xp = b.binary("Pow", x, &pm1)?;
+    let d = b.binary("Mul", &xp, p)?;
+    let g = b.binary("Mul", gy, &d)?;
+    let xs = b.shape(x);
+    out[0] = Some(b.unbroadcast(&g, &xs)?);
+    Ok(())
+}
+
+/// ReduceSum and ReduceMean: the output gradient spread back over the
+/// reduced axes (divided by their size for the mean).
+fn reduce(b: &mut Builder, node: &NodeProto, gy: &str) -> Result<String, TrainError> {
+    let x = node.input[0].as_str();
+    let xs = b.shape(x);
+    let axes = super::shape::reduce_axes(node, &b.s)?;
+    if axes.is_empty() && attr_i(node, "noop_with_empty_axes").unwrap_or(0) != 0 {
+        return Ok(gy.to_string());
+    }
+    let r = xs.len() as i64;
+    let ax: Vec<usize> = if axes.is_empty() {
+        (0..xs.len()).collect()
+    } else {
+        axes.iter()
+            .map(|&a| (if a < 0 { a + r } else { a }) as usize)
+            .collect()
+    };
+    let kept: Vec<usize> = xs
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| if ax.contains(&i) { 1 } else { d })
+        .collect();
+    let g = b.reshape(gy, &kept)?;
+    let sh: Vec<i64> = xs.iter().map(|&d| d as i64).collect();
+    let sh = b.const_i64(&sh);
+    let e = b.op("Expand", &[&g, &sh], vec![])?;
+    if node.op_type == "ReduceMean" {
+        let count: usize = ax.iter().map(|&i| xs[i]).product();
+        b.scale(&e, 1.0 / count.max(1) as f32)
+    } else {
+        Ok(e)
+    }
+}
+
+/// `t` with `before` and `after` zeros added along `axis`.
+fn pad_axis(
+    b: &mut Builder,
+    t: &str,
+    axis: usize,
+    before: usize,
+    after: usize,
+) -> Result<String, TrainError> {
+    if before == 0 && after == 0 {
+        return Ok(t.to_string());
+    }
+    let ts = b.shape(t);
+    let mut parts = Vec::new();
+    for (len, is_t) in [(before, false), (0, true), (after, false)] {
+        if is_t {
+            parts.push(t.to_string());
+        } else if len > 0 {
+            let mut zs = ts.clone();
+            zs[axis] = len;
+            parts.push(b.zeros(&zs)?);
+        }
+    }
+    let refs: Vec<&str> = parts.iter().map(|s| s.as_str()).collect();
+    b.op("Concat", &refs, vec![onnx::int("axis", axis as i64)])
+}
+
+/// Slice: the gradient back in place, zeros around it. Per sliced axis,
+/// a backward step first reverses the gradient (Gather with reversed
+/// indices); a step above 1 interleaves `step - 1` zeros after each
+/// element; then zeros pad it to the input's extent.
+fn slice_grad(b: &mut Builder, node: &NodeProto, gy: &str) -> Result<String, TrainError> {
+    let xs = b.shape(&node.input[0]);
+    let axes = super::shape::slice_axes(node, &b.s, &xs)?;
+    let mut g = gy.to_string();
+    for r in axes {
+        let dim = xs[r.axis];
+        if r.len == 0 {
+            let mut zs = b.shape(&g);
+            zs[r.axis] = dim;
+            g = b.zeros(&zs)?;
+            continue;
+        }
+        let stride = r.step.unsigned_abs() as usize;
+        // The lowest index taken, and g in ascending index order.
+        let first = if r.step > 0 {
+            r.start
+        } else {
+            let rev: Vec<i64> = (0..r.len as i64).rev().collect();
+            let rev = b.const_i64(&rev);
+            g = b.op(
+                "Gather",
+                &[&g, &rev],
+                vec![onnx::int("axis", r.axis as i64)],
+            )?;
+            r.start - (r.len - 1) * stride
+        };
+        if stride > 1 {
+            // [.., len, ..] -> [.., len, stride, ..] with zeros after each
+            // element -> [.., len * stride, ..], cut to what the input holds.
+            let gs = b.shape(&g);
+            let mut one = gs.clone();
+            one.insert(r.axis + 1, 1);
+            let g1 = b.reshape(&g, &one)?;
+            let mut zs = one.clone();
+            zs[r.axis + 1] = stride - 1;
+            let z = b.zeros(&zs)?;
+            let cat = b.op(
+                "Concat",
+                &[&g1, &z],
+                vec![onnx::int("axis", r.axis as i64 + 1)],
+            )?;
+            let mut spread = gs.clone();
+            spread[r.axis] = r.len * stride;
+            let spread_g = b.reshape(&cat, &spread)?;
+            let keep = (r.len * stride).min(dim - first);
+            g = slice(b, &spread_g, r.axis as i64, 0, keep)?;
+        }
+        let covered = b.shape(&g)[r.axis];
+        g = pad_axis(b, &g, r.axis, first, dim - first - covered)?;
+    }
+    Ok(g)
+}
+
+/// Split: the parts' gradients concatenated back (zeros for a part that
+/// does not reach the loss).
+fn split(
+    b: &mut Builder,
+    node: &NodeProto,
+    gys: &[Option<String>],
+    out: &mut [Option<String>],
+) -> Result<(), TrainError> {
+    let xs = b.shape(&node.input[0]);
+    let r = xs.len() as i64;
+    let a = attr_i(node, "axis").unwrap_or(0);
+    let a = if a < 0 { a + r } else { a };
+    let mut parts = Vec::new();
+    for (o, g) in node.output.iter().zip(gys) {
+        parts.push(match g {
+            Some(g) => g.clone(),
+            None => {
+                let os = b.shape(o);
+                b.zeros(&os)?
+            }
+        });
+    }
+    let refs: Vec<&str> = parts.iter().map(|s| s.as_str()).collect();
+    out[0] = Some(if refs.len() == 1 {
+        refs[0].to_string()
+    } else {
+        b.op("Concat", &refs, vec![onnx::int("axis", a)])?
+    });
+    Ok(())
+}
+
+/// [`conv_as_gemm`] for a grouped (or depthwise) convolution: the same
+/// products batched over the groups. With `cols` as `[groups, ck, pixels]`,
+/// `G` as `[groups, co/groups, pixels]` and `W` as `[groups, co/groups, ck]`:
+/// `dW^T = cols x G^T` and `dX = col2im(W^T x G)`, per group.
+fn grouped_conv_as_gemm(
+    b: &mut Builder,
+    node: &NodeProto,
+    gy: &str,
+    needs: &[bool],
+    out: &mut [Option<String>],
+    (g, parts, groups): (&Geometry, &[(usize, usize)], usize),
+) -> Result<(), TrainError> {
+    let (x, w) = (node.input[0].as_str(), node.input[1].as_str());
+    let (ws, gs) = (b.shape(w), b.shape(gy));
+    let (co, ck, hw) = (ws[0], ws[1] * ws[2] * ws[3], gs[2] * gs[3]);
+    let (cog, p) = (co / groups, gs[0] * hw);
+    // G as [n, groups, co/groups, pixels of one image].
+    let g4 = b.reshape(gy, &[gs[0], groups, cog, hw])?;
+    if needs[1] {
+        let gt = b.transpose(&g4, &[1, 0, 3, 2])?;
+        let g3t = b.reshape(&gt, &[groups, p, cog])?;
+        let mut acc: Option<String> = None;
+        for &(first, len) in parts {
+            let cols = match b.conv_cols.get(&node.output[0]) {
+                Some(c) if parts.len() == 1 => c.clone(),
+                _ => im2col_chunk(b, x, g, first, len)?,
+            };
+            let cols3 = b.reshape(&cols, &[groups, ck, len * hw])?;
+            let g3tc = slice(b, &g3t, 1, first * hw, len * hw)?;
+            let d = b.binary("MatMul", &cols3, &g3tc)?;
+            acc = Some(match acc {
+                Some(a) => b.binary("Add", &a, &d)?,
+                None => d,
+            });
+        }
+        let dw3 = b.transpose(&acc.expect("a chunk"), &[0, 2, 1])?;
+        out[1] = Some(b.reshape(&dw3, &ws)?);
+    }
+    if needs[0] {
+        let gt = b.transpose(&g4, &[1, 2, 0, 3])?;
+        let g3 = b.reshape(&gt, &[groups, cog, p])?;
+        let w3 = b.reshape(w, &[groups, cog, ck])?;
+        let w3t = b.transpose(&w3, &[0, 2, 1])?;
+        let mut dx = Vec::new();
+        for &(first, len) in parts {
+            let g3c = slice(b, &g3, 2, first * hw, len * hw)?;
+            let cols3 = b.binary("MatMul", &w3t, &g3c)?;
+            let cols = b.reshape(&cols3, &[groups * ck, len * hw])?;
+            let gc = Geometry { n: len, ..*g };
+            let attrs = vec![onnx::ints("geometry", &gc.to_ints())];
+            dx.push(b.fedge_op(kernels::COL2IM, &[&cols], attrs, 1)?.remove(0));
+        }
+        let name = if dx.len() == 1 {
+            dx.remove(0)
+        } else {
+            let refs: Vec<&str> = dx.iter().map(|s| s.as_str()).collect();
+            b.op("Concat", &refs, vec![onnx::int("axis", 0)])?
+        };
+        out[0] = Some(name);
+    }
+    if needs.len() > 2 && needs[2] {
+        out[2] = Some(b.reduce_sum(gy, &[0, 2, 3], false)?);
+    }
+    Ok(())
+}
+
+/// Pooling gradients over any windows (overlapping, padded, a remainder
+/// left over): each window's `K = kh*kw` taps are read by a convolution
+/// with one-hot filters (`[K, 1, kh, kw]`, one channel per tap) over the
+/// images as `N*C` single channels; the taps' gradients go back with the
+/// transposed convolution of the same filters, which adds up where windows
+/// overlap and drops the padding. Max pooling sends a window's gradient to
+/// its first maximum (PyTorch's choice; padding never wins: a tap outside
+/// the image reads -3e38); average pooling divides by the window's size,
+/// or with `count_include_pad=0` by its taps inside the image. Standard
+/// ops only, so both lowerings (and the GPU) use it.
+fn pool_grad_windows(
+    b: &mut Builder,
+    node: &NodeProto,
+    gy: &str,
+    win: &Window,
+) -> Result<String, TrainError> {
+    let (x, y) = (node.input[0].as_str(), node.output[0].as_str());
+    let (xs, ys) = (b.shape(x), b.shape(y));
+    let (kh, kw) = (win.kernel[0], win.kernel[1]);
+    let taps = kh * kw;
+    let nc = xs[0] * xs[1];
+    let to_i = |v: &[usize]| v.iter().map(|&d| d as i64).collect::<Vec<_>>();
+    let mut onehot = vec![0.0f32; taps * taps];
+    for t in 0..taps {
+        onehot[t * taps + t] = 1.0;
+    }
+    let filters = b.const_f32(&[taps, 1, kh, kw], &onehot);
+    let conv_attrs = || {
+        vec![
+            onnx::ints("kernel_shape", &[kh as i64, kw as i64]),
+            onnx::ints("strides", &to_i(&win.strides)),
+            onnx::ints("pads", &to_i(&win.pads)),
+        ]
+    };
+    // Which taps of each window lie inside the image: [1, K, Ho, Wo].
+    let ones = b.const_f32(&[1, 1, xs[2], xs[3]], &vec![1.0; xs[2] * xs[3]]);
+    let inside = b.op("Conv", &[&ones, &filters], conv_attrs())?;
+    let g1 = b.reshape(gy, &[nc, 1, ys[2], ys[3]])?;
+    let gk = if node.op_type == "MaxPool" {
+        let x1 = b.reshape(x, &[nc, 1, xs[2], xs[3]])?;
+        let taps_x = b.op("Conv", &[&x1, &filters], conv_attrs())?;
+        let half = b.scalar(0.5);
+        let is_inside = b.binary("Greater", &inside, &half)?;
+        let lowest = b.scalar(-3.0e38);
+        let taps_x = b.op("Where", &[&is_inside, &taps_x, &lowest], vec![])?;
+        let y1 = b.reshape(y, &[nc, 1, ys[2], ys[3]])?;
+        let eq = b.binary("Equal", &taps_x, &y1)?;
+        let eq = b.cast(&eq, F32)?;
+        let axis = b.const_i64_scalar(1);
+        let count = b.op("CumSum", &[&eq, &axis], vec![])?;
+        let one = b.scalar(1.0);
+        let first = b.binary("Equal", &count, &one)?;
+        let first = b.cast(&first, F32)?;
+        let first = b.binary("Mul", &eq, &first)?;
+        b.binary("Mul", &first, &g1)?
+    } else {
+        let include_pad = attr_i(node, "count_include_pad").unwrap_or(0) != 0;
+        let share = if include_pad {
+            b.scale(&g1, 1.0 / taps as f32)?
+        } else {
+            let axes = b.const_i64(&[1]);
+            let size = b.op(
+                "ReduceSum",
+                &[&inside, &axes],
+                vec![onnx::int("keepdims", 1)],
+            )?;
+            b.binary("Div", &g1, &size)?
+        };
+        b.binary("Mul", &share, &inside)?
+    };
+    let mut out_pad = vec![0i64; 2];
+    for i in 0..2 {
+        let produced = win.strides[i] * (ys[2 + i] - 1) + win.kernel[i];
+        let produced = produced as i64 - (win.pads[i] + win.pads[2 + i]) as i64;
+        out_pad[i] = xs[2 + i] as i64 - produced;
+        if out_pad[i] < 0 || out_pad[i] >= win.strides[i] as i64 {
+            return Err(unsupported(
+                node,
+                "no ConvTranspose matches this stride/pad",
+            ));
+        }
+    }
+    let dx = b.op(
+        "ConvTranspose",
+        &[&gk, &filters],
+        vec![
+            onnx::ints("kernel_shape", &[kh as i64, kw as i64]),
+            onnx::ints("strides", &to_i(&win.strides)),
+            onnx::ints("pads", &to_i(&win.pads)),
+            onnx::ints("output_padding", &out_pad),
+        ],
+    )?;
+    b.reshape(&dx, &xs)
 }

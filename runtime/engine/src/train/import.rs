@@ -1,9 +1,33 @@
 //! ONNX models in and out of fedge's model blobs.
 //!
 //! Importing takes every float32 initializer as a parameter (in initializer
-//! order: the canonical layout) and strips it from the graph; int64
-//! initializers (reshape targets and the like) stay as constants. The
-//! stripped graph travels in [`ModelBlob::onnx_graph`].
+//! order: the canonical layout) and strips it from the graph; int64 and
+//! bool initializers (reshape targets, masks) stay as constants, and so do
+//! float initializers no gradient reaches (a causal-mask buffer compared
+//! with Equal), rank-0 ones (the dynamo exporter lifts literals such as
+//! attention's 1/sqrt(d) to initializers; a learnable rank-0 number, a
+//! temperature, is imported as a constant too), those only ever an op's
+//! constant operand (Clip's bounds, Dropout's ratio, Pow's exponent) and
+//! attention masks (-inf, filled in by `Where` or added to the scores).
+//! The stripped graph travels in
+//! [`ModelBlob::onnx_graph`].
+//!
+//! # Opsets
+//!
+//! Models from opset 13 to 21 are accepted (PyTorch's legacy exporter
+//! writes 17 by default, its dynamo exporter 18 and up). What changed
+//! after 17 in the ops fedge reads, and how it is handled:
+//!
+//! | opset | change | handled |
+//! |---|---|---|
+//! | 18 | ReduceMean, ReduceMax, ... take `axes` as an input, not an attribute | shape inference and the GPU lowering read either; the compiler emits the form of the model's opset ([`super::compile::Builder::reduce_mean_last`]) |
+//! | 18 | Split gains `num_outputs` | equal parts only (unequal ones need the `split` input), checked against the outputs |
+//! | 18 | Pad, Resize, Col2Im, GroupNormalization, bitwise ops, ... | not supported: refused by shape inference naming op and node |
+//! | 19 | AveragePool gains `dilations`; Cast gains `saturate` (float8 only) | dilated pooling has no gradient rule and is refused naming the node; `saturate` does not apply to the types fedge trains |
+//! | 15 | Shape gains `start` and `end` | read by shape inference |
+//! | 19-21 | Reshape, Shape, Cast, Constant, Identity, Flatten, Squeeze, Unsqueeze, Transpose accept new element types (float8, int4) | only float32 initializers become parameters; other types pass through as constants where tract runs them, and the GPU lowering refuses a type it has no representation for |
+//! | 20 | Gelu (exact and tanh) | a gradient rule |
+//! | 21 | GroupNormalization changes its scale and bias shapes | not supported (refused, as at 18) |
 
 use std::sync::Arc;
 
@@ -16,7 +40,102 @@ use super::onnx::{F32, dims, f32_values, value_info_shape};
 
 /// Opset versions the training compiler understands.
 pub const OPSET_MIN: i64 = 13;
-pub const OPSET_MAX: i64 = 17;
+pub const OPSET_MAX: i64 = 21;
+
+/// `(op, input)` operands that are constants by nature: a float
+/// initializer used only here is kept as a constant, not made a parameter
+/// (bounds, ratios and exponents are hyperparameters).
+const CONSTANT_OPERANDS: &[(&str, usize)] = &[("Clip", 1), ("Clip", 2), ("Dropout", 1), ("Pow", 1)];
+
+/// Tensors from which one of `seeds` is reached through differentiable
+/// inputs: walking the nodes backwards, the differentiable inputs of each
+/// node one of whose gradient-carrying outputs is in the set.
+fn reaching(
+    graph: &tract_onnx::pb::GraphProto,
+    seeds: std::collections::HashSet<String>,
+) -> std::collections::HashSet<String> {
+    let mut set = seeds;
+    for n in graph.node.iter().rev() {
+        if super::compile::grad_outputs(n)
+            .iter()
+            .any(|o| set.contains(o))
+        {
+            for i in super::compile::differentiable(n) {
+                if let Some(x) = n.input.get(i).filter(|x| !x.is_empty()) {
+                    set.insert(x.clone());
+                }
+            }
+        }
+    }
+    set
+}
+
+/// Float initializers that stay constants: rank-0 ones; those no
+/// gradient reaches that end in a comparison, a shape or a condition (a
+/// mask buffer; one in a dead branch stays a parameter, with a zero
+/// gradient); those whose every use is a constant operand
+/// ([`CONSTANT_OPERANDS`]); or the value holds infinities (it cannot be a parameter) and every use
+/// is a value operand of `Where` or of `Add` (an attention mask).
+fn float_constants(
+    graph: &tract_onnx::pb::GraphProto,
+) -> Result<std::collections::HashSet<String>, TrainError> {
+    let mut uses: std::collections::HashMap<&str, Vec<(&str, usize)>> = Default::default();
+    for n in &graph.node {
+        for (i, x) in n.input.iter().enumerate() {
+            uses.entry(x.as_str())
+                .or_default()
+                .push((n.op_type.as_str(), i));
+        }
+    }
+    let mut out = std::collections::HashSet::new();
+    let to_output = reaching(
+        graph,
+        graph
+            .output
+            .iter()
+            .take(1)
+            .map(|o| o.name.clone())
+            .collect(),
+    );
+    let non_differentiable_uses = graph
+        .node
+        .iter()
+        .flat_map(|n| {
+            let diff = super::compile::differentiable(n);
+            n.input
+                .iter()
+                .enumerate()
+                .filter(move |(i, x)| !diff.contains(i) && !x.is_empty())
+                .map(|(_, x)| x.clone())
+        })
+        .collect();
+    let to_non_differentiable = reaching(graph, non_differentiable_uses);
+    for t in graph.initializer.iter().filter(|t| t.data_type == F32) {
+        let Some(u) = uses.get(t.name.as_str()) else {
+            continue;
+        };
+        if t.dims.is_empty()
+            || (!to_output.contains(&t.name) && to_non_differentiable.contains(&t.name))
+        {
+            out.insert(t.name.clone());
+            continue;
+        }
+        let constant_operand = u.iter().all(|use_| CONSTANT_OPERANDS.contains(use_));
+        // An attention mask: -inf where attention is not allowed, filled in
+        // with Where or added to the scores; infinite, never NaN.
+        let masked_fill = u
+            .iter()
+            .all(|&(op, i)| (op == "Where" && i > 0) || op == "Add")
+            && {
+                let v = f32_values(t)?;
+                v.iter().any(|v| v.is_infinite()) && !v.iter().any(|v| v.is_nan())
+            };
+        if constant_operand || masked_fill {
+            out.insert(t.name.clone());
+        }
+    }
+    Ok(out)
+}
 
 pub fn decode_model(bytes: &[u8]) -> Result<ModelProto, TrainError> {
     ModelProto::decode(bytes).map_err(|e| TrainError::BadModel(format!("not an ONNX model: {e}")))
@@ -47,8 +166,9 @@ pub fn import_onnx(bytes: &[u8]) -> Result<ModelBlob, TrainError> {
     let mut specs = Vec::new();
     let mut values = Vec::new();
     let mut kept = Vec::new();
+    let constants = float_constants(graph)?;
     for t in std::mem::take(&mut graph.initializer) {
-        if t.data_type == F32 {
+        if t.data_type == F32 && !constants.contains(&t.name) {
             let v = f32_values(&t)?;
             // The wire refuses non-finite parameters (ModelBlob::decode):
             // refuse them here, where the user can still fix the export.
@@ -164,6 +284,7 @@ impl ModelGraph {
             proto,
             frozen_stats: Default::default(),
         };
+        mg.lower_recurrent()?;
         mg.lower_batch_norm()?;
         mg.check_single_assignment()?;
         Ok(mg)
@@ -195,6 +316,51 @@ impl ModelGraph {
         Ok(())
     }
 
+    /// Unroll LSTM and GRU over their (static) sequence into elementary
+    /// ops, which have gradient rules: per time step, the gate products
+    /// (`x W^T + h R^T + biases`), Split into gates, Sigmoid and Tanh, the
+    /// state updates; `Y` is the steps' `h` concatenated. Any direction,
+    /// default activations, no peepholes, clip or `sequence_lens` (else
+    /// refused, naming the node); the initial state is the input's or
+    /// zeros.
+    fn lower_recurrent(&mut self) -> Result<(), TrainError> {
+        let g = self.proto.graph.as_ref().expect("checked");
+        if !g
+            .node
+            .iter()
+            .any(|n| n.op_type == "LSTM" || n.op_type == "GRU")
+        {
+            return Ok(());
+        }
+        let mut s = super::shape::seed(self, self.declared_batch())?;
+        let g = self.proto.graph.as_mut().expect("checked");
+        let mut nodes = Vec::with_capacity(g.node.len());
+        let mut inits = Vec::new();
+        for n in std::mem::take(&mut g.node) {
+            if n.op_type != "LSTM" && n.op_type != "GRU" {
+                super::shape::infer_node(&n, &mut s)?;
+                nodes.push(n);
+                continue;
+            }
+            let start = nodes.len();
+            super::recurrent::unroll(&n, &s, &mut nodes, &mut inits)?;
+            for t in &inits {
+                if !s.shapes.contains_key(&t.name) {
+                    s.set(&t.name, super::onnx::dims(t)?, t.data_type);
+                    if t.data_type == super::onnx::I64 {
+                        s.consts.insert(t.name.clone(), super::onnx::i64_values(t)?);
+                    }
+                }
+            }
+            for m in &nodes[start..] {
+                super::shape::infer_node(m, &mut s)?;
+            }
+        }
+        g.node = nodes;
+        g.initializer.extend(inits);
+        Ok(())
+    }
+
     /// Rewrite inference-form BatchNormalization into elementary ops
     /// (tract wants its parameters constant; ours are graph inputs):
     /// `y = (x - mean) * (scale / sqrt(var + eps)) + bias`, per channel.
@@ -204,7 +370,7 @@ impl ModelGraph {
         if !g.node.iter().any(|n| n.op_type == "BatchNormalization") {
             return Ok(());
         }
-        let shapes = super::shape::infer(self, 1)?;
+        let shapes = super::shape::infer(self, self.declared_batch())?;
         let g = self.proto.graph.as_mut().expect("checked");
         let mut nodes = Vec::with_capacity(g.node.len());
         for n in std::mem::take(&mut g.node) {
@@ -212,11 +378,14 @@ impl ModelGraph {
                 nodes.push(n);
                 continue;
             }
-            if n.input.len() != 5 || n.output.len() != 1 {
+            if n.input.len() != 5
+                || n.output.len() != 1
+                || super::onnx::attr_i(&n, "training_mode").unwrap_or(0) != 0
+            {
                 return Err(TrainError::UnsupportedForm {
                     op: n.op_type.clone(),
                     node: n.name.clone(),
-                    reason: "only the inference form (5 inputs, 1 output) is supported".into(),
+                    reason: "only the inference form (5 inputs, 1 output, running statistics) is supported; export the model in eval mode".into(),
                 });
             }
             let rank = shapes.shape(&n.input[0])?.len();
@@ -256,6 +425,13 @@ impl ModelGraph {
         }
         g.node = nodes;
         Ok(())
+    }
+
+    /// The batch the model was exported with when it is fixed, else 1:
+    /// the rewrites at load infer shapes at it (a model exported with a
+    /// fixed batch may reshape to it).
+    fn declared_batch(&self) -> usize {
+        self.input_shape.first().copied().flatten().unwrap_or(1)
     }
 
     /// Shape of one sample (input shape without the batch).
@@ -403,6 +579,35 @@ mod tests {
         );
         let e = compile(&model(vec![gemm], vec![w, c], &["y"])).unwrap_err();
         assert!(matches!(e, TrainError::Shape { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_fixed_batch_reshape_before_batch_norm_loads() {
+        // The dynamo exporter without dynamic shapes writes the batch into
+        // Reshape targets; the BatchNorm rewrite at load inferred shapes
+        // at batch 1 and refused such a model.
+        let w = onnx::tensor_f32("w", &[2, 4], &[0.5; 8]);
+        let target = onnx::tensor_i64("t", &[4], &[2, 2, 2, 1]);
+        let back = onnx::tensor_i64("t2", &[2], &[2, 4]);
+        let stats: Vec<_> = ["s", "b", "m", "v"]
+            .iter()
+            .map(|n| onnx::tensor_f32(n, &[2], &[1.0, 0.5]))
+            .collect();
+        let mut inits = vec![w, target, back];
+        inits.extend(stats);
+        let nodes = vec![
+            node("Mul", &["x", "w"], "m0"),
+            node("Reshape", &["m0", "t"], "r"),
+            onnx::node(
+                "BatchNormalization",
+                "bn",
+                &["r", "s", "b", "m", "v"],
+                &["n"],
+                vec![],
+            ),
+            node("Reshape", &["n", "t2"], "y"),
+        ];
+        compile(&model(nodes, inits, &["y"])).unwrap();
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! - [`onnx`]: helpers over tract-onnx's protobuf types.
 //! - [`import`]: ONNX model -> [`fedge_proto::ModelBlob`] (graph with the
 //!   weights stripped, plus the parameters in the canonical layout) and back.
+//! - [`recurrent`]: LSTM and GRU unrolled into elementary ops at load.
 //! - [`shape`]: static shape inference for the supported ops.
 //! - [`compile`]: the training-graph compiler: forward + loss + backward +
 //!   optimizer step, with parameters and optimizer state as graph inputs and
@@ -27,6 +28,7 @@ pub mod import;
 pub mod kernels;
 pub mod local;
 pub mod onnx;
+pub mod recurrent;
 pub mod shape;
 
 /// Everything that can go wrong turning a model into a training step.

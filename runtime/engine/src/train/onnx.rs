@@ -17,6 +17,7 @@ pub use tract_onnx::pb;
 
 pub const F32: i32 = DataType::Float as i32;
 pub const I64: i32 = DataType::Int64 as i32;
+pub const BOOL: i32 = DataType::Bool as i32;
 
 pub fn attr<'a>(node: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
     node.attribute.iter().find(|a| a.name == name)
@@ -182,6 +183,40 @@ pub fn i64_values(t: &TensorProto) -> Result<Vec<i64>, TrainError> {
         )));
     }
     Ok(v)
+}
+
+/// Values of a bool tensor (raw bytes or `int32_data`).
+pub fn bool_values(t: &TensorProto) -> Result<Vec<bool>, TrainError> {
+    if t.data_type != BOOL {
+        return Err(TrainError::BadModel(format!(
+            "tensor `{}` is not bool",
+            t.name
+        )));
+    }
+    let n = numel(t)?;
+    let v: Vec<bool> = if !t.raw_data.is_empty() {
+        t.raw_data.iter().map(|&b| b != 0).collect()
+    } else {
+        t.int32_data.iter().map(|&b| b != 0).collect()
+    };
+    if v.len() != n {
+        return Err(TrainError::BadModel(format!(
+            "tensor `{}` holds {} values for {n} elements",
+            t.name,
+            v.len()
+        )));
+    }
+    Ok(v)
+}
+
+pub fn tensor_bool(name: &str, dims: &[usize], data: &[bool]) -> TensorProto {
+    TensorProto {
+        name: name.into(),
+        dims: dims.iter().map(|&d| d as i64).collect(),
+        data_type: BOOL,
+        raw_data: data.iter().map(|&b| b as u8).collect(),
+        ..Default::default()
+    }
 }
 
 pub fn value_info(name: &str, elem_type: i32, shape: &[usize]) -> ValueInfoProto {

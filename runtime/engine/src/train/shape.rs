@@ -8,9 +8,11 @@ use tract_onnx::pb::NodeProto;
 
 use super::TrainError;
 use super::import::ModelGraph;
-use super::onnx::{F32, I64, attr, attr_f, attr_i, attr_ints, attr_s, dims, i64_values};
+use super::onnx::{
+    F32, I64, attr, attr_f, attr_i, attr_ints, attr_s, bool_values, dims, i64_values,
+};
 
-pub const BOOL: i32 = 9;
+pub use super::onnx::BOOL;
 
 /// Known shapes, element types and int64 constant values by tensor name.
 #[derive(Clone, Debug, Default)]
@@ -18,6 +20,9 @@ pub struct Shapes {
     pub shapes: HashMap<String, Vec<usize>>,
     pub types: HashMap<String, i32>,
     pub consts: HashMap<String, Vec<i64>>,
+    /// Values of constant bool tensors (initializers and `Constant`
+    /// nodes): Dropout's `training_mode`, attention masks.
+    pub bools: HashMap<String, Vec<bool>>,
 }
 
 impl Shapes {
@@ -61,6 +66,17 @@ fn err(node: &NodeProto, reason: &str) -> TrainError {
 
 /// Shapes of every tensor of `graph` for batch size `batch`.
 pub fn infer(graph: &ModelGraph, batch: usize) -> Result<Shapes, TrainError> {
+    let mut s = seed(graph, batch)?;
+    let g = graph.proto.graph.as_ref().expect("checked");
+    for node in &g.node {
+        infer_node(node, &mut s)?;
+    }
+    Ok(s)
+}
+
+/// The shapes known before any node runs: the data input (batch
+/// `batch`), the parameters and the initializers.
+pub fn seed(graph: &ModelGraph, batch: usize) -> Result<Shapes, TrainError> {
     let mut s = Shapes::default();
     let mut input_shape = vec![batch];
     input_shape.extend(graph.sample_shape());
@@ -75,9 +91,9 @@ pub fn infer(graph: &ModelGraph, batch: usize) -> Result<Shapes, TrainError> {
         if t.data_type == I64 {
             s.consts.insert(t.name.clone(), i64_values(t)?);
         }
-    }
-    for node in &g.node {
-        infer_node(node, &mut s)?;
+        if t.data_type == BOOL {
+            s.bools.insert(t.name.clone(), bool_values(t)?);
+        }
     }
     Ok(s)
 }
@@ -207,7 +223,10 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
     let (shape, ty): (Vec<usize>, i32) = match op {
         "Relu" | "LeakyRelu" | "Sigmoid" | "Tanh" | "Exp" | "Log" | "Neg" | "Sqrt" | "Sin"
         | "Cos" | "Reciprocal" | "Softmax" | "LogSoftmax" | "Identity" | "Dropout" | "Abs"
-        | "CumSum" => {
+        | "CumSum" | "Erf" | "Gelu" | "HardSigmoid" | "HardSwish" | "Clip" | "Trilu" | "PRelu" => {
+            if op == "Dropout" {
+                dropout_mask(node, s)?;
+            }
             if (op == "Neg" || op == "Identity")
                 && let Some(c) = s.consts.get(input_name(node, 0)?).cloned()
             {
@@ -231,7 +250,8 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
             }
             (inp!(0), to)
         }
-        "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Equal" | "Greater" | "Less" => {
+        "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Mod" | "Equal" | "Greater" | "Less" => {
+            let fmod = attr_i(node, "fmod").unwrap_or(0) != 0;
             let a = inp!(0);
             let b = inp!(1);
             if let (Some(ca), Some(cb)) =
@@ -244,6 +264,16 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
                     "Sub" => x.checked_sub(y),
                     "Mul" => x.checked_mul(y),
                     "Div" => x.checked_div(y),
+                    // ONNX Mod: C's remainder with fmod=1, else the
+                    // remainder takes the divisor's sign (Python's %).
+                    "Mod" if fmod => x.checked_rem(y),
+                    "Mod" => x.checked_rem(y).map(|r| {
+                        if r != 0 && (r < 0) != (y < 0) {
+                            r + y
+                        } else {
+                            r
+                        }
+                    }),
                     _ => None,
                 };
                 let v: Option<Vec<i64>> = ca
@@ -315,16 +345,19 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
                 pads,
                 dilations: dil,
             } = spatial_attrs(node, w[2..].to_vec())?;
-            let group = attr_i(node, "group").unwrap_or(1);
-            if group != 1 {
-                return Err(err(node, "group != 1 is not supported"));
-            }
+            let group = usize::try_from(attr_i(node, "group").unwrap_or(1))
+                .ok()
+                .filter(|&g| g >= 1)
+                .ok_or_else(|| err(node, "group must be at least 1"))?;
             let mut out = vec![x[0]];
             if op == "Conv" {
-                if x[1] != w[1] {
+                if Some(x[1]) != w[1].checked_mul(group) || !w[0].is_multiple_of(group) {
                     return Err(err(
                         node,
-                        &format!("input has {} channels, weight expects {}", x[1], w[1]),
+                        &format!(
+                            "input has {} channels and the weight is {w:?}: not a convolution in {group} group(s)",
+                            x[1]
+                        ),
                     ));
                 }
                 out.push(w[0]);
@@ -335,10 +368,13 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
                     );
                 }
             } else {
-                if x[1] != w[0] {
+                if x[1] != w[0] || !w[0].is_multiple_of(group) {
                     return Err(err(node, "ConvTranspose channel mismatch"));
                 }
-                out.push(w[1]);
+                out.push(
+                    w[1].checked_mul(group)
+                        .ok_or_else(|| err(node, "output channels overflow"))?,
+                );
                 let op_ = attr_ints(node, "output_padding").unwrap_or(vec![0, 0]);
                 if op_.len() != 2 || op_.iter().any(|&p| p < 0) {
                     return Err(err(node, "output_padding must be two non-negative ints"));
@@ -545,12 +581,12 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
         }
         "ReduceSum" | "ReduceMean" => {
             let x = inp!(0);
-            let axes: Vec<i64> = if op == "ReduceSum" && node.input.len() > 1 {
-                s.konst(node, 1)?.to_vec()
-            } else {
-                attr_ints(node, "axes").unwrap_or_default()
-            };
+            let axes = reduce_axes(node, s)?;
             let keep = attr_i(node, "keepdims").unwrap_or(1) != 0;
+            if axes.is_empty() && attr_i(node, "noop_with_empty_axes").unwrap_or(0) != 0 {
+                s.set(&out0, x, x_ty);
+                return Ok(());
+            }
             let ax: Vec<usize> = if axes.is_empty() {
                 (0..x.len()).collect()
             } else {
@@ -580,44 +616,40 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
         }
         "Slice" => {
             let x = inp!(0);
-            let starts = s.konst(node, 1)?.to_vec();
-            let ends = s.konst(node, 2)?.to_vec();
-            let axes: Vec<i64> = if node.input.len() > 3 {
-                s.konst(node, 3)?.to_vec()
-            } else {
-                (0..starts.len() as i64).collect()
-            };
-            if node.input.len() > 4 && s.konst(node, 4)?.iter().any(|&st| st != 1) {
-                return Err(err(node, "steps other than 1 are not supported"));
-            }
+            let ranges = slice_axes(node, s, &x)?;
             let mut out = x.clone();
-            let mut ranges = vec![];
-            for ((&st, &en), &a) in starts.iter().zip(&ends).zip(&axes) {
-                let a = axis(node, a, x.len())?;
-                let dim = i64::try_from(x[a]).map_err(|_| err(node, "dimension past i64"))?;
-                let clamp = |v: i64| if v < 0 { (v + dim).max(0) } else { v.min(dim) };
-                let (b, e) = (clamp(st), clamp(en));
-                out[a] = (e - b).max(0) as usize;
-                ranges.push((a, b as usize, e.max(b) as usize));
+            for r in &ranges {
+                out[r.axis] = r.len;
             }
             if let Some(c) = s.consts.get(&node.input[0]).cloned()
                 && x.len() == 1
-                && let Some(&(_, b, e)) = ranges.first()
             {
-                s.consts.insert(
-                    out0.clone(),
-                    c.get(b..e)
-                        .ok_or_else(|| err(node, "slice out of range"))?
-                        .to_vec(),
-                );
+                let folded: Vec<i64> = match ranges.first() {
+                    Some(r) => (0..r.len)
+                        .map(|j| {
+                            usize::try_from(r.start as i64 + j as i64 * r.step)
+                                .ok()
+                                .and_then(|i| c.get(i).copied())
+                                .ok_or_else(|| err(node, "slice out of range"))
+                        })
+                        .collect::<Result<_, _>>()?,
+                    None => c,
+                };
+                s.consts.insert(out0.clone(), folded);
             }
             (out, x_ty)
         }
         "Shape" => {
+            // `start` and `end` (opset 15) take a range of the dimensions.
             let x = inp!(0);
-            s.consts
-                .insert(out0.clone(), x.iter().map(|&d| d as i64).collect());
-            (vec![x.len()], I64)
+            let r = x.len() as i64;
+            let clamp = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;
+            let start = clamp(attr_i(node, "start").unwrap_or(0));
+            let end = clamp(attr_i(node, "end").unwrap_or(r)).max(start);
+            let dims: Vec<i64> = x[start..end].iter().map(|&d| d as i64).collect();
+            let len = dims.len();
+            s.consts.insert(out0.clone(), dims);
+            (vec![len], I64)
         }
         "Constant" => {
             let t = attr(node, "value")
@@ -626,7 +658,41 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
             if t.data_type == I64 {
                 s.consts.insert(out0.clone(), i64_values(t)?);
             }
+            if t.data_type == BOOL {
+                s.bools.insert(out0.clone(), bool_values(t)?);
+            }
             (dims(t)?, t.data_type)
+        }
+        "Split" => {
+            let x = inp!(0);
+            let sizes = split_sizes(node, s, &x)?;
+            let a = axis(node, attr_i(node, "axis").unwrap_or(0), x.len())?;
+            for (o, &len) in node.output.iter().zip(&sizes).skip(1) {
+                let mut sh = x.clone();
+                sh[a] = len;
+                s.set(o, sh, x_ty);
+            }
+            let mut sh = x.clone();
+            sh[a] = sizes[0];
+            (sh, x_ty)
+        }
+        "ConstantOfShape" => {
+            let dims: Vec<usize> = s
+                .konst(node, 0)?
+                .iter()
+                .map(|&d| usize::try_from(d).map_err(|_| err(node, "negative dimension")))
+                .collect::<Result<_, _>>()?;
+            let n = numel(node, &dims)?;
+            let value = attr(node, "value").and_then(|a| a.t.as_ref());
+            let ty = value.map(|t| t.data_type).unwrap_or(F32);
+            if ty == I64 && n <= 64 {
+                let v = value
+                    .map(i64_values)
+                    .transpose()?
+                    .and_then(|v| v.first().copied());
+                s.consts.insert(out0.clone(), vec![v.unwrap_or(0); n]);
+            }
+            (dims, ty)
         }
         "LayerNormalization" => {
             let x = inp!(0);
@@ -651,7 +717,11 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
         }
         "BatchNormalization" => {
             if attr_i(node, "training_mode").unwrap_or(0) != 0 || node.output.len() > 1 {
-                return Err(err(node, "only the inference form is supported"));
+                return Err(TrainError::UnsupportedForm {
+                    op: op.into(),
+                    node: node.name.clone(),
+                    reason: "only the inference form (running statistics, one output) is supported; export the model in eval mode".into(),
+                });
             }
             (inp!(0), x_ty)
         }
@@ -665,4 +735,174 @@ pub fn infer_node(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
     };
     s.set(&out0, shape, ty);
     Ok(())
+}
+
+/// The reduction axes of a Reduce* node: its second input when present
+/// (ReduceSum from opset 13, every reduction from opset 18), else its
+/// `axes` attribute (the other reductions up to opset 17).
+pub fn reduce_axes(node: &NodeProto, s: &Shapes) -> Result<Vec<i64>, TrainError> {
+    Ok(match node.input.get(1).filter(|n| !n.is_empty()) {
+        Some(_) => s.konst(node, 1)?.to_vec(),
+        None => attr_ints(node, "axes").unwrap_or_default(),
+    })
+}
+
+/// Sizes of Split's outputs along its axis: the `split` input when given,
+/// else equal parts, one per output (opset 18 names their count in
+/// `num_outputs`). Unequal parts without a `split` input are refused:
+/// tract does not make the smaller last part ONNX 18 describes.
+pub fn split_sizes(node: &NodeProto, s: &Shapes, x: &[usize]) -> Result<Vec<usize>, TrainError> {
+    let a = axis(node, attr_i(node, "axis").unwrap_or(0), x.len())?;
+    let outputs = node.output.len();
+    if outputs == 0 {
+        return Err(err(node, "no outputs"));
+    }
+    if let Some(n) = attr_i(node, "num_outputs")
+        && usize::try_from(n).ok() != Some(outputs)
+    {
+        return Err(err(node, &format!("num_outputs={n} but {outputs} outputs")));
+    }
+    let sizes: Vec<usize> = match node.input.get(1).filter(|n| !n.is_empty()) {
+        Some(_) => s
+            .konst(node, 1)?
+            .iter()
+            .map(|&v| usize::try_from(v).map_err(|_| err(node, "negative split size")))
+            .collect::<Result<_, _>>()?,
+        None => {
+            if !x[a].is_multiple_of(outputs) {
+                return Err(TrainError::UnsupportedForm {
+                    op: node.op_type.clone(),
+                    node: node.name.clone(),
+                    reason: format!(
+                        "{} elements do not split into {outputs} equal parts; give the sizes as the `split` input",
+                        x[a]
+                    ),
+                });
+            }
+            vec![x[a] / outputs; outputs]
+        }
+    };
+    if sizes.len() != outputs
+        || sizes.iter().try_fold(0usize, |t, &v| t.checked_add(v)) != Some(x[a])
+    {
+        return Err(err(
+            node,
+            &format!(
+                "split sizes {sizes:?} do not cover {} elements in {outputs} outputs",
+                x[a]
+            ),
+        ));
+    }
+    Ok(sizes)
+}
+
+/// Dropout runs as in inference (the output is the input); its optional
+/// mask output is all true, a bool tensor shaped like the input. Training
+/// mode (a `training_mode` input that is not a constant false) would drop
+/// at random, which a reproducible training step does not do: refused.
+fn dropout_mask(node: &NodeProto, s: &mut Shapes) -> Result<(), TrainError> {
+    if let Some(tm) = node.input.get(2).filter(|n| !n.is_empty()) {
+        match s.bools.get(tm) {
+            Some(v) if v.iter().all(|&b| !b) => {}
+            _ => {
+                return Err(TrainError::UnsupportedForm {
+                    op: node.op_type.clone(),
+                    node: node.name.clone(),
+                    reason: "training mode (random dropping) is not supported; export the model in eval mode, where Dropout is the identity".into(),
+                });
+            }
+        }
+    }
+    if let Some(mask) = node.output.get(1).filter(|n| !n.is_empty()) {
+        let x = input_shape(node, s, 0)?;
+        s.set(mask, x, BOOL);
+    }
+    Ok(())
+}
+
+/// One sliced axis: the first index taken, how many and the step between
+/// them (negative: backwards).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SliceAxis {
+    pub axis: usize,
+    pub start: usize,
+    pub len: usize,
+    pub step: i64,
+}
+
+/// The axes a Slice node takes, with ONNX's clamping of starts and ends
+/// (to `[0, dim]`, or `[0, dim - 1]` and `[-1, dim - 1]` stepping
+/// backwards). Starts, ends, axes and steps must be constants.
+pub fn slice_axes(node: &NodeProto, s: &Shapes, x: &[usize]) -> Result<Vec<SliceAxis>, TrainError> {
+    let starts = s.konst(node, 1)?.to_vec();
+    let ends = s.konst(node, 2)?.to_vec();
+    let present = |i: usize| node.input.get(i).is_some_and(|n| !n.is_empty());
+    let axes: Vec<i64> = if present(3) {
+        s.konst(node, 3)?.to_vec()
+    } else {
+        (0..starts.len() as i64).collect()
+    };
+    let steps: Vec<i64> = if present(4) {
+        s.konst(node, 4)?.to_vec()
+    } else {
+        vec![1; starts.len()]
+    };
+    if ends.len() != starts.len() || axes.len() != starts.len() || steps.len() != starts.len() {
+        return Err(err(node, "starts, ends, axes and steps differ in length"));
+    }
+    let mut out: Vec<SliceAxis> = Vec::with_capacity(starts.len());
+    for i in 0..starts.len() {
+        let a = axis(node, axes[i], x.len())?;
+        if out.iter().any(|r| r.axis == a) {
+            return Err(err(node, "an axis sliced twice"));
+        }
+        let dim = i64::try_from(x[a]).map_err(|_| err(node, "dimension past i64"))?;
+        let step = steps[i];
+        // tract reads a few bounds its own (numpy's) way: a backward
+        // slice starting before the first element is empty there, and the
+        // ends i64::MIN, i64::MIN + 1, i64::MAX and i32::MAX mean "to the
+        // end in the step's direction". Where that differs from ONNX's
+        // clamping the node is refused rather than trained on a shape
+        // that is not the one computed.
+        let end_magic_back = [i64::MIN, i64::MIN + 1].contains(&ends[i]);
+        let end_magic_forward = [i64::MAX, i64::from(i32::MAX)].contains(&ends[i]);
+        if (step < 0 && starts[i].saturating_add(dim) < 0)
+            || (step > 0 && end_magic_back)
+            || (step < 0 && end_magic_forward)
+        {
+            return Err(TrainError::UnsupportedForm {
+                op: node.op_type.clone(),
+                node: node.name.clone(),
+                reason: format!(
+                    "start {}, end {}, step {step} over {dim} elements: tract and ONNX read these bounds differently",
+                    starts[i], ends[i]
+                ),
+            });
+        }
+        let wrap = |v: i64| if v < 0 { v.saturating_add(dim) } else { v };
+        let (start, len) = if step == 0 {
+            return Err(err(node, "a step of 0"));
+        } else if dim == 0 {
+            (0, 0)
+        } else if step > 0 {
+            let (b, e) = (wrap(starts[i]).clamp(0, dim), wrap(ends[i]).clamp(0, dim));
+            (b, if e > b { (e - b - 1) / step + 1 } else { 0 })
+        } else {
+            let (b, e) = (
+                wrap(starts[i]).clamp(0, dim - 1),
+                wrap(ends[i]).clamp(-1, dim - 1),
+            );
+            let back = step
+                .checked_neg()
+                .ok_or_else(|| err(node, "step out of range"))?;
+            (b, if b > e { (b - e - 1) / back + 1 } else { 0 })
+        };
+        out.push(SliceAxis {
+            axis: a,
+            start: start as usize,
+            len: len as usize,
+            step,
+        });
+    }
+    Ok(out)
 }

@@ -1,9 +1,13 @@
-// Conv and ConvTranspose (NCHW, group 1) as implicit GEMM for matmul.wgsl:
+// Conv and ConvTranspose (NCHW) as implicit GEMM for matmul.wgsl:
 // M = output channels, N = batch x output pixels, K = input channels x
 // kernel taps; the input patch is gathered on the fly (no im2col buffer).
+// A grouped Conv (ConvTranspose is ungrouped) is one product per group,
+// the group being the product's batch index `b`: M and K are then one
+// group's output channels and input channels x taps.
 // prm = [M, N, K, transpose, batch, C_in, IH, IW, OH, OW, KH, KW, sh, sw,
-//        pad_top, pad_left, dh, dw, has_bias]; in0 x, in1 w, in2 bias.
-// Conv weights are [M, C_in, KH, KW]; ConvTranspose weights [C_in, M, KH, KW].
+//        pad_top, pad_left, dh, dw, has_bias, groups]; in0 x, in1 w,
+// in2 bias. Conv weights are [groups x M, C_in / groups, KH, KW];
+// ConvTranspose weights [C_in, M, KH, KW].
 
 fn mm_dims() -> vec3<u32> {
     return vec3<u32>(prm[0], prm[1], prm[2]);
@@ -11,7 +15,7 @@ fn mm_dims() -> vec3<u32> {
 
 fn load_a(b: u32, m: u32, k: u32) -> f32 {
     if (prm[3] == 0u) {
-        return bitcast<f32>(in1[m * prm[2] + k]);
+        return bitcast<f32>(in1[(b * prm[0] + m) * prm[2] + k]);
     }
     let taps = prm[10] * prm[11];
     let ci = k / taps;
@@ -20,7 +24,7 @@ fn load_a(b: u32, m: u32, k: u32) -> f32 {
 
 fn load_b(b: u32, k: u32, n: u32) -> f32 {
     let taps = prm[10] * prm[11];
-    let ci = k / taps;
+    let ci = b * (prm[2] / taps) + k / taps;
     let r = k % taps;
     let ky = r / prm[11];
     let kx = r % prm[11];
@@ -51,9 +55,10 @@ fn load_b(b: u32, k: u32, n: u32) -> f32 {
 
 fn store_c(b: u32, m: u32, n: u32, v: f32) {
     let pixels = prm[8] * prm[9];
+    let co = b * prm[0] + m;
     var r = v;
     if (prm[18] == 1u) {
-        r += bitcast<f32>(in2[m]);
+        r += bitcast<f32>(in2[co]);
     }
-    dst[((n / pixels) * prm[0] + m) * pixels + n % pixels] = bitcast<u32>(r);
+    dst[((n / pixels) * prm[0] * prm[19] + co) * pixels + n % pixels] = bitcast<u32>(r);
 }

@@ -1,7 +1,34 @@
 // Element-wise ops with broadcasting, strided copies, gather and pooling.
 
+// erf by Abramowitz and Stegun 7.1.26 (absolute error below 1.5e-7).
+fn erf_approx(x: f32) -> f32 {
+    let t = 1.0 / (1.0 + 0.3275911 * abs(x));
+    let poly = ((((1.061405429 * t - 1.453152027) * t + 1.421413741) * t - 0.284496736) * t + 0.254829592) * t;
+    let y = 1.0 - poly * exp(-x * x);
+    return select(-y, y, x >= 0.0);
+}
+
+// a^b as ONNX Pow: a negative base with an integral exponent keeps its
+// sign rule (WGSL's pow is undefined for a < 0), 0^0 = 1.
+fn pow_onnx(a: f32, b: f32) -> f32 {
+    if (b == 0.0) {
+        return 1.0;
+    }
+    if (a == 0.0) {
+        return select(bitcast<f32>(0x7f800000u), 0.0, b > 0.0);
+    }
+    let p = pow(abs(a), b);
+    if (a > 0.0) {
+        return p;
+    }
+    if (fract(b) != 0.0) {
+        return bitcast<f32>(0x7fc00000u);
+    }
+    return select(p, -p, fract(b * 0.5) != 0.0);
+}
+
 // eltwise: prm = [n, op, rank, ty0, ty1, ty2, out_ty, alpha,
-//                 dims[6], strides0[6], strides1[6], strides2[6]]
+//                 dims[6], strides0[6], strides1[6], strides2[6], beta]
 fn ew_apply(op: u32, a: f32, b: f32, c: f32) -> f32 {
     switch op {
         case 0u: { return a; }
@@ -15,10 +42,21 @@ fn ew_apply(op: u32, a: f32, b: f32, c: f32) -> f32 {
         case 8u: { return sqrt(a); }
         case 9u: { return 1.0 / a; }
         case 10u: { return abs(a); }
+        case 11u: { return erf_approx(a); }
+        case 12u: { return 0.5 * a * (1.0 + erf_approx(a * 0.70710678)); }
+        case 13u: {
+            let u = 0.7978845608 * (a + 0.044715 * a * a * a);
+            return 0.5 * a * (1.0 + tanh(clamp(u, -15.0, 15.0)));
+        }
+        case 14u: { return clamp(pf(7u) * a + pf(32u), 0.0, 1.0); }
+        case 15u: { return a * clamp(a / 6.0 + 0.5, 0.0, 1.0); }
+        case 16u: { return min(max(a, pf(7u)), pf(32u)); }
         case 20u: { return a + b; }
         case 21u: { return a - b; }
         case 22u: { return a * b; }
         case 23u: { return a / b; }
+        case 24u: { return pow_onnx(a, b); }
+        case 28u: { return select(a * b, a, a > 0.0); }
         case 25u: { return select(0.0, 1.0, a == b); }
         case 26u: { return select(0.0, 1.0, a > b); }
         case 27u: { return select(0.0, 1.0, a < b); }
@@ -152,4 +190,23 @@ fn pool(@builtin(global_invocation_id) gid: vec3<u32>,
         r = sum / div;
     }
     dst[i] = bitcast<u32>(r);
+}
+
+// trilu: prm = [n, rows, cols, k (i32), upper]; the upper (j - i >= k) or
+// lower (j - i <= k) triangle of each matrix of in0, zeros elsewhere.
+@compute @workgroup_size(256)
+fn trilu(@builtin(global_invocation_id) gid: vec3<u32>,
+         @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_id(gid, nwg);
+    if (i >= prm[0]) {
+        return;
+    }
+    let j = i32(i % prm[2]);
+    let r = i32((i / prm[2]) % prm[1]);
+    let k = bitcast<i32>(prm[3]);
+    var keep = j - r <= k;
+    if (prm[4] == 1u) {
+        keep = j - r >= k;
+    }
+    dst[i] = select(0u, in0[i], keep);
 }

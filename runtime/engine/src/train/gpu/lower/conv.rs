@@ -18,13 +18,15 @@ impl Lowerer {
             pads,
             dilations: dil,
         } = spatial_attrs(node, ws[2..].to_vec())?;
-        if attr_i(node, "group").unwrap_or(1) != 1 {
-            return Err(unsupported_form(node, "grouped convolution"));
+        let groups = attr_i(node, "group").unwrap_or(1).max(1) as usize;
+        if transpose && groups != 1 {
+            return Err(unsupported_form(node, "grouped ConvTranspose"));
         }
+        // A grouped Conv: one product per group (the launch's batch).
         let cout = ys[1];
-        let m = cout;
+        let m = cout / groups;
         let n = ys[0] * ys[2] * ys[3];
-        let k = xs[1] * kk[0] * kk[1];
+        let k = xs[1] / groups * kk[0] * kk[1];
         let mut inputs = vec![self.data(&node.input[0])?, self.data(&node.input[1])?];
         let has_b = node.input.len() > 2 && !node.input[2].is_empty();
         if has_b {
@@ -50,10 +52,11 @@ impl Lowerer {
             dil[0],
             dil[1],
             has_b as usize,
+            groups,
         ]
         .iter()
         .map(|&v| word_u32(node, "dimension", v))
         .collect::<Result<Vec<_>, _>>()?;
-        self.matmul_launch(node, (m, n, k, 1), p, inputs, true)
+        self.matmul_launch(node, (m, n, k, groups), p, inputs, true)
     }
 }

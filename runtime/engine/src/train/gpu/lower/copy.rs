@@ -66,34 +66,31 @@ impl Lowerer {
 
     pub(super) fn slice(&mut self, node: &NodeProto) -> Result<(), TrainError> {
         let xs = self.shape(&node.input[0])?;
-        let starts = self.konst(node, 1)?;
-        let axes: Vec<i64> = if node.input.len() > 3 && !node.input[3].is_empty() {
-            self.konst(node, 3)?
-        } else {
-            (0..starts.len() as i64).collect()
-        };
+        let axes = crate::train::shape::slice_axes(node, &self.s, &xs)
+            .map_err(|_| unsupported_form(node, "starts, ends, axes and steps must be constant"))?;
         let xst = strides(&xs);
+        let mut in_st = xst.clone();
         let mut base = 0usize;
-        for (&st, &a) in starts.iter().zip(&axes) {
-            let a = if a < 0 { a + xs.len() as i64 } else { a } as usize;
-            let dim = xs[a] as i64;
-            let b = if st < 0 {
-                (st + dim).max(0)
-            } else {
-                st.min(dim)
-            };
-            base += b as usize * xst[a];
+        for r in axes {
+            if r.step < 0 {
+                return Err(unsupported_form(node, "a backward step (negative)"));
+            }
+            base += r.start * xst[r.axis];
+            in_st[r.axis] = xst[r.axis] * r.step as usize;
         }
         let x = self.data(&node.input[0])?;
         let ty = self.ty(x);
         let out_shape = self.shape(&node.output[0])?;
         let out = self.output(node, ty)?;
+        if out_shape.contains(&0) {
+            return Ok(());
+        }
         self.copy(
             node,
             x,
             out,
             &out_shape,
-            xst,
+            in_st,
             strides(&out_shape),
             (base, 0),
         )
@@ -124,6 +121,38 @@ impl Lowerer {
                 )?;
             }
             off += xs[a];
+        }
+        Ok(())
+    }
+
+    /// Split: one strided copy per output.
+    pub(super) fn split(&mut self, node: &NodeProto) -> Result<(), TrainError> {
+        let xs = self.shape(&node.input[0])?;
+        let sizes = crate::train::shape::split_sizes(node, &self.s, &xs)?;
+        let r = xs.len() as i64;
+        let a = attr_i(node, "axis").unwrap_or(0);
+        let a = if a < 0 { a + r } else { a } as usize;
+        let x = self.data(&node.input[0])?;
+        let ty = self.ty(x);
+        let xst = strides(&xs);
+        let mut off = 0;
+        for (o, len) in node.output.iter().zip(sizes) {
+            if !o.is_empty() {
+                let out_shape = self.shape(o)?;
+                let out = self.add(o, out_shape.iter().product(), ty, super::Role::Temp);
+                if len > 0 {
+                    self.copy(
+                        node,
+                        x,
+                        out,
+                        &out_shape,
+                        xst.clone(),
+                        strides(&out_shape),
+                        (off * xst[a], 0),
+                    )?;
+                }
+            }
+            off += len;
         }
         Ok(())
     }

@@ -24,10 +24,21 @@ pub enum EwOp {
     Sqrt = 8,
     Reciprocal = 9,
     Abs = 10,
+    Erf = 11,
+    Gelu = 12,
+    GeluTanh = 13,
+    /// `clamp(alpha x + beta, 0, 1)`.
+    HardSigmoid = 14,
+    HardSwish = 15,
+    /// `min(max(x, alpha), beta)`: Clip with constant bounds.
+    Clamp = 16,
     Add = 20,
     Sub = 21,
     Mul = 22,
     Div = 23,
+    Pow = 24,
+    /// `a` where `a > 0`, else `a b`.
+    PRelu = 28,
     Equal = 25,
     Greater = 26,
     Less = 27,
@@ -47,6 +58,10 @@ impl EwOp {
             "Sqrt" => EwOp::Sqrt,
             "Reciprocal" => EwOp::Reciprocal,
             "Abs" => EwOp::Abs,
+            "Erf" => EwOp::Erf,
+            "HardSwish" => EwOp::HardSwish,
+            "Pow" => EwOp::Pow,
+            "PRelu" => EwOp::PRelu,
             "Add" => EwOp::Add,
             "Sub" => EwOp::Sub,
             "Mul" => EwOp::Mul,
@@ -75,6 +90,23 @@ impl Lowerer {
         op: EwOp,
         out_ty: Ty,
     ) -> Result<(), TrainError> {
+        let alpha = if op == EwOp::LeakyRelu {
+            attr_f(node, "alpha").unwrap_or(0.01)
+        } else {
+            0.0
+        };
+        self.eltwise_with(node, op, out_ty, (alpha, 0.0))
+    }
+
+    /// [`Lowerer::eltwise`] with the op's two float parameters (LeakyRelu's
+    /// slope, HardSigmoid's alpha and beta, Clip's bounds).
+    pub(super) fn eltwise_with(
+        &mut self,
+        node: &NodeProto,
+        op: EwOp,
+        out_ty: Ty,
+        (alpha, beta): (f32, f32),
+    ) -> Result<(), TrainError> {
         let n_in = op.arity();
         if node.input.len() < n_in {
             return Err(unsupported_form(node, "missing inputs"));
@@ -91,11 +123,6 @@ impl Lowerer {
             return Err(unsupported_form(node, "more than 6 broadcast axes"));
         }
         let n: usize = out_shape.iter().product();
-        let alpha = if op == EwOp::LeakyRelu {
-            attr_f(node, "alpha").unwrap_or(0.01)
-        } else {
-            0.0
-        };
         let mut p = vec![word_u32(node, "size", n)?, op as u32, d.len() as u32];
         for k in 0..3 {
             p.push(ids.get(k).map(|&i| self.ty(i) as u32).unwrap_or(0));
@@ -109,6 +136,7 @@ impl Lowerer {
                 None => p.extend([0; RANK_MAX]),
             }
         }
+        p.push(beta.to_bits());
         let out = self.output(node, out_ty)?;
         self.launch(node, Kernel::Eltwise, p, ids, out, groups_1d(n));
         Ok(())
@@ -178,6 +206,37 @@ impl Lowerer {
         ];
         let out = self.output(node, ty)?;
         self.launch(node, Kernel::Gather, p, vec![data, idx], out, groups_1d(n));
+        Ok(())
+    }
+
+    /// Trilu: the kept triangle of each trailing matrix, zeros elsewhere.
+    pub(super) fn trilu(&mut self, node: &NodeProto) -> Result<(), TrainError> {
+        let xs = self.shape(&node.input[0])?;
+        if xs.len() < 2 {
+            return Err(unsupported_form(node, "input of rank below 2"));
+        }
+        let k = match node.input.get(1).filter(|s| !s.is_empty()) {
+            Some(_) => *self
+                .konst(node, 1)?
+                .first()
+                .ok_or_else(|| unsupported_form(node, "empty k"))?,
+            None => 0,
+        };
+        let k = i32::try_from(k).map_err(|_| unsupported_form(node, "k exceeds 32 bits"))?;
+        let upper = attr_i(node, "upper").unwrap_or(1) != 0;
+        let n: usize = xs.iter().product();
+        let (rows, cols) = (xs[xs.len() - 2], xs[xs.len() - 1]);
+        let p = vec![
+            word_u32(node, "size", n)?,
+            word_u32(node, "rows", rows)?,
+            word_u32(node, "columns", cols)?,
+            k as u32,
+            upper as u32,
+        ];
+        let x = self.data(&node.input[0])?;
+        let ty = self.ty(x);
+        let out = self.output(node, ty)?;
+        self.launch(node, Kernel::Trilu, p, vec![x], out, groups_1d(n));
         Ok(())
     }
 }

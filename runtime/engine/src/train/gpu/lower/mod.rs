@@ -17,7 +17,7 @@ use tract_onnx::pb::{ModelProto, NodeProto};
 use super::GpuError;
 use crate::train::TrainError;
 use crate::train::compile::{LABELS, LOSS, LR, Mode, TrainingGraph, WD_STEP};
-use crate::train::onnx::{F32, I64, attr, attr_i, attr_ints, dims, f32_values};
+use crate::train::onnx::{F32, I64, attr, attr_f, attr_i, dims, f32_values};
 use crate::train::shape::{BOOL, Shapes, infer_node};
 
 mod buffers;
@@ -74,6 +74,9 @@ fn word_u32(node: &NodeProto, what: &str, v: usize) -> Result<u32, TrainError> {
 /// Lowers a training step graph.
 struct Lowerer {
     s: Shapes,
+    /// Tensors the step's outputs depend on (a node's other outputs, such
+    /// as Dropout's mask, may be left unwritten when nothing reads them).
+    needed: HashSet<String>,
     values: Vec<Value>,
     of: HashMap<String, usize>,
     launches: Vec<Launch>,
@@ -105,6 +108,10 @@ impl Lowerer {
         if let Some(v) = self.f32_consts.get(name) {
             let words = v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             return Ok(self.add(name, words.len(), Ty::F32, Role::Const(words)));
+        }
+        if let Some(v) = self.s.bools.get(name) {
+            let words = v.iter().map(|&b| b as u32).collect::<Vec<_>>();
+            return Ok(self.add(name, words.len(), Ty::Bool, Role::Const(words)));
         }
         if let Some(v) = self.s.consts.get(name) {
             let words = v
@@ -168,12 +175,18 @@ impl Lowerer {
     fn node(&mut self, node: &NodeProto) -> Result<(), TrainError> {
         let op = node.op_type.as_str();
         if let Some(out) = node.output.first()
-            && self.s.consts.contains_key(out)
+            && (self.s.consts.contains_key(out) || self.s.bools.contains_key(out))
         {
-            return Ok(()); // folded int64: a constant when read
+            return Ok(()); // folded int64 or bool: a constant when read
         }
-        if node.output.len() > 1 && node.output[1..].iter().any(|o| !o.is_empty()) {
-            return Err(unsupported_form(node, "only the first output is supported"));
+        if op == "Split" {
+            return self.split(node);
+        }
+        if node.output.len() > 1 && node.output[1..].iter().any(|o| self.needed.contains(o)) {
+            return Err(unsupported_form(
+                node,
+                "only the first output is supported (another is read)",
+            ));
         }
         match op {
             "Identity" | "Dropout" | "Flatten" | "Reshape" | "Squeeze" | "Unsqueeze" => {
@@ -200,6 +213,35 @@ impl Lowerer {
                     .insert(node.output[0].clone(), f32_values(t)?);
                 Ok(())
             }
+            "ConstantOfShape" => {
+                let words: usize = self.shape(&node.output[0])?.iter().product();
+                let value = attr(node, "value").and_then(|a| a.t.as_ref());
+                let (ty, word) = match value {
+                    None => (Ty::F32, 0),
+                    Some(t) if t.data_type == F32 => (
+                        Ty::F32,
+                        f32_values(t)?.first().copied().unwrap_or(0.0).to_bits(),
+                    ),
+                    Some(t) if t.data_type == BOOL => (
+                        Ty::Bool,
+                        crate::train::onnx::bool_values(t)?
+                            .first()
+                            .copied()
+                            .unwrap_or(false) as u32,
+                    ),
+                    Some(t) => {
+                        return Err(unsupported_form(
+                            node,
+                            format!(
+                                "a fill of element type {} (int64 fills of up to 64 elements fold to constants)",
+                                t.data_type
+                            ),
+                        ));
+                    }
+                };
+                self.add(&node.output[0], words, ty, Role::Const(vec![word; words]));
+                Ok(())
+            }
             "Equal" | "Greater" | "Less" => {
                 let e = EwOp::from_onnx(op).expect("listed");
                 self.eltwise(node, e, Ty::Bool)
@@ -211,8 +253,44 @@ impl Lowerer {
                 };
                 self.eltwise(node, EwOp::Where, ty)
             }
+            "Clip" => {
+                let bound = |i: usize, default: f32| -> Result<f32, TrainError> {
+                    match node.input.get(i).filter(|s| !s.is_empty()) {
+                        None => Ok(default),
+                        Some(b) => self
+                            .f32_consts
+                            .get(b)
+                            .filter(|v| v.len() == 1)
+                            .map(|v| v[0])
+                            .ok_or_else(|| {
+                                unsupported_form(node, "Clip bounds must be constant scalars")
+                            }),
+                    }
+                };
+                let bounds = (bound(1, f32::NEG_INFINITY)?, bound(2, f32::INFINITY)?);
+                self.eltwise_with(node, EwOp::Clamp, Ty::F32, bounds)
+            }
+            "HardSigmoid" => {
+                let ab = (
+                    attr_f(node, "alpha").unwrap_or(0.2),
+                    attr_f(node, "beta").unwrap_or(0.5),
+                );
+                self.eltwise_with(node, EwOp::HardSigmoid, Ty::F32, ab)
+            }
+            "Gelu" => {
+                let op = match crate::train::onnx::attr_s(node, "approximate").as_deref() {
+                    None | Some("none") => EwOp::Gelu,
+                    Some("tanh") => EwOp::GeluTanh,
+                    Some(other) => {
+                        return Err(unsupported_form(node, format!("approximate=\"{other}\"")));
+                    }
+                };
+                self.eltwise(node, op, Ty::F32)
+            }
+            "Trilu" => self.trilu(node),
             "Relu" | "LeakyRelu" | "Sigmoid" | "Tanh" | "Exp" | "Log" | "Neg" | "Sqrt"
-            | "Reciprocal" | "Abs" | "Add" | "Sub" | "Mul" | "Div" => {
+            | "Reciprocal" | "Abs" | "Add" | "Sub" | "Mul" | "Div" | "Erf" | "HardSwish"
+            | "Pow" | "PRelu" => {
                 let e = EwOp::from_onnx(op).expect("listed");
                 let ty = {
                     let a = self.data(&node.input[0])?;
@@ -234,14 +312,10 @@ impl Lowerer {
             }
             "ReduceSum" | "ReduceMean" => {
                 let r = self.shape(&node.input[0])?.len();
-                let axes: Vec<i64> =
-                    if op == "ReduceSum" && node.input.len() > 1 {
-                        self.s.consts.get(&node.input[1]).cloned().ok_or_else(|| {
-                            unsupported_form(node, "reduction axes must be constant")
-                        })?
-                    } else {
-                        attr_ints(node, "axes").unwrap_or_default()
-                    };
+                // Axes as an input (ReduceSum from opset 13, ReduceMean
+                // from 18) or as an attribute (ReduceMean up to 17).
+                let axes: Vec<i64> = crate::train::shape::reduce_axes(node, &self.s)
+                    .map_err(|_| unsupported_form(node, "reduction axes must be constant"))?;
                 let axes: Vec<usize> = if axes.is_empty() {
                     if attr_i(node, "noop_with_empty_axes").unwrap_or(0) != 0 {
                         return self.alias(node);
@@ -302,6 +376,10 @@ fn graph_shapes(model: &ModelProto) -> Result<Shapes, TrainError> {
             s.consts
                 .insert(t.name.clone(), crate::train::onnx::i64_values(t)?);
         }
+        if t.data_type == BOOL {
+            s.bools
+                .insert(t.name.clone(), crate::train::onnx::bool_values(t)?);
+        }
     }
     for n in &g.node {
         infer_node(n, &mut s)?;
@@ -325,6 +403,7 @@ pub fn lower(tg: &TrainingGraph, param_count: usize) -> Result<Program, TrainErr
     let s = graph_shapes(&tg.model)?;
     let mut lw = Lowerer {
         s,
+        needed: HashSet::new(),
         values: Vec::new(),
         of: HashMap::new(),
         launches: Vec::new(),
@@ -386,6 +465,7 @@ pub fn lower(tg: &TrainingGraph, param_count: usize) -> Result<Program, TrainErr
             needed.extend(n.input.iter().map(|s| s.as_str()));
         }
     }
+    lw.needed = needed.iter().map(|s| s.to_string()).collect();
     for (n, _) in g.node.iter().zip(&live).filter(|(_, l)| **l) {
         lw.node(n)?;
     }

@@ -25,6 +25,7 @@ pub enum Kernel {
     GemmBig,
     ConvSmall,
     ConvBig,
+    Trilu,
 }
 
 /// The WGSL module a kernel lives in.
@@ -39,7 +40,9 @@ pub enum Module {
 impl Kernel {
     pub fn module(self) -> Module {
         match self {
-            Kernel::Eltwise | Kernel::Copy | Kernel::Gather | Kernel::Pool => Module::Elementwise,
+            Kernel::Eltwise | Kernel::Copy | Kernel::Gather | Kernel::Pool | Kernel::Trilu => {
+                Module::Elementwise
+            }
             Kernel::ReduceThread
             | Kernel::ReduceGroup
             | Kernel::Softmax
@@ -56,6 +59,7 @@ impl Kernel {
             Kernel::Copy => "copy_strided",
             Kernel::Gather => "gather",
             Kernel::Pool => "pool",
+            Kernel::Trilu => "trilu",
             Kernel::ReduceThread => "reduce_thread",
             Kernel::ReduceGroup => "reduce_group",
             Kernel::Softmax => "softmax",
