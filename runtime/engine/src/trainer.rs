@@ -29,6 +29,7 @@ pub struct OnnxTrainer {
     data: Dataset,
     seed: u64,
     executor: ExecutorKind,
+    threads: usize,
     cache: Option<(CacheKey, Box<dyn Executor>)>,
 }
 
@@ -63,6 +64,7 @@ impl OnnxTrainer {
             data,
             seed,
             executor: ExecutorKind::Cpu,
+            threads: 1,
             cache: None,
         }
     }
@@ -71,6 +73,13 @@ impl OnnxTrainer {
     /// usable GPU) or auto (a hardware GPU when usable, else tract, logged).
     pub fn with_executor(mut self, kind: ExecutorKind) -> Self {
         self.executor = kind;
+        self
+    }
+
+    /// CPU threads for the training step's matrix products (at least 1;
+    /// the GPU executor ignores it).
+    pub fn with_threads(mut self, threads: usize) -> Self {
+        self.threads = threads.max(1);
         self
     }
 
@@ -87,7 +96,10 @@ impl OnnxTrainer {
         model: &ModelBlob,
         plan: &TrainingPlan,
     ) -> anyhow::Result<LocalUpdate> {
-        let opts = compile_options(plan);
+        let opts = CompileOptions {
+            threads: self.threads,
+            ..compile_options(plan)
+        };
         let key = CacheKey {
             graph: *blake3::hash(&model.onnx_graph).as_bytes(),
             opts: format!("{opts:?}"),
