@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::coordinator::CoordinatorConfig;
 use crate::robust::CombineSpec;
+use crate::scoring::ScoringConfig;
 use crate::server::ServerConfig;
 use crate::strategy::{ClipSpec, StrategyConfig};
 use crate::weighting::{Transform, WeightPolicy};
@@ -50,6 +51,10 @@ pub struct AggregatorConfig {
     pub stakes: Option<PathBuf>,
     /// Reject updates whose L2 norm exceeds this.
     pub update_norm_max: Option<f64>,
+    /// Contribution scoring, ratings and rewards (see
+    /// [`crate::scoring`]); `scoring.validation` names the operator's
+    /// validation set.
+    pub scoring: ScoringConfig,
     /// Start even when one participant could dominate a round (see
     /// [`AggregatorConfig::dominance_risks`]). For closed test fleets only.
     pub i_know_this_is_unsafe: bool,
@@ -161,6 +166,7 @@ impl Default for AggregatorConfig {
             },
             stakes: None,
             update_norm_max: None,
+            scoring: ScoringConfig::default(),
             i_know_this_is_unsafe: false,
         }
     }
@@ -430,6 +436,7 @@ impl AggregatorConfig {
             weights: self.weights.clone(),
             strategy: self.strategy.clone(),
             update_norm_max: self.update_norm_max,
+            scoring: self.scoring.clone(),
             limits,
             seed: self.seed,
         };

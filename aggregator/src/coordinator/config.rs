@@ -6,6 +6,7 @@ use std::time::Duration;
 use fedge_proto::Limits;
 use fedge_proto::msg::TrainingPlan;
 
+use crate::scoring::ScoringConfig;
 use crate::strategy::StrategyConfig;
 use crate::weighting::WeightPolicy;
 
@@ -68,6 +69,8 @@ pub struct CoordinatorConfig {
     pub strategy: StrategyConfig,
     /// Updates with a larger L2 norm are rejected (None: no bound).
     pub update_norm_max: Option<f64>,
+    /// Contribution scoring, ratings and rewards.
+    pub scoring: ScoringConfig,
     pub limits: Limits,
     pub seed: u64,
 }
@@ -96,6 +99,7 @@ impl Default for CoordinatorConfig {
             weights: WeightPolicy::default(),
             strategy: StrategyConfig::default(),
             update_norm_max: None,
+            scoring: ScoringConfig::default(),
             limits: Limits::default(),
             seed: 0,
         }
@@ -164,6 +168,7 @@ impl CoordinatorConfig {
             return Err(format!("update_norm_max must be positive, got {b}"));
         }
         self.strategy.validate()?;
+        self.scoring.validate()?;
         self.weights.validate()
     }
 }

@@ -261,6 +261,7 @@ impl Coordinator {
             stake,
         } = a;
         let dev = device_id(&key);
+        let manifest_hash = u.begin.manifest.signed_hash(&u.begin.signature);
         let m = u.begin.manifest;
         // Recorded under the round (buffer) it is combined into.
         self.out.push_back(Output::Persist(Box::new(DurableUpdate {
@@ -269,6 +270,7 @@ impl Coordinator {
             model_version: Some(m.model_version),
             device: dev.clone(),
             payload_hash: m.payload_hash,
+            manifest_hash,
             sample_count: m.sample_count,
             raw_weight,
             discount,
@@ -276,6 +278,7 @@ impl Coordinator {
             metrics: m.metrics.clone(),
             payload: Bytes::from(u.data),
         })));
+        let held = self.held(manifest_hash, m.payload_hash, &delta, m.sample_count);
         self.round.combiner.add(delta, raw_weight);
         self.round.book.record(
             self.round.id,
@@ -285,6 +288,7 @@ impl Coordinator {
                 samples: m.sample_count,
                 raw_weight,
                 metrics: m.metrics,
+                held,
             },
         );
         self.policy

@@ -1,0 +1,59 @@
+//! The engine behind the aggregator library's [`Evaluator`] trait: a
+//! model's mean loss on examples of the operator's validation set, with
+//! tract inference. `serve` loads the set named by `scoring.validation`;
+//! `simulate` passes its held-out split.
+
+use anyhow::Context;
+use fedge_aggregator::scoring::Evaluator;
+use fedge_engine::data::Dataset;
+use fedge_engine::train::exec::TractInference;
+use fedge_engine::train::import::ModelGraph;
+use fedge_engine::train::local::evaluate;
+use fedge_proto::ModelBlob;
+
+/// Validation examples evaluated per inference batch.
+const BATCH: usize = 64;
+
+pub struct EngineEvaluator {
+    inf: TractInference,
+    data: Dataset,
+}
+
+impl EngineEvaluator {
+    pub fn new(graph: &ModelGraph, data: Dataset) -> anyhow::Result<Self> {
+        anyhow::ensure!(data.len() > 0, "the validation set is empty");
+        Ok(EngineEvaluator {
+            inf: TractInference::new(graph, BATCH)?,
+            data,
+        })
+    }
+
+    /// The evaluator for `model` on the validation set named by `spec`
+    /// (a data spec: `mnist[:DIR]`, `idx:IMAGES,LABELS`, `text:FILE`).
+    pub fn from_spec(model: &ModelBlob, spec: &str) -> anyhow::Result<Self> {
+        let graph = ModelGraph::from_blob(model).context("the model's graph")?;
+        let context = graph.sample_shape().first().copied().unwrap_or(1);
+        let data = fedge_device::dataspec::DataSpec::parse(spec)
+            .and_then(|d| d.load(context, 1))
+            .with_context(|| format!("scoring.validation = `{spec}`"))?;
+        Self::new(&graph, data)
+    }
+}
+
+impl Evaluator for EngineEvaluator {
+    fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    fn loss(&mut self, params: &[f32], indices: &[usize]) -> Result<f64, String> {
+        if let Some(&i) = indices.iter().find(|&&i| i >= self.data.len()) {
+            return Err(format!(
+                "validation index {i} is outside the set of {} examples",
+                self.data.len()
+            ));
+        }
+        self.inf.load(params).map_err(|e| e.to_string())?;
+        let stats = evaluate(&self.inf, &self.data.subset(indices)).map_err(|e| e.to_string())?;
+        Ok(stats.loss)
+    }
+}

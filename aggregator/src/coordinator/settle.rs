@@ -1,0 +1,151 @@
+//! Settling a round: its accepted updates scored on the operator's
+//! validation set, flagged (copies, free-riders) and rewarded (see
+//! [`crate::scoring`]). The result goes out as [`Event::RoundSettled`]
+//! just before the version it produced is published; the driver writes it
+//! to the ledger with the publication.
+
+use super::ledger::Held;
+use super::{Contribution, Coordinator, Event, SettledEntry, Settlement};
+use crate::scoring::{self, RoundScores, UpdateScore};
+
+impl Coordinator {
+    /// What settling will need of an accepted update (its delta only when
+    /// scoring is on).
+    pub(super) fn held(
+        &self,
+        manifest_hash: [u8; 32],
+        payload_hash: [u8; 32],
+        delta: &[f32],
+        sample_count: u64,
+    ) -> Held {
+        Held {
+            manifest_hash,
+            payload_hash,
+            delta: self.evaluator.is_some().then(|| delta.to_vec()),
+            examples: scoring::training_examples(
+                &self.cfg.plan,
+                self.samples_counted(sample_count),
+            ),
+        }
+    }
+
+    /// Scores and rewards the open round's accepted updates (`settled`:
+    /// their contribution records with final shares, in acceptance order)
+    /// and emits [`Event::RoundSettled`]. Call before publishing, while the
+    /// current model is the one the updates were applied to.
+    pub(super) fn settle(&mut self, round_id: u64, settled: &[Contribution]) {
+        let held = self.round.book.take_held();
+        let seed = scoring::scoring_seed(self.cfg.seed, round_id, &self.current_version);
+        let lr = scoring::server_lr(&self.cfg.strategy.server_opt);
+        let examples: u64 = held.iter().map(|h| h.examples).sum();
+        let deltas: Option<Vec<&[f32]>> = held.iter().map(|h| h.delta.as_deref()).collect();
+        let scores = match deltas {
+            Some(d) if !held.is_empty() => scoring::score_round(
+                &self.cfg.scoring,
+                self.evaluator.as_deref_mut().map(|e| e as &mut dyn scoring::Evaluator),
+                &seed,
+                &self.current.params.values,
+                lr,
+                &d,
+                examples,
+            ),
+            _ => RoundScores {
+                base_loss: None,
+                updates: held
+                    .iter()
+                    .map(|_| UpdateScore {
+                        score: None,
+                        norm: 0.0,
+                        copy_of: None,
+                        free_rider: false,
+                    })
+                    .collect(),
+                error: Some(if held.is_empty() {
+                    "no accepted updates".into()
+                } else {
+                    "no validation set configured".into()
+                }),
+                cost: scoring::ScoringCost {
+                    training_passes: examples.saturating_mul(3),
+                    ..Default::default()
+                },
+            },
+        };
+        let reward_weights: Vec<f64> = settled
+            .iter()
+            .zip(&scores.updates)
+            .map(|(c, u)| {
+                let stake = self.cfg.weights.stake.apply(c.stake.unwrap_or(0.0));
+                let w = stake * scoring::clipped_score(u);
+                if w.is_finite() { w } else { 0.0 }
+            })
+            .collect();
+        let pool = self.cfg.scoring.reward_pool;
+        let rewards = scoring::rewards(
+            pool,
+            &scoring::reward_shares(&reward_weights, self.cfg.weights.max_share),
+        );
+        let entries = settled
+            .iter()
+            .zip(&held)
+            .zip(&scores.updates)
+            .zip(&rewards)
+            .map(|(((c, h), u), &reward)| SettledEntry {
+                device: c.device.clone(),
+                manifest_hash: h.manifest_hash,
+                payload_hash: h.payload_hash,
+                stake: c.stake,
+                weight: c.share,
+                score: u.score,
+                norm: u.norm,
+                copy_of: u.copy_of.map(|i| settled[i].device.clone()),
+                free_rider: u.free_rider,
+                reward,
+            })
+            .collect();
+        let scored = scores.error.is_none();
+        let samples = if scored {
+            scoring::validation_indices(
+                &seed,
+                self.evaluator.as_ref().map_or(0, |e| e.len()),
+                self.cfg.scoring.validation_samples,
+            )
+            .len() as u32
+        } else {
+            0
+        };
+        self.event(Event::RoundSettled(Box::new(Settlement {
+            round_id,
+            model_before: self.current_version,
+            scoring_seed: seed,
+            validation_samples: samples,
+            server_lr: lr,
+            reward_pool: pool,
+            rating_alpha: self.cfg.scoring.rating_alpha,
+            base_loss: scores.base_loss,
+            error: scores.error,
+            cost: scores.cost,
+            entries,
+        })));
+    }
+
+    /// A rolled-back round: its updates were discarded, so its record has
+    /// no participants and pays nothing.
+    pub(super) fn settle_discarded(&mut self, round_id: u64) {
+        self.round.book.take_held();
+        let lr = scoring::server_lr(&self.cfg.strategy.server_opt);
+        self.event(Event::RoundSettled(Box::new(Settlement {
+            round_id,
+            model_before: self.current_version,
+            scoring_seed: scoring::scoring_seed(self.cfg.seed, round_id, &self.current_version),
+            validation_samples: 0,
+            server_lr: lr,
+            reward_pool: self.cfg.scoring.reward_pool,
+            rating_alpha: self.cfg.scoring.rating_alpha,
+            base_loss: None,
+            error: Some("round rolled back: its updates were discarded".into()),
+            cost: Default::default(),
+            entries: Vec::new(),
+        })));
+    }
+}
