@@ -2,9 +2,17 @@
 //! calls when a round closes.
 //!
 //! **Score.** An accepted update's score is its effect on held-out data:
-//! `loss(model) - loss(model + lr x delta)`, where `delta` is the update as
-//! combined (a stale FedBuff update already discounted) and `lr` the
-//! server learning rate ([`server_lr`]), evaluated on a validation sample
+//! `loss(model) - loss(model + (lr / n) x delta)`, where `delta` is the
+//! update as combined (a stale FedBuff update already discounted), `lr`
+//! the server learning rate ([`server_lr`]) and `n` the round's accepted
+//! updates: the step the update makes as one of `n` in the round's mean
+//! ([`applied_step`]). Applying a whole non-IID update on its own
+//! overshoots toward the device's own labels and would mark most honest
+//! devices as harmful; as a `1/n` part of the step its first-order effect
+//! (its alignment with the validation gradient) decides the sign. The
+//! share is `1/n`, not the device's aggregation weight, because that
+//! weight grows with a claimed sample count, and a claim must never raise
+//! a score. Scores are evaluated on a validation sample
 //! of `validation_samples` examples drawn from the operator's validation
 //! set with a seed derived from the configured seed, the round and the
 //! model ([`scoring_seed`], [`validation_indices`]). Everything is
@@ -84,7 +92,7 @@ impl Default for ScoringConfig {
     fn default() -> Self {
         ScoringConfig {
             validation: None,
-            validation_samples: 256,
+            validation_samples: 128,
             copy_cosine_min: 0.99,
             free_rider_norm_ratio: 0.05,
             rating_alpha: 0.3,
@@ -132,6 +140,11 @@ pub fn server_lr(opt: &ServerOpt) -> f64 {
         | ServerOpt::Yogi { lr, .. }
         | ServerOpt::Adagrad { lr, .. } => lr,
     }
+}
+
+/// The step one of `n` updates is scored at: `lr / n`.
+pub fn applied_step(lr: f64, n: usize) -> f64 {
+    lr / n.max(1) as f64
 }
 
 /// The seed of round `round_id`'s validation sample: blake3 (key

@@ -101,7 +101,8 @@ pub struct LedgerRecord {
     pub scoring_seed: [u8; 32],
     /// Validation samples each score was computed on.
     pub validation_samples: u32,
-    /// The server learning rate updates were applied at for scoring.
+    /// The server learning rate; each update was scored applied at
+    /// `server_lr / entries.len()` (its part of the round's mean step).
     pub server_lr: f64,
     pub reward_pool: u64,
     /// Participants, ordered by device key (no key twice).

@@ -69,6 +69,17 @@ fn stakes(spec: &str, n: usize) -> anyhow::Result<Vec<f64>> {
     }
 }
 
+/// The device ids (hex public keys) of the attacking devices: the last
+/// [`attacker_count`] of the fleet and every added attacker.
+pub fn attacker_ids(c: &SimConfig, keys: &[SigningKey]) -> std::collections::HashSet<String> {
+    let first = c.devices - attacker_count(c);
+    keys.iter()
+        .enumerate()
+        .filter(|(i, _)| *i >= first)
+        .map(|(_, k)| hex::encode(k.verifying_key().to_bytes()))
+        .collect()
+}
+
 /// How many of the fleet's devices attack (the last ones by index); the
 /// `attacker_devices` added beyond the fleet attack too.
 pub fn attacker_count(c: &SimConfig) -> usize {

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use fedge_aggregator::coordinator::{Event, RoundOutcome};
+use fedge_aggregator::coordinator::{Event, RoundOutcome, Settlement};
 use fedge_aggregator::metrics::Metrics;
 use fedge_engine::data::Dataset;
 use fedge_engine::train::exec::TractInference;
@@ -123,6 +123,8 @@ pub struct Rounds {
     /// The aggregator stopped making progress before its last round (every
     /// device gave up: a poisoned model makes honest training diverge).
     pub stalled: bool,
+    /// Every round's scores and rewards.
+    pub settled: Vec<Settlement>,
 }
 
 /// What a simulation watches while its rounds run.
@@ -216,6 +218,7 @@ pub async fn follow_rounds(
                 participants = 0;
                 rounds.rows.push(row);
             }
+            Event::RoundSettled(s) => rounds.settled.push(*s),
             Event::Finished { final_version: v } => {
                 rounds.final_version = Some(v);
                 break;
@@ -245,6 +248,8 @@ async fn honest_gone(devices: &[Device]) {
 /// What a finished simulation reports.
 pub struct Summary<'a> {
     pub config: &'a SimConfig,
+    /// The attacking devices' ids.
+    pub attackers: &'a std::collections::HashSet<String>,
     /// Parameters per update (the dense f32 baseline is 4 bytes each).
     pub params: usize,
     pub initial: EvalStats,
@@ -288,6 +293,8 @@ impl Summary<'_> {
             self.failed_sessions,
             self.started.elapsed().as_secs_f64()
         );
+        let rewards = super::rewards::summarize(&self.rounds.settled, self.attackers);
+        println!("{}", rewards.line());
         std::fs::create_dir_all(&c.out_dir)
             .with_context(|| format!("creating {}", c.out_dir.display()))?;
         let results = serde_json::json!({
@@ -303,6 +310,7 @@ impl Summary<'_> {
             "dense_f32_upload_bytes": dense_total,
             "failed_sessions": self.failed_sessions,
             "attackers_stopped": self.attackers_stopped,
+            "rewards": rewards,
             "seconds": self.started.elapsed().as_secs_f64(),
         });
         let path = c.out_dir.join("results.json");
