@@ -73,6 +73,8 @@ pub struct ScoringConfig {
     /// update is scored and no reward is paid; the ledger still records
     /// every round.
     pub validation: Option<String>,
+    /// How an update's effect is measured.
+    pub method: ScoreMethod,
     /// Examples per round's validation sample (the bound on scoring cost).
     pub validation_samples: usize,
     /// An update at least this cosine-similar to an earlier one of the
@@ -92,6 +94,7 @@ impl Default for ScoringConfig {
     fn default() -> Self {
         ScoringConfig {
             validation: None,
+            method: ScoreMethod::Direct,
             validation_samples: 128,
             copy_cosine_min: 0.99,
             free_rider_norm_ratio: 0.05,
@@ -129,6 +132,22 @@ impl ScoringConfig {
         }
         Ok(())
     }
+}
+
+/// How an update's effect on the validation loss is measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScoreMethod {
+    /// `loss(model) - loss(model + (lr/n) x delta_i)`: the update alone,
+    /// as one of the round's `n` parts of its mean step.
+    Direct,
+    /// `loss(model + lr x mean without i) - loss(model + lr x mean)`: what
+    /// the round's equal-weight mean step loses without the update (the
+    /// leave-one-out value of data valuation, e.g. Ghorbani & Zou 2019,
+    /// "Data Shapley", §2). Honest updates from skewed (non-IID) shards
+    /// that hurt on their own but complete the others score positive; a
+    /// zero update dilutes the mean and scores negative.
+    LeaveOneOut,
 }
 
 /// The server learning rate an update is applied at.
@@ -246,8 +265,9 @@ pub fn training_examples(plan: &TrainingPlan, samples: u64) -> u64 {
 }
 
 /// Scores a round's updates (`deltas`, as combined, in acceptance order)
-/// against `base`. `samples` are the examples each device trained on (for
-/// the cost). With no evaluator only the flags are computed.
+/// against `base` with server learning rate `lr` ([`ScoreMethod`]).
+/// `training_examples` are the examples the round's devices trained on
+/// (for the cost). With no evaluator only the flags are computed.
 pub fn score_round(
     cfg: &ScoringConfig,
     evaluator: Option<&mut dyn Evaluator>,
@@ -319,20 +339,69 @@ pub fn score_round(
         }
     };
     let mut passes = idx.len() as u64;
+    let n = deltas.len();
     let mut params = vec![0f32; base.len()];
-    let lr = lr as f32;
     let mut failed = None;
+    // The loss every candidate is compared with, and how a candidate is
+    // built: Direct compares model + (lr/n) delta_i with the model; leave-
+    // one-out compares the round's mean step without update i with the
+    // whole mean step.
+    let (reference, sum) = match cfg.method {
+        ScoreMethod::Direct => (base_loss, Vec::new()),
+        ScoreMethod::LeaveOneOut => {
+            let mut sum = vec![0f64; base.len()];
+            for d in deltas {
+                for (s, &x) in sum.iter_mut().zip(d.iter()) {
+                    *s += f64::from(x);
+                }
+            }
+            let step = lr / n as f64;
+            for ((p, &b), &s) in params.iter_mut().zip(base).zip(&sum) {
+                *p = (f64::from(b) + step * s) as f32;
+            }
+            passes += idx.len() as u64;
+            match eval.loss(&params, &idx) {
+                Ok(l) if l.is_finite() => (l, sum),
+                Ok(_) => (f64::INFINITY, sum),
+                Err(e) => {
+                    failed = Some(format!("evaluating the round's mean step: {e}"));
+                    (f64::NAN, sum)
+                }
+            }
+        }
+    };
     for (u, d) in updates.iter_mut().zip(deltas) {
-        for ((p, &b), &x) in params.iter_mut().zip(base).zip(d.iter()) {
-            *p = b + lr * x;
+        if failed.is_some() {
+            break;
+        }
+        match cfg.method {
+            ScoreMethod::Direct => {
+                let step = applied_step(lr, n);
+                for ((p, &b), &x) in params.iter_mut().zip(base).zip(d.iter()) {
+                    *p = (f64::from(b) + step * f64::from(x)) as f32;
+                }
+            }
+            ScoreMethod::LeaveOneOut => {
+                let step = if n > 1 { lr / (n - 1) as f64 } else { 0.0 };
+                for (((p, &b), &s), &x) in params.iter_mut().zip(base).zip(&sum).zip(d.iter()) {
+                    *p = (f64::from(b) + step * (s - f64::from(x))) as f32;
+                }
+            }
         }
         passes += idx.len() as u64;
-        match eval.loss(&params, &idx) {
-            Ok(l) if l.is_finite() => u.score = Some(base_loss - l),
-            Ok(_) => u.score = Some(NON_FINITE_SCORE),
-            Err(e) => {
+        match (eval.loss(&params, &idx), cfg.method) {
+            (Ok(l), ScoreMethod::Direct) if l.is_finite() => u.score = Some(reference - l),
+            (Ok(_), ScoreMethod::Direct) => u.score = Some(NON_FINITE_SCORE),
+            (Ok(l), ScoreMethod::LeaveOneOut) => {
+                u.score = Some(match (l.is_finite(), reference.is_finite()) {
+                    (true, true) => l - reference,
+                    // The mean is broken only with this update in it.
+                    (true, false) => NON_FINITE_SCORE,
+                    _ => 0.0,
+                })
+            }
+            (Err(e), _) => {
                 failed = Some(format!("evaluating an update: {e}"));
-                break;
             }
         }
     }

@@ -61,7 +61,7 @@ pub enum LedgerError {
     Invalid { field: &'static str, reason: String },
     #[error("signature does not verify")]
     BadSignature,
-    #[error("proof: {0}")]
+    #[error("{0}")]
     BadProof(String),
 }
 

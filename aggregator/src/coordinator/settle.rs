@@ -45,7 +45,7 @@ impl Coordinator {
                 self.evaluator.as_deref_mut().map(|e| e as &mut dyn scoring::Evaluator),
                 &seed,
                 &self.current.params.values,
-                scoring::applied_step(lr, held.len()),
+                lr,
                 &d,
                 examples,
             ),

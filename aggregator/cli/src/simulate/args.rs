@@ -320,6 +320,11 @@ pub struct SimArgs {
     /// Validation examples each round's scores are computed on.
     #[arg(long)]
     validation_samples: Option<usize>,
+    /// How scores are computed: direct (the update alone, as one of the
+    /// round's n parts of its step) or leave-one-out (what the round's
+    /// mean step loses without it).
+    #[arg(long)]
+    score_method: Option<String>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -334,6 +339,13 @@ impl SimConfig {
             c.apply_preset(p)?;
         }
         c.apply_flags(a);
+        if let Some(m) = &a.score_method {
+            c.scoring.method = match m.as_str() {
+                "direct" => fedge_aggregator::scoring::ScoreMethod::Direct,
+                "leave-one-out" => fedge_aggregator::scoring::ScoreMethod::LeaveOneOut,
+                o => anyhow::bail!("--score-method `{o}`: use direct or leave-one-out"),
+            };
+        }
         if let Some(s) = &a.strategy {
             c.apply_strategy(s)?;
         }
@@ -437,6 +449,7 @@ impl SimConfig {
         if let Some(n) = a.validation_samples {
             c.scoring.validation_samples = n;
         }
+
         if a.attack_scale.is_some() {
             c.attack_scale = a.attack_scale;
         }
