@@ -60,10 +60,13 @@ async fn simulate(c: SimConfig) -> anyhow::Result<()> {
     let scorer = crate::evaluator::EngineEvaluator::new(&model.graph, test.clone())?;
     let mut aggregator = start_aggregator(&c, &state, &keys, &model.blob, scorer).await?;
     announce(&c, aggregator.addr);
-    let closed = fleet::ClosedRounds::default();
+    let seen = fleet::Seen {
+        closed: Default::default(),
+        accepted: Default::default(),
+    };
     let devices = fleet::spawn_devices(
         &c,
-        &closed,
+        &seen,
         keys,
         &train,
         &shards,
@@ -76,7 +79,8 @@ async fn simulate(c: SimConfig) -> anyhow::Result<()> {
     let watched = report::Watched {
         events: &mut aggregator.events,
         metrics: &aggregator.metrics,
-        closed: &closed,
+        closed: &seen.closed,
+        accepted: &seen.accepted,
         devices: &devices,
         stall: stall_after(&c),
     };

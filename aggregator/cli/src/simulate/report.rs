@@ -134,6 +134,8 @@ pub struct Watched<'a> {
     pub metrics: &'a Metrics,
     /// Where the rounds' closings are told (hogs read it).
     pub closed: &'a ClosedRounds,
+    /// Where accepted updates are told (copycats read it).
+    pub accepted: &'a super::fleet::AcceptedUpdates,
     pub devices: &'a [Device],
     /// How long without an event means the federation stalled.
     pub stall: Duration,
@@ -154,6 +156,7 @@ pub async fn follow_rounds(
         events,
         metrics,
         closed,
+        accepted,
         devices,
         stall,
     } = w;
@@ -180,6 +183,15 @@ pub async fn follow_rounds(
         };
         if let Event::RoundClosed { round_id, .. } = &e {
             closed.fetch_max(*round_id, Ordering::AcqRel);
+        }
+        if let Event::UpdateAccepted {
+            round_id, device, ..
+        } = &e
+        {
+            accepted
+                .lock()
+                .expect("accepted")
+                .insert((*round_id, device.clone()));
         }
         match e {
             Event::UpdateAccepted { payload_bytes, .. } => {
