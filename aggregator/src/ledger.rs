@@ -146,10 +146,7 @@ pub fn build_record(
         .collect::<Result<Vec<_>, String>>()?;
     entries.sort_by(|a, b| a.device.cmp(&b.device));
     if entries.windows(2).any(|w| w[0].device == w[1].device) {
-        return Err(format!(
-            "round {} settles one device twice",
-            s.round_id
-        ));
+        return Err(format!("round {} settles one device twice", s.round_id));
     }
     let mut r = LedgerRecord {
         seq,
@@ -228,12 +225,18 @@ pub fn verify_chain(
                 hex::encode(prev)
             )));
         }
-        let sig: [u8; 64] = s.signature.as_slice().try_into().map_err(|_| {
-            fail(format!("signature is {} bytes, not 64", s.signature.len()))
-        })?;
+        let sig: [u8; 64] = s
+            .signature
+            .as_slice()
+            .try_into()
+            .map_err(|_| fail(format!("signature is {} bytes, not 64", s.signature.len())))?;
         let h = ledger::record_hash(&s.bytes);
-        ledger::verify_record_signature(key, &h, &sig)
-            .map_err(|e: LedgerError| fail(format!("{e} (with ledger key {})", hex::encode(key.to_bytes()))))?;
+        ledger::verify_record_signature(key, &h, &sig).map_err(|e: LedgerError| {
+            fail(format!(
+                "{e} (with ledger key {})",
+                hex::encode(key.to_bytes())
+            ))
+        })?;
         if let Some(p) = out.last()
             && (r.round_id <= p.round_id)
         {

@@ -23,8 +23,8 @@
 
 pub mod config;
 pub mod coordinator;
-pub mod metrics;
 pub mod ledger;
+pub mod metrics;
 pub mod robust;
 pub mod scoring;
 pub mod server;

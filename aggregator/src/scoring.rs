@@ -453,10 +453,8 @@ pub fn reward_shares(weights: &[f64], max_share: f64) -> Vec<f64> {
     }
     if (positive as f64) * c >= 1.0 {
         let pos: Vec<usize> = (0..weights.len()).filter(|&i| weights[i] > 0.0).collect();
-        let capped = crate::weighting::cap_shares(
-            &pos.iter().map(|&i| weights[i]).collect::<Vec<_>>(),
-            c,
-        );
+        let capped =
+            crate::weighting::cap_shares(&pos.iter().map(|&i| weights[i]).collect::<Vec<_>>(), c);
         let t: f64 = capped.iter().sum();
         let mut out = vec![0.0; weights.len()];
         for (k, &i) in pos.iter().enumerate() {
@@ -536,7 +534,10 @@ mod tests {
         assert!(a.iter().all(|&i| i < 1000));
         assert_eq!(a, validation_indices(&[1; 32], 1000, 50));
         assert_ne!(a, validation_indices(&[2; 32], 1000, 50));
-        assert_eq!(validation_indices(&[1; 32], 10, 50), (0..10).collect::<Vec<_>>());
+        assert_eq!(
+            validation_indices(&[1; 32], 10, 50),
+            (0..10).collect::<Vec<_>>()
+        );
         assert!(validation_indices(&[1; 32], 0, 5).is_empty());
         let v = ModelVersion([9; 32]);
         assert_ne!(scoring_seed(0, 1, &v), scoring_seed(0, 2, &v));

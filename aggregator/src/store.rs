@@ -447,8 +447,8 @@ impl Store {
         let record = match &settlement {
             Some(s) => {
                 let (seq, prev) = self.ledger_tip;
-                let r = crate::ledger::build_record(seq + 1, prev, s, v)
-                    .map_err(StoreError::Ledger)?;
+                let r =
+                    crate::ledger::build_record(seq + 1, prev, s, v).map_err(StoreError::Ledger)?;
                 let bytes = r.encode();
                 let hash = fedge_proto::ledger::record_hash(&bytes);
                 Some((r.seq, bytes, self.ledger_key.sign(&hash), hash))

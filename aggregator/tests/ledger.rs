@@ -135,10 +135,14 @@ async fn real_run() -> (tempfile::TempDir, fedge_proto::ModelVersion) {
             // Device 3 pushes the model away from the optimum.
             let sign = if i == 3 { -1.0 } else { 1.0 };
             let key = SigningKey::from_bytes(&[40 + i; 32]);
-            tokio::spawn(run_device(cfg, key, Box::new(Pattern {
+            tokio::spawn(run_device(
+                cfg,
+                key,
+                Box::new(Pattern {
                     sign,
                     shift: usize::from(i),
-                })))
+                }),
+            ))
         })
         .collect();
     for d in devices {
@@ -176,7 +180,10 @@ async fn a_real_runs_ledger_verifies_and_every_altered_byte_is_named() {
         assert!(away.score < 0.0 && away.reward == 0, "{away:?}");
         for e in r.entries.iter().filter(|e| e.device != away_key) {
             assert!(e.score > 0.0 && e.reward > 0, "{e:?}");
-            assert_ne!(e.manifest_hash, [0; 32], "the signed manifest's hash is kept");
+            assert_ne!(
+                e.manifest_hash, [0; 32],
+                "the signed manifest's hash is kept"
+            );
         }
     }
     assert_eq!(records.last().unwrap().model_after, final_version.0);
@@ -211,9 +218,12 @@ async fn a_real_runs_ledger_verifies_and_every_altered_byte_is_named() {
             let mut p = ledger::reward_proof(&records, &e.device, r.round_id).unwrap();
             p.verify().unwrap();
             let json = ledger::proof_json(&p).to_string();
-            let parsed =
-                fedge_device::reward::verify_proof(json.as_bytes(), None, Some(&hex::encode(r.reward_root)))
-                    .unwrap();
+            let parsed = fedge_device::reward::verify_proof(
+                json.as_bytes(),
+                None,
+                Some(&hex::encode(r.reward_root)),
+            )
+            .unwrap();
             assert_eq!(parsed, p);
             p.reward += 1;
             assert!(p.verify().is_err());
@@ -230,7 +240,10 @@ async fn a_real_runs_ledger_verifies_and_every_altered_byte_is_named() {
 
     // A record altered in the database, or removed, is named too.
     let db = sqlx::sqlite::SqlitePoolOptions::new()
-        .connect(&format!("sqlite://{}", dir.path().join("aggregator.db").display()))
+        .connect(&format!(
+            "sqlite://{}",
+            dir.path().join("aggregator.db").display()
+        ))
         .await
         .unwrap();
     let mut bytes = view.records[1].bytes.clone();
@@ -253,5 +266,8 @@ async fn a_real_runs_ledger_verifies_and_every_altered_byte_is_named() {
     assert_eq!(e.seq, 3, "{e}");
     // Another key: the first record's signature fails.
     let other = SigningKey::from_bytes(&[9; 32]).verifying_key();
-    assert_eq!(ledger::verify_chain(&view.records, &other).unwrap_err().seq, 1);
+    assert_eq!(
+        ledger::verify_chain(&view.records, &other).unwrap_err().seq,
+        1
+    );
 }

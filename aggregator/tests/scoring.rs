@@ -49,7 +49,12 @@ impl Evaluator for Quadratic {
 /// The initial model of `sim::model`, and a target 1.0 away in every
 /// coordinate: helpful updates point at it.
 fn target() -> Vec<f32> {
-    sim::model(DIM).params.values.iter().map(|v| v + 1.0).collect()
+    sim::model(DIM)
+        .params
+        .values
+        .iter()
+        .map(|v| v + 1.0)
+        .collect()
 }
 
 /// Devices 0-3 honest (toward the target, each with its own noise),
@@ -138,7 +143,10 @@ fn helpful_updates_are_paid_and_adversaries_are_not() {
             for i in 0..4 {
                 let h = e(i);
                 assert!(h.score.unwrap() > 0.0, "seed {seed} honest {i}: {h:?}");
-                assert!(h.copy_of.is_none() && !h.free_rider, "seed {seed} honest {i}");
+                assert!(
+                    h.copy_of.is_none() && !h.free_rider,
+                    "seed {seed} honest {i}"
+                );
                 assert!(h.reward > 0, "seed {seed} honest {i} paid");
                 assert!(h.reward <= 300, "seed {seed}: share capped at 30%");
             }
@@ -189,7 +197,11 @@ fn scores_are_recomputable_and_deterministic() {
     let specs = fleet(7);
     let step = scoring::applied_step(s.server_lr, s.entries.len());
     for (i, spec) in specs.iter().enumerate() {
-        let e = s.entries.iter().find(|e| e.device == sim.device_id(i)).unwrap();
+        let e = s
+            .entries
+            .iter()
+            .find(|e| e.device == sim.device_id(i))
+            .unwrap();
         let v = spec.vector.as_ref().unwrap();
         let moved: Vec<f32> = base
             .iter()

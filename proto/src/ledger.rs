@@ -458,7 +458,13 @@ impl RewardProof {
             )));
         }
         let leaf = reward_leaf(self.round_id, &self.device, self.reward);
-        verify_inclusion(&leaf, self.leaf_index, self.tree_size, &self.path, &self.root)
+        verify_inclusion(
+            &leaf,
+            self.leaf_index,
+            self.tree_size,
+            &self.path,
+            &self.root,
+        )
     }
 }
 
@@ -480,10 +486,7 @@ mod tests {
         assert_eq!(merkle_root(&[]), *blake3::hash(b"").as_bytes());
         assert_eq!(merkle_root(&l[..1]), h[0]);
         assert_eq!(merkle_root(&l[..2]), node_hash(&h[0], &h[1]));
-        assert_eq!(
-            merkle_root(&l),
-            node_hash(&node_hash(&h[0], &h[1]), &h[2])
-        );
+        assert_eq!(merkle_root(&l), node_hash(&node_hash(&h[0], &h[1]), &h[2]));
         // Domain separation: a leaf equal to two node hashes is not a node.
         let fake = [h[0].as_slice(), h[1].as_slice()].concat();
         assert_ne!(leaf_hash(&fake), node_hash(&h[0], &h[1]));
@@ -508,9 +511,7 @@ mod tests {
                     let mut bad = p.clone();
                     bad[0][0] ^= 1;
                     assert!(verify_inclusion(&l[i], i as u64, n as u64, &bad, &root).is_err());
-                    assert!(
-                        verify_inclusion(&l[i], i as u64, n as u64, &p[1..], &root).is_err()
-                    );
+                    assert!(verify_inclusion(&l[i], i as u64, n as u64, &p[1..], &root).is_err());
                 }
             }
             assert!(inclusion_proof(&l, n).is_none());

@@ -103,10 +103,15 @@ pub fn run(cmd: LedgerCmd) -> anyhow::Result<()> {
             key,
         } => {
             let records = verified(&state_dir, key.as_deref())?;
-            let device = ledger::device_bytes(&device).map_err(|e| anyhow::anyhow!("--device: {e}"))?;
-            let proof = ledger::reward_proof(&records, &device, round).map_err(anyhow::Error::msg)?;
+            let device =
+                ledger::device_bytes(&device).map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+            let proof =
+                ledger::reward_proof(&records, &device, round).map_err(anyhow::Error::msg)?;
             proof.verify()?;
-            println!("{}", serde_json::to_string_pretty(&ledger::proof_json(&proof))?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&ledger::proof_json(&proof))?
+            );
         }
         LedgerCmd::Export {
             state_dir,

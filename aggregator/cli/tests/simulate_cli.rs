@@ -82,7 +82,10 @@ fn run(bin: &str, args: &[&str]) -> (bool, String, String) {
 fn ledger_checks(state: &std::path::Path, rewards: &serde_json::Value) {
     let s = state.to_str().unwrap();
     let (ok, out, err) = run("fedge-aggregator", &["ledger", "verify", "--state-dir", s]);
-    assert!(ok && out.contains("ledger ok: 4 records, 12 participations"), "{out}{err}");
+    assert!(
+        ok && out.contains("ledger ok: 4 records, 12 participations"),
+        "{out}{err}"
+    );
     let (ok, out, err) = run("fedge-aggregator", &["ledger", "export", "--state-dir", s]);
     assert!(ok, "{err}");
     let export: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -112,7 +115,16 @@ fn ledger_checks(state: &std::path::Path, rewards: &serde_json::Value) {
         .unwrap();
     let (ok, proof, err) = run(
         "fedge-aggregator",
-        &["ledger", "proof", "--state-dir", s, "--device", &device, "--round", "2"],
+        &[
+            "ledger",
+            "proof",
+            "--state-dir",
+            s,
+            "--device",
+            &device,
+            "--round",
+            "2",
+        ],
     );
     assert!(ok, "{err}");
     let file = state.join("proof.json");

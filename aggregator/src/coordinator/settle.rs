@@ -42,7 +42,9 @@ impl Coordinator {
         let scores = match deltas {
             Some(d) if !held.is_empty() => scoring::score_round(
                 &self.cfg.scoring,
-                self.evaluator.as_deref_mut().map(|e| e as &mut dyn scoring::Evaluator),
+                self.evaluator
+                    .as_deref_mut()
+                    .map(|e| e as &mut dyn scoring::Evaluator),
                 &seed,
                 &self.current.params.values,
                 lr,

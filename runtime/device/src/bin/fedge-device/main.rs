@@ -283,8 +283,8 @@ fn main() -> anyhow::Result<()> {
             root,
             state_dir,
         } => {
-            let text = std::fs::read(&proof)
-                .with_context(|| format!("reading {}", proof.display()))?;
+            let text =
+                std::fs::read(&proof).with_context(|| format!("reading {}", proof.display()))?;
             let device = match &state_dir {
                 Some(d) => Some(hex::encode(
                     identity::load_or_create(d)?.verifying_key().to_bytes(),
