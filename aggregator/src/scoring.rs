@@ -25,8 +25,11 @@
 //! **Flags.** An update whose cosine similarity to an earlier-accepted
 //! update of the same round is at least `copy_cosine_min` is a copy; one
 //! whose L2 norm is below `free_rider_norm_ratio` times the round's median
-//! norm is a free-rider (a zero or token update). Flagged and unscored
-//! updates earn nothing.
+//! norm is a free-rider (a zero or token update); one whose cosine with
+//! the sum of the round's other updates is below `noise_sigmas /
+//! sqrt(dimension)` is noise (a random direction is nearly orthogonal to
+//! everything in high dimension; honest updates of one model are not).
+//! Flagged and unscored updates earn nothing.
 //!
 //! **Rewards.** The round's pool is split by `f(stake) x max(score, 0)`
 //! (`f` is the stake transform of the aggregation weights), with each
@@ -83,6 +86,13 @@ pub struct ScoringConfig {
     /// An update with a norm below this fraction of the round's median
     /// norm is a free-rider.
     pub free_rider_norm_ratio: f64,
+    /// An update whose cosine similarity to the sum of the round's other
+    /// updates is below `noise_sigmas / sqrt(dimension)` is noise: a random
+    /// direction has cosine about `N(0, 1/dimension)` with any fixed
+    /// vector, while honest updates of one model share its loss landscape
+    /// and are far more aligned (0: no noise flag; meaningful for models
+    /// of thousands of parameters and more).
+    pub noise_sigmas: f64,
     /// Weight of the newest score in a device's rating (an exponential
     /// moving average over the rounds it took part in).
     pub rating_alpha: f64,
@@ -98,6 +108,7 @@ impl Default for ScoringConfig {
             validation_samples: 128,
             copy_cosine_min: 0.99,
             free_rider_norm_ratio: 0.05,
+            noise_sigmas: 3.0,
             rating_alpha: 0.3,
             reward_pool: 1_000_000,
         }
@@ -122,6 +133,12 @@ impl ScoringConfig {
             return Err(format!(
                 "scoring.free_rider_norm_ratio must be in [0, 1), got {}",
                 self.free_rider_norm_ratio
+            ));
+        }
+        if !(self.noise_sigmas >= 0.0 && self.noise_sigmas.is_finite()) {
+            return Err(format!(
+                "scoring.noise_sigmas must be >= 0, got {}",
+                self.noise_sigmas
             ));
         }
         if !(self.rating_alpha > 0.0 && self.rating_alpha <= 1.0) {
@@ -202,6 +219,22 @@ pub fn validation_indices(seed: &[u8; 32], n: usize, m: usize) -> Vec<usize> {
     out
 }
 
+/// Cosine similarity of `a` with an f64 vector (0 when either is zero).
+fn cosine64(a: &[f32], b: &[f64]) -> f64 {
+    let (mut ab, mut aa, mut bb) = (0.0f64, 0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        let x = f64::from(x);
+        ab += x * y;
+        aa += x * x;
+        bb += y * y;
+    }
+    if aa == 0.0 || bb == 0.0 {
+        0.0
+    } else {
+        ab / (aa.sqrt() * bb.sqrt())
+    }
+}
+
 /// Cosine similarity (0 when either vector is zero).
 pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let (mut ab, mut aa, mut bb) = (0.0f64, 0.0f64, 0.0f64);
@@ -226,7 +259,14 @@ pub struct UpdateScore {
     pub norm: f64,
     /// The earlier update (its position) this one copies.
     pub copy_of: Option<usize>,
+    /// Largest cosine similarity to an earlier update of the round.
+    pub similarity: f64,
+    /// Cosine similarity to the sum of the round's other updates.
+    pub alignment: f64,
     pub free_rider: bool,
+    /// Uncorrelated with the rest of the round (see
+    /// [`ScoringConfig::noise_sigmas`]).
+    pub noise: bool,
 }
 
 /// A round's scores and what they cost.
@@ -290,12 +330,44 @@ pub fn score_round(
             (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
         }
     };
+    let dim = deltas.first().map_or(0, |d| d.len());
+    let mut total = vec![0f64; dim];
+    for d in deltas {
+        for (t, &x) in total.iter_mut().zip(d.iter()) {
+            *t += f64::from(x);
+        }
+    }
+    let noise_below = if dim > 0 {
+        cfg.noise_sigmas / (dim as f64).sqrt()
+    } else {
+        0.0
+    };
     let mut updates: Vec<UpdateScore> = (0..deltas.len())
-        .map(|j| UpdateScore {
-            score: None,
-            norm: norms[j],
-            copy_of: (0..j).find(|&i| cosine(deltas[i], deltas[j]) >= cfg.copy_cosine_min),
-            free_rider: norms[j] <= cfg.free_rider_norm_ratio * median,
+        .map(|j| {
+            let cos: Vec<f64> = (0..j).map(|i| cosine(deltas[i], deltas[j])).collect();
+            let free_rider = norms[j] <= cfg.free_rider_norm_ratio * median;
+            let alignment = if deltas.len() > 1 {
+                let others: Vec<f64> = total
+                    .iter()
+                    .zip(deltas[j].iter())
+                    .map(|(&t, &x)| t - f64::from(x))
+                    .collect();
+                cosine64(deltas[j], &others)
+            } else {
+                0.0
+            };
+            UpdateScore {
+                score: None,
+                norm: norms[j],
+                copy_of: cos.iter().position(|&c| c >= cfg.copy_cosine_min),
+                similarity: cos.iter().copied().fold(0.0, f64::max),
+                alignment,
+                free_rider,
+                noise: deltas.len() > 1
+                    && cfg.noise_sigmas > 0.0
+                    && !free_rider
+                    && alignment < noise_below,
+            }
         })
         .collect();
     let mut cost = ScoringCost {
@@ -425,11 +497,18 @@ pub fn score_round(
     }
 }
 
+impl UpdateScore {
+    /// A copy, a free-rider or noise.
+    pub fn flagged(&self) -> bool {
+        self.copy_of.is_some() || self.free_rider || self.noise
+    }
+}
+
 /// The score that earns a reward: `max(score, 0)`, and 0 for a flagged or
 /// unscored update.
 pub fn clipped_score(u: &UpdateScore) -> f64 {
     match u.score {
-        Some(s) if u.copy_of.is_none() && !u.free_rider && s > 0.0 => s,
+        Some(s) if !u.flagged() && s > 0.0 => s,
         _ => 0.0,
     }
 }
@@ -560,6 +639,8 @@ mod tests {
         let deltas: Vec<&[f32]> = vec![&good, &bad, &zero, &other, &copy];
         let cfg = ScoringConfig {
             validation_samples: 20,
+            // Eight dimensions: too few for the noise test to mean anything.
+            noise_sigmas: 0.0,
             ..Default::default()
         };
         let r = score_round(&cfg, Some(&mut eval), &[3; 32], &base, 1.0, &deltas, 1000);

@@ -507,7 +507,7 @@ impl Store {
                 let Some(score) = e.score.filter(|x| x.is_finite()) else {
                     continue;
                 };
-                let flagged = e.copy_of.is_some() || e.free_rider;
+                let flagged = e.flagged();
                 let x = if flagged { score.min(0.0) } else { score };
                 // Clamped so one absurd score cannot make a rating infinite.
                 let x = x.clamp(-1e6, 1e6);

@@ -110,6 +110,8 @@ async fn real_run() -> (tempfile::TempDir, fedge_proto::ModelVersion) {
             },
             scoring: ScoringConfig {
                 validation_samples: 20,
+                // 16 parameters: too few for the noise flag.
+                noise_sigmas: 0.0,
                 reward_pool: 10_000,
                 ..ScoringConfig::default()
             },

@@ -152,6 +152,8 @@ fn helpful_updates_are_paid_and_adversaries_are_not() {
             }
             let noise = e(4);
             assert!(noise.score.unwrap() < 0.0, "seed {seed}: {noise:?}");
+            assert!(noise.noise, "seed {seed}: {noise:?}");
+            assert!(!e(0).noise && !e(6).noise, "seed {seed}");
             assert_eq!(noise.reward, 0, "seed {seed}");
             let free = e(5);
             assert!(free.free_rider, "seed {seed}: {free:?}");

@@ -45,7 +45,10 @@ pub const FLAG_FREE_RIDER: u8 = 2;
 /// Entry flag: the update was not scored (no validation set, or the
 /// evaluation failed); it earns no reward.
 pub const FLAG_UNSCORED: u8 = 4;
-const FLAGS_KNOWN: u8 = FLAG_COPY | FLAG_FREE_RIDER | FLAG_UNSCORED;
+/// Entry flag: the update was nearly orthogonal to the round's other
+/// updates (noise).
+pub const FLAG_NOISE: u8 = 8;
+const FLAGS_KNOWN: u8 = FLAG_COPY | FLAG_FREE_RIDER | FLAG_UNSCORED | FLAG_NOISE;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum LedgerError {

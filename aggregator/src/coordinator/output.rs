@@ -172,14 +172,25 @@ pub struct SettledEntry {
     pub norm: f64,
     /// The device whose earlier update of the round this one copies.
     pub copy_of: Option<String>,
+    /// Largest cosine similarity to an earlier update of the round.
+    pub similarity: f64,
+    /// Cosine similarity to the sum of the round's other updates.
+    pub alignment: f64,
     pub free_rider: bool,
+    /// Uncorrelated with the round's other updates.
+    pub noise: bool,
     pub reward: u64,
 }
 
 impl SettledEntry {
+    /// A copy, a free-rider or noise.
+    pub fn flagged(&self) -> bool {
+        self.copy_of.is_some() || self.free_rider || self.noise
+    }
+
     /// The ledger's `FLAG_*` bits.
     pub fn flags(&self) -> u8 {
-        use fedge_proto::ledger::{FLAG_COPY, FLAG_FREE_RIDER, FLAG_UNSCORED};
+        use fedge_proto::ledger::{FLAG_COPY, FLAG_FREE_RIDER, FLAG_NOISE, FLAG_UNSCORED};
         let mut f = 0;
         if self.copy_of.is_some() {
             f |= FLAG_COPY;
@@ -189,6 +200,9 @@ impl SettledEntry {
         }
         if self.score.is_none() {
             f |= FLAG_UNSCORED;
+        }
+        if self.noise {
+            f |= FLAG_NOISE;
         }
         f
     }

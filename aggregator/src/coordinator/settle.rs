@@ -59,7 +59,10 @@ impl Coordinator {
                         score: None,
                         norm: 0.0,
                         copy_of: None,
+                        similarity: 0.0,
+                        alignment: 0.0,
                         free_rider: false,
+                        noise: false,
                     })
                     .collect(),
                 error: Some(if held.is_empty() {
@@ -101,7 +104,10 @@ impl Coordinator {
                 score: u.score,
                 norm: u.norm,
                 copy_of: u.copy_of.map(|i| settled[i].device.clone()),
+                similarity: u.similarity,
+                alignment: u.alignment,
                 free_rider: u.free_rider,
+                noise: u.noise,
                 reward,
             })
             .collect();

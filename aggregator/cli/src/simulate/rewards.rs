@@ -20,6 +20,7 @@ pub struct Side {
     pub unrewarded: u64,
     pub flagged_copy: u64,
     pub flagged_free_rider: u64,
+    pub flagged_noise: u64,
     pub unscored: u64,
     pub reward: u64,
 }
@@ -70,6 +71,8 @@ pub struct Participation {
     pub adversarial: bool,
     pub score: Option<f64>,
     pub norm: f64,
+    pub similarity: f64,
+    pub alignment: f64,
     pub flags: u8,
     pub reward: u64,
 }
@@ -95,7 +98,7 @@ pub fn summarize(settled: &[Settlement], adversarial: &HashSet<String>) -> Rewar
                 &mut s.honest
             };
             side.participations += 1;
-            let flagged = e.copy_of.is_some() || e.free_rider;
+            let flagged = e.flagged();
             if e.score.is_none_or(|x| x <= 0.0) || flagged {
                 side.score_at_or_below_zero += 1;
             }
@@ -104,6 +107,7 @@ pub fn summarize(settled: &[Settlement], adversarial: &HashSet<String>) -> Rewar
             }
             side.flagged_copy += u64::from(e.copy_of.is_some());
             side.flagged_free_rider += u64::from(e.free_rider);
+            side.flagged_noise += u64::from(e.noise);
             side.unscored += u64::from(e.score.is_none());
             side.reward += e.reward;
             let key = e.device[..12].to_string();
@@ -113,6 +117,8 @@ pub fn summarize(settled: &[Settlement], adversarial: &HashSet<String>) -> Rewar
                 adversarial: adv,
                 score: e.score,
                 norm: e.norm,
+                similarity: e.similarity,
+                alignment: e.alignment,
                 flags: e.flags(),
                 reward: e.reward,
             });
