@@ -200,8 +200,9 @@ pub struct RoundRoot {
 /// Checks a whole ledger, oldest first: each record decodes, is numbered
 /// one after the previous, names the previous record's hash, carries a
 /// valid signature by `key` over its hash and a reward root that matches
-/// its entries, and starts from the model the previous one published.
-/// Returns the decoded records.
+/// its entries (and rewards within its pool), follows the previous round
+/// and starts from the model the previous one published. Returns the
+/// decoded records.
 pub fn verify_chain(
     records: &[StoredRecord],
     key: &VerifyingKey,
@@ -237,13 +238,20 @@ pub fn verify_chain(
                 hex::encode(key.to_bytes())
             ))
         })?;
-        if let Some(p) = out.last()
-            && (r.round_id <= p.round_id)
-        {
-            return Err(fail(format!(
-                "round {} does not follow round {}",
-                r.round_id, p.round_id
-            )));
+        if let Some(p) = out.last() {
+            if r.round_id <= p.round_id {
+                return Err(fail(format!(
+                    "round {} does not follow round {}",
+                    r.round_id, p.round_id
+                )));
+            }
+            if r.model_before != p.model_after {
+                return Err(fail(format!(
+                    "starts from model {}, but the previous record published {}",
+                    hex::encode(r.model_before),
+                    hex::encode(p.model_after)
+                )));
+            }
         }
         prev = h;
         out.push(r);

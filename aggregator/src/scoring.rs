@@ -26,8 +26,8 @@
 //! update of the same round is at least `copy_cosine_min` is a copy; one
 //! whose L2 norm is below `free_rider_norm_ratio` times the round's median
 //! norm is a free-rider (a zero or token update); one whose cosine with
-//! the sum of the round's other updates is below `noise_sigmas /
-//! sqrt(dimension)` is noise (a random direction is nearly orthogonal to
+//! the sum of the round's other updates is within `noise_sigmas /
+//! sqrt(dimension)` of zero is noise (a random direction is nearly orthogonal to
 //! everything in high dimension; honest updates of one model are not).
 //! Flagged and unscored updates earn nothing.
 //!
@@ -87,11 +87,12 @@ pub struct ScoringConfig {
     /// norm is a free-rider.
     pub free_rider_norm_ratio: f64,
     /// An update whose cosine similarity to the sum of the round's other
-    /// updates is below `noise_sigmas / sqrt(dimension)` is noise: a random
-    /// direction has cosine about `N(0, 1/dimension)` with any fixed
-    /// vector, while honest updates of one model share its loss landscape
-    /// and are far more aligned (0: no noise flag; meaningful for models
-    /// of thousands of parameters and more).
+    /// updates is within `noise_sigmas / sqrt(dimension)` of zero is
+    /// noise: a random direction has cosine about `N(0, 1/dimension)` with
+    /// any fixed vector, while honest updates of one model share its loss
+    /// landscape and are aligned with the others, or (a skewed shard)
+    /// against them, far beyond that (0: no noise flag; meaningful for
+    /// models of thousands of parameters and more).
     pub noise_sigmas: f64,
     /// Weight of the newest score in a device's rating (an exponential
     /// moving average over the rounds it took part in).
@@ -366,7 +367,7 @@ pub fn score_round(
                 noise: deltas.len() > 1
                     && cfg.noise_sigmas > 0.0
                     && !free_rider
-                    && alignment < noise_below,
+                    && alignment.abs() < noise_below,
             }
         })
         .collect();

@@ -113,12 +113,8 @@ impl Coordinator {
             .collect();
         let scored = scores.error.is_none();
         let samples = if scored {
-            scoring::validation_indices(
-                &seed,
-                self.evaluator.as_ref().map_or(0, |e| e.len()),
-                self.cfg.scoring.validation_samples,
-            )
-            .len() as u32
+            let held = self.evaluator.as_ref().map_or(0, |e| e.len());
+            self.cfg.scoring.validation_samples.min(held) as u32
         } else {
             0
         };
