@@ -144,7 +144,7 @@ pub fn build_record(
             })
         })
         .collect::<Result<Vec<_>, String>>()?;
-    entries.sort_by(|a, b| a.device.cmp(&b.device));
+    entries.sort_by_key(|e| e.device);
     if entries.windows(2).any(|w| w[0].device == w[1].device) {
         return Err(format!("round {} settles one device twice", s.round_id));
     }
