@@ -163,7 +163,7 @@ fn helpful_updates_are_paid_and_adversaries_are_not() {
             assert_eq!(copy.reward, 0);
             let paid: u64 = s.entries.iter().map(|e| e.reward).sum();
             // Four honest devices, none capped: all but rounding is paid.
-            assert!(paid <= 1000 && paid >= 996, "seed {seed}: paid {paid}");
+            assert!((996..=1000).contains(&paid), "seed {seed}: paid {paid}");
             // Scoring cost: 8 evaluations of 40 examples over 7 x 10 x 3.
             assert_eq!(s.cost.scoring_passes, 8 * 40, "seed {seed}");
             assert_eq!(s.cost.training_passes, 7 * 10 * 3, "seed {seed}");

@@ -21,7 +21,7 @@ pub struct EngineEvaluator {
 
 impl EngineEvaluator {
     pub fn new(graph: &ModelGraph, data: Dataset) -> anyhow::Result<Self> {
-        anyhow::ensure!(data.len() > 0, "the validation set is empty");
+        anyhow::ensure!(!data.is_empty(), "the validation set is empty");
         Ok(EngineEvaluator {
             inf: TractInference::new(graph, BATCH)?,
             data,
