@@ -565,4 +565,40 @@ mod tests {
         c.plan.codec = "zip".into();
         assert!(c.server_config().unwrap_err().to_string().contains("zip"));
     }
+
+    /// `[scoring]` reaches the coordinator; bad values are named.
+    #[test]
+    fn scoring_is_configured_from_the_file() {
+        let c: AggregatorConfig = toml::from_str(
+            "[scoring]\nvalidation = \"mnist\"\nmethod = \"leave-one-out\"\nreward_pool = 7\n",
+        )
+        .unwrap();
+        assert_eq!(c.scoring.validation.as_deref(), Some("mnist"));
+        let s = c.server_config().unwrap();
+        assert_eq!(
+            s.coordinator.scoring.method,
+            crate::scoring::ScoreMethod::LeaveOneOut
+        );
+        assert_eq!(s.coordinator.scoring.reward_pool, 7);
+        let bad = toml::from_str::<AggregatorConfig>("[scoring]\nmethod = \"vibes\"\n");
+        assert!(bad.unwrap_err().to_string().contains("vibes"));
+        for (edit, needle) in [
+            (
+                (|c: &mut AggregatorConfig| c.scoring.validation_samples = 0) as fn(&mut _),
+                "validation_samples",
+            ),
+            (|c| c.scoring.copy_cosine_min = 1.5, "copy_cosine_min"),
+            (|c| c.scoring.rating_alpha = 0.0, "rating_alpha"),
+            (|c| c.scoring.noise_sigmas = -1.0, "noise_sigmas"),
+            (
+                |c| c.scoring.free_rider_norm_ratio = 1.0,
+                "free_rider_norm_ratio",
+            ),
+        ] {
+            let mut c = AggregatorConfig::default();
+            edit(&mut c);
+            let e = c.server_config().unwrap_err().to_string();
+            assert!(e.contains(needle), "{e}");
+        }
+    }
 }

@@ -92,7 +92,14 @@ impl Trainer for Pattern {
 /// A run of `ROUNDS` rounds in a fresh state directory.
 async fn real_run() -> (tempfile::TempDir, fedge_proto::ModelVersion) {
     let dir = tempfile::tempdir().unwrap();
-    let identity = TlsIdentity::load_or_create(dir.path()).unwrap();
+    let v = run_in(dir.path(), ROUNDS).await;
+    (dir, v)
+}
+
+/// Serve rounds up to `rounds` (round ids) from the state in `dir` (or
+/// `model()` when it has none) with `DEVICES` devices; the final version.
+async fn run_in(dir: &std::path::Path, rounds: u64) -> fedge_proto::ModelVersion {
+    let identity = TlsIdentity::load_or_create(dir).unwrap();
     let fp = identity.fingerprint();
     let cfg = ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -100,7 +107,7 @@ async fn real_run() -> (tempfile::TempDir, fedge_proto::ModelVersion) {
             devices_per_round: DEVICES as usize,
             over_selection: 1.0,
             min_devices: DEVICES as usize,
-            rounds: ROUNDS,
+            rounds,
             round_deadline: Duration::from_secs(60),
             selection_window: Duration::from_millis(500),
             retry_window: (Duration::from_millis(50), Duration::from_millis(150)),
@@ -120,10 +127,16 @@ async fn real_run() -> (tempfile::TempDir, fedge_proto::ModelVersion) {
         finish_grace: Some(Duration::from_secs(5)),
         ..ServerConfig::default()
     };
-    let mut server = Server::bind(cfg, &identity, Store::open(dir.path()).await.unwrap()).unwrap();
+    let store = Store::open(dir).await.unwrap();
+    let published_before = store.resume_point().published_rounds;
+    let initial = store
+        .current_model(&Default::default())
+        .unwrap()
+        .unwrap_or_else(model);
+    let mut server = Server::bind(cfg, &identity, store).unwrap();
     server.set_evaluator(Box::new(Quadratic));
     let addr = server.local_addr().unwrap();
-    let serving = tokio::spawn(server.run(model(), std::future::pending()));
+    let serving = tokio::spawn(server.run(initial, std::future::pending()));
     let devices: Vec<_> = (0..DEVICES)
         .map(|i| {
             let cfg = DriverConfig {
@@ -159,8 +172,32 @@ async fn real_run() -> (tempfile::TempDir, fedge_proto::ModelVersion) {
         .expect("aggregator finished")
         .unwrap()
         .unwrap();
-    assert_eq!(report.rounds_published, ROUNDS);
-    (dir, report.final_version.unwrap())
+    assert_eq!(report.rounds_published, rounds);
+    assert!(published_before < rounds);
+    report.final_version.unwrap()
+}
+
+/// An aggregator stopped after two rounds and started again from its
+/// state directory continues the chain: the store picks up the tip, the
+/// next record links to it and starts from its model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chain_continues_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    run_in(dir.path(), 2).await;
+    let last = run_in(dir.path(), 4).await;
+    let key = ledger::public_key(dir.path()).unwrap();
+    let view = LedgerView::open(dir.path()).await.unwrap();
+    let records = ledger::verify_chain(&view.records, &key).unwrap();
+    let rounds: Vec<u64> = records.iter().map(|r| r.round_id).collect();
+    assert_eq!(rounds, vec![1, 2, 3, 4]);
+    assert_eq!(records[3].model_after, last.0);
+    assert_eq!(records[2].prev_hash, records[1].hash());
+    // Ratings went on from where they were: four rounds each.
+    assert!(
+        view.ratings.iter().all(|r| r.rounds == 4),
+        "{:?}",
+        view.ratings
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -57,3 +57,42 @@ impl Evaluator for EngineEvaluator {
         Ok(stats.loss)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    fn mlp() -> ModelBlob {
+        fedge_engine::train::import::import_onnx(&fedge_engine::zoo::mlp(1).encode_to_vec())
+            .unwrap()
+    }
+
+    /// The shipped MNIST as a validation set: losses are finite, a bad
+    /// index or data spec is an error, and a model without a graph cannot
+    /// be scored.
+    #[test]
+    fn scores_on_a_data_spec() {
+        let m = mlp();
+        let mut e = EngineEvaluator::from_spec(&m, "mnist").unwrap();
+        assert!(e.len() >= 1000);
+        let l = e.loss(&m.params.values, &[0, 5, 999]).unwrap();
+        assert!(l.is_finite() && l > 0.0, "{l}");
+        assert_eq!(l, e.loss(&m.params.values, &[0, 5, 999]).unwrap());
+        let n = e.len();
+        assert!(
+            e.loss(&m.params.values, &[n])
+                .unwrap_err()
+                .contains("outside")
+        );
+        let bad = EngineEvaluator::from_spec(&m, "floppy:/dev/fd0")
+            .err()
+            .unwrap();
+        assert!(format!("{bad:#}").contains("scoring.validation"), "{bad:#}");
+        let bare = ModelBlob {
+            onnx_graph: Default::default(),
+            params: m.params.clone(),
+        };
+        assert!(EngineEvaluator::from_spec(&bare, "mnist").is_err());
+    }
+}

@@ -81,10 +81,10 @@ pub fn run(cmd: LedgerCmd) -> anyhow::Result<()> {
     match cmd {
         LedgerCmd::Verify { state_dir, key } => {
             let records = verified(&state_dir, key.as_deref())?;
-            let paid: u64 = records
+            let paid: u128 = records
                 .iter()
                 .flat_map(|r| &r.entries)
-                .map(|e| e.reward)
+                .map(|e| u128::from(e.reward))
                 .sum();
             let head = records
                 .last()

@@ -37,7 +37,8 @@ impl Coordinator {
         let held = self.round.book.take_held();
         let seed = scoring::scoring_seed(self.cfg.seed, round_id, &self.current_version);
         let lr = scoring::server_lr(&self.cfg.strategy.server_opt);
-        let examples: u64 = held.iter().map(|h| h.examples).sum();
+        // Sample counts are claims: a sum of huge ones saturates.
+        let examples = held.iter().fold(0u64, |a, h| a.saturating_add(h.examples));
         let deltas: Option<Vec<&[f32]>> = held.iter().map(|h| h.delta.as_deref()).collect();
         let scores = match deltas {
             Some(d) if !held.is_empty() => scoring::score_round(

@@ -86,7 +86,7 @@ pub fn summarize(settled: &[Settlement], adversarial: &HashSet<String>) -> Rewar
     let mut score_sums: BTreeMap<String, f64> = BTreeMap::new();
     let mut costs = Vec::new();
     for round in settled {
-        s.reward_pool_total += round.reward_pool;
+        s.reward_pool_total = s.reward_pool_total.saturating_add(round.reward_pool);
         if !round.entries.is_empty() && round.error.is_none() {
             costs.push(round.cost.fraction);
         }
@@ -109,7 +109,7 @@ pub fn summarize(settled: &[Settlement], adversarial: &HashSet<String>) -> Rewar
             side.flagged_free_rider += u64::from(e.free_rider);
             side.flagged_noise += u64::from(e.noise);
             side.unscored += u64::from(e.score.is_none());
-            side.reward += e.reward;
+            side.reward = side.reward.saturating_add(e.reward);
             let key = e.device[..12].to_string();
             s.participations.push(Participation {
                 round: round.round_id,
@@ -125,14 +125,14 @@ pub fn summarize(settled: &[Settlement], adversarial: &HashSet<String>) -> Rewar
             let d = s.devices.entry(key.clone()).or_default();
             d.adversarial = adv;
             d.participations += 1;
-            d.reward += e.reward;
+            d.reward = d.reward.saturating_add(e.reward);
             *score_sums.entry(key).or_default() += e.score.unwrap_or(0.0);
         }
     }
     for (k, d) in &mut s.devices {
         d.mean_score = score_sums[k] / d.participations.max(1) as f64;
     }
-    s.reward_paid = s.honest.reward + s.adversarial.reward;
+    s.reward_paid = s.honest.reward.saturating_add(s.adversarial.reward);
     s.honest_reward_share = Side::fraction(s.honest.reward, s.reward_paid);
     s.honest_score_at_or_below_zero =
         Side::fraction(s.honest.score_at_or_below_zero, s.honest.participations);
