@@ -570,7 +570,7 @@ mod tests {
     #[test]
     fn scoring_is_configured_from_the_file() {
         let c: AggregatorConfig = toml::from_str(
-            "[scoring]\nvalidation = \"mnist\"\nmethod = \"leave-one-out\"\nreward_pool = 7\n",
+            "stakes = \"stakes.txt\"\n[scoring]\nvalidation = \"mnist\"\nmethod = \"leave-one-out\"\nreward_pool = 7\n",
         )
         .unwrap();
         assert_eq!(c.scoring.validation.as_deref(), Some("mnist"));
@@ -595,7 +595,10 @@ mod tests {
                 "free_rider_norm_ratio",
             ),
         ] {
-            let mut c = AggregatorConfig::default();
+            let mut c = AggregatorConfig {
+                stakes: Some("stakes.txt".into()),
+                ..AggregatorConfig::default()
+            };
             edit(&mut c);
             let e = c.server_config().unwrap_err().to_string();
             assert!(e.contains(needle), "{e}");

@@ -25,6 +25,7 @@ use fedge_proto::{ModelVersion, ProtoError};
 use serde::Serialize;
 
 use crate::coordinator::Settlement;
+use crate::scoring::{Evaluator, ScoreMethod, ScoringConfig, score_round};
 
 const KEY_FILE: &str = "ledger.key";
 pub const PUBLIC_KEY_FILE: &str = "ledger.pub";
@@ -156,6 +157,10 @@ pub fn build_record(
         model_after: model_after.0,
         scoring_seed: s.scoring_seed,
         validation_samples: s.validation_samples,
+        score_method: match s.method {
+            ScoreMethod::Direct => ledger::METHOD_DIRECT,
+            ScoreMethod::LeaveOneOut => ledger::METHOD_LEAVE_ONE_OUT,
+        },
         server_lr: s.server_lr,
         reward_pool: s.reward_pool,
         entries,
@@ -322,4 +327,73 @@ pub fn proof_json(p: &RewardProof) -> serde_json::Value {
         "path": p.path.iter().map(hex::encode).collect::<Vec<_>>(),
         "root": hex::encode(p.root),
     })
+}
+
+/// Recomputes the scores of record `r` from the model its round started
+/// from (`model_before`), the round's updates (`deltas`, decoded, in entry
+/// order) and the validation set behind `evaluator`, as the aggregator
+/// computed them ([`crate::scoring::score_round`] with the record's seed,
+/// sample size, method and server learning rate). Unscored entries are
+/// skipped. Scores must agree to a relative 1e-9 (the leave-one-out sum
+/// adds updates in another order than the aggregator did). Returns how
+/// many scores were checked.
+pub fn recompute_scores(
+    r: &LedgerRecord,
+    model_before: &[f32],
+    deltas: &[Vec<f32>],
+    evaluator: &mut dyn Evaluator,
+) -> Result<usize, String> {
+    if deltas.len() != r.entries.len() {
+        return Err(format!(
+            "{} updates for {} entries",
+            deltas.len(),
+            r.entries.len()
+        ));
+    }
+    if let Some(d) = deltas.iter().find(|d| d.len() != model_before.len()) {
+        return Err(format!(
+            "an update has {} values, the model {}",
+            d.len(),
+            model_before.len()
+        ));
+    }
+    let cfg = ScoringConfig {
+        validation_samples: r.validation_samples as usize,
+        method: if r.score_method == ledger::METHOD_LEAVE_ONE_OUT {
+            ScoreMethod::LeaveOneOut
+        } else {
+            ScoreMethod::Direct
+        },
+        ..ScoringConfig::default()
+    };
+    let refs: Vec<&[f32]> = deltas.iter().map(Vec::as_slice).collect();
+    let scores = score_round(
+        &cfg,
+        Some(evaluator),
+        &r.scoring_seed,
+        model_before,
+        r.server_lr,
+        &refs,
+        0,
+    );
+    if let Some(e) = scores.error {
+        return Err(format!("scoring failed: {e}"));
+    }
+    let mut checked = 0;
+    for (e, u) in r.entries.iter().zip(&scores.updates) {
+        if e.flags & ledger::FLAG_UNSCORED != 0 {
+            continue;
+        }
+        let got = u.score.unwrap_or(f64::NAN);
+        let close = got == e.score || (got - e.score).abs() <= 1e-9 * got.abs().max(e.score.abs());
+        if !close {
+            return Err(format!(
+                "device {}: recorded score {}, recomputed {got}",
+                hex::encode(e.device),
+                e.score
+            ));
+        }
+        checked += 1;
+    }
+    Ok(checked)
 }

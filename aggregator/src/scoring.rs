@@ -76,6 +76,8 @@ pub struct ScoringConfig {
     /// update is scored and no reward is paid; the ledger still records
     /// every round.
     pub validation: Option<String>,
+    /// Only these examples of the validation set (`START..END`).
+    pub validation_range: Option<String>,
     /// How an update's effect is measured.
     pub method: ScoreMethod,
     /// Examples per round's validation sample (the bound on scoring cost).
@@ -105,6 +107,7 @@ impl Default for ScoringConfig {
     fn default() -> Self {
         ScoringConfig {
             validation: None,
+            validation_range: None,
             method: ScoreMethod::Direct,
             validation_samples: 128,
             copy_cosine_min: 0.99,

@@ -263,6 +263,9 @@ impl Server {
         .map_err(|e| anyhow::anyhow!("bad configuration: {e}"))?;
         if let Some(e) = evaluator {
             core.set_evaluator(e);
+            // What a verifier recomputes the scores from.
+            store.keep_update_payloads(true);
+            store.keep_model(core.current_model())?;
         }
         // Server optimizer, clipping and FedBuff state of the current
         // version, then the updates acknowledged before a restart.

@@ -2,10 +2,12 @@
 //! to PostgreSQL: `$n` parameters, BIGINT / DOUBLE PRECISION / TEXT
 //! columns) plus content-addressed blobs on disk:
 //!
-//! - `models/<version>.fedge`: every published model;
+//! - `models/<version>.fedge`: every published model (and, with scoring
+//!   on, the initial one);
 //! - `updates/<round>/<payload hash>.bin`: accepted update payloads of
 //!   rounds not yet published, so a restarted aggregator resumes the round
-//!   with every update it acknowledged;
+//!   with every update it acknowledged (with scoring on, kept after
+//!   publication too: what a verifier recomputes scores from);
 //! - tables `state` (resume point), `model_versions`, `updates`,
 //!   `contributions`, `ledger` (one signed record per published version,
 //!   see [`crate::ledger`]) and `ratings` (each device's score average);
@@ -132,6 +134,9 @@ pub struct Store {
     ledger_tip: (u64, [u8; 32]),
     /// The settlement of a round about to publish ([`Store::stage_settlement`]).
     staged: Option<Settlement>,
+    /// Keep accepted update payloads after their round publishes (the
+    /// evidence a verifier recomputes scores from).
+    keep_payloads: bool,
 }
 
 impl Store {
@@ -184,6 +189,7 @@ impl Store {
             ledger_key,
             ledger_tip: (0, [0; 32]),
             staged: None,
+            keep_payloads: false,
         };
         store.resume = store.read_resume().await?;
         if let Some(last) = store.ledger_records().await?.pop() {
@@ -412,6 +418,28 @@ impl Store {
             .collect())
     }
 
+    /// Keep accepted update payloads (`updates/<round>/<hash>.bin`) after
+    /// their round publishes, for `ledger verify --validation` to recompute
+    /// the scores; otherwise they are deleted then.
+    pub fn keep_update_payloads(&mut self, keep: bool) {
+        self.keep_payloads = keep;
+    }
+
+    /// Keep `model` under `models/<version>.fedge` (fsynced) if it is not
+    /// there: the initial model, which a verifier needs to recompute the
+    /// first round's scores.
+    pub fn keep_model(&self, model: &ModelBlob) -> Result<(), StoreError> {
+        let blob = model.encode();
+        let path = self.model_path(&ModelVersion::of(&blob));
+        if path.exists() {
+            return Ok(());
+        }
+        fedge_proto::io::write_atomic(&path, &blob, None).map_err(|source| StoreError::Io {
+            path: path.clone(),
+            source,
+        })
+    }
+
     /// Hold the settlement of the round about to publish: [`Store::publish`]
     /// writes its ledger record with the version.
     pub fn stage_settlement(&mut self, s: Settlement) {
@@ -532,7 +560,9 @@ impl Store {
             self.ledger_tip = (seq, hash);
         }
         self.resume = next;
-        let _ = std::fs::remove_dir_all(self.dir.join("updates").join(round_id.to_string()));
+        if !self.keep_payloads {
+            let _ = std::fs::remove_dir_all(self.dir.join("updates").join(round_id.to_string()));
+        }
         Ok(())
     }
 

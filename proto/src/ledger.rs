@@ -48,6 +48,10 @@ pub const FLAG_UNSCORED: u8 = 4;
 /// Entry flag: the update was nearly orthogonal to the round's other
 /// updates (noise).
 pub const FLAG_NOISE: u8 = 8;
+/// Scores are `loss(model) - loss(model + (lr/n) x update)`.
+pub const METHOD_DIRECT: u8 = 0;
+/// Scores are what the round's mean step loses without the update.
+pub const METHOD_LEAVE_ONE_OUT: u8 = 1;
 const FLAGS_KNOWN: u8 = FLAG_COPY | FLAG_FREE_RIDER | FLAG_UNSCORED | FLAG_NOISE;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -104,6 +108,9 @@ pub struct LedgerRecord {
     pub scoring_seed: [u8; 32],
     /// Validation samples each score was computed on.
     pub validation_samples: u32,
+    /// How scores were computed: [`METHOD_DIRECT`] or
+    /// [`METHOD_LEAVE_ONE_OUT`].
+    pub score_method: u8,
     /// The server learning rate; each update was scored applied at
     /// `server_lr / entries.len()` (its part of the round's mean step).
     pub server_lr: f64,
@@ -159,6 +166,7 @@ impl LedgerRecord {
         b.extend_from_slice(&self.model_after);
         b.extend_from_slice(&self.scoring_seed);
         b.extend_from_slice(&self.validation_samples.to_le_bytes());
+        b.push(self.score_method);
         b.extend_from_slice(&self.server_lr.to_bits().to_le_bytes());
         b.extend_from_slice(&self.reward_pool.to_le_bytes());
         b.extend_from_slice(&(self.entries.len() as u64).to_le_bytes());
@@ -191,6 +199,13 @@ impl LedgerRecord {
         let scoring_seed = r.h32("scoring_seed")?;
         let validation_samples =
             u32::from_le_bytes(r.take(4, "validation_samples")?.try_into().expect("4"));
+        let score_method = r.take(1, "score_method")?[0];
+        if score_method > METHOD_LEAVE_ONE_OUT {
+            return Err(LedgerError::Invalid {
+                field: "score_method",
+                reason: format!("unknown method {score_method}"),
+            });
+        }
         let server_lr = r.f64("server_lr")?;
         let reward_pool = r.u64("reward_pool")?;
         let n = r.u64("entry count")?;
@@ -242,6 +257,7 @@ impl LedgerRecord {
             model_after,
             scoring_seed,
             validation_samples,
+            score_method,
             server_lr,
             reward_pool,
             entries,
@@ -530,6 +546,7 @@ mod tests {
             model_after: [3; 32],
             scoring_seed: [4; 32],
             validation_samples: 256,
+            score_method: METHOD_LEAVE_ONE_OUT,
             server_lr: 1.0,
             reward_pool: 1000,
             entries: (0..3u8)

@@ -29,13 +29,26 @@ impl EngineEvaluator {
     }
 
     /// The evaluator for `model` on the validation set named by `spec`
-    /// (a data spec: `mnist[:DIR]`, `idx:IMAGES,LABELS`, `text:FILE`).
-    pub fn from_spec(model: &ModelBlob, spec: &str) -> anyhow::Result<Self> {
+    /// (a data spec: `mnist[:DIR]`, `idx:IMAGES,LABELS`, `text:FILE`),
+    /// restricted to the examples in `range` (`START..END`) if given.
+    pub fn from_spec(model: &ModelBlob, spec: &str, range: Option<&str>) -> anyhow::Result<Self> {
         let graph = ModelGraph::from_blob(model).context("the model's graph")?;
         let context = graph.sample_shape().first().copied().unwrap_or(1);
-        let data = fedge_device::dataspec::DataSpec::parse(spec)
+        let mut data = fedge_device::dataspec::DataSpec::parse(spec)
             .and_then(|d| d.load(context, 1))
             .with_context(|| format!("scoring.validation = `{spec}`"))?;
+        if let Some(r) = range {
+            let r = fedge_device::dataspec::parse_range(r)
+                .with_context(|| format!("scoring.validation_range = `{r}`"))?;
+            anyhow::ensure!(
+                r.end <= data.len(),
+                "scoring.validation_range {}..{} is outside the {} examples of `{spec}`",
+                r.start,
+                r.end,
+                data.len()
+            );
+            data = data.slice(r);
+        }
         Self::new(&graph, data)
     }
 }
@@ -74,7 +87,7 @@ mod tests {
     #[test]
     fn scores_on_a_data_spec() {
         let m = mlp();
-        let mut e = EngineEvaluator::from_spec(&m, "mnist").unwrap();
+        let mut e = EngineEvaluator::from_spec(&m, "mnist", None).unwrap();
         assert!(e.len() >= 1000);
         let l = e.loss(&m.params.values, &[0, 5, 999]).unwrap();
         assert!(l.is_finite() && l > 0.0, "{l}");
@@ -85,7 +98,10 @@ mod tests {
                 .unwrap_err()
                 .contains("outside")
         );
-        let bad = EngineEvaluator::from_spec(&m, "floppy:/dev/fd0")
+        let part = EngineEvaluator::from_spec(&m, "mnist", Some("10..20")).unwrap();
+        assert_eq!(part.len(), 10);
+        assert!(EngineEvaluator::from_spec(&m, "mnist", Some("0..99999999")).is_err());
+        let bad = EngineEvaluator::from_spec(&m, "floppy:/dev/fd0", None)
             .err()
             .unwrap();
         assert!(format!("{bad:#}").contains("scoring.validation"), "{bad:#}");
@@ -93,6 +109,6 @@ mod tests {
             onnx_graph: Default::default(),
             params: m.params.clone(),
         };
-        assert!(EngineEvaluator::from_spec(&bare, "mnist").is_err());
+        assert!(EngineEvaluator::from_spec(&bare, "mnist", None).is_err());
     }
 }

@@ -288,9 +288,14 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             }
         };
         let validation = cfg.scoring.validation.clone();
+        let validation_range = cfg.scoring.validation_range.clone();
         let mut server = Server::bind(server_cfg, &identity, store)?;
         if let Some(spec) = validation {
-            let eval = evaluator::EngineEvaluator::from_spec(&initial, &spec)?;
+            let eval = evaluator::EngineEvaluator::from_spec(
+                &initial,
+                &spec,
+                validation_range.as_deref(),
+            )?;
             tracing::info!(examples = fedge_aggregator::scoring::Evaluator::len(&eval), "scoring updates on the validation set");
             server.set_evaluator(Box::new(eval));
         }

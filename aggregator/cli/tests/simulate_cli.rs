@@ -86,6 +86,56 @@ fn ledger_checks(state: &std::path::Path, rewards: &serde_json::Value) {
         ok && out.contains("ledger ok: 4 records, 12 participations"),
         "{out}{err}"
     );
+    // Every score recomputed from the kept models and payloads and the
+    // simulation's held-out split (the last 2,000 of the 10,000 digits).
+    let recompute = [
+        "ledger",
+        "verify",
+        "--state-dir",
+        s,
+        "--validation",
+        "mnist",
+        "--validation-range",
+        "8000..10000",
+    ];
+    let (ok, out, err) = run("fedge-aggregator", &recompute);
+    assert!(
+        ok && out.contains("scores recomputed: 12 scores in 4 records agree"),
+        "{out}{err}"
+    );
+    // Another validation set gives other scores: named.
+    let (ok, _, err) = run(
+        "fedge-aggregator",
+        &[
+            "ledger",
+            "verify",
+            "--state-dir",
+            s,
+            "--validation",
+            "mnist",
+            "--validation-range",
+            "0..2000",
+        ],
+    );
+    assert!(!ok && err.contains("ledger record 1: device"), "{err}");
+    // An altered update payload: named.
+    let round2 = state.join("updates").join("2");
+    let payload = std::fs::read_dir(&round2)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&payload).unwrap();
+    let original = bytes.clone();
+    bytes[bytes.len() / 2] ^= 1;
+    std::fs::write(&payload, &bytes).unwrap();
+    let (ok, _, err) = run("fedge-aggregator", &recompute);
+    assert!(
+        !ok && err.contains("ledger record 2: update payload"),
+        "{err}"
+    );
+    std::fs::write(&payload, &original).unwrap();
     let (ok, out, err) = run("fedge-aggregator", &["ledger", "export", "--state-dir", s]);
     assert!(ok, "{err}");
     let export: serde_json::Value = serde_json::from_str(&out).unwrap();

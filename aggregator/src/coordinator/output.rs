@@ -145,6 +145,7 @@ pub struct Settlement {
     pub scoring_seed: [u8; 32],
     /// Examples in the validation sample (0 when unscored).
     pub validation_samples: u32,
+    pub method: crate::scoring::ScoreMethod,
     pub server_lr: f64,
     pub reward_pool: u64,
     /// Weight of this round's scores in the devices' ratings.
