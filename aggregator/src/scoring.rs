@@ -41,7 +41,8 @@
 //! for `n` updates; training ran about `3 x` (forward and backward, the
 //! usual estimate of training at three forward passes, e.g. Kaplan et al.
 //! 2020, "Scaling Laws for Neural Language Models", §2.1) the samples the
-//! round's plan trains on. [`ScoringCost`] reports the ratio.
+//! round's plan trains on, estimated as `n` times the median device's
+//! (sample counts are claims). [`ScoringCost`] reports the ratio.
 
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -128,7 +128,8 @@ fn ledger_checks(state: &std::path::Path, rewards: &serde_json::Value) {
         .path();
     let mut bytes = std::fs::read(&payload).unwrap();
     let original = bytes.clone();
-    bytes[bytes.len() / 2] ^= 1;
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
     std::fs::write(&payload, &bytes).unwrap();
     let (ok, _, err) = run("fedge-aggregator", &recompute);
     assert!(

@@ -37,8 +37,13 @@ impl Coordinator {
         let held = self.round.book.take_held();
         let seed = scoring::scoring_seed(self.cfg.seed, round_id, &self.current_version);
         let lr = scoring::server_lr(&self.cfg.strategy.server_opt);
-        // Sample counts are claims: a sum of huge ones saturates.
-        let examples = held.iter().fold(0u64, |a, h| a.saturating_add(h.examples));
+        // Sample counts are claims: the training compute is estimated as n
+        // times the median device's, so no claim moves it far.
+        let mut claimed: Vec<u64> = held.iter().map(|h| h.examples).collect();
+        claimed.sort_unstable();
+        let examples = claimed
+            .get(claimed.len() / 2)
+            .map_or(0, |m| m.saturating_mul(claimed.len() as u64));
         let deltas: Option<Vec<&[f32]>> = held.iter().map(|h| h.delta.as_deref()).collect();
         let scores = match deltas {
             Some(d) if !held.is_empty() => scoring::score_round(
