@@ -710,4 +710,100 @@ mod tests {
         assert_eq!(resume.next_round_id, 3);
         assert_eq!(resume.published_rounds, 0);
     }
+
+    fn settlement(
+        round_id: u64,
+        before: ModelVersion,
+        scores: &[(&str, Option<f64>, bool)],
+    ) -> Settlement {
+        Settlement {
+            round_id,
+            model_before: before,
+            scoring_seed: [round_id as u8; 32],
+            validation_samples: 10,
+            method: crate::scoring::ScoreMethod::Direct,
+            server_lr: 1.0,
+            reward_pool: 100,
+            rating_alpha: 0.5,
+            base_loss: Some(1.0),
+            error: None,
+            cost: Default::default(),
+            entries: scores
+                .iter()
+                .map(
+                    |&(device, score, free_rider)| crate::coordinator::SettledEntry {
+                        device: device.repeat(64),
+                        manifest_hash: [1; 32],
+                        payload_hash: [2; 32],
+                        stake: Some(1.0),
+                        weight: 0.5,
+                        score,
+                        norm: 1.0,
+                        copy_of: None,
+                        similarity: 0.0,
+                        alignment: 0.5,
+                        free_rider,
+                        noise: false,
+                        reward: 10,
+                    },
+                )
+                .collect(),
+        }
+    }
+
+    /// Ratings are the moving average of scores over the rounds a device
+    /// took part in (alpha 0.5 here): a flagged round counts at most 0, an
+    /// unscored one not at all; they survive a reopen with the chain's tip.
+    #[tokio::test]
+    async fn ratings_are_moving_averages_kept_with_the_ledger() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).await.unwrap();
+        let v0 = ModelVersion([0; 32]);
+        store.stage_settlement(settlement(
+            1,
+            v0,
+            &[("a", Some(0.4), false), ("b", Some(0.2), false)],
+        ));
+        store
+            .publish(1, ModelVersion([1; 32]), b"m1")
+            .await
+            .unwrap();
+        drop(store);
+        let mut store = Store::open(dir.path()).await.unwrap();
+        store.stage_settlement(settlement(
+            2,
+            ModelVersion([1; 32]),
+            &[
+                ("a", Some(0.8), true),
+                ("b", None, false),
+                ("c", Some(-0.2), false),
+            ],
+        ));
+        store
+            .publish(2, ModelVersion([2; 32]), b"m2")
+            .await
+            .unwrap();
+        let ratings = store.ratings().await.unwrap();
+        let get = |d: &str| {
+            ratings
+                .iter()
+                .find(|r| r.device == d.repeat(64))
+                .unwrap()
+                .clone()
+        };
+        // a: 0.5 x 0.4 = 0.2, then flagged: 0.5 x 0 + 0.5 x 0.2 = 0.1.
+        assert!((get("a").rating - 0.1).abs() < 1e-12, "{ratings:?}");
+        assert_eq!(get("a").rounds, 2);
+        // b: 0.1, then unscored: unchanged.
+        assert!((get("b").rating - 0.1).abs() < 1e-12);
+        assert_eq!((get("b").rounds, get("b").last_round), (1, 1));
+        // c: 0.5 x -0.2.
+        assert!((get("c").rating + 0.1).abs() < 1e-12);
+        // The second record links to the first across the reopen.
+        let key = store.ledger_public_key();
+        let records =
+            crate::ledger::verify_chain(&store.ledger_records().await.unwrap(), &key).unwrap();
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[1].prev_hash, records[0].hash());
+    }
 }
