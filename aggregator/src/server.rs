@@ -450,6 +450,7 @@ async fn drain(
                         metrics.updates_accepted.inc();
                     }
                     Event::Rejected { code, .. } => metrics.reject(code.as_str()),
+                    Event::RoundSettled(s) => metrics.settled(s),
                     Event::RoundClosed {
                         accepted, outcome, ..
                     } => {

@@ -90,15 +90,16 @@ impl Trainer for Pattern {
 }
 
 /// A run of `ROUNDS` rounds in a fresh state directory.
-async fn real_run() -> (tempfile::TempDir, fedge_proto::ModelVersion) {
+async fn real_run() -> (tempfile::TempDir, fedge_proto::ModelVersion, String) {
     let dir = tempfile::tempdir().unwrap();
-    let v = run_in(dir.path(), ROUNDS).await;
-    (dir, v)
+    let (v, metrics) = run_in(dir.path(), ROUNDS).await;
+    (dir, v, metrics)
 }
 
 /// Serve rounds up to `rounds` (round ids) from the state in `dir` (or
-/// `model()` when it has none) with `DEVICES` devices; the final version.
-async fn run_in(dir: &std::path::Path, rounds: u64) -> fedge_proto::ModelVersion {
+/// `model()` when it has none) with `DEVICES` devices; the final version
+/// and the server's metrics at the end.
+async fn run_in(dir: &std::path::Path, rounds: u64) -> (fedge_proto::ModelVersion, String) {
     let identity = TlsIdentity::load_or_create(dir).unwrap();
     let fp = identity.fingerprint();
     let cfg = ServerConfig {
@@ -135,6 +136,7 @@ async fn run_in(dir: &std::path::Path, rounds: u64) -> fedge_proto::ModelVersion
         .unwrap_or_else(model);
     let mut server = Server::bind(cfg, &identity, store).unwrap();
     server.set_evaluator(Box::new(Quadratic));
+    let metrics = server.metrics();
     let addr = server.local_addr().unwrap();
     let serving = tokio::spawn(server.run(initial, std::future::pending()));
     let devices: Vec<_> = (0..DEVICES)
@@ -174,7 +176,7 @@ async fn run_in(dir: &std::path::Path, rounds: u64) -> fedge_proto::ModelVersion
         .unwrap();
     assert_eq!(report.rounds_published, rounds);
     assert!(published_before < rounds);
-    report.final_version.unwrap()
+    (report.final_version.unwrap(), metrics.encode())
 }
 
 /// An aggregator stopped after two rounds and started again from its
@@ -184,7 +186,7 @@ async fn run_in(dir: &std::path::Path, rounds: u64) -> fedge_proto::ModelVersion
 async fn the_chain_continues_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     run_in(dir.path(), 2).await;
-    let last = run_in(dir.path(), 4).await;
+    let (last, _) = run_in(dir.path(), 4).await;
     let key = ledger::public_key(dir.path()).unwrap();
     let view = LedgerView::open(dir.path()).await.unwrap();
     let records = ledger::verify_chain(&view.records, &key).unwrap();
@@ -202,7 +204,17 @@ async fn the_chain_continues_across_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_runs_ledger_verifies_and_every_altered_byte_is_named() {
-    let (dir, final_version) = real_run().await;
+    let (dir, final_version, metrics) = real_run().await;
+    // Prometheus sees the settlements: rewards paid, the scoring cost.
+    assert!(metrics.contains("fedge_rewards_paid_total "), "{metrics}");
+    assert!(
+        !metrics.contains("fedge_rewards_paid_total 0\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("fedge_scoring_cost_fraction "),
+        "{metrics}"
+    );
     let key = ledger::public_key(dir.path()).unwrap();
     let away_key = SigningKey::from_bytes(&[43; 32]).verifying_key().to_bytes();
     let view = LedgerView::open(dir.path()).await.unwrap();
