@@ -149,6 +149,19 @@ pub fn build_record(
     if entries.windows(2).any(|w| w[0].device == w[1].device) {
         return Err(format!("round {} settles one device twice", s.round_id));
     }
+    let penalties = s
+        .penalties
+        .iter()
+        .map(|p| {
+            Ok(ledger::LedgerPenalty {
+                device: device_bytes(&p.device)?,
+                round_id: p.round_id,
+                manifest_hash: p.manifest_hash,
+                payload_hash: p.payload_hash,
+                kind: p.kind,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
     let mut r = LedgerRecord {
         seq,
         round_id: s.round_id,
@@ -164,6 +177,7 @@ pub fn build_record(
         server_lr: s.server_lr,
         reward_pool: s.reward_pool,
         entries,
+        penalties,
         reward_root: [0; 32],
     };
     r.reward_root = r.compute_reward_root();

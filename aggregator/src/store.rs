@@ -11,6 +11,9 @@
 //! - tables `state` (resume point), `model_versions`, `updates`,
 //!   `contributions`, `ledger` (one signed record per published version,
 //!   see [`crate::ledger`]) and `ratings` (each device's score average);
+//! - `evidence/<payload hash>.bin`: the payloads of signed updates refused
+//!   as not finite or over the norm bound, which ledger records name as
+//!   penalties;
 //! - `ledger.key` / `ledger.pub`: the aggregator's ledger key.
 //!
 //! **Invariant:** an update is acknowledged only after [`Store::persist_update`]
@@ -142,7 +145,7 @@ pub struct Store {
 impl Store {
     /// Open (or create) the state directory and its database.
     pub async fn open(dir: &Path) -> Result<Self, StoreError> {
-        for sub in ["models", "updates"] {
+        for sub in ["models", "updates", "evidence"] {
             std::fs::create_dir_all(dir.join(sub)).map_err(|source| StoreError::Io {
                 path: dir.join(sub),
                 source,
@@ -483,6 +486,19 @@ impl Store {
             }
             None => None,
         };
+        // The evidence of each penalty the record names, durable first.
+        for p in settlement.iter().flat_map(|s| &s.penalties) {
+            let path = self
+                .dir
+                .join("evidence")
+                .join(format!("{}.bin", hex::encode(p.payload_hash)));
+            fedge_proto::io::write_atomic(&path, &p.payload, None).map_err(|source| {
+                StoreError::Io {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+        }
         let path = self.model_path(&v);
         fedge_proto::io::write_atomic(&path, blob, None).map_err(|source| StoreError::Io {
             path: path.clone(),
@@ -748,6 +764,7 @@ mod tests {
                     },
                 )
                 .collect(),
+            penalties: Vec::new(),
         }
     }
 
@@ -770,7 +787,7 @@ mod tests {
             .unwrap();
         drop(store);
         let mut store = Store::open(dir.path()).await.unwrap();
-        store.stage_settlement(settlement(
+        let mut s2 = settlement(
             2,
             ModelVersion([1; 32]),
             &[
@@ -778,7 +795,16 @@ mod tests {
                 ("b", None, false),
                 ("c", Some(-0.2), false),
             ],
-        ));
+        );
+        s2.penalties.push(crate::coordinator::Penalty {
+            round_id: 2,
+            device: "d".repeat(64),
+            manifest_hash: [3; 32],
+            payload_hash: *blake3::hash(b"evidence").as_bytes(),
+            kind: fedge_proto::ledger::PENALTY_NORM_BOUND,
+            payload: bytes::Bytes::from_static(b"evidence"),
+        });
+        store.stage_settlement(s2);
         store
             .publish(2, ModelVersion([2; 32]), b"m2")
             .await
@@ -805,5 +831,13 @@ mod tests {
             crate::ledger::verify_chain(&store.ledger_records().await.unwrap(), &key).unwrap();
         assert_eq!(records.len(), 2);
         assert_eq!(records[1].prev_hash, records[0].hash());
+        // The penalty is in the record and its evidence on disk.
+        assert_eq!(records[1].penalties.len(), 1);
+        let p = &records[1].penalties[0];
+        let evidence = dir
+            .path()
+            .join("evidence")
+            .join(format!("{}.bin", hex::encode(p.payload_hash)));
+        assert_eq!(std::fs::read(evidence).unwrap(), b"evidence");
     }
 }

@@ -214,3 +214,47 @@ fn scores_are_recomputable_and_deterministic() {
         assert_eq!(e.score, Some(expected), "device {i}");
     }
 }
+
+/// A device whose signed update is over the norm bound is refused, and
+/// the next settlement names it as a penalty (with its signed manifest's
+/// hash and its payload as evidence).
+#[test]
+fn an_update_over_the_norm_bound_is_a_recorded_penalty() {
+    for seed in SEEDS {
+        let mut specs: Vec<DeviceSpec> = fleet(seed).into_iter().take(4).collect();
+        // Faster than the others: refused before the round fills.
+        specs.push(DeviceSpec {
+            vector: Some(vec![50.0; DIM]),
+            train_time: Duration::from_millis(100),
+            ..DeviceSpec::new(0.0, 10)
+        });
+        let cfg = CoordinatorConfig {
+            devices_per_round: 4,
+            over_selection: 1.25,
+            min_devices: 4,
+            rounds: 1,
+            update_norm_max: Some(100.0),
+            ..cfg()
+        };
+        let mut sim = Sim::new(seed, cfg, NetConfig::default(), specs);
+        sim.coord.set_evaluator(Box::new(Quadratic {
+            target: target(),
+            n: 200,
+        }));
+        sim.run_to_end(Duration::from_secs(300));
+        let settled = settlements(&sim);
+        assert_eq!(settled.len(), 1, "seed {seed}");
+        let p = &settled[0].penalties;
+        assert_eq!(p.len(), 1, "seed {seed}: {p:?}");
+        assert_eq!(p[0].device, sim.device_id(4));
+        assert_eq!(p[0].kind, fedge_proto::ledger::PENALTY_NORM_BOUND);
+        assert_ne!(p[0].manifest_hash, [0; 32]);
+        assert_eq!(*blake3::hash(&p[0].payload).as_bytes(), p[0].payload_hash);
+        assert!(
+            settled[0]
+                .entries
+                .iter()
+                .all(|e| e.device != sim.device_id(4))
+        );
+    }
+}

@@ -48,6 +48,13 @@ pub const FLAG_UNSCORED: u8 = 4;
 /// Entry flag: the update was nearly orthogonal to the round's other
 /// updates (noise).
 pub const FLAG_NOISE: u8 = 8;
+/// Penalty: the signed update decoded to values that are not finite.
+pub const PENALTY_NON_FINITE: u8 = 1;
+/// Penalty: the signed update's norm was over the configured bound.
+pub const PENALTY_NORM_BOUND: u8 = 2;
+/// Most penalties one record may carry.
+pub const PENALTIES_MAX: usize = 1 << 12;
+
 /// Scores are `loss(model) - loss(model + (lr/n) x update)`.
 pub const METHOD_DIRECT: u8 = 0;
 /// Scores are what the round's mean step loses without the update.
@@ -94,6 +101,20 @@ pub struct LedgerEntry {
     pub reward: u64,
 }
 
+/// Provable misbehaviour: a device signed an update (its manifest names
+/// the payload hash) whose payload was refused for a reason anyone can
+/// check from that payload (kept by the aggregator as evidence).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LedgerPenalty {
+    pub device: [u8; 32],
+    /// The round the refused update was sent in.
+    pub round_id: u64,
+    pub manifest_hash: [u8; 32],
+    pub payload_hash: [u8; 32],
+    /// `PENALTY_*`.
+    pub kind: u8,
+}
+
 /// One published version's record.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LedgerRecord {
@@ -117,6 +138,8 @@ pub struct LedgerRecord {
     pub reward_pool: u64,
     /// Participants, ordered by device key (no key twice).
     pub entries: Vec<LedgerEntry>,
+    /// Misbehaviour since the previous record, in the order it happened.
+    pub penalties: Vec<LedgerPenalty>,
     /// [`merkle_root`] over the entries' [`reward_leaf`]s.
     pub reward_root: [u8; 32],
 }
@@ -180,6 +203,14 @@ impl LedgerRecord {
             b.push(e.flags);
             b.extend_from_slice(&e.reward.to_le_bytes());
         }
+        b.extend_from_slice(&(self.penalties.len() as u64).to_le_bytes());
+        for p in &self.penalties {
+            b.extend_from_slice(&p.device);
+            b.extend_from_slice(&p.round_id.to_le_bytes());
+            b.extend_from_slice(&p.manifest_hash);
+            b.extend_from_slice(&p.payload_hash);
+            b.push(p.kind);
+        }
         b.extend_from_slice(&self.reward_root);
         b
     }
@@ -239,6 +270,34 @@ impl LedgerRecord {
                 reward,
             });
         }
+        let n = r.u64("penalty count")?;
+        if n > PENALTIES_MAX as u64 {
+            return Err(LedgerError::Invalid {
+                field: "penalty count",
+                reason: format!("{n}; at most {PENALTIES_MAX}"),
+            });
+        }
+        let mut penalties = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let device = r.h32("penalty device")?;
+            let round_id = r.u64("penalty round_id")?;
+            let manifest_hash = r.h32("penalty manifest_hash")?;
+            let payload_hash = r.h32("penalty payload_hash")?;
+            let kind = r.take(1, "penalty kind")?[0];
+            if !(kind == PENALTY_NON_FINITE || kind == PENALTY_NORM_BOUND) {
+                return Err(LedgerError::Invalid {
+                    field: "penalty kind",
+                    reason: format!("unknown kind {kind}"),
+                });
+            }
+            penalties.push(LedgerPenalty {
+                device,
+                round_id,
+                manifest_hash,
+                payload_hash,
+                kind,
+            });
+        }
         let reward_root = r.h32("reward_root")?;
         if !r.b.is_empty() {
             return Err(LedgerError::Trailing(r.b.len()));
@@ -261,6 +320,7 @@ impl LedgerRecord {
             server_lr,
             reward_pool,
             entries,
+            penalties,
             reward_root,
         };
         if rec.compute_reward_root() != rec.reward_root {
@@ -561,6 +621,13 @@ mod tests {
                     reward: u64::from(i) * 100,
                 })
                 .collect(),
+            penalties: vec![LedgerPenalty {
+                device: [7; 32],
+                round_id: 8,
+                manifest_hash: [5; 32],
+                payload_hash: [6; 32],
+                kind: PENALTY_NORM_BOUND,
+            }],
             reward_root: [0; 32],
         };
         r.reward_root = r.compute_reward_root();

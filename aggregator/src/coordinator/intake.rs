@@ -183,6 +183,7 @@ impl Coordinator {
         match self.admit(&dev, &u) {
             Ok(admitted) => self.accept(now, session, key, u, admitted),
             Err((code, detail)) => {
+                self.note_refusal(&dev, code, &u);
                 let samples = u.begin.manifest.sample_count;
                 let stake = self.stakes.stake(&dev);
                 let reason = format!("{code}: {detail}");

@@ -45,7 +45,7 @@ mod transfers;
 
 pub use config::CoordinatorConfig;
 pub use output::{
-    Contribution, DurableUpdate, Event, Output, RoundOutcome, SettledEntry, Settlement,
+    Contribution, DurableUpdate, Event, Output, Penalty, RoundOutcome, SettledEntry, Settlement,
 };
 
 use std::collections::VecDeque;
@@ -126,6 +126,8 @@ pub struct Coordinator {
     strategy: Box<dyn Strategy>,
     stakes: Box<dyn StakeRegistry>,
     evaluator: Option<Box<dyn Evaluator>>,
+    /// Penalties not yet settled (a round that aborts settles none).
+    penalties: Vec<Penalty>,
     published_rounds: u64,
     finished: bool,
     out: VecDeque<Output>,
@@ -177,6 +179,7 @@ impl Coordinator {
             strategy,
             stakes: Box::new(std::collections::HashMap::<String, f64>::new()),
             evaluator: None,
+            penalties: Vec::new(),
             published_rounds,
             finished,
             out: VecDeque::new(),

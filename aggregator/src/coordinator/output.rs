@@ -158,6 +158,21 @@ pub struct Settlement {
     /// Participants in the order their updates were accepted (empty when
     /// the round was rolled back: its updates were discarded).
     pub entries: Vec<SettledEntry>,
+    /// Provable misbehaviour since the previous settlement.
+    pub penalties: Vec<Penalty>,
+}
+
+/// A signed update refused for a reason anyone can check from its payload
+/// (see `fedge_proto::ledger::LedgerPenalty`); the payload is the evidence.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Penalty {
+    pub round_id: u64,
+    pub device: String,
+    pub manifest_hash: [u8; 32],
+    pub payload_hash: [u8; 32],
+    /// `fedge_proto::ledger::PENALTY_*`.
+    pub kind: u8,
+    pub payload: Bytes,
 }
 
 /// One participant of a settled round.
