@@ -3,9 +3,9 @@
 //! proofs offline).
 //!
 //! - [`LedgerRecord`]: one record per published model version: the
-//!   versions before and after, the scoring seed, the reward pool, and one
+//!   versions before and after, the scoring seed, the reward pool, one
 //!   [`LedgerEntry`] per participant (signed-manifest hash, weight, score,
-//!   flags, reward). Its canonical encoding ([`LedgerRecord::encode`]) is
+//!   flags, reward) and the [`LedgerPenalty`]s since the previous record. Its canonical encoding ([`LedgerRecord::encode`]) is
 //!   fixed-width little-endian, so every byte is covered by the record hash.
 //! - The chain: each record names the hash of the previous one
 //!   ([`LedgerRecord::hash`], blake3 in key-derivation mode), and the
