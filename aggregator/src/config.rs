@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::coordinator::CoordinatorConfig;
 use crate::robust::CombineSpec;
+use crate::scoring::ScoringConfig;
 use crate::server::ServerConfig;
 use crate::strategy::{ClipSpec, StrategyConfig};
 use crate::weighting::{Transform, WeightPolicy};
@@ -51,6 +52,10 @@ pub struct AggregatorConfig {
     pub stakes: Option<PathBuf>,
     /// Reject updates whose L2 norm exceeds this.
     pub update_norm_max: Option<f64>,
+    /// Contribution scoring, ratings and rewards (see
+    /// [`crate::scoring`]); `scoring.validation` names the operator's
+    /// validation set.
+    pub scoring: ScoringConfig,
     /// Start even when one participant could dominate a round (see
     /// [`AggregatorConfig::dominance_risks`]). For closed test fleets only.
     pub i_know_this_is_unsafe: bool,
@@ -168,6 +173,7 @@ impl Default for AggregatorConfig {
             },
             stakes: None,
             update_norm_max: None,
+            scoring: ScoringConfig::default(),
             i_know_this_is_unsafe: false,
         }
     }
@@ -449,6 +455,7 @@ impl AggregatorConfig {
             weights: self.weights.clone(),
             strategy: self.strategy.clone(),
             update_norm_max: self.update_norm_max,
+            scoring: self.scoring.clone(),
             limits,
             seed: self.seed,
         };
@@ -605,5 +612,44 @@ mod tests {
         let mut c = AggregatorConfig::default();
         c.plan.codec = "zip".into();
         assert!(c.server_config().unwrap_err().to_string().contains("zip"));
+    }
+
+    /// `[scoring]` reaches the coordinator; bad values are named.
+    #[test]
+    fn scoring_is_configured_from_the_file() {
+        let c: AggregatorConfig = toml::from_str(
+            "stakes = \"stakes.txt\"\n[scoring]\nvalidation = \"mnist\"\nmethod = \"leave-one-out\"\nreward_pool = 7\n",
+        )
+        .unwrap();
+        assert_eq!(c.scoring.validation.as_deref(), Some("mnist"));
+        let s = c.server_config().unwrap();
+        assert_eq!(
+            s.coordinator.scoring.method,
+            crate::scoring::ScoreMethod::LeaveOneOut
+        );
+        assert_eq!(s.coordinator.scoring.reward_pool, 7);
+        let bad = toml::from_str::<AggregatorConfig>("[scoring]\nmethod = \"vibes\"\n");
+        assert!(bad.unwrap_err().to_string().contains("vibes"));
+        for (edit, needle) in [
+            (
+                (|c: &mut AggregatorConfig| c.scoring.validation_samples = 0) as fn(&mut _),
+                "validation_samples",
+            ),
+            (|c| c.scoring.copy_cosine_min = 1.5, "copy_cosine_min"),
+            (|c| c.scoring.rating_alpha = 0.0, "rating_alpha"),
+            (|c| c.scoring.noise_sigmas = -1.0, "noise_sigmas"),
+            (
+                |c| c.scoring.free_rider_norm_ratio = 1.0,
+                "free_rider_norm_ratio",
+            ),
+        ] {
+            let mut c = AggregatorConfig {
+                stakes: Some("stakes.txt".into()),
+                ..AggregatorConfig::default()
+            };
+            edit(&mut c);
+            let e = c.server_config().unwrap_err().to_string();
+            assert!(e.contains(needle), "{e}");
+        }
     }
 }

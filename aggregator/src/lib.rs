@@ -8,6 +8,9 @@
 //! - [`metrics`]: Prometheus metrics and the JSON status endpoint.
 //! - [`strategy`], [`robust`], [`weighting`]: strategies, robust
 //!   combiners, token-weighted contributions.
+//! - [`scoring`]: contribution scores, copy and free-rider flags, rewards.
+//! - [`ledger`]: the signed, hash-chained ledger of settled rounds, its
+//!   verification, reward proofs and export.
 //!
 //! The `fedge-aggregator` binary (serve, model files, `simulate`, `bench`)
 //! is the `fedge-aggregator-cli` package in `aggregator/cli`.
@@ -20,9 +23,11 @@
 
 pub mod config;
 pub mod coordinator;
+pub mod ledger;
 pub mod metrics;
 pub mod privacy;
 pub mod robust;
+pub mod scoring;
 pub mod server;
 pub mod store;
 pub mod strategy;

@@ -32,6 +32,16 @@ pub struct Metrics {
     pub bytes_out: Counter,
     pub rejections: Family<ReasonLabel, Counter>,
     pub aggregation_seconds: Histogram,
+    /// Reward units paid, over all settled rounds.
+    pub rewards_paid: Counter,
+    /// Settled participations flagged, by flag (copy, free_rider, noise,
+    /// unscored).
+    pub flagged: Family<ReasonLabel, Counter>,
+    /// Scoring's forward passes over the last settled round's training
+    /// compute.
+    pub scoring_cost_fraction: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Validation loss of the model the last settled round started from.
+    pub validation_loss: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -47,6 +57,10 @@ impl Default for Metrics {
             bytes_out: Counter::default(),
             rejections: Family::default(),
             aggregation_seconds: Histogram::new(exponential_buckets(1e-4, 4.0, 10)),
+            rewards_paid: Counter::default(),
+            flagged: Family::default(),
+            scoring_cost_fraction: Gauge::default(),
+            validation_loss: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -86,6 +100,26 @@ impl Default for Metrics {
             "Time to combine a round's updates and publish the model",
             m.aggregation_seconds.clone(),
         );
+        registry.register(
+            "rewards_paid",
+            "Reward units paid to contributors",
+            m.rewards_paid.clone(),
+        );
+        registry.register(
+            "participations_flagged",
+            "Settled participations flagged, by flag",
+            m.flagged.clone(),
+        );
+        registry.register(
+            "scoring_cost_fraction",
+            "Scoring compute over the last settled round's training compute",
+            m.scoring_cost_fraction.clone(),
+        );
+        registry.register(
+            "validation_loss",
+            "Validation loss of the model the last settled round started from",
+            m.validation_loss.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -97,6 +131,33 @@ impl Metrics {
                 reason: reason.to_string(),
             })
             .inc();
+    }
+
+    /// A settled round's scores and rewards.
+    pub fn settled(&self, s: &crate::coordinator::Settlement) {
+        for e in &s.entries {
+            self.rewards_paid.inc_by(e.reward);
+            for (on, flag) in [
+                (e.copy_of.is_some(), "copy"),
+                (e.free_rider, "free_rider"),
+                (e.noise, "noise"),
+                (e.score.is_none(), "unscored"),
+            ] {
+                if on {
+                    self.flagged
+                        .get_or_create(&ReasonLabel {
+                            reason: flag.to_string(),
+                        })
+                        .inc();
+                }
+            }
+        }
+        if s.error.is_none() {
+            self.scoring_cost_fraction.set(s.cost.fraction);
+        }
+        if let Some(l) = s.base_loss {
+            self.validation_loss.set(l);
+        }
     }
 
     pub fn encode(&self) -> String {

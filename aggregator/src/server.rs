@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::coordinator::{Coordinator, CoordinatorConfig, Event, Output, RoundOutcome, SessionId};
 use crate::metrics::{Metrics, SharedStatus, Status};
+use crate::scoring::Evaluator;
 use crate::store::Store;
 use crate::tls::TlsIdentity;
 
@@ -157,6 +158,7 @@ pub struct Server {
     http: Option<std::net::TcpListener>,
     metrics: Arc<Metrics>,
     observer: Option<mpsc::UnboundedSender<Event>>,
+    evaluator: Option<Box<dyn Evaluator>>,
 }
 
 impl Server {
@@ -194,6 +196,7 @@ impl Server {
             http,
             metrics: Arc::new(Metrics::default()),
             observer: None,
+            evaluator: None,
         })
     }
 
@@ -207,6 +210,12 @@ impl Server {
         let (tx, rx) = mpsc::unbounded_channel();
         self.observer = Some(tx);
         rx
+    }
+
+    /// Score updates with `evaluator` (the operator's validation set; see
+    /// [`crate::scoring`]).
+    pub fn set_evaluator(&mut self, evaluator: Box<dyn Evaluator>) {
+        self.evaluator = Some(evaluator);
     }
 
     /// The metrics this server updates.
@@ -233,6 +242,7 @@ impl Server {
             http,
             metrics,
             observer,
+            evaluator,
         } = self;
         let status: SharedStatus = Default::default();
         let http_task = match http {
@@ -251,6 +261,12 @@ impl Server {
             resume.published_rounds,
         )
         .map_err(|e| anyhow::anyhow!("bad configuration: {e}"))?;
+        if let Some(e) = evaluator {
+            core.set_evaluator(e);
+            // What a verifier recomputes the scores from.
+            store.keep_update_payloads(true);
+            store.keep_model(core.current_model())?;
+        }
         // Server optimizer, clipping and FedBuff state of the current
         // version, then the updates acknowledged before a restart.
         let current = core.current_version();
@@ -434,6 +450,7 @@ async fn drain(
                         metrics.updates_accepted.inc();
                     }
                     Event::Rejected { code, .. } => metrics.reject(code.as_str()),
+                    Event::RoundSettled(s) => metrics.settled(s),
                     Event::RoundClosed {
                         accepted, outcome, ..
                     } => {
@@ -523,6 +540,20 @@ async fn on_event(
                 store.skip_round(round_id).await?
             }
         },
+        Event::RoundSettled(s) => {
+            let paid: u64 = s.entries.iter().map(|e| e.reward).sum();
+            tracing::info!(
+                round_id = s.round_id,
+                participants = s.entries.len(),
+                base_loss = ?s.base_loss,
+                scoring_cost = s.cost.fraction,
+                rewards_paid = paid,
+                unscored = ?s.error,
+                "round settled"
+            );
+            // Written to the ledger with the version it publishes.
+            store.stage_settlement(*s);
+        }
         Event::ModelPublished {
             round_id,
             version,

@@ -2,15 +2,26 @@
 //! to PostgreSQL: `$n` parameters, BIGINT / DOUBLE PRECISION / TEXT
 //! columns) plus content-addressed blobs on disk:
 //!
-//! - `models/<version>.fedge`: every published model;
+//! - `models/<version>.fedge`: every published model (and, with scoring
+//!   on, the initial one);
 //! - `updates/<round>/<payload hash>.bin`: accepted update payloads of
 //!   rounds not yet published, so a restarted aggregator resumes the round
-//!   with every update it acknowledged;
+//!   with every update it acknowledged (with scoring on, kept after
+//!   publication too: what a verifier recomputes scores from);
 //! - tables `state` (resume point), `model_versions`, `updates`,
-//!   `contributions`.
+//!   `contributions`, `ledger` (one signed record per published version,
+//!   see [`crate::ledger`]) and `ratings` (each device's score average);
+//! - `evidence/<payload hash>.bin`: the payloads of signed updates refused
+//!   as not finite or over the norm bound, which ledger records name as
+//!   penalties;
+//! - `ledger.key` / `ledger.pub`: the aggregator's ledger key.
 //!
 //! **Invariant:** an update is acknowledged only after [`Store::persist_update`]
 //! returned: its payload is fsynced and its row committed.
+//!
+//! **Invariant:** a published version, its ledger record and the ratings
+//! it moves are committed in one transaction ([`Store::publish`]): after a
+//! crash either all are there or none, and the chain has no gap.
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -19,7 +30,8 @@ use fedge_proto::{Limits, ModelBlob, ModelVersion};
 use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqliteSynchronous};
 
-use crate::coordinator::{Contribution, DurableUpdate};
+use crate::coordinator::{Contribution, DurableUpdate, Settlement};
+use crate::ledger::{LedgerKey, StoredRecord};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ResumePoint {
@@ -39,6 +51,20 @@ pub enum StoreError {
     Corrupt { path: PathBuf, reason: String },
     #[error("database {path}: {source}")]
     Db { path: PathBuf, source: sqlx::Error },
+    #[error(transparent)]
+    LedgerKey(#[from] crate::ledger::LedgerKeyError),
+    #[error("ledger: {0}")]
+    Ledger(String),
+}
+
+/// A device's rating: the exponential moving average of its scores over
+/// the rounds it took part in (flagged rounds count at most 0).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Rating {
+    pub device: String,
+    pub rating: f64,
+    pub rounds: u64,
+    pub last_round: u64,
 }
 
 const SCHEMA: &[&str] = &[
@@ -67,6 +93,17 @@ const SCHEMA: &[&str] = &[
         share DOUBLE PRECISION NOT NULL,
         accepted BIGINT NOT NULL,
         reason TEXT)",
+    // Records and signatures in hex (TEXT stays portable to PostgreSQL).
+    "CREATE TABLE IF NOT EXISTS ledger (
+        seq BIGINT PRIMARY KEY,
+        round_id BIGINT NOT NULL,
+        record TEXT NOT NULL,
+        signature TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS ratings (
+        device TEXT PRIMARY KEY,
+        rating DOUBLE PRECISION NOT NULL,
+        rounds BIGINT NOT NULL,
+        last_round BIGINT NOT NULL)",
 ];
 
 /// Columns added after a table was first released: `(table, column,
@@ -79,6 +116,8 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("updates", "task_round", "BIGINT"),
     ("updates", "model_version", "TEXT"),
     ("updates", "discount", "DOUBLE PRECISION"),
+    // The signed manifest's hash, for the ledger.
+    ("updates", "manifest_hash", "TEXT"),
 ];
 
 fn now_ms() -> i64 {
@@ -93,12 +132,20 @@ pub struct Store {
     db_path: PathBuf,
     pool: SqlitePool,
     resume: ResumePoint,
+    ledger_key: LedgerKey,
+    /// The last ledger record's sequence number and hash.
+    ledger_tip: (u64, [u8; 32]),
+    /// The settlement of a round about to publish ([`Store::stage_settlement`]).
+    staged: Option<Settlement>,
+    /// Keep accepted update payloads after their round publishes (the
+    /// evidence a verifier recomputes scores from).
+    keep_payloads: bool,
 }
 
 impl Store {
     /// Open (or create) the state directory and its database.
     pub async fn open(dir: &Path) -> Result<Self, StoreError> {
-        for sub in ["models", "updates"] {
+        for sub in ["models", "updates", "evidence"] {
             std::fs::create_dir_all(dir.join(sub)).map_err(|source| StoreError::Io {
                 path: dir.join(sub),
                 source,
@@ -136,13 +183,22 @@ impl Store {
                     .map_err(db)?;
             }
         }
+        let ledger_key = LedgerKey::load_or_create(dir)?;
         let mut store = Store {
             dir: dir.to_path_buf(),
             db_path: db_path.clone(),
             pool,
             resume: ResumePoint::default(),
+            ledger_key,
+            ledger_tip: (0, [0; 32]),
+            staged: None,
+            keep_payloads: false,
         };
         store.resume = store.read_resume().await?;
+        if let Some(last) = store.ledger_records().await?.pop() {
+            let bytes = last.bytes;
+            store.ledger_tip = (last.seq, fedge_proto::ledger::record_hash(&bytes));
+        }
         Ok(store)
     }
 
@@ -231,8 +287,8 @@ impl Store {
         let metrics = serde_json::to_string(&u.metrics).expect("serialisable");
         sqlx::query(
             "INSERT INTO updates (round_id, device, payload_hash, samples, raw_weight, stake, metrics, received_ms,
-                                  task_round, model_version, discount)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                                  task_round, model_version, discount, manifest_hash)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
              ON CONFLICT (round_id, device) DO NOTHING",
         )
         .bind(u.round_id as i64)
@@ -246,6 +302,7 @@ impl Store {
         .bind(u.task_round as i64)
         .bind(u.model_version.map(|v| v.to_hex()))
         .bind(u.discount)
+        .bind(hex::encode(u.manifest_hash))
         .execute(&self.pool)
         .await
         .map_err(self.db())?;
@@ -256,7 +313,7 @@ impl Store {
     pub async fn round_updates(&self, round_id: u64) -> Result<Vec<DurableUpdate>, StoreError> {
         let rows = sqlx::query(
             "SELECT device, payload_hash, samples, raw_weight, stake, metrics,
-                    task_round, model_version, discount FROM updates
+                    task_round, model_version, discount, manifest_hash FROM updates
              WHERE round_id = $1 ORDER BY received_ms, device",
         )
         .bind(round_id as i64)
@@ -294,8 +351,16 @@ impl Store {
                         .ok_or_else(|| corrupt(format!("bad model version `{h}`")))?,
                 ),
             };
+            let manifest_hash = match r.get::<Option<String>, _>(9) {
+                None => [0; 32],
+                Some(h) => hex::decode(&h)
+                    .ok()
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(|| corrupt(format!("bad manifest hash `{h}`")))?,
+            };
             out.push(DurableUpdate {
                 round_id,
+                manifest_hash,
                 // Rows from before these columns: a fresh update of the round.
                 task_round: r.get::<Option<i64>, _>(6).map_or(round_id, |t| t as u64),
                 model_version,
@@ -356,15 +421,84 @@ impl Store {
             .collect())
     }
 
+    /// Keep accepted update payloads (`updates/<round>/<hash>.bin`) after
+    /// their round publishes, for `ledger verify --validation` to recompute
+    /// the scores; otherwise they are deleted then.
+    pub fn keep_update_payloads(&mut self, keep: bool) {
+        self.keep_payloads = keep;
+    }
+
+    /// Keep `model` under `models/<version>.fedge` (fsynced) if it is not
+    /// there: the initial model, which a verifier needs to recompute the
+    /// first round's scores.
+    pub fn keep_model(&self, model: &ModelBlob) -> Result<(), StoreError> {
+        let blob = model.encode();
+        let path = self.model_path(&ModelVersion::of(&blob));
+        if path.exists() {
+            return Ok(());
+        }
+        fedge_proto::io::write_atomic(&path, &blob, None).map_err(|source| StoreError::Io {
+            path: path.clone(),
+            source,
+        })
+    }
+
+    /// Hold the settlement of the round about to publish: [`Store::publish`]
+    /// writes its ledger record with the version.
+    pub fn stage_settlement(&mut self, s: Settlement) {
+        self.staged = Some(s);
+    }
+
+    /// The public half of the ledger key.
+    pub fn ledger_public_key(&self) -> fedge_proto::sign::VerifyingKey {
+        self.ledger_key.public()
+    }
+
+    /// Every ledger record, oldest first.
+    pub async fn ledger_records(&self) -> Result<Vec<StoredRecord>, StoreError> {
+        ledger_rows(&self.pool, &self.db_path).await
+    }
+
+    /// Every device's rating, best first.
+    pub async fn ratings(&self) -> Result<Vec<Rating>, StoreError> {
+        rating_rows(&self.pool, &self.db_path).await
+    }
+
     /// Record a published model: blob fsynced first, then one transaction
-    /// with its row and the new resume point; the round's update payloads
-    /// are no longer needed.
+    /// with its row, the new resume point, and, when the round's
+    /// settlement was staged, its signed ledger record and the ratings it
+    /// moves; the round's update payloads are no longer needed.
     pub async fn publish(
         &mut self,
         round_id: u64,
         v: ModelVersion,
         blob: &[u8],
     ) -> Result<(), StoreError> {
+        let settlement = self.staged.take().filter(|s| s.round_id == round_id);
+        let record = match &settlement {
+            Some(s) => {
+                let (seq, prev) = self.ledger_tip;
+                let r =
+                    crate::ledger::build_record(seq + 1, prev, s, v).map_err(StoreError::Ledger)?;
+                let bytes = r.encode();
+                let hash = fedge_proto::ledger::record_hash(&bytes);
+                Some((r.seq, bytes, self.ledger_key.sign(&hash), hash))
+            }
+            None => None,
+        };
+        // The evidence of each penalty the record names, durable first.
+        for p in settlement.iter().flat_map(|s| &s.penalties) {
+            let path = self
+                .dir
+                .join("evidence")
+                .join(format!("{}.bin", hex::encode(p.payload_hash)));
+            fedge_proto::io::write_atomic(&path, &p.payload, None).map_err(|source| {
+                StoreError::Io {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+        }
         let path = self.model_path(&v);
         fedge_proto::io::write_atomic(&path, blob, None).map_err(|source| StoreError::Io {
             path: path.clone(),
@@ -402,9 +536,49 @@ impl Store {
             .await
             .map_err(self.db())?;
         }
+        if let (Some((seq, bytes, sig, _)), Some(s)) = (&record, &settlement) {
+            sqlx::query(
+                "INSERT INTO ledger (seq, round_id, record, signature) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(*seq as i64)
+            .bind(round_id as i64)
+            .bind(hex::encode(bytes))
+            .bind(hex::encode(sig))
+            .execute(&mut *tx)
+            .await
+            .map_err(self.db())?;
+            for e in &s.entries {
+                let Some(score) = e.score.filter(|x| x.is_finite()) else {
+                    continue;
+                };
+                let flagged = e.flagged();
+                let x = if flagged { score.min(0.0) } else { score };
+                // Clamped so one absurd score cannot make a rating infinite.
+                let x = x.clamp(-1e6, 1e6);
+                sqlx::query(
+                    "INSERT INTO ratings (device, rating, rounds, last_round) VALUES ($1, $2 * $3, 1, $4)
+                     ON CONFLICT (device) DO UPDATE SET
+                        rating = $2 * $3 + (1 - $2) * ratings.rating,
+                        rounds = ratings.rounds + 1,
+                        last_round = $4",
+                )
+                .bind(&e.device)
+                .bind(s.rating_alpha)
+                .bind(x)
+                .bind(round_id as i64)
+                .execute(&mut *tx)
+                .await
+                .map_err(self.db())?;
+            }
+        }
         tx.commit().await.map_err(self.db())?;
+        if let Some((seq, _, _, hash)) = record {
+            self.ledger_tip = (seq, hash);
+        }
         self.resume = next;
-        let _ = std::fs::remove_dir_all(self.dir.join("updates").join(round_id.to_string()));
+        if !self.keep_payloads {
+            let _ = std::fs::remove_dir_all(self.dir.join("updates").join(round_id.to_string()));
+        }
         Ok(())
     }
 
@@ -447,6 +621,92 @@ impl Store {
     }
 }
 
+/// A state directory's ledger and ratings, opened read-only: what a
+/// verifier reads (it creates nothing, and takes no key).
+pub struct LedgerView {
+    pub records: Vec<StoredRecord>,
+    pub ratings: Vec<Rating>,
+}
+
+impl LedgerView {
+    pub async fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db_path = dir.join("aggregator.db");
+        if !db_path.exists() {
+            return Err(StoreError::Io {
+                path: db_path,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no aggregator database: is this a state directory?",
+                ),
+            });
+        }
+        let db = |source| StoreError::Db {
+            path: db_path.clone(),
+            source,
+        };
+        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", db_path.display()))
+            .map_err(db)?
+            .read_only(true);
+        let pool: SqlitePool = sqlx::pool::PoolOptions::new()
+            .max_connections(1)
+            .connect_with(opts)
+            .await
+            .map_err(db)?;
+        let view = LedgerView {
+            records: ledger_rows(&pool, &db_path).await?,
+            ratings: rating_rows(&pool, &db_path).await?,
+        };
+        pool.close().await;
+        Ok(view)
+    }
+}
+
+async fn ledger_rows(pool: &SqlitePool, db_path: &Path) -> Result<Vec<StoredRecord>, StoreError> {
+    let rows = sqlx::query("SELECT seq, record, signature FROM ledger ORDER BY seq")
+        .fetch_all(pool)
+        .await
+        .map_err(|source| StoreError::Db {
+            path: db_path.to_path_buf(),
+            source,
+        })?;
+    rows.into_iter()
+        .map(|r| {
+            let seq = r.get::<i64, _>(0) as u64;
+            let unhex = |col: usize, what: &str| {
+                hex::decode(r.get::<String, _>(col)).map_err(|e| {
+                    StoreError::Ledger(format!("ledger record {seq}: {what} is not hex: {e}"))
+                })
+            };
+            Ok(StoredRecord {
+                seq,
+                bytes: unhex(1, "record")?,
+                signature: unhex(2, "signature")?,
+            })
+        })
+        .collect()
+}
+
+async fn rating_rows(pool: &SqlitePool, db_path: &Path) -> Result<Vec<Rating>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT device, rating, rounds, last_round FROM ratings ORDER BY rating DESC, device",
+    )
+    .fetch_all(pool)
+    .await
+    .map_err(|source| StoreError::Db {
+        path: db_path.to_path_buf(),
+        source,
+    })?;
+    Ok(rows
+        .into_iter()
+        .map(|r| Rating {
+            device: r.get(0),
+            rating: r.get(1),
+            rounds: r.get::<i64, _>(2) as u64,
+            last_round: r.get::<i64, _>(3) as u64,
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -465,5 +725,119 @@ mod tests {
         let resume = store.resume_point();
         assert_eq!(resume.next_round_id, 3);
         assert_eq!(resume.published_rounds, 0);
+    }
+
+    fn settlement(
+        round_id: u64,
+        before: ModelVersion,
+        scores: &[(&str, Option<f64>, bool)],
+    ) -> Settlement {
+        Settlement {
+            round_id,
+            model_before: before,
+            scoring_seed: [round_id as u8; 32],
+            validation_samples: 10,
+            method: crate::scoring::ScoreMethod::Direct,
+            server_lr: 1.0,
+            reward_pool: 100,
+            rating_alpha: 0.5,
+            base_loss: Some(1.0),
+            error: None,
+            cost: Default::default(),
+            entries: scores
+                .iter()
+                .map(
+                    |&(device, score, free_rider)| crate::coordinator::SettledEntry {
+                        device: device.repeat(64),
+                        manifest_hash: [1; 32],
+                        payload_hash: [2; 32],
+                        stake: Some(1.0),
+                        weight: 0.5,
+                        score,
+                        norm: 1.0,
+                        copy_of: None,
+                        similarity: 0.0,
+                        alignment: 0.5,
+                        free_rider,
+                        noise: false,
+                        reward: 10,
+                    },
+                )
+                .collect(),
+            penalties: Vec::new(),
+        }
+    }
+
+    /// Ratings are the moving average of scores over the rounds a device
+    /// took part in (alpha 0.5 here): a flagged round counts at most 0, an
+    /// unscored one not at all; they survive a reopen with the chain's tip.
+    #[tokio::test]
+    async fn ratings_are_moving_averages_kept_with_the_ledger() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).await.unwrap();
+        let v0 = ModelVersion([0; 32]);
+        store.stage_settlement(settlement(
+            1,
+            v0,
+            &[("a", Some(0.4), false), ("b", Some(0.2), false)],
+        ));
+        store
+            .publish(1, ModelVersion([1; 32]), b"m1")
+            .await
+            .unwrap();
+        drop(store);
+        let mut store = Store::open(dir.path()).await.unwrap();
+        let mut s2 = settlement(
+            2,
+            ModelVersion([1; 32]),
+            &[
+                ("a", Some(0.8), true),
+                ("b", None, false),
+                ("c", Some(-0.2), false),
+            ],
+        );
+        s2.penalties.push(crate::coordinator::Penalty {
+            round_id: 2,
+            device: "d".repeat(64),
+            manifest_hash: [3; 32],
+            payload_hash: *blake3::hash(b"evidence").as_bytes(),
+            kind: fedge_proto::ledger::PENALTY_NORM_BOUND,
+            payload: bytes::Bytes::from_static(b"evidence"),
+        });
+        store.stage_settlement(s2);
+        store
+            .publish(2, ModelVersion([2; 32]), b"m2")
+            .await
+            .unwrap();
+        let ratings = store.ratings().await.unwrap();
+        let get = |d: &str| {
+            ratings
+                .iter()
+                .find(|r| r.device == d.repeat(64))
+                .unwrap()
+                .clone()
+        };
+        // a: 0.5 x 0.4 = 0.2, then flagged: 0.5 x 0 + 0.5 x 0.2 = 0.1.
+        assert!((get("a").rating - 0.1).abs() < 1e-12, "{ratings:?}");
+        assert_eq!(get("a").rounds, 2);
+        // b: 0.1, then unscored: unchanged.
+        assert!((get("b").rating - 0.1).abs() < 1e-12);
+        assert_eq!((get("b").rounds, get("b").last_round), (1, 1));
+        // c: 0.5 x -0.2.
+        assert!((get("c").rating + 0.1).abs() < 1e-12);
+        // The second record links to the first across the reopen.
+        let key = store.ledger_public_key();
+        let records =
+            crate::ledger::verify_chain(&store.ledger_records().await.unwrap(), &key).unwrap();
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[1].prev_hash, records[0].hash());
+        // The penalty is in the record and its evidence on disk.
+        assert_eq!(records[1].penalties.len(), 1);
+        let p = &records[1].penalties[0];
+        let evidence = dir
+            .path()
+            .join("evidence")
+            .join(format!("{}.bin", hex::encode(p.payload_hash)));
+        assert_eq!(std::fs::read(evidence).unwrap(), b"evidence");
     }
 }

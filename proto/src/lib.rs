@@ -15,6 +15,9 @@
 //!   their validating decoders.
 //! - [`update`]: the update encode/decode entry points callers use.
 //! - [`sign`]: what devices sign (authentication and update manifests).
+//! - [`ledger`]: the contribution ledger's record format, its hash chain
+//!   and signatures, and the per-round Merkle tree of rewards whose
+//!   inclusion proofs devices check offline.
 //! - [`fuzzing`]: one entry point a decoder for the fuzz targets (`fuzz/`)
 //!   and the corpus replay test.
 //!
@@ -28,6 +31,7 @@ pub mod frame;
 pub mod fuzzing;
 #[cfg(feature = "io")]
 pub mod io;
+pub mod ledger;
 pub mod limits;
 pub mod msg;
 pub mod params;

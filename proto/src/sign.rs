@@ -160,6 +160,16 @@ impl UpdateManifest {
         key.sign(&self.signing_bytes()).to_bytes()
     }
 
+    /// blake3 of the signed manifest (the signed bytes, then the
+    /// signature): what the contribution ledger records as the evidence of
+    /// what a device sent.
+    pub fn signed_hash(&self, signature: &[u8; 64]) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_derive_key("fedge signed manifest v1");
+        h.update(&self.signing_bytes());
+        h.update(signature);
+        *h.finalize().as_bytes()
+    }
+
     /// Verify against the key named in the manifest. Strict verification
     /// (RFC 8032 plus the checks of `verify_strict`): small-order keys and
     /// non-canonical or small-order `R` are refused, so one signature cannot

@@ -1,6 +1,8 @@
 //! `fedge-aggregator`: run federated rounds over QUIC.
 
 mod bench;
+mod evaluator;
+mod ledger_cmd;
 mod simulate;
 
 use std::path::PathBuf;
@@ -56,6 +58,11 @@ enum Cmd {
     /// with Dirichlet(0.5) labels, 10 per round, compressed updates,
     /// token-weighted FedAvg.
     Simulate(Box<simulate::SimArgs>),
+    /// Read the contribution ledger of a state directory: verify the
+    /// chain, print a device's reward proof, export the per-round roots,
+    /// list ratings.
+    #[command(subcommand)]
+    Ledger(ledger_cmd::LedgerCmd),
     /// Benchmark aggregation of 1M-parameter updates against a memory
     /// bandwidth baseline; writes JSON.
     Bench(bench::BenchArgs),
@@ -214,6 +221,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Serve(args) => serve(args),
         Cmd::Simulate(args) => simulate::run(*args),
         Cmd::Bench(args) => bench::run(args),
+        Cmd::Ledger(cmd) => ledger_cmd::run(cmd),
     }
 }
 
@@ -280,7 +288,18 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
                 load_model(path, &limits)?
             }
         };
-        let server = Server::bind(server_cfg, &identity, store)?;
+        let validation = cfg.scoring.validation.clone();
+        let validation_range = cfg.scoring.validation_range.clone();
+        let mut server = Server::bind(server_cfg, &identity, store)?;
+        if let Some(spec) = validation {
+            let eval = evaluator::EngineEvaluator::from_spec(
+                &initial,
+                &spec,
+                validation_range.as_deref(),
+            )?;
+            tracing::info!(examples = fedge_aggregator::scoring::Evaluator::len(&eval), "scoring updates on the validation set");
+            server.set_evaluator(Box::new(eval));
+        }
         let addr = server.local_addr()?;
         // Machine-readable lines for scripts and tests.
         println!("listening {addr}");

@@ -1,6 +1,7 @@
 //! Kill the real aggregator with SIGKILL in the middle of a round and
-//! restart it: no acknowledged update is lost, and the round completes
-//! with them.
+//! restart it: no acknowledged update is lost, the round completes with
+//! them, and its ledger record (with the restored updates' signed-manifest
+//! hashes) verifies with `fedge-aggregator ledger verify`.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -156,6 +157,43 @@ fn sigkill_mid_round_loses_no_acknowledged_update() {
     assert!(
         records.iter().all(|c| (c.share - 1.0 / 3.0).abs() < 1e-9),
         "{records:?}"
+    );
+
+    // The ledger: one record, for the published version, naming all three
+    // devices with the hashes of their signed manifests (a's and b's
+    // restored from the store after the kill); the chain verifies.
+    let out = Command::new(bin("fedge-aggregator"))
+        .args(["ledger", "verify", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("ledger ok: 1 records, 3 participations"),
+        "ledger verify: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let view = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(fedge_aggregator::store::LedgerView::open(&state))
+        .unwrap();
+    let key = fedge_aggregator::ledger::public_key(&state).unwrap();
+    let ledger = fedge_aggregator::ledger::verify_chain(&view.records, &key).unwrap();
+    assert_eq!(ledger.len(), 1);
+    assert_eq!(ledger[0].round_id, 1);
+    assert_eq!(ledger[0].entries.len(), 3);
+    assert!(
+        ledger[0].entries.iter().all(|e| e.manifest_hash != [0; 32]),
+        "every manifest hash kept across the kill: {:?}",
+        ledger[0].entries
+    );
+    let final_model = std::fs::read(dir.path().join("a").join("model.fedge")).unwrap();
+    assert_eq!(
+        ledger[0].model_after,
+        ModelBlob::decode(&final_model, &Limits::default())
+            .unwrap()
+            .version()
+            .0
     );
 
     // 0.5 + (1 + 2 + 3) / 3: both acknowledged updates made it in.

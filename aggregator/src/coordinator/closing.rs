@@ -53,6 +53,7 @@ impl Coordinator {
                 accepted,
             });
             let contributions = self.round.book.settle_discarded(&why);
+            self.settle_discarded(round_id);
             let blob = model.encode();
             (self.make_current(round_id, to, model, blob), contributions)
         } else if accepted >= self.cfg.min_devices {
@@ -62,6 +63,7 @@ impl Coordinator {
                 .finish(self.cfg.weights.max_share)
                 .expect("accepted >= 1");
             let contributions = self.round.book.settle_published(&combined.weights);
+            self.settle(round_id, &contributions);
             let values = self.strategy.aggregate_round(
                 round_id,
                 &self.current.params.values,

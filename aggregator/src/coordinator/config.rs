@@ -6,6 +6,7 @@ use std::time::Duration;
 use fedge_proto::Limits;
 use fedge_proto::msg::TrainingPlan;
 
+use crate::scoring::ScoringConfig;
 use crate::strategy::StrategyConfig;
 use crate::weighting::WeightPolicy;
 
@@ -73,6 +74,8 @@ pub struct CoordinatorConfig {
     pub strategy: StrategyConfig,
     /// Updates with a larger L2 norm are rejected (None: no bound).
     pub update_norm_max: Option<f64>,
+    /// Contribution scoring, ratings and rewards.
+    pub scoring: ScoringConfig,
     pub limits: Limits,
     pub seed: u64,
 }
@@ -102,6 +105,7 @@ impl Default for CoordinatorConfig {
             weights: WeightPolicy::default(),
             strategy: StrategyConfig::default(),
             update_norm_max: None,
+            scoring: ScoringConfig::default(),
             limits: Limits::default(),
             seed: 0,
         }
@@ -174,6 +178,7 @@ impl CoordinatorConfig {
         }
         self.strategy.validate()?;
         self.strategy.validate_dp(self.devices_per_round)?;
+        self.scoring.validate()?;
         self.weights.validate()
     }
 }

@@ -200,6 +200,7 @@ impl Coordinator {
         match self.admit(&dev, &u) {
             Ok(admitted) => self.accept(now, session, key, u, admitted),
             Err((code, detail)) => {
+                self.note_refusal(&dev, code, &u);
                 let samples = u.begin.manifest.sample_count;
                 let stake = self.stakes.stake(&dev);
                 let reason = format!("{code}: {detail}");
@@ -278,6 +279,7 @@ impl Coordinator {
             stake,
         } = a;
         let dev = device_id(&key);
+        let manifest_hash = u.begin.manifest.signed_hash(&u.begin.signature);
         let m = u.begin.manifest;
         // Recorded under the round (buffer) it is combined into.
         self.out.push_back(Output::Persist(Box::new(DurableUpdate {
@@ -286,6 +288,7 @@ impl Coordinator {
             model_version: Some(m.model_version),
             device: dev.clone(),
             payload_hash: m.payload_hash,
+            manifest_hash,
             sample_count: m.sample_count,
             raw_weight,
             discount,
@@ -293,6 +296,7 @@ impl Coordinator {
             metrics: m.metrics.clone(),
             payload: Bytes::from(u.data),
         })));
+        let held = self.held(manifest_hash, m.payload_hash, &delta, m.sample_count);
         self.round.combiner.add(delta, raw_weight);
         self.round.book.record(
             self.round.id,
@@ -302,6 +306,7 @@ impl Coordinator {
                 samples: m.sample_count,
                 raw_weight,
                 metrics: m.metrics,
+                held,
             },
         );
         self.policy

@@ -1,7 +1,10 @@
 //! Bookkeeping of a round's contributions: who was accepted with what raw
 //! weight and metrics, and their final shares once the round closes. The
 //! records go out as [`Event::Contribution`](super::Event::Contribution)
-//! and are persisted by the driver.
+//! and are persisted by the driver. With scoring on, the book also holds
+//! each accepted update's delta until the round is settled (O(model x
+//! devices), like the robust combiners); the signed-manifest hashes are
+//! held either way, for the ledger ([`crate::ledger`]).
 
 use super::output::Contribution;
 
@@ -12,6 +15,17 @@ pub(super) struct Accepted {
     pub samples: u64,
     pub raw_weight: f64,
     pub metrics: Vec<(String, f64)>,
+    pub held: Held,
+}
+
+/// What settling a round needs of one accepted update.
+pub(super) struct Held {
+    pub manifest_hash: [u8; 32],
+    pub payload_hash: [u8; 32],
+    /// The delta as combined (scoring on), else None.
+    pub delta: Option<Vec<f32>>,
+    /// Examples it trained on per the plan (for the scoring cost).
+    pub examples: u64,
 }
 
 /// The open round's accepted contributions, in the order they were combined.
@@ -19,11 +33,13 @@ pub(super) struct Accepted {
 pub(super) struct RoundBook {
     accepted: Vec<Contribution>,
     metrics: Vec<(f64, Vec<(String, f64)>)>,
+    held: Vec<Held>,
 }
 
 impl RoundBook {
     pub fn record(&mut self, round_id: u64, a: Accepted) {
         self.metrics.push((a.raw_weight, a.metrics));
+        self.held.push(a.held);
         self.accepted.push(Contribution {
             round_id,
             device: a.device,
@@ -34,6 +50,12 @@ impl RoundBook {
             accepted: true,
             reason: None,
         });
+    }
+
+    /// What settling needs of each accepted update, in acceptance order
+    /// (taken once, when the round closes).
+    pub fn take_held(&mut self) -> Vec<Held> {
+        std::mem::take(&mut self.held)
     }
 
     /// Metrics reported with accepted updates, each with its raw weight.

@@ -26,6 +26,7 @@
 //!   one `RoundPolicy` trait;
 //! - [`selection`]: the check-in window, slot timeouts, abandoned tasks;
 //! - [`ledger`]: the round's contribution records;
+//! - [`closing`]: closing a round, and settling it (scores and rewards);
 //! - this module: the message flow that ties them together, weighting,
 //!   combining and publishing.
 
@@ -39,10 +40,13 @@ mod output;
 mod policy;
 mod selection;
 mod sessions;
+mod settle;
 mod transfers;
 
 pub use config::CoordinatorConfig;
-pub use output::{Contribution, DurableUpdate, Event, Output, RoundOutcome};
+pub use output::{
+    Contribution, DurableUpdate, Event, Output, Penalty, RoundOutcome, SettledEntry, Settlement,
+};
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -57,6 +61,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::robust::Combiner;
+use crate::scoring::Evaluator;
 use crate::strategy::Strategy;
 use crate::weighting::StakeRegistry;
 use ledger::{Accepted, RoundBook};
@@ -120,6 +125,9 @@ pub struct Coordinator {
     policy: Box<dyn RoundPolicy>,
     strategy: Box<dyn Strategy>,
     stakes: Box<dyn StakeRegistry>,
+    evaluator: Option<Box<dyn Evaluator>>,
+    /// Penalties not yet settled (a round that aborts settles none).
+    penalties: Vec<Penalty>,
     published_rounds: u64,
     finished: bool,
     out: VecDeque<Output>,
@@ -178,6 +186,8 @@ impl Coordinator {
             policy,
             strategy,
             stakes: Box::new(std::collections::HashMap::<String, f64>::new()),
+            evaluator: None,
+            penalties: Vec::new(),
             published_rounds,
             finished,
             out: VecDeque::new(),
@@ -197,6 +207,13 @@ impl Coordinator {
         let dim = self.current.params.values.len();
         self.round.combiner = strategy.combiner(dim, self.cfg.weights.max_share);
         self.strategy = strategy;
+    }
+
+    /// Score updates on the operator's validation set from now on (see
+    /// [`crate::scoring`]); without an evaluator rounds are settled
+    /// unscored and pay no rewards.
+    pub fn set_evaluator(&mut self, evaluator: Box<dyn Evaluator>) {
+        self.evaluator = Some(evaluator);
     }
 
     pub fn set_stakes(&mut self, stakes: Box<dyn StakeRegistry>) {
@@ -244,9 +261,9 @@ impl Coordinator {
         let view = self.round_view();
         self.policy
             .on_restored(key, u.task_round, u.model_version, u.payload_hash, &view)?;
-        self.round
-            .combiner
-            .add(intake::discounted(delta, u.discount), u.raw_weight);
+        let delta = intake::discounted(delta, u.discount);
+        let held = self.held(u.manifest_hash, u.payload_hash, &delta, u.sample_count);
+        self.round.combiner.add(delta, u.raw_weight);
         self.sessions.note_known(key);
         self.round.book.record(
             u.round_id,
@@ -256,6 +273,7 @@ impl Coordinator {
                 samples: u.sample_count,
                 raw_weight: u.raw_weight,
                 metrics: u.metrics,
+                held,
             },
         );
         if self.round.combiner.count() >= self.cfg.devices_per_round {

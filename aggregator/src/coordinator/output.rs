@@ -20,6 +20,9 @@ pub struct DurableUpdate {
     pub model_version: Option<ModelVersion>,
     pub device: String,
     pub payload_hash: [u8; 32],
+    /// [`fedge_proto::sign::UpdateManifest::signed_hash`] of its signed
+    /// manifest (zeros for records written before fedge kept it).
+    pub manifest_hash: [u8; 32],
     pub sample_count: u64,
     /// The participant's weight, before any staleness discount.
     pub raw_weight: f64,
@@ -84,6 +87,10 @@ pub enum Event {
     /// weight, emitted when the round closes) or rejected (with the reason,
     /// emitted at once).
     Contribution(Contribution),
+    /// A round's contributions were scored and rewarded; emitted just
+    /// before the [`Event::ModelPublished`] of the version it produced
+    /// (the driver writes both, with the ledger record, at once).
+    RoundSettled(Box<Settlement>),
     /// A new model version; the blob is what devices download.
     ModelPublished {
         round_id: u64,
@@ -125,6 +132,96 @@ pub struct Contribution {
     pub share: f64,
     pub accepted: bool,
     pub reason: Option<String>,
+}
+
+/// A published round's scores and rewards (see [`crate::scoring`]): what
+/// the ledger records for it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settlement {
+    pub round_id: u64,
+    /// The model the round's updates were applied to.
+    pub model_before: ModelVersion,
+    /// Seed of the validation sample ([`crate::scoring::scoring_seed`]).
+    pub scoring_seed: [u8; 32],
+    /// Examples in the validation sample (0 when unscored).
+    pub validation_samples: u32,
+    pub method: crate::scoring::ScoreMethod,
+    pub server_lr: f64,
+    pub reward_pool: u64,
+    /// Weight of this round's scores in the devices' ratings.
+    pub rating_alpha: f64,
+    /// Validation loss of `model_before` (None when unscored).
+    pub base_loss: Option<f64>,
+    /// Why the round's updates are unscored, if they are.
+    pub error: Option<String>,
+    pub cost: crate::scoring::ScoringCost,
+    /// Participants in the order their updates were accepted (empty when
+    /// the round was rolled back: its updates were discarded).
+    pub entries: Vec<SettledEntry>,
+    /// Provable misbehaviour since the previous settlement.
+    pub penalties: Vec<Penalty>,
+}
+
+/// A signed update refused for a reason anyone can check from its payload
+/// (see `fedge_proto::ledger::LedgerPenalty`); the payload is the evidence.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Penalty {
+    pub round_id: u64,
+    pub device: String,
+    pub manifest_hash: [u8; 32],
+    pub payload_hash: [u8; 32],
+    /// `fedge_proto::ledger::PENALTY_*`.
+    pub kind: u8,
+    pub payload: Bytes,
+}
+
+/// One participant of a settled round.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SettledEntry {
+    pub device: String,
+    pub manifest_hash: [u8; 32],
+    pub payload_hash: [u8; 32],
+    pub stake: Option<f64>,
+    /// Share of the round's aggregation weight.
+    pub weight: f64,
+    pub score: Option<f64>,
+    pub norm: f64,
+    /// The device whose earlier update of the round this one copies.
+    pub copy_of: Option<String>,
+    /// Largest cosine similarity to an earlier update of the round.
+    pub similarity: f64,
+    /// Cosine similarity to the sum of the round's other updates.
+    pub alignment: f64,
+    pub free_rider: bool,
+    /// Uncorrelated with the round's other updates.
+    pub noise: bool,
+    pub reward: u64,
+}
+
+impl SettledEntry {
+    /// A copy, a free-rider or noise.
+    pub fn flagged(&self) -> bool {
+        self.copy_of.is_some() || self.free_rider || self.noise
+    }
+
+    /// The ledger's `FLAG_*` bits.
+    pub fn flags(&self) -> u8 {
+        use fedge_proto::ledger::{FLAG_COPY, FLAG_FREE_RIDER, FLAG_NOISE, FLAG_UNSCORED};
+        let mut f = 0;
+        if self.copy_of.is_some() {
+            f |= FLAG_COPY;
+        }
+        if self.free_rider {
+            f |= FLAG_FREE_RIDER;
+        }
+        if self.score.is_none() {
+            f |= FLAG_UNSCORED;
+        }
+        if self.noise {
+            f |= FLAG_NOISE;
+        }
+        f
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -74,6 +74,9 @@ pub struct DeviceSpec {
     pub diverge_from_round: Option<u64>,
     /// Takes offers but never asks for a model chunk (a slot hog).
     pub never_download: bool,
+    /// The update to send instead of `delta` in every coordinate (its
+    /// length must be the model's).
+    pub vector: Option<Vec<f32>>,
 }
 
 impl DeviceSpec {
@@ -85,6 +88,7 @@ impl DeviceSpec {
             drop: None,
             diverge_from_round: None,
             never_download: false,
+            vector: None,
             session: SessionConfig {
                 backoff_min: Duration::from_millis(100),
                 backoff_max: Duration::from_secs(2),
@@ -289,8 +293,12 @@ impl Sim {
                             let spec = &self.devices[i].spec;
                             let diverged = spec.diverge_from_round.is_some_and(|r| *round_id >= r);
                             let value = if diverged { f32::NAN } else { spec.delta };
+                            let delta = match &spec.vector {
+                                Some(v) if !diverged => v.clone(),
+                                _ => vec![value; model.params.values.len()],
+                            };
                             let out = TrainOutput {
-                                delta: vec![value; model.params.values.len()],
+                                delta,
                                 sample_count: spec.samples,
                                 metrics: vec![],
                             };

@@ -13,6 +13,8 @@
 //!   bounded, crash-safe on-device sample store they fill.
 //! - [`policy`]: device policy: when the device may take tasks (charging,
 //!   battery floor, idle, unmetered), and the Linux power-supply source.
+//! - [`reward`]: checking a reward proof from the aggregator's ledger
+//!   offline (`fedge-device verify-reward`).
 //! - `dataspec` (feature `engine`): naming local data on the command line.
 //! - [`fuzzing`]: entry points for the residual and sensor-window fuzz
 //!   targets (`fuzz/`) and their corpus replay test.
@@ -35,6 +37,7 @@ pub mod driver;
 pub mod fuzzing;
 pub mod identity;
 pub mod policy;
+pub mod reward;
 pub mod sensor;
 pub mod session;
 pub mod store;

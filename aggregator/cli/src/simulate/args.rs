@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use fedge_aggregator::scoring::ScoringConfig;
 use fedge_aggregator::strategy::{ServerOpt, StrategyConfig};
 use fedge_aggregator::weighting::{Transform, WeightPolicy};
 use serde::{Deserialize, Serialize};
@@ -80,6 +81,15 @@ pub struct SimConfig {
     pub heterogeneity: Heterogeneity,
     /// Where results.json goes.
     pub out_dir: PathBuf,
+    /// Keep the aggregator's state directory (models, database, ledger)
+    /// here (None: a temporary directory, removed at the end). It must
+    /// not hold an earlier run's state.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
+    /// Contribution scoring and rewards, as in `serve`'s `[scoring]`; the
+    /// validation set is the simulation's held-out split (`held_out`
+    /// examples), so `validation` is not used.
+    pub scoring: ScoringConfig,
 }
 
 /// How simulated devices differ. Training itself is real; a slower device
@@ -179,6 +189,8 @@ impl Default for SimConfig {
             claim_samples: None,
             heterogeneity: Heterogeneity::default(),
             out_dir: PathBuf::from("results"),
+            state_dir: None,
+            scoring: ScoringConfig::default(),
         }
     }
 }
@@ -318,6 +330,18 @@ pub struct SimArgs {
     /// Directory for results.json.
     #[arg(long)]
     out_dir: Option<PathBuf>,
+    /// Keep the aggregator's state directory (models, database, ledger)
+    /// here, for `fedge-aggregator ledger verify`; it must be empty or new.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Validation examples each round's scores are computed on.
+    #[arg(long)]
+    validation_samples: Option<usize>,
+    /// How scores are computed: direct (the update alone, as one of the
+    /// round's n parts of its step) or leave-one-out (what the round's
+    /// mean step loses without it).
+    #[arg(long)]
+    score_method: Option<String>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -332,6 +356,13 @@ impl SimConfig {
             c.apply_preset(p)?;
         }
         c.apply_flags(a);
+        if let Some(m) = &a.score_method {
+            c.scoring.method = match m.as_str() {
+                "direct" => fedge_aggregator::scoring::ScoreMethod::Direct,
+                "leave-one-out" => fedge_aggregator::scoring::ScoreMethod::LeaveOneOut,
+                o => anyhow::bail!("--score-method `{o}`: use direct or leave-one-out"),
+            };
+        }
         if let Some(s) = &a.strategy {
             c.apply_strategy(s)?;
         }
@@ -430,6 +461,13 @@ impl SimConfig {
         if a.attacker_stake.is_some() {
             c.attacker_stake = a.attacker_stake;
         }
+        if a.state_dir.is_some() {
+            c.state_dir = a.state_dir.clone();
+        }
+        if let Some(n) = a.validation_samples {
+            c.scoring.validation_samples = n;
+        }
+
         if a.attack_scale.is_some() {
             c.attack_scale = a.attack_scale;
         }

@@ -69,10 +69,30 @@ fn stakes(spec: &str, n: usize) -> anyhow::Result<Vec<f64>> {
     }
 }
 
+/// The device ids (hex public keys) of the attacking devices: the last
+/// [`attacker_count`] of the fleet and every added attacker.
+pub fn attacker_ids(c: &SimConfig, keys: &[SigningKey]) -> std::collections::HashSet<String> {
+    let first = c.devices - attacker_count(c);
+    keys.iter()
+        .enumerate()
+        .filter(|(i, _)| *i >= first)
+        .map(|(_, k)| hex::encode(k.verifying_key().to_bytes()))
+        .collect()
+}
+
 /// How many of the fleet's devices attack (the last ones by index); the
 /// `attacker_devices` added beyond the fleet attack too.
 pub fn attacker_count(c: &SimConfig) -> usize {
     ((c.devices as f64) * c.attackers).round() as usize
+}
+
+/// What devices may learn of the aggregator's progress (as a real
+/// attacker would, by polling its `/status` or intercepting traffic).
+pub struct Seen {
+    /// Hogs read it.
+    pub closed: ClosedRounds,
+    /// Copycats read it.
+    pub accepted: AcceptedUpdates,
 }
 
 /// Start one device per shard against the aggregator at `addr` (pinned to
@@ -80,16 +100,23 @@ pub fn attacker_count(c: &SimConfig) -> usize {
 /// `train`.
 pub fn spawn_devices(
     c: &SimConfig,
-    closed: &ClosedRounds,
+    seen: &Seen,
     keys: Vec<SigningKey>,
     train: &Dataset,
     shards: &[Vec<usize>],
     addr: SocketAddr,
     fp: [u8; 32],
 ) -> anyhow::Result<Vec<Device>> {
+    let (closed, accepted) = (&seen.closed, &seen.accepted);
     let n_attackers = attacker_count(c);
     let attack = AttackPlan::of(c)?;
+    let kinds = AttackPlan::kinds(c)?;
     let colluders: Colluders = Default::default();
+    let copycats = kinds.contains(&Attack::Copycat).then(|| Copycats {
+        board: Default::default(),
+        accepted: Arc::clone(accepted),
+        wait: Duration::from_millis(c.round_deadline_ms / 2),
+    });
     let mut devices = Vec::new();
     // An added attacker trains on a copy of an honest device's shard.
     let shards = shards.iter().cycle();
@@ -103,8 +130,21 @@ pub fn spawn_devices(
             },
             ..DriverConfig::new(addr, Trust::Pinned(fp))
         };
-        let malicious = (i >= c.devices - n_attackers).then_some(attack);
-        let trainer = device_trainer(c, i, train.subset(shard), malicious, &colluders, closed);
+        let first_attacker = c.devices - n_attackers;
+        let malicious = (i >= first_attacker).then(|| AttackPlan {
+            kind: kinds[(i - first_attacker) % kinds.len()],
+            ..attack
+        });
+        let id = hex::encode(key.verifying_key().to_bytes());
+        let trainer = device_trainer(
+            c,
+            i,
+            train.subset(shard),
+            malicious,
+            &colluders,
+            closed,
+            copycats.as_ref().map(|cc| (cc, id)),
+        );
         devices.push(Device {
             task: tokio::spawn(run_device(cfg, key, trainer)),
             attacker: malicious.is_some(),
@@ -122,6 +162,7 @@ fn device_trainer(
     malicious: Option<AttackPlan>,
     colluders: &Colluders,
     closed: &ClosedRounds,
+    copycats: Option<(&Copycats, String)>,
 ) -> Box<dyn Trainer> {
     if malicious.is_some_and(|a| a.kind == Attack::LabelFlip) {
         let k = local.classes as i64;
@@ -135,6 +176,10 @@ fn device_trainer(
             hold: Duration::from_millis(c.round_deadline_ms) + HOG_MARGIN,
             closed: Arc::clone(closed),
         }),
+        Some(plan) if plan.kind == Attack::Copycat => Box::new(Copycat {
+            copycats: copycats.expect("copycats share a board").0.clone(),
+            plan,
+        }),
         Some(plan) => Box::new(Attacker {
             inner: honest,
             plan,
@@ -142,7 +187,15 @@ fn device_trainer(
             colluders: Arc::clone(colluders),
             first: None,
         }),
-        None => Box::new(honest),
+        // With copycats about, honest updates are where they can see them.
+        None => match copycats {
+            Some((cc, device)) => Box::new(Posting {
+                inner: honest,
+                board: Arc::clone(&cc.board),
+                device,
+            }),
+            None => Box::new(honest),
+        },
     };
     if !c.heterogeneity.is_uniform() {
         let h = &c.heterogeneity;
@@ -223,6 +276,17 @@ pub enum Attack {
     /// (freshly signed for the new round: a stale update, not a replayed
     /// signature; replaying the signed upload itself is the QUIC tests').
     Replay,
+    /// A free-rider: trains nothing and sends a tiny random update
+    /// (sigma 1e-6 per coordinate), hoping to be paid for taking part.
+    FreeRider,
+    /// A copycat: waits until an honest device's update of the same round
+    /// has been accepted, then sends that update as its own (freshly
+    /// signed). Sends nothing useful (a zero update) if none is accepted
+    /// before half the round's deadline.
+    Copycat,
+    /// A noise sender: random Gaussian noise scaled to the norm of the
+    /// honest update it would have sent, so no norm bound tells it apart.
+    Noise,
 }
 
 /// The issue's liar: claims 10^12 samples and sends its update
@@ -231,8 +295,8 @@ const LIAR_SAMPLES: u64 = 1_000_000_000_000;
 const LIAR_SCALE: f32 = 10.0;
 
 impl Attack {
-    pub const NAMES: &str =
-        "sign-flip, scaling, gaussian, label-flip, alie, zero, hog, replay or liar";
+    pub const NAMES: &str = "sign-flip, scaling, gaussian, label-flip, alie, zero, hog, replay, \
+liar, free-rider, copycat or noise (or a comma-separated list, dealt to the attackers in turn)";
 
     /// An attack by name (`liar` is sign-flip; see [`AttackPlan::of`]).
     pub fn parse(s: &str) -> anyhow::Result<Self> {
@@ -245,6 +309,9 @@ impl Attack {
             "zero" => Attack::Zero,
             "hog" => Attack::Hog,
             "replay" => Attack::Replay,
+            "free-rider" => Attack::FreeRider,
+            "copycat" => Attack::Copycat,
+            "noise" => Attack::Noise,
             o => anyhow::bail!("attack `{o}`: use {}", Attack::NAMES),
         })
     }
@@ -265,7 +332,8 @@ impl AttackPlan {
     /// claim of 10^12 samples unless `attack_scale` or `claim_samples`
     /// say otherwise.
     pub fn of(c: &SimConfig) -> anyhow::Result<Self> {
-        let kind = Attack::parse(&c.attack)?;
+        let kinds = Self::kinds(c)?;
+        let kind = kinds[0];
         let liar = c.attack == "liar";
         let plan = AttackPlan {
             kind,
@@ -295,6 +363,21 @@ impl AttackPlan {
             c.attacker_devices
         );
         Ok(plan)
+    }
+
+    /// The attacks of `c.attack` (a comma-separated list), in the order
+    /// they are dealt to the attackers.
+    pub fn kinds(c: &SimConfig) -> anyhow::Result<Vec<Attack>> {
+        let kinds = c
+            .attack
+            .split(',')
+            .map(|s| Attack::parse(s.trim()))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        anyhow::ensure!(
+            kinds.len() == 1 || !c.attack.split(',').any(|s| s.trim() == "liar"),
+            "liar sets the scale and claim of every attacker: it cannot be one of a list"
+        );
+        Ok(kinds)
     }
 
     /// What the plan says, for the run's announcement.
@@ -409,11 +492,29 @@ impl Trainer for Attacker {
                 }
             }
             Attack::Zero => out.delta.iter_mut().for_each(|d| *d = 0.0),
+            Attack::FreeRider => {
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed ^ round_id);
+                let normal = rand_distr::Normal::new(0.0f32, 1e-6).expect("sigma > 0");
+                out.delta
+                    .iter_mut()
+                    .for_each(|d| *d = normal.sample(&mut rng));
+            }
+            Attack::Noise => {
+                let norm = fedge_aggregator::robust::l2_norm(&out.delta);
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed ^ round_id);
+                let normal = rand_distr::Normal::new(0.0f32, 1.0).expect("sigma > 0");
+                out.delta
+                    .iter_mut()
+                    .for_each(|d| *d = normal.sample(&mut rng));
+                let k = (norm / fedge_aggregator::robust::l2_norm(&out.delta).max(1e-12)) as f32;
+                out.delta.iter_mut().for_each(|d| *d *= k);
+            }
             Attack::Replay => match &self.first {
                 Some(first) if first.len() == out.delta.len() => out.delta.clone_from(first),
                 _ => self.first = Some(out.delta.clone()),
             },
             Attack::Hog => unreachable!("a hog has its own trainer"),
+            Attack::Copycat => unreachable!("a copycat has its own trainer"),
         }
         if self.plan.scale != 1.0 {
             let k = self.plan.scale;
@@ -423,6 +524,88 @@ impl Trainer for Attacker {
             out.sample_count = n;
         }
         Ok(out)
+    }
+}
+
+/// Updates the aggregator has accepted, as `(round, device id)`, as the
+/// simulation sees its events. Copycats read it: they copy an update once
+/// it is in, as one who intercepts uploads would.
+pub type AcceptedUpdates = Arc<Mutex<std::collections::HashSet<(u64, String)>>>;
+
+/// Honest updates by round, as `(device id, delta)`: what copycats copy.
+type Board = Arc<Mutex<HashMap<u64, Vec<(String, Vec<f32>)>>>>;
+
+/// What copycats share.
+#[derive(Clone)]
+pub struct Copycats {
+    board: Board,
+    accepted: AcceptedUpdates,
+    /// How long a copycat waits for an update to copy.
+    wait: Duration,
+}
+
+/// An honest trainer that leaves its update where copycats see it.
+struct Posting {
+    inner: OnnxTrainer,
+    board: Board,
+    device: String,
+}
+
+impl Trainer for Posting {
+    fn train(
+        &mut self,
+        round_id: u64,
+        model: &ModelBlob,
+        plan: &TrainingPlan,
+    ) -> anyhow::Result<TrainOutput> {
+        let out = self.inner.train(round_id, model, plan)?;
+        self.board
+            .lock()
+            .expect("board")
+            .entry(round_id)
+            .or_default()
+            .push((self.device.clone(), out.delta.clone()));
+        Ok(out)
+    }
+}
+
+/// [`Attack::Copycat`]: sends, as its own, an honest update of the same
+/// round that the aggregator has accepted. Runs on the driver's blocking
+/// thread.
+struct Copycat {
+    copycats: Copycats,
+    plan: AttackPlan,
+}
+
+impl Trainer for Copycat {
+    fn train(
+        &mut self,
+        round_id: u64,
+        model: &ModelBlob,
+        _plan: &TrainingPlan,
+    ) -> anyhow::Result<TrainOutput> {
+        let until = Instant::now() + self.copycats.wait;
+        let copy = loop {
+            let found = {
+                let board = self.copycats.board.lock().expect("board");
+                let accepted = self.copycats.accepted.lock().expect("accepted");
+                board.get(&round_id).and_then(|ups| {
+                    ups.iter()
+                        .find(|(d, _)| accepted.contains(&(round_id, d.clone())))
+                        .map(|(_, u)| u.clone())
+                })
+            };
+            match found {
+                Some(u) if u.len() == model.params.values.len() => break u,
+                _ if Instant::now() >= until => break vec![0.0; model.params.values.len()],
+                _ => std::thread::sleep(HOG_POLL),
+            }
+        };
+        Ok(TrainOutput {
+            delta: copy,
+            sample_count: self.plan.claim_samples.unwrap_or(100),
+            metrics: Vec::new(),
+        })
     }
 }
 

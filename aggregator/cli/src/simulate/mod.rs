@@ -7,11 +7,13 @@
 //! - [`fleet`]: device keys and stakes, the devices, and the trainers that
 //!   make a device slow, flaky or malicious.
 //! - [`report`]: the per-round table, results.json and the plot.
+//! - [`rewards`]: what scoring and rewards made of the run.
 
 mod args;
 mod data;
 mod fleet;
 mod report;
+mod rewards;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -50,12 +52,21 @@ async fn simulate(c: SimConfig) -> anyhow::Result<()> {
     let (train, test, shards) = data::load_data(&c, model.context)?;
     let work = tempfile::tempdir()?;
     let keys = fleet::device_keys(&c);
-    let mut aggregator = start_aggregator(&c, work.path(), &keys, &model.blob).await?;
+    let attackers = fleet::attacker_ids(&c, &keys);
+    let state = match &c.state_dir {
+        Some(d) => d.clone(),
+        None => work.path().join("aggregator"),
+    };
+    let scorer = crate::evaluator::EngineEvaluator::new(&model.graph, test.clone())?;
+    let mut aggregator = start_aggregator(&c, &state, &keys, &model.blob, scorer).await?;
     announce(&c, aggregator.addr);
-    let closed = fleet::ClosedRounds::default();
+    let seen = fleet::Seen {
+        closed: Default::default(),
+        accepted: Default::default(),
+    };
     let devices = fleet::spawn_devices(
         &c,
-        &closed,
+        &seen,
         keys,
         &train,
         &shards,
@@ -68,7 +79,8 @@ async fn simulate(c: SimConfig) -> anyhow::Result<()> {
     let watched = report::Watched {
         events: &mut aggregator.events,
         metrics: &aggregator.metrics,
-        closed: &closed,
+        closed: &seen.closed,
+        accepted: &seen.accepted,
         devices: &devices,
         stall: stall_after(&c),
     };
@@ -97,6 +109,7 @@ async fn simulate(c: SimConfig) -> anyhow::Result<()> {
     };
     report::Summary {
         config: &c,
+        attackers: &attackers,
         params: model.blob.params.values.len(),
         initial,
         rounds,
@@ -131,15 +144,23 @@ struct Aggregator {
 }
 
 /// Start the aggregator on loopback with its state (TLS identity, stake
-/// registry, store) under `work`, publishing `initial` first.
+/// registry, store, ledger) in `state`, publishing `initial` first and
+/// scoring updates with `scorer` (the held-out split).
 async fn start_aggregator(
     c: &SimConfig,
-    work: &Path,
+    state: &Path,
     keys: &[fedge_proto::sign::SigningKey],
     initial: &ModelBlob,
+    scorer: crate::evaluator::EngineEvaluator,
 ) -> anyhow::Result<Aggregator> {
-    let state = work.join("aggregator");
-    std::fs::create_dir_all(&state)?;
+    if state.join("aggregator.db").exists() {
+        anyhow::bail!(
+            "state directory {} already holds an aggregator's state: use a new one",
+            state.display()
+        );
+    }
+    std::fs::create_dir_all(state)?;
+    let state = state.to_path_buf();
     let identity = TlsIdentity::load_or_create(&state)?;
     let stake_file = fleet::write_stake_file(c, keys, &state)?;
     let mut server = Server::bind(
@@ -147,6 +168,7 @@ async fn start_aggregator(
         &identity,
         Store::open(&state).await?,
     )?;
+    server.set_evaluator(Box::new(scorer));
     Ok(Aggregator {
         addr: server.local_addr()?,
         fingerprint: identity.fingerprint(),
@@ -217,6 +239,7 @@ fn aggregator_config(c: &SimConfig, stake_file: std::path::PathBuf) -> Aggregato
         strategy: c.strategy.clone(),
         stakes: Some(stake_file),
         update_norm_max: c.update_norm_max,
+        scoring: c.scoring.clone(),
         i_know_this_is_unsafe: true,
         ..d
     }

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use fedge_aggregator::coordinator::{Event, RoundOutcome};
+use fedge_aggregator::coordinator::{Event, RoundOutcome, Settlement};
 use fedge_aggregator::metrics::Metrics;
 use fedge_engine::data::Dataset;
 use fedge_engine::train::exec::TractInference;
@@ -148,6 +148,8 @@ pub struct Rounds {
     /// The aggregator stopped making progress before its last round (every
     /// device gave up: a poisoned model makes honest training diverge).
     pub stalled: bool,
+    /// Every round's scores and rewards.
+    pub settled: Vec<Settlement>,
 }
 
 /// What a simulation watches while its rounds run.
@@ -157,6 +159,8 @@ pub struct Watched<'a> {
     pub metrics: &'a Metrics,
     /// Where the rounds' closings are told (hogs read it).
     pub closed: &'a ClosedRounds,
+    /// Where accepted updates are told (copycats read it).
+    pub accepted: &'a super::fleet::AcceptedUpdates,
     pub devices: &'a [Device],
     /// How long without an event means the federation stalled.
     pub stall: Duration,
@@ -177,6 +181,7 @@ pub async fn follow_rounds(
         events,
         metrics,
         closed,
+        accepted,
         devices,
         stall,
     } = w;
@@ -203,6 +208,15 @@ pub async fn follow_rounds(
         };
         if let Event::RoundClosed { round_id, .. } = &e {
             closed.fetch_max(*round_id, Ordering::AcqRel);
+        }
+        if let Event::UpdateAccepted {
+            round_id, device, ..
+        } = &e
+        {
+            accepted
+                .lock()
+                .expect("accepted")
+                .insert((*round_id, device.clone()));
         }
         match e {
             Event::UpdateAccepted { payload_bytes, .. } => {
@@ -252,6 +266,7 @@ pub async fn follow_rounds(
                     row.privacy = Some(p);
                 }
             }
+            Event::RoundSettled(s) => rounds.settled.push(*s),
             Event::Finished { final_version: v } => {
                 rounds.final_version = Some(v);
                 break;
@@ -281,6 +296,8 @@ async fn honest_gone(devices: &[Device]) {
 /// What a finished simulation reports.
 pub struct Summary<'a> {
     pub config: &'a SimConfig,
+    /// The attacking devices' ids.
+    pub attackers: &'a std::collections::HashSet<String>,
     /// Parameters per update (the dense f32 baseline is 4 bytes each).
     pub params: usize,
     pub initial: EvalStats,
@@ -337,6 +354,8 @@ impl Summary<'_> {
                 p.clip_bound
             );
         }
+        let rewards = super::rewards::summarize(&self.rounds.settled, self.attackers);
+        println!("{}", rewards.line());
         std::fs::create_dir_all(&c.out_dir)
             .with_context(|| format!("creating {}", c.out_dir.display()))?;
         let results = serde_json::json!({
@@ -353,6 +372,7 @@ impl Summary<'_> {
             "failed_sessions": self.failed_sessions,
             "attackers_stopped": self.attackers_stopped,
             "privacy": privacy,
+            "rewards": rewards,
             "seconds": self.started.elapsed().as_secs_f64(),
         });
         let path = c.out_dir.join("results.json");

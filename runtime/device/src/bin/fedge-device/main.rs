@@ -50,6 +50,20 @@ enum Cmd {
     /// Read an MPU-6050 IMU over Linux I2C into labelled windows in the
     /// sample store (train on them with `--data imu:STORE`).
     Collect(CollectArgs),
+    /// Check a reward proof (`fedge-aggregator ledger proof` JSON) offline:
+    /// the reward is in the round's reward root. With --root, also that the
+    /// root is the published one; with --state-dir, that the proof is this
+    /// device's.
+    VerifyReward {
+        /// The proof file.
+        proof: PathBuf,
+        /// The round's published reward root (hex, from `ledger export`).
+        #[arg(long)]
+        root: Option<String>,
+        /// This device's state directory: the proof must name its key.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
     /// Print this device's public key (creates the identity if needed).
     Identity {
         #[arg(long, default_value = "fedge-device-state")]
@@ -271,6 +285,31 @@ fn main() -> anyhow::Result<()> {
         Cmd::Identity { state_dir } => {
             let key = identity::load_or_create(&state_dir)?;
             println!("{}", hex::encode(key.verifying_key().to_bytes()));
+            Ok(())
+        }
+        Cmd::VerifyReward {
+            proof,
+            root,
+            state_dir,
+        } => {
+            let text =
+                std::fs::read(&proof).with_context(|| format!("reading {}", proof.display()))?;
+            let device = match &state_dir {
+                Some(d) => Some(hex::encode(
+                    identity::load_or_create(d)?.verifying_key().to_bytes(),
+                )),
+                None => None,
+            };
+            let p = fedge_device::reward::verify_proof(&text, device.as_deref(), root.as_deref())?;
+            println!(
+                "reward proof ok: device {} earned {} in round {} (leaf {} of {}, root {})",
+                hex::encode(p.device),
+                p.reward,
+                p.round_id,
+                p.leaf_index,
+                p.tree_size,
+                hex::encode(p.root)
+            );
             Ok(())
         }
         Cmd::Run(a) => run(a),

@@ -1,0 +1,242 @@
+//! `fedge-aggregator ledger verify | proof | export | ratings`: reading a
+//! state directory's contribution ledger (see
+//! `fedge_aggregator::ledger`) without changing it.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Subcommand;
+use fedge_aggregator::ledger::{self, parse_public_key};
+use fedge_aggregator::store::LedgerView;
+use fedge_proto::ledger::LedgerRecord;
+use fedge_proto::sign::VerifyingKey;
+use fedge_proto::{Limits, ModelBlob};
+
+use crate::evaluator::EngineEvaluator;
+
+#[derive(Subcommand)]
+pub enum LedgerCmd {
+    /// Check the whole chain: every record decodes, follows the previous
+    /// one (sequence number and hash), carries the aggregator's signature
+    /// and a reward root that matches its rewards. Fails naming the first
+    /// bad record.
+    Verify {
+        #[arg(long, default_value = "fedge-aggregator-state")]
+        state_dir: PathBuf,
+        /// The ledger public key to check against (hex); default: the
+        /// state directory's `ledger.pub`. Pin it: whoever can rewrite the
+        /// ledger can rewrite that file too.
+        #[arg(long)]
+        key: Option<String>,
+        /// Also recompute every score from the published models, the
+        /// kept update payloads and this validation set (a data spec, as
+        /// `scoring.validation`).
+        #[arg(long)]
+        validation: Option<String>,
+        /// Only these examples of the validation set (`START..END`).
+        #[arg(long, requires = "validation")]
+        validation_range: Option<String>,
+        /// The model the first round started from, if the state
+        /// directory does not hold it.
+        #[arg(long, requires = "validation")]
+        initial_model: Option<PathBuf>,
+    },
+    /// Print a device's inclusion proof for its reward in a round (JSON),
+    /// for `fedge-device verify-reward`.
+    Proof {
+        #[arg(long, default_value = "fedge-aggregator-state")]
+        state_dir: PathBuf,
+        /// The device's public key (hex).
+        #[arg(long)]
+        device: String,
+        #[arg(long)]
+        round: u64,
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Print the per-round reward roots (JSON), for anchoring elsewhere.
+    Export {
+        #[arg(long, default_value = "fedge-aggregator-state")]
+        state_dir: PathBuf,
+        #[arg(long)]
+        key: Option<String>,
+        /// Write here instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Print every device's rating (JSON), best first.
+    Ratings {
+        #[arg(long, default_value = "fedge-aggregator-state")]
+        state_dir: PathBuf,
+    },
+}
+
+fn key_for(state_dir: &Path, key: Option<&str>) -> anyhow::Result<VerifyingKey> {
+    match key {
+        Some(k) => parse_public_key(k).map_err(|e| anyhow::anyhow!("--key: {e}")),
+        None => Ok(ledger::public_key(state_dir)?),
+    }
+}
+
+/// The verified records of a state directory.
+fn verified(state_dir: &Path, key: Option<&str>) -> anyhow::Result<Vec<LedgerRecord>> {
+    let key = key_for(state_dir, key)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let view = rt
+        .block_on(LedgerView::open(state_dir))
+        .with_context(|| format!("reading the ledger in {}", state_dir.display()))?;
+    Ok(ledger::verify_chain(&view.records, &key)?)
+}
+
+pub fn run(cmd: LedgerCmd) -> anyhow::Result<()> {
+    match cmd {
+        LedgerCmd::Verify {
+            state_dir,
+            key,
+            validation,
+            validation_range,
+            initial_model,
+        } => {
+            let records = verified(&state_dir, key.as_deref())?;
+            if let Some(spec) = validation {
+                let (rounds, scores) = recompute(
+                    &state_dir,
+                    &records,
+                    &spec,
+                    validation_range.as_deref(),
+                    initial_model.as_deref(),
+                )?;
+                println!("scores recomputed: {scores} scores in {rounds} records agree");
+            }
+            let paid: u128 = records
+                .iter()
+                .flat_map(|r| &r.entries)
+                .map(|e| u128::from(e.reward))
+                .sum();
+            let head = records
+                .last()
+                .map(|r| hex::encode(r.hash()))
+                .unwrap_or_else(|| "-".into());
+            println!(
+                "ledger ok: {} records, {} participations, {paid} reward units paid; head {head}",
+                records.len(),
+                records.iter().map(|r| r.entries.len()).sum::<usize>(),
+            );
+        }
+        LedgerCmd::Proof {
+            state_dir,
+            device,
+            round,
+            key,
+        } => {
+            let records = verified(&state_dir, key.as_deref())?;
+            let device =
+                ledger::device_bytes(&device).map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+            let proof =
+                ledger::reward_proof(&records, &device, round).map_err(anyhow::Error::msg)?;
+            proof.verify()?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&ledger::proof_json(&proof))?
+            );
+        }
+        LedgerCmd::Export {
+            state_dir,
+            key,
+            out,
+        } => {
+            let records = verified(&state_dir, key.as_deref())?;
+            let json = serde_json::to_string_pretty(&serde_json::json!({
+                "ledger_key": hex::encode(key_for(&state_dir, key.as_deref())?.to_bytes()),
+                "rounds": ledger::roots(&records),
+            }))?;
+            match out {
+                Some(p) => fedge_proto::io::write_atomic(&p, json.as_bytes(), None)
+                    .with_context(|| format!("writing {}", p.display()))?,
+                None => println!("{json}"),
+            }
+        }
+        LedgerCmd::Ratings { state_dir } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let view = rt.block_on(LedgerView::open(&state_dir))?;
+            println!("{}", serde_json::to_string_pretty(&view.ratings)?);
+        }
+    }
+    Ok(())
+}
+
+/// A model by version: from the state directory, or the given initial
+/// model file if it is that version.
+fn model_of(
+    state_dir: &Path,
+    version: &[u8; 32],
+    initial: Option<&Path>,
+) -> anyhow::Result<ModelBlob> {
+    let limits = Limits::default();
+    let hex_v = hex::encode(version);
+    let mut candidates = vec![state_dir.join("models").join(format!("{hex_v}.fedge"))];
+    candidates.extend(initial.map(Path::to_path_buf));
+    for path in candidates {
+        let Ok(bytes) = std::fs::read(&path) else {
+            continue;
+        };
+        let m = ModelBlob::decode(&bytes, &limits)
+            .with_context(|| format!("model {}", path.display()))?;
+        if m.version().0 == *version {
+            return Ok(m);
+        }
+    }
+    anyhow::bail!("model {hex_v} is not in the state directory: pass it with --initial-model")
+}
+
+/// Recomputes every scored record's scores; (records, scores) checked.
+fn recompute(
+    state_dir: &Path,
+    records: &[LedgerRecord],
+    spec: &str,
+    range: Option<&str>,
+    initial: Option<&Path>,
+) -> anyhow::Result<(usize, usize)> {
+    let limits = Limits::default();
+    let mut eval: Option<EngineEvaluator> = None;
+    let (mut rounds, mut scores) = (0, 0);
+    for r in records {
+        if r.validation_samples == 0 || r.entries.is_empty() {
+            continue;
+        }
+        let fail = |e: String| anyhow::anyhow!("ledger record {}: {e}", r.seq);
+        let model =
+            model_of(state_dir, &r.model_before, initial).map_err(|e| fail(format!("{e:#}")))?;
+        if eval.is_none() {
+            eval = Some(EngineEvaluator::from_spec(&model, spec, range)?);
+        }
+        let ev = eval.as_mut().expect("set above");
+        let dim = model.params.values.len();
+        let mut deltas = Vec::with_capacity(r.entries.len());
+        for e in &r.entries {
+            let path = state_dir
+                .join("updates")
+                .join(r.round_id.to_string())
+                .join(format!("{}.bin", hex::encode(e.payload_hash)));
+            let bytes = std::fs::read(&path)
+                .map_err(|err| fail(format!("update payload {}: {err}", path.display())))?;
+            if *blake3::hash(&bytes).as_bytes() != e.payload_hash {
+                return Err(fail(format!(
+                    "update payload {} does not match its hash",
+                    path.display()
+                )));
+            }
+            deltas.push(
+                fedge_proto::update::decode_update(&bytes, dim, &limits)
+                    .map_err(|err| fail(format!("update payload {}: {err}", path.display())))?,
+            );
+        }
+        scores += ledger::recompute_scores(r, &model.params.values, &deltas, ev).map_err(fail)?;
+        rounds += 1;
+    }
+    Ok((rounds, scores))
+}

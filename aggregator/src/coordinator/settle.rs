@@ -1,0 +1,201 @@
+//! Settling a round: its accepted updates scored on the operator's
+//! validation set, flagged (copies, free-riders) and rewarded (see
+//! [`crate::scoring`]). The result goes out as [`Event::RoundSettled`]
+//! just before the version it produced is published; the driver writes it
+//! to the ledger with the publication.
+
+use bytes::Bytes;
+use fedge_proto::RejectCode;
+use fedge_proto::ledger::{PENALTY_NON_FINITE, PENALTY_NORM_BOUND};
+
+use super::ledger::Held;
+use super::transfers::Upload;
+use super::{Contribution, Coordinator, Event, Penalty, SettledEntry, Settlement};
+
+/// Penalties held for the next settlement at most (each holds its
+/// payload); more are dropped. Only devices holding a slot can upload, so
+/// this is far above what honest rounds see.
+const PENALTIES_PENDING_MAX: usize = 64;
+use crate::scoring::{self, RoundScores, UpdateScore};
+
+impl Coordinator {
+    /// A complete, signed upload was refused: when the reason is one anyone
+    /// can check from the payload (not finite, over the norm bound), it is
+    /// held as a penalty with its payload as evidence, for the next
+    /// settlement.
+    pub(super) fn note_refusal(&mut self, device: &str, code: RejectCode, u: &Upload) {
+        let kind = match code {
+            RejectCode::NonFinite => PENALTY_NON_FINITE,
+            RejectCode::NormBound => PENALTY_NORM_BOUND,
+            _ => return,
+        };
+        if self.penalties.len() >= PENALTIES_PENDING_MAX {
+            return;
+        }
+        let m = &u.begin.manifest;
+        self.penalties.push(Penalty {
+            round_id: self.round.id,
+            device: device.to_string(),
+            manifest_hash: m.signed_hash(&u.begin.signature),
+            payload_hash: m.payload_hash,
+            kind,
+            payload: Bytes::copy_from_slice(&u.data),
+        });
+    }
+
+    /// What settling will need of an accepted update (its delta only when
+    /// scoring is on).
+    pub(super) fn held(
+        &self,
+        manifest_hash: [u8; 32],
+        payload_hash: [u8; 32],
+        delta: &[f32],
+        sample_count: u64,
+    ) -> Held {
+        Held {
+            manifest_hash,
+            payload_hash,
+            delta: self.evaluator.is_some().then(|| delta.to_vec()),
+            examples: scoring::training_examples(
+                &self.cfg.plan,
+                self.samples_counted(sample_count),
+            ),
+        }
+    }
+
+    /// Scores and rewards the open round's accepted updates (`settled`:
+    /// their contribution records with final shares, in acceptance order)
+    /// and emits [`Event::RoundSettled`]. Call before publishing, while the
+    /// current model is the one the updates were applied to.
+    pub(super) fn settle(&mut self, round_id: u64, settled: &[Contribution]) {
+        let held = self.round.book.take_held();
+        let seed = scoring::scoring_seed(self.cfg.seed, round_id, &self.current_version);
+        let lr = scoring::server_lr(&self.cfg.strategy.server_opt);
+        // Sample counts are claims: the training compute is estimated as n
+        // times the median device's, so no claim moves it far.
+        let mut claimed: Vec<u64> = held.iter().map(|h| h.examples).collect();
+        claimed.sort_unstable();
+        let examples = claimed
+            .get(claimed.len() / 2)
+            .map_or(0, |m| m.saturating_mul(claimed.len() as u64));
+        let deltas: Option<Vec<&[f32]>> = held.iter().map(|h| h.delta.as_deref()).collect();
+        let scores = match deltas {
+            Some(d) if !held.is_empty() => scoring::score_round(
+                &self.cfg.scoring,
+                self.evaluator
+                    .as_deref_mut()
+                    .map(|e| e as &mut dyn scoring::Evaluator),
+                &seed,
+                &self.current.params.values,
+                lr,
+                &d,
+                examples,
+            ),
+            _ => RoundScores {
+                base_loss: None,
+                updates: held
+                    .iter()
+                    .map(|_| UpdateScore {
+                        score: None,
+                        norm: 0.0,
+                        copy_of: None,
+                        similarity: 0.0,
+                        alignment: 0.0,
+                        free_rider: false,
+                        noise: false,
+                    })
+                    .collect(),
+                error: Some(if held.is_empty() {
+                    "no accepted updates".into()
+                } else {
+                    "no validation set configured".into()
+                }),
+                cost: scoring::ScoringCost {
+                    training_passes: examples.saturating_mul(3),
+                    ..Default::default()
+                },
+            },
+        };
+        let reward_weights: Vec<f64> = settled
+            .iter()
+            .zip(&scores.updates)
+            .map(|(c, u)| {
+                let stake = self.cfg.weights.stake.apply(c.stake.unwrap_or(0.0));
+                let w = stake * scoring::clipped_score(u);
+                if w.is_finite() { w } else { 0.0 }
+            })
+            .collect();
+        let pool = self.cfg.scoring.reward_pool;
+        let rewards = scoring::rewards(
+            pool,
+            &scoring::reward_shares(&reward_weights, self.cfg.weights.max_share),
+        );
+        let entries = settled
+            .iter()
+            .zip(&held)
+            .zip(&scores.updates)
+            .zip(&rewards)
+            .map(|(((c, h), u), &reward)| SettledEntry {
+                device: c.device.clone(),
+                manifest_hash: h.manifest_hash,
+                payload_hash: h.payload_hash,
+                stake: c.stake,
+                weight: c.share,
+                score: u.score,
+                norm: u.norm,
+                copy_of: u.copy_of.map(|i| settled[i].device.clone()),
+                similarity: u.similarity,
+                alignment: u.alignment,
+                free_rider: u.free_rider,
+                noise: u.noise,
+                reward,
+            })
+            .collect();
+        let scored = scores.error.is_none();
+        let samples = if scored {
+            let held = self.evaluator.as_ref().map_or(0, |e| e.len());
+            self.cfg.scoring.validation_samples.min(held) as u32
+        } else {
+            0
+        };
+        let penalties = std::mem::take(&mut self.penalties);
+        self.event(Event::RoundSettled(Box::new(Settlement {
+            round_id,
+            model_before: self.current_version,
+            scoring_seed: seed,
+            validation_samples: samples,
+            method: self.cfg.scoring.method,
+            server_lr: lr,
+            reward_pool: pool,
+            rating_alpha: self.cfg.scoring.rating_alpha,
+            base_loss: scores.base_loss,
+            error: scores.error,
+            cost: scores.cost,
+            entries,
+            penalties,
+        })));
+    }
+
+    /// A rolled-back round: its updates were discarded, so its record has
+    /// no participants and pays nothing.
+    pub(super) fn settle_discarded(&mut self, round_id: u64) {
+        self.round.book.take_held();
+        let lr = scoring::server_lr(&self.cfg.strategy.server_opt);
+        let penalties = std::mem::take(&mut self.penalties);
+        self.event(Event::RoundSettled(Box::new(Settlement {
+            round_id,
+            model_before: self.current_version,
+            scoring_seed: scoring::scoring_seed(self.cfg.seed, round_id, &self.current_version),
+            validation_samples: 0,
+            method: self.cfg.scoring.method,
+            server_lr: lr,
+            reward_pool: self.cfg.scoring.reward_pool,
+            rating_alpha: self.cfg.scoring.rating_alpha,
+            base_loss: None,
+            error: Some("round rolled back: its updates were discarded".into()),
+            cost: Default::default(),
+            entries: Vec::new(),
+            penalties,
+        })));
+    }
+}

@@ -1,0 +1,413 @@
+//! The contribution ledger: one signed record per published model version
+//! (the format is [`fedge_proto::ledger`]), hash-chained to the previous
+//! one and stored in the state directory's database in the same
+//! transaction as the publication it describes (see
+//! [`crate::store::Store::publish`]), so a published version never lacks
+//! its record, even across a crash.
+//!
+//! - [`LedgerKey`]: the aggregator's Ed25519 ledger key, created on first
+//!   start (`ledger.key`, mode 0600) with its public half in `ledger.pub`
+//!   (hex), which verifiers pin.
+//! - [`build_record`]: a [`Settlement`] and the version it produced become
+//!   a [`LedgerRecord`] (entries ordered by device key; reward root).
+//! - [`verify_chain`]: every record decoded, its sequence number, link,
+//!   signature and reward root checked; the first bad record is named.
+//! - [`reward_proof`]: a device's inclusion proof for its reward in a round;
+//!   [`RoundRoot`]s: the per-round roots `ledger export` writes.
+
+use std::path::{Path, PathBuf};
+
+use fedge_proto::ledger::{
+    self, LedgerEntry, LedgerError, LedgerRecord, RewardProof, inclusion_proof,
+};
+use fedge_proto::sign::{SigningKey, VerifyingKey};
+use fedge_proto::{ModelVersion, ProtoError};
+use serde::Serialize;
+
+use crate::coordinator::Settlement;
+use crate::scoring::{Evaluator, ScoreMethod, ScoringConfig, score_round};
+
+const KEY_FILE: &str = "ledger.key";
+pub const PUBLIC_KEY_FILE: &str = "ledger.pub";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerKeyError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+}
+
+/// The aggregator's ledger signing key.
+pub struct LedgerKey {
+    key: SigningKey,
+}
+
+impl LedgerKey {
+    /// Loads the key from `dir`, or creates and stores one.
+    pub fn load_or_create(dir: &Path) -> Result<Self, LedgerKeyError> {
+        let path = dir.join(KEY_FILE);
+        match std::fs::read(&path) {
+            Ok(b) => {
+                let seed: [u8; 32] =
+                    b.as_slice()
+                        .try_into()
+                        .map_err(|_| LedgerKeyError::Corrupt {
+                            path: path.clone(),
+                            reason: format!("{} bytes; a ledger key is 32", b.len()),
+                        })?;
+                Ok(LedgerKey {
+                    key: SigningKey::from_bytes(&seed),
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut seed = [0u8; 32];
+                getrandom::fill(&mut seed).map_err(|e| LedgerKeyError::Io {
+                    path: path.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+                let key = SigningKey::from_bytes(&seed);
+                let write = |p: &Path, data: &[u8], mode: u32| {
+                    fedge_proto::io::write_atomic(p, data, Some(mode)).map_err(|source| {
+                        LedgerKeyError::Io {
+                            path: p.to_path_buf(),
+                            source,
+                        }
+                    })
+                };
+                write(&path, &seed, 0o600)?;
+                let public = hex::encode(key.verifying_key().to_bytes());
+                write(&dir.join(PUBLIC_KEY_FILE), public.as_bytes(), 0o644)?;
+                Ok(LedgerKey { key })
+            }
+            Err(source) => Err(LedgerKeyError::Io { path, source }),
+        }
+    }
+
+    pub fn public(&self) -> VerifyingKey {
+        self.key.verifying_key()
+    }
+
+    /// Signs a record hash.
+    pub fn sign(&self, record_hash: &[u8; 32]) -> [u8; 64] {
+        ledger::sign_record(&self.key, record_hash)
+    }
+}
+
+/// Reads the public ledger key a state directory's aggregator signs with.
+pub fn public_key(dir: &Path) -> Result<VerifyingKey, LedgerKeyError> {
+    let path = dir.join(PUBLIC_KEY_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|source| LedgerKeyError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    parse_public_key(text.trim()).map_err(|reason| LedgerKeyError::Corrupt { path, reason })
+}
+
+/// An Ed25519 public key in hex.
+pub fn parse_public_key(hex_key: &str) -> Result<VerifyingKey, String> {
+    let b = hex::decode(hex_key).map_err(|e| format!("not hex: {e}"))?;
+    fedge_proto::sign::public_key("ledger key", &b).map_err(|e: ProtoError| e.to_string())
+}
+
+/// A 32-byte device key from its hex id.
+pub fn device_bytes(device: &str) -> Result<[u8; 32], String> {
+    hex::decode(device)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| format!("`{device}` is not a 64-digit hex device key"))
+}
+
+/// The record of `settlement`, which published `model_after`, as record
+/// `seq` after a record with hash `prev_hash`.
+pub fn build_record(
+    seq: u64,
+    prev_hash: [u8; 32],
+    s: &Settlement,
+    model_after: ModelVersion,
+) -> Result<LedgerRecord, String> {
+    let mut entries = s
+        .entries
+        .iter()
+        .map(|e| {
+            Ok(LedgerEntry {
+                device: device_bytes(&e.device)?,
+                manifest_hash: e.manifest_hash,
+                payload_hash: e.payload_hash,
+                stake: e.stake.filter(|x| x.is_finite()).unwrap_or(0.0),
+                weight: if e.weight.is_finite() { e.weight } else { 0.0 },
+                score: e.score.filter(|x| x.is_finite()).unwrap_or(0.0),
+                flags: e.flags(),
+                reward: e.reward,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    entries.sort_by_key(|e| e.device);
+    if entries.windows(2).any(|w| w[0].device == w[1].device) {
+        return Err(format!("round {} settles one device twice", s.round_id));
+    }
+    let penalties = s
+        .penalties
+        .iter()
+        .map(|p| {
+            Ok(ledger::LedgerPenalty {
+                device: device_bytes(&p.device)?,
+                round_id: p.round_id,
+                manifest_hash: p.manifest_hash,
+                payload_hash: p.payload_hash,
+                kind: p.kind,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let mut r = LedgerRecord {
+        seq,
+        round_id: s.round_id,
+        prev_hash,
+        model_before: s.model_before.0,
+        model_after: model_after.0,
+        scoring_seed: s.scoring_seed,
+        validation_samples: s.validation_samples,
+        score_method: match s.method {
+            ScoreMethod::Direct => ledger::METHOD_DIRECT,
+            ScoreMethod::LeaveOneOut => ledger::METHOD_LEAVE_ONE_OUT,
+        },
+        server_lr: s.server_lr,
+        reward_pool: s.reward_pool,
+        entries,
+        penalties,
+        reward_root: [0; 32],
+    };
+    r.reward_root = r.compute_reward_root();
+    Ok(r)
+}
+
+/// A record as stored: its canonical bytes and the aggregator's signature.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredRecord {
+    /// The sequence number it is stored under.
+    pub seq: u64,
+    pub bytes: Vec<u8>,
+    pub signature: Vec<u8>,
+}
+
+/// Why a ledger does not verify: the record (by the sequence number it is
+/// stored under) and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+#[error("ledger record {seq}: {reason}")]
+pub struct VerifyError {
+    pub seq: u64,
+    pub reason: String,
+}
+
+/// One round's reward root, as `ledger export` writes it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RoundRoot {
+    pub seq: u64,
+    pub round_id: u64,
+    pub model_before: String,
+    pub model_after: String,
+    pub record_hash: String,
+    pub reward_root: String,
+    pub participants: usize,
+    pub rewards_paid: u64,
+    pub reward_pool: u64,
+}
+
+/// Checks a whole ledger, oldest first: each record decodes, is numbered
+/// one after the previous, names the previous record's hash, carries a
+/// valid signature by `key` over its hash and a reward root that matches
+/// its entries (and rewards within its pool), follows the previous round
+/// and starts from the model the previous one published. Returns the
+/// decoded records.
+pub fn verify_chain(
+    records: &[StoredRecord],
+    key: &VerifyingKey,
+) -> Result<Vec<LedgerRecord>, VerifyError> {
+    let mut out: Vec<LedgerRecord> = Vec::with_capacity(records.len());
+    let mut prev = [0u8; 32];
+    for (i, s) in records.iter().enumerate() {
+        let fail = |reason: String| VerifyError { seq: s.seq, reason };
+        let r = LedgerRecord::decode(&s.bytes).map_err(|e| fail(e.to_string()))?;
+        let expected_seq = i as u64 + 1;
+        if r.seq != expected_seq || s.seq != expected_seq {
+            return Err(fail(format!(
+                "numbered {} (stored as {}), expected {expected_seq}",
+                r.seq, s.seq
+            )));
+        }
+        if r.prev_hash != prev {
+            return Err(fail(format!(
+                "names previous hash {}, but the previous record hashes to {}",
+                hex::encode(r.prev_hash),
+                hex::encode(prev)
+            )));
+        }
+        let sig: [u8; 64] = s
+            .signature
+            .as_slice()
+            .try_into()
+            .map_err(|_| fail(format!("signature is {} bytes, not 64", s.signature.len())))?;
+        let h = ledger::record_hash(&s.bytes);
+        ledger::verify_record_signature(key, &h, &sig).map_err(|e: LedgerError| {
+            fail(format!(
+                "{e} (with ledger key {})",
+                hex::encode(key.to_bytes())
+            ))
+        })?;
+        if let Some(p) = out.last() {
+            if r.round_id <= p.round_id {
+                return Err(fail(format!(
+                    "round {} does not follow round {}",
+                    r.round_id, p.round_id
+                )));
+            }
+            if r.model_before != p.model_after {
+                return Err(fail(format!(
+                    "starts from model {}, but the previous record published {}",
+                    hex::encode(r.model_before),
+                    hex::encode(p.model_after)
+                )));
+            }
+        }
+        prev = h;
+        out.push(r);
+    }
+    Ok(out)
+}
+
+/// The per-round roots of verified records.
+pub fn roots(records: &[LedgerRecord]) -> Vec<RoundRoot> {
+    records
+        .iter()
+        .map(|r| RoundRoot {
+            seq: r.seq,
+            round_id: r.round_id,
+            model_before: hex::encode(r.model_before),
+            model_after: hex::encode(r.model_after),
+            record_hash: hex::encode(r.hash()),
+            reward_root: hex::encode(r.reward_root),
+            participants: r.entries.len(),
+            rewards_paid: r.entries.iter().map(|e| e.reward).sum(),
+            reward_pool: r.reward_pool,
+        })
+        .collect()
+}
+
+/// `device`'s proof of its reward in round `round_id`.
+pub fn reward_proof(
+    records: &[LedgerRecord],
+    device: &[u8; 32],
+    round_id: u64,
+) -> Result<RewardProof, String> {
+    let r = records
+        .iter()
+        .find(|r| r.round_id == round_id)
+        .ok_or_else(|| format!("no ledger record for round {round_id}"))?;
+    let index = r
+        .entries
+        .iter()
+        .position(|e| &e.device == device)
+        .ok_or_else(|| {
+            format!(
+                "device {} took no part in round {round_id}",
+                hex::encode(device)
+            )
+        })?;
+    let leaves = r.reward_leaves();
+    let path = inclusion_proof(&leaves, index).expect("index in range");
+    Ok(RewardProof {
+        round_id,
+        device: *device,
+        reward: r.entries[index].reward,
+        leaf_index: index as u64,
+        tree_size: leaves.len() as u64,
+        path,
+        root: r.reward_root,
+    })
+}
+
+/// A reward proof as JSON (what `ledger proof` prints and
+/// `fedge-device verify-reward` reads).
+pub fn proof_json(p: &RewardProof) -> serde_json::Value {
+    serde_json::json!({
+        "round_id": p.round_id,
+        "device": hex::encode(p.device),
+        "reward": p.reward,
+        "leaf_index": p.leaf_index,
+        "tree_size": p.tree_size,
+        "path": p.path.iter().map(hex::encode).collect::<Vec<_>>(),
+        "root": hex::encode(p.root),
+    })
+}
+
+/// Recomputes the scores of record `r` from the model its round started
+/// from (`model_before`), the round's updates (`deltas`, decoded, in entry
+/// order) and the validation set behind `evaluator`, as the aggregator
+/// computed them ([`crate::scoring::score_round`] with the record's seed,
+/// sample size, method and server learning rate). Unscored entries are
+/// skipped. Scores must agree to a relative 1e-9 (the leave-one-out sum
+/// adds updates in another order than the aggregator did). Returns how
+/// many scores were checked.
+pub fn recompute_scores(
+    r: &LedgerRecord,
+    model_before: &[f32],
+    deltas: &[Vec<f32>],
+    evaluator: &mut dyn Evaluator,
+) -> Result<usize, String> {
+    if deltas.len() != r.entries.len() {
+        return Err(format!(
+            "{} updates for {} entries",
+            deltas.len(),
+            r.entries.len()
+        ));
+    }
+    if let Some(d) = deltas.iter().find(|d| d.len() != model_before.len()) {
+        return Err(format!(
+            "an update has {} values, the model {}",
+            d.len(),
+            model_before.len()
+        ));
+    }
+    let cfg = ScoringConfig {
+        validation_samples: r.validation_samples as usize,
+        method: if r.score_method == ledger::METHOD_LEAVE_ONE_OUT {
+            ScoreMethod::LeaveOneOut
+        } else {
+            ScoreMethod::Direct
+        },
+        ..ScoringConfig::default()
+    };
+    let refs: Vec<&[f32]> = deltas.iter().map(Vec::as_slice).collect();
+    let scores = score_round(
+        &cfg,
+        Some(evaluator),
+        &r.scoring_seed,
+        model_before,
+        r.server_lr,
+        &refs,
+        0,
+    );
+    if let Some(e) = scores.error {
+        return Err(format!("scoring failed: {e}"));
+    }
+    let mut checked = 0;
+    for (e, u) in r.entries.iter().zip(&scores.updates) {
+        if e.flags & ledger::FLAG_UNSCORED != 0 {
+            continue;
+        }
+        let got = u.score.unwrap_or(f64::NAN);
+        let close = got == e.score || (got - e.score).abs() <= 1e-9 * got.abs().max(e.score.abs());
+        if !close {
+            return Err(format!(
+                "device {}: recorded score {}, recomputed {got}",
+                hex::encode(e.device),
+                e.score
+            ));
+        }
+        checked += 1;
+    }
+    Ok(checked)
+}

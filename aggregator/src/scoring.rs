@@ -1,0 +1,700 @@
+//! Contribution scoring and rewards, as pure functions the coordinator
+//! calls when a round closes.
+//!
+//! **Score.** An accepted update's score is its effect on held-out data:
+//! `loss(model) - loss(model + (lr / n) x delta)`, where `delta` is the
+//! update as combined (a stale FedBuff update already discounted), `lr`
+//! the server learning rate ([`server_lr`]) and `n` the round's accepted
+//! updates: the step the update makes as one of `n` in the round's mean
+//! ([`applied_step`]). Applying a whole non-IID update on its own
+//! overshoots toward the device's own labels and would mark most honest
+//! devices as harmful; as a `1/n` part of the step its first-order effect
+//! (its alignment with the validation gradient) decides the sign. The
+//! share is `1/n`, not the device's aggregation weight, because that
+//! weight grows with a claimed sample count, and a claim must never raise
+//! a score. Scores are evaluated on a validation sample
+//! of `validation_samples` examples drawn from the operator's validation
+//! set with a seed derived from the configured seed, the round and the
+//! model ([`scoring_seed`], [`validation_indices`]). Everything is
+//! deterministic, so anyone holding the published model, the update
+//! payloads and the validation set recomputes the same scores. This is the
+//! loss-difference score Templar's validators compute per miner; the
+//! evaluation itself is behind the [`Evaluator`] trait (the binary wires
+//! the engine in), because this library knows no ONNX.
+//!
+//! **Flags.** An update whose cosine similarity to an earlier-accepted
+//! update of the same round is at least `copy_cosine_min` is a copy; one
+//! whose L2 norm is below `free_rider_norm_ratio` times the round's median
+//! norm is a free-rider (a zero or token update); one whose cosine with
+//! the sum of the round's other updates is within `noise_sigmas /
+//! sqrt(dimension)` of zero is noise (a random direction is nearly orthogonal to
+//! everything in high dimension; honest updates of one model are not).
+//! Flagged and unscored updates earn nothing.
+//!
+//! **Rewards.** The round's pool is split by `f(stake) x max(score, 0)`
+//! (`f` is the stake transform of the aggregation weights), with each
+//! device's share capped at `weights.max_share` by water-filling as the
+//! aggregation weights are ([`reward_shares`]). Sample counts, which are a
+//! device's claim, play no part: nothing a device says raises its reward.
+//!
+//! **Cost.** Scoring runs `(1 + n) x validation_samples` forward passes
+//! for `n` updates; training ran about `3 x` (forward and backward, the
+//! usual estimate of training at three forward passes, e.g. Kaplan et al.
+//! 2020, "Scaling Laws for Neural Language Models", §2.1) the samples the
+//! round's plan trains on, estimated as `n` times the median device's
+//! (sample counts are claims). [`ScoringCost`] reports the ratio.
+
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use fedge_proto::ModelVersion;
+use fedge_proto::msg::TrainingPlan;
+
+use crate::robust::l2_norm;
+use crate::strategy::ServerOpt;
+
+/// Evaluates a model's parameters on the operator's validation set.
+pub trait Evaluator: Send {
+    /// How many validation examples are held.
+    fn len(&self) -> usize;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Mean loss of `params` (in the canonical layout) on the examples at
+    /// `indices` (each below [`Evaluator::len`]).
+    fn loss(&mut self, params: &[f32], indices: &[usize]) -> Result<f64, String>;
+}
+
+/// How updates are scored and rewarded (`[scoring]` in the TOML file).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScoringConfig {
+    /// The operator's validation set (a data spec: `mnist[:DIR]`,
+    /// `idx:IMAGES,LABELS`, `text:FILE`), loaded by the binary. None: no
+    /// update is scored and no reward is paid; the ledger still records
+    /// every round.
+    pub validation: Option<String>,
+    /// Only these examples of the validation set (`START..END`).
+    pub validation_range: Option<String>,
+    /// How an update's effect is measured.
+    pub method: ScoreMethod,
+    /// Examples per round's validation sample (the bound on scoring cost).
+    pub validation_samples: usize,
+    /// An update at least this cosine-similar to an earlier one of the
+    /// same round is a copy.
+    pub copy_cosine_min: f64,
+    /// An update with a norm below this fraction of the round's median
+    /// norm is a free-rider.
+    pub free_rider_norm_ratio: f64,
+    /// An update whose cosine similarity to the sum of the round's other
+    /// updates is within `noise_sigmas / sqrt(dimension)` of zero is
+    /// noise: a random direction has cosine about `N(0, 1/dimension)` with
+    /// any fixed vector, while honest updates of one model share its loss
+    /// landscape and are aligned with the others, or (a skewed shard)
+    /// against them, far beyond that (0: no noise flag; meaningful for
+    /// models of thousands of parameters and more).
+    pub noise_sigmas: f64,
+    /// Weight of the newest score in a device's rating (an exponential
+    /// moving average over the rounds it took part in).
+    pub rating_alpha: f64,
+    /// Reward units split among a round's participants (0: none).
+    pub reward_pool: u64,
+}
+
+impl Default for ScoringConfig {
+    fn default() -> Self {
+        ScoringConfig {
+            validation: None,
+            validation_range: None,
+            method: ScoreMethod::Direct,
+            validation_samples: 128,
+            copy_cosine_min: 0.99,
+            free_rider_norm_ratio: 0.05,
+            noise_sigmas: 3.0,
+            rating_alpha: 0.3,
+            reward_pool: 1_000_000,
+        }
+    }
+}
+
+impl ScoringConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.validation_samples == 0 || self.validation_samples > 1 << 20 {
+            return Err(format!(
+                "scoring.validation_samples must be in [1, 1048576], got {}",
+                self.validation_samples
+            ));
+        }
+        if !(self.copy_cosine_min > 0.0 && self.copy_cosine_min <= 1.0) {
+            return Err(format!(
+                "scoring.copy_cosine_min must be in (0, 1], got {}",
+                self.copy_cosine_min
+            ));
+        }
+        if !(0.0..1.0).contains(&self.free_rider_norm_ratio) {
+            return Err(format!(
+                "scoring.free_rider_norm_ratio must be in [0, 1), got {}",
+                self.free_rider_norm_ratio
+            ));
+        }
+        if !(self.noise_sigmas >= 0.0 && self.noise_sigmas.is_finite()) {
+            return Err(format!(
+                "scoring.noise_sigmas must be >= 0, got {}",
+                self.noise_sigmas
+            ));
+        }
+        if !(self.rating_alpha > 0.0 && self.rating_alpha <= 1.0) {
+            return Err(format!(
+                "scoring.rating_alpha must be in (0, 1], got {}",
+                self.rating_alpha
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// How an update's effect on the validation loss is measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScoreMethod {
+    /// `loss(model) - loss(model + (lr/n) x delta_i)`: the update alone,
+    /// as one of the round's `n` parts of its mean step.
+    Direct,
+    /// `loss(model + lr x mean without i) - loss(model + lr x mean)`: what
+    /// the round's equal-weight mean step loses without the update (the
+    /// leave-one-out value of data valuation, e.g. Ghorbani & Zou 2019,
+    /// "Data Shapley", §2). Honest updates from skewed (non-IID) shards
+    /// that hurt on their own but complete the others score positive; a
+    /// zero update dilutes the mean and scores negative.
+    LeaveOneOut,
+}
+
+/// The server learning rate an update is applied at.
+pub fn server_lr(opt: &ServerOpt) -> f64 {
+    match *opt {
+        ServerOpt::Avg { lr }
+        | ServerOpt::Momentum { lr, .. }
+        | ServerOpt::Adam { lr, .. }
+        | ServerOpt::Yogi { lr, .. }
+        | ServerOpt::Adagrad { lr, .. } => lr,
+    }
+}
+
+/// The step one of `n` updates is scored at: `lr / n`.
+pub fn applied_step(lr: f64, n: usize) -> f64 {
+    lr / n.max(1) as f64
+}
+
+/// The seed of round `round_id`'s validation sample: blake3 (key
+/// derivation, context `"fedge scoring seed v1"`) of the configured seed,
+/// the round and the model the round's updates are applied to.
+pub fn scoring_seed(seed: u64, round_id: u64, model: &ModelVersion) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_derive_key("fedge scoring seed v1");
+    h.update(&seed.to_le_bytes());
+    h.update(&round_id.to_le_bytes());
+    h.update(&model.0);
+    *h.finalize().as_bytes()
+}
+
+/// `min(m, n)` distinct indices below `n`, drawn by a partial
+/// Fisher-Yates shuffle driven by ChaCha8 from `seed` (each draw uniform by
+/// rejection, so the result depends on nothing but the seed), in
+/// ascending order.
+pub fn validation_indices(seed: &[u8; 32], n: usize, m: usize) -> Vec<usize> {
+    let mut rng = ChaCha8Rng::from_seed(*seed);
+    let m = m.min(n);
+    let mut pool: Vec<usize> = (0..n).collect();
+    for i in 0..m {
+        let span = (n - i) as u64;
+        // Largest multiple of span that fits: reject above it.
+        let zone = u64::MAX - (u64::MAX % span);
+        let r = loop {
+            let x = rng.next_u64();
+            if x < zone {
+                break x % span;
+            }
+        };
+        pool.swap(i, i + r as usize);
+    }
+    let mut out = pool[..m].to_vec();
+    out.sort_unstable();
+    out
+}
+
+/// Cosine similarity of `a` with an f64 vector (0 when either is zero).
+fn cosine64(a: &[f32], b: &[f64]) -> f64 {
+    let (mut ab, mut aa, mut bb) = (0.0f64, 0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        let x = f64::from(x);
+        ab += x * y;
+        aa += x * x;
+        bb += y * y;
+    }
+    if aa == 0.0 || bb == 0.0 {
+        0.0
+    } else {
+        ab / (aa.sqrt() * bb.sqrt())
+    }
+}
+
+/// Cosine similarity (0 when either vector is zero).
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let (mut ab, mut aa, mut bb) = (0.0f64, 0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        let (x, y) = (f64::from(x), f64::from(y));
+        ab += x * y;
+        aa += x * x;
+        bb += y * y;
+    }
+    if aa == 0.0 || bb == 0.0 {
+        0.0
+    } else {
+        ab / (aa.sqrt() * bb.sqrt())
+    }
+}
+
+/// What scoring found about one update.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UpdateScore {
+    /// loss before - loss after (None: not scored).
+    pub score: Option<f64>,
+    pub norm: f64,
+    /// The earlier update (its position) this one copies.
+    pub copy_of: Option<usize>,
+    /// Largest cosine similarity to an earlier update of the round.
+    pub similarity: f64,
+    /// Cosine similarity to the sum of the round's other updates.
+    pub alignment: f64,
+    pub free_rider: bool,
+    /// Uncorrelated with the rest of the round (see
+    /// [`ScoringConfig::noise_sigmas`]).
+    pub noise: bool,
+}
+
+/// A round's scores and what they cost.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoundScores {
+    pub base_loss: Option<f64>,
+    pub updates: Vec<UpdateScore>,
+    /// Why the updates are unscored, if they are.
+    pub error: Option<String>,
+    pub cost: ScoringCost,
+}
+
+/// Scoring cost against training cost, in forward passes of one example.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ScoringCost {
+    /// Examples evaluated by scoring: `(1 + scored) x sample size`.
+    pub scoring_passes: u64,
+    /// Examples the round's devices trained on (per the plan), each
+    /// counted as 3 forward passes.
+    pub training_passes: u64,
+    /// `scoring_passes / training_passes` (0 when nothing trained).
+    pub fraction: f64,
+}
+
+/// A score for a loss that is not finite: the worst there is.
+pub const NON_FINITE_SCORE: f64 = f64::MIN;
+
+/// Examples one device trains on in a round under `plan`, given its
+/// sample count (already bounded by the plan).
+pub fn training_examples(plan: &TrainingPlan, samples: u64) -> u64 {
+    if plan.local_steps > 0 {
+        u64::from(plan.local_steps) * u64::from(plan.batch_size)
+    } else {
+        samples.saturating_mul(u64::from(plan.local_epochs.max(1)))
+    }
+}
+
+/// Scores a round's updates (`deltas`, as combined, in acceptance order)
+/// against `base` with server learning rate `lr` ([`ScoreMethod`]).
+/// `training_examples` are the examples the round's devices trained on
+/// (for the cost). With no evaluator only the flags are computed.
+pub fn score_round(
+    cfg: &ScoringConfig,
+    evaluator: Option<&mut dyn Evaluator>,
+    seed: &[u8; 32],
+    base: &[f32],
+    lr: f64,
+    deltas: &[&[f32]],
+    training_examples: u64,
+) -> RoundScores {
+    let norms: Vec<f64> = deltas.iter().map(|d| l2_norm(d)).collect();
+    let mut sorted = norms.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = if sorted.is_empty() {
+        0.0
+    } else {
+        let n = sorted.len();
+        if n % 2 == 1 {
+            sorted[n / 2]
+        } else {
+            (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+        }
+    };
+    let dim = deltas.first().map_or(0, |d| d.len());
+    let mut total = vec![0f64; dim];
+    for d in deltas {
+        for (t, &x) in total.iter_mut().zip(d.iter()) {
+            *t += f64::from(x);
+        }
+    }
+    let noise_below = if dim > 0 {
+        cfg.noise_sigmas / (dim as f64).sqrt()
+    } else {
+        0.0
+    };
+    let mut updates: Vec<UpdateScore> = (0..deltas.len())
+        .map(|j| {
+            let cos: Vec<f64> = (0..j).map(|i| cosine(deltas[i], deltas[j])).collect();
+            let free_rider = norms[j] <= cfg.free_rider_norm_ratio * median;
+            let alignment = if deltas.len() > 1 {
+                let others: Vec<f64> = total
+                    .iter()
+                    .zip(deltas[j].iter())
+                    .map(|(&t, &x)| t - f64::from(x))
+                    .collect();
+                cosine64(deltas[j], &others)
+            } else {
+                0.0
+            };
+            UpdateScore {
+                score: None,
+                norm: norms[j],
+                copy_of: cos.iter().position(|&c| c >= cfg.copy_cosine_min),
+                similarity: cos.iter().copied().fold(0.0, f64::max),
+                alignment,
+                free_rider,
+                noise: deltas.len() > 1
+                    && cfg.noise_sigmas > 0.0
+                    && !free_rider
+                    && alignment.abs() < noise_below,
+            }
+        })
+        .collect();
+    let mut cost = ScoringCost {
+        training_passes: training_examples.saturating_mul(3),
+        ..Default::default()
+    };
+    let Some(eval) = evaluator else {
+        return RoundScores {
+            base_loss: None,
+            updates,
+            error: Some("no validation set configured".into()),
+            cost,
+        };
+    };
+    let idx = validation_indices(seed, eval.len(), cfg.validation_samples);
+    if idx.is_empty() {
+        return RoundScores {
+            base_loss: None,
+            updates,
+            error: Some("the validation set is empty".into()),
+            cost,
+        };
+    }
+    let base_loss = match eval.loss(base, &idx) {
+        Ok(l) if l.is_finite() => l,
+        Ok(l) => {
+            return RoundScores {
+                base_loss: None,
+                updates,
+                error: Some(format!("the current model's validation loss is {l}")),
+                cost,
+            };
+        }
+        Err(e) => {
+            return RoundScores {
+                base_loss: None,
+                updates,
+                error: Some(format!("evaluating the current model: {e}")),
+                cost,
+            };
+        }
+    };
+    let mut passes = idx.len() as u64;
+    let n = deltas.len();
+    let mut params = vec![0f32; base.len()];
+    let mut failed = None;
+    // The loss every candidate is compared with, and how a candidate is
+    // built: Direct compares model + (lr/n) delta_i with the model; leave-
+    // one-out compares the round's mean step without update i with the
+    // whole mean step.
+    let (reference, sum) = match cfg.method {
+        ScoreMethod::Direct => (base_loss, Vec::new()),
+        ScoreMethod::LeaveOneOut => {
+            let mut sum = vec![0f64; base.len()];
+            for d in deltas {
+                for (s, &x) in sum.iter_mut().zip(d.iter()) {
+                    *s += f64::from(x);
+                }
+            }
+            let step = lr / n as f64;
+            for ((p, &b), &s) in params.iter_mut().zip(base).zip(&sum) {
+                *p = (f64::from(b) + step * s) as f32;
+            }
+            passes += idx.len() as u64;
+            match eval.loss(&params, &idx) {
+                Ok(l) if l.is_finite() => (l, sum),
+                Ok(_) => (f64::INFINITY, sum),
+                Err(e) => {
+                    failed = Some(format!("evaluating the round's mean step: {e}"));
+                    (f64::NAN, sum)
+                }
+            }
+        }
+    };
+    for (u, d) in updates.iter_mut().zip(deltas) {
+        if failed.is_some() {
+            break;
+        }
+        match cfg.method {
+            ScoreMethod::Direct => {
+                let step = applied_step(lr, n);
+                for ((p, &b), &x) in params.iter_mut().zip(base).zip(d.iter()) {
+                    *p = (f64::from(b) + step * f64::from(x)) as f32;
+                }
+            }
+            ScoreMethod::LeaveOneOut => {
+                let step = if n > 1 { lr / (n - 1) as f64 } else { 0.0 };
+                for (((p, &b), &s), &x) in params.iter_mut().zip(base).zip(&sum).zip(d.iter()) {
+                    *p = (f64::from(b) + step * (s - f64::from(x))) as f32;
+                }
+            }
+        }
+        passes += idx.len() as u64;
+        match (eval.loss(&params, &idx), cfg.method) {
+            (Ok(l), ScoreMethod::Direct) if l.is_finite() => u.score = Some(reference - l),
+            (Ok(_), ScoreMethod::Direct) => u.score = Some(NON_FINITE_SCORE),
+            (Ok(l), ScoreMethod::LeaveOneOut) => {
+                u.score = Some(match (l.is_finite(), reference.is_finite()) {
+                    (true, true) => l - reference,
+                    // The mean is broken only with this update in it.
+                    (true, false) => NON_FINITE_SCORE,
+                    _ => 0.0,
+                })
+            }
+            (Err(e), _) => {
+                failed = Some(format!("evaluating an update: {e}"));
+            }
+        }
+    }
+    if failed.is_some() {
+        // All or nothing: a round is scored completely or not at all.
+        for u in &mut updates {
+            u.score = None;
+        }
+    }
+    cost.scoring_passes = passes;
+    cost.fraction = if cost.training_passes == 0 {
+        0.0
+    } else {
+        passes as f64 / cost.training_passes as f64
+    };
+    RoundScores {
+        base_loss: Some(base_loss),
+        updates,
+        error: failed,
+        cost,
+    }
+}
+
+impl UpdateScore {
+    /// A copy, a free-rider or noise.
+    pub fn flagged(&self) -> bool {
+        self.copy_of.is_some() || self.free_rider || self.noise
+    }
+}
+
+/// The score that earns a reward: `max(score, 0)`, and 0 for a flagged or
+/// unscored update.
+pub fn clipped_score(u: &UpdateScore) -> f64 {
+    match u.score {
+        Some(s) if !u.flagged() && s > 0.0 => s,
+        _ => 0.0,
+    }
+}
+
+/// Each participant's share of the reward pool from its reward weight
+/// (`f(stake) x clipped score`, all >= 0). Shares are proportional to the
+/// weights, and no share exceeds `max_share`: when at least `1/max_share`
+/// participants have a positive weight the excess is water-filled onto the
+/// others (as [`crate::weighting::cap_shares`] does for aggregation);
+/// with fewer, the capped shares stay at the cap and the rest of the pool
+/// is not paid out. Nothing is paid when no weight is positive.
+pub fn reward_shares(weights: &[f64], max_share: f64) -> Vec<f64> {
+    let total: f64 = weights.iter().sum();
+    if !(total > 0.0 && total.is_finite()) {
+        return vec![0.0; weights.len()];
+    }
+    let positive = weights.iter().filter(|&&w| w > 0.0).count();
+    let c = max_share.clamp(0.0, 1.0);
+    if c >= 1.0 {
+        return weights.iter().map(|w| w / total).collect();
+    }
+    if (positive as f64) * c >= 1.0 {
+        let pos: Vec<usize> = (0..weights.len()).filter(|&i| weights[i] > 0.0).collect();
+        let capped =
+            crate::weighting::cap_shares(&pos.iter().map(|&i| weights[i]).collect::<Vec<_>>(), c);
+        let t: f64 = capped.iter().sum();
+        let mut out = vec![0.0; weights.len()];
+        for (k, &i) in pos.iter().enumerate() {
+            out[i] = (capped[k] / t).min(c);
+        }
+        out
+    } else {
+        weights.iter().map(|w| (w / total).min(c)).collect()
+    }
+}
+
+/// Whole reward units from shares of `pool` (rounded down, so the total
+/// never exceeds the pool).
+pub fn rewards(pool: u64, shares: &[f64]) -> Vec<u64> {
+    shares
+        .iter()
+        .map(|s| {
+            let r = (pool as f64 * s).floor();
+            if r.is_finite() && r > 0.0 {
+                (r as u64).min(pool)
+            } else {
+                0
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A quadratic "model": the loss of `w` on example `i` is
+    /// `|w - t_i|^2` with targets `t_i` around `target`.
+    struct Quadratic {
+        targets: Vec<Vec<f32>>,
+        calls: usize,
+    }
+
+    impl Quadratic {
+        fn new(target: &[f32], n: usize) -> Self {
+            let targets = (0..n)
+                .map(|i| {
+                    target
+                        .iter()
+                        .map(|t| t + 0.01 * ((i % 7) as f32 - 3.0))
+                        .collect()
+                })
+                .collect();
+            Quadratic { targets, calls: 0 }
+        }
+    }
+
+    impl Evaluator for Quadratic {
+        fn len(&self) -> usize {
+            self.targets.len()
+        }
+        fn loss(&mut self, params: &[f32], indices: &[usize]) -> Result<f64, String> {
+            self.calls += 1;
+            let mut s = 0.0;
+            for &i in indices {
+                let t = self.targets.get(i).ok_or("index out of range")?;
+                s += params
+                    .iter()
+                    .zip(t)
+                    .map(|(p, t)| f64::from(p - t).powi(2))
+                    .sum::<f64>();
+            }
+            Ok(s / indices.len() as f64)
+        }
+    }
+
+    #[test]
+    fn indices_are_distinct_sorted_and_seeded() {
+        let a = validation_indices(&[1; 32], 1000, 50);
+        assert_eq!(a.len(), 50);
+        assert!(a.windows(2).all(|w| w[0] < w[1]));
+        assert!(a.iter().all(|&i| i < 1000));
+        assert_eq!(a, validation_indices(&[1; 32], 1000, 50));
+        assert_ne!(a, validation_indices(&[2; 32], 1000, 50));
+        assert_eq!(
+            validation_indices(&[1; 32], 10, 50),
+            (0..10).collect::<Vec<_>>()
+        );
+        assert!(validation_indices(&[1; 32], 0, 5).is_empty());
+        let v = ModelVersion([9; 32]);
+        assert_ne!(scoring_seed(0, 1, &v), scoring_seed(0, 2, &v));
+        assert_ne!(scoring_seed(0, 1, &v), scoring_seed(1, 1, &v));
+    }
+
+    /// A helpful update scores positive, a harmful one negative, a zero
+    /// update is a free-rider, and an exact copy is flagged.
+    #[test]
+    fn scores_and_flags() {
+        let base = vec![0.0f32; 8];
+        let target = vec![1.0f32; 8];
+        let mut eval = Quadratic::new(&target, 100);
+        let good = vec![0.5f32; 8];
+        let bad = vec![-0.5f32; 8];
+        let zero = vec![0.0f32; 8];
+        let mut other = vec![0.4f32; 8];
+        other[0] = 0.9;
+        let copy = good.clone();
+        let deltas: Vec<&[f32]> = vec![&good, &bad, &zero, &other, &copy];
+        let cfg = ScoringConfig {
+            validation_samples: 20,
+            // Eight dimensions: too few for the noise test to mean anything.
+            noise_sigmas: 0.0,
+            ..Default::default()
+        };
+        let r = score_round(&cfg, Some(&mut eval), &[3; 32], &base, 1.0, &deltas, 1000);
+        assert_eq!(r.error, None);
+        let s: Vec<f64> = r.updates.iter().map(|u| u.score.unwrap()).collect();
+        assert!(s[0] > 0.0 && s[3] > 0.0 && s[4] > 0.0, "{s:?}");
+        assert!(s[1] < 0.0, "{s:?}");
+        assert_eq!(s[2], 0.0);
+        assert!(r.updates[2].free_rider);
+        assert!(!r.updates[0].free_rider && !r.updates[1].free_rider);
+        assert_eq!(r.updates[4].copy_of, Some(0));
+        assert_eq!(r.updates[3].copy_of, None);
+        assert_eq!(r.updates[0].copy_of, None);
+        // 1 base + 5 updates, 20 examples each; 1000 examples trained x 3.
+        assert_eq!(eval.calls, 6);
+        assert_eq!(r.cost.scoring_passes, 120);
+        assert_eq!(r.cost.training_passes, 3000);
+        assert!((r.cost.fraction - 0.04).abs() < 1e-12);
+        let clipped: Vec<f64> = r.updates.iter().map(clipped_score).collect();
+        assert_eq!(clipped[1], 0.0);
+        assert_eq!(clipped[2], 0.0);
+        assert_eq!(clipped[4], 0.0);
+        assert!(clipped[0] > 0.0);
+        // Deterministic: the same inputs give the same scores.
+        let again = score_round(&cfg, Some(&mut eval), &[3; 32], &base, 1.0, &deltas, 1000);
+        assert_eq!(again, r);
+        // Without a validation set: flags only.
+        let none = score_round(&cfg, None, &[3; 32], &base, 1.0, &deltas, 1000);
+        assert!(none.updates.iter().all(|u| u.score.is_none()));
+        assert!(none.updates[2].free_rider);
+        assert!(none.error.is_some());
+    }
+
+    #[test]
+    fn reward_shares_are_proportional_and_capped() {
+        // No cap: proportional.
+        assert_eq!(reward_shares(&[1.0, 3.0, 0.0], 1.0), vec![0.25, 0.75, 0.0]);
+        // Nothing positive: nothing paid.
+        assert_eq!(reward_shares(&[0.0, 0.0], 0.5), vec![0.0, 0.0]);
+        // Enough participants: the whale's excess goes to the others.
+        let s = reward_shares(&[10.0, 1.0, 1.0, 1.0, 1.0, 1.0], 0.25);
+        assert!((s[0] - 0.25).abs() < 1e-12, "{s:?}");
+        assert!((s.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        assert!(s[1..].iter().all(|x| (x - 0.15).abs() < 1e-12));
+        // Too few positive participants: capped, and the rest unpaid.
+        let s = reward_shares(&[10.0, 1.0, 0.0, 0.0], 0.25);
+        assert_eq!(s[0], 0.25);
+        assert!((s[1] - 1.0 / 11.0).abs() < 1e-12);
+        assert_eq!(rewards(1000, &[0.25, 1.0 / 11.0]), vec![250, 90]);
+        assert_eq!(rewards(10, &[0.5, 0.5, f64::NAN]), vec![5, 5, 0]);
+    }
+}

@@ -1,0 +1,260 @@
+//! Contribution scoring on a simulated fleet (no sockets, virtual time):
+//! helpful updates score positive and are paid, a noise sender scores
+//! negative, a free-rider and a copycat are flagged, and nobody flagged or
+//! negative is paid; the scores are what a verifier recomputes from the
+//! published model, the updates and the validation set; everything is the
+//! same for the same seed.
+
+mod sim;
+
+use std::time::Duration;
+
+use fedge_aggregator::coordinator::{CoordinatorConfig, Event, Settlement};
+use fedge_aggregator::scoring::{self, Evaluator, ScoringConfig};
+use fedge_aggregator::weighting::WeightPolicy;
+use rand::{Rng, SeedableRng};
+use sim::{DeviceSpec, NetConfig, Sim};
+
+const DIM: usize = 64;
+const SEEDS: [u64; 3] = [1, 7, 42];
+
+/// The loss of `w` on example `k` is `|w - target - e_k|^2`: a quadratic
+/// around `target`, each example slightly off it.
+struct Quadratic {
+    target: Vec<f32>,
+    n: usize,
+}
+
+impl Evaluator for Quadratic {
+    fn len(&self) -> usize {
+        self.n
+    }
+    fn loss(&mut self, params: &[f32], indices: &[usize]) -> Result<f64, String> {
+        let mut s = 0.0;
+        for &k in indices {
+            if k >= self.n {
+                return Err(format!("index {k} out of range"));
+            }
+            let off = 0.001 * ((k % 11) as f64 - 5.0);
+            s += params
+                .iter()
+                .zip(&self.target)
+                .map(|(&p, &t)| (f64::from(p) - f64::from(t) - off).powi(2))
+                .sum::<f64>();
+        }
+        Ok(s / indices.len() as f64)
+    }
+}
+
+/// The initial model of `sim::model`, and a target 1.0 away in every
+/// coordinate: helpful updates point at it.
+fn target() -> Vec<f32> {
+    sim::model(DIM)
+        .params
+        .values
+        .iter()
+        .map(|v| v + 1.0)
+        .collect()
+}
+
+/// Devices 0-3 honest (toward the target, each with its own noise),
+/// 4 a noise sender, 5 a free-rider, 6 a copycat of device 0's update
+/// (slower, so its copy arrives after the original).
+fn fleet(seed: u64) -> Vec<DeviceSpec> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut noisy = |scale: f32, base: f32| -> Vec<f32> {
+        (0..DIM)
+            .map(|_| base + scale * (rng.random::<f32>() - 0.5))
+            .collect()
+    };
+    let honest: Vec<Vec<f32>> = (0..4).map(|_| noisy(0.6, 0.5)).collect();
+    let noise = noisy(20.0, 0.0);
+    let spec = |v: Vec<f32>, train_ms: u64| DeviceSpec {
+        vector: Some(v),
+        train_time: Duration::from_millis(train_ms),
+        ..DeviceSpec::new(0.0, 10)
+    };
+    let mut specs: Vec<DeviceSpec> = honest.iter().map(|v| spec(v.clone(), 300)).collect();
+    specs.push(spec(noise, 300));
+    specs.push(spec(vec![1e-7; DIM], 300));
+    specs.push(spec(honest[0].clone(), 3000));
+    specs
+}
+
+fn cfg() -> CoordinatorConfig {
+    CoordinatorConfig {
+        devices_per_round: 7,
+        over_selection: 1.0,
+        min_devices: 7,
+        rounds: 2,
+        round_deadline: Duration::from_secs(30),
+        retry_window: (Duration::from_millis(300), Duration::from_millis(900)),
+        chunk_bytes: 128,
+        weights: WeightPolicy {
+            max_share: 0.3,
+            ..WeightPolicy::default()
+        },
+        scoring: ScoringConfig {
+            validation_samples: 40,
+            reward_pool: 1000,
+            ..ScoringConfig::default()
+        },
+        ..CoordinatorConfig::default()
+    }
+}
+
+fn run(seed: u64) -> Sim {
+    let mut sim = Sim::new(seed, cfg(), NetConfig::default(), fleet(seed));
+    sim.coord.set_evaluator(Box::new(Quadratic {
+        target: target(),
+        n: 200,
+    }));
+    sim.run_to_end(Duration::from_secs(300));
+    sim
+}
+
+fn settlements(sim: &Sim) -> Vec<Settlement> {
+    sim.events
+        .iter()
+        .filter_map(|e| match e {
+            Event::RoundSettled(s) => Some((**s).clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn helpful_updates_are_paid_and_adversaries_are_not() {
+    for seed in SEEDS {
+        let sim = run(seed);
+        let settled = settlements(&sim);
+        assert_eq!(settled.len(), 2, "seed {seed}: both rounds settled");
+        let id = |i: usize| sim.device_id(i);
+        for s in &settled {
+            assert_eq!(s.entries.len(), 7, "seed {seed} round {}", s.round_id);
+            assert_eq!(s.error, None, "seed {seed}");
+            assert_eq!(s.validation_samples, 40);
+            let e = |i: usize| {
+                s.entries
+                    .iter()
+                    .find(|e| e.device == id(i))
+                    .unwrap_or_else(|| panic!("seed {seed}: device {i} settled"))
+            };
+            for i in 0..4 {
+                let h = e(i);
+                assert!(h.score.unwrap() > 0.0, "seed {seed} honest {i}: {h:?}");
+                assert!(
+                    h.copy_of.is_none() && !h.free_rider,
+                    "seed {seed} honest {i}"
+                );
+                assert!(h.reward > 0, "seed {seed} honest {i} paid");
+                assert!(h.reward <= 300, "seed {seed}: share capped at 30%");
+            }
+            let noise = e(4);
+            assert!(noise.score.unwrap() < 0.0, "seed {seed}: {noise:?}");
+            assert!(noise.noise, "seed {seed}: {noise:?}");
+            assert!(!e(0).noise && !e(6).noise, "seed {seed}");
+            assert_eq!(noise.reward, 0, "seed {seed}");
+            let free = e(5);
+            assert!(free.free_rider, "seed {seed}: {free:?}");
+            assert_eq!(free.reward, 0);
+            let copy = e(6);
+            assert_eq!(copy.copy_of.as_deref(), Some(id(0).as_str()), "seed {seed}");
+            assert_eq!(copy.reward, 0);
+            let paid: u64 = s.entries.iter().map(|e| e.reward).sum();
+            // Four honest devices, none capped: all but rounding is paid.
+            assert!((996..=1000).contains(&paid), "seed {seed}: paid {paid}");
+            // Scoring cost: 8 evaluations of 40 examples over 7 x 10 x 3.
+            assert_eq!(s.cost.scoring_passes, 8 * 40, "seed {seed}");
+            assert_eq!(s.cost.training_passes, 7 * 10 * 3, "seed {seed}");
+        }
+        assert_eq!(
+            settled[1].model_before,
+            sim.published()[0].2,
+            "seed {seed}: round 2 applied to round 1's model"
+        );
+    }
+}
+
+/// What a verifier does: from the model a round started from, the
+/// updates and the validation set, recompute each score.
+#[test]
+fn scores_are_recomputable_and_deterministic() {
+    let sim = run(7);
+    let settled = settlements(&sim);
+    let again = settlements(&run(7));
+    assert_eq!(settled, again, "same seed, same settlements");
+    let s = &settled[0];
+    let base = sim::model(DIM).params.values;
+    assert_eq!(s.model_before, sim::model(DIM).version());
+    let seed = scoring::scoring_seed(7, s.round_id, &s.model_before);
+    assert_eq!(seed, s.scoring_seed);
+    let idx = scoring::validation_indices(&seed, 200, 40);
+    let mut eval = Quadratic {
+        target: target(),
+        n: 200,
+    };
+    let base_loss = eval.loss(&base, &idx).unwrap();
+    assert_eq!(s.base_loss, Some(base_loss));
+    let specs = fleet(7);
+    let step = scoring::applied_step(s.server_lr, s.entries.len());
+    for (i, spec) in specs.iter().enumerate() {
+        let e = s
+            .entries
+            .iter()
+            .find(|e| e.device == sim.device_id(i))
+            .unwrap();
+        let v = spec.vector.as_ref().unwrap();
+        let moved: Vec<f32> = base
+            .iter()
+            .zip(v)
+            .map(|(&b, &d)| (f64::from(b) + step * f64::from(d)) as f32)
+            .collect();
+        let expected = base_loss - eval.loss(&moved, &idx).unwrap();
+        assert_eq!(e.score, Some(expected), "device {i}");
+    }
+}
+
+/// A device whose signed update is over the norm bound is refused, and
+/// the next settlement names it as a penalty (with its signed manifest's
+/// hash and its payload as evidence).
+#[test]
+fn an_update_over_the_norm_bound_is_a_recorded_penalty() {
+    for seed in SEEDS {
+        let mut specs: Vec<DeviceSpec> = fleet(seed).into_iter().take(4).collect();
+        // Faster than the others: refused before the round fills.
+        specs.push(DeviceSpec {
+            vector: Some(vec![50.0; DIM]),
+            train_time: Duration::from_millis(100),
+            ..DeviceSpec::new(0.0, 10)
+        });
+        let cfg = CoordinatorConfig {
+            devices_per_round: 4,
+            over_selection: 1.25,
+            min_devices: 4,
+            rounds: 1,
+            update_norm_max: Some(100.0),
+            ..cfg()
+        };
+        let mut sim = Sim::new(seed, cfg, NetConfig::default(), specs);
+        sim.coord.set_evaluator(Box::new(Quadratic {
+            target: target(),
+            n: 200,
+        }));
+        sim.run_to_end(Duration::from_secs(300));
+        let settled = settlements(&sim);
+        assert_eq!(settled.len(), 1, "seed {seed}");
+        let p = &settled[0].penalties;
+        assert_eq!(p.len(), 1, "seed {seed}: {p:?}");
+        assert_eq!(p[0].device, sim.device_id(4));
+        assert_eq!(p[0].kind, fedge_proto::ledger::PENALTY_NORM_BOUND);
+        assert_ne!(p[0].manifest_hash, [0; 32]);
+        assert_eq!(*blake3::hash(&p[0].payload).as_bytes(), p[0].payload_hash);
+        assert!(
+            settled[0]
+                .entries
+                .iter()
+                .all(|e| e.device != sim.device_id(4))
+        );
+    }
+}
