@@ -143,6 +143,26 @@ impl Raw {
     }
 }
 
+/// An aggregator serving `m` with `cfg` from a fresh state directory (the
+/// returned guard keeps it), until the test aborts it: its address, its
+/// certificate's fingerprint, the task.
+async fn serve(
+    cfg: ServerConfig,
+    m: ModelBlob,
+) -> (
+    SocketAddr,
+    [u8; 32],
+    tokio::task::AbortHandle,
+    tempfile::TempDir,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let identity = TlsIdentity::load_or_create(dir.path()).unwrap();
+    let server = Server::bind(cfg, &identity, Store::open(dir.path()).await.unwrap()).unwrap();
+    let addr = server.local_addr().unwrap();
+    let task = tokio::spawn(server.run(m, std::future::pending()));
+    (addr, identity.fingerprint(), task.abort_handle(), dir)
+}
+
 /// Three stock devices (keys `[key_byte + i; 32]`) that send `value` on
 /// every coordinate each round.
 fn honest_devices(
@@ -434,9 +454,6 @@ async fn bad_input_is_rejected_and_honest_devices_still_complete() {
 /// of holding what the device asked for; other devices are still served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_that_never_reads_is_dropped() {
-    let dir = tempfile::tempdir().unwrap();
-    let identity = TlsIdentity::load_or_create(dir.path()).unwrap();
-    let fp = identity.fingerprint();
     // 64k parameters: a 256 KiB model in 8 chunks of 32 KiB.
     let layout = Arc::new(ParamLayout::new(vec![TensorSpec::new("w", &[1 << 16])]).unwrap());
     let big = ModelBlob {
@@ -460,9 +477,7 @@ async fn a_device_that_never_reads_is_dropped() {
         writer_queue_bytes_max: 256 << 10,
         ..ServerConfig::default()
     };
-    let server = Server::bind(cfg, &identity, Store::open(dir.path()).await.unwrap()).unwrap();
-    let addr = server.local_addr().unwrap();
-    let serving = tokio::spawn(server.run(big, std::future::pending()));
+    let (addr, fp, serving, _dir) = serve(cfg, big).await;
 
     let mut c = Raw::connect(addr, fp).await;
     c.auth(&SigningKey::from_bytes(&[5; 32])).await;
@@ -582,9 +597,6 @@ async fn an_update_signed_for_another_federation_is_refused() {
 /// lost to back-pressure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_paced_away_by_a_full_budget_are_offered_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let identity = TlsIdentity::load_or_create(dir.path()).unwrap();
-    let fp = identity.fingerprint();
     let max_payload = fedge_proto::codec::payload_bytes_max(16);
     let cfg = ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -604,9 +616,7 @@ async fn uploads_paced_away_by_a_full_budget_are_offered_again() {
         finish_grace: Some(Duration::from_secs(2)),
         ..ServerConfig::default()
     };
-    let server = Server::bind(cfg, &identity, Store::open(dir.path()).await.unwrap()).unwrap();
-    let addr = server.local_addr().unwrap();
-    let serving = tokio::spawn(server.run(model(), std::future::pending()));
+    let (addr, fp, serving, _dir) = serve(cfg, model()).await;
 
     let key = SigningKey::from_bytes(&[60; 32]);
     let mut hog = Raw::connect(addr, fp).await;
@@ -673,9 +683,6 @@ async fn uploads_paced_away_by_a_full_budget_are_offered_again() {
 /// cut short (`RoundClosed`), not accepted at staleness 2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fedbuff_upload_finished_beyond_the_staleness_window_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let identity = TlsIdentity::load_or_create(dir.path()).unwrap();
-    let fp = identity.fingerprint();
     let cfg = ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         coordinator: CoordinatorConfig {
@@ -694,9 +701,7 @@ async fn a_fedbuff_upload_finished_beyond_the_staleness_window_is_refused() {
         },
         ..ServerConfig::default()
     };
-    let server = Server::bind(cfg, &identity, Store::open(dir.path()).await.unwrap()).unwrap();
-    let addr = server.local_addr().unwrap();
-    let serving = tokio::spawn(server.run(model(), std::future::pending()));
+    let (addr, fp, serving, _dir) = serve(cfg, model()).await;
 
     // The slow device takes a task on the first version and sends the
     // first chunk of its update.
@@ -790,9 +795,6 @@ fn peak_rss() -> u64 {
 /// within 300 MiB of where it started.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_uploads_and_never_reading_clients_hold_bounded_memory() {
-    let dir = tempfile::tempdir().unwrap();
-    let identity = TlsIdentity::load_or_create(dir.path()).unwrap();
-    let fp = identity.fingerprint();
     const DIM: usize = 1 << 16;
     let layout = Arc::new(ParamLayout::new(vec![TensorSpec::new("w", &[DIM])]).unwrap());
     let big = ModelBlob {
@@ -823,10 +825,8 @@ async fn slowloris_uploads_and_never_reading_clients_hold_bounded_memory() {
         writer_queue_bytes_max: 256 << 10,
         ..ServerConfig::default()
     };
-    let server = Server::bind(cfg, &identity, Store::open(dir.path()).await.unwrap()).unwrap();
-    let addr = server.local_addr().unwrap();
     let start_rss = peak_rss();
-    let serving = tokio::spawn(server.run(big, std::future::pending()));
+    let (addr, fp, serving, _dir) = serve(cfg, big).await;
 
     let mut attackers = Vec::new();
     for i in 0..50u32 {
