@@ -163,6 +163,37 @@ async fn serve(
     (addr, identity.fingerprint(), task.abort_handle(), dir)
 }
 
+/// A signed announcement of `bytes` of garbage for `c`'s task, in chunks
+/// of `chunk` bytes, and the garbage (it passes every check until it is
+/// decoded).
+fn garbage_upload(
+    c: &Raw,
+    key: &SigningKey,
+    round_id: u64,
+    version: ModelVersion,
+    bytes: u64,
+    chunk: usize,
+) -> (UploadBegin, Vec<u8>) {
+    let payload = vec![7u8; bytes as usize];
+    let manifest = UpdateManifest {
+        round_id,
+        model_version: version,
+        payload_hash: *blake3::hash(&payload).as_bytes(),
+        payload_bytes: bytes,
+        sample_count: 1,
+        metrics: vec![],
+        device_public_key: key.verifying_key(),
+        federation_id: c.federation,
+    };
+    let signature = manifest.sign(key);
+    let begin = UploadBegin {
+        manifest,
+        signature,
+        chunk_bytes: chunk as u32,
+    };
+    (begin, payload)
+}
+
 /// Three stock devices (keys `[key_byte + i; 32]`) that send `value` on
 /// every coordinate each round.
 fn honest_devices(
@@ -622,25 +653,10 @@ async fn uploads_paced_away_by_a_full_budget_are_offered_again() {
     let mut hog = Raw::connect(addr, fp).await;
     hog.auth(&key).await;
     let (round_id, version) = hog.offer().await;
-    let payload = vec![7u8; max_payload as usize];
-    let manifest = UpdateManifest {
-        round_id,
-        model_version: version,
-        payload_hash: *blake3::hash(&payload).as_bytes(),
-        payload_bytes: max_payload,
-        sample_count: 1,
-        metrics: vec![],
-        device_public_key: key.verifying_key(),
-        federation_id: hog.federation,
-    };
-    let signature = manifest.sign(&key);
     let half = max_payload.div_ceil(2) as usize;
-    hog.send(&DeviceMsg::UploadBegin(Box::new(UploadBegin {
-        manifest: manifest.clone(),
-        signature,
-        chunk_bytes: half as u32,
-    })))
-    .await;
+    let (begin, payload) = garbage_upload(&hog, &key, round_id, version, max_payload, half);
+    let manifest = begin.manifest.clone();
+    hog.send(&DeviceMsg::UploadBegin(Box::new(begin))).await;
     match hog.recv().await {
         AggMsg::UploadStatus { next_index: 0, .. } => {}
         other => panic!("expected the upload's status, got {other:?}"),
@@ -844,25 +860,9 @@ async fn slowloris_uploads_and_never_reading_clients_hold_bounded_memory() {
                 AggMsg::TaskOffer(o) => (o.round_id, o.model.version),
                 _ => return (c, false),
             };
-            let payload = vec![7u8; max_payload as usize];
-            let manifest = UpdateManifest {
-                round_id,
-                model_version: version,
-                payload_hash: *blake3::hash(&payload).as_bytes(),
-                payload_bytes: max_payload,
-                sample_count: 1,
-                metrics: vec![],
-                device_public_key: key.verifying_key(),
-                federation_id: c.federation,
-            };
-            let signature = manifest.sign(&key);
             let chunk = 64 << 10;
-            c.send(&DeviceMsg::UploadBegin(Box::new(UploadBegin {
-                manifest,
-                signature,
-                chunk_bytes: chunk as u32,
-            })))
-            .await;
+            let (begin, payload) = garbage_upload(&c, &key, round_id, version, max_payload, chunk);
+            c.send(&DeviceMsg::UploadBegin(Box::new(begin))).await;
             match c.recv().await {
                 AggMsg::UploadStatus { next_index: 0, .. } => {}
                 // The in-flight byte budget is full: come back later.
