@@ -244,7 +244,7 @@ impl Accountant {
 }
 
 /// What one round's combiner hands back to the strategy.
-#[derive(Default)]
+#[derive(Clone, Copy, Default)]
 struct RoundTally {
     /// Updates whose norm was at most the bound (before clipping).
     unclipped: usize,
@@ -302,7 +302,7 @@ impl DpFedAvg {
 
     /// The adaptive step of Andrew et al.: the noised fraction of updates
     /// that needed no clipping moves the bound towards the target quantile.
-    fn adapt(&mut self, unclipped: usize) {
+    fn adapt(&mut self, RoundTally { unclipped, count }: RoundTally) {
         let DpClip::Adaptive {
             target_quantile,
             learning_rate,
@@ -315,14 +315,10 @@ impl DpFedAvg {
         let noise = Normal::new(0.0, sb).expect("positive stddev");
         let m = self.expected as f64;
         // Centred bits (b - 1/2) have sensitivity 1/2.
-        let centred = unclipped as f64 - 0.5 * self.tally_count() as f64
+        let centred = unclipped as f64 - 0.5 * count as f64
             + noise.sample(&mut *self.rng.lock().expect("lock"));
         let fraction = centred / m + 0.5;
         self.bound *= (-learning_rate * (fraction - target_quantile)).exp();
-    }
-
-    fn tally_count(&self) -> usize {
-        self.tally.lock().expect("lock").count
     }
 }
 
@@ -414,8 +410,8 @@ impl Strategy for DpFedAvg {
             .inner
             .aggregate_round(round_id, params, combined, failures);
         self.accountant.step();
-        let unclipped = self.tally.lock().expect("lock").unclipped;
-        self.adapt(unclipped);
+        let tally = *self.tally.lock().expect("lock");
+        self.adapt(tally);
         next
     }
 
