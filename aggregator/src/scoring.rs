@@ -102,6 +102,11 @@ pub struct ScoringConfig {
     pub rating_alpha: f64,
     /// Reward units split among a round's participants (0: none).
     pub reward_pool: u64,
+    /// Fraction of a device's stake each of its penalties slashes (a
+    /// signed update refused as not finite or over the norm bound, two
+    /// signed updates for one task, a copy), in [0, 1]. 0: penalties are
+    /// recorded in the ledger as evidence but cost nothing.
+    pub slash_fraction: f64,
 }
 
 impl Default for ScoringConfig {
@@ -116,6 +121,7 @@ impl Default for ScoringConfig {
             noise_sigmas: 3.0,
             rating_alpha: 0.3,
             reward_pool: 1_000_000,
+            slash_fraction: 0.0,
         }
     }
 }
@@ -144,6 +150,12 @@ impl ScoringConfig {
             return Err(format!(
                 "scoring.noise_sigmas must be >= 0, got {}",
                 self.noise_sigmas
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.slash_fraction) {
+            return Err(format!(
+                "scoring.slash_fraction must be in [0, 1], got {}",
+                self.slash_fraction
             ));
         }
         if !(self.rating_alpha > 0.0 && self.rating_alpha <= 1.0) {

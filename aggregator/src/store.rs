@@ -490,8 +490,13 @@ impl Store {
             }
             None => None,
         };
-        // The evidence of each penalty the record names, durable first.
-        for p in settlement.iter().flat_map(|s| &s.penalties) {
+        // The evidence of each penalty the record names, durable first (a
+        // copy's evidence is its payload, kept with the round's updates).
+        for p in settlement
+            .iter()
+            .flat_map(|s| &s.penalties)
+            .filter(|p| !p.payload.is_empty())
+        {
             let path = self
                 .dir
                 .join("evidence")
@@ -720,6 +725,7 @@ mod tests {
             manifest_hash: [3; 32],
             payload_hash: *blake3::hash(b"evidence").as_bytes(),
             kind: fedge_proto::ledger::PENALTY_NORM_BOUND,
+            slashed: 0.0,
             payload: bytes::Bytes::from_static(b"evidence"),
         });
         store.stage_settlement(s2);

@@ -18,6 +18,8 @@
 //! - [`ledger`]: the contribution ledger's record format, its hash chain
 //!   and signatures, and the per-round Merkle tree of rewards whose
 //!   inclusion proofs devices check offline.
+//! - [`evidence`]: the evidence of equivocation (two signed updates of
+//!   one device for one task), as the ledger's penalties name it.
 //! - [`fuzzing`]: one entry point a decoder for the fuzz targets (`fuzz/`)
 //!   and the corpus replay test.
 //!
@@ -27,6 +29,7 @@
 pub mod codec;
 pub mod delta;
 pub mod error;
+pub mod evidence;
 pub mod frame;
 pub mod fuzzing;
 #[cfg(feature = "io")]

@@ -18,8 +18,9 @@ use crate::evaluator::EngineEvaluator;
 pub enum LedgerCmd {
     /// Check the whole chain: every record decodes, follows the previous
     /// one (sequence number and hash), carries the aggregator's signature
-    /// and a reward root that matches its rewards. Fails naming the first
-    /// bad record.
+    /// and a reward root that matches its rewards, and the evidence of
+    /// every penalty is in the state directory and proves it. Fails naming
+    /// the first bad record.
     Verify {
         #[arg(long, default_value = "fedge-aggregator-state")]
         state_dir: PathBuf,
@@ -100,6 +101,7 @@ pub fn run(cmd: LedgerCmd) -> anyhow::Result<()> {
             initial_model,
         } => {
             let records = verified(&state_dir, key.as_deref())?;
+            let penalties = check_all_evidence(&state_dir, &records, initial_model.as_deref())?;
             if let Some(spec) = validation {
                 let (rounds, scores) = recompute(
                     &state_dir,
@@ -120,7 +122,8 @@ pub fn run(cmd: LedgerCmd) -> anyhow::Result<()> {
                 .map(|r| hex::encode(r.hash()))
                 .unwrap_or_else(|| "-".into());
             println!(
-                "ledger ok: {} records, {} participations, {paid} reward units paid; head {head}",
+                "ledger ok: {} records, {} participations, {paid} reward units paid, \
+                 {penalties} penalties with their evidence; head {head}",
                 records.len(),
                 records.iter().map(|r| r.entries.len()).sum::<usize>(),
             );
@@ -191,6 +194,43 @@ fn model_of(
         }
     }
     anyhow::bail!("model {hex_v} is not in the state directory: pass it with --initial-model")
+}
+
+/// Checks every penalty's evidence in the state directory (see
+/// [`ledger::check_evidence`]); fails naming the record. Returns how many
+/// penalties were checked.
+fn check_all_evidence(
+    state_dir: &Path,
+    records: &[LedgerRecord],
+    initial: Option<&Path>,
+) -> anyhow::Result<usize> {
+    let limits = Limits::default();
+    let mut dimension = None;
+    let mut n = 0;
+    for r in records {
+        for p in &r.penalties {
+            let fail = |e: String| {
+                anyhow::anyhow!(
+                    "ledger record {}: penalty of device {} in round {}: {e}",
+                    r.seq,
+                    hex::encode(p.device),
+                    p.round_id
+                )
+            };
+            if dimension.is_none() {
+                dimension = model_of(state_dir, &r.model_before, initial)
+                    .ok()
+                    .map(|m| m.params.values.len());
+            }
+            let path = ledger::evidence_path(state_dir, p);
+            let bytes = std::fs::read(&path)
+                .map_err(|e| fail(format!("evidence {}: {e}", path.display())))?;
+            ledger::check_evidence(p, &bytes, dimension, &limits)
+                .map_err(|e| fail(format!("evidence {}: {e}", path.display())))?;
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 /// Recomputes every scored record's scores; (records, scores) checked.

@@ -90,6 +90,7 @@ impl Coordinator {
             .policy
             .on_round_closed(round_id + 1, self.current_version);
         self.transfers.on_round_closed(keep_from);
+        self.misconduct.forget_before(keep_from);
         self.slots.clear();
         if published {
             self.emit_checkpoint();

@@ -27,6 +27,8 @@
 //! - [`selection`]: the check-in window, slot timeouts, abandoned tasks;
 //! - [`ledger`]: the round's contribution records;
 //! - [`closing`]: closing a round, and settling it (scores and rewards);
+//! - [`misconduct`]: penalties with their evidence (refused signed updates,
+//!   equivocation, copies) and the stake they slash;
 //! - this module: the message flow that ties them together, weighting,
 //!   combining and publishing.
 
@@ -36,6 +38,7 @@ mod config;
 mod fedbuff;
 mod intake;
 mod ledger;
+mod misconduct;
 mod output;
 mod policy;
 mod selection;
@@ -128,6 +131,8 @@ pub struct Coordinator {
     evaluator: Option<Box<dyn Evaluator>>,
     /// Penalties not yet settled (a round that aborts settles none).
     penalties: Vec<Penalty>,
+    /// Signed manifests kept for equivocation evidence, and slashed stakes.
+    misconduct: misconduct::Misconduct,
     published_rounds: u64,
     finished: bool,
     out: VecDeque<Output>,
@@ -188,6 +193,7 @@ impl Coordinator {
             stakes: Box::new(std::collections::HashMap::<String, f64>::new()),
             evaluator: None,
             penalties: Vec::new(),
+            misconduct: Default::default(),
             published_rounds,
             finished,
             out: VecDeque::new(),
@@ -613,7 +619,7 @@ impl Coordinator {
     /// come back much later.
     fn eligible(&mut self, session: SessionId, key: &VerifyingKey) -> bool {
         let dev = device_id(key);
-        let Err(e) = self.cfg.weights.raw_weight(self.stakes.stake(&dev), 1) else {
+        let Err(e) = self.cfg.weights.raw_weight(self.stake_of(&dev), 1) else {
             return true;
         };
         self.event(Event::Rejected {
