@@ -177,6 +177,8 @@ pub fn build_record(
         score_method: match s.method {
             ScoreMethod::Direct => ledger::METHOD_DIRECT,
             ScoreMethod::LeaveOneOut => ledger::METHOD_LEAVE_ONE_OUT,
+            ScoreMethod::Marginal => ledger::METHOD_MARGINAL,
+            ScoreMethod::Shapley => ledger::METHOD_SHAPLEY,
         },
         server_lr: s.server_lr,
         reward_pool: s.reward_pool,
@@ -377,10 +379,11 @@ pub fn recompute_scores(
     }
     let cfg = ScoringConfig {
         validation_samples: r.validation_samples as usize,
-        method: if r.score_method == ledger::METHOD_LEAVE_ONE_OUT {
-            ScoreMethod::LeaveOneOut
-        } else {
-            ScoreMethod::Direct
+        method: match r.score_method {
+            ledger::METHOD_LEAVE_ONE_OUT => ScoreMethod::LeaveOneOut,
+            ledger::METHOD_MARGINAL => ScoreMethod::Marginal,
+            ledger::METHOD_SHAPLEY => ScoreMethod::Shapley,
+            _ => ScoreMethod::Direct,
         },
         ..ScoringConfig::default()
     };

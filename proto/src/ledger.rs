@@ -75,6 +75,12 @@ pub const PENALTIES_MAX: usize = 1 << 12;
 pub const METHOD_DIRECT: u8 = 0;
 /// Scores are what the round's mean step loses without the update.
 pub const METHOD_LEAVE_ONE_OUT: u8 = 1;
+/// Scores are what the round's step loses without the update, the others
+/// keeping their parts.
+pub const METHOD_MARGINAL: u8 = 2;
+/// Scores are the mean of the direct and the marginal score (a Shapley
+/// value under a quadratic loss).
+pub const METHOD_SHAPLEY: u8 = 3;
 const FLAGS_KNOWN: u8 = FLAG_COPY | FLAG_FREE_RIDER | FLAG_UNSCORED | FLAG_NOISE;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -262,7 +268,7 @@ impl LedgerRecord {
         let validation_samples =
             u32::from_le_bytes(r.take(4, "validation_samples")?.try_into().expect("4"));
         let score_method = r.take(1, "score_method")?[0];
-        if score_method > METHOD_LEAVE_ONE_OUT {
+        if score_method > METHOD_SHAPLEY {
             return Err(LedgerError::Invalid {
                 field: "score_method",
                 reason: format!("unknown method {score_method}"),

@@ -338,8 +338,10 @@ pub struct SimArgs {
     #[arg(long)]
     validation_samples: Option<usize>,
     /// How scores are computed: direct (the update alone, as one of the
-    /// round's n parts of its step) or leave-one-out (what the round's
-    /// mean step loses without it).
+    /// round's n parts of its step), leave-one-out (what the round's mean
+    /// step loses without it, the mean renormalised), marginal (what the
+    /// step loses without it, the others' parts unchanged) or shapley (the
+    /// mean of direct and marginal; twice the evaluations).
     #[arg(long)]
     score_method: Option<String>,
     /// Print the effective configuration as TOML and exit.
@@ -360,7 +362,11 @@ impl SimConfig {
             c.scoring.method = match m.as_str() {
                 "direct" => fedge_aggregator::scoring::ScoreMethod::Direct,
                 "leave-one-out" => fedge_aggregator::scoring::ScoreMethod::LeaveOneOut,
-                o => anyhow::bail!("--score-method `{o}`: use direct or leave-one-out"),
+                "marginal" => fedge_aggregator::scoring::ScoreMethod::Marginal,
+                "shapley" => fedge_aggregator::scoring::ScoreMethod::Shapley,
+                o => anyhow::bail!(
+                    "--score-method `{o}`: use direct, leave-one-out, marginal or shapley"
+                ),
             };
         }
         if let Some(s) = &a.strategy {
