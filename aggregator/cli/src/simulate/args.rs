@@ -327,6 +327,12 @@ pub struct SimArgs {
     /// Delta at which epsilon is reported (default 1e-5).
     #[arg(long, requires = "dp_noise")]
     dp_delta: Option<f64>,
+    /// Compress each published model step with this update codec (e.g.
+    /// `topk:0.1`), with server-side error feedback: devices holding the
+    /// previous model download a much smaller (still bit-exact) delta.
+    /// Sets `[strategy] downlink`.
+    #[arg(long, value_name = "CODEC")]
+    downlink: Option<String>,
     /// Directory for results.json.
     #[arg(long)]
     out_dir: Option<PathBuf>,
@@ -457,6 +463,9 @@ impl SimConfig {
         );
         if a.min_devices.is_some() {
             c.min_devices = a.min_devices;
+        }
+        if a.downlink.is_some() {
+            c.strategy.downlink = a.downlink.clone();
         }
         if a.update_norm_max.is_some() {
             c.update_norm_max = a.update_norm_max;
