@@ -23,6 +23,7 @@ use crate::coordinator::CoordinatorConfig;
 use crate::robust::CombineSpec;
 use crate::scoring::ScoringConfig;
 use crate::server::ServerConfig;
+use crate::store::Database;
 use crate::strategy::{ClipSpec, StrategyConfig};
 use crate::weighting::{Transform, WeightPolicy};
 
@@ -31,8 +32,14 @@ use crate::weighting::{Transform, WeightPolicy};
 pub struct AggregatorConfig {
     /// UDP address to listen on.
     pub listen: SocketAddr,
-    /// Where keys, models and the resume point live.
+    /// Where keys, models and update payloads live (and the SQLite
+    /// database, the default).
     pub state_dir: PathBuf,
+    /// Where the tables (resume point, updates, contributions, ledger,
+    /// ratings) live: `"sqlite"` (the default: `aggregator.db` in
+    /// `state_dir`) or `"postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE"`
+    /// (the database must exist; its tables are created on first use).
+    pub database: Database,
     /// Initial model (a `.fedge` blob); ignored when the state directory
     /// already holds a published model.
     pub model: Option<PathBuf>,
@@ -150,6 +157,7 @@ impl Default for AggregatorConfig {
         AggregatorConfig {
             listen: "127.0.0.1:4433".parse().expect("addr"),
             state_dir: PathBuf::from("fedge-aggregator-state"),
+            database: Database::Sqlite,
             model: None,
             federation: "fedge".into(),
             seed: 0,
