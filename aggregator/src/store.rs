@@ -37,8 +37,8 @@ use crate::ledger::{LedgerKey, StoredRecord};
 
 mod db;
 mod ledger;
-pub use db::{DATABASE_FORMS, Database, SCHEMA_VERSION, testing};
 use db::Db;
+pub use db::{DATABASE_FORMS, Database, SCHEMA_VERSION, testing};
 pub use ledger::LedgerView;
 use ledger::{ledger_rows, rating_rows};
 
@@ -592,17 +592,30 @@ impl Store {
 mod tests {
     use super::*;
 
+    // Every store test runs on both backends: `<name>_sqlite` and
+    // `<name>_postgres` (a fresh database on the server FEDGE_TEST_PG_URL
+    // names; without it the PostgreSQL half fails saying how to start one).
+
+    #[tokio::test]
+    async fn aborted_rounds_are_never_reused_sqlite() {
+        aborted_rounds_are_never_reused(Database::Sqlite).await;
+    }
+
+    #[tokio::test]
+    async fn aborted_rounds_are_never_reused_postgres() {
+        aborted_rounds_are_never_reused(testing::fresh_postgres("aborted_rounds").await).await;
+    }
+
     /// An aborted round moves the resume point past it, across a reopen,
     /// so its id is never used again.
-    #[tokio::test]
-    async fn aborted_rounds_are_never_reused() {
+    async fn aborted_rounds_are_never_reused(db: Database) {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(dir.path()).await.unwrap();
+        let mut store = Store::open_with(dir.path(), &db).await.unwrap();
         assert_eq!(store.resume_point().next_round_id, 1);
         store.skip_round(1).await.unwrap();
         store.skip_round(2).await.unwrap();
-        drop(store);
-        let store = Store::open(dir.path()).await.unwrap();
+        store.db.pool.close().await;
+        let store = Store::open_with(dir.path(), &db).await.unwrap();
         let resume = store.resume_point();
         assert_eq!(resume.next_round_id, 3);
         assert_eq!(resume.published_rounds, 0);
@@ -649,13 +662,23 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn ratings_are_moving_averages_kept_with_the_ledger_sqlite() {
+        ratings_are_moving_averages_kept_with_the_ledger(Database::Sqlite).await;
+    }
+
+    #[tokio::test]
+    async fn ratings_are_moving_averages_kept_with_the_ledger_postgres() {
+        let db = testing::fresh_postgres("ratings").await;
+        ratings_are_moving_averages_kept_with_the_ledger(db).await;
+    }
+
     /// Ratings are the moving average of scores over the rounds a device
     /// took part in (alpha 0.5 here): a flagged round counts at most 0, an
     /// unscored one not at all; they survive a reopen with the chain's tip.
-    #[tokio::test]
-    async fn ratings_are_moving_averages_kept_with_the_ledger() {
+    async fn ratings_are_moving_averages_kept_with_the_ledger(db: Database) {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(dir.path()).await.unwrap();
+        let mut store = Store::open_with(dir.path(), &db).await.unwrap();
         let v0 = ModelVersion([0; 32]);
         store.stage_settlement(settlement(
             1,
@@ -666,8 +689,8 @@ mod tests {
             .publish(1, ModelVersion([1; 32]), b"m1")
             .await
             .unwrap();
-        drop(store);
-        let mut store = Store::open(dir.path()).await.unwrap();
+        store.db.pool.close().await;
+        let mut store = Store::open_with(dir.path(), &db).await.unwrap();
         let mut s2 = settlement(
             2,
             ModelVersion([1; 32]),
@@ -720,5 +743,182 @@ mod tests {
             .join("evidence")
             .join(format!("{}.bin", hex::encode(p.payload_hash)));
         assert_eq!(std::fs::read(evidence).unwrap(), b"evidence");
+    }
+
+    #[tokio::test]
+    async fn updates_and_contributions_round_trip_sqlite() {
+        updates_and_contributions_round_trip(Database::Sqlite).await;
+    }
+
+    #[tokio::test]
+    async fn updates_and_contributions_round_trip_postgres() {
+        updates_and_contributions_round_trip(testing::fresh_postgres("round_trip").await).await;
+    }
+
+    /// What a restarted aggregator reads back is what was persisted:
+    /// accepted updates (payload checked against its hash, every column,
+    /// NULL stake and model version included) and contribution records
+    /// in the order they were recorded; a second row for the same device
+    /// and round is ignored, not an error.
+    async fn updates_and_contributions_round_trip(db: Database) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_with(dir.path(), &db).await.unwrap();
+        let update = |device: &str, payload: &'static [u8], stake: Option<f64>| DurableUpdate {
+            round_id: 7,
+            manifest_hash: [5; 32],
+            task_round: 6,
+            model_version: stake.map(|_| ModelVersion([9; 32])),
+            device: device.repeat(64),
+            payload_hash: *blake3::hash(payload).as_bytes(),
+            sample_count: 12,
+            raw_weight: 0.25,
+            discount: 0.5,
+            stake,
+            metrics: vec![("loss".into(), 1.5)],
+            payload: bytes::Bytes::from_static(payload),
+        };
+        let (a, b) = (update("a", b"pa", Some(2.0)), update("b", b"pb", None));
+        store.persist_update(&a).await.unwrap();
+        store.persist_update(&b).await.unwrap();
+        store.persist_update(&a).await.unwrap();
+        // Recorded in an order that is not the devices' order.
+        for (device, accepted) in [("z", true), ("b", false), ("m", true)] {
+            store
+                .record_contribution(&Contribution {
+                    round_id: 7,
+                    device: device.into(),
+                    stake: None,
+                    samples: 3,
+                    raw_weight: 1.0,
+                    share: 0.5,
+                    accepted,
+                    reason: (!accepted).then(|| "late".to_string()),
+                })
+                .await
+                .unwrap();
+        }
+        store.db.pool.close().await;
+        let store = Store::open_with(dir.path(), &db).await.unwrap();
+        let mut got = store.round_updates(7).await.unwrap();
+        got.sort_by(|x, y| x.device.cmp(&y.device));
+        assert_eq!(got.len(), 2);
+        for (g, want) in got.iter().zip([&a, &b]) {
+            assert_eq!(
+                (&g.device, g.payload_hash, &g.payload, g.manifest_hash),
+                (
+                    &want.device,
+                    want.payload_hash,
+                    &want.payload,
+                    want.manifest_hash
+                )
+            );
+            assert_eq!(
+                (g.task_round, g.model_version, g.stake),
+                (6, want.model_version, want.stake)
+            );
+            assert_eq!((g.sample_count, g.raw_weight, g.discount), (12, 0.25, 0.5));
+            assert_eq!(g.metrics, want.metrics);
+        }
+        let order: Vec<_> = store
+            .contributions(7)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.device, c.accepted, c.reason))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                ("z".into(), true, None),
+                ("b".into(), false, Some("late".into())),
+                ("m".into(), true, None)
+            ]
+        );
+        assert!(store.round_updates(8).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_newer_schema_is_refused_sqlite() {
+        a_newer_schema_is_refused(Database::Sqlite).await;
+    }
+
+    #[tokio::test]
+    async fn a_newer_schema_is_refused_postgres() {
+        a_newer_schema_is_refused(testing::fresh_postgres("newer_schema").await).await;
+    }
+
+    /// A database whose schema version is not this code's is refused,
+    /// by the store and by a ledger reader, with a typed error naming
+    /// both versions; nothing in it is changed.
+    async fn a_newer_schema_is_refused(db: Database) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_with(dir.path(), &db).await.unwrap();
+        sqlx::query("UPDATE state SET value = '99' WHERE key = 'schema_version'")
+            .execute(&store.db.pool)
+            .await
+            .unwrap();
+        store.db.pool.close().await;
+        for e in [
+            Store::open_with(dir.path(), &db).await.err().unwrap(),
+            LedgerView::open_with(dir.path(), &db).await.err().unwrap(),
+        ] {
+            assert!(
+                matches!(&e, StoreError::SchemaVersion { found, supported: 1, .. } if found == "99"),
+                "{e:?}"
+            );
+            assert!(e.to_string().contains("schema version 99"), "{e}");
+        }
+    }
+
+    /// PostgreSQL only (a SQLite database lives in its state directory):
+    /// a database another state directory created is refused, since the
+    /// blobs and the ledger key it needs are not in this one.
+    #[tokio::test]
+    async fn a_database_of_another_state_directory_is_refused_postgres() {
+        let db = testing::fresh_postgres("foreign").await;
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        Store::open_with(a.path(), &db)
+            .await
+            .unwrap()
+            .db
+            .pool
+            .close()
+            .await;
+        let e = Store::open_with(b.path(), &db).await.err().unwrap();
+        assert!(matches!(e, StoreError::ForeignDatabase { .. }), "{e:?}");
+        // Its own directory still opens it.
+        Store::open_with(a.path(), &db).await.unwrap();
+    }
+
+    /// Connecting fails at once with a typed error naming the database
+    /// (without its password): no server listening, a database that does
+    /// not exist, a database with no fedge tables for a ledger reader.
+    #[tokio::test]
+    async fn unreachable_and_missing_databases_get_typed_errors_postgres() {
+        let dir = tempfile::tempdir().unwrap();
+        // Port 1 on loopback: nothing listens there.
+        let nobody = Database::Postgres("postgres://fedge:secret@127.0.0.1:1/fedge".into());
+        let e = Store::open_with(dir.path(), &nobody).await.err().unwrap();
+        assert!(matches!(e, StoreError::Connect { .. }), "{e:?}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("127.0.0.1:1") && !msg.contains("secret"),
+            "{msg}"
+        );
+
+        let Database::Postgres(url) = testing::fresh_postgres("missing").await else {
+            unreachable!()
+        };
+        let missing = Database::Postgres(format!("{url}_not_there"));
+        let e = Store::open_with(dir.path(), &missing).await.err().unwrap();
+        assert!(matches!(e, StoreError::Connect { .. }), "{e:?}");
+        assert!(e.to_string().contains("does not exist"), "{e}");
+
+        let empty = Database::Postgres(url);
+        let e = LedgerView::open_with(dir.path(), &empty)
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(e, StoreError::SchemaVersion { .. }), "{e:?}");
     }
 }

@@ -162,11 +162,7 @@ pub fn run(cmd: LedgerCmd) -> anyhow::Result<()> {
                 serde_json::to_string_pretty(&ledger::proof_json(&proof))?
             );
         }
-        LedgerCmd::Export {
-            src,
-            key,
-            out,
-        } => {
+        LedgerCmd::Export { src, key, out } => {
             let records = verified(&src, key.as_deref())?;
             let json = serde_json::to_string_pretty(&serde_json::json!({
                 "ledger_key": hex::encode(key_for(&src.state_dir, key.as_deref())?.to_bytes()),

@@ -11,8 +11,9 @@
 use std::path::Path;
 use std::str::FromStr;
 
-use sqlx::any::{AnyConnection, AnyPool, AnyPoolOptions};
+use sqlx::any::AnyPoolOptions;
 use sqlx::postgres::PgConnectOptions;
+use sqlx::{AnyConnection, AnyPool};
 use sqlx::{Connection, Executor};
 
 use super::StoreError;
@@ -308,10 +309,7 @@ impl Db {
             .copied()
             .chain([self.dialect.contributions_table()])
         {
-            sqlx::query(stmt)
-                .execute(&self.pool)
-                .await
-                .map_err(&db)?;
+            sqlx::query(stmt).execute(&self.pool).await.map_err(&db)?;
         }
         for (table, column, ty) in ADDED_COLUMNS {
             let present: i64 = sqlx::query_scalar(self.dialect.column_count())
@@ -383,7 +381,13 @@ pub mod testing {
         getrandom::fill(&mut suffix).expect("randomness");
         let label: String = label
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
             .take(40)
             .collect();
         let name = format!("fedge_{label}_{}", hex::encode(suffix));
@@ -428,7 +432,10 @@ pub mod testing {
     fn database_replaced_in_urls() {
         for (url, want) in [
             ("postgres://u@h:1/postgres", "postgres://u@h:1/x"),
-            ("postgres://u:p@h/db?sslmode=disable", "postgres://u:p@h/x?sslmode=disable"),
+            (
+                "postgres://u:p@h/db?sslmode=disable",
+                "postgres://u:p@h/x?sslmode=disable",
+            ),
             ("postgresql://h:5", "postgresql://h:5/x"),
         ] {
             assert_eq!(replace_database(url, "x"), want);
@@ -444,7 +451,9 @@ mod tests {
     fn database_urls_parse_or_are_refused_with_a_reason() {
         assert_eq!("sqlite".parse::<Database>().unwrap(), Database::Sqlite);
         assert_eq!(
-            "postgres://u@127.0.0.1:5/fedge".parse::<Database>().unwrap(),
+            "postgres://u@127.0.0.1:5/fedge"
+                .parse::<Database>()
+                .unwrap(),
             Database::Postgres("postgres://u@127.0.0.1:5/fedge".into())
         );
         for (bad, says) in [
