@@ -592,19 +592,29 @@ impl Store {
 mod tests {
     use super::*;
 
-    // Every store test runs on both backends: `<name>_sqlite` and
-    // `<name>_postgres` (a fresh database on the server FEDGE_TEST_PG_URL
-    // names; without it the PostgreSQL half fails saying how to start one).
+    /// Runs store test `$name(db)` on both backends, as tests
+    /// `$name::sqlite` and `$name::postgres` (a fresh database `$label...`
+    /// on the server FEDGE_TEST_PG_URL names; without it the PostgreSQL
+    /// half fails, saying how to start one).
+    macro_rules! on_both_stores {
+        ($name:ident, $label:literal) => {
+            mod $name {
+                use super::*;
 
-    #[tokio::test]
-    async fn aborted_rounds_are_never_reused_sqlite() {
-        aborted_rounds_are_never_reused(Database::Sqlite).await;
+                #[tokio::test]
+                async fn sqlite() {
+                    super::$name(Database::Sqlite).await;
+                }
+
+                #[tokio::test]
+                async fn postgres() {
+                    super::$name(testing::fresh_postgres($label).await).await;
+                }
+            }
+        };
     }
 
-    #[tokio::test]
-    async fn aborted_rounds_are_never_reused_postgres() {
-        aborted_rounds_are_never_reused(testing::fresh_postgres("aborted_rounds").await).await;
-    }
+    on_both_stores!(aborted_rounds_are_never_reused, "aborted_rounds");
 
     /// An aborted round moves the resume point past it, across a reopen,
     /// so its id is never used again.
@@ -662,16 +672,7 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn ratings_are_moving_averages_kept_with_the_ledger_sqlite() {
-        ratings_are_moving_averages_kept_with_the_ledger(Database::Sqlite).await;
-    }
-
-    #[tokio::test]
-    async fn ratings_are_moving_averages_kept_with_the_ledger_postgres() {
-        let db = testing::fresh_postgres("ratings").await;
-        ratings_are_moving_averages_kept_with_the_ledger(db).await;
-    }
+    on_both_stores!(ratings_are_moving_averages_kept_with_the_ledger, "ratings");
 
     /// Ratings are the moving average of scores over the rounds a device
     /// took part in (alpha 0.5 here): a flagged round counts at most 0, an
@@ -745,15 +746,7 @@ mod tests {
         assert_eq!(std::fs::read(evidence).unwrap(), b"evidence");
     }
 
-    #[tokio::test]
-    async fn updates_and_contributions_round_trip_sqlite() {
-        updates_and_contributions_round_trip(Database::Sqlite).await;
-    }
-
-    #[tokio::test]
-    async fn updates_and_contributions_round_trip_postgres() {
-        updates_and_contributions_round_trip(testing::fresh_postgres("round_trip").await).await;
-    }
+    on_both_stores!(updates_and_contributions_round_trip, "round_trip");
 
     /// What a restarted aggregator reads back is what was persisted:
     /// accepted updates (payload checked against its hash, every column,
@@ -837,15 +830,7 @@ mod tests {
         assert!(store.round_updates(8).await.unwrap().is_empty());
     }
 
-    #[tokio::test]
-    async fn a_newer_schema_is_refused_sqlite() {
-        a_newer_schema_is_refused(Database::Sqlite).await;
-    }
-
-    #[tokio::test]
-    async fn a_newer_schema_is_refused_postgres() {
-        a_newer_schema_is_refused(testing::fresh_postgres("newer_schema").await).await;
-    }
+    on_both_stores!(a_newer_schema_is_refused, "newer_schema");
 
     /// A database whose schema version is not this code's is refused,
     /// by the store and by a ledger reader, with a typed error naming

@@ -116,32 +116,22 @@ pub(super) enum Dialect {
 impl Dialect {
     /// The contributions table; PostgreSQL has no `rowid`, so its
     /// insertion order is a column of its own.
-    fn contributions_table(self) -> &'static str {
-        match self {
-            Dialect::Sqlite => {
-                "CREATE TABLE IF NOT EXISTS contributions (
-                    round_id BIGINT NOT NULL,
-                    device TEXT NOT NULL,
-                    stake DOUBLE PRECISION,
-                    samples BIGINT NOT NULL,
-                    raw_weight DOUBLE PRECISION NOT NULL,
-                    share DOUBLE PRECISION NOT NULL,
-                    accepted BIGINT NOT NULL,
-                    reason TEXT)"
-            }
-            Dialect::Postgres => {
-                "CREATE TABLE IF NOT EXISTS contributions (
-                    id BIGSERIAL PRIMARY KEY,
-                    round_id BIGINT NOT NULL,
-                    device TEXT NOT NULL,
-                    stake DOUBLE PRECISION,
-                    samples BIGINT NOT NULL,
-                    raw_weight DOUBLE PRECISION NOT NULL,
-                    share DOUBLE PRECISION NOT NULL,
-                    accepted BIGINT NOT NULL,
-                    reason TEXT)"
-            }
-        }
+    fn contributions_table(self) -> String {
+        let id = match self {
+            Dialect::Sqlite => "",
+            Dialect::Postgres => "id BIGSERIAL PRIMARY KEY,",
+        };
+        format!(
+            "CREATE TABLE IF NOT EXISTS contributions ({id}
+                round_id BIGINT NOT NULL,
+                device TEXT NOT NULL,
+                stake DOUBLE PRECISION,
+                samples BIGINT NOT NULL,
+                raw_weight DOUBLE PRECISION NOT NULL,
+                share DOUBLE PRECISION NOT NULL,
+                accepted BIGINT NOT NULL,
+                reason TEXT)"
+        )
     }
 
     /// The column that orders contributions as they were recorded.
@@ -304,11 +294,8 @@ impl Db {
                 supported: SCHEMA_VERSION,
             });
         }
-        for stmt in TABLES
-            .iter()
-            .copied()
-            .chain([self.dialect.contributions_table()])
-        {
+        let contributions = self.dialect.contributions_table();
+        for stmt in TABLES.iter().copied().chain([contributions.as_str()]) {
             sqlx::query(stmt).execute(&self.pool).await.map_err(&db)?;
         }
         for (table, column, ty) in ADDED_COLUMNS {
