@@ -11,8 +11,9 @@ bash ci/setup.sh suite
 # A private PostgreSQL server for the store and crash tests' PostgreSQL
 # half (they fail, not skip, without FEDGE_TEST_PG_URL); stopped on exit.
 echo "== PostgreSQL for the store tests"
-eval "$(bash ci/pg.sh start)"
 trap 'bash ci/pg.sh stop' EXIT
+pg_env=$(bash ci/pg.sh start)
+eval "$pg_env"
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -D warnings"
