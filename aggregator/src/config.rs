@@ -130,6 +130,10 @@ pub struct ServerLimits {
     /// Most connections authenticating at once (their own budget: a
     /// handshake flood never takes authenticated capacity).
     pub max_authenticating: usize,
+    /// Authentications completed per second (admission control): a burst
+    /// of connections past what this serves in half of `auth_timeout_ms`
+    /// is told to come back later, each at its place in the queue.
+    pub handshakes_per_sec: f64,
     pub rate_per_sec: f64,
     pub rate_burst: f64,
     pub idle_timeout_ms: u64,
@@ -249,6 +253,7 @@ impl Default for ServerLimits {
         ServerLimits {
             max_devices: CoordinatorConfig::default().max_sessions,
             max_authenticating: CoordinatorConfig::default().max_unauthenticated,
+            handshakes_per_sec: CoordinatorConfig::default().handshakes_per_sec,
             rate_per_sec: s.rate_per_sec,
             rate_burst: s.rate_burst,
             idle_timeout_ms: s.idle_timeout.as_millis() as u64,
@@ -457,6 +462,7 @@ impl AggregatorConfig {
             chunk_bytes: r.chunk_bytes,
             max_sessions: self.server.max_devices,
             max_unauthenticated: self.server.max_authenticating,
+            handshakes_per_sec: self.server.handshakes_per_sec,
             versions_kept: 4,
             uploads_in_flight_bytes_max: self.server.uploads_in_flight_bytes_max,
             plan: self.plan()?,
@@ -620,6 +626,20 @@ mod tests {
         let mut c = AggregatorConfig::default();
         c.plan.codec = "zip".into();
         assert!(c.server_config().unwrap_err().to_string().contains("zip"));
+        for rate in [0.0, -1.0, f64::NAN] {
+            let mut c = AggregatorConfig::default();
+            c.server.handshakes_per_sec = rate;
+            let e = c.server_config().unwrap_err().to_string();
+            assert!(e.contains("handshakes_per_sec"), "{e}");
+        }
+        let bad_db = toml::from_str::<AggregatorConfig>("database = \"mysql://h/db\"\n");
+        let e = bad_db.unwrap_err().to_string();
+        assert!(e.contains("database URL `mysql://h/db`"), "{e}");
+        let pg: AggregatorConfig = toml::from_str("database = \"postgres://u@h:5/db\"\n").unwrap();
+        assert_eq!(
+            pg.database,
+            Database::Postgres("postgres://u@h:5/db".into())
+        );
     }
 
     /// `[scoring]` reaches the coordinator; bad values are named.
