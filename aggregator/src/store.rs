@@ -855,6 +855,63 @@ mod tests {
         }
     }
 
+    on_both_stores!(corrupt_rows_are_typed_errors, "corrupt_rows");
+
+    /// Rows altered behind the store's back are typed errors on either
+    /// backend: a hash that is not hex, a ledger record that is not hex, a
+    /// resume point that is not a number (naming the database).
+    async fn corrupt_rows_are_typed_errors(db: Database) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open_with(dir.path(), &db).await.unwrap();
+        let payload: &'static [u8] = b"p";
+        store
+            .persist_update(&DurableUpdate {
+                round_id: 1,
+                manifest_hash: [5; 32],
+                task_round: 1,
+                model_version: None,
+                device: "a".repeat(64),
+                payload_hash: *blake3::hash(payload).as_bytes(),
+                sample_count: 1,
+                raw_weight: 1.0,
+                discount: 1.0,
+                stake: None,
+                metrics: vec![],
+                payload: bytes::Bytes::from_static(payload),
+            })
+            .await
+            .unwrap();
+        store.stage_settlement(settlement(
+            1,
+            ModelVersion([0; 32]),
+            &[("a", Some(0.1), false)],
+        ));
+        store
+            .publish(1, ModelVersion([1; 32]), b"m1")
+            .await
+            .unwrap();
+        for sql in [
+            "UPDATE updates SET payload_hash = 'zz'",
+            "UPDATE ledger SET record = 'not hex'",
+            "UPDATE state SET value = 'x' WHERE key = 'published_rounds'",
+        ] {
+            sqlx::query(sql).execute(&store.db.pool).await.unwrap();
+        }
+        let e = store.round_updates(1).await.unwrap_err();
+        assert!(
+            matches!(&e, StoreError::CorruptRow { reason, .. } if reason.contains("zz")),
+            "{e:?}"
+        );
+        let e = store.ledger_records().await.unwrap_err();
+        assert!(
+            matches!(&e, StoreError::Ledger(m) if m.contains("not hex")),
+            "{e:?}"
+        );
+        store.db.pool.close().await;
+        let e = Store::open_with(dir.path(), &db).await.err().unwrap();
+        assert!(e.to_string().contains(&db.label(dir.path())), "{e}");
+    }
+
     /// PostgreSQL only (a SQLite database lives in its state directory):
     /// a database another state directory created is refused, since the
     /// blobs and the ledger key it needs are not in this one.
