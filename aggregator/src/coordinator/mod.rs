@@ -32,6 +32,7 @@
 //! - this module: the message flow that ties them together, weighting,
 //!   combining and publishing.
 
+mod admission;
 mod checkpoint;
 mod closing;
 mod config;
@@ -117,6 +118,7 @@ pub struct Coordinator {
     cfg: CoordinatorConfig,
     rng: ChaCha8Rng,
     sessions: SessionTable,
+    admission: admission::Admission,
     transfers: TransferManager,
     current: ModelBlob,
     current_version: ModelVersion,
@@ -181,6 +183,12 @@ impl Coordinator {
                 cfg.auth_timeout,
                 cfg.max_sessions,
                 cfg.max_unauthenticated,
+            ),
+            admission: admission::Admission::new(
+                cfg.handshakes_per_sec,
+                cfg.auth_timeout,
+                cfg.max_unauthenticated,
+                cfg.retry_window.1.saturating_sub(cfg.retry_window.0),
             ),
             transfers,
             current: initial,
@@ -362,8 +370,38 @@ impl Coordinator {
 
     /// A connection was established; `tls_binding` is exported from its TLS
     /// session and binds the authentication signature to it.
+    /// Past the admission budget (see [`admission`]) the connection is
+    /// paced away before it authenticates: `NoTask` with a window sized
+    /// by how many are waiting and the handshake rate, then closed.
     pub fn handle_connect(&mut self, now: Instant, session: SessionId, tls_binding: [u8; 32]) {
         self.tick(now);
+        let authenticating = self.sessions.authenticating();
+        if let Some((lo, hi)) = self.admission.decide(now, authenticating) {
+            let (lo_ms, hi_ms) = (lo.as_millis() as u64, hi.as_millis() as u64);
+            let detail = format!(
+                "{authenticating} connections are authenticating (at most {} at once); \
+                 come back in {lo_ms}..{hi_ms} ms",
+                self.admission.budget()
+            );
+            self.event(Event::Rejected {
+                device: None,
+                code: RejectCode::TooManyDevices,
+                detail: detail.clone(),
+            });
+            self.send(
+                session,
+                AggMsg::NoTask {
+                    retry_after_ms_min: lo_ms,
+                    retry_after_ms_max: hi_ms,
+                    reason: detail.clone(),
+                },
+            );
+            self.out.push_back(Output::Close {
+                session,
+                reason: detail,
+            });
+            return;
+        }
         if !self.sessions.connect(now, session, tls_binding) {
             let max = self.sessions.max_unauthenticated();
             self.reject(

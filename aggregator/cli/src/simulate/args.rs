@@ -25,6 +25,9 @@ pub struct SimConfig {
     /// per speaking role, the roles with the most lines).
     pub partition: String,
     pub devices: usize,
+    /// Devices are ramped in: each makes its first connection at a random
+    /// instant in [0, ramp_ms] (0: all at once).
+    pub ramp_ms: u64,
     pub devices_per_round: usize,
     pub rounds: u64,
     pub local_epochs: u32,
@@ -156,6 +159,7 @@ impl Default for SimConfig {
             data: "mnist".into(),
             partition: "dirichlet:0.5".into(),
             devices: 20,
+            ramp_ms: 0,
             devices_per_round: 10,
             rounds: 20,
             local_epochs: 2,
@@ -205,6 +209,10 @@ pub struct SimArgs {
     model: Option<String>,
     #[arg(long)]
     devices: Option<usize>,
+    /// Ramp the devices in: each connects first at a random instant
+    /// within this many ms (0: all at once; the aggregator paces a burst).
+    #[arg(long)]
+    ramp_ms: Option<u64>,
     #[arg(long)]
     devices_per_round: Option<usize>,
     #[arg(long)]
@@ -478,6 +486,9 @@ impl SimConfig {
         }
         if a.state_dir.is_some() {
             c.state_dir = a.state_dir.clone();
+        }
+        if let Some(v) = a.ramp_ms {
+            c.ramp_ms = v;
         }
         if let Some(n) = a.validation_samples {
             c.scoring.validation_samples = n;
