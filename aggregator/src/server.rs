@@ -292,6 +292,7 @@ impl Server {
                     anyhow::anyhow!("the ledger in the state directory does not verify: {e}")
                 })?;
         core.restore_slashes(&records);
+        core.restore_penalties(store.pending_penalties().await?);
         for u in store.round_updates(core.round_id()).await? {
             let device = u.device.clone();
             core.restore_update(Instant::now(), u)
@@ -527,6 +528,10 @@ async fn on_event(
             }
         }
         Event::Contribution(c) => store.record_contribution(&c).await?,
+        Event::PenaltyHeld(p) => {
+            tracing::warn!(device = %p.device, round_id = p.round_id, kind = p.kind, "penalty held");
+            store.hold_penalty(&p).await?
+        }
         Event::RoundClosed {
             round_id,
             accepted,

@@ -37,6 +37,7 @@ use crate::ledger::{LedgerKey, StoredRecord};
 
 mod db;
 mod ledger;
+mod penalties;
 use db::Db;
 pub use db::{DATABASE_FORMS, Database, SCHEMA_VERSION, testing};
 pub use ledger::LedgerView;
@@ -508,6 +509,18 @@ impl Store {
             .await
             .map_err(self.db())?;
         }
+        // The penalties the record names are no longer pending.
+        for p in settlement.iter().flat_map(|s| &s.penalties) {
+            sqlx::query(
+                "DELETE FROM pending_penalties WHERE device = $1 AND manifest_hash = $2 AND kind = $3",
+            )
+            .bind(&p.device)
+            .bind(hex::encode(p.manifest_hash))
+            .bind(i64::from(p.kind))
+            .execute(&mut *tx)
+            .await
+            .map_err(self.db())?;
+        }
         if let (Some((seq, bytes, sig, _)), Some(s)) = (&record, &settlement) {
             sqlx::query(
                 "INSERT INTO ledger (seq, round_id, record, signature) VALUES ($1, $2, $3, $4)",
@@ -750,6 +763,67 @@ mod tests {
             .join("evidence")
             .join(format!("{}.bin", hex::encode(p.payload_hash)));
         assert_eq!(std::fs::read(evidence).unwrap(), b"evidence");
+    }
+
+    on_both_stores!(
+        held_penalties_survive_a_crash_until_recorded,
+        "pending_penalties"
+    );
+
+    /// A held penalty is durable at once: after a reopen (a crash before
+    /// the next publication) it is still pending with its evidence, and
+    /// the publication whose record names it clears it.
+    async fn held_penalties_survive_a_crash_until_recorded(db: Database) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_with(dir.path(), &db).await.unwrap();
+        let held = |kind, payload: &'static [u8], manifest: u8| crate::coordinator::Penalty {
+            round_id: 1,
+            device: "e".repeat(64),
+            manifest_hash: [manifest; 32],
+            payload_hash: *blake3::hash(payload).as_bytes(),
+            kind,
+            slashed: 0.25,
+            payload: bytes::Bytes::from_static(payload),
+        };
+        let equivocation = held(
+            fedge_proto::ledger::PENALTY_EQUIVOCATION,
+            b"two manifests",
+            1,
+        );
+        let copy = crate::coordinator::Penalty {
+            payload: bytes::Bytes::new(),
+            ..held(fedge_proto::ledger::PENALTY_COPY, b"copied update", 2)
+        };
+        store.hold_penalty(&equivocation).await.unwrap();
+        store.hold_penalty(&copy).await.unwrap();
+        // Held twice (a replayed event): still one.
+        store.hold_penalty(&equivocation).await.unwrap();
+        store.db.pool.close().await;
+        let mut store = Store::open_with(dir.path(), &db).await.unwrap();
+        let pending = store.pending_penalties().await.unwrap();
+        assert_eq!(pending.len(), 2, "{pending:?}");
+        assert!(pending.contains(&equivocation));
+        assert!(pending.contains(&copy));
+        let mut s = settlement(1, ModelVersion([0; 32]), &[("a", Some(0.1), false)]);
+        s.penalties = pending;
+        store.stage_settlement(s);
+        store
+            .publish(1, ModelVersion([1; 32]), b"m1")
+            .await
+            .unwrap();
+        assert!(store.pending_penalties().await.unwrap().is_empty());
+        let key = store.ledger_public_key();
+        let records =
+            crate::ledger::verify_chain(&store.ledger_records().await.unwrap(), &key).unwrap();
+        assert_eq!(records[0].penalties.len(), 2);
+        assert!(records[0].penalties.iter().all(|p| p.slashed == 0.25));
+        // Evidence that no longer matches its hash is a typed error.
+        store.hold_penalty(&equivocation).await.unwrap();
+        std::fs::write(store.evidence_path(&equivocation.payload_hash), b"forged").unwrap();
+        assert!(matches!(
+            store.pending_penalties().await,
+            Err(StoreError::Corrupt { .. })
+        ));
     }
 
     on_both_stores!(updates_and_contributions_round_trip, "round_trip");

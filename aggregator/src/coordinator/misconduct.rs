@@ -33,7 +33,7 @@ use fedge_proto::sign::VerifyingKey;
 
 use super::sessions::{DeviceKey, device_id};
 use super::transfers::Upload;
-use super::{Coordinator, Penalty};
+use super::{Coordinator, Event, Penalty};
 
 /// Penalties held for the next settlement at most (each holds its
 /// evidence); more are dropped. Only devices holding a slot can upload,
@@ -97,7 +97,18 @@ impl Coordinator {
 
     fn hold_penalty(&mut self, p: Penalty) {
         if self.penalties.len() < PENALTIES_PENDING_MAX {
-            self.penalties.push(p);
+            self.penalties.push(p.clone());
+            self.event(Event::PenaltyHeld(Box::new(p)));
+        }
+    }
+
+    /// Puts back the penalties held (and made durable) before a restart,
+    /// for the next settlement.
+    pub fn restore_penalties(&mut self, held: Vec<Penalty>) {
+        for p in held {
+            if self.penalties.len() < PENALTIES_PENDING_MAX && !self.penalties.contains(&p) {
+                self.penalties.push(p);
+            }
         }
     }
 

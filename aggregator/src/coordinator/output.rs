@@ -91,6 +91,9 @@ pub enum Event {
     /// before the [`Event::ModelPublished`] of the version it produced
     /// (the driver writes both, with the ledger record, at once).
     RoundSettled(Box<Settlement>),
+    /// A penalty is held for the next settlement; the driver makes it
+    /// durable (evidence and row) so a crash before that loses nothing.
+    PenaltyHeld(Box<Penalty>),
     /// A new model version; the blob is what devices download.
     ModelPublished {
         round_id: u64,

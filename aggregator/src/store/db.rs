@@ -194,6 +194,16 @@ const TABLES: &[&str] = &[
         rating DOUBLE PRECISION NOT NULL,
         rounds BIGINT NOT NULL,
         last_round BIGINT NOT NULL)",
+    // Penalties held for the next ledger record (their evidence is on
+    // disk); each is deleted by the publication whose record names it.
+    "CREATE TABLE IF NOT EXISTS pending_penalties (
+        device TEXT NOT NULL,
+        round_id BIGINT NOT NULL,
+        manifest_hash TEXT NOT NULL,
+        payload_hash TEXT NOT NULL,
+        kind BIGINT NOT NULL,
+        slashed DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (device, manifest_hash, kind))",
 ];
 
 /// Columns added after a table was first released: `(table, column,
