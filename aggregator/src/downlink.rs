@@ -165,10 +165,7 @@ mod tests {
     use crate::strategy::StrategyConfig;
 
     fn combined(d: &[f32]) -> Combined {
-        Combined {
-            delta: d.to_vec(),
-            weights: vec![1.0],
-        }
+        Combined::one(d)
     }
 
     /// Top-1 of 4 coordinates: each round moves one coordinate, the

@@ -16,6 +16,17 @@ pub struct Combined {
     pub weights: Vec<f64>,
 }
 
+#[cfg(test)]
+impl Combined {
+    /// One participant's update, at weight 1 (for strategy tests).
+    pub(crate) fn one(d: &[f32]) -> Self {
+        Combined {
+            delta: d.to_vec(),
+            weights: vec![1.0],
+        }
+    }
+}
+
 /// Accumulates accepted updates and combines them at round close.
 pub trait Combiner: Send {
     fn dimension(&self) -> usize;

@@ -603,10 +603,7 @@ mod tests {
     use super::*;
 
     fn combined(d: &[f32]) -> Combined {
-        Combined {
-            delta: d.to_vec(),
-            weights: vec![1.0],
-        }
+        Combined::one(d)
     }
 
     /// Naive references, written out per step.
