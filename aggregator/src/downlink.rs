@@ -17,7 +17,7 @@
 //! What travels: a device holding one of the last versions fetches the
 //! compressed steps from its version to the current one (the codec's
 //! payloads, `fedge_proto::delta::encode_steps`; the coordinator keeps
-//! the last `versions_kept` of them), which it decodes and adds with
+//! the last 64 of them, at most twice the model's bytes in all), which it decodes and adds with
 //! [`fedge_proto::delta::apply_step`], the very function the server
 //! published them with, so it gets the same bits (the content hash proves
 //! it). A device holding an older version gets the lossless XOR delta, or
@@ -94,13 +94,26 @@ impl Strategy for Downlink {
         else {
             return target;
         };
+        let mut next = params.to_vec();
+        fedge_proto::delta::apply_step(&mut next, &sent);
+        if next.iter().any(|v| !v.is_finite()) {
+            // Not publishable (the coordinator keeps the model): nothing
+            // was sent, so nothing moves into or out of the residual.
+            return next;
+        }
         for ((e, &s), &c) in self.residual.iter_mut().zip(&step).zip(&sent) {
             *e = s - c;
         }
         self.published = Some(payload);
-        let mut next = params.to_vec();
-        fedge_proto::delta::apply_step(&mut next, &sent);
         next
+    }
+
+    /// The residual held what the discarded rounds' steps left out: it
+    /// goes with them.
+    fn on_rollback(&mut self) {
+        self.residual.clear();
+        self.published = None;
+        self.inner.on_rollback();
     }
 
     fn take_published_step(&mut self) -> Option<bytes::Bytes> {
@@ -192,6 +205,24 @@ mod tests {
         }
         // Nothing is owed for long: the residual stays within a few steps.
         assert!(d.residual.iter().all(|r| r.abs() < 2.0), "{:?}", d.residual);
+    }
+
+    /// A rollback drops the residual of the discarded steps; a step that
+    /// would make the model non-finite is neither published nor owed.
+    #[test]
+    fn rollbacks_and_unpublishable_steps_leave_no_residual_behind() {
+        let spec = CodecSpec::parse("topk:0.5").unwrap();
+        let mut d = Downlink::new(StrategyConfig::default().build(1), spec, 1);
+        d.aggregate_round(1, &[0.0; 4], &combined(&[1.0, 2.0, 3.0, 4.0]), &[]);
+        assert!(d.take_published_step().is_some());
+        assert!(d.residual.iter().any(|&r| r != 0.0));
+        d.on_rollback();
+        assert!(d.residual.is_empty() && d.take_published_step().is_none());
+        // f32::MAX + a large step overflows: kept out of the residual.
+        let before = vec![f32::MAX; 4];
+        d.aggregate_round(2, &before, &combined(&[f32::MAX / 2.0; 4]), &[]);
+        assert!(d.take_published_step().is_none());
+        assert!(d.residual.iter().all(|&r| r == 0.0), "{:?}", d.residual);
     }
 
     #[test]

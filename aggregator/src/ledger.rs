@@ -457,6 +457,12 @@ pub fn check_evidence(
             if e.second.hash() != p.manifest_hash {
                 return Err("the penalty names another manifest".into());
             }
+            if e.second.manifest.round_id != p.round_id {
+                return Err(format!(
+                    "the manifests are for round {}, the penalty says round {}",
+                    e.second.manifest.round_id, p.round_id
+                ));
+            }
             Ok("two signed updates for one task")
         }
         ledger::PENALTY_NON_FINITE => {
@@ -510,6 +516,42 @@ mod tests {
         let p = penalty(ledger::PENALTY_NORM_BOUND, &finite);
         assert!(check_evidence(&p, &finite, Some(4), &limits).is_ok());
         assert!(check_evidence(&p, &nan, Some(4), &limits).is_err());
+        // An equivocation's evidence is bound to its device, manifest and
+        // round.
+        use fedge_proto::evidence::{Equivocation, SignedManifest};
+        let key = fedge_proto::sign::SigningKey::from_bytes(&[9; 32]);
+        let signed = |payload: u8| {
+            let manifest = fedge_proto::sign::UpdateManifest {
+                round_id: 3,
+                model_version: fedge_proto::ModelVersion([1; 32]),
+                payload_hash: [payload; 32],
+                payload_bytes: 10,
+                sample_count: 1,
+                metrics: vec![],
+                device_public_key: key.verifying_key(),
+                federation_id: [2; 32],
+            };
+            let signature = manifest.sign(&key);
+            SignedManifest {
+                manifest,
+                signature,
+            }
+        };
+        let e = Equivocation {
+            first: signed(1),
+            second: signed(2),
+        };
+        let bytes = e.encode();
+        let mut p = penalty(ledger::PENALTY_EQUIVOCATION, &bytes);
+        p.device = key.verifying_key().to_bytes();
+        p.manifest_hash = e.second.hash();
+        assert!(check_evidence(&p, &bytes, None, &limits).is_ok());
+        let mut other_round = p.clone();
+        other_round.round_id = 4;
+        assert!(check_evidence(&other_round, &bytes, None, &limits).is_err());
+        let mut other_manifest = p.clone();
+        other_manifest.manifest_hash = e.first.hash();
+        assert!(check_evidence(&other_manifest, &bytes, None, &limits).is_err());
         // Garbage is not an equivocation.
         let p = penalty(ledger::PENALTY_EQUIVOCATION, &finite);
         assert!(check_evidence(&p, &finite, None, &limits).is_err());

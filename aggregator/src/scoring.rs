@@ -108,6 +108,11 @@ pub struct ScoringConfig {
     /// signed updates for one task, a copy), in [0, 1]. 0: penalties are
     /// recorded in the ledger as evidence but cost nothing.
     pub slash_fraction: f64,
+    /// Whether copy penalties slash stake too. A copy is flagged by
+    /// similarity, which honest devices with near-identical data (or an
+    /// attacker who predicts an honest update and sends it first) can
+    /// trigger: off by default, copies are recorded as evidence only.
+    pub slash_copies: bool,
 }
 
 impl Default for ScoringConfig {
@@ -123,6 +128,7 @@ impl Default for ScoringConfig {
             rating_alpha: 0.3,
             reward_pool: 1_000_000,
             slash_fraction: 0.0,
+            slash_copies: false,
         }
     }
 }

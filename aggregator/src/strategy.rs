@@ -75,6 +75,10 @@ pub trait Strategy: Send {
     fn take_published_step(&mut self) -> Option<bytes::Bytes> {
         None
     }
+
+    /// The model was rolled back to an earlier version: state that
+    /// describes the discarded steps must go.
+    fn on_rollback(&mut self) {}
 }
 
 /// Reads a little-endian u64 from the front of `b`.

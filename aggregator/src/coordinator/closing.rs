@@ -54,6 +54,7 @@ impl Coordinator {
             });
             let contributions = self.round.book.settle_discarded(&why);
             self.settle_discarded(round_id);
+            self.strategy.on_rollback();
             let blob = model.encode();
             (self.make_current(round_id, to, model, blob), contributions)
         } else if accepted >= self.cfg.min_devices {
@@ -182,8 +183,9 @@ impl Coordinator {
         let version = ModelVersion::of(&blob);
         if version != self.current_version {
             if let Some(step) = step {
+                let model_bytes = blob.len() as u64;
                 self.transfers
-                    .record_step(self.current_version, version, step);
+                    .record_step(self.current_version, version, step, model_bytes);
             }
             self.lineage.push(self.current_version);
             let keep = self.cfg.versions_kept;

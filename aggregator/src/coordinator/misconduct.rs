@@ -13,7 +13,8 @@
 //!   kept with the round's updates.
 //!
 //! **Slashing.** Each penalty slashes `scoring.slash_fraction` of the
-//! device's stake from the moment it is settled: the stake the registry
+//! device's stake from the moment it is settled (a copy only with
+//! `scoring.slash_copies`: similarity is evidence, not proof): the stake the registry
 //! says is multiplied by `1 - f` per penalty. The ledger records each
 //! penalty with the fraction it slashed, so a restarted aggregator (or
 //! anyone) rebuilds the multipliers from the ledger
@@ -95,11 +96,22 @@ impl Coordinator {
         }
     }
 
-    fn hold_penalty(&mut self, p: Penalty) {
-        if self.penalties.len() < PENALTIES_PENDING_MAX {
-            self.penalties.push(p.clone());
-            self.event(Event::PenaltyHeld(Box::new(p)));
+    /// Holds a penalty for the next settlement (and makes it durable);
+    /// false when it is not held. At most one penalty of each kind per
+    /// device and round: a device re-sending refused uploads neither
+    /// fills the pending list (crowding out other devices' penalties) nor
+    /// is slashed twice for one offence.
+    fn hold_penalty(&mut self, p: Penalty) -> bool {
+        let again = self
+            .penalties
+            .iter()
+            .any(|q| q.device == p.device && q.kind == p.kind && q.round_id == p.round_id);
+        if again || self.penalties.len() >= PENALTIES_PENDING_MAX {
+            return false;
         }
+        self.penalties.push(p.clone());
+        self.event(Event::PenaltyHeld(Box::new(p)));
+        true
     }
 
     /// Puts back the penalties held (and made durable) before a restart,
@@ -123,13 +135,14 @@ impl Coordinator {
             _ => return,
         };
         let m = &u.begin.manifest;
+        let slashed = self.cfg.scoring.slash_fraction;
         self.hold_penalty(Penalty {
             round_id: self.round.id,
             device: device.to_string(),
             manifest_hash: m.signed_hash(&u.begin.signature),
             payload_hash: m.payload_hash,
             kind,
-            slashed: self.cfg.scoring.slash_fraction,
+            slashed,
             payload: Bytes::copy_from_slice(&u.data),
         });
     }
@@ -142,7 +155,7 @@ impl Coordinator {
         let Some((first, held)) = self
             .misconduct
             .signed
-            .get_mut(&(key.to_bytes(), b.manifest.round_id))
+            .get(&(key.to_bytes(), b.manifest.round_id))
         else {
             return;
         };
@@ -159,11 +172,10 @@ impl Coordinator {
         if e.check().is_err() {
             return;
         }
-        *held = true;
         let evidence = e.encode();
         let dev = device_id(key);
         tracing::warn!(device = %dev, round = b.manifest.round_id, "equivocation: two signed updates for one task");
-        self.hold_penalty(Penalty {
+        let held_now = self.hold_penalty(Penalty {
             round_id: b.manifest.round_id,
             device: dev,
             manifest_hash: e.second.hash(),
@@ -172,10 +184,19 @@ impl Coordinator {
             slashed: self.cfg.scoring.slash_fraction,
             payload: Bytes::from(evidence),
         });
+        if let Some((_, held)) = self
+            .misconduct
+            .signed
+            .get_mut(&(key.to_bytes(), b.manifest.round_id))
+        {
+            *held = held_now;
+        }
     }
 
     /// Holds a copy penalty for an update settled as a copy (its payload,
-    /// kept with the round's updates, is the evidence).
+    /// kept with the round's updates, is the evidence). A copy is flagged
+    /// by similarity, not proven, so it slashes stake only with
+    /// `scoring.slash_copies`.
     pub(super) fn note_copy(
         &mut self,
         round_id: u64,
@@ -189,7 +210,11 @@ impl Coordinator {
             manifest_hash,
             payload_hash,
             kind: PENALTY_COPY,
-            slashed: self.cfg.scoring.slash_fraction,
+            slashed: if self.cfg.scoring.slash_copies {
+                self.cfg.scoring.slash_fraction
+            } else {
+                0.0
+            },
             payload: Bytes::new(),
         });
     }

@@ -153,12 +153,25 @@ impl TransferManager {
 
     /// The compressed step that published `after` from `before` (a gap in
     /// the chain, after a rollback, starts it afresh).
-    pub fn record_step(&mut self, before: ModelVersion, after: ModelVersion, payload: Bytes) {
+    /// At most `STEPS_MAX` steps and twice `model_bytes` in all are kept:
+    /// a longer chain would never be chosen over the whole model.
+    pub fn record_step(
+        &mut self,
+        before: ModelVersion,
+        after: ModelVersion,
+        payload: Bytes,
+        model_bytes: u64,
+    ) {
         if self.steps.back().is_some_and(|(_, a, _)| *a != before) {
             self.steps.clear();
         }
         self.steps.push_back((before, after, payload));
-        while self.steps.len() > fedge_proto::delta::STEPS_MAX {
+        let total = |s: &VecDeque<(ModelVersion, ModelVersion, Bytes)>| -> u64 {
+            s.iter().map(|(_, _, p)| p.len() as u64).sum()
+        };
+        while self.steps.len() > fedge_proto::delta::STEPS_MAX
+            || (self.steps.len() > 1 && total(&self.steps) > 2 * model_bytes)
+        {
             self.steps.pop_front();
         }
     }

@@ -77,8 +77,8 @@ pub struct DeviceSpec {
     /// The update to send instead of `delta` in every coordinate (its
     /// length must be the model's).
     pub vector: Option<Vec<f32>>,
-    /// Once its update is accepted, signs a second, different one for the
-    /// same task and announces it (equivocation; a modified binary).
+    /// Once its update is accepted, signs three other updates for the
+    /// same task and announces them (equivocation; a modified binary).
     pub equivocate: bool,
 }
 
@@ -442,19 +442,28 @@ impl Sim {
     /// just accepted (another payload) and announces it on `conn`.
     fn equivocate(&mut self, dev: usize, conn: u64) {
         let d = &mut self.devices[dev];
-        let Some(mut b) = d.announced.take() else {
+        let Some(first) = d.announced.take() else {
             return;
         };
-        b.manifest.payload_hash[0] ^= 0xff;
-        b.signature = b.manifest.sign(&d.key);
-        let at = self.stream_at(conn, true);
-        self.schedule(
-            at,
-            Ev::ToAgg {
-                conn,
-                msg: DeviceMsg::UploadBegin(Box::new(b)),
-            },
-        );
+        // Three other payloads, each signed: one offence, one penalty.
+        let forged: Vec<_> = (1..=3u8)
+            .map(|k| {
+                let mut b = first.clone();
+                b.manifest.payload_hash[0] ^= k;
+                b.signature = b.manifest.sign(&d.key);
+                b
+            })
+            .collect();
+        for b in forged {
+            let at = self.stream_at(conn, true);
+            self.schedule(
+                at,
+                Ev::ToAgg {
+                    conn,
+                    msg: DeviceMsg::UploadBegin(Box::new(b)),
+                },
+            );
+        }
     }
 
     /// Run until `done` holds, at most `limit` of virtual time. Panics
