@@ -38,6 +38,7 @@
 //! the attacks on its low bits (Mironov, CCS 2012).
 
 pub mod rdp;
+pub mod secagg;
 
 use std::sync::{Arc, Mutex};
 
