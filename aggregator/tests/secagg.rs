@@ -47,15 +47,6 @@ fn params(
     }
 }
 
-fn stage_of(m: &DeviceSecAgg) -> Stage {
-    match m {
-        DeviceSecAgg::AdvertiseKeys(_) => Stage::AdvertiseKeys,
-        DeviceSecAgg::ShareKeys(_) => Stage::ShareKeys,
-        DeviceSecAgg::MaskedInput(_) => Stage::MaskedInput,
-        DeviceSecAgg::Unmask { .. } => Stage::Unmasking,
-    }
-}
-
 /// What one simulated round did.
 struct Run {
     outcome: Result<SecAggOutcome, RoundFailure>,
@@ -93,7 +84,7 @@ fn run(p: &SecAggParams, drop_at: &[Option<Stage>], updates: &[Vec<f32>], seed: 
         for (i, slot) in clients.iter_mut().enumerate() {
             let i = i as u32;
             while let Some(m) = slot.as_mut().and_then(|c| c.poll_transmit()) {
-                let stage = stage_of(&m);
+                let stage = m.stage();
                 if drop_at[i as usize].is_some_and(|d| d <= stage) {
                     *slot = None;
                     break;

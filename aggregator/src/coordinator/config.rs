@@ -178,6 +178,13 @@ impl CoordinatorConfig {
         }
         self.strategy.validate()?;
         self.strategy.validate_dp(self.devices_per_round)?;
+        let selected = (self.devices_per_round as f64 * self.over_selection).ceil() as u32;
+        self.strategy.validate_secagg(
+            selected,
+            self.scoring.validation.is_some(),
+            self.update_norm_max.is_some(),
+            &self.plan.codec,
+        )?;
         self.scoring.validate()?;
         self.weights.validate()
     }

@@ -39,6 +39,7 @@
 
 pub mod rdp;
 pub mod secagg;
+pub mod secagg_quic;
 
 use std::sync::{Arc, Mutex};
 

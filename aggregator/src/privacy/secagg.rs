@@ -50,6 +50,115 @@ impl StageDeadlines {
     }
 }
 
+/// `[strategy.secagg]`: SecAgg+ for every round.
+///
+/// **Threat model (what the configuration states and checks):** a
+/// semi-honest aggregator (it follows the protocol but tries to learn
+/// individual updates) and at most `colluding_devices` devices colluding
+/// with it. Then t = `threshold` > `colluding_devices` keeps any device's
+/// secrets out of the coalition's reach, and `survivors_min` >=
+/// `colluding_devices` + 2 means a revealed sum always mixes at least two
+/// honest updates. An aggregator that lies about dropouts is outside this
+/// model unless 2t > k (`degree`): then no device reveals both secrets of
+/// a neighbour whatever it is told.
+///
+/// **What is traded:** the aggregator sees only the sum, so nothing that
+/// looks at one update works: robust combiners, per-update contribution
+/// scoring, the aggregator's per-update norm bound and clipping, codecs
+/// that the aggregator must decode (sparse, sign, quantized, zstd),
+/// FedBuff's per-update staleness weights and central DP's per-update
+/// clipping are refused. Devices clip their own updates to `clip` before
+/// masking, and the aggregator can still bound the norm of the sum.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecAggSpec {
+    /// T: devices that may collude with the aggregator.
+    pub colluding_devices: u32,
+    /// k: neighbours per device (Bell et al.: O(log n)).
+    pub degree: u32,
+    /// t: shares needed to rebuild a secret; t > T.
+    pub threshold: u32,
+    /// The ring Z_2^bits of quantized updates and masks.
+    pub bits: u32,
+    /// L2 bound each device clips its update to before quantizing.
+    pub clip: f64,
+    /// Fewest devices left after a stage; fewer fail the round.
+    pub survivors_min: u32,
+    pub advertise_keys_ms: u64,
+    pub share_keys_ms: u64,
+    /// Includes local training.
+    pub masked_input_ms: u64,
+    pub unmasking_ms: u64,
+}
+
+impl Default for SecAggSpec {
+    fn default() -> Self {
+        SecAggSpec {
+            colluding_devices: 4,
+            degree: 32,
+            threshold: 12,
+            bits: 32,
+            clip: 1.0,
+            survivors_min: 8,
+            advertise_keys_ms: 10_000,
+            share_keys_ms: 10_000,
+            masked_input_ms: 120_000,
+            unmasking_ms: 10_000,
+        }
+    }
+}
+
+impl SecAggSpec {
+    pub fn deadlines(&self) -> StageDeadlines {
+        StageDeadlines {
+            advertise_keys: Duration::from_millis(self.advertise_keys_ms),
+            share_keys: Duration::from_millis(self.share_keys_ms),
+            masked_input: Duration::from_millis(self.masked_input_ms),
+            unmasking: Duration::from_millis(self.unmasking_ms),
+        }
+    }
+
+    /// Check the numbers against each other and the round size (`devices`
+    /// selected per round).
+    pub fn validate(&self, devices: u32) -> Result<(), String> {
+        let degree = NeighbourGraph::new(&[0; 32], devices, self.degree).degree();
+        if self.threshold <= self.colluding_devices {
+            return Err(format!(
+                "strategy.secagg.threshold ({}) must exceed colluding_devices ({}): otherwise the \
+                 colluders together rebuild a neighbour's mask secrets",
+                self.threshold, self.colluding_devices
+            ));
+        }
+        if self.threshold > degree {
+            return Err(format!(
+                "strategy.secagg.threshold ({}) exceeds the neighbours a device has ({degree} with \
+                 degree {} and {devices} devices per round)",
+                self.threshold, self.degree
+            ));
+        }
+        if self.survivors_min < self.colluding_devices + 2 || self.survivors_min > devices {
+            return Err(format!(
+                "strategy.secagg.survivors_min ({}) must be in [colluding_devices + 2, devices per \
+                 round] = [{}, {devices}]: a sum of fewer honest updates reveals one",
+                self.survivors_min,
+                self.colluding_devices + 2
+            ));
+        }
+        let ms = [
+            self.advertise_keys_ms,
+            self.share_keys_ms,
+            self.masked_input_ms,
+            self.unmasking_ms,
+        ];
+        if ms.contains(&0) {
+            return Err("strategy.secagg: every stage deadline must be positive".into());
+        }
+        fedge_proto::secagg::Quantizer::new(self.bits, self.clip, devices)
+            .map(|_| ())
+            .map_err(|e| format!("strategy.secagg: {e}"))
+    }
+}
+
 /// Why a round's secure aggregation failed. The round is aborted; nothing
 /// about any one update was learnt.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -55,6 +55,17 @@ pub enum DeviceSecAgg {
 }
 
 impl DeviceSecAgg {
+    /// The stage this message answers.
+    pub fn stage(&self) -> super::Stage {
+        use super::Stage;
+        match self {
+            DeviceSecAgg::AdvertiseKeys(_) => Stage::AdvertiseKeys,
+            DeviceSecAgg::ShareKeys(_) => Stage::ShareKeys,
+            DeviceSecAgg::MaskedInput(_) => Stage::MaskedInput,
+            DeviceSecAgg::Unmask { .. } => Stage::Unmasking,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             DeviceSecAgg::AdvertiseKeys(_) => "AdvertiseKeys",

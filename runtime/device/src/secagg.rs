@@ -318,3 +318,57 @@ impl SecAggClient {
         Ok(())
     }
 }
+
+/// How a device's part in a round over QUIC ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuicRoundEnd {
+    /// It sent its unmasking shares and the aggregator closed the stream.
+    Finished,
+    /// It stopped before sending its message of this stage (dropout
+    /// injection for tests and `simulate`).
+    Dropped(Stage),
+    /// The aggregator ended the stream first (the round moved on without
+    /// this device, or failed).
+    Closed,
+}
+
+/// Drive `client` over one bi stream of `conn`: the stream opens with the
+/// device's round index (4 bytes, little-endian), then carries
+/// `fedge_proto::msg::secagg` frames both ways. `drop_at`: stop before
+/// sending the message of that stage. A protocol error from the
+/// aggregator's side ends the device's part (`Err`).
+pub async fn run_over_quic(
+    conn: &quinn::Connection,
+    mut client: SecAggClient,
+    limits: &fedge_proto::Limits,
+    drop_at: Option<Stage>,
+) -> anyhow::Result<QuicRoundEnd> {
+    use fedge_proto::io::{read_frame, write_frame};
+    use fedge_proto::msg::secagg::{decode_agg, encode_device};
+    let (round, bits) = (client.params.round, client.params.bits);
+    let (mut send, mut recv) = conn.open_bi().await?;
+    write_frame(&mut send, &client.index().to_le_bytes()).await?;
+    loop {
+        while let Some(m) = client.poll_transmit() {
+            if drop_at.is_some_and(|s| s <= m.stage()) {
+                return Ok(QuicRoundEnd::Dropped(m.stage()));
+            }
+            write_frame(&mut send, &encode_device(round, bits, &m)).await?;
+            if m.stage() == Stage::Unmasking {
+                send.finish()?;
+                // Wait for the aggregator to end its side: it has read ours.
+                while read_frame(&mut recv, limits.frame_bytes_max)
+                    .await?
+                    .is_some()
+                {}
+                return Ok(QuicRoundEnd::Finished);
+            }
+        }
+        let Some(frame) = read_frame(&mut recv, limits.frame_bytes_max).await? else {
+            return Ok(QuicRoundEnd::Closed);
+        };
+        let (r, msg) = decode_agg(&frame, limits)?;
+        anyhow::ensure!(r == round, "a message for round {r} in round {round}");
+        client.handle_message(msg)?;
+    }
+}
