@@ -615,7 +615,8 @@ mod tests {
             (spec.degree, spec.threshold, spec.colluding_devices),
             (40, 12, 5)
         );
-        let cases: [(fn(&mut AggregatorConfig), &str); 9] = [
+        type Change = fn(&mut AggregatorConfig);
+        let cases: [(Change, &str); 9] = [
             (
                 |c| c.strategy.combine = CombineSpec::TrimmedMean { trim: 0.2 },
                 "robust combiner",

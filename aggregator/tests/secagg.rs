@@ -320,7 +320,7 @@ fn what_the_aggregator_holds_per_device_is_uniform() {
     let p = params(seed, 16, 6, 3, 8, 4096);
     // 8 bits leave room for 16 devices of scale 6.
     let updates = vec![vec![0.0f32; p.dimension as usize]; p.devices as usize];
-    let r = run(&p, &vec![None; 16], &updates, seed);
+    let r = run(&p, &[None; 16], &updates, seed);
     assert!(r.outcome.is_ok());
     assert!(r.quantized.iter().all(|q| q.iter().all(|&v| v == 0)));
     // 255 degrees of freedom: P(chi2 > 340) ~ 3e-4.

@@ -63,13 +63,7 @@ pub fn run(a: SecAggBenchArgs) -> anyhow::Result<()> {
         "drop_after_upload": a.drop_after_upload,
         "rounds": rows,
     });
-    fedge_proto::io::write_atomic(
-        &a.out,
-        serde_json::to_string_pretty(&report)?.as_bytes(),
-        None,
-    )?;
-    println!("report written to {}", a.out.display());
-    Ok(())
+    crate::bench::write_report(&a.out, &report)
 }
 
 fn one(a: &SecAggBenchArgs, n: u32) -> anyhow::Result<serde_json::Value> {

@@ -162,6 +162,19 @@ impl SecAggClient {
         }
     }
 
+    /// At least t neighbours take part at `stage`, or the device stops.
+    fn enough(&self, stage: Stage, have: usize) -> Result<(), SecAggError> {
+        let threshold = self.params.threshold;
+        if have < threshold as usize {
+            return Err(SecAggError::TooFewNeighbours {
+                stage,
+                have,
+                threshold,
+            });
+        }
+        Ok(())
+    }
+
     fn share_keys(&mut self, peers: Vec<PeerKeys>) -> Result<(), SecAggError> {
         for p in peers {
             if self.graph_neighbours.binary_search(&p.device).is_err() {
@@ -172,14 +185,8 @@ impl SecAggClient {
                 return Err(SecAggError::Duplicate { peer: device });
             }
         }
+        self.enough(Stage::ShareKeys, self.peers.len())?;
         let t = self.params.threshold;
-        if self.peers.len() < t as usize {
-            return Err(SecAggError::TooFewNeighbours {
-                stage: Stage::ShareKeys,
-                have: self.peers.len(),
-                threshold: t,
-            });
-        }
         for p in self.peers.values() {
             let shared = mask::agree(&self.s.secret, &p.s_public, p.device)?;
             let seed = mask::pairwise_seed(&shared, self.params.round, self.me, p.device);
@@ -237,14 +244,7 @@ impl SecAggClient {
             let b: [u8; 32] = plain[40..72].try_into().expect("32 bytes");
             self.held.insert(from, (a, b));
         }
-        let t = self.params.threshold;
-        if self.held.len() < t as usize {
-            return Err(SecAggError::TooFewNeighbours {
-                stage: Stage::MaskedInput,
-                have: self.held.len(),
-                threshold: t,
-            });
-        }
+        self.enough(Stage::MaskedInput, self.held.len())?;
         self.stage = Stage::Unmasking;
         self.try_mask();
         Ok(())
@@ -292,14 +292,7 @@ impl SecAggClient {
                 return Err(SecAggError::Duplicate { peer: v });
             }
         }
-        let t = self.params.threshold;
-        if alive.len() < t as usize {
-            return Err(SecAggError::TooFewNeighbours {
-                stage: Stage::Unmasking,
-                have: alive.len(),
-                threshold: t,
-            });
-        }
+        self.enough(Stage::Unmasking, alive.len())?;
         let mut self_mask = Vec::new();
         let mut mask_key = Vec::new();
         for (&owner, &(a, b)) in &self.held {
