@@ -737,9 +737,19 @@ pub fn secagg_agg_msg(data: &[u8]) {
 
 fn secagg_device_msg_seeds() -> Vec<Vec<u8>> {
     use crate::msg::secagg::encode_device;
+    secagg_device_msg_samples()
+        .iter()
+        .map(|(bits, m)| encode_device(9, *bits, m).to_vec())
+        .collect()
+}
+
+/// One of every SecAgg+ device message with the ring bits to encode it
+/// with: the seeds of `secagg_device_msg` and the messages the round-trip
+/// tests check.
+pub fn secagg_device_msg_samples() -> Vec<(u32, crate::secagg::DeviceSecAgg)> {
     use crate::secagg::DeviceSecAgg;
     use crate::secagg::msg::{AdvertiseKeys, RevealedShare, SEALED_SHARE_BYTES, SealedShare};
-    [
+    vec![
         (
             32,
             DeviceSecAgg::AdvertiseKeys(AdvertiseKeys {
@@ -749,12 +759,21 @@ fn secagg_device_msg_seeds() -> Vec<Vec<u8>> {
         ),
         (
             32,
-            DeviceSecAgg::ShareKeys(vec![SealedShare {
-                peer: 3,
-                ciphertext: vec![4; SEALED_SHARE_BYTES],
-            }]),
+            DeviceSecAgg::ShareKeys(vec![
+                SealedShare {
+                    peer: 3,
+                    ciphertext: vec![4; SEALED_SHARE_BYTES],
+                },
+                SealedShare {
+                    peer: 7,
+                    ciphertext: vec![8; SEALED_SHARE_BYTES],
+                },
+            ]),
         ),
-        (20, DeviceSecAgg::MaskedInput(vec![0, 1, (1 << 20) - 1])),
+        (
+            20,
+            DeviceSecAgg::MaskedInput(vec![0, 1, (1 << 20) - 1, 12345]),
+        ),
         (
             32,
             DeviceSecAgg::Unmask {
@@ -769,16 +788,22 @@ fn secagg_device_msg_seeds() -> Vec<Vec<u8>> {
             },
         ),
     ]
-    .iter()
-    .map(|(bits, m)| encode_device(9, *bits, m).to_vec())
-    .collect()
 }
 
 fn secagg_agg_msg_seeds() -> Vec<Vec<u8>> {
     use crate::msg::secagg::encode_agg;
+    secagg_agg_msg_samples()
+        .iter()
+        .map(|m| encode_agg(9, m).to_vec())
+        .collect()
+}
+
+/// One of every SecAgg+ aggregator message (see
+/// [`secagg_device_msg_samples`]).
+pub fn secagg_agg_msg_samples() -> Vec<crate::secagg::AggSecAgg> {
     use crate::secagg::AggSecAgg;
     use crate::secagg::msg::{PeerKeys, SEALED_SHARE_BYTES, SealedShare};
-    [
+    vec![
         AggSecAgg::NeighbourKeys(vec![PeerKeys {
             device: 1,
             c_public: [7; 32],
@@ -792,9 +817,6 @@ fn secagg_agg_msg_seeds() -> Vec<Vec<u8>> {
             survivors: vec![1, 4, 6],
         },
     ]
-    .iter()
-    .map(|m| encode_agg(9, m).to_vec())
-    .collect()
 }
 
 #[cfg(test)]

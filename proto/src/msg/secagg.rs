@@ -273,52 +273,11 @@ mod tests {
 
     #[test]
     fn every_message_round_trips() {
-        let device = [
-            DeviceSecAgg::AdvertiseKeys(AdvertiseKeys {
-                c_public: [1; 32],
-                s_public: [2; 32],
-            }),
-            DeviceSecAgg::ShareKeys(vec![
-                SealedShare {
-                    peer: 3,
-                    ciphertext: vec![9; SEALED_SHARE_BYTES],
-                },
-                SealedShare {
-                    peer: 7,
-                    ciphertext: vec![8; SEALED_SHARE_BYTES],
-                },
-            ]),
-            DeviceSecAgg::MaskedInput(vec![0, 1, (1 << 20) - 1, 12345]),
-            DeviceSecAgg::Unmask {
-                self_mask: vec![RevealedShare {
-                    owner: 4,
-                    share: [5; 32],
-                }],
-                mask_key: vec![RevealedShare {
-                    owner: 6,
-                    share: [7; 32],
-                }],
-            },
-        ];
-        for m in device {
-            let bytes = encode_device(42, 20, &m);
+        for (bits, m) in crate::fuzzing::secagg_device_msg_samples() {
+            let bytes = encode_device(42, bits, &m);
             assert_eq!(decode_device(&bytes, &limits()).unwrap(), (42, m));
         }
-        let agg = [
-            AggSecAgg::NeighbourKeys(vec![PeerKeys {
-                device: 1,
-                c_public: [3; 32],
-                s_public: [4; 32],
-            }]),
-            AggSecAgg::RoutedShares(vec![SealedShare {
-                peer: 2,
-                ciphertext: vec![1; SEALED_SHARE_BYTES],
-            }]),
-            AggSecAgg::UnmaskRequest {
-                survivors: vec![1, 5, 9],
-            },
-        ];
-        for m in agg {
+        for m in crate::fuzzing::secagg_agg_msg_samples() {
             let bytes = encode_agg(7, &m);
             assert_eq!(decode_agg(&bytes, &limits()).unwrap(), (7, m));
         }
