@@ -38,6 +38,10 @@ pub struct SecAggBenchArgs {
     /// Ring bits.
     #[arg(long, default_value_t = 32)]
     bits: u32,
+    /// Fraction of devices that drop after advertising their keys (no
+    /// shares sent).
+    #[arg(long, default_value_t = 0.0)]
+    drop_after_advertise: f64,
     /// Fraction of devices that drop after the key exchange (shares sent,
     /// no masked input).
     #[arg(long, default_value_t = 0.0)]
@@ -47,6 +51,13 @@ pub struct SecAggBenchArgs {
     drop_after_upload: f64,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Also run each round over loopback QUIC (the `privacy::secagg_quic`
+    /// driver and the devices' `run_over_quic`) and report its wall time.
+    #[arg(long)]
+    quic: bool,
+    /// Every stage's deadline (virtual in process, real over QUIC).
+    #[arg(long, default_value_t = 2000)]
+    stage_deadline_ms: u64,
 }
 
 pub fn run(a: SecAggBenchArgs) -> anyhow::Result<()> {
@@ -59,6 +70,7 @@ pub fn run(a: SecAggBenchArgs) -> anyhow::Result<()> {
     let report = serde_json::json!({
         "dimension": a.dimension,
         "bits": a.bits,
+        "drop_after_advertise": a.drop_after_advertise,
         "drop_after_keys": a.drop_after_keys,
         "drop_after_upload": a.drop_after_upload,
         "rounds": rows,
@@ -92,9 +104,12 @@ fn one(a: &SecAggBenchArgs, n: u32) -> anyhow::Result<serde_json::Value> {
     let drop_at: Vec<Option<Stage>> = (0..n)
         .map(|_| {
             let r: f64 = rng.random();
-            if r < a.drop_after_keys {
+            let (adv, keys) = (a.drop_after_advertise, a.drop_after_keys);
+            if r < adv {
+                Some(Stage::ShareKeys)
+            } else if r < adv + keys {
                 Some(Stage::MaskedInput)
-            } else if r < a.drop_after_keys + a.drop_after_upload {
+            } else if r < adv + keys + a.drop_after_upload {
                 Some(Stage::Unmasking)
             } else {
                 None
@@ -104,6 +119,8 @@ fn one(a: &SecAggBenchArgs, n: u32) -> anyhow::Result<serde_json::Value> {
     let mut device_time = Duration::ZERO;
     let mut clients: Vec<Option<SecAggClient>> = Vec::with_capacity(n as usize);
     let mut quantized = Vec::with_capacity(n as usize);
+    // Each device's randomness and update, to build it again for QUIC.
+    let mut makings = Vec::with_capacity(n as usize);
     for i in 0..n {
         let update: Vec<f32> = (0..a.dimension)
             .map(|_| rng.random_range(-0.01f32..0.01))
@@ -116,12 +133,14 @@ fn one(a: &SecAggBenchArgs, n: u32) -> anyhow::Result<serde_json::Value> {
         device_time += t.elapsed();
         quantized.push(c.quantized().expect("set").to_vec());
         clients.push(Some(c));
+        makings.push((r, update));
     }
+    let stage = Duration::from_millis(a.stage_deadline_ms);
     let deadlines = StageDeadlines {
-        advertise_keys: Duration::from_secs(1),
-        share_keys: Duration::from_secs(1),
-        masked_input: Duration::from_secs(1),
-        unmasking: Duration::from_secs(1),
+        advertise_keys: stage,
+        share_keys: stage,
+        masked_input: stage,
+        unmasking: stage,
     };
     // Virtual time: stages end when their devices have answered or at
     // their deadline; real time is measured only around the server calls.
@@ -215,6 +234,28 @@ fn one(a: &SecAggBenchArgs, n: u32) -> anyhow::Result<serde_json::Value> {
     let plain_time = t.elapsed();
     ensure!(sum == plain, "the plain sum");
 
+    let quic = if a.quic {
+        let t = Instant::now();
+        let o = quic_round(&params, deadlines, &makings, &drop_at)?;
+        let mut want = vec![0u64; a.dimension as usize];
+        for &u in &o.survivors {
+            for (s, &v) in want.iter_mut().zip(&quantized[u as usize]) {
+                *s = s.wrapping_add(v) & m;
+            }
+        }
+        ensure!(
+            want == o.sum,
+            "over QUIC, the unmasked sum differs from the survivors' sum"
+        );
+        serde_json::json!({
+            "round_ms": t.elapsed().as_secs_f64() * 1e3,
+            "completed": o.completed,
+            "survivors": o.survivors.len(),
+        })
+    } else {
+        serde_json::Value::Null
+    };
+
     // Per device that completed the round (sent its unmasking shares).
     let finishers: Vec<usize> = (0..n as usize).filter(|&i| drop_at[i].is_none()).collect();
     let mean =
@@ -234,5 +275,54 @@ fn one(a: &SecAggBenchArgs, n: u32) -> anyhow::Result<serde_json::Value> {
         "plain_server_ms": plain_time.as_secs_f64() * 1e3,
         "server_overhead": server_time.as_secs_f64() / plain_time.as_secs_f64(),
         "device_ms_mean": device_time.as_secs_f64() * 1e3 / n as f64,
+        "quic": quic,
     }))
+}
+
+/// The same round over loopback QUIC: an aggregator endpoint with a fresh
+/// TLS identity, each device on its own connection, dropouts as given.
+fn quic_round(
+    params: &SecAggParams,
+    deadlines: StageDeadlines,
+    makings: &[([u8; 32], Vec<f32>)],
+    drop_at: &[Option<Stage>],
+) -> anyhow::Result<fedge_aggregator::privacy::secagg::SecAggOutcome> {
+    use fedge_aggregator::privacy::secagg_quic::serve_round;
+    use fedge_device::secagg::run_over_quic;
+    use fedge_device::transport::{QuicTiming, Trust, client_config};
+    let dir = tempfile::tempdir()?;
+    let identity = fedge_aggregator::tls::TlsIdentity::load_or_create(dir.path())?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let quic = quinn::crypto::rustls::QuicServerConfig::try_from(identity.server_config()?)?;
+        let endpoint = quinn::Endpoint::server(
+            quinn::ServerConfig::with_crypto(std::sync::Arc::new(quic)),
+            "127.0.0.1:0".parse()?,
+        )?;
+        let addr = endpoint.local_addr()?;
+        let server =
+            SecAggServer::new(params.clone(), deadlines, params.threshold, Instant::now())?;
+        let limits = Limits::default();
+        let serving = tokio::spawn({
+            let (endpoint, limits) = (endpoint.clone(), limits.clone());
+            async move { serve_round(&endpoint, server, limits, None).await }
+        });
+        let mut client_ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+        client_ep.set_default_client_config(client_config(
+            &Trust::Pinned(identity.fingerprint()),
+            &QuicTiming::default(),
+        )?);
+        for (i, (r, update)) in makings.iter().enumerate() {
+            let mut c = SecAggClient::new(params.clone(), i as u32, *r)?;
+            c.set_update(update)?;
+            let (ep, limits, drop) = (client_ep.clone(), limits.clone(), drop_at[i]);
+            tokio::spawn(async move {
+                let conn = ep.connect(addr, "localhost")?.await?;
+                let end = run_over_quic(&conn, c, &limits, drop).await;
+                conn.close(0u32.into(), b"done");
+                end
+            });
+        }
+        Ok::<_, anyhow::Error>(serving.await??)
+    })
 }
