@@ -8,6 +8,12 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fedge/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 bash ci/setup.sh suite
+# A private PostgreSQL server for the store and crash tests' PostgreSQL
+# half (they fail, not skip, without FEDGE_TEST_PG_URL); stopped on exit.
+echo "== PostgreSQL for the store tests"
+trap 'bash ci/pg.sh stop' EXIT
+pg_env=$(bash ci/pg.sh start)
+eval "$pg_env"
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -D warnings"

@@ -23,6 +23,7 @@ use crate::coordinator::CoordinatorConfig;
 use crate::robust::CombineSpec;
 use crate::scoring::ScoringConfig;
 use crate::server::ServerConfig;
+use crate::store::Database;
 use crate::strategy::{ClipSpec, StrategyConfig};
 use crate::weighting::{Transform, WeightPolicy};
 
@@ -31,8 +32,14 @@ use crate::weighting::{Transform, WeightPolicy};
 pub struct AggregatorConfig {
     /// UDP address to listen on.
     pub listen: SocketAddr,
-    /// Where keys, models and the resume point live.
+    /// Where keys, models and update payloads live (and the SQLite
+    /// database, the default).
     pub state_dir: PathBuf,
+    /// Where the tables (resume point, updates, contributions, ledger,
+    /// ratings) live: `"sqlite"` (the default: `aggregator.db` in
+    /// `state_dir`) or `"postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE"`
+    /// (the database must exist; its tables are created on first use).
+    pub database: Database,
     /// Initial model (a `.fedge` blob); ignored when the state directory
     /// already holds a published model.
     pub model: Option<PathBuf>,
@@ -123,6 +130,10 @@ pub struct ServerLimits {
     /// Most connections authenticating at once (their own budget: a
     /// handshake flood never takes authenticated capacity).
     pub max_authenticating: usize,
+    /// Authentications completed per second (admission control): a burst
+    /// of connections past what this serves in half of `auth_timeout_ms`
+    /// is told to come back later, each at its place in the queue.
+    pub handshakes_per_sec: f64,
     pub rate_per_sec: f64,
     pub rate_burst: f64,
     pub idle_timeout_ms: u64,
@@ -150,6 +161,7 @@ impl Default for AggregatorConfig {
         AggregatorConfig {
             listen: "127.0.0.1:4433".parse().expect("addr"),
             state_dir: PathBuf::from("fedge-aggregator-state"),
+            database: Database::Sqlite,
             model: None,
             federation: "fedge".into(),
             seed: 0,
@@ -241,6 +253,7 @@ impl Default for ServerLimits {
         ServerLimits {
             max_devices: CoordinatorConfig::default().max_sessions,
             max_authenticating: CoordinatorConfig::default().max_unauthenticated,
+            handshakes_per_sec: CoordinatorConfig::default().handshakes_per_sec,
             rate_per_sec: s.rate_per_sec,
             rate_burst: s.rate_burst,
             idle_timeout_ms: s.idle_timeout.as_millis() as u64,
@@ -451,6 +464,7 @@ impl AggregatorConfig {
             chunk_bytes: r.chunk_bytes,
             max_sessions: self.server.max_devices,
             max_unauthenticated: self.server.max_authenticating,
+            handshakes_per_sec: self.server.handshakes_per_sec,
             versions_kept: 4,
             uploads_in_flight_bytes_max: self.server.uploads_in_flight_bytes_max,
             plan: self.plan()?,
@@ -674,6 +688,20 @@ mod tests {
         let mut c = AggregatorConfig::default();
         c.plan.codec = "zip".into();
         assert!(c.server_config().unwrap_err().to_string().contains("zip"));
+        for rate in [0.0, -1.0, f64::NAN] {
+            let mut c = AggregatorConfig::default();
+            c.server.handshakes_per_sec = rate;
+            let e = c.server_config().unwrap_err().to_string();
+            assert!(e.contains("handshakes_per_sec"), "{e}");
+        }
+        let bad_db = toml::from_str::<AggregatorConfig>("database = \"mysql://h/db\"\n");
+        let e = bad_db.unwrap_err().to_string();
+        assert!(e.contains("database URL `mysql://h/db`"), "{e}");
+        let pg: AggregatorConfig = toml::from_str("database = \"postgres://u@h:5/db\"\n").unwrap();
+        assert_eq!(
+            pg.database,
+            Database::Postgres("postgres://u@h:5/db".into())
+        );
     }
 
     /// `[scoring]` reaches the coordinator; bad values are named.

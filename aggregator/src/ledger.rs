@@ -14,14 +14,17 @@
 //!   signature and reward root checked; the first bad record is named.
 //! - [`reward_proof`]: a device's inclusion proof for its reward in a round;
 //!   [`RoundRoot`]s: the per-round roots `ledger export` writes.
+//! - [`check_evidence`]: a penalty's evidence, as kept in the state
+//!   directory ([`evidence_path`]), proves what the penalty says.
 
 use std::path::{Path, PathBuf};
 
+use fedge_proto::evidence::Equivocation;
 use fedge_proto::ledger::{
-    self, LedgerEntry, LedgerError, LedgerRecord, RewardProof, inclusion_proof,
+    self, LedgerEntry, LedgerError, LedgerPenalty, LedgerRecord, RewardProof, inclusion_proof,
 };
 use fedge_proto::sign::{SigningKey, VerifyingKey};
-use fedge_proto::{ModelVersion, ProtoError};
+use fedge_proto::{Limits, ModelVersion, ProtoError, RejectCode};
 use serde::Serialize;
 
 use crate::coordinator::Settlement;
@@ -159,6 +162,7 @@ pub fn build_record(
                 manifest_hash: p.manifest_hash,
                 payload_hash: p.payload_hash,
                 kind: p.kind,
+                slashed: p.slashed,
             })
         })
         .collect::<Result<Vec<_>, String>>()?;
@@ -173,6 +177,8 @@ pub fn build_record(
         score_method: match s.method {
             ScoreMethod::Direct => ledger::METHOD_DIRECT,
             ScoreMethod::LeaveOneOut => ledger::METHOD_LEAVE_ONE_OUT,
+            ScoreMethod::Marginal => ledger::METHOD_MARGINAL,
+            ScoreMethod::Shapley => ledger::METHOD_SHAPLEY,
         },
         server_lr: s.server_lr,
         reward_pool: s.reward_pool,
@@ -373,10 +379,11 @@ pub fn recompute_scores(
     }
     let cfg = ScoringConfig {
         validation_samples: r.validation_samples as usize,
-        method: if r.score_method == ledger::METHOD_LEAVE_ONE_OUT {
-            ScoreMethod::LeaveOneOut
-        } else {
-            ScoreMethod::Direct
+        method: match r.score_method {
+            ledger::METHOD_LEAVE_ONE_OUT => ScoreMethod::LeaveOneOut,
+            ledger::METHOD_MARGINAL => ScoreMethod::Marginal,
+            ledger::METHOD_SHAPLEY => ScoreMethod::Shapley,
+            _ => ScoreMethod::Direct,
         },
         ..ScoringConfig::default()
     };
@@ -410,4 +417,106 @@ pub fn recompute_scores(
         checked += 1;
     }
     Ok(checked)
+}
+
+/// Where the state directory `dir` keeps a penalty's evidence: a copy's
+/// payload with its round's updates, anything else under `evidence/`.
+pub fn evidence_path(dir: &Path, p: &LedgerPenalty) -> PathBuf {
+    let name = format!("{}.bin", hex::encode(p.payload_hash));
+    if p.kind == ledger::PENALTY_COPY {
+        dir.join("updates").join(p.round_id.to_string()).join(name)
+    } else {
+        dir.join("evidence").join(name)
+    }
+}
+
+/// Checks that `evidence` proves penalty `p`: it is the file the penalty
+/// names (its blake3 hash); for an equivocation, two manifests the device
+/// signed for one task naming different payloads, the second being the
+/// one the penalty names; for a non-finite update (given the model's
+/// `dimension`), a payload that decodes to values that are not finite. An
+/// over-the-bound or copy penalty is checked by hash only (the bound and
+/// the copy threshold are the operator's configuration, not in the
+/// record). Returns what was checked.
+pub fn check_evidence(
+    p: &LedgerPenalty,
+    evidence: &[u8],
+    dimension: Option<usize>,
+    limits: &Limits,
+) -> Result<&'static str, String> {
+    if *blake3::hash(evidence).as_bytes() != p.payload_hash {
+        return Err("the evidence does not match the hash the penalty names".into());
+    }
+    match p.kind {
+        ledger::PENALTY_EQUIVOCATION => {
+            let e = Equivocation::decode(evidence, limits).map_err(|e| e.to_string())?;
+            e.check().map_err(|e| e.to_string())?;
+            if e.second.manifest.device_public_key.to_bytes() != p.device {
+                return Err("the manifests were signed by another device".into());
+            }
+            if e.second.hash() != p.manifest_hash {
+                return Err("the penalty names another manifest".into());
+            }
+            Ok("two signed updates for one task")
+        }
+        ledger::PENALTY_NON_FINITE => {
+            let Some(dim) = dimension else {
+                return Ok("hash (no model to decode against)");
+            };
+            match fedge_proto::update::decode_update(evidence, dim, limits) {
+                Err(e) if e.reject_code() == RejectCode::NonFinite => Ok("not finite"),
+                Ok(v) if v.iter().any(|x| !x.is_finite()) => Ok("not finite"),
+                Ok(_) => Err("the payload decodes to finite values".into()),
+                Err(e) => Err(format!("the payload does not decode: {e}")),
+            }
+        }
+        _ => Ok("hash"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedge_proto::update::{Codec, encode_update};
+
+    fn penalty(kind: u8, evidence: &[u8]) -> LedgerPenalty {
+        LedgerPenalty {
+            device: [7; 32],
+            round_id: 3,
+            manifest_hash: [1; 32],
+            payload_hash: *blake3::hash(evidence).as_bytes(),
+            kind,
+            slashed: 0.1,
+        }
+    }
+
+    #[test]
+    fn evidence_proves_its_penalty_and_nothing_else() {
+        let limits = Limits::default();
+        let finite = encode_update(Codec::DenseF32, &[1.0; 4]).to_vec();
+        // The same payload with its last value made NaN (what a modified
+        // device can sign; honest encoders refuse to).
+        let mut nan = finite.clone();
+        let n = nan.len();
+        nan[n - 4..].copy_from_slice(&f32::NAN.to_le_bytes());
+        let p = penalty(ledger::PENALTY_NON_FINITE, &nan);
+        assert_eq!(check_evidence(&p, &nan, Some(4), &limits), Ok("not finite"));
+        // Without the model, only the hash is checked.
+        assert!(check_evidence(&p, &nan, None, &limits).is_ok());
+        // A finite payload proves no non-finite penalty.
+        let p = penalty(ledger::PENALTY_NON_FINITE, &finite);
+        assert!(check_evidence(&p, &finite, Some(4), &limits).is_err());
+        // Evidence that is not the file the penalty names.
+        let p = penalty(ledger::PENALTY_NORM_BOUND, &finite);
+        assert!(check_evidence(&p, &finite, Some(4), &limits).is_ok());
+        assert!(check_evidence(&p, &nan, Some(4), &limits).is_err());
+        // Garbage is not an equivocation.
+        let p = penalty(ledger::PENALTY_EQUIVOCATION, &finite);
+        assert!(check_evidence(&p, &finite, None, &limits).is_err());
+        // Where each kind's evidence is kept.
+        let dir = Path::new("/state");
+        let copy = penalty(ledger::PENALTY_COPY, &finite);
+        assert!(evidence_path(dir, &copy).starts_with("/state/updates/3"));
+        assert!(evidence_path(dir, &p).starts_with("/state/evidence"));
+    }
 }

@@ -23,6 +23,7 @@
 
 pub mod config;
 pub mod coordinator;
+pub mod downlink;
 pub mod ledger;
 pub mod metrics;
 pub mod privacy;

@@ -38,7 +38,8 @@
 //! device's claim, play no part: nothing a device says raises its reward.
 //!
 //! **Cost.** Scoring runs `(1 + n) x validation_samples` forward passes
-//! for `n` updates; training ran about `3 x` (forward and backward, the
+//! for `n` updates (`direct`; `2 + n` for `leave-one-out` and `marginal`,
+//! `2 + 2n` for `shapley`); training ran about `3 x` (forward and backward, the
 //! usual estimate of training at three forward passes, e.g. Kaplan et al.
 //! 2020, "Scaling Laws for Neural Language Models", §2.1) the samples the
 //! round's plan trains on, estimated as `n` times the median device's
@@ -102,6 +103,11 @@ pub struct ScoringConfig {
     pub rating_alpha: f64,
     /// Reward units split among a round's participants (0: none).
     pub reward_pool: u64,
+    /// Fraction of a device's stake each of its penalties slashes (a
+    /// signed update refused as not finite or over the norm bound, two
+    /// signed updates for one task, a copy), in [0, 1]. 0: penalties are
+    /// recorded in the ledger as evidence but cost nothing.
+    pub slash_fraction: f64,
 }
 
 impl Default for ScoringConfig {
@@ -116,6 +122,7 @@ impl Default for ScoringConfig {
             noise_sigmas: 3.0,
             rating_alpha: 0.3,
             reward_pool: 1_000_000,
+            slash_fraction: 0.0,
         }
     }
 }
@@ -146,6 +153,12 @@ impl ScoringConfig {
                 self.noise_sigmas
             ));
         }
+        if !(0.0..=1.0).contains(&self.slash_fraction) {
+            return Err(format!(
+                "scoring.slash_fraction must be in [0, 1], got {}",
+                self.slash_fraction
+            ));
+        }
         if !(self.rating_alpha > 0.0 && self.rating_alpha <= 1.0) {
             return Err(format!(
                 "scoring.rating_alpha must be in (0, 1], got {}",
@@ -170,6 +183,20 @@ pub enum ScoreMethod {
     /// that hurt on their own but complete the others score positive; a
     /// zero update dilutes the mean and scores negative.
     LeaveOneOut,
+    /// `loss(model + (lr/n) x (sum - delta_i)) - loss(model + (lr/n) x
+    /// sum)`: what the round's step loses without the update, the others
+    /// keeping their `1/n` parts (no renormalisation, which would change
+    /// the step's length and score that instead of the update).
+    Marginal,
+    /// The mean of `direct` and `marginal`: the Shapley value of the update
+    /// in the game "the round's step made of these updates" when the loss
+    /// is quadratic over the step (for a quadratic game the Shapley value
+    /// is exactly the mean of the first-in and the last-in marginal
+    /// contributions; Shapley 1953, e.g. Ghorbani & Zou 2019, "Data
+    /// Shapley"). Updates from skewed shards that hurt on their own but
+    /// complete the others get the credit of the interaction, split
+    /// evenly. Costs twice the evaluations of the others.
+    Shapley,
 }
 
 /// The server learning rate an update is applied at.
@@ -419,68 +446,84 @@ pub fn score_round(
     let n = deltas.len();
     let mut params = vec![0f32; base.len()];
     let mut failed = None;
-    // The loss every candidate is compared with, and how a candidate is
-    // built: Direct compares model + (lr/n) delta_i with the model; leave-
-    // one-out compares the round's mean step without update i with the
-    // whole mean step.
-    let (reference, sum) = match cfg.method {
-        ScoreMethod::Direct => (base_loss, Vec::new()),
-        ScoreMethod::LeaveOneOut => {
-            let mut sum = vec![0f64; base.len()];
-            for d in deltas {
-                for (s, &x) in sum.iter_mut().zip(d.iter()) {
-                    *s += f64::from(x);
-                }
-            }
-            let step = lr / n as f64;
-            for ((p, &b), &s) in params.iter_mut().zip(base).zip(&sum) {
-                *p = (f64::from(b) + step * s) as f32;
-            }
-            passes += idx.len() as u64;
-            match eval.loss(&params, &idx) {
-                Ok(l) if l.is_finite() => (l, sum),
-                Ok(_) => (f64::INFINITY, sum),
-                Err(e) => {
-                    failed = Some(format!("evaluating the round's mean step: {e}"));
-                    (f64::NAN, sum)
-                }
+    let method = cfg.method;
+    // Direct compares model + (lr/n) delta_i with the model; the others
+    // compare the round's step without update i with the whole step
+    // (`total`, the sum of the round's updates, at lr/n each).
+    let uses_direct = matches!(method, ScoreMethod::Direct | ScoreMethod::Shapley);
+    let uses_without = !matches!(method, ScoreMethod::Direct);
+    let full_loss = if uses_without {
+        let step = lr / n as f64;
+        for ((p, &b), &t) in params.iter_mut().zip(base).zip(&total) {
+            *p = (f64::from(b) + step * t) as f32;
+        }
+        passes += idx.len() as u64;
+        match eval.loss(&params, &idx) {
+            Ok(l) if l.is_finite() => l,
+            Ok(_) => f64::INFINITY,
+            Err(e) => {
+                failed = Some(format!("evaluating the round's step: {e}"));
+                f64::NAN
             }
         }
+    } else {
+        f64::NAN
     };
     for (u, d) in updates.iter_mut().zip(deltas) {
         if failed.is_some() {
             break;
         }
-        match cfg.method {
-            ScoreMethod::Direct => {
-                let step = applied_step(lr, n);
-                for ((p, &b), &x) in params.iter_mut().zip(base).zip(d.iter()) {
-                    *p = (f64::from(b) + step * f64::from(x)) as f32;
-                }
+        let mut direct = None;
+        if uses_direct {
+            let step = applied_step(lr, n);
+            for ((p, &b), &x) in params.iter_mut().zip(base).zip(d.iter()) {
+                *p = (f64::from(b) + step * f64::from(x)) as f32;
             }
-            ScoreMethod::LeaveOneOut => {
-                let step = if n > 1 { lr / (n - 1) as f64 } else { 0.0 };
-                for (((p, &b), &s), &x) in params.iter_mut().zip(base).zip(&sum).zip(d.iter()) {
-                    *p = (f64::from(b) + step * (s - f64::from(x))) as f32;
+            passes += idx.len() as u64;
+            match eval.loss(&params, &idx) {
+                Ok(l) if l.is_finite() => direct = Some(base_loss - l),
+                Ok(_) => direct = Some(NON_FINITE_SCORE),
+                Err(e) => {
+                    failed = Some(format!("evaluating an update: {e}"));
+                    break;
                 }
             }
         }
-        passes += idx.len() as u64;
-        match (eval.loss(&params, &idx), cfg.method) {
-            (Ok(l), ScoreMethod::Direct) if l.is_finite() => u.score = Some(reference - l),
-            (Ok(_), ScoreMethod::Direct) => u.score = Some(NON_FINITE_SCORE),
-            (Ok(l), ScoreMethod::LeaveOneOut) => {
-                u.score = Some(match (l.is_finite(), reference.is_finite()) {
-                    (true, true) => l - reference,
-                    // The mean is broken only with this update in it.
-                    (true, false) => NON_FINITE_SCORE,
-                    _ => 0.0,
-                })
+        let mut without = None;
+        if uses_without {
+            // Leave-one-out renormalises the mean over the others; the
+            // marginal keeps each other update at its 1/n part.
+            let step = match method {
+                ScoreMethod::LeaveOneOut if n > 1 => lr / (n - 1) as f64,
+                ScoreMethod::LeaveOneOut => 0.0,
+                _ => lr / n as f64,
+            };
+            for (((p, &b), &t), &x) in params.iter_mut().zip(base).zip(&total).zip(d.iter()) {
+                *p = (f64::from(b) + step * (t - f64::from(x))) as f32;
             }
-            (Err(e), _) => {
-                failed = Some(format!("evaluating an update: {e}"));
+            passes += idx.len() as u64;
+            match eval.loss(&params, &idx) {
+                Ok(l) => {
+                    without = Some(match (l.is_finite(), full_loss.is_finite()) {
+                        (true, true) => l - full_loss,
+                        // The step is broken only with this update in it.
+                        (true, false) => NON_FINITE_SCORE,
+                        _ => 0.0,
+                    })
+                }
+                Err(e) => {
+                    failed = Some(format!("evaluating an update: {e}"));
+                    break;
+                }
             }
         }
+        u.score = match (direct, without) {
+            (Some(a), Some(b)) if a == NON_FINITE_SCORE || b == NON_FINITE_SCORE => {
+                Some(NON_FINITE_SCORE)
+            }
+            (Some(a), Some(b)) => Some(0.5 * (a + b)),
+            (a, b) => a.or(b),
+        };
     }
     if failed.is_some() {
         // All or nothing: a round is scored completely or not at all.
@@ -677,6 +720,54 @@ mod tests {
         assert!(none.updates.iter().all(|u| u.score.is_none()));
         assert!(none.updates[2].free_rider);
         assert!(none.error.is_some());
+    }
+
+    /// Two updates from skewed shards, each overshooting on its own
+    /// coordinates and pulling the other's the wrong way: alone each
+    /// raises the loss (direct scores them negative), together they
+    /// reach most of the way. The marginal and Shapley scores credit the
+    /// complement; on a quadratic loss the Shapley scores add up to the
+    /// round's whole improvement (efficiency), and each is the mean of
+    /// the direct and marginal scores.
+    #[test]
+    fn complementary_skewed_updates_are_credited_by_marginal_and_shapley() {
+        let base = vec![0.0f32; 8];
+        let target = vec![1.0f32; 8];
+        let a: Vec<f32> = (0..8).map(|i| if i < 4 { 2.0 } else { -1.0 }).collect();
+        let b: Vec<f32> = (0..8).map(|i| if i < 4 { -1.0 } else { 2.0 }).collect();
+        let deltas: Vec<&[f32]> = vec![&a, &b];
+        let score = |method| {
+            let cfg = ScoringConfig {
+                validation_samples: 10,
+                noise_sigmas: 0.0,
+                method,
+                ..Default::default()
+            };
+            let mut eval = Quadratic::new(&target, 10);
+            let r = score_round(&cfg, Some(&mut eval), &[1; 32], &base, 1.0, &deltas, 100);
+            assert_eq!(r.error, None);
+            let s: Vec<f64> = r.updates.iter().map(|u| u.score.unwrap()).collect();
+            (s, eval.calls, r.base_loss.unwrap())
+        };
+        let (direct, calls, base_loss) = score(ScoreMethod::Direct);
+        assert!(direct.iter().all(|&x| x < 0.0), "{direct:?}");
+        assert_eq!(calls, 3);
+        let (marginal, calls, _) = score(ScoreMethod::Marginal);
+        assert!(marginal.iter().all(|&x| x > 0.0), "{marginal:?}");
+        assert_eq!(calls, 4);
+        let (shapley, calls, _) = score(ScoreMethod::Shapley);
+        assert_eq!(calls, 6);
+        // The round's step (lr/n each) takes every coordinate to 0.5.
+        let all: Vec<usize> = (0..10).collect();
+        let whole = base_loss - Quadratic::new(&target, 10).loss(&[0.5; 8], &all).unwrap();
+        for i in 0..2 {
+            assert!((shapley[i] - 0.5 * (direct[i] + marginal[i])).abs() < 1e-9);
+            assert!(shapley[i] > 0.0);
+        }
+        assert!(
+            (shapley.iter().sum::<f64>() - whole).abs() < 1e-6,
+            "{shapley:?} vs {whole}"
+        );
     }
 
     #[test]

@@ -284,6 +284,14 @@ impl Server {
             ),
             None => {}
         }
+        // Stakes slashed by the penalties the ledger records (it is
+        // checked first: slashes come from a chain this key signed).
+        let records =
+            crate::ledger::verify_chain(&store.ledger_records().await?, &store.ledger_public_key())
+                .map_err(|e| {
+                    anyhow::anyhow!("the ledger in the state directory does not verify: {e}")
+                })?;
+        core.restore_slashes(&records);
         for u in store.round_updates(core.round_id()).await? {
             let device = u.device.clone();
             core.restore_update(Instant::now(), u)

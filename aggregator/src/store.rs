@@ -1,6 +1,8 @@
-//! Durable aggregator state: SQLite through sqlx (the SQL is kept portable
-//! to PostgreSQL: `$n` parameters, BIGINT / DOUBLE PRECISION / TEXT
-//! columns) plus content-addressed blobs on disk:
+//! Durable aggregator state: tables in SQLite (the default,
+//! `aggregator.db` in the state directory) or PostgreSQL, both through
+//! sqlx's `Any` driver with the same SQL (the few dialect differences and
+//! the schema are in [`db`]), plus content-addressed blobs on disk in the
+//! state directory whichever the database:
 //!
 //! - `models/<version>.fedge`: every published model (and, with scoring
 //!   on, the initial one);
@@ -17,23 +19,26 @@
 //! - `ledger.key` / `ledger.pub`: the aggregator's ledger key.
 //!
 //! **Invariant:** an update is acknowledged only after [`Store::persist_update`]
-//! returned: its payload is fsynced and its row committed.
+//! returned: its payload is fsynced and its row committed (SQLite with
+//! `synchronous = FULL`, PostgreSQL with `synchronous_commit = on`, set on
+//! every connection).
 //!
 //! **Invariant:** a published version, its ledger record and the ratings
 //! it moves are committed in one transaction ([`Store::publish`]): after a
 //! crash either all are there or none, and the chain has no gap.
 
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use fedge_proto::{Limits, ModelBlob, ModelVersion};
 use sqlx::Row;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqliteSynchronous};
 
 use crate::coordinator::{Contribution, DurableUpdate, Settlement};
 use crate::ledger::{LedgerKey, StoredRecord};
 
+mod db;
 mod ledger;
+use db::Db;
+pub use db::{DATABASE_FORMS, Database, SCHEMA_VERSION, testing};
 pub use ledger::LedgerView;
 use ledger::{ledger_rows, rating_rows};
 
@@ -53,8 +58,31 @@ pub enum StoreError {
     },
     #[error("{path} is corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
-    #[error("database {path}: {source}")]
-    Db { path: PathBuf, source: sqlx::Error },
+    #[error("database {db} is corrupt: {reason}")]
+    CorruptRow { db: String, reason: String },
+    #[error("database {db}: {source}")]
+    Db { db: String, source: sqlx::Error },
+    #[error("database URL `{url}` is not usable: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error(
+        "cannot connect to database {db}: {source} (is the server running at that address, \
+         and does the database exist?)"
+    )]
+    Connect { db: String, source: sqlx::Error },
+    #[error(
+        "database {db} has schema version {found}; this aggregator reads version {supported} \
+         (was it written by a newer fedge, or by something else?)"
+    )]
+    SchemaVersion {
+        db: String,
+        found: String,
+        supported: u32,
+    },
+    #[error(
+        "database {db} belongs to another state directory: its ledger key is not the one in \
+         {dir} (pair each state directory with its own database)"
+    )]
+    ForeignDatabase { db: String, dir: PathBuf },
     #[error(transparent)]
     LedgerKey(#[from] crate::ledger::LedgerKeyError),
     #[error("ledger: {0}")]
@@ -71,59 +99,6 @@ pub struct Rating {
     pub last_round: u64,
 }
 
-const SCHEMA: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS model_versions (
-        version TEXT PRIMARY KEY,
-        round_id BIGINT NOT NULL,
-        bytes BIGINT NOT NULL,
-        created_ms BIGINT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS updates (
-        round_id BIGINT NOT NULL,
-        device TEXT NOT NULL,
-        payload_hash TEXT NOT NULL,
-        samples BIGINT NOT NULL,
-        raw_weight DOUBLE PRECISION NOT NULL,
-        stake DOUBLE PRECISION,
-        metrics TEXT NOT NULL,
-        received_ms BIGINT NOT NULL,
-        PRIMARY KEY (round_id, device))",
-    "CREATE TABLE IF NOT EXISTS contributions (
-        round_id BIGINT NOT NULL,
-        device TEXT NOT NULL,
-        stake DOUBLE PRECISION,
-        samples BIGINT NOT NULL,
-        raw_weight DOUBLE PRECISION NOT NULL,
-        share DOUBLE PRECISION NOT NULL,
-        accepted BIGINT NOT NULL,
-        reason TEXT)",
-    // Records and signatures in hex (TEXT stays portable to PostgreSQL).
-    "CREATE TABLE IF NOT EXISTS ledger (
-        seq BIGINT PRIMARY KEY,
-        round_id BIGINT NOT NULL,
-        record TEXT NOT NULL,
-        signature TEXT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS ratings (
-        device TEXT PRIMARY KEY,
-        rating DOUBLE PRECISION NOT NULL,
-        rounds BIGINT NOT NULL,
-        last_round BIGINT NOT NULL)",
-];
-
-/// Columns added after a table was first released: `(table, column,
-/// type)`, each added once to a database that lacks it (`ALTER TABLE ...
-/// ADD COLUMN`, the same statement on SQLite and PostgreSQL). Rows written
-/// before have NULL there.
-const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
-    // The task an update answers, the model it trained, and its staleness
-    // discount: restored updates are checked against them.
-    ("updates", "task_round", "BIGINT"),
-    ("updates", "model_version", "TEXT"),
-    ("updates", "discount", "DOUBLE PRECISION"),
-    // The signed manifest's hash, for the ledger.
-    ("updates", "manifest_hash", "TEXT"),
-];
-
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -133,8 +108,7 @@ fn now_ms() -> i64 {
 
 pub struct Store {
     dir: PathBuf,
-    db_path: PathBuf,
-    pool: SqlitePool,
+    db: Db,
     resume: ResumePoint,
     ledger_key: LedgerKey,
     /// The last ledger record's sequence number and hash.
@@ -147,51 +121,44 @@ pub struct Store {
 }
 
 impl Store {
-    /// Open (or create) the state directory and its database.
+    /// Open (or create) the state directory and its SQLite database.
     pub async fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(dir, &Database::Sqlite).await
+    }
+
+    /// Open (or create) the state directory, and its tables in `database`
+    /// (created there on first use; a database of a newer schema is
+    /// refused, as is one another state directory's ledger key signed).
+    pub async fn open_with(dir: &Path, database: &Database) -> Result<Self, StoreError> {
         for sub in ["models", "updates", "evidence"] {
             std::fs::create_dir_all(dir.join(sub)).map_err(|source| StoreError::Io {
                 path: dir.join(sub),
                 source,
             })?;
         }
-        let db_path = dir.join("aggregator.db");
-        let db = |source| StoreError::Db {
-            path: db_path.clone(),
-            source,
-        };
-        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", db_path.display()))
-            .map_err(db)?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full);
-        let pool = sqlx::pool::PoolOptions::new()
-            .max_connections(1)
-            .connect_with(opts)
-            .await
-            .map_err(db)?;
-        for stmt in SCHEMA {
-            sqlx::query(stmt).execute(&pool).await.map_err(db)?;
-        }
-        for (table, column, ty) in ADDED_COLUMNS {
-            let present: i64 = sqlx::query_scalar(&format!(
-                "SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = '{column}'"
-            ))
-            .fetch_one(&pool)
-            .await
-            .map_err(db)?;
-            if present == 0 {
-                sqlx::query(&format!("ALTER TABLE {table} ADD COLUMN {column} {ty}"))
-                    .execute(&pool)
+        let db = db::connect(database, dir, false).await?;
+        db.migrate().await?;
+        let ledger_key = LedgerKey::load_or_create(dir)?;
+        let key_hex = hex::encode(ledger_key.public().to_bytes());
+        match db.state_value("ledger_key").await? {
+            Some(k) if k != key_hex => {
+                return Err(StoreError::ForeignDatabase {
+                    db: db.label.clone(),
+                    dir: dir.to_path_buf(),
+                });
+            }
+            Some(_) => {}
+            None => {
+                sqlx::query("INSERT INTO state (key, value) VALUES ('ledger_key', $1)")
+                    .bind(&key_hex)
+                    .execute(&db.pool)
                     .await
-                    .map_err(db)?;
+                    .map_err(db.err())?;
             }
         }
-        let ledger_key = LedgerKey::load_or_create(dir)?;
         let mut store = Store {
             dir: dir.to_path_buf(),
-            db_path: db_path.clone(),
-            pool,
+            db,
             resume: ResumePoint::default(),
             ledger_key,
             ledger_tip: (0, [0; 32]),
@@ -207,29 +174,27 @@ impl Store {
     }
 
     fn db(&self) -> impl Fn(sqlx::Error) -> StoreError + '_ {
-        |source| StoreError::Db {
-            path: self.db_path.clone(),
-            source,
+        self.db.err()
+    }
+
+    fn corrupt(&self, reason: String) -> StoreError {
+        StoreError::CorruptRow {
+            db: self.db.label.clone(),
+            reason,
         }
     }
 
     async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
-        let row = sqlx::query("SELECT value FROM state WHERE key = $1")
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(self.db())?;
-        Ok(row.map(|r| r.get::<String, _>(0)))
+        self.db.state_value(key).await
     }
 
     async fn read_resume(&self) -> Result<ResumePoint, StoreError> {
         let num = |v: Option<String>, default: u64| -> Result<u64, StoreError> {
             match v {
                 None => Ok(default),
-                Some(s) => s.parse().map_err(|_| StoreError::Corrupt {
-                    path: self.db_path.clone(),
-                    reason: format!("state value `{s}` is not a number"),
-                }),
+                Some(s) => s
+                    .parse()
+                    .map_err(|_| self.corrupt(format!("state value `{s}` is not a number"))),
             }
         };
         Ok(ResumePoint {
@@ -307,7 +272,7 @@ impl Store {
         .bind(u.model_version.map(|v| v.to_hex()))
         .bind(u.discount)
         .bind(hex::encode(u.manifest_hash))
-        .execute(&self.pool)
+        .execute(&self.db.pool)
         .await
         .map_err(self.db())?;
         Ok(())
@@ -321,16 +286,13 @@ impl Store {
              WHERE round_id = $1 ORDER BY received_ms, device",
         )
         .bind(round_id as i64)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.db.pool)
         .await
         .map_err(self.db())?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
             let hash_hex: String = r.get(1);
-            let corrupt = |reason: String| StoreError::Corrupt {
-                path: self.db_path.clone(),
-                reason,
-            };
+            let corrupt = |reason: String| self.corrupt(reason);
             let payload_hash: [u8; 32] = hex::decode(&hash_hex)
                 .ok()
                 .and_then(|b| b.try_into().ok())
@@ -394,7 +356,7 @@ impl Store {
         .bind(c.share)
         .bind(i64::from(c.accepted))
         .bind(&c.reason)
-        .execute(&self.pool)
+        .execute(&self.db.pool)
         .await
         .map_err(self.db())?;
         Ok(())
@@ -402,12 +364,13 @@ impl Store {
 
     /// Contribution records of a round, in insertion order.
     pub async fn contributions(&self, round_id: u64) -> Result<Vec<Contribution>, StoreError> {
-        let rows = sqlx::query(
+        let rows = sqlx::query(&format!(
             "SELECT device, stake, samples, raw_weight, share, accepted, reason FROM contributions
-             WHERE round_id = $1 ORDER BY rowid",
-        )
+             WHERE round_id = $1 ORDER BY {}",
+            self.db.dialect.insertion_order()
+        ))
         .bind(round_id as i64)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.db.pool)
         .await
         .map_err(self.db())?;
         Ok(rows
@@ -460,12 +423,12 @@ impl Store {
 
     /// Every ledger record, oldest first.
     pub async fn ledger_records(&self) -> Result<Vec<StoredRecord>, StoreError> {
-        ledger_rows(&self.pool, &self.db_path).await
+        ledger_rows(&self.db).await
     }
 
     /// Every device's rating, best first.
     pub async fn ratings(&self) -> Result<Vec<Rating>, StoreError> {
-        rating_rows(&self.pool, &self.db_path).await
+        rating_rows(&self.db).await
     }
 
     /// Record a published model: blob fsynced first, then one transaction
@@ -490,8 +453,13 @@ impl Store {
             }
             None => None,
         };
-        // The evidence of each penalty the record names, durable first.
-        for p in settlement.iter().flat_map(|s| &s.penalties) {
+        // The evidence of each penalty the record names, durable first (a
+        // copy's evidence is its payload, kept with the round's updates).
+        for p in settlement
+            .iter()
+            .flat_map(|s| &s.penalties)
+            .filter(|p| !p.payload.is_empty())
+        {
             let path = self
                 .dir
                 .join("evidence")
@@ -513,7 +481,7 @@ impl Store {
             published_rounds: self.resume.published_rounds + 1,
             current_version: Some(v.to_hex()),
         };
-        let mut tx = self.pool.begin().await.map_err(self.db())?;
+        let mut tx = self.db.pool.begin().await.map_err(self.db())?;
         sqlx::query(
             "INSERT INTO model_versions (version, round_id, bytes, created_ms) VALUES ($1, $2, $3, $4)
              ON CONFLICT (version) DO NOTHING",
@@ -616,7 +584,7 @@ impl Store {
              ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         )
         .bind((round_id + 1).to_string())
-        .execute(&self.pool)
+        .execute(&self.db.pool)
         .await
         .map_err(self.db())?;
         self.resume.next_round_id = round_id + 1;
@@ -629,17 +597,40 @@ impl Store {
 mod tests {
     use super::*;
 
+    /// Runs store test `$name(db)` on both backends, as tests
+    /// `$name::sqlite` and `$name::postgres` (a fresh database `$label...`
+    /// on the server FEDGE_TEST_PG_URL names; without it the PostgreSQL
+    /// half fails, saying how to start one).
+    macro_rules! on_both_stores {
+        ($name:ident, $label:literal) => {
+            mod $name {
+                use super::*;
+
+                #[tokio::test]
+                async fn sqlite() {
+                    super::$name(Database::Sqlite).await;
+                }
+
+                #[tokio::test]
+                async fn postgres() {
+                    super::$name(testing::fresh_postgres($label).await).await;
+                }
+            }
+        };
+    }
+
+    on_both_stores!(aborted_rounds_are_never_reused, "aborted_rounds");
+
     /// An aborted round moves the resume point past it, across a reopen,
     /// so its id is never used again.
-    #[tokio::test]
-    async fn aborted_rounds_are_never_reused() {
+    async fn aborted_rounds_are_never_reused(db: Database) {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(dir.path()).await.unwrap();
+        let mut store = Store::open_with(dir.path(), &db).await.unwrap();
         assert_eq!(store.resume_point().next_round_id, 1);
         store.skip_round(1).await.unwrap();
         store.skip_round(2).await.unwrap();
-        drop(store);
-        let store = Store::open(dir.path()).await.unwrap();
+        store.db.pool.close().await;
+        let store = Store::open_with(dir.path(), &db).await.unwrap();
         let resume = store.resume_point();
         assert_eq!(resume.next_round_id, 3);
         assert_eq!(resume.published_rounds, 0);
@@ -686,13 +677,14 @@ mod tests {
         }
     }
 
+    on_both_stores!(ratings_are_moving_averages_kept_with_the_ledger, "ratings");
+
     /// Ratings are the moving average of scores over the rounds a device
     /// took part in (alpha 0.5 here): a flagged round counts at most 0, an
     /// unscored one not at all; they survive a reopen with the chain's tip.
-    #[tokio::test]
-    async fn ratings_are_moving_averages_kept_with_the_ledger() {
+    async fn ratings_are_moving_averages_kept_with_the_ledger(db: Database) {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(dir.path()).await.unwrap();
+        let mut store = Store::open_with(dir.path(), &db).await.unwrap();
         let v0 = ModelVersion([0; 32]);
         store.stage_settlement(settlement(
             1,
@@ -703,8 +695,8 @@ mod tests {
             .publish(1, ModelVersion([1; 32]), b"m1")
             .await
             .unwrap();
-        drop(store);
-        let mut store = Store::open(dir.path()).await.unwrap();
+        store.db.pool.close().await;
+        let mut store = Store::open_with(dir.path(), &db).await.unwrap();
         let mut s2 = settlement(
             2,
             ModelVersion([1; 32]),
@@ -720,6 +712,7 @@ mod tests {
             manifest_hash: [3; 32],
             payload_hash: *blake3::hash(b"evidence").as_bytes(),
             kind: fedge_proto::ledger::PENALTY_NORM_BOUND,
+            slashed: 0.0,
             payload: bytes::Bytes::from_static(b"evidence"),
         });
         store.stage_settlement(s2);
@@ -757,5 +750,223 @@ mod tests {
             .join("evidence")
             .join(format!("{}.bin", hex::encode(p.payload_hash)));
         assert_eq!(std::fs::read(evidence).unwrap(), b"evidence");
+    }
+
+    on_both_stores!(updates_and_contributions_round_trip, "round_trip");
+
+    /// What a restarted aggregator reads back is what was persisted:
+    /// accepted updates (payload checked against its hash, every column,
+    /// NULL stake and model version included) and contribution records
+    /// in the order they were recorded; a second row for the same device
+    /// and round is ignored, not an error.
+    async fn updates_and_contributions_round_trip(db: Database) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_with(dir.path(), &db).await.unwrap();
+        let update = |device: &str, payload: &'static [u8], stake: Option<f64>| DurableUpdate {
+            round_id: 7,
+            manifest_hash: [5; 32],
+            task_round: 6,
+            model_version: stake.map(|_| ModelVersion([9; 32])),
+            device: device.repeat(64),
+            payload_hash: *blake3::hash(payload).as_bytes(),
+            sample_count: 12,
+            raw_weight: 0.25,
+            discount: 0.5,
+            stake,
+            metrics: vec![("loss".into(), 1.5)],
+            payload: bytes::Bytes::from_static(payload),
+        };
+        let (a, b) = (update("a", b"pa", Some(2.0)), update("b", b"pb", None));
+        store.persist_update(&a).await.unwrap();
+        store.persist_update(&b).await.unwrap();
+        store.persist_update(&a).await.unwrap();
+        // Recorded in an order that is not the devices' order.
+        for (device, accepted) in [("z", true), ("b", false), ("m", true)] {
+            store
+                .record_contribution(&Contribution {
+                    round_id: 7,
+                    device: device.into(),
+                    stake: None,
+                    samples: 3,
+                    raw_weight: 1.0,
+                    share: 0.5,
+                    accepted,
+                    reason: (!accepted).then(|| "late".to_string()),
+                })
+                .await
+                .unwrap();
+        }
+        store.db.pool.close().await;
+        let store = Store::open_with(dir.path(), &db).await.unwrap();
+        let mut got = store.round_updates(7).await.unwrap();
+        got.sort_by(|x, y| x.device.cmp(&y.device));
+        assert_eq!(got.len(), 2);
+        for (g, want) in got.iter().zip([&a, &b]) {
+            assert_eq!(
+                (&g.device, g.payload_hash, &g.payload, g.manifest_hash),
+                (
+                    &want.device,
+                    want.payload_hash,
+                    &want.payload,
+                    want.manifest_hash
+                )
+            );
+            assert_eq!(
+                (g.task_round, g.model_version, g.stake),
+                (6, want.model_version, want.stake)
+            );
+            assert_eq!((g.sample_count, g.raw_weight, g.discount), (12, 0.25, 0.5));
+            assert_eq!(g.metrics, want.metrics);
+        }
+        let order: Vec<_> = store
+            .contributions(7)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.device, c.accepted, c.reason))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                ("z".into(), true, None),
+                ("b".into(), false, Some("late".into())),
+                ("m".into(), true, None)
+            ]
+        );
+        assert!(store.round_updates(8).await.unwrap().is_empty());
+    }
+
+    on_both_stores!(a_newer_schema_is_refused, "newer_schema");
+
+    /// A database whose schema version is not this code's is refused,
+    /// by the store and by a ledger reader, with a typed error naming
+    /// both versions; nothing in it is changed.
+    async fn a_newer_schema_is_refused(db: Database) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_with(dir.path(), &db).await.unwrap();
+        sqlx::query("UPDATE state SET value = '99' WHERE key = 'schema_version'")
+            .execute(&store.db.pool)
+            .await
+            .unwrap();
+        store.db.pool.close().await;
+        for e in [
+            Store::open_with(dir.path(), &db).await.err().unwrap(),
+            LedgerView::open_with(dir.path(), &db).await.err().unwrap(),
+        ] {
+            assert!(
+                matches!(&e, StoreError::SchemaVersion { found, supported: 1, .. } if found == "99"),
+                "{e:?}"
+            );
+            assert!(e.to_string().contains("schema version 99"), "{e}");
+        }
+    }
+
+    on_both_stores!(corrupt_rows_are_typed_errors, "corrupt_rows");
+
+    /// Rows altered behind the store's back are typed errors on either
+    /// backend: a hash that is not hex, a ledger record that is not hex, a
+    /// resume point that is not a number (naming the database).
+    async fn corrupt_rows_are_typed_errors(db: Database) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open_with(dir.path(), &db).await.unwrap();
+        let payload: &'static [u8] = b"p";
+        store
+            .persist_update(&DurableUpdate {
+                round_id: 1,
+                manifest_hash: [5; 32],
+                task_round: 1,
+                model_version: None,
+                device: "a".repeat(64),
+                payload_hash: *blake3::hash(payload).as_bytes(),
+                sample_count: 1,
+                raw_weight: 1.0,
+                discount: 1.0,
+                stake: None,
+                metrics: vec![],
+                payload: bytes::Bytes::from_static(payload),
+            })
+            .await
+            .unwrap();
+        store.stage_settlement(settlement(
+            1,
+            ModelVersion([0; 32]),
+            &[("a", Some(0.1), false)],
+        ));
+        store
+            .publish(1, ModelVersion([1; 32]), b"m1")
+            .await
+            .unwrap();
+        for sql in [
+            "UPDATE updates SET payload_hash = 'zz'",
+            "UPDATE ledger SET record = 'not hex'",
+            "UPDATE state SET value = 'x' WHERE key = 'published_rounds'",
+        ] {
+            sqlx::query(sql).execute(&store.db.pool).await.unwrap();
+        }
+        let e = store.round_updates(1).await.unwrap_err();
+        assert!(
+            matches!(&e, StoreError::CorruptRow { reason, .. } if reason.contains("zz")),
+            "{e:?}"
+        );
+        let e = store.ledger_records().await.unwrap_err();
+        assert!(
+            matches!(&e, StoreError::Ledger(m) if m.contains("not hex")),
+            "{e:?}"
+        );
+        store.db.pool.close().await;
+        let e = Store::open_with(dir.path(), &db).await.err().unwrap();
+        assert!(e.to_string().contains(&db.label(dir.path())), "{e}");
+    }
+
+    /// PostgreSQL only (a SQLite database lives in its state directory):
+    /// a database another state directory created is refused, since the
+    /// blobs and the ledger key it needs are not in this one.
+    #[tokio::test]
+    async fn a_database_of_another_state_directory_is_refused_postgres() {
+        let db = testing::fresh_postgres("foreign").await;
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        Store::open_with(a.path(), &db)
+            .await
+            .unwrap()
+            .db
+            .pool
+            .close()
+            .await;
+        let e = Store::open_with(b.path(), &db).await.err().unwrap();
+        assert!(matches!(e, StoreError::ForeignDatabase { .. }), "{e:?}");
+        // Its own directory still opens it.
+        Store::open_with(a.path(), &db).await.unwrap();
+    }
+
+    /// Connecting fails at once with a typed error naming the database
+    /// (without its password): no server listening, a database that does
+    /// not exist, a database with no fedge tables for a ledger reader.
+    #[tokio::test]
+    async fn unreachable_and_missing_databases_get_typed_errors_postgres() {
+        let dir = tempfile::tempdir().unwrap();
+        // Port 1 on loopback: nothing listens there.
+        let nobody = Database::Postgres("postgres://fedge:secret@127.0.0.1:1/fedge".into());
+        let e = Store::open_with(dir.path(), &nobody).await.err().unwrap();
+        assert!(matches!(e, StoreError::Connect { .. }), "{e:?}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("127.0.0.1:1") && !msg.contains("secret"),
+            "{msg}"
+        );
+
+        let Database::Postgres(url) = testing::fresh_postgres("missing").await else {
+            unreachable!()
+        };
+        let missing = Database::Postgres(format!("{url}_not_there"));
+        let e = Store::open_with(dir.path(), &missing).await.err().unwrap();
+        assert!(matches!(e, StoreError::Connect { .. }), "{e:?}");
+        assert!(e.to_string().contains("does not exist"), "{e}");
+
+        let empty = Database::Postgres(url);
+        let e = LedgerView::open_with(dir.path(), &empty)
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(e, StoreError::SchemaVersion { .. }), "{e:?}");
     }
 }

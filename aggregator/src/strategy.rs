@@ -68,6 +68,13 @@ pub trait Strategy: Send {
     fn report(&self) -> Vec<(String, f64)> {
         Vec::new()
     }
+
+    /// The compressed step (an update payload) the last
+    /// [`Strategy::aggregate_round`] published, when it compresses its
+    /// steps (see [`crate::downlink`]); taken once.
+    fn take_published_step(&mut self) -> Option<bytes::Bytes> {
+        None
+    }
 }
 
 /// Reads a little-endian u64 from the front of `b`.
@@ -417,6 +424,11 @@ impl Strategy for NormClipped {
     }
 }
 
+/// Seed of the downlink codec's randomness (stochastic quantizers), mixed
+/// with the round: the same on every restart, so a replayed round
+/// publishes the same model.
+const DOWNLINK_SEED: u64 = 0x646f_776e_6c69_6e6b;
+
 /// A strategy as written in the configuration file.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -432,6 +444,11 @@ pub struct StrategyConfig {
     pub dp: Option<crate::privacy::DpSpec>,
     /// Secure aggregation (SecAgg+; None: off).
     pub secagg: Option<crate::privacy::secagg::SecAggSpec>,
+    /// Compress each published step with this update codec (e.g.
+    /// `topk:0.1`), with server-side error feedback, so the downlink delta
+    /// devices fetch shrinks (see [`crate::downlink`]). None: models are
+    /// published exactly.
+    pub downlink: Option<String>,
 }
 
 impl Default for StrategyConfig {
@@ -444,6 +461,7 @@ impl Default for StrategyConfig {
             buffered: None,
             dp: None,
             secagg: None,
+            downlink: None,
         }
     }
 }
@@ -503,6 +521,7 @@ impl StrategyConfig {
         if let Some(b) = &self.buffered {
             b.validate()?;
         }
+        self.downlink_spec()?;
         if !(self.fedprox_mu >= 0.0 && self.fedprox_mu.is_finite()) {
             return Err(format!("fedprox_mu must be >= 0, got {}", self.fedprox_mu));
         }
@@ -621,13 +640,29 @@ impl StrategyConfig {
             self.combine.clone(),
             self.fedprox_mu,
         ));
-        if let Some(dp) = &self.dp {
-            return Box::new(crate::privacy::DpFedAvg::new(base, dp.clone(), expected));
+        let s: Box<dyn Strategy> = if let Some(dp) = &self.dp {
+            Box::new(crate::privacy::DpFedAvg::new(base, dp.clone(), expected))
+        } else {
+            match &self.clip {
+                Some(c) => Box::new(NormClipped::new(base, c.clone())),
+                None => base,
+            }
+        };
+        match self.downlink_spec() {
+            Ok(Some(spec)) => Box::new(crate::downlink::Downlink::new(s, spec, DOWNLINK_SEED)),
+            _ => s,
         }
-        match &self.clip {
-            Some(c) => Box::new(NormClipped::new(base, c.clone())),
-            None => base,
-        }
+    }
+
+    /// The downlink codec, parsed (`validate` refuses a bad one first).
+    pub fn downlink_spec(&self) -> Result<Option<fedge_proto::codec::CodecSpec>, String> {
+        self.downlink
+            .as_deref()
+            .map(|s| {
+                fedge_proto::codec::CodecSpec::parse(s)
+                    .map_err(|e| format!("strategy.downlink `{s}`: {e}"))
+            })
+            .transpose()
     }
 }
 

@@ -456,3 +456,48 @@ fn fedbuff_config_needs_the_versions_its_staleness_window_reaches() {
     let err = c.validate().unwrap_err();
     assert!(err.contains("versions_kept must be at least 4"), "{err}");
 }
+
+/// Admission control: 120 devices connect at the same instant to an
+/// aggregator that completes 10 authentications a second and gives each
+/// 2 s. Ten authenticate at once; the other 110 are paced away before
+/// they authenticate, each told a window further out the later it came
+/// (its place in a queue served at the handshake rate). Nobody's
+/// authentication times out, both rounds publish and every device
+/// finishes.
+#[test]
+fn a_connection_burst_is_paced_not_timed_out() {
+    for seed in SEEDS {
+        let cfg = CoordinatorConfig {
+            handshakes_per_sec: 10.0,
+            auth_timeout: Duration::from_secs(2),
+            ..cfg(10, 5, 2)
+        };
+        let mut sim = Sim::new(seed, cfg, NetConfig::default(), specs(120));
+        sim.run_to_end(Duration::from_secs(600));
+        let paced = sim.rejection_details(RejectCode::TooManyDevices);
+        assert!(paced.len() >= 110, "seed {seed}: {} paced", paced.len());
+        // The burst's windows start 100 ms apart, after the ten admitted.
+        let starts: Vec<u64> = paced
+            .iter()
+            .take(110)
+            .map(|d| {
+                let window = d.rsplit("come back in ").next().unwrap();
+                window.split("..").next().unwrap().parse().unwrap()
+            })
+            .collect();
+        let expected: Vec<u64> = (0..110).map(|k| (10 + k) * 100).collect();
+        assert_eq!(starts, expected, "seed {seed}");
+        assert!(
+            sim.rejection_details(RejectCode::AuthFailed).is_empty(),
+            "seed {seed}: authentication timed out"
+        );
+        assert_eq!(sim.published().len(), 2, "seed {seed}");
+        for i in 0..sim.device_count() {
+            assert_eq!(
+                sim.device_status(i),
+                Status::Done,
+                "seed {seed}: device {i}"
+            );
+        }
+    }
+}

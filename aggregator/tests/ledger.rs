@@ -13,7 +13,7 @@ use fedge_aggregator::coordinator::CoordinatorConfig;
 use fedge_aggregator::ledger::{self, StoredRecord};
 use fedge_aggregator::scoring::{Evaluator, ScoringConfig};
 use fedge_aggregator::server::{Server, ServerConfig};
-use fedge_aggregator::store::{LedgerView, Store};
+use fedge_aggregator::store::{Database, LedgerView, Store, testing};
 use fedge_aggregator::tls::TlsIdentity;
 use fedge_aggregator::weighting::WeightPolicy;
 use fedge_device::TrainOutput;
@@ -92,14 +92,18 @@ impl Trainer for Pattern {
 /// A run of `ROUNDS` rounds in a fresh state directory.
 async fn real_run() -> (tempfile::TempDir, fedge_proto::ModelVersion, String) {
     let dir = tempfile::tempdir().unwrap();
-    let (v, metrics) = run_in(dir.path(), ROUNDS).await;
+    let (v, metrics) = run_in(dir.path(), &Database::Sqlite, ROUNDS).await;
     (dir, v, metrics)
 }
 
-/// Serve rounds up to `rounds` (round ids) from the state in `dir` (or
-/// `model()` when it has none) with `DEVICES` devices; the final version
-/// and the server's metrics at the end.
-async fn run_in(dir: &std::path::Path, rounds: u64) -> (fedge_proto::ModelVersion, String) {
+/// Serve rounds up to `rounds` (round ids) from the state in `dir` and
+/// `database` (or `model()` when it has none) with `DEVICES` devices; the
+/// final version and the server's metrics at the end.
+async fn run_in(
+    dir: &std::path::Path,
+    database: &Database,
+    rounds: u64,
+) -> (fedge_proto::ModelVersion, String) {
     let identity = TlsIdentity::load_or_create(dir).unwrap();
     let fp = identity.fingerprint();
     let cfg = ServerConfig {
@@ -128,7 +132,7 @@ async fn run_in(dir: &std::path::Path, rounds: u64) -> (fedge_proto::ModelVersio
         finish_grace: Some(Duration::from_secs(5)),
         ..ServerConfig::default()
     };
-    let store = Store::open(dir).await.unwrap();
+    let store = Store::open_with(dir, database).await.unwrap();
     let published_before = store.resume_point().published_rounds;
     let initial = store
         .current_model(&Default::default())
@@ -179,16 +183,25 @@ async fn run_in(dir: &std::path::Path, rounds: u64) -> (fedge_proto::ModelVersio
     (report.final_version.unwrap(), metrics.encode())
 }
 
-/// An aggregator stopped after two rounds and started again from its
-/// state directory continues the chain: the store picks up the tip, the
-/// next record links to it and starts from its model.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_chain_continues_across_a_restart() {
+async fn the_chain_continues_across_a_restart_sqlite() {
+    the_chain_continues_across_a_restart(Database::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chain_continues_across_a_restart_postgres() {
+    the_chain_continues_across_a_restart(testing::fresh_postgres("chain_restart").await).await;
+}
+
+/// An aggregator stopped after two rounds and started again from its
+/// state directory and database continues the chain: the store picks up
+/// the tip, the next record links to it and starts from its model.
+async fn the_chain_continues_across_a_restart(database: Database) {
     let dir = tempfile::tempdir().unwrap();
-    run_in(dir.path(), 2).await;
-    let (last, _) = run_in(dir.path(), 4).await;
+    run_in(dir.path(), &database, 2).await;
+    let (last, _) = run_in(dir.path(), &database, 4).await;
     let key = ledger::public_key(dir.path()).unwrap();
-    let view = LedgerView::open(dir.path()).await.unwrap();
+    let view = LedgerView::open_with(dir.path(), &database).await.unwrap();
     let records = ledger::verify_chain(&view.records, &key).unwrap();
     let rounds: Vec<u64> = records.iter().map(|r| r.round_id).collect();
     assert_eq!(rounds, vec![1, 2, 3, 4]);

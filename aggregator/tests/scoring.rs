@@ -258,3 +258,101 @@ fn an_update_over_the_norm_bound_is_a_recorded_penalty() {
         );
     }
 }
+
+/// A device that signs a second, different update for a task whose update
+/// was accepted (a modified binary) is caught: the replay is refused, the
+/// next settlement names an equivocation penalty whose evidence (the two
+/// signed manifests) anyone can check, and with `slash_fraction` its stake
+/// is slashed from then on, so it weighs and earns less in the next round.
+#[test]
+fn equivocation_is_a_penalty_with_checkable_evidence_and_slashes_stake() {
+    use fedge_proto::ledger::{LedgerPenalty, PENALTY_EQUIVOCATION};
+    for seed in SEEDS {
+        let mut specs: Vec<DeviceSpec> = fleet(seed).into_iter().take(5).collect();
+        // An honest update of its own (another draw), sent twice over.
+        // Faster than the others, so the round is still open when the
+        // second update is announced.
+        specs[4] = DeviceSpec {
+            equivocate: true,
+            train_time: Duration::from_millis(100),
+            ..fleet(seed + 1000).swap_remove(0)
+        };
+        let cfg = CoordinatorConfig {
+            devices_per_round: 5,
+            min_devices: 5,
+            rounds: 2,
+            scoring: ScoringConfig {
+                slash_fraction: 0.5,
+                ..cfg().scoring
+            },
+            weights: WeightPolicy {
+                stake: fedge_aggregator::weighting::Transform::Linear,
+                max_share: 1.0,
+                ..WeightPolicy::default()
+            },
+            ..cfg()
+        };
+        let mut sim = Sim::new(seed, cfg, NetConfig::default(), specs);
+        let stakes: std::collections::HashMap<String, f64> =
+            (0..5).map(|i| (sim.device_id(i), 2.0)).collect();
+        sim.coord.set_stakes(Box::new(stakes));
+        sim.coord.set_evaluator(Box::new(Quadratic {
+            target: target(),
+            n: 200,
+        }));
+        sim.run_to_end(Duration::from_secs(300));
+        let settled = settlements(&sim);
+        assert_eq!(settled.len(), 2, "seed {seed}");
+        let cheat = sim.device_id(4);
+        let entry = |s: &Settlement| s.entries.iter().find(|e| e.device == cheat).cloned();
+        // Round 1: its first update counts, at full stake; the second is
+        // refused and becomes a penalty.
+        let first = entry(&settled[0]).expect("the first update was accepted");
+        assert_eq!(first.stake, Some(2.0), "seed {seed}");
+        let p: Vec<_> = settled[0]
+            .penalties
+            .iter()
+            .filter(|p| p.kind == PENALTY_EQUIVOCATION)
+            .collect();
+        assert_eq!(p.len(), 1, "seed {seed}: {:?}", settled[0].penalties);
+        assert_eq!(p[0].device, cheat);
+        assert_eq!(p[0].slashed, 0.5);
+        let lp = LedgerPenalty {
+            device: fedge_aggregator::ledger::device_bytes(&p[0].device).unwrap(),
+            round_id: p[0].round_id,
+            manifest_hash: p[0].manifest_hash,
+            payload_hash: p[0].payload_hash,
+            kind: p[0].kind,
+            slashed: p[0].slashed,
+        };
+        let limits = fedge_proto::Limits::default();
+        fedge_aggregator::ledger::check_evidence(&lp, &p[0].payload, Some(DIM), &limits).unwrap();
+        // The evidence is bound to this device and this manifest.
+        let mut other = lp.clone();
+        other.device = fedge_aggregator::ledger::device_bytes(&sim.device_id(0)).unwrap();
+        assert!(
+            fedge_aggregator::ledger::check_evidence(&other, &p[0].payload, None, &limits).is_err()
+        );
+        let mut flipped = p[0].payload.to_vec();
+        let n = flipped.len();
+        flipped[n - 1] ^= 1;
+        assert!(fedge_aggregator::ledger::check_evidence(&lp, &flipped, None, &limits).is_err());
+        // Nobody honest is penalised.
+        assert!(settled[0].penalties.iter().all(|p| p.device == cheat));
+        // Round 2: its stake is halved, and its weight with it.
+        let second = entry(&settled[1]).expect("accepted again in round 2");
+        assert_eq!(second.stake, Some(1.0), "seed {seed}");
+        let honest = settled[1]
+            .entries
+            .iter()
+            .find(|e| e.device == sim.device_id(0))
+            .unwrap();
+        assert!(
+            second.weight < honest.weight,
+            "seed {seed}: {} vs {}",
+            second.weight,
+            honest.weight
+        );
+        assert!(sim.rejections().contains(&fedge_proto::RejectCode::Replay));
+    }
+}

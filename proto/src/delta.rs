@@ -34,13 +34,47 @@ pub fn encode(base: &ModelBlob, target: &ModelBlob) -> Option<Vec<u8>> {
             target_version: target.version().0.to_vec().into(),
             dimension: n as u64,
             zstd_body: entropy::compress(&body).into(),
+            steps: Vec::new(),
         }
         .encode_to_vec(),
     )
 }
 
+/// Most compressed steps one delta may chain.
+pub const STEPS_MAX: usize = 64;
+
+/// Adds a decoded compressed step to `params` (where it is not 0): how the
+/// aggregator publishes a compressed step and how a device replays it, so
+/// both get the same bits.
+pub fn apply_step(params: &mut [f32], step: &[f32]) {
+    for (p, &v) in params.iter_mut().zip(step) {
+        if v != 0.0 {
+            *p += v;
+        }
+    }
+}
+
+/// A delta made of the aggregator's compressed steps (update payloads)
+/// from `base` to `target`, applied in order with [`apply_step`].
+pub fn encode_steps(
+    base: ModelVersion,
+    target: ModelVersion,
+    dimension: usize,
+    steps: &[bytes::Bytes],
+) -> Vec<u8> {
+    wire::ModelDelta {
+        base_version: base.0.to_vec().into(),
+        target_version: target.0.to_vec().into(),
+        dimension: dimension as u64,
+        zstd_body: Default::default(),
+        steps: steps.to_vec(),
+    }
+    .encode_to_vec()
+}
+
 /// Apply a delta to `base`, checking everything: the base it was made for,
-/// the dimension, the decompressed size, and the target's content hash.
+/// the dimension, the decompressed size (or each step's payload), and the
+/// target's content hash.
 pub fn apply(base: &ModelBlob, delta: &[u8], limits: &Limits) -> Result<ModelBlob, ProtoError> {
     let d = wire::ModelDelta::decode(delta)?;
     let base_version = ModelVersion::from_slice("delta.base_version", &d.base_version)?;
@@ -62,6 +96,20 @@ pub fn apply(base: &ModelBlob, delta: &[u8], limits: &Limits) -> Result<ModelBlo
             got: d.dimension,
         });
     }
+    if !d.steps.is_empty() {
+        Limits::check("delta steps", d.steps.len() as u64, STEPS_MAX as u64)?;
+        if !d.zstd_body.is_empty() {
+            return Err(ProtoError::Invalid {
+                field: "delta.zstd_body",
+                reason: "a delta of steps carries no XOR body".into(),
+            });
+        }
+        let mut values = base.params.values.clone();
+        for step in &d.steps {
+            apply_step(&mut values, &crate::update::decode_update(step, n, limits)?);
+        }
+        return finish(base, values, target_version);
+    }
     let body = entropy::decompress_bounded(&d.zstd_body, 4 * n as u64)?;
     if body.len() != 4 * n {
         return Err(ProtoError::BadLength {
@@ -80,6 +128,16 @@ pub fn apply(base: &ModelBlob, delta: &[u8], limits: &Limits) -> Result<ModelBlo
             f32::from_bits(a.to_bits() ^ x)
         })
         .collect();
+    finish(base, values, target_version)
+}
+
+/// The target from the base's graph and layout and `values`, if its
+/// content hash is the one the delta names.
+fn finish(
+    base: &ModelBlob,
+    values: Vec<f32>,
+    target_version: ModelVersion,
+) -> Result<ModelBlob, ProtoError> {
     let target = ModelBlob {
         onnx_graph: base.onnx_graph.clone(),
         params: crate::Params::new(base.params.layout.clone(), values)?,
@@ -107,6 +165,48 @@ mod tests {
             onnx_graph: bytes::Bytes::from_static(b"g"),
             params: Params::new(layout, values).unwrap(),
         }
+    }
+
+    /// A chain of compressed steps replays to the very bits the sender
+    /// published; a step too many, a tampered step or a mixed delta is
+    /// refused.
+    #[test]
+    fn step_chains_replay_bit_exactly() {
+        let n = 4096;
+        let base = blob((0..n).map(|i| (i as f32 * 0.37).sin()).collect());
+        let spec = crate::codec::CodecSpec::parse("topk:0.05+q8").unwrap();
+        let mut values = base.params.values.clone();
+        let mut steps = Vec::new();
+        for k in 0..3u64 {
+            let step: Vec<f32> = (0..n)
+                .map(|i| ((i as u64 * 7 + k) % 13) as f32 * 1e-3)
+                .collect();
+            let (payload, sent) = crate::codec::encode_with_transmitted(&spec, &step, k).unwrap();
+            apply_step(&mut values, &sent);
+            steps.push(payload);
+        }
+        let target = blob(values);
+        let limits = Limits::default();
+        let d = encode_steps(base.version(), target.version(), n, &steps);
+        let back = apply(&base, &d, &limits).unwrap();
+        assert_eq!(back.encode(), target.encode(), "bit-exact");
+        assert!(d.len() * 5 < target.encode().len(), "{} bytes", d.len());
+        // A step missing, or one changed: not the target.
+        let short = encode_steps(base.version(), target.version(), n, &steps[1..]);
+        assert!(matches!(
+            apply(&base, &short, &limits),
+            Err(ProtoError::HashMismatch { .. })
+        ));
+        let too_many = vec![steps[0].clone(); STEPS_MAX + 1];
+        let d = encode_steps(base.version(), target.version(), n, &too_many);
+        assert!(apply(&base, &d, &limits).is_err());
+        // Steps and an XOR body together are malformed.
+        let mut w = wire::ModelDelta::decode(
+            &encode_steps(base.version(), target.version(), n, &steps)[..],
+        )
+        .unwrap();
+        w.zstd_body = vec![1, 2, 3].into();
+        assert!(apply(&base, &w.encode_to_vec(), &limits).is_err());
     }
 
     #[test]

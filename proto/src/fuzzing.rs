@@ -645,6 +645,7 @@ pub fn model_delta(data: &[u8]) {
             target_version: vec![0; 32].into(),
             dimension: base.params.values.len() as u64,
             zstd_body: rest.to_vec().into(),
+            steps: Vec::new(),
         }
         .encode_to_vec();
         &wrapped
@@ -695,6 +696,30 @@ fn model_delta_seeds() -> Vec<Vec<u8>> {
         let mut body = vec![i as u8, 1];
         body.extend_from_slice(&w.zstd_body);
         out.push(body);
+        // A delta of two compressed steps (as `[strategy] downlink` makes).
+        let spec = crate::codec::CodecSpec::parse("topk:0.25+q8").expect("spec");
+        let n = base.params.values.len();
+        let mut values = base.params.values.clone();
+        let mut steps = Vec::new();
+        for k in 0..2u64 {
+            let step: Vec<f32> = (0..n).map(|j| ((j as u64 + k) % 7) as f32 * 1e-2).collect();
+            let (payload, sent) =
+                crate::codec::encode_with_transmitted(&spec, &step, k).expect("finite");
+            delta::apply_step(&mut values, &sent);
+            steps.push(payload);
+        }
+        let target = crate::ModelBlob {
+            onnx_graph: base.onnx_graph.clone(),
+            params: crate::Params::new(base.params.layout.clone(), values).expect("layout"),
+        };
+        let d = delta::encode_steps(base.version(), target.version(), n, &steps);
+        assert!(
+            delta::apply(base, &d, &Limits::default()).is_ok(),
+            "own steps apply"
+        );
+        let mut whole = vec![i as u8, 0];
+        whole.extend_from_slice(&d);
+        out.push(whole);
     }
     out
 }

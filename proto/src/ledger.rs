@@ -30,8 +30,11 @@ use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 const RECORD_CONTEXT: &str = "fedge ledger record v1";
 /// Prefix of what the aggregator signs.
 const SIGN_DOMAIN: &[u8] = b"fedge-ledger-v1";
-/// First bytes of an encoded record (format version 1).
-const MAGIC: &[u8; 8] = b"fedgeLR1";
+/// First bytes of an encoded record (format version 2: penalties carry the
+/// stake fraction they slash).
+const MAGIC: &[u8; 8] = b"fedgeLR2";
+/// First bytes of a format-1 record (before slashing), refused by name.
+const MAGIC_V1: &[u8; 8] = b"fedgeLR1";
 /// Most entries one record may carry (a round has at most this many
 /// participants; far above any `devices_per_round`).
 pub const ENTRIES_MAX: usize = 1 << 16;
@@ -52,6 +55,19 @@ pub const FLAG_NOISE: u8 = 8;
 pub const PENALTY_NON_FINITE: u8 = 1;
 /// Penalty: the signed update's norm was over the configured bound.
 pub const PENALTY_NORM_BOUND: u8 = 2;
+/// Penalty: the device signed two different updates for the same task;
+/// the evidence is both signed manifests ([`crate::evidence::Equivocation`]).
+pub const PENALTY_EQUIVOCATION: u8 = 3;
+/// Penalty: the update was flagged a copy of an earlier update of the same
+/// round ([`FLAG_COPY`]); the evidence is the two payloads, kept with the
+/// round's updates.
+pub const PENALTY_COPY: u8 = 4;
+const PENALTIES_KNOWN: [u8; 4] = [
+    PENALTY_NON_FINITE,
+    PENALTY_NORM_BOUND,
+    PENALTY_EQUIVOCATION,
+    PENALTY_COPY,
+];
 /// Most penalties one record may carry.
 pub const PENALTIES_MAX: usize = 1 << 12;
 
@@ -59,6 +75,12 @@ pub const PENALTIES_MAX: usize = 1 << 12;
 pub const METHOD_DIRECT: u8 = 0;
 /// Scores are what the round's mean step loses without the update.
 pub const METHOD_LEAVE_ONE_OUT: u8 = 1;
+/// Scores are what the round's step loses without the update, the others
+/// keeping their parts.
+pub const METHOD_MARGINAL: u8 = 2;
+/// Scores are the mean of the direct and the marginal score (a Shapley
+/// value under a quadratic loss).
+pub const METHOD_SHAPLEY: u8 = 3;
 const FLAGS_KNOWN: u8 = FLAG_COPY | FLAG_FREE_RIDER | FLAG_UNSCORED | FLAG_NOISE;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -103,7 +125,11 @@ pub struct LedgerEntry {
 
 /// Provable misbehaviour: a device signed an update (its manifest names
 /// the payload hash) whose payload was refused for a reason anyone can
-/// check from that payload (kept by the aggregator as evidence).
+/// check from that payload, signed two different updates for one task, or
+/// copied another device's update. The aggregator keeps the evidence: for
+/// [`PENALTY_NON_FINITE`], [`PENALTY_NORM_BOUND`] and
+/// [`PENALTY_EQUIVOCATION`] a file whose blake3 hash is `payload_hash`;
+/// for [`PENALTY_COPY`] the copy's payload among the round's updates.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LedgerPenalty {
     pub device: [u8; 32],
@@ -113,6 +139,9 @@ pub struct LedgerPenalty {
     pub payload_hash: [u8; 32],
     /// `PENALTY_*`.
     pub kind: u8,
+    /// Fraction of the device's stake this penalty slashed, in [0, 1]
+    /// (0: recorded as evidence only).
+    pub slashed: f64,
 }
 
 /// One published version's record.
@@ -210,6 +239,7 @@ impl LedgerRecord {
             b.extend_from_slice(&p.manifest_hash);
             b.extend_from_slice(&p.payload_hash);
             b.push(p.kind);
+            b.extend_from_slice(&p.slashed.to_bits().to_le_bytes());
         }
         b.extend_from_slice(&self.reward_root);
         b
@@ -219,7 +249,14 @@ impl LedgerRecord {
     /// known flags, entries ordered by device, the reward root).
     pub fn decode(bytes: &[u8]) -> Result<Self, LedgerError> {
         let mut r = Reader { b: bytes };
-        if r.take(8, "magic")? != MAGIC {
+        let magic = r.take(8, "magic")?;
+        if magic == MAGIC_V1 {
+            return Err(LedgerError::Invalid {
+                field: "magic",
+                reason: "ledger format 1 (before slashing); this build reads format 2".into(),
+            });
+        }
+        if magic != MAGIC {
             return Err(LedgerError::BadMagic);
         }
         let seq = r.u64("seq")?;
@@ -231,7 +268,7 @@ impl LedgerRecord {
         let validation_samples =
             u32::from_le_bytes(r.take(4, "validation_samples")?.try_into().expect("4"));
         let score_method = r.take(1, "score_method")?[0];
-        if score_method > METHOD_LEAVE_ONE_OUT {
+        if score_method > METHOD_SHAPLEY {
             return Err(LedgerError::Invalid {
                 field: "score_method",
                 reason: format!("unknown method {score_method}"),
@@ -284,10 +321,17 @@ impl LedgerRecord {
             let manifest_hash = r.h32("penalty manifest_hash")?;
             let payload_hash = r.h32("penalty payload_hash")?;
             let kind = r.take(1, "penalty kind")?[0];
-            if !(kind == PENALTY_NON_FINITE || kind == PENALTY_NORM_BOUND) {
+            if !PENALTIES_KNOWN.contains(&kind) {
                 return Err(LedgerError::Invalid {
                     field: "penalty kind",
                     reason: format!("unknown kind {kind}"),
+                });
+            }
+            let slashed = r.f64("penalty slashed")?;
+            if !(0.0..=1.0).contains(&slashed) {
+                return Err(LedgerError::Invalid {
+                    field: "penalty slashed",
+                    reason: format!("{slashed} is not a fraction in [0, 1]"),
                 });
             }
             penalties.push(LedgerPenalty {
@@ -296,6 +340,7 @@ impl LedgerRecord {
                 manifest_hash,
                 payload_hash,
                 kind,
+                slashed,
             });
         }
         let reward_root = r.h32("reward_root")?;
@@ -627,6 +672,7 @@ mod tests {
                 manifest_hash: [5; 32],
                 payload_hash: [6; 32],
                 kind: PENALTY_NORM_BOUND,
+                slashed: 0.25,
             }],
             reward_root: [0; 32],
         };

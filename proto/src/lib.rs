@@ -21,6 +21,8 @@
 //! - [`secagg`]: SecAgg+ (Bell et al. 2020): what the device and the
 //!   aggregator share: parameters, neighbour graph, Shamir sharing, key
 //!   agreement and masks, fixed-point encoding, the stages' messages.
+//! - [`evidence`]: the evidence of equivocation (two signed updates of
+//!   one device for one task), as the ledger's penalties name it.
 //! - [`fuzzing`]: one entry point a decoder for the fuzz targets (`fuzz/`)
 //!   and the corpus replay test.
 //!
@@ -30,6 +32,7 @@
 pub mod codec;
 pub mod delta;
 pub mod error;
+pub mod evidence;
 pub mod frame;
 pub mod fuzzing;
 #[cfg(feature = "io")]

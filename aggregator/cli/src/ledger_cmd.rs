@@ -7,22 +7,35 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::Subcommand;
 use fedge_aggregator::ledger::{self, parse_public_key};
-use fedge_aggregator::store::LedgerView;
+use fedge_aggregator::store::{Database, LedgerView};
 use fedge_proto::ledger::LedgerRecord;
 use fedge_proto::sign::VerifyingKey;
 use fedge_proto::{Limits, ModelBlob};
 
 use crate::evaluator::EngineEvaluator;
 
+/// Where a ledger is: the state directory (keys, models, payloads) and
+/// the database its tables are in.
+#[derive(clap::Args)]
+pub struct Source {
+    #[arg(long, default_value = "fedge-aggregator-state")]
+    state_dir: PathBuf,
+    /// The database the aggregator ran with: `sqlite` (aggregator.db in
+    /// the state directory) or postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE.
+    #[arg(long, env = "FEDGE_DATABASE", default_value = "sqlite")]
+    database: Database,
+}
+
 #[derive(Subcommand)]
 pub enum LedgerCmd {
     /// Check the whole chain: every record decodes, follows the previous
     /// one (sequence number and hash), carries the aggregator's signature
-    /// and a reward root that matches its rewards. Fails naming the first
-    /// bad record.
+    /// and a reward root that matches its rewards, and the evidence of
+    /// every penalty is in the state directory and proves it. Fails naming
+    /// the first bad record.
     Verify {
-        #[arg(long, default_value = "fedge-aggregator-state")]
-        state_dir: PathBuf,
+        #[command(flatten)]
+        src: Source,
         /// The ledger public key to check against (hex); default: the
         /// state directory's `ledger.pub`. Pin it: whoever can rewrite the
         /// ledger can rewrite that file too.
@@ -44,8 +57,8 @@ pub enum LedgerCmd {
     /// Print a device's inclusion proof for its reward in a round (JSON),
     /// for `fedge-device verify-reward`.
     Proof {
-        #[arg(long, default_value = "fedge-aggregator-state")]
-        state_dir: PathBuf,
+        #[command(flatten)]
+        src: Source,
         /// The device's public key (hex).
         #[arg(long)]
         device: String,
@@ -56,8 +69,8 @@ pub enum LedgerCmd {
     },
     /// Print the per-round reward roots (JSON), for anchoring elsewhere.
     Export {
-        #[arg(long, default_value = "fedge-aggregator-state")]
-        state_dir: PathBuf,
+        #[command(flatten)]
+        src: Source,
         #[arg(long)]
         key: Option<String>,
         /// Write here instead of standard output.
@@ -66,8 +79,8 @@ pub enum LedgerCmd {
     },
     /// Print every device's rating (JSON), best first.
     Ratings {
-        #[arg(long, default_value = "fedge-aggregator-state")]
-        state_dir: PathBuf,
+        #[command(flatten)]
+        src: Source,
     },
 }
 
@@ -78,31 +91,40 @@ fn key_for(state_dir: &Path, key: Option<&str>) -> anyhow::Result<VerifyingKey> 
     }
 }
 
-/// The verified records of a state directory.
-fn verified(state_dir: &Path, key: Option<&str>) -> anyhow::Result<Vec<LedgerRecord>> {
-    let key = key_for(state_dir, key)?;
+/// The ledger and ratings of a state directory, read-only.
+fn view(src: &Source) -> anyhow::Result<LedgerView> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let view = rt
-        .block_on(LedgerView::open(state_dir))
-        .with_context(|| format!("reading the ledger in {}", state_dir.display()))?;
-    Ok(ledger::verify_chain(&view.records, &key)?)
+    rt.block_on(LedgerView::open_with(&src.state_dir, &src.database))
+        .with_context(|| {
+            format!(
+                "reading the ledger in {}",
+                src.database.label(&src.state_dir)
+            )
+        })
+}
+
+/// The verified records of a state directory.
+fn verified(src: &Source, key: Option<&str>) -> anyhow::Result<Vec<LedgerRecord>> {
+    let key = key_for(&src.state_dir, key)?;
+    Ok(ledger::verify_chain(&view(src)?.records, &key)?)
 }
 
 pub fn run(cmd: LedgerCmd) -> anyhow::Result<()> {
     match cmd {
         LedgerCmd::Verify {
-            state_dir,
+            src,
             key,
             validation,
             validation_range,
             initial_model,
         } => {
-            let records = verified(&state_dir, key.as_deref())?;
+            let records = verified(&src, key.as_deref())?;
+            let penalties = check_all_evidence(&src.state_dir, &records, initial_model.as_deref())?;
             if let Some(spec) = validation {
                 let (rounds, scores) = recompute(
-                    &state_dir,
+                    &src.state_dir,
                     &records,
                     &spec,
                     validation_range.as_deref(),
@@ -120,18 +142,19 @@ pub fn run(cmd: LedgerCmd) -> anyhow::Result<()> {
                 .map(|r| hex::encode(r.hash()))
                 .unwrap_or_else(|| "-".into());
             println!(
-                "ledger ok: {} records, {} participations, {paid} reward units paid; head {head}",
+                "ledger ok: {} records, {} participations, {paid} reward units paid, \
+                 {penalties} penalties with their evidence; head {head}",
                 records.len(),
                 records.iter().map(|r| r.entries.len()).sum::<usize>(),
             );
         }
         LedgerCmd::Proof {
-            state_dir,
+            src,
             device,
             round,
             key,
         } => {
-            let records = verified(&state_dir, key.as_deref())?;
+            let records = verified(&src, key.as_deref())?;
             let device =
                 ledger::device_bytes(&device).map_err(|e| anyhow::anyhow!("--device: {e}"))?;
             let proof =
@@ -142,14 +165,10 @@ pub fn run(cmd: LedgerCmd) -> anyhow::Result<()> {
                 serde_json::to_string_pretty(&ledger::proof_json(&proof))?
             );
         }
-        LedgerCmd::Export {
-            state_dir,
-            key,
-            out,
-        } => {
-            let records = verified(&state_dir, key.as_deref())?;
+        LedgerCmd::Export { src, key, out } => {
+            let records = verified(&src, key.as_deref())?;
             let json = serde_json::to_string_pretty(&serde_json::json!({
-                "ledger_key": hex::encode(key_for(&state_dir, key.as_deref())?.to_bytes()),
+                "ledger_key": hex::encode(key_for(&src.state_dir, key.as_deref())?.to_bytes()),
                 "rounds": ledger::roots(&records),
             }))?;
             match out {
@@ -158,12 +177,8 @@ pub fn run(cmd: LedgerCmd) -> anyhow::Result<()> {
                 None => println!("{json}"),
             }
         }
-        LedgerCmd::Ratings { state_dir } => {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let view = rt.block_on(LedgerView::open(&state_dir))?;
-            println!("{}", serde_json::to_string_pretty(&view.ratings)?);
+        LedgerCmd::Ratings { src } => {
+            println!("{}", serde_json::to_string_pretty(&view(&src)?.ratings)?);
         }
     }
     Ok(())
@@ -191,6 +206,43 @@ fn model_of(
         }
     }
     anyhow::bail!("model {hex_v} is not in the state directory: pass it with --initial-model")
+}
+
+/// Checks every penalty's evidence in the state directory (see
+/// [`ledger::check_evidence`]); fails naming the record. Returns how many
+/// penalties were checked.
+fn check_all_evidence(
+    state_dir: &Path,
+    records: &[LedgerRecord],
+    initial: Option<&Path>,
+) -> anyhow::Result<usize> {
+    let limits = Limits::default();
+    let mut dimension = None;
+    let mut n = 0;
+    for r in records {
+        for p in &r.penalties {
+            let fail = |e: String| {
+                anyhow::anyhow!(
+                    "ledger record {}: penalty of device {} in round {}: {e}",
+                    r.seq,
+                    hex::encode(p.device),
+                    p.round_id
+                )
+            };
+            if dimension.is_none() {
+                dimension = model_of(state_dir, &r.model_before, initial)
+                    .ok()
+                    .map(|m| m.params.values.len());
+            }
+            let path = ledger::evidence_path(state_dir, p);
+            let bytes = std::fs::read(&path)
+                .map_err(|e| fail(format!("evidence {}: {e}", path.display())))?;
+            ledger::check_evidence(p, &bytes, dimension, &limits)
+                .map_err(|e| fail(format!("evidence {}: {e}", path.display())))?;
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 /// Recomputes every scored record's scores; (records, scores) checked.

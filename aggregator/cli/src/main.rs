@@ -105,9 +105,20 @@ struct ServeArgs {
     /// UDP address to listen on.
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
-    /// State directory (keys, models, resume point).
+    /// State directory (keys, models, update payloads; and the SQLite
+    /// database unless --database names another).
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Where the tables (resume point, updates, contributions, ledger,
+    /// ratings) live: `sqlite` (the default: aggregator.db in the state
+    /// directory) or a PostgreSQL database,
+    /// postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE. The database must
+    /// exist (createdb); its tables are created on first use, and one
+    /// written by a newer fedge or paired with another state directory is
+    /// refused. Blobs and keys stay in the state directory either way.
+    /// Config file: `database = "..."`.
+    #[arg(long, env = "FEDGE_DATABASE", value_name = "URL")]
+    database: Option<fedge_aggregator::store::Database>,
     /// Initial model (`.onnx` or `.fedge`), used when the state directory has none.
     #[arg(long)]
     model: Option<PathBuf>,
@@ -242,6 +253,9 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     if let Some(v) = a.state_dir {
         cfg.state_dir = v;
     }
+    if let Some(v) = a.database {
+        cfg.database = v;
+    }
     if let Some(v) = a.model {
         cfg.model = Some(v);
     }
@@ -281,7 +295,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let identity = TlsIdentity::load_or_create(&cfg.state_dir)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
-        let store = Store::open(&cfg.state_dir).await?;
+        let store = Store::open_with(&cfg.state_dir, &cfg.database).await?;
         let initial = match store.current_model(&limits)? {
             Some(m) => {
                 tracing::info!(version = %m.version(), "resuming from the state directory's model");

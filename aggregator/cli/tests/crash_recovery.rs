@@ -1,7 +1,9 @@
 //! Kill the real aggregator with SIGKILL in the middle of a round and
 //! restart it: no acknowledged update is lost, the round completes with
 //! them, and its ledger record (with the restored updates' signed-manifest
-//! hashes) verifies with `fedge-aggregator ledger verify`.
+//! hashes) verifies with `fedge-aggregator ledger verify`. Once with the
+//! tables in SQLite, once in PostgreSQL (`FEDGE_TEST_PG_URL`, see
+//! `ci/pg.sh`).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -13,13 +15,19 @@ use std::time::{Duration, Instant};
 mod procs;
 use procs::{Proc, closed_fleet_config, wait_exit};
 
+use fedge_aggregator::store::{Database, LedgerView, Store, testing};
 use fedge_proto::{Limits, ModelBlob, ParamLayout, Params, TensorSpec};
 
 fn bin(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_fedge-aggregator")).with_file_name(name)
 }
 
-fn start_aggregator(listen: &str, state: &Path, model: &Path) -> (Proc, String, String) {
+fn start_aggregator(
+    listen: &str,
+    state: &Path,
+    database: &Database,
+    model: &Path,
+) -> (Proc, String, String) {
     let mut p = Proc(
         Command::new(bin("fedge-aggregator"))
             .args(["serve", "--listen", listen, "--rounds", "1"])
@@ -37,6 +45,8 @@ fn start_aggregator(listen: &str, state: &Path, model: &Path) -> (Proc, String, 
             ])
             .arg("--state-dir")
             .arg(state)
+            .arg("--database")
+            .arg(String::from(database.clone()))
             .arg("--model")
             .arg(model)
             .env("RUST_LOG", "warn")
@@ -97,7 +107,19 @@ fn wait_for(rx: &mpsc::Receiver<String>, needle: &str, limit: Duration) {
 }
 
 #[test]
-fn sigkill_mid_round_loses_no_acknowledged_update() {
+fn sigkill_mid_round_loses_no_acknowledged_update_sqlite() {
+    sigkill_mid_round_loses_no_acknowledged_update(Database::Sqlite);
+}
+
+#[test]
+fn sigkill_mid_round_loses_no_acknowledged_update_postgres() {
+    let db = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(testing::fresh_postgres("sigkill"));
+    sigkill_mid_round_loses_no_acknowledged_update(db);
+}
+
+fn sigkill_mid_round_loses_no_acknowledged_update(database: Database) {
     // The device binary must be current (see e2e_processes.rs).
     assert!(
         bin("fedge-device").exists(),
@@ -113,7 +135,7 @@ fn sigkill_mid_round_loses_no_acknowledged_update() {
     std::fs::write(&model, initial.encode()).unwrap();
     let state = dir.path().join("agg");
 
-    let (mut agg, addr, fp) = start_aggregator("127.0.0.1:0", &state, &model);
+    let (mut agg, addr, fp) = start_aggregator("127.0.0.1:0", &state, &database, &model);
     let (mut a, a_log) = start_device(&addr, &fp, &dir.path().join("a"), "1.0");
     let (mut b, b_log) = start_device(&addr, &fp, &dir.path().join("b"), "2.0");
     wait_for(&a_log, "update accepted", Duration::from_secs(30));
@@ -123,7 +145,7 @@ fn sigkill_mid_round_loses_no_acknowledged_update() {
     agg.0.kill().unwrap();
     agg.0.wait().unwrap();
 
-    let (mut agg, addr2, fp2) = start_aggregator(&addr, &state, &model);
+    let (mut agg, addr2, fp2) = start_aggregator(&addr, &state, &database, &model);
     assert_eq!(
         (&addr2, &fp2),
         (&addr, &fp),
@@ -146,7 +168,7 @@ fn sigkill_mid_round_loses_no_acknowledged_update() {
 
     // The contribution records survived too: three accepted in round 1.
     let records = tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let store = fedge_aggregator::store::Store::open(&state).await.unwrap();
+        let store = Store::open_with(&state, &database).await.unwrap();
         store.contributions(1).await.unwrap()
     });
     assert_eq!(
@@ -165,6 +187,8 @@ fn sigkill_mid_round_loses_no_acknowledged_update() {
     let out = Command::new(bin("fedge-aggregator"))
         .args(["ledger", "verify", "--state-dir"])
         .arg(&state)
+        .arg("--database")
+        .arg(String::from(database.clone()))
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -175,7 +199,7 @@ fn sigkill_mid_round_loses_no_acknowledged_update() {
     );
     let view = tokio::runtime::Runtime::new()
         .unwrap()
-        .block_on(fedge_aggregator::store::LedgerView::open(&state))
+        .block_on(LedgerView::open_with(&state, &database))
         .unwrap();
     let key = fedge_aggregator::ledger::public_key(&state).unwrap();
     let ledger = fedge_aggregator::ledger::verify_chain(&view.records, &key).unwrap();

@@ -90,6 +90,7 @@ impl Coordinator {
             .policy
             .on_round_closed(round_id + 1, self.current_version);
         self.transfers.on_round_closed(keep_from);
+        self.misconduct.forget_before(keep_from);
         self.slots.clear();
         if published {
             self.emit_checkpoint();
@@ -156,7 +157,11 @@ impl Coordinator {
 
     /// Makes `values` the current model and offers it for download.
     pub(super) fn publish(&mut self, round_id: u64, mut values: Vec<f32>) -> RoundOutcome {
+        // The compressed step these values were made with, if any: what a
+        // device holding the current model can fetch instead of the model.
+        let mut step = self.strategy.take_published_step();
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            step = None;
             // Never publish a broken model: keep the current one.
             self.event(Event::Rejected {
                 device: None,
@@ -176,6 +181,10 @@ impl Coordinator {
         let blob = next.encode();
         let version = ModelVersion::of(&blob);
         if version != self.current_version {
+            if let Some(step) = step {
+                self.transfers
+                    .record_step(self.current_version, version, step);
+            }
             self.lineage.push(self.current_version);
             let keep = self.cfg.versions_kept;
             if self.lineage.len() > keep {

@@ -52,6 +52,11 @@ pub struct CoordinatorConfig {
     pub retry_window: (Duration, Duration),
     /// Time a connection may take to authenticate.
     pub auth_timeout: Duration,
+    /// Authentications the aggregator completes per second (admission
+    /// control, see `coordinator::admission`): connections beyond what it
+    /// serves in half of `auth_timeout` are paced away before they
+    /// authenticate, told when to come back, instead of timing out.
+    pub handshakes_per_sec: f64,
     /// Chunk size for model downloads.
     pub chunk_bytes: u32,
     /// Most authenticated devices connected at once.
@@ -96,6 +101,7 @@ impl Default for CoordinatorConfig {
             federation_id: [0; 32],
             retry_window: (Duration::from_millis(500), Duration::from_millis(1500)),
             auth_timeout: Duration::from_secs(10),
+            handshakes_per_sec: 200.0,
             chunk_bytes: 256 << 10,
             max_sessions: 10_000,
             max_unauthenticated: 1024,
@@ -150,6 +156,12 @@ impl CoordinatorConfig {
             return Err(format!(
                 "chunk_bytes must be in [1, {}], got {}",
                 self.limits.chunk_bytes_max, self.chunk_bytes
+            ));
+        }
+        if !(self.handshakes_per_sec.is_finite() && self.handshakes_per_sec > 0.0) {
+            return Err(format!(
+                "handshakes_per_sec must be a positive number, got {}",
+                self.handshakes_per_sec
             ));
         }
         if self.max_sessions == 0 || self.max_unauthenticated == 0 {

@@ -102,6 +102,9 @@ impl Coordinator {
         b: UploadBegin,
     ) {
         if let Err((code, detail)) = self.check_manifest(now, &key, &b) {
+            if code == RejectCode::Replay {
+                self.note_replay(&key, &b);
+            }
             self.reject(session, Some(device_id(&key)), code, detail, false);
             return;
         }
@@ -202,7 +205,7 @@ impl Coordinator {
             Err((code, detail)) => {
                 self.note_refusal(&dev, code, &u);
                 let samples = u.begin.manifest.sample_count;
-                let stake = self.stakes.stake(&dev);
+                let stake = self.stake_of(&dev);
                 let reason = format!("{code}: {detail}");
                 let record = ledger::refused(self.round.id, &dev, stake, samples, reason);
                 self.event(Event::Contribution(record));
@@ -231,7 +234,7 @@ impl Coordinator {
                 return Err((RejectCode::NormBound, detail));
             }
         }
-        let stake = self.stakes.stake(dev);
+        let stake = self.stake_of(dev);
         let discount = self.policy.discount(self.round.id - m.round_id);
         match self
             .cfg
@@ -280,6 +283,7 @@ impl Coordinator {
         } = a;
         let dev = device_id(&key);
         let manifest_hash = u.begin.manifest.signed_hash(&u.begin.signature);
+        self.misconduct.keep(key.to_bytes(), &u.begin);
         let m = u.begin.manifest;
         // Recorded under the round (buffer) it is combined into.
         self.out.push_back(Output::Persist(Box::new(DurableUpdate {

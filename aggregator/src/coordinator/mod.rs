@@ -27,15 +27,19 @@
 //! - [`selection`]: the check-in window, slot timeouts, abandoned tasks;
 //! - [`ledger`]: the round's contribution records;
 //! - [`closing`]: closing a round, and settling it (scores and rewards);
+//! - [`misconduct`]: penalties with their evidence (refused signed updates,
+//!   equivocation, copies) and the stake they slash;
 //! - this module: the message flow that ties them together, weighting,
 //!   combining and publishing.
 
+mod admission;
 mod checkpoint;
 mod closing;
 mod config;
 mod fedbuff;
 mod intake;
 mod ledger;
+mod misconduct;
 mod output;
 mod policy;
 mod selection;
@@ -114,6 +118,7 @@ pub struct Coordinator {
     cfg: CoordinatorConfig,
     rng: ChaCha8Rng,
     sessions: SessionTable,
+    admission: admission::Admission,
     transfers: TransferManager,
     current: ModelBlob,
     current_version: ModelVersion,
@@ -128,6 +133,8 @@ pub struct Coordinator {
     evaluator: Option<Box<dyn Evaluator>>,
     /// Penalties not yet settled (a round that aborts settles none).
     penalties: Vec<Penalty>,
+    /// Signed manifests kept for equivocation evidence, and slashed stakes.
+    misconduct: misconduct::Misconduct,
     published_rounds: u64,
     finished: bool,
     out: VecDeque<Output>,
@@ -177,6 +184,12 @@ impl Coordinator {
                 cfg.max_sessions,
                 cfg.max_unauthenticated,
             ),
+            admission: admission::Admission::new(
+                cfg.handshakes_per_sec,
+                cfg.auth_timeout,
+                cfg.max_unauthenticated,
+                cfg.retry_window.1.saturating_sub(cfg.retry_window.0),
+            ),
             transfers,
             current: initial,
             current_version: version,
@@ -188,6 +201,7 @@ impl Coordinator {
             stakes: Box::new(std::collections::HashMap::<String, f64>::new()),
             evaluator: None,
             penalties: Vec::new(),
+            misconduct: Default::default(),
             published_rounds,
             finished,
             out: VecDeque::new(),
@@ -356,8 +370,38 @@ impl Coordinator {
 
     /// A connection was established; `tls_binding` is exported from its TLS
     /// session and binds the authentication signature to it.
+    /// Past the admission budget (see [`admission`]) the connection is
+    /// paced away before it authenticates: `NoTask` with a window sized
+    /// by how many are waiting and the handshake rate, then closed.
     pub fn handle_connect(&mut self, now: Instant, session: SessionId, tls_binding: [u8; 32]) {
         self.tick(now);
+        let authenticating = self.sessions.authenticating();
+        if let Some((lo, hi)) = self.admission.decide(now, authenticating) {
+            let (lo_ms, hi_ms) = (lo.as_millis() as u64, hi.as_millis() as u64);
+            let detail = format!(
+                "{authenticating} connections are authenticating (at most {} at once); \
+                 come back in {lo_ms}..{hi_ms} ms",
+                self.admission.budget()
+            );
+            self.event(Event::Rejected {
+                device: None,
+                code: RejectCode::TooManyDevices,
+                detail: detail.clone(),
+            });
+            self.send(
+                session,
+                AggMsg::NoTask {
+                    retry_after_ms_min: lo_ms,
+                    retry_after_ms_max: hi_ms,
+                    reason: detail.clone(),
+                },
+            );
+            self.out.push_back(Output::Close {
+                session,
+                reason: detail,
+            });
+            return;
+        }
         if !self.sessions.connect(now, session, tls_binding) {
             let max = self.sessions.max_unauthenticated();
             self.reject(
@@ -613,7 +657,7 @@ impl Coordinator {
     /// come back much later.
     fn eligible(&mut self, session: SessionId, key: &VerifyingKey) -> bool {
         let dev = device_id(key);
-        let Err(e) = self.cfg.weights.raw_weight(self.stakes.stake(&dev), 1) else {
+        let Err(e) = self.cfg.weights.raw_weight(self.stake_of(&dev), 1) else {
             return true;
         };
         self.event(Event::Rejected {

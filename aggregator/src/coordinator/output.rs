@@ -162,8 +162,9 @@ pub struct Settlement {
     pub penalties: Vec<Penalty>,
 }
 
-/// A signed update refused for a reason anyone can check from its payload
-/// (see `fedge_proto::ledger::LedgerPenalty`); the payload is the evidence.
+/// Provable misbehaviour (see `fedge_proto::ledger::LedgerPenalty`): a
+/// signed update refused for a reason anyone can check from its payload,
+/// two signed updates for one task, or a copy.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Penalty {
     pub round_id: u64,
@@ -172,6 +173,11 @@ pub struct Penalty {
     pub payload_hash: [u8; 32],
     /// `fedge_proto::ledger::PENALTY_*`.
     pub kind: u8,
+    /// Fraction of the device's stake it slashes (`scoring.slash_fraction`).
+    pub slashed: f64,
+    /// The evidence whose blake3 hash is `payload_hash` (the refused
+    /// payload, or the encoded [`fedge_proto::evidence::Equivocation`]);
+    /// empty for a copy, whose payload is kept with the round's updates.
     pub payload: Bytes,
 }
 

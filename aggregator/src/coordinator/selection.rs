@@ -163,7 +163,7 @@ impl Coordinator {
         let mut keyed: Vec<(f64, Candidate)> = c
             .drain(..)
             .map(|cand| {
-                let stake = self.stakes.stake(&device_id(&cand.key)).unwrap_or(0.0);
+                let stake = self.stake_of(&device_id(&cand.key)).unwrap_or(0.0);
                 let u: f64 = self.rng.random_range(f64::MIN_POSITIVE..1.0);
                 let k = if stake > 0.0 && stake.is_finite() {
                     u.ln() / stake
@@ -245,7 +245,7 @@ impl Coordinator {
             self.round.diverged += 1;
         }
         let dev = device_id(&key);
-        let stake = self.stakes.stake(&dev);
+        let stake = self.stake_of(&dev);
         let why = format!("task abandoned ({}): {detail}", reason.name());
         let record = ledger::refused(self.round.id, &dev, stake, 0, why);
         self.event(Event::Contribution(record));

@@ -73,6 +73,11 @@ impl SessionTable {
         self.max_unauthenticated
     }
 
+    /// Connections still authenticating.
+    pub fn authenticating(&self) -> usize {
+        self.auth_timers.len()
+    }
+
     /// Registers a new connection; false when the authentication budget is
     /// spent (authenticated devices do not count against it).
     pub fn connect(&mut self, now: Instant, session: SessionId, tls_binding: [u8; 32]) -> bool {

@@ -4,45 +4,11 @@
 //! just before the version it produced is published; the driver writes it
 //! to the ledger with the publication.
 
-use bytes::Bytes;
-use fedge_proto::RejectCode;
-use fedge_proto::ledger::{PENALTY_NON_FINITE, PENALTY_NORM_BOUND};
-
 use super::ledger::Held;
-use super::transfers::Upload;
-use super::{Contribution, Coordinator, Event, Penalty, SettledEntry, Settlement};
-
-/// Penalties held for the next settlement at most (each holds its
-/// payload); more are dropped. Only devices holding a slot can upload, so
-/// this is far above what honest rounds see.
-const PENALTIES_PENDING_MAX: usize = 64;
+use super::{Contribution, Coordinator, Event, SettledEntry, Settlement};
 use crate::scoring::{self, RoundScores, UpdateScore};
 
 impl Coordinator {
-    /// A complete, signed upload was refused: when the reason is one anyone
-    /// can check from the payload (not finite, over the norm bound), it is
-    /// held as a penalty with its payload as evidence, for the next
-    /// settlement.
-    pub(super) fn note_refusal(&mut self, device: &str, code: RejectCode, u: &Upload) {
-        let kind = match code {
-            RejectCode::NonFinite => PENALTY_NON_FINITE,
-            RejectCode::NormBound => PENALTY_NORM_BOUND,
-            _ => return,
-        };
-        if self.penalties.len() >= PENALTIES_PENDING_MAX {
-            return;
-        }
-        let m = &u.begin.manifest;
-        self.penalties.push(Penalty {
-            round_id: self.round.id,
-            device: device.to_string(),
-            manifest_hash: m.signed_hash(&u.begin.signature),
-            payload_hash: m.payload_hash,
-            kind,
-            payload: Bytes::copy_from_slice(&u.data),
-        });
-    }
-
     /// What settling will need of an accepted update (its delta only when
     /// scoring is on).
     pub(super) fn held(
@@ -130,7 +96,7 @@ impl Coordinator {
             pool,
             &scoring::reward_shares(&reward_weights, self.cfg.weights.max_share),
         );
-        let entries = settled
+        let entries: Vec<SettledEntry> = settled
             .iter()
             .zip(&held)
             .zip(&scores.updates)
@@ -158,7 +124,12 @@ impl Coordinator {
         } else {
             0
         };
-        let penalties = std::mem::take(&mut self.penalties);
+        for e in &entries {
+            if e.copy_of.is_some() {
+                self.note_copy(round_id, &e.device, e.manifest_hash, e.payload_hash);
+            }
+        }
+        let penalties = self.take_penalties();
         self.event(Event::RoundSettled(Box::new(Settlement {
             round_id,
             model_before: self.current_version,
@@ -181,7 +152,7 @@ impl Coordinator {
     pub(super) fn settle_discarded(&mut self, round_id: u64) {
         self.round.book.take_held();
         let lr = scoring::server_lr(&self.cfg.strategy.server_opt);
-        let penalties = std::mem::take(&mut self.penalties);
+        let penalties = self.take_penalties();
         self.event(Event::RoundSettled(Box::new(Settlement {
             round_id,
             model_before: self.current_version,

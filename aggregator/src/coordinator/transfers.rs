@@ -60,6 +60,11 @@ pub(super) struct TransferManager {
     /// has one (None: the full model is smaller). Cleared each round.
     deltas: HashMap<ModelVersion, StoredModel>,
     delta_for: HashMap<ModelVersion, Option<ModelVersion>>,
+    /// Compressed steps between the last versions (`[strategy] downlink`),
+    /// oldest first, contiguous, at most `fedge_proto::delta::STEPS_MAX`:
+    /// (before, after, payload). A device holding any `before` replays the
+    /// chain to the current model, whether or not that model is still held.
+    steps: VecDeque<(ModelVersion, ModelVersion, Bytes)>,
     uploads: HashMap<DeviceKey, Upload>,
     /// Bytes held in `uploads` buffers.
     upload_bytes: u64,
@@ -78,6 +83,7 @@ impl TransferManager {
             history: VecDeque::new(),
             deltas: HashMap::new(),
             delta_for: HashMap::new(),
+            steps: VecDeque::new(),
             uploads: HashMap::new(),
             upload_bytes: 0,
             closed_uploads: HashMap::new(),
@@ -120,8 +126,9 @@ impl TransferManager {
         self.models[version].mref
     }
 
-    /// A lossless delta from `base` to `current` (whose version is
-    /// `current_version`), when `base` is held and the delta is smaller
+    /// A delta from `base` to `current` (whose version is
+    /// `current_version`): the recorded compressed steps from `base`, or
+    /// the lossless XOR delta when `base` is held; only when it is smaller
     /// than the full model.
     pub fn delta_ref(
         &mut self,
@@ -144,6 +151,33 @@ impl TransferManager {
         })
     }
 
+    /// The compressed step that published `after` from `before` (a gap in
+    /// the chain, after a rollback, starts it afresh).
+    pub fn record_step(&mut self, before: ModelVersion, after: ModelVersion, payload: Bytes) {
+        if self.steps.back().is_some_and(|(_, a, _)| *a != before) {
+            self.steps.clear();
+        }
+        self.steps.push_back((before, after, payload));
+        while self.steps.len() > fedge_proto::delta::STEPS_MAX {
+            self.steps.pop_front();
+        }
+    }
+
+    /// The chain of recorded steps from `base` to `current`, if there is one.
+    fn steps_from(&self, base: ModelVersion, current: ModelVersion) -> Option<Vec<Bytes>> {
+        if self.steps.back()?.1 != current {
+            return None;
+        }
+        let start = self.steps.iter().position(|(b, _, _)| *b == base)?;
+        Some(
+            self.steps
+                .iter()
+                .skip(start)
+                .map(|(_, _, p)| p.clone())
+                .collect(),
+        )
+    }
+
     fn make_delta(
         &mut self,
         base: ModelVersion,
@@ -151,9 +185,19 @@ impl TransferManager {
         current: &ModelBlob,
         limits: &Limits,
     ) -> Option<ModelVersion> {
-        let m = self.models.get(&base)?;
-        let base_model = ModelBlob::decode(&m.blob, limits).ok()?;
-        let bytes = fedge_proto::delta::encode(&base_model, current)?;
+        let bytes = match self.steps_from(base, current_version) {
+            Some(steps) => fedge_proto::delta::encode_steps(
+                base,
+                current_version,
+                current.params.values.len(),
+                &steps,
+            ),
+            None => {
+                let m = self.models.get(&base)?;
+                let base_model = ModelBlob::decode(&m.blob, limits).ok()?;
+                fedge_proto::delta::encode(&base_model, current)?
+            }
+        };
         let full = self.models[&current_version].mref.model_bytes;
         if bytes.len() as u64 >= full {
             return None;

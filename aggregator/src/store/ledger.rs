@@ -2,11 +2,10 @@
 //! read-only and without a key, by a verifier ([`LedgerView`]).
 
 use std::path::Path;
-use std::str::FromStr;
 
 use sqlx::Row;
-use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
 
+use super::db::{self, Database, Db};
 use super::{Rating, StoreError};
 use crate::ledger::StoredRecord;
 
@@ -18,9 +17,15 @@ pub struct LedgerView {
 }
 
 impl LedgerView {
+    /// The ledger of a state directory whose tables are in its SQLite file.
     pub async fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db_path = dir.join("aggregator.db");
-        if !db_path.exists() {
+        Self::open_with(dir, &Database::Sqlite).await
+    }
+
+    /// The ledger in `database` (for SQLite, the state directory `dir`'s).
+    pub async fn open_with(dir: &Path, database: &Database) -> Result<Self, StoreError> {
+        let db_path = db::sqlite_path(dir);
+        if *database == Database::Sqlite && !db_path.exists() {
             return Err(StoreError::Io {
                 path: db_path,
                 source: std::io::Error::new(
@@ -29,38 +34,34 @@ impl LedgerView {
                 ),
             });
         }
-        let db = |source| StoreError::Db {
-            path: db_path.clone(),
-            source,
+        let db = db::connect(database, dir, true).await?;
+        // Read-only, so nothing is migrated: a database of another
+        // schema, or with no fedge tables at all, is refused.
+        let found = match db.schema_version().await {
+            Err(_) => Some("none (no fedge tables)".to_string()),
+            Ok(v) => v.filter(|v| *v != db::SCHEMA_VERSION.to_string()),
         };
-        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", db_path.display()))
-            .map_err(db)?
-            .read_only(true);
-        let pool: SqlitePool = sqlx::pool::PoolOptions::new()
-            .max_connections(1)
-            .connect_with(opts)
-            .await
-            .map_err(db)?;
+        if let Some(found) = found {
+            return Err(StoreError::SchemaVersion {
+                db: db.label.clone(),
+                found,
+                supported: db::SCHEMA_VERSION,
+            });
+        }
         let view = LedgerView {
-            records: ledger_rows(&pool, &db_path).await?,
-            ratings: rating_rows(&pool, &db_path).await?,
+            records: ledger_rows(&db).await?,
+            ratings: rating_rows(&db).await?,
         };
-        pool.close().await;
+        db.pool.close().await;
         Ok(view)
     }
 }
 
-pub(super) async fn ledger_rows(
-    pool: &SqlitePool,
-    db_path: &Path,
-) -> Result<Vec<StoredRecord>, StoreError> {
+pub(super) async fn ledger_rows(db: &Db) -> Result<Vec<StoredRecord>, StoreError> {
     let rows = sqlx::query("SELECT seq, record, signature FROM ledger ORDER BY seq")
-        .fetch_all(pool)
+        .fetch_all(&db.pool)
         .await
-        .map_err(|source| StoreError::Db {
-            path: db_path.to_path_buf(),
-            source,
-        })?;
+        .map_err(db.err())?;
     rows.into_iter()
         .map(|r| {
             let seq = r.get::<i64, _>(0) as u64;
@@ -78,19 +79,13 @@ pub(super) async fn ledger_rows(
         .collect()
 }
 
-pub(super) async fn rating_rows(
-    pool: &SqlitePool,
-    db_path: &Path,
-) -> Result<Vec<Rating>, StoreError> {
+pub(super) async fn rating_rows(db: &Db) -> Result<Vec<Rating>, StoreError> {
     let rows = sqlx::query(
         "SELECT device, rating, rounds, last_round FROM ratings ORDER BY rating DESC, device",
     )
-    .fetch_all(pool)
+    .fetch_all(&db.pool)
     .await
-    .map_err(|source| StoreError::Db {
-        path: db_path.to_path_buf(),
-        source,
-    })?;
+    .map_err(db.err())?;
     Ok(rows
         .into_iter()
         .map(|r| Rating {

@@ -77,6 +77,9 @@ pub struct DeviceSpec {
     /// The update to send instead of `delta` in every coordinate (its
     /// length must be the model's).
     pub vector: Option<Vec<f32>>,
+    /// Once its update is accepted, signs a second, different one for the
+    /// same task and announces it (equivocation; a modified binary).
+    pub equivocate: bool,
 }
 
 impl DeviceSpec {
@@ -89,6 +92,7 @@ impl DeviceSpec {
             diverge_from_round: None,
             never_download: false,
             vector: None,
+            equivocate: false,
             session: SessionConfig {
                 backoff_min: Duration::from_millis(100),
                 backoff_max: Duration::from_secs(2),
@@ -102,6 +106,9 @@ impl DeviceSpec {
 struct Device {
     spec: DeviceSpec,
     session: DeviceSession,
+    key: SigningKey,
+    /// The last upload it announced (for `equivocate`).
+    announced: Option<fedge_proto::msg::UploadBegin>,
     conn: Option<u64>,
     offline_until: Option<Instant>,
     dropped: bool,
@@ -182,16 +189,19 @@ impl Sim {
                 let mut key = [0u8; 32];
                 key[..8].copy_from_slice(&(seed ^ ((i as u64 + 1) * 0x9e37)).to_le_bytes());
                 key[8] = i as u8;
+                let key = SigningKey::from_bytes(&key);
                 let session = DeviceSession::new(
                     SessionConfig {
                         seed: seed.wrapping_add(i as u64),
                         ..spec.session.clone()
                     },
-                    SigningKey::from_bytes(&key),
+                    key.clone(),
                 );
                 Device {
                     spec,
                     session,
+                    key,
+                    announced: None,
                     conn: None,
                     offline_until: None,
                     dropped: false,
@@ -321,6 +331,9 @@ impl Sim {
                         match &msg {
                             DeviceMsg::ChunkRequest { .. } => self.devices[i].chunk_requests += 1,
                             DeviceMsg::UploadChunk { .. } => self.devices[i].upload_chunk_msgs += 1,
+                            DeviceMsg::UploadBegin(b) => {
+                                self.devices[i].announced = Some((**b).clone());
+                            }
                             _ => {}
                         }
                         let at = self.stream_at(conn, true);
@@ -386,6 +399,10 @@ impl Sim {
                     return;
                 }
                 let is_chunk = matches!(msg, AggMsg::ModelChunk { .. });
+                if matches!(msg, AggMsg::UpdateAccepted { .. }) && self.devices[dev].spec.equivocate
+                {
+                    self.equivocate(dev, conn);
+                }
                 self.devices[dev].session.handle_message(now, msg);
                 if is_chunk {
                     self.devices[dev].chunks_received += 1;
@@ -419,6 +436,25 @@ impl Sim {
             Ev::AggLost { conn } => self.coord.handle_disconnect(now, conn),
             Ev::Trained { dev, out, .. } => self.devices[dev].session.handle_trained(now, out),
         }
+    }
+
+    /// Device `dev` signs a second update for the task whose update was
+    /// just accepted (another payload) and announces it on `conn`.
+    fn equivocate(&mut self, dev: usize, conn: u64) {
+        let d = &mut self.devices[dev];
+        let Some(mut b) = d.announced.take() else {
+            return;
+        };
+        b.manifest.payload_hash[0] ^= 0xff;
+        b.signature = b.manifest.sign(&d.key);
+        let at = self.stream_at(conn, true);
+        self.schedule(
+            at,
+            Ev::ToAgg {
+                conn,
+                msg: DeviceMsg::UploadBegin(Box::new(b)),
+            },
+        );
     }
 
     /// Run until `done` holds, at most `limit` of virtual time. Panics

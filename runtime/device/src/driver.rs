@@ -178,6 +178,11 @@ pub async fn run_device(
     // over them (the aggregator is told each time, and a rolled-back or
     // newer model may train again).
     let mut training_failures = 0u32;
+    let first_delay = session.first_connect_delay();
+    if !first_delay.is_zero() {
+        tracing::debug!(?first_delay, "first connection jittered");
+        tokio::time::sleep(first_delay).await;
+    }
     let mut eligibility = cfg.eligibility.clone().map(EligibilityCheck::new);
     if let Some(e) = eligibility.as_mut() {
         e.run(&mut session, Instant::now());

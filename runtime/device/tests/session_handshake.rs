@@ -72,3 +72,67 @@ fn no_heartbeats_before_authentication_completes_and_then_they_flow() {
         "authenticated sessions keep heartbeats flowing: {after:?}"
     );
 }
+
+/// Admission control: an aggregator at its handshake budget answers the
+/// connection with `NoTask` before the challenge. The device drops the
+/// connection, sends nothing more on it, and connects again inside the
+/// window, however many times it is paced: being told to wait is no
+/// failed attempt (`reconnect_attempts_max` 1 here).
+#[test]
+fn paced_before_authenticating_the_device_reconnects_in_the_window() {
+    let cfg = SessionConfig {
+        reconnect_attempts_max: 1,
+        ..SessionConfig::default()
+    };
+    let mut s = DeviceSession::new(cfg, SigningKey::from_bytes(&[9; 32]));
+    assert_eq!(s.poll_event(), Some(DeviceEvent::Connect));
+    let mut now = Instant::now();
+    for _ in 0..5 {
+        s.handle_connected(now, [0; 32]);
+        assert!(matches!(s.poll_transmit(), Some(DeviceMsg::Hello(_))));
+        s.handle_message(
+            now,
+            AggMsg::NoTask {
+                retry_after_ms_min: 2_000,
+                retry_after_ms_max: 3_000,
+                reason: "busy".into(),
+            },
+        );
+        assert_eq!(s.poll_event(), Some(DeviceEvent::Disconnect));
+        assert!(drain(&mut s).is_empty());
+        let at = s.poll_timeout().expect("a reconnect is scheduled");
+        assert!(
+            at >= now + Duration::from_secs(2) && at <= now + Duration::from_secs(3),
+            "{:?}",
+            at - now
+        );
+        s.handle_timeout(at - Duration::from_millis(1));
+        assert_eq!(s.poll_event(), None, "not before the window");
+        s.handle_timeout(at);
+        assert_eq!(s.poll_event(), Some(DeviceEvent::Connect));
+        assert!(!s.is_terminal());
+        now = at;
+    }
+}
+
+/// The first connection's jitter is drawn from the session's seed, within
+/// the configured bound; with none, nothing is drawn.
+#[test]
+fn the_first_connection_is_jittered_within_the_bound() {
+    let delay = |jitter_ms: u64, seed: u64| {
+        let cfg = SessionConfig {
+            first_connect_jitter: Duration::from_millis(jitter_ms),
+            seed,
+            ..SessionConfig::default()
+        };
+        DeviceSession::new(cfg, SigningKey::from_bytes(&[9; 32])).first_connect_delay()
+    };
+    assert_eq!(delay(0, 1), Duration::ZERO);
+    let delays: Vec<Duration> = (0..20).map(|seed| delay(1_000, seed)).collect();
+    assert!(
+        delays.iter().all(|d| *d <= Duration::from_secs(1)),
+        "{delays:?}"
+    );
+    assert!(delays.windows(2).any(|w| w[0] != w[1]), "{delays:?}");
+    assert_eq!(delay(1_000, 7), delay(1_000, 7));
+}

@@ -24,6 +24,7 @@ fn mnist(range: std::ops::Range<usize>) -> Samples {
     Samples {
         inputs,
         labels: d.labels,
+        tokens: Vec::new(),
     }
 }
 

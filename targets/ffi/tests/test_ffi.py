@@ -52,6 +52,22 @@ def mnist(start, end):
     return Samples(inputs=inputs, labels=list(labels[start:end]))
 
 
+def shakespeare_windows(start, count, context=32):
+    """`count` windows of `context` characters of the shipped text from
+    character `start` on, as token ids (the character model's vocabulary:
+    the text's characters, sorted, as runtime/engine/src/data.rs builds
+    it), each labelled with the character that follows."""
+    with open(os.path.join(MODELS, "data", "tinyshakespeare", "input.txt")) as f:
+        text = f.read()
+    ids = {c: i for i, c in enumerate(sorted(set(text)))}
+    tokens, labels = [], []
+    for k in range(count):
+        window = text[start + k : start + k + context + 1]
+        tokens.extend(ids[c] for c in window[:context])
+        labels.append(ids[window[context]])
+    return Samples(inputs=[], labels=labels, tokens=tokens), len(ids)
+
+
 def run(coro):
     return asyncio.run(coro)
 
@@ -166,6 +182,48 @@ class FfiTest(unittest.TestCase):
         forged[0] ^= 1
         with self.assertRaises(FedgeError.BadUpdate):
             verify_update(update.manifest, bytes(forged), update.payload, update.dimension)
+
+    def test_a_token_model_infers_and_trains_on_real_text(self):
+        with open(os.path.join(MODELS, "char_model.onnx"), "rb") as f:
+            info = run(self.device.load_model_onnx(f.read()))
+        samples, vocab = shakespeare_windows(1000, 64)
+        self.assertEqual(info.input_type, "int64")
+        self.assertEqual(info.token_limit, vocab)
+        self.assertEqual(info.input_values_per_sample, 32)
+        self.assertEqual(info.outputs_per_sample, vocab)
+        out = run(self.device.infer_tokens(samples.tokens[: 4 * 32]))
+        self.assertEqual(out.batch, 4)
+        self.assertEqual(len(out.values), 4 * vocab)
+        self.assertTrue(all(math.isfinite(v) for v in out.values))
+        options = TrainOptions(steps=8, batch_size=16, learning_rate=0.5, optimizer="sgd")
+        first = run(self.device.train(samples, options))
+        again = run(self.device.train(samples, options))
+        self.assertTrue(math.isfinite(first.mean_loss))
+        self.assertLess(again.mean_loss, first.mean_loss)
+        # Token ids outside the embedding, float inputs to a token model,
+        # and a sample given in both fields are refused; the model stays.
+        bad = list(samples.tokens[:32])
+        bad[5] = vocab
+        with self.assertRaises(FedgeError.BadInput) as outside:
+            run(self.device.infer_tokens(bad))
+        self.assertIn(str(vocab), outside.exception.detail)
+        bad[5] = -1
+        with self.assertRaises(FedgeError.BadInput):
+            run(self.device.train(Samples(inputs=[], labels=[0], tokens=bad), options))
+        with self.assertRaises(FedgeError.BadInput):
+            run(self.device.infer([0.0] * 32))
+        with self.assertRaises(FedgeError.BadInput):
+            run(
+                self.device.train(
+                    Samples(inputs=[0.0] * 32, labels=[0], tokens=samples.tokens[:32]),
+                    options,
+                )
+            )
+        self.assertEqual(len(run(self.device.infer_tokens(samples.tokens[:32])).values), vocab)
+        # And a float model refuses token ids.
+        self.load_mlp()
+        with self.assertRaises(FedgeError.BadInput):
+            run(self.device.infer_tokens([0] * 784))
 
     def test_errors_cross_as_typed_exceptions(self):
         with self.assertRaises(FedgeError.NoModel):

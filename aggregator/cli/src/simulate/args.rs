@@ -25,6 +25,9 @@ pub struct SimConfig {
     /// per speaking role, the roles with the most lines).
     pub partition: String,
     pub devices: usize,
+    /// Devices are ramped in: each makes its first connection at a random
+    /// instant in [0, ramp_ms] (0: all at once).
+    pub ramp_ms: u64,
     pub devices_per_round: usize,
     pub rounds: u64,
     pub local_epochs: u32,
@@ -156,6 +159,7 @@ impl Default for SimConfig {
             data: "mnist".into(),
             partition: "dirichlet:0.5".into(),
             devices: 20,
+            ramp_ms: 0,
             devices_per_round: 10,
             rounds: 20,
             local_epochs: 2,
@@ -205,6 +209,10 @@ pub struct SimArgs {
     model: Option<String>,
     #[arg(long)]
     devices: Option<usize>,
+    /// Ramp the devices in: each connects first at a random instant
+    /// within this many ms (0: all at once; the aggregator paces a burst).
+    #[arg(long)]
+    ramp_ms: Option<u64>,
     #[arg(long)]
     devices_per_round: Option<usize>,
     #[arg(long)]
@@ -327,6 +335,12 @@ pub struct SimArgs {
     /// Delta at which epsilon is reported (default 1e-5).
     #[arg(long, requires = "dp_noise")]
     dp_delta: Option<f64>,
+    /// Compress each published model step with this update codec (e.g.
+    /// `topk:0.1`), with server-side error feedback: devices holding the
+    /// previous model download a much smaller (still bit-exact) delta.
+    /// Sets `[strategy] downlink`.
+    #[arg(long, value_name = "CODEC")]
+    downlink: Option<String>,
     /// Directory for results.json.
     #[arg(long)]
     out_dir: Option<PathBuf>,
@@ -338,8 +352,10 @@ pub struct SimArgs {
     #[arg(long)]
     validation_samples: Option<usize>,
     /// How scores are computed: direct (the update alone, as one of the
-    /// round's n parts of its step) or leave-one-out (what the round's
-    /// mean step loses without it).
+    /// round's n parts of its step), leave-one-out (what the round's mean
+    /// step loses without it, the mean renormalised), marginal (what the
+    /// step loses without it, the others' parts unchanged) or shapley (the
+    /// mean of direct and marginal; twice the evaluations).
     #[arg(long)]
     score_method: Option<String>,
     /// Print the effective configuration as TOML and exit.
@@ -360,7 +376,11 @@ impl SimConfig {
             c.scoring.method = match m.as_str() {
                 "direct" => fedge_aggregator::scoring::ScoreMethod::Direct,
                 "leave-one-out" => fedge_aggregator::scoring::ScoreMethod::LeaveOneOut,
-                o => anyhow::bail!("--score-method `{o}`: use direct or leave-one-out"),
+                "marginal" => fedge_aggregator::scoring::ScoreMethod::Marginal,
+                "shapley" => fedge_aggregator::scoring::ScoreMethod::Shapley,
+                o => anyhow::bail!(
+                    "--score-method `{o}`: use direct, leave-one-out, marginal or shapley"
+                ),
             };
         }
         if let Some(s) = &a.strategy {
@@ -452,6 +472,9 @@ impl SimConfig {
         if a.min_devices.is_some() {
             c.min_devices = a.min_devices;
         }
+        if a.downlink.is_some() {
+            c.strategy.downlink = a.downlink.clone();
+        }
         if a.update_norm_max.is_some() {
             c.update_norm_max = a.update_norm_max;
         }
@@ -463,6 +486,9 @@ impl SimConfig {
         }
         if a.state_dir.is_some() {
             c.state_dir = a.state_dir.clone();
+        }
+        if let Some(v) = a.ramp_ms {
+            c.ramp_ms = v;
         }
         if let Some(n) = a.validation_samples {
             c.scoring.validation_samples = n;

@@ -126,6 +126,7 @@ pub fn spawn_devices(
                 seed: c.seed.wrapping_add(i as u64),
                 backoff_min: Duration::from_millis(100),
                 backoff_max: Duration::from_secs(3),
+                first_connect_jitter: Duration::from_millis(c.ramp_ms),
                 ..SessionConfig::default()
             },
             ..DriverConfig::new(addr, Trust::Pinned(fp))

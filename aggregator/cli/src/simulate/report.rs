@@ -320,6 +320,9 @@ impl Summary<'_> {
         let dense_bytes_per_update = 4 * self.params as u64;
         let updates: usize = rows.iter().map(|r| r.participants).sum();
         let dense_total = dense_bytes_per_update * updates as u64;
+        // Dense FedAvg moves a float32 model each way per participant.
+        let dense_fedavg = 2 * dense_total;
+        let cum_down: u64 = rows.iter().map(|r| r.download_bytes).sum();
         let final_acc = rows
             .last()
             .map(|r| r.accuracy)
@@ -340,6 +343,12 @@ impl Summary<'_> {
             dense_total as f64 / cum_up.max(1) as f64,
             self.failed_sessions,
             self.started.elapsed().as_secs_f64()
+        );
+        println!(
+            "both ways: upload + download {} bytes vs {} for dense FedAvg ({:.1}x smaller)",
+            cum_up + cum_down,
+            dense_fedavg,
+            dense_fedavg as f64 / (cum_up + cum_down).max(1) as f64
         );
         let privacy = rows.last().and_then(|r| r.privacy.clone());
         if let Some(p) = &privacy {
@@ -369,6 +378,9 @@ impl Summary<'_> {
             "stalled": self.rounds.stalled,
             "upload_bytes": cum_up,
             "dense_f32_upload_bytes": dense_total,
+            "download_bytes": cum_down,
+            "total_bytes": cum_up + cum_down,
+            "dense_fedavg_bytes": dense_fedavg,
             "failed_sessions": self.failed_sessions,
             "attackers_stopped": self.attackers_stopped,
             "privacy": privacy,

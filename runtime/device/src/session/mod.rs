@@ -115,6 +115,18 @@ impl DeviceSession {
         s
     }
 
+    /// How long the driver waits before acting on the first
+    /// [`DeviceEvent::Connect`]: uniform in `[0, first_connect_jitter]`,
+    /// drawn from the session's seeded generator (nothing is drawn when
+    /// the jitter is zero). Call it once, before the first connection.
+    pub fn first_connect_delay(&mut self) -> Duration {
+        let jitter_ms = self.cfg.first_connect_jitter.as_millis() as u64;
+        if jitter_ms == 0 {
+            return Duration::ZERO;
+        }
+        Duration::from_millis(self.rng.random_range(0..=jitter_ms))
+    }
+
     /// Seed the model cache (from a local checkpoint), so an offer of the
     /// same version needs no download.
     pub fn set_cached_model(&mut self, model: Arc<ModelBlob>) {
@@ -288,13 +300,21 @@ impl DeviceSession {
                     ..
                 },
             ) => {
-                let wait = self
-                    .rng
-                    .random_range(retry_after_ms_min..=retry_after_ms_max.max(retry_after_ms_min));
+                let wait = self.pace_wait(retry_after_ms_min, retry_after_ms_max);
                 self.request_deadline = None;
-                self.phase = Phase::Idle {
-                    at: now + Duration::from_millis(wait),
-                };
+                self.phase = Phase::Idle { at: now + wait };
+            }
+            (
+                Phase::AwaitChallenge | Phase::AwaitAuthOk,
+                AggMsg::NoTask {
+                    retry_after_ms_min,
+                    retry_after_ms_max,
+                    reason,
+                },
+            ) => {
+                tracing::debug!(%reason, "paced away before authenticating");
+                let wait = self.pace_wait(retry_after_ms_min, retry_after_ms_max);
+                self.paced_before_auth(now, wait);
             }
             (
                 Phase::Uploading,
@@ -307,13 +327,9 @@ impl DeviceSession {
                 // Back-pressure: the aggregator's uploads in flight are at
                 // its byte budget. The update is kept and offered again.
                 tracing::debug!(%reason, "upload paced away");
-                let wait = self
-                    .rng
-                    .random_range(retry_after_ms_min..=retry_after_ms_max.max(retry_after_ms_min));
+                let wait = self.pace_wait(retry_after_ms_min, retry_after_ms_max);
                 self.request_deadline = None;
-                self.phase = Phase::Idle {
-                    at: now + Duration::from_millis(wait),
-                };
+                self.phase = Phase::Idle { at: now + wait };
             }
             (Phase::AwaitTask, AggMsg::Finished(mref)) => {
                 self.request_deadline = None;
@@ -458,6 +474,11 @@ impl DeviceSession {
         self.events
             .push_back(DeviceEvent::Rejected { code, detail });
         self.retry_later(now);
+    }
+
+    /// A random instant in a pace-steering window `[min_ms, max_ms]`.
+    fn pace_wait(&mut self, min_ms: u64, max_ms: u64) -> Duration {
+        Duration::from_millis(self.rng.random_range(min_ms..=max_ms.max(min_ms)))
     }
 
     fn on_reject(&mut self, now: Instant, code: RejectCode, detail: String, fatal: bool) {

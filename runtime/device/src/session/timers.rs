@@ -34,12 +34,7 @@ impl DeviceSession {
         if self.is_terminal() {
             return;
         }
-        self.transmit.clear();
-        self.request_deadline = None;
-        if let Some(d) = self.download.as_mut() {
-            // Resume from the first chunk not yet received.
-            d.next_to_request = d.next_expected;
-        }
+        self.connection_gone();
         if matches!(self.phase, Phase::Disconnected { at: Some(_) }) {
             return; // already waiting to reconnect
         }
@@ -97,6 +92,28 @@ impl DeviceSession {
             self.events.push_back(DeviceEvent::Disconnect);
             self.handle_disconnected(now);
         }
+    }
+
+    /// Nothing more goes out on the connection; a download resumes from
+    /// its first chunk not yet received.
+    fn connection_gone(&mut self) {
+        self.transmit.clear();
+        self.request_deadline = None;
+        if let Some(d) = self.download.as_mut() {
+            d.next_to_request = d.next_expected;
+        }
+    }
+
+    /// Admission control: the aggregator paced this connection away
+    /// before it authenticated (a burst of connections). The connection
+    /// is dropped and the next one opened at a random instant in the
+    /// window; the aggregator answered, so it is no failed attempt.
+    pub(super) fn paced_before_auth(&mut self, now: Instant, wait: Duration) {
+        self.connection_gone();
+        self.events.push_back(DeviceEvent::Disconnect);
+        self.phase = Phase::Disconnected {
+            at: Some(now + wait),
+        };
     }
 
     pub(super) fn touch(&mut self, now: Instant) {

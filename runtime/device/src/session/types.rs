@@ -24,6 +24,10 @@ pub struct SessionConfig {
     pub reconnect_attempts_max: u32,
     /// Time allowed for a request (task, chunk, upload status) to be answered.
     pub request_timeout: Duration,
+    /// The first connection waits a random time in [0, this] (see
+    /// [`super::DeviceSession::first_connect_delay`]), so a fleet started
+    /// together does not reach the aggregator as one burst.
+    pub first_connect_jitter: Duration,
     pub seed: u64,
 }
 
@@ -42,6 +46,7 @@ impl Default for SessionConfig {
             backoff_max: Duration::from_secs(30),
             reconnect_attempts_max: 0,
             request_timeout: Duration::from_secs(60),
+            first_connect_jitter: Duration::ZERO,
             seed: 0,
         }
     }

@@ -652,6 +652,13 @@ public protocol DeviceProtocol: AnyObject, Sendable {
     func infer(inputs: [Float]) async throws  -> InferOutput
     
     /**
+     * Run a token model (`ModelInfo.input_type` `int64`) on a batch of
+     * token ids: whole samples, flat; each id below
+     * `ModelInfo.token_limit`.
+     */
+    func inferTokens(tokens: [Int64]) async throws  -> InferOutput
+    
+    /**
      * Load an ONNX model (weights as initializers, float32 input, as
      * PyTorch exports it). Replaces any loaded model and its trained
      * parameters.
@@ -796,6 +803,27 @@ open func infer(inputs: [Float])async throws  -> InferOutput  {
             rustFutureFunc: {
                 uniffi_fedge_ffi_fn_method_device_infer(
                         self.uniffiCloneHandle(),FfiConverterSequenceFloat.lower(inputs)
+                )
+            },
+            pollFunc: ffi_fedge_ffi_rust_future_poll_rust_buffer,
+            completeFunc: ffi_fedge_ffi_rust_future_complete_rust_buffer,
+            freeFunc: ffi_fedge_ffi_rust_future_free_rust_buffer,
+            liftFunc: FfiConverterTypeInferOutput_lift,
+            errorHandler: FfiConverterTypeFedgeError_lift
+        )
+}
+    
+    /**
+     * Run a token model (`ModelInfo.input_type` `int64`) on a batch of
+     * token ids: whole samples, flat; each id below
+     * `ModelInfo.token_limit`.
+     */
+open func inferTokens(tokens: [Int64])async throws  -> InferOutput  {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_fedge_ffi_fn_method_device_infer_tokens(
+                        self.uniffiCloneHandle(),FfiConverterSequenceInt64.lower(tokens)
                 )
             },
             pollFunc: ffi_fedge_ffi_rust_future_poll_rust_buffer,
@@ -1206,6 +1234,17 @@ public struct ModelInfo: Equatable, Hashable {
      * Output values per sample (classes, for a classifier).
      */
     public var outputsPerSample: UInt32
+    /**
+     * What the input takes: `float32` (`Samples.inputs`, `infer`) or
+     * `int64` token ids (`Samples.tokens`, `infer_tokens`), as a language
+     * model's embedding does.
+     */
+    public var inputType: String
+    /**
+     * For an `int64` model: token ids must be below this (the embedding
+     * table's rows); 0 for a `float32` model.
+     */
+    public var tokenLimit: UInt32
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -1225,12 +1264,23 @@ public struct ModelInfo: Equatable, Hashable {
          */inputValuesPerSample: UInt32, 
         /**
          * Output values per sample (classes, for a classifier).
-         */outputsPerSample: UInt32) {
+         */outputsPerSample: UInt32, 
+        /**
+         * What the input takes: `float32` (`Samples.inputs`, `infer`) or
+         * `int64` token ids (`Samples.tokens`, `infer_tokens`), as a language
+         * model's embedding does.
+         */inputType: String, 
+        /**
+         * For an `int64` model: token ids must be below this (the embedding
+         * table's rows); 0 for a `float32` model.
+         */tokenLimit: UInt32) {
         self.version = version
         self.parameters = parameters
         self.inputShape = inputShape
         self.inputValuesPerSample = inputValuesPerSample
         self.outputsPerSample = outputsPerSample
+        self.inputType = inputType
+        self.tokenLimit = tokenLimit
     }
 
     
@@ -1253,7 +1303,9 @@ public struct FfiConverterTypeModelInfo: FfiConverterRustBuffer {
                 parameters: FfiConverterUInt64.read(from: &buf), 
                 inputShape: FfiConverterSequenceUInt32.read(from: &buf), 
                 inputValuesPerSample: FfiConverterUInt32.read(from: &buf), 
-                outputsPerSample: FfiConverterUInt32.read(from: &buf)
+                outputsPerSample: FfiConverterUInt32.read(from: &buf), 
+                inputType: FfiConverterString.read(from: &buf), 
+                tokenLimit: FfiConverterUInt32.read(from: &buf)
         )
     }
 
@@ -1263,6 +1315,8 @@ public struct FfiConverterTypeModelInfo: FfiConverterRustBuffer {
         FfiConverterSequenceUInt32.write(value.inputShape, into: &buf)
         FfiConverterUInt32.write(value.inputValuesPerSample, into: &buf)
         FfiConverterUInt32.write(value.outputsPerSample, into: &buf)
+        FfiConverterString.write(value.inputType, into: &buf)
+        FfiConverterUInt32.write(value.tokenLimit, into: &buf)
     }
 }
 
@@ -1376,18 +1430,23 @@ public func FfiConverterTypeRunReport_lower(_ value: RunReport) -> RustBuffer {
 
 
 /**
- * Labelled samples: `inputs` holds `labels.len()` samples, flat, row-major,
- * each shaped as the model's input; `labels` are class indices.
+ * Labelled samples: `inputs` (a `float32` model) or `tokens` (an `int64`
+ * model, e.g. a character model's context windows; see
+ * `ModelInfo.input_type`) holds `labels.len()` samples, flat, row-major,
+ * each shaped as the model's input; the other stays empty. `labels` are
+ * class indices (for a language model, the next token).
  */
 public struct Samples: Equatable, Hashable {
     public var inputs: [Float]
     public var labels: [Int64]
+    public var tokens: [Int64]
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
-    public init(inputs: [Float], labels: [Int64]) {
+    public init(inputs: [Float], labels: [Int64], tokens: [Int64] = []) {
         self.inputs = inputs
         self.labels = labels
+        self.tokens = tokens
     }
 
     
@@ -1407,13 +1466,15 @@ public struct FfiConverterTypeSamples: FfiConverterRustBuffer {
         return
             try Samples(
                 inputs: FfiConverterSequenceFloat.read(from: &buf), 
-                labels: FfiConverterSequenceInt64.read(from: &buf)
+                labels: FfiConverterSequenceInt64.read(from: &buf), 
+                tokens: FfiConverterSequenceInt64.read(from: &buf)
         )
     }
 
     public static func write(_ value: Samples, into buf: inout [UInt8]) {
         FfiConverterSequenceFloat.write(value.inputs, into: &buf)
         FfiConverterSequenceInt64.write(value.labels, into: &buf)
+        FfiConverterSequenceInt64.write(value.tokens, into: &buf)
     }
 }
 
@@ -2312,6 +2373,9 @@ private let initializationResult: InitializationResult = {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_fedge_ffi_checksum_method_device_infer() != 15544) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_fedge_ffi_checksum_method_device_infer_tokens() != 39171) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_fedge_ffi_checksum_method_device_load_model_onnx() != 16337) {

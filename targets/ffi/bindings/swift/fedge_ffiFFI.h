@@ -263,6 +263,11 @@ uint64_t uniffi_fedge_ffi_fn_constructor_device_new(RustBuffer config, RustCallS
 uint64_t uniffi_fedge_ffi_fn_method_device_infer(uint64_t ptr, RustBuffer inputs
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_FEDGE_FFI_FN_METHOD_DEVICE_INFER_TOKENS
+#define UNIFFI_FFIDEF_UNIFFI_FEDGE_FFI_FN_METHOD_DEVICE_INFER_TOKENS
+uint64_t uniffi_fedge_ffi_fn_method_device_infer_tokens(uint64_t ptr, RustBuffer tokens
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_FEDGE_FFI_FN_METHOD_DEVICE_LOAD_MODEL_ONNX
 #define UNIFFI_FFIDEF_UNIFFI_FEDGE_FFI_FN_METHOD_DEVICE_LOAD_MODEL_ONNX
 uint64_t uniffi_fedge_ffi_fn_method_device_load_model_onnx(uint64_t ptr, RustBuffer onnx
@@ -589,6 +594,12 @@ uint16_t uniffi_fedge_ffi_checksum_func_zoo_models(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_FEDGE_FFI_CHECKSUM_METHOD_DEVICE_INFER
 #define UNIFFI_FFIDEF_UNIFFI_FEDGE_FFI_CHECKSUM_METHOD_DEVICE_INFER
 uint16_t uniffi_fedge_ffi_checksum_method_device_infer(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_FEDGE_FFI_CHECKSUM_METHOD_DEVICE_INFER_TOKENS
+#define UNIFFI_FFIDEF_UNIFFI_FEDGE_FFI_CHECKSUM_METHOD_DEVICE_INFER_TOKENS
+uint16_t uniffi_fedge_ffi_checksum_method_device_infer_tokens(void
     
 );
 #endif

@@ -15,7 +15,7 @@ use fedge_device::driver::{DriverConfig, run_device};
 use fedge_device::identity;
 use fedge_device::session::SessionConfig;
 use fedge_device::transport::{QuicTiming, Trust, parse_fingerprint};
-use fedge_engine::train::exec::{TractExecutor, TractInference};
+use fedge_engine::train::exec::{Batch, TractExecutor, TractInference};
 use fedge_engine::train::import::{ModelGraph, import_onnx};
 use fedge_proto::sign::{SigningKey, UpdateManifest};
 use fedge_proto::{Limits, ModelBlob, wire};
@@ -29,7 +29,7 @@ mod rounds;
 mod train;
 mod update;
 
-use model::zoo_onnx;
+use model::{InputKind, zoo_onnx};
 use rounds::{ClearOnDrop, RoundTrainer, driver_error};
 
 /// Where the error-feedback residual lives in the data directory (the
@@ -77,14 +77,26 @@ pub struct ModelInfo {
     pub input_values_per_sample: u32,
     /// Output values per sample (classes, for a classifier).
     pub outputs_per_sample: u32,
+    /// What the input takes: `float32` (`Samples.inputs`, `infer`) or
+    /// `int64` token ids (`Samples.tokens`, `infer_tokens`), as a language
+    /// model's embedding does.
+    pub input_type: String,
+    /// For an `int64` model: token ids must be below this (the embedding
+    /// table's rows); 0 for a `float32` model.
+    pub token_limit: u32,
 }
 
-/// Labelled samples: `inputs` holds `labels.len()` samples, flat, row-major,
-/// each shaped as the model's input; `labels` are class indices.
+/// Labelled samples: `inputs` (a `float32` model) or `tokens` (an `int64`
+/// model, e.g. a character model's context windows; see
+/// `ModelInfo.input_type`) holds `labels.len()` samples, flat, row-major,
+/// each shaped as the model's input; the other stays empty. `labels` are
+/// class indices (for a language model, the next token).
 #[derive(Clone, Debug, PartialEq, uniffi::Record)]
 pub struct Samples {
     pub inputs: Vec<f32>,
     pub labels: Vec<i64>,
+    #[uniffi(default)]
+    pub tokens: Vec<i64>,
 }
 
 /// Outputs of one inference batch: `batch * outputs_per_sample` values.
@@ -232,6 +244,7 @@ struct Loaded {
     inference: TractInference,
     /// The training step, compiled for the options it is keyed by.
     executor: Option<(String, TractExecutor)>,
+    kind: InputKind,
 }
 
 fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>, FedgeError> {
@@ -364,7 +377,14 @@ impl Device {
     /// Run the model (with its current parameters) on a batch: `inputs`
     /// holds whole samples, flat, row-major.
     pub async fn infer(&self, inputs: Vec<f32>) -> Result<InferOutput, FedgeError> {
-        guard_async(self.with_model(move |m| m.infer(&inputs))).await
+        guard_async(self.with_model(move |m| m.infer(Batch::F32(&inputs)))).await
+    }
+
+    /// Run a token model (`ModelInfo.input_type` `int64`) on a batch of
+    /// token ids: whole samples, flat; each id below
+    /// `ModelInfo.token_limit`.
+    pub async fn infer_tokens(&self, tokens: Vec<i64>) -> Result<InferOutput, FedgeError> {
+        guard_async(self.with_model(move |m| m.infer(Batch::I64(&tokens)))).await
     }
 
     /// Train the current parameters on `samples` (softmax cross-entropy).

@@ -14,7 +14,7 @@ use fedge_proto::ModelBlob;
 use fedge_proto::msg::TrainingPlan;
 
 use super::Samples;
-use super::model::outputs_per_sample;
+use super::model::{input_kind, outputs_per_sample};
 use super::train::dataset;
 use crate::FedgeError;
 
@@ -67,7 +67,8 @@ impl Trainer for RoundTrainer {
         let shape = graph.sample_shape();
         if self.inner.as_ref().map(|(s, _)| s) != Some(&shape) {
             let classes = outputs_per_sample(&graph)?;
-            let data = dataset(self.samples.clone(), shape.clone(), classes)?;
+            let kind = input_kind(&graph)?;
+            let data = dataset(self.samples.clone(), shape.clone(), classes, kind)?;
             self.inner = Some((shape, OnnxTrainer::new(data, self.seed)));
         }
         let (_, inner) = self.inner.as_mut().expect("just set");

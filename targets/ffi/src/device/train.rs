@@ -7,15 +7,17 @@ use fedge_engine::train::{TrainError, local};
 use fedge_engine::trainer::compile_options;
 use fedge_proto::msg::{Optimizer, TrainingPlan};
 
-use super::{Loaded, Samples, TrainOptions, TrainReport};
+use super::model::check_tokens;
+use super::{InputKind, Loaded, Samples, TrainOptions, TrainReport};
 use crate::{FedgeError, SAMPLES_MAX, TRAIN_BATCH_MAX, TRAIN_EPOCHS_MAX, TRAIN_STEPS_MAX};
 
-/// Build a data set of `samples` shaped as `sample_shape`, checking every
-/// length, bound and label.
+/// Build a data set of `samples` shaped as `sample_shape` for a model
+/// whose input is `kind`, checking every length, bound, token and label.
 pub(super) fn dataset(
     samples: Samples,
     sample_shape: Vec<usize>,
     classes: usize,
+    kind: InputKind,
 ) -> Result<Dataset, FedgeError> {
     let n = samples.labels.len();
     if n == 0 {
@@ -27,10 +29,29 @@ pub(super) fn dataset(
         )));
     }
     let per_sample: usize = sample_shape.iter().product();
-    if samples.inputs.len() != n * per_sample {
+    let (given, other, field, other_field) = match kind {
+        InputKind::F32 => (
+            samples.inputs.len(),
+            samples.tokens.len(),
+            "inputs",
+            "tokens",
+        ),
+        InputKind::Tokens { .. } => (
+            samples.tokens.len(),
+            samples.inputs.len(),
+            "tokens",
+            "inputs",
+        ),
+    };
+    if other != 0 {
         return Err(FedgeError::bad_input(format!(
-            "{} input values for {n} labels; the model takes {per_sample} values per sample ({sample_shape:?})",
-            samples.inputs.len()
+            "this model takes {} inputs in `{field}`; `{other_field}` must be empty",
+            kind.name()
+        )));
+    }
+    if given != n * per_sample {
+        return Err(FedgeError::bad_input(format!(
+            "{given} {field} values for {n} labels; the model takes {per_sample} values per sample ({sample_shape:?})"
         )));
     }
     if let Some((i, l)) = samples
@@ -48,8 +69,15 @@ pub(super) fn dataset(
             "input value {i} is not finite"
         )));
     }
+    let features = match kind {
+        InputKind::F32 => Features::F32(samples.inputs),
+        InputKind::Tokens { limit } => {
+            check_tokens(&samples.tokens, limit)?;
+            Features::I64(samples.tokens)
+        }
+    };
     Ok(Dataset {
-        features: Features::F32(samples.inputs),
+        features,
         sample_shape,
         labels: samples.labels,
         classes,
@@ -117,6 +145,7 @@ impl Loaded {
             samples,
             self.graph.sample_shape(),
             self.info.outputs_per_sample as usize,
+            self.kind,
         )?;
         let opts = compile_options(&plan);
         let key = format!("{opts:?}");

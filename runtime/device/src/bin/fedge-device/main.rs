@@ -126,6 +126,12 @@ struct RunArgs {
     /// QUIC keepalive interval, in ms.
     #[arg(long, default_value_t = 5_000)]
     keepalive_ms: u64,
+    /// Wait a random time up to this before the first connection, in ms,
+    /// so devices started together do not connect as one burst (the
+    /// aggregator paces a burst away anyway, telling each when to come
+    /// back; 0: connect at once).
+    #[arg(long, default_value_t = 1_000)]
+    first_connect_jitter_ms: u64,
     /// Drop a connection that heard nothing for this long, in ms.
     #[arg(long, default_value_t = 60_000)]
     idle_timeout_ms: u64,
@@ -574,6 +580,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         session: SessionConfig {
             heartbeat_interval: Duration::from_millis(a.heartbeat_ms),
             reconnect_attempts_max: a.reconnect_attempts,
+            first_connect_jitter: Duration::from_millis(a.first_connect_jitter_ms),
             seed: a.seed,
             ..SessionConfig::default()
         },

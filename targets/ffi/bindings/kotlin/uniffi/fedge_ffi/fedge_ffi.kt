@@ -688,6 +688,8 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_fedge_ffi_checksum_method_device_infer(
     ): Int
+    external fun uniffi_fedge_ffi_checksum_method_device_infer_tokens(
+    ): Int
     external fun uniffi_fedge_ffi_checksum_method_device_load_model_onnx(
     ): Int
     external fun uniffi_fedge_ffi_checksum_method_device_load_zoo_model(
@@ -733,6 +735,8 @@ internal object UniffiLib {
     external fun uniffi_fedge_ffi_fn_constructor_device_new(`config`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
     external fun uniffi_fedge_ffi_fn_method_device_infer(`ptr`: Long,`inputs`: RustBuffer.ByValue,
+    ): Long
+    external fun uniffi_fedge_ffi_fn_method_device_infer_tokens(`ptr`: Long,`tokens`: RustBuffer.ByValue,
     ): Long
     external fun uniffi_fedge_ffi_fn_method_device_load_model_onnx(`ptr`: Long,`onnx`: RustBuffer.ByValue,
     ): Long
@@ -880,6 +884,9 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_fedge_ffi_checksum_method_device_infer() and 0xFFFF) != 15544) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_fedge_ffi_checksum_method_device_infer_tokens() and 0xFFFF) != 39171) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_fedge_ffi_checksum_method_device_load_model_onnx() and 0xFFFF) != 16337) {
@@ -1435,6 +1442,13 @@ public interface DeviceInterface {
     suspend fun `infer`(`inputs`: List<kotlin.Float>): InferOutput
     
     /**
+     * Run a token model (`ModelInfo.input_type` `int64`) on a batch of
+     * token ids: whole samples, flat; each id below
+     * `ModelInfo.token_limit`.
+     */
+    suspend fun `inferTokens`(`tokens`: List<kotlin.Long>): InferOutput
+    
+    /**
      * Load an ONNX model (weights as initializers, float32 input, as
      * PyTorch exports it). Replaces any loaded model and its trained
      * parameters.
@@ -1633,6 +1647,33 @@ open class Device: Disposable, AutoCloseable, DeviceInterface
                 uniffiHandle,
                 
         FfiConverterSequenceFloat.lower(`inputs`),
+            )
+        },
+        { future, callback, continuation -> UniffiLib.ffi_fedge_ffi_rust_future_poll_rust_buffer(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_fedge_ffi_rust_future_complete_rust_buffer(future, continuation) },
+        { future -> UniffiLib.ffi_fedge_ffi_rust_future_free_rust_buffer(future) },
+        // lift function
+        { FfiConverterTypeInferOutput.lift(it) },
+        // Error FFI converter
+        FedgeException.ErrorHandler,
+    )
+    }
+
+    
+    /**
+     * Run a token model (`ModelInfo.input_type` `int64`) on a batch of
+     * token ids: whole samples, flat; each id below
+     * `ModelInfo.token_limit`.
+     */
+    @Throws(FedgeException::class)
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+    override suspend fun `inferTokens`(`tokens`: List<kotlin.Long>) : InferOutput {
+        return uniffiRustCallAsync(
+        callWithHandle { uniffiHandle ->
+            UniffiLib.uniffi_fedge_ffi_fn_method_device_infer_tokens(
+                uniffiHandle,
+                
+        FfiConverterSequenceLong.lower(`tokens`),
             )
         },
         { future, callback, continuation -> UniffiLib.ffi_fedge_ffi_rust_future_poll_rust_buffer(future, callback, continuation) },
@@ -2040,6 +2081,19 @@ data class ModelInfo (
      * Output values per sample (classes, for a classifier).
      */
     var `outputsPerSample`: kotlin.UInt
+    , 
+    /**
+     * What the input takes: `float32` (`Samples.inputs`, `infer`) or
+     * `int64` token ids (`Samples.tokens`, `infer_tokens`), as a language
+     * model's embedding does.
+     */
+    var `inputType`: kotlin.String
+    , 
+    /**
+     * For an `int64` model: token ids must be below this (the embedding
+     * table's rows); 0 for a `float32` model.
+     */
+    var `tokenLimit`: kotlin.UInt
     
 ){
     
@@ -2061,6 +2115,8 @@ public object FfiConverterTypeModelInfo: FfiConverterRustBuffer<ModelInfo> {
             FfiConverterSequenceUInt.read(buf),
             FfiConverterUInt.read(buf),
             FfiConverterUInt.read(buf),
+            FfiConverterString.read(buf),
+            FfiConverterUInt.read(buf),
         )
     }
 
@@ -2069,7 +2125,9 @@ public object FfiConverterTypeModelInfo: FfiConverterRustBuffer<ModelInfo> {
             FfiConverterULong.allocationSize(value.`parameters`) +
             FfiConverterSequenceUInt.allocationSize(value.`inputShape`) +
             FfiConverterUInt.allocationSize(value.`inputValuesPerSample`) +
-            FfiConverterUInt.allocationSize(value.`outputsPerSample`)
+            FfiConverterUInt.allocationSize(value.`outputsPerSample`) +
+            FfiConverterString.allocationSize(value.`inputType`) +
+            FfiConverterUInt.allocationSize(value.`tokenLimit`)
     )
 
     override fun write(value: ModelInfo, buf: ByteBuffer) {
@@ -2078,6 +2136,8 @@ public object FfiConverterTypeModelInfo: FfiConverterRustBuffer<ModelInfo> {
             FfiConverterSequenceUInt.write(value.`inputShape`, buf)
             FfiConverterUInt.write(value.`inputValuesPerSample`, buf)
             FfiConverterUInt.write(value.`outputsPerSample`, buf)
+            FfiConverterString.write(value.`inputType`, buf)
+            FfiConverterUInt.write(value.`tokenLimit`, buf)
     }
 }
 
@@ -2149,13 +2209,18 @@ public object FfiConverterTypeRunReport: FfiConverterRustBuffer<RunReport> {
 
 
 /**
- * Labelled samples: `inputs` holds `labels.len()` samples, flat, row-major,
- * each shaped as the model's input; `labels` are class indices.
+ * Labelled samples: `inputs` (a `float32` model) or `tokens` (an `int64`
+ * model, e.g. a character model's context windows; see
+ * `ModelInfo.input_type`) holds `labels.len()` samples, flat, row-major,
+ * each shaped as the model's input; the other stays empty. `labels` are
+ * class indices (for a language model, the next token).
  */
 data class Samples (
     var `inputs`: List<kotlin.Float>
     , 
     var `labels`: List<kotlin.Long>
+    , 
+    var `tokens`: List<kotlin.Long> = listOf() 
     
 ){
     
@@ -2174,17 +2239,20 @@ public object FfiConverterTypeSamples: FfiConverterRustBuffer<Samples> {
         return Samples(
             FfiConverterSequenceFloat.read(buf),
             FfiConverterSequenceLong.read(buf),
+            FfiConverterSequenceLong.read(buf),
         )
     }
 
     override fun allocationSize(value: Samples) = (
             FfiConverterSequenceFloat.allocationSize(value.`inputs`) +
-            FfiConverterSequenceLong.allocationSize(value.`labels`)
+            FfiConverterSequenceLong.allocationSize(value.`labels`) +
+            FfiConverterSequenceLong.allocationSize(value.`tokens`)
     )
 
     override fun write(value: Samples, buf: ByteBuffer) {
             FfiConverterSequenceFloat.write(value.`inputs`, buf)
             FfiConverterSequenceLong.write(value.`labels`, buf)
+            FfiConverterSequenceLong.write(value.`tokens`, buf)
     }
 }
 
