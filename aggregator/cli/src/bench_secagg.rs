@@ -195,12 +195,7 @@ fn one(a: &SecAggBenchArgs, n: u32) -> anyhow::Result<serde_json::Value> {
         }
     };
     let m = ring_mask(a.bits);
-    let mut plain = vec![0u64; a.dimension as usize];
-    for &u in &outcome.survivors {
-        for (s, &v) in plain.iter_mut().zip(&quantized[u as usize]) {
-            *s = s.wrapping_add(v) & m;
-        }
-    }
+    let plain = survivors_sum(&quantized, &outcome.survivors, a.bits);
     ensure!(
         plain == outcome.sum,
         "the unmasked sum differs from the survivors' sum"
@@ -237,14 +232,8 @@ fn one(a: &SecAggBenchArgs, n: u32) -> anyhow::Result<serde_json::Value> {
     let quic = if a.quic {
         let t = Instant::now();
         let o = quic_round(&params, deadlines, &makings, &drop_at)?;
-        let mut want = vec![0u64; a.dimension as usize];
-        for &u in &o.survivors {
-            for (s, &v) in want.iter_mut().zip(&quantized[u as usize]) {
-                *s = s.wrapping_add(v) & m;
-            }
-        }
         ensure!(
-            want == o.sum,
+            survivors_sum(&quantized, &o.survivors, a.bits) == o.sum,
             "over QUIC, the unmasked sum differs from the survivors' sum"
         );
         serde_json::json!({
@@ -277,6 +266,18 @@ fn one(a: &SecAggBenchArgs, n: u32) -> anyhow::Result<serde_json::Value> {
         "device_ms_mean": device_time.as_secs_f64() * 1e3 / n as f64,
         "quic": quic,
     }))
+}
+
+/// Σ_{u ∈ survivors} quantized[u] in Z_2^bits: what unmasking must give.
+fn survivors_sum(quantized: &[Vec<u64>], survivors: &[u32], bits: u32) -> Vec<u64> {
+    let m = ring_mask(bits);
+    let mut sum = vec![0u64; quantized.first().map_or(0, Vec::len)];
+    for &u in survivors {
+        for (s, &v) in sum.iter_mut().zip(&quantized[u as usize]) {
+            *s = s.wrapping_add(v) & m;
+        }
+    }
+    sum
 }
 
 /// The same round over loopback QUIC: an aggregator endpoint with a fresh
