@@ -378,8 +378,10 @@ impl AggregatorConfig {
                 "rounds.min_devices = 1 publishes a version from a single device's update".into(),
             );
         }
-        // DP-FedAvg clips every update and gives each the same weight.
-        let dp = self.strategy.dp.is_some();
+        // DP-FedAvg clips every update and gives each the same weight; so
+        // does SecAgg+ (devices clip before masking; the secure sum has
+        // no per-update weights).
+        let dp = self.strategy.dp.is_some() || self.strategy.secagg.is_some();
         let no_norm_bound = self.strategy.clip.is_none() && self.update_norm_max.is_none() && !dp;
         if no_norm_bound && self.strategy.combine == CombineSpec::Mean {
             risks.push(
@@ -606,6 +608,66 @@ mod tests {
             dp.dominance_risks()
         );
         dp.server_config().unwrap();
+    }
+
+    /// `[strategy.secagg]` parses, states its threat model in checked
+    /// numbers, and refuses what needs plaintext updates, naming it.
+    #[test]
+    fn secagg_refuses_what_needs_plaintext_updates() {
+        let text = "stakes = \"stakes.txt\"\n[rounds]\ndevices_per_round = 100\nover_selection = 1.0\n\
+                    [strategy]\ncombine = { kind = \"mean\" }\n\
+                    [strategy.secagg]\ndegree = 40\nthreshold = 12\ncolluding_devices = 5\n";
+        let base = toml::from_str::<AggregatorConfig>(text).unwrap_or_else(|e| panic!("{e}"));
+        let mut base = base;
+        base.strategy.clip = None;
+        // A valid [strategy.secagg] is refused only because the
+        // coordinator does not run SecAgg+ rounds yet.
+        let e = base.server_config().unwrap_err().to_string();
+        assert!(e.contains("does not run SecAgg+ rounds yet"), "{e}");
+        let spec = base.strategy.secagg.clone().unwrap();
+        assert_eq!(
+            (spec.degree, spec.threshold, spec.colluding_devices),
+            (40, 12, 5)
+        );
+        type Change = fn(&mut AggregatorConfig);
+        let cases: [(Change, &str); 9] = [
+            (
+                |c| c.strategy.combine = CombineSpec::TrimmedMean { trim: 0.2 },
+                "robust combiner",
+            ),
+            (
+                |c| c.scoring.validation = Some("mnist".into()),
+                "scoring.validation",
+            ),
+            (|c| c.update_norm_max = Some(5.0), "update_norm_max"),
+            (
+                |c| c.strategy.clip = Some(ClipSpec::Fixed { bound: 1.0 }),
+                "strategy.clip",
+            ),
+            (|c| c.plan.codec = "topk:0.1".into(), "codec \"topk:0.1\""),
+            (
+                |c| c.strategy.buffered = Some(Default::default()),
+                "FedBuff",
+            ),
+            (
+                |c| c.strategy.secagg.as_mut().unwrap().threshold = 5,
+                "must exceed colluding_devices",
+            ),
+            (
+                |c| c.strategy.secagg.as_mut().unwrap().survivors_min = 3,
+                "survivors_min",
+            ),
+            (
+                |c| c.strategy.secagg.as_mut().unwrap().bits = 8,
+                "raise bits",
+            ),
+        ];
+        for (change, expect) in cases {
+            let mut c = base.clone();
+            change(&mut c);
+            let e = c.server_config().unwrap_err().to_string();
+            assert!(e.contains(expect), "{expect}: {e}");
+        }
     }
 
     #[test]

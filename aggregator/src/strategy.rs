@@ -446,6 +446,8 @@ pub struct StrategyConfig {
     pub buffered: Option<BufferedSpec>,
     /// Central user-level differential privacy (DP-FedAvg; None: off).
     pub dp: Option<crate::privacy::DpSpec>,
+    /// Secure aggregation (SecAgg+; None: off).
+    pub secagg: Option<crate::privacy::secagg::SecAggSpec>,
     /// Compress each published step with this update codec (e.g.
     /// `topk:0.1`), with server-side error feedback, so the downlink delta
     /// devices fetch shrinks (see [`crate::downlink`]). None: models are
@@ -462,6 +464,7 @@ impl Default for StrategyConfig {
             clip: None,
             buffered: None,
             dp: None,
+            secagg: None,
             downlink: None,
         }
     }
@@ -566,6 +569,71 @@ impl StrategyConfig {
             );
         }
         dp.validate(expected)
+    }
+
+    /// SecAgg+ hands the aggregator only the sum of the round's updates:
+    /// refuse everything that needs one update in the clear. `devices`:
+    /// selected per round; `scoring`: per-update contribution scoring is
+    /// on; `norm_bound`: the aggregator bounds each update's norm; `codec`:
+    /// the plan's update codec.
+    pub fn validate_secagg(
+        &self,
+        devices: u32,
+        scoring: bool,
+        norm_bound: bool,
+        codec: &str,
+    ) -> Result<(), String> {
+        let Some(spec) = &self.secagg else {
+            return Ok(());
+        };
+        let refuse = |what: &str, why: &str| {
+            Err(format!(
+                "strategy.secagg cannot be combined with {what}: {why} (the aggregator sees only the sum of masked updates)"
+            ))
+        };
+        if self.combine != CombineSpec::Mean {
+            return refuse(
+                &format!("combine = {:?}", self.combine),
+                "a robust combiner compares individual updates",
+            );
+        }
+        if scoring {
+            return refuse(
+                "scoring.validation",
+                "contribution scoring evaluates each update on its own",
+            );
+        }
+        if norm_bound {
+            return refuse(
+                "update_norm_max",
+                "devices clip to strategy.secagg.clip before masking instead",
+            );
+        }
+        if self.clip.is_some() {
+            return refuse(
+                "strategy.clip",
+                "devices clip to strategy.secagg.clip before masking instead",
+            );
+        }
+        if self.buffered.is_some() {
+            return refuse(
+                "strategy.buffered (FedBuff)",
+                "staleness weights apply to individual updates",
+            );
+        }
+        if self.dp.is_some() {
+            return refuse(
+                "strategy.dp (central DP)",
+                "DP-FedAvg clips and counts individual updates",
+            );
+        }
+        if codec != "dense-f32" {
+            return refuse(
+                &format!("codec \"{codec}\""),
+                "the aggregator would have to decode each update; SecAgg+ quantizes into Z_2^bits itself (use dense-f32)",
+            );
+        }
+        spec.validate(devices)
     }
 
     /// The strategy this configuration describes; `expected` participants

@@ -18,6 +18,9 @@
 //! - [`ledger`]: the contribution ledger's record format, its hash chain
 //!   and signatures, and the per-round Merkle tree of rewards whose
 //!   inclusion proofs devices check offline.
+//! - [`secagg`]: SecAgg+ (Bell et al. 2020): what the device and the
+//!   aggregator share: parameters, neighbour graph, Shamir sharing, key
+//!   agreement and masks, fixed-point encoding, the stages' messages.
 //! - [`evidence`]: the evidence of equivocation (two signed updates of
 //!   one device for one task), as the ledger's penalties name it.
 //! - [`fuzzing`]: one entry point a decoder for the fuzz targets (`fuzz/`)
@@ -38,6 +41,7 @@ pub mod ledger;
 pub mod limits;
 pub mod msg;
 pub mod params;
+pub mod secagg;
 pub mod sign;
 pub mod update;
 

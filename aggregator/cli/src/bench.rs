@@ -149,11 +149,12 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         "peak_rss_mib_before_round": rss_before,
         "peak_rss_mib_after_round": rss_after,
     });
-    fedge_proto::io::write_atomic(
-        &a.out,
-        serde_json::to_string_pretty(&report)?.as_bytes(),
-        None,
-    )?;
-    println!("report written to {}", a.out.display());
+    write_report(&a.out, &report)
+}
+
+/// Write a benchmark's JSON report (atomically) and say where.
+pub fn write_report(path: &std::path::Path, report: &serde_json::Value) -> anyhow::Result<()> {
+    fedge_proto::io::write_atomic(path, serde_json::to_string_pretty(report)?.as_bytes(), None)?;
+    println!("report written to {}", path.display());
     Ok(())
 }

@@ -190,6 +190,23 @@ impl CoordinatorConfig {
         }
         self.strategy.validate()?;
         self.strategy.validate_dp(self.devices_per_round)?;
+        let selected = (self.devices_per_round as f64 * self.over_selection).ceil() as u32;
+        self.strategy.validate_secagg(
+            selected,
+            self.scoring.validation.is_some(),
+            self.update_norm_max.is_some(),
+            &self.plan.codec,
+        )?;
+        if self.strategy.secagg.is_some() {
+            // Checked above so an operator learns what it would refuse;
+            // never silently run in the clear what was asked to be masked.
+            return Err(
+                "strategy.secagg: the coordinator does not run SecAgg+ rounds yet (the \
+                        protocol, its QUIC driver and `bench-secagg` do; see issue 15): remove \
+                        [strategy.secagg] rather than run rounds in the clear"
+                    .into(),
+            );
+        }
         self.scoring.validate()?;
         self.weights.validate()
     }

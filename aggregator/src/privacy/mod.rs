@@ -38,6 +38,8 @@
 //! the attacks on its low bits (Mironov, CCS 2012).
 
 pub mod rdp;
+pub mod secagg;
+pub mod secagg_quic;
 
 use std::sync::{Arc, Mutex};
 

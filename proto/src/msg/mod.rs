@@ -12,6 +12,7 @@ use crate::wire::envelope::Body;
 use crate::{Limits, ModelVersion, ProtoError, RejectCode, wire};
 
 mod plan;
+pub mod secagg;
 #[cfg(test)]
 mod tests;
 

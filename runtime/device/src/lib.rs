@@ -7,6 +7,8 @@
 //! - [`trainer`]: the [`trainer::Trainer`] trait the driver calls to train,
 //!   [`trainer::KnownUpdate`] for protocol tests, and (feature `engine`)
 //!   the engine's `OnnxTrainer` as a `Trainer`.
+//! - [`secagg`]: the device's side of SecAgg+ (secure aggregation with
+//!   dropouts) as a sans-IO state machine.
 //! - [`compress`]: update compression with error feedback.
 //! - [`sensor`]: IMU drivers over embedded-hal 1.0 I2C and (feature
 //!   `engine`) the windowed activity-recognition data set; [`store`]: the
@@ -38,6 +40,7 @@ pub mod fuzzing;
 pub mod identity;
 pub mod policy;
 pub mod reward;
+pub mod secagg;
 pub mod sensor;
 pub mod session;
 pub mod store;

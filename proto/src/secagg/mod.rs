@@ -1,0 +1,159 @@
+//! SecAgg+: secure aggregation with dropouts (Bell, Bonawitz, Gascón,
+//! Lepoint and Raykova, "Secure Single-Server Aggregation with
+//! (Poly)Logarithmic Overhead", CCS 2020; the protocol of Bonawitz et al.,
+//! "Practical Secure Aggregation for Privacy-Preserving Machine Learning",
+//! CCS 2017, on a sparse neighbour graph).
+//!
+//! What both ends share lives here: the parameters of a round, the
+//! neighbour graph ([`graph`]), Shamir sharing ([`shamir`]), key
+//! agreement, key derivation, mask expansion and the share channel
+//! ([`mask`]), the fixed-point encoding ([`quant`]) and the domain
+//! messages of the four stages ([`msg`]). The device's state machine is
+//! `fedge_device::secagg`, the aggregator's
+//! `fedge_aggregator::privacy::secagg`.
+//!
+//! The stages, for devices `0..n` on a graph of degree k, threshold t:
+//!
+//! 1. **AdvertiseKeys**: each device sends two X25519 public keys (`c` for
+//!    the share channel, `s` for masks). U1 = who did.
+//! 2. **ShareKeys**: each device in U1 gets its neighbours' keys (those in
+//!    U1), Shamir-splits its self-mask seed b_u and its mask secret s_u
+//!    t-of-|N(u) ∩ U1| and sends each neighbour its two shares sealed
+//!    under their channel key. U2 = who did; the server routes the sealed
+//!    shares to their recipients in U2.
+//! 3. **MaskedInput**: each device in U2 sends
+//!    y_u = x_u + PRG(b_u) + Σ_{v ∈ N(u) ∩ U2} ±PRG(s_uv) in Z_{2^b}
+//!    (+ when u < v, - otherwise). U3 = who did; the server keeps only the
+//!    running sum of the y_u.
+//! 4. **Unmasking**: each device in U3 is told which of its neighbours are
+//!    in U3 and answers, for each neighbour v in U2, v's share of b_v if v
+//!    is in U3 and of s_v otherwise (never both). The server rebuilds b_u
+//!    for every u in U3 and s_u for every u in U2 \ U3, removes the self
+//!    masks and the pairwise masks survivors hold with dropped devices,
+//!    and is left with Σ_{u ∈ U3} x_u: the sum of the survivors' quantized
+//!    updates, exactly.
+//!
+//! **Threat model.** A semi-honest (honest-but-curious) aggregator and at
+//! most `T` colluding devices, T < t: the aggregator follows the protocol
+//! and learns only the sum of at least `survivors_min` updates; fewer than
+//! t devices learn nothing of a neighbour's secrets. An aggregator that
+//! lies about who dropped (telling neighbours different stories) can get
+//! both secrets of a device unless 2t > k; the configuration says which
+//! trade it makes. Public keys are not signed here (the malicious-server
+//! variant signs them); devices are authenticated by the session.
+
+pub mod graph;
+pub mod mask;
+pub mod msg;
+pub mod quant;
+pub mod shamir;
+
+pub use graph::NeighbourGraph;
+pub use msg::{AggSecAgg, DeviceSecAgg};
+pub use quant::Quantizer;
+
+/// The four stages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Stage {
+    AdvertiseKeys,
+    ShareKeys,
+    MaskedInput,
+    Unmasking,
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Stage::AdvertiseKeys => "AdvertiseKeys",
+            Stage::ShareKeys => "ShareKeys",
+            Stage::MaskedInput => "MaskedInput",
+            Stage::Unmasking => "Unmasking",
+        })
+    }
+}
+
+/// One round's public parameters, sent to every selected device.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SecAggParams {
+    pub round: u64,
+    /// Draws the neighbour graph.
+    pub seed: [u8; 32],
+    /// Devices selected (indices `0..devices`).
+    pub devices: u32,
+    /// Requested graph degree k (see [`NeighbourGraph::new`]).
+    pub degree: u32,
+    /// Shares needed to rebuild a secret (t).
+    pub threshold: u32,
+    /// Ring Z_{2^bits}.
+    pub bits: u32,
+    /// L2 bound every update is clipped to before quantizing.
+    pub clip: f64,
+    /// Coordinates of an update.
+    pub dimension: u32,
+}
+
+impl SecAggParams {
+    /// Check the parameters hang together.
+    pub fn validate(&self) -> Result<(), SecAggError> {
+        let degree = self.graph().degree();
+        if self.devices < 2 {
+            return Err(SecAggError::Params(format!(
+                "{} devices: at least 2 needed",
+                self.devices
+            )));
+        }
+        if self.threshold < 1 || self.threshold > degree {
+            return Err(SecAggError::Params(format!(
+                "threshold {} is not in 1..={degree} (the graph's degree for {} devices)",
+                self.threshold, self.devices
+            )));
+        }
+        if self.dimension == 0 {
+            return Err(SecAggError::Params("dimension 0".into()));
+        }
+        self.quantizer().map(|_| ())
+    }
+
+    pub fn graph(&self) -> NeighbourGraph {
+        NeighbourGraph::new(&self.seed, self.devices, self.degree)
+    }
+
+    /// The fixed-point encoding, with room for all `devices` updates.
+    pub fn quantizer(&self) -> Result<Quantizer, SecAggError> {
+        Quantizer::new(self.bits, self.clip, self.devices)
+    }
+}
+
+/// What can go wrong in the protocol's cryptography and its messages, on
+/// either side.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum SecAggError {
+    #[error("secagg parameters: {0}")]
+    Params(String),
+    #[error("device {peer}'s public key is of small order (X25519 output not contributory)")]
+    NonContributoryKey { peer: u32 },
+    #[error("the sealed share from device {from} does not open")]
+    ShareUnreadable { from: u32 },
+    #[error("the share from device {from} names another sender or recipient")]
+    ShareMisaddressed { from: u32 },
+    #[error("device {peer} is not a neighbour here")]
+    NotNeighbour { peer: u32 },
+    #[error("device {peer} appears twice")]
+    Duplicate { peer: u32 },
+    #[error("{stage}: {have} neighbours take part, threshold {threshold}")]
+    TooFewNeighbours {
+        stage: Stage,
+        have: usize,
+        threshold: u32,
+    },
+    #[error("{got} values, the round's dimension is {expected}")]
+    Dimension { got: usize, expected: u32 },
+    #[error("a value is outside Z_2^{bits}")]
+    OutOfRing { bits: u32 },
+    #[error("the update is not finite")]
+    NotFinite,
+    #[error("{got} is not the message the device expects at {stage}")]
+    OutOfOrder { stage: Stage, got: &'static str },
+    #[error("secret sharing: {0}")]
+    Shamir(#[from] shamir::ShamirError),
+}
