@@ -182,6 +182,9 @@ pub fn build_record(
         },
         server_lr: s.server_lr,
         reward_pool: s.reward_pool,
+        reward_cap: s.reward_cap,
+        stake_transform: s.stake_transform.ledger_code().0,
+        stake_param: s.stake_transform.ledger_code().1,
         entries,
         penalties,
         reward_root: [0; 32],
@@ -263,6 +266,7 @@ pub fn verify_chain(
                 hex::encode(key.to_bytes())
             ))
         })?;
+        check_rewards(&r).map_err(fail)?;
         if let Some(p) = out.last() {
             if r.round_id <= p.round_id {
                 return Err(fail(format!(
@@ -282,6 +286,40 @@ pub fn verify_chain(
         out.push(r);
     }
     Ok(out)
+}
+
+/// Recomputes a record's rewards from its entries (stake, score, flags),
+/// its pool, its share cap and its stake transform, and checks each
+/// entry's reward: a record cannot pay anyone more, or less, than its own
+/// numbers say.
+pub fn check_rewards(r: &LedgerRecord) -> Result<(), String> {
+    let f = crate::weighting::Transform::from_ledger_code(r.stake_transform, r.stake_param)
+        .ok_or_else(|| format!("unknown stake transform {}", r.stake_transform))?;
+    let devices: Vec<String> = r.entries.iter().map(|e| hex::encode(e.device)).collect();
+    let refs: Vec<&str> = devices.iter().map(String::as_str).collect();
+    let weights: Vec<f64> = r
+        .entries
+        .iter()
+        .map(|e| {
+            let clipped = if e.flags == 0 && e.score > 0.0 {
+                e.score
+            } else {
+                0.0
+            };
+            crate::scoring::reward_weight(f, e.stake, clipped)
+        })
+        .collect();
+    let expected = crate::scoring::rewards_in_key_order(r.reward_pool, &refs, &weights, r.reward_cap);
+    for (e, want) in r.entries.iter().zip(expected) {
+        if e.reward != want {
+            return Err(format!(
+                "device {} is paid {}, its stake, score and flags earn {want}",
+                hex::encode(e.device),
+                e.reward
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The per-round roots of verified records.
@@ -494,6 +532,65 @@ mod tests {
             kind,
             slashed: 0.1,
         }
+    }
+
+    /// Rewards follow from a record's own numbers: a record whose rewards
+    /// do not (even one with a matching root and a valid signature) is
+    /// named.
+    #[test]
+    fn rewards_are_recomputed_from_the_record() {
+        let entry = |d: u8, stake: f64, score: f64, flags: u8| LedgerEntry {
+            device: [d; 32],
+            manifest_hash: [0; 32],
+            payload_hash: [0; 32],
+            stake,
+            weight: 0.25,
+            score,
+            flags,
+            reward: 0,
+        };
+        let mut r = LedgerRecord {
+            seq: 1,
+            round_id: 1,
+            prev_hash: [0; 32],
+            model_before: [1; 32],
+            model_after: [2; 32],
+            scoring_seed: [0; 32],
+            validation_samples: 8,
+            score_method: ledger::METHOD_DIRECT,
+            server_lr: 1.0,
+            reward_pool: 1000,
+            reward_cap: 0.5,
+            stake_transform: ledger::STAKE_SQRT,
+            stake_param: 0.0,
+            entries: vec![
+                entry(1, 4.0, 0.3, 0),
+                entry(2, 1.0, 0.3, 0),
+                entry(3, 9.0, -0.1, 0),
+                entry(4, 9.0, 0.5, ledger::FLAG_COPY),
+                entry(5, 1.0, 0.2, 0),
+            ],
+            penalties: vec![],
+            reward_root: [0; 32],
+        };
+        // sqrt(4) x 0.3 = 0.6, 0.3, 0, 0 (flagged), 0.2: shares capped at 0.5.
+        let w = [0.6, 0.3, 0.0, 0.0, 0.2];
+        let devices: Vec<String> = r.entries.iter().map(|e| hex::encode(e.device)).collect();
+        let refs: Vec<&str> = devices.iter().map(String::as_str).collect();
+        let paid = crate::scoring::rewards_in_key_order(1000, &refs, &w, 0.5);
+        assert_eq!(paid[2..4], [0, 0]);
+        assert!(paid[0] <= 500 && paid[0] > paid[1]);
+        for (e, p) in r.entries.iter_mut().zip(&paid) {
+            e.reward = *p;
+        }
+        check_rewards(&r).unwrap();
+        // The negative score's device paid, or a stake changed: named.
+        let mut bad = r.clone();
+        bad.entries[2].reward = 1;
+        assert!(check_rewards(&bad).unwrap_err().contains(&hex::encode([3u8; 32])));
+        let mut bad = r.clone();
+        bad.entries[1].stake = 100.0;
+        assert!(check_rewards(&bad).is_err());
     }
 
     #[test]

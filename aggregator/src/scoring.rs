@@ -599,6 +599,34 @@ pub fn reward_shares(weights: &[f64], max_share: f64) -> Vec<f64> {
     }
 }
 
+/// A participant's reward weight: `f(stake) x clipped score` (0 when not
+/// finite).
+pub fn reward_weight(f: crate::weighting::Transform, stake: f64, clipped: f64) -> f64 {
+    let w = f.apply(stake) * clipped;
+    if w.is_finite() { w } else { 0.0 }
+}
+
+/// [`rewards`] of [`reward_shares`], computed with the participants in
+/// the order of their device keys (`devices`, hex) and returned in the
+/// given order: the ledger lists entries by key, so anyone recomputing
+/// the rewards from a record adds the same numbers in the same order.
+pub fn rewards_in_key_order(
+    pool: u64,
+    devices: &[&str],
+    weights: &[f64],
+    max_share: f64,
+) -> Vec<u64> {
+    let mut order: Vec<usize> = (0..weights.len()).collect();
+    order.sort_by(|&a, &b| devices[a].cmp(devices[b]));
+    let sorted: Vec<f64> = order.iter().map(|&i| weights[i]).collect();
+    let paid = rewards(pool, &reward_shares(&sorted, max_share));
+    let mut out = vec![0; weights.len()];
+    for (k, &i) in order.iter().enumerate() {
+        out[i] = paid[k];
+    }
+    out
+}
+
 /// Whole reward units from shares of `pool` (rounded down, so the total
 /// never exceeds the pool).
 pub fn rewards(pool: u64, shares: &[f64]) -> Vec<u64> {

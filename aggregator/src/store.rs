@@ -654,7 +654,7 @@ mod tests {
         before: ModelVersion,
         scores: &[(&str, Option<f64>, bool)],
     ) -> Settlement {
-        Settlement {
+        let mut s = Settlement {
             round_id,
             model_before: before,
             scoring_seed: [round_id as u8; 32],
@@ -662,6 +662,8 @@ mod tests {
             method: crate::scoring::ScoreMethod::Direct,
             server_lr: 1.0,
             reward_pool: 100,
+            reward_cap: 1.0,
+            stake_transform: crate::weighting::Transform::Linear,
             rating_alpha: 0.5,
             base_loss: Some(1.0),
             error: None,
@@ -682,12 +684,27 @@ mod tests {
                         alignment: 0.5,
                         free_rider,
                         noise: false,
-                        reward: 10,
+                        reward: 0,
                     },
                 )
                 .collect(),
             penalties: Vec::new(),
+        };
+        // Paid as the ledger's own numbers say (what verification checks).
+        let weights: Vec<f64> = s
+            .entries
+            .iter()
+            .map(|e| match e.score {
+                Some(x) if x > 0.0 && !e.flagged() => x,
+                _ => 0.0,
+            })
+            .collect();
+        let devices: Vec<&str> = s.entries.iter().map(|e| e.device.as_str()).collect();
+        let paid = crate::scoring::rewards_in_key_order(100, &devices, &weights, 1.0);
+        for (e, r) in s.entries.iter_mut().zip(paid) {
+            e.reward = r;
         }
+        s
     }
 
     on_both_stores!(ratings_are_moving_averages_kept_with_the_ledger, "ratings");

@@ -33,6 +33,32 @@ pub enum Transform {
 }
 
 impl Transform {
+    /// The transform as the ledger records it (`fedge_proto::ledger::STAKE_*`
+    /// and its parameter).
+    pub fn ledger_code(self) -> (u8, f64) {
+        use fedge_proto::ledger::*;
+        match self {
+            Transform::Constant => (STAKE_CONSTANT, 0.0),
+            Transform::Linear => (STAKE_LINEAR, 0.0),
+            Transform::Sqrt => (STAKE_SQRT, 0.0),
+            Transform::Log => (STAKE_LOG, 0.0),
+            Transform::Capped { cap } => (STAKE_CAPPED, cap),
+        }
+    }
+
+    /// The transform a ledger record names.
+    pub fn from_ledger_code(kind: u8, param: f64) -> Option<Self> {
+        use fedge_proto::ledger::*;
+        Some(match kind {
+            STAKE_CONSTANT => Transform::Constant,
+            STAKE_LINEAR => Transform::Linear,
+            STAKE_SQRT => Transform::Sqrt,
+            STAKE_LOG => Transform::Log,
+            STAKE_CAPPED => Transform::Capped { cap: param },
+            _ => return None,
+        })
+    }
+
     pub fn apply(self, x: f64) -> f64 {
         let x = x.max(0.0);
         match self {

@@ -68,6 +68,14 @@ const PENALTIES_KNOWN: [u8; 4] = [
     PENALTY_EQUIVOCATION,
     PENALTY_COPY,
 ];
+/// Stake transforms of [`LedgerRecord::stake_transform`]: every stake
+/// counts 1; the stake; its square root; `ln(1 + stake)`; `min(stake,
+/// stake_param)`.
+pub const STAKE_CONSTANT: u8 = 0;
+pub const STAKE_LINEAR: u8 = 1;
+pub const STAKE_SQRT: u8 = 2;
+pub const STAKE_LOG: u8 = 3;
+pub const STAKE_CAPPED: u8 = 4;
 /// Most penalties one record may carry.
 pub const PENALTIES_MAX: usize = 1 << 12;
 
@@ -165,6 +173,14 @@ pub struct LedgerRecord {
     /// `server_lr / entries.len()` (its part of the round's mean step).
     pub server_lr: f64,
     pub reward_pool: u64,
+    /// How rewards were split: no participant's share of the pool above
+    /// this (`weights.max_share`, in (0, 1]) ...
+    pub reward_cap: f64,
+    /// ... by `f(stake) x max(score, 0)`, `f` the stake transform
+    /// (`STAKE_*`) with its parameter (the cap of [`STAKE_CAPPED`], else
+    /// 0). With these, anyone recomputes every reward from the entries.
+    pub stake_transform: u8,
+    pub stake_param: f64,
     /// Participants, ordered by device key (no key twice).
     pub entries: Vec<LedgerEntry>,
     /// Misbehaviour since the previous record, in the order it happened.
@@ -221,6 +237,9 @@ impl LedgerRecord {
         b.push(self.score_method);
         b.extend_from_slice(&self.server_lr.to_bits().to_le_bytes());
         b.extend_from_slice(&self.reward_pool.to_le_bytes());
+        b.extend_from_slice(&self.reward_cap.to_bits().to_le_bytes());
+        b.push(self.stake_transform);
+        b.extend_from_slice(&self.stake_param.to_bits().to_le_bytes());
         b.extend_from_slice(&(self.entries.len() as u64).to_le_bytes());
         for e in &self.entries {
             b.extend_from_slice(&e.device);
@@ -276,6 +295,27 @@ impl LedgerRecord {
         }
         let server_lr = r.f64("server_lr")?;
         let reward_pool = r.u64("reward_pool")?;
+        let reward_cap = r.f64("reward_cap")?;
+        if !(reward_cap > 0.0 && reward_cap <= 1.0) {
+            return Err(LedgerError::Invalid {
+                field: "reward_cap",
+                reason: format!("{reward_cap} is not in (0, 1]"),
+            });
+        }
+        let stake_transform = r.take(1, "stake_transform")?[0];
+        if stake_transform > STAKE_CAPPED {
+            return Err(LedgerError::Invalid {
+                field: "stake_transform",
+                reason: format!("unknown transform {stake_transform}"),
+            });
+        }
+        let stake_param = r.f64("stake_param")?;
+        if stake_param < 0.0 {
+            return Err(LedgerError::Invalid {
+                field: "stake_param",
+                reason: format!("{stake_param} is negative"),
+            });
+        }
         let n = r.u64("entry count")?;
         if n > ENTRIES_MAX as u64 {
             return Err(LedgerError::TooManyEntries(n));
@@ -364,6 +404,9 @@ impl LedgerRecord {
             score_method,
             server_lr,
             reward_pool,
+            reward_cap,
+            stake_transform,
+            stake_param,
             entries,
             penalties,
             reward_root,
@@ -654,6 +697,9 @@ mod tests {
             score_method: METHOD_LEAVE_ONE_OUT,
             server_lr: 1.0,
             reward_pool: 1000,
+            reward_cap: 0.5,
+            stake_transform: STAKE_CAPPED,
+            stake_param: 3.0,
             entries: (0..3u8)
                 .map(|i| LedgerEntry {
                     device: [i + 10; 32],

@@ -151,6 +151,9 @@ pub struct Settlement {
     pub method: crate::scoring::ScoreMethod,
     pub server_lr: f64,
     pub reward_pool: u64,
+    /// The share cap and stake transform rewards were split with.
+    pub reward_cap: f64,
+    pub stake_transform: crate::weighting::Transform,
     /// Weight of this round's scores in the devices' ratings.
     pub rating_alpha: f64,
     /// Validation loss of `model_before` (None when unscored).

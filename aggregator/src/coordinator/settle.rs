@@ -86,16 +86,19 @@ impl Coordinator {
             .iter()
             .zip(&scores.updates)
             .map(|(c, u)| {
-                let stake = self.cfg.weights.stake.apply(c.stake.unwrap_or(0.0));
-                let w = stake * scoring::clipped_score(u);
-                if w.is_finite() { w } else { 0.0 }
+                scoring::reward_weight(
+                    self.cfg.weights.stake,
+                    c.stake.unwrap_or(0.0),
+                    scoring::clipped_score(u),
+                )
             })
             .collect();
         let pool = self.cfg.scoring.reward_pool;
-        let rewards = scoring::rewards(
-            pool,
-            &scoring::reward_shares(&reward_weights, self.cfg.weights.max_share),
-        );
+        // Split in device-key order, the order of the ledger's entries, so
+        // a verifier's floating-point sums are these.
+        let devices: Vec<&str> = settled.iter().map(|c| c.device.as_str()).collect();
+        let rewards =
+            scoring::rewards_in_key_order(pool, &devices, &reward_weights, self.cfg.weights.max_share);
         let entries: Vec<SettledEntry> = settled
             .iter()
             .zip(&held)
@@ -138,6 +141,8 @@ impl Coordinator {
             method: self.cfg.scoring.method,
             server_lr: lr,
             reward_pool: pool,
+            reward_cap: self.cfg.weights.max_share,
+            stake_transform: self.cfg.weights.stake,
             rating_alpha: self.cfg.scoring.rating_alpha,
             base_loss: scores.base_loss,
             error: scores.error,
@@ -161,6 +166,8 @@ impl Coordinator {
             method: self.cfg.scoring.method,
             server_lr: lr,
             reward_pool: self.cfg.scoring.reward_pool,
+            reward_cap: self.cfg.weights.max_share,
+            stake_transform: self.cfg.weights.stake,
             rating_alpha: self.cfg.scoring.rating_alpha,
             base_loss: None,
             error: Some("round rolled back: its updates were discarded".into()),
