@@ -309,7 +309,8 @@ pub fn check_rewards(r: &LedgerRecord) -> Result<(), String> {
             crate::scoring::reward_weight(f, e.stake, clipped)
         })
         .collect();
-    let expected = crate::scoring::rewards_in_key_order(r.reward_pool, &refs, &weights, r.reward_cap);
+    let expected =
+        crate::scoring::rewards_in_key_order(r.reward_pool, &refs, &weights, r.reward_cap);
     for (e, want) in r.entries.iter().zip(expected) {
         if e.reward != want {
             return Err(format!(
@@ -587,7 +588,11 @@ mod tests {
         // The negative score's device paid, or a stake changed: named.
         let mut bad = r.clone();
         bad.entries[2].reward = 1;
-        assert!(check_rewards(&bad).unwrap_err().contains(&hex::encode([3u8; 32])));
+        assert!(
+            check_rewards(&bad)
+                .unwrap_err()
+                .contains(&hex::encode([3u8; 32]))
+        );
         let mut bad = r.clone();
         bad.entries[1].stake = 100.0;
         assert!(check_rewards(&bad).is_err());

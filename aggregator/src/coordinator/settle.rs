@@ -97,8 +97,12 @@ impl Coordinator {
         // Split in device-key order, the order of the ledger's entries, so
         // a verifier's floating-point sums are these.
         let devices: Vec<&str> = settled.iter().map(|c| c.device.as_str()).collect();
-        let rewards =
-            scoring::rewards_in_key_order(pool, &devices, &reward_weights, self.cfg.weights.max_share);
+        let rewards = scoring::rewards_in_key_order(
+            pool,
+            &devices,
+            &reward_weights,
+            self.cfg.weights.max_share,
+        );
         let entries: Vec<SettledEntry> = settled
             .iter()
             .zip(&held)
