@@ -46,9 +46,10 @@ const PENALTIES_PENDING_MAX: usize = 64;
 #[derive(Default)]
 pub(super) struct Misconduct {
     /// Signed manifests of accepted updates, by device and task round,
-    /// while their task can still be answered; `true` once the device's
-    /// equivocation on that task is held (one penalty per task).
-    signed: HashMap<(DeviceKey, u64), (SignedManifest, bool)>,
+    /// while their task can still be answered (one equivocation penalty
+    /// per task: `hold_penalty` holds one of each kind per device and
+    /// round).
+    signed: HashMap<(DeviceKey, u64), SignedManifest>,
     /// Stake multiplier of each slashed device (absent: 1).
     stake_factor: HashMap<String, f64>,
 }
@@ -71,7 +72,7 @@ impl Misconduct {
             manifest: b.manifest.clone(),
             signature: b.signature,
         };
-        self.signed.insert((key, b.manifest.round_id), (s, false));
+        self.signed.insert((key, b.manifest.round_id), s);
     }
 
     /// Tasks of rounds before `oldest` can no longer be answered.
@@ -96,22 +97,20 @@ impl Coordinator {
         }
     }
 
-    /// Holds a penalty for the next settlement (and makes it durable);
-    /// false when it is not held. At most one penalty of each kind per
+    /// Holds a penalty for the next settlement (and makes it durable). At most one penalty of each kind per
     /// device and round: a device re-sending refused uploads neither
     /// fills the pending list (crowding out other devices' penalties) nor
     /// is slashed twice for one offence.
-    fn hold_penalty(&mut self, p: Penalty) -> bool {
+    fn hold_penalty(&mut self, p: Penalty) {
         let again = self
             .penalties
             .iter()
             .any(|q| q.device == p.device && q.kind == p.kind && q.round_id == p.round_id);
         if again || self.penalties.len() >= PENALTIES_PENDING_MAX {
-            return false;
+            return;
         }
         self.penalties.push(p.clone());
         self.event(Event::PenaltyHeld(Box::new(p)));
-        true
     }
 
     /// Puts back the penalties held (and made durable) before a restart,
@@ -152,16 +151,13 @@ impl Coordinator {
     /// task named another payload, the two manifests are held as an
     /// equivocation penalty.
     pub(super) fn note_replay(&mut self, key: &VerifyingKey, b: &UploadBegin) {
-        let Some((first, held)) = self
+        let Some(first) = self
             .misconduct
             .signed
             .get(&(key.to_bytes(), b.manifest.round_id))
         else {
             return;
         };
-        if *held {
-            return;
-        }
         let e = Equivocation {
             first: first.clone(),
             second: SignedManifest {
@@ -175,7 +171,7 @@ impl Coordinator {
         let evidence = e.encode();
         let dev = device_id(key);
         tracing::warn!(device = %dev, round = b.manifest.round_id, "equivocation: two signed updates for one task");
-        let held_now = self.hold_penalty(Penalty {
+        self.hold_penalty(Penalty {
             round_id: b.manifest.round_id,
             device: dev,
             manifest_hash: e.second.hash(),
@@ -184,13 +180,6 @@ impl Coordinator {
             slashed: self.cfg.scoring.slash_fraction,
             payload: Bytes::from(evidence),
         });
-        if let Some((_, held)) = self
-            .misconduct
-            .signed
-            .get_mut(&(key.to_bytes(), b.manifest.round_id))
-        {
-            *held = held_now;
-        }
     }
 
     /// Holds a copy penalty for an update settled as a copy (its payload,
