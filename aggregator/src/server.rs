@@ -587,6 +587,18 @@ async fn on_event(
             discarded = accepted,
             "most devices diverged on the current model: rolled back"
         ),
+        Event::SecureAggregated {
+            round_id,
+            survivors,
+            completed,
+            upload_bytes,
+        } => tracing::info!(
+            round_id,
+            survivors,
+            ?completed,
+            upload_bytes,
+            "secure aggregation finished"
+        ),
         Event::Finished { final_version } => {
             tracing::info!(%final_version, "all rounds done");
             *finished_at = Some(Instant::now());

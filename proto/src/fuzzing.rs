@@ -343,7 +343,22 @@ pub fn device_msg_samples() -> Vec<DeviceMsg> {
             detail: "loss is NaN".into(),
         },
     ]
-    .into()
+    .into_iter()
+    .chain(
+        secagg::secagg_device_msg_samples()
+            .into_iter()
+            .map(|(bits, msg)| DeviceMsg::SecAgg {
+                round_id: 9,
+                // Decoding names the ring of a masked input only.
+                bits: if matches!(msg, crate::secagg::DeviceSecAgg::MaskedInput(_)) {
+                    bits
+                } else {
+                    0
+                },
+                msg,
+            }),
+    )
+    .collect()
 }
 
 fn agg_msg_seeds() -> Vec<Vec<u8>> {
@@ -381,6 +396,7 @@ pub fn agg_msg_samples() -> Vec<AggMsg> {
                 base: ModelVersion([9; 32]),
                 blob: ModelRef::new(ModelVersion([3; 32]), 500, 300),
             }),
+            secagg: None,
         })),
         AggMsg::TaskOffer(Box::new(TaskOffer {
             round_id: 3,
@@ -388,6 +404,27 @@ pub fn agg_msg_samples() -> Vec<AggMsg> {
             plan: TrainingPlan::default(),
             deadline_ms: 1,
             delta: None,
+            secagg: None,
+        })),
+        AggMsg::TaskOffer(Box::new(TaskOffer {
+            round_id: 4,
+            model: m,
+            plan: TrainingPlan::default(),
+            deadline_ms: 1,
+            delta: None,
+            secagg: Some(crate::msg::SecAggOffer {
+                params: crate::secagg::SecAggParams {
+                    round: 4,
+                    seed: [3; 32],
+                    devices: 10,
+                    degree: 4,
+                    threshold: 3,
+                    bits: 32,
+                    clip: 1.0,
+                    dimension: 100,
+                },
+                index: 7,
+            }),
         })),
         AggMsg::NoTask {
             retry_after_ms_min: 10,
@@ -410,6 +447,11 @@ pub fn agg_msg_samples() -> Vec<AggMsg> {
         AggMsg::HeartbeatAck { seq: 4 },
         AggMsg::Finished(m),
     ];
+    msgs.extend(
+        secagg::secagg_agg_msg_samples()
+            .into_iter()
+            .map(|msg| AggMsg::SecAgg { round_id: 9, msg }),
+    );
     msgs.extend(
         [
             RejectCode::Malformed,

@@ -32,14 +32,19 @@ impl Coordinator {
     }
 
     pub(super) fn close_round(&mut self, now: Instant) {
-        let accepted = self.round.combiner.count();
+        let mut accepted = self.round.combiner.count();
         let round_id = self.round.id;
-        let rollback = if self.rollback_due() {
+        let secure = self.round.secure.take();
+        let rollback = if secure.is_none() && self.rollback_due() {
             self.rollback_target()
         } else {
             None
         };
-        let (outcome, contributions) = if let Some((to, model)) = rollback {
+        let (outcome, contributions) = if let Some(secure) = secure {
+            let (outcome, contributions, summed) = self.close_secure(round_id, secure);
+            accepted = summed;
+            (outcome, contributions)
+        } else if let Some((to, model)) = rollback {
             let from = self.current_version;
             let why = format!(
                 "round rolled back: {} devices reported that training on model {from} diverged",

@@ -197,15 +197,10 @@ impl CoordinatorConfig {
             self.update_norm_max.is_some(),
             &self.plan.codec,
         )?;
-        if self.strategy.secagg.is_some() {
-            // Checked above so an operator learns what it would refuse;
-            // never silently run in the clear what was asked to be masked.
-            return Err(
-                "strategy.secagg: the coordinator does not run SecAgg+ rounds yet (the \
-                        protocol, its QUIC driver and `bench-secagg` do; see issue 15): remove \
-                        [strategy.secagg] rather than run rounds in the clear"
-                    .into(),
-            );
+        if self.strategy.secagg.is_some() && self.selection_window.is_zero() {
+            // A secure round's devices are drawn together, at the end of
+            // its check-in window.
+            return Err("strategy.secagg needs a selection_window above zero".into());
         }
         self.scoring.validate()?;
         self.weights.validate()

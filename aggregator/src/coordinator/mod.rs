@@ -42,6 +42,7 @@ mod ledger;
 mod misconduct;
 mod output;
 mod policy;
+mod secure;
 mod selection;
 mod sessions;
 mod settle;
@@ -95,6 +96,8 @@ struct Round {
     reserve: std::collections::HashSet<sessions::DeviceKey>,
     combiner: Box<dyn Combiner>,
     book: RoundBook,
+    /// The round's SecAgg+, once drawn (`[strategy.secagg]`).
+    secure: Option<secure::SecureRound>,
 }
 
 impl Round {
@@ -109,6 +112,7 @@ impl Round {
             reserve: Default::default(),
             combiner,
             book: RoundBook::default(),
+            secure: None,
         }
     }
 }
@@ -162,6 +166,9 @@ impl Coordinator {
                  {dim} parameters ({largest_upload} bytes): no device could ever upload",
                 cfg.uploads_in_flight_bytes_max
             ));
+        }
+        if let Some(spec) = &cfg.strategy.secagg {
+            secure::check_dimension(spec, dim, cfg.limits.frame_bytes_max)?;
         }
         let mut strategy = cfg.strategy.build(cfg.devices_per_round);
         let combiner = strategy.combiner(dim, cfg.weights.max_share);
@@ -359,9 +366,14 @@ impl Coordinator {
                 self.slots.next(),
             ]
         };
+        let secure = if self.finished {
+            None
+        } else {
+            self.secure_deadline()
+        };
         round
             .into_iter()
-            .chain([self.sessions.next_timeout()])
+            .chain([self.sessions.next_timeout(), secure])
             .flatten()
             .min()
     }
@@ -480,8 +492,11 @@ impl Coordinator {
         }
         if !self.finished {
             self.expire_slots(now);
+            self.secure_timeout(now);
         }
+        // A secure round's stage deadlines bound it, not the round's.
         if !self.finished
+            && !self.secure_running()
             && let Some(d) = self.round.deadline
             && now >= d
         {
@@ -585,6 +600,15 @@ impl Coordinator {
                 self.slots.stop(key.as_bytes());
                 self.on_chunk_request(session, key, model_version, index)
             }
+            DeviceMsg::UploadBegin(_) if self.cfg.strategy.secagg.is_some() => self.reject(
+                session,
+                Some(device_id(&key)),
+                RejectCode::ProtocolViolation,
+                "this aggregator combines updates with SecAgg+: an update in the clear is refused \
+                 (send it masked, through the round's SecAgg+ stages)"
+                    .into(),
+                false,
+            ),
             DeviceMsg::UploadBegin(b) => {
                 self.slots.stop(key.as_bytes());
                 self.on_upload_begin(now, session, key, *b)
@@ -599,6 +623,9 @@ impl Coordinator {
                 index,
                 data,
             } => self.on_upload_chunk(now, session, key, payload_hash, index, data),
+            DeviceMsg::SecAgg { round_id, msg, .. } => {
+                self.on_secagg(now, session, key, round_id, msg)
+            }
             DeviceMsg::Hello(_) | DeviceMsg::AuthResponse { .. } => self.reject(
                 session,
                 Some(device_id(&key)),
@@ -629,6 +656,12 @@ impl Coordinator {
             let mref = self.transfers.model_ref(&self.current_version);
             self.sessions.note_told_finished(key.to_bytes());
             self.send(session, AggMsg::Finished(mref));
+            return;
+        }
+        if self.secure_running() {
+            // A secure round takes nobody after its draw, and a drawn
+            // device that asks again lost its keys (or has sent its part).
+            self.pace_away(session, "a secure aggregation round is running");
             return;
         }
         let view = self.round_view();
@@ -689,13 +722,23 @@ impl Coordinator {
         let deadline = self
             .policy
             .offer_deadline(now, &self.round_view(), self.cfg.round_deadline);
+        let mut deadline_ms = deadline.saturating_duration_since(now).as_millis() as u64;
         let plan = self.strategy.configure_round(self.round.id, &self.cfg.plan);
+        let secagg = match (&self.round.secure, self.sessions.state(session)) {
+            (Some(s), Some(SessionState::Ready { key })) => s.offer(key.as_bytes()),
+            _ => None,
+        };
+        if let (Some(_), Some(spec)) = (&secagg, &self.cfg.strategy.secagg) {
+            // The masked input is due by the end of its stage.
+            deadline_ms = spec.advertise_keys_ms + spec.share_keys_ms + spec.masked_input_ms;
+        }
         let offer = TaskOffer {
             round_id: self.round.id,
             model: mref,
             plan,
-            deadline_ms: deadline.saturating_duration_since(now).as_millis() as u64,
+            deadline_ms,
             delta,
+            secagg,
         };
         self.send(session, AggMsg::TaskOffer(Box::new(offer)));
     }

@@ -121,6 +121,16 @@ pub enum Event {
         diverged: usize,
         accepted: usize,
     },
+    /// A secure round's SecAgg+ finished: `survivors` updates are in its
+    /// sum; `completed` counts the devices that completed each of the four
+    /// stages; `upload_bytes` is what its devices sent in its messages
+    /// (keys, sealed shares, masked inputs, revealed shares).
+    SecureAggregated {
+        round_id: u64,
+        survivors: usize,
+        completed: [u32; 4],
+        upload_bytes: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]

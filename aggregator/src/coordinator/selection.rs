@@ -36,9 +36,9 @@ use super::{Coordinator, Event, SessionId};
 
 /// A device that asked for work during the check-in window.
 pub(super) struct Candidate {
-    session: SessionId,
-    key: VerifyingKey,
-    have: Option<ModelVersion>,
+    pub session: SessionId,
+    pub key: VerifyingKey,
+    pub have: Option<ModelVersion>,
 }
 
 /// Offers whose device has not yet begun its download or upload, with
@@ -137,6 +137,9 @@ impl Coordinator {
                 Some(SessionState::Ready { key }) if *key == c.key)
         });
         self.draw_order(&mut waiting);
+        if self.cfg.strategy.secagg.is_some() {
+            return self.draw_secure(now, waiting);
+        }
         for c in waiting {
             self.select_now(now, c.session, c.key, c.have);
         }
@@ -257,6 +260,9 @@ impl Coordinator {
     /// and there is something to do: enough updates to publish, or enough
     /// reports of divergence to roll back.
     pub(super) fn close_if_done(&mut self, now: Instant) {
+        if self.secure_running() {
+            return; // a secure round closes on its outcome
+        }
         if self.finished || self.round.window_end.is_some() || !self.policy.all_done() {
             return;
         }

@@ -136,6 +136,11 @@ impl SessionTable {
         Some(old)
     }
 
+    /// The device's current authenticated connection.
+    pub fn session_of(&self, key: &DeviceKey) -> Option<SessionId> {
+        self.by_device.get(key).copied()
+    }
+
     /// Removes a session (disconnected or closed by the coordinator).
     pub fn remove(&mut self, session: SessionId) {
         let Some(key) = self.forget(session) else {

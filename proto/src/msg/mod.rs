@@ -102,6 +102,18 @@ pub struct TaskOffer {
     /// A smaller download for a device that holds `base`: the lossless
     /// delta base -> model, fetched in chunks by its own id.
     pub delta: Option<DeltaRef>,
+    /// The round combines updates with SecAgg+: the device's part in it.
+    pub secagg: Option<SecAggOffer>,
+}
+
+/// A device's part in a round's SecAgg+: the round's public parameters and
+/// the device's index among those selected (assigned by the aggregator,
+/// which maps the index back to the authenticated session: a device cannot
+/// choose it).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SecAggOffer {
+    pub params: crate::secagg::SecAggParams,
+    pub index: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -188,6 +200,13 @@ pub enum DeviceMsg {
         reason: AbandonReason,
         detail: String,
     },
+    /// A SecAgg+ stage of round `round_id`; `bits` is the round's ring (a
+    /// masked input's packing; 0 for the other stages once decoded).
+    SecAgg {
+        round_id: u64,
+        bits: u32,
+        msg: crate::secagg::DeviceSecAgg,
+    },
 }
 
 /// Aggregator -> device.
@@ -230,6 +249,11 @@ pub enum AggMsg {
         seq: u64,
     },
     Finished(ModelRef),
+    /// A SecAgg+ stage of round `round_id`.
+    SecAgg {
+        round_id: u64,
+        msg: crate::secagg::AggSecAgg,
+    },
 }
 
 impl DeviceMsg {
@@ -243,6 +267,7 @@ impl DeviceMsg {
             DeviceMsg::UploadChunk { .. } => "upload_chunk",
             DeviceMsg::Heartbeat { .. } => "heartbeat",
             DeviceMsg::TaskAbandoned { .. } => "task_abandoned",
+            DeviceMsg::SecAgg { .. } => "secagg_device",
         }
     }
 
@@ -299,6 +324,11 @@ impl DeviceMsg {
                 reason: reason.to_wire() as i32,
                 detail: detail.clone(),
             }),
+            DeviceMsg::SecAgg {
+                round_id,
+                bits,
+                msg,
+            } => Body::SecaggDevice(secagg::device_to_wire(*round_id, *bits, msg)),
         };
         wire::Envelope { body: Some(body) }.encode_to_vec().into()
     }
@@ -420,6 +450,14 @@ impl DeviceMsg {
                     detail: a.detail,
                 }
             }
+            Body::SecaggDevice(m) => {
+                let (round_id, bits, msg) = secagg::device_from_wire(m, limits)?;
+                DeviceMsg::SecAgg {
+                    round_id,
+                    bits,
+                    msg,
+                }
+            }
             other => return Err(ProtoError::WrongDirection(body_name(&other))),
         })
     }
@@ -438,6 +476,7 @@ impl AggMsg {
             AggMsg::Reject { .. } => "reject",
             AggMsg::HeartbeatAck { .. } => "heartbeat_ack",
             AggMsg::Finished(_) => "finished",
+            AggMsg::SecAgg { .. } => "secagg_agg",
         }
     }
 
@@ -483,6 +522,7 @@ impl AggMsg {
                     .unwrap_or_default(),
                 delta_bytes: t.delta.map_or(0, |d| d.blob.model_bytes),
                 delta_chunk_count: t.delta.map_or(0, |d| d.blob.chunk_count),
+                secagg: t.secagg.as_ref().map(secagg_offer_to_wire),
             }),
             AggMsg::NoTask {
                 retry_after_ms_min,
@@ -532,6 +572,9 @@ impl AggMsg {
                 chunk_bytes: m.chunk_bytes,
                 chunk_count: m.chunk_count,
             }),
+            AggMsg::SecAgg { round_id, msg } => {
+                Body::SecaggAgg(secagg::agg_to_wire(*round_id, msg))
+            }
         };
         wire::Envelope { body: Some(body) }.encode_to_vec().into()
     }
@@ -596,6 +639,10 @@ impl AggMsg {
                     )?,
                     deadline_ms: t.deadline_ms,
                     delta,
+                    secagg: t
+                        .secagg
+                        .map(|o| secagg_offer_from_wire(o, t.round_id, limits))
+                        .transpose()?,
                 }))
             }
             Body::NoTask(n) => {
@@ -657,6 +704,10 @@ impl AggMsg {
                 m.check(limits)?;
                 AggMsg::Finished(m)
             }
+            Body::SecaggAgg(m) => {
+                let (round_id, msg) = secagg::agg_from_wire(m)?;
+                AggMsg::SecAgg { round_id, msg }
+            }
             other => return Err(ProtoError::WrongDirection(body_name(&other))),
         })
     }
@@ -682,5 +733,66 @@ fn body_name(b: &Body) -> &'static str {
         Body::Reject(_) => "reject",
         Body::HeartbeatAck(_) => "heartbeat_ack",
         Body::Finished(_) => "finished",
+        Body::SecaggDevice(_) => "secagg_device",
+        Body::SecaggAgg(_) => "secagg_agg",
     }
+}
+
+fn secagg_offer_to_wire(o: &SecAggOffer) -> wire::SecAggOffer {
+    let p = &o.params;
+    wire::SecAggOffer {
+        seed: p.seed.to_vec().into(),
+        devices: p.devices,
+        degree: p.degree,
+        threshold: p.threshold,
+        bits: p.bits,
+        clip: p.clip,
+        dimension: p.dimension,
+        index: o.index,
+    }
+}
+
+/// An offer's SecAgg+ part, checked before anything is sized by it: at
+/// most [`crate::secagg::DEVICES_MAX`] devices (the graph is O(n)), a
+/// dimension within the update limit, consistent parameters, an index
+/// among the devices.
+fn secagg_offer_from_wire(
+    o: wire::SecAggOffer,
+    round: u64,
+    limits: &Limits,
+) -> Result<SecAggOffer, ProtoError> {
+    Limits::check(
+        "secagg devices",
+        o.devices.into(),
+        crate::secagg::DEVICES_MAX.into(),
+    )?;
+    Limits::check(
+        "secagg dimension",
+        o.dimension.into(),
+        limits.update_dimension_max,
+    )?;
+    let params = crate::secagg::SecAggParams {
+        round,
+        seed: hash32("task_offer.secagg.seed", &o.seed)?,
+        devices: o.devices,
+        degree: o.degree,
+        threshold: o.threshold,
+        bits: o.bits,
+        clip: o.clip,
+        dimension: o.dimension,
+    };
+    params.validate().map_err(|e| ProtoError::Invalid {
+        field: "task_offer.secagg",
+        reason: e.to_string(),
+    })?;
+    if o.index >= o.devices {
+        return Err(ProtoError::Invalid {
+            field: "task_offer.secagg.index",
+            reason: format!("index {} of {} devices", o.index, o.devices),
+        });
+    }
+    Ok(SecAggOffer {
+        params,
+        index: o.index,
+    })
 }

@@ -41,6 +41,12 @@ pub fn pack(bits: u32, values: &[u64]) -> Vec<u8> {
 /// Encode a device's message of round `round`; `bits` is the round's ring
 /// (used by a masked input).
 pub fn encode_device(round: u64, bits: u32, msg: &DeviceSecAgg) -> Bytes {
+    device_to_wire(round, bits, msg).encode_to_vec().into()
+}
+
+/// A device's message as its prost body (also carried in the session's
+/// envelope, `DeviceMsg::SecAgg`).
+pub fn device_to_wire(round: u64, bits: u32, msg: &DeviceSecAgg) -> wire::SecAggDeviceMsg {
     let stage = match msg {
         DeviceSecAgg::AdvertiseKeys(k) => DeviceStage::AdvertiseKeys(wire::SecAggAdvertiseKeys {
             c_public: k.c_public.to_vec().into(),
@@ -74,8 +80,6 @@ pub fn encode_device(round: u64, bits: u32, msg: &DeviceSecAgg) -> Bytes {
         round_id: round,
         stage: Some(stage),
     }
-    .encode_to_vec()
-    .into()
 }
 
 /// Decode a device's message: its round and the domain message.
@@ -85,15 +89,28 @@ pub fn decode_device(frame: &[u8], limits: &Limits) -> Result<(u64, DeviceSecAgg
         frame.len() as u64,
         limits.frame_bytes_max.into(),
     )?;
-    let m = wire::SecAggDeviceMsg::decode(frame)?;
+    let (round, _, msg) = device_from_wire(wire::SecAggDeviceMsg::decode(frame)?, limits)?;
+    Ok((round, msg))
+}
+
+/// A device's message from its prost body: its round, the ring of a
+/// masked input (0 for the other stages) and the domain message.
+pub fn device_from_wire(
+    m: wire::SecAggDeviceMsg,
+    limits: &Limits,
+) -> Result<(u64, u32, DeviceSecAgg), ProtoError> {
     let stage = m.stage.ok_or(ProtoError::MissingField("secagg.stage"))?;
+    let mut bits = 0;
     let msg = match stage {
         DeviceStage::AdvertiseKeys(k) => DeviceSecAgg::AdvertiseKeys(AdvertiseKeys {
             c_public: key32("c_public", &k.c_public)?,
             s_public: key32("s_public", &k.s_public)?,
         }),
         DeviceStage::ShareKeys(s) => DeviceSecAgg::ShareKeys(shares_from_wire(s)?),
-        DeviceStage::MaskedInput(mi) => DeviceSecAgg::MaskedInput(unpack(&mi, limits)?),
+        DeviceStage::MaskedInput(mi) => {
+            bits = mi.bits;
+            DeviceSecAgg::MaskedInput(unpack(&mi, limits)?)
+        }
         DeviceStage::Unmask(u) => {
             check_count("revealed shares", u.self_mask.len() + u.mask_key.len())?;
             let conv = |l: Vec<wire::SecAggRevealedShare>| {
@@ -112,11 +129,17 @@ pub fn decode_device(frame: &[u8], limits: &Limits) -> Result<(u64, DeviceSecAgg
             }
         }
     };
-    Ok((m.round_id, msg))
+    Ok((m.round_id, bits, msg))
 }
 
 /// Encode the aggregator's message of round `round`.
 pub fn encode_agg(round: u64, msg: &AggSecAgg) -> Bytes {
+    agg_to_wire(round, msg).encode_to_vec().into()
+}
+
+/// The aggregator's message as its prost body (also carried in the
+/// session's envelope, `AggMsg::SecAgg`).
+pub fn agg_to_wire(round: u64, msg: &AggSecAgg) -> wire::SecAggAggMsg {
     let stage = match msg {
         AggSecAgg::NeighbourKeys(peers) => AggStage::NeighbourKeys(wire::SecAggNeighbourKeys {
             peers: peers
@@ -139,8 +162,6 @@ pub fn encode_agg(round: u64, msg: &AggSecAgg) -> Bytes {
         round_id: round,
         stage: Some(stage),
     }
-    .encode_to_vec()
-    .into()
 }
 
 /// Decode the aggregator's message: its round and the domain message.
@@ -150,7 +171,11 @@ pub fn decode_agg(frame: &[u8], limits: &Limits) -> Result<(u64, AggSecAgg), Pro
         frame.len() as u64,
         limits.frame_bytes_max.into(),
     )?;
-    let m = wire::SecAggAggMsg::decode(frame)?;
+    agg_from_wire(wire::SecAggAggMsg::decode(frame)?)
+}
+
+/// The aggregator's message from its prost body.
+pub fn agg_from_wire(m: wire::SecAggAggMsg) -> Result<(u64, AggSecAgg), ProtoError> {
     let stage = m.stage.ok_or(ProtoError::MissingField("secagg.stage"))?;
     let msg = match stage {
         AggStage::NeighbourKeys(n) => {

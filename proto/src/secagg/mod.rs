@@ -52,6 +52,10 @@ pub use graph::NeighbourGraph;
 pub use msg::{AggSecAgg, DeviceSecAgg};
 pub use quant::Quantizer;
 
+/// Most devices a round's SecAgg+ may have: a bound on what a task offer
+/// can make a device allocate (its graph is O(n)).
+pub const DEVICES_MAX: u32 = 1 << 20;
+
 /// The four stages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Stage {

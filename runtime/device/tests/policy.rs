@@ -308,6 +308,7 @@ fn offer() -> AggMsg {
         plan: TrainingPlan::default(),
         deadline_ms: 60_000,
         delta: None,
+        secagg: None,
     }))
 }
 

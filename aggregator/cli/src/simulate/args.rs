@@ -82,6 +82,9 @@ pub struct SimConfig {
     pub claim_samples: Option<u64>,
     /// Device heterogeneity (simulated by delays around real training).
     pub heterogeneity: Heterogeneity,
+    /// With `[strategy.secagg]`: devices that drop out of every SecAgg+
+    /// round they are drawn for, at a stage.
+    pub secagg_dropout: SecAggDropout,
     /// Where results.json goes.
     pub out_dir: PathBuf,
     /// Keep the aggregator's state directory (models, database, ledger)
@@ -109,6 +112,67 @@ pub struct Heterogeneity {
     pub dropout: f64,
     /// Link rates in kbit/s (0: no cap), dealt round-robin.
     pub bandwidth_kbps: Vec<f64>,
+}
+
+/// Fractions of the devices that stop answering in SecAgg+ rounds after
+/// sending a stage's message: their keys (they never share), their shares
+/// (they never send a masked input) or their masked input (they never help
+/// unmask). Dealt by device index, first `keys`, then `shares`, then
+/// `input`, so the same devices drop in every round they are drawn for.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecAggDropout {
+    pub keys: f64,
+    pub shares: f64,
+    pub input: f64,
+}
+
+impl SecAggDropout {
+    /// `keys:0.3,input:0.1`.
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        let mut d = SecAggDropout::default();
+        for part in s.split(',').filter(|p| !p.is_empty()) {
+            let (stage, f) = part.split_once(':').with_context(|| {
+                format!("--secagg-dropout `{part}`: STAGE:FRACTION, STAGE keys, shares or input")
+            })?;
+            let f: f64 = f
+                .parse()
+                .with_context(|| format!("--secagg-dropout `{part}`: a fraction"))?;
+            match stage {
+                "keys" => d.keys = f,
+                "shares" => d.shares = f,
+                "input" => d.input = f,
+                o => anyhow::bail!("--secagg-dropout stage `{o}`: use keys, shares or input"),
+            }
+        }
+        d.validate()?;
+        Ok(d)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let all = [self.keys, self.shares, self.input];
+        anyhow::ensure!(
+            all.iter().all(|f| (0.0..1.0).contains(f)) && all.iter().sum::<f64>() < 1.0,
+            "SecAgg+ dropout fractions must be in [0, 1) and sum below 1, got {self:?}"
+        );
+        Ok(())
+    }
+
+    /// The stage after which device `i` of `n` goes silent, if any.
+    pub fn stage_of(&self, i: usize, n: usize) -> Option<fedge_proto::secagg::Stage> {
+        use fedge_proto::secagg::Stage;
+        let cut = |f: f64| (f * n as f64).round() as usize;
+        let (k, s, m) = (cut(self.keys), cut(self.shares), cut(self.input));
+        if i < k {
+            Some(Stage::AdvertiseKeys)
+        } else if i < k + s {
+            Some(Stage::ShareKeys)
+        } else if i < k + s + m {
+            Some(Stage::MaskedInput)
+        } else {
+            None
+        }
+    }
 }
 
 impl Default for Heterogeneity {
@@ -192,6 +256,7 @@ impl Default for SimConfig {
             attack_scale: None,
             claim_samples: None,
             heterogeneity: Heterogeneity::default(),
+            secagg_dropout: SecAggDropout::default(),
             out_dir: PathBuf::from("results"),
             state_dir: None,
             scoring: ScoringConfig::default(),
@@ -341,6 +406,23 @@ pub struct SimArgs {
     /// Sets `[strategy] downlink`.
     #[arg(long, value_name = "CODEC")]
     downlink: Option<String>,
+    /// Secure aggregation (SecAgg+, Bell et al. 2020): devices clip their
+    /// update to --secagg-clip, quantize and mask it; the aggregator sees
+    /// only the round's sum. Sets the plan's codec to dense-f32 and turns
+    /// off error feedback, norm bounds, robust combiners and scoring,
+    /// which need individual updates. Sizes `[strategy.secagg]` for the
+    /// round (degree min(32, n - 1), colluding devices max(1, n/10),
+    /// threshold max(T + 1, k/3)) unless a config file gives one.
+    #[arg(long)]
+    secagg: bool,
+    /// L2 bound devices clip their update to before masking (default 1).
+    #[arg(long, requires = "secagg")]
+    secagg_clip: Option<f64>,
+    /// Devices that drop out of each SecAgg+ round at a stage, as
+    /// fractions of the fleet: `keys:0.3,input:0.1` (stages: keys, shares,
+    /// input).
+    #[arg(long, value_name = "STAGE:FRACTION,...", requires = "secagg")]
+    secagg_dropout: Option<String>,
     /// Directory for results.json.
     #[arg(long)]
     out_dir: Option<PathBuf>,
@@ -391,6 +473,7 @@ impl SimConfig {
             c.apply_aggregator(agg)?;
         }
         c.apply_dp(a)?;
+        c.apply_secagg(a)?;
         anyhow::ensure!(
             (0.0..1.0).contains(&c.attackers),
             "attackers must be in [0, 1), got {}",
@@ -552,6 +635,45 @@ impl SimConfig {
         self.strategy
             .validate_dp(self.devices_per_round)
             .map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    /// `--secagg*`: SecAgg+ for every round, with what it cannot be
+    /// combined with turned off (the same checks `serve` makes follow).
+    fn apply_secagg(&mut self, a: &SimArgs) -> anyhow::Result<()> {
+        if let Some(d) = &a.secagg_dropout {
+            self.secagg_dropout = SecAggDropout::parse(d)?;
+        }
+        if !a.secagg {
+            return Ok(());
+        }
+        let n = self.devices_per_round.max(2) as u32;
+        let spec = self.strategy.secagg.clone().unwrap_or_else(|| {
+            let d = fedge_aggregator::privacy::secagg::SecAggSpec::default();
+            let k = d.degree.min(n - 1);
+            let colluding = (n / 10).max(1);
+            fedge_aggregator::privacy::secagg::SecAggSpec {
+                degree: k,
+                colluding_devices: colluding,
+                threshold: (colluding + 1).max(k.div_ceil(3)).min(k),
+                survivors_min: colluding + 2,
+                advertise_keys_ms: 3_000,
+                share_keys_ms: 3_000,
+                masked_input_ms: self.round_deadline_ms,
+                unmasking_ms: 3_000,
+                ..d
+            }
+        });
+        let spec = fedge_aggregator::privacy::secagg::SecAggSpec {
+            clip: a.secagg_clip.unwrap_or(spec.clip),
+            ..spec
+        };
+        self.strategy.secagg = Some(spec);
+        self.strategy.combine = fedge_aggregator::robust::CombineSpec::Mean;
+        self.strategy.clip = None;
+        self.update_norm_max = None;
+        self.codec = "dense-f32".into();
+        self.error_feedback = false;
+        Ok(())
     }
 
     /// `--strategy`: the server optimizer, FedProx's mu, or FedBuff.

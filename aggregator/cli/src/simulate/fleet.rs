@@ -127,6 +127,7 @@ pub fn spawn_devices(
                 backoff_min: Duration::from_millis(100),
                 backoff_max: Duration::from_secs(3),
                 first_connect_jitter: Duration::from_millis(c.ramp_ms),
+                secagg_drop_after: c.secagg_dropout.stage_of(i, c.devices),
                 ..SessionConfig::default()
             },
             ..DriverConfig::new(addr, Trust::Pinned(fp))

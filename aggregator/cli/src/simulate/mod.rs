@@ -168,7 +168,10 @@ async fn start_aggregator(
         &identity,
         Store::open(&state).await?,
     )?;
-    server.set_evaluator(Box::new(scorer));
+    if c.strategy.secagg.is_none() {
+        // SecAgg+ leaves nothing individual to score.
+        server.set_evaluator(Box::new(scorer));
+    }
     Ok(Aggregator {
         addr: server.local_addr()?,
         fingerprint: identity.fingerprint(),

@@ -223,6 +223,14 @@ pub async fn follow_rounds(
                 up += payload_bytes;
                 participants += 1;
             }
+            Event::SecureAggregated {
+                survivors,
+                upload_bytes,
+                ..
+            } => {
+                up += upload_bytes;
+                participants += survivors;
+            }
             Event::RoundClosed {
                 accepted,
                 outcome: RoundOutcome::Aborted,

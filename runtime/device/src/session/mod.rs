@@ -23,6 +23,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 mod download;
+mod secure;
 mod timers;
 mod types;
 mod upload;
@@ -81,6 +82,8 @@ pub struct DeviceSession {
     /// Whether the device's policy lets it take tasks (see
     /// [`DeviceSession::handle_eligibility`]).
     eligible: bool,
+    /// The device's part in its task's SecAgg+, if the round is secure.
+    secure: Option<secure::SecureTask>,
 }
 
 impl DeviceSession {
@@ -110,6 +113,7 @@ impl DeviceSession {
             rounds_contributed: 0,
             compressor: Default::default(),
             eligible: true,
+            secure: None,
         };
         s.events.push_back(DeviceEvent::Connect);
         s
@@ -227,6 +231,9 @@ impl DeviceSession {
         }
         match (self.phase.clone(), msg) {
             (_, AggMsg::HeartbeatAck { .. }) => {}
+            // SecAgg+ stages run beside the task's phases (the masked
+            // input goes once training is done; unmasking after that).
+            (_, AggMsg::SecAgg { round_id, msg }) => self.on_secagg(round_id, msg),
             (
                 _,
                 AggMsg::Reject {
@@ -444,6 +451,19 @@ impl DeviceSession {
         self.request_deadline = None;
         let mref = offer.model;
         self.offer_received = Some(now);
+        self.secure = None;
+        if let Some(sa) = &offer.secagg
+            && let Err(e) = self.join_secure(offer.round_id, sa)
+        {
+            let detail = format!("cannot take part in the round's SecAgg+: {e}");
+            self.abandon(offer.round_id, AbandonReason::Failed, detail.clone());
+            self.events.push_back(DeviceEvent::Rejected {
+                code: RejectCode::Malformed,
+                detail,
+            });
+            self.after_round(now);
+            return;
+        }
         self.offer = Some(offer);
         if self.model_matches_offer() {
             self.start_training();

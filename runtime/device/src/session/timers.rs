@@ -98,6 +98,9 @@ impl DeviceSession {
     /// its first chunk not yet received.
     fn connection_gone(&mut self) {
         self.transmit.clear();
+        // A SecAgg+ part does not survive its connection: the aggregator
+        // counts the device as a dropout.
+        self.secure = None;
         self.request_deadline = None;
         if let Some(d) = self.download.as_mut() {
             d.next_to_request = d.next_expected;

@@ -29,6 +29,10 @@ pub struct SessionConfig {
     /// together does not reach the aggregator as one burst.
     pub first_connect_jitter: Duration,
     pub seed: u64,
+    /// Simulation only: in a SecAgg+ round, stop answering after sending
+    /// this stage's message (a dropout the protocol must survive). None in
+    /// production.
+    pub secagg_drop_after: Option<fedge_proto::secagg::Stage>,
 }
 
 impl Default for SessionConfig {
@@ -48,6 +52,7 @@ impl Default for SessionConfig {
             request_timeout: Duration::from_secs(60),
             first_connect_jitter: Duration::ZERO,
             seed: 0,
+            secagg_drop_after: None,
         }
     }
 }

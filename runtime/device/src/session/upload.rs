@@ -36,6 +36,7 @@ impl DeviceSession {
             .is_some_and(|t| now >= t + Duration::from_millis(offer.deadline_ms));
         let diverged = out.delta.iter().any(|v| !v.is_finite());
         if late || diverged || out.sample_count == 0 {
+            self.secure = None;
             let reason = if late {
                 "training finished after the round's deadline; update not sent"
             } else {
@@ -58,6 +59,10 @@ impl DeviceSession {
                 detail: reason.into(),
             });
             self.after_round(now);
+            return;
+        }
+        if offer.secagg.is_some() {
+            self.send_masked(now, offer.round_id, &out.delta);
             return;
         }
         let spec = match CodecSpec::parse(&offer.plan.codec) {

@@ -1,0 +1,205 @@
+//! Rounds combined with SecAgg+ through the coordinator and real device
+//! sessions (sans-IO, virtual time; the protocol itself over real QUIC is
+//! `secagg_quic.rs`): devices drawn together at the window's end, their
+//! indices fixed by the aggregator, dropouts at every stage, the
+//! published model the survivors' mean, failures recorded, and nothing
+//! sent in the clear accepted.
+
+mod sim;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use fedge_aggregator::coordinator::{CoordinatorConfig, Event};
+use fedge_aggregator::privacy::secagg::SecAggSpec;
+use fedge_aggregator::strategy::StrategyConfig;
+use fedge_proto::msg::TrainingPlan;
+use fedge_proto::secagg::Stage;
+use sim::{DeviceSpec, NetConfig, Sim};
+
+fn spec() -> SecAggSpec {
+    SecAggSpec {
+        colluding_devices: 1,
+        degree: 8,
+        threshold: 3,
+        bits: 32,
+        clip: 10.0,
+        survivors_min: 4,
+        advertise_keys_ms: 2_000,
+        share_keys_ms: 2_000,
+        masked_input_ms: 8_000,
+        unmasking_ms: 2_000,
+    }
+}
+
+fn cfg(per_round: usize, rounds: u64) -> CoordinatorConfig {
+    CoordinatorConfig {
+        devices_per_round: per_round,
+        over_selection: 1.0,
+        min_devices: 2,
+        rounds,
+        round_deadline: Duration::from_secs(20),
+        retry_window: (Duration::from_millis(300), Duration::from_millis(900)),
+        chunk_bytes: 128,
+        plan: TrainingPlan {
+            codec: "dense-f32".into(),
+            ..TrainingPlan::default()
+        },
+        strategy: StrategyConfig {
+            secagg: Some(spec()),
+            ..StrategyConfig::default()
+        },
+        ..CoordinatorConfig::default()
+    }
+}
+
+/// Device i sends delta 0.01 (i + 1) in every coordinate; `drop` deals
+/// the stage each device goes silent after.
+fn fleet(n: usize, drop: impl Fn(usize) -> Option<Stage>) -> Vec<DeviceSpec> {
+    (0..n)
+        .map(|i| {
+            let mut s = DeviceSpec::new(0.01 * (i as f32 + 1.0), 10 + i as u64);
+            s.session.secagg_drop_after = drop(i);
+            s
+        })
+        .collect()
+}
+
+/// The devices whose updates a round's published sum holds.
+fn survivors(sim: &Sim, round: u64) -> BTreeSet<String> {
+    sim.contributions()
+        .into_iter()
+        .filter(|c| c.round_id == round && c.accepted)
+        .map(|c| c.device)
+        .collect()
+}
+
+#[test]
+fn secure_rounds_survive_dropouts_at_every_stage_and_publish_the_survivors_mean() {
+    for seed in [1u64, 7, 42] {
+        // 12 of 12 drawn: 3 drop after their keys, 1 after its shares, 1
+        // after its masked input (which stays in the sum: its self mask
+        // is rebuilt from its neighbours' shares).
+        let drop = |i: usize| match i {
+            0..=2 => Some(Stage::AdvertiseKeys),
+            3 => Some(Stage::ShareKeys),
+            4 => Some(Stage::MaskedInput),
+            _ => None,
+        };
+        let specs = fleet(12, drop);
+        let deltas: Vec<f32> = specs.iter().map(|s| s.delta).collect();
+        let initial = sim::model(64).params.values;
+        let mut sim = Sim::new(seed, cfg(12, 2), NetConfig::default(), specs);
+        sim.run_to_end(Duration::from_secs(300));
+        let published = sim.published();
+        assert_eq!(published.len(), 2, "seed {seed}: {:?}", sim.aborted());
+        let ids: Vec<String> = (0..12).map(|i| sim.device_id(i)).collect();
+        let mut expected: Vec<f64> = initial.iter().map(|&v| f64::from(v)).collect();
+        for (round, accepted, _) in &published {
+            let s = survivors(&sim, *round);
+            // Every device that sent its masked input, and no other.
+            let want: BTreeSet<String> = ids[4..].iter().cloned().collect();
+            assert_eq!(s, want, "seed {seed} round {round}");
+            assert_eq!(*accepted, 8, "seed {seed} round {round}");
+            let mean = ids
+                .iter()
+                .zip(&deltas)
+                .filter(|(id, _)| s.contains(*id))
+                .map(|(_, d)| f64::from(*d))
+                .sum::<f64>()
+                / s.len() as f64;
+            for e in &mut expected {
+                *e += mean;
+            }
+            // The dropouts are recorded, with why.
+            let dropped: Vec<_> = sim
+                .contributions()
+                .into_iter()
+                .filter(|c| c.round_id == *round && !c.accepted)
+                .collect();
+            assert_eq!(dropped.len(), 4, "seed {seed} round {round}");
+            assert!(
+                dropped.iter().all(|c| c
+                    .reason
+                    .as_deref()
+                    .unwrap_or("")
+                    .contains("dropped out of secure aggregation")),
+                "seed {seed}: {dropped:?}"
+            );
+        }
+        // Exact in the ring; the float mean is within the quantization
+        // step (clip 10 over 2^31 / 12 levels) of the plain mean.
+        let got = &sim.coord.current_model().params.values;
+        for (g, e) in got.iter().zip(&expected) {
+            assert!(
+                (f64::from(*g) - e).abs() < 1e-5,
+                "seed {seed}: published {g}, survivors' mean gives {e}"
+            );
+        }
+        let summed: Vec<_> = sim
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Event::SecureAggregated {
+                    completed,
+                    survivors,
+                    upload_bytes,
+                    ..
+                } => Some((*completed, *survivors, *upload_bytes)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(summed.len(), 2, "seed {seed}");
+        for (completed, survivors, upload_bytes) in summed {
+            assert_eq!(completed[..3], [12, 9, 8], "seed {seed}");
+            assert_eq!(survivors, 8, "seed {seed}");
+            // 8 masked inputs of 64 values at 4 bytes, plus the rest.
+            assert!(upload_bytes > 8 * 64 * 4, "seed {seed}: {upload_bytes}");
+        }
+    }
+}
+
+#[test]
+fn too_few_survivors_abort_the_round_cleanly_and_the_federation_goes_on() {
+    // 7 of 10 drop after their keys: 3 left, survivors_min 4. Every round
+    // fails and is recorded; nothing is published and nothing panics.
+    let specs = fleet(10, |i| (i < 7).then_some(Stage::AdvertiseKeys));
+    let initial = sim::model(64).params.values;
+    let mut sim = Sim::new(3, cfg(10, 2), NetConfig::default(), specs);
+    sim.run_until(Duration::from_secs(120), |s| s.aborted().len() >= 2);
+    assert!(sim.published().is_empty());
+    assert_eq!(sim.coord.current_model().params.values, initial);
+    let failures = sim.rejection_details(fedge_proto::RejectCode::NotSelected);
+    assert!(
+        failures
+            .iter()
+            .any(|d| d.contains("secure aggregation failed") && d.contains("3 devices left")),
+        "{failures:?}"
+    );
+    let recorded = sim
+        .contributions()
+        .into_iter()
+        .filter(|c| !c.accepted && c.reason.as_deref().unwrap_or("").contains("failed"))
+        .count();
+    assert!(
+        recorded >= 20,
+        "every drawn device, every round: {recorded}"
+    );
+}
+
+#[test]
+fn a_round_waits_for_enough_devices_rather_than_run_a_revealing_sum() {
+    // 3 devices, survivors_min 4: the window keeps extending; no offer
+    // goes out and no round runs.
+    let mut sim = Sim::new(5, cfg(10, 1), NetConfig::default(), fleet(3, |_| None));
+    sim.run_until(Duration::from_secs(40), |s| {
+        s.now - s.t0 >= Duration::from_secs(30)
+    });
+    assert!(sim.published().is_empty() && sim.aborted().is_empty());
+    assert!(
+        !sim.events
+            .iter()
+            .any(|e| matches!(e, Event::DeviceSelected { .. })),
+        "nobody is drawn into a round that cannot hide them"
+    );
+}
