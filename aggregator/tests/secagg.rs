@@ -44,6 +44,7 @@ fn params(
         bits,
         clip: 4.0,
         dimension,
+        noise: None,
     }
 }
 

@@ -45,6 +45,7 @@ async fn a_hundred_devices_over_quic_thirty_percent_drop_after_keys_ten_after_up
         bits: 32,
         clip: 4.0,
         dimension: DIM,
+        noise: None,
     };
     // Stages whose devices all answer end at once; the two with dropouts
     // wait out their deadline.

@@ -132,6 +132,7 @@ async fn a_secure_round_over_quic_publishes_the_honest_mean_and_refuses_a_modifi
         share_keys_ms: 3_000,
         masked_input_ms: 10_000,
         unmasking_ms: 3_000,
+        dp: None,
     };
     let cfg = ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),

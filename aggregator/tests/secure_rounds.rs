@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use fedge_aggregator::coordinator::{CoordinatorConfig, Event};
-use fedge_aggregator::privacy::secagg::SecAggSpec;
+use fedge_aggregator::privacy::secagg::{SecAggDp, SecAggSpec};
 use fedge_aggregator::strategy::StrategyConfig;
 use fedge_proto::msg::TrainingPlan;
 use fedge_proto::secagg::Stage;
@@ -29,6 +29,7 @@ fn spec() -> SecAggSpec {
         share_keys_ms: 2_000,
         masked_input_ms: 8_000,
         unmasking_ms: 2_000,
+        dp: None,
     }
 }
 
@@ -202,4 +203,72 @@ fn a_round_waits_for_enough_devices_rather_than_run_a_revealing_sum() {
             .any(|e| matches!(e, Event::DeviceSelected { .. })),
         "nobody is drawn into a round that cannot hide them"
     );
+}
+
+#[test]
+fn distributed_dp_noises_the_sum_as_calibrated_and_reports_what_it_spent() {
+    // 10 devices, none dropping; z = 0.5 over survivors_min = 4, so each
+    // device adds Sk(mu_total / 4) and the sum carries 10/4 of mu_total.
+    let dim = 4096;
+    let z = 0.5;
+    let mut c = cfg(10, 2);
+    let mut s = spec();
+    s.dp = Some(SecAggDp {
+        noise_multiplier: z,
+        delta: 1e-5,
+    });
+    c.strategy.secagg = Some(s.clone());
+    let specs = fleet(10, |_| None);
+    let deltas: Vec<f32> = specs.iter().map(|s| s.delta).collect();
+    let mut sim = Sim::with_model(9, c, NetConfig::default(), specs, sim::model(dim));
+    let initial = sim.coord.current_model().params.values.clone();
+    sim.run_until(Duration::from_secs(120), |s| s.published().len() == 1);
+    let mean = deltas.iter().map(|d| f64::from(*d)).sum::<f64>() / 10.0;
+    let got = &sim.coord.current_model().params.values;
+    let err: Vec<f64> = got
+        .iter()
+        .zip(&initial)
+        .map(|(g, i)| f64::from(*g) - f64::from(*i) - mean)
+        .collect();
+    let sd = (err.iter().map(|e| e * e).sum::<f64>() / dim as f64).sqrt();
+    // The calibration, recomputed: Delta2 = s clip + sqrt(d) in ring units,
+    // variance of the sum 10/4 (z Delta2)^2, read back as / (s x 10).
+    let params = fedge_proto::secagg::SecAggParams {
+        round: 1,
+        seed: [0; 32],
+        devices: 10,
+        degree: s.degree,
+        threshold: s.threshold,
+        bits: s.bits,
+        clip: s.clip,
+        dimension: dim as u32,
+        noise: Some(fedge_proto::secagg::DistributedNoise {
+            multiplier: z,
+            survivors: s.survivors_min,
+        }),
+    };
+    let scale = params.quantizer().unwrap().scale();
+    let (_, l2) = params.sensitivity().unwrap();
+    let want = (2.5f64).sqrt() * z * l2 / (scale * 10.0);
+    assert!(
+        (sd / want - 1.0).abs() < 0.1,
+        "noise stddev on the mean {sd}, calibrated {want}"
+    );
+    // The round reports what it spent: one unsampled Skellam release at
+    // z = 0.5 is far from private (a Gaussian at z = 0.5 gives about 10).
+    let metrics = sim
+        .events
+        .iter()
+        .find_map(|e| match e {
+            Event::RoundClosed { metrics, .. } => Some(metrics.clone()),
+            _ => None,
+        })
+        .unwrap();
+    let get = |k: &str| metrics.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
+    let eps = get("dp_epsilon").expect("epsilon reported");
+    assert!(eps > 5.0 && eps < 20.0, "epsilon {eps}");
+    assert_eq!(get("dp_rounds"), Some(1.0));
+    assert_eq!(get("dp_delta"), Some(1e-5));
+    let rho = get("dp_rho_zcdp").unwrap();
+    assert!((rho - 1.0 / (2.0 * z * z)).abs() < 1e-3, "rho {rho}");
 }

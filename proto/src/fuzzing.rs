@@ -422,6 +422,10 @@ pub fn agg_msg_samples() -> Vec<AggMsg> {
                     bits: 32,
                     clip: 1.0,
                     dimension: 100,
+                    noise: Some(crate::secagg::DistributedNoise {
+                        multiplier: 1.5,
+                        survivors: 6,
+                    }),
                 },
                 index: 7,
             }),

@@ -93,6 +93,7 @@ fn one(a: &SecAggBenchArgs, n: u32) -> anyhow::Result<serde_json::Value> {
         bits: a.bits,
         clip: 1.0,
         dimension: a.dimension,
+        noise: None,
     };
     let k = params.graph().degree();
     params.threshold = k / 3 + 1;

@@ -33,6 +33,7 @@ impl Coordinator {
 
     pub(super) fn close_round(&mut self, now: Instant) {
         let mut accepted = self.round.combiner.count();
+        let mut secure_metrics = Vec::new();
         let round_id = self.round.id;
         let secure = self.round.secure.take();
         let rollback = if secure.is_none() && self.rollback_due() {
@@ -41,8 +42,9 @@ impl Coordinator {
             None
         };
         let (outcome, contributions) = if let Some(secure) = secure {
-            let (outcome, contributions, summed) = self.close_secure(round_id, secure);
+            let (outcome, contributions, summed, m) = self.close_secure(round_id, secure);
             accepted = summed;
+            secure_metrics = m;
             (outcome, contributions)
         } else if let Some((to, model)) = rollback {
             let from = self.current_version;
@@ -86,6 +88,7 @@ impl Coordinator {
         let published = matches!(outcome, RoundOutcome::Published(_));
         let mut metrics = self.strategy.aggregate_evaluate(self.round.book.metrics());
         metrics.extend(self.strategy.report());
+        metrics.extend(secure_metrics);
         self.event(Event::RoundClosed {
             round_id,
             accepted,

@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use fedge_proto::msg::SecAggOffer;
-use fedge_proto::secagg::{DeviceSecAgg, SecAggParams};
+use fedge_proto::secagg::{DeviceSecAgg, DistributedNoise, SecAggParams};
 use fedge_proto::{AggMsg, RejectCode};
 use rand::Rng;
 
@@ -35,7 +35,7 @@ use super::policy::TaskDecision;
 use super::selection::Candidate;
 use super::sessions::{DeviceKey, device_id};
 use super::{Coordinator, Event, RoundOutcome, SessionId};
-use crate::privacy::secagg::SecAggServer;
+use crate::privacy::secagg::{SecAggServer, distributed_spent};
 use crate::robust::Combined;
 use fedge_proto::sign::VerifyingKey;
 
@@ -118,6 +118,10 @@ impl Coordinator {
             bits: spec.bits,
             clip: spec.clip,
             dimension: self.current.params.values.len() as u32,
+            noise: spec.dp.as_ref().map(|dp| DistributedNoise {
+                multiplier: dp.noise_multiplier,
+                survivors: spec.survivors_min,
+            }),
         };
         let server = match SecAggServer::new(params, spec.deadlines(), spec.survivors_min, now) {
             Ok(s) => s,
@@ -247,7 +251,7 @@ impl Coordinator {
         &mut self,
         round_id: u64,
         mut secure: SecureRound,
-    ) -> (RoundOutcome, Vec<Contribution>, usize) {
+    ) -> (RoundOutcome, Vec<Contribution>, usize, Vec<(String, f64)>) {
         let params = secure.server.params().clone();
         let refused_all = |c: &mut Self, why: String| -> Vec<Contribution> {
             secure
@@ -269,11 +273,11 @@ impl Coordinator {
                     code: RejectCode::NotSelected,
                     detail: format!("round {round_id}: {why}"),
                 });
-                return (RoundOutcome::Aborted, refused_all(self, why), 0);
+                return (RoundOutcome::Aborted, refused_all(self, why), 0, vec![]);
             }
             None => {
                 let why = "the round closed before its secure aggregation finished".to_string();
-                return (RoundOutcome::Aborted, refused_all(self, why), 0);
+                return (RoundOutcome::Aborted, refused_all(self, why), 0, vec![]);
             }
         };
         let k = result.survivors.len();
@@ -288,7 +292,7 @@ impl Coordinator {
                 "secure aggregation summed {k} updates, fewer than min_devices ({})",
                 self.cfg.min_devices
             );
-            return (RoundOutcome::Aborted, refused_all(self, why), 0);
+            return (RoundOutcome::Aborted, refused_all(self, why), 0, vec![]);
         }
         let quantizer = params.quantizer().expect("validated when the round opened");
         let mean: Vec<f32> = quantizer
@@ -343,7 +347,29 @@ impl Coordinator {
                 contributions.push(ledger::refused(round_id, &dev, stake, 0, why));
             }
         }
-        (self.publish(round_id, values), contributions, k)
+        // Distributed DP: what the rounds published so far (this one
+        // included) have spent. Every published round of a federation
+        // configured with it counts, so the figure never understates.
+        let delta = self
+            .cfg
+            .strategy
+            .secagg
+            .as_ref()
+            .and_then(|s| s.dp.as_ref())
+            .map_or(1e-5, |dp| dp.delta);
+        let metrics = distributed_spent(&params, self.published_rounds + 1, delta)
+            .map(|p| {
+                vec![
+                    ("dp_epsilon".to_string(), p.epsilon),
+                    ("dp_delta".to_string(), p.delta),
+                    ("dp_rho_zcdp".to_string(), p.rho_zcdp),
+                    ("dp_rounds".to_string(), p.rounds as f64),
+                    ("dp_noise_multiplier".to_string(), p.noise_multiplier),
+                    ("dp_clip_bound".to_string(), params.clip),
+                ]
+            })
+            .unwrap_or_default();
+        (self.publish(round_id, values), contributions, k, metrics)
     }
 }
 

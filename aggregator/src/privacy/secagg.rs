@@ -89,6 +89,29 @@ pub struct SecAggSpec {
     /// Includes local training.
     pub masked_input_ms: u64,
     pub unmasking_ms: u64,
+    /// Distributed DP: each device adds Skellam noise before masking
+    /// (`[strategy.secagg.dp]`; None: off).
+    pub dp: Option<SecAggDp>,
+}
+
+/// `[strategy.secagg.dp]`: user-level DP with the noise added by the
+/// devices themselves (the Skellam mechanism; see
+/// [`fedge_proto::secagg::DistributedNoise`] for the calibration), so the
+/// aggregator never sees a sum without it. Accounted without sampling
+/// amplification (devices are not Poisson-sampled by fedge's selection),
+/// over every published round.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecAggDp {
+    /// z: the sum's noise stddev in units of one update's sensitivity.
+    pub noise_multiplier: f64,
+    /// Delta at which epsilon is reported.
+    #[serde(default = "default_delta")]
+    pub delta: f64,
+}
+
+fn default_delta() -> f64 {
+    1e-5
 }
 
 impl Default for SecAggSpec {
@@ -104,6 +127,7 @@ impl Default for SecAggSpec {
             share_keys_ms: 10_000,
             masked_input_ms: 120_000,
             unmasking_ms: 10_000,
+            dp: None,
         }
     }
 }
@@ -153,10 +177,82 @@ impl SecAggSpec {
         if ms.contains(&0) {
             return Err("strategy.secagg: every stage deadline must be positive".into());
         }
-        fedge_proto::secagg::Quantizer::new(self.bits, self.clip, devices)
+        if let Some(dp) = &self.dp {
+            let z = dp.noise_multiplier;
+            if !(z > 0.0 && z <= fedge_proto::secagg::NOISE_MULTIPLIER_MAX) {
+                return Err(format!(
+                    "strategy.secagg.dp.noise_multiplier must be in (0, {}], got {z}",
+                    fedge_proto::secagg::NOISE_MULTIPLIER_MAX
+                ));
+            }
+            if !(dp.delta > 0.0 && dp.delta < 1.0) {
+                return Err(format!(
+                    "strategy.secagg.dp.delta must be in (0, 1), got {}",
+                    dp.delta
+                ));
+            }
+        }
+        // The ring must hold the sum and, with distributed DP, its noise.
+        let probe = SecAggParams {
+            round: 0,
+            seed: [0; 32],
+            devices,
+            degree: self.degree,
+            threshold: self.threshold,
+            bits: self.bits,
+            clip: self.clip,
+            dimension: 1,
+            noise: self
+                .dp
+                .as_ref()
+                .map(|dp| fedge_proto::secagg::DistributedNoise {
+                    multiplier: dp.noise_multiplier,
+                    survivors: self.survivors_min,
+                }),
+        };
+        probe
+            .quantizer()
             .map(|_| ())
             .map_err(|e| format!("strategy.secagg: {e}"))
     }
+}
+
+/// What distributed DP has spent after `rounds` released rounds of
+/// `params` (Skellam noise calibrated as
+/// [`fedge_proto::secagg::DistributedNoise`] says; the Skellam RDP bound
+/// of Agarwal, Kairouz and Liu 2021 at integer orders, composed over the
+/// rounds, without sampling amplification). `rho_zcdp` is that of the
+/// Gaussian with the same variance (the bound's leading term; its
+/// correction is in epsilon). None when the round adds no noise.
+pub fn distributed_spent(
+    params: &SecAggParams,
+    rounds: u64,
+    delta: f64,
+) -> Option<super::PrivacySpent> {
+    let noise = params.noise?;
+    let (l1, l2) = params.sensitivity().ok()?;
+    let (mu_total, _) = params.skellam_mu().ok()??;
+    let variance = 2.0 * mu_total;
+    let orders = super::rdp::integer_orders();
+    let total: Vec<f64> = orders
+        .iter()
+        .map(|&a| super::rdp::skellam(a, l1, l2, variance) * rounds as f64)
+        .collect();
+    let orders_f: Vec<f64> = orders.iter().map(|&a| f64::from(a)).collect();
+    let (epsilon, order) = if rounds == 0 {
+        (0.0, f64::NAN)
+    } else {
+        super::rdp::epsilon(&orders_f, &total, delta)
+    };
+    Some(super::PrivacySpent {
+        rounds,
+        epsilon,
+        delta,
+        order,
+        rho_zcdp: rounds as f64 * l2 * l2 / (2.0 * variance),
+        sampling_rate: 1.0,
+        noise_multiplier: noise.multiplier,
+    })
 }
 
 /// Why a round's secure aggregation failed. The round is aborted; nothing

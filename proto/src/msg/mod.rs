@@ -749,6 +749,8 @@ fn secagg_offer_to_wire(o: &SecAggOffer) -> wire::SecAggOffer {
         clip: p.clip,
         dimension: p.dimension,
         index: o.index,
+        noise_multiplier: p.noise.map_or(0.0, |n| n.multiplier),
+        noise_survivors: p.noise.map_or(0, |n| n.survivors),
     }
 }
 
@@ -780,6 +782,12 @@ fn secagg_offer_from_wire(
         bits: o.bits,
         clip: o.clip,
         dimension: o.dimension,
+        noise: (o.noise_multiplier != 0.0 || o.noise_survivors != 0).then_some(
+            crate::secagg::DistributedNoise {
+                multiplier: o.noise_multiplier,
+                survivors: o.noise_survivors,
+            },
+        ),
     };
     params.validate().map_err(|e| ProtoError::Invalid {
         field: "task_offer.secagg",

@@ -94,7 +94,36 @@ pub struct SecAggParams {
     pub clip: f64,
     /// Coordinates of an update.
     pub dimension: u32,
+    /// Distributed DP: each device adds Skellam noise to its quantized
+    /// update before masking (None: no noise).
+    pub noise: Option<DistributedNoise>,
 }
+
+/// Distributed differential privacy with the Skellam mechanism (Agarwal,
+/// Kairouz and Liu, "The Skellam Mechanism for Differentially Private
+/// Federated Learning", NeurIPS 2021): the sum of symmetric Skellam
+/// variables is symmetric Skellam, so devices that each add Sk(mu_i)
+/// give the sum Sk(sum mu_i), with no party ever holding the noise.
+///
+/// Calibration (both sides compute it from these two numbers): the sum
+/// gets Skellam noise of variance (`multiplier` x Delta2)^2, where Delta2
+/// = s x clip + sqrt(dimension) bounds the L2 norm of one quantized
+/// update (s the quantizer's scale; the second term covers stochastic
+/// rounding), split over `survivors` devices: each adds Sk(mu_total /
+/// survivors). Devices cannot know who will drop, so they noise for the
+/// fewest survivors a round may publish with: when more survive, the sum
+/// carries more noise than the accountant counts (never less).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DistributedNoise {
+    /// z: the sum's noise stddev in units of one update's L2 sensitivity.
+    pub multiplier: f64,
+    /// The noise is split over this many devices (the round's
+    /// `survivors_min`).
+    pub survivors: u32,
+}
+
+/// Largest noise multiplier a round may ask for.
+pub const NOISE_MULTIPLIER_MAX: f64 = 1_000.0;
 
 impl SecAggParams {
     /// Check the parameters hang together.
@@ -115,16 +144,67 @@ impl SecAggParams {
         if self.dimension == 0 {
             return Err(SecAggError::Params("dimension 0".into()));
         }
+        if let Some(n) = self.noise
+            && !(n.multiplier.is_finite()
+                && n.multiplier > 0.0
+                && n.multiplier <= NOISE_MULTIPLIER_MAX
+                && n.survivors >= 1
+                && n.survivors <= self.devices)
+        {
+            return Err(SecAggError::Params(format!(
+                "distributed noise {n:?}: the multiplier must be in (0, {NOISE_MULTIPLIER_MAX}] \
+                 and the survivors in 1..={}",
+                self.devices
+            )));
+        }
         self.quantizer().map(|_| ())
+    }
+
+    /// Summands the ring must hold: the devices, plus room for the noise
+    /// out to 8 standard deviations (one update's range per Delta2 of
+    /// noise stddev; the sum's stddev is z Delta2 sqrt(devices /
+    /// survivors) when everyone survives).
+    pub fn headroom(&self) -> u32 {
+        match self.noise {
+            None => self.devices,
+            Some(n) => {
+                let spread =
+                    n.multiplier * (f64::from(self.devices) / f64::from(n.survivors)).sqrt();
+                self.devices.saturating_add(
+                    (8.0 * spread * 1.01 + 1.0).ceil().min(f64::from(u32::MAX)) as u32,
+                )
+            }
+        }
+    }
+
+    /// (Delta1, Delta2): L1 and L2 bounds on one quantized update in ring
+    /// units (Delta1 <= sqrt(d) Delta2).
+    pub fn sensitivity(&self) -> Result<(f64, f64), SecAggError> {
+        let q = self.quantizer()?;
+        let d = f64::from(self.dimension);
+        let l2 = q.scale() * self.clip + d.sqrt();
+        Ok((d.sqrt() * l2, l2))
+    }
+
+    /// (mu of the sum, mu each device adds), when the round is noised.
+    pub fn skellam_mu(&self) -> Result<Option<(f64, f64)>, SecAggError> {
+        let Some(n) = self.noise else {
+            return Ok(None);
+        };
+        let (_, l2) = self.sensitivity()?;
+        // Sk(mu) has variance 2 mu.
+        let total = (n.multiplier * l2).powi(2) / 2.0;
+        Ok(Some((total, total / f64::from(n.survivors))))
     }
 
     pub fn graph(&self) -> NeighbourGraph {
         NeighbourGraph::new(&self.seed, self.devices, self.degree)
     }
 
-    /// The fixed-point encoding, with room for all `devices` updates.
+    /// The fixed-point encoding, with room for all `devices` updates (and
+    /// their noise, see [`Self::headroom`]).
     pub fn quantizer(&self) -> Result<Quantizer, SecAggError> {
-        Quantizer::new(self.bits, self.clip, self.devices)
+        Quantizer::new(self.bits, self.clip, self.headroom())
     }
 }
 

@@ -101,7 +101,8 @@ impl SecAggClient {
         self.me
     }
 
-    /// The quantized update (before masking), once given. Tests compare
+    /// The quantized update (before masking, with its distributed-DP noise
+    /// when the round has some), once given. Tests compare
     /// the unmasked sum with the sum of these.
     pub fn quantized(&self) -> Option<&[u64]> {
         self.input.as_deref()
@@ -121,7 +122,10 @@ impl SecAggClient {
                 expected: self.params.dimension,
             });
         }
-        let q = self.params.quantizer()?.quantize(update, &mut self.rng)?;
+        let mut q = self.params.quantizer()?.quantize(update, &mut self.rng)?;
+        if let Some((_, mu)) = self.params.skellam_mu()? {
+            add_skellam(&mut q, mu, self.params.bits, &mut self.rng)?;
+        }
         self.input = Some(q);
         self.try_mask();
         Ok(())
@@ -364,4 +368,26 @@ pub async fn run_over_quic(
         anyhow::ensure!(r == round, "a message for round {r} in round {round}");
         client.handle_message(msg)?;
     }
+}
+/// Distributed DP: adds symmetric Skellam noise Sk(mu) = Poisson(mu) -
+/// Poisson(mu) to every coordinate, in the ring (Agarwal, Kairouz and Liu,
+/// NeurIPS 2021; the round's calibration is
+/// [`fedge_proto::secagg::DistributedNoise`]). Poisson variates come from
+/// `rand_distr` (Knuth's method below 12, Hörmann's PTRS rejection
+/// sampler above), seeded by the device's OS randomness.
+fn add_skellam(
+    values: &mut [u64],
+    mu: f64,
+    bits: u32,
+    rng: &mut ChaCha20Rng,
+) -> Result<(), SecAggError> {
+    use rand_distr::{Distribution, Poisson};
+    let poisson =
+        Poisson::new(mu).map_err(|e| SecAggError::Params(format!("Skellam mu {mu}: {e}")))?;
+    let m = mask::ring_mask(bits);
+    for v in values.iter_mut() {
+        let noise = poisson.sample(rng) as i64 - poisson.sample(rng) as i64;
+        *v = v.wrapping_add(noise as u64) & m;
+    }
+    Ok(())
 }

@@ -423,6 +423,13 @@ pub struct SimArgs {
     /// input).
     #[arg(long, value_name = "STAGE:FRACTION,...", requires = "secagg")]
     secagg_dropout: Option<String>,
+    /// Distributed DP under SecAgg+: each device adds Skellam noise to its
+    /// masked update so the round's sum carries noise of stddev Z x the
+    /// update's sensitivity (split over the fewest survivors a round
+    /// publishes with). The privacy spent (no sampling amplification) is
+    /// printed and written to results.json.
+    #[arg(long, value_name = "Z", requires = "secagg")]
+    secagg_dp_noise: Option<f64>,
     /// Directory for results.json.
     #[arg(long)]
     out_dir: Option<PathBuf>,
@@ -663,10 +670,19 @@ impl SimConfig {
                 ..d
             }
         });
+        let dp = match a.secagg_dp_noise {
+            Some(z) => Some(fedge_aggregator::privacy::secagg::SecAggDp {
+                noise_multiplier: z,
+                delta: 1e-5,
+            }),
+            None => spec.dp.clone(),
+        };
         let spec = fedge_aggregator::privacy::secagg::SecAggSpec {
             clip: a.secagg_clip.unwrap_or(spec.clip),
+            dp,
             ..spec
         };
+        spec.validate(n).map_err(|e| anyhow::anyhow!("{e}"))?;
         self.strategy.secagg = Some(spec);
         self.strategy.combine = fedge_aggregator::robust::CombineSpec::Mean;
         self.strategy.clip = None;
