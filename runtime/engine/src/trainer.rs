@@ -96,6 +96,11 @@ impl OnnxTrainer {
         model: &ModelBlob,
         plan: &TrainingPlan,
     ) -> anyhow::Result<LocalUpdate> {
+        if let Some(spec) = &plan.lora {
+            // Every device trains the adapters the plan names: a model
+            // without them (or with others) is not this round's.
+            crate::train::lora::check(model, spec)?;
+        }
         let opts = CompileOptions {
             threads: self.threads,
             ..compile_options(plan)
