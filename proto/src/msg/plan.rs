@@ -66,7 +66,8 @@ impl LoraSpec {
     }
 
     /// Rank in `1..=LORA_RANK_MAX`, a finite positive alpha, 1 to
-    /// `LORA_TARGETS_MAX` non-empty patterns of at most `str_max` bytes.
+    /// `LORA_TARGETS_MAX` non-empty patterns without commas, of at most
+    /// `str_max` bytes.
     pub fn validate(&self, str_max: u64) -> Result<(), ProtoError> {
         if !(1..=LORA_RANK_MAX).contains(&self.rank) {
             return Err(ProtoError::Invalid {
@@ -93,10 +94,12 @@ impl LoraSpec {
         )?;
         for t in &self.targets {
             Limits::check("lora target length", t.len() as u64, str_max)?;
-            if t.is_empty() {
+            // Commas separate the written form's keys (and the spec is
+            // written into the model's metadata that way).
+            if t.is_empty() || t.contains(',') {
                 return Err(ProtoError::Invalid {
                     field: "plan.lora.targets",
-                    reason: "an empty pattern".into(),
+                    reason: format!("`{t}`: a pattern is non-empty and has no comma"),
                 });
             }
         }

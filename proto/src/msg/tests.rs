@@ -157,7 +157,15 @@ fn lora_plans_round_trip_and_bad_ones_are_refused() {
         other => panic!("{other:?}"),
     }
     // (wire spec, field the refusal names)
-    let cases: [(wire::LoraSpec, &str); 4] = [
+    let cases: [(wire::LoraSpec, &str); 5] = [
+        (
+            wire::LoraSpec {
+                rank: 4,
+                alpha: 4.0,
+                targets: vec!["fc1,fc2".into()],
+            },
+            "plan.lora.targets",
+        ),
         (
             wire::LoraSpec {
                 rank: 0,
