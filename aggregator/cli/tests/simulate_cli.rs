@@ -541,4 +541,31 @@ fn a_lora_simulation_uploads_adapters_and_exports_plain_onnx() {
         !ok && stderr.contains("is this a state directory?"),
         "{stderr}"
     );
+
+    // `serve` resumes the state directory only with the adapters it
+    // started with (checked before it listens).
+    let cfg = dir.path().join("other-lora.toml");
+    std::fs::write(
+        &cfg,
+        "i_know_this_is_unsafe = true\n[weights]\nstake = { kind = \"constant\" }\n\
+         allow_unknown = true\n[plan.lora]\nrank = 8\ntargets = [\"fc*\"]\n",
+    )
+    .unwrap();
+    let (ok, _, stderr) = run(
+        "fedge-aggregator",
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        !ok && stderr.contains("does not carry the adapters [plan.lora] names")
+            && stderr.contains("but the model carries rank=4,alpha=8,targets=fc*"),
+        "{stderr}"
+    );
 }
