@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fedge_proto::Limits;
-use fedge_proto::msg::{Loss, Optimizer, TrainingPlan};
+use fedge_proto::msg::{LoraSpec, Loss, Optimizer, TrainingPlan};
 use serde::{Deserialize, Serialize};
 
 use crate::coordinator::CoordinatorConfig;
@@ -110,6 +110,30 @@ pub struct PlanConfig {
     pub codec: String,
     pub error_feedback: bool,
     pub freeze: Vec<String>,
+    /// `[plan.lora]`: train LoRA adapters on a frozen model. The model the
+    /// aggregator starts from gets the adapters (seeded by `seed`), and
+    /// every task's plan names them.
+    pub lora: Option<LoraConfig>,
+}
+
+/// `[plan.lora]`: `rank`, `alpha` (default: the rank) and `targets`,
+/// weight-name patterns (`*` wildcards) of MatMul/Gemm weights.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraConfig {
+    pub rank: u32,
+    pub alpha: Option<f32>,
+    pub targets: Vec<String>,
+}
+
+impl LoraConfig {
+    pub fn spec(&self) -> LoraSpec {
+        LoraSpec {
+            rank: self.rank,
+            alpha: self.alpha.unwrap_or(self.rank as f32),
+            targets: self.targets.clone(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -230,6 +254,7 @@ impl Default for PlanConfig {
             codec: p.codec,
             error_feedback: p.error_feedback,
             freeze: p.freeze,
+            lora: None,
         }
     }
 }
@@ -326,6 +351,15 @@ impl AggregatorConfig {
                 "plan.batch_size must be at least 1".into(),
             ));
         }
+        let lora = match &p.lora {
+            None => None,
+            Some(l) => {
+                let spec = l.spec();
+                spec.validate(u64::from(self.limits().string_bytes_max))
+                    .map_err(|e| ConfigError::Invalid(format!("[plan.lora]: {e}")))?;
+                Some(spec)
+            }
+        };
         Ok(TrainingPlan {
             local_steps: p.local_steps,
             local_epochs: p.local_epochs,
@@ -339,6 +373,7 @@ impl AggregatorConfig {
             codec: p.codec.clone(),
             error_feedback: p.error_feedback,
             freeze: p.freeze.clone(),
+            lora,
         })
     }
 

@@ -100,6 +100,44 @@ pub struct Rating {
     pub last_round: u64,
 }
 
+/// The model a state directory's aggregator published last (its resume
+/// point), read without changing anything: no table is created and no
+/// key is made, so it is safe on a directory a running aggregator uses.
+/// `None` when nothing was published yet.
+pub async fn published_model(
+    dir: &Path,
+    database: &Database,
+    limits: &Limits,
+) -> Result<Option<ModelBlob>, StoreError> {
+    let db = ledger::open_read_only(dir, database).await?;
+    let hex = db.state_value("current_version").await;
+    db.pool.close().await;
+    match hex? {
+        None => Ok(None),
+        Some(hex) => read_model(dir, &hex, limits).map(Some),
+    }
+}
+
+/// `models/<hex>.fedge` of a state directory, checked against its version.
+fn read_model(dir: &Path, hex: &str, limits: &Limits) -> Result<ModelBlob, StoreError> {
+    let path = dir.join("models").join(format!("{hex}.fedge"));
+    let bytes = std::fs::read(&path).map_err(|source| StoreError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let blob = ModelBlob::decode(&bytes, limits).map_err(|e| StoreError::Corrupt {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    if blob.version().to_hex() != *hex {
+        return Err(StoreError::Corrupt {
+            path,
+            reason: "content does not match its version".into(),
+        });
+    }
+    Ok(blob)
+}
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -217,25 +255,10 @@ impl Store {
 
     /// The current model, if a previous run published one.
     pub fn current_model(&self, limits: &Limits) -> Result<Option<ModelBlob>, StoreError> {
-        let Some(hex) = &self.resume.current_version else {
-            return Ok(None);
-        };
-        let path = self.dir.join("models").join(format!("{hex}.fedge"));
-        let bytes = std::fs::read(&path).map_err(|source| StoreError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        let blob = ModelBlob::decode(&bytes, limits).map_err(|e| StoreError::Corrupt {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        if blob.version().to_hex() != *hex {
-            return Err(StoreError::Corrupt {
-                path,
-                reason: "content does not match its version".into(),
-            });
+        match &self.resume.current_version {
+            None => Ok(None),
+            Some(hex) => read_model(&self.dir, hex, limits).map(Some),
         }
-        Ok(Some(blob))
     }
 
     fn update_path(&self, round_id: u64, payload_hash: &[u8; 32]) -> PathBuf {

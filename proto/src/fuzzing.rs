@@ -376,6 +376,11 @@ pub fn agg_msg_samples() -> Vec<AggMsg> {
         codec: "topk:0.01+q4+zstd".into(),
         error_feedback: true,
         freeze: vec!["conv*".into()],
+        lora: Some(crate::msg::LoraSpec {
+            rank: 8,
+            alpha: 16.0,
+            targets: vec!["fc*".into()],
+        }),
         ..TrainingPlan::default()
     };
     let mut msgs = vec![

@@ -15,6 +15,8 @@ use fedge_aggregator::config::AggregatorConfig;
 use fedge_aggregator::server::Server;
 use fedge_aggregator::store::Store;
 use fedge_aggregator::tls::TlsIdentity;
+use fedge_engine::train::lora;
+use fedge_proto::msg::LoraSpec;
 use fedge_proto::{Limits, ModelBlob, ParamLayout, Params, TensorSpec};
 
 #[derive(Parser)]
@@ -95,6 +97,33 @@ enum ModelCmd {
     },
     /// Print a model's version, tensors and parameter count.
     Info { path: PathBuf },
+    /// Write a model as a plain ONNX file: the current global model of a
+    /// state directory (what the aggregator published last), or a
+    /// `.fedge` blob. A LoRA model is written with its adapters as
+    /// separate initializers, or with --merge folded into the weights.
+    Export {
+        /// The aggregator's state directory.
+        #[arg(
+            long,
+            default_value = "fedge-aggregator-state",
+            conflicts_with = "model"
+        )]
+        state_dir: PathBuf,
+        /// The database the aggregator ran with: `sqlite` (aggregator.db
+        /// in the state directory) or postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE.
+        #[arg(long, env = "FEDGE_DATABASE", default_value = "sqlite")]
+        database: fedge_aggregator::store::Database,
+        /// Export this model file (`.fedge` or `.onnx`) instead.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Fold LoRA adapters into the weights (`W + (alpha/rank) A B`):
+        /// the model as it was before the adapters, fine-tuned.
+        #[arg(long)]
+        merge: bool,
+        /// The ONNX file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -175,6 +204,46 @@ fn parse_tensors(s: &str) -> anyhow::Result<Vec<TensorSpec>> {
         .collect()
 }
 
+/// The model a federation starts from: with `[plan.lora]`, `blob` with
+/// the adapters added (seeded by the aggregator's seed; a model that
+/// already carries them is taken as it is and checked).
+pub(crate) fn with_adapters(
+    blob: ModelBlob,
+    lora: Option<&LoraSpec>,
+    seed: u64,
+) -> anyhow::Result<ModelBlob> {
+    match lora {
+        Some(spec) if lora::spec_of(&blob)?.is_none() => {
+            let adapted = lora::apply(&blob, spec, seed)
+                .with_context(|| format!("adding the LoRA adapters of [plan.lora] ({spec})"))?;
+            tracing::info!(
+                %spec,
+                adapters = adapted.params.layout.dimension(),
+                frozen = blob.params.layout.dimension(),
+                "training LoRA adapters on the frozen model"
+            );
+            Ok(adapted)
+        }
+        _ => Ok(blob),
+    }
+}
+
+/// A model resumed or given with adapters carries the ones the plan
+/// names; adapters the plan does not name are only noted.
+fn check_adapters(blob: &ModelBlob, lora: Option<&LoraSpec>) -> anyhow::Result<()> {
+    match (lora, lora::spec_of(blob)?) {
+        (Some(spec), _) => lora::check(blob, spec).with_context(|| {
+            "the model does not carry the adapters [plan.lora] names (a state directory's model keeps the adapters it started with)"
+        })?,
+        (None, Some(spec)) => tracing::warn!(
+            %spec,
+            "the model carries LoRA adapters but [plan.lora] is not set: devices train them without checking"
+        ),
+        (None, None) => {}
+    }
+    Ok(())
+}
+
 /// A `.fedge` blob, or an ONNX model imported on the fly.
 fn load_model(path: &std::path::Path, limits: &Limits) -> anyhow::Result<ModelBlob> {
     let bytes =
@@ -232,6 +301,53 @@ fn main() -> anyhow::Result<()> {
             for t in blob.params.layout.tensors() {
                 println!("  {:<32} {:?}", t.name, t.shape);
             }
+            Ok(())
+        }
+        Cmd::Model(ModelCmd::Export {
+            state_dir,
+            database,
+            model,
+            merge,
+            out,
+        }) => {
+            let limits = Limits::default();
+            let blob = match &model {
+                Some(path) => load_model(path, &limits)?,
+                None => tokio::runtime::Runtime::new()?
+                    .block_on(fedge_aggregator::store::published_model(
+                        &state_dir, &database, &limits,
+                    ))
+                    .with_context(|| format!("state directory {}", state_dir.display()))?
+                    .with_context(|| {
+                        format!(
+                            "state directory {} has published no model yet",
+                            state_dir.display()
+                        )
+                    })?,
+            };
+            anyhow::ensure!(
+                !blob.onnx_graph.is_empty(),
+                "model {} carries no ONNX graph (parameters only): nothing to export",
+                blob.version().to_hex()
+            );
+            let bytes = if merge {
+                lora::merge(&blob).context("merging the LoRA adapters")?
+            } else {
+                fedge_engine::train::import::export_onnx(&blob)?
+            };
+            fedge_proto::io::write_atomic(&out, &bytes, None)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            let adapters = match lora::spec_of(&blob)? {
+                Some(spec) if merge => format!(", LoRA {spec} merged"),
+                Some(spec) => format!(", LoRA {spec} as separate initializers"),
+                None => String::new(),
+            };
+            println!(
+                "{} {} ({} bytes{adapters})",
+                blob.version().to_hex(),
+                out.display(),
+                bytes.len()
+            );
             Ok(())
         }
         Cmd::Serve(args) => serve(args),
@@ -292,6 +408,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     }
     let server_cfg = cfg.server_config()?;
     let limits = server_cfg.coordinator.limits.clone();
+    let server_cfg_lora = cfg.plan()?.lora;
     let identity = TlsIdentity::load_or_create(&cfg.state_dir)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
@@ -305,9 +422,11 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
                 let path = cfg.model.as_ref().context(
                     "no model: pass --model FILE (.onnx, or a .fedge blob from `fedge-aggregator model import`)",
                 )?;
-                load_model(path, &limits)?
+                let blob = load_model(path, &limits)?;
+                with_adapters(blob, server_cfg_lora.as_ref(), cfg.seed)?
             }
         };
+        check_adapters(&initial, server_cfg_lora.as_ref())?;
         let validation = cfg.scoring.validation.clone();
         let validation_range = cfg.scoring.validation_range.clone();
         let mut server = Server::bind(server_cfg, &identity, store)?;

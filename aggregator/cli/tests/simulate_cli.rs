@@ -446,3 +446,126 @@ fn dp_runs_report_the_privacy_spent_and_incompatible_settings_are_refused() {
         assert!(stderr.contains(needle), "{extra:?}: {stderr}");
     }
 }
+
+/// `simulate --lora` (the aggregator's `[plan.lora]`): the devices train
+/// and upload only the adapters of the character model, accuracy rises,
+/// and `model export` writes the state directory's global model as plain
+/// ONNX, with the adapters as initializers or merged into the weights.
+#[test]
+fn a_lora_simulation_uploads_adapters_and_exports_plain_onnx() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (ok, stdout, stderr) = simulate(&[
+        "--model",
+        "char",
+        "--data",
+        "shakespeare",
+        "--partition",
+        "role",
+        "--devices",
+        "4",
+        "--devices-per-round",
+        "4",
+        "--rounds",
+        "2",
+        "--train-samples",
+        "800",
+        "--learning-rate",
+        "0.1",
+        "--codec",
+        "dense-f32",
+        "--lora",
+        "rank=4,alpha=8,targets=fc*",
+        "--out-dir",
+        dir.path().to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stdout}\n{stderr}");
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("results.json")).unwrap()).unwrap();
+    assert_eq!(results["trained_parameters"].as_u64(), Some(4356));
+    assert_eq!(results["model_parameters"].as_u64(), Some(149_585));
+    // A dense f32 update of the adapters, plus the payload's envelope.
+    let per_update = results["upload_bytes_per_update"].as_f64().unwrap();
+    assert!(
+        (4.0 * 4356.0..4.0 * 4356.0 + 256.0).contains(&per_update),
+        "{per_update}"
+    );
+    let fraction = results["upload_fraction_of_model_bytes"].as_f64().unwrap();
+    assert!(fraction < 0.03, "{fraction}");
+    let initial = results["initial"]["accuracy"].as_f64().unwrap();
+    let last = results["final_accuracy"].as_f64().unwrap();
+    assert!(last > initial + 0.05, "accuracy {initial} -> {last}");
+
+    let version = results["final_version"].as_str().unwrap();
+    for merge in [false, true] {
+        let out = dir.path().join(format!("global-{merge}.onnx"));
+        let mut args = vec![
+            "model",
+            "export",
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        if merge {
+            args.push("--merge");
+        }
+        let (ok, stdout, stderr) = run("fedge-aggregator", &args);
+        assert!(ok, "{stdout}\n{stderr}");
+        assert!(stdout.starts_with(version), "{stdout}");
+        // Plain ONNX: it imports, every weight a parameter again; merged,
+        // exactly the model's own tensors.
+        let (ok, info, stderr) = run(
+            "fedge-aggregator",
+            &["model", "info", out.to_str().unwrap()],
+        );
+        assert!(ok, "{stderr}");
+        let want = if merge { 149_585 } else { 149_585 + 4356 };
+        assert!(info.contains(&format!("parameters {want}\n")), "{info}");
+        assert_eq!(info.contains("lora_A"), !merge, "{info}");
+    }
+    let (ok, _, stderr) = run(
+        "fedge-aggregator",
+        &[
+            "model",
+            "export",
+            "--state-dir",
+            dir.path().join("nothing").to_str().unwrap(),
+            "--out",
+            "x.onnx",
+        ],
+    );
+    assert!(
+        !ok && stderr.contains("is this a state directory?"),
+        "{stderr}"
+    );
+
+    // `serve` resumes the state directory only with the adapters it
+    // started with (checked before it listens).
+    let cfg = dir.path().join("other-lora.toml");
+    std::fs::write(
+        &cfg,
+        "i_know_this_is_unsafe = true\n[weights]\nstake = { kind = \"constant\" }\n\
+         allow_unknown = true\n[plan.lora]\nrank = 8\ntargets = [\"fc*\"]\n",
+    )
+    .unwrap();
+    let (ok, _, stderr) = run(
+        "fedge-aggregator",
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        !ok && stderr.contains("does not carry the adapters [plan.lora] names")
+            && stderr.contains("but the model carries rank=4,alpha=8,targets=fc*"),
+        "{stderr}"
+    );
+}

@@ -24,30 +24,7 @@ impl LedgerView {
 
     /// The ledger in `database` (for SQLite, the state directory `dir`'s).
     pub async fn open_with(dir: &Path, database: &Database) -> Result<Self, StoreError> {
-        let db_path = db::sqlite_path(dir);
-        if *database == Database::Sqlite && !db_path.exists() {
-            return Err(StoreError::Io {
-                path: db_path,
-                source: std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "no aggregator database: is this a state directory?",
-                ),
-            });
-        }
-        let db = db::connect(database, dir, true).await?;
-        // Read-only, so nothing is migrated: a database of another
-        // schema, or with no fedge tables at all, is refused.
-        let found = match db.schema_version().await {
-            Err(_) => Some("none (no fedge tables)".to_string()),
-            Ok(v) => v.filter(|v| *v != db::SCHEMA_VERSION.to_string()),
-        };
-        if let Some(found) = found {
-            return Err(StoreError::SchemaVersion {
-                db: db.label.clone(),
-                found,
-                supported: db::SCHEMA_VERSION,
-            });
-        }
+        let db = open_read_only(dir, database).await?;
         let view = LedgerView {
             records: ledger_rows(&db).await?,
             ratings: rating_rows(&db).await?,
@@ -55,6 +32,35 @@ impl LedgerView {
         db.pool.close().await;
         Ok(view)
     }
+}
+
+/// A state directory's database, read-only: nothing is created or
+/// migrated, so a database of another schema, or with no fedge tables at
+/// all, is refused.
+pub(super) async fn open_read_only(dir: &Path, database: &Database) -> Result<Db, StoreError> {
+    let db_path = db::sqlite_path(dir);
+    if *database == Database::Sqlite && !db_path.exists() {
+        return Err(StoreError::Io {
+            path: db_path,
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no aggregator database: is this a state directory?",
+            ),
+        });
+    }
+    let db = db::connect(database, dir, true).await?;
+    let found = match db.schema_version().await {
+        Err(_) => Some("none (no fedge tables)".to_string()),
+        Ok(v) => v.filter(|v| *v != db::SCHEMA_VERSION.to_string()),
+    };
+    if let Some(found) = found {
+        return Err(StoreError::SchemaVersion {
+            db: db.label.clone(),
+            found,
+            supported: db::SCHEMA_VERSION,
+        });
+    }
+    Ok(db)
 }
 
 pub(super) async fn ledger_rows(db: &Db) -> Result<Vec<StoredRecord>, StoreError> {

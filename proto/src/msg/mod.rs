@@ -16,7 +16,7 @@ pub mod secagg;
 #[cfg(test)]
 mod tests;
 
-pub use plan::{Loss, Optimizer, TrainingPlan};
+pub use plan::{LORA_RANK_MAX, LORA_TARGETS_MAX, LoraSpec, Loss, Optimizer, TrainingPlan};
 use plan::{plan_from_wire, plan_to_wire};
 
 /// What a device reports about itself at hello.

@@ -125,6 +125,109 @@ fn bad_fields_are_typed_errors() {
     ));
 }
 
+fn offer_with(plan: wire::TrainingPlan) -> Vec<u8> {
+    wire::Envelope {
+        body: Some(Body::TaskOffer(wire::TaskOffer {
+            round_id: 1,
+            model_version: vec![0; 32].into(),
+            model_bytes: 10,
+            chunk_bytes: 10,
+            chunk_count: 1,
+            plan: Some(plan),
+            deadline_ms: 1,
+            ..Default::default()
+        })),
+    }
+    .encode_to_vec()
+}
+
+#[test]
+fn lora_plans_round_trip_and_bad_ones_are_refused() {
+    let l = Limits::default();
+    let spec: LoraSpec = "rank=8,alpha=16,targets=fc*,targets=proj".parse().unwrap();
+    assert_eq!(spec.targets, vec!["fc*", "proj"]);
+    assert_eq!(spec.scale(), 2.0);
+    assert_eq!(spec.to_string().parse::<LoraSpec>().unwrap(), spec);
+    let plan = TrainingPlan {
+        lora: Some(spec.clone()),
+        ..TrainingPlan::default()
+    };
+    match AggMsg::decode(&offer_with(plan_to_wire(&plan)), &l).unwrap() {
+        AggMsg::TaskOffer(t) => assert_eq!(t.plan.lora, Some(spec)),
+        other => panic!("{other:?}"),
+    }
+    // (wire spec, field the refusal names)
+    let cases: [(wire::LoraSpec, &str); 5] = [
+        (
+            wire::LoraSpec {
+                rank: 4,
+                alpha: 4.0,
+                targets: vec!["fc1,fc2".into()],
+            },
+            "plan.lora.targets",
+        ),
+        (
+            wire::LoraSpec {
+                rank: 0,
+                alpha: 1.0,
+                targets: vec!["*".into()],
+            },
+            "plan.lora.rank",
+        ),
+        (
+            wire::LoraSpec {
+                rank: LORA_RANK_MAX + 1,
+                alpha: 1.0,
+                targets: vec!["*".into()],
+            },
+            "plan.lora.rank",
+        ),
+        (
+            wire::LoraSpec {
+                rank: 4,
+                alpha: f32::NAN,
+                targets: vec!["*".into()],
+            },
+            "plan.lora.alpha",
+        ),
+        (
+            wire::LoraSpec {
+                rank: 4,
+                alpha: 4.0,
+                targets: vec![],
+            },
+            "plan.lora.targets",
+        ),
+    ];
+    for (bad, field) in cases {
+        let mut p = plan_to_wire(&TrainingPlan::default());
+        p.lora = Some(bad.clone());
+        match AggMsg::decode(&offer_with(p), &l) {
+            Err(ProtoError::Invalid { field: f, .. }) => assert_eq!(f, field, "{bad:?}"),
+            other => panic!("{bad:?}: {other:?}"),
+        }
+    }
+    let mut p = plan_to_wire(&TrainingPlan::default());
+    p.lora = Some(wire::LoraSpec {
+        rank: 4,
+        alpha: 4.0,
+        targets: vec!["*".into(); LORA_TARGETS_MAX + 1],
+    });
+    assert!(matches!(
+        AggMsg::decode(&offer_with(p), &l),
+        Err(ProtoError::LimitExceeded { .. })
+    ));
+    for (text, says) in [
+        ("alpha=16,targets=*", "rank=R is missing"),
+        ("rank=8,alpha=16", "no target pattern"),
+        ("rank=eight,targets=*", "not a whole number"),
+        ("rank=8,targets=*,dropout=0.1", "unknown key `dropout`"),
+    ] {
+        let e = text.parse::<LoraSpec>().unwrap_err().to_string();
+        assert!(e.contains(says), "{text}: {e}");
+    }
+}
+
 proptest! {
     // Seeded: the suite is deterministic (a failure prints its input).
     #![proptest_config(ProptestConfig {

@@ -102,9 +102,15 @@ impl OnnxTrainer {
         };
         let key = CacheKey {
             graph: *blake3::hash(&model.onnx_graph).as_bytes(),
-            opts: format!("{opts:?}"),
+            // The LoRA spec too: a graph is checked against it once.
+            opts: format!("{opts:?} {:?}", plan.lora),
         };
         if self.cache.as_ref().map(|(k, _)| k) != Some(&key) {
+            if let Some(spec) = &plan.lora {
+                // Every device trains the adapters the plan names: a
+                // model without them (or with others) is not this round's.
+                crate::train::lora::check(model, spec)?;
+            }
             let graph = crate::train::import::ModelGraph::from_blob(model)?;
             let ex = crate::train::gpu::select_executor(self.executor, &graph, opts)?;
             tracing::info!(executor = %ex.name(), "training step compiled");

@@ -92,8 +92,13 @@ fn worst_param_gap(blob: &ModelBlob, gpu: &[f32], cpu: &[f32]) -> (f32, String) 
 
 /// 20 steps on both executors; losses and parameters must agree.
 fn agree(proto: ModelProto, data: &Dataset, batch: usize, spec: OptimizerSpec, lr: f32) {
+    agree_blob(&blob(&proto), data, batch, spec, lr);
+}
+
+/// [`agree`] on an imported (or rewritten) model.
+fn agree_blob(blob: &ModelBlob, data: &Dataset, batch: usize, spec: OptimizerSpec, lr: f32) {
     require_adapter();
-    let blob = blob(&proto);
+    let blob = blob.clone();
     let graph = ModelGraph::from_blob(&blob).unwrap();
     let opts = CompileOptions {
         batch,
@@ -205,6 +210,27 @@ fn char_model_sgd_momentum_agrees_with_tract() {
         16,
         optimizer(Optimizer::Sgd, 0.9, 0.0),
         0.1,
+    );
+}
+
+/// LoRA adapters on the character model's FC weights (`train::lora`):
+/// the frozen backbone as graph constants, the adapters the parameters.
+#[test]
+fn lora_char_model_agrees_with_tract() {
+    let data = shakespeare(16 * STEPS);
+    let spec = fedge_proto::msg::LoraSpec {
+        rank: 8,
+        alpha: 16.0,
+        targets: vec!["fc*".into()],
+    };
+    let adapted =
+        fedge_engine::train::lora::apply(&blob(&zoo::char_model(4, 65)), &spec, 1).unwrap();
+    agree_blob(
+        &adapted,
+        &data,
+        16,
+        optimizer(Optimizer::Adam, 0.0, 0.0),
+        0.01,
     );
 }
 

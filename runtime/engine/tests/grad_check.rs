@@ -321,6 +321,41 @@ proptest! {
         }, seed);
     }
 
+    /// A LoRA-adapted layer (`train::lora`): MatMul (2-D or batched
+    /// input) or Gemm (with or without transB, with a bias) whose weight is
+    /// frozen and whose adapters A and B train; B is drawn non-zero (it
+    /// starts at zero, where A's gradient vanishes), and a Tanh follows so
+    /// the loss is not quadratic in the adapters.
+    #[test]
+    fn lora_adapted_layer(batch in prop::collection::vec(1usize..3, 0..2), m in 1usize..4, k in 1usize..6, nn in 1usize..5, rank in 1u32..4, gemm in any::<bool>(), tb in any::<bool>(), seed in 0u64..1000) {
+        let w_shape = if gemm && tb { vec![nn, k] } else { vec![k, nn] };
+        let mut x_shape = if gemm { vec![] } else { batch.clone() };
+        x_shape.extend([m, k]);
+        let layer = if gemm {
+            n("Gemm", &["x", "w", "c"], "h", vec![onnx::int("transB", tb as i64)])
+        } else {
+            n("MatMul", &["x", "w"], "h", vec![])
+        };
+        let case = OpCase {
+            params: vec![p("x", &x_shape, Init::Any), p("w", &w_shape, Init::Any), p("c", &[nn], Init::Any)],
+            consts: vec![],
+            nodes: vec![layer, onnx::node("Tanh", "act", &["h"], &["y"], vec![])],
+            output: "y".into(),
+        };
+        let spec = fedge_proto::msg::LoraSpec { rank, alpha: 2.0 * rank as f32, targets: vec!["w".into()] };
+        let mut blob = fedge_engine::train::lora::apply(&build(&case, seed), &spec, seed).unwrap();
+        let names: Vec<&str> = blob.params.layout.tensors().iter().map(|t| t.name.as_str()).collect();
+        prop_assert_eq!(names, vec!["w.lora_A", "w.lora_B"]);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed + 2);
+        for v in blob.params.values.iter_mut() {
+            *v = rng.random_range(-1.0..1.0);
+        }
+        let g = ModelGraph::from_blob(&blob).unwrap();
+        let out: usize = fedge_engine::train::shape::infer(&g, 2).unwrap().shape("y").unwrap().iter().product();
+        let target: Vec<f32> = (0..out).map(|_| rng.random_range(-1.0..1.0)).collect();
+        check(&blob, Loss::Mse, Batch::F32(&[0.0, 0.0]), Labels::Targets(&target), 2, 1e-2, 24, seed, false);
+    }
+
     #[test]
     fn broadcasting_arithmetic(shape in dims(4, 3), mask in prop::collection::vec(any::<bool>(), 3), drop in 0usize..3, op in 0usize..4, seed in 0u64..1000) {
         let b_shape: Vec<usize> = shape.iter().zip(&mask).map(|(&d, &m)| if m { d } else { 1 }).skip(drop).collect();

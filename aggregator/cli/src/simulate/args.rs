@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use fedge_aggregator::config::LoraConfig;
 use fedge_aggregator::scoring::ScoringConfig;
 use fedge_aggregator::strategy::{ServerOpt, StrategyConfig};
 use fedge_aggregator::weighting::{Transform, WeightPolicy};
@@ -96,6 +97,10 @@ pub struct SimConfig {
     /// validation set is the simulation's held-out split (`held_out`
     /// examples), so `validation` is not used.
     pub scoring: ScoringConfig,
+    /// Train LoRA adapters on the frozen model, as `serve`'s
+    /// `[plan.lora]` (None: train the model's weights).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraConfig>,
 }
 
 /// How simulated devices differ. Training itself is real; a slower device
@@ -260,6 +265,7 @@ impl Default for SimConfig {
             out_dir: PathBuf::from("results"),
             state_dir: None,
             scoring: ScoringConfig::default(),
+            lora: None,
         }
     }
 }
@@ -272,6 +278,10 @@ pub struct SimArgs {
     /// Zoo model name (mlp, cnn, small_cnn, char) or an ONNX file.
     #[arg(long)]
     model: Option<String>,
+    /// Train LoRA adapters on the frozen model, as `[plan.lora]`:
+    /// `rank=R,alpha=A,targets=PATTERN` (`targets` repeatable).
+    #[arg(long, value_name = "SPEC")]
+    lora: Option<fedge_proto::msg::LoraSpec>,
     #[arg(long)]
     devices: Option<usize>,
     /// Ramp the devices in: each connects first at a random instant
@@ -576,6 +586,13 @@ impl SimConfig {
         }
         if a.state_dir.is_some() {
             c.state_dir = a.state_dir.clone();
+        }
+        if let Some(l) = &a.lora {
+            c.lora = Some(LoraConfig {
+                rank: l.rank,
+                alpha: Some(l.alpha),
+                targets: l.targets.clone(),
+            });
         }
         if let Some(v) = a.ramp_ms {
             c.ramp_ms = v;

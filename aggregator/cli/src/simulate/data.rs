@@ -17,18 +17,26 @@ pub struct SimModel {
     pub graph: ModelGraph,
     /// The first dimension of a sample (a text model's context length).
     pub context: usize,
+    /// Parameters of the model as imported (with LoRA: the frozen
+    /// model's, not the adapters'): the bytes an update is measured
+    /// against.
+    pub model_params: usize,
 }
 
 /// The configured model: a zoo name or an ONNX file, imported.
 pub fn load_model(c: &SimConfig) -> anyhow::Result<SimModel> {
     let vocab = if c.data == "shakespeare" { 65 } else { 0 };
     let blob = import_onnx(&zoo(&c.model, vocab)?)?;
+    let model_params = blob.params.layout.dimension();
+    let lora = c.lora.as_ref().map(|l| l.spec());
+    let blob = crate::with_adapters(blob, lora.as_ref(), c.seed)?;
     let graph = ModelGraph::from_blob(&blob)?;
     let context = graph.sample_shape().first().copied().unwrap_or(1);
     Ok(SimModel {
         blob,
         graph,
         context,
+        model_params,
     })
 }
 

@@ -111,6 +111,7 @@ async fn simulate(c: SimConfig) -> anyhow::Result<()> {
         config: &c,
         attackers: &attackers,
         params: model.blob.params.values.len(),
+        model_params: model.model_params,
         initial,
         rounds,
         failed_sessions: joined.failed,
@@ -230,6 +231,7 @@ fn aggregator_config(c: &SimConfig, stake_file: std::path::PathBuf) -> Aggregato
             momentum: c.momentum,
             codec: c.codec.clone(),
             error_feedback: c.error_feedback,
+            lora: c.lora.clone(),
             ..PlanConfig::default()
         },
         server: ServerLimits {
@@ -254,6 +256,9 @@ fn announce(c: &SimConfig, addr: SocketAddr) {
         "simulating {} devices ({} per round, {} rounds) training {} on {} ({} partition), codec {}, over QUIC at {addr}",
         c.devices, c.devices_per_round, c.rounds, c.model, c.data, c.partition, c.codec
     );
+    if let Some(l) = &c.lora {
+        println!("training LoRA adapters {} on the frozen model", l.spec());
+    }
     let n_attackers = fleet::attacker_count(c);
     if n_attackers > 0 {
         println!("{n_attackers} of {} devices attack", c.devices);

@@ -308,6 +308,9 @@ pub struct Summary<'a> {
     pub attackers: &'a std::collections::HashSet<String>,
     /// Parameters per update (the dense f32 baseline is 4 bytes each).
     pub params: usize,
+    /// Parameters of the model (with LoRA, of the frozen model the
+    /// adapters adapt): what an update's bytes are a fraction of.
+    pub model_params: usize,
     pub initial: EvalStats,
     pub rounds: Rounds,
     /// Honest devices that did not finish cleanly.
@@ -325,7 +328,9 @@ impl Summary<'_> {
         let c = self.config;
         let rows = &self.rounds.rows;
         let cum_up = self.rounds.upload_bytes;
-        let dense_bytes_per_update = 4 * self.params as u64;
+        // Against the whole model's parameters: with LoRA, what full
+        // fine-tuning would send.
+        let dense_bytes_per_update = 4 * self.model_params as u64;
         let updates: usize = rows.iter().map(|r| r.participants).sum();
         let dense_total = dense_bytes_per_update * updates as u64;
         // Dense FedAvg moves a float32 model each way per participant.
@@ -358,6 +363,15 @@ impl Summary<'_> {
             dense_fedavg,
             dense_fedavg as f64 / (cum_up + cum_down).max(1) as f64
         );
+        let per_update = cum_up as f64 / updates.max(1) as f64;
+        let model_bytes = 4 * self.model_params as u64;
+        let fraction = per_update / model_bytes.max(1) as f64;
+        println!(
+            "per update: {:.0} bytes on average, {:.2}% of the model's {} parameter bytes (f32)",
+            per_update,
+            100.0 * fraction,
+            model_bytes
+        );
         let privacy = rows.last().and_then(|r| r.privacy.clone());
         if let Some(p) = &privacy {
             println!(
@@ -389,6 +403,10 @@ impl Summary<'_> {
             "download_bytes": cum_down,
             "total_bytes": cum_up + cum_down,
             "dense_fedavg_bytes": dense_fedavg,
+            "trained_parameters": self.params,
+            "model_parameters": self.model_params,
+            "upload_bytes_per_update": per_update,
+            "upload_fraction_of_model_bytes": fraction,
             "failed_sessions": self.failed_sessions,
             "attackers_stopped": self.attackers_stopped,
             "privacy": privacy,

@@ -16,6 +16,9 @@
 //! - [`gpu`]: the wgpu executor (the same step as WGSL compute shaders,
 //!   feature `gpu`) and the choice between it and tract.
 //! - [`local`]: local training loops and evaluation over a dataset.
+//! - [`lora`]: low-rank adapters on a frozen model's MatMul/Gemm weights
+//!   (the adapters become the model's only parameters), and merging them
+//!   back into the weights.
 //!
 //! **Invariant:** trainable weights are graph inputs without initializers
 //! (tract-onnx would freeze an input that also has an initializer).
@@ -27,6 +30,7 @@ pub mod grad;
 pub mod import;
 pub mod kernels;
 pub mod local;
+pub mod lora;
 pub mod onnx;
 pub mod recurrent;
 pub mod shape;

@@ -22,6 +22,7 @@ use fedge_engine::train::exec::{Batch, TractInference};
 use fedge_engine::train::gpu::{ExecutorKind, select_executor};
 use fedge_engine::train::import::{ModelGraph, export_onnx, import_onnx};
 use fedge_engine::train::local;
+use fedge_engine::train::lora;
 use fedge_engine::trainer::{OnnxTrainer, compile_options};
 use fedge_proto::msg::{Loss, Optimizer, TrainingPlan};
 use fedge_proto::{Limits, ModelBlob};
@@ -252,6 +253,18 @@ struct TrainArgs {
     /// Parameter-name patterns to keep frozen (`*` wildcards), repeatable.
     #[arg(long)]
     freeze: Vec<String>,
+    /// Train LoRA adapters on the frozen model instead of its weights:
+    /// `rank=R,alpha=A,targets=PATTERN` (`targets` repeatable, `*`
+    /// wildcards over MatMul/Gemm weight names; alpha defaults to the
+    /// rank). The adapters are seeded by --seed.
+    #[arg(long, value_name = "SPEC")]
+    lora: Option<fedge_proto::msg::LoraSpec>,
+    /// With --out FILE.onnx: fold the LoRA adapters into the weights
+    /// (`W + (alpha/rank) A B`) and write the model as it was exported,
+    /// with no adapter nodes. Without it the adapters are written as
+    /// separate initializers (plain ONNX either way).
+    #[arg(long, requires = "out")]
+    merge: bool,
     /// Executor: cpu (tract), gpu (wgpu; an error without a GPU) or auto
     /// (a hardware GPU when one is usable, else tract with a warning).
     #[arg(long, default_value = "cpu")]
@@ -380,7 +393,16 @@ struct EpochRow {
 }
 
 fn train(a: TrainArgs) -> anyhow::Result<()> {
-    let blob = load_model(&a.md.model)?;
+    let mut blob = load_model(&a.md.model)?;
+    let total_params = blob.params.values.len();
+    if let Some(spec) = &a.lora {
+        blob = lora::apply(&blob, spec, a.seed)
+            .with_context(|| format!("adding LoRA adapters ({spec})"))?;
+        println!(
+            "LoRA {spec}: {} adapter parameters train, the model's {total_params} are frozen",
+            blob.params.values.len()
+        );
+    }
     let graph = ModelGraph::from_blob(&blob)?;
     let data = load_data(&a.md, &graph)?;
     let train = subset(&data, &a.train)?;
@@ -394,6 +416,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         weight_decay: a.weight_decay,
         loss: Loss::SoftmaxCrossEntropy,
         freeze: a.freeze.clone(),
+        lora: a.lora.clone(),
         ..TrainingPlan::default()
     };
     let opts = fedge_engine::train::compile::CompileOptions {
@@ -469,7 +492,10 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
             params: fedge_proto::Params::new(blob.params.layout.clone(), ex.params()?)?,
         };
         let bytes = if out.extension().is_some_and(|e| e == "fedge") {
+            anyhow::ensure!(!a.merge, "--merge writes ONNX: name the output FILE.onnx");
             trained.encode().to_vec()
+        } else if a.merge {
+            lora::merge(&trained).context("merging the LoRA adapters")?
         } else {
             export_onnx(&trained)?
         };
