@@ -272,3 +272,44 @@ fn distributed_dp_noises_the_sum_as_calibrated_and_reports_what_it_spent() {
     let rho = get("dp_rho_zcdp").unwrap();
     assert!((rho - 1.0 / (2.0 * z * z)).abs() < 1e-3, "rho {rho}");
 }
+
+#[test]
+fn a_device_that_does_not_clip_gets_no_round_published() {
+    // One modified binary adds 2^29 (about 20 update units) to every value it masks: in the ring,
+    // so nothing refuses the message; the sum's norm gives it away.
+    for seed in [2u64, 11] {
+        let mut specs = fleet(8, |_| None);
+        specs[5].tamper_masked_input = Some(1 << 29);
+        let initial = sim::model(64).params.values;
+        let mut sim = Sim::new(seed, cfg(8, 1), NetConfig::default(), specs);
+        sim.run_until(Duration::from_secs(120), |s| !s.aborted().is_empty());
+        assert!(sim.published().is_empty(), "seed {seed}");
+        assert_eq!(sim.coord.current_model().params.values, initial);
+        let why = sim.rejection_details(fedge_proto::RejectCode::NormBound);
+        assert!(
+            why.iter().any(|d| d.contains("a device did not clip")),
+            "seed {seed}: {why:?}"
+        );
+    }
+    // The same fleet, all honest, publishes (the bound is not too tight).
+    let mut sim = Sim::new(2, cfg(8, 1), NetConfig::default(), fleet(8, |_| None));
+    sim.run_until(Duration::from_secs(120), |s| s.published().len() == 1);
+}
+
+#[test]
+fn a_secure_round_most_of_whose_devices_diverge_rolls_back() {
+    // Round 1 publishes; from round 2 on, 6 of 8 devices' training
+    // diverges (they abandon, reason Diverged): round 2 publishes the
+    // version round 1 was built from again.
+    let mut specs = fleet(8, |_| None);
+    for s in specs.iter_mut().take(6) {
+        s.diverge_from_round = Some(2);
+    }
+    let mut sim = Sim::new(4, cfg(8, 2), NetConfig::default(), specs);
+    let v0 = sim.coord.current_version();
+    sim.run_until(Duration::from_secs(120), |s| !s.rollbacks().is_empty());
+    let rollbacks = sim.rollbacks();
+    assert_eq!(rollbacks.len(), 1, "{rollbacks:?}");
+    let (round, _from, to) = rollbacks[0];
+    assert_eq!((round, to), (2, v0));
+}

@@ -25,10 +25,14 @@ use super::{Coordinator, Event, Round, RoundOutcome};
 impl Coordinator {
     /// Whether the open round's reports of divergence call for a rollback.
     pub(super) fn rollback_due(&self) -> bool {
+        self.rollback_due_with(self.round.combiner.count())
+    }
+
+    /// Whether `accepted` updates against the open round's reports of
+    /// divergence call for a rollback.
+    fn rollback_due_with(&self, accepted: usize) -> bool {
         let diverged = self.round.diverged;
-        self.cfg.rollback_on_divergence
-            && diverged >= self.cfg.min_devices
-            && diverged > self.round.combiner.count()
+        self.cfg.rollback_on_divergence && diverged >= self.cfg.min_devices && diverged > accepted
     }
 
     pub(super) fn close_round(&mut self, now: Instant) {
@@ -36,11 +40,21 @@ impl Coordinator {
         let mut secure_metrics = Vec::new();
         let round_id = self.round.id;
         let secure = self.round.secure.take();
-        let rollback = if secure.is_none() && self.rollback_due() {
-            self.rollback_target()
-        } else {
-            None
+        // A secure round's accepted updates are its survivors, if it has
+        // an outcome.
+        let due = match &secure {
+            Some(s) => {
+                let summed = match s.server.outcome() {
+                    Some(Ok(o)) => o.survivors.len(),
+                    _ => 0,
+                };
+                self.rollback_due_with(summed)
+            }
+            None => self.rollback_due(),
         };
+        let rollback = if due { self.rollback_target() } else { None };
+        // Rolled back: the secure round's sum (if any) is discarded.
+        let secure = if rollback.is_some() { None } else { secure };
         let (outcome, contributions) = if let Some(secure) = secure {
             let (outcome, contributions, summed, m) = self.close_secure(round_id, secure);
             accepted = summed;

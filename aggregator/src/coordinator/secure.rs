@@ -295,11 +295,27 @@ impl Coordinator {
             return (RoundOutcome::Aborted, refused_all(self, why), 0, vec![]);
         }
         let quantizer = params.quantizer().expect("validated when the round opened");
-        let mean: Vec<f32> = quantizer
-            .decode_sum(&result.sum)
-            .into_iter()
-            .map(|v| (v / k as f64) as f32)
-            .collect();
+        let sum = quantizer.decode_sum(&result.sum);
+        // Honest devices clip: the sum's norm is at most k x clip, plus
+        // rounding and (with distributed DP) the noise. A larger one means
+        // a device did not clip (a modified binary): the only check the
+        // aggregator has, and the round is not published.
+        let norm = sum.iter().map(|v| v * v).sum::<f64>().sqrt();
+        let bound = sum_norm_bound(&params, &quantizer, k);
+        if !(norm <= bound) {
+            let why = format!(
+                "secure aggregation's sum has L2 norm {norm:.4}, over the {bound:.4} that {k} \
+                 updates clipped to {} can make: a device did not clip; round not published",
+                params.clip
+            );
+            self.event(Event::Rejected {
+                device: None,
+                code: RejectCode::NormBound,
+                detail: format!("round {round_id}: {why}"),
+            });
+            return (RoundOutcome::Aborted, refused_all(self, why), 0, vec![]);
+        }
+        let mean: Vec<f32> = sum.into_iter().map(|v| (v / k as f64) as f32).collect();
         let examples = crate::scoring::training_examples(&self.cfg.plan, 0);
         let mut survivors = vec![false; secure.members.len()];
         for &u in &result.survivors {
@@ -371,6 +387,22 @@ impl Coordinator {
             .unwrap_or_default();
         (self.publish(round_id, values), contributions, k, metrics)
     }
+}
+
+/// The largest L2 norm (in update units) the sum of `k` honest, clipped
+/// updates can have: k x clip, plus stochastic rounding (under one step
+/// per coordinate each) and, with distributed DP, the noise out to twice
+/// its expected norm (its norm concentrates: sqrt(d) stddevs, give or
+/// take a few).
+fn sum_norm_bound(params: &SecAggParams, q: &fedge_proto::secagg::Quantizer, k: usize) -> f64 {
+    let d = f64::from(params.dimension);
+    let k = k as f64;
+    let rounding = k * d.sqrt() / q.scale();
+    let noise = match params.skellam_mu() {
+        Ok(Some((_, mu_each))) => 2.0 * (d * 2.0 * mu_each * k).sqrt() / q.scale(),
+        _ => 0.0,
+    };
+    k * params.clip * (1.0 + 1e-9) + rounding + noise
 }
 
 /// Bytes a device's SecAgg+ message carries on the wire, less the

@@ -80,6 +80,10 @@ pub struct DeviceSpec {
     /// Once its update is accepted, signs three other updates for the
     /// same task and announces them (equivocation; a modified binary).
     pub equivocate: bool,
+    /// Adds this to every value of its SecAgg+ masked input on the way
+    /// out (a modified binary that does not clip; the values stay in the
+    /// ring, so nothing but their sum can tell).
+    pub tamper_masked_input: Option<u64>,
 }
 
 impl DeviceSpec {
@@ -93,6 +97,7 @@ impl DeviceSpec {
             never_download: false,
             vector: None,
             equivocate: false,
+            tamper_masked_input: None,
             session: SessionConfig {
                 backoff_min: Duration::from_millis(100),
                 backoff_max: Duration::from_secs(2),
@@ -378,6 +383,26 @@ impl Sim {
                 }
                 let dev = self.conn_dev[&conn];
                 let is_chunk = matches!(msg, DeviceMsg::UploadChunk { .. });
+                let msg = match (msg, self.devices[dev].spec.tamper_masked_input) {
+                    (
+                        DeviceMsg::SecAgg {
+                            round_id,
+                            bits,
+                            msg: fedge_proto::secagg::DeviceSecAgg::MaskedInput(v),
+                        },
+                        Some(add),
+                    ) => {
+                        let m = fedge_proto::secagg::mask::ring_mask(bits);
+                        DeviceMsg::SecAgg {
+                            round_id,
+                            bits,
+                            msg: fedge_proto::secagg::DeviceSecAgg::MaskedInput(
+                                v.into_iter().map(|x| x.wrapping_add(add) & m).collect(),
+                            ),
+                        }
+                    }
+                    (msg, _) => msg,
+                };
                 self.coord.handle_message(now, conn, msg);
                 if is_chunk {
                     self.devices[dev].upload_chunks_sent_to_agg += 1;

@@ -373,7 +373,14 @@ impl Summary<'_> {
             model_bytes
         );
         let privacy = rows.last().and_then(|r| r.privacy.clone());
-        if let Some(p) = &privacy {
+        if let (Some(p), Some(_)) = (&privacy, &c.strategy.secagg) {
+            println!(
+                "privacy spent: epsilon {:.3} at delta {:e} (distributed DP under SecAgg+, no \
+                 sampling amplification), rho-zCDP {:.4} (the Gaussian of the same variance); \
+                 clip bound {:.4}",
+                p.epsilon, p.delta, p.rho_zcdp, p.clip_bound
+            );
+        } else if let Some(p) = &privacy {
             println!(
                 "privacy spent: epsilon {:.3} at delta {:e} (Poisson sampling at {} of {} devices per round), \
                  rho-zCDP {:.4} without sampling amplification; last clip bound {:.4}",
