@@ -6,7 +6,6 @@
 //! that was not drawn sends a stage message of its own. Each gets its
 //! typed refusal; the round goes on without them.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,18 +19,13 @@ use fedge_aggregator::tls::TlsIdentity;
 use fedge_device::driver::{DriverConfig, run_device};
 use fedge_device::session::SessionConfig;
 use fedge_device::trainer::KnownUpdate;
-use fedge_device::transport::{QuicTiming, Trust, client_config};
-use fedge_proto::io::{read_frame, write_frame};
-use fedge_proto::msg::{Capabilities, Hello, TrainingPlan, UploadBegin};
+use fedge_device::transport::Trust;
+use fedge_proto::msg::{TrainingPlan, UploadBegin};
 use fedge_proto::secagg::DeviceSecAgg;
-use fedge_proto::sign::{self, SigningKey, TLS_EXPORTER_LABEL, UpdateManifest};
+use fedge_proto::sign::{SigningKey, UpdateManifest};
 use fedge_proto::update::{Codec, encode_update};
-use fedge_proto::{
-    AggMsg, DeviceMsg, Limits, ModelBlob, ParamLayout, Params, RejectCode, SCHEMA_VERSION,
-    TensorSpec,
-};
+use fedge_proto::{AggMsg, DeviceMsg, ModelBlob, ParamLayout, Params, RejectCode, TensorSpec};
 
-const WAIT: Duration = Duration::from_secs(20);
 const DIM: usize = 16;
 
 fn model() -> ModelBlob {
@@ -42,79 +36,8 @@ fn model() -> ModelBlob {
     }
 }
 
-/// A client speaking frames by hand (a modified binary).
-struct Raw {
-    _endpoint: quinn::Endpoint,
-    conn: quinn::Connection,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-    federation: [u8; 32],
-}
-
-impl Raw {
-    async fn authenticated(addr: SocketAddr, fp: [u8; 32], key: &SigningKey) -> Raw {
-        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        endpoint.set_default_client_config(
-            client_config(&Trust::Pinned(fp), &QuicTiming::default()).unwrap(),
-        );
-        let conn = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
-        let mut binding = [0u8; 32];
-        conn.export_keying_material(&mut binding, TLS_EXPORTER_LABEL, b"")
-            .unwrap();
-        let (send, recv) = conn.open_bi().await.unwrap();
-        let mut c = Raw {
-            _endpoint: endpoint,
-            conn,
-            send,
-            recv,
-            federation: [0; 32],
-        };
-        c.send(&DeviceMsg::Hello(Hello {
-            schema_version: SCHEMA_VERSION,
-            device_public_key: key.verifying_key(),
-            runtime_version: "modified".into(),
-            capabilities: Capabilities::default(),
-        }))
-        .await;
-        let AggMsg::Challenge { nonce, .. } = c.recv().await else {
-            panic!("challenge")
-        };
-        let signature = sign::sign_auth(key, &nonce, &binding);
-        c.send(&DeviceMsg::AuthResponse { signature }).await;
-        match c.recv().await {
-            AggMsg::AuthOk { federation_id, .. } => c.federation = federation_id,
-            other => panic!("expected auth_ok, got {other:?}"),
-        }
-        c
-    }
-
-    async fn send(&mut self, m: &DeviceMsg) {
-        write_frame(&mut self.send, &m.encode()).await.unwrap();
-    }
-
-    async fn recv(&mut self) -> AggMsg {
-        let f = tokio::time::timeout(WAIT, read_frame(&mut self.recv, 4 << 20))
-            .await
-            .expect("answer in time")
-            .unwrap()
-            .expect("a frame");
-        AggMsg::decode(&f, &Limits::default()).unwrap()
-    }
-
-    async fn expect_reject(&mut self, code: RejectCode, fatal: bool) -> String {
-        match self.recv().await {
-            AggMsg::Reject {
-                code: c,
-                detail,
-                fatal: f,
-            } => {
-                assert_eq!((c, f), (code, fatal), "{detail}");
-                detail
-            }
-            other => panic!("expected reject {code}, got {other:?}"),
-        }
-    }
-}
+mod raw;
+use raw::{Raw, WAIT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_secure_round_over_quic_publishes_the_honest_mean_and_refuses_a_modified_client() {

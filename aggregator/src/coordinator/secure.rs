@@ -302,7 +302,7 @@ impl Coordinator {
         // aggregator has, and the round is not published.
         let norm = sum.iter().map(|v| v * v).sum::<f64>().sqrt();
         let bound = sum_norm_bound(&params, &quantizer, k);
-        if !(norm <= bound) {
+        if norm.is_nan() || norm > bound {
             let why = format!(
                 "secure aggregation's sum has L2 norm {norm:.4}, over the {bound:.4} that {k} \
                  updates clipped to {} can make: a device did not clip; round not published",

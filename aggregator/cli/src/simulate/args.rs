@@ -422,7 +422,8 @@ pub struct SimArgs {
     /// off error feedback, norm bounds, robust combiners and scoring,
     /// which need individual updates. Sizes `[strategy.secagg]` for the
     /// round (degree min(32, n - 1), colluding devices max(1, n/10),
-    /// threshold max(T + 1, k/3)) unless a config file gives one.
+    /// threshold max(T + 1, k/3), survivors_min T + 2, or 70% of n with
+    /// --secagg-dp-noise) unless a config file gives one.
     #[arg(long)]
     secagg: bool,
     /// L2 bound devices clip their update to before masking (default 1).
@@ -679,7 +680,14 @@ impl SimConfig {
                 degree: k,
                 colluding_devices: colluding,
                 threshold: (colluding + 1).max(k.div_ceil(3)).min(k),
-                survivors_min: colluding + 2,
+                // Distributed DP splits the noise over survivors_min
+                // devices: the closer it is to who survives, the less a
+                // round is over-noised (70% of a round's devices).
+                survivors_min: if a.secagg_dp_noise.is_some() {
+                    (colluding + 2).max(n * 7 / 10)
+                } else {
+                    colluding + 2
+                },
                 advertise_keys_ms: 3_000,
                 share_keys_ms: 3_000,
                 masked_input_ms: self.round_deadline_ms,
