@@ -207,8 +207,9 @@ fn a_round_waits_for_enough_devices_rather_than_run_a_revealing_sum() {
 
 #[test]
 fn distributed_dp_noises_the_sum_as_calibrated_and_reports_what_it_spent() {
-    // 10 devices, none dropping; z = 0.5 over survivors_min = 4, so each
-    // device adds Sk(mu_total / 4) and the sum carries 10/4 of mu_total.
+    // 10 devices, none dropping; z = 0.5 over survivors_min - colluding =
+    // 3, so each device adds Sk(mu_total / 3) and the sum carries 10/3 of
+    // mu_total.
     let dim = 4096;
     let z = 0.5;
     let mut c = cfg(10, 2);
@@ -232,7 +233,7 @@ fn distributed_dp_noises_the_sum_as_calibrated_and_reports_what_it_spent() {
         .collect();
     let sd = (err.iter().map(|e| e * e).sum::<f64>() / dim as f64).sqrt();
     // The calibration, recomputed: Delta2 = s clip + sqrt(d) in ring units,
-    // variance of the sum 10/4 (z Delta2)^2, read back as / (s x 10).
+    // variance of the sum 10/3 (z Delta2)^2, read back as / (s x 10).
     let params = fedge_proto::secagg::SecAggParams {
         round: 1,
         seed: [0; 32],
@@ -244,12 +245,12 @@ fn distributed_dp_noises_the_sum_as_calibrated_and_reports_what_it_spent() {
         dimension: dim as u32,
         noise: Some(fedge_proto::secagg::DistributedNoise {
             multiplier: z,
-            survivors: s.survivors_min,
+            survivors: s.survivors_min - s.colluding_devices,
         }),
     };
     let scale = params.quantizer().unwrap().scale();
     let (_, l2) = params.sensitivity().unwrap();
-    let want = (2.5f64).sqrt() * z * l2 / (scale * 10.0);
+    let want = (10.0f64 / 3.0).sqrt() * z * l2 / (scale * 10.0);
     assert!(
         (sd / want - 1.0).abs() < 0.1,
         "noise stddev on the mean {sd}, calibrated {want}"
@@ -312,4 +313,23 @@ fn a_secure_round_most_of_whose_devices_diverge_rolls_back() {
     assert_eq!(rollbacks.len(), 1, "{rollbacks:?}");
     let (round, _from, to) = rollbacks[0];
     assert_eq!((round, to), (2, v0));
+}
+
+#[test]
+fn a_secure_round_outlasting_the_round_deadline_neither_spins_nor_closes_early() {
+    // Stage waits (dropouts after keys and after input: 2 s each) take the
+    // round past its 3 s deadline: the stages bound it, and the
+    // coordinator's next timer is never an instant already past (the
+    // simulation's step bound would catch a spin).
+    let mut c = cfg(8, 2);
+    c.round_deadline = Duration::from_secs(3);
+    let drop = |i: usize| match i {
+        0 => Some(Stage::AdvertiseKeys),
+        1 => Some(Stage::MaskedInput),
+        _ => None,
+    };
+    let mut sim = Sim::new(6, c, NetConfig::default(), fleet(8, drop));
+    sim.run_until(Duration::from_secs(120), |s| s.published().len() == 2);
+    assert!(sim.aborted().is_empty(), "{:?}", sim.aborted());
+    assert!(sim.steps < 100_000, "{} steps", sim.steps);
 }

@@ -168,7 +168,12 @@ impl Coordinator {
             ));
         }
         if let Some(spec) = &cfg.strategy.secagg {
-            secure::check_dimension(spec, dim, cfg.limits.frame_bytes_max)?;
+            secure::check_dimension(
+                spec,
+                dim,
+                cfg.limits.frame_bytes_max,
+                cfg.selection_target() as u32,
+            )?;
         }
         let mut strategy = cfg.strategy.build(cfg.devices_per_round);
         let combiner = strategy.combiner(dim, cfg.weights.max_share);
@@ -361,7 +366,8 @@ impl Coordinator {
             [None; 3]
         } else {
             [
-                self.round.deadline,
+                // A secure round's stage deadlines bound it, not the round's.
+                self.round.deadline.filter(|_| !self.secure_running()),
                 self.round.window_end,
                 self.slots.next(),
             ]

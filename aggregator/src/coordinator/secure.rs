@@ -62,13 +62,44 @@ impl SecureRound {
 /// round, ring, dimension).
 const MASKED_INPUT_OVERHEAD_BYTES: u64 = 64;
 
-/// Whether a model of `dimension` parameters fits SecAgg+ as built: the
-/// masked input travels in one frame.
+/// The devices distributed DP's noise is split over: the fewest survivors
+/// a round publishes with, less the devices that may collude with the
+/// aggregator (they can leave their share of the noise out).
+pub(super) fn honest_survivors(spec: &crate::privacy::secagg::SecAggSpec) -> u32 {
+    spec.survivors_min
+        .saturating_sub(spec.colluding_devices)
+        .max(1)
+}
+
+/// Whether a model of `dimension` parameters fits SecAgg+ as built (the
+/// masked input travels in one frame) and, with distributed DP, whether
+/// the round's noise can be sampled exactly and fits the ring, for a
+/// round of `devices`.
 pub(super) fn check_dimension(
     spec: &crate::privacy::secagg::SecAggSpec,
     dimension: usize,
     frame_bytes_max: u32,
+    devices: u32,
 ) -> Result<(), String> {
+    if let Some(dp) = &spec.dp {
+        let params = SecAggParams {
+            round: 0,
+            seed: [0; 32],
+            devices,
+            degree: spec.degree,
+            threshold: spec.threshold,
+            bits: spec.bits,
+            clip: spec.clip,
+            dimension: dimension as u32,
+            noise: Some(DistributedNoise {
+                multiplier: dp.noise_multiplier,
+                survivors: honest_survivors(spec),
+            }),
+        };
+        params
+            .validate()
+            .map_err(|e| format!("strategy.secagg.dp: {e}"))?;
+    }
     let bytes = dimension as u64 * u64::from(spec.bits.div_ceil(8)) + MASKED_INPUT_OVERHEAD_BYTES;
     if bytes > u64::from(frame_bytes_max) {
         return Err(format!(
@@ -120,7 +151,7 @@ impl Coordinator {
             dimension: self.current.params.values.len() as u32,
             noise: spec.dp.as_ref().map(|dp| DistributedNoise {
                 multiplier: dp.noise_multiplier,
-                survivors: spec.survivors_min,
+                survivors: honest_survivors(&spec),
             }),
         };
         let server = match SecAggServer::new(params, spec.deadlines(), spec.survivors_min, now) {
@@ -193,6 +224,18 @@ impl Coordinator {
         };
         let secure = self.round.secure.as_mut().expect("checked");
         secure.upload_bytes += message_bytes(&msg, secure.server.params().bits);
+        secure.server.handle_timeout(now);
+        if !secure.server.waits_for(index) {
+            // Late (its stage ended: it is a dropout from it) or a second
+            // answer: refused, the connection kept.
+            let detail = format!(
+                "a SecAgg+ `{}` the round no longer waits for (its stage is over or was \
+                 answered): this device is a dropout from it",
+                msg.name()
+            );
+            self.reject(session, Some(dev), RejectCode::RoundClosed, detail, false);
+            return;
+        }
         if let Err(e) = secure.server.handle_message(now, index, msg) {
             let detail = format!("SecAgg+ message refused: {e}");
             self.reject(
@@ -363,9 +406,10 @@ impl Coordinator {
                 contributions.push(ledger::refused(round_id, &dev, stake, 0, why));
             }
         }
-        // Distributed DP: what the rounds published so far (this one
-        // included) have spent. Every published round of a federation
-        // configured with it counts, so the figure never understates.
+        // Distributed DP: what the releases so far have spent. Every round
+        // id up to this one counts as a release (an aborted round whose
+        // sum was decoded is one; round ids are never reused, and restarts
+        // continue them), so the figure never understates.
         let delta = self
             .cfg
             .strategy
@@ -373,7 +417,7 @@ impl Coordinator {
             .as_ref()
             .and_then(|s| s.dp.as_ref())
             .map_or(1e-5, |dp| dp.delta);
-        let metrics = distributed_spent(&params, self.published_rounds + 1, delta)
+        let metrics = distributed_spent(&params, round_id, delta)
             .map(|p| {
                 vec![
                     ("dp_epsilon".to_string(), p.epsilon),
@@ -397,12 +441,17 @@ impl Coordinator {
 fn sum_norm_bound(params: &SecAggParams, q: &fedge_proto::secagg::Quantizer, k: usize) -> f64 {
     let d = f64::from(params.dimension);
     let k = k as f64;
-    let rounding = k * d.sqrt() / q.scale();
-    let noise = match params.skellam_mu() {
-        Ok(Some((_, mu_each))) => 2.0 * (d * 2.0 * mu_each * k).sqrt() / q.scale(),
+    // The clipped sum and its rounding: a.
+    let a = k * params.clip * (1.0 + 1e-9) + k * d.sqrt() / q.scale();
+    // The noise: per-coordinate variance v (update units). ||a + n||^2 is
+    // at most a^2 + |n|^2 + 2 a |n . u|, with |n|^2 about d v (stddev
+    // sqrt(2 d) v) and n . u about N(0, v): six standard deviations of
+    // each. So the allowance grows like d^(1/4), not sqrt(d).
+    let v = match params.skellam_mu() {
+        Ok(Some((_, mu_each))) => 2.0 * mu_each * k / (q.scale() * q.scale()),
         _ => 0.0,
     };
-    k * params.clip * (1.0 + 1e-9) + rounding + noise
+    (a * a + d * v + 6.0 * (2.0 * d).sqrt() * v + 12.0 * a * v.sqrt()).sqrt()
 }
 
 /// Bytes a device's SecAgg+ message carries on the wire, less the
@@ -429,8 +478,8 @@ mod tests {
     #[test]
     fn a_model_whose_masked_input_overflows_a_frame_is_refused() {
         let spec = SecAggSpec::default();
-        assert!(check_dimension(&spec, 199_210, 2 << 20).is_ok());
-        let e = check_dimension(&spec, 1_663_370, 2 << 20).unwrap_err();
+        assert!(check_dimension(&spec, 199_210, 2 << 20, 13).is_ok());
+        let e = check_dimension(&spec, 1_663_370, 2 << 20, 13).unwrap_err();
         assert!(e.contains("frame limit"), "{e}");
     }
 }

@@ -260,6 +260,13 @@ fn unpack(mi: &wire::SecAggMaskedInput, limits: &Limits) -> Result<Vec<u64>, Pro
         mi.dimension.into(),
         limits.update_dimension_max,
     )?;
+    // Unpacked, each value takes 8 bytes: at most twice the frame limit,
+    // so a peer cannot make a small ring multiply what it costs to hold.
+    Limits::check(
+        "masked input unpacked bytes",
+        u64::from(mi.dimension) * 8,
+        2 * u64::from(limits.frame_bytes_max),
+    )?;
     let w = value_bytes(mi.bits);
     let expected = mi.dimension as u64 * w as u64;
     if mi.packed.len() as u64 != expected {

@@ -111,7 +111,9 @@ pub struct SecAggParams {
 /// update (s the quantizer's scale; the second term covers stochastic
 /// rounding), split over `survivors` devices: each adds Sk(mu_total /
 /// survivors). Devices cannot know who will drop, so they noise for the
-/// fewest survivors a round may publish with: when more survive, the sum
+/// fewest honest survivors a round may publish with (the aggregator sets
+/// `survivors` to `survivors_min` less the devices that may collude with
+/// it, which can leave their share out): when more survive, the sum
 /// carries more noise than the accountant counts (never less).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DistributedNoise {
@@ -121,6 +123,10 @@ pub struct DistributedNoise {
     /// `survivors_min`).
     pub survivors: u32,
 }
+
+/// Largest Skellam parameter a device samples (Poisson variates in f64
+/// stay exact integers below 2^53; a margin of two).
+pub const SKELLAM_MU_MAX: f64 = 4_503_599_627_370_496.0; // 2^52
 
 /// Largest noise multiplier a round may ask for.
 pub const NOISE_MULTIPLIER_MAX: f64 = 1_000.0;
@@ -157,7 +163,31 @@ impl SecAggParams {
                 self.devices
             )));
         }
-        self.quantizer().map(|_| ())
+        let q = self.quantizer()?;
+        if self.noise.is_some() {
+            // The headroom counts noise in units of one update's range,
+            // s clip: that holds while rounding's sqrt(d) is small beside it.
+            let d = f64::from(self.dimension);
+            if q.scale() * self.clip < 10.0 * d.sqrt() {
+                return Err(SecAggError::Params(format!(
+                    "{} bits leave too fine a ring for distributed noise on {} coordinates \
+                     (scale x clip {:.0} < 10 sqrt(d)): raise bits",
+                    self.bits,
+                    self.dimension,
+                    q.scale() * self.clip
+                )));
+            }
+            // Poisson variates are exact integers only below 2^52.
+            if let Some((_, mu)) = self.skellam_mu()?
+                && mu > SKELLAM_MU_MAX
+            {
+                return Err(SecAggError::Params(format!(
+                    "each device's Skellam noise parameter {mu:.3e} exceeds {SKELLAM_MU_MAX:.3e} \
+                     (its Poisson variates would no longer be exact integers): use fewer bits"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Summands the ring must hold: the devices, plus room for the noise
