@@ -313,6 +313,16 @@ fn a_secure_round_most_of_whose_devices_diverge_rolls_back() {
     assert_eq!(rollbacks.len(), 1, "{rollbacks:?}");
     let (round, _from, to) = rollbacks[0];
     assert_eq!((round, to), (2, v0));
+    // Each device that gave up is recorded once, when it did.
+    for i in 0..6 {
+        let id = sim.device_id(i);
+        let records = sim
+            .contributions()
+            .into_iter()
+            .filter(|c| c.round_id == 2 && c.device == id)
+            .count();
+        assert_eq!(records, 1, "device {i}");
+    }
 }
 
 #[test]

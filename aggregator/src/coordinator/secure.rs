@@ -47,6 +47,8 @@ pub(super) struct SecureRound {
     pub index_of: HashMap<DeviceKey, u32>,
     /// Bytes of the SecAgg+ messages its devices sent (accepted or not).
     pub upload_bytes: u64,
+    /// Devices that gave up their task (recorded then; not again at close).
+    pub abandoned: std::collections::HashSet<DeviceKey>,
 }
 
 impl SecureRound {
@@ -177,6 +179,7 @@ impl Coordinator {
             members,
             index_of,
             upload_bytes: 0,
+            abandoned: Default::default(),
         });
         let view = self.round_view();
         for c in drawn {
@@ -300,6 +303,7 @@ impl Coordinator {
             secure
                 .members
                 .iter()
+                .filter(|k| !secure.abandoned.contains(*k))
                 .map(|k| {
                     let dev = hex::encode(k);
                     let stake = c.stake_of(&dev);
@@ -396,7 +400,7 @@ impl Coordinator {
                 .aggregate_round(round_id, &self.current.params.values, &combined, &[]);
         let completed = result.completed;
         for (i, k) in secure.members.iter().enumerate() {
-            if !survivors[i] {
+            if !survivors[i] && !secure.abandoned.contains(k) {
                 let dev = hex::encode(k);
                 let stake = self.stake_of(&dev);
                 let why = format!(

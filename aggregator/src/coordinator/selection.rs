@@ -244,6 +244,9 @@ impl Coordinator {
             return; // no task of that round: nothing to free
         }
         self.slots.stop(&k);
+        if let Some(s) = self.round.secure.as_mut() {
+            s.abandoned.insert(k);
+        }
         if reason == AbandonReason::Diverged && round_id == self.round.id {
             self.round.diverged += 1;
         }
