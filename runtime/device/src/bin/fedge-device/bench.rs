@@ -147,7 +147,11 @@ fn bench_suite(
                 );
                 let r = fedge_engine::bench::bench_model_on(name, &model, data, batch, opts)?;
                 let rss = match (r.peak_rss_mib, r.rss_before_mib) {
-                    (Some(p), Some(b)) => format!(", peak RSS {p:.1} MiB (from {b:.1})"),
+                    (Some(p), Some(b)) => format!(
+                        ", peak RSS {p:.1} MiB (from {b:.1}; {:.1} once compiled, {:.1} after the steps)",
+                        r.peak_rss_compile_mib.unwrap_or(f64::NAN),
+                        r.rss_after_mib.unwrap_or(f64::NAN)
+                    ),
                     (Some(p), None) => format!(", peak RSS {p:.1} MiB"),
                     _ => String::new(),
                 };

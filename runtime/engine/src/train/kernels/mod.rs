@@ -16,6 +16,14 @@
 //!   `col2im(W^T x G)`, again one matrix product.
 //! - `FedgeMaxPool` (x) -> y: max pooling over non-overlapping windows
 //!   (tract's general pooling is several times slower on these).
+//! - `FedgeConv` (x `[N,C,H,W]`, w `[Co,C,kh,kw]`, optional bias `[Co]`)
+//!   -> `[N,Co,Ho,Wo]`: an ungrouped convolution without dilation, per
+//!   image one product of tract-linalg's kernel with the patches packed
+//!   straight from the image ([`conv`]).
+//! - `FedgeConvGradW` (x, gy) -> dW `[Co,C,kh,kw]`: its weight gradient,
+//!   `G x im2col(X)^T` per chunk of `images` images, accumulated.
+//! - `FedgeConvGradX` (gy, w) -> dX `[N,C,H,W]`: its input gradient,
+//!   `col2im(W^T x G)` per image.
 //! - `FedgeReluGrad` (x, gy) -> `gy` where `x > 0`, else 0, in one pass.
 //! - `FedgeMaxPoolGrad` (x, gy) -> gx for non-overlapping windows: each
 //!   window's gradient goes to the first position holding its maximum
@@ -40,16 +48,38 @@ pub const MAX_POOL: &str = "FedgeMaxPool";
 pub const MAX_POOL_GRAD: &str = "FedgeMaxPoolGrad";
 pub const RELU_GRAD: &str = "FedgeReluGrad";
 pub const SGD: &str = "FedgeSgd";
+pub const CONV: &str = "FedgeConv";
+pub const CONV_GRAD_W: &str = "FedgeConvGradW";
+pub const CONV_GRAD_X: &str = "FedgeConvGradX";
 
 /// Whether `op` is one of fedge's ops.
 pub fn is_fedge_op(op: &str) -> bool {
-    [IM2COL, COL2IM, MAX_POOL, MAX_POOL_GRAD, RELU_GRAD, SGD].contains(&op)
+    [
+        IM2COL,
+        COL2IM,
+        MAX_POOL,
+        MAX_POOL_GRAD,
+        RELU_GRAD,
+        SGD,
+        CONV,
+        CONV_GRAD_W,
+        CONV_GRAD_X,
+    ]
+    .contains(&op)
 }
 
 /// The shape of `node`'s outputs (a fedge op) given its first input's.
 pub fn output_shape(node: &NodeProto, x: &[usize]) -> Result<Vec<usize>, String> {
     if node.op_type == SGD || node.op_type == RELU_GRAD {
         return Ok(x.to_vec());
+    }
+    if let Some(kind) = ConvKind::of(&node.op_type) {
+        let op = parse_conv(node, kind).map_err(|e| e.to_string())?;
+        let want = op.first_input_shape();
+        if x != want.as_slice() {
+            return Err(format!("input is {x:?}, the geometry expects {want:?}"));
+        }
+        return Ok(op.output_shape());
     }
     let kind = match node.op_type.as_str() {
         IM2COL => Kind::Im2Col,
@@ -85,8 +115,16 @@ fn register(reg: &mut OnnxOpRegister) {
         Ok((expand(Typed(TypedOpBox(Box::new(ReluGrad)))), vec![]))
     });
     reg.insert(SGD, parse_sgd);
+    for op in [CONV, CONV_GRAD_W, CONV_GRAD_X] {
+        reg.insert(op, |_, n| {
+            let kind = ConvKind::of(&n.op_type).expect("registered");
+            let op = parse_conv(n, kind)?;
+            Ok((expand(Typed(TypedOpBox(Box::new(op)))), vec![]))
+        });
+    }
 }
 
+mod conv;
 mod window;
 
 pub use window::Geometry;
@@ -173,6 +211,16 @@ impl Expansion for Typed {
             check_input_arity(inputs, w.kind.inputs())?;
             check_output_arity(outputs, 1)?;
             let shape: TVec<TDim> = w.output_shape().iter().map(|&d| d.to_dim()).collect();
+            s.equals(&outputs[0].datum_type, f32::datum_type())?;
+            s.equals(&outputs[0].shape, ShapeFactoid::from(shape))?;
+        } else if let Some(c) = self.0.0.as_op().downcast_ref::<ConvOp>() {
+            let arity = match c.kind {
+                ConvKind::Forward if c.bias => 3,
+                _ => 2,
+            };
+            check_input_arity(inputs, arity)?;
+            check_output_arity(outputs, 1)?;
+            let shape: TVec<TDim> = c.output_shape().iter().map(|&d| d.to_dim()).collect();
             s.equals(&outputs[0].datum_type, f32::datum_type())?;
             s.equals(&outputs[0].shape, ShapeFactoid::from(shape))?;
         } else if self.0.0.as_op().downcast_ref::<ReluGrad>().is_some() {
@@ -284,6 +332,158 @@ impl EvalOp for WindowOp {
 }
 
 impl TypedOp for WindowOp {
+    as_op!();
+
+    fn output_facts(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(TypedFact::dt_shape(
+            f32::datum_type(),
+            self.output_shape()
+        )))
+    }
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+enum ConvKind {
+    Forward,
+    GradW,
+    GradX,
+}
+
+impl ConvKind {
+    fn of(op: &str) -> Option<ConvKind> {
+        match op {
+            CONV => Some(ConvKind::Forward),
+            CONV_GRAD_W => Some(ConvKind::GradW),
+            CONV_GRAD_X => Some(ConvKind::GradX),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            ConvKind::Forward => CONV,
+            ConvKind::GradW => CONV_GRAD_W,
+            ConvKind::GradX => CONV_GRAD_X,
+        }
+    }
+}
+
+/// `FedgeConv`, `FedgeConvGradW`, `FedgeConvGradX`: attributes `geometry`,
+/// `co` (output channels), `bias` (0/1, the forward) and `images` (images
+/// per product, the weight gradient).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+struct ConvOp {
+    kind: ConvKind,
+    geometry: Geometry,
+    co: usize,
+    bias: bool,
+    images: usize,
+}
+
+fn parse_conv(node: &NodeProto, kind: ConvKind) -> TractResult<ConvOp> {
+    let geometry = Geometry::from_ints(&ints(node, "geometry")?)
+        .ok_or_else(|| format_err!("{} `{}`: bad geometry", node.op_type, node.name))?;
+    let int = |name: &str| super::onnx::attr_i(node, name).unwrap_or(0).max(0) as usize;
+    let co = int("co");
+    ensure!(co > 0, "{} `{}` has no `co`", node.op_type, node.name);
+    Ok(ConvOp {
+        kind,
+        geometry,
+        co,
+        bias: int("bias") != 0,
+        images: int("images").max(1),
+    })
+}
+
+impl ConvOp {
+    fn weight_shape(&self) -> Vec<usize> {
+        let g = &self.geometry;
+        vec![self.co, g.c, g.kh, g.kw]
+    }
+
+    fn grad_shape(&self) -> Vec<usize> {
+        let g = &self.geometry;
+        vec![g.n, self.co, g.ho, g.wo]
+    }
+
+    fn first_input_shape(&self) -> Vec<usize> {
+        match self.kind {
+            ConvKind::Forward | ConvKind::GradW => self.geometry.image_shape().to_vec(),
+            ConvKind::GradX => self.grad_shape(),
+        }
+    }
+
+    fn output_shape(&self) -> Vec<usize> {
+        match self.kind {
+            ConvKind::Forward => self.grad_shape(),
+            ConvKind::GradW => self.weight_shape(),
+            ConvKind::GradX => self.geometry.image_shape().to_vec(),
+        }
+    }
+
+    fn input_shapes(&self) -> Vec<Vec<usize>> {
+        let g = &self.geometry;
+        match self.kind {
+            ConvKind::Forward if self.bias => {
+                vec![g.image_shape().to_vec(), self.weight_shape(), vec![self.co]]
+            }
+            ConvKind::Forward => vec![g.image_shape().to_vec(), self.weight_shape()],
+            ConvKind::GradW => vec![g.image_shape().to_vec(), self.grad_shape()],
+            ConvKind::GradX => vec![self.grad_shape(), self.weight_shape()],
+        }
+    }
+}
+
+impl Op for ConvOp {
+    fn name(&self) -> StaticName {
+        self.kind.name().into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("{:?} co={}", self.geometry, self.co)])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for ConvOp {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let expected = self.input_shapes();
+        ensure!(
+            inputs.len() == expected.len(),
+            "{}: wrong input count",
+            self.kind.name()
+        );
+        for (t, e) in inputs.iter().zip(&expected) {
+            ensure!(
+                t.shape() == e.as_slice() && t.datum_type() == f32::datum_type(),
+                "{}: input is {:?} {:?}, expected f32 {e:?}",
+                self.kind.name(),
+                t.datum_type(),
+                t.shape()
+            );
+        }
+        let (g, co) = (&self.geometry, self.co);
+        let out = match self.kind {
+            ConvKind::Forward => conv::forward(
+                g,
+                co,
+                plain(&inputs[0])?,
+                plain(&inputs[1])?,
+                inputs.get(2).map(|b| &**b),
+            )?,
+            ConvKind::GradW => {
+                conv::grad_weight(g, co, plain(&inputs[0])?, plain(&inputs[1])?, self.images)?
+            }
+            ConvKind::GradX => conv::grad_input(g, co, plain(&inputs[0])?, plain(&inputs[1])?)?,
+        };
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for ConvOp {
     as_op!();
 
     fn output_facts(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {

@@ -81,50 +81,61 @@ impl Geometry {
     }
 
     pub(super) fn im2col(&self, x: &[f32], cols: &mut [f32]) {
+        let p = self.n * self.ho * self.wo;
+        for ci in 0..self.c {
+            for i in 0..self.kh {
+                for j in 0..self.kw {
+                    let row = &mut cols[((ci * self.kh + i) * self.kw + j) * p..][..p];
+                    self.im2col_row(x, (ci, i, j), 0..self.n, row);
+                }
+            }
+        }
+    }
+
+    /// Row `(ci, i, j)` of the patches of `images` (of the batch `x`):
+    /// `row[(b, oy, ox)] = x[first + b, ci, oy*sh + i - pt, ox*sw + j - pl]`
+    /// (0 outside the image), `images.len() * ho * wo` values.
+    pub(super) fn im2col_row(
+        &self,
+        x: &[f32],
+        (ci, i, j): (usize, usize, usize),
+        images: std::ops::Range<usize>,
+        row: &mut [f32],
+    ) {
         let Geometry {
-            n,
             c,
             h,
             w,
-            kh,
-            kw,
             sh,
             sw,
             pt,
             pl,
             ho,
             wo,
+            ..
         } = *self;
-        let p = n * ho * wo;
-        for ci in 0..c {
-            for i in 0..kh {
-                for j in 0..kw {
-                    let row = &mut cols[((ci * kh + i) * kw + j) * p..][..p];
-                    let valid = self.valid_cols(j);
-                    if valid.is_empty() {
-                        row.fill(0.0);
-                        continue;
-                    }
-                    let x0 = valid.start * sw + j - pl;
-                    for b in 0..n {
-                        let img = &x[(b * c + ci) * h * w..][..h * w];
-                        for oy in 0..ho {
-                            let out = &mut row[(b * ho + oy) * wo..][..wo];
-                            let Some(y) = Self::src(oy, sh, i, pt, h) else {
-                                out.fill(0.0);
-                                continue;
-                            };
-                            let line = &img[y * w..][..w];
-                            out[..valid.start].fill(0.0);
-                            out[valid.end..].fill(0.0);
-                            if sw == 1 {
-                                out[valid.clone()].copy_from_slice(&line[x0..x0 + valid.len()]);
-                            } else {
-                                for (k, o) in out[valid.clone()].iter_mut().enumerate() {
-                                    *o = line[x0 + k * sw];
-                                }
-                            }
-                        }
+        let valid = self.valid_cols(j);
+        if valid.is_empty() {
+            row.fill(0.0);
+            return;
+        }
+        let x0 = valid.start * sw + j - pl;
+        for (k, b) in images.enumerate() {
+            let img = &x[(b * c + ci) * h * w..][..h * w];
+            for oy in 0..ho {
+                let out = &mut row[(k * ho + oy) * wo..][..wo];
+                let Some(y) = Self::src(oy, sh, i, pt, h) else {
+                    out.fill(0.0);
+                    continue;
+                };
+                let line = &img[y * w..][..w];
+                out[..valid.start].fill(0.0);
+                out[valid.end..].fill(0.0);
+                if sw == 1 {
+                    out[valid.clone()].copy_from_slice(&line[x0..x0 + valid.len()]);
+                } else {
+                    for (k, o) in out[valid.clone()].iter_mut().enumerate() {
+                        *o = line[x0 + k * sw];
                     }
                 }
             }
