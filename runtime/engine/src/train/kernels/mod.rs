@@ -556,9 +556,17 @@ impl Op for Sgd {
 impl EvalOp for Sgd {
     op_out_of_plan!();
 
+    /// The update is written over `w` and `v` when the step holds the
+    /// only reference to them (the executor hands them over and tract
+    /// drops its own after their last use), so a step allocates no second
+    /// copy of the parameters and their momentum; else over copies.
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         ensure!(inputs.len() == 4, "{SGD}: wrong input count");
-        let [w, v, g, lr] = [&inputs[0], &inputs[1], &inputs[2], &inputs[3]];
+        let [w, v, g, lr]: [TValue; 4] = inputs
+            .into_iter()
+            .collect::<Vec<_>>()
+            .try_into()
+            .expect("four inputs");
         ensure!(
             w.shape() == v.shape() && w.shape() == g.shape() && lr.len() == 1,
             "{SGD}: shapes {:?} {:?} {:?} {:?}",
@@ -571,21 +579,25 @@ impl EvalOp for Sgd {
             f32::from_bits(self.momentum_bits),
             f32::from_bits(self.weight_decay_bits),
         );
-        let lr = plain(lr)?[0];
-        let (w, v, g) = (plain(w)?, plain(v)?, plain(g)?);
-        let mut new_w = unsafe { Tensor::uninitialized::<f32>(inputs[0].shape())? };
-        let mut new_v = unsafe { Tensor::uninitialized::<f32>(inputs[0].shape())? };
+        let lr = plain(&lr)?[0];
+        let (mut w, mut v) = (w.into_tensor(), v.into_tensor());
         {
-            let mut nw = new_w.try_as_plain_ram_mut()?;
-            let mut nv = new_v.try_as_plain_ram_mut()?;
-            let (nw, nv) = (nw.as_slice_mut::<f32>()?, nv.as_slice_mut::<f32>()?);
-            for i in 0..w.len() {
-                let d = mu * v[i] + (g[i] + wd * w[i]);
-                nv[i] = d;
-                nw[i] = w[i] - d * lr;
-            }
+            let mut wv = w.try_as_plain_ram_mut()?;
+            let mut vv = v.try_as_plain_ram_mut()?;
+            let (w, v) = (wv.as_slice_mut::<f32>()?, vv.as_slice_mut::<f32>()?);
+            sgd_update(w, v, plain(&g)?, lr, (mu, wd));
         }
-        Ok(tvec!(new_w.into_tvalue(), new_v.into_tvalue()))
+        Ok(tvec!(w.into_tvalue(), v.into_tvalue()))
+    }
+}
+
+/// SGD with momentum `mu` and weight decay `wd`, in place:
+/// `v = mu v + g + wd w`, `w = w - lr v`.
+fn sgd_update(w: &mut [f32], v: &mut [f32], g: &[f32], lr: f32, (mu, wd): (f32, f32)) {
+    for ((w, v), &g) in w.iter_mut().zip(v.iter_mut()).zip(g) {
+        let d = mu * *v + (g + wd * *w);
+        *v = d;
+        *w -= d * lr;
     }
 }
 
@@ -595,5 +607,27 @@ impl TypedOp for Sgd {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let f = TypedFact::dt_shape(f32::datum_type(), inputs[0].shape.clone());
         Ok(tvec!(f.clone(), f))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sgd_update_matches_the_definition() {
+        let (mut w, mut v) = (vec![1.0f32, -2.0, 0.5], vec![0.1f32, 0.0, -0.3]);
+        let g = [0.2f32, -0.4, 1.0];
+        let (lr, mu, wd) = (0.1f32, 0.9f32, 0.01f32);
+        let want: Vec<(f32, f32)> = (0..3)
+            .map(|i| {
+                let d = mu * v[i] + (g[i] + wd * w[i]);
+                (w[i] - d * lr, d)
+            })
+            .collect();
+        sgd_update(&mut w, &mut v, &g, lr, (mu, wd));
+        for i in 0..3 {
+            assert_eq!((w[i], v[i]), want[i]);
+        }
     }
 }
