@@ -61,6 +61,7 @@ impl Gemm {
             }
         };
         let (mmm, packing, _) = chosen;
+        tracing::trace!(m, k, n, kernel = mmm.name(), "fedge conv product");
         let (a, b) = &mmm.packings()[packing];
         let a = a.downcast_ref::<PackedFormat>().expect("checked").clone();
         let b = b.downcast_ref::<PackedFormat>().expect("checked").clone();
@@ -100,9 +101,38 @@ fn panels_mut(p: &mut EagerPackedInput) -> (&mut [f32], usize) {
     (f, panel)
 }
 
+/// Call `$f::<R>(args)` with `R` the panel width `$r` when it is one the
+/// kernels use, so the copies below unroll; else `$f::<0>`, which reads
+/// the width at run time.
+macro_rules! by_width {
+    ($r:expr, $f:ident($($a:expr),* $(,)?)) => {
+        match $r {
+            1 => $f::<1>($($a),*),
+            2 => $f::<2>($($a),*),
+            3 => $f::<3>($($a),*),
+            4 => $f::<4>($($a),*),
+            5 => $f::<5>($($a),*),
+            6 => $f::<6>($($a),*),
+            8 => $f::<8>($($a),*),
+            12 => $f::<12>($($a),*),
+            16 => $f::<16>($($a),*),
+            24 => $f::<24>($($a),*),
+            32 => $f::<32>($($a),*),
+            48 => $f::<48>($($a),*),
+            64 => $f::<64>($($a),*),
+            _ => $f::<0>($($a),*),
+        }
+    };
+}
+
+/// The panel width: `R`, or the run-time `r` when `R` is 0.
+#[inline(always)]
+fn width<const R: usize>(r: usize) -> usize {
+    if R == 0 { r } else { R }
+}
+
 /// Pack records `k0..k0 + k` of an `[mn, k]` operand read at `src[r *
 /// mn_stride + kk * k_stride]` into `r`-wide panels.
-#[allow(clippy::too_many_arguments)]
 fn pack_strided(
     dst: &mut [f32],
     (panel_len, r): (usize, usize),
@@ -110,76 +140,192 @@ fn pack_strided(
     (mn, k, k0): (usize, usize, usize),
     (mn_stride, k_stride): (usize, usize),
 ) {
+    by_width!(r, pack_strided_r(dst, (panel_len, r), src, (mn, k, k0), (mn_stride, k_stride)))
+}
+
+fn pack_strided_r<const R: usize>(
+    dst: &mut [f32],
+    (panel_len, r): (usize, usize),
+    src: &[f32],
+    (mn, k, k0): (usize, usize, usize),
+    (mn_stride, k_stride): (usize, usize),
+) {
+    let r = width::<R>(r);
     for p in 0..mn.div_ceil(r) {
         let rows = (mn - p * r).min(r);
         let panel = &mut dst[p * panel_len..][..panel_len];
         for kk in 0..k {
             let d = &mut panel[(k0 + kk) * r..][..r];
-            if mn_stride == 1 {
-                d[..rows].copy_from_slice(&src[p * r + kk * k_stride..][..rows]);
+            if rows == r && mn_stride == 1 {
+                // A constant `r` (by_width!) makes this a few moves.
+                d.copy_from_slice(&src[p * r + kk * k_stride..][..r]);
             } else {
-                for (rr, v) in d[..rows].iter_mut().enumerate() {
-                    *v = src[(p * r + rr) * mn_stride + kk * k_stride];
+                for (rr, v) in d.iter_mut().enumerate() {
+                    *v = if rr < rows {
+                        src[(p * r + rr) * mn_stride + kk * k_stride]
+                    } else {
+                        0.0
+                    };
                 }
             }
-            d[rows..].fill(0.0);
         }
     }
 }
 
-/// `(ci, i, j)` of patch row `kk`.
-fn patch_row(g: &Geometry, kk: usize) -> (usize, usize, usize) {
-    (kk / (g.kh * g.kw), kk / g.kw % g.kh, kk % g.kw)
+/// Some images zero-padded so that every patch element is in bounds, and
+/// the patches as offsets into them: element `(kk, q)` of the patches (row
+/// `kk = (ci, i, j)`, pixel `q = (b, oy, ox)`) is `xp[row[kk] + pixel[q]]`,
+/// with `row[kk] = (ci*Hp + i)*Wp + j` and `pixel[q] = ((b*C)*Hp + oy*sh)*Wp + ox*sw`.
+/// The packers below are then gathers with no branches.
+struct Padded {
+    xp: Vec<f32>,
+    row: Vec<usize>,
+    pixel: Vec<usize>,
+    /// Padded height and width.
+    hp: usize,
+    wp: usize,
 }
 
-/// The patches of image `img` as the right operand of `W2 x im2col`:
-/// records are patch rows, panels run along the image's pixels.
+impl Padded {
+    /// The offsets for `images` images, with `xp` zeroed (the padding stays
+    /// zero; [`Padded::fill`] writes the images).
+    fn new(g: &Geometry, images: usize) -> Padded {
+        // Padded rows oy*sh + i for oy < ho, i < kh; image row y is padded
+        // row y + pt.
+        let hp = (g.ho.max(1) - 1) * g.sh + g.kh;
+        let wp = (g.wo.max(1) - 1) * g.sw + g.kw;
+        let mut row = Vec::with_capacity(g.c * g.kh * g.kw);
+        for ci in 0..g.c {
+            for i in 0..g.kh {
+                for j in 0..g.kw {
+                    row.push((ci * hp + i) * wp + j);
+                }
+            }
+        }
+        let mut pixel = Vec::with_capacity(images * g.ho * g.wo);
+        for b in 0..images {
+            for oy in 0..g.ho {
+                for ox in 0..g.wo {
+                    pixel.push((b * g.c * hp + oy * g.sh) * wp + ox * g.sw);
+                }
+            }
+        }
+        Padded {
+            xp: vec![0.0; images * g.c * hp * wp],
+            row,
+            pixel,
+            hp,
+            wp,
+        }
+    }
+
+    /// Where the image lands in the padded frame: `(padded index of image
+    /// row 0, rows inside the frame)`, likewise for columns. Rows past the
+    /// frame are read by no patch.
+    fn overlap(g: &Geometry, hp: usize, wp: usize) -> [(usize, usize); 2] {
+        [
+            (g.pt, g.h.min(hp.saturating_sub(g.pt))),
+            (g.pl, g.w.min(wp.saturating_sub(g.pl))),
+        ]
+    }
+
+    /// Copy images `images` of the batch `x` into the frame.
+    fn fill(&mut self, g: &Geometry, x: &[f32], images: std::ops::Range<usize>) {
+        let (hp, wp) = (self.hp, self.wp);
+        let [(y0, ny), (x0, nx)] = Self::overlap(g, hp, wp);
+        for (k, b) in images.enumerate() {
+            for ci in 0..g.c {
+                let src = &x[(b * g.c + ci) * g.h * g.w..][..g.h * g.w];
+                let dst = &mut self.xp[(k * g.c + ci) * hp * wp..][..hp * wp];
+                for y in 0..ny {
+                    dst[(y0 + y) * wp + x0..][..nx].copy_from_slice(&src[y * g.w..][..nx]);
+                }
+            }
+        }
+    }
+
+}
+
+/// The patches (of image 0 of `p`) as the right operand of
+/// `W2 x im2col`: records are patch rows, panels run along the pixels.
 fn pack_patches_by_pixel(
-    g: &Geometry,
-    x: &[f32],
-    img: usize,
+    p: &Padded,
     dst: &mut [f32],
     (panel_len, r): (usize, usize),
+    g: &Geometry,
     row: &mut [f32],
 ) {
-    let hw = g.ho * g.wo;
-    let ck = g.c * g.kh * g.kw;
-    for kk in 0..ck {
-        g.im2col_row(x, patch_row(g, kk), img..img + 1, &mut row[..hw]);
-        for p in 0..hw.div_ceil(r) {
-            let cols = (hw - p * r).min(r);
-            let d = &mut dst[p * panel_len + kk * r..][..r];
-            d[..cols].copy_from_slice(&row[p * r..][..cols]);
-            d[cols..].fill(0.0);
+    by_width!(r, pack_patches_by_pixel_r(p, dst, (panel_len, r), g, row))
+}
+
+fn pack_patches_by_pixel_r<const R: usize>(
+    p: &Padded,
+    dst: &mut [f32],
+    (panel_len, r): (usize, usize),
+    g: &Geometry,
+    row: &mut [f32],
+) {
+    let r = width::<R>(r);
+    let (xp, wp) = (&p.xp[..], p.wp);
+    let (ho, wo, sh, sw) = (g.ho, g.wo, g.sh, g.sw);
+    let hw = ho * wo;
+    let (full, tail) = (hw / r, hw % r);
+    let row = &mut row[..hw];
+    for (kk, &base) in p.row.iter().enumerate() {
+        // The patch row, contiguous: one run of the frame per output row.
+        for oy in 0..ho {
+            let src = &xp[base + oy * sh * wp..];
+            let out = &mut row[oy * wo..][..wo];
+            if sw == 1 {
+                out.copy_from_slice(&src[..wo]);
+            } else {
+                for (ox, v) in out.iter_mut().enumerate() {
+                    *v = src[ox * sw];
+                }
+            }
+        }
+        for panel in 0..full {
+            // A constant `r` (by_width!) makes this a few moves.
+            dst[panel * panel_len + kk * r..][..r].copy_from_slice(&row[panel * r..][..r]);
+        }
+        if tail > 0 {
+            let d = &mut dst[full * panel_len + kk * r..][..r];
+            d[..tail].copy_from_slice(&row[full * r..]);
+            d[tail..].fill(0.0);
         }
     }
 }
 
-/// The patches of `images` as the right operand of `G x im2col^T`: records
-/// are pixels, panels run along the patch rows.
-fn pack_patches_by_row(
-    g: &Geometry,
-    x: &[f32],
-    images: std::ops::Range<usize>,
+/// The patches of all the images of `p` as the right operand of
+/// `G x im2col^T`: records are pixels, panels run along the patch rows.
+fn pack_patches_by_row(p: &Padded, dst: &mut [f32], (panel_len, r): (usize, usize)) {
+    by_width!(r, pack_patches_by_row_r(p, dst, (panel_len, r)))
+}
+
+fn pack_patches_by_row_r<const R: usize>(
+    p: &Padded,
     dst: &mut [f32],
     (panel_len, r): (usize, usize),
-    rows: &mut [f32],
 ) {
-    let pixels = images.len() * g.ho * g.wo;
-    let ck = g.c * g.kh * g.kw;
-    for p in 0..ck.div_ceil(r) {
-        let valid = (ck - p * r).min(r);
-        for rr in 0..valid {
-            let out = &mut rows[rr * pixels..][..pixels];
-            g.im2col_row(x, patch_row(g, p * r + rr), images.clone(), out);
-        }
-        let panel = &mut dst[p * panel_len..][..panel_len];
-        for q in 0..pixels {
-            let d = &mut panel[q * r..][..r];
-            for (rr, v) in d[..valid].iter_mut().enumerate() {
-                *v = rows[rr * pixels + q];
+    let r = width::<R>(r);
+    let xp = &p.xp[..];
+    let pixels = p.pixel.len();
+    for (panel, rows) in p.row.chunks(r).enumerate() {
+        let d = &mut dst[panel * panel_len..][..pixels * r];
+        if rows.len() == r {
+            for (d, &q) in d.chunks_exact_mut(r).zip(&p.pixel) {
+                let src = &xp[q..];
+                for (v, &base) in d.iter_mut().zip(rows) {
+                    *v = src[base];
+                }
             }
-            d[valid..].fill(0.0);
+        } else {
+            for (d, &q) in d.chunks_exact_mut(r).zip(&p.pixel) {
+                for (v, &base) in d.iter_mut().zip(rows) {
+                    *v = xp[q + base];
+                }
+                d[rows.len()..].fill(0.0);
+            }
         }
     }
 }
@@ -208,14 +354,16 @@ pub(super) fn forward(
     }
     let mut b = gemm.b.new_packed_buffer(ck, hw)?;
     let y = unsafe { Tensor::uninitialized::<f32>(&[g.n, co, g.ho, g.wo])? };
+    let mut padded = Padded::new(g, 1);
     let mut row = vec![0.0f32; hw];
     // SAFETY: `[co, hw]` rows of an image's output, contiguous.
     let spec = unsafe { gemm.mmm.c_from_data_and_strides(4, hw as isize, 1) };
     let mut scratch = unsafe { gemm.mmm.allocate_scratch_space() };
     for img in 0..g.n {
         {
+            padded.fill(g, x, img..img + 1);
             let (d, pl) = panels_mut(&mut b);
-            pack_patches_by_pixel(g, x, img, d, (pl, gemm.b.r), &mut row);
+            pack_patches_by_pixel(&padded, d, (pl, gemm.b.r), g, &mut row);
         }
         let view = TensorView::at_prefix(&y, &[img])?;
         // SAFETY: the view is image `img` of `y`, `[co, ho, wo]`.
@@ -252,7 +400,7 @@ pub(super) fn grad_weight(
             .wrap(&dw.view())
     };
     let mut scratch = unsafe { gemm.mmm.allocate_scratch_space() };
-    let mut rows = vec![0.0f32; gemm.b.r * images * hw];
+    let mut padded = Padded::new(g, images);
     // Buffers for a full chunk and, made when needed, the shorter last one.
     let mut full: Option<(EagerPackedInput, EagerPackedInput)> = None;
     for (chunk, first) in (0..g.n).step_by(images).enumerate() {
@@ -283,8 +431,12 @@ pub(super) fn grad_weight(
             }
         }
         {
+            if len != images {
+                padded = Padded::new(g, len);
+            }
+            padded.fill(g, x, first..first + len);
             let (d, pl) = panels_mut(b);
-            pack_patches_by_row(g, x, first..first + len, d, (pl, gemm.b.r), &mut rows);
+            pack_patches_by_row(&padded, d, (pl, gemm.b.r));
         }
         let ops: TVec<FusedSpec> = if chunk == 0 {
             tvec![FusedSpec::Store(store)]
@@ -380,6 +532,7 @@ mod tests {
             (3, 2, 6, 7, 3, 1, 1, 5),
             (2, 3, 9, 8, 5, 1, 2, 17),
             (4, 1, 7, 5, 3, 2, 0, 33),
+            (2, 2, 6, 6, 3, 2, 0, 4),
             (2, 4, 5, 5, 1, 1, 0, 3),
             (5, 3, 8, 6, 2, 2, 1, 7),
         ] {
