@@ -77,6 +77,9 @@ pub struct StepBench {
     /// optimization and plan), before any step ran, MiB.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peak_rss_compile_mib: Option<f64>,
+    /// Resident memory once compiled, before the first step, MiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rss_compiled_mib: Option<f64>,
     /// Resident memory after the timed steps, MiB.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rss_after_mib: Option<f64>,
@@ -291,6 +294,7 @@ pub fn bench_model_on(
     ex.load(&blob.params.values)?;
     drop(blob);
     let peak_rss_compile_mib = peak_rss_mib();
+    let rss_compiled_mib = proc_status_mib("VmRSS:");
     let batches = data.epoch_batches(batch, 0);
     let (mut xf, mut xi, mut y) = (Vec::new(), Vec::new(), Vec::new());
     let mut step = |ex: &mut dyn Executor, i: usize| -> Result<(), TrainError> {
@@ -336,6 +340,7 @@ pub fn bench_model_on(
         ratio_to_matmul: baseline.map(|b| achieved / b),
         peak_rss_mib,
         peak_rss_compile_mib,
+        rss_compiled_mib,
         rss_after_mib,
         rss_before_mib,
     })

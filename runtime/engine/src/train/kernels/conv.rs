@@ -140,7 +140,10 @@ fn pack_strided(
     (mn, k, k0): (usize, usize, usize),
     (mn_stride, k_stride): (usize, usize),
 ) {
-    by_width!(r, pack_strided_r(dst, (panel_len, r), src, (mn, k, k0), (mn_stride, k_stride)))
+    by_width!(
+        r,
+        pack_strided_r(dst, (panel_len, r), src, (mn, k, k0), (mn_stride, k_stride))
+    )
 }
 
 fn pack_strided_r<const R: usize>(
@@ -243,7 +246,6 @@ impl Padded {
             }
         }
     }
-
 }
 
 /// The patches (of image 0 of `p`) as the right operand of
