@@ -232,6 +232,23 @@ impl Padded {
         ]
     }
 
+    /// Copy the frame of image 0 into `out` (`[c, h, w]`) without its
+    /// padding; image pixels outside the frame (read by no patch) are 0.
+    fn unpad_into(&self, g: &Geometry, out: &mut [f32]) {
+        let (hp, wp) = (self.hp, self.wp);
+        let [(y0, ny), (x0, nx)] = Self::overlap(g, hp, wp);
+        if ny < g.h || nx < g.w {
+            out.fill(0.0);
+        }
+        for ci in 0..g.c {
+            let src = &self.xp[ci * hp * wp..][..hp * wp];
+            let dst = &mut out[ci * g.h * g.w..][..g.h * g.w];
+            for y in 0..ny {
+                dst[y * g.w..][..nx].copy_from_slice(&src[(y0 + y) * wp + x0..][..nx]);
+            }
+        }
+    }
+
     /// Copy images `images` of the batch `x` into the frame.
     fn fill(&mut self, g: &Geometry, x: &[f32], images: std::ops::Range<usize>) {
         let (hp, wp) = (self.hp, self.wp);
@@ -242,6 +259,31 @@ impl Padded {
                 let dst = &mut self.xp[(k * g.c + ci) * hp * wp..][..hp * wp];
                 for y in 0..ny {
                     dst[(y0 + y) * wp + x0..][..nx].copy_from_slice(&src[y * g.w..][..nx]);
+                }
+            }
+        }
+    }
+}
+
+/// col2im of one image into the frame of `p` (zeroed first): each patch
+/// row of `cols` (`[ck, ho*wo]`) added at its place, one output row at a
+/// time (a contiguous run of the frame when the stride is 1).
+fn col2im_padded(g: &Geometry, p: &mut Padded, cols: &[f32]) {
+    p.xp.fill(0.0);
+    let (wp, ho, wo, sh, sw) = (p.wp, g.ho, g.wo, g.sh, g.sw);
+    let hw = ho * wo;
+    for (kk, &base) in p.row.iter().enumerate() {
+        let src = &cols[kk * hw..][..hw];
+        for oy in 0..ho {
+            let s = &src[oy * wo..][..wo];
+            let d = &mut p.xp[base + oy * sh * wp..];
+            if sw == 1 {
+                for (d, s) in d[..wo].iter_mut().zip(s) {
+                    *d += s;
+                }
+            } else {
+                for (ox, s) in s.iter().enumerate() {
+                    d[ox * sw] += s;
                 }
             }
         }
@@ -471,7 +513,7 @@ pub(super) fn grad_input(g: &Geometry, co: usize, gy: &[f32], w: &[f32]) -> Trac
     };
     let mut scratch = unsafe { gemm.mmm.allocate_scratch_space() };
     let mut dx = unsafe { Tensor::uninitialized::<f32>(&g.image_shape())? };
-    let one = Geometry { n: 1, ..*g };
+    let mut padded = Padded::new(g, 1);
     let image = g.c * g.h * g.w;
     for img in 0..g.n {
         {
@@ -488,7 +530,8 @@ pub(super) fn grad_input(g: &Geometry, co: usize, gy: &[f32], w: &[f32]) -> Trac
         )?;
         let mut view = dx.try_as_plain_ram_mut()?;
         let out = &mut view.as_slice_mut::<f32>()?[img * image..][..image];
-        one.col2im(cols.try_as_plain_ram()?.as_slice::<f32>()?, out);
+        col2im_padded(g, &mut padded, cols.try_as_plain_ram()?.as_slice::<f32>()?);
+        padded.unpad_into(g, out);
     }
     Ok(dx)
 }

@@ -232,10 +232,9 @@ impl Geometry {
                 // The common 2x2 case: two rows at a time, no branches.
                 for oy in 0..ho {
                     let (r0, r1) = (&xi[2 * oy * w..][..w], &xi[(2 * oy + 1) * w..][..w]);
-                    for (ox, o) in yo[oy * wo..][..wo].iter_mut().enumerate() {
-                        let a = r0[2 * ox].max(r0[2 * ox + 1]);
-                        let b = r1[2 * ox].max(r1[2 * ox + 1]);
-                        *o = a.max(b);
+                    let windows = r0.chunks_exact(2).zip(r1.chunks_exact(2));
+                    for (o, (a, b)) in yo[oy * wo..][..wo].iter_mut().zip(windows) {
+                        *o = a[0].max(a[1]).max(b[0].max(b[1]));
                     }
                 }
                 continue;
@@ -257,6 +256,34 @@ impl Geometry {
             let xi = &x[plane * h * w..][..h * w];
             let gi = &gy[plane * ho * wo..][..ho * wo];
             let go = &mut gx[plane * h * w..][..h * w];
+            if self.kh == 2 && self.kw == 2 {
+                // The common 2x2 case, unrolled: the first of the four
+                // positions holding the window's maximum, as `argmax`.
+                for oy in 0..ho {
+                    let (r0, r1) = (&xi[2 * oy * w..][..w], &xi[(2 * oy + 1) * w..][..w]);
+                    let (g0, g1) = go[2 * oy * w..][..2 * w].split_at_mut(w);
+                    let windows = r0.chunks_exact(2).zip(r1.chunks_exact(2));
+                    let grads = g0.chunks_exact_mut(2).zip(g1.chunks_exact_mut(2));
+                    for ((&g, (a, b)), (d0, d1)) in
+                        gi[oy * wo..][..wo].iter().zip(windows).zip(grads)
+                    {
+                        let (mut m, mut slot) = (a[0], 0);
+                        for (k, v) in [a[1], b[0], b[1]].into_iter().enumerate() {
+                            if v > m {
+                                m = v;
+                                slot = k + 1;
+                            }
+                        }
+                        match slot {
+                            0 => d0[0] += g,
+                            1 => d0[1] += g,
+                            2 => d1[0] += g,
+                            _ => d1[1] += g,
+                        }
+                    }
+                }
+                continue;
+            }
             for oy in 0..ho {
                 for ox in 0..wo {
                     go[self.argmax(xi, oy, ox)] += gi[oy * wo + ox];
@@ -410,6 +437,20 @@ mod tests {
                 .collect();
             let mut y = vec![f32::NAN; g.n * g.c * ho * wo];
             g.max_pool(&x, &mut y);
+            let gy: Vec<f32> = (0..y.len()).map(|i| i as f32 + 1.0).collect();
+            let mut gx = vec![f32::NAN; x.len()];
+            g.max_pool_grad(&x, &gy, &mut gx);
+            let mut want = vec![0.0; x.len()];
+            for plane in 0..g.n * g.c {
+                let xi = &x[plane * g.h * g.w..][..g.h * g.w];
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        want[plane * g.h * g.w + g.argmax(xi, oy, ox)] +=
+                            gy[(plane * ho + oy) * wo + ox];
+                    }
+                }
+            }
+            assert_eq!(gx, want, "{kh}x{kw}");
             for plane in 0..g.n * g.c {
                 let xi = &x[plane * g.h * g.w..][..g.h * g.w];
                 for oy in 0..ho {
