@@ -232,23 +232,6 @@ impl Padded {
         ]
     }
 
-    /// Copy the frame of image 0 into `out` (`[c, h, w]`) without its
-    /// padding; image pixels outside the frame (read by no patch) are 0.
-    fn unpad_into(&self, g: &Geometry, out: &mut [f32]) {
-        let (hp, wp) = (self.hp, self.wp);
-        let [(y0, ny), (x0, nx)] = Self::overlap(g, hp, wp);
-        if ny < g.h || nx < g.w {
-            out.fill(0.0);
-        }
-        for ci in 0..g.c {
-            let src = &self.xp[ci * hp * wp..][..hp * wp];
-            let dst = &mut out[ci * g.h * g.w..][..g.h * g.w];
-            for y in 0..ny {
-                dst[y * g.w..][..nx].copy_from_slice(&src[(y0 + y) * wp + x0..][..nx]);
-            }
-        }
-    }
-
     /// Copy images `images` of the batch `x` into the frame.
     fn fill(&mut self, g: &Geometry, x: &[f32], images: std::ops::Range<usize>) {
         let (hp, wp) = (self.hp, self.wp);
@@ -259,31 +242,6 @@ impl Padded {
                 let dst = &mut self.xp[(k * g.c + ci) * hp * wp..][..hp * wp];
                 for y in 0..ny {
                     dst[(y0 + y) * wp + x0..][..nx].copy_from_slice(&src[y * g.w..][..nx]);
-                }
-            }
-        }
-    }
-}
-
-/// col2im of one image into the frame of `p` (zeroed first): each patch
-/// row of `cols` (`[ck, ho*wo]`) added at its place, one output row at a
-/// time (a contiguous run of the frame when the stride is 1).
-fn col2im_padded(g: &Geometry, p: &mut Padded, cols: &[f32]) {
-    p.xp.fill(0.0);
-    let (wp, ho, wo, sh, sw) = (p.wp, g.ho, g.wo, g.sh, g.sw);
-    let hw = ho * wo;
-    for (kk, &base) in p.row.iter().enumerate() {
-        let src = &cols[kk * hw..][..hw];
-        for oy in 0..ho {
-            let s = &src[oy * wo..][..wo];
-            let d = &mut p.xp[base + oy * sh * wp..];
-            if sw == 1 {
-                for (d, s) in d[..wo].iter_mut().zip(s) {
-                    *d += s;
-                }
-            } else {
-                for (ox, s) in s.iter().enumerate() {
-                    d[ox * sw] += s;
                 }
             }
         }
@@ -493,10 +451,44 @@ pub(super) fn grad_weight(
 }
 
 /// `dX` (`[n, c, h, w]`) from the output gradient `gy` and the weight.
+///
+/// With stride 1 (and pads smaller than the kernel) it is the forward
+/// convolution of `gy` by the weight with its channel axes swapped and
+/// its window turned half a turn, pads `k - 1 - p`: packed like the
+/// forward, no col2im. Else `col2im(W2^T x G)`, image by image.
 pub(super) fn grad_input(g: &Geometry, co: usize, gy: &[f32], w: &[f32]) -> TractResult<Tensor> {
     let (ck, hw) = (g.c * g.kh * g.kw, g.ho * g.wo);
     check_len("the output gradient", gy.len(), g.n * co * hw)?;
     check_len("the weight", w.len(), co * ck)?;
+    if g.sh == 1 && g.sw == 1 && g.pt < g.kh && g.pl < g.kw {
+        let (kh, kw) = (g.kh, g.kw);
+        let turned = Geometry {
+            n: g.n,
+            c: co,
+            h: g.ho,
+            w: g.wo,
+            kh,
+            kw,
+            sh: 1,
+            sw: 1,
+            pt: kh - 1 - g.pt,
+            pl: kw - 1 - g.pl,
+            ho: g.h,
+            wo: g.w,
+        };
+        let mut wt = vec![0.0f32; w.len()];
+        for o in 0..co {
+            for ci in 0..g.c {
+                for i in 0..kh {
+                    for j in 0..kw {
+                        wt[((ci * co + o) * kh + (kh - 1 - i)) * kw + (kw - 1 - j)] =
+                            w[((o * g.c + ci) * kh + i) * kw + j];
+                    }
+                }
+            }
+        }
+        return forward(&turned, g.c, gy, &wt, None);
+    }
     let gemm = Gemm::new(ck, co, hw)?;
     let mut a = gemm.a.new_packed_buffer(co, ck)?;
     {
@@ -513,7 +505,7 @@ pub(super) fn grad_input(g: &Geometry, co: usize, gy: &[f32], w: &[f32]) -> Trac
     };
     let mut scratch = unsafe { gemm.mmm.allocate_scratch_space() };
     let mut dx = unsafe { Tensor::uninitialized::<f32>(&g.image_shape())? };
-    let mut padded = Padded::new(g, 1);
+    let one = Geometry { n: 1, ..*g };
     let image = g.c * g.h * g.w;
     for img in 0..g.n {
         {
@@ -530,8 +522,7 @@ pub(super) fn grad_input(g: &Geometry, co: usize, gy: &[f32], w: &[f32]) -> Trac
         )?;
         let mut view = dx.try_as_plain_ram_mut()?;
         let out = &mut view.as_slice_mut::<f32>()?[img * image..][..image];
-        col2im_padded(g, &mut padded, cols.try_as_plain_ram()?.as_slice::<f32>()?);
-        padded.unpad_into(g, out);
+        one.col2im(cols.try_as_plain_ram()?.as_slice::<f32>()?, out);
     }
     Ok(dx)
 }

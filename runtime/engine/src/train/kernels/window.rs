@@ -256,34 +256,6 @@ impl Geometry {
             let xi = &x[plane * h * w..][..h * w];
             let gi = &gy[plane * ho * wo..][..ho * wo];
             let go = &mut gx[plane * h * w..][..h * w];
-            if self.kh == 2 && self.kw == 2 {
-                // The common 2x2 case, unrolled: the first of the four
-                // positions holding the window's maximum, as `argmax`.
-                for oy in 0..ho {
-                    let (r0, r1) = (&xi[2 * oy * w..][..w], &xi[(2 * oy + 1) * w..][..w]);
-                    let (g0, g1) = go[2 * oy * w..][..2 * w].split_at_mut(w);
-                    let windows = r0.chunks_exact(2).zip(r1.chunks_exact(2));
-                    let grads = g0.chunks_exact_mut(2).zip(g1.chunks_exact_mut(2));
-                    for ((&g, (a, b)), (d0, d1)) in
-                        gi[oy * wo..][..wo].iter().zip(windows).zip(grads)
-                    {
-                        let (mut m, mut slot) = (a[0], 0);
-                        for (k, v) in [a[1], b[0], b[1]].into_iter().enumerate() {
-                            if v > m {
-                                m = v;
-                                slot = k + 1;
-                            }
-                        }
-                        match slot {
-                            0 => d0[0] += g,
-                            1 => d0[1] += g,
-                            2 => d1[0] += g,
-                            _ => d1[1] += g,
-                        }
-                    }
-                }
-                continue;
-            }
             for oy in 0..ho {
                 for ox in 0..wo {
                     go[self.argmax(xi, oy, ox)] += gi[oy * wo + ox];
