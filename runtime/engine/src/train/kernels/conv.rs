@@ -14,7 +14,9 @@
 //! - forward, per image: `Y[b] = W2 x im2col(X[b]) + bias` (`[Co, hw]`);
 //! - weight gradient, per chunk of images (inner dimension `images * hw`):
 //!   `dW2 += G[chunk] x im2col(X[chunk])^T`;
-//! - input gradient, per image: `dX[b] = col2im(W2^T x G[b])`.
+//! - input gradient: with stride 1, the forward product on `G` by the
+//!   weight with its channel axes swapped and its window turned half a
+//!   turn (pads `k - 1 - p`); else, per image, `dX[b] = col2im(W2^T x G[b])`.
 
 use std::sync::Arc;
 

@@ -22,7 +22,8 @@
 //!   straight from the image ([`conv`]).
 //! - `FedgeConvGradW` (x, gy) -> dW `[Co,C,kh,kw]`: its weight gradient,
 //!   `G x im2col(X)^T` per chunk of `images` images, accumulated.
-//! - `FedgeConvGradX` (gy, w) -> dX `[N,C,H,W]`: its input gradient,
+//! - `FedgeConvGradX` (gy, w) -> dX `[N,C,H,W]`: its input gradient; with
+//!   stride 1 the forward product on `G` by the turned weight, else
 //!   `col2im(W^T x G)` per image.
 //! - `FedgeReluGrad` (x, gy) -> `gy` where `x > 0`, else 0, in one pass.
 //! - `FedgeMaxPoolGrad` (x, gy) -> gx for non-overlapping windows: each
