@@ -108,24 +108,6 @@ pub fn tune_allocator() {
     }
 }
 
-/// Hand the heap's free pages back to the system (glibc's `malloc_trim`):
-/// compiling a step leaves tens of MiB of small freed blocks scattered
-/// through the heap, which the step's large tensors cannot reuse; without
-/// this they stay resident beside them for the executor's life. A no-op
-/// off glibc.
-pub fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        unsafe extern "C" {
-            fn malloc_trim(pad: usize) -> i32;
-        }
-        // SAFETY: malloc_trim only returns free memory to the system.
-        unsafe {
-            malloc_trim(0);
-        }
-    }
-}
-
 /// Time spent in one node of a plan over the profiled steps.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct NodeTime {
@@ -184,7 +166,6 @@ impl TractExecutor {
         tune_allocator();
         let tg = compile_training(graph, &opts)?;
         let plan = plan_threads(&tg.model, opts.threads.max(1))?;
-        release_free_memory();
         let layout = Arc::clone(&graph.layout);
         let mut ex = TractExecutor {
             graph: tg,
