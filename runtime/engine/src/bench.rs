@@ -73,6 +73,16 @@ pub struct StepBench {
     /// MiB.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peak_rss_mib: Option<f64>,
+    /// The peak while the step compiled (import, training graph, tract's
+    /// optimization and plan), before any step ran, MiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_rss_compile_mib: Option<f64>,
+    /// Resident memory once compiled, before the first step, MiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rss_compiled_mib: Option<f64>,
+    /// Resident memory after the timed steps, MiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rss_after_mib: Option<f64>,
     /// Resident memory when this configuration started (the binary, the
     /// data set, what earlier configurations left), MiB.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -282,6 +292,9 @@ pub fn bench_model_on(
     };
     let mut ex = select_executor(opts.executor, &graph, step_opts)?;
     ex.load(&blob.params.values)?;
+    drop(blob);
+    let peak_rss_compile_mib = peak_rss_mib();
+    let rss_compiled_mib = proc_status_mib("VmRSS:");
     let batches = data.epoch_batches(batch, 0);
     let (mut xf, mut xi, mut y) = (Vec::new(), Vec::new(), Vec::new());
     let mut step = |ex: &mut dyn Executor, i: usize| -> Result<(), TrainError> {
@@ -301,6 +314,7 @@ pub fn bench_model_on(
     }
     let secs = start.elapsed().as_secs_f64();
     let peak_rss_mib = peak_rss_mib();
+    let rss_after_mib = proc_status_mib("VmRSS:");
     let executor = ex.name();
     drop(ex);
     let shapes = matmul_shapes(&graph, batch)?;
@@ -325,6 +339,9 @@ pub fn bench_model_on(
         matmul_baseline_gflops: baseline,
         ratio_to_matmul: baseline.map(|b| achieved / b),
         peak_rss_mib,
+        peak_rss_compile_mib,
+        rss_compiled_mib,
+        rss_after_mib,
         rss_before_mib,
     })
 }

@@ -95,13 +95,17 @@ pub struct CompileOptions {
     /// only). The GPU executor ignores it.
     pub threads: usize,
     /// Tract lowering: the most bytes of im2col patches a convolution
-    /// materializes at once; a larger batch runs in chunks of images, so
-    /// the patches of one chunk live only while its products run.
+    /// holds at once (packed for the weight gradient's product, or
+    /// materialized for a grouped convolution); a larger batch runs in
+    /// chunks of images, so the patches of one chunk live only while its
+    /// products run.
     pub im2col_bytes_max: usize,
 }
 
-/// Default [`CompileOptions::im2col_bytes_max`].
-pub const IM2COL_BYTES_MAX: usize = 8 << 20;
+/// Default [`CompileOptions::im2col_bytes_max`]: 2 MiB keeps a weight
+/// gradient's product long (three 14x14 images of the CNN's second layer,
+/// an inner dimension of 588) and its packed patches in cache-sized pieces.
+pub const IM2COL_BYTES_MAX: usize = 2 << 20;
 
 impl Default for CompileOptions {
     fn default() -> Self {

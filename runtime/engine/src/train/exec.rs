@@ -155,6 +155,10 @@ pub struct TractExecutor {
     global: Vec<Arc<Tensor>>,
     opts: CompileOptions,
     t: u64,
+    /// A step that failed after the trainable parameters and the state
+    /// were handed to it ([`TractExecutor::hand_over`]): they are gone
+    /// until the next [`Executor::load`].
+    lost: bool,
 }
 
 impl TractExecutor {
@@ -172,6 +176,7 @@ impl TractExecutor {
             layout,
             opts,
             t: 0,
+            lost: false,
         };
         let zeros = vec![0.0; ex.layout.dimension()];
         ex.load(&zeros)?;
@@ -220,7 +225,33 @@ impl TractExecutor {
                 "compiled for gradients, not steps".into(),
             ));
         }
+        self.check_not_lost()
+    }
+
+    fn check_not_lost(&self) -> Result<(), TrainError> {
+        if self.lost {
+            return Err(TrainError::BadInput(
+                "an earlier step failed and took the parameters with it: load them again".into(),
+            ));
+        }
         Ok(())
+    }
+
+    /// Drop the executor's references to the trainable parameters and the
+    /// optimizer state once `inputs` holds them: the step then holds the
+    /// only ones, and the fused update (`FedgeSgd`) writes the new values
+    /// over the old instead of allocating a second copy. The step's
+    /// outputs replace them ([`Self::finish_step`]); a failed step leaves
+    /// the executor [`Self::lost`].
+    fn hand_over(&mut self) {
+        let none = Arc::new(Tensor::zero::<f32>(&[0]).expect("an empty tensor"));
+        for &i in &self.graph.trainable {
+            self.params[i] = Arc::clone(&none);
+        }
+        for s in self.state.iter_mut() {
+            *s = Arc::clone(&none);
+        }
+        self.lost = true;
     }
 
     /// Take a step's outputs: the loss, then the new parameters and state.
@@ -235,6 +266,7 @@ impl TractExecutor {
             *s = it.next().expect("state output").into_arc_tensor();
         }
         debug_assert_eq!(self.state.len(), k * self.graph.state_per_param);
+        self.lost = false;
         self.t += 1;
         Ok(loss)
     }
@@ -251,6 +283,7 @@ impl TractExecutor {
         self.check_step()?;
         let inputs = self.inputs(x, y, lr)?;
         let mut state = self.plan.spawn().map_err(TrainError::tract)?;
+        self.hand_over();
         let mut seen = 0usize;
         let out = state
             .run_plan_with_eval(inputs, |ctx, op_state, node, input| {
@@ -343,19 +376,20 @@ impl Executor for TractExecutor {
             Vec::new()
         };
         self.t = 0;
+        self.lost = false;
         Ok(())
     }
 
     fn step(&mut self, x: Batch<'_>, y: Labels<'_>, lr: f32) -> Result<f32, TrainError> {
         self.check_step()?;
-        let out = self
-            .plan
-            .run(self.inputs(x, y, lr)?)
-            .map_err(TrainError::tract)?;
+        let inputs = self.inputs(x, y, lr)?;
+        self.hand_over();
+        let out = self.plan.run(inputs).map_err(TrainError::tract)?;
         self.finish_step(out)
     }
 
     fn params(&self) -> Result<Vec<f32>, TrainError> {
+        self.check_not_lost()?;
         let mut out = Vec::with_capacity(self.layout.dimension());
         for p in &self.params {
             out.extend_from_slice(read_f32(p)?);

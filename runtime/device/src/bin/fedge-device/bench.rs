@@ -37,9 +37,9 @@ pub struct BenchArgs {
     /// Batch sizes to benchmark.
     #[arg(long, value_delimiter = ',', default_value = "32,64")]
     batches: Vec<usize>,
-    /// The most MiB of im2col patches a convolution materializes at once
+    /// The most MiB of im2col patches a convolution holds at once
     /// (larger batches run in chunks of images): trades memory for speed.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 2)]
     im2col_mib: usize,
 }
 
@@ -147,7 +147,12 @@ fn bench_suite(
                 );
                 let r = fedge_engine::bench::bench_model_on(name, &model, data, batch, opts)?;
                 let rss = match (r.peak_rss_mib, r.rss_before_mib) {
-                    (Some(p), Some(b)) => format!(", peak RSS {p:.1} MiB (from {b:.1})"),
+                    (Some(p), Some(b)) => format!(
+                        ", peak RSS {p:.1} MiB (from {b:.1}; compiling peaked at {:.1}, left {:.1}; {:.1} after the steps)",
+                        r.peak_rss_compile_mib.unwrap_or(f64::NAN),
+                        r.rss_compiled_mib.unwrap_or(f64::NAN),
+                        r.rss_after_mib.unwrap_or(f64::NAN)
+                    ),
                     (Some(p), None) => format!(", peak RSS {p:.1} MiB"),
                     _ => String::new(),
                 };

@@ -230,11 +230,13 @@ pub(super) fn concat_named(
 /// Emit a forward node the tract lowering computes its own way, writing
 /// the node's output; false when `node` stays as it is.
 ///
-/// - Conv (2-D, no dilation): per chunk of images,
-///   `Y = W2 x im2col(X)` as one matrix product (`W2` the weight as
-///   `[Co, C*kh*kw]`), bias added, back to NCHW. When the whole batch is
-///   one chunk its patches are kept for the weight gradient
-///   ([`Builder::conv_cols`]).
+/// - Conv (2-D, no dilation), ungrouped: `FedgeConv` (per image
+///   `Y = W2 x im2col(X) + bias`, `W2` the weight as `[Co, C*kh*kw]`, the
+///   patches packed straight into the matrix kernel's panels).
+/// - Grouped Conv: per chunk of images, the patches materialized and one
+///   batched product over the groups, bias added, back to NCHW. When the
+///   whole batch is one chunk its patches are kept for the weight
+///   gradient ([`Builder::conv_cols`]).
 /// - MaxPool over non-overlapping windows: `FedgeMaxPool`.
 pub fn lower_forward(b: &mut Builder, node: &NodeProto) -> Result<bool, TrainError> {
     debug_assert_eq!(b.lowering, Lowering::Tract);
@@ -253,13 +255,20 @@ pub fn lower_forward(b: &mut Builder, node: &NodeProto) -> Result<bool, TrainErr
             let g = geometry_of(node, &xs, ws[2..].to_vec(), &ys)?;
             // ck: one group's rows of the patches.
             let (co, ck, groups) = (ws[0], ws[1] * ws[2] * ws[3], group_of(node));
+            if groups == 1 {
+                // One fused op: per image, the patches packed straight
+                // into the matrix kernel's panels, bias added in its store.
+                let mut inputs = vec![x, w];
+                if let Some(bias) = node.input.get(2).filter(|b| !b.is_empty()) {
+                    inputs.push(bias);
+                }
+                let attrs = conv_attrs(&g, co, inputs.len() == 3, 1);
+                b.fedge_op_named(kernels::CONV, &inputs, attrs, &[y])?;
+                return Ok(true);
+            }
             // Grouped: [groups, co/groups, ck] against the patches as
             // [groups, ck, pixels], one batched product.
-            let w2 = if groups == 1 {
-                b.reshape(w, &[co, ck])?
-            } else {
-                b.reshape(w, &[groups, co / groups, ck])?
-            };
+            let w2 = b.reshape(w, &[groups, co / groups, ck])?;
             let bias = match node.input.get(2).filter(|b| !b.is_empty()) {
                 Some(bias) => Some(b.reshape(bias, &[co, 1])?),
                 None => None,
@@ -268,14 +277,10 @@ pub fn lower_forward(b: &mut Builder, node: &NodeProto) -> Result<bool, TrainErr
             let mut parts = Vec::new();
             for (first, len) in chunks(g.n, per) {
                 let cols = im2col_chunk(b, x, &g, first, len)?;
-                let mut y2 = if groups == 1 {
-                    b.binary("MatMul", &w2, &cols)?
-                } else {
-                    let pixels = len * ys[2] * ys[3];
-                    let cols3 = b.reshape(&cols, &[groups, ck, pixels])?;
-                    let y3 = b.binary("MatMul", &w2, &cols3)?;
-                    b.reshape(&y3, &[co, pixels])?
-                };
+                let pixels = len * ys[2] * ys[3];
+                let cols3 = b.reshape(&cols, &[groups, ck, pixels])?;
+                let y3 = b.binary("MatMul", &w2, &cols3)?;
+                let mut y2 = b.reshape(&y3, &[co, pixels])?;
                 if let Some(bias) = &bias {
                     y2 = b.binary("Add", &y2, bias)?;
                 }
@@ -319,12 +324,13 @@ pub fn lower_forward(b: &mut Builder, node: &NodeProto) -> Result<bool, TrainErr
     }
 }
 
-/// Conv gradients as one large matrix product each per chunk of images
-/// (tract lowering). With `cols = im2col(X)` (`[C*kh*kw, n*Ho*Wo]`, kept
-/// from the forward pass when the batch is one chunk), `G` the output
-/// gradient and `W2` the weight as `[Co, C*kh*kw]`:
-/// `dW2^T = sum over chunks of cols x G^T` (inner dimension `n*Ho*Wo`)
-/// and `dX = col2im(W2^T x G)`, chunk by chunk.
+/// Conv gradients as one large matrix product each (tract lowering), `W2`
+/// the weight as `[Co, C*kh*kw]` and `G` the output gradient: ungrouped,
+/// `FedgeConvGradW` (`dW2 = G x im2col(X)^T`, inner dimension `n*Ho*Wo`,
+/// in chunks of images whose packed patches fit `im2col_bytes_max`) and
+/// `FedgeConvGradX` (`dX = col2im(W2^T x G)`, image by image); grouped,
+/// the same products on materialized patches batched over the groups
+/// ([`grouped_conv_as_gemm`]).
 pub(super) fn conv_as_gemm(
     b: &mut Builder,
     node: &NodeProto,
@@ -335,57 +341,47 @@ pub(super) fn conv_as_gemm(
     let (x, w) = (node.input[0].as_str(), node.input[1].as_str());
     let (xs, ws, gs) = (b.shape(x), b.shape(w), b.shape(gy));
     let g = geometry_of(node, &xs, ws[2..].to_vec(), &gs)?;
-    let (co, ck, hw) = (ws[0], ws[1] * ws[2] * ws[3], gs[2] * gs[3]);
-    let p = gs[0] * hw;
-    let parts = chunks(g.n, chunk_images(&g, b.im2col_bytes_max));
+    let co = ws[0];
+    let per = chunk_images(&g, b.im2col_bytes_max);
     let groups = group_of(node);
     if groups > 1 {
+        let parts = chunks(g.n, per);
         return grouped_conv_as_gemm(b, node, gy, needs, out, (&g, &parts, groups));
     }
     if needs[1] {
-        let gt = b.transpose(gy, &[0, 2, 3, 1])?;
-        let g2t = b.reshape(&gt, &[p, co])?;
-        let mut acc: Option<String> = None;
-        for &(first, len) in &parts {
-            let cols = match b.conv_cols.get(&node.output[0]) {
-                Some(c) if parts.len() == 1 => c.clone(),
-                _ => im2col_chunk(b, x, &g, first, len)?,
-            };
-            let g2tc = slice(b, &g2t, 0, first * hw, len * hw)?;
-            let d = b.binary("MatMul", &cols, &g2tc)?;
-            acc = Some(match acc {
-                Some(a) => b.binary("Add", &a, &d)?,
-                None => d,
-            });
-        }
-        let dw2 = b.transpose(&acc.expect("a chunk"), &[1, 0])?;
-        out[1] = Some(b.reshape(&dw2, &ws)?);
+        let attrs = conv_attrs(&g, co, false, per);
+        out[1] = Some(
+            b.fedge_op(kernels::CONV_GRAD_W, &[x, gy], attrs, 1)?
+                .remove(0),
+        );
     }
     if needs[0] {
-        let gt = b.transpose(gy, &[1, 0, 2, 3])?;
-        let g2 = b.reshape(&gt, &[co, p])?;
-        let w2 = b.reshape(w, &[co, ck])?;
-        let w2t = b.transpose(&w2, &[1, 0])?;
-        let mut dx = Vec::new();
-        for &(first, len) in &parts {
-            let g2c = slice(b, &g2, 1, first * hw, len * hw)?;
-            let cols = b.binary("MatMul", &w2t, &g2c)?;
-            let gc = Geometry { n: len, ..g };
-            let attrs = vec![onnx::ints("geometry", &gc.to_ints())];
-            dx.push(b.fedge_op(kernels::COL2IM, &[&cols], attrs, 1)?.remove(0));
-        }
-        let name = if dx.len() == 1 {
-            dx.remove(0)
-        } else {
-            let refs: Vec<&str> = dx.iter().map(|s| s.as_str()).collect();
-            b.op("Concat", &refs, vec![onnx::int("axis", 0)])?
-        };
-        out[0] = Some(name);
+        let attrs = conv_attrs(&g, co, false, per);
+        out[0] = Some(
+            b.fedge_op(kernels::CONV_GRAD_X, &[gy, w], attrs, 1)?
+                .remove(0),
+        );
     }
     if needs.len() > 2 && needs[2] {
         out[2] = Some(b.reduce_sum(gy, &[0, 2, 3], false)?);
     }
     Ok(())
+}
+
+/// The attributes of fedge's convolution ops ([`kernels::CONV`] and its
+/// gradients): geometry, output channels, bias, images per product.
+fn conv_attrs(
+    g: &Geometry,
+    co: usize,
+    bias: bool,
+    images: usize,
+) -> Vec<tract_onnx::pb::AttributeProto> {
+    vec![
+        onnx::ints("geometry", &g.to_ints()),
+        onnx::int("co", co as i64),
+        onnx::int("bias", bias as i64),
+        onnx::int("images", images as i64),
+    ]
 }
 
 /// [`conv_as_gemm`] for a grouped (or depthwise) convolution: the same

@@ -16,6 +16,15 @@
 //!   `col2im(W^T x G)`, again one matrix product.
 //! - `FedgeMaxPool` (x) -> y: max pooling over non-overlapping windows
 //!   (tract's general pooling is several times slower on these).
+//! - `FedgeConv` (x `[N,C,H,W]`, w `[Co,C,kh,kw]`, optional bias `[Co]`)
+//!   -> `[N,Co,Ho,Wo]`: an ungrouped convolution without dilation, per
+//!   image one product of tract-linalg's kernel with the patches packed
+//!   straight from the image ([`conv`]).
+//! - `FedgeConvGradW` (x, gy) -> dW `[Co,C,kh,kw]`: its weight gradient,
+//!   `G x im2col(X)^T` per chunk of `images` images, accumulated.
+//! - `FedgeConvGradX` (gy, w) -> dX `[N,C,H,W]`: its input gradient; with
+//!   stride 1 the forward product on `G` by the turned weight, else
+//!   `col2im(W^T x G)` per image.
 //! - `FedgeReluGrad` (x, gy) -> `gy` where `x > 0`, else 0, in one pass.
 //! - `FedgeMaxPoolGrad` (x, gy) -> gx for non-overlapping windows: each
 //!   window's gradient goes to the first position holding its maximum
@@ -40,16 +49,38 @@ pub const MAX_POOL: &str = "FedgeMaxPool";
 pub const MAX_POOL_GRAD: &str = "FedgeMaxPoolGrad";
 pub const RELU_GRAD: &str = "FedgeReluGrad";
 pub const SGD: &str = "FedgeSgd";
+pub const CONV: &str = "FedgeConv";
+pub const CONV_GRAD_W: &str = "FedgeConvGradW";
+pub const CONV_GRAD_X: &str = "FedgeConvGradX";
 
 /// Whether `op` is one of fedge's ops.
 pub fn is_fedge_op(op: &str) -> bool {
-    [IM2COL, COL2IM, MAX_POOL, MAX_POOL_GRAD, RELU_GRAD, SGD].contains(&op)
+    [
+        IM2COL,
+        COL2IM,
+        MAX_POOL,
+        MAX_POOL_GRAD,
+        RELU_GRAD,
+        SGD,
+        CONV,
+        CONV_GRAD_W,
+        CONV_GRAD_X,
+    ]
+    .contains(&op)
 }
 
 /// The shape of `node`'s outputs (a fedge op) given its first input's.
 pub fn output_shape(node: &NodeProto, x: &[usize]) -> Result<Vec<usize>, String> {
     if node.op_type == SGD || node.op_type == RELU_GRAD {
         return Ok(x.to_vec());
+    }
+    if let Some(kind) = ConvKind::of(&node.op_type) {
+        let op = parse_conv(node, kind).map_err(|e| e.to_string())?;
+        let want = op.first_input_shape();
+        if x != want.as_slice() {
+            return Err(format!("input is {x:?}, the geometry expects {want:?}"));
+        }
+        return Ok(op.output_shape());
     }
     let kind = match node.op_type.as_str() {
         IM2COL => Kind::Im2Col,
@@ -85,8 +116,16 @@ fn register(reg: &mut OnnxOpRegister) {
         Ok((expand(Typed(TypedOpBox(Box::new(ReluGrad)))), vec![]))
     });
     reg.insert(SGD, parse_sgd);
+    for op in [CONV, CONV_GRAD_W, CONV_GRAD_X] {
+        reg.insert(op, |_, n| {
+            let kind = ConvKind::of(&n.op_type).expect("registered");
+            let op = parse_conv(n, kind)?;
+            Ok((expand(Typed(TypedOpBox(Box::new(op)))), vec![]))
+        });
+    }
 }
 
+mod conv;
 mod window;
 
 pub use window::Geometry;
@@ -173,6 +212,16 @@ impl Expansion for Typed {
             check_input_arity(inputs, w.kind.inputs())?;
             check_output_arity(outputs, 1)?;
             let shape: TVec<TDim> = w.output_shape().iter().map(|&d| d.to_dim()).collect();
+            s.equals(&outputs[0].datum_type, f32::datum_type())?;
+            s.equals(&outputs[0].shape, ShapeFactoid::from(shape))?;
+        } else if let Some(c) = self.0.0.as_op().downcast_ref::<ConvOp>() {
+            let arity = match c.kind {
+                ConvKind::Forward if c.bias => 3,
+                _ => 2,
+            };
+            check_input_arity(inputs, arity)?;
+            check_output_arity(outputs, 1)?;
+            let shape: TVec<TDim> = c.output_shape().iter().map(|&d| d.to_dim()).collect();
             s.equals(&outputs[0].datum_type, f32::datum_type())?;
             s.equals(&outputs[0].shape, ShapeFactoid::from(shape))?;
         } else if self.0.0.as_op().downcast_ref::<ReluGrad>().is_some() {
@@ -294,6 +343,158 @@ impl TypedOp for WindowOp {
     }
 }
 
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+enum ConvKind {
+    Forward,
+    GradW,
+    GradX,
+}
+
+impl ConvKind {
+    fn of(op: &str) -> Option<ConvKind> {
+        match op {
+            CONV => Some(ConvKind::Forward),
+            CONV_GRAD_W => Some(ConvKind::GradW),
+            CONV_GRAD_X => Some(ConvKind::GradX),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            ConvKind::Forward => CONV,
+            ConvKind::GradW => CONV_GRAD_W,
+            ConvKind::GradX => CONV_GRAD_X,
+        }
+    }
+}
+
+/// `FedgeConv`, `FedgeConvGradW`, `FedgeConvGradX`: attributes `geometry`,
+/// `co` (output channels), `bias` (0/1, the forward) and `images` (images
+/// per product, the weight gradient).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+struct ConvOp {
+    kind: ConvKind,
+    geometry: Geometry,
+    co: usize,
+    bias: bool,
+    images: usize,
+}
+
+fn parse_conv(node: &NodeProto, kind: ConvKind) -> TractResult<ConvOp> {
+    let geometry = Geometry::from_ints(&ints(node, "geometry")?)
+        .ok_or_else(|| format_err!("{} `{}`: bad geometry", node.op_type, node.name))?;
+    let int = |name: &str| super::onnx::attr_i(node, name).unwrap_or(0).max(0) as usize;
+    let co = int("co");
+    ensure!(co > 0, "{} `{}` has no `co`", node.op_type, node.name);
+    Ok(ConvOp {
+        kind,
+        geometry,
+        co,
+        bias: int("bias") != 0,
+        images: int("images").max(1),
+    })
+}
+
+impl ConvOp {
+    fn weight_shape(&self) -> Vec<usize> {
+        let g = &self.geometry;
+        vec![self.co, g.c, g.kh, g.kw]
+    }
+
+    fn grad_shape(&self) -> Vec<usize> {
+        let g = &self.geometry;
+        vec![g.n, self.co, g.ho, g.wo]
+    }
+
+    fn first_input_shape(&self) -> Vec<usize> {
+        match self.kind {
+            ConvKind::Forward | ConvKind::GradW => self.geometry.image_shape().to_vec(),
+            ConvKind::GradX => self.grad_shape(),
+        }
+    }
+
+    fn output_shape(&self) -> Vec<usize> {
+        match self.kind {
+            ConvKind::Forward => self.grad_shape(),
+            ConvKind::GradW => self.weight_shape(),
+            ConvKind::GradX => self.geometry.image_shape().to_vec(),
+        }
+    }
+
+    fn input_shapes(&self) -> Vec<Vec<usize>> {
+        let g = &self.geometry;
+        match self.kind {
+            ConvKind::Forward if self.bias => {
+                vec![g.image_shape().to_vec(), self.weight_shape(), vec![self.co]]
+            }
+            ConvKind::Forward => vec![g.image_shape().to_vec(), self.weight_shape()],
+            ConvKind::GradW => vec![g.image_shape().to_vec(), self.grad_shape()],
+            ConvKind::GradX => vec![self.grad_shape(), self.weight_shape()],
+        }
+    }
+}
+
+impl Op for ConvOp {
+    fn name(&self) -> StaticName {
+        self.kind.name().into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("{:?} co={}", self.geometry, self.co)])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for ConvOp {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let expected = self.input_shapes();
+        ensure!(
+            inputs.len() == expected.len(),
+            "{}: wrong input count",
+            self.kind.name()
+        );
+        for (t, e) in inputs.iter().zip(&expected) {
+            ensure!(
+                t.shape() == e.as_slice() && t.datum_type() == f32::datum_type(),
+                "{}: input is {:?} {:?}, expected f32 {e:?}",
+                self.kind.name(),
+                t.datum_type(),
+                t.shape()
+            );
+        }
+        let (g, co) = (&self.geometry, self.co);
+        let out = match self.kind {
+            ConvKind::Forward => conv::forward(
+                g,
+                co,
+                plain(&inputs[0])?,
+                plain(&inputs[1])?,
+                inputs.get(2).map(|b| &**b),
+            )?,
+            ConvKind::GradW => {
+                conv::grad_weight(g, co, plain(&inputs[0])?, plain(&inputs[1])?, self.images)?
+            }
+            ConvKind::GradX => conv::grad_input(g, co, plain(&inputs[0])?, plain(&inputs[1])?)?,
+        };
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for ConvOp {
+    as_op!();
+
+    fn output_facts(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(TypedFact::dt_shape(
+            f32::datum_type(),
+            self.output_shape()
+        )))
+    }
+}
+
 /// `FedgeReluGrad`: inputs (x, gy) -> gy where x > 0, else 0.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 struct ReluGrad;
@@ -356,9 +557,17 @@ impl Op for Sgd {
 impl EvalOp for Sgd {
     op_out_of_plan!();
 
+    /// The update is written over `w` and `v` when the step holds the
+    /// only reference to them (the executor hands them over and tract
+    /// drops its own after their last use), so a step allocates no second
+    /// copy of the parameters and their momentum; else over copies.
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         ensure!(inputs.len() == 4, "{SGD}: wrong input count");
-        let [w, v, g, lr] = [&inputs[0], &inputs[1], &inputs[2], &inputs[3]];
+        let [w, v, g, lr]: [TValue; 4] = inputs
+            .into_iter()
+            .collect::<Vec<_>>()
+            .try_into()
+            .expect("four inputs");
         ensure!(
             w.shape() == v.shape() && w.shape() == g.shape() && lr.len() == 1,
             "{SGD}: shapes {:?} {:?} {:?} {:?}",
@@ -371,21 +580,25 @@ impl EvalOp for Sgd {
             f32::from_bits(self.momentum_bits),
             f32::from_bits(self.weight_decay_bits),
         );
-        let lr = plain(lr)?[0];
-        let (w, v, g) = (plain(w)?, plain(v)?, plain(g)?);
-        let mut new_w = unsafe { Tensor::uninitialized::<f32>(inputs[0].shape())? };
-        let mut new_v = unsafe { Tensor::uninitialized::<f32>(inputs[0].shape())? };
+        let lr = plain(&lr)?[0];
+        let (mut w, mut v) = (w.into_tensor(), v.into_tensor());
         {
-            let mut nw = new_w.try_as_plain_ram_mut()?;
-            let mut nv = new_v.try_as_plain_ram_mut()?;
-            let (nw, nv) = (nw.as_slice_mut::<f32>()?, nv.as_slice_mut::<f32>()?);
-            for i in 0..w.len() {
-                let d = mu * v[i] + (g[i] + wd * w[i]);
-                nv[i] = d;
-                nw[i] = w[i] - d * lr;
-            }
+            let mut wv = w.try_as_plain_ram_mut()?;
+            let mut vv = v.try_as_plain_ram_mut()?;
+            let (w, v) = (wv.as_slice_mut::<f32>()?, vv.as_slice_mut::<f32>()?);
+            sgd_update(w, v, plain(&g)?, lr, (mu, wd));
         }
-        Ok(tvec!(new_w.into_tvalue(), new_v.into_tvalue()))
+        Ok(tvec!(w.into_tvalue(), v.into_tvalue()))
+    }
+}
+
+/// SGD with momentum `mu` and weight decay `wd`, in place:
+/// `v = mu v + g + wd w`, `w = w - lr v`.
+fn sgd_update(w: &mut [f32], v: &mut [f32], g: &[f32], lr: f32, (mu, wd): (f32, f32)) {
+    for ((w, v), &g) in w.iter_mut().zip(v.iter_mut()).zip(g) {
+        let d = mu * *v + (g + wd * *w);
+        *v = d;
+        *w -= d * lr;
     }
 }
 
@@ -395,5 +608,27 @@ impl TypedOp for Sgd {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let f = TypedFact::dt_shape(f32::datum_type(), inputs[0].shape.clone());
         Ok(tvec!(f.clone(), f))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sgd_update_matches_the_definition() {
+        let (mut w, mut v) = (vec![1.0f32, -2.0, 0.5], vec![0.1f32, 0.0, -0.3]);
+        let g = [0.2f32, -0.4, 1.0];
+        let (lr, mu, wd) = (0.1f32, 0.9f32, 0.01f32);
+        let want: Vec<(f32, f32)> = (0..3)
+            .map(|i| {
+                let d = mu * v[i] + (g[i] + wd * w[i]);
+                (w[i] - d * lr, d)
+            })
+            .collect();
+        sgd_update(&mut w, &mut v, &g, lr, (mu, wd));
+        for i in 0..3 {
+            assert_eq!((w[i], v[i]), want[i]);
+        }
     }
 }

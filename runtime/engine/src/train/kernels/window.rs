@@ -81,50 +81,61 @@ impl Geometry {
     }
 
     pub(super) fn im2col(&self, x: &[f32], cols: &mut [f32]) {
+        let p = self.n * self.ho * self.wo;
+        for ci in 0..self.c {
+            for i in 0..self.kh {
+                for j in 0..self.kw {
+                    let row = &mut cols[((ci * self.kh + i) * self.kw + j) * p..][..p];
+                    self.im2col_row(x, (ci, i, j), 0..self.n, row);
+                }
+            }
+        }
+    }
+
+    /// Row `(ci, i, j)` of the patches of `images` (of the batch `x`):
+    /// `row[(b, oy, ox)] = x[first + b, ci, oy*sh + i - pt, ox*sw + j - pl]`
+    /// (0 outside the image), `images.len() * ho * wo` values.
+    pub(super) fn im2col_row(
+        &self,
+        x: &[f32],
+        (ci, i, j): (usize, usize, usize),
+        images: std::ops::Range<usize>,
+        row: &mut [f32],
+    ) {
         let Geometry {
-            n,
             c,
             h,
             w,
-            kh,
-            kw,
             sh,
             sw,
             pt,
             pl,
             ho,
             wo,
+            ..
         } = *self;
-        let p = n * ho * wo;
-        for ci in 0..c {
-            for i in 0..kh {
-                for j in 0..kw {
-                    let row = &mut cols[((ci * kh + i) * kw + j) * p..][..p];
-                    let valid = self.valid_cols(j);
-                    if valid.is_empty() {
-                        row.fill(0.0);
-                        continue;
-                    }
-                    let x0 = valid.start * sw + j - pl;
-                    for b in 0..n {
-                        let img = &x[(b * c + ci) * h * w..][..h * w];
-                        for oy in 0..ho {
-                            let out = &mut row[(b * ho + oy) * wo..][..wo];
-                            let Some(y) = Self::src(oy, sh, i, pt, h) else {
-                                out.fill(0.0);
-                                continue;
-                            };
-                            let line = &img[y * w..][..w];
-                            out[..valid.start].fill(0.0);
-                            out[valid.end..].fill(0.0);
-                            if sw == 1 {
-                                out[valid.clone()].copy_from_slice(&line[x0..x0 + valid.len()]);
-                            } else {
-                                for (k, o) in out[valid.clone()].iter_mut().enumerate() {
-                                    *o = line[x0 + k * sw];
-                                }
-                            }
-                        }
+        let valid = self.valid_cols(j);
+        if valid.is_empty() {
+            row.fill(0.0);
+            return;
+        }
+        let x0 = valid.start * sw + j - pl;
+        for (k, b) in images.enumerate() {
+            let img = &x[(b * c + ci) * h * w..][..h * w];
+            for oy in 0..ho {
+                let out = &mut row[(k * ho + oy) * wo..][..wo];
+                let Some(y) = Self::src(oy, sh, i, pt, h) else {
+                    out.fill(0.0);
+                    continue;
+                };
+                let line = &img[y * w..][..w];
+                out[..valid.start].fill(0.0);
+                out[valid.end..].fill(0.0);
+                if sw == 1 {
+                    out[valid.clone()].copy_from_slice(&line[x0..x0 + valid.len()]);
+                } else {
+                    for (k, o) in out[valid.clone()].iter_mut().enumerate() {
+                        *o = line[x0 + k * sw];
                     }
                 }
             }
@@ -221,10 +232,9 @@ impl Geometry {
                 // The common 2x2 case: two rows at a time, no branches.
                 for oy in 0..ho {
                     let (r0, r1) = (&xi[2 * oy * w..][..w], &xi[(2 * oy + 1) * w..][..w]);
-                    for (ox, o) in yo[oy * wo..][..wo].iter_mut().enumerate() {
-                        let a = r0[2 * ox].max(r0[2 * ox + 1]);
-                        let b = r1[2 * ox].max(r1[2 * ox + 1]);
-                        *o = a.max(b);
+                    let windows = r0.chunks_exact(2).zip(r1.chunks_exact(2));
+                    for (o, (a, b)) in yo[oy * wo..][..wo].iter_mut().zip(windows) {
+                        *o = a[0].max(a[1]).max(b[0].max(b[1]));
                     }
                 }
                 continue;
@@ -399,6 +409,20 @@ mod tests {
                 .collect();
             let mut y = vec![f32::NAN; g.n * g.c * ho * wo];
             g.max_pool(&x, &mut y);
+            let gy: Vec<f32> = (0..y.len()).map(|i| i as f32 + 1.0).collect();
+            let mut gx = vec![f32::NAN; x.len()];
+            g.max_pool_grad(&x, &gy, &mut gx);
+            let mut want = vec![0.0; x.len()];
+            for plane in 0..g.n * g.c {
+                let xi = &x[plane * g.h * g.w..][..g.h * g.w];
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        want[plane * g.h * g.w + g.argmax(xi, oy, ox)] +=
+                            gy[(plane * ho + oy) * wo + ox];
+                    }
+                }
+            }
+            assert_eq!(gx, want, "{kh}x{kw}");
             for plane in 0..g.n * g.c {
                 let xi = &x[plane * g.h * g.w..][..g.h * g.w];
                 for oy in 0..ho {

@@ -1,0 +1,678 @@
+//! An ungrouped 2-D convolution and its two gradients computed with
+//! tract-linalg's matrix kernels directly, packing the im2col patches
+//! straight from the image into the kernel's panel layout.
+//!
+//! tract's own MatMul would take `im2col(X)` as a plain matrix and copy it
+//! into its panels before every product (the patches written once by
+//! im2col, then read and written again by the packer). Here each product
+//! packs its operands itself, one image (or one chunk of images) at a
+//! time, so no patch matrix exists at all: the packed panels of one image
+//! are a few hundred KiB and stay in cache, and the output is stored
+//! straight into NCHW (no transpose).
+//!
+//! With `ck = C*kh*kw`, `hw = Ho*Wo` and `W2` the weight as `[Co, ck]`:
+//! - forward, per image: `Y[b] = W2 x im2col(X[b]) + bias` (`[Co, hw]`);
+//! - weight gradient, per chunk of images (inner dimension `images * hw`):
+//!   `dW2 += G[chunk] x im2col(X[chunk])^T`;
+//! - input gradient: with stride 1, the forward product on `G` by the
+//!   weight with its channel axes swapped and its window turned half a
+//!   turn (pads `k - 1 - p`); else, per image, `dX[b] = col2im(W2^T x G[b])`.
+
+use std::sync::Arc;
+
+use tract_onnx::tract_core::tract_linalg::BinOp;
+use tract_onnx::tract_core::tract_linalg::mmm::{
+    AsInputValue, EagerPackedInput, FusedSpec, MatMatMul, MmmDispatch, Query, Suitable,
+    pick_by_shape, retain_best,
+};
+use tract_onnx::tract_core::tract_linalg::pack::PackedFormat;
+use tract_onnx::tract_hir::internal::*;
+
+use super::Geometry;
+
+/// A matrix kernel chosen for one product shape, with its operand layouts.
+struct Gemm {
+    mmm: Box<dyn MatMatMul>,
+    packing: usize,
+    a: PackedFormat,
+    b: PackedFormat,
+}
+
+impl Gemm {
+    /// The kernel tract would pick for an f32 `[m, k] x [k, n]` product,
+    /// among those reading plain packed panels.
+    fn new(m: usize, k: usize, n: usize) -> TractResult<Gemm> {
+        let dispatch = MmmDispatch::native();
+        let query = Query::plain(f32::datum_type(), Some(m), Some(k), Some(n));
+        let plain = |(mmm, ix, pe): &Suitable| {
+            let (a, b) = &mmm.packings()[*ix];
+            pe.is_none()
+                && a.downcast_ref::<PackedFormat>().is_some()
+                && b.downcast_ref::<PackedFormat>().is_some()
+        };
+        let chosen = match dispatch.pick(&query) {
+            Some(s) if plain(&s) => s,
+            _ => {
+                let mut suitable = dispatch.suitable(&query);
+                suitable.retain(|s| plain(s));
+                retain_best(&mut suitable);
+                let ix = pick_by_shape(&query, &suitable)
+                    .or_else(|| (!suitable.is_empty()).then_some(0))
+                    .context("no f32 matrix kernel with plain packing")?;
+                suitable.swap_remove(ix)
+            }
+        };
+        let (mmm, packing, _) = chosen;
+        tracing::trace!(m, k, n, kernel = mmm.name(), "fedge conv product");
+        let (a, b) = &mmm.packings()[packing];
+        let a = a.downcast_ref::<PackedFormat>().expect("checked").clone();
+        let b = b.downcast_ref::<PackedFormat>().expect("checked").clone();
+        Ok(Gemm { mmm, packing, a, b })
+    }
+
+    /// Run `C = A x B` (then `ops` after the product, before the store).
+    fn run<'t>(
+        &self,
+        scratch: &mut dyn tract_onnx::tract_core::tract_linalg::mmm::ScratchSpace,
+        (m, n): (usize, usize),
+        a: &'t EagerPackedInput,
+        b: &'t EagerPackedInput,
+        ops: TVec<FusedSpec<'t>>,
+    ) -> TractResult<()> {
+        let mut specs: TVec<FusedSpec> = tvec![FusedSpec::AddMatMul {
+            a: AsInputValue::Borrowed(a),
+            b: AsInputValue::Borrowed(b),
+            packing: self.packing,
+        }];
+        specs.extend(ops);
+        // SAFETY: both operands were packed in the kernel's own formats for
+        // this `k`, and every store in `ops` covers an `m x n` region.
+        unsafe { self.mmm.run_with_scratch_space(m, n, scratch, &specs) }
+    }
+}
+
+/// The panels of a packed operand, as floats, and the floats per panel.
+fn panels_mut(p: &mut EagerPackedInput) -> (&mut [f32], usize) {
+    let panel = p.panel_bytes / 4;
+    let blob = Arc::get_mut(&mut p.packed).expect("a packed buffer of our own");
+    let bytes = blob.as_bytes_mut();
+    // SAFETY: the blob is aligned for the kernel (at least 4 bytes) and
+    // holds whole f32s.
+    let f =
+        unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr() as *mut f32, bytes.len() / 4) };
+    (f, panel)
+}
+
+/// Call `$f::<R>(args)` with `R` the panel width `$r` when it is one the
+/// kernels use, so the copies below unroll; else `$f::<0>`, which reads
+/// the width at run time.
+macro_rules! by_width {
+    ($r:expr, $f:ident($($a:expr),* $(,)?)) => {
+        match $r {
+            1 => $f::<1>($($a),*),
+            2 => $f::<2>($($a),*),
+            3 => $f::<3>($($a),*),
+            4 => $f::<4>($($a),*),
+            5 => $f::<5>($($a),*),
+            6 => $f::<6>($($a),*),
+            8 => $f::<8>($($a),*),
+            12 => $f::<12>($($a),*),
+            16 => $f::<16>($($a),*),
+            24 => $f::<24>($($a),*),
+            32 => $f::<32>($($a),*),
+            48 => $f::<48>($($a),*),
+            64 => $f::<64>($($a),*),
+            _ => $f::<0>($($a),*),
+        }
+    };
+}
+
+/// The panel width: `R`, or the run-time `r` when `R` is 0.
+#[inline(always)]
+fn width<const R: usize>(r: usize) -> usize {
+    if R == 0 { r } else { R }
+}
+
+/// Pack records `k0..k0 + k` of an `[mn, k]` operand read at `src[r *
+/// mn_stride + kk * k_stride]` into `r`-wide panels.
+fn pack_strided(
+    dst: &mut [f32],
+    (panel_len, r): (usize, usize),
+    src: &[f32],
+    (mn, k, k0): (usize, usize, usize),
+    (mn_stride, k_stride): (usize, usize),
+) {
+    by_width!(
+        r,
+        pack_strided_r(dst, (panel_len, r), src, (mn, k, k0), (mn_stride, k_stride))
+    )
+}
+
+fn pack_strided_r<const R: usize>(
+    dst: &mut [f32],
+    (panel_len, r): (usize, usize),
+    src: &[f32],
+    (mn, k, k0): (usize, usize, usize),
+    (mn_stride, k_stride): (usize, usize),
+) {
+    let r = width::<R>(r);
+    for p in 0..mn.div_ceil(r) {
+        let rows = (mn - p * r).min(r);
+        let panel = &mut dst[p * panel_len..][..panel_len];
+        for kk in 0..k {
+            let d = &mut panel[(k0 + kk) * r..][..r];
+            if rows == r && mn_stride == 1 {
+                // A constant `r` (by_width!) makes this a few moves.
+                d.copy_from_slice(&src[p * r + kk * k_stride..][..r]);
+            } else {
+                for (rr, v) in d.iter_mut().enumerate() {
+                    *v = if rr < rows {
+                        src[(p * r + rr) * mn_stride + kk * k_stride]
+                    } else {
+                        0.0
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// Some images zero-padded so that every patch element is in bounds, and
+/// the patches as offsets into them: element `(kk, q)` of the patches (row
+/// `kk = (ci, i, j)`, pixel `q = (b, oy, ox)`) is `xp[row[kk] + pixel[q]]`,
+/// with `row[kk] = (ci*Hp + i)*Wp + j` and `pixel[q] = ((b*C)*Hp + oy*sh)*Wp + ox*sw`.
+/// The packers below are then gathers with no branches.
+struct Padded {
+    xp: Vec<f32>,
+    row: Vec<usize>,
+    pixel: Vec<usize>,
+    /// Padded height and width.
+    hp: usize,
+    wp: usize,
+}
+
+impl Padded {
+    /// The offsets for `images` images, with `xp` zeroed (the padding stays
+    /// zero; [`Padded::fill`] writes the images).
+    fn new(g: &Geometry, images: usize) -> Padded {
+        // Padded rows oy*sh + i for oy < ho, i < kh; image row y is padded
+        // row y + pt.
+        let hp = (g.ho.max(1) - 1) * g.sh + g.kh;
+        let wp = (g.wo.max(1) - 1) * g.sw + g.kw;
+        let mut row = Vec::with_capacity(g.c * g.kh * g.kw);
+        for ci in 0..g.c {
+            for i in 0..g.kh {
+                for j in 0..g.kw {
+                    row.push((ci * hp + i) * wp + j);
+                }
+            }
+        }
+        let mut pixel = Vec::with_capacity(images * g.ho * g.wo);
+        for b in 0..images {
+            for oy in 0..g.ho {
+                for ox in 0..g.wo {
+                    pixel.push((b * g.c * hp + oy * g.sh) * wp + ox * g.sw);
+                }
+            }
+        }
+        Padded {
+            xp: vec![0.0; images * g.c * hp * wp],
+            row,
+            pixel,
+            hp,
+            wp,
+        }
+    }
+
+    /// Where the image lands in the padded frame: `(padded index of image
+    /// row 0, rows inside the frame)`, likewise for columns. Rows past the
+    /// frame are read by no patch.
+    fn overlap(g: &Geometry, hp: usize, wp: usize) -> [(usize, usize); 2] {
+        [
+            (g.pt, g.h.min(hp.saturating_sub(g.pt))),
+            (g.pl, g.w.min(wp.saturating_sub(g.pl))),
+        ]
+    }
+
+    /// Copy images `images` of the batch `x` into the frame.
+    fn fill(&mut self, g: &Geometry, x: &[f32], images: std::ops::Range<usize>) {
+        let (hp, wp) = (self.hp, self.wp);
+        let [(y0, ny), (x0, nx)] = Self::overlap(g, hp, wp);
+        for (k, b) in images.enumerate() {
+            for ci in 0..g.c {
+                let src = &x[(b * g.c + ci) * g.h * g.w..][..g.h * g.w];
+                let dst = &mut self.xp[(k * g.c + ci) * hp * wp..][..hp * wp];
+                for y in 0..ny {
+                    dst[(y0 + y) * wp + x0..][..nx].copy_from_slice(&src[y * g.w..][..nx]);
+                }
+            }
+        }
+    }
+}
+
+/// The patches (of image 0 of `p`) as the right operand of
+/// `W2 x im2col`: records are patch rows, panels run along the pixels.
+fn pack_patches_by_pixel(
+    p: &Padded,
+    dst: &mut [f32],
+    (panel_len, r): (usize, usize),
+    g: &Geometry,
+    row: &mut [f32],
+) {
+    by_width!(r, pack_patches_by_pixel_r(p, dst, (panel_len, r), g, row))
+}
+
+fn pack_patches_by_pixel_r<const R: usize>(
+    p: &Padded,
+    dst: &mut [f32],
+    (panel_len, r): (usize, usize),
+    g: &Geometry,
+    row: &mut [f32],
+) {
+    let r = width::<R>(r);
+    let (xp, wp) = (&p.xp[..], p.wp);
+    let (ho, wo, sh, sw) = (g.ho, g.wo, g.sh, g.sw);
+    let hw = ho * wo;
+    let (full, tail) = (hw / r, hw % r);
+    let row = &mut row[..hw];
+    for (kk, &base) in p.row.iter().enumerate() {
+        // The patch row, contiguous: one run of the frame per output row.
+        for oy in 0..ho {
+            let src = &xp[base + oy * sh * wp..];
+            let out = &mut row[oy * wo..][..wo];
+            if sw == 1 {
+                out.copy_from_slice(&src[..wo]);
+            } else {
+                for (ox, v) in out.iter_mut().enumerate() {
+                    *v = src[ox * sw];
+                }
+            }
+        }
+        for panel in 0..full {
+            // A constant `r` (by_width!) makes this a few moves.
+            dst[panel * panel_len + kk * r..][..r].copy_from_slice(&row[panel * r..][..r]);
+        }
+        if tail > 0 {
+            let d = &mut dst[full * panel_len + kk * r..][..r];
+            d[..tail].copy_from_slice(&row[full * r..]);
+            d[tail..].fill(0.0);
+        }
+    }
+}
+
+/// The patches of all the images of `p` as the right operand of
+/// `G x im2col^T`: records are pixels, panels run along the patch rows.
+fn pack_patches_by_row(p: &Padded, dst: &mut [f32], (panel_len, r): (usize, usize)) {
+    by_width!(r, pack_patches_by_row_r(p, dst, (panel_len, r)))
+}
+
+fn pack_patches_by_row_r<const R: usize>(
+    p: &Padded,
+    dst: &mut [f32],
+    (panel_len, r): (usize, usize),
+) {
+    let r = width::<R>(r);
+    let xp = &p.xp[..];
+    let pixels = p.pixel.len();
+    for (panel, rows) in p.row.chunks(r).enumerate() {
+        let d = &mut dst[panel * panel_len..][..pixels * r];
+        if rows.len() == r {
+            for (d, &q) in d.chunks_exact_mut(r).zip(&p.pixel) {
+                let src = &xp[q..];
+                for (v, &base) in d.iter_mut().zip(rows) {
+                    *v = src[base];
+                }
+            }
+        } else {
+            for (d, &q) in d.chunks_exact_mut(r).zip(&p.pixel) {
+                for (v, &base) in d.iter_mut().zip(rows) {
+                    *v = xp[q + base];
+                }
+                d[rows.len()..].fill(0.0);
+            }
+        }
+    }
+}
+
+fn check_len(what: &str, got: usize, want: usize) -> TractResult<()> {
+    ensure!(got == want, "{what} has {got} values, expected {want}");
+    Ok(())
+}
+
+/// `Y = conv(X, W) + bias`, NCHW: `[n, co, ho, wo]`.
+pub(super) fn forward(
+    g: &Geometry,
+    co: usize,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&Tensor>,
+) -> TractResult<Tensor> {
+    let (ck, hw) = (g.c * g.kh * g.kw, g.ho * g.wo);
+    check_len("the input", x.len(), g.n * g.c * g.h * g.w)?;
+    check_len("the weight", w.len(), co * ck)?;
+    let gemm = Gemm::new(co, ck, hw)?;
+    let mut a = gemm.a.new_packed_buffer(ck, co)?;
+    {
+        let (d, pl) = panels_mut(&mut a);
+        pack_strided(d, (pl, gemm.a.r), w, (co, ck, 0), (ck, 1));
+    }
+    let mut b = gemm.b.new_packed_buffer(ck, hw)?;
+    let y = unsafe { Tensor::uninitialized::<f32>(&[g.n, co, g.ho, g.wo])? };
+    let mut padded = Padded::new(g, 1);
+    let mut row = vec![0.0f32; hw];
+    // SAFETY: `[co, hw]` rows of an image's output, contiguous.
+    let spec = unsafe { gemm.mmm.c_from_data_and_strides(4, hw as isize, 1) };
+    let mut scratch = unsafe { gemm.mmm.allocate_scratch_space() };
+    for img in 0..g.n {
+        {
+            padded.fill(g, x, img..img + 1);
+            let (d, pl) = panels_mut(&mut b);
+            pack_patches_by_pixel(&padded, d, (pl, gemm.b.r), g, &mut row);
+        }
+        let view = TensorView::at_prefix(&y, &[img])?;
+        // SAFETY: the view is image `img` of `y`, `[co, ho, wo]`.
+        let store = unsafe { spec.wrap(&view) };
+        let mut ops: TVec<FusedSpec> = tvec![];
+        if let Some(bias) = bias {
+            ops.push(FusedSpec::BinPerRow(bias.view(), BinOp::Add));
+        }
+        ops.push(FusedSpec::Store(store));
+        gemm.run(&mut *scratch, (co, hw), &a, &b, ops)?;
+    }
+    Ok(y)
+}
+
+/// `dW` (`[co, c, kh, kw]`) from the input `x` and the output gradient
+/// `gy`, `images` images per product.
+pub(super) fn grad_weight(
+    g: &Geometry,
+    co: usize,
+    x: &[f32],
+    gy: &[f32],
+    images: usize,
+) -> TractResult<Tensor> {
+    let (ck, hw) = (g.c * g.kh * g.kw, g.ho * g.wo);
+    check_len("the input", x.len(), g.n * g.c * g.h * g.w)?;
+    check_len("the output gradient", gy.len(), g.n * co * hw)?;
+    let images = images.clamp(1, g.n.max(1));
+    let dw = Tensor::zero::<f32>(&[co, g.c, g.kh, g.kw])?;
+    let gemm = Gemm::new(co, images * hw, ck)?;
+    // SAFETY: `dw` is `[co, ck]`, contiguous.
+    let store = unsafe {
+        gemm.mmm
+            .c_from_data_and_strides(4, ck as isize, 1)
+            .wrap(&dw.view())
+    };
+    let mut scratch = unsafe { gemm.mmm.allocate_scratch_space() };
+    let mut padded = Padded::new(g, images);
+    // Buffers for a full chunk and, made when needed, the shorter last one.
+    let mut full: Option<(EagerPackedInput, EagerPackedInput)> = None;
+    for (chunk, first) in (0..g.n).step_by(images).enumerate() {
+        let len = images.min(g.n - first);
+        let k = len * hw;
+        let mut fresh;
+        let (a, b) = if len == images {
+            if full.is_none() {
+                full = Some((
+                    gemm.a.new_packed_buffer(k, co)?,
+                    gemm.b.new_packed_buffer(k, ck)?,
+                ));
+            }
+            let (a, b) = full.as_mut().expect("made");
+            (a, b)
+        } else {
+            fresh = (
+                gemm.a.new_packed_buffer(k, co)?,
+                gemm.b.new_packed_buffer(k, ck)?,
+            );
+            (&mut fresh.0, &mut fresh.1)
+        };
+        {
+            let (d, pl) = panels_mut(a);
+            for (i, img) in (first..first + len).enumerate() {
+                let src = &gy[img * co * hw..][..co * hw];
+                pack_strided(d, (pl, gemm.a.r), src, (co, hw, i * hw), (hw, 1));
+            }
+        }
+        {
+            if len != images {
+                padded = Padded::new(g, len);
+            }
+            padded.fill(g, x, first..first + len);
+            let (d, pl) = panels_mut(b);
+            pack_patches_by_row(&padded, d, (pl, gemm.b.r));
+        }
+        let ops: TVec<FusedSpec> = if chunk == 0 {
+            tvec![FusedSpec::Store(store)]
+        } else {
+            tvec![FusedSpec::AddUnicast(store), FusedSpec::Store(store)]
+        };
+        gemm.run(&mut *scratch, (co, ck), a, b, ops)?;
+    }
+    Ok(dw)
+}
+
+/// `dX` (`[n, c, h, w]`) from the output gradient `gy` and the weight.
+///
+/// With stride 1 (and pads smaller than the kernel) it is the forward
+/// convolution of `gy` by the weight with its channel axes swapped and
+/// its window turned half a turn, pads `k - 1 - p`: packed like the
+/// forward, no col2im. Else `col2im(W2^T x G)`, image by image.
+pub(super) fn grad_input(g: &Geometry, co: usize, gy: &[f32], w: &[f32]) -> TractResult<Tensor> {
+    let (ck, hw) = (g.c * g.kh * g.kw, g.ho * g.wo);
+    check_len("the output gradient", gy.len(), g.n * co * hw)?;
+    check_len("the weight", w.len(), co * ck)?;
+    if g.sh == 1 && g.sw == 1 && g.pt < g.kh && g.pl < g.kw {
+        let (kh, kw) = (g.kh, g.kw);
+        let turned = Geometry {
+            n: g.n,
+            c: co,
+            h: g.ho,
+            w: g.wo,
+            kh,
+            kw,
+            sh: 1,
+            sw: 1,
+            pt: kh - 1 - g.pt,
+            pl: kw - 1 - g.pl,
+            ho: g.h,
+            wo: g.w,
+        };
+        let mut wt = vec![0.0f32; w.len()];
+        for o in 0..co {
+            for ci in 0..g.c {
+                for i in 0..kh {
+                    for j in 0..kw {
+                        wt[((ci * co + o) * kh + (kh - 1 - i)) * kw + (kw - 1 - j)] =
+                            w[((o * g.c + ci) * kh + i) * kw + j];
+                    }
+                }
+            }
+        }
+        return forward(&turned, g.c, gy, &wt, None);
+    }
+    let gemm = Gemm::new(ck, co, hw)?;
+    let mut a = gemm.a.new_packed_buffer(co, ck)?;
+    {
+        let (d, pl) = panels_mut(&mut a);
+        pack_strided(d, (pl, gemm.a.r), w, (ck, co, 0), (1, ck));
+    }
+    let mut b = gemm.b.new_packed_buffer(co, hw)?;
+    let cols = unsafe { Tensor::uninitialized::<f32>(&[ck, hw])? };
+    // SAFETY: `cols` is `[ck, hw]`, contiguous.
+    let store = unsafe {
+        gemm.mmm
+            .c_from_data_and_strides(4, hw as isize, 1)
+            .wrap(&cols.view())
+    };
+    let mut scratch = unsafe { gemm.mmm.allocate_scratch_space() };
+    let mut dx = unsafe { Tensor::uninitialized::<f32>(&g.image_shape())? };
+    let one = Geometry { n: 1, ..*g };
+    let image = g.c * g.h * g.w;
+    for img in 0..g.n {
+        {
+            let (d, pl) = panels_mut(&mut b);
+            let src = &gy[img * co * hw..][..co * hw];
+            pack_strided(d, (pl, gemm.b.r), src, (hw, co, 0), (1, hw));
+        }
+        gemm.run(
+            &mut *scratch,
+            (ck, hw),
+            &a,
+            &b,
+            tvec![FusedSpec::Store(store)],
+        )?;
+        let mut view = dx.try_as_plain_ram_mut()?;
+        let out = &mut view.as_slice_mut::<f32>()?[img * image..][..image];
+        one.col2im(cols.try_as_plain_ram()?.as_slice::<f32>()?, out);
+    }
+    Ok(dx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive_forward(g: &Geometry, co: usize, x: &[f32], w: &[f32], bias: &[f32]) -> Vec<f32> {
+        let mut y = vec![0.0; g.n * co * g.ho * g.wo];
+        for b in 0..g.n {
+            for o in 0..co {
+                for oy in 0..g.ho {
+                    for ox in 0..g.wo {
+                        let mut s = bias[o] as f64;
+                        for c in 0..g.c {
+                            for i in 0..g.kh {
+                                for j in 0..g.kw {
+                                    let yy = (oy * g.sh + i) as isize - g.pt as isize;
+                                    let xx = (ox * g.sw + j) as isize - g.pl as isize;
+                                    if yy < 0 || xx < 0 || yy as usize >= g.h || xx as usize >= g.w
+                                    {
+                                        continue;
+                                    }
+                                    let xv =
+                                        x[((b * g.c + c) * g.h + yy as usize) * g.w + xx as usize];
+                                    let wv = w[((o * g.c + c) * g.kh + i) * g.kw + j];
+                                    s += (xv * wv) as f64;
+                                }
+                            }
+                        }
+                        y[((b * co + o) * g.ho + oy) * g.wo + ox] = s as f32;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    fn geometries() -> Vec<(Geometry, usize)> {
+        let mut v = Vec::new();
+        for (n, c, h, w, k, s, p, co) in [
+            (3, 2, 6, 7, 3, 1, 1, 5),
+            (2, 3, 9, 8, 5, 1, 2, 17),
+            (4, 1, 7, 5, 3, 2, 0, 33),
+            (2, 2, 6, 6, 3, 2, 0, 4),
+            (2, 4, 5, 5, 1, 1, 0, 3),
+            (5, 3, 8, 6, 2, 2, 1, 7),
+        ] {
+            let ho = (h + 2 * p - k) / s + 1;
+            let wo = (w + 2 * p - k) / s + 1;
+            let g = Geometry {
+                n,
+                c,
+                h,
+                w,
+                kh: k,
+                kw: k,
+                sh: s,
+                sw: s,
+                pt: p,
+                pl: p,
+                ho,
+                wo,
+            };
+            v.push((g, co));
+        }
+        v
+    }
+
+    fn data(len: usize, seed: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i * 7 + seed * 13) % 23) as f32 - 11.0) / 8.0)
+            .collect()
+    }
+
+    fn close(got: &[f32], want: &[f32], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (i, (a, b)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                "{what}[{i}]: {a} vs {b}"
+            );
+        }
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.try_as_plain_ram()
+            .unwrap()
+            .as_slice::<f32>()
+            .unwrap()
+            .to_vec()
+    }
+
+    #[test]
+    fn forward_matches_the_definition() {
+        for (g, co) in geometries() {
+            let x = data(g.n * g.c * g.h * g.w, 1);
+            let w = data(co * g.c * g.kh * g.kw, 2);
+            let bias = data(co, 3);
+            let bt = Tensor::from_shape(&[co], &bias).unwrap();
+            let y = forward(&g, co, &x, &w, Some(&bt)).unwrap();
+            close(
+                &values(&y),
+                &naive_forward(&g, co, &x, &w, &bias),
+                &format!("{g:?}"),
+            );
+            let y = forward(&g, co, &x, &w, None).unwrap();
+            close(
+                &values(&y),
+                &naive_forward(&g, co, &x, &w, &vec![0.0; co]),
+                "no bias",
+            );
+        }
+    }
+
+    /// The gradients are the adjoints of the forward product:
+    /// `<dW, V> = <gy, conv(x, V)>` and `<dX, U> = <gy, conv(U, w)>`,
+    /// checked against the naive convolution.
+    #[test]
+    fn gradients_are_the_adjoints() {
+        for (g, co) in geometries() {
+            let (nx, nw) = (g.n * g.c * g.h * g.w, co * g.c * g.kh * g.kw);
+            let x = data(nx, 4);
+            let w = data(nw, 5);
+            let gy = data(g.n * co * g.ho * g.wo, 6);
+            let zero = vec![0.0; co];
+            let dot =
+                |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(a, b)| (a * b) as f64).sum::<f64>();
+            for images in [1, 2, g.n] {
+                let dw = values(&grad_weight(&g, co, &x, &gy, images).unwrap());
+                // <dW, w> = <gy, conv(x, w)> for any w: a basis check per entry.
+                let mut want = vec![0.0f32; nw];
+                for (e, slot) in want.iter_mut().enumerate() {
+                    let mut basis = vec![0.0; nw];
+                    basis[e] = 1.0;
+                    *slot = dot(&gy, &naive_forward(&g, co, &x, &basis, &zero)) as f32;
+                }
+                close(&dw, &want, &format!("dW {g:?} images {images}"));
+            }
+            let dx = values(&grad_input(&g, co, &gy, &w).unwrap());
+            let mut want = vec![0.0f32; nx];
+            for (e, slot) in want.iter_mut().enumerate() {
+                let mut basis = vec![0.0; nx];
+                basis[e] = 1.0;
+                *slot = dot(&gy, &naive_forward(&g, co, &basis, &w, &zero)) as f32;
+            }
+            close(&dx, &want, &format!("dX {g:?}"));
+        }
+    }
+}
