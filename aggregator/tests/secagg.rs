@@ -62,6 +62,18 @@ struct Run {
 /// Drive one round. `drop_at[i]`: device i sends nothing from that stage
 /// on. `updates[i]`: its update.
 fn run(p: &SecAggParams, drop_at: &[Option<Stage>], updates: &[Vec<f32>], seed: u64) -> Run {
+    run_with_liar(p, drop_at, updates, seed, None)
+}
+
+/// As [`run`], with device `liar` (a modified binary) revealing made-up
+/// shares at unmasking.
+fn run_with_liar(
+    p: &SecAggParams,
+    drop_at: &[Option<Stage>],
+    updates: &[Vec<f32>],
+    seed: u64,
+    liar: Option<u32>,
+) -> Run {
     let mut now = Instant::now();
     let mut server = SecAggServer::new(p.clone(), DEADLINES, p.threshold, now).expect("params");
     let mut clients: Vec<Option<SecAggClient>> = (0..p.devices)
@@ -95,6 +107,21 @@ fn run(p: &SecAggParams, drop_at: &[Option<Stage>], updates: &[Vec<f32>], seed: 
                 if let DeviceSecAgg::MaskedInput(v) = &m {
                     masked.insert(i, v.clone());
                 }
+                let m = match m {
+                    DeviceSecAgg::Unmask {
+                        mut self_mask,
+                        mut mask_key,
+                    } if liar == Some(i) => {
+                        for r in self_mask.iter_mut().chain(mask_key.iter_mut()) {
+                            r.share = *blake3::hash(&r.share).as_bytes();
+                        }
+                        DeviceSecAgg::Unmask {
+                            self_mask,
+                            mask_key,
+                        }
+                    }
+                    m => m,
+                };
                 server
                     .handle_message(now, i, m)
                     .unwrap_or_else(|e| panic!("seed {seed}: device {i}: {e}"));
@@ -432,4 +459,31 @@ fn the_server_refuses_out_of_turn_and_malformed_messages() {
         .is_err()
     );
     assert!(SecAggServer::new(SecAggParams { bits: 4, ..p }, DEADLINES, 2, now).is_err());
+}
+
+/// A device that reveals made-up shares at unmasking (a modified binary)
+/// does not spoil the round: the server rebuilds each secret from subsets
+/// of its shares that agree (or that match the advertised mask key), and
+/// the sum is still exactly the survivors' quantized sum. With dropouts
+/// after the key exchange, mask keys are rebuilt too.
+#[test]
+fn a_device_revealing_made_up_shares_does_not_spoil_the_sum() {
+    for seed in [3u64, 8, 21] {
+        let p = SecAggParams {
+            threshold: 3,
+            ..params(seed, 16, 8, 3, 32, 12)
+        };
+        let mut drop_at = vec![None; 16];
+        drop_at[2] = Some(Stage::MaskedInput);
+        drop_at[9] = Some(Stage::MaskedInput);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let updates = random_updates(&mut rng, p.devices, p.dimension);
+        let r = run_with_liar(&p, &drop_at, &updates, seed, Some(5));
+        let o = r
+            .outcome
+            .as_ref()
+            .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        assert!(o.survivors.contains(&5), "seed {seed}");
+        assert_eq!(o.sum, plain_sum(&r, &o.survivors, p.bits), "seed {seed}");
+    }
 }

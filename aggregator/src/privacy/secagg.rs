@@ -274,6 +274,11 @@ pub enum RoundFailure {
     },
     #[error("device {device}'s rebuilt mask key does not match the key it advertised")]
     KeyMismatch { device: u32 },
+    #[error(
+        "device {device}'s {secret} cannot be rebuilt: no subsets of its shares agree \
+         (shares were altered)"
+    )]
+    SharesInconsistent { device: u32, secret: &'static str },
 }
 
 /// A finished round: the survivors' quantized sum, exactly.
@@ -611,14 +616,34 @@ impl SecAggServer {
     fn finish(&mut self) -> Result<SecAggOutcome, RoundFailure> {
         let (round, bits) = (self.params.round, self.params.bits);
         let t = self.params.threshold;
+        let seed = self.params.seed;
+        let keys = &self.keys;
         let rebuild = |shares: Option<&Vec<Share>>, device: u32, secret: &'static str| {
             let shares = shares.map(Vec::as_slice).unwrap_or(&[]);
-            shamir::reconstruct(shares, t as usize).map_err(|_| RoundFailure::BelowThreshold {
+            let below = RoundFailure::BelowThreshold {
                 device,
                 secret,
                 shares: shares.len() as u32,
                 threshold: t,
-            })
+            };
+            if shares.len() < t as usize {
+                return Err(below);
+            }
+            // A mask key is checked against the public key its owner
+            // advertised; a self-mask seed by agreement between subsets.
+            let verify = |s: &[u8; 32]| match secret {
+                "mask key" => KeyPair::from_bytes(*s).public == keys[&device].s_public,
+                _ => true,
+            };
+            rebuild_robust(
+                shares,
+                t as usize,
+                &seed,
+                device,
+                secret == "mask key",
+                verify,
+            )
+            .ok_or(RoundFailure::SharesInconsistent { device, secret })
         };
         let mut sum = std::mem::take(&mut self.sum);
         for &u in &self.u3 {
@@ -654,6 +679,70 @@ impl SecAggServer {
             completed: self.completed,
         })
     }
+}
+
+/// Most t-subsets of a secret's shares tried before giving up.
+const REBUILD_ATTEMPTS: usize = 64;
+
+/// Rebuild a secret from `shares` (at least `t`) when some of them may be
+/// garbage (a device that revealed made-up shares, or a dealer that gave
+/// some neighbours bad ones): t-subsets are tried, the first t, then
+/// rotations, then subsets drawn from a generator seeded by the round and
+/// the owner (deterministic). With `verified`, the first rebuilt value
+/// `verify` accepts wins (a mask key, checked against the advertised
+/// public key). Without, a value two different subsets agree on wins:
+/// subsets free of bad shares all give the true secret, one with a bad
+/// share gives an unrelated value, so two subsets agreeing means both are
+/// clean (or, with only t shares, there is nothing to compare and the one
+/// value is taken). None when nothing qualifies.
+fn rebuild_robust(
+    shares: &[Share],
+    t: usize,
+    round_seed: &[u8; 32],
+    owner: u32,
+    verified: bool,
+    verify: impl Fn(&[u8; 32]) -> bool,
+) -> Option<[u8; 32]> {
+    use rand::seq::index::sample;
+    use rand_chacha::ChaCha8Rng;
+    use rand_chacha::rand_core::SeedableRng;
+    let m = shares.len();
+    if m < t || t == 0 {
+        return None;
+    }
+    let mut key = *round_seed;
+    key[..4]
+        .iter_mut()
+        .zip(owner.to_le_bytes())
+        .for_each(|(k, o)| *k ^= o);
+    let mut rng = ChaCha8Rng::from_seed(key);
+    let mut seen: Vec<[u8; 32]> = Vec::new();
+    for attempt in 0..REBUILD_ATTEMPTS {
+        let subset: Vec<Share> = if attempt < m {
+            (0..t).map(|i| shares[(attempt + i) % m].clone()).collect()
+        } else {
+            sample(&mut rng, m, t)
+                .into_iter()
+                .map(|i| shares[i].clone())
+                .collect()
+        };
+        let Ok(s) = shamir::reconstruct(&subset, t) else {
+            continue;
+        };
+        if verified {
+            if verify(&s) {
+                return Some(s);
+            }
+        } else if m == t || seen.contains(&s) {
+            return Some(s);
+        } else {
+            seen.push(s);
+        }
+        if m == t && attempt == 0 {
+            break;
+        }
+    }
+    None
 }
 
 /// `list` names exactly the owners in `want`, once each.
