@@ -719,11 +719,11 @@ fn rebuild_robust(
     let mut seen: Vec<[u8; 32]> = Vec::new();
     for attempt in 0..REBUILD_ATTEMPTS {
         let subset: Vec<Share> = if attempt < m {
-            (0..t).map(|i| shares[(attempt + i) % m].clone()).collect()
+            (0..t).map(|i| shares[(attempt + i) % m]).collect()
         } else {
             sample(&mut rng, m, t)
                 .into_iter()
-                .map(|i| shares[i].clone())
+                .map(|i| shares[i])
                 .collect()
         };
         let Ok(s) = shamir::reconstruct(&subset, t) else {
