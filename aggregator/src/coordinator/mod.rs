@@ -57,10 +57,9 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use fedge_proto::msg::TaskOffer;
-use fedge_proto::sign::{self, VerifyingKey};
+use fedge_proto::sign::VerifyingKey;
 use fedge_proto::{
-    AggMsg, DeviceMsg, Limits, ModelBlob, ModelVersion, ProtoError, RejectCode, SCHEMA_VERSION,
-    update,
+    AggMsg, DeviceMsg, Limits, ModelBlob, ModelVersion, ProtoError, RejectCode, update,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -168,7 +167,7 @@ impl Coordinator {
             ));
         }
         if let Some(spec) = &cfg.strategy.secagg {
-            secure::check_dimension(
+            secure::check_model(
                 spec,
                 dim,
                 cfg.limits.frame_bytes_max,
@@ -517,75 +516,6 @@ impl Coordinator {
     }
 
     // ------------------------------------------------------------ internals
-
-    fn on_hello(&mut self, session: SessionId, schema_version: u32, key: VerifyingKey) {
-        if schema_version != SCHEMA_VERSION {
-            let detail = format!(
-                "schema version mismatch: aggregator speaks {SCHEMA_VERSION}, device sent {schema_version}"
-            );
-            self.reject(session, None, RejectCode::SchemaMismatch, detail, true);
-            return;
-        }
-        let mut nonce = [0u8; 32];
-        self.rng.fill(&mut nonce);
-        self.sessions.await_auth(session, key, nonce);
-        self.send(
-            session,
-            AggMsg::Challenge {
-                schema_version: SCHEMA_VERSION,
-                nonce,
-            },
-        );
-    }
-
-    fn on_auth_response(
-        &mut self,
-        session: SessionId,
-        key: VerifyingKey,
-        nonce: [u8; 32],
-        signature: &[u8; 64],
-    ) {
-        let binding = self
-            .sessions
-            .tls_binding(session)
-            .copied()
-            .unwrap_or([0; 32]);
-        if sign::verify_auth(&key, &nonce, &binding, signature).is_err() {
-            self.reject(
-                session,
-                Some(device_id(&key)),
-                RejectCode::AuthFailed,
-                "challenge signature does not verify for this key and TLS session".into(),
-                true,
-            );
-            return;
-        }
-        if !self.sessions.has_room_for(&key) {
-            let max = self.sessions.max_sessions();
-            self.reject(
-                session,
-                Some(device_id(&key)),
-                RejectCode::TooManyDevices,
-                format!("aggregator is at its limit of {max} devices"),
-                true,
-            );
-            return;
-        }
-        // A device that reconnects replaces its old connection.
-        if let Some(old) = self.sessions.authenticate(session, key) {
-            self.out.push_back(Output::Close {
-                session: old,
-                reason: "device reconnected on another connection".into(),
-            });
-        }
-        self.send(
-            session,
-            AggMsg::AuthOk {
-                device_id: device_id(&key),
-                federation_id: self.cfg.federation_id,
-            },
-        );
-    }
 
     fn handle_ready(
         &mut self,

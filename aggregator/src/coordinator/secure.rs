@@ -77,7 +77,7 @@ pub(super) fn honest_survivors(spec: &crate::privacy::secagg::SecAggSpec) -> u32
 /// masked input travels in one frame) and, with distributed DP, whether
 /// the round's noise can be sampled exactly and fits the ring, for a
 /// round of `devices`.
-pub(super) fn check_dimension(
+pub(super) fn check_model(
     spec: &crate::privacy::secagg::SecAggSpec,
     dimension: usize,
     frame_bytes_max: u32,
@@ -482,8 +482,8 @@ mod tests {
     #[test]
     fn a_model_whose_masked_input_overflows_a_frame_is_refused() {
         let spec = SecAggSpec::default();
-        assert!(check_dimension(&spec, 199_210, 2 << 20, 13).is_ok());
-        let e = check_dimension(&spec, 1_663_370, 2 << 20, 13).unwrap_err();
+        assert!(check_model(&spec, 199_210, 2 << 20, 13).is_ok());
+        let e = check_model(&spec, 1_663_370, 2 << 20, 13).unwrap_err();
         assert!(e.contains("frame limit"), "{e}");
     }
 }

@@ -3,14 +3,17 @@
 //!
 //! Timers live in one ordered set keyed by deadline, so finding the next
 //! one and expiring the due ones costs O(log n) per timer, never a scan of
-//! every session.
+//! every session. The coordinator's half of authentication (challenge,
+//! signed answer bound to the TLS session) is here too.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use fedge_proto::sign::VerifyingKey;
+use fedge_proto::sign::{self, VerifyingKey};
+use fedge_proto::{AggMsg, RejectCode, SCHEMA_VERSION};
+use rand::Rng;
 
-use super::SessionId;
+use super::{Coordinator, Output, SessionId};
 
 /// A device key's raw bytes, the table's key for devices.
 pub(super) type DeviceKey = [u8; 32];
@@ -202,6 +205,79 @@ impl SessionTable {
     /// finished.
     pub fn awaiting_finish(&self) -> usize {
         self.known.difference(&self.told_finished).count()
+    }
+}
+
+/// Authentication: the challenge, and the signed answer bound to the TLS
+/// session.
+impl Coordinator {
+    pub(super) fn on_hello(&mut self, session: SessionId, schema_version: u32, key: VerifyingKey) {
+        if schema_version != SCHEMA_VERSION {
+            let detail = format!(
+                "schema version mismatch: aggregator speaks {SCHEMA_VERSION}, device sent {schema_version}"
+            );
+            self.reject(session, None, RejectCode::SchemaMismatch, detail, true);
+            return;
+        }
+        let mut nonce = [0u8; 32];
+        self.rng.fill(&mut nonce);
+        self.sessions.await_auth(session, key, nonce);
+        self.send(
+            session,
+            AggMsg::Challenge {
+                schema_version: SCHEMA_VERSION,
+                nonce,
+            },
+        );
+    }
+
+    pub(super) fn on_auth_response(
+        &mut self,
+        session: SessionId,
+        key: VerifyingKey,
+        nonce: [u8; 32],
+        signature: &[u8; 64],
+    ) {
+        let binding = self
+            .sessions
+            .tls_binding(session)
+            .copied()
+            .unwrap_or([0; 32]);
+        if sign::verify_auth(&key, &nonce, &binding, signature).is_err() {
+            self.reject(
+                session,
+                Some(device_id(&key)),
+                RejectCode::AuthFailed,
+                "challenge signature does not verify for this key and TLS session".into(),
+                true,
+            );
+            return;
+        }
+        if !self.sessions.has_room_for(&key) {
+            let max = self.sessions.max_sessions();
+            self.reject(
+                session,
+                Some(device_id(&key)),
+                RejectCode::TooManyDevices,
+                format!("aggregator is at its limit of {max} devices"),
+                true,
+            );
+            return;
+        }
+        // A device that reconnects replaces its old connection.
+        if let Some(old) = self.sessions.authenticate(session, key) {
+            self.out.push_back(Output::Close {
+                session: old,
+                reason: "device reconnected on another connection".into(),
+            });
+        }
+        self.send(
+            session,
+            AggMsg::AuthOk {
+                device_id: device_id(&key),
+                federation_id: self.cfg.federation_id,
+            },
+        );
     }
 }
 

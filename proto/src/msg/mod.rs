@@ -522,7 +522,7 @@ impl AggMsg {
                     .unwrap_or_default(),
                 delta_bytes: t.delta.map_or(0, |d| d.blob.model_bytes),
                 delta_chunk_count: t.delta.map_or(0, |d| d.blob.chunk_count),
-                secagg: t.secagg.as_ref().map(secagg_offer_to_wire),
+                secagg: t.secagg.as_ref().map(secagg::offer_to_wire),
             }),
             AggMsg::NoTask {
                 retry_after_ms_min,
@@ -641,7 +641,7 @@ impl AggMsg {
                     delta,
                     secagg: t
                         .secagg
-                        .map(|o| secagg_offer_from_wire(o, t.round_id, limits))
+                        .map(|o| secagg::offer_from_wire(o, t.round_id, limits))
                         .transpose()?,
                 }))
             }
@@ -736,71 +736,4 @@ fn body_name(b: &Body) -> &'static str {
         Body::SecaggDevice(_) => "secagg_device",
         Body::SecaggAgg(_) => "secagg_agg",
     }
-}
-
-fn secagg_offer_to_wire(o: &SecAggOffer) -> wire::SecAggOffer {
-    let p = &o.params;
-    wire::SecAggOffer {
-        seed: p.seed.to_vec().into(),
-        devices: p.devices,
-        degree: p.degree,
-        threshold: p.threshold,
-        bits: p.bits,
-        clip: p.clip,
-        dimension: p.dimension,
-        index: o.index,
-        noise_multiplier: p.noise.map_or(0.0, |n| n.multiplier),
-        noise_survivors: p.noise.map_or(0, |n| n.survivors),
-    }
-}
-
-/// An offer's SecAgg+ part, checked before anything is sized by it: at
-/// most [`crate::secagg::DEVICES_MAX`] devices (the graph is O(n)), a
-/// dimension within the update limit, consistent parameters, an index
-/// among the devices.
-fn secagg_offer_from_wire(
-    o: wire::SecAggOffer,
-    round: u64,
-    limits: &Limits,
-) -> Result<SecAggOffer, ProtoError> {
-    Limits::check(
-        "secagg devices",
-        o.devices.into(),
-        crate::secagg::DEVICES_MAX.into(),
-    )?;
-    Limits::check(
-        "secagg dimension",
-        o.dimension.into(),
-        limits.update_dimension_max,
-    )?;
-    let params = crate::secagg::SecAggParams {
-        round,
-        seed: hash32("task_offer.secagg.seed", &o.seed)?,
-        devices: o.devices,
-        degree: o.degree,
-        threshold: o.threshold,
-        bits: o.bits,
-        clip: o.clip,
-        dimension: o.dimension,
-        noise: (o.noise_multiplier != 0.0 || o.noise_survivors != 0).then_some(
-            crate::secagg::DistributedNoise {
-                multiplier: o.noise_multiplier,
-                survivors: o.noise_survivors,
-            },
-        ),
-    };
-    params.validate().map_err(|e| ProtoError::Invalid {
-        field: "task_offer.secagg",
-        reason: e.to_string(),
-    })?;
-    if o.index >= o.devices {
-        return Err(ProtoError::Invalid {
-            field: "task_offer.secagg.index",
-            reason: format!("index {} of {} devices", o.index, o.devices),
-        });
-    }
-    Ok(SecAggOffer {
-        params,
-        index: o.index,
-    })
 }

@@ -418,6 +418,22 @@ impl DeviceSession {
         });
     }
 
+    /// The task of `round_id` cannot be done here: the aggregator is told
+    /// (`TaskAbandoned`, failed), the driver hears why, and the device
+    /// asks for its next task.
+    pub(super) fn give_up(
+        &mut self,
+        now: Instant,
+        round_id: u64,
+        code: RejectCode,
+        detail: String,
+    ) {
+        self.abandon(round_id, AbandonReason::Failed, detail.clone());
+        self.events
+            .push_back(DeviceEvent::Rejected { code, detail });
+        self.after_round(now);
+    }
+
     fn model_matches_offer(&self) -> bool {
         match (&self.offer, &self.model) {
             (Some(o), Some((v, _))) => o.model.version == *v,
@@ -456,12 +472,7 @@ impl DeviceSession {
             && let Err(e) = self.join_secure(offer.round_id, sa)
         {
             let detail = format!("cannot take part in the round's SecAgg+: {e}");
-            self.abandon(offer.round_id, AbandonReason::Failed, detail.clone());
-            self.events.push_back(DeviceEvent::Rejected {
-                code: RejectCode::Malformed,
-                detail,
-            });
-            self.after_round(now);
+            self.give_up(now, offer.round_id, RejectCode::Malformed, detail);
             return;
         }
         self.offer = Some(offer);

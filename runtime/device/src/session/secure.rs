@@ -8,10 +8,10 @@
 use std::time::Instant;
 
 use fedge_proto::DeviceMsg;
-use fedge_proto::msg::{AbandonReason, SecAggOffer};
+use fedge_proto::msg::SecAggOffer;
 use fedge_proto::secagg::{AggSecAgg, SecAggError};
 
-use super::{DeviceEvent, DeviceSession};
+use super::DeviceSession;
 use crate::secagg::SecAggClient;
 
 pub(super) struct SecureTask {
@@ -74,14 +74,10 @@ impl DeviceSession {
         if let Err(e) = result {
             self.secure = None;
             let detail = format!("update not maskable: {e}");
-            self.abandon(round_id, AbandonReason::Failed, detail.clone());
-            self.events.push_back(DeviceEvent::Rejected {
-                code: fedge_proto::RejectCode::NonFinite,
-                detail,
-            });
-        } else {
-            self.pump_secure();
+            self.give_up(now, round_id, fedge_proto::RejectCode::NonFinite, detail);
+            return;
         }
+        self.pump_secure();
         self.after_round(now);
     }
 

@@ -69,12 +69,7 @@ impl DeviceSession {
             Ok(s) => s,
             Err(e) => {
                 let detail = format!("the plan's codec is not understood: {e}");
-                self.abandon(offer.round_id, AbandonReason::Failed, detail.clone());
-                self.events.push_back(DeviceEvent::Rejected {
-                    code: RejectCode::Malformed,
-                    detail,
-                });
-                self.after_round(now);
+                self.give_up(now, offer.round_id, RejectCode::Malformed, detail);
                 return;
             }
         };
@@ -88,12 +83,7 @@ impl DeviceSession {
             Ok(p) => p,
             Err(e) => {
                 let detail = format!("update not encodable: {e}");
-                self.abandon(offer.round_id, AbandonReason::Failed, detail.clone());
-                self.events.push_back(DeviceEvent::Rejected {
-                    code: RejectCode::NonFinite,
-                    detail,
-                });
-                self.after_round(now);
+                self.give_up(now, offer.round_id, RejectCode::NonFinite, detail);
                 return;
             }
         };
