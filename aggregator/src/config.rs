@@ -20,6 +20,7 @@ use fedge_proto::msg::{LoraSpec, Loss, Optimizer, TrainingPlan};
 use serde::{Deserialize, Serialize};
 
 use crate::coordinator::CoordinatorConfig;
+use crate::evaluation::EvaluationConfig;
 use crate::robust::CombineSpec;
 use crate::scoring::ScoringConfig;
 use crate::server::ServerConfig;
@@ -63,6 +64,9 @@ pub struct AggregatorConfig {
     /// [`crate::scoring`]); `scoring.validation` names the operator's
     /// validation set.
     pub scoring: ScoringConfig,
+    /// Federated evaluation (see [`crate::evaluation`]): devices without a
+    /// training slot evaluate the round's model on their own data.
+    pub evaluation: EvaluationConfig,
     /// Start even when one participant could dominate a round (see
     /// [`AggregatorConfig::dominance_risks`]). For closed test fleets only.
     pub i_know_this_is_unsafe: bool,
@@ -210,6 +214,7 @@ impl Default for AggregatorConfig {
             stakes: None,
             update_norm_max: None,
             scoring: ScoringConfig::default(),
+            evaluation: EvaluationConfig::default(),
             i_know_this_is_unsafe: false,
         }
     }
@@ -507,6 +512,7 @@ impl AggregatorConfig {
             strategy: self.strategy.clone(),
             update_norm_max: self.update_norm_max,
             scoring: self.scoring.clone(),
+            evaluation: self.evaluation.clone(),
             limits,
             seed: self.seed,
         };

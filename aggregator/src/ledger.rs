@@ -188,9 +188,52 @@ pub fn build_record(
         entries,
         penalties,
         reward_root: [0; 32],
+        evaluation: s.evaluation.as_ref().map(ledger_evaluation),
     };
     r.reward_root = r.compute_reward_root();
     Ok(r)
+}
+
+/// A round's evaluation as its record carries it.
+fn ledger_evaluation(e: &crate::evaluation::EvalSummary) -> ledger::LedgerEvaluation {
+    let (loss, accuracy) = (e.loss.unwrap_or(0.0), e.accuracy.unwrap_or(0.0));
+    let fed = e.devices > 0 && e.weight > 0.0;
+    let vloss = e.validation_examples > 0 && e.validation_loss.is_some();
+    let vacc = vloss && e.validation_accuracy.is_some();
+    let flags = if fed { ledger::EVAL_FEDERATED } else { 0 }
+        | if vloss {
+            ledger::EVAL_VALIDATION_LOSS
+        } else {
+            0
+        }
+        | if vacc {
+            ledger::EVAL_VALIDATION_ACCURACY
+        } else {
+            0
+        };
+    ledger::LedgerEvaluation {
+        flags,
+        devices: if fed { e.devices as u32 } else { 0 },
+        weight: if fed { e.weight } else { 0.0 },
+        loss: if fed { loss } else { 0.0 },
+        accuracy: if fed { accuracy } else { 0.0 },
+        reports_root: if fed { e.reports_root } else { [0; 32] },
+        validation_examples: if vloss {
+            e.validation_examples as u32
+        } else {
+            0
+        },
+        validation_loss: if vloss {
+            e.validation_loss.unwrap_or(0.0)
+        } else {
+            0.0
+        },
+        validation_accuracy: if vacc {
+            e.validation_accuracy.unwrap_or(0.0)
+        } else {
+            0.0
+        },
+    }
 }
 
 /// A record as stored: its canonical bytes and the aggregator's signature.
@@ -375,8 +418,11 @@ pub fn reward_proof(
 }
 
 /// A reward proof as JSON (what `ledger proof` prints and
-/// `fedge-device verify-reward` reads).
-pub fn proof_json(p: &RewardProof) -> serde_json::Value {
+/// `fedge-device verify-reward` reads), with the round's record as stored
+/// (its canonical bytes and the aggregator's signature over their hash),
+/// so a device holding the ledger key checks the root without asking
+/// anyone what was published.
+pub fn proof_json(p: &RewardProof, signed: &StoredRecord) -> serde_json::Value {
     serde_json::json!({
         "round_id": p.round_id,
         "device": hex::encode(p.device),
@@ -385,6 +431,8 @@ pub fn proof_json(p: &RewardProof) -> serde_json::Value {
         "tree_size": p.tree_size,
         "path": p.path.iter().map(hex::encode).collect::<Vec<_>>(),
         "root": hex::encode(p.root),
+        "record": hex::encode(&signed.bytes),
+        "record_signature": hex::encode(&signed.signature),
     })
 }
 
@@ -573,6 +621,7 @@ mod tests {
             ],
             penalties: vec![],
             reward_root: [0; 32],
+            evaluation: None,
         };
         // sqrt(4) x 0.3 = 0.6, 0.3, 0, 0 (flagged), 0.2: shares capped at 0.5.
         let w = [0.6, 0.3, 0.0, 0.0, 0.2];

@@ -24,6 +24,7 @@
 pub mod config;
 pub mod coordinator;
 pub mod downlink;
+pub mod evaluation;
 pub mod ledger;
 pub mod metrics;
 pub mod privacy;

@@ -42,6 +42,13 @@ pub struct Metrics {
     pub scoring_cost_fraction: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// Validation loss of the model the last settled round started from.
     pub validation_loss: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// The last closed round's federated evaluation (trimmed means).
+    pub eval_loss: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub eval_accuracy: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub eval_devices: Gauge,
+    /// Accuracy of the last closed round's model on the operator's
+    /// validation set.
+    pub validation_accuracy: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -61,6 +68,10 @@ impl Default for Metrics {
             flagged: Family::default(),
             scoring_cost_fraction: Gauge::default(),
             validation_loss: Gauge::default(),
+            eval_loss: Gauge::default(),
+            eval_accuracy: Gauge::default(),
+            eval_devices: Gauge::default(),
+            validation_accuracy: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -120,6 +131,26 @@ impl Default for Metrics {
             "Validation loss of the model the last settled round started from",
             m.validation_loss.clone(),
         );
+        registry.register(
+            "eval_loss",
+            "Federated evaluation: the last round's model, trimmed mean loss devices reported",
+            m.eval_loss.clone(),
+        );
+        registry.register(
+            "eval_accuracy",
+            "Federated evaluation: the last round's model, trimmed mean accuracy devices reported",
+            m.eval_accuracy.clone(),
+        );
+        registry.register(
+            "eval_devices",
+            "Federated evaluation: reports combined in the last round",
+            m.eval_devices.clone(),
+        );
+        registry.register(
+            "validation_accuracy",
+            "Accuracy of the last round's model on the operator's validation set",
+            m.validation_accuracy.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -157,6 +188,18 @@ impl Metrics {
         }
         if let Some(l) = s.base_loss {
             self.validation_loss.set(l);
+        }
+    }
+
+    /// A round's federated (and operator-held) evaluation.
+    pub fn evaluated(&self, s: &crate::evaluation::EvalSummary) {
+        if let (Some(l), Some(a)) = (s.loss, s.accuracy) {
+            self.eval_loss.set(l);
+            self.eval_accuracy.set(a);
+        }
+        self.eval_devices.set(s.devices as i64);
+        if let Some(a) = s.validation_accuracy {
+            self.validation_accuracy.set(a);
         }
     }
 

@@ -67,6 +67,16 @@ pub trait Evaluator: Send {
     /// Mean loss of `params` (in the canonical layout) on the examples at
     /// `indices` (each below [`Evaluator::len`]).
     fn loss(&mut self, params: &[f32], indices: &[usize]) -> Result<f64, String>;
+
+    /// Mean loss and accuracy of `params` on the examples at `indices`;
+    /// the accuracy is None where the evaluator has no notion of one.
+    fn loss_and_accuracy(
+        &mut self,
+        params: &[f32],
+        indices: &[usize],
+    ) -> Result<(f64, Option<f64>), String> {
+        Ok((self.loss(params, indices)?, None))
+    }
 }
 
 /// How updates are scored and rewarded (`[scoring]` in the TOML file).

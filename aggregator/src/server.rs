@@ -460,6 +460,7 @@ async fn drain(
                     }
                     Event::Rejected { code, .. } => metrics.reject(code.as_str()),
                     Event::RoundSettled(s) => metrics.settled(s),
+                    Event::Evaluated(s) => metrics.evaluated(s),
                     Event::RoundClosed {
                         accepted, outcome, ..
                     } => {
@@ -586,6 +587,13 @@ async fn on_event(
             diverged,
             discarded = accepted,
             "most devices diverged on the current model: rolled back"
+        ),
+        Event::Evaluated(s) => tracing::info!(
+            round_id = s.round_id,
+            devices = s.devices,
+            loss = s.loss,
+            accuracy = s.accuracy,
+            "federated evaluation"
         ),
         Event::SecureAggregated {
             round_id,

@@ -276,19 +276,55 @@ async fn a_real_runs_ledger_verifies_and_every_altered_byte_is_named() {
         }
     }
 
-    // Proofs: every participant's verifies; an altered reward does not.
+    // Proofs: every participant's verifies, with its signed record under
+    // the ledger key; an altered reward does not, nor a record under
+    // another key, nor another round's record.
+    let key_hex = hex::encode(key.to_bytes());
     for r in &records {
+        let signed = view.records.iter().find(|s| s.seq == r.seq).unwrap();
         for e in &r.entries {
             let mut p = ledger::reward_proof(&records, &e.device, r.round_id).unwrap();
             p.verify().unwrap();
-            let json = ledger::proof_json(&p).to_string();
+            let json = ledger::proof_json(&p, signed);
+            let text = json.to_string();
             let parsed = fedge_device::reward::verify_proof(
-                json.as_bytes(),
+                text.as_bytes(),
                 None,
                 Some(&hex::encode(r.reward_root)),
+                Some(&key_hex),
             )
             .unwrap();
             assert_eq!(parsed, p);
+            let other_key = hex::encode([9u8; 32]);
+            assert!(
+                fedge_device::reward::verify_proof(text.as_bytes(), None, None, Some(&other_key))
+                    .is_err()
+            );
+            let mut lie = json.clone();
+            lie["reward"] = serde_json::json!(p.reward + 1);
+            assert!(
+                fedge_device::reward::verify_proof(
+                    lie.to_string().as_bytes(),
+                    None,
+                    None,
+                    Some(&key_hex)
+                )
+                .is_err()
+            );
+            if let Some(other) = view.records.iter().find(|s| s.seq != r.seq) {
+                let mut moved = json.clone();
+                moved["record"] = serde_json::json!(hex::encode(&other.bytes));
+                moved["record_signature"] = serde_json::json!(hex::encode(&other.signature));
+                assert!(matches!(
+                    fedge_device::reward::verify_proof(
+                        moved.to_string().as_bytes(),
+                        None,
+                        None,
+                        Some(&key_hex)
+                    ),
+                    Err(fedge_device::reward::RewardProofError::BadRecord(_))
+                ));
+            }
             p.reward += 1;
             assert!(p.verify().is_err());
         }

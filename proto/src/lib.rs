@@ -58,7 +58,7 @@ pub use params::{ModelBlob, ModelVersion, ParamLayout, Params, TensorSpec};
 
 /// The schema version this build speaks. A peer with another version is
 /// refused at hello with [`RejectCode::SchemaMismatch`].
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Version of this runtime, sent in hello.
 pub const RUNTIME_VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -40,6 +40,27 @@ pub fn verify_auth(
     .map_err(|_| ProtoError::BadSignature)
 }
 
+/// blake3 (key derivation, `context`) of signed bytes and their
+/// signature: what the ledger records of a signed message.
+pub(crate) fn signed_message_hash(context: &str, signed: &[u8], signature: &[u8; 64]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_derive_key(context);
+    h.update(signed);
+    h.update(signature);
+    *h.finalize().as_bytes()
+}
+
+/// Strict Ed25519 verification (RFC 8032 plus the checks of
+/// `verify_strict`: small-order keys and non-canonical or small-order `R`
+/// are refused, so one signature cannot verify for many messages).
+pub(crate) fn verify_signed(
+    key: &VerifyingKey,
+    signed: &[u8],
+    signature: &[u8; 64],
+) -> Result<(), ProtoError> {
+    key.verify_strict(signed, &Signature::from_bytes(signature))
+        .map_err(|_| ProtoError::BadSignature)
+}
+
 /// Parse a 32-byte Ed25519 public key.
 pub fn public_key(field: &'static str, b: &[u8]) -> Result<VerifyingKey, ProtoError> {
     let arr: [u8; 32] = b.try_into().map_err(|_| ProtoError::BadLength {
@@ -164,20 +185,13 @@ impl UpdateManifest {
     /// signature): what the contribution ledger records as the evidence of
     /// what a device sent.
     pub fn signed_hash(&self, signature: &[u8; 64]) -> [u8; 32] {
-        let mut h = blake3::Hasher::new_derive_key("fedge signed manifest v1");
-        h.update(&self.signing_bytes());
-        h.update(signature);
-        *h.finalize().as_bytes()
+        signed_message_hash("fedge signed manifest v1", &self.signing_bytes(), signature)
     }
 
-    /// Verify against the key named in the manifest. Strict verification
-    /// (RFC 8032 plus the checks of `verify_strict`): small-order keys and
-    /// non-canonical or small-order `R` are refused, so one signature cannot
-    /// verify for many messages.
+    /// Verify against the key named in the manifest, strictly (see
+    /// [`verify_signed`]).
     pub fn verify(&self, signature: &[u8; 64]) -> Result<(), ProtoError> {
-        self.device_public_key
-            .verify_strict(&self.signing_bytes(), &Signature::from_bytes(signature))
-            .map_err(|_| ProtoError::BadSignature)
+        verify_signed(&self.device_public_key, &self.signing_bytes(), signature)
     }
 }
 

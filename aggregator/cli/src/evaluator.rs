@@ -59,6 +59,14 @@ impl Evaluator for EngineEvaluator {
     }
 
     fn loss(&mut self, params: &[f32], indices: &[usize]) -> Result<f64, String> {
+        Ok(self.loss_and_accuracy(params, indices)?.0)
+    }
+
+    fn loss_and_accuracy(
+        &mut self,
+        params: &[f32],
+        indices: &[usize],
+    ) -> Result<(f64, Option<f64>), String> {
         if let Some(&i) = indices.iter().find(|&&i| i >= self.data.len()) {
             return Err(format!(
                 "validation index {i} is outside the set of {} examples",
@@ -67,7 +75,7 @@ impl Evaluator for EngineEvaluator {
         }
         self.inf.load(params).map_err(|e| e.to_string())?;
         let stats = evaluate(&self.inf, &self.data.subset(indices)).map_err(|e| e.to_string())?;
-        Ok(stats.loss)
+        Ok((stats.loss, Some(stats.accuracy)))
     }
 }
 

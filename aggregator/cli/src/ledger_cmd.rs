@@ -154,15 +154,27 @@ pub fn run(cmd: LedgerCmd) -> anyhow::Result<()> {
             round,
             key,
         } => {
-            let records = verified(&src, key.as_deref())?;
+            // One read: the record quoted is the one verified.
+            let stored = view(&src)?.records;
+            let records = ledger::verify_chain(&stored, &key_for(&src.state_dir, key.as_deref())?)?;
             let device =
                 ledger::device_bytes(&device).map_err(|e| anyhow::anyhow!("--device: {e}"))?;
             let proof =
                 ledger::reward_proof(&records, &device, round).map_err(anyhow::Error::msg)?;
             proof.verify()?;
+            // The chain verified: the record of that round as stored.
+            let seq = records
+                .iter()
+                .find(|r| r.round_id == round)
+                .map(|r| r.seq)
+                .expect("the proof came from it");
+            let signed = stored
+                .iter()
+                .find(|s| s.seq == seq)
+                .expect("verified records are stored");
             println!(
                 "{}",
-                serde_json::to_string_pretty(&ledger::proof_json(&proof))?
+                serde_json::to_string_pretty(&ledger::proof_json(&proof, signed))?
             );
         }
         LedgerCmd::Export { src, key, out } => {

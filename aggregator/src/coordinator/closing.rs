@@ -40,6 +40,7 @@ impl Coordinator {
         let mut secure_metrics = Vec::new();
         let round_id = self.round.id;
         let secure = self.round.secure.take();
+        self.close_evaluation();
         // A secure round's accepted updates are its survivors, if it has
         // an outcome.
         let due = match &secure {

@@ -6,6 +6,7 @@ use std::time::Duration;
 use fedge_proto::Limits;
 use fedge_proto::msg::TrainingPlan;
 
+use crate::evaluation::EvaluationConfig;
 use crate::scoring::ScoringConfig;
 use crate::strategy::StrategyConfig;
 use crate::weighting::WeightPolicy;
@@ -81,6 +82,9 @@ pub struct CoordinatorConfig {
     pub update_norm_max: Option<f64>,
     /// Contribution scoring, ratings and rewards.
     pub scoring: ScoringConfig,
+    /// Federated evaluation of each round's model (see
+    /// [`crate::evaluation`]).
+    pub evaluation: EvaluationConfig,
     pub limits: Limits,
     pub seed: u64,
 }
@@ -112,6 +116,7 @@ impl Default for CoordinatorConfig {
             strategy: StrategyConfig::default(),
             update_norm_max: None,
             scoring: ScoringConfig::default(),
+            evaluation: EvaluationConfig::default(),
             limits: Limits::default(),
             seed: 0,
         }
@@ -203,6 +208,7 @@ impl CoordinatorConfig {
             return Err("strategy.secagg needs a selection_window above zero".into());
         }
         self.scoring.validate()?;
+        self.evaluation.validate()?;
         self.weights.validate()
     }
 }

@@ -36,6 +36,7 @@ mod admission;
 mod checkpoint;
 mod closing;
 mod config;
+mod evaluation;
 mod fedbuff;
 mod intake;
 mod ledger;
@@ -97,6 +98,8 @@ struct Round {
     book: RoundBook,
     /// The round's SecAgg+, once drawn (`[strategy.secagg]`).
     secure: Option<secure::SecureRound>,
+    /// Its evaluation tasks and their reports (`[evaluation]`).
+    evaluation: evaluation::EvalRound,
 }
 
 impl Round {
@@ -112,6 +115,7 @@ impl Round {
             combiner,
             book: RoundBook::default(),
             secure: None,
+            evaluation: Default::default(),
         }
     }
 }
@@ -562,6 +566,7 @@ impl Coordinator {
             DeviceMsg::SecAgg { round_id, msg, .. } => {
                 self.on_secagg(now, session, key, round_id, msg)
             }
+            DeviceMsg::EvalReport(r) => self.on_eval_report(now, session, key, *r),
             DeviceMsg::Hello(_) | DeviceMsg::AuthResponse { .. } => self.reject(
                 session,
                 Some(device_id(&key)),
@@ -645,16 +650,22 @@ impl Coordinator {
         false
     }
 
-    fn send_offer(&mut self, now: Instant, session: SessionId, have: Option<ModelVersion>) {
-        let mref = self.transfers.model_ref(&self.round.model_version);
-        let delta = have.and_then(|base| {
+    /// The smaller download of the round's model for a device that holds
+    /// `have`, if there is one.
+    fn delta_for(&mut self, have: Option<ModelVersion>) -> Option<fedge_proto::msg::DeltaRef> {
+        have.and_then(|base| {
             self.transfers.delta_ref(
                 base,
                 self.round.model_version,
                 &self.current,
                 &self.cfg.limits,
             )
-        });
+        })
+    }
+
+    fn send_offer(&mut self, now: Instant, session: SessionId, have: Option<ModelVersion>) {
+        let mref = self.transfers.model_ref(&self.round.model_version);
+        let delta = self.delta_for(have);
         let deadline = self
             .policy
             .offer_deadline(now, &self.round_view(), self.cfg.round_deadline);
@@ -675,6 +686,7 @@ impl Coordinator {
             deadline_ms,
             delta,
             secagg,
+            evaluate: false,
         };
         self.send(session, AggMsg::TaskOffer(Box::new(offer)));
     }

@@ -131,6 +131,9 @@ pub enum Event {
         completed: [u32; 4],
         upload_bytes: u64,
     },
+    /// The round's federated evaluation of its model, combined (emitted
+    /// when it closes, if any device reported).
+    Evaluated(Box<crate::evaluation::EvalSummary>),
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -176,6 +179,9 @@ pub struct Settlement {
     pub entries: Vec<SettledEntry>,
     /// Provable misbehaviour since the previous settlement.
     pub penalties: Vec<Penalty>,
+    /// The federated evaluation of `model_before` in this round, if any
+    /// device reported one.
+    pub evaluation: Option<crate::evaluation::EvalSummary>,
 }
 
 /// Provable misbehaviour (see `fedge_proto::ledger::LedgerPenalty`): a

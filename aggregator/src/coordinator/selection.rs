@@ -207,7 +207,11 @@ impl Coordinator {
             }
             TaskDecision::PaceAway(reason) => {
                 self.round.reserve.insert(key.to_bytes());
-                self.pace_away(session, reason)
+                // No slot to train: evaluate the round's model, if the
+                // round wants evaluators.
+                if !self.offer_evaluation(now, session, &key, have) {
+                    self.pace_away(session, reason)
+                }
             }
         }
     }

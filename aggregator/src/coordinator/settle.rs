@@ -153,6 +153,7 @@ impl Coordinator {
             cost: scores.cost,
             entries,
             penalties,
+            evaluation: self.round.evaluation.summary(),
         })));
     }
 
@@ -178,6 +179,7 @@ impl Coordinator {
             cost: Default::default(),
             entries: Vec::new(),
             penalties,
+            evaluation: self.round.evaluation.summary(),
         })));
     }
 }

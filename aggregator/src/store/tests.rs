@@ -58,6 +58,21 @@ fn settlement(
         base_loss: Some(1.0),
         error: None,
         cost: Default::default(),
+        // Even rounds carry an evaluation (a format-3 ledger record).
+        evaluation: round_id
+            .is_multiple_of(2)
+            .then(|| crate::evaluation::EvalSummary {
+                round_id,
+                model_version: hex::encode(before.0),
+                devices: 3,
+                weight: 3.0,
+                reports_root: [round_id as u8; 32],
+                loss: Some(0.5),
+                accuracy: Some(0.8),
+                validation_examples: 100,
+                validation_loss: Some(0.45),
+                validation_accuracy: Some(0.82),
+            }),
         entries: scores
             .iter()
             .map(

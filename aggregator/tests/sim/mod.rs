@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fedge_aggregator::coordinator::{Coordinator, CoordinatorConfig, Event, Output, RoundOutcome};
-use fedge_device::session::{DeviceEvent, DeviceSession, SessionConfig, Status, TrainOutput};
+use fedge_device::session::{
+    DeviceEvent, DeviceSession, EvalOutput, SessionConfig, Status, TrainOutput,
+};
 use fedge_proto::sign::SigningKey;
 use fedge_proto::{AggMsg, DeviceMsg, ModelBlob, ModelVersion, ParamLayout, Params, TensorSpec};
 use rand::{Rng, SeedableRng};
@@ -84,6 +86,9 @@ pub struct DeviceSpec {
     /// out (a modified binary that does not clip; the values stay in the
     /// ring, so nothing but their sum can tell).
     pub tamper_masked_input: Option<u64>,
+    /// What it reports from an evaluation task (None: it has no held-out
+    /// data and declines).
+    pub eval: Option<EvalOutput>,
 }
 
 impl DeviceSpec {
@@ -98,6 +103,7 @@ impl DeviceSpec {
             vector: None,
             equivocate: false,
             tamper_masked_input: None,
+            eval: None,
             session: SessionConfig {
                 backoff_min: Duration::from_millis(100),
                 backoff_max: Duration::from_secs(2),
@@ -150,6 +156,10 @@ enum Ev {
         dev: usize,
         round: u64,
         out: TrainOutput,
+    },
+    Evaluated {
+        dev: usize,
+        out: Option<EvalOutput>,
     },
 }
 
@@ -321,6 +331,12 @@ impl Sim {
                             let round = *round_id;
                             self.schedule(at, Ev::Trained { dev: i, round, out });
                         }
+                        DeviceEvent::Evaluate { .. } => {
+                            let spec = &self.devices[i].spec;
+                            let at = self.now + spec.train_time / 10;
+                            let out = spec.eval;
+                            self.schedule(at, Ev::Evaluated { dev: i, out });
+                        }
                         _ => {}
                     }
                     self.devices[i].events.push(ev);
@@ -460,6 +476,7 @@ impl Sim {
             }
             Ev::AggLost { conn } => self.coord.handle_disconnect(now, conn),
             Ev::Trained { dev, out, .. } => self.devices[dev].session.handle_trained(now, out),
+            Ev::Evaluated { dev, out } => self.devices[dev].session.handle_evaluated(now, Ok(out)),
         }
     }
 
@@ -619,6 +636,17 @@ impl Sim {
                     outcome: RoundOutcome::Published(v),
                     ..
                 } => Some((*round_id, *accepted, *v)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Every round's combined evaluation.
+    pub fn evaluations(&self) -> Vec<fedge_aggregator::evaluation::EvalSummary> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Evaluated(s) => Some((**s).clone()),
                 _ => None,
             })
             .collect()

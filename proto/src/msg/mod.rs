@@ -11,11 +11,13 @@ use crate::sign::{UpdateManifest, VerifyingKey, hash32, public_key, signature64}
 use crate::wire::envelope::Body;
 use crate::{Limits, ModelVersion, ProtoError, RejectCode, wire};
 
+mod eval;
 mod plan;
 pub mod secagg;
 #[cfg(test)]
 mod tests;
 
+pub use eval::{EvalManifest, EvalReport};
 pub use plan::{LORA_RANK_MAX, LORA_TARGETS_MAX, LoraSpec, Loss, Optimizer, TrainingPlan};
 use plan::{plan_from_wire, plan_to_wire};
 
@@ -104,6 +106,9 @@ pub struct TaskOffer {
     pub delta: Option<DeltaRef>,
     /// The round combines updates with SecAgg+: the device's part in it.
     pub secagg: Option<SecAggOffer>,
+    /// An evaluation task: evaluate the model on the device's own held-out
+    /// data and send an [`EvalReport`], instead of training.
+    pub evaluate: bool,
 }
 
 /// A device's part in a round's SecAgg+: the round's public parameters and
@@ -207,6 +212,8 @@ pub enum DeviceMsg {
         bits: u32,
         msg: crate::secagg::DeviceSecAgg,
     },
+    /// The result of an evaluation task.
+    EvalReport(Box<EvalReport>),
 }
 
 /// Aggregator -> device.
@@ -254,6 +261,10 @@ pub enum AggMsg {
         round_id: u64,
         msg: crate::secagg::AggSecAgg,
     },
+    /// The evaluation report for `round_id` was recorded.
+    EvalAccepted {
+        round_id: u64,
+    },
 }
 
 impl DeviceMsg {
@@ -268,6 +279,7 @@ impl DeviceMsg {
             DeviceMsg::Heartbeat { .. } => "heartbeat",
             DeviceMsg::TaskAbandoned { .. } => "task_abandoned",
             DeviceMsg::SecAgg { .. } => "secagg_device",
+            DeviceMsg::EvalReport(_) => "eval_report",
         }
     }
 
@@ -329,6 +341,7 @@ impl DeviceMsg {
                 bits,
                 msg,
             } => Body::SecaggDevice(secagg::device_to_wire(*round_id, *bits, msg)),
+            DeviceMsg::EvalReport(r) => Body::EvalReport(r.to_wire()),
         };
         wire::Envelope { body: Some(body) }.encode_to_vec().into()
     }
@@ -458,6 +471,7 @@ impl DeviceMsg {
                     msg,
                 }
             }
+            Body::EvalReport(r) => DeviceMsg::EvalReport(Box::new(EvalReport::from_wire(r)?)),
             other => return Err(ProtoError::WrongDirection(body_name(&other))),
         })
     }
@@ -477,6 +491,7 @@ impl AggMsg {
             AggMsg::HeartbeatAck { .. } => "heartbeat_ack",
             AggMsg::Finished(_) => "finished",
             AggMsg::SecAgg { .. } => "secagg_agg",
+            AggMsg::EvalAccepted { .. } => "eval_accepted",
         }
     }
 
@@ -523,6 +538,7 @@ impl AggMsg {
                 delta_bytes: t.delta.map_or(0, |d| d.blob.model_bytes),
                 delta_chunk_count: t.delta.map_or(0, |d| d.blob.chunk_count),
                 secagg: t.secagg.as_ref().map(secagg::offer_to_wire),
+                evaluate: t.evaluate,
             }),
             AggMsg::NoTask {
                 retry_after_ms_min,
@@ -575,6 +591,9 @@ impl AggMsg {
             AggMsg::SecAgg { round_id, msg } => {
                 Body::SecaggAgg(secagg::agg_to_wire(*round_id, msg))
             }
+            AggMsg::EvalAccepted { round_id } => Body::EvalAccepted(wire::EvalAccepted {
+                round_id: *round_id,
+            }),
         };
         wire::Envelope { body: Some(body) }.encode_to_vec().into()
     }
@@ -643,6 +662,7 @@ impl AggMsg {
                         .secagg
                         .map(|o| secagg::offer_from_wire(o, t.round_id, limits))
                         .transpose()?,
+                    evaluate: t.evaluate,
                 }))
             }
             Body::NoTask(n) => {
@@ -708,6 +728,9 @@ impl AggMsg {
                 let (round_id, msg) = secagg::agg_from_wire(m)?;
                 AggMsg::SecAgg { round_id, msg }
             }
+            Body::EvalAccepted(a) => AggMsg::EvalAccepted {
+                round_id: a.round_id,
+            },
             other => return Err(ProtoError::WrongDirection(body_name(&other))),
         })
     }
@@ -735,5 +758,7 @@ fn body_name(b: &Body) -> &'static str {
         Body::Finished(_) => "finished",
         Body::SecaggDevice(_) => "secagg_device",
         Body::SecaggAgg(_) => "secagg_agg",
+        Body::EvalReport(_) => "eval_report",
+        Body::EvalAccepted(_) => "eval_accepted",
     }
 }

@@ -15,7 +15,7 @@ use fedge_proto::{AggMsg, Limits, ModelBlob, ModelVersion, RejectCode};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::session::{DeviceEvent, DeviceSession, SessionConfig, TrainOutput};
+use crate::session::{DeviceEvent, DeviceSession, EvalOutput, SessionConfig, TrainOutput};
 use crate::trainer::Trainer;
 use crate::transport::{QuicTiming, Trust, client_config};
 
@@ -170,6 +170,7 @@ pub async fn run_device(
     }
     let trainer = Arc::new(Mutex::new(trainer));
     let (train_tx, mut train_rx) = mpsc::channel::<Result<TrainOutput, String>>(1);
+    let (eval_tx, mut eval_rx) = mpsc::channel::<Result<Option<EvalOutput>, String>>(1);
     let mut conn: Option<Conn> = None;
     let mut rejections = Vec::new();
     let mut connect_failures = 0u32;
@@ -221,6 +222,22 @@ pub async fn run_device(
                             .map_err(|e| format!("{e:#}"));
                         let _ = tx.blocking_send(out);
                     });
+                }
+                DeviceEvent::Evaluate { round_id, model } => {
+                    tracing::info!(round_id, "evaluating");
+                    let trainer = Arc::clone(&trainer);
+                    let tx = eval_tx.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let out = trainer
+                            .lock()
+                            .expect("trainer lock")
+                            .evaluate(&model)
+                            .map_err(|e| format!("{e:#}"));
+                        let _ = tx.blocking_send(out);
+                    });
+                }
+                DeviceEvent::EvaluationAccepted { round_id } => {
+                    tracing::info!(round_id, "evaluation accepted");
                 }
                 DeviceEvent::ModelReady { version, model } => {
                     tracing::info!(%version, "model downloaded");
@@ -326,6 +343,15 @@ pub async fn run_device(
                         "local training failed; the task is given up and the device asks again later"
                     );
                     session.handle_training_failed(Instant::now(), e);
+                }
+                None => unreachable!("the driver holds a sender"),
+            },
+            res = eval_rx.recv() => match res {
+                Some(out) => {
+                    if let Err(e) = &out {
+                        tracing::warn!(error = %e, "evaluation failed; the task is given up");
+                    }
+                    session.handle_evaluated(Instant::now(), out)
                 }
                 None => unreachable!("the driver holds a sender"),
             },

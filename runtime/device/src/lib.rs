@@ -47,4 +47,4 @@ pub mod store;
 pub mod trainer;
 pub mod transport;
 
-pub use session::{DeviceEvent, DeviceSession, SessionConfig, TrainOutput};
+pub use session::{DeviceEvent, DeviceSession, EvalOutput, SessionConfig, TrainOutput};

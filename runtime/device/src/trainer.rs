@@ -5,7 +5,7 @@
 use fedge_proto::ModelBlob;
 use fedge_proto::msg::TrainingPlan;
 
-use crate::TrainOutput;
+use crate::{EvalOutput, TrainOutput};
 
 /// Local training, run by the driver on a blocking thread.
 pub trait Trainer: Send + 'static {
@@ -15,6 +15,12 @@ pub trait Trainer: Send + 'static {
         model: &ModelBlob,
         plan: &TrainingPlan,
     ) -> anyhow::Result<TrainOutput>;
+
+    /// Evaluates `model` on the device's own held-out data (an evaluation
+    /// task); None when the device keeps none, and declines such tasks.
+    fn evaluate(&mut self, _model: &ModelBlob) -> anyhow::Result<Option<EvalOutput>> {
+        Ok(None)
+    }
 }
 
 /// Sends the same known update every round: `delta = value` on every
@@ -68,5 +74,13 @@ impl Trainer for OnnxTrainer {
         plan: &TrainingPlan,
     ) -> anyhow::Result<TrainOutput> {
         Ok(self.train_round(round_id, model, plan)?.into())
+    }
+
+    fn evaluate(&mut self, model: &ModelBlob) -> anyhow::Result<Option<EvalOutput>> {
+        Ok(self.evaluate_model(model)?.map(|s| EvalOutput {
+            examples: s.samples as u64,
+            loss: s.loss,
+            accuracy: s.accuracy,
+        }))
     }
 }

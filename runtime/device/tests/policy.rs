@@ -309,6 +309,7 @@ fn offer() -> AggMsg {
         deadline_ms: 60_000,
         delta: None,
         secagg: None,
+        evaluate: false,
     }))
 }
 

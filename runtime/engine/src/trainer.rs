@@ -27,6 +27,10 @@ pub struct LocalUpdate {
 /// or the plan's compile-time settings change.
 pub struct OnnxTrainer {
     data: Dataset,
+    /// The device's own held-out data, for evaluation tasks.
+    holdout: Option<Dataset>,
+    /// Inference for evaluation, kept while the graph is the same.
+    inference: Option<([u8; 32], crate::train::exec::TractInference)>,
     seed: u64,
     executor: ExecutorKind,
     threads: usize,
@@ -62,6 +66,8 @@ impl OnnxTrainer {
     pub fn new(data: Dataset, seed: u64) -> Self {
         OnnxTrainer {
             data,
+            holdout: None,
+            inference: None,
             seed,
             executor: ExecutorKind::Cpu,
             threads: 1,
@@ -85,6 +91,33 @@ impl OnnxTrainer {
 
     pub fn data(&self) -> &Dataset {
         &self.data
+    }
+
+    /// Keep `holdout` (never trained on) for evaluation tasks; an empty
+    /// set is none.
+    pub fn with_holdout(mut self, holdout: Dataset) -> Self {
+        self.holdout = (!holdout.is_empty()).then_some(holdout);
+        self
+    }
+
+    /// Evaluates `model` on the held-out data (with tract, on the CPU):
+    /// None when this trainer has none.
+    pub fn evaluate_model(
+        &mut self,
+        model: &ModelBlob,
+    ) -> anyhow::Result<Option<crate::train::local::EvalStats>> {
+        let Some(holdout) = &self.holdout else {
+            return Ok(None);
+        };
+        let graph_hash = *blake3::hash(&model.onnx_graph).as_bytes();
+        if self.inference.as_ref().map(|(h, _)| h) != Some(&graph_hash) {
+            let graph = crate::train::import::ModelGraph::from_blob(model)?;
+            let inf = crate::train::exec::TractInference::new(&graph, 64)?;
+            self.inference = Some((graph_hash, inf));
+        }
+        let (_, inf) = self.inference.as_mut().expect("just set");
+        inf.load(&model.params.values)?;
+        Ok(Some(crate::train::local::evaluate(inf, holdout)?))
     }
 
     /// Train round `round_id` of `model` under `plan` on the local data,

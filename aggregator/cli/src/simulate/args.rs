@@ -100,6 +100,11 @@ pub struct SimConfig {
     /// validation set is the simulation's held-out split (`held_out`
     /// examples), so `validation` is not used.
     pub scoring: ScoringConfig,
+    /// Federated evaluation, as in `serve`'s `[evaluation]`.
+    pub evaluation: fedge_aggregator::evaluation::EvaluationConfig,
+    /// With federated evaluation, each device keeps this fraction of its
+    /// shard (its last examples) as held-out data, never trained on.
+    pub eval_holdout: f64,
     /// Train LoRA adapters on the frozen model, as `serve`'s
     /// `[plan.lora]` (None: train the model's weights).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -207,6 +212,8 @@ impl Default for SimConfig {
             out_dir: PathBuf::from("results"),
             state_dir: None,
             scoring: ScoringConfig::default(),
+            evaluation: Default::default(),
+            eval_holdout: 0.1,
             lora: None,
         }
     }
@@ -400,6 +407,15 @@ pub struct SimArgs {
     /// mean of direct and marginal; twice the evaluations).
     #[arg(long)]
     score_method: Option<String>,
+    /// Federated evaluation: evaluation tasks offered per round to devices
+    /// without a training slot (0: none). Each device then keeps
+    /// --eval-holdout of its shard to evaluate on.
+    #[arg(long, value_name = "N")]
+    eval_devices: Option<usize>,
+    /// Fraction of each device's shard kept as its held-out data when
+    /// --eval-devices is set (default 0.1).
+    #[arg(long, value_name = "FRACTION")]
+    eval_holdout: Option<f64>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -543,6 +559,12 @@ impl SimConfig {
         if let Some(n) = a.validation_samples {
             c.scoring.validation_samples = n;
         }
+        if let Some(n) = a.eval_devices {
+            c.evaluation.devices = n;
+        }
+        if let Some(f) = a.eval_holdout {
+            c.eval_holdout = f;
+        }
 
         if a.attack_scale.is_some() {
             c.attack_scale = a.attack_scale;
@@ -670,6 +692,14 @@ impl SimConfig {
         }
         fedge_proto::codec::CodecSpec::parse(&self.codec)
             .with_context(|| format!("codec `{}`", self.codec))?;
+        anyhow::ensure!(
+            self.eval_holdout > 0.0 && self.eval_holdout < 1.0,
+            "eval_holdout must be a fraction in (0, 1), got {}",
+            self.eval_holdout
+        );
+        self.evaluation
+            .validate()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(())
     }
 }

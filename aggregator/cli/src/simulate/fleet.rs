@@ -10,11 +10,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use fedge_device::TrainOutput;
 use fedge_device::driver::{DeviceReport, DriverConfig, DriverError, run_device};
 use fedge_device::session::SessionConfig;
 use fedge_device::trainer::{OnnxTrainer, Trainer};
 use fedge_device::transport::Trust;
+use fedge_device::{EvalOutput, TrainOutput};
 use fedge_engine::data::Dataset;
 use fedge_proto::ModelBlob;
 use fedge_proto::msg::TrainingPlan;
@@ -172,7 +172,16 @@ fn device_trainer(
             *l = k - 1 - *l;
         }
     }
-    let honest = OnnxTrainer::new(local, c.seed.wrapping_add(i as u64));
+    // With federated evaluation, the shard's last examples are held out.
+    let held = if c.evaluation.enabled() && local.len() >= 2 {
+        ((local.len() as f64 * c.eval_holdout).round() as usize).clamp(1, local.len() - 1)
+    } else {
+        0
+    };
+    let cut = local.len() - held;
+    let holdout = local.slice(cut..local.len());
+    let local = local.slice(0..cut);
+    let honest = OnnxTrainer::new(local, c.seed.wrapping_add(i as u64)).with_holdout(holdout);
     let mut trainer: Box<dyn Trainer> = match malicious {
         Some(plan) if plan.kind == Attack::Hog => Box::new(Hog {
             hold: Duration::from_millis(c.round_deadline_ms) + HOG_MARGIN,
@@ -443,6 +452,10 @@ impl Trainer for Profiled {
         std::thread::sleep(wait);
         Ok(out)
     }
+
+    fn evaluate(&mut self, model: &ModelBlob) -> anyhow::Result<Option<EvalOutput>> {
+        self.inner.evaluate(model)
+    }
 }
 
 /// Honest updates the colluding attackers have computed, by round.
@@ -527,6 +540,17 @@ impl Trainer for Attacker {
         }
         Ok(out)
     }
+
+    /// An attacker lies in evaluation tasks too: a perfect model, on as
+    /// many examples as a u64 holds (the aggregator caps the weight and
+    /// trims the extremes).
+    fn evaluate(&mut self, _model: &ModelBlob) -> anyhow::Result<Option<EvalOutput>> {
+        Ok(Some(EvalOutput {
+            examples: u64::MAX,
+            loss: 0.0,
+            accuracy: 1.0,
+        }))
+    }
 }
 
 /// Updates the aggregator has accepted, as `(round, device id)`, as the
@@ -568,6 +592,10 @@ impl Trainer for Posting {
             .or_default()
             .push((self.device.clone(), out.delta.clone()));
         Ok(out)
+    }
+
+    fn evaluate(&mut self, model: &ModelBlob) -> anyhow::Result<Option<EvalOutput>> {
+        Trainer::evaluate(&mut self.inner, model)
     }
 }
 

@@ -83,6 +83,7 @@ async fn simulate(c: SimConfig) -> anyhow::Result<()> {
         accepted: &seen.accepted,
         devices: &devices,
         stall: stall_after(&c),
+        initial_accuracy: initial.accuracy,
     };
     let rounds = report::follow_rounds(watched, &mut held_out, &table, started).await?;
     table.finish();
@@ -245,6 +246,7 @@ fn aggregator_config(c: &SimConfig, stake_file: std::path::PathBuf) -> Aggregato
         stakes: Some(stake_file),
         update_norm_max: c.update_norm_max,
         scoring: c.scoring.clone(),
+        evaluation: c.evaluation.clone(),
         i_know_this_is_unsafe: true,
         ..d
     }

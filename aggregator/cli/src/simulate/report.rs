@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use fedge_aggregator::coordinator::{Event, RoundOutcome, Settlement};
+use fedge_aggregator::evaluation::EvalSummary;
 use fedge_aggregator::metrics::Metrics;
 use fedge_engine::data::Dataset;
 use fedge_engine::train::exec::TractInference;
@@ -150,6 +151,9 @@ pub struct Rounds {
     pub stalled: bool,
     /// Every round's scores and rewards.
     pub settled: Vec<Settlement>,
+    /// Every round's federated (and operator-held) evaluation of its
+    /// starting model.
+    pub evaluations: Vec<EvalSummary>,
 }
 
 /// What a simulation watches while its rounds run.
@@ -164,6 +168,8 @@ pub struct Watched<'a> {
     pub devices: &'a [Device],
     /// How long without an event means the federation stalled.
     pub stall: Duration,
+    /// The initial model's held-out accuracy (what round 1 evaluates).
+    pub initial_accuracy: f64,
 }
 
 /// Follow the aggregator's events until it finishes: count the accepted
@@ -184,6 +190,7 @@ pub async fn follow_rounds(
         accepted,
         devices,
         stall,
+        initial_accuracy,
     } = w;
     let mut rounds = Rounds::default();
     let (mut up, mut participants) = (0u64, 0usize);
@@ -275,6 +282,18 @@ pub async fn follow_rounds(
                 }
             }
             Event::RoundSettled(s) => rounds.settled.push(*s),
+            Event::Evaluated(s) => {
+                if let (Some(acc), Some(loss)) = (s.accuracy, s.loss) {
+                    // The round's starting model: the last one published.
+                    let central = rounds.rows.last().map_or(initial_accuracy, |r| r.accuracy);
+                    table.say(format!(
+                        "{:>5} federated evaluation of its model by {} devices: accuracy {acc:.4}, \
+                         loss {loss:.4} (held-out split: {central:.4})",
+                        s.round_id, s.devices
+                    ));
+                }
+                rounds.evaluations.push(*s);
+            }
             Event::Finished { final_version: v } => {
                 rounds.final_version = Some(v);
                 break;
@@ -418,6 +437,7 @@ impl Summary<'_> {
             "attackers_stopped": self.attackers_stopped,
             "privacy": privacy,
             "rewards": rewards,
+            "evaluations": self.rounds.evaluations,
             "seconds": self.started.elapsed().as_secs_f64(),
         });
         let path = c.out_dir.join("results.json");

@@ -23,13 +23,14 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 mod download;
+mod evaluate;
 mod secure;
 mod timers;
 mod types;
 mod upload;
 
 use download::{Download, DownloadPurpose};
-pub use types::{DeviceEvent, SessionConfig, Status, TrainOutput};
+pub use types::{DeviceEvent, EvalOutput, SessionConfig, Status, TrainOutput};
 use upload::PendingUpload;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,6 +51,12 @@ enum Phase {
     AwaitTask,
     Downloading,
     Training,
+    /// An evaluation task: the driver is evaluating the offered model.
+    Evaluating,
+    /// The evaluation report was sent; waiting for its acknowledgement.
+    Reporting {
+        round_id: u64,
+    },
     /// Upload begun; waiting for status or acceptance.
     Uploading,
     Done,
@@ -166,6 +173,7 @@ impl DeviceSession {
             Phase::Held => Status::Ineligible,
             Phase::Downloading => Status::Downloading,
             Phase::Training => Status::Training,
+            Phase::Evaluating | Phase::Reporting { .. } => Status::Evaluating,
             Phase::Uploading => Status::Uploading,
             Phase::Done => Status::Done,
         }
@@ -234,6 +242,7 @@ impl DeviceSession {
             // SecAgg+ stages run beside the task's phases (the masked
             // input goes once training is done; unmasking after that).
             (_, AggMsg::SecAgg { round_id, msg }) => self.on_secagg(round_id, msg),
+            (_, AggMsg::EvalAccepted { round_id }) => self.on_eval_accepted(now, round_id),
             (
                 _,
                 AggMsg::Reject {
@@ -273,6 +282,12 @@ impl DeviceSession {
                 self.attempts = 0;
                 self.request_deadline = None;
                 self.heartbeat_at = Some(now + self.cfg.heartbeat_interval);
+                if self.offer.as_ref().is_some_and(|o| o.evaluate) {
+                    // An evaluation task does not survive its connection:
+                    // the round does not wait for it.
+                    self.offer = None;
+                    self.download = None;
+                }
                 if self.upload.is_some() {
                     self.begin_upload(now);
                 } else if self.offer.is_some() && self.model_matches_offer() {
@@ -490,6 +505,10 @@ impl DeviceSession {
     }
 
     fn start_training(&mut self) {
+        if self.offer.as_ref().is_some_and(|o| o.evaluate) {
+            self.start_evaluation();
+            return;
+        }
         let offer = self.offer.as_ref().expect("offer");
         let (_, model) = self.model.as_ref().expect("model");
         self.phase = Phase::Training;
@@ -551,7 +570,7 @@ impl DeviceSession {
         }
         if matches!(
             self.phase,
-            Phase::Uploading | Phase::Downloading | Phase::AwaitTask
+            Phase::Uploading | Phase::Downloading | Phase::AwaitTask | Phase::Reporting { .. }
         ) {
             self.retry_later(now);
         }

@@ -66,6 +66,16 @@ pub struct TrainOutput {
     pub metrics: Vec<(String, f64)>,
 }
 
+/// The result of evaluating a model on the device's held-out data.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EvalOutput {
+    pub examples: u64,
+    /// Mean loss over them.
+    pub loss: f64,
+    /// The fraction predicted right.
+    pub accuracy: f64,
+}
+
 /// Work for the driver.
 #[derive(Clone, Debug, PartialEq)]
 pub enum DeviceEvent {
@@ -85,6 +95,16 @@ pub enum DeviceEvent {
         plan: TrainingPlan,
     },
     UpdateAccepted {
+        round_id: u64,
+    },
+    /// Evaluate `model` on the device's held-out data for round
+    /// `round_id` (an evaluation task), then call `handle_evaluated`.
+    Evaluate {
+        round_id: u64,
+        model: Arc<ModelBlob>,
+    },
+    /// The aggregator recorded this device's evaluation of `round_id`.
+    EvaluationAccepted {
         round_id: u64,
     },
     /// The error-feedback residual changed: persist it (before the upload
@@ -118,6 +138,8 @@ pub enum Status {
     Ineligible,
     Downloading,
     Training,
+    /// Evaluating a model, or sending the result (an evaluation task).
+    Evaluating,
     Uploading,
     Done,
     Failed,

@@ -61,6 +61,12 @@ enum Cmd {
         /// The round's published reward root (hex, from `ledger export`).
         #[arg(long)]
         root: Option<String>,
+        /// The aggregator's ledger key (hex, its `ledger.pub`; `ledger
+        /// export` prints it): the proof's signed record must verify under
+        /// it and carry the proof's root and reward, so no published root
+        /// is needed.
+        #[arg(long, value_name = "HEX")]
+        ledger_key: Option<String>,
         /// This device's state directory: the proof must name its key.
         #[arg(long)]
         state_dir: Option<PathBuf>,
@@ -108,6 +114,11 @@ struct RunArgs {
     /// Use samples START..END of the data.
     #[arg(long, requires = "data")]
     range: Option<String>,
+    /// Keep samples START..END of the data as held-out data for the
+    /// aggregator's evaluation tasks (never trained on: keep it out of
+    /// --range). Without it the device declines evaluation tasks.
+    #[arg(long, requires = "data", value_name = "START..END")]
+    holdout: Option<String>,
     /// Send a known update instead of training: delta = VALUE on every
     /// parameter (protocol checks whose aggregate is hand-computable).
     #[arg(long, value_name = "VALUE")]
@@ -309,6 +320,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::VerifyReward {
             proof,
             root,
+            ledger_key,
             state_dir,
         } => {
             let text =
@@ -319,7 +331,15 @@ fn main() -> anyhow::Result<()> {
                 )),
                 None => None,
             };
-            let p = fedge_device::reward::verify_proof(&text, device.as_deref(), root.as_deref())?;
+            let p = fedge_device::reward::verify_proof(
+                &text,
+                device.as_deref(),
+                root.as_deref(),
+                ledger_key.as_deref(),
+            )?;
+            if ledger_key.is_some() {
+                println!("the round's record is signed by the ledger key and carries this root");
+            }
             println!(
                 "reward proof ok: device {} earned {} in round {} (leaf {} of {}, root {})",
                 hex::encode(p.device),
@@ -583,15 +603,19 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         (None, Some(spec)) => {
             // The model's input shape is only known once it is downloaded;
             // text windows use the zoo's context length.
-            let mut data = DataSpec::parse(spec)?.load(fedge_engine::zoo::CHAR_CONTEXT, 7)?;
-            if let Some(r) = &a.range {
-                data = subset(&data, r)?;
+            let all = DataSpec::parse(spec)?.load(fedge_engine::zoo::CHAR_CONTEXT, 7)?;
+            let holdout = a.holdout.as_ref().map(|r| subset(&all, r)).transpose()?;
+            let data = match &a.range {
+                Some(r) => subset(&all, r)?,
+                None => all,
+            };
+            let mut trainer = OnnxTrainer::new(data, a.seed)
+                .with_executor(a.executor)
+                .with_threads(usize::from(a.threads));
+            if let Some(h) = holdout {
+                trainer = trainer.with_holdout(h);
             }
-            Box::new(
-                OnnxTrainer::new(data, a.seed)
-                    .with_executor(a.executor)
-                    .with_threads(usize::from(a.threads)),
-            )
+            Box::new(trainer)
         }
         (None, None) => anyhow::bail!(
             "nothing to train on: pass --data SPEC (e.g. --data mnist --range 0..400), or --known-update VALUE for protocol checks"
