@@ -127,20 +127,35 @@ pub fn trimmed_mean(values: &[(f64, f64)], trim: f64) -> Option<f64> {
     v.sort_by(|a, b| a.0.total_cmp(&b.0));
     let total: f64 = v.iter().map(|p| p.1).sum();
     let (lo, hi) = (total * trim, total * (1.0 - trim));
-    let (mut at, mut sum, mut kept) = (0.0f64, 0.0f64, 0.0f64);
-    for (x, w) in v {
-        // This value's weight covers [at, at + w]; keep its part in [lo, hi].
-        let part = ((at + w).min(hi) - at.max(lo)).max(0.0);
-        sum += x * part;
-        kept += part;
-        at += w;
+    // Each value's weight covers [at, at + w]; its part in [lo, hi] counts.
+    let mut at = 0.0f64;
+    let parts: Vec<f64> = v
+        .iter()
+        .map(|&(_, w)| {
+            let part = ((at + w).min(hi) - at.max(lo)).max(0.0);
+            at += w;
+            part
+        })
+        .collect();
+    let kept: f64 = parts.iter().sum();
+    if !(kept > 0.0 && kept.is_finite()) {
+        // trim < 0.5 keeps a positive width; only rounding gets here: the
+        // value at the middle of the weight.
+        let mut at = 0.0;
+        return v.iter().find_map(|&(x, w)| {
+            at += w;
+            (at >= total / 2.0).then_some(x)
+        });
     }
-    if kept > 0.0 {
-        Some(sum / kept)
-    } else {
-        // trim < 0.5 keeps a positive width; only rounding gets here.
-        Some(values[values.len() / 2].0)
-    }
+    // A convex combination (each part over the total kept, then times its
+    // value), so the mean never leaves the kept values' range: no finite
+    // claim, however large, overflows it.
+    Some(
+        v.iter()
+            .zip(&parts)
+            .map(|(&(x, _), p)| (p / kept) * x)
+            .sum(),
+    )
 }
 
 /// Combines a round's reports: weights capped at `max_share` of their
@@ -227,6 +242,17 @@ mod tests {
         eq.extend((0..4).map(|_| (1.0, cap)));
         let m = trimmed_mean(&eq, 0.2).unwrap();
         assert!(m <= honest_max, "{m}");
+    }
+
+    #[test]
+    fn huge_finite_claims_do_not_overflow_the_mean() {
+        let v = [(f64::MAX, 1.0), (f64::MAX, 1.0), (1.0, 1.0), (2.0, 1.0)];
+        for trim in [0.0, 0.1, 0.3] {
+            let m = trimmed_mean(&v, trim).unwrap();
+            assert!(m.is_finite() && m <= f64::MAX, "{trim}: {m}");
+        }
+        let weights = [(f64::MAX, f64::MAX), (1.0, f64::MAX)];
+        assert!(trimmed_mean(&weights, 0.3).unwrap().is_finite());
     }
 
     #[test]

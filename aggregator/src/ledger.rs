@@ -188,18 +188,42 @@ pub fn build_record(
         entries,
         penalties,
         reward_root: [0; 32],
-        evaluation: s.evaluation.as_ref().map(ledger_evaluation),
+        evaluation: s.evaluation.as_ref().and_then(ledger_evaluation),
     };
     r.reward_root = r.compute_reward_root();
+    if r.evaluation.is_some() && LedgerRecord::decode(&r.encode()).is_err() {
+        // Never sign what the chain's readers would refuse: the round's
+        // record goes without its evaluation.
+        tracing::warn!(
+            round_id = r.round_id,
+            "the round's evaluation does not fit a ledger record; recorded without it"
+        );
+        r.evaluation = None;
+    }
     Ok(r)
 }
 
-/// A round's evaluation as its record carries it.
-fn ledger_evaluation(e: &crate::evaluation::EvalSummary) -> ledger::LedgerEvaluation {
-    let (loss, accuracy) = (e.loss.unwrap_or(0.0), e.accuracy.unwrap_or(0.0));
-    let fed = e.devices > 0 && e.weight > 0.0;
-    let vloss = e.validation_examples > 0 && e.validation_loss.is_some();
-    let vacc = vloss && e.validation_accuracy.is_some();
+/// A round's evaluation as its record carries it: only the parts the
+/// record's decoder takes back (finite, a loss not below zero, an
+/// accuracy in [0, 1]); None when no part is left, so a record is never
+/// written that does not decode.
+fn ledger_evaluation(e: &crate::evaluation::EvalSummary) -> Option<ledger::LedgerEvaluation> {
+    let loss_ok = |l: &f64| l.is_finite() && *l >= 0.0;
+    let acc_ok = |a: &f64| (0.0..=1.0).contains(a);
+    let (loss, accuracy) = match (e.loss.filter(loss_ok), e.accuracy.filter(acc_ok)) {
+        (Some(l), Some(a)) => (l, a),
+        _ => (0.0, 0.0),
+    };
+    let fed = e.devices > 0
+        && e.weight > 0.0
+        && e.weight.is_finite()
+        && e.loss.is_some_and(|l| loss_ok(&l))
+        && e.accuracy.is_some_and(|a| acc_ok(&a));
+    let vloss = e.validation_examples > 0 && e.validation_loss.is_some_and(|l| loss_ok(&l));
+    let vacc = vloss && e.validation_accuracy.is_some_and(|a| acc_ok(&a));
+    if !fed && !vloss {
+        return None;
+    }
     let flags = if fed { ledger::EVAL_FEDERATED } else { 0 }
         | if vloss {
             ledger::EVAL_VALIDATION_LOSS
@@ -211,7 +235,7 @@ fn ledger_evaluation(e: &crate::evaluation::EvalSummary) -> ledger::LedgerEvalua
         } else {
             0
         };
-    ledger::LedgerEvaluation {
+    Some(ledger::LedgerEvaluation {
         flags,
         devices: if fed { e.devices as u32 } else { 0 },
         weight: if fed { e.weight } else { 0.0 },
@@ -233,7 +257,7 @@ fn ledger_evaluation(e: &crate::evaluation::EvalSummary) -> ledger::LedgerEvalua
         } else {
             0.0
         },
-    }
+    })
 }
 
 /// A record as stored: its canonical bytes and the aggregator's signature.

@@ -47,7 +47,7 @@ fn fleet(honest: usize, liars: usize) -> Vec<DeviceSpec> {
                 loss: 1.0 + 0.1 * i as f64,
                 accuracy: 0.60 + 0.01 * i as f64,
             }),
-            ..DeviceSpec::new(0.01, 10)
+            ..evaluator(DeviceSpec::new(0.01, 10))
         })
         .collect();
     specs.extend((0..liars).map(|_| DeviceSpec {
@@ -56,9 +56,15 @@ fn fleet(honest: usize, liars: usize) -> Vec<DeviceSpec> {
             loss: 0.0,
             accuracy: 1.0,
         }),
-        ..DeviceSpec::new(0.01, 10)
+        ..evaluator(DeviceSpec::new(0.01, 10))
     }));
     specs
+}
+
+/// `d`, keeping held-out data (its session takes evaluation tasks).
+fn evaluator(mut d: DeviceSpec) -> DeviceSpec {
+    d.session.evaluates = true;
+    d
 }
 
 /// (round, device) of every training slot given.
@@ -162,4 +168,31 @@ fn evaluation_is_off_by_default() {
     assert_eq!(sim.published().len(), 3);
     assert!(sim.evaluations().is_empty());
     assert!(evaluated(&sim).is_empty());
+}
+
+/// Evaluation tasks are drawn at the check-in window, so a configuration
+/// without one, or with FedBuff (no window, buffers that close as they
+/// fill), is refused at start.
+#[test]
+fn evaluation_needs_a_check_in_window_and_synchronous_rounds() {
+    assert!(cfg(3).validate().is_ok());
+    let no_window = CoordinatorConfig {
+        selection_window: Duration::ZERO,
+        ..cfg(3)
+    };
+    assert!(
+        no_window
+            .validate()
+            .unwrap_err()
+            .contains("selection_window")
+    );
+    let buffered = CoordinatorConfig {
+        strategy: fedge_aggregator::strategy::StrategyConfig {
+            buffered: Some(Default::default()),
+            ..Default::default()
+        },
+        versions_kept: 8,
+        ..cfg(3)
+    };
+    assert!(buffered.validate().unwrap_err().contains("FedBuff"));
 }

@@ -209,6 +209,22 @@ impl CoordinatorConfig {
         }
         self.scoring.validate()?;
         self.evaluation.validate()?;
+        if self.evaluation.enabled() {
+            if self.strategy.buffered.is_some() {
+                return Err(
+                    "evaluation: federated evaluation runs in synchronous rounds; with FedBuff \
+                     (strategy.buffered) set evaluation.devices = 0"
+                        .into(),
+                );
+            }
+            if self.selection_window.is_zero() {
+                return Err(
+                    "evaluation: evaluation tasks are drawn at the check-in window; set \
+                     selection_window above zero"
+                        .into(),
+                );
+            }
+        }
         self.weights.validate()
     }
 }

@@ -24,6 +24,10 @@ pub(super) struct EvalRound {
     reports: BTreeMap<DeviceKey, EvalClaim>,
     /// The reports combined, once the round closes.
     summary: Option<EvalSummary>,
+    /// Set while the check-in window is drawn: evaluation tasks go only to
+    /// the window's candidates not drawn to train, in the draw's random
+    /// (or stake-weighted) order, never first come, first served.
+    pub(super) drawing: bool,
 }
 
 impl EvalRound {
@@ -34,8 +38,9 @@ impl EvalRound {
 
 impl Coordinator {
     /// Offers `key` an evaluation task of the open round instead of pacing
-    /// it away, if the round wants more evaluators and has not offered it
-    /// one. Returns whether it did.
+    /// it away, if its check-in window is being drawn, the round wants more
+    /// evaluators, has not offered it one, and its report would weigh
+    /// something. Returns whether it did.
     pub(super) fn offer_evaluation(
         &mut self,
         now: Instant,
@@ -46,10 +51,19 @@ impl Coordinator {
         let eval = &self.cfg.evaluation;
         let round = &self.round;
         if !eval.enabled()
+            || !round.evaluation.drawing
             || round.secure.is_some()
             || round.evaluation.offered.len() >= eval.devices
             || round.evaluation.offered.contains(key.as_bytes())
         {
+            return false;
+        }
+        let weighs = self
+            .cfg
+            .weights
+            .raw_weight(self.stake_of(&device_id(key)), 1)
+            .is_ok_and(|w| w > 0.0 && w.is_finite());
+        if !weighs {
             return false;
         }
         self.round.evaluation.offered.insert(key.to_bytes());
@@ -75,6 +89,7 @@ impl Coordinator {
         true
     }
 
+    /// Cheap checks first; the signature last.
     fn check_eval_report(&self, key: &VerifyingKey, r: &EvalReport) -> Result<(), Refusal> {
         let m = &r.manifest;
         if m.device_public_key != *key {
@@ -83,8 +98,6 @@ impl Coordinator {
                 "evaluation report names another device's key".into(),
             ));
         }
-        m.verify(&r.signature)
-            .map_err(|e| (RejectCode::BadSignature, e.to_string()))?;
         if m.federation_id != self.cfg.federation_id {
             return Err((
                 RejectCode::WrongFederation,
@@ -126,7 +139,8 @@ impl Coordinator {
                 format!("round {} already has this device's report", m.round_id),
             ));
         }
-        Ok(())
+        m.verify(&r.signature)
+            .map_err(|e| (RejectCode::BadSignature, e.to_string()))
     }
 
     pub(super) fn on_eval_report(
@@ -201,16 +215,20 @@ impl Coordinator {
         );
         let n = self.cfg.evaluation.validation_examples;
         if let Some(e) = self.evaluator.as_deref_mut()
+            && self.cfg.evaluation.enabled()
             && n > 0
+            && !e.is_empty()
             && self.current_version == self.round.model_version
         {
             let indices: Vec<usize> = (0..n.min(e.len())).collect();
             match e.loss_and_accuracy(&self.current.params.values, &indices) {
-                Ok((loss, acc)) => {
+                // A model whose loss is not finite has no loss to record.
+                Ok((loss, acc)) if loss.is_finite() && loss >= 0.0 => {
                     s.validation_examples = indices.len();
                     s.validation_loss = Some(loss);
-                    s.validation_accuracy = acc;
+                    s.validation_accuracy = acc.filter(|a| (0.0..=1.0).contains(a));
                 }
+                Ok((loss, _)) => tracing::warn!(loss, "the model's validation loss is not finite"),
                 Err(err) => tracing::warn!(%err, "evaluating on the validation set failed"),
             }
         }

@@ -140,9 +140,11 @@ impl Coordinator {
         if self.cfg.strategy.secagg.is_some() {
             return self.draw_secure(now, waiting);
         }
+        self.round.evaluation.drawing = true;
         for c in waiting {
             self.select_now(now, c.session, c.key, c.have);
         }
+        self.round.evaluation.drawing = false;
     }
 
     /// A candidate held when its round closed asks again in the new one.

@@ -159,6 +159,7 @@ enum Ev {
     },
     Evaluated {
         dev: usize,
+        round: u64,
         out: Option<EvalOutput>,
     },
 }
@@ -331,11 +332,11 @@ impl Sim {
                             let round = *round_id;
                             self.schedule(at, Ev::Trained { dev: i, round, out });
                         }
-                        DeviceEvent::Evaluate { .. } => {
+                        DeviceEvent::Evaluate { round_id, .. } => {
                             let spec = &self.devices[i].spec;
                             let at = self.now + spec.train_time / 10;
-                            let out = spec.eval;
-                            self.schedule(at, Ev::Evaluated { dev: i, out });
+                            let (out, round) = (spec.eval, *round_id);
+                            self.schedule(at, Ev::Evaluated { dev: i, round, out });
                         }
                         _ => {}
                     }
@@ -476,7 +477,11 @@ impl Sim {
             }
             Ev::AggLost { conn } => self.coord.handle_disconnect(now, conn),
             Ev::Trained { dev, out, .. } => self.devices[dev].session.handle_trained(now, out),
-            Ev::Evaluated { dev, out } => self.devices[dev].session.handle_evaluated(now, Ok(out)),
+            Ev::Evaluated { dev, round, out } => {
+                self.devices[dev]
+                    .session
+                    .handle_evaluated(now, round, Ok(out))
+            }
         }
     }
 

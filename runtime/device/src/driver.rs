@@ -158,7 +158,11 @@ pub async fn run_device(
     let mut endpoint =
         quinn::Endpoint::client(bind_addr(cfg.aggregator)).map_err(DriverError::Socket)?;
     endpoint.set_default_client_config(client_config(&cfg.trust, &cfg.timing)?);
-    let mut session = DeviceSession::new(cfg.session.clone(), key);
+    let session_cfg = SessionConfig {
+        evaluates: trainer.can_evaluate(),
+        ..cfg.session.clone()
+    };
+    let mut session = DeviceSession::new(session_cfg, key);
     if let Some(dir) = &cfg.state_dir
         && let Ok(bytes) = std::fs::read(dir.join("model.fedge"))
         && let Ok(m) = ModelBlob::decode(&bytes, &cfg.session.limits)
@@ -170,7 +174,7 @@ pub async fn run_device(
     }
     let trainer = Arc::new(Mutex::new(trainer));
     let (train_tx, mut train_rx) = mpsc::channel::<Result<TrainOutput, String>>(1);
-    let (eval_tx, mut eval_rx) = mpsc::channel::<Result<Option<EvalOutput>, String>>(1);
+    let (eval_tx, mut eval_rx) = mpsc::channel::<(u64, Result<Option<EvalOutput>, String>)>(1);
     let mut conn: Option<Conn> = None;
     let mut rejections = Vec::new();
     let mut connect_failures = 0u32;
@@ -233,7 +237,7 @@ pub async fn run_device(
                             .expect("trainer lock")
                             .evaluate(&model)
                             .map_err(|e| format!("{e:#}"));
-                        let _ = tx.blocking_send(out);
+                        let _ = tx.blocking_send((round_id, out));
                     });
                 }
                 DeviceEvent::EvaluationAccepted { round_id } => {
@@ -347,11 +351,11 @@ pub async fn run_device(
                 None => unreachable!("the driver holds a sender"),
             },
             res = eval_rx.recv() => match res {
-                Some(out) => {
+                Some((round_id, out)) => {
                     if let Err(e) = &out {
                         tracing::warn!(error = %e, "evaluation failed; the task is given up");
                     }
-                    session.handle_evaluated(Instant::now(), out)
+                    session.handle_evaluated(Instant::now(), round_id, out)
                 }
                 None => unreachable!("the driver holds a sender"),
             },

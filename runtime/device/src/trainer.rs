@@ -21,6 +21,12 @@ pub trait Trainer: Send + 'static {
     fn evaluate(&mut self, _model: &ModelBlob) -> anyhow::Result<Option<EvalOutput>> {
         Ok(None)
     }
+
+    /// Whether [`Trainer::evaluate`] has held-out data to evaluate on (the
+    /// session then takes evaluation tasks).
+    fn can_evaluate(&self) -> bool {
+        false
+    }
 }
 
 /// Sends the same known update every round: `delta = value` on every
@@ -74,6 +80,10 @@ impl Trainer for OnnxTrainer {
         plan: &TrainingPlan,
     ) -> anyhow::Result<TrainOutput> {
         Ok(self.train_round(round_id, model, plan)?.into())
+    }
+
+    fn can_evaluate(&self) -> bool {
+        self.has_holdout()
     }
 
     fn evaluate(&mut self, model: &ModelBlob) -> anyhow::Result<Option<EvalOutput>> {

@@ -100,6 +100,11 @@ impl OnnxTrainer {
         self
     }
 
+    /// Whether it keeps held-out data.
+    pub fn has_holdout(&self) -> bool {
+        self.holdout.is_some()
+    }
+
     /// Evaluates `model` on the held-out data (with tract, on the CPU):
     /// None when this trainer has none.
     pub fn evaluate_model(

@@ -456,6 +456,10 @@ impl Trainer for Profiled {
     fn evaluate(&mut self, model: &ModelBlob) -> anyhow::Result<Option<EvalOutput>> {
         self.inner.evaluate(model)
     }
+
+    fn can_evaluate(&self) -> bool {
+        self.inner.can_evaluate()
+    }
 }
 
 /// Honest updates the colluding attackers have computed, by round.
@@ -544,6 +548,10 @@ impl Trainer for Attacker {
     /// An attacker lies in evaluation tasks too: a perfect model, on as
     /// many examples as a u64 holds (the aggregator caps the weight and
     /// trims the extremes).
+    fn can_evaluate(&self) -> bool {
+        true
+    }
+
     fn evaluate(&mut self, _model: &ModelBlob) -> anyhow::Result<Option<EvalOutput>> {
         Ok(Some(EvalOutput {
             examples: u64::MAX,
@@ -596,6 +604,10 @@ impl Trainer for Posting {
 
     fn evaluate(&mut self, model: &ModelBlob) -> anyhow::Result<Option<EvalOutput>> {
         Trainer::evaluate(&mut self.inner, model)
+    }
+
+    fn can_evaluate(&self) -> bool {
+        Trainer::can_evaluate(&self.inner)
     }
 }
 

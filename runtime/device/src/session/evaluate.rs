@@ -26,11 +26,20 @@ impl DeviceSession {
         });
     }
 
-    /// The driver's evaluation of the offered model: `Ok(None)` when the
-    /// device holds no held-out data, `Err` when it failed.
-    pub fn handle_evaluated(&mut self, now: Instant, out: Result<Option<EvalOutput>, String>) {
-        if self.phase != Phase::Evaluating {
-            return; // the task was given up meanwhile (a reconnect)
+    /// The driver's evaluation of the model of round `round_id`'s offer:
+    /// `Ok(None)` when the device holds no held-out data, `Err` when it
+    /// failed. A result for another round than the task in hand (one given
+    /// up at a reconnect, still running) is dropped, never signed for it.
+    pub fn handle_evaluated(
+        &mut self,
+        now: Instant,
+        round_id: u64,
+        out: Result<Option<EvalOutput>, String>,
+    ) {
+        if self.phase != Phase::Evaluating
+            || self.offer.as_ref().is_none_or(|o| o.round_id != round_id)
+        {
+            return;
         }
         let Some(offer) = self.offer.take() else {
             return;

@@ -480,6 +480,16 @@ impl DeviceSession {
 
     fn on_offer(&mut self, now: Instant, offer: TaskOffer) {
         self.request_deadline = None;
+        if offer.evaluate && !self.cfg.evaluates {
+            // Nothing to evaluate on: said before anything is downloaded.
+            self.abandon(
+                offer.round_id,
+                AbandonReason::Declined,
+                "no held-out data to evaluate on".into(),
+            );
+            self.after_round(now);
+            return;
+        }
         let mref = offer.model;
         self.offer_received = Some(now);
         self.secure = None;

@@ -33,6 +33,9 @@ pub struct SessionConfig {
     /// this stage's message (a dropout the protocol must survive). None in
     /// production.
     pub secagg_drop_after: Option<fedge_proto::secagg::Stage>,
+    /// The device keeps held-out data and takes evaluation tasks; without
+    /// it an evaluation offer is declined at once, before any download.
+    pub evaluates: bool,
 }
 
 impl Default for SessionConfig {
@@ -53,6 +56,7 @@ impl Default for SessionConfig {
             first_connect_jitter: Duration::ZERO,
             seed: 0,
             secagg_drop_after: None,
+            evaluates: false,
         }
     }
 }
