@@ -531,13 +531,12 @@ fn infer(a: InferArgs) -> anyhow::Result<()> {
         fedge_engine::data::Features::I64(_) => Batch::I64(&xi),
     };
     let out = inf.run(x)?;
-    let k = inf.outputs_per_sample;
     let mut correct = 0;
     println!(
         "{:>6} {:>6} {:>9} {:>8}",
         "sample", "label", "predicted", "prob"
     );
-    for (i, row) in out.chunks(k).enumerate() {
+    for (i, row) in inf.class_scores(&out).enumerate() {
         let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let z: f32 = row.iter().map(|v| (v - m).exp()).sum();
         let (arg, _) = row
