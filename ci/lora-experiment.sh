@@ -48,16 +48,19 @@ char)
     # 44,142 windows of 32 characters every 7.
     pretrain=(--stride 7 --train 0..40000 --test 40000..44000 --epochs 4 --batch 64
         --lr 0.002 --lr-decay 0.7 --optimizer adam)
-    fed=(--local-epochs 2 --learning-rate 0.01)
-    lora=(--lora 'rank=8,alpha=16,targets=fc*')
+    fed=(--local-epochs 2)
+    full=(--learning-rate 0.01)
+    lora=(--lora 'rank=8,alpha=16,targets=fc*' --learning-rate 0.01)
     ;;
 transformer)
     onnx=models/char_transformer.onnx
-    # 9,656 windows of 32 characters every 32 (the transformer learns the
-    # next character at every position: overlapping windows add little).
+    # 9,656 windows of 32 characters every 32: the transformer learns the
+    # next character at every position, so its windows need not overlap.
     pretrain=(--stride 32 --train 0..9000 --test 9000..9650 --epochs 8 --batch 32
         --lr 0.002 --lr-decay 0.75 --optimizer adam)
-    fed=(--local-epochs 1 --optimizer adam --learning-rate 0.0003)
+    # A task takes minutes on a shared 2-core machine: a 20-minute deadline.
+    fed=(--local-epochs 1 --optimizer adam --round-deadline-ms 1200000)
+    full=(--learning-rate 0.0003)
     lora=(--lora 'rank=4,alpha=8,targets=blocks.*' --learning-rate 0.001)
     ;;
 *)
@@ -77,9 +80,9 @@ run() {
         --train-samples 30000 "${fed[@]}" \
         --out-dir "$out/$name" "$@" | tee "$out/$name.log"
 }
-run full --codec dense-f32
+run full --codec dense-f32 "${full[@]}"
 run lora --codec dense-f32 "${lora[@]}"
 if [ "$model" = char ]; then
-    run full-q8 --codec q8
-    run lora8-q8 --codec q8 "${lora[@]}"
+    run full-q8 --codec q8 "${full[@]}"
+    run lora-q8 --codec q8 "${lora[@]}"
 fi
