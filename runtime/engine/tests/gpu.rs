@@ -213,6 +213,27 @@ fn char_model_sgd_momentum_agrees_with_tract() {
     );
 }
 
+/// The zoo's causal transformer, narrowed (the committed one's shape
+/// otherwise), with its next-character loss at every position.
+#[test]
+fn char_transformer_adam_agrees_with_tract() {
+    let data = shakespeare(8 * STEPS);
+    let c = zoo::TransformerConfig {
+        d_model: 16,
+        heads: 2,
+        layers: 2,
+        d_mlp: 32,
+        ..zoo::TransformerConfig::zoo(65)
+    };
+    agree(
+        zoo::char_transformer(5, &c),
+        &data,
+        8,
+        optimizer(Optimizer::Adam, 0.0, 0.0),
+        0.003,
+    );
+}
+
 /// LoRA adapters on the character model's FC weights (`train::lora`):
 /// the frozen backbone as graph constants, the adapters the parameters.
 #[test]

@@ -19,6 +19,7 @@ fn committed_models_match_the_generator() {
         ("cnn.onnx", 1_663_370),
         ("small_cnn.onnx", 9_098),
         ("char_model.onnx", 149_585),
+        ("char_transformer.onnx", 814_145),
     ];
     for ((name, model), (name2, params)) in fedge_engine::zoo::all(vocab)
         .into_iter()

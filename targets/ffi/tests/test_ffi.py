@@ -225,6 +225,27 @@ class FfiTest(unittest.TestCase):
         with self.assertRaises(FedgeError.BadInput):
             run(self.device.infer_tokens([0] * 784))
 
+    def test_a_causal_transformer_infers_every_position_and_trains(self):
+        # The zoo's transformer: int64 tokens in, the next character's
+        # logits at each of the 32 positions out; trained on the next
+        # character at every position.
+        with open(os.path.join(MODELS, "char_transformer.onnx"), "rb") as f:
+            info = run(self.device.load_model_onnx(f.read()))
+        samples, vocab = shakespeare_windows(1000, 64)
+        self.assertEqual(info.input_type, "int64")
+        self.assertEqual(info.token_limit, vocab)
+        self.assertEqual(info.input_values_per_sample, 32)
+        self.assertEqual(info.outputs_per_sample, 32 * vocab)
+        out = run(self.device.infer_tokens(samples.tokens[: 2 * 32]))
+        self.assertEqual(out.batch, 2)
+        self.assertEqual(len(out.values), 2 * 32 * vocab)
+        self.assertTrue(all(math.isfinite(v) for v in out.values))
+        options = TrainOptions(steps=8, batch_size=16, learning_rate=0.003, optimizer="adam")
+        first = run(self.device.train(samples, options))
+        again = run(self.device.train(samples, options))
+        self.assertTrue(math.isfinite(first.mean_loss))
+        self.assertLess(again.mean_loss, first.mean_loss)
+
     def test_errors_cross_as_typed_exceptions(self):
         with self.assertRaises(FedgeError.NoModel):
             run(self.device.infer([0.0] * 784))

@@ -21,7 +21,7 @@ pub use secure::SecAggDropout;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SimConfig {
-    /// Zoo model (mlp, cnn, small_cnn, char) or a path to an ONNX file.
+    /// Zoo model (mlp, cnn, small_cnn, char, transformer) or a path to an ONNX file.
     pub model: String,
     /// mnist or shakespeare.
     pub data: String,
@@ -39,6 +39,9 @@ pub struct SimConfig {
     pub batch_size: u32,
     pub learning_rate: f32,
     pub momentum: f32,
+    /// Devices' optimizer: sgd (with `momentum`), adam or adamw (its state
+    /// starts afresh with every task).
+    pub optimizer: String,
     /// Update codec (see the codec grammar) and error feedback.
     pub codec: String,
     pub error_feedback: bool,
@@ -183,6 +186,7 @@ impl Default for SimConfig {
             batch_size: 32,
             learning_rate: 0.05,
             momentum: 0.9,
+            optimizer: "sgd".into(),
             codec: "topk:0.1+q8".into(),
             error_feedback: true,
             stakes: "zipf:1.0".into(),
@@ -224,7 +228,7 @@ pub struct SimArgs {
     /// TOML file with a [`SimConfig`]; the flags below override it.
     #[arg(long, short)]
     config: Option<PathBuf>,
-    /// Zoo model name (mlp, cnn, small_cnn, char) or an ONNX file.
+    /// Zoo model name (mlp, cnn, small_cnn, char, transformer) or an ONNX file.
     #[arg(long)]
     model: Option<String>,
     /// Train LoRA adapters on the frozen model, as `[plan.lora]`:
@@ -276,6 +280,9 @@ pub struct SimArgs {
     local_epochs: Option<u32>,
     #[arg(long)]
     learning_rate: Option<f32>,
+    /// Devices' optimizer: sgd, adam or adamw.
+    #[arg(long)]
+    optimizer: Option<String>,
     #[arg(long)]
     seed: Option<u64>,
     /// Fewest accepted updates for a round to publish at its deadline
@@ -520,6 +527,7 @@ impl SimConfig {
             codec,
             local_epochs,
             learning_rate,
+            optimizer,
             seed,
             attackers,
             attacker_devices,

@@ -46,6 +46,11 @@ fn zoo(name: &str, vocab: usize) -> anyhow::Result<Vec<u8>> {
         "cnn" => fedge_engine::zoo::cnn(2).encode_to_vec(),
         "small_cnn" => fedge_engine::zoo::small_cnn(3).encode_to_vec(),
         "char" => fedge_engine::zoo::char_model(4, vocab).encode_to_vec(),
+        "transformer" => fedge_engine::zoo::char_transformer(
+            5,
+            &fedge_engine::zoo::TransformerConfig::zoo(vocab),
+        )
+        .encode_to_vec(),
         path => std::fs::read(path)
             .with_context(|| format!("model `{path}`: not a zoo name nor a readable file"))?,
     })

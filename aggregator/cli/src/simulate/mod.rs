@@ -230,6 +230,7 @@ fn aggregator_config(c: &SimConfig, stake_file: std::path::PathBuf) -> Aggregato
             batch_size: c.batch_size,
             learning_rate: c.learning_rate,
             momentum: c.momentum,
+            optimizer: c.optimizer.clone(),
             codec: c.codec.clone(),
             error_feedback: c.error_feedback,
             lora: c.lora.clone(),

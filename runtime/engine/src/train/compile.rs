@@ -20,6 +20,7 @@ use super::onnx::{self, F32, I64};
 use super::shape::{Shapes, infer, infer_node};
 
 mod builder;
+mod loss;
 pub use builder::Builder;
 
 /// Optimizer settings baked into the step graph (the learning rate is an
@@ -305,62 +306,14 @@ pub fn compile_training(
     let out_shape = b.shape(&graph.output);
 
     // Loss and its gradient with respect to the output.
-    let (label_shape, label_type) = match opts.loss {
-        Loss::SoftmaxCrossEntropy => {
-            if out_shape.len() != 2 {
-                return Err(TrainError::BadInput(format!(
-                    "softmax cross-entropy needs [batch, classes] outputs, got {out_shape:?}"
-                )));
-            }
-            (vec![opts.batch], I64)
-        }
-        Loss::Mse => (out_shape.clone(), F32),
-    };
+    let (label_shape, label_type) = loss::label_spec(opts.loss, graph, opts.batch, &out_shape)?;
     b.s.set(LABELS, label_shape.clone(), label_type);
     let last_op = g
         .node
         .iter()
         .find(|n| n.output.first() == Some(&graph.output))
         .map(|n| n.op_type.clone());
-    let (loss, g_out) = match opts.loss {
-        Loss::SoftmaxCrossEntropy => {
-            let classes = out_shape[1];
-            let range: Vec<i64> = (0..classes as i64).collect();
-            let range = b.const_i64(&range);
-            let axes1 = b.const_i64(&[1]);
-            let lab = b.op("Unsqueeze", &[LABELS, &axes1], vec![])?;
-            let eq = b.binary("Equal", &lab, &range)?;
-            let onehot = b.cast(&eq, F32)?;
-            let inv_b = 1.0 / opts.batch as f32;
-            if last_op.as_deref() == Some("LogSoftmax") {
-                // The model already ends in log-probabilities: NLL.
-                let prod = b.binary("Mul", &onehot, &graph.output)?;
-                let sum = b.reduce_sum(&prod, &[0, 1], false)?;
-                let loss = b.scale(&sum, -inv_b)?;
-                let g_out = b.scale(&onehot, -inv_b)?;
-                (loss, g_out)
-            } else {
-                let logsm = b.op("LogSoftmax", &[&graph.output], vec![onnx::int("axis", 1)])?;
-                let prod = b.binary("Mul", &onehot, &logsm)?;
-                let sum = b.reduce_sum(&prod, &[0, 1], false)?;
-                let loss = b.scale(&sum, -inv_b)?;
-                let sm = b.unary("Exp", &logsm)?;
-                let diff = b.binary("Sub", &sm, &onehot)?;
-                let g_out = b.scale(&diff, inv_b)?;
-                (loss, g_out)
-            }
-        }
-        Loss::Mse => {
-            let n: usize = out_shape.iter().product();
-            let diff = b.binary("Sub", &graph.output, LABELS)?;
-            let sq = b.binary("Mul", &diff, &diff)?;
-            let all: Vec<usize> = (0..out_shape.len()).collect();
-            let sum = b.reduce_sum(&sq, &all, false)?;
-            let loss = b.scale(&sum, 1.0 / n as f32)?;
-            let g_out = b.scale(&diff, 2.0 / n as f32)?;
-            (loss, g_out)
-        }
-    };
+    let (loss, g_out) = loss::emit(&mut b, opts.loss, graph, opts.batch, last_op.as_deref())?;
     b.op_named("Identity", &[&loss], vec![], LOSS)?;
 
     // Backward, in reverse topological order, accumulating gradients.

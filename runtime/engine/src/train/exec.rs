@@ -407,6 +407,8 @@ pub struct TractInference {
     params: Vec<Arc<Tensor>>,
     layout: Arc<fedge_proto::ParamLayout>,
     pub outputs_per_sample: usize,
+    /// The output's last axis: classes, or a language model's vocabulary.
+    pub classes: usize,
 }
 
 impl TractInference {
@@ -425,7 +427,18 @@ impl TractInference {
             params: Vec::new(),
             layout: Arc::clone(&graph.layout),
             outputs_per_sample: out_shape.iter().skip(1).product(),
+            classes: out_shape.last().copied().unwrap_or(1),
         })
+    }
+
+    /// Each sample's class scores in `out` (what [`Self::run`] returned):
+    /// its whole row for a `[batch, classes]` output, the last position's
+    /// for a `[batch, T, vocab]` one (a causal language model's prediction
+    /// of the token after the window).
+    pub fn class_scores<'a>(&self, out: &'a [f32]) -> impl Iterator<Item = &'a [f32]> {
+        let skip = self.outputs_per_sample - self.classes;
+        out.chunks_exact(self.outputs_per_sample)
+            .map(move |row| &row[skip..])
     }
 
     pub fn batch_size(&self) -> usize {

@@ -70,7 +70,8 @@ pub fn train(
     })
 }
 
-/// Accuracy and mean cross-entropy of a classifier on `data`.
+/// Accuracy and mean cross-entropy of a classifier on `data` (of a causal
+/// language model: of its last position, the token after each window).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct EvalStats {
     pub accuracy: f64,
@@ -80,7 +81,6 @@ pub struct EvalStats {
 
 pub fn evaluate(inf: &TractInference, data: &Dataset) -> Result<EvalStats, TrainError> {
     let b = inf.batch_size();
-    let k = inf.outputs_per_sample;
     let (mut xf, mut xi, mut y) = (Vec::new(), Vec::new(), Vec::new());
     let mut correct = 0usize;
     let mut loss = 0.0f64;
@@ -97,7 +97,7 @@ pub fn evaluate(inf: &TractInference, data: &Dataset) -> Result<EvalStats, Train
             Features::I64(_) => Batch::I64(&xi),
         };
         let out = inf.run(x)?;
-        for (j, row) in out.chunks_exact(k).enumerate().take(n - start) {
+        for (j, row) in inf.class_scores(&out).enumerate().take(n - start) {
             let label = y[j] as usize;
             let (arg, _) =
                 row.iter()

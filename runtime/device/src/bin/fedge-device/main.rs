@@ -245,6 +245,11 @@ struct TrainArgs {
     /// Held-out samples.
     #[arg(long, default_value = "8000..10000")]
     test: String,
+    /// For text: held-out windows start every N characters (default:
+    /// --stride), so that a model trained on windows at another stride
+    /// is measured on the same held-out windows.
+    #[arg(long, value_name = "N")]
+    test_stride: Option<usize>,
     #[arg(long, default_value_t = 10)]
     epochs: u32,
     #[arg(long, default_value_t = 32)]
@@ -371,9 +376,14 @@ fn load_model(path: &Path) -> anyhow::Result<ModelBlob> {
 }
 
 fn load_data(md: &ModelData, graph: &ModelGraph) -> anyhow::Result<Dataset> {
+    load_data_at(md, graph, md.stride)
+}
+
+/// [`load_data`] with text windows every `stride` characters.
+fn load_data_at(md: &ModelData, graph: &ModelGraph, stride: usize) -> anyhow::Result<Dataset> {
     let spec = DataSpec::parse(&md.data)?;
     let context = graph.sample_shape().first().copied().unwrap_or(1);
-    let data = spec.load(context, md.stride)?;
+    let data = spec.load(context, stride)?;
     anyhow::ensure!(
         data.sample_shape == graph.sample_shape(),
         "data samples are shaped {:?}, the model takes {:?}",
@@ -426,7 +436,10 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
     let graph = ModelGraph::from_blob(&blob)?;
     let data = load_data(&a.md, &graph)?;
     let train = subset(&data, &a.train)?;
-    let test = subset(&data, &a.test)?;
+    let test = match a.test_stride {
+        Some(stride) => subset(&load_data_at(&a.md, &graph, stride)?, &a.test)?,
+        None => subset(&data, &a.test)?,
+    };
     let mut plan = TrainingPlan {
         local_epochs: 1,
         batch_size: a.batch,
@@ -551,13 +564,12 @@ fn infer(a: InferArgs) -> anyhow::Result<()> {
         fedge_engine::data::Features::I64(_) => Batch::I64(&xi),
     };
     let out = inf.run(x)?;
-    let k = inf.outputs_per_sample;
     let mut correct = 0;
     println!(
         "{:>6} {:>6} {:>9} {:>8}",
         "sample", "label", "predicted", "prob"
     );
-    for (i, row) in out.chunks(k).enumerate() {
+    for (i, row) in inf.class_scores(&out).enumerate() {
         let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let z: f32 = row.iter().map(|v| (v - m).exp()).sum();
         let (arg, _) = row
