@@ -17,11 +17,14 @@ use fedge_proto::sign::TLS_EXPORTER_LABEL;
 use fedge_proto::{DeviceMsg, Limits, ModelBlob, ModelVersion, ProtoError};
 use tokio::sync::mpsc;
 
-use crate::coordinator::{Coordinator, CoordinatorConfig, Event, Output, RoundOutcome, SessionId};
+use crate::coordinator::{
+    Coordinator, CoordinatorConfig, Event, Forward, Output, RoundOutcome, SessionId,
+};
 use crate::metrics::{Metrics, SharedStatus, Status};
 use crate::scoring::Evaluator;
 use crate::store::Store;
 use crate::tls::TlsIdentity;
+use crate::uplink::{FromParent, ParentLink};
 
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -159,6 +162,7 @@ pub struct Server {
     metrics: Arc<Metrics>,
     observer: Option<mpsc::UnboundedSender<Event>>,
     evaluator: Option<Box<dyn Evaluator>>,
+    parent: Option<(ParentLink, fedge_proto::sign::SigningKey)>,
 }
 
 impl Server {
@@ -197,7 +201,15 @@ impl Server {
             metrics: Arc::new(Metrics::default()),
             observer: None,
             evaluator: None,
+            parent: None,
         })
+    }
+
+    /// Serve as a leaf of the aggregator `link` names, authenticating to it
+    /// with `key` (see [`crate::uplink`]); the coordinator's configuration
+    /// must say it is a leaf (`tree.leaf`).
+    pub fn set_parent(&mut self, link: ParentLink, key: fedge_proto::sign::SigningKey) {
+        self.parent = Some((link, key));
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -243,6 +255,7 @@ impl Server {
             metrics,
             observer,
             evaluator,
+            parent,
         } = self;
         let status: SharedStatus = Default::default();
         let http_task = match http {
@@ -321,6 +334,27 @@ impl Server {
             cfg.clone(),
             Arc::clone(&metrics),
         ));
+        anyhow::ensure!(
+            parent.is_some() == core.is_leaf(),
+            "a leaf aggregator needs its parent's address, and only a leaf has one"
+        );
+        // A leaf's link with its parent: rounds come in, partials go out.
+        let (forward_tx, mut from_parent, uplink) = match parent {
+            Some((link, key)) => {
+                let (ftx, frx) = mpsc::channel::<Forward>(16);
+                let (ptx, prx) = mpsc::channel::<FromParent>(4);
+                let task = tokio::spawn(crate::uplink::run(
+                    link,
+                    key,
+                    core.current_model().clone(),
+                    cfg.coordinator.limits.clone(),
+                    frx,
+                    ptx,
+                ));
+                (Some(ftx), Some(prx), Some(task))
+            }
+            None => (None, None, None),
+        };
         let mut writers: HashMap<SessionId, Writer> = HashMap::new();
         let mut report = ServeReport::default();
         let mut finished_at: Option<Instant> = core.is_finished().then(Instant::now);
@@ -335,6 +369,7 @@ impl Server {
                 &mut finished_at,
                 &metrics,
                 observer.as_ref(),
+                forward_tx.as_ref(),
             )
             .await?;
             if closed {
@@ -394,6 +429,21 @@ impl Server {
                     handled_at = Instant::now();
                     core.handle_timeout(handled_at);
                 }
+                m = async { from_parent.as_mut()?.recv().await }, if from_parent.is_some() => {
+                    let now = Instant::now();
+                    handled_at = now;
+                    let done = match m {
+                        Some(FromParent::Round(r)) => core.handle_parent_round(now, r),
+                        Some(FromParent::Finished(model)) => core.handle_parent_finished(now, model),
+                        None => {
+                            from_parent = None;
+                            Ok(())
+                        }
+                    };
+                    if let Err(e) = done {
+                        tracing::error!(error = %e, "the parent's round could not be run here");
+                    }
+                }
                 _ = reload.tick() => match core.stakes_mut().reload() {
                     Ok(true) => tracing::info!("stake registry reloaded"),
                     Ok(false) => {}
@@ -403,6 +453,9 @@ impl Server {
             }
         }
         accept.abort();
+        if let Some(t) = uplink {
+            t.abort();
+        }
         if let Some(t) = http_task {
             t.abort();
         }
@@ -427,6 +480,7 @@ async fn drain(
     finished_at: &mut Option<Instant>,
     metrics: &Metrics,
     observer: Option<&mpsc::UnboundedSender<Event>>,
+    forwards: Option<&mpsc::Sender<Forward>>,
 ) -> anyhow::Result<bool> {
     let mut closed = false;
     while let Some(out) = core.poll_output() {
@@ -453,6 +507,11 @@ async fn drain(
                     w.close(reason);
                 }
             }
+            Output::Forward(f) => match forwards {
+                // One a round: the link takes each before the next round opens.
+                Some(tx) if tx.try_send(*f).is_ok() => {}
+                _ => tracing::error!("a round's outcome could not be handed to the parent link"),
+            },
             Output::Event(e) => {
                 match &e {
                     Event::UpdateAccepted { .. } => {
@@ -466,7 +525,9 @@ async fn drain(
                         closed = true;
                         metrics.round_participants.set(*accepted as i64);
                         match outcome {
-                            RoundOutcome::Published(_) => metrics.rounds_published.inc(),
+                            RoundOutcome::Published(_) | RoundOutcome::Forwarded => {
+                                metrics.rounds_published.inc()
+                            }
                             RoundOutcome::Aborted => metrics.rounds_aborted.inc(),
                         };
                     }
@@ -540,6 +601,14 @@ async fn on_event(
         } => match outcome {
             RoundOutcome::Published(v) => {
                 tracing::info!(round_id, accepted, version = %v, ?metrics, "round closed; model published")
+            }
+            RoundOutcome::Forwarded => {
+                tracing::info!(
+                    round_id,
+                    accepted,
+                    ?metrics,
+                    "round closed; partial aggregate forwarded to the parent"
+                )
             }
             RoundOutcome::Aborted => {
                 tracing::warn!(

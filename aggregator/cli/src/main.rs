@@ -52,6 +52,14 @@ enum Cmd {
         #[arg(long, default_value = "fedge-aggregator-state")]
         state_dir: PathBuf,
     },
+    /// Print the public key this aggregator authenticates to its parent
+    /// with, as a leaf of a tree of aggregators (creates `leaf.key` in the
+    /// state directory if it has none). The parent lists it in its
+    /// `[tree.leaves] keys`.
+    LeafKey {
+        #[arg(long, default_value = "fedge-aggregator-state")]
+        state_dir: PathBuf,
+    },
     /// Work with model files (`.fedge` blobs: ONNX graph plus parameters).
     #[command(subcommand)]
     Model(ModelCmd),
@@ -269,6 +277,11 @@ fn main() -> anyhow::Result<()> {
             println!("{}", id.fingerprint_hex());
             Ok(())
         }
+        Cmd::LeafKey { state_dir } => {
+            let key = fedge_aggregator::uplink::leaf_key(&state_dir)?;
+            println!("{}", hex::encode(key.verifying_key().to_bytes()));
+            Ok(())
+        }
         Cmd::Model(ModelCmd::Init {
             tensors,
             value,
@@ -407,6 +420,10 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let server_cfg = cfg.server_config()?;
+    let parent = match cfg.parent_link()? {
+        Some(link) => Some((link, fedge_aggregator::uplink::leaf_key(&cfg.state_dir)?)),
+        None => None,
+    };
     let limits = server_cfg.coordinator.limits.clone();
     let server_cfg_lora = cfg.plan()?.lora;
     let identity = TlsIdentity::load_or_create(&cfg.state_dir)?;
@@ -443,6 +460,11 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         // Machine-readable lines for scripts and tests.
         println!("listening {addr}");
         println!("fingerprint {}", identity.fingerprint_hex());
+        if let Some((link, key)) = parent {
+            println!("leaf of {}", link.address);
+            tracing::info!(parent = %link.address, key = %hex::encode(key.verifying_key().to_bytes()), "serving as a leaf");
+            server.set_parent(link, key);
+        }
         tracing::info!(%addr, fingerprint = %identity.fingerprint_hex(), "aggregator ready");
         let report = server
             .run(initial, async {
