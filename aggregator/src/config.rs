@@ -646,7 +646,10 @@ impl AggregatorConfig {
                 risks.join("\n  - ")
             )));
         }
-        if self.weights.allow_unknown && self.weights.stake.apply(0.0) <= 0.0 {
+        // A root's participants are the leaves it names (tree.leaves.keys):
+        // its stake registry and enrolment rules do not apply.
+        let root = self.tree.leaves.is_some();
+        if !root && self.weights.allow_unknown && self.weights.stake.apply(0.0) <= 0.0 {
             return Err(ConfigError::Invalid(format!(
                 "weights.allow_unknown = true gives unknown devices stake 0, which weights.stake \
                  = {:?} turns into weight 0: use stake = {{ kind = \"constant\" }} for open \
@@ -654,7 +657,7 @@ impl AggregatorConfig {
                 self.weights.stake
             )));
         }
-        if self.stakes.is_none() && !self.weights.allow_unknown {
+        if !root && self.stakes.is_none() && !self.weights.allow_unknown {
             return Err(ConfigError::Invalid(
                 "no stake registry: every device would be refused. Set stakes = \"FILE\" \
                  (lines `<hex public key> <stake>`; --stakes FILE), or weights.allow_unknown = true \
