@@ -52,6 +52,7 @@ async fn a_tree_publishes_the_models_one_aggregator_publishes() {
     assert_eq!(single.len(), ROUNDS as usize, "{single:?}");
     assert_eq!(tree.len(), ROUNDS as usize, "{tree:?}");
     let start_values = model().params.values;
+    let mut largest = 0.0f32;
     for ((r1, a), (r2, b)) in single.iter().zip(&tree) {
         assert_eq!(r1, r2);
         let moved = a
@@ -69,7 +70,9 @@ async fn a_tree_publishes_the_models_one_aggregator_publishes() {
             diff <= 1e-6,
             "round {r1}: the tree's model differs from one aggregator's by {diff}"
         );
+        largest = largest.max(diff);
     }
+    eprintln!("largest difference from one aggregator's models: {largest:e}");
     // Every leaf ends on the root's final model.
     for f in leaf_finals {
         assert_eq!(f, root_final);

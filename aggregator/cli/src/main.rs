@@ -105,6 +105,10 @@ enum ModelCmd {
     },
     /// Print a model's version, tensors and parameter count.
     Info { path: PathBuf },
+    /// Compare two models of one parameter layout: the largest absolute
+    /// difference of a parameter, and the largest relative to the
+    /// parameters' largest magnitude.
+    Diff { a: PathBuf, b: PathBuf },
     /// Write a model as a plain ONNX file: the current global model of a
     /// state directory (what the aggregator published last), or a
     /// `.fedge` blob. A LoRA model is written with its adapters as
@@ -314,6 +318,32 @@ fn main() -> anyhow::Result<()> {
             for t in blob.params.layout.tensors() {
                 println!("  {:<32} {:?}", t.name, t.shape);
             }
+            Ok(())
+        }
+        Cmd::Model(ModelCmd::Diff { a, b }) => {
+            let (ma, mb) = (
+                load_model(&a, &Limits::default())?,
+                load_model(&b, &Limits::default())?,
+            );
+            anyhow::ensure!(
+                ma.params.layout == mb.params.layout,
+                "{} and {} have different parameter layouts",
+                a.display(),
+                b.display()
+            );
+            let va = &ma.params.values;
+            let vb = &mb.params.values;
+            let abs = va
+                .iter()
+                .zip(vb)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0f32, f32::max);
+            let scale = va.iter().chain(vb).map(|x| x.abs()).fold(0.0f32, f32::max);
+            let rel = if scale > 0.0 { abs / scale } else { 0.0 };
+            println!(
+                "parameters {} max_abs_diff {abs:e} max_rel_diff {rel:e}",
+                va.len()
+            );
             Ok(())
         }
         Cmd::Model(ModelCmd::Export {
