@@ -109,7 +109,9 @@ async fn a_silent_leaf_is_left_out_at_the_deadline() {
     let keys: Vec<_> = (0..3).map(leaf_key).collect();
     // Waits for three partials, publishes with two at its deadline.
     let mut cfg = root(&keys, 3, 2, 2);
-    cfg.coordinator.round_deadline = Duration::from_secs(4);
+    // Room for the present leaves' devices however loaded the machine;
+    // the round still closes at it, without the silent leaf.
+    cfg.coordinator.round_deadline = Duration::from_secs(10);
     let top = start(cfg, None, model()).await;
     // The third leaf takes its task and never answers.
     let mut silent = raw::Raw::authenticated(top.addr, top.fingerprint, &keys[2]).await;
@@ -166,4 +168,45 @@ async fn a_silent_leaf_is_left_out_at_the_deadline() {
             assert!(diff <= 1e-6, "round {round_id}: off by {diff}");
         }
     }
+}
+
+/// A leaf none of whose devices came gives its round up at its deadline
+/// (`TaskAbandoned` to the root) instead of waiting past the root's; the
+/// root publishes the other leaf's partial.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leaf_without_devices_gives_its_round_up() {
+    let keys: Vec<_> = (0..2).map(leaf_key).collect();
+    let mut cfg = root(&keys, 2, 1, 1);
+    cfg.coordinator.round_deadline = Duration::from_secs(8);
+    let top = start(cfg, None, model()).await;
+    // The idle leaf closes its round 4 s before the root's deadline: its
+    // report arrives well before it.
+    let mut link = top.link();
+    link.upload_margin = Duration::from_secs(4);
+    let busy = start(leaf(1), Some((top.link(), keys[0].clone())), model()).await;
+    let idle = start(leaf(1), Some((link, keys[1].clone())), model()).await;
+    treekit::join(devices(busy.addr, busy.fingerprint, [0])).await;
+    busy.finish().await;
+    let (_, mut idle_events) = idle.finish().await;
+    let (report, mut events) = top.finish().await;
+    assert_eq!(report.rounds_published, 1);
+    let idle_key = hex::encode(keys[1].verifying_key().to_bytes());
+    let given_up = treekit::drain(&mut events).into_iter().any(|e| {
+        matches!(e, Event::Contribution(c)
+            if c.device == idle_key && !c.accepted
+                && c.reason.as_deref().is_some_and(|r| r.contains("task abandoned (failed)")))
+    });
+    assert!(given_up, "the idle leaf gave its round up to the root");
+    let aborted = treekit::drain(&mut idle_events).into_iter().any(|e| {
+        matches!(
+            e,
+            Event::RoundClosed {
+                round_id: 1,
+                accepted: 0,
+                outcome: RoundOutcome::Aborted,
+                ..
+            }
+        )
+    });
+    assert!(aborted, "the idle leaf closed its round 1 with nothing");
 }

@@ -521,9 +521,11 @@ impl Coordinator {
             && let Some(d) = self.round.deadline
             && now >= d
         {
-            if self.policy.idle() && self.round.combiner.count() == 0 {
+            if self.policy.idle() && self.round.combiner.count() == 0 && !self.is_leaf() {
                 // Nobody came to train this round: nothing to close. Give
                 // it another period rather than spend a round id on it.
+                // (A leaf's round ids and deadline are its parent's: it
+                // gives the round up instead, so the parent need not wait.)
                 self.arm_round(now);
             } else {
                 self.close_round(now);
