@@ -44,6 +44,50 @@ pub enum LedgerKeyError {
     Corrupt { path: PathBuf, reason: String },
 }
 
+/// An Ed25519 key kept in `dir/key_file` (its 32-byte seed, mode 0600),
+/// created on first use with its public half in `dir/public_file` (hex):
+/// the ledger key, and a leaf aggregator's key (`crate::uplink`).
+pub fn load_or_create_key(
+    dir: &Path,
+    key_file: &str,
+    public_file: &str,
+) -> Result<SigningKey, LedgerKeyError> {
+    let path = dir.join(key_file);
+    match std::fs::read(&path) {
+        Ok(b) => {
+            let seed: [u8; 32] = b
+                .as_slice()
+                .try_into()
+                .map_err(|_| LedgerKeyError::Corrupt {
+                    path: path.clone(),
+                    reason: format!("{} bytes; a key is 32", b.len()),
+                })?;
+            Ok(SigningKey::from_bytes(&seed))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut seed = [0u8; 32];
+            getrandom::fill(&mut seed).map_err(|e| LedgerKeyError::Io {
+                path: path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            let key = SigningKey::from_bytes(&seed);
+            let write = |p: &Path, data: &[u8], mode: u32| {
+                fedge_proto::io::write_atomic(p, data, Some(mode)).map_err(|source| {
+                    LedgerKeyError::Io {
+                        path: p.to_path_buf(),
+                        source,
+                    }
+                })
+            };
+            write(&path, &seed, 0o600)?;
+            let public = hex::encode(key.verifying_key().to_bytes());
+            write(&dir.join(public_file), public.as_bytes(), 0o644)?;
+            Ok(key)
+        }
+        Err(source) => Err(LedgerKeyError::Io { path, source }),
+    }
+}
+
 /// The aggregator's ledger signing key.
 pub struct LedgerKey {
     key: SigningKey,
@@ -52,42 +96,9 @@ pub struct LedgerKey {
 impl LedgerKey {
     /// Loads the key from `dir`, or creates and stores one.
     pub fn load_or_create(dir: &Path) -> Result<Self, LedgerKeyError> {
-        let path = dir.join(KEY_FILE);
-        match std::fs::read(&path) {
-            Ok(b) => {
-                let seed: [u8; 32] =
-                    b.as_slice()
-                        .try_into()
-                        .map_err(|_| LedgerKeyError::Corrupt {
-                            path: path.clone(),
-                            reason: format!("{} bytes; a ledger key is 32", b.len()),
-                        })?;
-                Ok(LedgerKey {
-                    key: SigningKey::from_bytes(&seed),
-                })
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut seed = [0u8; 32];
-                getrandom::fill(&mut seed).map_err(|e| LedgerKeyError::Io {
-                    path: path.clone(),
-                    source: std::io::Error::other(e.to_string()),
-                })?;
-                let key = SigningKey::from_bytes(&seed);
-                let write = |p: &Path, data: &[u8], mode: u32| {
-                    fedge_proto::io::write_atomic(p, data, Some(mode)).map_err(|source| {
-                        LedgerKeyError::Io {
-                            path: p.to_path_buf(),
-                            source,
-                        }
-                    })
-                };
-                write(&path, &seed, 0o600)?;
-                let public = hex::encode(key.verifying_key().to_bytes());
-                write(&dir.join(PUBLIC_KEY_FILE), public.as_bytes(), 0o644)?;
-                Ok(LedgerKey { key })
-            }
-            Err(source) => Err(LedgerKeyError::Io { path, source }),
-        }
+        Ok(LedgerKey {
+            key: load_or_create_key(dir, KEY_FILE, PUBLIC_KEY_FILE)?,
+        })
     }
 
     pub fn public(&self) -> VerifyingKey {
@@ -705,6 +716,7 @@ mod tests {
                 metrics: vec![],
                 device_public_key: key.verifying_key(),
                 federation_id: [2; 32],
+                partial: None,
             };
             let signature = manifest.sign(&key);
             SignedManifest {

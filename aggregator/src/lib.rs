@@ -3,6 +3,8 @@
 //! - [`coordinator`]: round orchestration as a sans-IO state machine.
 //! - [`server`]: the thin tokio + quinn driver around the coordinator.
 //! - [`tls`]: the aggregator's TLS identity (created once, pinned by devices).
+//! - [`uplink`]: a leaf aggregator's link with its parent (a tree of
+//!   aggregators).
 //! - [`store`]: durable state on disk (content-addressed model blobs).
 //! - [`config`]: the TOML configuration and its defaults.
 //! - [`metrics`]: Prometheus metrics and the JSON status endpoint.
@@ -34,4 +36,5 @@ pub mod server;
 pub mod store;
 pub mod strategy;
 pub mod tls;
+pub mod uplink;
 pub mod weighting;

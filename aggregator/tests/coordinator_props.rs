@@ -275,6 +275,7 @@ impl Run {
             metrics: vec![("loss".into(), 1.0)],
             device_public_key: self.keys[i].verifying_key(),
             federation_id: [0; 32],
+            partial: None,
         };
         let signer = if self.rng.random_bool(0.95) {
             i
@@ -359,6 +360,7 @@ impl Run {
                     );
                 }
                 Output::Event(_) => {}
+                Output::Forward(f) => panic!("seed {seed}: a lone aggregator forwarded {f:?}"),
             }
         }
         assert!(

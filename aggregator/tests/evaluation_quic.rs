@@ -191,6 +191,7 @@ async fn bad_evaluation_reports_are_refused_by_type_and_change_nothing() {
         metrics: vec![],
         device_public_key: kt.verifying_key(),
         federation_id: t.federation,
+        partial: None,
     };
     t.send(&DeviceMsg::UploadBegin(Box::new(UploadBegin {
         signature: manifest.sign(&kt),

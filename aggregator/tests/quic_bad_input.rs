@@ -82,6 +82,7 @@ fn garbage_upload(
         metrics: vec![],
         device_public_key: key.verifying_key(),
         federation_id: c.federation,
+        partial: None,
     };
     let signature = manifest.sign(key);
     let begin = UploadBegin {
@@ -138,6 +139,7 @@ fn upload(
         metrics: vec![],
         device_public_key: named.verifying_key(),
         federation_id: federation,
+        partial: None,
     };
     let signature = manifest.sign(signer);
     (

@@ -136,6 +136,7 @@ async fn a_secure_round_over_quic_publishes_the_honest_mean_and_refuses_a_modifi
         metrics: vec![],
         device_public_key: modified.verifying_key(),
         federation_id: m.federation,
+        partial: None,
     };
     let signature = manifest.sign(&modified);
     m.send(&DeviceMsg::UploadBegin(Box::new(UploadBegin {

@@ -27,10 +27,12 @@ pub enum RejectCode {
     Internal,
     /// The manifest was signed for another federation.
     WrongFederation,
+    /// A partial aggregate claims more weight than its devices can carry.
+    WeightBound,
 }
 
 impl RejectCode {
-    pub const ALL: [RejectCode; 20] = [
+    pub const ALL: [RejectCode; 21] = [
         RejectCode::SchemaMismatch,
         RejectCode::Malformed,
         RejectCode::TooLarge,
@@ -51,6 +53,7 @@ impl RejectCode {
         RejectCode::NormBound,
         RejectCode::Internal,
         RejectCode::WrongFederation,
+        RejectCode::WeightBound,
     ];
 
     pub fn to_wire(self) -> wire::RejectCode {
@@ -76,6 +79,7 @@ impl RejectCode {
             RejectCode::NormBound => W::RejectNormBound,
             RejectCode::Internal => W::RejectInternal,
             RejectCode::WrongFederation => W::RejectWrongFederation,
+            RejectCode::WeightBound => W::RejectWeightBound,
         }
     }
 
@@ -113,6 +117,7 @@ impl RejectCode {
             RejectCode::NormBound => "norm_bound",
             RejectCode::Internal => "internal",
             RejectCode::WrongFederation => "wrong_federation",
+            RejectCode::WeightBound => "weight_bound",
         }
     }
 }

@@ -156,6 +156,7 @@ mod tests {
             metrics: vec![("loss".into(), 0.5)],
             device_public_key: key.verifying_key(),
             federation_id: [3; 32],
+            partial: None,
         };
         let signature = manifest.sign(key);
         SignedManifest {

@@ -103,6 +103,55 @@ pub struct UpdateManifest {
     /// The federation the update is for (see [`federation_id`]): an update
     /// signed for one aggregator does not verify at another.
     pub federation_id: [u8; 32],
+    /// Present when a leaf aggregator signs its round's partial aggregate
+    /// for its parent (see [`PartialAggregate`]); None for a device's update.
+    pub partial: Option<PartialAggregate>,
+}
+
+/// What a leaf aggregator claims about the partial aggregate it forwards:
+/// the payload is its devices' combined update (their weighted mean
+/// delta), `total_weight` the sum of their final weights, so a parent
+/// that weights each partial by it gets the same mean as one aggregator
+/// over all the devices. Checked on the way in: the weight finite and
+/// positive, at least one device.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PartialAggregate {
+    pub total_weight: f64,
+    pub devices: u32,
+    /// [`crate::ledger::merkle_root`] of the combined updates'
+    /// signed-manifest hashes ([`UpdateManifest::signed_hash`]), in the
+    /// order they were combined.
+    pub manifests_root: [u8; 32],
+}
+
+impl PartialAggregate {
+    pub fn to_wire(&self) -> wire::PartialAggregate {
+        wire::PartialAggregate {
+            total_weight: self.total_weight,
+            devices: self.devices,
+            manifests_root: self.manifests_root.to_vec().into(),
+        }
+    }
+
+    pub fn from_wire(w: wire::PartialAggregate) -> Result<Self, ProtoError> {
+        if !(w.total_weight.is_finite() && w.total_weight > 0.0) {
+            return Err(ProtoError::Invalid {
+                field: "manifest.partial.total_weight",
+                reason: format!("must be finite and positive, got {}", w.total_weight),
+            });
+        }
+        if w.devices == 0 {
+            return Err(ProtoError::Invalid {
+                field: "manifest.partial.devices",
+                reason: "a partial aggregate combines at least one update".into(),
+            });
+        }
+        Ok(PartialAggregate {
+            total_weight: w.total_weight,
+            devices: w.devices,
+            manifests_root: hash32("manifest.partial.manifests_root", &w.manifests_root)?,
+        })
+    }
 }
 
 /// A federation's id: blake3 (in key-derivation mode, context
@@ -135,6 +184,7 @@ impl UpdateManifest {
                 .collect(),
             device_public_key: self.device_public_key.to_bytes().to_vec().into(),
             federation_id: self.federation_id.to_vec().into(),
+            partial: self.partial.map(|p| p.to_wire()),
         }
     }
 
@@ -170,6 +220,7 @@ impl UpdateManifest {
             metrics,
             device_public_key: public_key("manifest.device_public_key", &w.device_public_key)?,
             federation_id: hash32("manifest.federation_id", &w.federation_id)?,
+            partial: w.partial.map(PartialAggregate::from_wire).transpose()?,
         })
     }
 
@@ -214,6 +265,7 @@ mod tests {
             metrics: vec![("loss".into(), 0.5)],
             device_public_key: k.verifying_key(),
             federation_id: [5; 32],
+            partial: None,
         }
     }
 
@@ -231,6 +283,13 @@ mod tests {
             |m: &mut UpdateManifest| m.payload_hash[0] ^= 1,
             |m: &mut UpdateManifest| m.sample_count += 1,
             |m: &mut UpdateManifest| m.federation_id[31] ^= 1,
+            |m: &mut UpdateManifest| {
+                m.partial = Some(PartialAggregate {
+                    total_weight: 1.0,
+                    devices: 1,
+                    manifests_root: [0; 32],
+                })
+            },
         ] {
             let mut t = m.clone();
             tamper(&mut t);

@@ -52,6 +52,14 @@ enum Cmd {
         #[arg(long, default_value = "fedge-aggregator-state")]
         state_dir: PathBuf,
     },
+    /// Print the public key this aggregator authenticates to its parent
+    /// with, as a leaf of a tree of aggregators (creates `leaf.key` in the
+    /// state directory if it has none). The parent lists it in its
+    /// `[tree.leaves] keys`.
+    LeafKey {
+        #[arg(long, default_value = "fedge-aggregator-state")]
+        state_dir: PathBuf,
+    },
     /// Work with model files (`.fedge` blobs: ONNX graph plus parameters).
     #[command(subcommand)]
     Model(ModelCmd),
@@ -97,6 +105,10 @@ enum ModelCmd {
     },
     /// Print a model's version, tensors and parameter count.
     Info { path: PathBuf },
+    /// Compare two models of one parameter layout: the largest absolute
+    /// difference of a parameter, and the largest relative to the
+    /// parameters' largest magnitude.
+    Diff { a: PathBuf, b: PathBuf },
     /// Write a model as a plain ONNX file: the current global model of a
     /// state directory (what the aggregator published last), or a
     /// `.fedge` blob. A LoRA model is written with its adapters as
@@ -269,6 +281,11 @@ fn main() -> anyhow::Result<()> {
             println!("{}", id.fingerprint_hex());
             Ok(())
         }
+        Cmd::LeafKey { state_dir } => {
+            let key = fedge_aggregator::uplink::leaf_key(&state_dir)?;
+            println!("{}", hex::encode(key.verifying_key().to_bytes()));
+            Ok(())
+        }
         Cmd::Model(ModelCmd::Init {
             tensors,
             value,
@@ -301,6 +318,32 @@ fn main() -> anyhow::Result<()> {
             for t in blob.params.layout.tensors() {
                 println!("  {:<32} {:?}", t.name, t.shape);
             }
+            Ok(())
+        }
+        Cmd::Model(ModelCmd::Diff { a, b }) => {
+            let (ma, mb) = (
+                load_model(&a, &Limits::default())?,
+                load_model(&b, &Limits::default())?,
+            );
+            anyhow::ensure!(
+                ma.params.layout == mb.params.layout,
+                "{} and {} have different parameter layouts",
+                a.display(),
+                b.display()
+            );
+            let va = &ma.params.values;
+            let vb = &mb.params.values;
+            let abs = va
+                .iter()
+                .zip(vb)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0f32, f32::max);
+            let scale = va.iter().chain(vb).map(|x| x.abs()).fold(0.0f32, f32::max);
+            let rel = if scale > 0.0 { abs / scale } else { 0.0 };
+            println!(
+                "parameters {} max_abs_diff {abs:e} max_rel_diff {rel:e}",
+                va.len()
+            );
             Ok(())
         }
         Cmd::Model(ModelCmd::Export {
@@ -407,6 +450,10 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let server_cfg = cfg.server_config()?;
+    let parent = match cfg.parent_link()? {
+        Some(link) => Some((link, fedge_aggregator::uplink::leaf_key(&cfg.state_dir)?)),
+        None => None,
+    };
     let limits = server_cfg.coordinator.limits.clone();
     let server_cfg_lora = cfg.plan()?.lora;
     let identity = TlsIdentity::load_or_create(&cfg.state_dir)?;
@@ -443,6 +490,11 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         // Machine-readable lines for scripts and tests.
         println!("listening {addr}");
         println!("fingerprint {}", identity.fingerprint_hex());
+        if let Some((link, key)) = parent {
+            println!("leaf of {}", link.address);
+            tracing::info!(parent = %link.address, key = %hex::encode(key.verifying_key().to_bytes()), "serving as a leaf");
+            server.set_parent(link, key);
+        }
         tracing::info!(%addr, fingerprint = %identity.fingerprint_hex(), "aggregator ready");
         let report = server
             .run(initial, async {

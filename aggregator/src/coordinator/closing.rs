@@ -36,6 +36,9 @@ impl Coordinator {
     }
 
     pub(super) fn close_round(&mut self, now: Instant) {
+        if self.is_leaf() {
+            return self.close_leaf_round(now);
+        }
         let mut accepted = self.round.combiner.count();
         let mut secure_metrics = Vec::new();
         let round_id = self.round.id;
@@ -160,7 +163,7 @@ impl Coordinator {
     /// Makes `model` (encoded as `blob`, version `version`) current and
     /// offers it for download: a new version, or an earlier one again (a
     /// rollback).
-    fn make_current(
+    pub(super) fn make_current(
         &mut self,
         round_id: u64,
         version: ModelVersion,

@@ -87,6 +87,93 @@ pub struct CoordinatorConfig {
     pub evaluation: EvaluationConfig,
     pub limits: Limits,
     pub seed: u64,
+    /// This aggregator's place in a tree of aggregators (see
+    /// `coordinator::tree`); the default is a lone aggregator.
+    pub tree: TreeRole,
+}
+
+/// Where an aggregator sits in a tree of aggregators.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TreeRole {
+    /// A leaf: its rounds (ids, models, plans, deadlines) come from its
+    /// parent, and a closed round's combined update goes up as a signed
+    /// partial aggregate instead of being published.
+    pub leaf: bool,
+    /// A root (or, with `leaf`, a middle node): it takes partial aggregates
+    /// from these leaves only, and no device updates.
+    pub leaves: Option<LeafBounds>,
+}
+
+/// Who may send partial aggregates to a root, and what one may claim.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LeafBounds {
+    /// Ed25519 keys of the leaves; any other key is refused when it
+    /// authenticates.
+    pub keys: std::collections::BTreeSet<[u8; 32]>,
+    /// Most updates one partial aggregate may combine.
+    pub devices_max: u32,
+    /// Largest weight one device can carry at a leaf: a partial's total
+    /// weight may not exceed its device count times this.
+    pub device_weight_max: f64,
+}
+
+impl TreeRole {
+    fn validate(&self, cfg: &CoordinatorConfig) -> Result<(), String> {
+        if let Some(l) = &self.leaves {
+            if l.keys.is_empty() {
+                return Err("tree.leaves.keys is empty: no leaf could take part".into());
+            }
+            if l.devices_max == 0 {
+                return Err("tree.leaves.devices_max must be at least 1".into());
+            }
+            if !(l.device_weight_max.is_finite() && l.device_weight_max > 0.0) {
+                return Err(format!(
+                    "tree.leaves.device_weight_max must be positive, got {}",
+                    l.device_weight_max
+                ));
+            }
+            if cfg.devices_per_round > l.keys.len() {
+                return Err(format!(
+                    "a root waits for devices_per_round = {} partial aggregates, but only {} \
+                     leaves are allowed (tree.leaves.keys)",
+                    cfg.devices_per_round,
+                    l.keys.len()
+                ));
+            }
+        }
+        if self.leaf || self.leaves.is_some() {
+            let s = &cfg.strategy;
+            let refuse = |what: &str| Err(format!("a tree of aggregators does not support {what}"));
+            if s.buffered.is_some() {
+                return refuse("FedBuff (strategy.buffered): its rounds are synchronous");
+            }
+            if s.secagg.is_some() {
+                return refuse("SecAgg+ (strategy.secagg)");
+            }
+            if s.dp.is_some() {
+                return refuse(
+                    "central DP (strategy.dp): DP-FedAvg clips and counts users, and a partial \
+                     aggregate is no user",
+                );
+            }
+        }
+        if self.leaf {
+            let s = &cfg.strategy;
+            if s.server_opt != (crate::strategy::ServerOpt::Avg { lr: 1.0 }) {
+                return Err(format!(
+                    "a leaf forwards its combined update to its parent, whose server optimizer \
+                     applies it: strategy.server_opt must stay fedavg with lr 1 here, got {:?}",
+                    s.server_opt
+                ));
+            }
+            if s.downlink.is_some() {
+                return Err("a leaf publishes its parent's models as they are: remove \
+                            strategy.downlink (set it at the root)"
+                    .into());
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for CoordinatorConfig {
@@ -119,6 +206,7 @@ impl Default for CoordinatorConfig {
             evaluation: EvaluationConfig::default(),
             limits: Limits::default(),
             seed: 0,
+            tree: TreeRole::default(),
         }
     }
 }
@@ -217,6 +305,13 @@ impl CoordinatorConfig {
                         .into(),
                 );
             }
+            if self.tree.leaf || self.tree.leaves.is_some() {
+                return Err(
+                    "evaluation: a tree of aggregators does not run evaluation tasks yet; set \
+                     evaluation.devices = 0"
+                        .into(),
+                );
+            }
             if self.selection_window.is_zero() {
                 return Err(
                     "evaluation: evaluation tasks are drawn at the check-in window; set \
@@ -225,6 +320,7 @@ impl CoordinatorConfig {
                 );
             }
         }
+        self.tree.validate(self)?;
         self.weights.validate()
     }
 }

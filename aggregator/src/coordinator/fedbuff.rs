@@ -353,6 +353,7 @@ mod tests {
             metrics: vec![],
             device_public_key: SigningKey::from_bytes(&[1; 32]).verifying_key(),
             federation_id: [0; 32],
+            partial: None,
         };
         let view = |id| RoundView {
             id,

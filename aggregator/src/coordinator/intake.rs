@@ -70,8 +70,15 @@ impl Coordinator {
                 ),
             ));
         }
+        if self.leaf.awaiting {
+            return Err((
+                RejectCode::RoundClosed,
+                "the round closed; this aggregator waits for its parent's next round".into(),
+            ));
+        }
         self.policy
             .check_task(key.as_bytes(), m, &self.round_view(), now, &self.transfers)?;
+        self.check_partial(m)?;
         if m.sample_count == 0 {
             return Err((
                 RejectCode::Malformed,
@@ -236,6 +243,16 @@ impl Coordinator {
         }
         let stake = self.stake_of(dev);
         let discount = self.policy.discount(self.round.id - m.round_id);
+        if let Some(p) = &m.partial {
+            // A leaf's weight is what its devices weighed (bounded by
+            // `check_partial`), not its stake or its samples.
+            return Ok(Admitted {
+                delta: discounted(delta, discount),
+                raw_weight: p.total_weight,
+                discount,
+                stake,
+            });
+        }
         match self
             .cfg
             .weights
@@ -259,7 +276,7 @@ impl Coordinator {
     /// steps the plan says exactly how many samples a device trains on
     /// (`local_steps x batch_size`), and a claim counts for no more.
     pub(super) fn samples_counted(&self, claim: u64) -> u64 {
-        let p = &self.cfg.plan;
+        let p = self.round_plan();
         match p.local_steps {
             0 => claim,
             steps => claim.min(u64::from(steps) * u64::from(p.batch_size)),
@@ -302,6 +319,7 @@ impl Coordinator {
         })));
         let held = self.held(manifest_hash, m.payload_hash, &delta, m.sample_count);
         self.round.combiner.add(delta, raw_weight);
+        self.leaf.devices += m.partial.map_or(1, |p| u64::from(p.devices));
         self.round.book.record(
             self.round.id,
             Accepted {

@@ -58,6 +58,13 @@ impl RoundBook {
         std::mem::take(&mut self.held)
     }
 
+    /// Merkle root of the accepted updates' signed-manifest hashes, in
+    /// acceptance order (what a leaf's partial aggregate names).
+    pub fn manifests_root(&self) -> [u8; 32] {
+        let leaves: Vec<Vec<u8>> = self.held.iter().map(|h| h.manifest_hash.to_vec()).collect();
+        fedge_proto::ledger::merkle_root(&leaves)
+    }
+
     /// Metrics reported with accepted updates, each with its raw weight.
     pub fn metrics(&self) -> &[(f64, Vec<(String, f64)>)] {
         &self.metrics

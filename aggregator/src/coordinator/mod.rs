@@ -29,6 +29,8 @@
 //! - [`closing`]: closing a round, and settling it (scores and rewards);
 //! - [`misconduct`]: penalties with their evidence (refused signed updates,
 //!   equivocation, copies) and the stake they slash;
+//! - [`tree`]: a leaf's rounds driven by its parent, and a root's checks
+//!   of its leaves' partial aggregates;
 //! - this module: the message flow that ties them together, weighting,
 //!   combining and publishing.
 
@@ -48,11 +50,13 @@ mod selection;
 mod sessions;
 mod settle;
 mod transfers;
+mod tree;
 
-pub use config::CoordinatorConfig;
+pub use config::{CoordinatorConfig, LeafBounds, TreeRole};
 pub use output::{
     Contribution, DurableUpdate, Event, Output, Penalty, RoundOutcome, SettledEntry, Settlement,
 };
+pub use tree::{Forward, ParentRound, Partial};
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -144,6 +148,8 @@ pub struct Coordinator {
     misconduct: misconduct::Misconduct,
     published_rounds: u64,
     finished: bool,
+    /// A leaf's link with its parent (unused elsewhere).
+    leaf: tree::LeafState,
     out: VecDeque<Output>,
 }
 
@@ -219,10 +225,15 @@ impl Coordinator {
             misconduct: Default::default(),
             published_rounds,
             finished,
+            leaf: tree::LeafState {
+                awaiting: cfg.tree.leaf,
+                ..Default::default()
+            },
             out: VecDeque::new(),
             cfg,
         };
-        if !finished {
+        // A leaf's first round opens when its parent offers it.
+        if !finished && !c.leaf.awaiting {
             c.event(Event::RoundOpened {
                 round_id: first_round_id,
                 model_version: version,
@@ -260,6 +271,11 @@ impl Coordinator {
     /// Put back an update that was acknowledged before a restart. Its
     /// device counts as having contributed to the open round.
     pub fn restore_update(&mut self, now: Instant, u: DurableUpdate) -> Result<(), String> {
+        if self.leaf.awaiting {
+            // A leaf's round opens when its parent offers it again.
+            self.leaf.restored.push(u);
+            return Ok(());
+        }
         self.tick(now);
         if u.round_id != self.round.id {
             return Err(format!(
@@ -509,9 +525,11 @@ impl Coordinator {
             && let Some(d) = self.round.deadline
             && now >= d
         {
-            if self.policy.idle() && self.round.combiner.count() == 0 {
+            if self.policy.idle() && self.round.combiner.count() == 0 && !self.is_leaf() {
                 // Nobody came to train this round: nothing to close. Give
                 // it another period rather than spend a round id on it.
+                // (A leaf's round ids and deadline are its parent's: it
+                // gives the round up instead, so the parent need not wait.)
                 self.arm_round(now);
             } else {
                 self.close_round(now);
@@ -599,6 +617,10 @@ impl Coordinator {
             self.send(session, AggMsg::Finished(mref));
             return;
         }
+        if self.leaf.awaiting {
+            self.pace_away(session, "waiting for the parent aggregator's next round");
+            return;
+        }
         if self.secure_running() {
             // A secure round takes nobody after its draw, and a drawn
             // device that asks again lost its keys (or has sent its part).
@@ -630,6 +652,9 @@ impl Coordinator {
     /// Whether the device's stake lets it take part; if not, it is told to
     /// come back much later.
     fn eligible(&mut self, session: SessionId, key: &VerifyingKey) -> bool {
+        if self.cfg.tree.leaves.is_some() {
+            return true; // a root's leaves were named when they authenticated
+        }
         let dev = device_id(key);
         let Err(e) = self.cfg.weights.raw_weight(self.stake_of(&dev), 1) else {
             return true;
@@ -670,7 +695,8 @@ impl Coordinator {
             .policy
             .offer_deadline(now, &self.round_view(), self.cfg.round_deadline);
         let mut deadline_ms = deadline.saturating_duration_since(now).as_millis() as u64;
-        let plan = self.strategy.configure_round(self.round.id, &self.cfg.plan);
+        let base = self.round_plan().clone();
+        let plan = self.strategy.configure_round(self.round.id, &base);
         let secagg = match (&self.round.secure, self.sessions.state(session)) {
             (Some(s), Some(SessionState::Ready { key })) => s.offer(key.as_bytes()),
             _ => None,

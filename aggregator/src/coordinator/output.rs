@@ -49,6 +49,8 @@ pub enum Output {
         reason: String,
     },
     Event(Event),
+    /// A leaf's round closed: tell the parent (see `coordinator::tree`).
+    Forward(Box<super::Forward>),
 }
 
 /// What happened, for logs, metrics, persistence and tests.
@@ -257,4 +259,7 @@ pub enum RoundOutcome {
     Published(ModelVersion),
     /// Fewer than `min_devices` updates by the deadline; model unchanged.
     Aborted,
+    /// A leaf's round: its combined update went to the parent, whose next
+    /// model this leaf publishes when the parent offers its next round.
+    Forwarded,
 }

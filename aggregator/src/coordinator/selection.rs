@@ -90,7 +90,7 @@ impl Coordinator {
     /// Time moves on: the first round's clock starts with the first input,
     /// and a check-in window that has ended is drawn.
     pub(super) fn tick(&mut self, now: Instant) {
-        if self.finished {
+        if self.finished || self.leaf.awaiting {
             return;
         }
         if self.round.deadline.is_none() {

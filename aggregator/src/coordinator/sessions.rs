@@ -253,6 +253,17 @@ impl Coordinator {
             );
             return;
         }
+        if !self.admits_key(&key) {
+            self.reject(
+                session,
+                Some(device_id(&key)),
+                RejectCode::AuthFailed,
+                "this aggregator is a root and this key is not one of its leaves (tree.leaves.keys)"
+                    .into(),
+                true,
+            );
+            return;
+        }
         if !self.sessions.has_room_for(&key) {
             let max = self.sessions.max_sessions();
             self.reject(

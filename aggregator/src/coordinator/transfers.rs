@@ -396,6 +396,7 @@ mod tests {
                 metrics: vec![],
                 device_public_key: key.verifying_key(),
                 federation_id: [0; 32],
+                partial: None,
             },
             signature: [0; 64],
             chunk_bytes,

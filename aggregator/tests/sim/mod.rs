@@ -289,6 +289,7 @@ impl Sim {
                     }
                     Output::Event(e) => self.events.push(e),
                     Output::Persist(_) => self.persisted += 1,
+                    Output::Forward(f) => panic!("a lone aggregator forwarded {f:?}"),
                 }
             }
             for i in 0..self.devices.len() {

@@ -22,6 +22,7 @@ pub fn device_msg_samples() -> Vec<DeviceMsg> {
         metrics: vec![("loss".into(), 1.5), ("acc".into(), 0.5)],
         device_public_key: k.verifying_key(),
         federation_id: [6; 32],
+        partial: None,
     };
     let eval = crate::msg::EvalManifest {
         round_id: 5,

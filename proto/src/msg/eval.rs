@@ -183,6 +183,7 @@ mod tests {
             metrics: vec![],
             device_public_key: m.device_public_key,
             federation_id: m.federation_id,
+            partial: None,
         };
         let sig = as_update.sign(&k);
         assert_eq!(m.verify(&sig), Err(ProtoError::BadSignature));

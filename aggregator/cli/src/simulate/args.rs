@@ -29,6 +29,9 @@ pub struct SimConfig {
     /// per speaking role, the roles with the most lines).
     pub partition: String,
     pub devices: usize,
+    /// Leaf aggregators under a root (0: one aggregator): see
+    /// `simulate::tree`.
+    pub aggregators: usize,
     /// Devices are ramped in: each makes its first connection at a random
     /// instant in [0, ramp_ms] (0: all at once).
     pub ramp_ms: u64,
@@ -178,6 +181,7 @@ impl Default for SimConfig {
             data: "mnist".into(),
             partition: "dirichlet:0.5".into(),
             devices: 20,
+            aggregators: 0,
             ramp_ms: 0,
             devices_per_round: 10,
             rounds: 20,
@@ -237,6 +241,13 @@ pub struct SimArgs {
     lora: Option<fedge_proto::msg::LoraSpec>,
     #[arg(long)]
     devices: Option<usize>,
+    /// Run a two-level tree instead of one aggregator: a root and this
+    /// many leaf aggregators over loopback QUIC, the devices dealt to the
+    /// leaves in turn. Per-device weights, caps, clipping, the combiner
+    /// and scoring apply at the leaves; the root averages their partial
+    /// aggregates by weight and applies the server optimizer.
+    #[arg(long, value_name = "N")]
+    aggregators: Option<usize>,
     /// Ramp the devices in: each connects first at a random instant
     /// within this many ms (0: all at once; the aggregator paces a burst).
     #[arg(long)]
@@ -563,6 +574,9 @@ impl SimConfig {
         }
         if let Some(v) = a.ramp_ms {
             c.ramp_ms = v;
+        }
+        if let Some(v) = a.aggregators {
+            c.aggregators = v;
         }
         if let Some(n) = a.validation_samples {
             c.scoring.validation_samples = n;

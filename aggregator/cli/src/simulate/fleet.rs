@@ -104,8 +104,7 @@ pub fn spawn_devices(
     keys: Vec<SigningKey>,
     train: &Dataset,
     shards: &[Vec<usize>],
-    addr: SocketAddr,
-    fp: [u8; 32],
+    targets: &[(SocketAddr, [u8; 32])],
 ) -> anyhow::Result<Vec<Device>> {
     let (closed, accepted) = (&seen.closed, &seen.accepted);
     let n_attackers = attacker_count(c);
@@ -121,6 +120,8 @@ pub fn spawn_devices(
     // An added attacker trains on a copy of an honest device's shard.
     let shards = shards.iter().cycle();
     for (i, (key, shard)) in keys.into_iter().zip(shards).enumerate() {
+        // With a tree of aggregators, devices are dealt to the leaves.
+        let (addr, fp) = targets[i % targets.len()];
         let cfg = DriverConfig {
             session: SessionConfig {
                 seed: c.seed.wrapping_add(i as u64),

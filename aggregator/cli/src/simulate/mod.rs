@@ -8,12 +8,15 @@
 //!   make a device slow, flaky or malicious.
 //! - [`report`]: the per-round table, results.json and the plot.
 //! - [`rewards`]: what scoring and rewards made of the run.
+//! - [`tree`]: with `--aggregators N`, a root and N leaf aggregators
+//!   instead of one.
 
 mod args;
 mod data;
 mod fleet;
 mod report;
 mod rewards;
+mod tree;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -39,6 +42,9 @@ pub fn run(a: SimArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     c.check_runnable()?;
+    if c.aggregators > 0 {
+        tree::check(&c)?;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -57,22 +63,21 @@ async fn simulate(c: SimConfig) -> anyhow::Result<()> {
         Some(d) => d.clone(),
         None => work.path().join("aggregator"),
     };
-    let scorer = crate::evaluator::EngineEvaluator::new(&model.graph, test.clone())?;
-    let mut aggregator = start_aggregator(&c, &state, &keys, &model.blob, scorer).await?;
+    let scorer = || crate::evaluator::EngineEvaluator::new(&model.graph, test.clone());
+    let (mut aggregator, targets) = if c.aggregators == 0 {
+        let a = start_aggregator(&c, &state, &keys, &model.blob, scorer()?).await?;
+        let target = (a.addr, a.fingerprint);
+        (a, vec![target])
+    } else {
+        let stake_file = fresh_state(&state, &c, &keys)?;
+        tree::start(&c, &state, stake_file, &model.blob, scorer).await?
+    };
     announce(&c, aggregator.addr);
     let seen = fleet::Seen {
         closed: Default::default(),
         accepted: Default::default(),
     };
-    let devices = fleet::spawn_devices(
-        &c,
-        &seen,
-        keys,
-        &train,
-        &shards,
-        aggregator.addr,
-        aggregator.fingerprint,
-    )?;
+    let devices = fleet::spawn_devices(&c, &seen, keys, &train, &shards, &targets)?;
     let mut held_out = report::HeldOut::new(&model.graph, test)?;
     let initial = held_out.evaluate(&model.blob.params.values)?;
     let table = report::Table::start(c.rounds, &initial);
@@ -103,9 +108,13 @@ async fn simulate(c: SimConfig) -> anyhow::Result<()> {
         };
         devices.iter().for_each(|d| d.task.abort());
         aggregator.serving.abort();
+        aggregator.leaves.iter().for_each(|l| l.abort());
         (joined, rounds.rows.len() as u64)
     } else {
         let joined = fleet::join_devices(devices).await;
+        for l in aggregator.leaves {
+            l.await??;
+        }
         (joined, aggregator.serving.await??.rounds_published)
     };
     report::Summary {
@@ -135,14 +144,34 @@ fn stall_after(c: &SimConfig) -> Duration {
     Duration::from_millis(c.round_deadline_ms) + Duration::from_secs(60)
 }
 
-/// The aggregator serving the simulation, and what the simulation watches.
+/// The aggregator serving the simulation (with `--aggregators`, the
+/// root), and what the simulation watches.
 struct Aggregator {
     addr: SocketAddr,
     /// Its certificate's fingerprint, which the devices pin.
     fingerprint: [u8; 32],
     events: UnboundedReceiver<Event>,
-    metrics: Arc<Metrics>,
+    /// The metrics of the servers devices talk to (the leaves of a tree).
+    metrics: Vec<Arc<Metrics>>,
     serving: JoinHandle<anyhow::Result<ServeReport>>,
+    /// With `--aggregators`: the leaves.
+    leaves: Vec<JoinHandle<anyhow::Result<ServeReport>>>,
+}
+
+/// Makes `state` a fresh state directory with the fleet's stake registry.
+fn fresh_state(
+    state: &Path,
+    c: &SimConfig,
+    keys: &[fedge_proto::sign::SigningKey],
+) -> anyhow::Result<std::path::PathBuf> {
+    if state.join("aggregator.db").exists() || state.join("root").exists() {
+        anyhow::bail!(
+            "state directory {} already holds an aggregator's state: use a new one",
+            state.display()
+        );
+    }
+    std::fs::create_dir_all(state)?;
+    fleet::write_stake_file(c, keys, state)
 }
 
 /// Start the aggregator on loopback with its state (TLS identity, stake
@@ -155,16 +184,9 @@ async fn start_aggregator(
     initial: &ModelBlob,
     scorer: crate::evaluator::EngineEvaluator,
 ) -> anyhow::Result<Aggregator> {
-    if state.join("aggregator.db").exists() {
-        anyhow::bail!(
-            "state directory {} already holds an aggregator's state: use a new one",
-            state.display()
-        );
-    }
-    std::fs::create_dir_all(state)?;
+    let stake_file = fresh_state(state, c, keys)?;
     let state = state.to_path_buf();
     let identity = TlsIdentity::load_or_create(&state)?;
-    let stake_file = fleet::write_stake_file(c, keys, &state)?;
     let mut server = Server::bind(
         server_config(c, stake_file)?,
         &identity,
@@ -178,8 +200,9 @@ async fn start_aggregator(
         addr: server.local_addr()?,
         fingerprint: identity.fingerprint(),
         events: server.observe(),
-        metrics: server.metrics(),
+        metrics: vec![server.metrics()],
         serving: tokio::spawn(server.run(initial.clone(), std::future::pending())),
+        leaves: Vec::new(),
     })
 }
 
@@ -199,12 +222,16 @@ fn server_config(c: &SimConfig, stake_file: std::path::PathBuf) -> anyhow::Resul
         );
     }
     let mut s = agg.server_config()?;
-    // Every simulated device dials at once, from one process.
+    fit_fleet(c, &mut s);
+    Ok(s)
+}
+
+/// Every simulated device dials at once, from one process.
+fn fit_fleet(c: &SimConfig, s: &mut ServerConfig) {
     let fleet = c.devices + c.attacker_devices;
     s.coordinator.max_sessions = fleet + 16;
     s.coordinator.max_unauthenticated = fleet + 16;
     s.finish_grace = Some(Duration::from_secs(30));
-    Ok(s)
 }
 
 /// The simulation as an aggregator configuration file would say it.

@@ -160,7 +160,9 @@ pub struct Rounds {
 pub struct Watched<'a> {
     /// The aggregator's events.
     pub events: &'a mut UnboundedReceiver<Event>,
-    pub metrics: &'a Metrics,
+    /// The servers devices download from (one, or a tree's leaves): their
+    /// bytes out are the downlink.
+    pub metrics: &'a [std::sync::Arc<Metrics>],
     /// Where the rounds' closings are told (hogs read it).
     pub closed: &'a ClosedRounds,
     /// Where accepted updates are told (copycats read it).
@@ -194,7 +196,8 @@ pub async fn follow_rounds(
     } = w;
     let mut rounds = Rounds::default();
     let (mut up, mut participants) = (0u64, 0usize);
-    let mut last_out = metrics.bytes_out.get();
+    let bytes_out = || metrics.iter().map(|m| m.bytes_out.get()).sum::<u64>();
+    let mut last_out = bytes_out();
     loop {
         let next = tokio::select! {
             e = events.recv() => Ok(e),
@@ -252,7 +255,7 @@ pub async fn follow_rounds(
             Event::ModelPublished { blob: bytes, .. } => {
                 let m = ModelBlob::decode(&bytes, &Limits::default())?;
                 let ev = held_out.evaluate(&m.params.values)?;
-                let out_now = metrics.bytes_out.get();
+                let out_now = bytes_out();
                 rounds.upload_bytes += up;
                 let row = Row {
                     round: rounds.rows.len() as u64 + 1,

@@ -99,6 +99,7 @@ impl DeviceSession {
             metrics: out.metrics,
             device_public_key: self.key.verifying_key(),
             federation_id: self.federation_id,
+            partial: None,
         };
         let signature = manifest.sign(&self.key);
         self.upload = Some(PendingUpload {

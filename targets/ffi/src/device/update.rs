@@ -62,6 +62,7 @@ impl Loaded {
             device_public_key: key.verifying_key(),
             // Not bound to a federation: the app carries the update itself.
             federation_id: [0; 32],
+            partial: None,
         };
         let signature = manifest.sign(key);
         Ok(SignedUpdate {

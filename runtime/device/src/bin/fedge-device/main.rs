@@ -250,6 +250,7 @@ struct TrainArgs {
     /// is measured on the same held-out windows.
     #[arg(long, value_name = "N")]
     test_stride: Option<usize>,
+    /// Epochs to train (0: evaluate the model as given, one row for epoch 0).
     #[arg(long, default_value_t = 10)]
     epochs: u32,
     #[arg(long, default_value_t = 32)]
@@ -479,6 +480,14 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         "epoch", "lr", "train_loss", "test_acc", "test_loss", "secs"
     );
     let mut rows = Vec::new();
+    if a.epochs == 0 {
+        inf.load(&blob.params.values)?;
+        let e = local::evaluate(&inf, &test)?;
+        println!(
+            "{:>5} {:>9} {:>10} {:>9.4} {:>9.4} {:>7}",
+            0, "-", "-", e.accuracy, e.loss, "-"
+        );
+    }
     for epoch in 1..=a.epochs {
         let t = Instant::now();
         let bar = indicatif::ProgressBar::new((train.len() / a.batch as usize) as u64).with_style(

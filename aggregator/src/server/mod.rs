@@ -17,11 +17,14 @@ use fedge_proto::sign::TLS_EXPORTER_LABEL;
 use fedge_proto::{DeviceMsg, Limits, ModelBlob, ModelVersion, ProtoError};
 use tokio::sync::mpsc;
 
-use crate::coordinator::{Coordinator, CoordinatorConfig, Event, Output, RoundOutcome, SessionId};
+use crate::coordinator::{Coordinator, CoordinatorConfig, Event, Forward, SessionId};
 use crate::metrics::{Metrics, SharedStatus, Status};
 use crate::scoring::Evaluator;
 use crate::store::Store;
 use crate::tls::TlsIdentity;
+use crate::uplink::{FromParent, ParentLink};
+
+mod outputs;
 
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -159,6 +162,7 @@ pub struct Server {
     metrics: Arc<Metrics>,
     observer: Option<mpsc::UnboundedSender<Event>>,
     evaluator: Option<Box<dyn Evaluator>>,
+    parent: Option<(ParentLink, fedge_proto::sign::SigningKey)>,
 }
 
 impl Server {
@@ -197,7 +201,15 @@ impl Server {
             metrics: Arc::new(Metrics::default()),
             observer: None,
             evaluator: None,
+            parent: None,
         })
+    }
+
+    /// Serve as a leaf of the aggregator `link` names, authenticating to it
+    /// with `key` (see [`crate::uplink`]); the coordinator's configuration
+    /// must say it is a leaf (`tree.leaf`).
+    pub fn set_parent(&mut self, link: ParentLink, key: fedge_proto::sign::SigningKey) {
+        self.parent = Some((link, key));
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -243,6 +255,7 @@ impl Server {
             metrics,
             observer,
             evaluator,
+            parent,
         } = self;
         let status: SharedStatus = Default::default();
         let http_task = match http {
@@ -321,20 +334,45 @@ impl Server {
             cfg.clone(),
             Arc::clone(&metrics),
         ));
+        anyhow::ensure!(
+            parent.is_some() == core.is_leaf(),
+            "a leaf aggregator needs its parent's address, and only a leaf has one"
+        );
+        // A leaf's link with its parent: rounds come in, partials go out.
+        let (forward_tx, mut from_parent, uplink) = match parent {
+            Some((link, key)) => {
+                let (ftx, frx) = mpsc::channel::<Forward>(16);
+                let (ptx, prx) = mpsc::channel::<FromParent>(4);
+                let task = tokio::spawn(crate::uplink::run(
+                    link,
+                    key,
+                    core.current_model().clone(),
+                    cfg.coordinator.limits.clone(),
+                    frx,
+                    ptx,
+                ));
+                (Some(ftx), Some(prx), Some(task))
+            }
+            None => (None, None, None),
+        };
         let mut writers: HashMap<SessionId, Writer> = HashMap::new();
         let mut report = ServeReport::default();
         let mut finished_at: Option<Instant> = core.is_finished().then(Instant::now);
         let mut handled_at = Instant::now();
         tokio::pin!(shutdown);
         loop {
-            let closed = drain(
+            let outlets = outputs::Outlets {
+                metrics: &metrics,
+                observer: observer.as_ref(),
+                forwards: forward_tx.as_ref(),
+            };
+            let closed = outputs::drain(
                 &mut core,
                 &mut writers,
                 &mut store,
                 &mut report,
                 &mut finished_at,
-                &metrics,
-                observer.as_ref(),
+                outlets,
             )
             .await?;
             if closed {
@@ -394,6 +432,21 @@ impl Server {
                     handled_at = Instant::now();
                     core.handle_timeout(handled_at);
                 }
+                m = async { from_parent.as_mut()?.recv().await }, if from_parent.is_some() => {
+                    let now = Instant::now();
+                    handled_at = now;
+                    let done = match m {
+                        Some(FromParent::Round(r)) => core.handle_parent_round(now, r),
+                        Some(FromParent::Finished(model)) => core.handle_parent_finished(now, model),
+                        None => {
+                            from_parent = None;
+                            Ok(())
+                        }
+                    };
+                    if let Err(e) = done {
+                        tracing::error!(error = %e, "the parent's round could not be run here");
+                    }
+                }
                 _ = reload.tick() => match core.stakes_mut().reload() {
                     Ok(true) => tracing::info!("stake registry reloaded"),
                     Ok(false) => {}
@@ -403,6 +456,9 @@ impl Server {
             }
         }
         accept.abort();
+        if let Some(t) = uplink {
+            t.abort();
+        }
         if let Some(t) = http_task {
             t.abort();
         }
@@ -417,202 +473,6 @@ impl Server {
             .ok();
         Ok(report)
     }
-}
-
-async fn drain(
-    core: &mut Coordinator,
-    writers: &mut HashMap<SessionId, Writer>,
-    store: &mut Store,
-    report: &mut ServeReport,
-    finished_at: &mut Option<Instant>,
-    metrics: &Metrics,
-    observer: Option<&mpsc::UnboundedSender<Event>>,
-) -> anyhow::Result<bool> {
-    let mut closed = false;
-    while let Some(out) = core.poll_output() {
-        match out {
-            Output::Persist(u) => {
-                // Durable before the acknowledgement that follows it is sent.
-                store.persist_update(&u).await?;
-            }
-            Output::Send { session, msg } => {
-                if let Some(w) = writers.get(&session)
-                    && !w.try_frame(msg.encode())
-                {
-                    // A device that does not read its messages is dropped,
-                    // never allowed to grow our queues.
-                    tracing::warn!(session, "writer queue full; closing connection");
-                    metrics.reject("too_slow");
-                    let w = writers.remove(&session).expect("present");
-                    w.close("too slow: messages queued for this device were not read".into());
-                    core.handle_disconnect(Instant::now(), session);
-                }
-            }
-            Output::Close { session, reason } => {
-                if let Some(w) = writers.remove(&session) {
-                    w.close(reason);
-                }
-            }
-            Output::Event(e) => {
-                match &e {
-                    Event::UpdateAccepted { .. } => {
-                        metrics.updates_accepted.inc();
-                    }
-                    Event::Rejected { code, .. } => metrics.reject(code.as_str()),
-                    Event::RoundSettled(s) => metrics.settled(s),
-                    Event::Evaluated(s) => metrics.evaluated(s),
-                    Event::RoundClosed {
-                        accepted, outcome, ..
-                    } => {
-                        closed = true;
-                        metrics.round_participants.set(*accepted as i64);
-                        match outcome {
-                            RoundOutcome::Published(_) => metrics.rounds_published.inc(),
-                            RoundOutcome::Aborted => metrics.rounds_aborted.inc(),
-                        };
-                    }
-                    _ => {}
-                }
-                if let Some(o) = observer {
-                    let _ = o.send(e.clone());
-                }
-                on_event(e, store, report, finished_at).await?
-            }
-        }
-    }
-    Ok(closed)
-}
-
-async fn on_event(
-    e: Event,
-    store: &mut Store,
-    report: &mut ServeReport,
-    finished_at: &mut Option<Instant>,
-) -> anyhow::Result<()> {
-    match e {
-        Event::RoundOpened {
-            round_id,
-            model_version,
-        } => tracing::info!(round_id, %model_version, "round opened"),
-        Event::DeviceSelected { round_id, device } => {
-            tracing::debug!(round_id, device = &device[..12], "device selected")
-        }
-        Event::UpdateAccepted {
-            round_id,
-            device,
-            sample_count,
-            payload_bytes,
-            staleness,
-        } => tracing::info!(
-            round_id,
-            device = &device[..12],
-            sample_count,
-            payload_bytes,
-            staleness,
-            "update accepted"
-        ),
-        Event::Rejected {
-            device,
-            code,
-            detail,
-        } => {
-            *report.rejections.entry(code.to_string()).or_default() += 1;
-            let device = device.as_deref().map(|d| &d[..12]);
-            if matches!(
-                code,
-                fedge_proto::RejectCode::RoundClosed | fedge_proto::RejectCode::NotSelected
-            ) {
-                // Routine with over-selection and eligibility rules.
-                tracing::debug!(%code, device, %detail, "rejected");
-            } else {
-                tracing::warn!(%code, device, %detail, "rejected");
-            }
-        }
-        Event::Contribution(c) => store.record_contribution(&c).await?,
-        Event::PenaltyHeld(p) => {
-            tracing::warn!(device = %p.device, round_id = p.round_id, kind = p.kind, "penalty held");
-            store.hold_penalty(&p).await?
-        }
-        Event::RoundClosed {
-            round_id,
-            accepted,
-            outcome,
-            metrics,
-        } => match outcome {
-            RoundOutcome::Published(v) => {
-                tracing::info!(round_id, accepted, version = %v, ?metrics, "round closed; model published")
-            }
-            RoundOutcome::Aborted => {
-                tracing::warn!(
-                    round_id,
-                    accepted,
-                    "round aborted: too few updates by the deadline"
-                );
-                // Recorded, so a restart never reuses the round's id (and
-                // its acknowledged updates, dropped with it, never come
-                // back into a later round under the same id).
-                store.skip_round(round_id).await?
-            }
-        },
-        Event::RoundSettled(s) => {
-            let paid: u64 = s.entries.iter().map(|e| e.reward).sum();
-            tracing::info!(
-                round_id = s.round_id,
-                participants = s.entries.len(),
-                base_loss = ?s.base_loss,
-                scoring_cost = s.cost.fraction,
-                rewards_paid = paid,
-                unscored = ?s.error,
-                "round settled"
-            );
-            // Written to the ledger with the version it publishes.
-            store.stage_settlement(*s);
-        }
-        Event::ModelPublished {
-            round_id,
-            version,
-            blob,
-        } => store.publish(round_id, version, &blob).await?,
-        Event::Checkpoint { version, state } => store.save_checkpoint(&version, &state)?,
-        Event::RolledBack {
-            round_id,
-            from,
-            to,
-            diverged,
-            accepted,
-        } => tracing::warn!(
-            round_id,
-            %from,
-            %to,
-            diverged,
-            discarded = accepted,
-            "most devices diverged on the current model: rolled back"
-        ),
-        Event::Evaluated(s) => tracing::info!(
-            round_id = s.round_id,
-            devices = s.devices,
-            loss = s.loss,
-            accuracy = s.accuracy,
-            "federated evaluation"
-        ),
-        Event::SecureAggregated {
-            round_id,
-            survivors,
-            completed,
-            upload_bytes,
-        } => tracing::info!(
-            round_id,
-            survivors,
-            ?completed,
-            upload_bytes,
-            "secure aggregation finished"
-        ),
-        Event::Finished { final_version } => {
-            tracing::info!(%final_version, "all rounds done");
-            *finished_at = Some(Instant::now());
-        }
-    }
-    Ok(())
 }
 
 async fn accept_loop(
