@@ -100,25 +100,11 @@ impl Coordinator {
         } else {
             (RoundOutcome::Aborted, self.round.book.settle_aborted())
         };
-        for c in contributions {
-            self.event(Event::Contribution(c));
-        }
         let published = matches!(outcome, RoundOutcome::Published(_));
         let mut metrics = self.strategy.aggregate_evaluate(self.round.book.metrics());
         metrics.extend(self.strategy.report());
         metrics.extend(secure_metrics);
-        self.event(Event::RoundClosed {
-            round_id,
-            accepted,
-            outcome,
-            metrics,
-        });
-        let keep_from = self
-            .policy
-            .on_round_closed(round_id + 1, self.current_version);
-        self.transfers.on_round_closed(keep_from);
-        self.misconduct.forget_before(keep_from);
-        self.slots.clear();
+        self.round_closed(accepted, outcome, contributions, metrics);
         if published {
             self.emit_checkpoint();
         }
@@ -143,6 +129,34 @@ impl Coordinator {
         for c in waiting.into_values() {
             self.requeue(now, c);
         }
+    }
+
+    /// What every closed round does, published or not, here or at a leaf:
+    /// its contribution records and `RoundClosed` go out, and what was
+    /// kept for it (old versions, manifests, slot timers) is let go.
+    pub(super) fn round_closed(
+        &mut self,
+        accepted: usize,
+        outcome: RoundOutcome,
+        contributions: Vec<super::Contribution>,
+        metrics: Vec<(String, f64)>,
+    ) {
+        let round_id = self.round.id;
+        for c in contributions {
+            self.event(Event::Contribution(c));
+        }
+        self.event(Event::RoundClosed {
+            round_id,
+            accepted,
+            outcome,
+            metrics,
+        });
+        let keep_from = self
+            .policy
+            .on_round_closed(round_id + 1, self.current_version);
+        self.transfers.on_round_closed(keep_from);
+        self.misconduct.forget_before(keep_from);
+        self.slots.clear();
     }
 
     /// The version the current model was built from, with its model, if it

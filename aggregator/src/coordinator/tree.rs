@@ -304,22 +304,8 @@ impl Coordinator {
         contributions: Vec<Contribution>,
     ) {
         let round_id = self.round.id;
-        for c in contributions {
-            self.event(Event::Contribution(c));
-        }
         let metrics = self.strategy.aggregate_evaluate(self.round.book.metrics());
-        self.event(Event::RoundClosed {
-            round_id,
-            accepted,
-            outcome,
-            metrics,
-        });
-        let keep_from = self
-            .policy
-            .on_round_closed(round_id + 1, self.current_version);
-        self.transfers.on_round_closed(keep_from);
-        self.misconduct.forget_before(keep_from);
-        self.slots.clear();
+        self.round_closed(accepted, outcome, contributions, metrics);
         self.round.deadline = None;
         self.round.window_end = None;
         let waiting = std::mem::take(&mut self.round.waiting);
