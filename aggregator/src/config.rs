@@ -215,6 +215,7 @@ impl Default for AggregatorConfig {
                 min_stake: 0.0,
                 max_share: 0.2,
                 allow_unknown: false,
+                ..WeightPolicy::default()
             },
             stakes: None,
             update_norm_max: None,

@@ -190,6 +190,7 @@ pub fn build_record(
             ScoreMethod::LeaveOneOut => ledger::METHOD_LEAVE_ONE_OUT,
             ScoreMethod::Marginal => ledger::METHOD_MARGINAL,
             ScoreMethod::Shapley => ledger::METHOD_SHAPLEY,
+            ScoreMethod::ClassGain => ledger::METHOD_CLASS_GAIN,
         },
         server_lr: s.server_lr,
         reward_pool: s.reward_pool,
@@ -505,6 +506,7 @@ pub fn recompute_scores(
             ledger::METHOD_LEAVE_ONE_OUT => ScoreMethod::LeaveOneOut,
             ledger::METHOD_MARGINAL => ScoreMethod::Marginal,
             ledger::METHOD_SHAPLEY => ScoreMethod::Shapley,
+            ledger::METHOD_CLASS_GAIN => ScoreMethod::ClassGain,
             _ => ScoreMethod::Direct,
         },
         ..ScoringConfig::default()

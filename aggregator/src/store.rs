@@ -556,13 +556,9 @@ impl Store {
             .await
             .map_err(self.db())?;
             for e in &s.entries {
-                let Some(score) = e.score.filter(|x| x.is_finite()) else {
+                let Some(x) = crate::scoring::rating_input(e.score, e.flagged()) else {
                     continue;
                 };
-                let flagged = e.flagged();
-                let x = if flagged { score.min(0.0) } else { score };
-                // Clamped so one absurd score cannot make a rating infinite.
-                let x = x.clamp(-1e6, 1e6);
                 sqlx::query(
                     "INSERT INTO ratings (device, rating, rounds, last_round) VALUES ($1, $2 * $3, 1, $4)
                      ON CONFLICT (device) DO UPDATE SET

@@ -85,6 +85,15 @@ pub struct WeightPolicy {
     /// Whether a device missing from the registry may take part (with
     /// stake 0, so only when `min_stake` is 0).
     pub allow_unknown: bool,
+    /// Ratings fed back into aggregation weights (the operator's choice;
+    /// None, the default: they are not): a device whose rating (the moving
+    /// average of its scores, computed by the aggregator) is at or below
+    /// zero after at least `rating_rounds` scored rounds weighs this
+    /// fraction of its weight, in (0, 1] (it is still scored, so its
+    /// rating can recover).
+    pub rating_floor: Option<f64>,
+    /// Scored rounds before a rating can lower a weight.
+    pub rating_rounds: u64,
 }
 
 impl Default for WeightPolicy {
@@ -95,6 +104,8 @@ impl Default for WeightPolicy {
             min_stake: 0.0,
             max_share: 1.0,
             allow_unknown: true,
+            rating_floor: None,
+            rating_rounds: 3,
         }
     }
 }
@@ -118,6 +129,13 @@ impl WeightPolicy {
         }
         if !(self.min_stake >= 0.0 && self.min_stake.is_finite()) {
             return Err(format!("min_stake must be >= 0, got {}", self.min_stake));
+        }
+        if let Some(f) = self.rating_floor
+            && !(f > 0.0 && f <= 1.0)
+        {
+            // 0 would refuse the device's updates, so they could never be
+            // scored again and its rating never recover.
+            return Err(format!("rating_floor must be in (0, 1], got {f}"));
         }
         for t in [self.stake, self.samples] {
             if let Transform::Capped { cap } = t
@@ -343,6 +361,7 @@ mod tests {
             min_stake: 4.0,
             max_share: 1.0,
             allow_unknown: false,
+            ..WeightPolicy::default()
         };
         assert_eq!(p.raw_weight(Some(16.0), 50), Ok(4.0 * 50.0));
         assert_eq!(p.raw_weight(Some(16.0), 500), Ok(4.0 * 100.0));

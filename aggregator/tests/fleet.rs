@@ -251,6 +251,7 @@ fn stake_weights_and_share_caps_shape_the_aggregate() {
             min_stake: 1.0,
             max_share: 0.5,
             allow_unknown: false,
+            ..WeightPolicy::default()
         };
         let mut sim = Sim::new(seed, c, NetConfig::default(), s);
         let stakes: std::collections::HashMap<String, f64> = (0..4)

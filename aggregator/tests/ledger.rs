@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use fedge_aggregator::coordinator::CoordinatorConfig;
 use fedge_aggregator::ledger::{self, StoredRecord};
-use fedge_aggregator::scoring::{Evaluator, ScoringConfig};
+use fedge_aggregator::scoring::{Evaluator, ScoreMethod, ScoringConfig};
 use fedge_aggregator::server::{Server, ServerConfig};
 use fedge_aggregator::store::{Database, LedgerView, Store, testing};
 use fedge_aggregator::tls::TlsIdentity;
@@ -125,6 +125,8 @@ async fn run_in(
                 // 16 parameters: too few for the noise flag.
                 noise_sigmas: 0.0,
                 reward_pool: 10_000,
+                // A quadratic loss has no classes.
+                method: ScoreMethod::Direct,
                 ..ScoringConfig::default()
             },
             ..CoordinatorConfig::default()

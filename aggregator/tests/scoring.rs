@@ -10,7 +10,7 @@ mod sim;
 use std::time::Duration;
 
 use fedge_aggregator::coordinator::{CoordinatorConfig, Event, Settlement};
-use fedge_aggregator::scoring::{self, Evaluator, ScoringConfig};
+use fedge_aggregator::scoring::{self, Evaluator, ScoreMethod, ScoringConfig};
 use fedge_aggregator::weighting::WeightPolicy;
 use rand::{Rng, SeedableRng};
 use sim::{DeviceSpec, NetConfig, Sim};
@@ -97,6 +97,8 @@ fn cfg() -> CoordinatorConfig {
         scoring: ScoringConfig {
             validation_samples: 40,
             reward_pool: 1000,
+            // A quadratic loss has no classes.
+            method: ScoreMethod::Direct,
             ..ScoringConfig::default()
         },
         ..CoordinatorConfig::default()
@@ -173,6 +175,49 @@ fn helpful_updates_are_paid_and_adversaries_are_not() {
             sim.published()[0].2,
             "seed {seed}: round 2 applied to round 1's model"
         );
+    }
+}
+
+/// Ratings fed back into weights (`weights.rating_floor`, the operator's
+/// choice): once a device has two scored rounds with a rating at or below
+/// zero (the noise sender, the free-rider and the copycat, whose flagged
+/// rounds count at most 0), its updates weigh a tenth of an honest
+/// device's; before that, and for honest devices, weights are untouched.
+#[test]
+fn ratings_at_or_below_zero_lower_aggregation_weights_when_asked() {
+    for seed in SEEDS {
+        let mut c = cfg();
+        c.rounds = 4;
+        c.weights.rating_floor = Some(0.1);
+        c.weights.rating_rounds = 2;
+        c.weights.max_share = 1.0;
+        let mut sim = Sim::new(seed, c, NetConfig::default(), fleet(seed));
+        sim.coord.set_evaluator(Box::new(Quadratic {
+            target: target(),
+            n: 200,
+        }));
+        sim.run_to_end(Duration::from_secs(600));
+        let settled = settlements(&sim);
+        assert_eq!(settled.len(), 4, "seed {seed}");
+        for s in &settled {
+            let w = |i: usize| {
+                let id = sim.device_id(i);
+                s.entries.iter().find(|e| e.device == id).unwrap().weight
+            };
+            let honest = w(0);
+            for i in 1..4 {
+                assert!((w(i) - honest).abs() < 1e-12, "seed {seed}");
+            }
+            let factor = if s.round_id > 2 { 0.1 } else { 1.0 };
+            for i in 4..7 {
+                assert!(
+                    (w(i) - factor * honest).abs() < 1e-9,
+                    "seed {seed} round {} device {i}: {} against {honest}",
+                    s.round_id,
+                    w(i)
+                );
+            }
+        }
     }
 }
 

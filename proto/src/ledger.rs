@@ -97,6 +97,9 @@ pub const METHOD_MARGINAL: u8 = 2;
 /// Scores are the mean of the direct and the marginal score (a Shapley
 /// value under a quadratic loss).
 pub const METHOD_SHAPLEY: u8 = 3;
+/// Scores are the class-weighted positive per-class gains of the update's
+/// part of the step, on losses with the class priors refitted.
+pub const METHOD_CLASS_GAIN: u8 = 4;
 const FLAGS_KNOWN: u8 = FLAG_COPY | FLAG_FREE_RIDER | FLAG_UNSCORED | FLAG_NOISE;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -174,8 +177,8 @@ pub struct LedgerRecord {
     pub scoring_seed: [u8; 32],
     /// Validation samples each score was computed on.
     pub validation_samples: u32,
-    /// How scores were computed: [`METHOD_DIRECT`] or
-    /// [`METHOD_LEAVE_ONE_OUT`].
+    /// How scores were computed: one of the `METHOD_` constants
+    /// ([`METHOD_CLASS_GAIN`], [`METHOD_DIRECT`], ...).
     pub score_method: u8,
     /// The server learning rate; each update was scored applied at
     /// `server_lr / entries.len()` (its part of the round's mean step).
@@ -306,7 +309,7 @@ impl LedgerRecord {
         let validation_samples =
             u32::from_le_bytes(r.take(4, "validation_samples")?.try_into().expect("4"));
         let score_method = r.take(1, "score_method")?[0];
-        if score_method > METHOD_SHAPLEY {
+        if score_method > METHOD_CLASS_GAIN {
             return Err(LedgerError::Invalid {
                 field: "score_method",
                 reason: format!("unknown method {score_method}"),

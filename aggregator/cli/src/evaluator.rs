@@ -4,11 +4,11 @@
 //! `simulate` passes its held-out split.
 
 use anyhow::Context;
-use fedge_aggregator::scoring::Evaluator;
+use fedge_aggregator::scoring::{ClassScores, Evaluator};
 use fedge_engine::data::Dataset;
 use fedge_engine::train::exec::TractInference;
 use fedge_engine::train::import::ModelGraph;
-use fedge_engine::train::local::evaluate;
+use fedge_engine::train::local::{evaluate, for_each_scored};
 use fedge_proto::ModelBlob;
 
 /// Validation examples evaluated per inference batch.
@@ -53,6 +53,18 @@ impl EngineEvaluator {
     }
 }
 
+impl EngineEvaluator {
+    fn check(&self, indices: &[usize]) -> Result<(), String> {
+        match indices.iter().find(|&&i| i >= self.data.len()) {
+            Some(&i) => Err(format!(
+                "validation index {i} is outside the set of {} examples",
+                self.data.len()
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
 impl Evaluator for EngineEvaluator {
     fn len(&self) -> usize {
         self.data.len()
@@ -67,15 +79,31 @@ impl Evaluator for EngineEvaluator {
         params: &[f32],
         indices: &[usize],
     ) -> Result<(f64, Option<f64>), String> {
-        if let Some(&i) = indices.iter().find(|&&i| i >= self.data.len()) {
-            return Err(format!(
-                "validation index {i} is outside the set of {} examples",
-                self.data.len()
-            ));
-        }
+        self.check(indices)?;
         self.inf.load(params).map_err(|e| e.to_string())?;
         let stats = evaluate(&self.inf, &self.data.subset(indices)).map_err(|e| e.to_string())?;
         Ok((stats.loss, Some(stats.accuracy)))
+    }
+
+    fn class_scores(
+        &mut self,
+        params: &[f32],
+        indices: &[usize],
+    ) -> Result<Option<ClassScores>, String> {
+        self.check(indices)?;
+        self.inf.load(params).map_err(|e| e.to_string())?;
+        let mut s = ClassScores {
+            classes: 0,
+            scores: Vec::new(),
+            labels: Vec::new(),
+        };
+        for_each_scored(&self.inf, &self.data.subset(indices), |row, label| {
+            s.classes = row.len();
+            s.scores.extend_from_slice(row);
+            s.labels.push(label as u32);
+        })
+        .map_err(|e| e.to_string())?;
+        Ok(Some(s))
     }
 }
 

@@ -260,7 +260,7 @@ impl Coordinator {
         {
             Ok(w) if w > 0.0 && w.is_finite() => Ok(Admitted {
                 delta: discounted(delta, discount),
-                raw_weight: w,
+                raw_weight: w * self.rating_factor(dev),
                 discount,
                 stake,
             }),

@@ -45,6 +45,7 @@ mod ledger;
 mod misconduct;
 mod output;
 mod policy;
+mod ratings;
 mod secure;
 mod selection;
 mod sessions;
@@ -146,6 +147,8 @@ pub struct Coordinator {
     penalties: Vec<Penalty>,
     /// Signed manifests kept for equivocation evidence, and slashed stakes.
     misconduct: misconduct::Misconduct,
+    /// Devices' ratings, for `weights.rating_floor`.
+    ratings: ratings::Ratings,
     published_rounds: u64,
     finished: bool,
     /// A leaf's link with its parent (unused elsewhere).
@@ -223,6 +226,7 @@ impl Coordinator {
             evaluator: None,
             penalties: Vec::new(),
             misconduct: Default::default(),
+            ratings: Default::default(),
             published_rounds,
             finished,
             leaf: tree::LeafState {

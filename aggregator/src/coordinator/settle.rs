@@ -137,6 +137,7 @@ impl Coordinator {
             }
         }
         let penalties = self.take_penalties();
+        self.ratings.settle(self.cfg.scoring.rating_alpha, &entries);
         self.event(Event::RoundSettled(Box::new(Settlement {
             round_id,
             model_before: self.current_version,

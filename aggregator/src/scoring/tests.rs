@@ -76,6 +76,8 @@ fn scores_and_flags() {
         validation_samples: 20,
         // Eight dimensions: too few for the noise test to mean anything.
         noise_sigmas: 0.0,
+        // A quadratic loss has no classes.
+        method: ScoreMethod::Direct,
         ..Default::default()
     };
     let r = score_round(&cfg, Some(&mut eval), &[3; 32], &base, 1.0, &deltas, 1000);
@@ -174,4 +176,37 @@ fn reward_shares_are_proportional_and_capped() {
     assert!((s[1] - 1.0 / 11.0).abs() < 1e-12);
     assert_eq!(rewards(1000, &[0.25, 1.0 / 11.0]), vec![250, 90]);
     assert_eq!(rewards(10, &[0.5, 0.5, f64::NAN]), vec![5, 5, 0]);
+}
+
+/// Noise is orthogonal to the round's sum and to every other update. Near
+/// convergence an honest update can be orthogonal to the others' sum (two
+/// skewed updates cancelling on its direction) while it shares
+/// directions with one of them: it is not noise. A random direction is.
+#[test]
+fn noise_is_orthogonal_to_every_update_not_just_their_sum() {
+    use rand::Rng;
+    let d = 10_000;
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let mut random = || -> Vec<f32> { (0..d).map(|_| rng.random_range(-1.0f32..1.0)).collect() };
+    let (v, w, w2, r) = (random(), random(), random(), random());
+    let add = |a: &[f32], s: f32, b: &[f32]| -> Vec<f32> {
+        a.iter().zip(b).map(|(x, y)| x + s * y).collect()
+    };
+    let honest = v.clone();
+    let a = add(&w, 1.0, &v);
+    let b = add(&w2, -1.0, &v);
+    let deltas: Vec<&[f32]> = vec![&honest, &a, &b, &r];
+    let cfg = ScoringConfig::default();
+    let s = score_round(&cfg, None, &[1; 32], &vec![0.0; d], 1.0, &deltas, 1);
+    let below = cfg.noise_sigmas / (d as f64).sqrt();
+    assert!(s.updates[0].alignment.abs() < below, "{:?}", s.updates[0]);
+    assert!(!s.updates[0].noise, "{:?}", s.updates[0]);
+    assert!(s.updates[3].noise, "{:?}", s.updates[3]);
+    assert!(!s.updates[1].noise && !s.updates[2].noise);
+    // A free-rider sent along the noise's direction does not vouch for it.
+    let tiny: Vec<f32> = r.iter().map(|x| x * 1e-6).collect();
+    let deltas: Vec<&[f32]> = vec![&honest, &a, &b, &tiny, &r];
+    let s = score_round(&cfg, None, &[1; 32], &vec![0.0; d], 1.0, &deltas, 1);
+    assert!(s.updates[3].free_rider);
+    assert!(s.updates[4].noise, "{:?}", s.updates[4]);
 }

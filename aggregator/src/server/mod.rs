@@ -305,6 +305,7 @@ impl Server {
                     anyhow::anyhow!("the ledger in the state directory does not verify: {e}")
                 })?;
         core.restore_slashes(&records);
+        core.restore_ratings(&store.ratings().await?);
         core.restore_penalties(store.pending_penalties().await?);
         for u in store.round_updates(core.round_id()).await? {
             let device = u.device.clone();

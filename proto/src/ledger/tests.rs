@@ -117,6 +117,35 @@ fn records_round_trip_and_every_flipped_byte_is_caught() {
     assert_eq!(LedgerRecord::decode(&longer), Err(LedgerError::Trailing(1)));
 }
 
+/// Every scoring method round-trips; an unknown one is refused by name.
+#[test]
+fn score_methods_are_known_or_refused() {
+    for m in [
+        METHOD_DIRECT,
+        METHOD_LEAVE_ONE_OUT,
+        METHOD_MARGINAL,
+        METHOD_SHAPLEY,
+        METHOD_CLASS_GAIN,
+    ] {
+        let r = LedgerRecord {
+            score_method: m,
+            ..record()
+        };
+        assert_eq!(LedgerRecord::decode(&r.encode()).unwrap(), r);
+    }
+    let r = LedgerRecord {
+        score_method: METHOD_CLASS_GAIN + 1,
+        ..record()
+    };
+    assert!(matches!(
+        LedgerRecord::decode(&r.encode()),
+        Err(LedgerError::Invalid {
+            field: "score_method",
+            ..
+        })
+    ));
+}
+
 #[test]
 fn a_reward_proof_checks_offline() {
     let r = record();

@@ -200,6 +200,7 @@ impl Default for SimConfig {
                 min_stake: 0.0,
                 max_share: 0.25,
                 allow_unknown: false,
+                ..WeightPolicy::default()
             },
             strategy: StrategyConfig::default(),
             train_samples: 8000,
@@ -418,8 +419,10 @@ pub struct SimArgs {
     /// Validation examples each round's scores are computed on.
     #[arg(long)]
     validation_samples: Option<usize>,
-    /// How scores are computed: direct (the update alone, as one of the
-    /// round's n parts of its step), leave-one-out (what the round's mean
+    /// How scores are computed: class-gain (the default: what the update,
+    /// as one of the round's n parts of its step, gains on the classes it
+    /// improves, the class priors refitted), direct (its loss difference on
+    /// all the validation sample), leave-one-out (what the round's mean
     /// step loses without it, the mean renormalised), marginal (what the
     /// step loses without it, the others' parts unchanged) or shapley (the
     /// mean of direct and marginal; twice the evaluations).
@@ -454,8 +457,9 @@ impl SimConfig {
                 "leave-one-out" => fedge_aggregator::scoring::ScoreMethod::LeaveOneOut,
                 "marginal" => fedge_aggregator::scoring::ScoreMethod::Marginal,
                 "shapley" => fedge_aggregator::scoring::ScoreMethod::Shapley,
+                "class-gain" => fedge_aggregator::scoring::ScoreMethod::ClassGain,
                 o => anyhow::bail!(
-                    "--score-method `{o}`: use direct, leave-one-out, marginal or shapley"
+                    "--score-method `{o}`: use class-gain, direct, leave-one-out, marginal or shapley"
                 ),
             };
         }

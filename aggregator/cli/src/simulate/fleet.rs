@@ -434,8 +434,8 @@ impl Trainer for Profiled {
         model: &ModelBlob,
         plan: &TrainingPlan,
     ) -> anyhow::Result<TrainOutput> {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed ^ round_id);
+        use rand::Rng;
+        let mut rng = round_rng(self.seed, round_id);
         let t0 = Instant::now();
         let out = self.inner.train(round_id, model, plan)?;
         let mut wait = t0.elapsed().mul_f64(self.speed - 1.0);
@@ -484,14 +484,13 @@ impl Trainer for Attacker {
         model: &ModelBlob,
         plan: &TrainingPlan,
     ) -> anyhow::Result<TrainOutput> {
-        use rand::SeedableRng;
         use rand_distr::Distribution;
         let mut out = self.inner.train(round_id, model, plan)?;
         match self.plan.kind {
             Attack::SignFlip => out.delta.iter_mut().for_each(|d| *d = -*d),
             Attack::Scaling => out.delta.iter_mut().for_each(|d| *d *= 10.0),
             Attack::Gaussian => {
-                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed ^ round_id);
+                let mut rng = round_rng(self.seed, round_id);
                 let normal = rand_distr::Normal::new(0.0f32, 0.5).expect("sigma > 0");
                 out.delta
                     .iter_mut()
@@ -513,7 +512,7 @@ impl Trainer for Attacker {
             }
             Attack::Zero => out.delta.iter_mut().for_each(|d| *d = 0.0),
             Attack::FreeRider => {
-                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed ^ round_id);
+                let mut rng = round_rng(self.seed, round_id);
                 let normal = rand_distr::Normal::new(0.0f32, 1e-6).expect("sigma > 0");
                 out.delta
                     .iter_mut()
@@ -521,7 +520,7 @@ impl Trainer for Attacker {
             }
             Attack::Noise => {
                 let norm = fedge_aggregator::robust::l2_norm(&out.delta);
-                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed ^ round_id);
+                let mut rng = round_rng(self.seed, round_id);
                 let normal = rand_distr::Normal::new(0.0f32, 1.0).expect("sigma > 0");
                 out.delta
                     .iter_mut()
@@ -689,4 +688,14 @@ impl Trainer for Hog {
             metrics: Vec::new(),
         })
     }
+}
+
+/// A device's random stream for one round. The seed is mixed before the
+/// round goes in: with a plain `seed ^ round_id` two devices whose seeds
+/// differ in a few low bits drew the same stream in different rounds (a
+/// free-rider's noise in round 3 was the noise sender's in round 4, so
+/// the two attackers colluded by accident).
+fn round_rng(seed: u64, round_id: u64) -> rand_chacha::ChaCha8Rng {
+    use rand::SeedableRng;
+    rand_chacha::ChaCha8Rng::seed_from_u64(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ round_id)
 }

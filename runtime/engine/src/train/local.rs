@@ -80,10 +80,42 @@ pub struct EvalStats {
 }
 
 pub fn evaluate(inf: &TractInference, data: &Dataset) -> Result<EvalStats, TrainError> {
-    let b = inf.batch_size();
-    let (mut xf, mut xi, mut y) = (Vec::new(), Vec::new(), Vec::new());
     let mut correct = 0usize;
     let mut loss = 0.0f64;
+    let n = data.len();
+    for_each_scored(inf, data, |row, label| {
+        let (arg, _) = row
+            .iter()
+            .enumerate()
+            .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+                if v > bv { (i, v) } else { (bi, bv) }
+            });
+        correct += usize::from(arg == label);
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let lse = m as f64
+            + row
+                .iter()
+                .map(|&v| ((v - m) as f64).exp())
+                .sum::<f64>()
+                .ln();
+        loss += lse - row[label] as f64;
+    })?;
+    Ok(EvalStats {
+        accuracy: correct as f64 / n.max(1) as f64,
+        loss: loss / n.max(1) as f64,
+        samples: n,
+    })
+}
+
+/// Calls `f` with the class scores (logits) and the label of each example
+/// of `data` in order (of a causal language model: its last position).
+pub fn for_each_scored(
+    inf: &TractInference,
+    data: &Dataset,
+    mut f: impl FnMut(&[f32], usize),
+) -> Result<(), TrainError> {
+    let b = inf.batch_size();
+    let (mut xf, mut xi, mut y) = (Vec::new(), Vec::new(), Vec::new());
     let n = data.len();
     let mut start = 0;
     while start < n {
@@ -98,28 +130,9 @@ pub fn evaluate(inf: &TractInference, data: &Dataset) -> Result<EvalStats, Train
         };
         let out = inf.run(x)?;
         for (j, row) in inf.class_scores(&out).enumerate().take(n - start) {
-            let label = y[j] as usize;
-            let (arg, _) =
-                row.iter()
-                    .enumerate()
-                    .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
-                        if v > bv { (i, v) } else { (bi, bv) }
-                    });
-            correct += usize::from(arg == label);
-            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let lse = m as f64
-                + row
-                    .iter()
-                    .map(|&v| ((v - m) as f64).exp())
-                    .sum::<f64>()
-                    .ln();
-            loss += lse - row[label] as f64;
+            f(row, y[j] as usize);
         }
         start += b;
     }
-    Ok(EvalStats {
-        accuracy: correct as f64 / n.max(1) as f64,
-        loss: loss / n.max(1) as f64,
-        samples: n,
-    })
+    Ok(())
 }
