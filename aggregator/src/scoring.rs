@@ -30,10 +30,10 @@
 //! update of the same round is at least `copy_cosine_min` is a copy; one
 //! whose L2 norm is below `free_rider_norm_ratio` times the round's median
 //! norm is a free-rider (a zero or token update); one whose cosine with
-//! the sum of the round's other updates, and with each of them that is not
-//! a free-rider, is within
-//! `noise_sigmas / sqrt(dimension)` of zero is noise (a random direction
-//! is nearly orthogonal to everything in high dimension; honest updates of
+//! the sum of the round's other updates is within
+//! `noise_sigmas / sqrt(dimension)` of zero, and with each of them that is
+//! not a free-rider within twice that, is noise (a random direction is
+//! nearly orthogonal to everything in high dimension; honest updates of
 //! one model are not: near convergence the others' sum may cancel out, but
 //! some other update of the round shares directions with an honest one).
 //! Flagged and unscored updates earn nothing.
@@ -130,10 +130,10 @@ pub struct ScoringConfig {
     /// norm is a free-rider.
     pub free_rider_norm_ratio: f64,
     /// An update whose cosine similarity to the sum of the round's other
-    /// updates, and to each of them that is not a free-rider, is within
-    /// `noise_sigmas /
-    /// sqrt(dimension)` of zero is noise: a random direction has cosine about `N(0, 1/dimension)` with
-    /// any fixed vector, while honest updates of one model share its loss
+    /// updates is within `noise_sigmas / sqrt(dimension)` of zero, and to
+    /// each of them that is not a free-rider within twice that, is noise:
+    /// a random direction has cosine about `N(0, 1/dimension)` with any
+    /// fixed vector, while honest updates of one model share its loss
     /// landscape and are aligned with the others, or (a skewed shard)
     /// against them, far beyond that (0: no noise flag; meaningful for
     /// models of thousands of parameters and more).
@@ -459,11 +459,15 @@ pub fn score_round(
     let mut updates: Vec<UpdateScore> = (0..n)
         .map(|j| {
             let cos = &pairs[j][..j];
-            // A free-rider is no partner: a tiny update sent along a noise
+            // A partner shares directions beyond twice the noise band (a
+            // random direction reaches that with one given update with
+            // probability about 2e-9 at 3 sigmas, so a noise sender does
+            // not find one by chance among the round's updates); a
+            // free-rider is no partner: a tiny update sent along a noise
             // sender's direction must not vouch for it.
             let unlike_all = (0..n)
                 .filter(|&i| i != j && !free_riders[i])
-                .all(|i| pairs[j][i].abs() < noise_below);
+                .all(|i| pairs[j][i].abs() < 2.0 * noise_below);
             let free_rider = free_riders[j];
             let alignment = if deltas.len() > 1 {
                 let others: Vec<f64> = total
