@@ -530,7 +530,10 @@ pub fn recompute_scores(
             continue;
         }
         let got = u.score.unwrap_or(f64::NAN);
-        let close = got == e.score || (got - e.score).abs() <= 1e-9 * got.abs().max(e.score.abs());
+        // Relative, with an absolute floor: a score near zero (a tiny
+        // update's) must not fail on a last-bit difference.
+        let close =
+            got == e.score || (got - e.score).abs() <= 1e-9 * got.abs().max(e.score.abs()) + 1e-15;
         if !close {
             return Err(format!(
                 "device {}: recorded score {}, recomputed {got}",

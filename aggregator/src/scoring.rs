@@ -32,7 +32,7 @@
 //! norm is a free-rider (a zero or token update); one whose cosine with
 //! the sum of the round's other updates is within
 //! `noise_sigmas / sqrt(dimension)` of zero, and with each of them that is
-//! not a free-rider within twice that, is noise (a random direction is
+//! neither a free-rider nor a copy of it within twice that, is noise (a random direction is
 //! nearly orthogonal to everything in high dimension; honest updates of
 //! one model are not: near convergence the others' sum may cancel out, but
 //! some other update of the round shares directions with an honest one).
@@ -63,6 +63,7 @@ use crate::robust::l2_norm;
 use crate::strategy::ServerOpt;
 
 pub mod class_gain;
+pub mod replay;
 
 /// A classifier's class scores (logits) on validation examples, row-major
 /// (`labels.len()` rows of `classes`), and each example's label.
@@ -131,7 +132,8 @@ pub struct ScoringConfig {
     pub free_rider_norm_ratio: f64,
     /// An update whose cosine similarity to the sum of the round's other
     /// updates is within `noise_sigmas / sqrt(dimension)` of zero, and to
-    /// each of them that is not a free-rider within twice that, is noise:
+    /// each of them that is neither a free-rider nor a copy of it within
+    /// twice that, is noise:
     /// a random direction has cosine about `N(0, 1/dimension)` with any
     /// fixed vector, while honest updates of one model share its loss
     /// landscape and are aligned with the others, or (a skewed shard)
@@ -464,17 +466,25 @@ pub fn score_round(
             // probability about 2e-9 at 3 sigmas, so a noise sender does
             // not find one by chance among the round's updates); a
             // free-rider is no partner: a tiny update sent along a noise
-            // sender's direction must not vouch for it.
+            // sender's direction must not vouch for it, nor can a copy (a
+            // second key re-sending the noise).
             let unlike_all = (0..n)
-                .filter(|&i| i != j && !free_riders[i])
+                .filter(|&i| i != j && !free_riders[i] && pairs[j][i] < cfg.copy_cosine_min)
                 .all(|i| pairs[j][i].abs() < 2.0 * noise_below);
             let free_rider = free_riders[j];
             let alignment = if deltas.len() > 1 {
-                let others: Vec<f64> = total
+                // The others, copies of this update aside (a second key
+                // re-sending it must not make it look aligned).
+                let mut others: Vec<f64> = total
                     .iter()
                     .zip(deltas[j].iter())
                     .map(|(&t, &x)| t - f64::from(x))
                     .collect();
+                for i in (0..n).filter(|&i| i != j && pairs[j][i] >= cfg.copy_cosine_min) {
+                    for (o, &x) in others.iter_mut().zip(deltas[i].iter()) {
+                        *o -= f64::from(x);
+                    }
+                }
                 cosine64(deltas[j], &others)
             } else {
                 0.0
@@ -518,7 +528,7 @@ pub fn score_round(
     if cfg.method == ScoreMethod::ClassGain {
         let mut passes = 0;
         let step = applied_step(lr, deltas.len());
-        let result = class_gain::score(eval, &idx, base, step, deltas, &mut passes);
+        let result = class_gain::score(eval, &idx, base, step, median, deltas, &mut passes);
         cost.count(passes);
         return match result {
             Ok((base_loss, scores)) => {
@@ -672,13 +682,32 @@ pub fn clipped_score(u: &UpdateScore) -> f64 {
     }
 }
 
-/// What a round's score adds to a device's rating: the score, at most 0
-/// when the update was flagged, clamped so one absurd score cannot make a
-/// rating infinite; None for an unscored or non-finite one.
-pub fn rating_input(score: Option<f64>, flagged: bool) -> Option<f64> {
-    let score = score.filter(|x| x.is_finite())?;
-    let x = if flagged { score.min(0.0) } else { score };
-    Some(x.clamp(-1e6, 1e6))
+/// What a round's scores add to its participants' ratings, given each one's
+/// score and whether it was flagged: the score, clamped so one absurd score
+/// cannot make a rating infinite; a flagged update's at most 0 less the
+/// median positive score of the round's unflagged updates (so a free-rider
+/// or a copycat loses standing each round instead of decaying toward 0
+/// from its last good round); None for an unscored or non-finite one.
+pub fn rating_inputs(entries: &[(Option<f64>, bool)]) -> Vec<Option<f64>> {
+    let mut good: Vec<f64> = entries
+        .iter()
+        .filter(|(_, flagged)| !flagged)
+        .filter_map(|&(s, _)| s.filter(|x| x.is_finite() && *x > 0.0))
+        .collect();
+    good.sort_by(f64::total_cmp);
+    let typical = good.get(good.len() / 2).copied().unwrap_or(0.0);
+    entries
+        .iter()
+        .map(|&(score, flagged)| {
+            let score = score.filter(|x| x.is_finite())?;
+            let x = if flagged {
+                score.min(0.0) - typical
+            } else {
+                score
+            };
+            Some(x.clamp(-1e6, 1e6))
+        })
+        .collect()
 }
 
 /// Each participant's share of the reward pool from its reward weight

@@ -91,7 +91,7 @@ pub enum StoreError {
 }
 
 /// A device's rating: the exponential moving average of its scores over
-/// the rounds it took part in (flagged rounds count at most 0).
+/// the rounds it took part in (a flagged round counts below 0: see [`crate::scoring::rating_inputs`]).
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Rating {
     pub device: String,
@@ -555,8 +555,10 @@ impl Store {
             .execute(&mut *tx)
             .await
             .map_err(self.db())?;
-            for e in &s.entries {
-                let Some(x) = crate::scoring::rating_input(e.score, e.flagged()) else {
+            let scored: Vec<(Option<f64>, bool)> =
+                s.entries.iter().map(|e| (e.score, e.flagged())).collect();
+            for (e, x) in s.entries.iter().zip(crate::scoring::rating_inputs(&scored)) {
+                let Some(x) = x else {
                     continue;
                 };
                 sqlx::query(

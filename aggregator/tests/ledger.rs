@@ -65,7 +65,9 @@ impl Evaluator for Quadratic {
 
 /// Sends `0.2 + ((i + shift) mod 4) / 10` on coordinate `i`, times
 /// `sign`: positive toward the optimum, negative away from it; each shift
-/// a different direction (cosine 0.89 at most), so nobody is a copy.
+/// a different direction (cosine 0.89 at most), so nobody is a copy. Each
+/// coordinate is also scaled by 1.5 or 0.5, drawn per round, so no round's
+/// update replays an earlier one.
 struct Pattern {
     sign: f32,
     shift: usize,
@@ -74,14 +76,18 @@ struct Pattern {
 impl Trainer for Pattern {
     fn train(
         &mut self,
-        _round_id: u64,
+        round_id: u64,
         model: &ModelBlob,
         _plan: &TrainingPlan,
     ) -> anyhow::Result<TrainOutput> {
         let n = model.params.values.len();
+        let wobble = |i: usize| {
+            let h = blake3::hash(&[round_id.to_le_bytes(), (i as u64).to_le_bytes()].concat());
+            if h.as_bytes()[0] & 1 == 0 { 1.5 } else { 0.5 }
+        };
         Ok(TrainOutput {
             delta: (0..n)
-                .map(|i| self.sign * (0.2 + ((i + self.shift) % 4) as f32 / 10.0))
+                .map(|i| self.sign * (0.2 + ((i + self.shift) % 4) as f32 / 10.0) * wobble(i))
                 .collect(),
             sample_count: 5,
             metrics: vec![],

@@ -71,6 +71,7 @@ fn fleet(seed: u64) -> Vec<DeviceSpec> {
     let noise = noisy(20.0, 0.0);
     let spec = |v: Vec<f32>, train_ms: u64| DeviceSpec {
         vector: Some(v),
+        wobble: true,
         train_time: Duration::from_millis(train_ms),
         ..DeviceSpec::new(0.0, 10)
     };
@@ -249,10 +250,18 @@ fn scores_are_recomputable_and_deterministic() {
             .iter()
             .find(|e| e.device == sim.device_id(i))
             .unwrap();
-        let v = spec.vector.as_ref().unwrap();
+        // What the device sent: its vector, wobbled for the round.
+        let v: Vec<f32> = spec
+            .vector
+            .as_ref()
+            .unwrap()
+            .iter()
+            .enumerate()
+            .map(|(j, x)| x * sim::wobble(s.round_id, j))
+            .collect();
         let moved: Vec<f32> = base
             .iter()
-            .zip(v)
+            .zip(&v)
             .map(|(&b, &d)| (f64::from(b) + step * f64::from(d)) as f32)
             .collect();
         let expected = base_loss - eval.loss(&moved, &idx).unwrap();

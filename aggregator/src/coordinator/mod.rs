@@ -149,6 +149,8 @@ pub struct Coordinator {
     misconduct: misconduct::Misconduct,
     /// Devices' ratings, for `weights.rating_floor`.
     ratings: ratings::Ratings,
+    /// Sketches of recent rounds' updates, to flag stale replays.
+    replays: crate::scoring::replay::History,
     published_rounds: u64,
     finished: bool,
     /// A leaf's link with its parent (unused elsewhere).
@@ -227,6 +229,7 @@ impl Coordinator {
             penalties: Vec::new(),
             misconduct: Default::default(),
             ratings: Default::default(),
+            replays: Default::default(),
             published_rounds,
             finished,
             leaf: tree::LeafState {

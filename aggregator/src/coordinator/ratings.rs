@@ -3,7 +3,7 @@
 //! moving average of its scores that the store keeps with the ledger
 //! ([`crate::store::Rating`]); the coordinator mirrors it in memory,
 //! restored from the store at startup and moved by each settlement as the
-//! store moves it ([`scoring::rating_input`]). A device whose rating is at
+//! store moves it ([`scoring::rating_inputs`]). A device whose rating is at
 //! or below zero after `weights.rating_rounds` scored rounds weighs
 //! `rating_floor` of its weight. Ratings come from the aggregator's own
 //! scores, never from what a device says, so no claim raises a weight; a
@@ -25,8 +25,10 @@ pub(super) struct Ratings {
 impl Ratings {
     /// Moves the ratings of a settled round's participants.
     pub(super) fn settle(&mut self, alpha: f64, entries: &[SettledEntry]) {
-        for e in entries {
-            let Some(x) = scoring::rating_input(e.score, e.flagged()) else {
+        let scored: Vec<(Option<f64>, bool)> =
+            entries.iter().map(|e| (e.score, e.flagged())).collect();
+        for (e, x) in entries.iter().zip(scoring::rating_inputs(&scored)) {
+            let Some(x) = x else {
                 continue;
             };
             let r = self.by_device.entry(e.device.clone()).or_insert((0.0, 0));

@@ -1,5 +1,6 @@
 //! Settling a round: its accepted updates scored on the operator's
-//! validation set, flagged (copies, free-riders) and rewarded (see
+//! validation set, flagged (copies, free-riders, stale replays of earlier
+//! rounds' updates) and rewarded (see
 //! [`crate::scoring`]). The result goes out as [`Event::RoundSettled`]
 //! just before the version it produced is published; the driver writes it
 //! to the ledger with the publication.
@@ -45,7 +46,7 @@ impl Coordinator {
             .get(claimed.len() / 2)
             .map_or(0, |m| m.saturating_mul(claimed.len() as u64));
         let deltas: Option<Vec<&[f32]>> = held.iter().map(|h| h.delta.as_deref()).collect();
-        let scores = match deltas {
+        let mut scores = match deltas.as_ref() {
             Some(d) if !held.is_empty() => scoring::score_round(
                 &self.cfg.scoring,
                 self.evaluator
@@ -54,7 +55,7 @@ impl Coordinator {
                 &seed,
                 &self.current.params.values,
                 lr,
-                &d,
+                d,
                 examples,
             ),
             _ => RoundScores {
@@ -82,6 +83,10 @@ impl Coordinator {
                 },
             },
         };
+        if let Some(d) = &deltas {
+            self.replays
+                .flag_and_keep(&mut scores.updates, d, self.cfg.scoring.copy_cosine_min);
+        }
         let reward_weights: Vec<f64> = settled
             .iter()
             .zip(&scores.updates)

@@ -31,6 +31,11 @@
 //! fixed number of gradient steps from zero offsets in f64 for every
 //! model, so a verifier recomputes it exactly.
 //!
+//! **Scale.** Each update is scored at no more than the round's median
+//! norm: a norm is the sender's choice, and near convergence a larger step
+//! moves the per-class losses further in both directions, so without the
+//! cap scaling an update up would raise its score.
+//!
 //! **What it does not catch.** Random noise gains a little on some
 //! classes by chance and may score above zero, an exact copy scores what
 //! its original does, and a zero update scores zero: noise, copies and
@@ -39,10 +44,17 @@
 
 use super::{ClassScores, Evaluator, NON_FINITE_SCORE};
 
-/// Gradient steps of the offset refit. The mean cross-entropy is convex in
-/// the offsets with a Hessian (the covariance of the softmax) of
-/// eigenvalues at most 1/2, so unit steps are stable.
-const REFIT_STEPS: usize = 200;
+/// Most steps of the offset refit. Each is the EM step of Saerens,
+/// Latinne and Decaestecker 2002 ("Adjusting the Outputs of a Classifier to
+/// New a Priori Probabilities: A Simple Procedure", Neural Computation
+/// 14(1)), `offset_c += ln(f_c / p_c)` with `f_c` the class's share of the
+/// sample and `p_c` its mean probability, whose fixed point is the
+/// cross-entropy's minimum over the offsets; it stops once every `p_c` is
+/// within [`REFIT_TOLERANCE`] of `f_c`. A deterministic rule, so a verifier
+/// stops where the aggregator did.
+const REFIT_STEPS: usize = 500;
+const REFIT_TOLERANCE: f64 = 1e-12;
+const REFIT_STEP_MAX: f64 = 30.0;
 
 /// What a loss on a class counts for against a gain on another: an update
 /// that gains on its own classes less than a tenth of what it loses on
@@ -50,12 +62,10 @@ const REFIT_STEPS: usize = 200;
 /// class earns nothing), while an honest skewed update, whose losses are
 /// about its gains, keeps most of its gain.
 pub const HARM_WEIGHT: f64 = 0.1;
-const REFIT_RATE: f64 = 1.0;
 
-/// Per class of a validation sample: how many of its examples have that
-/// label, and their mean cross-entropy after the offset refit. `None`
-/// where a class score is not finite (the model is broken).
-pub fn prior_free_class_losses(s: &ClassScores) -> Result<Option<Vec<(u64, f64)>>, String> {
+/// Why class scores cannot be used: an inconsistent shape or a label that
+/// is not a class.
+fn check(s: &ClassScores) -> Result<(), String> {
     let k = s.classes;
     let n = s.labels.len();
     if k == 0 || n == 0 || s.scores.len() != n * k {
@@ -67,17 +77,45 @@ pub fn prior_free_class_losses(s: &ClassScores) -> Result<Option<Vec<(u64, f64)>
     if let Some(&l) = s.labels.iter().find(|&&l| l as usize >= k) {
         return Err(format!("label {l} is not one of the {k} classes"));
     }
+    Ok(())
+}
+
+/// Per class of a validation sample: how many of its examples have that
+/// label, and their mean cross-entropy after the offset refit, the softmax
+/// taken over the classes the sample holds (a class it does not hold has
+/// no loss to lower, and its best offset is minus infinity: leaving it out
+/// means raising or lowering its scores changes nothing). `None` where a
+/// class score is not finite (the model is broken).
+pub fn prior_free_class_losses(s: &ClassScores) -> Result<Option<Vec<(u64, f64)>>, String> {
+    check(s)?;
+    let k = s.classes;
+    let n = s.labels.len();
     if s.scores.iter().any(|v| !v.is_finite()) {
         return Ok(None);
     }
-    let rows: Vec<&[f32]> = s.scores.chunks_exact(k).collect();
-    let mut freq = vec![0f64; k];
+    let mut count = vec![0u64; k];
     for &l in &s.labels {
-        freq[l as usize] += 1.0 / n as f64;
+        count[l as usize] += 1;
     }
-    let mut off = vec![0f64; k];
-    let mut z = vec![0f64; k];
-    let mut mean_p = vec![0f64; k];
+    // The classes present, and each one's place among them.
+    let present: Vec<usize> = (0..k).filter(|&c| count[c] > 0).collect();
+    let mut place = vec![usize::MAX; k];
+    for (i, &c) in present.iter().enumerate() {
+        place[c] = i;
+    }
+    let m = present.len();
+    let rows: Vec<Vec<f32>> = s
+        .scores
+        .chunks_exact(k)
+        .map(|r| present.iter().map(|&c| r[c]).collect())
+        .collect();
+    let freq: Vec<f64> = present
+        .iter()
+        .map(|&c| count[c] as f64 / n as f64)
+        .collect();
+    let mut off = vec![0f64; m];
+    let mut z = vec![0f64; m];
+    let mut mean_p = vec![0f64; m];
     for _ in 0..REFIT_STEPS {
         mean_p.iter_mut().for_each(|p| *p = 0.0);
         for row in &rows {
@@ -86,17 +124,29 @@ pub fn prior_free_class_losses(s: &ClassScores) -> Result<Option<Vec<(u64, f64)>
                 *p += e / sum / n as f64;
             }
         }
+        let gap = mean_p
+            .iter()
+            .zip(&freq)
+            .map(|(p, f)| (p - f).abs())
+            .fold(0.0, f64::max);
+        if gap < REFIT_TOLERANCE {
+            break;
+        }
         for ((o, &p), &f) in off.iter_mut().zip(&mean_p).zip(&freq) {
-            *o -= REFIT_RATE * (p - f);
+            // A class whose mean probability underflowed moves by at most
+            // REFIT_STEP_MAX a step.
+            *o += (f / p.max(f64::MIN_POSITIVE))
+                .ln()
+                .clamp(-REFIT_STEP_MAX, REFIT_STEP_MAX);
         }
     }
     let mut out = vec![(0u64, 0f64); k];
     for (row, &l) in rows.iter().zip(&s.labels) {
-        let l = l as usize;
-        let (sum, m) = softmax_into(row, &off, &mut z);
+        let i = place[l as usize];
+        let (sum, top) = softmax_into(row, &off, &mut z);
         // -log softmax at the label.
-        let loss = sum.ln() - (f64::from(row[l]) + off[l] - m);
-        let c = &mut out[l];
+        let loss = sum.ln() - (f64::from(row[i]) + off[i] - top);
+        let c = &mut out[l as usize];
         c.0 += 1;
         c.1 += loss;
     }
@@ -146,7 +196,8 @@ pub fn gain(base: &[(u64, f64)], new: &[(u64, f64)]) -> f64 {
 
 /// The mean cross-entropy without the refit (the round's reported base
 /// loss, comparable with the other methods').
-pub fn plain_loss(s: &ClassScores) -> f64 {
+pub fn plain_loss(s: &ClassScores) -> Result<f64, String> {
+    check(s)?;
     let k = s.classes;
     let mut total = 0.0;
     let zero = vec![0f64; k];
@@ -155,18 +206,20 @@ pub fn plain_loss(s: &ClassScores) -> f64 {
         let (sum, m) = softmax_into(row, &zero, &mut z);
         total += sum.ln() - (f64::from(row[l as usize]) - m);
     }
-    total / s.labels.len().max(1) as f64
+    Ok(total / s.labels.len() as f64)
 }
 
-/// Scores `deltas` at `step` each from `base` on the sample `idx`: the
-/// base model's plain loss and each update's score
-/// ([`NON_FINITE_SCORE`] for one that breaks the model). `passes` counts
-/// the examples evaluated.
+/// Scores `deltas` at `step` each from `base` on the sample `idx`, each
+/// scaled down to a norm of at most `norm_max` (the round's median norm:
+/// sending a larger update buys no larger score): the base model's plain
+/// loss and each update's score ([`NON_FINITE_SCORE`] for one that breaks
+/// the model). `passes` counts the examples evaluated.
 pub fn score(
     eval: &mut dyn Evaluator,
     idx: &[usize],
     base: &[f32],
     step: f64,
+    norm_max: f64,
     deltas: &[&[f32]],
     passes: &mut u64,
 ) -> Result<(f64, Vec<f64>), String> {
@@ -177,22 +230,24 @@ pub fn score(
     };
     let s = eval.class_scores(base, idx)?.ok_or_else(no_scores)?;
     *passes += idx.len() as u64;
-    let base_loss = plain_loss(&s);
-    let Some(before) = prior_free_class_losses(&s)? else {
+    let refit = prior_free_class_losses(&s)?;
+    let base_loss = plain_loss(&s)?;
+    let (Some(before), true) = (refit, base_loss.is_finite()) else {
         return Err(format!(
             "the current model's validation loss is {base_loss}"
         ));
     };
-    if !base_loss.is_finite() {
-        return Err(format!(
-            "the current model's validation loss is {base_loss}"
-        ));
-    }
     let mut params = vec![0f32; base.len()];
     let mut scores = Vec::with_capacity(deltas.len());
     for d in deltas {
+        let norm = crate::robust::l2_norm(d);
+        let scale = if norm > norm_max && norm > 0.0 {
+            step * norm_max / norm
+        } else {
+            step
+        };
         for ((p, &b), &x) in params.iter_mut().zip(base).zip(d.iter()) {
-            *p = (f64::from(b) + step * f64::from(x)) as f32;
+            *p = (f64::from(b) + scale * f64::from(x)) as f32;
         }
         let s = eval.class_scores(&params, idx)?.ok_or_else(no_scores)?;
         *passes += idx.len() as u64;

@@ -209,4 +209,10 @@ fn noise_is_orthogonal_to_every_update_not_just_their_sum() {
     let s = score_round(&cfg, None, &[1; 32], &vec![0.0; d], 1.0, &deltas, 1);
     assert!(s.updates[3].free_rider);
     assert!(s.updates[4].noise, "{:?}", s.updates[4]);
+    // Nor does a second key re-sending the noise: the copy is flagged a
+    // copy, the original still noise.
+    let deltas: Vec<&[f32]> = vec![&honest, &a, &b, &r, &r];
+    let s = score_round(&cfg, None, &[1; 32], &vec![0.0; d], 1.0, &deltas, 1);
+    assert!(s.updates[3].noise, "{:?}", s.updates[3]);
+    assert_eq!(s.updates[4].copy_of, Some(3));
 }

@@ -79,6 +79,10 @@ pub struct DeviceSpec {
     /// The update to send instead of `delta` in every coordinate (its
     /// length must be the model's).
     pub vector: Option<Vec<f32>>,
+    /// Scales each coordinate of `vector` by 1.5 or 0.5, drawn per round
+    /// and coordinate (the same for every device), so that no round's
+    /// update replays an earlier one (an honest device's never does).
+    pub wobble: bool,
     /// Once its update is accepted, signs three other updates for the
     /// same task and announces them (equivocation; a modified binary).
     pub equivocate: bool,
@@ -101,6 +105,7 @@ impl DeviceSpec {
             diverge_from_round: None,
             never_download: false,
             vector: None,
+            wobble: false,
             equivocate: false,
             tamper_masked_input: None,
             eval: None,
@@ -321,6 +326,11 @@ impl Sim {
                             let diverged = spec.diverge_from_round.is_some_and(|r| *round_id >= r);
                             let value = if diverged { f32::NAN } else { spec.delta };
                             let delta = match &spec.vector {
+                                Some(v) if !diverged && spec.wobble => v
+                                    .iter()
+                                    .enumerate()
+                                    .map(|(j, x)| x * wobble(*round_id, j))
+                                    .collect(),
                                 Some(v) if !diverged => v.clone(),
                                 _ => vec![value; model.params.values.len()],
                             };
@@ -764,4 +774,10 @@ impl Sim {
             })
             .collect()
     }
+}
+
+/// 1.5 or 0.5 for coordinate `j` in round `round_id` ([`DeviceSpec::wobble`]).
+pub fn wobble(round_id: u64, j: usize) -> f32 {
+    let h = blake3::hash(&[round_id.to_le_bytes(), (j as u64).to_le_bytes()].concat());
+    if h.as_bytes()[0] & 1 == 0 { 1.5 } else { 0.5 }
 }
