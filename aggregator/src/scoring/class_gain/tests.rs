@@ -67,6 +67,17 @@ impl Softmax {
     }
 }
 
+impl Softmax {
+    /// What an honest device holding only `class` sends: three times the
+    /// negated gradient of its examples' loss.
+    fn skewed_step(&self, p: &[f32], class: u32) -> Vec<f32> {
+        self.gradient(p, &[class])
+            .iter()
+            .map(|g| (-3.0 * g) as f32)
+            .collect()
+    }
+}
+
 impl Evaluator for Softmax {
     fn len(&self) -> usize {
         self.x.len()
@@ -122,11 +133,7 @@ fn scores(method: ScoreMethod, eval: &mut Softmax, base: &[f32], deltas: &[&[f32
 fn skewed_updates_gain_and_prior_shifts_do_not() {
     let mut eval = Softmax::new(300);
     let base = trained(&eval);
-    let skewed: Vec<f32> = eval
-        .gradient(&base, &[0])
-        .iter()
-        .map(|g| (-3.0 * g) as f32)
-        .collect();
+    let skewed: Vec<f32> = eval.skewed_step(&base, 0);
     let mut shift = vec![0.0f32; K * D + K];
     shift[K * D] = 1.0;
     let zero = vec![0.0f32; K * D + K];
@@ -217,11 +224,7 @@ fn broken_models_and_evaluators_are_errors() {
 fn winning_a_class_by_wrecking_the_others_does_not_pay() {
     let mut eval = Softmax::new(300);
     let base = trained(&eval);
-    let mut wreck: Vec<f32> = eval
-        .gradient(&base, &[0])
-        .iter()
-        .map(|g| (-3.0 * g) as f32)
-        .collect();
+    let mut wreck: Vec<f32> = eval.skewed_step(&base, 0);
     // Applied at a third, this zeroes the weights of classes 1 and 2.
     for c in 1..K {
         for j in 0..D {
@@ -293,16 +296,8 @@ fn shifts_of_absent_and_rare_classes_gain_nothing() {
 fn a_scaled_up_update_scores_no_more() {
     let mut eval = Softmax::new(300);
     let base = trained(&eval);
-    let u: Vec<f32> = eval
-        .gradient(&base, &[0])
-        .iter()
-        .map(|g| (-3.0 * g) as f32)
-        .collect();
-    let v: Vec<f32> = eval
-        .gradient(&base, &[1])
-        .iter()
-        .map(|g| (-3.0 * g) as f32)
-        .collect();
+    let u: Vec<f32> = eval.skewed_step(&base, 0);
+    let v: Vec<f32> = eval.skewed_step(&base, 1);
     let norm = |x: &[f32]| crate::robust::l2_norm(x);
     // v at u's norm, so the median norm is u's.
     let v: Vec<f32> = v.iter().map(|x| x * (norm(&u) / norm(&v)) as f32).collect();
