@@ -85,6 +85,7 @@
 
 mod bits;
 pub(crate) mod entropy;
+pub mod partial;
 mod sparse;
 mod spec;
 mod values;
