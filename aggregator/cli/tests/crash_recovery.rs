@@ -80,10 +80,14 @@ fn sigkill_mid_round_loses_no_acknowledged_update_sqlite() {
 
 #[test]
 fn sigkill_mid_round_loses_no_acknowledged_update_postgres() {
-    let db = tokio::runtime::Runtime::new()
+    sigkill_mid_round_loses_no_acknowledged_update(fresh_postgres("sigkill"));
+}
+
+/// A fresh database on the test server (see `testing::fresh_postgres`).
+fn fresh_postgres(label: &str) -> Database {
+    tokio::runtime::Runtime::new()
         .unwrap()
-        .block_on(testing::fresh_postgres("sigkill"));
-    sigkill_mid_round_loses_no_acknowledged_update(db);
+        .block_on(testing::fresh_postgres(label))
 }
 
 fn sigkill_mid_round_loses_no_acknowledged_update(database: Database) {
@@ -193,10 +197,7 @@ fn one_aggregator_per_state_directory_sqlite() {
 
 #[test]
 fn one_aggregator_per_state_directory_postgres() {
-    let db = tokio::runtime::Runtime::new()
-        .unwrap()
-        .block_on(testing::fresh_postgres("state_lock"));
-    one_aggregator_per_state_directory(db);
+    one_aggregator_per_state_directory(fresh_postgres("state_lock"));
 }
 
 /// While one `serve` runs, a second on its state directory fails at

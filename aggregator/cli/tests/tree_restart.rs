@@ -12,14 +12,14 @@
 //! nothing is counted twice.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 mod procs;
 use procs::{
-    CLOSED_FLEET, Proc, bin, device_succeeded, listening, start_device, stderr_lines, wait_exit,
-    wait_for,
+    CLOSED_FLEET, Proc, bin, device_succeeded, listening, spawn_logged, start_device, stderr_lines,
+    wait_exit, wait_for,
 };
 
 use fedge_aggregator::store::Store;
@@ -30,7 +30,7 @@ const ROUNDS: u64 = 2;
 /// `serve` with `config` on `state` (listening on `listen`), its log
 /// lines at info.
 fn serve(listen: &str, config: &Path, state: &Path, model: &Path) -> Proc {
-    Proc(
+    spawn_logged(
         Command::new(bin("fedge-aggregator"))
             .args(["serve", "--listen", listen])
             .arg("--config")
@@ -38,13 +38,7 @@ fn serve(listen: &str, config: &Path, state: &Path, model: &Path) -> Proc {
             .arg("--state-dir")
             .arg(state)
             .arg("--model")
-            .arg(model)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+            .arg(model),
     )
 }
 

@@ -171,7 +171,9 @@ async fn lock_database(dir: &Path, url: &str, label: &str) -> Result<PgConnectio
 /// Who holds the advisory lock: the server's backend and its client's
 /// `application_name` (the holder's process) and address.
 async fn pg_holder(conn: &mut PgConnection) -> String {
-    let row: Result<Option<(i32, Option<String>, Option<String>)>, _> = sqlx::query_as(
+    /// Backend pid, `application_name`, client address.
+    type Holder = (i32, Option<String>, Option<String>);
+    let row: Result<Option<Holder>, _> = sqlx::query_as(
         "SELECT l.pid, a.application_name, host(a.client_addr)
          FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
          WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1

@@ -44,12 +44,12 @@ pub fn partial_payload_bytes_max(dimension: u64) -> u64 {
 
 /// Encodes a partial aggregate's combined update.
 pub fn encode_partial(values: &[f64]) -> Result<Bytes, EncodeError> {
-    Limits::check("update dimension", values.len() as u64, DIMENSION_MAX).map_err(|_| {
-        EncodeError::DimensionTooLarge {
+    if values.len() as u64 > DIMENSION_MAX {
+        return Err(EncodeError::DimensionTooLarge {
             dimension: values.len() as u64,
             max: DIMENSION_MAX,
-        }
-    })?;
+        });
+    }
     if let Some(index) = values.iter().position(|v| !in_range(*v)) {
         return Err(EncodeError::NonFinite {
             index: index as u64,
@@ -78,15 +78,7 @@ pub fn decode_partial(
     expected_dimension: usize,
     limits: &Limits,
 ) -> Result<Vec<f64>, ProtoError> {
-    let w = wire::UpdatePayload::decode(bytes)?;
-    Limits::check("update dimension", w.dimension, limits.update_dimension_max)?;
-    Limits::check("update dimension", w.dimension, DIMENSION_MAX)?;
-    if w.dimension != expected_dimension as u64 {
-        return Err(ProtoError::DimensionMismatch {
-            expected: expected_dimension as u64,
-            got: w.dimension,
-        });
-    }
+    let w = super::envelope(bytes, expected_dimension, limits)?;
     if w.codec != PARTIAL_CODEC {
         return Err(ProtoError::Invalid {
             field: "update.codec",

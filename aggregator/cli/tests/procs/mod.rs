@@ -63,9 +63,10 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 /// The `listening` address and `fingerprint` an aggregator prints on its
-/// standard output (piped) once it serves; the rest of it is drained.
-pub fn listening(p: &mut Proc) -> (String, String) {
-    let mut lines = BufReader::new(p.0.stdout.take().expect("piped stdout")).lines();
+/// standard output once it serves, read from its `lines`.
+pub fn read_listening(
+    lines: &mut impl Iterator<Item = std::io::Result<String>>,
+) -> (String, String) {
     let (mut addr, mut fp) = (String::new(), String::new());
     while addr.is_empty() || fp.is_empty() {
         let line = lines.next().expect("aggregator output").unwrap();
@@ -75,8 +76,29 @@ pub fn listening(p: &mut Proc) -> (String, String) {
             fp = f.into();
         }
     }
-    std::thread::spawn(move || for _ in lines {});
     (addr, fp)
+}
+
+/// [`read_listening`] of an aggregator's standard output (piped); the
+/// rest of it is drained.
+pub fn listening(p: &mut Proc) -> (String, String) {
+    let mut lines = BufReader::new(p.0.stdout.take().expect("piped stdout")).lines();
+    let found = read_listening(&mut lines);
+    std::thread::spawn(move || for _ in lines {});
+    found
+}
+
+/// Spawns `cmd` logging at info without colours, its standard output and
+/// error piped.
+pub fn spawn_logged(cmd: &mut Command) -> Proc {
+    Proc(
+        cmd.env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
 }
 
 /// The lines of a child's standard error (piped), as they come.
@@ -99,19 +121,13 @@ pub fn start_device(
     state: &Path,
     value: &str,
 ) -> (Proc, mpsc::Receiver<String>) {
-    let mut p = Proc(
+    let mut p = spawn_logged(
         Command::new(bin("fedge-device"))
             .args(["run", "--aggregator", addr, "--pin", fp])
             .arg("--state-dir")
             .arg(state)
             .args(["--known-update", value, "--samples", "1"])
-            .args(["--keepalive-ms", "300", "--idle-timeout-ms", "1500"])
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+            .args(["--keepalive-ms", "300", "--idle-timeout-ms", "1500"]),
     );
     let rx = stderr_lines(&mut p);
     (p, rx)
