@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 root="$PWD"
 seconds="${1:-${SECONDS_PER_TARGET:-60}}"
 export CARGO_TARGET_DIR="${FUZZ_TARGET_DIR:-$HOME/.cache/fedge/fuzz-target}"
-all="frame device_msg agg_msg update update_body codec_spec model_blob params_f32le model_delta residual sensor_window onnx_import onnx_train"
+all="frame device_msg agg_msg update update_body partial codec_spec model_blob params_f32le model_delta residual sensor_window onnx_import onnx_train"
 targets="${TARGETS:-$all}"
 
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked

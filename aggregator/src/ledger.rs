@@ -596,7 +596,7 @@ pub fn check_evidence(
             let Some(dim) = dimension else {
                 return Ok("hash (no model to decode against)");
             };
-            match fedge_proto::update::decode_update(evidence, dim, limits) {
+            match fedge_proto::update::decode_any(evidence, dim, limits) {
                 Err(e) if e.reject_code() == RejectCode::NonFinite => Ok("not finite"),
                 Ok(v) if v.iter().any(|x| !x.is_finite()) => Ok("not finite"),
                 Ok(_) => Err("the payload decodes to finite values".into()),
@@ -703,6 +703,17 @@ mod tests {
         // A finite payload proves no non-finite penalty.
         let p = penalty(ledger::PENALTY_NON_FINITE, &finite);
         assert!(check_evidence(&p, &finite, Some(4), &limits).is_err());
+        // A root's evidence: a leaf's float64 partial with a NaN in it.
+        let mut partial = fedge_proto::update::encode_partial(&[1.0; 4])
+            .unwrap()
+            .to_vec();
+        let n = partial.len();
+        partial[n - 8..].copy_from_slice(&f64::NAN.to_le_bytes());
+        let p = penalty(ledger::PENALTY_NON_FINITE, &partial);
+        assert_eq!(
+            check_evidence(&p, &partial, Some(4), &limits),
+            Ok("not finite")
+        );
         // Evidence that is not the file the penalty names.
         let p = penalty(ledger::PENALTY_NORM_BOUND, &finite);
         assert!(check_evidence(&p, &finite, Some(4), &limits).is_ok());

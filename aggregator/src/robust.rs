@@ -9,11 +9,98 @@
 use crate::weighting::cap_shares;
 
 /// A round's combined update, with each participant's final weight (after
-/// share capping), in the order they were added.
+/// share capping), in the order they were added. `T` is `f64` where a leaf
+/// forwards it as a partial aggregate ([`Combiner::finish_f64`]).
 #[derive(Clone, Debug, PartialEq)]
-pub struct Combined {
-    pub delta: Vec<f32>,
+pub struct Combined<T = f32> {
+    pub delta: Vec<T>,
     pub weights: Vec<f64>,
+}
+
+/// An update's values as a combiner takes them: a device's as decoded
+/// (float32), or a partial aggregate's at the float64 it travelled in.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Values {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+}
+
+impl Values {
+    pub fn len(&self) -> usize {
+        match self {
+            Values::F32(v) => v.len(),
+            Values::F64(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// `sum[i] += w x self[i]`, in float64.
+    fn add_scaled_to(&self, sum: &mut [f64], w: f64) {
+        match self {
+            Values::F32(v) => {
+                for (s, &x) in sum.iter_mut().zip(v) {
+                    *s += w * f64::from(x);
+                }
+            }
+            Values::F64(v) => {
+                for (s, &x) in sum.iter_mut().zip(v) {
+                    *s += w * x;
+                }
+            }
+        }
+    }
+
+    pub fn norm(&self) -> f64 {
+        match self {
+            Values::F32(v) => l2_norm(v),
+            Values::F64(v) => v.iter().map(|x| x * x).sum::<f64>().sqrt(),
+        }
+    }
+
+    /// Multiplies every value by `s`.
+    pub fn scale(&mut self, s: f64) {
+        match self {
+            Values::F32(v) => {
+                let s = s as f32;
+                v.iter_mut().for_each(|x| *x *= s);
+            }
+            Values::F64(v) => v.iter_mut().for_each(|x| *x *= s),
+        }
+    }
+
+    /// Scales the values down to norm `bound` if they are longer.
+    pub fn clip_to_norm(&mut self, bound: f64) -> bool {
+        match self {
+            Values::F32(v) => clip_to_norm(v, bound),
+            Values::F64(_) => {
+                let n = self.norm();
+                let clipped = n > bound && n > 0.0;
+                if clipped {
+                    self.scale(bound / n);
+                }
+                clipped
+            }
+        }
+    }
+
+    /// The values at float32 (a partial's rounded).
+    pub fn to_f32(&self) -> std::borrow::Cow<'_, [f32]> {
+        match self {
+            Values::F32(v) => std::borrow::Cow::Borrowed(v),
+            Values::F64(v) => std::borrow::Cow::Owned(v.iter().map(|&x| x as f32).collect()),
+        }
+    }
+
+    /// The values at float32, taken.
+    pub fn into_f32(self) -> Vec<f32> {
+        match self {
+            Values::F32(v) => v,
+            Values::F64(v) => v.into_iter().map(|x| x as f32).collect(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -34,6 +121,23 @@ pub trait Combiner: Send {
     fn count(&self) -> usize;
     /// The combined update; `None` when nothing was added.
     fn finish(&mut self, max_share: f64) -> Option<Combined>;
+
+    /// Adds an update of either precision. The streaming mean sums a
+    /// float64 one as it is; combiners that hold float32 updates (the
+    /// robust ones) round it.
+    fn add_values(&mut self, update: Values, weight: f64) {
+        self.add(update.into_f32(), weight);
+    }
+
+    /// [`Combiner::finish`] before the final rounding to float32: what a
+    /// leaf forwards as its partial aggregate. The streaming mean's is its
+    /// float64 mean; by default, `finish`'s result widened.
+    fn finish_f64(&mut self, max_share: f64) -> Option<Combined<f64>> {
+        self.finish(max_share).map(|c| Combined {
+            delta: c.delta.into_iter().map(f64::from).collect(),
+            weights: c.weights,
+        })
+    }
 }
 
 /// Which combiner a round uses.
@@ -99,7 +203,7 @@ pub struct StreamingMean {
     sum: Vec<f64>,
     sum_weight: f64,
     summed: Vec<usize>,
-    heavy: Vec<(usize, f64, Vec<f32>)>,
+    heavy: Vec<(usize, f64, Values)>,
     heavy_max: usize,
     weights: Vec<f64>,
 }
@@ -129,12 +233,41 @@ impl StreamingMean {
         m
     }
 
-    fn spill(&mut self, idx: usize, w: f64, u: &[f32]) {
-        for (s, &x) in self.sum.iter_mut().zip(u) {
-            *s += w * f64::from(x);
-        }
+    fn spill(&mut self, idx: usize, w: f64, u: &Values) {
+        u.add_scaled_to(&mut self.sum, w);
         self.sum_weight += w;
         self.summed.push(idx);
+    }
+
+    /// The weighted mean at float64 and the final weights.
+    fn mean(&mut self, max_share: f64) -> Option<Combined<f64>> {
+        if self.weights.is_empty() {
+            return None;
+        }
+        let final_w = cap_shares(&self.weights, max_share);
+        let total: f64 = final_w.iter().sum();
+        let mut sum = std::mem::take(&mut self.sum);
+        // Summed updates were never capped (they are not among the
+        // heaviest), but the total weight changed.
+        let spilled_scale: f64 = if self.sum_weight > 0.0 {
+            let w_final: f64 = self.summed.iter().map(|&i| final_w[i]).sum();
+            w_final / self.sum_weight
+        } else {
+            0.0
+        };
+        for s in &mut sum {
+            *s *= spilled_scale;
+        }
+        for (i, _, u) in &self.heavy {
+            u.add_scaled_to(&mut sum, final_w[*i]);
+        }
+        for s in &mut sum {
+            *s /= total;
+        }
+        Some(Combined {
+            delta: sum,
+            weights: final_w,
+        })
     }
 }
 
@@ -144,6 +277,10 @@ impl Combiner for StreamingMean {
     }
 
     fn add(&mut self, update: Vec<f32>, weight: f64) {
+        self.add_values(Values::F32(update), weight);
+    }
+
+    fn add_values(&mut self, update: Values, weight: f64) {
         assert_eq!(update.len(), self.dim, "update dimension");
         assert!(weight.is_finite() && weight > 0.0, "weight {weight}");
         let idx = self.weights.len();
@@ -166,32 +303,14 @@ impl Combiner for StreamingMean {
     }
 
     fn finish(&mut self, max_share: f64) -> Option<Combined> {
-        if self.weights.is_empty() {
-            return None;
-        }
-        let final_w = cap_shares(&self.weights, max_share);
-        let total: f64 = final_w.iter().sum();
-        let mut sum = std::mem::take(&mut self.sum);
-        // Summed updates were never capped (they are not among the
-        // heaviest), but the total weight changed.
-        let spilled_scale: f64 = if self.sum_weight > 0.0 {
-            let w_final: f64 = self.summed.iter().map(|&i| final_w[i]).sum();
-            w_final / self.sum_weight
-        } else {
-            0.0
-        };
-        for s in &mut sum {
-            *s *= spilled_scale;
-        }
-        for (i, _, u) in &self.heavy {
-            for (s, &x) in sum.iter_mut().zip(u) {
-                *s += final_w[*i] * f64::from(x);
-            }
-        }
-        Some(Combined {
-            delta: sum.iter().map(|s| (s / total) as f32).collect(),
-            weights: final_w,
+        self.mean(max_share).map(|c| Combined {
+            delta: c.delta.iter().map(|&s| s as f32).collect(),
+            weights: c.weights,
         })
+    }
+
+    fn finish_f64(&mut self, max_share: f64) -> Option<Combined<f64>> {
+        self.mean(max_share)
     }
 }
 
@@ -416,6 +535,46 @@ mod tests {
                 assert!((g - e).abs() < 1e-5, "cap {cap}: {got:?} vs {want:?}");
             }
         }
+    }
+
+    /// Two partial aggregates at float64, each a group's mean weighted by
+    /// the group's weight, combine to the mean over all the updates to
+    /// float64 rounding; the same partials rounded to float32 do not.
+    #[test]
+    fn float64_partials_combine_to_the_mean_over_their_updates() {
+        let updates: Vec<Vec<f32>> = (0..6)
+            .map(|i| vec![0.1 * i as f32 + 0.013, 1.0 / (i as f32 + 3.0)])
+            .collect();
+        let w: Vec<f64> = (0..6).map(|i| 3.0 + 2.0 * i as f64).collect();
+        let mut all = StreamingMean::new(2);
+        for (u, &wi) in updates.iter().zip(&w) {
+            all.add(u.clone(), wi);
+        }
+        let want = all.finish_f64(1.0).unwrap().delta;
+        let mut root = StreamingMean::new(2);
+        let mut rounded = StreamingMean::new(2);
+        for group in [0..2, 2..6] {
+            let mut leaf = StreamingMean::new(2);
+            for i in group.clone() {
+                leaf.add(updates[i].clone(), w[i]);
+            }
+            let partial = leaf.finish_f64(1.0).unwrap();
+            let weight: f64 = partial.weights.iter().sum();
+            rounded.add_values(
+                Values::F32(Values::F64(partial.delta.clone()).into_f32()),
+                weight,
+            );
+            root.add_values(Values::F64(partial.delta), weight);
+        }
+        let got = root.finish_f64(1.0).unwrap().delta;
+        let off = |v: &[f64]| {
+            v.iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max)
+        };
+        assert!(off(&got) < 1e-15, "{got:?} vs {want:?}");
+        assert!(off(&rounded.finish_f64(1.0).unwrap().delta) > 1e-10);
     }
 
     #[test]

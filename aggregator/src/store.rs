@@ -37,11 +37,13 @@ use crate::ledger::{LedgerKey, StoredRecord};
 
 mod db;
 mod ledger;
+mod lock;
 mod penalties;
 use db::Db;
 pub use db::{DATABASE_FORMS, Database, SCHEMA_VERSION, testing};
 pub use ledger::LedgerView;
 use ledger::{ledger_rows, rating_rows};
+pub use lock::{ADVISORY_KEY, LOCK_FILE, PG_LOCK_WAIT};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ResumePoint {
@@ -84,6 +86,26 @@ pub enum StoreError {
          {dir} (pair each state directory with its own database)"
     )]
     ForeignDatabase { db: String, dir: PathBuf },
+    #[error(
+        "state directory {dir} is in use by another aggregator: {lock} is locked by {holder} \
+         (stop that aggregator first, or give this one a state directory of its own)",
+        dir = dir.display(),
+        lock = lock.display()
+    )]
+    StateDirInUse {
+        dir: PathBuf,
+        lock: PathBuf,
+        holder: String,
+    },
+    #[error(
+        "database {db} is in use by another aggregator: its advisory lock {key:#x} is held by \
+         {holder} (stop that aggregator first, or give this one a database of its own)"
+    )]
+    DatabaseInUse {
+        db: String,
+        key: i64,
+        holder: String,
+    },
     #[error(transparent)]
     LedgerKey(#[from] crate::ledger::LedgerKeyError),
     #[error("ledger: {0}")]
@@ -148,6 +170,9 @@ fn now_ms() -> i64 {
 pub struct Store {
     dir: PathBuf,
     db: Db,
+    /// This store's hold on its state directory and database (one
+    /// aggregator each; see [`lock`]).
+    lock: lock::StateLock,
     resume: ResumePoint,
     ledger_key: LedgerKey,
     /// The last ledger record's sequence number and hash.
@@ -168,7 +193,16 @@ impl Store {
     /// Open (or create) the state directory, and its tables in `database`
     /// (created there on first use; a database of a newer schema is
     /// refused, as is one another state directory's ledger key signed).
+    /// The store holds the directory and the database for as long as it
+    /// lives: while it does, another store of either is refused
+    /// ([`StoreError::StateDirInUse`], [`StoreError::DatabaseInUse`]).
     pub async fn open_with(dir: &Path, database: &Database) -> Result<Self, StoreError> {
+        let postgres = match database {
+            Database::Sqlite => None,
+            Database::Postgres(url) => Some((url.as_str(), database.label(dir))),
+        };
+        let lock =
+            lock::StateLock::acquire(dir, postgres.as_ref().map(|(u, l)| (*u, l.as_str()))).await?;
         for sub in ["models", "updates", "evidence"] {
             std::fs::create_dir_all(dir.join(sub)).map_err(|source| StoreError::Io {
                 path: dir.join(sub),
@@ -198,6 +232,7 @@ impl Store {
         let mut store = Store {
             dir: dir.to_path_buf(),
             db,
+            lock,
             resume: ResumePoint::default(),
             ledger_key,
             ledger_tip: (0, [0; 32]),
@@ -210,6 +245,14 @@ impl Store {
             store.ledger_tip = (last.seq, fedge_proto::ledger::record_hash(&bytes));
         }
         Ok(store)
+    }
+
+    /// Closes the database and releases the state directory and the
+    /// database at once (dropping a store releases them too, the
+    /// database's lock once its server sees the connection close).
+    pub async fn close(self) {
+        self.db.pool.close().await;
+        self.lock.release().await;
     }
 
     fn db(&self) -> impl Fn(sqlx::Error) -> StoreError + '_ {

@@ -11,7 +11,7 @@
 
 use fedge_proto::msg::TrainingPlan;
 
-use crate::robust::{CombineSpec, Combined, Combiner, StreamingMean, clip_to_norm, l2_norm};
+use crate::robust::{CombineSpec, Combined, Combiner, StreamingMean, Values};
 
 /// A failed participation, passed to strategies beside the results.
 #[derive(Clone, Debug, PartialEq)]
@@ -344,12 +344,16 @@ impl Combiner for ClippingCombiner {
         self.inner.dimension()
     }
 
-    fn add(&mut self, mut update: Vec<f32>, weight: f64) {
-        self.norms.push(l2_norm(&update));
+    fn add(&mut self, update: Vec<f32>, weight: f64) {
+        self.add_values(Values::F32(update), weight);
+    }
+
+    fn add_values(&mut self, mut update: Values, weight: f64) {
+        self.norms.push(update.norm());
         if let Some(b) = self.bound {
-            clip_to_norm(&mut update, b);
+            update.clip_to_norm(b);
         }
-        self.inner.add(update, weight);
+        self.inner.add_values(update, weight);
     }
 
     fn count(&self) -> usize {
@@ -357,12 +361,24 @@ impl Combiner for ClippingCombiner {
     }
 
     fn finish(&mut self, max_share: f64) -> Option<Combined> {
+        self.note_median();
+        self.inner.finish(max_share)
+    }
+
+    fn finish_f64(&mut self, max_share: f64) -> Option<Combined<f64>> {
+        self.note_median();
+        self.inner.finish_f64(max_share)
+    }
+}
+
+impl ClippingCombiner {
+    /// The round's median norm, for the next round's adaptive bound.
+    fn note_median(&self) {
         if !self.norms.is_empty() {
             let mut n = self.norms.clone();
             n.sort_by(|a, b| a.total_cmp(b));
             *self.median_out.lock().expect("lock") = Some(n[n.len() / 2]);
         }
-        self.inner.finish(max_share)
     }
 }
 

@@ -26,7 +26,7 @@ use fedge_proto::msg::{Capabilities, Hello, ModelRef, UploadBegin};
 use fedge_proto::sign::{
     PartialAggregate, SigningKey, TLS_EXPORTER_LABEL, UpdateManifest, sign_auth,
 };
-use fedge_proto::update::{Codec, encode_update};
+use fedge_proto::update::encode_partial;
 use fedge_proto::{AggMsg, DeviceMsg, Limits, ModelBlob, ModelVersion, SCHEMA_VERSION};
 use rand::Rng;
 use tokio::sync::mpsc;
@@ -454,7 +454,11 @@ async fn send_forward(
 }
 
 /// The partial's signed upload manifest and its payload (the combined
-/// update, dense float32).
+/// update at float64, `dense-f64`).
+///
+/// # Panics
+/// If the partial's update is not finite in float32's range (the leaf's
+/// coordinator forwards none that is not).
 pub fn sign_partial(
     key: &SigningKey,
     p: &Partial,
@@ -462,7 +466,8 @@ pub fn sign_partial(
     chunk_bytes: u32,
     metrics_max: u32,
 ) -> (UploadBegin, Bytes) {
-    let payload = encode_update(Codec::DenseF32, &p.delta);
+    let payload = encode_partial(&p.delta)
+        .unwrap_or_else(|e| panic!("sign_partial precondition violated: {e}"));
     let manifest = UpdateManifest {
         round_id: p.round_id,
         model_version: p.model_version,

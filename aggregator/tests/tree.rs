@@ -1,7 +1,8 @@
 //! A two-level tree of real aggregators over QUIC on loopback (a root,
 //! leaves with their links to it, devices on the real driver): with the
 //! plain sample-weighted mean it publishes the same models as one
-//! aggregator over the same devices, to float tolerance; a leaf that
+//! aggregator over the same devices, to within a float32 ulp (partials
+//! travel at float64); a leaf that
 //! never answers is left out at the root's deadline and the round
 //! publishes with the quorum.
 
@@ -66,8 +67,10 @@ async fn a_tree_publishes_the_models_one_aggregator_publishes() {
             .zip(b)
             .map(|(x, y)| (x - y).abs())
             .fold(0.0f32, f32::max);
+        // Partials travel at float64: the root's mean is one aggregator's
+        // to about 1e-16 before both round it to float32 (measured: 0).
         assert!(
-            diff <= 1e-6,
+            diff <= 1e-7,
             "round {r1}: the tree's model differs from one aggregator's by {diff}"
         );
         largest = largest.max(diff);
@@ -165,7 +168,7 @@ async fn a_silent_leaf_is_left_out_at_the_deadline() {
                 .zip(&expect)
                 .map(|(x, y)| (x - y).abs())
                 .fold(0.0f32, f32::max);
-            assert!(diff <= 1e-6, "round {round_id}: off by {diff}");
+            assert!(diff <= 1e-7, "round {round_id}: off by {diff}");
         }
     }
 }

@@ -1,10 +1,11 @@
 //! A root attacked by its leaves, over real QUIC and TLS: a key that is
 //! no leaf is refused when it authenticates; an allowed leaf's partial
-//! aggregates with the wrong shape, NaN or Inf values, an oversized
-//! announcement, too many devices, too much weight, the wrong base model,
-//! a bad signature, or sent again, each get their typed rejection and
-//! change nothing: the round then publishes exactly the mean of the one
-//! valid partial and an honest leaf's devices.
+//! aggregates with the wrong shape, a values section of the wrong length,
+//! a float32 payload instead of float64, NaN, Inf or values past float32's
+//! range, an oversized announcement, too many devices, too much weight,
+//! the wrong base model, a bad signature, or sent again, each get their
+//! typed rejection and change nothing: the round then publishes exactly
+//! the mean of the one valid partial and an honest leaf's devices.
 
 use bytes::Bytes;
 use fedge_proto::msg::UploadBegin;
@@ -17,17 +18,19 @@ mod treekit;
 use raw::Raw;
 use treekit::{DIM, Wavy, devices, leaf, leaf_key, model, published, root, start};
 
-/// A dense float32 payload of `values`, whatever they are (the stock
+/// A partial's float64 payload of `values`, whatever they are (the stock
 /// encoder refuses non-finite values; an attacker's does not).
-fn payload(values: &[f32]) -> Bytes {
+fn payload(values: &[f64]) -> Bytes {
+    let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    raw_payload(fedge_proto::update::PARTIAL_CODEC, values.len(), data)
+}
+
+/// A payload of `dimension` coordinates in `codec` with `data` as its body.
+fn raw_payload(codec: &str, dimension: usize, data: Vec<u8>) -> Bytes {
     wire::UpdatePayload {
-        codec: "dense-f32".into(),
-        dimension: values.len() as u64,
-        data: values
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect::<Vec<u8>>()
-            .into(),
+        codec: codec.into(),
+        dimension: dimension as u64,
+        data: data.into(),
         seed: 0,
         zstd: false,
     }
@@ -41,11 +44,22 @@ fn partial(
     federation: [u8; 32],
     signer: &SigningKey,
     named: &SigningKey,
+    task: (u64, ModelVersion),
+    values: &[f64],
+    claims: (u32, f64),
+) -> (UploadBegin, Bytes) {
+    signed(federation, signer, named, task, payload(values), claims)
+}
+
+/// `payload` as a partial aggregate, signed as [`partial`] signs one.
+fn signed(
+    federation: [u8; 32],
+    signer: &SigningKey,
+    named: &SigningKey,
     (round_id, version): (u64, ModelVersion),
-    values: &[f32],
+    payload: Bytes,
     (devices, weight): (u32, f64),
 ) -> (UploadBegin, Bytes) {
-    let payload = payload(values);
     let manifest = UpdateManifest {
         round_id,
         model_version: version,
@@ -123,7 +137,7 @@ async fn bad_partials_are_refused_and_change_nothing() {
     let mut a = Raw::authenticated(addr, fp, k).await;
     let task = a.offer().await;
     let fed = a.federation;
-    let ok = vec![0.5f32; DIM];
+    let ok = vec![0.5f64; DIM];
 
     // A device update, not a partial.
     let mut update = partial(fed, k, k, task, &ok, (2, 10.0));
@@ -131,22 +145,39 @@ async fn bad_partials_are_refused_and_change_nothing() {
     update.0.signature = update.0.manifest.sign(k);
     let d = rejected(send(&mut a, &update).await, RejectCode::ProtocolViolation);
     assert!(d.contains("partial aggregates"), "{d}");
-    // Wrong shape.
-    let long = vec![0.5f32; DIM + 1];
+    // Wrong shape, and a values section that does not match it.
+    let long = vec![0.5f64; DIM + 1];
     let m = send(&mut a, &partial(fed, k, k, task, &long, (2, 10.0))).await;
     rejected(m, RejectCode::DimensionMismatch);
-    // NaN and Inf.
-    let mut nan = ok.clone();
-    nan[3] = f32::NAN;
-    let m = send(&mut a, &partial(fed, k, k, task, &nan, (2, 10.0))).await;
-    rejected(m, RejectCode::NonFinite);
-    let mut inf = ok.clone();
-    inf[0] = f32::INFINITY;
-    let m = send(&mut a, &partial(fed, k, k, task, &inf, (2, 10.0))).await;
-    rejected(m, RejectCode::NonFinite);
+    let short = raw_payload(
+        fedge_proto::update::PARTIAL_CODEC,
+        DIM,
+        vec![0; 8 * DIM - 3],
+    );
+    let m = send(&mut a, &signed(fed, k, k, task, short, (2, 10.0))).await;
+    let d = rejected(m, RejectCode::Malformed);
+    assert!(d.contains("partial.values"), "{d}");
+    // A float32 payload: a partial travels at float64 only.
+    let f32s: Vec<u8> = ok.iter().flat_map(|&v| (v as f32).to_le_bytes()).collect();
+    let dense = raw_payload("dense-f32", DIM, f32s);
+    let m = send(&mut a, &signed(fed, k, k, task, dense, (2, 10.0))).await;
+    let d = rejected(m, RejectCode::Malformed);
+    assert!(d.contains("dense-f64"), "{d}");
+    // NaN, Inf, and a value float32 cannot hold.
+    for (i, bad) in [(3, f64::NAN), (0, f64::INFINITY), (5, -1e39)] {
+        let mut values = ok.clone();
+        values[i] = bad;
+        let m = send(&mut a, &partial(fed, k, k, task, &values, (2, 10.0))).await;
+        let d = rejected(m, RejectCode::NonFinite);
+        assert!(d.contains(&format!("index {i}")), "{d}");
+    }
     // An announcement no codec makes for this model: nothing is reserved.
     let mut huge = partial(fed, k, k, task, &ok, (2, 10.0));
     huge.0.manifest.payload_bytes = 100 << 20;
+    huge.0.signature = huge.0.manifest.sign(k);
+    rejected(send(&mut a, &huge).await, RejectCode::TooLarge);
+    // One byte past the largest float64 partial of this model.
+    huge.0.manifest.payload_bytes = fedge_proto::update::partial_payload_bytes_max(DIM as u64) + 1;
     huge.0.signature = huge.0.manifest.sign(k);
     rejected(send(&mut a, &huge).await, RejectCode::TooLarge);
     // More devices than a partial may combine, and more weight than its
@@ -207,14 +238,15 @@ async fn bad_partials_are_refused_and_change_nothing() {
         }
         w += samples as f64;
     }
-    let honest: Vec<f64> = sum.iter().map(|s| f64::from((s / w) as f32)).collect();
+    // The honest leaf's partial travels at float64: its mean as computed.
+    let honest: Vec<f64> = sum.iter().map(|s| s / w).collect();
     let pub_ = published(&mut events);
     assert_eq!(pub_.len(), 1);
     for (i, got) in pub_[0].1.iter().enumerate() {
         let step = ((10.0 * 0.5 + w * honest[i]) / (10.0 + w)) as f32;
         let expect = initial.params.values[i] + step;
         assert!(
-            (got - expect).abs() <= 1e-6,
+            (got - expect).abs() <= 1e-7,
             "parameter {i}: {got} != {expect}"
         );
     }

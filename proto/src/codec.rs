@@ -85,6 +85,7 @@
 
 mod bits;
 pub(crate) mod entropy;
+pub mod partial;
 mod sparse;
 mod spec;
 mod values;
@@ -260,15 +261,7 @@ pub fn decode(
     expected_dimension: usize,
     limits: &Limits,
 ) -> Result<Vec<f32>, ProtoError> {
-    let w = wire::UpdatePayload::decode(bytes)?;
-    Limits::check("update dimension", w.dimension, limits.update_dimension_max)?;
-    Limits::check("update dimension", w.dimension, DIMENSION_MAX)?;
-    if w.dimension != expected_dimension as u64 {
-        return Err(ProtoError::DimensionMismatch {
-            expected: expected_dimension as u64,
-            got: w.dimension,
-        });
-    }
+    let w = envelope(bytes, expected_dimension, limits)?;
     let spec = CodecSpec::parse(&w.codec)?;
     let n = expected_dimension;
     let decompressed;
@@ -291,6 +284,26 @@ pub fn decode(
         "decoders refuse non-finite values"
     );
     Ok(out)
+}
+
+/// An `UpdatePayload` whose dimension is within the limits (checked
+/// before anything of that size is allocated) and `expected_dimension`;
+/// its codec and body not yet looked at.
+fn envelope(
+    bytes: &[u8],
+    expected_dimension: usize,
+    limits: &Limits,
+) -> Result<wire::UpdatePayload, ProtoError> {
+    let w = wire::UpdatePayload::decode(bytes)?;
+    Limits::check("update dimension", w.dimension, limits.update_dimension_max)?;
+    Limits::check("update dimension", w.dimension, DIMENSION_MAX)?;
+    if w.dimension != expected_dimension as u64 {
+        return Err(ProtoError::DimensionMismatch {
+            expected: expected_dimension as u64,
+            got: w.dimension,
+        });
+    }
+    Ok(w)
 }
 
 /// Decode a body (after zstd) into `n` dense values.

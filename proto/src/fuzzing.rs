@@ -98,6 +98,11 @@ pub const TARGETS: &[Target] = &[
         seeds: update_body_seeds,
     },
     Target {
+        name: "partial",
+        run: partial,
+        seeds: partial_seeds,
+    },
+    Target {
         name: "codec_spec",
         run: codec_spec,
         seeds: codec_spec_seeds,
@@ -373,6 +378,45 @@ pub fn check_update(payload: &[u8], dimension: usize) {
     ) {
         assert_eq!(back, values, "lossless codec `{spec}` changed values");
     }
+}
+
+/// A partial aggregate's payload ([`codec::partial`]): bytes 0..2 are
+/// the expected dimension (u16 LE), the rest the payload. An accepted
+/// payload has that many values, finite in float32's range, and its
+/// values re-encode within the bound and decode back bit for bit.
+pub fn partial(data: &[u8]) {
+    let (dim, payload) = split::<2>(data);
+    let dim = usize::from(u16::from_le_bytes(dim));
+    let Ok(values) = codec::partial::decode_partial(payload, dim, &Limits::default()) else {
+        return;
+    };
+    assert_eq!(values.len(), dim);
+    assert!(
+        values
+            .iter()
+            .all(|v| v.is_finite() && (*v as f32).is_finite())
+    );
+    let again = codec::partial::encode_partial(&values).expect("accepted values encode");
+    assert!(again.len() as u64 <= codec::partial::partial_payload_bytes_max(dim as u64));
+    let back = codec::partial::decode_partial(&again, dim, &Limits::default())
+        .expect("own encoding decodes");
+    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&back), bits(&values));
+}
+
+fn partial_seeds() -> Vec<Vec<u8>> {
+    [0usize, 1, 5, 64]
+        .into_iter()
+        .map(|n| {
+            let values: Vec<f64> = sample_delta(n)
+                .iter()
+                .map(|&x| f64::from(x) / 3.0)
+                .collect();
+            let mut seed = (n as u16).to_le_bytes().to_vec();
+            seed.extend_from_slice(&codec::partial::encode_partial(&values).expect("finite"));
+            seed
+        })
+        .collect()
 }
 
 fn sample_delta(n: usize) -> Vec<f32> {

@@ -7,6 +7,9 @@ use bytes::Bytes;
 use crate::codec;
 use crate::{Limits, ProtoError};
 
+pub use crate::codec::partial::{
+    PARTIAL_CODEC, decode_any, decode_partial, encode_partial, partial_payload_bytes_max,
+};
 pub use crate::codec::{CodecSpec, CodecSpecError};
 
 /// The codec a training plan names. Formerly `enum Codec { DenseF32 }`;

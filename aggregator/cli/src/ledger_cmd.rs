@@ -295,7 +295,7 @@ fn recompute(
                 )));
             }
             deltas.push(
-                fedge_proto::update::decode_update(&bytes, dim, &limits)
+                fedge_proto::update::decode_any(&bytes, dim, &limits)
                     .map_err(|err| fail(format!("update payload {}: {err}", path.display())))?,
             );
         }

@@ -450,16 +450,20 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let server_cfg = cfg.server_config()?;
-    let parent = match cfg.parent_link()? {
-        Some(link) => Some((link, fedge_aggregator::uplink::leaf_key(&cfg.state_dir)?)),
-        None => None,
-    };
+    let parent_link = cfg.parent_link()?;
     let limits = server_cfg.coordinator.limits.clone();
     let server_cfg_lora = cfg.plan()?.lora;
-    let identity = TlsIdentity::load_or_create(&cfg.state_dir)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
+        // First the store: it holds the state directory and the database
+        // (a second aggregator on either is refused here, before it
+        // touches anything in them).
         let store = Store::open_with(&cfg.state_dir, &cfg.database).await?;
+        let parent = match parent_link {
+            Some(link) => Some((link, fedge_aggregator::uplink::leaf_key(&cfg.state_dir)?)),
+            None => None,
+        };
+        let identity = TlsIdentity::load_or_create(&cfg.state_dir)?;
         let initial = match store.current_model(&limits)? {
             Some(m) => {
                 tracing::info!(version = %m.version(), "resuming from the state directory's model");

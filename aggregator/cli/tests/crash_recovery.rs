@@ -1,25 +1,48 @@
 //! Kill the real aggregator with SIGKILL in the middle of a round and
 //! restart it: no acknowledged update is lost, the round completes with
 //! them, and its ledger record (with the restored updates' signed-manifest
-//! hashes) verifies with `fedge-aggregator ledger verify`. Once with the
-//! tables in SQLite, once in PostgreSQL (`FEDGE_TEST_PG_URL`, see
-//! `ci/pg.sh`).
+//! hashes) verifies with `fedge-aggregator ledger verify`. One aggregator
+//! per state directory and database: a second is refused while the first
+//! runs, and starts once it is killed. Each once with the tables in
+//! SQLite, once in PostgreSQL (`FEDGE_TEST_PG_URL`, see `ci/pg.sh`).
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 mod procs;
-use procs::{Proc, closed_fleet_config, wait_exit};
+use procs::{
+    Proc, bin, closed_fleet_config, device_succeeded, listening, start_device, wait_exit, wait_for,
+};
 
 use fedge_aggregator::store::{Database, LedgerView, Store, testing};
 use fedge_proto::{Limits, ModelBlob, ParamLayout, Params, TensorSpec};
 
-fn bin(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_fedge-aggregator")).with_file_name(name)
+/// `serve` for one round of three devices on `state` and `database`.
+fn serve(listen: &str, state: &Path, database: &Database, model: &Path) -> Command {
+    let mut c = Command::new(bin("fedge-aggregator"));
+    c.args(["serve", "--listen", listen, "--rounds", "1"])
+        .arg("--config")
+        .arg(closed_fleet_config(
+            state.parent().expect("state has a parent"),
+        ))
+        .args([
+            "--devices-per-round",
+            "3",
+            "--min-devices",
+            "3",
+            "--round-deadline-ms",
+            "120000",
+        ])
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--database")
+        .arg(String::from(database.clone()))
+        .arg("--model")
+        .arg(model)
+        .env("RUST_LOG", "warn");
+    c
 }
 
 fn start_aggregator(
@@ -29,81 +52,25 @@ fn start_aggregator(
     model: &Path,
 ) -> (Proc, String, String) {
     let mut p = Proc(
-        Command::new(bin("fedge-aggregator"))
-            .args(["serve", "--listen", listen, "--rounds", "1"])
-            .arg("--config")
-            .arg(closed_fleet_config(
-                state.parent().expect("state has a parent"),
-            ))
-            .args([
-                "--devices-per-round",
-                "3",
-                "--min-devices",
-                "3",
-                "--round-deadline-ms",
-                "120000",
-            ])
-            .arg("--state-dir")
-            .arg(state)
-            .arg("--database")
-            .arg(String::from(database.clone()))
-            .arg("--model")
-            .arg(model)
-            .env("RUST_LOG", "warn")
+        serve(listen, state, database, model)
             .stdout(Stdio::piped())
             .spawn()
             .unwrap(),
     );
-    let mut lines = BufReader::new(p.0.stdout.take().unwrap()).lines();
-    let (mut addr, mut fp) = (String::new(), String::new());
-    while addr.is_empty() || fp.is_empty() {
-        let line = lines.next().expect("aggregator output").unwrap();
-        if let Some(a) = line.strip_prefix("listening ") {
-            addr = a.into();
-        } else if let Some(f) = line.strip_prefix("fingerprint ") {
-            fp = f.into();
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
+    let (addr, fp) = listening(&mut p);
     (p, addr, fp)
 }
 
-/// A device process and a channel of its log lines.
-fn start_device(addr: &str, fp: &str, state: &Path, value: &str) -> (Proc, mpsc::Receiver<String>) {
-    let mut p = Proc(
-        Command::new(bin("fedge-device"))
-            .args(["run", "--aggregator", addr, "--pin", fp])
-            .arg("--state-dir")
-            .arg(state)
-            .args(["--known-update", value, "--samples", "1"])
-            .args(["--keepalive-ms", "300", "--idle-timeout-ms", "1500"])
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let (tx, rx) = mpsc::channel();
-    let err = p.0.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    (p, rx)
-}
-
-fn wait_for(rx: &mpsc::Receiver<String>, needle: &str, limit: Duration) {
-    let end = Instant::now() + limit;
-    while Instant::now() < end {
-        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100))
-            && line.contains(needle)
-        {
-            return;
-        }
-    }
-    panic!("no `{needle}` within {limit:?}");
+/// Six parameters at 0.5, in `dir/m.fedge`.
+fn model_file(dir: &Path) -> std::path::PathBuf {
+    let model = dir.join("m.fedge");
+    let layout = Arc::new(ParamLayout::new(vec![TensorSpec::new("w", &[6])]).unwrap());
+    let initial = ModelBlob {
+        onnx_graph: Default::default(),
+        params: Params::new(layout, vec![0.5; 6]).unwrap(),
+    };
+    std::fs::write(&model, initial.encode()).unwrap();
+    model
 }
 
 #[test]
@@ -113,10 +80,14 @@ fn sigkill_mid_round_loses_no_acknowledged_update_sqlite() {
 
 #[test]
 fn sigkill_mid_round_loses_no_acknowledged_update_postgres() {
-    let db = tokio::runtime::Runtime::new()
+    sigkill_mid_round_loses_no_acknowledged_update(fresh_postgres("sigkill"));
+}
+
+/// A fresh database on the test server (see `testing::fresh_postgres`).
+fn fresh_postgres(label: &str) -> Database {
+    tokio::runtime::Runtime::new()
         .unwrap()
-        .block_on(testing::fresh_postgres("sigkill"));
-    sigkill_mid_round_loses_no_acknowledged_update(db);
+        .block_on(testing::fresh_postgres(label))
 }
 
 fn sigkill_mid_round_loses_no_acknowledged_update(database: Database) {
@@ -126,13 +97,7 @@ fn sigkill_mid_round_loses_no_acknowledged_update(database: Database) {
         "build the workspace first (cargo test --workspace)"
     );
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("m.fedge");
-    let layout = Arc::new(ParamLayout::new(vec![TensorSpec::new("w", &[6])]).unwrap());
-    let initial = ModelBlob {
-        onnx_graph: Default::default(),
-        params: Params::new(layout, vec![0.5; 6]).unwrap(),
-    };
-    std::fs::write(&model, initial.encode()).unwrap();
+    let model = model_file(dir.path());
     let state = dir.path().join("agg");
 
     let (mut agg, addr, fp) = start_aggregator("127.0.0.1:0", &state, &database, &model);
@@ -153,10 +118,7 @@ fn sigkill_mid_round_loses_no_acknowledged_update(database: Database) {
     );
     let (mut c, _c_log) = start_device(&addr, &fp, &dir.path().join("c"), "3.0");
     for (name, p) in [("a", &mut a), ("b", &mut b), ("c", &mut c)] {
-        let status = wait_exit(p, Duration::from_secs(60));
-        assert!(status.success(), "device {name} exited with {status}");
-        let mut out = String::new();
-        std::io::Read::read_to_string(p.0.stdout.as_mut().unwrap(), &mut out).unwrap();
+        let out = device_succeeded(name, p, Duration::from_secs(60));
         // Had the restarted aggregator forgotten a and b, they would have
         // been selected again and contributed twice.
         assert!(
@@ -226,4 +188,62 @@ fn sigkill_mid_round_loses_no_acknowledged_update(database: Database) {
         let m = ModelBlob::decode(&bytes, &Limits::default()).unwrap();
         assert_eq!(m.params.values, vec![2.5; 6], "device {d}'s final model");
     }
+}
+
+#[test]
+fn one_aggregator_per_state_directory_sqlite() {
+    one_aggregator_per_state_directory(Database::Sqlite);
+}
+
+#[test]
+fn one_aggregator_per_state_directory_postgres() {
+    one_aggregator_per_state_directory(fresh_postgres("state_lock"));
+}
+
+/// While one `serve` runs, a second on its state directory fails at
+/// startup naming the lock file and the first's process id; with
+/// PostgreSQL, so does one on the same database from another state
+/// directory, naming the advisory lock and the first's process. Once the
+/// first is SIGKILLed (the locks die with it), the second starts.
+fn one_aggregator_per_state_directory(database: Database) {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_file(dir.path());
+    let state = dir.path().join("agg");
+    let (mut first, addr, _) = start_aggregator("127.0.0.1:0", &state, &database, &model);
+    let pid = first.0.id();
+    let refused = |state: &Path| -> String {
+        let mut p = Proc(
+            serve("127.0.0.1:0", state, &database, &model)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let status = wait_exit(&mut p, Duration::from_secs(30));
+        let mut err = String::new();
+        std::io::Read::read_to_string(p.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+        assert!(!status.success(), "a second aggregator started: {err}");
+        err
+    };
+    let err = refused(&state);
+    assert!(
+        err.contains("is in use by another aggregator")
+            && err.contains(&state.join("aggregator.lock").display().to_string())
+            && err.contains(&format!("pid {pid}")),
+        "{err}"
+    );
+    if let Database::Postgres(_) = database {
+        let err = refused(&dir.path().join("elsewhere"));
+        assert!(
+            err.contains("advisory lock") && err.contains(&format!("fedge-aggregator pid {pid}")),
+            "{err}"
+        );
+    }
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    let (_second, addr2, _) = start_aggregator(&addr, &state, &database, &model);
+    assert_eq!(
+        addr2, addr,
+        "the second serves from the same state directory"
+    );
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod procs;
-use procs::{Proc, closed_fleet_config, wait_exit};
+use procs::{Proc, closed_fleet_config, read_listening, wait_exit};
 
 use fedge_proto::{Limits, ModelBlob, ParamLayout, Params, TensorSpec};
 
@@ -101,16 +101,7 @@ fn aggregator_and_three_device_processes_complete_two_rounds() {
             .unwrap(),
     );
     let mut lines = BufReader::new(agg.0.stdout.take().unwrap()).lines();
-    let mut addr = String::new();
-    let mut fingerprint = String::new();
-    while addr.is_empty() || fingerprint.is_empty() {
-        let line = lines.next().expect("aggregator output").unwrap();
-        if let Some(a) = line.strip_prefix("listening ") {
-            addr = a.to_string();
-        } else if let Some(f) = line.strip_prefix("fingerprint ") {
-            fingerprint = f.to_string();
-        }
-    }
+    let (addr, fingerprint) = read_listening(&mut lines);
 
     // Known updates: values 0.5, 1.0, 2.0 with 1, 2, 4 samples.
     // Weighted mean per round = (0.5 + 2 + 8) / 7 = 1.5.

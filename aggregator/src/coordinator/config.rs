@@ -118,6 +118,23 @@ pub struct LeafBounds {
 }
 
 impl TreeRole {
+    /// Whether this aggregator takes partial aggregates (a root or a
+    /// middle node) rather than device updates.
+    pub fn takes_partials(&self) -> bool {
+        self.leaves.is_some()
+    }
+
+    /// The largest upload an update of `dim` parameters may announce
+    /// here: a partial's float64 encoding where this aggregator takes
+    /// partials, otherwise the most any device codec makes.
+    pub fn upload_bytes_max(&self, dim: u64) -> u64 {
+        if self.takes_partials() {
+            fedge_proto::update::partial_payload_bytes_max(dim)
+        } else {
+            fedge_proto::codec::payload_bytes_max(dim)
+        }
+    }
+
     fn validate(&self, cfg: &CoordinatorConfig) -> Result<(), String> {
         if let Some(l) = &self.leaves {
             if l.keys.is_empty() {

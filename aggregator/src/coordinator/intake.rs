@@ -8,20 +8,20 @@ use std::time::Instant;
 use bytes::Bytes;
 use fedge_proto::msg::UploadBegin;
 use fedge_proto::sign::VerifyingKey;
-use fedge_proto::{AggMsg, RejectCode, update};
+use fedge_proto::{AggMsg, ProtoError, RejectCode, update};
 
 use super::ledger::{self, Accepted};
 use super::policy::Refusal;
-use super::sessions::device_id;
+use super::sessions::{DeviceKey, device_id};
 use super::transfers::{ChunkOutcome, Upload};
 use super::{Coordinator, DurableUpdate, Event, Output, SessionId};
-use crate::robust::l2_norm;
+use crate::robust::Values;
 
 /// An update that passed every check: its delta (already scaled by its
 /// staleness discount), the participant's weight and stake, and the
 /// discount.
 pub(super) struct Admitted {
-    delta: Vec<f32>,
+    delta: Values,
     raw_weight: f64,
     discount: f64,
     stake: Option<f64>,
@@ -33,12 +33,9 @@ pub(super) struct Admitted {
 /// weights instead would cancel the discount out when every update in a
 /// buffer is equally stale. Here the mean is weighted by the participants'
 /// undiscounted weights (the weighted buffer size) over discounted deltas.
-pub(super) fn discounted(mut delta: Vec<f32>, discount: f64) -> Vec<f32> {
+pub(super) fn discounted(mut delta: Values, discount: f64) -> Values {
     if discount != 1.0 {
-        let d = discount as f32;
-        for v in &mut delta {
-            *v *= d;
-        }
+        delta.scale(discount);
     }
     delta
 }
@@ -86,9 +83,10 @@ impl Coordinator {
             ));
         }
         // The announced size is what the upload buffer may grow to: no
-        // more than any codec can produce for this model.
+        // more than any codec can produce for this model (a partial's
+        // float64 encoding, at a root).
         let dim = self.round.combiner.dimension() as u64;
-        let max = fedge_proto::codec::payload_bytes_max(dim);
+        let max = self.cfg.tree.upload_bytes_max(dim);
         if m.payload_bytes > max {
             return Err((
                 RejectCode::TooLarge,
@@ -231,11 +229,11 @@ impl Coordinator {
                 "payload does not match the signed hash".into(),
             ));
         }
-        let delta =
-            update::decode_update(&u.data, self.round.combiner.dimension(), &self.cfg.limits)
-                .map_err(|e| (e.reject_code(), e.to_string()))?;
+        let delta = self
+            .decode_delta(&u.data)
+            .map_err(|e| (e.reject_code(), e.to_string()))?;
         if let Some(bound) = self.cfg.update_norm_max {
-            let norm = l2_norm(&delta);
+            let norm = delta.norm();
             if norm > bound {
                 let detail = format!("update norm {norm:.4} exceeds the bound {bound}");
                 return Err((RejectCode::NormBound, detail));
@@ -270,6 +268,72 @@ impl Coordinator {
             )),
             Err(e) => Err((RejectCode::NotSelected, e.to_string())),
         }
+    }
+
+    /// An update payload's values: a partial aggregate's at float64 where
+    /// this aggregator takes partials (a root), a device's otherwise.
+    pub(super) fn decode_delta(&self, payload: &[u8]) -> Result<Values, ProtoError> {
+        let dim = self.round.combiner.dimension();
+        let limits = &self.cfg.limits;
+        Ok(if self.cfg.tree.takes_partials() {
+            Values::F64(update::decode_partial(payload, dim, limits)?)
+        } else {
+            Values::F32(update::decode_update(payload, dim, limits)?)
+        })
+    }
+
+    /// Put back an update that was acknowledged before a restart. Its
+    /// device counts as having contributed to the open round.
+    pub fn restore_update(&mut self, now: Instant, u: DurableUpdate) -> Result<(), String> {
+        if self.leaf.awaiting {
+            // A leaf's round opens when its parent offers it again.
+            self.leaf.restored.push(u);
+            return Ok(());
+        }
+        self.tick(now);
+        if u.round_id != self.round.id {
+            return Err(format!(
+                "update for round {}, open round is {}",
+                u.round_id, self.round.id
+            ));
+        }
+        let key: DeviceKey = hex::decode(&u.device)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| format!("bad device id `{}`", u.device))?;
+        let delta = self.decode_delta(&u.payload).map_err(|e| e.to_string())?;
+        if !(u.discount > 0.0
+            && u.discount <= 1.0
+            && u.raw_weight > 0.0
+            && u.raw_weight.is_finite())
+        {
+            return Err(format!(
+                "update of device {} has weight {} and discount {}",
+                u.device, u.raw_weight, u.discount
+            ));
+        }
+        let view = self.round_view();
+        self.policy
+            .on_restored(key, u.task_round, u.model_version, u.payload_hash, &view)?;
+        let delta = discounted(delta, u.discount);
+        let held = self.held(u.manifest_hash, u.payload_hash, &delta, u.sample_count);
+        self.round.combiner.add_values(delta, u.raw_weight);
+        self.sessions.note_known(key);
+        self.round.book.record(
+            u.round_id,
+            Accepted {
+                device: u.device,
+                stake: u.stake,
+                samples: u.sample_count,
+                raw_weight: u.raw_weight,
+                metrics: u.metrics,
+                held,
+            },
+        );
+        if self.round.combiner.count() >= self.cfg.devices_per_round {
+            self.close_round(now);
+        }
+        Ok(())
     }
 
     /// A sample count is the device's claim. With a fixed number of local
@@ -318,7 +382,7 @@ impl Coordinator {
             payload: Bytes::from(u.data),
         })));
         let held = self.held(manifest_hash, m.payload_hash, &delta, m.sample_count);
-        self.round.combiner.add(delta, raw_weight);
+        self.round.combiner.add_values(delta, raw_weight);
         self.leaf.devices += m.partial.map_or(1, |p| u64::from(p.devices));
         self.round.book.record(
             self.round.id,

@@ -64,9 +64,7 @@ use std::time::Instant;
 
 use fedge_proto::msg::TaskOffer;
 use fedge_proto::sign::VerifyingKey;
-use fedge_proto::{
-    AggMsg, DeviceMsg, Limits, ModelBlob, ModelVersion, ProtoError, RejectCode, update,
-};
+use fedge_proto::{AggMsg, DeviceMsg, Limits, ModelBlob, ModelVersion, ProtoError, RejectCode};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -74,9 +72,9 @@ use crate::robust::Combiner;
 use crate::scoring::Evaluator;
 use crate::strategy::Strategy;
 use crate::weighting::StakeRegistry;
-use ledger::{Accepted, RoundBook};
+use ledger::RoundBook;
 use policy::{RoundPolicy, RoundView, Synchronous, TaskDecision};
-use sessions::{DeviceKey, SessionState, SessionTable, device_id};
+use sessions::{SessionState, SessionTable, device_id};
 use transfers::TransferManager;
 
 /// Identifies one connection (assigned by the driver).
@@ -173,7 +171,7 @@ impl Coordinator {
             .map_err(|e| e.to_string())?;
         let version = ModelVersion::of(&blob);
         let dim = initial.params.values.len();
-        let largest_upload = fedge_proto::codec::payload_bytes_max(dim as u64);
+        let largest_upload = cfg.tree.upload_bytes_max(dim as u64);
         if cfg.uploads_in_flight_bytes_max < largest_upload {
             return Err(format!(
                 "uploads_in_flight_bytes_max ({}) is below the largest upload of this model's \
@@ -273,65 +271,6 @@ impl Coordinator {
 
     pub fn strategy_name(&self) -> String {
         self.policy.describe(&self.strategy.name())
-    }
-
-    /// Put back an update that was acknowledged before a restart. Its
-    /// device counts as having contributed to the open round.
-    pub fn restore_update(&mut self, now: Instant, u: DurableUpdate) -> Result<(), String> {
-        if self.leaf.awaiting {
-            // A leaf's round opens when its parent offers it again.
-            self.leaf.restored.push(u);
-            return Ok(());
-        }
-        self.tick(now);
-        if u.round_id != self.round.id {
-            return Err(format!(
-                "update for round {}, open round is {}",
-                u.round_id, self.round.id
-            ));
-        }
-        let key: DeviceKey = hex::decode(&u.device)
-            .ok()
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| format!("bad device id `{}`", u.device))?;
-        let delta = update::decode_update(
-            &u.payload,
-            self.round.combiner.dimension(),
-            &self.cfg.limits,
-        )
-        .map_err(|e| e.to_string())?;
-        if !(u.discount > 0.0
-            && u.discount <= 1.0
-            && u.raw_weight > 0.0
-            && u.raw_weight.is_finite())
-        {
-            return Err(format!(
-                "update of device {} has weight {} and discount {}",
-                u.device, u.raw_weight, u.discount
-            ));
-        }
-        let view = self.round_view();
-        self.policy
-            .on_restored(key, u.task_round, u.model_version, u.payload_hash, &view)?;
-        let delta = intake::discounted(delta, u.discount);
-        let held = self.held(u.manifest_hash, u.payload_hash, &delta, u.sample_count);
-        self.round.combiner.add(delta, u.raw_weight);
-        self.sessions.note_known(key);
-        self.round.book.record(
-            u.round_id,
-            Accepted {
-                device: u.device,
-                stake: u.stake,
-                samples: u.sample_count,
-                raw_weight: u.raw_weight,
-                metrics: u.metrics,
-                held,
-            },
-        );
-        if self.round.combiner.count() >= self.cfg.devices_per_round {
-            self.close_round(now);
-        }
-        Ok(())
     }
 
     // ------------------------------------------------------------ getters

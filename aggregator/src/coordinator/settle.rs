@@ -7,6 +7,7 @@
 
 use super::ledger::Held;
 use super::{Contribution, Coordinator, Event, SettledEntry, Settlement};
+use crate::robust::Values;
 use crate::scoring::{self, RoundScores, UpdateScore};
 
 impl Coordinator {
@@ -16,13 +17,17 @@ impl Coordinator {
         &self,
         manifest_hash: [u8; 32],
         payload_hash: [u8; 32],
-        delta: &[f32],
+        delta: &Values,
         sample_count: u64,
     ) -> Held {
         Held {
             manifest_hash,
             payload_hash,
-            delta: self.evaluator.is_some().then(|| delta.to_vec()),
+            // Scored at float32 (a partial rounded).
+            delta: self
+                .evaluator
+                .is_some()
+                .then(|| delta.to_f32().into_owned()),
             examples: scoring::training_examples(
                 &self.cfg.plan,
                 self.samples_counted(sample_count),

@@ -49,8 +49,10 @@ pub struct Partial {
     /// The model the devices trained (the parent's, for that round).
     pub model_version: ModelVersion,
     /// The combined update (the devices' weighted mean delta, or what the
-    /// configured robust combiner made of them).
-    pub delta: Vec<f32>,
+    /// configured robust combiner made of them), at float64: it travels
+    /// so (`dense-f64`), and the parent's mean over partials is then one
+    /// aggregator's over their devices to well under a float32 ulp.
+    pub delta: Vec<f64>,
     /// Sum of the combined updates' final weights (after share caps).
     pub total_weight: f64,
     /// Devices under this partial (a middle node counts its leaves').
@@ -234,9 +236,10 @@ impl Coordinator {
             let combined = self
                 .round
                 .combiner
-                .finish(self.cfg.weights.max_share)
+                .finish_f64(self.cfg.weights.max_share)
                 .expect("accepted >= 1");
-            if let Some(i) = combined.delta.iter().position(|v| !v.is_finite()) {
+            let broken = |v: &f64| !(v.is_finite() && (*v as f32).is_finite());
+            if let Some(i) = combined.delta.iter().position(broken) {
                 // Never forward a broken aggregate (as a root never
                 // publishes one): the round is given up instead.
                 let detail = format!("the combined update is not finite at parameter {i}");

@@ -472,6 +472,8 @@ impl Server {
         tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle())
             .await
             .ok();
+        // The state directory and database are free for the next run.
+        store.close().await;
         Ok(report)
     }
 }

@@ -22,6 +22,52 @@ macro_rules! on_both_stores {
     };
 }
 
+on_both_stores!(one_store_per_state_directory_and_database, "state_lock");
+
+/// A store holds its state directory (and its PostgreSQL database) while
+/// it lives: a second store of the directory is refused, naming the lock
+/// file and its holder (this process); with PostgreSQL, so is a store of
+/// another directory on the same database, naming the advisory lock and
+/// its holder. Closed, or only dropped, the first lets the next one open.
+async fn one_store_per_state_directory_and_database(db: Database) {
+    let dir = tempfile::tempdir().unwrap();
+    let pid = format!("pid {}", std::process::id());
+    let first = Store::open_with(dir.path(), &db).await.unwrap();
+    let e = Store::open_with(dir.path(), &db).await.err().unwrap();
+    match &e {
+        StoreError::StateDirInUse { lock, holder, .. } => {
+            assert_eq!(lock, &dir.path().join(LOCK_FILE));
+            assert_eq!(holder, &pid);
+        }
+        other => panic!("expected the state directory in use, got {other:?}"),
+    }
+    let msg = e.to_string();
+    assert!(
+        msg.contains("in use by another aggregator") && msg.contains(LOCK_FILE),
+        "{msg}"
+    );
+    if let Database::Postgres(_) = db {
+        let elsewhere = tempfile::tempdir().unwrap();
+        let e = Store::open_with(elsewhere.path(), &db).await.err().unwrap();
+        assert!(matches!(e, StoreError::DatabaseInUse { .. }), "{e:?}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("advisory lock") && msg.contains(&format!("fedge-aggregator {pid}")),
+            "{msg}"
+        );
+    }
+    first.close().await;
+    let second = Store::open_with(dir.path(), &db).await.unwrap();
+    // Dropped without closing (an aggregator task aborted): free again,
+    // the database once its server has ended the session.
+    drop(second);
+    Store::open_with(dir.path(), &db)
+        .await
+        .unwrap()
+        .close()
+        .await;
+}
+
 on_both_stores!(aborted_rounds_are_never_reused, "aborted_rounds");
 
 /// An aborted round moves the resume point past it, across a reopen,
@@ -32,7 +78,7 @@ async fn aborted_rounds_are_never_reused(db: Database) {
     assert_eq!(store.resume_point().next_round_id, 1);
     store.skip_round(1).await.unwrap();
     store.skip_round(2).await.unwrap();
-    store.db.pool.close().await;
+    store.close().await;
     let store = Store::open_with(dir.path(), &db).await.unwrap();
     let resume = store.resume_point();
     assert_eq!(resume.next_round_id, 3);
@@ -130,7 +176,7 @@ async fn ratings_are_moving_averages_kept_with_the_ledger(db: Database) {
         .publish(1, ModelVersion([1; 32]), b"m1")
         .await
         .unwrap();
-    store.db.pool.close().await;
+    store.close().await;
     let mut store = Store::open_with(dir.path(), &db).await.unwrap();
     let mut s2 = settlement(
         2,
@@ -220,7 +266,7 @@ async fn held_penalties_survive_a_crash_until_recorded(db: Database) {
     store.hold_penalty(&copy).await.unwrap();
     // Held twice (a replayed event): still one.
     store.hold_penalty(&equivocation).await.unwrap();
-    store.db.pool.close().await;
+    store.close().await;
     let mut store = Store::open_with(dir.path(), &db).await.unwrap();
     let pending = store.pending_penalties().await.unwrap();
     assert_eq!(pending.len(), 2, "{pending:?}");
@@ -292,7 +338,7 @@ async fn updates_and_contributions_round_trip(db: Database) {
             .await
             .unwrap();
     }
-    store.db.pool.close().await;
+    store.close().await;
     let store = Store::open_with(dir.path(), &db).await.unwrap();
     let mut got = store.round_updates(7).await.unwrap();
     got.sort_by(|x, y| x.device.cmp(&y.device));
@@ -344,7 +390,7 @@ async fn a_newer_schema_is_refused(db: Database) {
         .execute(&store.db.pool)
         .await
         .unwrap();
-    store.db.pool.close().await;
+    store.close().await;
     for e in [
         Store::open_with(dir.path(), &db).await.err().unwrap(),
         LedgerView::open_with(dir.path(), &db).await.err().unwrap(),
@@ -409,7 +455,7 @@ async fn corrupt_rows_are_typed_errors(db: Database) {
         matches!(&e, StoreError::Ledger(m) if m.contains("not hex")),
         "{e:?}"
     );
-    store.db.pool.close().await;
+    store.close().await;
     let e = Store::open_with(dir.path(), &db).await.err().unwrap();
     assert!(e.to_string().contains(&db.label(dir.path())), "{e}");
 }
@@ -421,13 +467,7 @@ async fn corrupt_rows_are_typed_errors(db: Database) {
 async fn a_database_of_another_state_directory_is_refused_postgres() {
     let db = testing::fresh_postgres("foreign").await;
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    Store::open_with(a.path(), &db)
-        .await
-        .unwrap()
-        .db
-        .pool
-        .close()
-        .await;
+    Store::open_with(a.path(), &db).await.unwrap().close().await;
     let e = Store::open_with(b.path(), &db).await.err().unwrap();
     assert!(matches!(e, StoreError::ForeignDatabase { .. }), "{e:?}");
     // Its own directory still opens it.

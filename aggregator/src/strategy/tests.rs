@@ -1,4 +1,5 @@
 use super::*;
+use crate::robust::l2_norm;
 
 fn combined(d: &[f32]) -> Combined {
     Combined::one(d)
