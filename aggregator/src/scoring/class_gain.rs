@@ -36,7 +36,11 @@
 //! moves the per-class losses further in both directions, so without the
 //! cap scaling an update up would raise its score.
 //!
-//! **What it does not catch.** Random noise gains a little on some
+//! **What it does not catch.** Near convergence an update and its
+//! negation move the per-class losses by about the same amounts, so the
+//! score cannot tell a sign-flipped honest update from the original there
+//! (in the README's run sign-flippers were paid in 2 of 11 participations;
+//! the combiner bounds what they do to the model). Random noise gains a little on some
 //! classes by chance and may score above zero, an exact copy scores what
 //! its original does, and a zero update scores zero: noise, copies and
 //! free-riders are caught by their flags (`noise`, `copy_of`,
