@@ -11,12 +11,13 @@
 //! `class-gain` ([`class_gain`]), sums what that step gains on each class
 //! it improves, less a tenth of what it loses on the others, on per-class
 //! losses taken after refitting the class priors: near convergence an
-//! honest update from a skewed (non-IID) shard lowers the loss of its own classes and raises the others', which the
-//! round's other updates cancel, so `direct`, `loss(model) - loss(model +
-//! (lr / n) x delta)`, scores a fifth to a third of honest participations
-//! at or below zero on Dirichlet(0.5) MNIST, and `class-gain` almost none. The
-//! other methods ([`ScoreMethod`]) are kept for comparison and for models
-//! that are not classifiers. Scores are evaluated on a validation sample
+//! honest update from a skewed (non-IID) shard lowers the loss of its own
+//! classes and raises the others', which the round's other updates cancel,
+//! so `direct`, `loss(model) - loss(model + (lr / n) x delta)`, scores a
+//! fifth to a third of honest participations at or below zero on
+//! Dirichlet(0.5) MNIST, and `class-gain` almost none. The other methods
+//! ([`ScoreMethod`]) are kept for comparison and for models that are not
+//! classifiers. Scores are evaluated on a validation sample
 //! of `validation_samples` examples drawn from the operator's validation
 //! set with a seed derived from the configured seed, the round and the
 //! model ([`scoring_seed`], [`validation_indices`]). Everything is
@@ -30,12 +31,15 @@
 //! update of the same round is at least `copy_cosine_min` is a copy; one
 //! whose L2 norm is below `free_rider_norm_ratio` times the round's median
 //! norm is a free-rider (a zero or token update); one whose cosine with
-//! the sum of the round's other updates is within
-//! `noise_sigmas / sqrt(dimension)` of zero, and with each of them that is
-//! neither a free-rider nor a copy of it within twice that, is noise (a random direction is
-//! nearly orthogonal to everything in high dimension; honest updates of
-//! one model are not: near convergence the others' sum may cancel out, but
-//! some other update of the round shares directions with an honest one).
+//! the sum of the round's other updates is within `noise_sigmas /
+//! sqrt(dimension)` of zero, and with each of them that is neither a
+//! free-rider nor a copy of it within twice that, is noise (a random
+//! direction is nearly orthogonal to everything in high dimension; honest
+//! updates of one model are not: near convergence the others' sum may
+//! cancel out, but some other update of the round shares directions with
+//! an honest one). An update that repeats one of an earlier round is a
+//! free-rider too ([`replay`], flagged by the coordinator, which keeps the
+//! history).
 //! Flagged and unscored updates earn nothing.
 //!
 //! **Rewards.** The round's pool is split by `f(stake) x max(score, 0)`
@@ -45,8 +49,8 @@
 //! device's claim, play no part: nothing a device says raises its reward.
 //!
 //! **Cost.** Scoring runs `(1 + n) x validation_samples` forward passes
-//! for `n` updates (`class-gain` and `direct`; `2 + n` for `leave-one-out` and `marginal`,
-//! `2 + 2n` for `shapley`); training ran about `3 x` (forward and backward, the
+//! for `n` updates (`class-gain` and `direct`; `2 + n` for `leave-one-out`
+//! and `marginal`, `2 + 2n` for `shapley`); training ran about `3 x` (forward and backward, the
 //! usual estimate of training at three forward passes, e.g. Kaplan et al.
 //! 2020, "Scaling Laws for Neural Language Models", §2.1) the samples the
 //! round's plan trains on, estimated as `n` times the median device's
@@ -133,9 +137,8 @@ pub struct ScoringConfig {
     /// An update whose cosine similarity to the sum of the round's other
     /// updates is within `noise_sigmas / sqrt(dimension)` of zero, and to
     /// each of them that is neither a free-rider nor a copy of it within
-    /// twice that, is noise:
-    /// a random direction has cosine about `N(0, 1/dimension)` with any
-    /// fixed vector, while honest updates of one model share its loss
+    /// twice that, is noise: a random direction has cosine about `N(0,
+    /// 1/dimension)` with any fixed vector, while honest updates of one model share its loss
     /// landscape and are aligned with the others, or (a skewed shard)
     /// against them, far beyond that (0: no noise flag; meaningful for
     /// models of thousands of parameters and more).
