@@ -7,10 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
-use sha2::{Digest, Sha256};
+use fedge_proto::tls::{Pin, PinVerifier};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 pub const ALPN: &[u8] = b"fedge/1";
 const CERT_FILE: &str = "aggregator.cert.der";
@@ -43,7 +41,7 @@ pub struct TlsIdentity {
 impl TlsIdentity {
     /// SHA-256 of the certificate: what devices pin.
     pub fn fingerprint(&self) -> [u8; 32] {
-        Sha256::digest(self.cert.as_ref()).into()
+        fedge_proto::tls::fingerprint(self.cert.as_ref())
     }
 
     /// [`TlsIdentity::fingerprint`] in hex.
@@ -116,10 +114,7 @@ pub fn client_config(
     idle_timeout: Duration,
 ) -> Result<quinn::ClientConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = Arc::new(PinVerifier {
-        pin,
-        provider: Arc::clone(&provider),
-    });
+    let verifier = Arc::new(PinVerifier::new(ParentPin(pin), Arc::clone(&provider)));
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?
@@ -139,61 +134,21 @@ pub fn client_config(
     Ok(cfg)
 }
 
-/// Accepts exactly one certificate, by fingerprint.
+/// Accepts exactly one certificate: the parent's, by fingerprint.
 #[derive(Debug)]
-struct PinVerifier {
-    pin: [u8; 32],
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
+struct ParentPin([u8; 32]);
 
-impl ServerCertVerifier for PinVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let got: [u8; 32] = Sha256::digest(end_entity.as_ref()).into();
-        if got == self.pin {
-            Ok(ServerCertVerified::assertion())
+impl Pin for ParentPin {
+    fn check(&self, got: [u8; 32]) -> Result<(), rustls::Error> {
+        if got == self.0 {
+            Ok(())
         } else {
             Err(rustls::Error::General(format!(
                 "parent certificate fingerprint {} does not match the pinned {}",
                 hex::encode(got),
-                hex::encode(self.pin)
+                hex::encode(self.0)
             )))
         }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not accepted".into()))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
     }
 }
 

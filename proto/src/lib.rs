@@ -43,6 +43,8 @@ pub mod msg;
 pub mod params;
 pub mod secagg;
 pub mod sign;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod update;
 
 /// Generated prost code. Domain code uses [`msg`] instead.

@@ -6,11 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
-use sha2::{Digest, Sha256};
+use fedge_proto::tls::{Pin, PinVerifier};
 
 /// ALPN protocol id spoken by fedge.
 pub const ALPN: &[u8] = b"fedge/1";
@@ -47,30 +43,21 @@ pub fn parse_fingerprint(s: &str) -> Result<[u8; 32], TransportError> {
         .ok_or_else(|| TransportError::BadFingerprint(s.trim().to_string()))
 }
 
-pub fn fingerprint(cert_der: &[u8]) -> [u8; 32] {
-    Sha256::digest(cert_der).into()
-}
+pub use fedge_proto::tls::fingerprint;
 
+/// The aggregator's pin: fixed, or taken from the first certificate seen
+/// and stored at `store` (trust on first use).
 #[derive(Debug)]
-struct PinVerifier {
+struct DevicePin {
     pin: Mutex<Option<[u8; 32]>>,
     store: Option<PathBuf>,
-    provider: Arc<CryptoProvider>,
 }
 
-impl ServerCertVerifier for PinVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let got = fingerprint(end_entity.as_ref());
+impl Pin for DevicePin {
+    fn check(&self, got: [u8; 32]) -> Result<(), rustls::Error> {
         let mut pin = self.pin.lock().expect("pin lock");
         match *pin {
-            Some(p) if p == got => Ok(ServerCertVerified::assertion()),
+            Some(p) if p == got => Ok(()),
             Some(p) => Err(rustls::Error::General(format!(
                 "aggregator certificate fingerprint {} does not match the pinned {}",
                 hex::encode(got),
@@ -86,38 +73,9 @@ impl ServerCertVerifier for PinVerifier {
                     "trust on first use: pinned the aggregator's certificate"
                 );
                 *pin = Some(got);
-                Ok(ServerCertVerified::assertion())
+                Ok(())
             }
         }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not accepted".into()))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
     }
 }
 
@@ -156,11 +114,13 @@ pub fn client_config(
             }
         },
     };
-    let verifier = Arc::new(PinVerifier {
-        pin: Mutex::new(pin),
-        store,
-        provider: Arc::clone(&provider),
-    });
+    let verifier = Arc::new(PinVerifier::new(
+        DevicePin {
+            pin: Mutex::new(pin),
+            store,
+        },
+        Arc::clone(&provider),
+    ));
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TransportError::Tls(e.to_string()))?
