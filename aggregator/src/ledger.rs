@@ -21,7 +21,8 @@ use std::path::{Path, PathBuf};
 
 use fedge_proto::evidence::Equivocation;
 use fedge_proto::ledger::{
-    self, LedgerEntry, LedgerError, LedgerPenalty, LedgerRecord, RewardProof, inclusion_proof,
+    self, LedgerEntry, LedgerError, LedgerPenalty, LedgerRecord, LedgerStaleness, RewardProof,
+    StaleEntry, inclusion_proof,
 };
 use fedge_proto::sign::{SigningKey, VerifyingKey};
 use fedge_proto::{Limits, ModelVersion, ProtoError, RejectCode};
@@ -147,22 +148,36 @@ pub fn build_record(
         .entries
         .iter()
         .map(|e| {
-            Ok(LedgerEntry {
-                device: device_bytes(&e.device)?,
-                manifest_hash: e.manifest_hash,
-                payload_hash: e.payload_hash,
-                stake: e.stake.filter(|x| x.is_finite()).unwrap_or(0.0),
-                weight: if e.weight.is_finite() { e.weight } else { 0.0 },
-                score: e.score.filter(|x| x.is_finite()).unwrap_or(0.0),
-                flags: e.flags(),
-                reward: e.reward,
-            })
+            Ok((
+                LedgerEntry {
+                    device: device_bytes(&e.device)?,
+                    manifest_hash: e.manifest_hash,
+                    payload_hash: e.payload_hash,
+                    stake: e.stake.filter(|x| x.is_finite()).unwrap_or(0.0),
+                    weight: if e.weight.is_finite() { e.weight } else { 0.0 },
+                    score: e.score.filter(|x| x.is_finite()).unwrap_or(0.0),
+                    flags: e.flags(),
+                    reward: e.reward,
+                },
+                (e.task_round, e.discount),
+            ))
         })
         .collect::<Result<Vec<_>, String>>()?;
-    entries.sort_by_key(|e| e.device);
-    if entries.windows(2).any(|w| w[0].device == w[1].device) {
+    entries.sort_by_key(|(e, _)| e.device);
+    if entries.windows(2).any(|w| w[0].0.device == w[1].0.device) {
         return Err(format!("round {} settles one device twice", s.round_id));
     }
+    let stale: Vec<StaleEntry> = entries
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, (task, _)))| *task < s.round_id)
+        .map(|(i, &(_, (task_round, discount)))| StaleEntry {
+            entry: i as u32,
+            task_round,
+            discount,
+        })
+        .collect();
+    let entries: Vec<LedgerEntry> = entries.into_iter().map(|(e, _)| e).collect();
     let penalties = s
         .penalties
         .iter()
@@ -201,6 +216,10 @@ pub fn build_record(
         penalties,
         reward_root: [0; 32],
         evaluation: s.evaluation.as_ref().and_then(ledger_evaluation),
+        staleness: (!stale.is_empty()).then_some(LedgerStaleness {
+            exponent: s.staleness_exponent,
+            entries: stale,
+        }),
     };
     r.reward_root = r.compute_reward_root();
     if r.evaluation.is_some() && LedgerRecord::decode(&r.encode()).is_err() {
@@ -346,6 +365,9 @@ pub fn verify_chain(
             ))
         })?;
         check_rewards(&r).map_err(fail)?;
+        if let Some(st) = &r.staleness {
+            st.check_discounts(r.round_id).map_err(fail)?;
+        }
         if let Some(p) = out.last() {
             if r.round_id <= p.round_id {
                 return Err(fail(format!(
@@ -474,8 +496,9 @@ pub fn proof_json(p: &RewardProof, signed: &StoredRecord) -> serde_json::Value {
 
 /// Recomputes the scores of record `r` from the model its round started
 /// from (`model_before`), the round's updates (`deltas`, decoded, in entry
-/// order) and the validation set behind `evaluator`, as the aggregator
-/// computed them ([`crate::scoring::score_round`] with the record's seed,
+/// order, each scaled by its staleness discount as the aggregator scaled
+/// it before combining) and the validation set behind `evaluator`, as the
+/// aggregator computed them ([`crate::scoring::score_round`] with the record's seed,
 /// sample size, method and server learning rate). Unscored entries are
 /// skipped. Scores must agree to a relative 1e-9 (the leave-one-out sum
 /// adds updates in another order than the aggregator did). Returns how
@@ -511,7 +534,20 @@ pub fn recompute_scores(
         },
         ..ScoringConfig::default()
     };
-    let refs: Vec<&[f32]> = deltas.iter().map(Vec::as_slice).collect();
+    // A stale update was scaled at float32, as `Values::scale` does.
+    let scaled: Vec<std::borrow::Cow<'_, [f32]>> = deltas
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let s = r.staleness.as_ref().map_or(1.0, |st| st.discount_of(i)) as f32;
+            if s == 1.0 {
+                std::borrow::Cow::Borrowed(d.as_slice())
+            } else {
+                std::borrow::Cow::Owned(d.iter().map(|x| x * s).collect())
+            }
+        })
+        .collect();
+    let refs: Vec<&[f32]> = scaled.iter().map(|d| &**d).collect();
     let scores = score_round(
         &cfg,
         Some(evaluator),
@@ -662,6 +698,7 @@ mod tests {
             penalties: vec![],
             reward_root: [0; 32],
             evaluation: None,
+            staleness: None,
         };
         // sqrt(4) x 0.3 = 0.6, 0.3, 0, 0 (flagged), 0.2: shares capped at 0.5.
         let w = [0.6, 0.3, 0.0, 0.0, 0.2];

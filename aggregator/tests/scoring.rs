@@ -410,3 +410,87 @@ fn equivocation_is_a_penalty_with_checkable_evidence_and_slashes_stake() {
         assert!(sim.rejections().contains(&fedge_proto::RejectCode::Replay));
     }
 }
+
+/// FedBuff: a stale update is scored as it was combined, scaled by its
+/// staleness discount; its ledger record says by how much and for which
+/// task, so a verifier recomputes its score too (and cannot without it).
+#[test]
+fn stale_fedbuff_updates_are_recomputable_from_their_records() {
+    use fedge_aggregator::ledger;
+    use fedge_aggregator::strategy::BufferedSpec;
+    use fedge_proto::ledger::LedgerRecord;
+    use fedge_proto::{Limits, ModelBlob};
+    for seed in SEEDS {
+        let mut c = CoordinatorConfig {
+            devices_per_round: 4,
+            min_devices: 4,
+            rounds: 4,
+            versions_kept: 4,
+            ..cfg()
+        };
+        c.strategy.buffered = Some(BufferedSpec {
+            max_staleness: 3,
+            staleness_exponent: 0.5,
+            concurrency: Some(7),
+        });
+        let eval = || Quadratic {
+            target: target(),
+            n: 200,
+        };
+        let mut sim = Sim::new(seed, c, NetConfig::default(), fleet(seed));
+        sim.coord.set_evaluator(Box::new(eval()));
+        sim.run_to_end(Duration::from_secs(600));
+        let limits = Limits::default();
+        let mut models = vec![sim::model(DIM)];
+        let mut published = Vec::new();
+        for e in &sim.events {
+            if let Event::ModelPublished { round_id, blob, .. } = e {
+                let m = ModelBlob::decode(blob, &limits).unwrap();
+                published.push((*round_id, m.version()));
+                models.push(m);
+            }
+        }
+        let (mut prev, mut stale) = ([0u8; 32], 0);
+        let settled = settlements(&sim);
+        assert_eq!(settled.len(), 4, "seed {seed}");
+        for (i, s) in settled.iter().enumerate() {
+            let after = published.iter().find(|p| p.0 == s.round_id).unwrap().1;
+            let r = ledger::build_record(i as u64 + 1, prev, s, after).unwrap();
+            let r = LedgerRecord::decode(&r.encode()).unwrap();
+            prev = r.hash();
+            if let Some(st) = &r.staleness {
+                st.check_discounts(r.round_id).unwrap();
+                stale += st.entries.len();
+            }
+            let before = &models
+                .iter()
+                .find(|m| m.version().0 == r.model_before)
+                .unwrap()
+                .params
+                .values;
+            let deltas: Vec<Vec<f32>> = r
+                .entries
+                .iter()
+                .map(|e| {
+                    let u = sim
+                        .kept
+                        .iter()
+                        .find(|u| u.payload_hash == e.payload_hash && u.round_id == r.round_id)
+                        .unwrap();
+                    fedge_proto::update::decode_any(&u.payload, DIM, &limits).unwrap()
+                })
+                .collect();
+            let checked = ledger::recompute_scores(&r, before, &deltas, &mut eval()).unwrap();
+            assert_eq!(checked, r.entries.len(), "seed {seed} round {}", r.round_id);
+            if r.staleness.is_some() {
+                let bare = LedgerRecord {
+                    staleness: None,
+                    ..r.clone()
+                };
+                let err = ledger::recompute_scores(&bare, before, &deltas, &mut eval());
+                assert!(err.is_err(), "seed {seed}: scored undiscounted");
+            }
+        }
+        assert!(stale > 0, "seed {seed}: no stale update to check");
+    }
+}

@@ -132,6 +132,11 @@ pub const TARGETS: &[Target] = &[
         run: secagg_agg_msg,
         seeds: secagg_agg_msg_seeds,
     },
+    Target {
+        name: "ledger_record",
+        run: ledger_record,
+        seeds: ledger_record_seeds,
+    },
 ];
 
 /// The target named `name`.
@@ -647,6 +652,84 @@ pub use secagg::{
     secagg_agg_msg, secagg_agg_msg_samples, secagg_device_msg, secagg_device_msg_samples,
 };
 use secagg::{secagg_agg_msg_seeds, secagg_device_msg_seeds};
+
+// ---------------------------------------------------------------- ledger
+
+/// A ledger record ([`crate::ledger::LedgerRecord`], formats 2 to 4). The
+/// decoder is total: what it accepts encodes back to the same bytes.
+pub fn ledger_record(data: &[u8]) {
+    use crate::ledger::LedgerRecord;
+    let Ok(r) = LedgerRecord::decode(data) else {
+        return;
+    };
+    assert_eq!(r.encode(), data, "accepted bytes re-encode as they were");
+}
+
+/// A record of two entries in each format: plain (2), with an evaluation
+/// (3), with a stale entry, with and without the evaluation (4).
+fn ledger_record_seeds() -> Vec<Vec<u8>> {
+    use crate::ledger::*;
+    let mut base = LedgerRecord {
+        seq: 2,
+        round_id: 5,
+        prev_hash: [1; 32],
+        model_before: [2; 32],
+        model_after: [3; 32],
+        scoring_seed: [4; 32],
+        validation_samples: 64,
+        score_method: METHOD_CLASS_GAIN,
+        server_lr: 1.0,
+        reward_pool: 100,
+        reward_cap: 0.5,
+        stake_transform: STAKE_SQRT,
+        stake_param: 0.0,
+        entries: (0..2u8)
+            .map(|i| LedgerEntry {
+                device: [10 + i; 32],
+                manifest_hash: [i; 32],
+                payload_hash: [20 + i; 32],
+                stake: 1.0,
+                weight: 0.5,
+                score: 0.25,
+                flags: 0,
+                reward: 50,
+            })
+            .collect(),
+        penalties: Vec::new(),
+        reward_root: [0; 32],
+        evaluation: None,
+        staleness: None,
+    };
+    base.reward_root = base.compute_reward_root();
+    let evaluation = LedgerEvaluation {
+        flags: EVAL_VALIDATION_LOSS,
+        devices: 0,
+        weight: 0.0,
+        loss: 0.0,
+        accuracy: 0.0,
+        reports_root: [0; 32],
+        validation_examples: 10,
+        validation_loss: 0.5,
+        validation_accuracy: 0.0,
+    };
+    let staleness = LedgerStaleness {
+        exponent: 0.5,
+        entries: vec![StaleEntry {
+            entry: 1,
+            task_round: 4,
+            discount: 0.5f64.sqrt(),
+        }],
+    };
+    [(false, false), (true, false), (false, true), (true, true)]
+        .into_iter()
+        .map(|(eval, stale)| {
+            let mut r = base.clone();
+            r.evaluation = eval.then(|| evaluation.clone());
+            r.staleness = stale.then(|| staleness.clone());
+            r.encode()
+        })
+        .collect()
+}
 
 #[cfg(test)]
 mod tests {

@@ -27,9 +27,11 @@
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 
 mod eval;
+mod stale;
 pub use eval::{
     EVAL_FEDERATED, EVAL_VALIDATION_ACCURACY, EVAL_VALIDATION_LOSS, LedgerEvaluation, report_leaf,
 };
+pub use stale::{LedgerStaleness, StaleEntry};
 
 /// Context of the record hash (blake3 key derivation).
 const RECORD_CONTEXT: &str = "fedge ledger record v1";
@@ -41,6 +43,14 @@ const SIGN_DOMAIN: &[u8] = b"fedge-ledger-v1";
 const MAGIC: &[u8; 8] = b"fedgeLR2";
 /// Format 3: format 2 and an evaluation section (see [`LedgerEvaluation`]).
 const MAGIC_V3: &[u8; 8] = b"fedgeLR3";
+/// Format 4: a sections byte after the reward root ([`SECTION_EVALUATION`],
+/// [`SECTION_STALENESS`], the latter always set), then the sections in
+/// that order. Written only for a record with stale entries.
+const MAGIC_V4: &[u8; 8] = b"fedgeLR4";
+/// Format 4 sections: the evaluation ([`LedgerEvaluation`]) ...
+pub const SECTION_EVALUATION: u8 = 1;
+/// ... and the stale entries ([`LedgerStaleness`]).
+pub const SECTION_STALENESS: u8 = 2;
 /// First bytes of a format-1 record (before slashing), refused by name.
 const MAGIC_V1: &[u8; 8] = b"fedgeLR1";
 /// Most entries one record may carry (a round has at most this many
@@ -200,6 +210,9 @@ pub struct LedgerRecord {
     pub reward_root: [u8; 32],
     /// The round's evaluation of `model_before` (format 3), if any.
     pub evaluation: Option<LedgerEvaluation>,
+    /// Stale FedBuff updates among the entries and their discounts (format
+    /// 4), if any.
+    pub staleness: Option<LedgerStaleness>,
 }
 
 struct Reader<'a> {
@@ -239,10 +252,10 @@ impl LedgerRecord {
     /// The canonical bytes (what is hashed, signed and stored).
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(8 + 8 * 2 + 32 * 5 + 4 + 16 + 8 + 137 * self.entries.len());
-        b.extend_from_slice(if self.evaluation.is_some() {
-            MAGIC_V3
-        } else {
-            MAGIC
+        b.extend_from_slice(match (&self.staleness, &self.evaluation) {
+            (Some(_), _) => MAGIC_V4,
+            (None, Some(_)) => MAGIC_V3,
+            (None, None) => MAGIC,
         });
         b.extend_from_slice(&self.seq.to_le_bytes());
         b.extend_from_slice(&self.round_id.to_le_bytes());
@@ -278,8 +291,19 @@ impl LedgerRecord {
             b.extend_from_slice(&p.slashed.to_bits().to_le_bytes());
         }
         b.extend_from_slice(&self.reward_root);
+        if self.staleness.is_some() {
+            let eval = if self.evaluation.is_some() {
+                SECTION_EVALUATION
+            } else {
+                0
+            };
+            b.push(eval | SECTION_STALENESS);
+        }
         if let Some(e) = &self.evaluation {
             e.encode_into(&mut b);
+        }
+        if let Some(s) = &self.staleness {
+            s.encode_into(&mut b);
         }
         b
     }
@@ -292,12 +316,11 @@ impl LedgerRecord {
         if magic == MAGIC_V1 {
             return Err(LedgerError::Invalid {
                 field: "magic",
-                reason: "ledger format 1 (before slashing); this build reads formats 2 and 3"
-                    .into(),
+                reason: "ledger format 1 (before slashing); this build reads formats 2 to 4".into(),
             });
         }
-        let evaluated = magic == MAGIC_V3;
-        if magic != MAGIC && !evaluated {
+        let sectioned = magic == MAGIC_V4;
+        if magic != MAGIC && magic != MAGIC_V3 && !sectioned {
             return Err(LedgerError::BadMagic);
         }
         let seq = r.u64("seq")?;
@@ -406,8 +429,30 @@ impl LedgerRecord {
             });
         }
         let reward_root = r.h32("reward_root")?;
-        let evaluation = if evaluated {
+        let sections = if sectioned {
+            let s = r.take(1, "sections")?[0];
+            if s & !(SECTION_EVALUATION | SECTION_STALENESS) != 0 || s & SECTION_STALENESS == 0 {
+                return Err(LedgerError::Invalid {
+                    field: "sections",
+                    reason: format!(
+                        "{s:#04x}: format 4 has the staleness section and may have the \
+                         evaluation, nothing else"
+                    ),
+                });
+            }
+            s
+        } else if magic == MAGIC_V3 {
+            SECTION_EVALUATION
+        } else {
+            0
+        };
+        let evaluation = if sections & SECTION_EVALUATION != 0 {
             Some(LedgerEvaluation::decode(&mut r)?)
+        } else {
+            None
+        };
+        let staleness = if sections & SECTION_STALENESS != 0 {
+            Some(LedgerStaleness::decode(&mut r, entries.len(), round_id)?)
         } else {
             None
         };
@@ -438,6 +483,7 @@ impl LedgerRecord {
             penalties,
             reward_root,
             evaluation,
+            staleness,
         };
         if rec.compute_reward_root() != rec.reward_root {
             return Err(LedgerError::Invalid {

@@ -316,7 +316,13 @@ impl Coordinator {
         self.policy
             .on_restored(key, u.task_round, u.model_version, u.payload_hash, &view)?;
         let delta = discounted(delta, u.discount);
-        let held = self.held(u.manifest_hash, u.payload_hash, &delta, u.sample_count);
+        let held = self.held(
+            u.manifest_hash,
+            u.payload_hash,
+            &delta,
+            u.sample_count,
+            (u.task_round, u.discount),
+        );
         self.round.combiner.add_values(delta, u.raw_weight);
         self.sessions.note_known(key);
         self.round.book.record(
@@ -381,7 +387,13 @@ impl Coordinator {
             metrics: m.metrics.clone(),
             payload: Bytes::from(u.data),
         })));
-        let held = self.held(manifest_hash, m.payload_hash, &delta, m.sample_count);
+        let held = self.held(
+            manifest_hash,
+            m.payload_hash,
+            &delta,
+            m.sample_count,
+            (m.round_id, discount),
+        );
         self.round.combiner.add_values(delta, raw_weight);
         self.leaf.devices += m.partial.map_or(1, |p| u64::from(p.devices));
         self.round.book.record(

@@ -26,6 +26,11 @@ pub(super) struct Held {
     pub delta: Option<Vec<f32>>,
     /// Examples it trained on per the plan (for the scoring cost).
     pub examples: u64,
+    /// The round whose task it answered (earlier than the round it is
+    /// combined into for a stale FedBuff update) ...
+    pub task_round: u64,
+    /// ... and the staleness discount its delta was scaled by (1 fresh).
+    pub discount: f64,
 }
 
 /// The open round's accepted contributions, in the order they were combined.

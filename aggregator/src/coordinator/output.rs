@@ -171,6 +171,9 @@ pub struct Settlement {
     pub stake_transform: crate::weighting::Transform,
     /// Weight of this round's scores in the devices' ratings.
     pub rating_alpha: f64,
+    /// FedBuff's `a` in the staleness discount `(1 + tau)^-a` (0 for
+    /// synchronous rounds).
+    pub staleness_exponent: f64,
     /// Validation loss of `model_before` (None when unscored).
     pub base_loss: Option<f64>,
     /// Why the round's updates are unscored, if they are.
@@ -226,6 +229,11 @@ pub struct SettledEntry {
     /// Uncorrelated with the round's other updates.
     pub noise: bool,
     pub reward: u64,
+    /// The round whose task it answered (before `round_id` when stale) ...
+    pub task_round: u64,
+    /// ... and the staleness discount its delta was scaled by, before it
+    /// was combined and scored (1 when fresh).
+    pub discount: f64,
 }
 
 impl SettledEntry {

@@ -384,6 +384,8 @@ impl Coordinator {
                         payload_hash: [0; 32],
                         delta: None,
                         examples,
+                        task_round: round_id,
+                        discount: 1.0,
                     },
                 },
             );

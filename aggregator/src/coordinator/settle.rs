@@ -11,16 +11,20 @@ use crate::robust::Values;
 use crate::scoring::{self, RoundScores, UpdateScore};
 
 impl Coordinator {
-    /// What settling will need of an accepted update (its delta only when
-    /// scoring is on).
+    /// What settling will need of an accepted update (its delta, already
+    /// discounted, only when scoring is on; `task` is its task's round and
+    /// discount).
     pub(super) fn held(
         &self,
         manifest_hash: [u8; 32],
         payload_hash: [u8; 32],
         delta: &Values,
         sample_count: u64,
+        task: (u64, f64),
     ) -> Held {
         Held {
+            task_round: task.0,
+            discount: task.1,
             manifest_hash,
             payload_hash,
             // Scored at float32 (a partial rounded).
@@ -132,6 +136,8 @@ impl Coordinator {
                 free_rider: u.free_rider,
                 noise: u.noise,
                 reward,
+                task_round: h.task_round,
+                discount: h.discount,
             })
             .collect();
         let scored = scores.error.is_none();
@@ -159,6 +165,7 @@ impl Coordinator {
             reward_cap: self.cfg.weights.max_share,
             stake_transform: self.cfg.weights.stake,
             rating_alpha: self.cfg.scoring.rating_alpha,
+            staleness_exponent: self.staleness_exponent(),
             base_loss: scores.base_loss,
             error: scores.error,
             cost: scores.cost,
@@ -166,6 +173,15 @@ impl Coordinator {
             penalties,
             evaluation: self.round.evaluation.summary(),
         })));
+    }
+
+    /// FedBuff's staleness exponent (0 for synchronous rounds).
+    fn staleness_exponent(&self) -> f64 {
+        self.cfg
+            .strategy
+            .buffered
+            .as_ref()
+            .map_or(0.0, |b| b.staleness_exponent)
     }
 
     /// A rolled-back round: its updates were discarded, so its record has
@@ -185,6 +201,7 @@ impl Coordinator {
             reward_cap: self.cfg.weights.max_share,
             stake_transform: self.cfg.weights.stake,
             rating_alpha: self.cfg.scoring.rating_alpha,
+            staleness_exponent: self.staleness_exponent(),
             base_loss: None,
             error: Some("round rolled back: its updates were discarded".into()),
             cost: Default::default(),

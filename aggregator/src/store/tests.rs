@@ -101,6 +101,7 @@ fn settlement(
         reward_cap: 1.0,
         stake_transform: crate::weighting::Transform::Linear,
         rating_alpha: 0.5,
+        staleness_exponent: 0.5,
         base_loss: Some(1.0),
         error: None,
         cost: Default::default(),
@@ -121,8 +122,11 @@ fn settlement(
             }),
         entries: scores
             .iter()
+            .enumerate()
             .map(
-                |&(device, score, free_rider)| crate::coordinator::SettledEntry {
+                // Even rounds' first entry is a stale FedBuff update (a
+                // format-4 ledger record, with its evaluation).
+                |(i, &(device, score, free_rider))| crate::coordinator::SettledEntry {
                     device: device.repeat(64),
                     manifest_hash: [1; 32],
                     payload_hash: [2; 32],
@@ -136,6 +140,12 @@ fn settlement(
                     free_rider,
                     noise: false,
                     reward: 0,
+                    task_round: round_id - u64::from(i == 0 && round_id.is_multiple_of(2)),
+                    discount: if i == 0 && round_id.is_multiple_of(2) {
+                        0.5f64.sqrt()
+                    } else {
+                        1.0
+                    },
                 },
             )
             .collect(),
@@ -223,6 +233,11 @@ async fn ratings_are_moving_averages_kept_with_the_ledger(db: Database) {
         crate::ledger::verify_chain(&store.ledger_records().await.unwrap(), &key).unwrap();
     assert_eq!(records.len(), 2);
     assert_eq!(records[1].prev_hash, records[0].hash());
+    // Round 2's stale entry and its discount are in its record.
+    assert!(records[0].staleness.is_none());
+    let stale = records[1].staleness.as_ref().unwrap();
+    assert_eq!((stale.entries.len(), stale.entries[0].task_round), (1, 1));
+    assert_eq!(stale.entries[0].discount, 0.5f64.sqrt());
     // The penalty is in the record and its evidence on disk.
     assert_eq!(records[1].penalties.len(), 1);
     let p = &records[1].penalties[0];

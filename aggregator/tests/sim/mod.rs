@@ -185,8 +185,10 @@ pub struct Sim {
     next_conn: u64,
     pub events: Vec<Event>,
     pub steps: u64,
-    /// Updates the coordinator asked to make durable.
+    /// Updates the coordinator asked to make durable, and the last of them
+    /// (at most 64, for a verifier's recomputation).
     pub persisted: usize,
+    pub kept: std::collections::VecDeque<fedge_aggregator::coordinator::DurableUpdate>,
 }
 
 impl Sim {
@@ -251,6 +253,7 @@ impl Sim {
             events: Vec::new(),
             steps: 0,
             persisted: 0,
+            kept: Default::default(),
         }
     }
 
@@ -293,7 +296,11 @@ impl Sim {
                         self.schedule(at, Ev::DevLost { conn: session });
                     }
                     Output::Event(e) => self.events.push(e),
-                    Output::Persist(_) => self.persisted += 1,
+                    Output::Persist(u) => {
+                        self.persisted += 1;
+                        self.kept.truncate(63);
+                        self.kept.push_front(*u);
+                    }
                     Output::Forward(f) => panic!("a lone aggregator forwarded {f:?}"),
                 }
             }

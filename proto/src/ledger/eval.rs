@@ -130,7 +130,7 @@ impl LedgerEvaluation {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::record;
+    use super::super::tests::{assert_every_byte_counts, record};
     use super::super::{LedgerRecord, merkle_root};
     use super::*;
 
@@ -156,19 +156,9 @@ mod tests {
         r.evaluation = Some(evaluation());
         let b = r.encode();
         assert_eq!(&b[..8], b"fedgeLR3");
-        assert_eq!(LedgerRecord::decode(&b).unwrap(), r);
         // The evaluation is covered by the hash (and so the signature).
         assert_ne!(r.hash(), plain.hash());
-        for i in 0..b.len() {
-            let mut x = b.clone();
-            x[i] ^= 0x01;
-            if let Ok(d) = LedgerRecord::decode(&x) {
-                assert_ne!(d.hash(), r.hash(), "byte {i}");
-            }
-        }
-        for n in 0..b.len() {
-            assert!(LedgerRecord::decode(&b[..n]).is_err(), "prefix {n}");
-        }
+        assert_every_byte_counts(&r);
         // A format-2 magic on format-3 bytes leaves trailing bytes.
         let mut v2 = b.clone();
         v2[7] = b'2';

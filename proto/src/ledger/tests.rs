@@ -47,6 +47,23 @@ fn proofs_verify_for_every_leaf_and_fail_when_altered() {
     }
 }
 
+/// `r` round-trips, a flipped bit anywhere either fails to decode or
+/// changes the hash, and no prefix decodes.
+pub(super) fn assert_every_byte_counts(r: &LedgerRecord) {
+    let b = r.encode();
+    assert_eq!(&LedgerRecord::decode(&b).unwrap(), r);
+    for i in 0..b.len() {
+        let mut x = b.clone();
+        x[i] ^= 0x01;
+        if let Ok(d) = LedgerRecord::decode(&x) {
+            assert_ne!(d.hash(), r.hash(), "byte {i}");
+        }
+    }
+    for n in 0..b.len() {
+        assert!(LedgerRecord::decode(&b[..n]).is_err(), "prefix {n}");
+    }
+}
+
 pub(super) fn record() -> LedgerRecord {
     let mut r = LedgerRecord {
         seq: 3,
@@ -84,6 +101,7 @@ pub(super) fn record() -> LedgerRecord {
         }],
         reward_root: [0; 32],
         evaluation: None,
+        staleness: None,
     };
     r.reward_root = r.compute_reward_root();
     r
