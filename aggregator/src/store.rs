@@ -323,8 +323,8 @@ impl Store {
         let metrics = serde_json::to_string(&u.metrics).expect("serialisable");
         sqlx::query(
             "INSERT INTO updates (round_id, device, payload_hash, samples, raw_weight, stake, metrics, received_ms,
-                                  task_round, model_version, discount, manifest_hash)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                                  task_round, model_version, discount, manifest_hash, signed_manifest)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
              ON CONFLICT (round_id, device) DO NOTHING",
         )
         .bind(u.round_id as i64)
@@ -339,6 +339,7 @@ impl Store {
         .bind(u.model_version.map(|v| v.to_hex()))
         .bind(u.discount)
         .bind(hex::encode(u.manifest_hash))
+        .bind((!u.signed_manifest.is_empty()).then(|| hex::encode(&u.signed_manifest)))
         .execute(&self.db.pool)
         .await
         .map_err(self.db())?;
@@ -349,7 +350,7 @@ impl Store {
     pub async fn round_updates(&self, round_id: u64) -> Result<Vec<DurableUpdate>, StoreError> {
         let rows = sqlx::query(
             "SELECT device, payload_hash, samples, raw_weight, stake, metrics,
-                    task_round, model_version, discount, manifest_hash FROM updates
+                    task_round, model_version, discount, manifest_hash, signed_manifest FROM updates
              WHERE round_id = $1 ORDER BY received_ms, device",
         )
         .bind(round_id as i64)
@@ -391,9 +392,16 @@ impl Store {
                     .and_then(|b| b.try_into().ok())
                     .ok_or_else(|| corrupt(format!("bad manifest hash `{h}`")))?,
             };
+            let signed_manifest = match r.get::<Option<String>, _>(10) {
+                None => Vec::new(),
+                Some(h) => {
+                    hex::decode(&h).map_err(|e| corrupt(format!("bad signed manifest: {e}")))?
+                }
+            };
             out.push(DurableUpdate {
                 round_id,
                 manifest_hash,
+                signed_manifest: signed_manifest.into(),
                 // Rows from before these columns: a fresh update of the round.
                 task_round: r.get::<Option<i64>, _>(6).map_or(round_id, |t| t as u64),
                 model_version,

@@ -494,3 +494,76 @@ fn stale_fedbuff_updates_are_recomputable_from_their_records() {
         assert!(stale > 0, "seed {seed}: no stale update to check");
     }
 }
+
+/// Equivocation across a restart: the aggregator restarts with a device's
+/// accepted update restored from its store, and the device then signs
+/// another update for the same task. The signed manifest stored with the
+/// update makes the pair evidence, as it is without the restart.
+#[test]
+fn equivocation_after_a_restart_is_still_a_penalty() {
+    use fedge_device::session::Status;
+    use fedge_proto::ledger::{LedgerPenalty, PENALTY_EQUIVOCATION};
+    for seed in SEEDS {
+        let mut specs: Vec<DeviceSpec> = fleet(seed).into_iter().take(5).collect();
+        specs[4].train_time = Duration::from_millis(100);
+        let cfg = CoordinatorConfig {
+            devices_per_round: 5,
+            min_devices: 5,
+            rounds: 1,
+            ..cfg()
+        };
+        let mut sim = Sim::new(seed, cfg, NetConfig::default(), specs);
+        sim.coord.set_evaluator(Box::new(Quadratic {
+            target: target(),
+            n: 200,
+        }));
+        let cheat = sim.device_id(4);
+        sim.run_until(Duration::from_secs(60), |s| {
+            s.accepted().iter().any(|a| a.1 == cheat)
+        });
+        // What the store holds of the open round, put back after a restart.
+        let open = sim.coord.round_id();
+        let kept: Vec<_> = sim
+            .kept
+            .iter()
+            .filter(|u| u.round_id == open)
+            .cloned()
+            .collect();
+        assert!(kept.iter().all(|u| !u.signed_manifest.is_empty()));
+        sim.restart_aggregator(true);
+        for u in kept {
+            let now = sim.now;
+            sim.coord.restore_update(now, u).unwrap();
+        }
+        // Back and authenticated, it signs another update for the task.
+        sim.run_until(Duration::from_secs(120), |s| {
+            s.device_status(4) == Status::Idle
+        });
+        sim.equivocate_now(4);
+        // Held (and made durable) for the next settlement, with its
+        // evidence: the restored manifest and the new one.
+        let held = |s: &Sim| -> Vec<fedge_aggregator::coordinator::Penalty> {
+            s.events
+                .iter()
+                .filter_map(|e| match e {
+                    Event::PenaltyHeld(p) if p.kind == PENALTY_EQUIVOCATION => Some((**p).clone()),
+                    _ => None,
+                })
+                .collect()
+        };
+        sim.run_until(Duration::from_secs(120), |s| !held(s).is_empty());
+        let p = held(&sim);
+        assert_eq!(p.len(), 1, "seed {seed}");
+        assert_eq!(p[0].device, cheat);
+        let lp = LedgerPenalty {
+            device: fedge_aggregator::ledger::device_bytes(&p[0].device).unwrap(),
+            round_id: p[0].round_id,
+            manifest_hash: p[0].manifest_hash,
+            payload_hash: p[0].payload_hash,
+            kind: p[0].kind,
+            slashed: p[0].slashed,
+        };
+        let limits = fedge_proto::Limits::default();
+        fedge_aggregator::ledger::check_evidence(&lp, &p[0].payload, Some(DIM), &limits).unwrap();
+    }
+}

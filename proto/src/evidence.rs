@@ -33,6 +33,27 @@ impl SignedManifest {
     pub fn hash(&self) -> [u8; 32] {
         self.manifest.signed_hash(&self.signature)
     }
+
+    /// `len u32 | manifest (canonical wire bytes) | signature [64]`: one
+    /// half of an [`Equivocation`], and what an aggregator keeps with an
+    /// accepted update so a restart does not forget what was signed.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        let m = self.manifest.to_wire().encode_to_vec();
+        let len = u32::try_from(m.len()).expect("a manifest under 4 GiB");
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&m);
+        out.extend_from_slice(&self.signature);
+    }
+
+    /// Decodes [`SignedManifest::encode_into`]'s bytes, all of them (the
+    /// manifest validated against `limits`; the signature is not checked).
+    pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Self, EvidenceError> {
+        let (s, rest) = signed_manifest(bytes, "signed", limits)?;
+        if !rest.is_empty() {
+            return Err(EvidenceError::Trailing(rest.len()));
+        }
+        Ok(s)
+    }
 }
 
 /// Two signed manifests of one device for one task.
@@ -59,13 +80,8 @@ pub enum EvidenceError {
 impl Equivocation {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = MAGIC.to_vec();
-        for s in [&self.first, &self.second] {
-            let m = s.manifest.to_wire().encode_to_vec();
-            let len = u32::try_from(m.len()).expect("a manifest under 4 GiB");
-            out.extend_from_slice(&len.to_le_bytes());
-            out.extend_from_slice(&m);
-            out.extend_from_slice(&s.signature);
-        }
+        self.first.encode_into(&mut out);
+        self.second.encode_into(&mut out);
         out
     }
 

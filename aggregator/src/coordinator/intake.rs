@@ -6,6 +6,7 @@
 use std::time::Instant;
 
 use bytes::Bytes;
+use fedge_proto::evidence::SignedManifest;
 use fedge_proto::msg::UploadBegin;
 use fedge_proto::sign::VerifyingKey;
 use fedge_proto::{AggMsg, ProtoError, RejectCode, update};
@@ -315,6 +316,7 @@ impl Coordinator {
         let view = self.round_view();
         self.policy
             .on_restored(key, u.task_round, u.model_version, u.payload_hash, &view)?;
+        self.keep_restored_manifest(key, &u);
         let delta = discounted(delta, u.discount);
         let held = self.held(
             u.manifest_hash,
@@ -369,8 +371,14 @@ impl Coordinator {
             stake,
         } = a;
         let dev = device_id(&key);
-        let manifest_hash = u.begin.manifest.signed_hash(&u.begin.signature);
-        self.misconduct.keep(key.to_bytes(), &u.begin);
+        let signed = SignedManifest {
+            manifest: u.begin.manifest.clone(),
+            signature: u.begin.signature,
+        };
+        let manifest_hash = signed.hash();
+        let mut signed_manifest = Vec::new();
+        signed.encode_into(&mut signed_manifest);
+        self.misconduct.keep(key.to_bytes(), signed);
         let m = u.begin.manifest;
         // Recorded under the round (buffer) it is combined into.
         self.out.push_back(Output::Persist(Box::new(DurableUpdate {
@@ -380,6 +388,7 @@ impl Coordinator {
             device: dev.clone(),
             payload_hash: m.payload_hash,
             manifest_hash,
+            signed_manifest: signed_manifest.into(),
             sample_count: m.sample_count,
             raw_weight,
             discount,

@@ -34,7 +34,7 @@ use fedge_proto::sign::VerifyingKey;
 
 use super::sessions::{DeviceKey, device_id};
 use super::transfers::Upload;
-use super::{Coordinator, Event, Penalty};
+use super::{Coordinator, DurableUpdate, Event, Penalty};
 
 /// Penalties held for the next settlement at most (each holds its
 /// evidence); more are dropped. Only devices holding a slot can upload,
@@ -67,12 +67,8 @@ impl Misconduct {
     }
 
     /// Keeps an accepted update's signed manifest (for equivocation).
-    pub fn keep(&mut self, key: DeviceKey, b: &UploadBegin) {
-        let s = SignedManifest {
-            manifest: b.manifest.clone(),
-            signature: b.signature,
-        };
-        self.signed.insert((key, b.manifest.round_id), s);
+    pub fn keep(&mut self, key: DeviceKey, s: SignedManifest) {
+        self.signed.insert((key, s.manifest.round_id), s);
     }
 
     /// Tasks of rounds before `oldest` can no longer be answered.
@@ -87,6 +83,30 @@ impl Coordinator {
         self.stakes
             .stake(device)
             .map(|s| s * self.misconduct.factor(device))
+    }
+
+    /// Keeps the signed manifest of an update restored after a restart,
+    /// when its record has one that is this device's, for this task, and
+    /// hashes to the recorded hash (anything else is ignored with a
+    /// warning: the update itself was checked when it was accepted).
+    pub(super) fn keep_restored_manifest(&mut self, key: DeviceKey, u: &DurableUpdate) {
+        if u.signed_manifest.is_empty() {
+            return;
+        }
+        match SignedManifest::decode(&u.signed_manifest, &self.cfg.limits) {
+            Ok(s)
+                if s.hash() == u.manifest_hash
+                    && s.manifest.device_public_key.to_bytes() == key
+                    && s.manifest.round_id == u.task_round =>
+            {
+                self.misconduct.keep(key, s)
+            }
+            other => tracing::warn!(
+                device = %u.device,
+                error = ?other.err(),
+                "a restored update's signed manifest does not match its record; not kept"
+            ),
+        }
     }
 
     /// Rebuilds the slashed stakes from the ledger (at startup: every

@@ -21,8 +21,13 @@ pub struct DurableUpdate {
     pub device: String,
     pub payload_hash: [u8; 32],
     /// [`fedge_proto::sign::UpdateManifest::signed_hash`] of its signed
-    /// manifest (zeros for records written before fedge kept it).
+    /// manifest (zeros for records written before fedge kept it) ...
     pub manifest_hash: [u8; 32],
+    /// ... and the signed manifest itself
+    /// ([`fedge_proto::evidence::SignedManifest::encode_into`]; empty for
+    /// records written before fedge kept it), so that after a restart a
+    /// second update signed for the same task is still equivocation.
+    pub signed_manifest: Bytes,
     pub sample_count: u64,
     /// The participant's weight, before any staleness discount.
     pub raw_weight: f64,

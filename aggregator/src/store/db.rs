@@ -218,6 +218,9 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("updates", "discount", "DOUBLE PRECISION"),
     // The signed manifest's hash, for the ledger.
     ("updates", "manifest_hash", "TEXT"),
+    // The signed manifest (hex), the evidence of equivocation across a
+    // restart.
+    ("updates", "signed_manifest", "TEXT"),
 ];
 
 /// An open database: its pool, its dialect and its name for messages.

@@ -322,6 +322,8 @@ async fn updates_and_contributions_round_trip(db: Database) {
     let update = |device: &str, payload: &'static [u8], stake: Option<f64>| DurableUpdate {
         round_id: 7,
         manifest_hash: [5; 32],
+        // Kept as bytes (the coordinator checks them on restore).
+        signed_manifest: bytes::Bytes::from_static(if stake.is_some() { b"signed" } else { b"" }),
         task_round: 6,
         model_version: stake.map(|_| ModelVersion([9; 32])),
         device: device.repeat(64),
@@ -374,6 +376,7 @@ async fn updates_and_contributions_round_trip(db: Database) {
         );
         assert_eq!((g.sample_count, g.raw_weight, g.discount), (12, 0.25, 0.5));
         assert_eq!(g.metrics, want.metrics);
+        assert_eq!(g.signed_manifest, want.signed_manifest);
     }
     let order: Vec<_> = store
         .contributions(7)
@@ -431,6 +434,7 @@ async fn corrupt_rows_are_typed_errors(db: Database) {
         .persist_update(&DurableUpdate {
             round_id: 1,
             manifest_hash: [5; 32],
+            signed_manifest: bytes::Bytes::new(),
             task_round: 1,
             model_version: None,
             device: "a".repeat(64),

@@ -503,6 +503,13 @@ impl Sim {
         }
     }
 
+    /// [`Sim::equivocate`] on the device's current connection, if any.
+    pub fn equivocate_now(&mut self, dev: usize) {
+        if let Some(conn) = self.devices[dev].conn {
+            self.equivocate(dev, conn);
+        }
+    }
+
     /// Device `dev` signs a second update for the task whose update was
     /// just accepted (another payload) and announces it on `conn`.
     fn equivocate(&mut self, dev: usize, conn: u64) {
