@@ -116,6 +116,23 @@ fn run(seed: u64) -> Sim {
     sim
 }
 
+/// A held penalty as its ledger record carries it, its evidence checked.
+fn checked_evidence(
+    p: &fedge_aggregator::coordinator::Penalty,
+) -> fedge_proto::ledger::LedgerPenalty {
+    let lp = fedge_proto::ledger::LedgerPenalty {
+        device: fedge_aggregator::ledger::device_bytes(&p.device).unwrap(),
+        round_id: p.round_id,
+        manifest_hash: p.manifest_hash,
+        payload_hash: p.payload_hash,
+        kind: p.kind,
+        slashed: p.slashed,
+    };
+    let limits = fedge_proto::Limits::default();
+    fedge_aggregator::ledger::check_evidence(&lp, &p.payload, Some(DIM), &limits).unwrap();
+    lp
+}
+
 fn settlements(sim: &Sim) -> Vec<Settlement> {
     sim.events
         .iter()
@@ -320,7 +337,7 @@ fn an_update_over_the_norm_bound_is_a_recorded_penalty() {
 /// is slashed from then on, so it weighs and earns less in the next round.
 #[test]
 fn equivocation_is_a_penalty_with_checkable_evidence_and_slashes_stake() {
-    use fedge_proto::ledger::{LedgerPenalty, PENALTY_EQUIVOCATION};
+    use fedge_proto::ledger::PENALTY_EQUIVOCATION;
     for seed in SEEDS {
         let mut specs: Vec<DeviceSpec> = fleet(seed).into_iter().take(5).collect();
         // An honest update of its own (another draw), sent twice over.
@@ -371,16 +388,8 @@ fn equivocation_is_a_penalty_with_checkable_evidence_and_slashes_stake() {
         assert_eq!(p.len(), 1, "seed {seed}: {:?}", settled[0].penalties);
         assert_eq!(p[0].device, cheat);
         assert_eq!(p[0].slashed, 0.5);
-        let lp = LedgerPenalty {
-            device: fedge_aggregator::ledger::device_bytes(&p[0].device).unwrap(),
-            round_id: p[0].round_id,
-            manifest_hash: p[0].manifest_hash,
-            payload_hash: p[0].payload_hash,
-            kind: p[0].kind,
-            slashed: p[0].slashed,
-        };
+        let lp = checked_evidence(p[0]);
         let limits = fedge_proto::Limits::default();
-        fedge_aggregator::ledger::check_evidence(&lp, &p[0].payload, Some(DIM), &limits).unwrap();
         // The evidence is bound to this device and this manifest.
         let mut other = lp.clone();
         other.device = fedge_aggregator::ledger::device_bytes(&sim.device_id(0)).unwrap();
@@ -502,7 +511,7 @@ fn stale_fedbuff_updates_are_recomputable_from_their_records() {
 #[test]
 fn equivocation_after_a_restart_is_still_a_penalty() {
     use fedge_device::session::Status;
-    use fedge_proto::ledger::{LedgerPenalty, PENALTY_EQUIVOCATION};
+    use fedge_proto::ledger::PENALTY_EQUIVOCATION;
     for seed in SEEDS {
         let mut specs: Vec<DeviceSpec> = fleet(seed).into_iter().take(5).collect();
         specs[4].train_time = Duration::from_millis(100);
@@ -555,15 +564,6 @@ fn equivocation_after_a_restart_is_still_a_penalty() {
         let p = held(&sim);
         assert_eq!(p.len(), 1, "seed {seed}");
         assert_eq!(p[0].device, cheat);
-        let lp = LedgerPenalty {
-            device: fedge_aggregator::ledger::device_bytes(&p[0].device).unwrap(),
-            round_id: p[0].round_id,
-            manifest_hash: p[0].manifest_hash,
-            payload_hash: p[0].payload_hash,
-            kind: p[0].kind,
-            slashed: p[0].slashed,
-        };
-        let limits = fedge_proto::Limits::default();
-        fedge_aggregator::ledger::check_evidence(&lp, &p[0].payload, Some(DIM), &limits).unwrap();
+        checked_evidence(&p[0]);
     }
 }
