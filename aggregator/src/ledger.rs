@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 
 use fedge_proto::evidence::Equivocation;
 use fedge_proto::ledger::{
-    self, LedgerEntry, LedgerError, LedgerPenalty, LedgerRecord, LedgerStaleness, RewardProof,
-    StaleEntry, inclusion_proof,
+    self, LedgerEntry, LedgerError, LedgerFlagRules, LedgerPenalty, LedgerRecord, LedgerStaleness,
+    RewardProof, StaleEntry, inclusion_proof,
 };
 use fedge_proto::sign::{SigningKey, VerifyingKey};
 use fedge_proto::{Limits, ModelVersion, ProtoError, RejectCode};
@@ -163,6 +163,14 @@ pub fn build_record(
             ))
         })
         .collect::<Result<Vec<_>, String>>()?;
+    // Entries in key order; `accepted[k]` is the k-th accepted update's
+    // place among them.
+    let mut by_key: Vec<usize> = (0..entries.len()).collect();
+    by_key.sort_by_key(|&k| entries[k].0.device);
+    let mut accepted = vec![0u32; entries.len()];
+    for (place, &k) in by_key.iter().enumerate() {
+        accepted[k] = place as u32;
+    }
     entries.sort_by_key(|(e, _)| e.device);
     if entries.windows(2).any(|w| w[0].0.device == w[1].0.device) {
         return Err(format!("round {} settles one device twice", s.round_id));
@@ -178,6 +186,7 @@ pub fn build_record(
         })
         .collect();
     let entries: Vec<LedgerEntry> = entries.into_iter().map(|(e, _)| e).collect();
+    let entries_empty = entries.is_empty();
     let penalties = s
         .penalties
         .iter()
@@ -219,6 +228,12 @@ pub fn build_record(
         staleness: (!stale.is_empty()).then_some(LedgerStaleness {
             exponent: s.staleness_exponent,
             entries: stale,
+        }),
+        flag_rules: (s.validation_samples > 0 && !entries_empty).then(|| LedgerFlagRules {
+            copy_cosine_min: s.flag_thresholds[0],
+            free_rider_norm_ratio: s.flag_thresholds[1],
+            noise_sigmas: s.flag_thresholds[2],
+            order: accepted,
         }),
     };
     r.reward_root = r.compute_reward_root();
@@ -494,21 +509,53 @@ pub fn proof_json(p: &RewardProof, signed: &StoredRecord) -> serde_json::Value {
     })
 }
 
+/// A record's updates (`deltas`, in entry order) as the aggregator scored
+/// them: in acceptance order when the record says it (else entry order),
+/// each scaled by its staleness discount at float32, as `Values::scale`
+/// does. Returns the entry index of each, and the scaled updates.
+pub fn as_scored<'a>(
+    r: &LedgerRecord,
+    deltas: &'a [Vec<f32>],
+) -> (Vec<usize>, Vec<std::borrow::Cow<'a, [f32]>>) {
+    let order: Vec<usize> = match &r.flag_rules {
+        Some(f) => f.order.iter().map(|&i| i as usize).collect(),
+        None => (0..deltas.len()).collect(),
+    };
+    let scaled = order
+        .iter()
+        .map(|&i| {
+            let s = r.staleness.as_ref().map_or(1.0, |st| st.discount_of(i)) as f32;
+            if s == 1.0 {
+                std::borrow::Cow::Borrowed(deltas[i].as_slice())
+            } else {
+                std::borrow::Cow::Owned(deltas[i].iter().map(|x| x * s).collect())
+            }
+        })
+        .collect();
+    (order, scaled)
+}
+
 /// Recomputes the scores of record `r` from the model its round started
 /// from (`model_before`), the round's updates (`deltas`, decoded, in entry
 /// order, each scaled by its staleness discount as the aggregator scaled
 /// it before combining) and the validation set behind `evaluator`, as the
-/// aggregator computed them ([`crate::scoring::score_round`] with the record's seed,
-/// sample size, method and server learning rate). Unscored entries are
-/// skipped. Scores must agree to a relative 1e-9 (the leave-one-out sum
-/// adds updates in another order than the aggregator did). Returns how
-/// many scores were checked.
+/// aggregator computed them ([`crate::scoring::score_round`] with the
+/// record's seed, sample size, method and server learning rate). Unscored
+/// entries' scores are skipped. Scores must agree to a relative 1e-9.
+///
+/// With the record's flag rules (format 4), the updates are scored in the
+/// order they were accepted, and every entry's copy, free-rider and noise
+/// flags are recomputed with the record's thresholds, stale replays of
+/// the rounds in `history` included (pass one history through the records
+/// in chain order; this round's updates join it). Returns how many scores
+/// and flags were checked.
 pub fn recompute_scores(
     r: &LedgerRecord,
     model_before: &[f32],
     deltas: &[Vec<f32>],
     evaluator: &mut dyn Evaluator,
-) -> Result<usize, String> {
+    history: &mut crate::scoring::replay::History,
+) -> Result<(usize, usize), String> {
     if deltas.len() != r.entries.len() {
         return Err(format!(
             "{} updates for {} entries",
@@ -523,7 +570,7 @@ pub fn recompute_scores(
             model_before.len()
         ));
     }
-    let cfg = ScoringConfig {
+    let mut cfg = ScoringConfig {
         validation_samples: r.validation_samples as usize,
         method: match r.score_method {
             ledger::METHOD_LEAVE_ONE_OUT => ScoreMethod::LeaveOneOut,
@@ -534,21 +581,14 @@ pub fn recompute_scores(
         },
         ..ScoringConfig::default()
     };
-    // A stale update was scaled at float32, as `Values::scale` does.
-    let scaled: Vec<std::borrow::Cow<'_, [f32]>> = deltas
-        .iter()
-        .enumerate()
-        .map(|(i, d)| {
-            let s = r.staleness.as_ref().map_or(1.0, |st| st.discount_of(i)) as f32;
-            if s == 1.0 {
-                std::borrow::Cow::Borrowed(d.as_slice())
-            } else {
-                std::borrow::Cow::Owned(d.iter().map(|x| x * s).collect())
-            }
-        })
-        .collect();
+    if let Some(f) = &r.flag_rules {
+        cfg.copy_cosine_min = f.copy_cosine_min;
+        cfg.free_rider_norm_ratio = f.free_rider_norm_ratio;
+        cfg.noise_sigmas = f.noise_sigmas;
+    }
+    let (order, scaled) = as_scored(r, deltas);
     let refs: Vec<&[f32]> = scaled.iter().map(|d| &**d).collect();
-    let scores = score_round(
+    let mut scores = score_round(
         &cfg,
         Some(evaluator),
         &r.scoring_seed,
@@ -560,8 +600,28 @@ pub fn recompute_scores(
     if let Some(e) = scores.error {
         return Err(format!("scoring failed: {e}"));
     }
-    let mut checked = 0;
-    for (e, u) in r.entries.iter().zip(&scores.updates) {
+    if r.flag_rules.is_some() {
+        history.flag_and_keep(&mut scores.updates, &refs, cfg.copy_cosine_min);
+    }
+    let (mut checked, mut flags) = (0, 0);
+    for (&i, u) in order.iter().zip(&scores.updates) {
+        let e = &r.entries[i];
+        let device = hex::encode(e.device);
+        if r.flag_rules.is_some() {
+            let bit = |on: bool, b: u8| if on { b } else { 0 };
+            let want = bit(u.copy_of.is_some(), ledger::FLAG_COPY)
+                | bit(u.free_rider, ledger::FLAG_FREE_RIDER)
+                | bit(u.noise, ledger::FLAG_NOISE);
+            let mask = ledger::FLAG_COPY | ledger::FLAG_FREE_RIDER | ledger::FLAG_NOISE;
+            if e.flags & mask != want {
+                return Err(format!(
+                    "device {device}: recorded flags {:#04x}, recomputed {want:#04x} \
+                     (1 copy, 2 free-rider or replay, 8 noise)",
+                    e.flags & mask
+                ));
+            }
+            flags += 1;
+        }
         if e.flags & ledger::FLAG_UNSCORED != 0 {
             continue;
         }
@@ -572,14 +632,13 @@ pub fn recompute_scores(
             got == e.score || (got - e.score).abs() <= 1e-9 * got.abs().max(e.score.abs()) + 1e-15;
         if !close {
             return Err(format!(
-                "device {}: recorded score {}, recomputed {got}",
-                hex::encode(e.device),
+                "device {device}: recorded score {}, recomputed {got}",
                 e.score
             ));
         }
         checked += 1;
     }
-    Ok(checked)
+    Ok((checked, flags))
 }
 
 /// Where the state directory `dir` keeps a penalty's evidence: a copy's
@@ -699,6 +758,7 @@ mod tests {
             reward_root: [0; 32],
             evaluation: None,
             staleness: None,
+            flag_rules: None,
         };
         // sqrt(4) x 0.3 = 0.6, 0.3, 0, 0 (flagged), 0.2: shares capped at 0.5.
         let w = [0.6, 0.3, 0.0, 0.0, 0.2];

@@ -304,6 +304,26 @@ impl Store {
         }
     }
 
+    /// A kept update payload of `round_id`, checked against its hash.
+    pub fn read_update_payload(
+        &self,
+        round_id: u64,
+        payload_hash: &[u8; 32],
+    ) -> Result<Vec<u8>, StoreError> {
+        let path = self.update_path(round_id, payload_hash);
+        let bytes = std::fs::read(&path).map_err(|source| StoreError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        if blake3::hash(&bytes).as_bytes() != payload_hash {
+            return Err(StoreError::Corrupt {
+                path,
+                reason: "payload does not match its hash".into(),
+            });
+        }
+        Ok(bytes)
+    }
+
     fn update_path(&self, round_id: u64, payload_hash: &[u8; 32]) -> PathBuf {
         self.dir
             .join("updates")
@@ -365,17 +385,7 @@ impl Store {
                 .ok()
                 .and_then(|b| b.try_into().ok())
                 .ok_or_else(|| corrupt(format!("bad payload hash `{hash_hex}`")))?;
-            let path = self.update_path(round_id, &payload_hash);
-            let payload = std::fs::read(&path).map_err(|source| StoreError::Io {
-                path: path.clone(),
-                source,
-            })?;
-            if blake3::hash(&payload).as_bytes() != &payload_hash {
-                return Err(StoreError::Corrupt {
-                    path,
-                    reason: "payload does not match its hash".into(),
-                });
-            }
+            let payload = self.read_update_payload(round_id, &payload_hash)?;
             let metrics: Vec<(String, f64)> =
                 serde_json::from_str(&r.get::<String, _>(5)).map_err(|e| corrupt(e.to_string()))?;
             let model_version = match r.get::<Option<String>, _>(7) {

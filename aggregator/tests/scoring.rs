@@ -460,6 +460,7 @@ fn stale_fedbuff_updates_are_recomputable_from_their_records() {
             }
         }
         let (mut prev, mut stale) = ([0u8; 32], 0);
+        let mut history = scoring::replay::History::default();
         let settled = settlements(&sim);
         assert_eq!(settled.len(), 4, "seed {seed}");
         for (i, s) in settled.iter().enumerate() {
@@ -489,14 +490,17 @@ fn stale_fedbuff_updates_are_recomputable_from_their_records() {
                     fedge_proto::update::decode_any(&u.payload, DIM, &limits).unwrap()
                 })
                 .collect();
-            let checked = ledger::recompute_scores(&r, before, &deltas, &mut eval()).unwrap();
+            let (checked, flags) =
+                ledger::recompute_scores(&r, before, &deltas, &mut eval(), &mut history).unwrap();
             assert_eq!(checked, r.entries.len(), "seed {seed} round {}", r.round_id);
+            assert_eq!(flags, r.entries.len(), "seed {seed} round {}", r.round_id);
             if r.staleness.is_some() {
                 let bare = LedgerRecord {
                     staleness: None,
                     ..r.clone()
                 };
-                let err = ledger::recompute_scores(&bare, before, &deltas, &mut eval());
+                let mut h = Default::default();
+                let err = ledger::recompute_scores(&bare, before, &deltas, &mut eval(), &mut h);
                 assert!(err.is_err(), "seed {seed}: scored undiscounted");
             }
         }
@@ -565,5 +569,152 @@ fn equivocation_after_a_restart_is_still_a_penalty() {
         assert_eq!(p.len(), 1, "seed {seed}");
         assert_eq!(p[0].device, cheat);
         checked_evidence(&p[0]);
+    }
+}
+
+/// The flags of a real settlement (a copy, a free-rider, noise) are
+/// recomputed from the record's flag rules and acceptance order; a record
+/// that moves the copy flag to the original, or clears it, fails naming
+/// the device.
+#[test]
+fn flags_are_recomputed_from_the_record() {
+    use fedge_aggregator::ledger;
+    use fedge_proto::ledger::{FLAG_COPY, LedgerRecord};
+    for seed in SEEDS {
+        let sim = run(seed);
+        let settled = settlements(&sim);
+        let s = &settled[0];
+        let published = sim.published();
+        let r = ledger::build_record(1, [0; 32], s, published[0].2).unwrap();
+        let r = LedgerRecord::decode(&r.encode()).unwrap();
+        let deltas: Vec<Vec<f32>> = r
+            .entries
+            .iter()
+            .map(|e| {
+                let u = sim
+                    .kept
+                    .iter()
+                    .find(|u| u.payload_hash == e.payload_hash && u.round_id == r.round_id)
+                    .unwrap();
+                fedge_proto::update::decode_any(&u.payload, DIM, &Default::default()).unwrap()
+            })
+            .collect();
+        let base = sim::model(DIM).params.values;
+        let eval = || Quadratic {
+            target: target(),
+            n: 200,
+        };
+        let recompute = |r: &LedgerRecord| {
+            let mut h = Default::default();
+            ledger::recompute_scores(r, &base, &deltas, &mut eval(), &mut h)
+        };
+        let (_, flags) = recompute(&r).unwrap();
+        assert_eq!(flags, 7, "seed {seed}");
+        let key = |i: usize| ledger::device_bytes(&sim.device_id(i)).unwrap();
+        let at = |i: usize| r.entries.iter().position(|e| e.device == key(i)).unwrap();
+        let (copy, original) = (at(6), at(0));
+        assert_eq!(r.entries[copy].flags & FLAG_COPY, FLAG_COPY, "seed {seed}");
+        let mut moved = r.clone();
+        moved.entries[copy].flags &= !FLAG_COPY;
+        let err = recompute(&moved).unwrap_err();
+        assert!(err.contains(&sim.device_id(6)), "seed {seed}: {err}");
+        moved.entries[original].flags |= FLAG_COPY;
+        assert!(recompute(&moved).is_err(), "seed {seed}");
+        // Scored in another order, the copy is the original's.
+        let mut reordered = r.clone();
+        reordered.flag_rules.as_mut().unwrap().order.reverse();
+        assert!(recompute(&reordered).is_err(), "seed {seed}");
+    }
+}
+
+/// A device that sends round 1's update again in round 2 is a stale
+/// replay, across a restart of the aggregator too: the restarted
+/// coordinator rebuilds its replay history from the ledger's last scored
+/// rounds and their kept payloads, and a verifier going through the chain
+/// recomputes the same flags.
+#[test]
+fn replays_across_a_restart_are_flagged_and_verify() {
+    use fedge_aggregator::ledger;
+    use fedge_proto::ModelBlob;
+    use fedge_proto::ledger::{FLAG_FREE_RIDER, LedgerRecord};
+    for seed in SEEDS {
+        let mut specs = fleet(seed);
+        specs[1].wobble = false; // the same update every round
+        let mut sim = Sim::new(seed, cfg(), NetConfig::default(), specs);
+        sim.coord.set_evaluator(Box::new(Quadratic {
+            target: target(),
+            n: 200,
+        }));
+        sim.run_until(Duration::from_secs(120), |s| s.published().len() == 1);
+        let first = settlements(&sim).remove(0);
+        let r1 = ledger::build_record(1, [0; 32], &first, sim.published()[0].2).unwrap();
+        let payload = |sim: &Sim, round: u64, hash: &[u8; 32]| {
+            sim.kept
+                .iter()
+                .find(|u| u.round_id == round && &u.payload_hash == hash)
+                .map(|u| u.payload.to_vec())
+                .ok_or_else(|| "not kept".to_string())
+        };
+        // What the state directory keeps of round 1: its payloads.
+        let round1: std::collections::HashMap<[u8; 32], Vec<u8>> = r1
+            .entries
+            .iter()
+            .map(|e| (e.payload_hash, payload(&sim, 1, &e.payload_hash).unwrap()))
+            .collect();
+        sim.restart_aggregator(true);
+        sim.coord.set_evaluator(Box::new(Quadratic {
+            target: target(),
+            n: 200,
+        }));
+        sim.coord
+            .restore_replay_history(std::slice::from_ref(&r1), |_, hash| {
+                round1.get(hash).cloned().ok_or_else(|| "missing".into())
+            });
+        sim.run_until(Duration::from_secs(300), |s| s.coord.is_finished());
+        let second = settlements(&sim).pop().unwrap();
+        assert_eq!(second.round_id, 2, "seed {seed}");
+        let replayer = sim.device_id(1);
+        let e = second
+            .entries
+            .iter()
+            .find(|e| e.device == replayer)
+            .unwrap();
+        assert!(e.free_rider && e.reward == 0, "seed {seed}: {e:?}");
+        // The verifier, through the chain with one history.
+        let r2 = ledger::build_record(2, r1.hash(), &second, sim.published()[1].2).unwrap();
+        let key = ledger::device_bytes(&replayer).unwrap();
+        let flagged = r2.entries.iter().find(|e| e.device == key).unwrap().flags;
+        assert_ne!(flagged & FLAG_FREE_RIDER, 0, "seed {seed}");
+        let mut models = vec![sim::model(DIM)];
+        for e in &sim.events {
+            if let Event::ModelPublished { blob, .. } = e {
+                models.push(ModelBlob::decode(blob, &Default::default()).unwrap());
+            }
+        }
+        let mut history = scoring::replay::History::default();
+        for r in [r1, r2] {
+            let r = LedgerRecord::decode(&r.encode()).unwrap();
+            let deltas: Vec<Vec<f32>> = r
+                .entries
+                .iter()
+                .map(|e| {
+                    let b = payload(&sim, r.round_id, &e.payload_hash).unwrap();
+                    fedge_proto::update::decode_any(&b, DIM, &Default::default()).unwrap()
+                })
+                .collect();
+            let before = &models
+                .iter()
+                .find(|m| m.version().0 == r.model_before)
+                .unwrap()
+                .params
+                .values;
+            let mut eval = Quadratic {
+                target: target(),
+                n: 200,
+            };
+            let (_, flags) =
+                ledger::recompute_scores(&r, before, &deltas, &mut eval, &mut history).unwrap();
+            assert_eq!(flags, r.entries.len(), "seed {seed}");
+        }
     }
 }

@@ -665,8 +665,7 @@ pub fn ledger_record(data: &[u8]) {
     assert_eq!(r.encode(), data, "accepted bytes re-encode as they were");
 }
 
-/// A record of two entries in each format: plain (2), with an evaluation
-/// (3), with a stale entry, with and without the evaluation (4).
+/// A record of two entries in each format and with each section.
 fn ledger_record_seeds() -> Vec<Vec<u8>> {
     use crate::ledger::*;
     let mut base = LedgerRecord {
@@ -699,6 +698,7 @@ fn ledger_record_seeds() -> Vec<Vec<u8>> {
         reward_root: [0; 32],
         evaluation: None,
         staleness: None,
+        flag_rules: None,
     };
     base.reward_root = base.compute_reward_root();
     let evaluation = LedgerEvaluation {
@@ -720,15 +720,30 @@ fn ledger_record_seeds() -> Vec<Vec<u8>> {
             discount: 0.5f64.sqrt(),
         }],
     };
-    [(false, false), (true, false), (false, true), (true, true)]
-        .into_iter()
-        .map(|(eval, stale)| {
-            let mut r = base.clone();
-            r.evaluation = eval.then(|| evaluation.clone());
-            r.staleness = stale.then(|| staleness.clone());
-            r.encode()
-        })
-        .collect()
+    let rules = LedgerFlagRules {
+        copy_cosine_min: 0.99,
+        free_rider_norm_ratio: 0.05,
+        noise_sigmas: 3.0,
+        order: vec![1, 0],
+    };
+    // Plain (2), evaluated (3), then format 4: with flag rules, with
+    // stale entries, with both and the evaluation.
+    [
+        (false, false, false),
+        (true, false, false),
+        (false, false, true),
+        (false, true, false),
+        (true, true, true),
+    ]
+    .into_iter()
+    .map(|(eval, stale, flags)| {
+        let mut r = base.clone();
+        r.evaluation = eval.then(|| evaluation.clone());
+        r.staleness = stale.then(|| staleness.clone());
+        r.flag_rules = flags.then(|| rules.clone());
+        r.encode()
+    })
+    .collect()
 }
 
 #[cfg(test)]

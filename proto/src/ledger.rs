@@ -27,10 +27,12 @@
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 
 mod eval;
+mod flags;
 mod stale;
 pub use eval::{
     EVAL_FEDERATED, EVAL_VALIDATION_ACCURACY, EVAL_VALIDATION_LOSS, LedgerEvaluation, report_leaf,
 };
+pub use flags::LedgerFlagRules;
 pub use stale::{LedgerStaleness, StaleEntry};
 
 /// Context of the record hash (blake3 key derivation).
@@ -44,13 +46,17 @@ const MAGIC: &[u8; 8] = b"fedgeLR2";
 /// Format 3: format 2 and an evaluation section (see [`LedgerEvaluation`]).
 const MAGIC_V3: &[u8; 8] = b"fedgeLR3";
 /// Format 4: a sections byte after the reward root ([`SECTION_EVALUATION`],
-/// [`SECTION_STALENESS`], the latter always set), then the sections in
-/// that order. Written only for a record with stale entries.
+/// [`SECTION_STALENESS`], [`SECTION_FLAG_RULES`]; one of the last two
+/// always set), then the sections in that order. Written for a record
+/// with stale entries or flag rules (every scored round's).
 const MAGIC_V4: &[u8; 8] = b"fedgeLR4";
 /// Format 4 sections: the evaluation ([`LedgerEvaluation`]) ...
 pub const SECTION_EVALUATION: u8 = 1;
-/// ... and the stale entries ([`LedgerStaleness`]).
+/// ... the stale entries ([`LedgerStaleness`]) ...
 pub const SECTION_STALENESS: u8 = 2;
+/// ... and the flag rules ([`LedgerFlagRules`]).
+pub const SECTION_FLAG_RULES: u8 = 4;
+const SECTIONS_KNOWN: u8 = SECTION_EVALUATION | SECTION_STALENESS | SECTION_FLAG_RULES;
 /// First bytes of a format-1 record (before slashing), refused by name.
 const MAGIC_V1: &[u8; 8] = b"fedgeLR1";
 /// Most entries one record may carry (a round has at most this many
@@ -213,6 +219,8 @@ pub struct LedgerRecord {
     /// Stale FedBuff updates among the entries and their discounts (format
     /// 4), if any.
     pub staleness: Option<LedgerStaleness>,
+    /// How the entries' flags were computed (format 4; a scored round's).
+    pub flag_rules: Option<LedgerFlagRules>,
 }
 
 struct Reader<'a> {
@@ -252,10 +260,11 @@ impl LedgerRecord {
     /// The canonical bytes (what is hashed, signed and stored).
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(8 + 8 * 2 + 32 * 5 + 4 + 16 + 8 + 137 * self.entries.len());
-        b.extend_from_slice(match (&self.staleness, &self.evaluation) {
-            (Some(_), _) => MAGIC_V4,
-            (None, Some(_)) => MAGIC_V3,
-            (None, None) => MAGIC,
+        let sectioned = self.staleness.is_some() || self.flag_rules.is_some();
+        b.extend_from_slice(match (sectioned, &self.evaluation) {
+            (true, _) => MAGIC_V4,
+            (false, Some(_)) => MAGIC_V3,
+            (false, None) => MAGIC,
         });
         b.extend_from_slice(&self.seq.to_le_bytes());
         b.extend_from_slice(&self.round_id.to_le_bytes());
@@ -291,19 +300,22 @@ impl LedgerRecord {
             b.extend_from_slice(&p.slashed.to_bits().to_le_bytes());
         }
         b.extend_from_slice(&self.reward_root);
-        if self.staleness.is_some() {
-            let eval = if self.evaluation.is_some() {
-                SECTION_EVALUATION
-            } else {
-                0
-            };
-            b.push(eval | SECTION_STALENESS);
+        if sectioned {
+            let bit = |on: bool, bit: u8| if on { bit } else { 0 };
+            b.push(
+                bit(self.evaluation.is_some(), SECTION_EVALUATION)
+                    | bit(self.staleness.is_some(), SECTION_STALENESS)
+                    | bit(self.flag_rules.is_some(), SECTION_FLAG_RULES),
+            );
         }
         if let Some(e) = &self.evaluation {
             e.encode_into(&mut b);
         }
         if let Some(s) = &self.staleness {
             s.encode_into(&mut b);
+        }
+        if let Some(f) = &self.flag_rules {
+            f.encode_into(&mut b);
         }
         b
     }
@@ -431,11 +443,11 @@ impl LedgerRecord {
         let reward_root = r.h32("reward_root")?;
         let sections = if sectioned {
             let s = r.take(1, "sections")?[0];
-            if s & !(SECTION_EVALUATION | SECTION_STALENESS) != 0 || s & SECTION_STALENESS == 0 {
+            if s & !SECTIONS_KNOWN != 0 || s & (SECTION_STALENESS | SECTION_FLAG_RULES) == 0 {
                 return Err(LedgerError::Invalid {
                     field: "sections",
                     reason: format!(
-                        "{s:#04x}: format 4 has the staleness section and may have the \
+                        "{s:#04x}: format 4 has staleness or flag rules, and may have the \
                          evaluation, nothing else"
                     ),
                 });
@@ -453,6 +465,11 @@ impl LedgerRecord {
         };
         let staleness = if sections & SECTION_STALENESS != 0 {
             Some(LedgerStaleness::decode(&mut r, entries.len(), round_id)?)
+        } else {
+            None
+        };
+        let flag_rules = if sections & SECTION_FLAG_RULES != 0 {
+            Some(LedgerFlagRules::decode(&mut r, entries.len())?)
         } else {
             None
         };
@@ -484,6 +501,7 @@ impl LedgerRecord {
             reward_root,
             evaluation,
             staleness,
+            flag_rules,
         };
         if rec.compute_reward_root() != rec.reward_root {
             return Err(LedgerError::Invalid {

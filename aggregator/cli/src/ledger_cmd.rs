@@ -123,7 +123,7 @@ pub fn run(cmd: LedgerCmd) -> anyhow::Result<()> {
             let records = verified(&src, key.as_deref())?;
             let penalties = check_all_evidence(&src.state_dir, &records, initial_model.as_deref())?;
             if let Some(spec) = validation {
-                let (rounds, scores) = recompute(
+                let (rounds, scores, flags) = recompute(
                     &src.state_dir,
                     &records,
                     &spec,
@@ -131,6 +131,10 @@ pub fn run(cmd: LedgerCmd) -> anyhow::Result<()> {
                     initial_model.as_deref(),
                 )?;
                 println!("scores recomputed: {scores} scores in {rounds} records agree");
+                println!(
+                    "flags recomputed: {flags} participations' copy, free-rider, replay and \
+                     noise flags agree"
+                );
             }
             let paid: u128 = records
                 .iter()
@@ -257,17 +261,19 @@ fn check_all_evidence(
     Ok(n)
 }
 
-/// Recomputes every scored record's scores; (records, scores) checked.
+/// Recomputes every scored record's scores and flags, in chain order (the
+/// replay history runs through them); (records, scores, flags) checked.
 fn recompute(
     state_dir: &Path,
     records: &[LedgerRecord],
     spec: &str,
     range: Option<&str>,
     initial: Option<&Path>,
-) -> anyhow::Result<(usize, usize)> {
+) -> anyhow::Result<(usize, usize, usize)> {
     let limits = Limits::default();
     let mut eval: Option<EngineEvaluator> = None;
-    let (mut rounds, mut scores) = (0, 0);
+    let mut history = fedge_aggregator::scoring::replay::History::default();
+    let (mut rounds, mut scores, mut flags) = (0, 0, 0);
     for r in records {
         if r.validation_samples == 0 || r.entries.is_empty() {
             continue;
@@ -299,8 +305,10 @@ fn recompute(
                     .map_err(|err| fail(format!("update payload {}: {err}", path.display())))?,
             );
         }
-        scores += ledger::recompute_scores(r, &model.params.values, &deltas, ev).map_err(fail)?;
+        let (s, f) = ledger::recompute_scores(r, &model.params.values, &deltas, ev, &mut history)
+            .map_err(fail)?;
+        (scores, flags) = (scores + s, flags + f);
         rounds += 1;
     }
-    Ok((rounds, scores))
+    Ok((rounds, scores, flags))
 }

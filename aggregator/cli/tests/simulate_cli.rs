@@ -100,7 +100,8 @@ fn ledger_checks(state: &std::path::Path, rewards: &serde_json::Value) {
     ];
     let (ok, out, err) = run("fedge-aggregator", &recompute);
     assert!(
-        ok && out.contains("scores recomputed: 12 scores in 4 records agree"),
+        ok && out.contains("scores recomputed: 12 scores in 4 records agree")
+            && out.contains("flags recomputed: 12 participations'"),
         "{out}{err}"
     );
     // Another validation set gives other scores: named.

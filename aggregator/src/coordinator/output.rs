@@ -179,6 +179,9 @@ pub struct Settlement {
     /// FedBuff's `a` in the staleness discount `(1 + tau)^-a` (0 for
     /// synchronous rounds).
     pub staleness_exponent: f64,
+    /// The flags' thresholds: `scoring.copy_cosine_min`,
+    /// `free_rider_norm_ratio` and `noise_sigmas`.
+    pub flag_thresholds: [f64; 3],
     /// Validation loss of `model_before` (None when unscored).
     pub base_loss: Option<f64>,
     /// Why the round's updates are unscored, if they are.

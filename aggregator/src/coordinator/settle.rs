@@ -92,7 +92,9 @@ impl Coordinator {
                 },
             },
         };
-        if let Some(d) = &deltas {
+        // Scored rounds only: their records carry the flag rules, so a
+        // verifier replays the same history.
+        if let (Some(d), None) = (&deltas, &scores.error) {
             self.replays
                 .flag_and_keep(&mut scores.updates, d, self.cfg.scoring.copy_cosine_min);
         }
@@ -166,6 +168,7 @@ impl Coordinator {
             stake_transform: self.cfg.weights.stake,
             rating_alpha: self.cfg.scoring.rating_alpha,
             staleness_exponent: self.staleness_exponent(),
+            flag_thresholds: self.flag_thresholds(),
             base_loss: scores.base_loss,
             error: scores.error,
             cost: scores.cost,
@@ -173,6 +176,11 @@ impl Coordinator {
             penalties,
             evaluation: self.round.evaluation.summary(),
         })));
+    }
+
+    fn flag_thresholds(&self) -> [f64; 3] {
+        let s = &self.cfg.scoring;
+        [s.copy_cosine_min, s.free_rider_norm_ratio, s.noise_sigmas]
     }
 
     /// FedBuff's staleness exponent (0 for synchronous rounds).
@@ -202,6 +210,7 @@ impl Coordinator {
             stake_transform: self.cfg.weights.stake,
             rating_alpha: self.cfg.scoring.rating_alpha,
             staleness_exponent: self.staleness_exponent(),
+            flag_thresholds: self.flag_thresholds(),
             base_loss: None,
             error: Some("round rolled back: its updates were discarded".into()),
             cost: Default::default(),
@@ -209,5 +218,46 @@ impl Coordinator {
             penalties,
             evaluation: self.round.evaluation.summary(),
         })));
+    }
+}
+
+impl Coordinator {
+    /// Rebuilds the stale-replay history at startup from the last scored
+    /// records of the (verified) chain, whose updates `payload` reads
+    /// (round, payload hash): the history a verifier builds going through
+    /// the chain, so flags recorded after a restart recompute. A round
+    /// whose payloads are missing or do not decode is left out, with a
+    /// warning.
+    pub fn restore_replay_history(
+        &mut self,
+        records: &[fedge_proto::ledger::LedgerRecord],
+        mut payload: impl FnMut(u64, &[u8; 32]) -> Result<Vec<u8>, String>,
+    ) {
+        let dim = self.current.params.values.len();
+        let scored: Vec<_> = records.iter().filter(|r| r.flag_rules.is_some()).collect();
+        let from = scored.len().saturating_sub(scoring::replay::ROUNDS_KEPT);
+        for r in &scored[from..] {
+            let deltas: Result<Vec<Vec<f32>>, String> = r
+                .entries
+                .iter()
+                .map(|e| {
+                    let bytes = payload(r.round_id, &e.payload_hash)?;
+                    fedge_proto::update::decode_any(&bytes, dim, &self.cfg.limits)
+                        .map_err(|e| e.to_string())
+                })
+                .collect();
+            match deltas {
+                Ok(d) => {
+                    let (_, scaled) = crate::ledger::as_scored(r, &d);
+                    let refs: Vec<&[f32]> = scaled.iter().map(|d| &**d).collect();
+                    self.replays.remember(&refs);
+                }
+                Err(e) => tracing::warn!(
+                    round_id = r.round_id,
+                    error = %e,
+                    "a scored round's updates are not readable: replays of it go unflagged"
+                ),
+            }
+        }
     }
 }

@@ -14,8 +14,9 @@
 //! at cosine 1 while honest updates of different rounds, below 0.7 in the
 //! MNIST runs, stay far from `copy_cosine_min` (0.99). The last
 //! [`ROUNDS_KEPT`] rounds are kept, at most [`SKETCHES_MAX`] sketches (16
-//! MiB). The history lives in memory: after a restart, replays of rounds
-//! before it go unflagged.
+//! MiB). The history lives in memory and is rebuilt at startup from the
+//! last scored rounds' kept payloads ([`History::remember`]), as a ledger
+//! verifier builds it going through the chain.
 
 use std::collections::VecDeque;
 
@@ -77,13 +78,23 @@ impl History {
                 flagged += 1;
             }
         }
+        self.keep_sketches(sketches);
+        flagged
+    }
+
+    /// Remembers a round's updates without flagging them: rebuilding the
+    /// history at startup from the ledger's last scored rounds.
+    pub fn remember(&mut self, deltas: &[&[f32]]) {
+        self.keep_sketches(deltas.iter().map(|d| sketch(d)).collect());
+    }
+
+    fn keep_sketches(&mut self, sketches: Vec<Vec<f32>>) {
         self.rounds.push_back(sketches);
         while self.rounds.len() > ROUNDS_KEPT
             || self.rounds.iter().map(Vec::len).sum::<usize>() > SKETCHES_MAX
         {
             self.rounds.pop_front();
         }
-        flagged
     }
 }
 

@@ -305,6 +305,11 @@ impl Server {
                     anyhow::anyhow!("the ledger in the state directory does not verify: {e}")
                 })?;
         core.restore_slashes(&records);
+        core.restore_replay_history(&records, |round, hash| {
+            store
+                .read_update_payload(round, hash)
+                .map_err(|e| e.to_string())
+        });
         core.restore_ratings(&store.ratings().await?);
         core.restore_penalties(store.pending_penalties().await?);
         for u in store.round_updates(core.round_id()).await? {

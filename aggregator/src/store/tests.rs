@@ -102,6 +102,7 @@ fn settlement(
         stake_transform: crate::weighting::Transform::Linear,
         rating_alpha: 0.5,
         staleness_exponent: 0.5,
+        flag_thresholds: [0.99, 0.05, 3.0],
         base_loss: Some(1.0),
         error: None,
         cost: Default::default(),

@@ -4,11 +4,11 @@
 //!
 //! Without it a verifier could not recompute a stale update's score: the
 //! aggregator scores the discounted delta (what it applied), and neither
-//! the discount nor the task's round was in the record. A record with no
-//! stale entry is written in format 2 or 3 as before, byte for byte.
+//! the discount nor the task's round was in the record.
 //!
 //! Layout, after the reward root and the sections byte of format 4 (and
-//! the evaluation, when its bit is set): `exponent f64 | count u32 |
+//! the evaluation, when its bit is set; the flag rules follow it):
+//! `exponent f64 | count u32 |
 //! (entry u32 | task_round u64 | discount f64) x count`, little-endian.
 //! Entries are indices into the record's entries, strictly increasing;
 //! each task round is before the record's round; each discount is in
@@ -208,7 +208,7 @@ mod tests {
         r.staleness = Some(staleness());
         let b = r.encode();
         let at = b.len() - (8 + 4 + 20) - 1;
-        for sections in [0u8, 1, 6] {
+        for sections in [0u8, 1, 8] {
             let mut x = b.clone();
             x[at] = sections;
             assert!(

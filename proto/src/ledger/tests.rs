@@ -102,6 +102,7 @@ pub(super) fn record() -> LedgerRecord {
         reward_root: [0; 32],
         evaluation: None,
         staleness: None,
+        flag_rules: None,
     };
     r.reward_root = r.compute_reward_root();
     r
