@@ -133,6 +133,22 @@ fn checked_evidence(
     lp
 }
 
+/// The updates of record `r`'s entries, decoded from what the simulated
+/// store kept of them.
+fn kept_deltas(sim: &Sim, r: &fedge_proto::ledger::LedgerRecord) -> Vec<Vec<f32>> {
+    r.entries
+        .iter()
+        .map(|e| {
+            let u = sim
+                .kept
+                .iter()
+                .find(|u| u.payload_hash == e.payload_hash && u.round_id == r.round_id)
+                .unwrap();
+            fedge_proto::update::decode_any(&u.payload, DIM, &Default::default()).unwrap()
+        })
+        .collect()
+}
+
 fn settlements(sim: &Sim) -> Vec<Settlement> {
     sim.events
         .iter()
@@ -478,18 +494,7 @@ fn stale_fedbuff_updates_are_recomputable_from_their_records() {
                 .unwrap()
                 .params
                 .values;
-            let deltas: Vec<Vec<f32>> = r
-                .entries
-                .iter()
-                .map(|e| {
-                    let u = sim
-                        .kept
-                        .iter()
-                        .find(|u| u.payload_hash == e.payload_hash && u.round_id == r.round_id)
-                        .unwrap();
-                    fedge_proto::update::decode_any(&u.payload, DIM, &limits).unwrap()
-                })
-                .collect();
+            let deltas = kept_deltas(&sim, &r);
             let (checked, flags) =
                 ledger::recompute_scores(&r, before, &deltas, &mut eval(), &mut history).unwrap();
             assert_eq!(checked, r.entries.len(), "seed {seed} round {}", r.round_id);
@@ -587,18 +592,7 @@ fn flags_are_recomputed_from_the_record() {
         let published = sim.published();
         let r = ledger::build_record(1, [0; 32], s, published[0].2).unwrap();
         let r = LedgerRecord::decode(&r.encode()).unwrap();
-        let deltas: Vec<Vec<f32>> = r
-            .entries
-            .iter()
-            .map(|e| {
-                let u = sim
-                    .kept
-                    .iter()
-                    .find(|u| u.payload_hash == e.payload_hash && u.round_id == r.round_id)
-                    .unwrap();
-                fedge_proto::update::decode_any(&u.payload, DIM, &Default::default()).unwrap()
-            })
-            .collect();
+        let deltas = kept_deltas(&sim, &r);
         let base = sim::model(DIM).params.values;
         let eval = || Quadratic {
             target: target(),
@@ -694,14 +688,7 @@ fn replays_across_a_restart_are_flagged_and_verify() {
         let mut history = scoring::replay::History::default();
         for r in [r1, r2] {
             let r = LedgerRecord::decode(&r.encode()).unwrap();
-            let deltas: Vec<Vec<f32>> = r
-                .entries
-                .iter()
-                .map(|e| {
-                    let b = payload(&sim, r.round_id, &e.payload_hash).unwrap();
-                    fedge_proto::update::decode_any(&b, DIM, &Default::default()).unwrap()
-                })
-                .collect();
+            let deltas = kept_deltas(&sim, &r);
             let before = &models
                 .iter()
                 .find(|m| m.version().0 == r.model_before)
