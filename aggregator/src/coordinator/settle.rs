@@ -55,9 +55,13 @@ impl Coordinator {
             .get(claimed.len() / 2)
             .map_or(0, |m| m.saturating_mul(claimed.len() as u64));
         let deltas: Option<Vec<&[f32]>> = held.iter().map(|h| h.delta.as_deref()).collect();
+        let budgeted = scoring::ScoringConfig {
+            validation_samples: scoring::budgeted_samples(&self.cfg.scoring, held.len(), examples),
+            ..self.cfg.scoring.clone()
+        };
         let mut scores = match deltas.as_ref() {
             Some(d) if !held.is_empty() => scoring::score_round(
-                &self.cfg.scoring,
+                &budgeted,
                 self.evaluator
                     .as_deref_mut()
                     .map(|e| e as &mut dyn scoring::Evaluator),
@@ -145,7 +149,7 @@ impl Coordinator {
         let scored = scores.error.is_none();
         let samples = if scored {
             let held = self.evaluator.as_ref().map_or(0, |e| e.len());
-            self.cfg.scoring.validation_samples.min(held) as u32
+            budgeted.validation_samples.min(held) as u32
         } else {
             0
         };

@@ -216,3 +216,36 @@ fn noise_is_orthogonal_to_every_update_not_just_their_sum() {
     assert!(s.updates[3].noise, "{:?}", s.updates[3]);
     assert_eq!(s.updates[4].copy_of, Some(3));
 }
+
+/// The validation sample shrinks to keep scoring within its budget of the
+/// round's training compute, never below the floor or above the
+/// configured size; a zero budget keeps the configured size.
+#[test]
+fn the_validation_sample_keeps_scoring_within_its_budget() {
+    let cfg = ScoringConfig::default();
+    // 10 devices of 3,000 examples: 128 fits (11 x 128 = 1,408 passes
+    // against 90,000).
+    assert_eq!(budgeted_samples(&cfg, 10, 30_000), 128);
+    // 100 devices of 60 examples: 10% of 18,000 passes is 1,800, 17
+    // examples for 101 evaluations: the floor (32) binds.
+    assert_eq!(budgeted_samples(&cfg, 100, 6_000), 32);
+    // In between, the sample is what the budget affords, and within it.
+    let n = budgeted_samples(&cfg, 10, 3_000);
+    assert_eq!(n, 81);
+    assert!((11 * n) as f64 <= 0.1 * 3.0 * 3_000.0);
+    let shapley = ScoringConfig {
+        method: ScoreMethod::Shapley,
+        ..cfg.clone()
+    };
+    assert_eq!(budgeted_samples(&shapley, 10, 3_000), 40);
+    let fixed = ScoringConfig {
+        cost_budget: 0.0,
+        ..cfg.clone()
+    };
+    assert_eq!(budgeted_samples(&fixed, 100, 6_000), 128);
+    let small = ScoringConfig {
+        validation_samples: 16,
+        ..cfg
+    };
+    assert_eq!(budgeted_samples(&small, 100, 6_000), 16);
+}
