@@ -131,6 +131,8 @@ pub fn spawn_devices(
     let attack = AttackPlan::of(c)?;
     let kinds = AttackPlan::kinds(c)?;
     let colluders: Colluders = Default::default();
+    // One compiled training step for the whole fleet, not one per device.
+    let steps = fedge_engine::trainer::SharedSteps::default();
     let copycats = kinds.contains(&Attack::Copycat).then(|| Copycats {
         board: Default::default(),
         accepted: Arc::clone(accepted),
@@ -167,13 +169,17 @@ pub fn spawn_devices(
             ..attack
         });
         let id = hex::encode(key.verifying_key().to_bytes());
+        let fleet = FleetShared {
+            steps: &steps,
+            colluders: &colluders,
+            closed,
+        };
         let trainer = device_trainer(
             c,
             i,
+            &fleet,
             train.subset(shard),
             malicious,
-            &colluders,
-            closed,
             copycats.as_ref().map(|cc| (cc, id)),
         );
         devices.push(Device {
@@ -190,15 +196,22 @@ pub fn spawn_devices(
     Ok(devices)
 }
 
+/// What the fleet's trainers share: the compiled training step, the
+/// colluders' updates, the rounds closed.
+struct FleetShared<'a> {
+    steps: &'a fedge_engine::trainer::SharedSteps,
+    colluders: &'a Colluders,
+    closed: &'a ClosedRounds,
+}
+
 /// Device `i`'s trainer on its `local` data: honest, or running
 /// `malicious`, and slowed, capped or flaky as the heterogeneity says.
 fn device_trainer(
     c: &SimConfig,
     i: usize,
+    fleet: &FleetShared<'_>,
     mut local: Dataset,
     malicious: Option<AttackPlan>,
-    colluders: &Colluders,
-    closed: &ClosedRounds,
     copycats: Option<(&Copycats, String)>,
 ) -> Box<dyn Trainer> {
     if malicious.is_some_and(|a| a.kind == Attack::LabelFlip) {
@@ -216,11 +229,13 @@ fn device_trainer(
     let cut = local.len() - held;
     let holdout = local.slice(cut..local.len());
     let local = local.slice(0..cut);
-    let honest = OnnxTrainer::new(local, c.seed.wrapping_add(i as u64)).with_holdout(holdout);
+    let honest = OnnxTrainer::new(local, c.seed.wrapping_add(i as u64))
+        .with_holdout(holdout)
+        .with_shared_steps(fleet.steps.clone());
     let mut trainer: Box<dyn Trainer> = match malicious {
         Some(plan) if plan.kind == Attack::Hog => Box::new(Hog {
             hold: Duration::from_millis(c.round_deadline_ms) + HOG_MARGIN,
-            closed: Arc::clone(closed),
+            closed: Arc::clone(fleet.closed),
         }),
         Some(plan) if plan.kind == Attack::Copycat => Box::new(Copycat {
             copycats: copycats.expect("copycats share a board").0.clone(),
@@ -230,7 +245,7 @@ fn device_trainer(
             inner: honest,
             plan,
             seed: c.seed.wrapping_add(1000 + i as u64),
-            colluders: Arc::clone(colluders),
+            colluders: Arc::clone(fleet.colluders),
             first: None,
         }),
         // With copycats about, honest updates are where they can see them.
