@@ -9,7 +9,11 @@
 //! asks for the model's last chunk, its connection goes, or `slot_timeout`
 //! passes: a device that takes a slot and never reads holds it no longer
 //! than that (it may go on fetching; it no longer counts). A device that
-//! already holds the final model takes no slot.
+//! already holds the final model takes no slot, nor does a key told
+//! `Finished` before: a key takes a slot once, so a few keys asking again
+//! and again cannot keep the slots from the devices still waiting (a
+//! repeated fetch is bounded like any transfer, by the connection's
+//! writer queue and rate limit).
 //!
 //! The server keeps serving while fetches start: it stops once every
 //! device has left, or when none has started one for its grace period
@@ -97,7 +101,8 @@ impl Coordinator {
         have: Option<ModelVersion>,
     ) {
         let holds_it = have == Some(self.current_version);
-        if !holds_it && !self.finals.start(now, session) {
+        let again = self.sessions.was_told_finished(key.as_bytes());
+        if !holds_it && !again && !self.finals.start(now, session) {
             let reason = format!(
                 "finished: {} devices are fetching the final model; come back for it",
                 self.finals.in_flight()

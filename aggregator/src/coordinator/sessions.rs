@@ -202,6 +202,10 @@ impl SessionTable {
         self.told_finished.insert(key);
     }
 
+    pub fn was_told_finished(&self, key: &DeviceKey) -> bool {
+        self.told_finished.contains(key)
+    }
+
     /// Devices this process knows of that have not been told the run is
     /// finished. O(1): the server asks after every event of the finish,
     /// and a count of the set difference was a scan of every device.

@@ -237,10 +237,16 @@ pub async fn run_device(
                             // The aggregator is at its handshake limit: not
                             // a failure; back off with jitter and come back.
                             refused_total += 1;
-                            tracing::info!(
-                                attempt = connect_failures,
-                                "aggregator busy: connection refused; connecting again later"
-                            );
+                            if connect_failures == 1 {
+                                tracing::info!(
+                                    "aggregator busy: connection refused; connecting again later"
+                                );
+                            } else {
+                                tracing::debug!(
+                                    attempt = connect_failures,
+                                    "aggregator busy: connection refused again"
+                                );
+                            }
                         } else {
                             failed_total += 1;
                             tracing::warn!(error = %e, attempt = connect_failures, "connect failed");
