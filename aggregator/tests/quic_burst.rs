@@ -82,6 +82,8 @@ async fn an_unramped_burst_is_paced_with_no_timeouts_and_no_failed_sessions() {
                 seed: i as u64,
                 backoff_min: Duration::from_millis(100),
                 backoff_max: Duration::from_secs(2),
+                refused_backoff_min: Duration::from_millis(100),
+                refused_backoff_max: Duration::from_secs(2),
                 ..SessionConfig::default()
             },
             endpoint: endpoint.clone(),

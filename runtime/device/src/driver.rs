@@ -205,7 +205,7 @@ pub async fn run_device(
     let mut conn: Option<Conn> = None;
     let mut rejections = Vec::new();
     let mut connect_failures = 0u32;
-    let (mut failed_total, mut refused_total) = (0u32, 0u32);
+    let (mut failed_total, mut refused_total, mut refused_in_a_row) = (0u32, 0u32, 0u32);
     let mut connections = 0u32;
     // Consecutive training failures, for the log: a device never quits
     // over them (the aggregator is told each time, and a rolled-back or
@@ -228,29 +228,27 @@ pub async fn run_device(
                     Ok((c, binding)) => {
                         conn = Some(c);
                         connect_failures = 0;
+                        refused_in_a_row = 0;
                         connections += 1;
                         session.handle_connected(Instant::now(), binding);
                     }
+                    Err(e) if refused(&e) => {
+                        // The aggregator is at its handshake limit: busy,
+                        // not a failure; the session backs off and comes
+                        // back. The first refusal of a run is logged.
+                        refused_total += 1;
+                        refused_in_a_row += 1;
+                        if refused_in_a_row == 1 {
+                            tracing::info!(
+                                "aggregator busy: connection refused; connecting again later"
+                            );
+                        }
+                        session.handle_refused(Instant::now());
+                    }
                     Err(e) => {
                         connect_failures += 1;
-                        if refused(&e) {
-                            // The aggregator is at its handshake limit: not
-                            // a failure; back off with jitter and come back.
-                            refused_total += 1;
-                            if connect_failures == 1 {
-                                tracing::info!(
-                                    "aggregator busy: connection refused; connecting again later"
-                                );
-                            } else {
-                                tracing::debug!(
-                                    attempt = connect_failures,
-                                    "aggregator busy: connection refused again"
-                                );
-                            }
-                        } else {
-                            failed_total += 1;
-                            tracing::warn!(error = %e, attempt = connect_failures, "connect failed");
-                        }
+                        failed_total += 1;
+                        tracing::warn!(error = %e, attempt = connect_failures, "connect failed");
                         session.handle_disconnected(Instant::now());
                     }
                 },
