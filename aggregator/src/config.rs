@@ -167,6 +167,18 @@ pub struct ServerLimits {
     /// of connections past what this serves in half of `auth_timeout_ms`
     /// is told to come back later, each at its place in the queue.
     pub handshakes_per_sec: f64,
+    /// Task requests per second from all devices together: devices not
+    /// needed now are told to come back after a window stretched by how
+    /// many are connected, so that they ask no more often than this.
+    pub task_requests_per_sec: f64,
+    /// Devices fetching the final model at once after the last round; the
+    /// others are paced away and come back for it.
+    pub final_downloads_max: usize,
+    /// TLS handshakes run at once; a new connection waits for a turn at
+    /// most `handshake_queue_wait_ms` and is refused at the QUIC level
+    /// past it (the device backs off and comes back).
+    pub handshakes_in_flight_max: usize,
+    pub handshake_queue_wait_ms: u64,
     pub rate_per_sec: f64,
     pub rate_burst: f64,
     pub idle_timeout_ms: u64,
@@ -291,6 +303,10 @@ impl Default for ServerLimits {
             max_devices: CoordinatorConfig::default().max_sessions,
             max_authenticating: CoordinatorConfig::default().max_unauthenticated,
             handshakes_per_sec: CoordinatorConfig::default().handshakes_per_sec,
+            task_requests_per_sec: CoordinatorConfig::default().task_requests_per_sec,
+            final_downloads_max: CoordinatorConfig::default().final_downloads_max,
+            handshakes_in_flight_max: s.handshakes.in_flight_max,
+            handshake_queue_wait_ms: s.handshakes.queue_wait.as_millis() as u64,
             rate_per_sec: s.rate_per_sec,
             rate_burst: s.rate_burst,
             idle_timeout_ms: s.idle_timeout.as_millis() as u64,
@@ -516,6 +532,8 @@ impl AggregatorConfig {
             max_sessions: self.server.max_devices,
             max_unauthenticated: self.server.max_authenticating,
             handshakes_per_sec: self.server.handshakes_per_sec,
+            task_requests_per_sec: self.server.task_requests_per_sec,
+            final_downloads_max: self.server.final_downloads_max,
             versions_kept: 4,
             uploads_in_flight_bytes_max: self.server.uploads_in_flight_bytes_max,
             plan: self.plan()?,
@@ -579,6 +597,11 @@ impl AggregatorConfig {
             stakes: self.stakes.clone(),
             metrics_listen: self.server.metrics_listen,
             writer_queue_bytes_max: self.server.writer_queue_bytes_max,
+            handshakes: crate::server::HandshakeLimits {
+                in_flight_max: self.server.handshakes_in_flight_max,
+                queue_wait: Duration::from_millis(self.server.handshake_queue_wait_ms),
+                ..Default::default()
+            },
         })
     }
 }

@@ -15,6 +15,13 @@
 //! `t = (authenticating + k) / rate`, so a burst of any size returns at
 //! the rate the aggregator can take it. O(1) per connection: one instant
 //! (the queue's tail), no scan.
+//!
+//! Authenticated devices that are not needed now are paced the same way
+//! ([`request_window`]): the configured `retry_window` is stretched with
+//! the number of devices connected, so that all of them together ask for
+//! tasks at most `task_requests_per_sec` times a second, whatever the size
+//! of the fleet (10,000 devices told to come back in half a second would
+//! ask 20,000 times a second).
 
 use std::time::{Duration, Instant};
 
@@ -57,6 +64,14 @@ impl Admission {
         self.budget
     }
 
+    /// How long from `now` until the last connection paced away is due
+    /// back (zero when none is).
+    pub fn horizon(&self, now: Instant) -> Duration {
+        self.tail.map_or(Duration::ZERO, |t| {
+            (t + self.spread).saturating_duration_since(now)
+        })
+    }
+
     /// A connection arrives while `authenticating` others are: `None` to
     /// admit it, or the window `(min, max)` it is told to come back in.
     pub fn decide(&mut self, now: Instant, authenticating: usize) -> Option<(Duration, Duration)> {
@@ -70,6 +85,37 @@ impl Admission {
         let wait = start.saturating_duration_since(now);
         Some((wait, wait + self.spread))
     }
+}
+
+/// The window a device not needed now is told to come back in: `base`
+/// (the configured `retry_window`), stretched when `sessions` devices
+/// asking once per window on average would ask more than
+/// `requests_per_sec` times a second. The stretched window keeps its
+/// shape (both ends scaled by the same factor) and starts at most
+/// [`ADMISSION_WAIT_MAX`] from now.
+pub fn request_window(
+    base: (Duration, Duration),
+    sessions: usize,
+    requests_per_sec: f64,
+) -> (Duration, Duration) {
+    let (lo, hi) = base;
+    let per_sec = requests_per_sec.max(f64::MIN_POSITIVE);
+    // The mean time between two requests of one device that all of them
+    // together need, against the base window's mean.
+    let needed = (sessions as f64 / per_sec).min(ADMISSION_WAIT_MAX.as_secs_f64());
+    let mean = (lo + hi).as_secs_f64() / 2.0;
+    if needed <= mean {
+        return base;
+    }
+    if mean <= 0.0 {
+        return (
+            Duration::from_secs_f64(needed / 2.0),
+            Duration::from_secs_f64(needed * 1.5),
+        );
+    }
+    let k = needed / mean;
+    let lo = lo.mul_f64(k).min(ADMISSION_WAIT_MAX);
+    (lo, hi.mul_f64(k).max(lo))
 }
 
 #[cfg(test)]
@@ -109,5 +155,24 @@ mod tests {
         let (start, end) = slow.decide(now, 5).unwrap();
         assert_eq!((start, end), (ADMISSION_WAIT_MAX, ADMISSION_WAIT_MAX + MS));
         assert!(a.decide(now, 64).is_some());
+    }
+
+    #[test]
+    fn request_windows_stretch_with_the_fleet_to_keep_the_request_rate() {
+        let base = (200 * MS, 600 * MS);
+        // 100 devices asking every 0.4 s: 250 a second, under 1000.
+        assert_eq!(request_window(base, 100, 1000.0), base);
+        // 10,000 would ask 25,000 times a second: stretched 25x, to a
+        // mean of 10 s (1000 a second).
+        let (lo, hi) = request_window(base, 10_000, 1000.0);
+        assert_eq!((lo, hi), (5000 * MS, 15_000 * MS));
+        // A zero window still spreads; the wait is capped.
+        assert_eq!(
+            request_window((Duration::ZERO, Duration::ZERO), 2000, 1000.0),
+            (1000 * MS, 3000 * MS)
+        );
+        let secs = Duration::from_secs;
+        let capped = request_window(base, usize::MAX, 1.0);
+        assert_eq!(capped, (secs(300), secs(900)));
     }
 }

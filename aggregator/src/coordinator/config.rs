@@ -58,6 +58,15 @@ pub struct CoordinatorConfig {
     /// serves in half of `auth_timeout` are paced away before they
     /// authenticate, told when to come back, instead of timing out.
     pub handshakes_per_sec: f64,
+    /// Task requests per second from all devices together that pace
+    /// steering aims at: `retry_window` is stretched by the number of
+    /// devices connected so that they ask no more often than this (see
+    /// `coordinator::admission::request_window`).
+    pub task_requests_per_sec: f64,
+    /// Devices fetching the final model at once after the last round
+    /// (see `coordinator::finish`); the others are paced away and come
+    /// back for it.
+    pub final_downloads_max: usize,
     /// Chunk size for model downloads.
     pub chunk_bytes: u32,
     /// Most authenticated devices connected at once.
@@ -210,6 +219,8 @@ impl Default for CoordinatorConfig {
             retry_window: (Duration::from_millis(500), Duration::from_millis(1500)),
             auth_timeout: Duration::from_secs(10),
             handshakes_per_sec: 200.0,
+            task_requests_per_sec: 1000.0,
+            final_downloads_max: 256,
             chunk_bytes: 256 << 10,
             max_sessions: 10_000,
             max_unauthenticated: 1024,
@@ -266,6 +277,12 @@ impl CoordinatorConfig {
             return Err(format!(
                 "chunk_bytes must be in [1, {}], got {}",
                 self.limits.chunk_bytes_max, self.chunk_bytes
+            ));
+        }
+        if !(self.task_requests_per_sec.is_finite() && self.task_requests_per_sec > 0.0) {
+            return Err(format!(
+                "task_requests_per_sec must be a positive number, got {}",
+                self.task_requests_per_sec
             ));
         }
         if !(self.handshakes_per_sec.is_finite() && self.handshakes_per_sec > 0.0) {

@@ -40,6 +40,7 @@ mod closing;
 mod config;
 mod evaluation;
 mod fedbuff;
+mod finish;
 mod intake;
 mod ledger;
 mod misconduct;
@@ -151,6 +152,8 @@ pub struct Coordinator {
     replays: crate::scoring::replay::History,
     published_rounds: u64,
     finished: bool,
+    /// Fetches of the final model in progress, bounded.
+    finals: finish::FinalDownloads,
     /// A leaf's link with its parent (unused elsewhere).
     leaf: tree::LeafState,
     out: VecDeque<Output>,
@@ -230,6 +233,7 @@ impl Coordinator {
             replays: Default::default(),
             published_rounds,
             finished,
+            finals: finish::FinalDownloads::new(cfg.final_downloads_max, cfg.slot_timeout),
             leaf: tree::LeafState {
                 awaiting: cfg.tree.leaf,
                 ..Default::default()
@@ -301,6 +305,24 @@ impl Coordinator {
 
     pub fn session_count(&self) -> usize {
         self.sessions.len()
+    }
+
+    /// The window a device not needed now is told to come back in: the
+    /// configured `retry_window`, stretched with the devices connected
+    /// (see [`admission::request_window`]).
+    fn request_window(&self) -> (std::time::Duration, std::time::Duration) {
+        admission::request_window(
+            self.cfg.retry_window,
+            self.sessions.len(),
+            self.cfg.task_requests_per_sec,
+        )
+    }
+
+    /// The longest a device told to come back now may stay away: a
+    /// finished aggregator serves at least this long past its last round
+    /// so that the devices it paced away can fetch the final model.
+    pub fn pace_horizon(&self, now: Instant) -> std::time::Duration {
+        self.request_window().1.max(self.admission.horizon(now))
     }
 
     /// Devices this process knows of that have not yet been told the run
@@ -399,6 +421,7 @@ impl Coordinator {
 
     pub fn handle_disconnect(&mut self, _now: Instant, session: SessionId) {
         self.sessions.remove(session);
+        self.finals.done(session);
     }
 
     /// A frame arrived that could not be decoded (malformed, oversized, or
@@ -456,7 +479,8 @@ impl Coordinator {
             self.reject(
                 id,
                 None,
-                RejectCode::AuthFailed,
+                // Not a refusal of the device: it may connect again.
+                RejectCode::DeadlinePassed,
                 "authentication timed out".into(),
                 true,
             );
@@ -558,9 +582,7 @@ impl Coordinator {
         have: Option<ModelVersion>,
     ) {
         if self.finished {
-            let mref = self.transfers.model_ref(&self.current_version);
-            self.sessions.note_told_finished(key.to_bytes());
-            self.send(session, AggMsg::Finished(mref));
+            self.on_finished_request(now, session, key, have);
             return;
         }
         if self.leaf.awaiting {
@@ -664,7 +686,7 @@ impl Coordinator {
     }
 
     fn pace_away(&mut self, session: SessionId, reason: &str) {
-        let (lo, hi) = self.cfg.retry_window;
+        let (lo, hi) = self.request_window();
         let lo_ms = lo.as_millis() as u64;
         let hi_ms = hi.as_millis() as u64;
         // Randomise the window's start so paced devices do not return as a herd.
@@ -691,6 +713,7 @@ impl Coordinator {
         version: ModelVersion,
         index: u32,
     ) {
+        self.note_chunk_asked(session, version, index);
         match self.transfers.chunk(version, index) {
             Ok(data) => self.send(
                 session,

@@ -198,13 +198,20 @@ impl SessionTable {
     }
 
     pub fn note_told_finished(&mut self, key: DeviceKey) {
+        self.known.insert(key);
         self.told_finished.insert(key);
     }
 
+    pub fn was_told_finished(&self, key: &DeviceKey) -> bool {
+        self.told_finished.contains(key)
+    }
+
     /// Devices this process knows of that have not been told the run is
-    /// finished.
+    /// finished. O(1): the server asks after every event of the finish,
+    /// and a count of the set difference was a scan of every device.
     pub fn awaiting_finish(&self) -> usize {
-        self.known.difference(&self.told_finished).count()
+        debug_assert!(self.told_finished.len() <= self.known.len());
+        self.known.len() - self.told_finished.len()
     }
 }
 

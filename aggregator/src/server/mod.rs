@@ -24,7 +24,10 @@ use crate::store::Store;
 use crate::tls::TlsIdentity;
 use crate::uplink::{FromParent, ParentLink};
 
+mod handshakes;
 mod outputs;
+
+pub use handshakes::HandshakeLimits;
 
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -45,6 +48,9 @@ pub struct ServerConfig {
     /// Bytes queued for one connection that has not read them yet; a
     /// device over it is dropped (it never makes the server hold more).
     pub writer_queue_bytes_max: usize,
+    /// TLS handshakes at once, and how new connections wait for a turn
+    /// (see `server::handshakes`).
+    pub handshakes: HandshakeLimits,
 }
 
 impl Default for ServerConfig {
@@ -59,6 +65,7 @@ impl Default for ServerConfig {
             stakes: None,
             metrics_listen: None,
             writer_queue_bytes_max: WRITER_QUEUE_BYTES_MAX,
+            handshakes: HandshakeLimits::default(),
         }
     }
 }
@@ -182,7 +189,7 @@ impl Server {
         t.max_concurrent_bidi_streams(4u32.into());
         t.max_concurrent_uni_streams(0u32.into());
         sc.transport_config(Arc::new(t));
-        let endpoint = quinn::Endpoint::server(sc, cfg.listen)
+        let endpoint = listen(sc, cfg.listen)
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
         let http = match cfg.metrics_listen {
             Some(addr) => {
@@ -397,8 +404,20 @@ impl Server {
                 finished: core.is_finished(),
                 strategy: core.strategy_name(),
             };
-            if let (Some(t), Some(grace)) = (finished_at, cfg.finish_grace)
-                && (Instant::now() >= t + grace
+            // Finished: serve the final model while devices come for it,
+            // until the grace period past the longest wait devices are
+            // told has passed since the last fetch began (or everyone has
+            // left).
+            let finish_until = match (finished_at, cfg.finish_grace) {
+                (Some(t), Some(grace)) => {
+                    let active = core.finish_active_at().map_or(t, |a| a.max(t));
+                    let until = active + grace + core.pace_horizon(Instant::now());
+                    Some(until.min(t + grace + FINISH_EXTENSION_MAX))
+                }
+                _ => None,
+            };
+            if let Some(until) = finish_until
+                && (Instant::now() >= until
                     || (writers.is_empty()
                         && core.session_count() == 0
                         && core.devices_awaiting_finish() == 0))
@@ -406,8 +425,8 @@ impl Server {
                 break;
             }
             let mut wake = core.poll_timeout();
-            if let (Some(t), Some(grace)) = (finished_at, cfg.finish_grace) {
-                wake = Some(wake.map_or(t + grace, |w| w.min(t + grace)));
+            if let Some(until) = finish_until {
+                wake = Some(wake.map_or(until, |w| w.min(until)));
             }
             let sleep = async {
                 match wake {
@@ -483,6 +502,55 @@ impl Server {
     }
 }
 
+/// The longest the finish is served past `finish_grace` while devices
+/// keep coming for the final model: a swarm of fresh keys fetching it
+/// keeps the server no longer.
+const FINISH_EXTENSION_MAX: Duration = Duration::from_secs(600);
+
+/// Socket buffer the server's UDP socket asks for, each way (the kernel
+/// grants at most `net.core.rmem_max` / `wmem_max`). Every device's packets
+/// arrive on this one socket: with the kernel's default (about 200 KiB) a
+/// burst of connections overflows it between two reads, and the dropped
+/// Initial packets are only sent again after QUIC's probe timeout, which
+/// doubles each time (1 s, 2 s, 4 s...): a handshake that could take a
+/// millisecond times out instead.
+pub const UDP_BUFFER_BYTES: usize = 8 << 20;
+
+/// The server's QUIC endpoint on `addr`, its socket's buffers enlarged to
+/// [`UDP_BUFFER_BYTES`] as far as the kernel allows.
+fn listen(sc: quinn::ServerConfig, addr: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    enlarge_buffers(&socket);
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime found"))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(sc), socket, runtime)
+}
+
+/// Ask for [`UDP_BUFFER_BYTES`] of socket buffer each way; what the kernel
+/// grants is logged, a refusal only warned about (the defaults still work,
+/// with more loss under a burst).
+pub fn enlarge_buffers(socket: &std::net::UdpSocket) {
+    let state = match quinn::udp::UdpSocketState::new(socket.into()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the UDP socket's state; default buffers");
+            return;
+        }
+    };
+    let asked = (
+        state.set_recv_buffer_size(socket.into(), UDP_BUFFER_BYTES),
+        state.set_send_buffer_size(socket.into(), UDP_BUFFER_BYTES),
+    );
+    if let (Err(e), _) | (_, Err(e)) = asked {
+        tracing::warn!(error = %e, "cannot enlarge the UDP socket's buffers");
+    }
+    tracing::debug!(
+        recv = state.recv_buffer_size(socket.into()).unwrap_or(0),
+        send = state.send_buffer_size(socket.into()).unwrap_or(0),
+        "UDP socket buffers"
+    );
+}
+
 async fn accept_loop(
     endpoint: quinn::Endpoint,
     core: mpsc::Sender<Input>,
@@ -492,6 +560,7 @@ async fn accept_loop(
 ) {
     let mut next_id: SessionId = 1;
     let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let gate = handshakes::HandshakeGate::new(cfg.handshakes.clone());
     while let Some(incoming) = endpoint.accept().await {
         // Refuse at the door well before the coordinator's own limit.
         let room = cfg.coordinator.max_sessions + cfg.coordinator.max_unauthenticated;
@@ -499,6 +568,11 @@ async fn accept_loop(
             incoming.refuse();
             continue;
         }
+        let Some(place) = gate.queue() else {
+            refuse_handshake(incoming, &metrics);
+            continue;
+        };
+        let gate = gate.clone();
         let id = next_id;
         next_id += 1;
         let core = core.clone();
@@ -508,7 +582,13 @@ async fn accept_loop(
         let metrics = Arc::clone(&metrics);
         tokio::spawn(async move {
             open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if let Err(e) = connection(id, incoming, core.clone(), limits, &cfg, &metrics).await {
+            let Some(turn) = gate.turn(place).await else {
+                refuse_handshake(incoming, &metrics);
+                open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                return;
+            };
+            let conn = handshake(incoming, turn, gate.turn_max());
+            if let Err(e) = connection(id, conn, core.clone(), limits, &cfg, &metrics).await {
                 tracing::debug!(session = id, error = %e, "connection ended");
             }
             let _ = core.send(Input::Disconnected(id)).await;
@@ -517,15 +597,45 @@ async fn accept_loop(
     }
 }
 
+/// A connection the handshake limits turned away: refused at the QUIC
+/// level (the device backs off and comes back), counted with the
+/// rejections as `handshake_refused`.
+fn refuse_handshake(incoming: quinn::Incoming, metrics: &Metrics) {
+    incoming.refuse();
+    metrics
+        .rejections
+        .get_or_create(&crate::metrics::ReasonLabel {
+            reason: "handshake_refused".into(),
+        })
+        .inc();
+}
+
+/// The QUIC/TLS handshake, holding its `turn` until it completes or for
+/// `turn_max` at most.
+async fn handshake(
+    incoming: quinn::Incoming,
+    turn: tokio::sync::OwnedSemaphorePermit,
+    turn_max: Duration,
+) -> anyhow::Result<quinn::Connection> {
+    let connecting = incoming.accept()?;
+    tokio::pin!(connecting);
+    let first = tokio::time::timeout(turn_max, &mut connecting).await;
+    drop(turn);
+    Ok(match first {
+        Ok(c) => c?,
+        Err(_) => connecting.await?,
+    })
+}
+
 async fn connection(
     id: SessionId,
-    incoming: quinn::Incoming,
+    conn: impl std::future::Future<Output = anyhow::Result<quinn::Connection>>,
     core: mpsc::Sender<Input>,
     limits: Limits,
     cfg: &ServerConfig,
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<()> {
-    let conn = incoming.await?;
+    let conn = conn.await?;
     let mut binding = [0u8; 32];
     conn.export_keying_material(&mut binding, TLS_EXPORTER_LABEL, b"")
         .map_err(|_| anyhow::anyhow!("TLS exporter unavailable"))?;

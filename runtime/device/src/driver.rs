@@ -34,6 +34,10 @@ pub struct DriverConfig {
     /// Device policy: checked at start and every `recheck`; while it says
     /// no, the session asks for no tasks. `None`: always eligible.
     pub eligibility: Option<crate::policy::Gate>,
+    /// A QUIC endpoint (one UDP socket and its driver) shared with other
+    /// devices in this process, as a simulation runs thousands; None: the
+    /// device opens its own, as a real device does.
+    pub endpoint: Option<quinn::Endpoint>,
 }
 
 impl DriverConfig {
@@ -48,6 +52,7 @@ impl DriverConfig {
             state_dir: None,
             connect_timeout: Duration::from_secs(10),
             eligibility: None,
+            endpoint: None,
         }
     }
 }
@@ -61,6 +66,12 @@ pub struct DeviceReport {
     pub rejections: Vec<(RejectCode, String)>,
     /// Connections established (1 when nothing was ever dropped).
     pub connections: u32,
+    /// Connection attempts that failed (timed out, unreachable, a bad
+    /// certificate), over the whole run.
+    pub connect_failures: u32,
+    /// Connection attempts the aggregator refused at its handshake limit
+    /// (the device came back later; not failures).
+    pub connects_refused: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,9 +107,10 @@ impl Drop for Conn {
 
 async fn connect(
     endpoint: &quinn::Endpoint,
+    client: &quinn::ClientConfig,
     cfg: &DriverConfig,
 ) -> anyhow::Result<(Conn, [u8; 32])> {
-    let connecting = endpoint.connect(cfg.aggregator, &cfg.server_name)?;
+    let connecting = endpoint.connect_with(client.clone(), cfg.aggregator, &cfg.server_name)?;
     let connection = tokio::time::timeout(cfg.connect_timeout, connecting)
         .await
         .map_err(|_| anyhow::anyhow!("connection timed out"))??;
@@ -142,6 +154,16 @@ async fn connect(
     ))
 }
 
+/// Whether a connection attempt was refused at the QUIC level (the
+/// aggregator's handshake limit, `CONNECTION_REFUSED`).
+fn refused(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<quinn::ConnectionError>(),
+        Some(quinn::ConnectionError::ConnectionClosed(c))
+            if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED
+    )
+}
+
 fn bind_addr(peer: SocketAddr) -> SocketAddr {
     match peer {
         SocketAddr::V4(_) => "0.0.0.0:0".parse().expect("addr"),
@@ -155,9 +177,14 @@ pub async fn run_device(
     key: SigningKey,
     trainer: Box<dyn Trainer>,
 ) -> Result<DeviceReport, DriverError> {
-    let mut endpoint =
-        quinn::Endpoint::client(bind_addr(cfg.aggregator)).map_err(DriverError::Socket)?;
-    endpoint.set_default_client_config(client_config(&cfg.trust, &cfg.timing)?);
+    let client = client_config(&cfg.trust, &cfg.timing)?;
+    let (endpoint, own_endpoint) = match &cfg.endpoint {
+        Some(shared) => (shared.clone(), false),
+        None => (
+            quinn::Endpoint::client(bind_addr(cfg.aggregator)).map_err(DriverError::Socket)?,
+            true,
+        ),
+    };
     let session_cfg = SessionConfig {
         evaluates: trainer.can_evaluate(),
         ..cfg.session.clone()
@@ -178,6 +205,7 @@ pub async fn run_device(
     let mut conn: Option<Conn> = None;
     let mut rejections = Vec::new();
     let mut connect_failures = 0u32;
+    let (mut failed_total, mut refused_total, mut refused_in_a_row) = (0u32, 0u32, 0u32);
     let mut connections = 0u32;
     // Consecutive training failures, for the log: a device never quits
     // over them (the aggregator is told each time, and a rolled-back or
@@ -196,15 +224,30 @@ pub async fn run_device(
     loop {
         while let Some(ev) = session.poll_event() {
             match ev {
-                DeviceEvent::Connect => match connect(&endpoint, &cfg).await {
+                DeviceEvent::Connect => match connect(&endpoint, &client, &cfg).await {
                     Ok((c, binding)) => {
                         conn = Some(c);
                         connect_failures = 0;
+                        refused_in_a_row = 0;
                         connections += 1;
                         session.handle_connected(Instant::now(), binding);
                     }
+                    Err(e) if refused(&e) => {
+                        // The aggregator is at its handshake limit: busy,
+                        // not a failure; the session backs off and comes
+                        // back. The first refusal of a run is logged.
+                        refused_total += 1;
+                        refused_in_a_row += 1;
+                        if refused_in_a_row == 1 {
+                            tracing::info!(
+                                "aggregator busy: connection refused; connecting again later"
+                            );
+                        }
+                        session.handle_refused(Instant::now());
+                    }
                     Err(e) => {
                         connect_failures += 1;
+                        failed_total += 1;
                         tracing::warn!(error = %e, attempt = connect_failures, "connect failed");
                         session.handle_disconnected(Instant::now());
                     }
@@ -272,14 +315,18 @@ pub async fn run_device(
                     tracing::info!(%version, "aggregator finished; final model kept");
                     // Close politely so the aggregator need not wait for a timeout.
                     drop(conn.take());
-                    let _ =
-                        tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+                    if own_endpoint {
+                        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle())
+                            .await;
+                    }
                     return Ok(DeviceReport {
                         final_version: version,
                         final_model: model,
                         rounds_contributed: session.rounds_contributed,
                         rejections,
                         connections,
+                        connect_failures: failed_total,
+                        connects_refused: refused_total,
                     });
                 }
                 DeviceEvent::Failed { reason } => return Err(DriverError::Failed(reason)),

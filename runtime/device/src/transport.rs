@@ -95,6 +95,29 @@ impl Default for QuicTiming {
     }
 }
 
+/// A client QUIC endpoint for `peer`'s address family on an ephemeral
+/// port, its socket buffers enlarged to `buffer_bytes` each way as far as
+/// the kernel allows: one for many devices in one process (a simulation;
+/// see `DriverConfig::endpoint`), whose packets then share the socket.
+/// Needs a tokio runtime.
+pub fn shared_endpoint(
+    peer: std::net::SocketAddr,
+    buffer_bytes: usize,
+) -> std::io::Result<quinn::Endpoint> {
+    let any: std::net::SocketAddr = match peer {
+        std::net::SocketAddr::V4(_) => ([0, 0, 0, 0], 0).into(),
+        std::net::SocketAddr::V6(_) => ([0u16; 8], 0).into(),
+    };
+    let socket = std::net::UdpSocket::bind(any)?;
+    let state = quinn::udp::UdpSocketState::new((&socket).into())?;
+    // A smaller buffer than asked for only means more loss under load.
+    let _ = state.set_recv_buffer_size((&socket).into(), buffer_bytes);
+    let _ = state.set_send_buffer_size((&socket).into(), buffer_bytes);
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime found"))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+}
+
 /// Build the quinn client configuration for `trust`.
 pub fn client_config(
     trust: &Trust,

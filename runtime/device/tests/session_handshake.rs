@@ -136,3 +136,36 @@ fn the_first_connection_is_jittered_within_the_bound() {
     assert!(delays.windows(2).any(|w| w[0] != w[1]), "{delays:?}");
     assert_eq!(delay(1_000, 7), delay(1_000, 7));
 }
+
+/// A connection refused at the aggregator's handshake limit is no failed
+/// attempt: the device never gives up over refusals, and comes back after
+/// a wait drawn in [0, d], d doubling with each refusal in a row from
+/// `refused_backoff_min` to `refused_backoff_max`.
+#[test]
+fn refused_connections_back_off_doubling_and_never_fail_the_device() {
+    let cfg = SessionConfig {
+        refused_backoff_min: Duration::from_secs(1),
+        refused_backoff_max: Duration::from_secs(8),
+        reconnect_attempts_max: 2,
+        seed: 5,
+        ..SessionConfig::default()
+    };
+    let mut s = DeviceSession::new(cfg, SigningKey::from_bytes(&[9; 32]));
+    let mut now = Instant::now();
+    for refusal in 1..=10u32 {
+        assert_eq!(
+            s.poll_event(),
+            Some(DeviceEvent::Connect),
+            "refusal {refusal}"
+        );
+        s.handle_refused(now);
+        let wait = s.poll_timeout().expect("a reconnect is due") - now;
+        let bound = Duration::from_secs(1 << (refusal - 1).min(3));
+        assert!(wait <= bound, "refusal {refusal}: {wait:?} > {bound:?}");
+        now += wait;
+        s.handle_timeout(now);
+    }
+    // Ten refusals, and the device (which gives up after two failed
+    // attempts) is still trying.
+    assert_eq!(s.poll_event(), Some(DeviceEvent::Connect));
+}

@@ -2,6 +2,9 @@
 //! runs when it takes a task. The device crate wraps [`OnnxTrainer`] in
 //! its `Trainer` trait; nothing here knows the protocol or the network.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use fedge_proto::ModelBlob;
 use fedge_proto::msg::TrainingPlan;
 
@@ -35,9 +38,45 @@ pub struct OnnxTrainer {
     executor: ExecutorKind,
     threads: usize,
     cache: Option<(CacheKey, Box<dyn Executor>)>,
+    shared: Option<SharedSteps>,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+/// Training steps compiled once for every trainer of a process that
+/// shares them ([`OnnxTrainer::with_shared_steps`]; a simulation's
+/// devices): one per model graph and compile options. Such a trainer
+/// compiles nothing of its own and keeps no executor between rounds: its
+/// parameters and optimizer state live while it trains. A step per device
+/// was megabytes for each device that ever trained. Tract (CPU) only.
+#[derive(Clone, Default)]
+pub struct SharedSteps(Arc<Mutex<HashMap<CacheKey, crate::train::exec::CompiledStep>>>);
+
+/// Steps a [`SharedSteps`] keeps (a model and its plan's settings each);
+/// past it the oldest are forgotten (compiled again when asked for).
+const SHARED_STEPS_MAX: usize = 8;
+
+impl SharedSteps {
+    /// The step for `key`, compiled by `compile` the first time (under the
+    /// lock: trainers asking meanwhile wait for it rather than compile it
+    /// too).
+    fn get(
+        &self,
+        key: &CacheKey,
+        compile: impl FnOnce() -> anyhow::Result<crate::train::exec::CompiledStep>,
+    ) -> anyhow::Result<crate::train::exec::CompiledStep> {
+        let mut steps = self.0.lock().expect("shared steps lock");
+        if let Some(s) = steps.get(key) {
+            return Ok(s.clone());
+        }
+        let step = compile()?;
+        if steps.len() >= SHARED_STEPS_MAX {
+            steps.clear();
+        }
+        steps.insert(key.clone(), step.clone());
+        Ok(step)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct CacheKey {
     graph: [u8; 32],
     opts: String,
@@ -72,7 +111,16 @@ impl OnnxTrainer {
             executor: ExecutorKind::Cpu,
             threads: 1,
             cache: None,
+            shared: None,
         }
+    }
+
+    /// Train (with tract) on steps compiled once and shared with the other
+    /// trainers holding `steps` (see [`SharedSteps`]); another executor
+    /// kind compiles its own.
+    pub fn with_shared_steps(mut self, steps: SharedSteps) -> Self {
+        self.shared = Some(steps);
+        self
     }
 
     /// Train with `kind`: cpu (tract), gpu (wgpu; training fails without a
@@ -143,26 +191,39 @@ impl OnnxTrainer {
             // The LoRA spec too: a graph is checked against it once.
             opts: format!("{opts:?} {:?}", plan.lora),
         };
+        if let (Some(shared), ExecutorKind::Cpu) = (&self.shared, self.executor) {
+            let step = shared.get(&key, || {
+                let graph = checked_graph(model, plan)?;
+                let step = crate::train::exec::CompiledStep::new(&graph, &opts)?;
+                tracing::info!("training step compiled (shared)");
+                Ok(step)
+            })?;
+            let mut ex = crate::train::exec::TractExecutor::from_compiled(&step, opts)?;
+            return self.train_on(&mut ex, round_id, model, plan);
+        }
         if self.cache.as_ref().map(|(k, _)| k) != Some(&key) {
-            if let Some(spec) = &plan.lora {
-                // Every device trains the adapters the plan names: a
-                // model without them (or with others) is not this round's.
-                crate::train::lora::check(model, spec)?;
-            }
-            let graph = crate::train::import::ModelGraph::from_blob(model)?;
+            let graph = checked_graph(model, plan)?;
             let ex = crate::train::gpu::select_executor(self.executor, &graph, opts)?;
             tracing::info!(executor = %ex.name(), "training step compiled");
             self.cache = Some((key, ex));
         }
-        let (_, ex) = self.cache.as_mut().expect("just set");
+        let (key, mut ex) = self.cache.take().expect("just set");
+        let out = self.train_on(ex.as_mut(), round_id, model, plan);
+        self.cache = Some((key, ex));
+        out
+    }
+
+    /// One round on `ex`, from the model's parameters.
+    fn train_on(
+        &self,
+        ex: &mut dyn Executor,
+        round_id: u64,
+        model: &ModelBlob,
+        plan: &TrainingPlan,
+    ) -> anyhow::Result<LocalUpdate> {
         ex.load(&model.params.values)?;
-        let stats = crate::train::local::train(
-            ex.as_mut(),
-            &self.data,
-            plan,
-            self.seed ^ round_id,
-            |_, _, _| {},
-        )?;
+        let stats =
+            crate::train::local::train(ex, &self.data, plan, self.seed ^ round_id, |_, _, _| {})?;
         let new = ex.params()?;
         let delta: Vec<f32> = new
             .iter()
@@ -178,4 +239,17 @@ impl OnnxTrainer {
             ],
         })
     }
+}
+
+/// The model's graph, checked against the LoRA adapters the plan names
+/// (every device trains those: a model without them, or with others, is
+/// not this round's).
+fn checked_graph(
+    model: &ModelBlob,
+    plan: &TrainingPlan,
+) -> anyhow::Result<crate::train::import::ModelGraph> {
+    if let Some(spec) = &plan.lora {
+        crate::train::lora::check(model, spec)?;
+    }
+    Ok(crate::train::import::ModelGraph::from_blob(model)?)
 }

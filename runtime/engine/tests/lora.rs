@@ -117,6 +117,13 @@ fn a_lora_round_lowers_the_loss_and_moves_only_the_adapters() {
     };
     let mut trainer = OnnxTrainer::new(d.clone(), 3);
     let update = trainer.train_round(1, &adapted, &plan).unwrap();
+    // Trainers sharing one compiled step (a simulation's devices) train
+    // exactly as one that compiles its own; the second compiles nothing.
+    let steps = fedge_engine::trainer::SharedSteps::default();
+    for _ in 0..2 {
+        let mut shared = OnnxTrainer::new(d.clone(), 3).with_shared_steps(steps.clone());
+        assert_eq!(shared.train_round(1, &adapted, &plan).unwrap(), update);
+    }
 
     // The update is the adapters' and nothing else.
     let dimension = adapted.params.layout.dimension();

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use fedge_device::driver::{DeviceReport, DriverConfig, DriverError, run_device};
+use fedge_device::driver::{DriverConfig, DriverError, run_device};
 use fedge_device::session::SessionConfig;
 use fedge_device::trainer::{OnnxTrainer, Trainer};
 use fedge_device::transport::Trust;
@@ -23,11 +23,31 @@ use tokio::task::JoinHandle;
 
 use super::args::SimConfig;
 
-/// A running device: its driver task, and whether it attacks.
+/// A running device: its driver task, and whether it attacks. What the
+/// driver reports (the final model among it) is dropped as the device
+/// finishes: ten thousand copies of the final model are gigabytes.
 pub struct Device {
-    pub task: JoinHandle<Result<DeviceReport, DriverError>>,
+    pub task: JoinHandle<Result<Connects, DriverError>>,
     pub attacker: bool,
 }
+
+/// A device's connection attempts that failed (timed out, say) and that
+/// the aggregator refused at its handshake limit (it came back later).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Connects {
+    pub failed: u32,
+    pub refused: u32,
+}
+
+/// Simulated devices that share one QUIC endpoint (a UDP socket and its
+/// driver task). A device of its own would hold a socket, a receive
+/// buffer of its own and a task: at 10,000 devices that was 10,000 file
+/// descriptors (the process limit is often 20,000) and gigabytes of
+/// receive buffers.
+const DEVICES_PER_ENDPOINT: usize = 128;
+
+/// Socket buffer each shared endpoint asks for, each way.
+const ENDPOINT_BUFFER_BYTES: usize = 4 << 20;
 
 /// Every device's signing key, derived from the simulation's seed: the
 /// fleet's `devices`, then the `attacker_devices` added beyond it.
@@ -111,18 +131,28 @@ pub fn spawn_devices(
     let attack = AttackPlan::of(c)?;
     let kinds = AttackPlan::kinds(c)?;
     let colluders: Colluders = Default::default();
+    // One compiled training step for the whole fleet, not one per device.
+    let steps = fedge_engine::trainer::SharedSteps::default();
     let copycats = kinds.contains(&Attack::Copycat).then(|| Copycats {
         board: Default::default(),
         accepted: Arc::clone(accepted),
         wait: Duration::from_millis(c.round_deadline_ms / 2),
     });
     let mut devices = Vec::new();
+    let mut endpoint: Option<quinn::Endpoint> = None;
     // An added attacker trains on a copy of an honest device's shard.
     let shards = shards.iter().cycle();
     for (i, (key, shard)) in keys.into_iter().zip(shards).enumerate() {
         // With a tree of aggregators, devices are dealt to the leaves.
         let (addr, fp) = targets[i % targets.len()];
+        if i % DEVICES_PER_ENDPOINT == 0 {
+            endpoint = Some(
+                fedge_device::transport::shared_endpoint(addr, ENDPOINT_BUFFER_BYTES)
+                    .context("opening a UDP socket for the devices")?,
+            );
+        }
         let cfg = DriverConfig {
+            endpoint: endpoint.clone(),
             session: SessionConfig {
                 seed: c.seed.wrapping_add(i as u64),
                 backoff_min: Duration::from_millis(100),
@@ -139,21 +169,39 @@ pub fn spawn_devices(
             ..attack
         });
         let id = hex::encode(key.verifying_key().to_bytes());
+        let fleet = FleetShared {
+            steps: &steps,
+            colluders: &colluders,
+            closed,
+        };
         let trainer = device_trainer(
             c,
             i,
+            &fleet,
             train.subset(shard),
             malicious,
-            &colluders,
-            closed,
             copycats.as_ref().map(|cc| (cc, id)),
         );
         devices.push(Device {
-            task: tokio::spawn(run_device(cfg, key, trainer)),
+            task: tokio::spawn(async move {
+                let r = run_device(cfg, key, trainer).await?;
+                Ok(Connects {
+                    failed: r.connect_failures,
+                    refused: r.connects_refused,
+                })
+            }),
             attacker: malicious.is_some(),
         });
     }
     Ok(devices)
+}
+
+/// What the fleet's trainers share: the compiled training step, the
+/// colluders' updates, the rounds closed.
+struct FleetShared<'a> {
+    steps: &'a fedge_engine::trainer::SharedSteps,
+    colluders: &'a Colluders,
+    closed: &'a ClosedRounds,
 }
 
 /// Device `i`'s trainer on its `local` data: honest, or running
@@ -161,10 +209,9 @@ pub fn spawn_devices(
 fn device_trainer(
     c: &SimConfig,
     i: usize,
+    fleet: &FleetShared<'_>,
     mut local: Dataset,
     malicious: Option<AttackPlan>,
-    colluders: &Colluders,
-    closed: &ClosedRounds,
     copycats: Option<(&Copycats, String)>,
 ) -> Box<dyn Trainer> {
     if malicious.is_some_and(|a| a.kind == Attack::LabelFlip) {
@@ -182,11 +229,13 @@ fn device_trainer(
     let cut = local.len() - held;
     let holdout = local.slice(cut..local.len());
     let local = local.slice(0..cut);
-    let honest = OnnxTrainer::new(local, c.seed.wrapping_add(i as u64)).with_holdout(holdout);
+    let honest = OnnxTrainer::new(local, c.seed.wrapping_add(i as u64))
+        .with_holdout(holdout)
+        .with_shared_steps(fleet.steps.clone());
     let mut trainer: Box<dyn Trainer> = match malicious {
         Some(plan) if plan.kind == Attack::Hog => Box::new(Hog {
             hold: Duration::from_millis(c.round_deadline_ms) + HOG_MARGIN,
-            closed: Arc::clone(closed),
+            closed: Arc::clone(fleet.closed),
         }),
         Some(plan) if plan.kind == Attack::Copycat => Box::new(Copycat {
             copycats: copycats.expect("copycats share a board").0.clone(),
@@ -196,7 +245,7 @@ fn device_trainer(
             inner: honest,
             plan,
             seed: c.seed.wrapping_add(1000 + i as u64),
-            colluders: Arc::clone(colluders),
+            colluders: Arc::clone(fleet.colluders),
             first: None,
         }),
         // With copycats about, honest updates are where they can see them.
@@ -230,21 +279,32 @@ pub struct Joined {
     /// Attackers still running when the honest devices were done (a key
     /// refused a task is paced away for minutes): stopped.
     pub attackers_stopped: usize,
+    /// Over the honest devices that finished: connection attempts that
+    /// failed, and that the aggregator refused at its handshake limit.
+    pub connect_failures: u64,
+    pub connects_refused: u64,
 }
 
-/// Wait for every honest device to fetch the final model and leave, with
-/// one 60 s deadline for all, then give the attackers a second more and
-/// stop the ones still running.
+/// Once the aggregators have stopped serving: wait for every honest
+/// device to leave with the final model it fetched, with one deadline of
+/// [`JOIN_AFTER_SERVING`] for all (a device still running then did not get
+/// it: it is reconnecting to an aggregator that has gone), then give the
+/// attackers a second more and stop the ones still running.
 pub async fn join_devices(devices: Vec<Device>) -> Joined {
     let (attackers, honest): (Vec<_>, Vec<_>) = devices.into_iter().partition(|d| d.attacker);
     let mut joined = Joined {
         failed: 0,
         attackers_stopped: 0,
+        connect_failures: 0,
+        connects_refused: 0,
     };
-    let until = tokio::time::Instant::now() + Duration::from_secs(60);
+    let until = tokio::time::Instant::now() + JOIN_AFTER_SERVING;
     for d in honest {
         match tokio::time::timeout_at(until, d.task).await {
-            Ok(Ok(Ok(_))) => {}
+            Ok(Ok(Ok(c))) => {
+                joined.connect_failures += u64::from(c.failed);
+                joined.connects_refused += u64::from(c.refused);
+            }
             Ok(other) => {
                 joined.failed += 1;
                 tracing::warn!(?other, "a device did not finish cleanly");
@@ -262,6 +322,10 @@ pub async fn join_devices(devices: Vec<Device>) -> Joined {
     }
     joined
 }
+
+/// How long devices may take to leave once the aggregators stopped: a
+/// device that has the final model returns within a second.
+const JOIN_AFTER_SERVING: Duration = Duration::from_secs(10);
 
 /// Attacks a malicious device runs on its update.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

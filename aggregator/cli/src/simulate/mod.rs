@@ -48,11 +48,21 @@ pub fn run(a: SimArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(simulate(c))
+    // The aggregators run on threads of their own, as they would in a
+    // process of their own: on the devices' runtime, the server's UDP
+    // socket and coordinator waited in one queue behind thousands of
+    // device tasks, and a burst of connections overflowed the socket.
+    let aggregators = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("aggregator")
+        .enable_all()
+        .build()?;
+    let done = rt.block_on(simulate(c, aggregators.handle().clone()));
+    aggregators.shutdown_background();
+    done
 }
 
 /// The simulation, step by step.
-async fn simulate(c: SimConfig) -> anyhow::Result<()> {
+async fn simulate(c: SimConfig, on: tokio::runtime::Handle) -> anyhow::Result<()> {
     let started = Instant::now();
     let model = data::load_model(&c)?;
     let (train, test, shards) = data::load_data(&c, model.context)?;
@@ -63,14 +73,20 @@ async fn simulate(c: SimConfig) -> anyhow::Result<()> {
         Some(d) => d.clone(),
         None => work.path().join("aggregator"),
     };
-    let scorer = || crate::evaluator::EngineEvaluator::new(&model.graph, test.clone());
+    let (graph, held) = (model.graph.clone(), test.clone());
+    let scorer = move || crate::evaluator::EngineEvaluator::new(&graph, held.clone());
     let (mut aggregator, targets) = if c.aggregators == 0 {
-        let a = start_aggregator(&c, &state, &keys, &model.blob, scorer()?).await?;
+        let (c, state, keys, blob) = (c.clone(), state.clone(), keys.clone(), model.blob.clone());
+        let a = on
+            .spawn(async move { start_aggregator(&c, &state, &keys, &blob, scorer()?).await })
+            .await??;
         let target = (a.addr, a.fingerprint);
         (a, vec![target])
     } else {
         let stake_file = fresh_state(&state, &c, &keys)?;
-        tree::start(&c, &state, stake_file, &model.blob, scorer).await?
+        let (c, state, blob) = (c.clone(), state.clone(), model.blob.clone());
+        on.spawn(async move { tree::start(&c, &state, stake_file, &blob, scorer).await })
+            .await??
     };
     announce(&c, aggregator.addr);
     let seen = fleet::Seen {
@@ -105,17 +121,23 @@ async fn simulate(c: SimConfig) -> anyhow::Result<()> {
         let joined = fleet::Joined {
             failed: left(false),
             attackers_stopped: left(true),
+            connect_failures: 0,
+            connects_refused: 0,
         };
         devices.iter().for_each(|d| d.task.abort());
         aggregator.serving.abort();
         aggregator.leaves.iter().for_each(|l| l.abort());
         (joined, rounds.rows.len() as u64)
     } else {
-        let joined = fleet::join_devices(devices).await;
+        // The aggregators serve the final model until every device has
+        // fetched it and left, or past the longest wait they told a
+        // device (`finish_grace` after it); the devices then still
+        // running did not get it.
+        let served = aggregator.serving.await??;
         for l in aggregator.leaves {
             l.await??;
         }
-        (joined, aggregator.serving.await??.rounds_published)
+        (fleet::join_devices(devices).await, served.rounds_published)
     };
     report::Summary {
         config: &c,
@@ -126,6 +148,8 @@ async fn simulate(c: SimConfig) -> anyhow::Result<()> {
         rounds,
         failed_sessions: joined.failed,
         attackers_stopped: joined.attackers_stopped,
+        connect_failures: joined.connect_failures,
+        connects_refused: joined.connects_refused,
         rounds_published,
         started,
     }

@@ -339,6 +339,10 @@ pub struct Summary<'a> {
     pub failed_sessions: usize,
     /// Attackers still running at the end, stopped.
     pub attackers_stopped: usize,
+    /// Honest devices' connection attempts that failed (timed out...),
+    /// and that an aggregator refused at its handshake limit.
+    pub connect_failures: u64,
+    pub connects_refused: u64,
     pub rounds_published: u64,
     pub started: Instant,
 }
@@ -378,6 +382,10 @@ impl Summary<'_> {
             dense_total as f64 / cum_up.max(1) as f64,
             self.failed_sessions,
             self.started.elapsed().as_secs_f64()
+        );
+        println!(
+            "connections: {} attempts failed, {} refused at the handshake limit (came back later)",
+            self.connect_failures, self.connects_refused
         );
         println!(
             "both ways: upload + download {} bytes vs {} for dense FedAvg ({:.1}x smaller)",
@@ -438,6 +446,8 @@ impl Summary<'_> {
             "upload_fraction_of_model_bytes": fraction,
             "failed_sessions": self.failed_sessions,
             "attackers_stopped": self.attackers_stopped,
+            "connect_failures": self.connect_failures,
+            "connects_refused": self.connects_refused,
             "privacy": privacy,
             "rewards": rewards,
             "evaluations": self.rounds.evaluations,

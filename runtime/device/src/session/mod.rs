@@ -69,6 +69,8 @@ pub struct DeviceSession {
     phase: Phase,
     failed: bool,
     attempts: u32,
+    /// Connections refused in a row at the aggregator's handshake limit.
+    refusals: u32,
     tls_binding: [u8; 32],
     /// The federation this aggregator named at authentication; signed into
     /// every manifest.
@@ -105,6 +107,7 @@ impl DeviceSession {
             phase: Phase::Disconnected { at: None },
             failed: false,
             attempts: 0,
+            refusals: 0,
             tls_binding: [0; 32],
             federation_id: [0; 32],
             model: None,
@@ -280,6 +283,7 @@ impl DeviceSession {
                 }
                 self.federation_id = federation_id;
                 self.attempts = 0;
+                self.refusals = 0;
                 self.request_deadline = None;
                 self.heartbeat_at = Some(now + self.cfg.heartbeat_interval);
                 if self.offer.as_ref().is_some_and(|o| o.evaluate) {

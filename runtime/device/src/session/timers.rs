@@ -56,6 +56,30 @@ impl DeviceSession {
         };
     }
 
+    /// The aggregator refused the connection at its handshake limit
+    /// (QUIC's `CONNECTION_REFUSED`): it is busy, and the attempt is no
+    /// failure (it does not count towards `reconnect_attempts_max`). The
+    /// device comes back after a wait drawn in [0, d], d doubling with each
+    /// refusal in a row from `refused_backoff_min` to `refused_backoff_max`
+    /// ("full jitter"): a refusal says nothing of how long the queue is,
+    /// and a refused crowd retrying within a few seconds (the ordinary
+    /// backoff) kept the aggregator busy refusing it.
+    pub fn handle_refused(&mut self, now: Instant) {
+        if self.is_terminal() {
+            return;
+        }
+        self.connection_gone();
+        self.refusals = self.refusals.saturating_add(1);
+        let min = self.cfg.refused_backoff_min.as_millis() as u64;
+        let exp = min.saturating_mul(1 << self.refusals.saturating_sub(1).min(20));
+        let cap = (self.cfg.refused_backoff_max.as_millis() as u64).max(1);
+        let d = exp.min(cap).max(1);
+        let delay = self.rng.random_range(0..=d);
+        self.phase = Phase::Disconnected {
+            at: Some(now + Duration::from_millis(delay)),
+        };
+    }
+
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.is_terminal() {
             return;

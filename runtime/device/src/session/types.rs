@@ -20,6 +20,12 @@ pub struct SessionConfig {
     /// Reconnect backoff: first delay and cap; jittered to [d/2, d].
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// Backoff after a connection refused at the aggregator's handshake
+    /// limit (it is busy): doubles with each refusal in a row from `min`
+    /// to `max`, each wait drawn in [0, d] (see
+    /// [`super::DeviceSession::handle_refused`]).
+    pub refused_backoff_min: Duration,
+    pub refused_backoff_max: Duration,
     /// Consecutive failed connection attempts before giving up (0 = never).
     pub reconnect_attempts_max: u32,
     /// Time allowed for a request (task, chunk, upload status) to be answered.
@@ -51,6 +57,8 @@ impl Default for SessionConfig {
             download_window: 8,
             backoff_min: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
+            refused_backoff_min: Duration::from_secs(1),
+            refused_backoff_max: Duration::from_secs(60),
             reconnect_attempts_max: 0,
             request_timeout: Duration::from_secs(60),
             first_connect_jitter: Duration::ZERO,

@@ -145,9 +145,33 @@ fn read_f32(t: &Tensor) -> Result<&[f32], TrainError> {
         .map_err(TrainError::tract)
 }
 
+/// A training step compiled (and planned by tract) once: every executor
+/// of the same model and options can share it ([`TractExecutor::from_compiled`],
+/// as a simulation's thousands of devices do), each holding only its own
+/// parameters and optimizer state. Compiled per device, the step and its
+/// plan were megabytes each.
+#[derive(Clone)]
+pub struct CompiledStep {
+    graph: Arc<TrainingGraph>,
+    plan: Plan,
+    layout: Arc<fedge_proto::ParamLayout>,
+}
+
+impl CompiledStep {
+    pub fn new(graph: &ModelGraph, opts: &CompileOptions) -> Result<Self, TrainError> {
+        let tg = compile_training(graph, opts)?;
+        let plan = plan_threads(&tg.model, opts.threads.max(1))?;
+        Ok(CompiledStep {
+            graph: Arc::new(tg),
+            plan,
+            layout: Arc::clone(&graph.layout),
+        })
+    }
+}
+
 /// The training step on CPU through tract.
 pub struct TractExecutor {
-    graph: TrainingGraph,
+    graph: Arc<TrainingGraph>,
     plan: Plan,
     layout: Arc<fedge_proto::ParamLayout>,
     params: Vec<Arc<Tensor>>,
@@ -163,12 +187,20 @@ pub struct TractExecutor {
 
 impl TractExecutor {
     pub fn new(graph: &ModelGraph, opts: CompileOptions) -> Result<Self, TrainError> {
+        let step = CompiledStep::new(graph, &opts)?;
+        Self::from_compiled(&step, opts)
+    }
+
+    /// An executor of a step compiled already with the same `opts`.
+    pub fn from_compiled(step: &CompiledStep, opts: CompileOptions) -> Result<Self, TrainError> {
         tune_allocator();
-        let tg = compile_training(graph, &opts)?;
-        let plan = plan_threads(&tg.model, opts.threads.max(1))?;
-        let layout = Arc::clone(&graph.layout);
+        let CompiledStep {
+            graph,
+            plan,
+            layout,
+        } = step.clone();
         let mut ex = TractExecutor {
-            graph: tg,
+            graph,
             plan,
             params: Vec::new(),
             state: Vec::new(),

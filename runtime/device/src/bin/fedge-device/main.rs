@@ -605,6 +605,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         state_dir: Some(a.state_dir.clone()),
         connect_timeout: Duration::from_secs(10),
         eligibility,
+        endpoint: None,
     };
     let rt = tokio::runtime::Runtime::new()?;
     let report = rt.block_on(run_device(cfg, key, trainer))?;
