@@ -34,6 +34,9 @@
 //!   (PyTorch's convention), in one pass.
 //! - `FedgeSgd` (w, v, g, lr) -> (w', v'): SGD with momentum `mu` and weight
 //!   decay `wd` (`v' = mu v + g + wd w`, `w' = w - lr v'`) in one pass.
+//! - `FedgeGemmSgd` (w, v, p, q, lr) -> (w', v'): a dense layer's weight
+//!   gradient `alpha p^T q` and that update in one matrix product, no
+//!   gradient tensor ([`dense`]).
 //!
 //! **Invariant:** every op here has a portable equivalent in plain ONNX
 //! ops (the `Lowering::Portable` rules in `grad` and `compile`), which the
@@ -55,6 +58,7 @@ pub const SGD: &str = "FedgeSgd";
 pub const CONV: &str = "FedgeConv";
 pub const CONV_GRAD_W: &str = "FedgeConvGradW";
 pub const CONV_GRAD_X: &str = "FedgeConvGradX";
+pub const GEMM_SGD: &str = "FedgeGemmSgd";
 
 /// Whether `op` is one of fedge's ops.
 pub fn is_fedge_op(op: &str) -> bool {
@@ -68,13 +72,14 @@ pub fn is_fedge_op(op: &str) -> bool {
         CONV,
         CONV_GRAD_W,
         CONV_GRAD_X,
+        GEMM_SGD,
     ]
     .contains(&op)
 }
 
 /// The shape of `node`'s outputs (a fedge op) given its first input's.
 pub fn output_shape(node: &NodeProto, x: &[usize]) -> Result<Vec<usize>, String> {
-    if node.op_type == SGD || node.op_type == RELU_GRAD {
+    if node.op_type == SGD || node.op_type == RELU_GRAD || node.op_type == GEMM_SGD {
         return Ok(x.to_vec());
     }
     if let Some(kind) = ConvKind::of(&node.op_type) {
@@ -119,6 +124,14 @@ fn register(reg: &mut OnnxOpRegister) {
         Ok((expand(Typed(TypedOpBox(Box::new(ReluGrad)))), vec![]))
     });
     reg.insert(SGD, parse_sgd);
+    reg.insert(GEMM_SGD, |_, node| {
+        let f = |name: &str| super::onnx::attr_f(node, name).unwrap_or(0.0);
+        let op = dense::GemmSgd {
+            momentum_bits: f("momentum").to_bits(),
+            alpha_bits: super::onnx::attr_f(node, "alpha").unwrap_or(1.0).to_bits(),
+        };
+        Ok((expand(Typed(TypedOpBox(Box::new(op)))), vec![]))
+    });
     for op in [CONV, CONV_GRAD_W, CONV_GRAD_X] {
         reg.insert(op, |_, n| {
             let kind = ConvKind::of(&n.op_type).expect("registered");
@@ -129,7 +142,10 @@ fn register(reg: &mut OnnxOpRegister) {
 }
 
 mod conv;
+mod dense;
 mod window;
+
+pub use dense::MOMENTUM_MIN as GEMM_SGD_MOMENTUM_MIN;
 
 pub use window::Geometry;
 
@@ -198,11 +214,14 @@ impl Expansion for Typed {
     }
 
     fn nboutputs(&self) -> TractResult<usize> {
-        Ok(if self.0.0.as_op().downcast_ref::<Sgd>().is_some() {
-            2
-        } else {
-            1
-        })
+        let op = self.0.0.as_op();
+        Ok(
+            if op.downcast_ref::<Sgd>().is_some() || op.downcast_ref::<dense::GemmSgd>().is_some() {
+                2
+            } else {
+                1
+            },
+        )
     }
 
     fn rules<'r, 'p: 'r, 's: 'r>(
@@ -233,6 +252,13 @@ impl Expansion for Typed {
             s.equals(&outputs[0].datum_type, f32::datum_type())?;
             s.equals(&outputs[0].shape, &inputs[0].shape)?;
             s.equals(&inputs[1].shape, &inputs[0].shape)?;
+        } else if self.0.0.as_op().downcast_ref::<dense::GemmSgd>().is_some() {
+            check_input_arity(inputs, 5)?;
+            check_output_arity(outputs, 2)?;
+            for o in outputs {
+                s.equals(&o.datum_type, f32::datum_type())?;
+                s.equals(&o.shape, &inputs[0].shape)?;
+            }
         } else {
             check_input_arity(inputs, 4)?;
             check_output_arity(outputs, 2)?;
