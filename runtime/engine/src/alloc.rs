@@ -379,7 +379,7 @@ mod tests {
             let layout = Layout::from_size_align(size, align).unwrap();
             unsafe {
                 let p = a.alloc_zeroed(layout);
-                assert!(!p.is_null() && p as usize % align == 0);
+                assert!(!p.is_null() && (p as usize).is_multiple_of(align));
                 assert!(std::slice::from_raw_parts(p, size).iter().all(|&b| b == 0));
                 std::ptr::write_bytes(p, 7, size);
                 // Grow across the threshold and back, keeping the bytes.
