@@ -83,6 +83,11 @@ pub struct StepBench {
     /// Resident memory after the timed steps, MiB.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rss_after_mib: Option<f64>,
+    /// The most MiB of large blocks ([`crate::alloc::StepAlloc`]) mapped
+    /// while the steps ran, in use or cached for the next step; absent
+    /// when the process does not install that allocator.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step_blocks_peak_mib: Option<f64>,
     /// Resident memory when this configuration started (the binary, the
     /// data set, what earlier configurations left), MiB.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -282,6 +287,8 @@ pub fn bench_model_on(
     batch: usize,
     opts: &BenchOptions,
 ) -> Result<StepBench, TrainError> {
+    // Nothing an earlier configuration freed counts against this one.
+    crate::alloc::trim();
     reset_peak_rss();
     let rss_before_mib = proc_status_mib("VmRSS:");
     let blob = import_onnx(&onnx_model.encode_to_vec())?;
@@ -293,6 +300,9 @@ pub fn bench_model_on(
     let mut ex = select_executor(opts.executor, &graph, step_opts)?;
     ex.load(&blob.params.values)?;
     drop(blob);
+    // What importing left (the parameters' buffer among it) is not the
+    // steps'.
+    crate::alloc::trim();
     let peak_rss_compile_mib = peak_rss_mib();
     let rss_compiled_mib = proc_status_mib("VmRSS:");
     let batches = data.epoch_batches(batch, 0);
@@ -305,6 +315,7 @@ pub fn bench_model_on(
         };
         ex.step(x, Labels::Classes(&y), 0.01).map(|_| ())
     };
+    crate::alloc::reset_peak_mapped();
     step(ex.as_mut(), 0)?; // warm-up
     let start = Instant::now();
     let mut steps = 0u64;
@@ -315,6 +326,8 @@ pub fn bench_model_on(
     let secs = start.elapsed().as_secs_f64();
     let peak_rss_mib = peak_rss_mib();
     let rss_after_mib = proc_status_mib("VmRSS:");
+    let step_blocks_peak_mib =
+        Some(crate::alloc::mapped_bytes().1 as f64 / (1 << 20) as f64).filter(|&m| m > 0.0);
     let executor = ex.name();
     drop(ex);
     let shapes = matmul_shapes(&graph, batch)?;
@@ -342,6 +355,7 @@ pub fn bench_model_on(
         peak_rss_compile_mib,
         rss_compiled_mib,
         rss_after_mib,
+        step_blocks_peak_mib,
         rss_before_mib,
     })
 }

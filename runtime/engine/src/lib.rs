@@ -7,6 +7,9 @@
 //!   the aggregator's model, giving a [`trainer::LocalUpdate`].
 //! - [`data`]: local data sets (MNIST, IDX, text windows) and partitions.
 //! - [`zoo`]: the model zoo; [`bench`]: the training benchmark.
+//! - [`alloc`]: [`alloc::StepAlloc`], the global allocator a training
+//!   process installs (a step's large tensors reused, not fragmenting the
+//!   C heap).
 //! - [`fuzzing`]: entry points for the ONNX fuzz targets (`fuzz/`) and
 //!   their corpus replay test.
 //!
@@ -16,6 +19,7 @@
 //! **Invariant:** this is the only crate in the workspace that depends on
 //! tract or wgpu directly (checked by `aggregator/tests/layering.rs`).
 
+pub mod alloc;
 pub mod bench;
 pub mod data;
 pub mod fuzzing;

@@ -159,3 +159,88 @@ fn adam_and_adamw_match_the_reference() {
         close(&run(spec, 0.0, 6, lr as f32), &w);
     }
 }
+
+/// The zoo MLP (Gemm transB=1) and a transB=0 variant trained with SGD and
+/// momentum: tract's step, whose dense weights take the fused gradient and
+/// update (FedgeGemmSgd), agrees with the portable step (a gradient
+/// tensor, then the update) over several steps.
+#[test]
+fn fused_dense_gradient_and_update_agree_with_the_portable_step() {
+    use fedge_engine::train::kernels::GEMM_SGD;
+    let mlp = fedge_engine::zoo::mlp(3);
+    let mut flipped = mlp.clone();
+    // transB=0: the weight stored transposed.
+    let g = flipped.graph.as_mut().unwrap();
+    for n in g.node.iter_mut().filter(|n| n.op_type == "Gemm") {
+        n.attribute.retain(|a| a.name != "transB");
+        let w = n.input[1].clone();
+        let t = g.initializer.iter_mut().find(|t| t.name == w).unwrap();
+        let (r, c) = (t.dims[0] as usize, t.dims[1] as usize);
+        let v: Vec<f32> = t
+            .raw_data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        assert_eq!(v.len(), r * c);
+        *t = onnx::tensor_f32(
+            &w,
+            &[c, r],
+            &(0..r * c)
+                .map(|i| v[(i % r) * c + i / r])
+                .collect::<Vec<_>>(),
+        );
+    }
+    for model in [mlp, flipped] {
+        let blob = import_onnx(&model.encode_to_vec()).unwrap();
+        let graph = ModelGraph::from_blob(&blob).unwrap();
+        let batch = 8;
+        let x: Vec<f32> = (0..batch * 784)
+            .map(|i| ((i * 37 % 101) as f32 / 101.0) - 0.3)
+            .collect();
+        let y: Vec<i64> = (0..batch as i64).map(|i| (i * 3) % 10).collect();
+        let mut params = Vec::new();
+        for lowering in [Lowering::Tract, Lowering::Portable] {
+            let opts = CompileOptions {
+                batch,
+                loss: Loss::SoftmaxCrossEntropy,
+                optimizer: OptimizerSpec {
+                    momentum: 0.9,
+                    ..OptimizerSpec::default()
+                },
+                lowering,
+                ..CompileOptions::default()
+            };
+            let mut ex = TractExecutor::new(&graph, opts).unwrap();
+            if lowering == Lowering::Tract {
+                let fused = ex
+                    .training_graph()
+                    .model
+                    .graph
+                    .as_ref()
+                    .unwrap()
+                    .node
+                    .iter()
+                    .filter(|n| n.op_type == GEMM_SGD)
+                    .count();
+                assert_eq!(fused, 3, "every dense weight fused");
+            }
+            ex.load(&blob.params.values).unwrap();
+            for _ in 0..4 {
+                ex.step(Batch::F32(&x), Labels::Classes(&y), 0.05).unwrap();
+            }
+            params.push(ex.params().unwrap());
+        }
+        let moved = params[1]
+            .iter()
+            .zip(&blob.params.values)
+            .filter(|(a, b)| a != b)
+            .count();
+        assert!(moved > params[1].len() / 2, "the steps train");
+        for (i, (a, b)) in params[0].iter().zip(&params[1]).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                "parameter {i}: fused {a}, portable {b}"
+            );
+        }
+    }
+}

@@ -198,6 +198,62 @@ pub(crate) fn grad_outputs(node: &NodeProto) -> &[String] {
     }
 }
 
+/// Whether the step's SGD updates may be fused into dense layers' weight
+/// gradients (FedgeGemmSgd): tract, SGD with enough momentum, no weight
+/// decay, no FedProx.
+fn fuse_gemm_sgd(opts: &CompileOptions) -> bool {
+    let o = &opts.optimizer;
+    opts.mode == Mode::Step
+        && opts.lowering == Lowering::Tract
+        && o.kind == Optimizer::Sgd
+        && o.momentum >= super::kernels::GEMM_SGD_MOMENTUM_MIN
+        && o.weight_decay == 0.0
+        && opts.fedprox_mu <= 0.0
+}
+
+/// How many times each tensor is an input of the graph's nodes.
+fn input_uses(g: &GraphProto) -> HashMap<&str, usize> {
+    let mut uses = HashMap::new();
+    for n in &g.node {
+        for i in n.input.iter().filter(|i| !i.is_empty()) {
+            *uses.entry(i.as_str()).or_insert(0) += 1;
+        }
+    }
+    uses
+}
+
+/// A `Gemm` (transA=0) whose operand B is a trainable weight used by
+/// nothing else: its gradient is `alpha p^T q` with `(p, q)` the output
+/// gradient and the input (transB=1) or the other way round, computed by
+/// FedgeGemmSgd together with the update. Returns the weight's name and
+/// `(p, q, alpha)`.
+fn fusable_gemm(
+    n: &NodeProto,
+    gys: &[Option<String>],
+    needs: &[bool],
+    uses: &HashMap<&str, usize>,
+    layout: &fedge_proto::ParamLayout,
+    trainable: &[usize],
+) -> Option<(String, (String, String, f32))> {
+    if n.op_type != "Gemm" || onnx::attr_i(n, "transA").unwrap_or(0) != 0 || !*needs.get(1)? {
+        return None;
+    }
+    let w = n.input.get(1)?;
+    let gy = gys.first()?.clone()?;
+    let is_trainable = trainable.iter().any(|&i| &layout.tensors()[i].name == w);
+    if !is_trainable || uses.get(w.as_str()) != Some(&1) {
+        return None;
+    }
+    let a = n.input[0].clone();
+    let alpha = onnx::attr_f(n, "alpha").unwrap_or(1.0);
+    let pq = if onnx::attr_i(n, "transB").unwrap_or(0) != 0 {
+        (gy, a)
+    } else {
+        (a, gy)
+    };
+    Some((w.clone(), (pq.0, pq.1, alpha)))
+}
+
 /// The inference graph with parameters as inputs, for a fixed batch.
 pub fn compile_inference(graph: &ModelGraph, batch: usize) -> Result<ModelProto, TrainError> {
     let s = infer(graph, batch)?;
@@ -316,6 +372,12 @@ pub fn compile_training(
     let (loss, g_out) = loss::emit(&mut b, opts.loss, graph, opts.batch, last_op.as_deref())?;
     b.op_named("Identity", &[&loss], vec![], LOSS)?;
 
+    // Dense layers whose weight gradient goes straight into the update
+    // (FedgeGemmSgd): weight -> (p, q, alpha), see `fusable_gemm`.
+    let fuse = fuse_gemm_sgd(opts);
+    let mut fused: HashMap<String, (String, String, f32)> = HashMap::new();
+    let uses = input_uses(g);
+
     // Backward, in reverse topological order, accumulating gradients.
     let mut grads: HashMap<String, String> = HashMap::new();
     grads.insert(graph.output.clone(), g_out);
@@ -337,7 +399,15 @@ pub fn compile_training(
         let needs: Vec<bool> = (0..n.input.len())
             .map(|i| diff.contains(&i) && requires.contains(&n.input[i]))
             .collect();
-        let gx = grad::backward(&mut b, n, &gys, &needs)?;
+        let mut rule_needs = needs.clone();
+        if let Some((w, pq)) = fuse
+            .then(|| fusable_gemm(n, &gys, &needs, &uses, layout, &trainable))
+            .flatten()
+        {
+            rule_needs[1] = false;
+            fused.insert(w, pq);
+        }
+        let gx = grad::backward(&mut b, n, &gys, &rule_needs)?;
         for (i, gi) in gx.into_iter().enumerate() {
             // A rule may also give the gradient of an input that needs
             // none (a constant beside a parameter); it is dropped.
@@ -380,6 +450,25 @@ pub fn compile_training(
     for &i in &trainable {
         let t = &layout.tensors()[i];
         let w = t.name.as_str();
+        if let Some((p, q, alpha)) = fused.get(w) {
+            let o = &opts.optimizer;
+            let v = format!("fedge.state.{w}.v");
+            b.s.set(&v, t.shape.clone(), F32);
+            state_inputs.push(onnx::value_info(&v, F32, &t.shape));
+            let (new_w, new_v) = (format!("fedge.new.{w}"), format!("fedge.new_state.{w}.v"));
+            b.fedge_op_named(
+                super::kernels::GEMM_SGD,
+                &[w, &v, p, q, LR],
+                vec![
+                    onnx::float("momentum", o.momentum),
+                    onnx::float("alpha", *alpha),
+                ],
+                &[&new_w, &new_v],
+            )?;
+            state_outputs.push(onnx::value_info(&new_v, F32, &t.shape));
+            param_outputs.push(onnx::value_info(&new_w, F32, &t.shape));
+            continue;
+        }
         let grad = match grads.get(w) {
             Some(gname) => gname.clone(),
             None => {

@@ -87,7 +87,9 @@ pub fn plan_threads(
 /// threshold (glibc's largest) and a 64 MiB trim threshold make a step's
 /// allocations a steady pattern in the heap: resident memory stays at the
 /// step's peak, with no page faults after the first step. Process-wide,
-/// once; a no-op off glibc.
+/// once; a no-op off glibc. (A binary that installs
+/// [`crate::alloc::StepAlloc`] keeps blocks of 256 KiB and more out of
+/// the heap altogether.)
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -409,6 +411,10 @@ impl Executor for TractExecutor {
         };
         self.t = 0;
         self.lost = false;
+        // Training starts from here: give back what compiling (or an
+        // earlier run) left free, so that the steps' blocks are all that
+        // [`crate::alloc::StepAlloc`] caches.
+        crate::alloc::trim();
         Ok(())
     }
 
@@ -416,8 +422,9 @@ impl Executor for TractExecutor {
         self.check_step()?;
         let inputs = self.inputs(x, y, lr)?;
         self.hand_over();
-        let out = self.plan.run(inputs).map_err(TrainError::tract)?;
-        self.finish_step(out)
+        let out = self.plan.run(inputs).map_err(TrainError::tract);
+        crate::alloc::step_done();
+        self.finish_step(out?)
     }
 
     fn params(&self) -> Result<Vec<f32>, TrainError> {

@@ -211,8 +211,11 @@ pub fn backward(
             }
         }
         "Relu" if b.lowering == Lowering::Tract => {
+            // Masked by the output (y > 0 exactly where x > 0), so that the
+            // input is used by the Relu alone and tract rectifies it in
+            // place: one activation-sized tensor fewer per layer.
             out[0] = Some(
-                b.fedge_op(kernels::RELU_GRAD, &[x(0), gy], vec![], 1)?
+                b.fedge_op(kernels::RELU_GRAD, &[y, gy], vec![], 1)?
                     .remove(0),
             );
         }

@@ -27,8 +27,8 @@ pub struct BenchArgs {
     /// once per count (e.g. `1,2`).
     #[arg(long, value_delimiter = ',', default_value = "1")]
     threads: Vec<usize>,
-    /// Also time each node of the CNN's CPU step at batch 32 and print the
-    /// slowest this many (0: none).
+    /// Also time each node of each model's CPU step (at the first batch
+    /// size, one thread) and print the slowest this many (0: none).
     #[arg(long, default_value_t = 0)]
     profile: usize,
     /// Models to benchmark (`cnn`, `mlp`).
@@ -69,17 +69,26 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
         batches: a.batches.clone(),
     };
     if a.profile > 0 {
-        let times =
-            fedge_engine::bench::profile_cpu_step(&fedge_engine::zoo::cnn(2), &data, 32, 1, 10)?;
-        let total: f64 = times.iter().map(|t| t.ms).sum();
-        println!("CNN step at batch 32, 1 thread: {total:.2} ms in tract's nodes; the slowest:");
-        for t in times.iter().take(a.profile) {
+        for name in &a.models {
+            let model = if name == "cnn" {
+                fedge_engine::zoo::cnn(2)
+            } else {
+                fedge_engine::zoo::mlp(1)
+            };
+            let batch = a.batches[0];
+            let times = fedge_engine::bench::profile_cpu_step(&model, &data, batch, 1, 10)?;
+            let total: f64 = times.iter().map(|t| t.ms).sum();
             println!(
-                "{:>8.3} ms {:>5.1}%  {}",
-                t.ms,
-                100.0 * t.ms / total,
-                t.node
+                "{name} step at batch {batch}, 1 thread: {total:.3} ms in tract's nodes; the slowest:"
             );
+            for t in times.iter().take(a.profile) {
+                println!(
+                    "{:>8.3} ms {:>5.1}%  {}",
+                    t.ms,
+                    100.0 * t.ms / total,
+                    t.node
+                );
+            }
         }
     }
     let opts = |executor, threads| BenchOptions {
@@ -147,12 +156,17 @@ fn bench_suite(
                 );
                 let r = fedge_engine::bench::bench_model_on(name, &model, data, batch, opts)?;
                 let rss = match (r.peak_rss_mib, r.rss_before_mib) {
-                    (Some(p), Some(b)) => format!(
-                        ", peak RSS {p:.1} MiB (from {b:.1}; compiling peaked at {:.1}, left {:.1}; {:.1} after the steps)",
-                        r.peak_rss_compile_mib.unwrap_or(f64::NAN),
-                        r.rss_compiled_mib.unwrap_or(f64::NAN),
-                        r.rss_after_mib.unwrap_or(f64::NAN)
-                    ),
+                    (Some(p), Some(b)) => {
+                        format!(
+                            ", peak RSS {p:.1} MiB (from {b:.1}; compiling peaked at {:.1}, left {:.1}; {:.1} after the steps)",
+                            r.peak_rss_compile_mib.unwrap_or(f64::NAN),
+                            r.rss_compiled_mib.unwrap_or(f64::NAN),
+                            r.rss_after_mib.unwrap_or(f64::NAN)
+                        ) + &r
+                            .step_blocks_peak_mib
+                            .map(|m| format!("; large blocks {m:.1} MiB at most"))
+                            .unwrap_or_default()
+                    }
                     (Some(p), None) => format!(", peak RSS {p:.1} MiB"),
                     _ => String::new(),
                 };

@@ -29,6 +29,11 @@ use fedge_engine::trainer::{OnnxTrainer, compile_options};
 use fedge_proto::msg::{Loss, Optimizer, TrainingPlan};
 use fedge_proto::{Limits, ModelBlob};
 
+/// A training step's large tensors in mappings reused from step to step,
+/// not in the C heap (see `fedge_engine::alloc`).
+#[global_allocator]
+static ALLOC: fedge_engine::alloc::StepAlloc = fedge_engine::alloc::StepAlloc;
+
 #[derive(Parser)]
 #[command(
     name = "fedge-device",

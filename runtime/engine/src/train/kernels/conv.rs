@@ -31,17 +31,17 @@ use tract_onnx::tract_hir::internal::*;
 use super::Geometry;
 
 /// A matrix kernel chosen for one product shape, with its operand layouts.
-struct Gemm {
-    mmm: Box<dyn MatMatMul>,
+pub(super) struct Gemm {
+    pub(super) mmm: Box<dyn MatMatMul>,
     packing: usize,
-    a: PackedFormat,
-    b: PackedFormat,
+    pub(super) a: PackedFormat,
+    pub(super) b: PackedFormat,
 }
 
 impl Gemm {
     /// The kernel tract would pick for an f32 `[m, k] x [k, n]` product,
     /// among those reading plain packed panels.
-    fn new(m: usize, k: usize, n: usize) -> TractResult<Gemm> {
+    pub(super) fn new(m: usize, k: usize, n: usize) -> TractResult<Gemm> {
         let dispatch = MmmDispatch::native();
         let query = Query::plain(f32::datum_type(), Some(m), Some(k), Some(n));
         let plain = |(mmm, ix, pe): &Suitable| {
@@ -71,7 +71,7 @@ impl Gemm {
     }
 
     /// Run `C = A x B` (then `ops` after the product, before the store).
-    fn run<'t>(
+    pub(super) fn run<'t>(
         &self,
         scratch: &mut dyn tract_onnx::tract_core::tract_linalg::mmm::ScratchSpace,
         (m, n): (usize, usize),
@@ -92,7 +92,7 @@ impl Gemm {
 }
 
 /// The panels of a packed operand, as floats, and the floats per panel.
-fn panels_mut(p: &mut EagerPackedInput) -> (&mut [f32], usize) {
+pub(super) fn panels_mut(p: &mut EagerPackedInput) -> (&mut [f32], usize) {
     let panel = p.panel_bytes / 4;
     let blob = Arc::get_mut(&mut p.packed).expect("a packed buffer of our own");
     let bytes = blob.as_bytes_mut();
@@ -135,7 +135,7 @@ fn width<const R: usize>(r: usize) -> usize {
 
 /// Pack records `k0..k0 + k` of an `[mn, k]` operand read at `src[r *
 /// mn_stride + kk * k_stride]` into `r`-wide panels.
-fn pack_strided(
+pub(super) fn pack_strided(
     dst: &mut [f32],
     (panel_len, r): (usize, usize),
     src: &[f32],

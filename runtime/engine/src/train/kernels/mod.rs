@@ -25,12 +25,18 @@
 //! - `FedgeConvGradX` (gy, w) -> dX `[N,C,H,W]`: its input gradient; with
 //!   stride 1 the forward product on `G` by the turned weight, else
 //!   `col2im(W^T x G)` per image.
-//! - `FedgeReluGrad` (x, gy) -> `gy` where `x > 0`, else 0, in one pass.
+//! - `FedgeReluGrad` (x, gy) -> `gy` where `x > 0`, else 0, in one pass,
+//!   over `gy` itself when the step holds the only reference to it. The
+//!   compiler passes the Relu's output as `x` (positive where its input
+//!   is).
 //! - `FedgeMaxPoolGrad` (x, gy) -> gx for non-overlapping windows: each
 //!   window's gradient goes to the first position holding its maximum
 //!   (PyTorch's convention), in one pass.
 //! - `FedgeSgd` (w, v, g, lr) -> (w', v'): SGD with momentum `mu` and weight
 //!   decay `wd` (`v' = mu v + g + wd w`, `w' = w - lr v'`) in one pass.
+//! - `FedgeGemmSgd` (w, v, p, q, lr) -> (w', v'): a dense layer's weight
+//!   gradient `alpha p^T q` and that update in one matrix product, no
+//!   gradient tensor ([`dense`]).
 //!
 //! **Invariant:** every op here has a portable equivalent in plain ONNX
 //! ops (the `Lowering::Portable` rules in `grad` and `compile`), which the
@@ -52,6 +58,7 @@ pub const SGD: &str = "FedgeSgd";
 pub const CONV: &str = "FedgeConv";
 pub const CONV_GRAD_W: &str = "FedgeConvGradW";
 pub const CONV_GRAD_X: &str = "FedgeConvGradX";
+pub const GEMM_SGD: &str = "FedgeGemmSgd";
 
 /// Whether `op` is one of fedge's ops.
 pub fn is_fedge_op(op: &str) -> bool {
@@ -65,13 +72,14 @@ pub fn is_fedge_op(op: &str) -> bool {
         CONV,
         CONV_GRAD_W,
         CONV_GRAD_X,
+        GEMM_SGD,
     ]
     .contains(&op)
 }
 
 /// The shape of `node`'s outputs (a fedge op) given its first input's.
 pub fn output_shape(node: &NodeProto, x: &[usize]) -> Result<Vec<usize>, String> {
-    if node.op_type == SGD || node.op_type == RELU_GRAD {
+    if node.op_type == SGD || node.op_type == RELU_GRAD || node.op_type == GEMM_SGD {
         return Ok(x.to_vec());
     }
     if let Some(kind) = ConvKind::of(&node.op_type) {
@@ -116,6 +124,14 @@ fn register(reg: &mut OnnxOpRegister) {
         Ok((expand(Typed(TypedOpBox(Box::new(ReluGrad)))), vec![]))
     });
     reg.insert(SGD, parse_sgd);
+    reg.insert(GEMM_SGD, |_, node| {
+        let f = |name: &str| super::onnx::attr_f(node, name).unwrap_or(0.0);
+        let op = dense::GemmSgd {
+            momentum_bits: f("momentum").to_bits(),
+            alpha_bits: super::onnx::attr_f(node, "alpha").unwrap_or(1.0).to_bits(),
+        };
+        Ok((expand(Typed(TypedOpBox(Box::new(op)))), vec![]))
+    });
     for op in [CONV, CONV_GRAD_W, CONV_GRAD_X] {
         reg.insert(op, |_, n| {
             let kind = ConvKind::of(&n.op_type).expect("registered");
@@ -126,7 +142,10 @@ fn register(reg: &mut OnnxOpRegister) {
 }
 
 mod conv;
+mod dense;
 mod window;
+
+pub use dense::MOMENTUM_MIN as GEMM_SGD_MOMENTUM_MIN;
 
 pub use window::Geometry;
 
@@ -195,11 +214,14 @@ impl Expansion for Typed {
     }
 
     fn nboutputs(&self) -> TractResult<usize> {
-        Ok(if self.0.0.as_op().downcast_ref::<Sgd>().is_some() {
-            2
-        } else {
-            1
-        })
+        let op = self.0.0.as_op();
+        Ok(
+            if op.downcast_ref::<Sgd>().is_some() || op.downcast_ref::<dense::GemmSgd>().is_some() {
+                2
+            } else {
+                1
+            },
+        )
     }
 
     fn rules<'r, 'p: 'r, 's: 'r>(
@@ -230,6 +252,13 @@ impl Expansion for Typed {
             s.equals(&outputs[0].datum_type, f32::datum_type())?;
             s.equals(&outputs[0].shape, &inputs[0].shape)?;
             s.equals(&inputs[1].shape, &inputs[0].shape)?;
+        } else if self.0.0.as_op().downcast_ref::<dense::GemmSgd>().is_some() {
+            check_input_arity(inputs, 5)?;
+            check_output_arity(outputs, 2)?;
+            for o in outputs {
+                s.equals(&o.datum_type, f32::datum_type())?;
+                s.equals(&o.shape, &inputs[0].shape)?;
+            }
         } else {
             check_input_arity(inputs, 4)?;
             check_output_arity(outputs, 2)?;
@@ -515,13 +544,19 @@ impl EvalOp for ReluGrad {
             inputs.len() == 2 && inputs[0].shape() == inputs[1].shape(),
             "{RELU_GRAD}: needs two inputs of one shape"
         );
-        let (x, gy) = (plain(&inputs[0])?, plain(&inputs[1])?);
-        let mut out = unsafe { Tensor::uninitialized::<f32>(inputs[0].shape())? };
+        let [x, gy]: [TValue; 2] = inputs
+            .into_iter()
+            .collect::<Vec<_>>()
+            .try_into()
+            .expect("two inputs");
+        // The gradient is masked where it lies (copied first only when
+        // something else still holds it).
+        let mut out = gy.into_tensor();
         {
             let mut view = out.try_as_plain_ram_mut()?;
             let o = view.as_slice_mut::<f32>()?;
-            for ((o, &x), &g) in o.iter_mut().zip(x).zip(gy) {
-                *o = if x > 0.0 { g } else { 0.0 };
+            for (o, &x) in o.iter_mut().zip(plain(&x)?) {
+                *o = if x > 0.0 { *o } else { 0.0 };
             }
         }
         Ok(tvec!(out.into_tvalue()))
@@ -594,9 +629,18 @@ impl EvalOp for Sgd {
 
 /// SGD with momentum `mu` and weight decay `wd`, in place:
 /// `v = mu v + g + wd w`, `w = w - lr v`.
+///
+/// A momentum below the smallest normal float is flushed to zero. The
+/// momentum of a weight whose gradient is (nearly) always zero (an MNIST
+/// border pixel's) decays by `mu` every step and reaches subnormal values
+/// after some 800 steps at 0.9; arithmetic on subnormals takes a slow path
+/// on x86 (a microcode assist per element), which made this update take
+/// half of the MLP's step. Such a momentum moves its weight by less than
+/// `lr x 1.2e-38`: nothing a float32 weight can show.
 fn sgd_update(w: &mut [f32], v: &mut [f32], g: &[f32], lr: f32, (mu, wd): (f32, f32)) {
     for ((w, v), &g) in w.iter_mut().zip(v.iter_mut()).zip(g) {
         let d = mu * *v + (g + wd * *w);
+        let d = if d.abs() < f32::MIN_POSITIVE { 0.0 } else { d };
         *v = d;
         *w -= d * lr;
     }
@@ -630,5 +674,14 @@ mod tests {
         for i in 0..3 {
             assert_eq!((w[i], v[i]), want[i]);
         }
+    }
+
+    #[test]
+    fn sgd_update_flushes_a_subnormal_momentum() {
+        let (mut w, mut v) = (vec![0.5f32, 0.5], vec![2e-38f32, 1e-3]);
+        sgd_update(&mut w, &mut v, &[0.0, 0.0], 0.1, (0.5, 0.0));
+        assert_eq!(v, [0.0, 5e-4]);
+        assert_eq!(w[0], 0.5);
+        assert!((w[1] - (0.5 - 5e-5)).abs() < 1e-7);
     }
 }
