@@ -387,6 +387,14 @@ pub fn verify_chain(
         if let Some(st) = &r.staleness {
             st.check_discounts(r.round_id).map_err(fail)?;
         }
+        // Once the chain states its flag rules, every scored record must:
+        // without them its flags could not be recomputed.
+        let scored = r.validation_samples > 0 && !r.entries.is_empty();
+        if scored && r.flag_rules.is_none() && out.iter().any(|p| p.flag_rules.is_some()) {
+            return Err(fail(
+                "a scored round without its flag rules, after records that state them".into(),
+            ));
+        }
         if let Some(p) = out.last() {
             if r.round_id <= p.round_id {
                 return Err(fail(format!(
@@ -578,6 +586,67 @@ pub fn check_evidence(
 mod tests {
     use super::*;
     use fedge_proto::update::{Codec, encode_update};
+
+    /// Once a chain states its flag rules, a scored record without them
+    /// (whose flags no verifier could recompute) is refused, named.
+    #[test]
+    fn a_scored_record_without_flag_rules_after_one_with_them_is_refused() {
+        let key = SigningKey::from_bytes(&[3; 32]);
+        let rec = |seq: u64, prev: [u8; 32], rules: bool| {
+            let mut r = LedgerRecord {
+                seq,
+                round_id: seq,
+                prev_hash: prev,
+                model_before: [seq as u8; 32],
+                model_after: [seq as u8 + 1; 32],
+                scoring_seed: [0; 32],
+                validation_samples: 8,
+                score_method: ledger::METHOD_DIRECT,
+                server_lr: 1.0,
+                reward_pool: 0,
+                reward_cap: 1.0,
+                stake_transform: ledger::STAKE_CONSTANT,
+                stake_param: 0.0,
+                entries: vec![LedgerEntry {
+                    device: [9; 32],
+                    manifest_hash: [1; 32],
+                    payload_hash: [2; 32],
+                    stake: 0.0,
+                    weight: 1.0,
+                    score: 0.0,
+                    flags: 0,
+                    reward: 0,
+                }],
+                penalties: vec![],
+                reward_root: [0; 32],
+                evaluation: None,
+                staleness: None,
+                flag_rules: rules.then(|| LedgerFlagRules {
+                    copy_cosine_min: 0.99,
+                    free_rider_norm_ratio: 0.05,
+                    noise_sigmas: 3.0,
+                    order: vec![0],
+                }),
+            };
+            r.reward_root = r.compute_reward_root();
+            r
+        };
+        let stored = |rs: &[LedgerRecord]| -> Vec<StoredRecord> {
+            rs.iter()
+                .map(|r| StoredRecord {
+                    seq: r.seq,
+                    bytes: r.encode(),
+                    signature: ledger::sign_record(&key, &r.hash()).to_vec(),
+                })
+                .collect()
+        };
+        let first = rec(1, [0; 32], true);
+        let with = rec(2, first.hash(), true);
+        verify_chain(&stored(&[first.clone(), with]), &key.verifying_key()).unwrap();
+        let without = rec(2, first.hash(), false);
+        let e = verify_chain(&stored(&[first, without]), &key.verifying_key()).unwrap_err();
+        assert_eq!(e.seq, 2, "{e}");
+    }
 
     fn penalty(kind: u8, evidence: &[u8]) -> LedgerPenalty {
         LedgerPenalty {

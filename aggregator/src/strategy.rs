@@ -522,9 +522,11 @@ impl BufferedSpec {
     }
 
     pub fn validate(&self) -> Result<(), String> {
-        if !(self.staleness_exponent >= 0.0 && self.staleness_exponent.is_finite()) {
+        // At most 16: a discount of a few rounds' staleness stays far
+        // above zero (and in every ledger record's range).
+        if !(0.0..=16.0).contains(&self.staleness_exponent) {
             return Err(format!(
-                "staleness_exponent must be >= 0, got {}",
+                "staleness_exponent must be in [0, 16], got {}",
                 self.staleness_exponent
             ));
         }

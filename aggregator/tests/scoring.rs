@@ -97,6 +97,8 @@ fn cfg() -> CoordinatorConfig {
         },
         scoring: ScoringConfig {
             validation_samples: 40,
+            // The simulated devices' training is virtual: a fixed sample.
+            cost_budget: 0.0,
             reward_pool: 1000,
             // A quadratic loss has no classes.
             method: ScoreMethod::Direct,
@@ -614,6 +616,11 @@ fn flags_are_recomputed_from_the_record() {
         assert!(err.contains(&sim.device_id(6)), "seed {seed}: {err}");
         moved.entries[original].flags |= FLAG_COPY;
         assert!(recompute(&moved).is_err(), "seed {seed}");
+        // An honest entry marked unscored (and so unpaid) is named.
+        let mut unscored = r.clone();
+        unscored.entries[at(2)].flags |= fedge_proto::ledger::FLAG_UNSCORED;
+        let err = recompute(&unscored).unwrap_err();
+        assert!(err.contains(&sim.device_id(2)), "seed {seed}: {err}");
         // Scored in another order, the copy is the original's.
         let mut reordered = r.clone();
         reordered.flag_rules.as_mut().unwrap().order.reverse();

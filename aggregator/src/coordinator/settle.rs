@@ -256,11 +256,16 @@ impl Coordinator {
                     let refs: Vec<&[f32]> = scaled.iter().map(|d| &**d).collect();
                     self.replays.remember(&refs);
                 }
-                Err(e) => tracing::warn!(
-                    round_id = r.round_id,
-                    error = %e,
-                    "a scored round's updates are not readable: replays of it go unflagged"
-                ),
+                Err(e) => {
+                    tracing::warn!(
+                        round_id = r.round_id,
+                        error = %e,
+                        "a scored round's updates are not readable: replays of it go unflagged"
+                    );
+                    // Its place in the window still counts, as a
+                    // verifier's does.
+                    self.replays.remember(&[]);
+                }
             }
         }
     }

@@ -106,14 +106,20 @@ pub fn recompute_scores(
         let device = hex::encode(e.device);
         if r.flag_rules.is_some() {
             let bit = |on: bool, b: u8| if on { b } else { 0 };
+            // Unscored too: in a scored round every update has a score,
+            // and the flag would zero a reward without a reason.
             let want = bit(u.copy_of.is_some(), ledger::FLAG_COPY)
                 | bit(u.free_rider, ledger::FLAG_FREE_RIDER)
-                | bit(u.noise, ledger::FLAG_NOISE);
-            let mask = ledger::FLAG_COPY | ledger::FLAG_FREE_RIDER | ledger::FLAG_NOISE;
+                | bit(u.noise, ledger::FLAG_NOISE)
+                | bit(u.score.is_none(), ledger::FLAG_UNSCORED);
+            let mask = ledger::FLAG_COPY
+                | ledger::FLAG_FREE_RIDER
+                | ledger::FLAG_NOISE
+                | ledger::FLAG_UNSCORED;
             if e.flags & mask != want {
                 return Err(format!(
                     "device {device}: recorded flags {:#04x}, recomputed {want:#04x} \
-                     (1 copy, 2 free-rider or replay, 8 noise)",
+                     (1 copy, 2 free-rider or replay, 4 unscored, 8 noise)",
                     e.flags & mask
                 ));
             }

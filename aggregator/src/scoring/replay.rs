@@ -90,8 +90,11 @@ impl History {
 
     fn keep_sketches(&mut self, sketches: Vec<Vec<f32>>) {
         self.rounds.push_back(sketches);
+        // The newest round stays whatever its size, so a round of more
+        // than SKETCHES_MAX updates still protects the next one.
         while self.rounds.len() > ROUNDS_KEPT
-            || self.rounds.iter().map(Vec::len).sum::<usize>() > SKETCHES_MAX
+            || (self.rounds.len() > 1
+                && self.rounds.iter().map(Vec::len).sum::<usize>() > SKETCHES_MAX)
         {
             self.rounds.pop_front();
         }
