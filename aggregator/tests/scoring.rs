@@ -108,12 +108,23 @@ fn cfg() -> CoordinatorConfig {
     }
 }
 
-fn run(seed: u64) -> Sim {
-    let mut sim = Sim::new(seed, cfg(), NetConfig::default(), fleet(seed));
-    sim.coord.set_evaluator(Box::new(Quadratic {
+/// The validation loss every test scores on.
+fn quadratic() -> Quadratic {
+    Quadratic {
         target: target(),
         n: 200,
-    }));
+    }
+}
+
+/// A simulated fleet of `specs` whose coordinator scores on [`quadratic`].
+fn scored(seed: u64, cfg: CoordinatorConfig, specs: Vec<DeviceSpec>) -> Sim {
+    let mut sim = Sim::new(seed, cfg, NetConfig::default(), specs);
+    sim.coord.set_evaluator(Box::new(quadratic()));
+    sim
+}
+
+fn run(seed: u64) -> Sim {
+    let mut sim = scored(seed, cfg(), fleet(seed));
     sim.run_to_end(Duration::from_secs(300));
     sim
 }
@@ -227,11 +238,7 @@ fn ratings_at_or_below_zero_lower_aggregation_weights_when_asked() {
         c.weights.rating_floor = Some(0.1);
         c.weights.rating_rounds = 2;
         c.weights.max_share = 1.0;
-        let mut sim = Sim::new(seed, c, NetConfig::default(), fleet(seed));
-        sim.coord.set_evaluator(Box::new(Quadratic {
-            target: target(),
-            n: 200,
-        }));
+        let mut sim = scored(seed, c, fleet(seed));
         sim.run_to_end(Duration::from_secs(600));
         let settled = settlements(&sim);
         assert_eq!(settled.len(), 4, "seed {seed}");
@@ -271,10 +278,7 @@ fn scores_are_recomputable_and_deterministic() {
     let seed = scoring::scoring_seed(7, s.round_id, &s.model_before);
     assert_eq!(seed, s.scoring_seed);
     let idx = scoring::validation_indices(&seed, 200, 40);
-    let mut eval = Quadratic {
-        target: target(),
-        n: 200,
-    };
+    let mut eval = quadratic();
     let base_loss = eval.loss(&base, &idx).unwrap();
     assert_eq!(s.base_loss, Some(base_loss));
     let specs = fleet(7);
@@ -325,11 +329,7 @@ fn an_update_over_the_norm_bound_is_a_recorded_penalty() {
             update_norm_max: Some(100.0),
             ..cfg()
         };
-        let mut sim = Sim::new(seed, cfg, NetConfig::default(), specs);
-        sim.coord.set_evaluator(Box::new(Quadratic {
-            target: target(),
-            n: 200,
-        }));
+        let mut sim = scored(seed, cfg, specs);
         sim.run_to_end(Duration::from_secs(300));
         let settled = settlements(&sim);
         assert_eq!(settled.len(), 1, "seed {seed}");
@@ -381,14 +381,10 @@ fn equivocation_is_a_penalty_with_checkable_evidence_and_slashes_stake() {
             },
             ..cfg()
         };
-        let mut sim = Sim::new(seed, cfg, NetConfig::default(), specs);
+        let mut sim = scored(seed, cfg, specs);
         let stakes: std::collections::HashMap<String, f64> =
             (0..5).map(|i| (sim.device_id(i), 2.0)).collect();
         sim.coord.set_stakes(Box::new(stakes));
-        sim.coord.set_evaluator(Box::new(Quadratic {
-            target: target(),
-            n: 200,
-        }));
         sim.run_to_end(Duration::from_secs(300));
         let settled = settlements(&sim);
         assert_eq!(settled.len(), 2, "seed {seed}");
@@ -460,12 +456,7 @@ fn stale_fedbuff_updates_are_recomputable_from_their_records() {
             staleness_exponent: 0.5,
             concurrency: Some(7),
         });
-        let eval = || Quadratic {
-            target: target(),
-            n: 200,
-        };
-        let mut sim = Sim::new(seed, c, NetConfig::default(), fleet(seed));
-        sim.coord.set_evaluator(Box::new(eval()));
+        let mut sim = scored(seed, c, fleet(seed));
         sim.run_to_end(Duration::from_secs(600));
         let limits = Limits::default();
         let mut models = vec![sim::model(DIM)];
@@ -498,7 +489,8 @@ fn stale_fedbuff_updates_are_recomputable_from_their_records() {
                 .values;
             let deltas = kept_deltas(&sim, &r);
             let (checked, flags) =
-                ledger::recompute_scores(&r, before, &deltas, &mut eval(), &mut history).unwrap();
+                ledger::recompute_scores(&r, before, &deltas, &mut quadratic(), &mut history)
+                    .unwrap();
             assert_eq!(checked, r.entries.len(), "seed {seed} round {}", r.round_id);
             assert_eq!(flags, r.entries.len(), "seed {seed} round {}", r.round_id);
             if r.staleness.is_some() {
@@ -507,7 +499,8 @@ fn stale_fedbuff_updates_are_recomputable_from_their_records() {
                     ..r.clone()
                 };
                 let mut h = Default::default();
-                let err = ledger::recompute_scores(&bare, before, &deltas, &mut eval(), &mut h);
+                let err =
+                    ledger::recompute_scores(&bare, before, &deltas, &mut quadratic(), &mut h);
                 assert!(err.is_err(), "seed {seed}: scored undiscounted");
             }
         }
@@ -532,11 +525,7 @@ fn equivocation_after_a_restart_is_still_a_penalty() {
             rounds: 1,
             ..cfg()
         };
-        let mut sim = Sim::new(seed, cfg, NetConfig::default(), specs);
-        sim.coord.set_evaluator(Box::new(Quadratic {
-            target: target(),
-            n: 200,
-        }));
+        let mut sim = scored(seed, cfg, specs);
         let cheat = sim.device_id(4);
         sim.run_until(Duration::from_secs(60), |s| {
             s.accepted().iter().any(|a| a.1 == cheat)
@@ -596,13 +585,9 @@ fn flags_are_recomputed_from_the_record() {
         let r = LedgerRecord::decode(&r.encode()).unwrap();
         let deltas = kept_deltas(&sim, &r);
         let base = sim::model(DIM).params.values;
-        let eval = || Quadratic {
-            target: target(),
-            n: 200,
-        };
         let recompute = |r: &LedgerRecord| {
             let mut h = Default::default();
-            ledger::recompute_scores(r, &base, &deltas, &mut eval(), &mut h)
+            ledger::recompute_scores(r, &base, &deltas, &mut quadratic(), &mut h)
         };
         let (_, flags) = recompute(&r).unwrap();
         assert_eq!(flags, 7, "seed {seed}");
@@ -641,11 +626,7 @@ fn replays_across_a_restart_are_flagged_and_verify() {
     for seed in SEEDS {
         let mut specs = fleet(seed);
         specs[1].wobble = false; // the same update every round
-        let mut sim = Sim::new(seed, cfg(), NetConfig::default(), specs);
-        sim.coord.set_evaluator(Box::new(Quadratic {
-            target: target(),
-            n: 200,
-        }));
+        let mut sim = scored(seed, cfg(), specs);
         sim.run_until(Duration::from_secs(120), |s| s.published().len() == 1);
         let first = settlements(&sim).remove(0);
         let r1 = ledger::build_record(1, [0; 32], &first, sim.published()[0].2).unwrap();
@@ -663,10 +644,7 @@ fn replays_across_a_restart_are_flagged_and_verify() {
             .map(|e| (e.payload_hash, payload(&sim, 1, &e.payload_hash).unwrap()))
             .collect();
         sim.restart_aggregator(true);
-        sim.coord.set_evaluator(Box::new(Quadratic {
-            target: target(),
-            n: 200,
-        }));
+        sim.coord.set_evaluator(Box::new(quadratic()));
         sim.coord
             .restore_replay_history(std::slice::from_ref(&r1), |_, hash| {
                 round1.get(hash).cloned().ok_or_else(|| "missing".into())
@@ -702,10 +680,7 @@ fn replays_across_a_restart_are_flagged_and_verify() {
                 .unwrap()
                 .params
                 .values;
-            let mut eval = Quadratic {
-                target: target(),
-                n: 200,
-            };
+            let mut eval = quadratic();
             let (_, flags) =
                 ledger::recompute_scores(&r, before, &deltas, &mut eval, &mut history).unwrap();
             assert_eq!(flags, r.entries.len(), "seed {seed}");
