@@ -213,7 +213,7 @@ fn red_team_flags_are_checked_before_anything_runs() {
     for (args, needle) in [
         (
             &["--attack", "bogus"][..],
-            "attack `bogus`: use sign-flip, scaling, gaussian, label-flip, alie, zero, hog, replay, liar, free-rider, copycat or noise",
+            "attack `bogus`: use sign-flip, scaling, gaussian, label-flip, alie, zero, hog, replay, liar, free-rider, copycat, near-copy or noise",
         ),
         (
             &["--defaults", "secure"],
@@ -568,5 +568,74 @@ fn a_lora_simulation_uploads_adapters_and_exports_plain_onnx() {
         !ok && stderr.contains("does not carry the adapters [plan.lora] names")
             && stderr.contains("but the model carries rank=4,alpha=8,targets=fc*"),
         "{stderr}"
+    );
+}
+
+/// The copycat re-signs an honest device's accepted payload. On
+/// `simulate`'s default codec (top-k with error feedback) its payload is
+/// the victim's, so every one of its participations is flagged as a copy
+/// and unpaid, and the flags verify.
+#[test]
+fn a_copycat_on_the_default_codec_is_flagged_every_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (ok, stdout, stderr) = simulate(&[
+        "--model",
+        "mlp",
+        "--devices",
+        "6",
+        "--devices-per-round",
+        "6",
+        "--rounds",
+        "3",
+        "--attackers",
+        "0.17",
+        "--attack",
+        "copycat",
+        "--seed",
+        "5",
+        "--out-dir",
+        dir.path().to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(stdout.contains("1 of 6 devices attack"), "{stdout}");
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("results.json")).unwrap()).unwrap();
+    let adversarial = &results["rewards"]["adversarial"];
+    assert_eq!(
+        adversarial["participations"].as_u64(),
+        Some(3),
+        "{adversarial}"
+    );
+    assert_eq!(
+        adversarial["flagged_copy"].as_u64(),
+        Some(3),
+        "{adversarial}"
+    );
+    assert_eq!(adversarial["reward"].as_u64(), Some(0), "{adversarial}");
+    for p in results["rewards"]["participations"].as_array().unwrap() {
+        if p["adversarial"].as_bool() == Some(true) {
+            let similarity = p["similarity"].as_f64().unwrap();
+            assert!(similarity > 0.999, "the copy is the payload: {p}");
+        }
+    }
+    let (ok, out, err) = run(
+        "fedge-aggregator",
+        &[
+            "ledger",
+            "verify",
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--validation",
+            "mnist",
+            "--validation-range",
+            "8000..10000",
+        ],
+    );
+    assert!(
+        ok && out.contains("flags recomputed: 18 participations'"),
+        "{out}{err}"
     );
 }

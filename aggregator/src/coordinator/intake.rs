@@ -424,6 +424,7 @@ impl Coordinator {
             device: dev,
             sample_count: m.sample_count,
             payload_bytes: m.payload_bytes,
+            payload_hash: m.payload_hash,
         });
         self.send(
             session,

@@ -76,6 +76,9 @@ pub enum Event {
         device: String,
         sample_count: u64,
         payload_bytes: u64,
+        /// The payload's hash, as the device signed it: the store keeps
+        /// the payload under it (`updates/<round>/<hash>.bin`).
+        payload_hash: [u8; 32],
         staleness: u64,
     },
     Rejected {

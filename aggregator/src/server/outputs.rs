@@ -118,6 +118,7 @@ async fn on_event(
             sample_count,
             payload_bytes,
             staleness,
+            ..
         } => tracing::info!(
             round_id,
             device = &device[..12],

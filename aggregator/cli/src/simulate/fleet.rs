@@ -22,6 +22,7 @@ use fedge_proto::sign::SigningKey;
 use tokio::task::JoinHandle;
 
 use super::args::SimConfig;
+use super::copycat::{AcceptedUpdates, Copycat, Copycats, Posting};
 
 /// A running device: its driver task, and whether it attacks. What the
 /// driver reports (the final model among it) is dropped as the device
@@ -113,6 +114,9 @@ pub struct Seen {
     pub closed: ClosedRounds,
     /// Copycats read it.
     pub accepted: AcceptedUpdates,
+    /// The aggregators' state directories, where accepted payloads are
+    /// kept: copycats read the payload they copy there.
+    pub payload_dirs: Vec<PathBuf>,
 }
 
 /// Start one device per shard against the aggregator at `addr` (pinned to
@@ -133,10 +137,13 @@ pub fn spawn_devices(
     let colluders: Colluders = Default::default();
     // One compiled training step for the whole fleet, not one per device.
     let steps = fedge_engine::trainer::SharedSteps::default();
-    let copycats = kinds.contains(&Attack::Copycat).then(|| Copycats {
-        board: Default::default(),
-        accepted: Arc::clone(accepted),
-        wait: Duration::from_millis(c.round_deadline_ms / 2),
+    let copying = kinds.contains(&Attack::Copycat) || kinds.contains(&Attack::NearCopy);
+    let copycats = copying.then(|| {
+        Copycats::new(
+            Arc::clone(accepted),
+            seen.payload_dirs.clone(),
+            Duration::from_millis(c.round_deadline_ms / 2),
+        )
     });
     let mut devices = Vec::new();
     let mut endpoint: Option<quinn::Endpoint> = None;
@@ -237,10 +244,15 @@ fn device_trainer(
             hold: Duration::from_millis(c.round_deadline_ms) + HOG_MARGIN,
             closed: Arc::clone(fleet.closed),
         }),
-        Some(plan) if plan.kind == Attack::Copycat => Box::new(Copycat {
-            copycats: copycats.expect("copycats share a board").0.clone(),
-            plan,
-        }),
+        Some(plan) if matches!(plan.kind, Attack::Copycat | Attack::NearCopy) => {
+            let (cc, device) = copycats.expect("copycats share a board");
+            Box::new(Copycat::new(
+                cc.clone(),
+                plan,
+                plan.kind == Attack::NearCopy,
+                device,
+            ))
+        }
         Some(plan) => Box::new(Attacker {
             inner: honest,
             plan,
@@ -252,7 +264,7 @@ fn device_trainer(
         None => match copycats {
             Some((cc, device)) => Box::new(Posting {
                 inner: honest,
-                board: Arc::clone(&cc.board),
+                copycats: cc.clone(),
                 device,
             }),
             None => Box::new(honest),
@@ -356,10 +368,14 @@ pub enum Attack {
     /// (sigma 1e-6 per coordinate), hoping to be paid for taking part.
     FreeRider,
     /// A copycat: waits until an honest device's update of the same round
-    /// has been accepted, then sends that update as its own (freshly
+    /// has been accepted, then sends that payload as its own (freshly
     /// signed). Sends nothing useful (a zero update) if none is accepted
-    /// before half the round's deadline.
+    /// before half the round's deadline. See [`super::copycat`].
     Copycat,
+    /// A near-copy: like a copycat, but copies the honest device's raw
+    /// update, which its own error feedback then makes differ from the
+    /// victim's payload. Not defended (see [`super::copycat`]).
+    NearCopy,
     /// A noise sender: random Gaussian noise scaled to the norm of the
     /// honest update it would have sent, so no norm bound tells it apart.
     Noise,
@@ -372,7 +388,7 @@ const LIAR_SCALE: f32 = 10.0;
 
 impl Attack {
     pub const NAMES: &str = "sign-flip, scaling, gaussian, label-flip, alie, zero, hog, replay, \
-liar, free-rider, copycat or noise (or a comma-separated list, dealt to the attackers in turn)";
+liar, free-rider, copycat, near-copy or noise (or a comma-separated list, dealt to the attackers in turn)";
 
     /// An attack by name (`liar` is sign-flip; see [`AttackPlan::of`]).
     pub fn parse(s: &str) -> anyhow::Result<Self> {
@@ -387,6 +403,7 @@ liar, free-rider, copycat or noise (or a comma-separated list, dealt to the atta
             "replay" => Attack::Replay,
             "free-rider" => Attack::FreeRider,
             "copycat" => Attack::Copycat,
+            "near-copy" => Attack::NearCopy,
             "noise" => Attack::Noise,
             o => anyhow::bail!("attack `{o}`: use {}", Attack::NAMES),
         })
@@ -597,7 +614,7 @@ impl Trainer for Attacker {
                 _ => self.first = Some(out.delta.clone()),
             },
             Attack::Hog => unreachable!("a hog has its own trainer"),
-            Attack::Copycat => unreachable!("a copycat has its own trainer"),
+            Attack::Copycat | Attack::NearCopy => unreachable!("a copycat has its own trainer"),
         }
         if self.plan.scale != 1.0 {
             let k = self.plan.scale;
@@ -622,96 +639,6 @@ impl Trainer for Attacker {
             loss: 0.0,
             accuracy: 1.0,
         }))
-    }
-}
-
-/// Updates the aggregator has accepted, as `(round, device id)`, as the
-/// simulation sees its events. Copycats read it: they copy an update once
-/// it is in, as one who intercepts uploads would.
-pub type AcceptedUpdates = Arc<Mutex<std::collections::HashSet<(u64, String)>>>;
-
-/// Honest updates by round, as `(device id, delta)`: what copycats copy.
-type Board = Arc<Mutex<HashMap<u64, Vec<(String, Vec<f32>)>>>>;
-
-/// What copycats share.
-#[derive(Clone)]
-pub struct Copycats {
-    board: Board,
-    accepted: AcceptedUpdates,
-    /// How long a copycat waits for an update to copy.
-    wait: Duration,
-}
-
-/// An honest trainer that leaves its update where copycats see it.
-struct Posting {
-    inner: OnnxTrainer,
-    board: Board,
-    device: String,
-}
-
-impl Trainer for Posting {
-    fn train(
-        &mut self,
-        round_id: u64,
-        model: &ModelBlob,
-        plan: &TrainingPlan,
-    ) -> anyhow::Result<TrainOutput> {
-        let out = self.inner.train(round_id, model, plan)?;
-        self.board
-            .lock()
-            .expect("board")
-            .entry(round_id)
-            .or_default()
-            .push((self.device.clone(), out.delta.clone()));
-        Ok(out)
-    }
-
-    fn evaluate(&mut self, model: &ModelBlob) -> anyhow::Result<Option<EvalOutput>> {
-        Trainer::evaluate(&mut self.inner, model)
-    }
-
-    fn can_evaluate(&self) -> bool {
-        Trainer::can_evaluate(&self.inner)
-    }
-}
-
-/// [`Attack::Copycat`]: sends, as its own, an honest update of the same
-/// round that the aggregator has accepted. Runs on the driver's blocking
-/// thread.
-struct Copycat {
-    copycats: Copycats,
-    plan: AttackPlan,
-}
-
-impl Trainer for Copycat {
-    fn train(
-        &mut self,
-        round_id: u64,
-        model: &ModelBlob,
-        _plan: &TrainingPlan,
-    ) -> anyhow::Result<TrainOutput> {
-        let until = Instant::now() + self.copycats.wait;
-        let copy = loop {
-            let found = {
-                let board = self.copycats.board.lock().expect("board");
-                let accepted = self.copycats.accepted.lock().expect("accepted");
-                board.get(&round_id).and_then(|ups| {
-                    ups.iter()
-                        .find(|(d, _)| accepted.contains(&(round_id, d.clone())))
-                        .map(|(_, u)| u.clone())
-                })
-            };
-            match found {
-                Some(u) if u.len() == model.params.values.len() => break u,
-                _ if Instant::now() >= until => break vec![0.0; model.params.values.len()],
-                _ => std::thread::sleep(HOG_POLL),
-            }
-        };
-        Ok(TrainOutput {
-            delta: copy,
-            sample_count: self.plan.claim_samples.unwrap_or(100),
-            metrics: Vec::new(),
-        })
     }
 }
 

@@ -12,6 +12,7 @@
 //!   instead of one.
 
 mod args;
+mod copycat;
 mod data;
 mod fleet;
 mod report;
@@ -89,9 +90,12 @@ async fn simulate(c: SimConfig, on: tokio::runtime::Handle) -> anyhow::Result<()
             .await??
     };
     announce(&c, aggregator.addr);
+    // A tree's leaves keep their devices' payloads (`tree::start`).
+    let leaves = (0..c.aggregators).map(|i| state.join(format!("leaf-{i}")));
     let seen = fleet::Seen {
         closed: Default::default(),
         accepted: Default::default(),
+        payload_dirs: std::iter::once(state.clone()).chain(leaves).collect(),
     };
     let devices = fleet::spawn_devices(&c, &seen, keys, &train, &shards, &targets)?;
     let mut held_out = report::HeldOut::new(&model.graph, test)?;

@@ -166,7 +166,7 @@ pub struct Watched<'a> {
     /// Where the rounds' closings are told (hogs read it).
     pub closed: &'a ClosedRounds,
     /// Where accepted updates are told (copycats read it).
-    pub accepted: &'a super::fleet::AcceptedUpdates,
+    pub accepted: &'a super::copycat::AcceptedUpdates,
     pub devices: &'a [Device],
     /// How long without an event means the federation stalled.
     pub stall: Duration,
@@ -220,13 +220,16 @@ pub async fn follow_rounds(
             closed.fetch_max(*round_id, Ordering::AcqRel);
         }
         if let Event::UpdateAccepted {
-            round_id, device, ..
+            round_id,
+            device,
+            payload_hash,
+            ..
         } = &e
         {
             accepted
                 .lock()
                 .expect("accepted")
-                .insert((*round_id, device.clone()));
+                .insert((*round_id, device.clone()), *payload_hash);
         }
         match e {
             Event::UpdateAccepted { payload_bytes, .. } => {
