@@ -3,7 +3,8 @@
 //! them, and its ledger record (with the restored updates' signed-manifest
 //! hashes) verifies with `fedge-aggregator ledger verify`. One aggregator
 //! per state directory and database: a second is refused while the first
-//! runs, and starts once it is killed. Each once with the tables in
+//! runs, and starts once it is killed. A scored run's ratings and chain
+//! survive a kill mid-round too. Each once with the tables in
 //! SQLite, once in PostgreSQL (`FEDGE_TEST_PG_URL`, see `ci/pg.sh`).
 
 use std::path::Path;
@@ -13,20 +14,39 @@ use std::time::Duration;
 
 mod procs;
 use procs::{
-    Proc, bin, closed_fleet_config, device_succeeded, listening, start_device, wait_exit, wait_for,
+    CLOSED_FLEET, Proc, bin, closed_fleet_config, device_succeeded, listening, start_device,
+    start_training_device, wait_exit, wait_for,
 };
 
 use fedge_aggregator::store::{Database, LedgerView, Store, testing};
 use fedge_proto::{Limits, ModelBlob, ParamLayout, Params, TensorSpec};
 
-/// `serve` for one round of three devices on `state` and `database`.
-fn serve(listen: &str, state: &Path, database: &Database, model: &Path) -> Command {
+/// What an aggregator of these tests runs: its model, `serve`'s rounds
+/// (of three devices each) and its configuration.
+struct Run<'a> {
+    model: &'a Path,
+    rounds: u32,
+    config: std::path::PathBuf,
+}
+
+impl<'a> Run<'a> {
+    /// One round of `model` with the closed-fleet configuration.
+    fn one_round(state: &Path, model: &'a Path) -> Self {
+        Run {
+            model,
+            rounds: 1,
+            config: closed_fleet_config(state.parent().expect("state has a parent")),
+        }
+    }
+}
+
+/// `serve` for `run` on `state` and `database`.
+fn serve(listen: &str, state: &Path, database: &Database, run: &Run<'_>) -> Command {
     let mut c = Command::new(bin("fedge-aggregator"));
-    c.args(["serve", "--listen", listen, "--rounds", "1"])
+    let rounds = run.rounds.to_string();
+    c.args(["serve", "--listen", listen, "--rounds", &rounds])
         .arg("--config")
-        .arg(closed_fleet_config(
-            state.parent().expect("state has a parent"),
-        ))
+        .arg(&run.config)
         .args([
             "--devices-per-round",
             "3",
@@ -40,7 +60,7 @@ fn serve(listen: &str, state: &Path, database: &Database, model: &Path) -> Comma
         .arg("--database")
         .arg(String::from(database.clone()))
         .arg("--model")
-        .arg(model)
+        .arg(run.model)
         .env("RUST_LOG", "warn");
     c
 }
@@ -49,10 +69,10 @@ fn start_aggregator(
     listen: &str,
     state: &Path,
     database: &Database,
-    model: &Path,
+    run: &Run<'_>,
 ) -> (Proc, String, String) {
     let mut p = Proc(
-        serve(listen, state, database, model)
+        serve(listen, state, database, run)
             .stdout(Stdio::piped())
             .spawn()
             .unwrap(),
@@ -99,8 +119,9 @@ fn sigkill_mid_round_loses_no_acknowledged_update(database: Database) {
     let dir = tempfile::tempdir().unwrap();
     let model = model_file(dir.path());
     let state = dir.path().join("agg");
+    let run = Run::one_round(&state, &model);
 
-    let (mut agg, addr, fp) = start_aggregator("127.0.0.1:0", &state, &database, &model);
+    let (mut agg, addr, fp) = start_aggregator("127.0.0.1:0", &state, &database, &run);
     let (mut a, a_log) = start_device(&addr, &fp, &dir.path().join("a"), "1.0");
     let (mut b, b_log) = start_device(&addr, &fp, &dir.path().join("b"), "2.0");
     wait_for(&a_log, "update accepted", Duration::from_secs(30));
@@ -110,7 +131,7 @@ fn sigkill_mid_round_loses_no_acknowledged_update(database: Database) {
     agg.0.kill().unwrap();
     agg.0.wait().unwrap();
 
-    let (mut agg, addr2, fp2) = start_aggregator(&addr, &state, &database, &model);
+    let (mut agg, addr2, fp2) = start_aggregator(&addr, &state, &database, &run);
     assert_eq!(
         (&addr2, &fp2),
         (&addr, &fp),
@@ -209,11 +230,12 @@ fn one_aggregator_per_state_directory(database: Database) {
     let dir = tempfile::tempdir().unwrap();
     let model = model_file(dir.path());
     let state = dir.path().join("agg");
-    let (mut first, addr, _) = start_aggregator("127.0.0.1:0", &state, &database, &model);
+    let run = Run::one_round(&state, &model);
+    let (mut first, addr, _) = start_aggregator("127.0.0.1:0", &state, &database, &run);
     let pid = first.0.id();
     let refused = |state: &Path| -> String {
         let mut p = Proc(
-            serve("127.0.0.1:0", state, &database, &model)
+            serve("127.0.0.1:0", state, &database, &run)
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -241,9 +263,112 @@ fn one_aggregator_per_state_directory(database: Database) {
     }
     first.0.kill().unwrap();
     first.0.wait().unwrap();
-    let (_second, addr2, _) = start_aggregator(&addr, &state, &database, &model);
+    let (_second, addr2, _) = start_aggregator(&addr, &state, &database, &run);
     assert_eq!(
         addr2, addr,
         "the second serves from the same state directory"
+    );
+}
+
+#[test]
+fn sigkill_mid_round_keeps_ratings_and_the_chain_sqlite() {
+    sigkill_mid_round_keeps_ratings_and_the_chain(Database::Sqlite);
+}
+
+#[test]
+fn sigkill_mid_round_keeps_ratings_and_the_chain_postgres() {
+    sigkill_mid_round_keeps_ratings_and_the_chain(fresh_postgres("sigkill_ratings"));
+}
+
+/// A scored run (the MNIST MLP, three devices training on shards of the
+/// shipped digits, scored on the last 2,000): round 1 publishes and rates
+/// every device; device c goes away; the aggregator is SIGKILLed once a's
+/// and b's round-2 updates are acknowledged. Restarted, with c back, it
+/// finishes round 2: every device is rated over both rounds (round 1's
+/// ratings survived the kill), and the two-record chain verifies with
+/// every score and flag recomputed.
+fn sigkill_mid_round_keeps_ratings_and_the_chain(database: Database) {
+    assert!(
+        bin("fedge-device").exists(),
+        "build the workspace first (cargo test --workspace)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("mlp.fedge");
+    let onnx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/mlp.onnx");
+    let out = Command::new(bin("fedge-aggregator"))
+        .args(["model", "import"])
+        .arg(&onnx)
+        .arg("--out")
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let config = dir.path().join("scored.toml");
+    let scoring = "\n[scoring]\nvalidation = \"mnist\"\nvalidation_range = \"8000..10000\"\n";
+    std::fs::write(&config, format!("{CLOSED_FLEET}{scoring}")).unwrap();
+    let state = dir.path().join("agg");
+    let run = Run {
+        model: &model,
+        rounds: 2,
+        config,
+    };
+    let ratings = |rounds: u64| {
+        let view = tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(LedgerView::open_with(&state, &database))
+            .unwrap();
+        assert_eq!(view.ratings.len(), 3, "{:?}", view.ratings);
+        assert!(
+            view.ratings.iter().all(|r| r.rounds == rounds),
+            "every device rated over {rounds} rounds: {:?}",
+            view.ratings
+        );
+        view.ratings
+    };
+
+    let (mut agg, addr, fp) = start_aggregator("127.0.0.1:0", &state, &database, &run);
+    let device =
+        |name: &str, range: &str| start_training_device(&addr, &fp, &dir.path().join(name), range);
+    let (mut a, a_log) = device("a", "0..300");
+    let (mut b, b_log) = device("b", "300..600");
+    let (mut c, c_log) = device("c", "600..900");
+    for log in [&a_log, &b_log, &c_log] {
+        wait_for(log, "update accepted", Duration::from_secs(120));
+    }
+    // c goes away; a and b train round 2 and are acknowledged: kill -9.
+    c.0.kill().unwrap();
+    c.0.wait().unwrap();
+    wait_for(&a_log, "update accepted", Duration::from_secs(120));
+    wait_for(&b_log, "update accepted", Duration::from_secs(120));
+    agg.0.kill().unwrap();
+    agg.0.wait().unwrap();
+    let before = ratings(1);
+
+    let (mut agg, _, _) = start_aggregator(&addr, &state, &database, &run);
+    let (mut c, _c_log) = device("c", "600..900");
+    for (name, p) in [("a", &mut a), ("b", &mut b), ("c", &mut c)] {
+        device_succeeded(name, p, Duration::from_secs(120));
+    }
+    assert!(wait_exit(&mut agg, Duration::from_secs(30)).success());
+    let after = ratings(2);
+    assert!(
+        before.iter().zip(&after).all(|(b, a)| b.device == a.device),
+        "{before:?} {after:?}"
+    );
+
+    let state_arg = state.to_str().unwrap();
+    let out = Command::new(bin("fedge-aggregator"))
+        .args(["ledger", "verify", "--state-dir", state_arg])
+        .args(["--database", &String::from(database.clone())])
+        .args(["--validation", "mnist", "--validation-range", "8000..10000"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success()
+            && stdout.contains("scores recomputed: 6 scores in 2 records agree")
+            && stdout.contains("ledger ok: 2 records, 6 participations"),
+        "ledger verify: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }

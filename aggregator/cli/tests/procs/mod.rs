@@ -113,6 +113,26 @@ pub fn stderr_lines(p: &mut Proc) -> mpsc::Receiver<String> {
     rx
 }
 
+/// A device process training on the shipped MNIST's examples `range`
+/// (`START..END`), and a channel of its log lines.
+pub fn start_training_device(
+    addr: &str,
+    fp: &str,
+    state: &Path,
+    range: &str,
+) -> (Proc, mpsc::Receiver<String>) {
+    let mut p = spawn_logged(
+        Command::new(bin("fedge-device"))
+            .args(["run", "--aggregator", addr, "--pin", fp])
+            .arg("--state-dir")
+            .arg(state)
+            .args(["--data", "mnist", "--range", range])
+            .args(["--keepalive-ms", "300", "--idle-timeout-ms", "1500"]),
+    );
+    let rx = stderr_lines(&mut p);
+    (p, rx)
+}
+
 /// A device process sending the update `value` everywhere with one
 /// sample, and a channel of its log lines.
 pub fn start_device(
