@@ -16,6 +16,8 @@
 //!   [`RoundRoot`]s: the per-round roots `ledger export` writes.
 //! - [`check_evidence`]: a penalty's evidence, as kept in the state
 //!   directory ([`evidence_path`]), proves what the penalty says.
+//! - [`check_manifests`]: every entry matches the signed manifest kept
+//!   with its update (signature, device, payload, round).
 
 use std::path::{Path, PathBuf};
 
@@ -31,8 +33,10 @@ use serde::Serialize;
 use crate::coordinator::Settlement;
 use crate::scoring::ScoreMethod;
 
+mod manifests;
 mod recompute;
 
+pub use manifests::{ManifestCheck, StoredManifest, check_manifests};
 pub use recompute::{as_scored, recompute_scores};
 
 const KEY_FILE: &str = "ledger.key";

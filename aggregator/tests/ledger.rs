@@ -3,7 +3,7 @@
 //! it verifies; flipping any single byte of any record or signature, or
 //! altering a stored record, fails verification naming that record;
 //! every participant's reward proof verifies and an altered reward does
-//! not; ratings persist.
+//! not; ratings persist; every entry matches its stored signed manifest.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -378,4 +378,70 @@ async fn a_real_runs_ledger_verifies_and_every_altered_byte_is_named() {
         ledger::verify_chain(&view.records, &other).unwrap_err().seq,
         1
     );
+}
+
+/// Every entry matches the signed manifest kept with its update; a stored
+/// manifest with any byte flipped, another device's manifest in its
+/// place, or a missing one after the first record with manifests is named
+/// with its record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_entry_matches_its_stored_signed_manifest() {
+    let (dir, _, _) = real_run().await;
+    let key = ledger::public_key(dir.path()).unwrap();
+    let view = LedgerView::open(dir.path()).await.unwrap();
+    let records = ledger::verify_chain(&view.records, &key).unwrap();
+    let all = ledger::check_manifests(&records, &view.manifests).unwrap();
+    assert_eq!(
+        all,
+        ledger::ManifestCheck {
+            checked: (ROUNDS * u64::from(DEVICES)) as usize,
+            unsigned: 0,
+            before_manifests: 0,
+        }
+    );
+    let seq_of = |round: u64| records.iter().find(|r| r.round_id == round).unwrap().seq;
+
+    // Any byte of a stored manifest (round 2's first), flipped.
+    let k = view.manifests.iter().position(|m| m.round_id == 2).unwrap();
+    for b in 0..view.manifests[k].bytes.len() {
+        let mut altered = view.manifests.clone();
+        altered[k].bytes[b] ^= 0x01;
+        let e = ledger::check_manifests(&records, &altered).unwrap_err();
+        assert_eq!(e.seq, seq_of(2), "byte {b}: {e}");
+    }
+    // Another device's manifest of the same round, under this device.
+    let other = view
+        .manifests
+        .iter()
+        .position(|m| m.round_id == 2 && m.device != view.manifests[k].device)
+        .unwrap();
+    let mut swapped = view.manifests.clone();
+    swapped[k].bytes = view.manifests[other].bytes.clone();
+    let e = ledger::check_manifests(&records, &swapped).unwrap_err();
+    assert!(
+        e.seq == seq_of(2) && e.reason.contains("does not hash"),
+        "{e}"
+    );
+    // The same manifest under the next round: signed for another round.
+    let mut moved = view.manifests.clone();
+    moved.retain(|m| !(m.round_id == 3 && m.device == view.manifests[k].device));
+    let mut m = view.manifests[k].clone();
+    m.round_id = 3;
+    moved.push(m);
+    let e = ledger::check_manifests(&records, &moved).unwrap_err();
+    assert_eq!(e.seq, seq_of(3), "{e}");
+    // A manifest missing from round 3: named. Round 1's all missing: those
+    // entries predate the stored manifests.
+    let mut missing = view.manifests.clone();
+    missing.remove(missing.iter().position(|m| m.round_id == 3).unwrap());
+    let e = ledger::check_manifests(&records, &missing).unwrap_err();
+    assert!(
+        e.seq == seq_of(3) && e.reason.contains("none is stored"),
+        "{e}"
+    );
+    let mut early = view.manifests.clone();
+    early.retain(|m| m.round_id != 1);
+    let counts = ledger::check_manifests(&records, &early).unwrap();
+    assert_eq!(counts.before_manifests, usize::from(DEVICES));
+    assert_eq!(counts.checked, 2 * usize::from(DEVICES));
 }

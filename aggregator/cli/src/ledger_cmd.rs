@@ -30,9 +30,10 @@ pub struct Source {
 pub enum LedgerCmd {
     /// Check the whole chain: every record decodes, follows the previous
     /// one (sequence number and hash), carries the aggregator's signature
-    /// and a reward root that matches its rewards, and the evidence of
-    /// every penalty is in the state directory and proves it. Fails naming
-    /// the first bad record.
+    /// and a reward root that matches its rewards, the evidence of every
+    /// penalty is in the state directory and proves it, and every entry
+    /// matches the signed manifest stored with its update (signature,
+    /// device, payload, round). Fails naming the first bad record.
     Verify {
         #[command(flatten)]
         src: Source,
@@ -120,8 +121,29 @@ pub fn run(cmd: LedgerCmd) -> anyhow::Result<()> {
             validation_range,
             initial_model,
         } => {
-            let records = verified(&src, key.as_deref())?;
+            let key = key_for(&src.state_dir, key.as_deref())?;
+            let view = view(&src)?;
+            let records = ledger::verify_chain(&view.records, &key)?;
             let penalties = check_all_evidence(&src.state_dir, &records, initial_model.as_deref())?;
+            let manifests = ledger::check_manifests(&records, &view.manifests)?;
+            let mut line = format!(
+                "manifests checked: {} participations' signed manifests verify (signature, \
+                 device, payload and round)",
+                manifests.checked
+            );
+            if manifests.unsigned > 0 {
+                line += &format!(
+                    "; {} secure-aggregation inputs name none",
+                    manifests.unsigned
+                );
+            }
+            if manifests.before_manifests > 0 {
+                line += &format!(
+                    "; {} participations predate the stored manifests",
+                    manifests.before_manifests
+                );
+            }
+            println!("{line}");
             if let Some(spec) = validation {
                 let (rounds, scores, flags) = recompute(
                     &src.state_dir,

@@ -176,7 +176,9 @@ fn sigkill_mid_round_loses_no_acknowledged_update(database: Database) {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        out.status.success() && stdout.contains("ledger ok: 1 records, 3 participations"),
+        out.status.success()
+            && stdout.contains("ledger ok: 1 records, 3 participations")
+            && stdout.contains("manifests checked: 3 participations'"),
         "ledger verify: {stdout} {}",
         String::from_utf8_lossy(&out.stderr)
     );

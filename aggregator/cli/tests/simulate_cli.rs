@@ -83,7 +83,8 @@ fn ledger_checks(state: &std::path::Path, rewards: &serde_json::Value) {
     let s = state.to_str().unwrap();
     let (ok, out, err) = run("fedge-aggregator", &["ledger", "verify", "--state-dir", s]);
     assert!(
-        ok && out.contains("ledger ok: 4 records, 12 participations"),
+        ok && out.contains("ledger ok: 4 records, 12 participations")
+            && out.contains("manifests checked: 12 participations' signed manifests verify"),
         "{out}{err}"
     );
     // Every score recomputed from the kept models and payloads and the

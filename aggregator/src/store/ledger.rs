@@ -14,6 +14,9 @@ use crate::ledger::StoredRecord;
 pub struct LedgerView {
     pub records: Vec<StoredRecord>,
     pub ratings: Vec<Rating>,
+    /// The signed manifests kept with accepted updates (updates persisted
+    /// before the column existed have none).
+    pub manifests: Vec<crate::ledger::StoredManifest>,
 }
 
 impl LedgerView {
@@ -28,6 +31,7 @@ impl LedgerView {
         let view = LedgerView {
             records: ledger_rows(&db).await?,
             ratings: rating_rows(&db).await?,
+            manifests: manifest_rows(&db).await?,
         };
         db.pool.close().await;
         Ok(view)
@@ -80,6 +84,41 @@ pub(super) async fn ledger_rows(db: &Db) -> Result<Vec<StoredRecord>, StoreError
                 seq,
                 bytes: unhex(1, "record")?,
                 signature: unhex(2, "signature")?,
+            })
+        })
+        .collect()
+}
+
+/// Every accepted update's signed manifest, with its round and device.
+pub(super) async fn manifest_rows(
+    db: &Db,
+) -> Result<Vec<crate::ledger::StoredManifest>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT round_id, device, signed_manifest FROM updates
+         WHERE signed_manifest IS NOT NULL ORDER BY round_id, device",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .map_err(db.err())?;
+    rows.into_iter()
+        .map(|r| {
+            let round_id = r.get::<i64, _>(0) as u64;
+            let device: String = r.get(1);
+            let bad = |what: &str| {
+                StoreError::Ledger(format!(
+                    "round {round_id}: device {device}'s stored manifest: {what}"
+                ))
+            };
+            let key = hex::decode(&device)
+                .ok()
+                .and_then(|k| <[u8; 32]>::try_from(k).ok())
+                .ok_or_else(|| bad("the device is not a hex key"))?;
+            let bytes =
+                hex::decode(r.get::<String, _>(2)).map_err(|_| bad("the manifest is not hex"))?;
+            Ok(crate::ledger::StoredManifest {
+                round_id,
+                device: key,
+                bytes,
             })
         })
         .collect()
