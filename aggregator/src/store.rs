@@ -428,7 +428,22 @@ impl Store {
         Ok(out)
     }
 
+    /// Record a contribution. One written as its round closes
+    /// ([`Contribution::settles`]) first removes the device's accepted
+    /// record of that round from an earlier closing, in one transaction:
+    /// a device counts once a round however often the round closes.
     pub async fn record_contribution(&self, c: &Contribution) -> Result<(), StoreError> {
+        let mut tx = self.db.pool.begin().await.map_err(self.db())?;
+        if c.settles {
+            sqlx::query(
+                "DELETE FROM contributions WHERE round_id = $1 AND device = $2 AND accepted = 1",
+            )
+            .bind(c.round_id as i64)
+            .bind(&c.device)
+            .execute(&mut *tx)
+            .await
+            .map_err(self.db())?;
+        }
         sqlx::query(
             "INSERT INTO contributions (round_id, device, stake, samples, raw_weight, share, accepted, reason)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -441,9 +456,10 @@ impl Store {
         .bind(c.share)
         .bind(i64::from(c.accepted))
         .bind(&c.reason)
-        .execute(&self.db.pool)
+        .execute(&mut *tx)
         .await
         .map_err(self.db())?;
+        tx.commit().await.map_err(self.db())?;
         Ok(())
     }
 
@@ -469,6 +485,7 @@ impl Store {
                 share: r.get(4),
                 accepted: r.get::<i64, _>(5) != 0,
                 reason: r.get(6),
+                settles: false,
             })
             .collect())
     }

@@ -54,6 +54,7 @@ impl RoundBook {
             share: 0.0,
             accepted: true,
             reason: None,
+            settles: true,
         });
     }
 
@@ -124,5 +125,6 @@ pub(super) fn refused(
         share: 0.0,
         accepted: false,
         reason: Some(reason),
+        settles: false,
     }
 }

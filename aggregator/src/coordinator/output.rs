@@ -158,6 +158,14 @@ pub struct Contribution {
     pub share: f64,
     pub accepted: bool,
     pub reason: Option<String>,
+    /// Written as its round closes (not a refusal during the round): it
+    /// replaces an accepted record an earlier closing of the same round
+    /// wrote for the device. A leaf killed after closing a round, before
+    /// its parent had the partial, closes that round again from its
+    /// restored updates; without the replacement each device would count
+    /// twice. Not stored: records read back say false.
+    #[serde(skip)]
+    pub settles: bool,
 }
 
 /// A published round's scores and rewards (see [`crate::scoring`]): what

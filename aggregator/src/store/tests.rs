@@ -352,6 +352,7 @@ async fn updates_and_contributions_round_trip(db: Database) {
                 share: 0.5,
                 accepted,
                 reason: (!accepted).then(|| "late".to_string()),
+                settles: accepted,
             })
             .await
             .unwrap();
@@ -524,4 +525,53 @@ async fn unreachable_and_missing_databases_get_typed_errors_postgres() {
         .err()
         .unwrap();
     assert!(matches!(e, StoreError::SchemaVersion { .. }), "{e:?}");
+}
+
+on_both_stores!(a_round_closed_twice_counts_each_device_once, "closed_twice");
+
+/// A leaf killed after closing a round closes it again from its restored
+/// updates: the second closing's record of a device replaces the first's
+/// accepted one (the share is the second's), while refusals recorded
+/// during the round stay.
+async fn a_round_closed_twice_counts_each_device_once(db: Database) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_with(dir.path(), &db).await.unwrap();
+    let record = |device: &str, share: f64, accepted: bool, settles: bool| Contribution {
+        round_id: 4,
+        device: device.into(),
+        stake: None,
+        samples: 3,
+        raw_weight: 1.0,
+        share,
+        accepted,
+        reason: (!accepted).then(|| "replay: stale".to_string()),
+        settles,
+    };
+    store
+        .record_contribution(&record("a", 0.0, false, false))
+        .await
+        .unwrap();
+    for share in [0.5, 0.25] {
+        for device in ["a", "b"] {
+            store
+                .record_contribution(&record(device, share, true, true))
+                .await
+                .unwrap();
+        }
+    }
+    let rows: Vec<_> = store
+        .contributions(4)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.device, c.accepted, c.share))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("a".into(), false, 0.0),
+            ("a".into(), true, 0.25),
+            ("b".into(), true, 0.25)
+        ]
+    );
 }
