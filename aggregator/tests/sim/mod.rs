@@ -12,7 +12,9 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fedge_aggregator::coordinator::{Coordinator, CoordinatorConfig, Event, Output, RoundOutcome};
+use fedge_aggregator::coordinator::{
+    Coordinator, CoordinatorConfig, Event, Output, RoundOutcome, Verified,
+};
 use fedge_device::session::{
     DeviceEvent, DeviceSession, EvalOutput, SessionConfig, Status, TrainOutput,
 };
@@ -167,7 +169,13 @@ enum Ev {
         round: u64,
         out: Option<EvalOutput>,
     },
+    /// A payload check the coordinator handed out came back.
+    Verified(Verified),
 }
+
+/// Virtual time a payload check takes off the coordinator's task (other
+/// inputs are handled meanwhile, as on the server).
+const VERIFY_TIME: Duration = Duration::from_millis(3);
 
 pub struct Sim {
     pub seed: u64,
@@ -302,6 +310,10 @@ impl Sim {
                         self.kept.push_front(*u);
                     }
                     Output::Forward(f) => panic!("a lone aggregator forwarded {f:?}"),
+                    Output::Verify(job) => {
+                        let at = self.now + VERIFY_TIME;
+                        self.schedule(at, Ev::Verified(job.run()));
+                    }
                 }
             }
             for i in 0..self.devices.len() {
@@ -494,6 +506,7 @@ impl Sim {
                 }
             }
             Ev::AggLost { conn } => self.coord.handle_disconnect(now, conn),
+            Ev::Verified(v) => self.coord.handle_verified(now, v),
             Ev::Trained { dev, out, .. } => self.devices[dev].session.handle_trained(now, out),
             Ev::Evaluated { dev, round, out } => {
                 self.devices[dev]
