@@ -51,6 +51,10 @@ pub struct VerifyJob {
 #[derive(Debug)]
 pub struct Verified {
     ticket: u64,
+    /// The signed hash the payload was checked against: a result is only
+    /// taken for the upload it was made for (not, say, one another
+    /// coordinator instance handed out under the same ticket).
+    payload_hash: [u8; 32],
     payload: Vec<u8>,
     values: Result<Values, Refusal>,
 }
@@ -74,6 +78,7 @@ impl VerifyJob {
         );
         Verified {
             ticket: self.ticket,
+            payload_hash: self.payload_hash,
             payload: self.payload,
             values,
         }
@@ -198,7 +203,11 @@ impl Verifying {
 
     /// An answered job: its upload, if still known.
     fn finish(&mut self, v: &Verified) -> Option<Pending> {
-        if !self.out.remove(&v.ticket) {
+        let p = self.pending.get(&v.ticket)?;
+        if p.begin.manifest.payload_hash != v.payload_hash
+            || p.begin.manifest.payload_bytes != v.payload.len() as u64
+            || !self.out.remove(&v.ticket)
+        {
             return None;
         }
         self.bytes -= v.payload.len() as u64;

@@ -266,3 +266,6 @@ impl GroupCommit {
         out
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -196,6 +196,8 @@ pub struct Sim {
     /// Updates the coordinator asked to make durable, and the last of them
     /// (at most 64, for a verifier's recomputation).
     pub persisted: usize,
+    /// The most payload checks the coordinator had out at once.
+    pub verify_out_max: usize,
     pub kept: std::collections::VecDeque<fedge_aggregator::coordinator::DurableUpdate>,
 }
 
@@ -261,6 +263,7 @@ impl Sim {
             events: Vec::new(),
             steps: 0,
             persisted: 0,
+            verify_out_max: 0,
             kept: Default::default(),
         }
     }
@@ -311,6 +314,7 @@ impl Sim {
                     }
                     Output::Forward(f) => panic!("a lone aggregator forwarded {f:?}"),
                     Output::Verify(job) => {
+                        self.verify_out_max = self.verify_out_max.max(self.coord.verify_jobs_out());
                         let at = self.now + VERIFY_TIME;
                         self.schedule(at, Ev::Verified(job.run()));
                     }
