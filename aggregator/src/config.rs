@@ -519,7 +519,10 @@ impl AggregatorConfig {
                 self.server.writer_queue_bytes_max, limits.frame_bytes_max
             )));
         }
-        self.server.commit_limits().validate().map_err(ConfigError::Invalid)?;
+        self.server
+            .commit_limits()
+            .validate()
+            .map_err(ConfigError::Invalid)?;
         if limits.frame_bytes_max < limits.chunk_bytes_max + 1024 {
             return Err(ConfigError::Invalid(
                 "limits.frame_bytes_max must exceed chunk_bytes_max by at least 1024".into(),

@@ -521,7 +521,10 @@ fn payload_checks_stay_within_their_bound_when_uploads_complete_together() {
         };
         let mut sim = Sim::new(seed, c, net, specs(24));
         sim.run_to_end(Duration::from_secs(60));
-        assert_eq!(sim.verify_out_max, 2, "seed {seed}: bound reached, never passed");
+        assert_eq!(
+            sim.verify_out_max, 2,
+            "seed {seed}: bound reached, never passed"
+        );
         let published = sim.published();
         assert_eq!(published.len(), 1, "seed {seed}");
         assert_eq!(published[0].1, 24, "seed {seed}: every update combined");

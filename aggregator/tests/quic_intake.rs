@@ -17,8 +17,7 @@ use fedge_proto::msg::UploadBegin;
 use fedge_proto::sign::{SigningKey, UpdateManifest};
 use fedge_proto::update::{Codec, encode_update};
 use fedge_proto::{
-    AggMsg, DeviceMsg, Limits, ModelBlob, ModelVersion, ParamLayout, Params, RejectCode,
-    TensorSpec,
+    AggMsg, DeviceMsg, Limits, ModelBlob, ModelVersion, ParamLayout, Params, RejectCode, TensorSpec,
 };
 
 mod raw;
@@ -137,10 +136,25 @@ async fn bad_payloads_checked_off_task_get_their_typed_rejections() {
     tampered[8] ^= 1;
     let cases: Vec<(&str, Vec<u8>, Vec<u8>, Option<RejectCode>)> = vec![
         // (what, payload signed, payload sent, expected reject)
-        ("hash", good.to_vec(), tampered, Some(RejectCode::HashMismatch)),
-        ("garbage", garbage.clone(), garbage, Some(RejectCode::Malformed)),
+        (
+            "hash",
+            good.to_vec(),
+            tampered,
+            Some(RejectCode::HashMismatch),
+        ),
+        (
+            "garbage",
+            garbage.clone(),
+            garbage,
+            Some(RejectCode::Malformed),
+        ),
         ("nan", nan.clone(), nan, Some(RejectCode::NonFinite)),
-        ("norm", dense(1e3).to_vec(), dense(1e3).to_vec(), Some(RejectCode::NormBound)),
+        (
+            "norm",
+            dense(1e3).to_vec(),
+            dense(1e3).to_vec(),
+            Some(RejectCode::NormBound),
+        ),
         ("honest", good.to_vec(), good.to_vec(), None),
     ];
     for (i, (what, signed, sent, expected)) in cases.into_iter().enumerate() {
@@ -210,15 +224,18 @@ async fn a_flood_of_uploads_leaves_honest_devices_acknowledged() {
         let b = begin(&flooder, &flood_key, flood_task, &payload);
         send_upload(&mut flooder, b, &payload).await;
     }
-    let uploads = honest.into_iter().enumerate().map(|(i, (mut c, key, task))| {
-        tokio::spawn(async move {
-            let payload = dense(0.01 * (i as f32 + 1.0));
-            let b = begin(&c, &key, task, &payload);
-            send_upload(&mut c, b, &payload).await;
-            let got = answer(&mut c).await;
-            (c, got)
-        })
-    });
+    let uploads = honest
+        .into_iter()
+        .enumerate()
+        .map(|(i, (mut c, key, task))| {
+            tokio::spawn(async move {
+                let payload = dense(0.01 * (i as f32 + 1.0));
+                let b = begin(&c, &key, task, &payload);
+                send_upload(&mut c, b, &payload).await;
+                let got = answer(&mut c).await;
+                (c, got)
+            })
+        });
     let mut conns = Vec::new();
     for h in uploads.collect::<Vec<_>>() {
         let (c, got) = h.await.unwrap();
@@ -252,6 +269,10 @@ async fn a_flood_of_uploads_leaves_honest_devices_acknowledged() {
     drop(conns);
     let store = Store::open(dir.path()).await.unwrap();
     let rows = store.round_updates(1).await.unwrap();
-    assert_eq!(rows.len(), HONEST + accepted, "every acknowledged update is durable");
+    assert_eq!(
+        rows.len(),
+        HONEST + accepted,
+        "every acknowledged update is durable"
+    );
     store.close().await;
 }

@@ -1,7 +1,7 @@
 //! Update intake: a signed manifest is checked, the upload reassembled
 //! (by the transfer manager), and the complete payload admitted (hash,
-//! decoding, norm, weight) before it is made durable, combined and
-//! acknowledged.
+//! decoding and norm off this task, see [`super::verify`]; then weight)
+//! before it is made durable, combined and acknowledged.
 
 use std::time::Instant;
 
@@ -276,7 +276,12 @@ impl Coordinator {
     /// this aggregator takes partials (a root), a device's otherwise.
     pub(super) fn decode_delta(&self, payload: &[u8]) -> Result<Values, ProtoError> {
         let dim = self.round.combiner.dimension();
-        super::verify::decode(payload, dim, self.cfg.tree.takes_partials(), &self.cfg.limits)
+        super::verify::decode(
+            payload,
+            dim,
+            self.cfg.tree.takes_partials(),
+            &self.cfg.limits,
+        )
     }
 
     /// Put back an update that was acknowledged before a restart. Its

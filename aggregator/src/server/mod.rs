@@ -28,7 +28,9 @@ mod commit;
 mod handshakes;
 mod outputs;
 
-pub use commit::{COMMIT_GROUP_LIMIT, COMMIT_GROUP_MAX, COMMIT_WAIT, COMMIT_WAIT_LIMIT, CommitLimits};
+pub use commit::{
+    COMMIT_GROUP_LIMIT, COMMIT_GROUP_MAX, COMMIT_WAIT, COMMIT_WAIT_LIMIT, CommitLimits,
+};
 pub use handshakes::HandshakeLimits;
 
 #[derive(Clone, Debug)]

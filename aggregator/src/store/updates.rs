@@ -62,14 +62,19 @@ impl UpdateWriter {
             })??;
         let mut tx = self.pool.begin().await.map_err(self.db_err())?;
         for u in group {
-            insert_row(u).execute(&mut *tx).await.map_err(self.db_err())?;
+            insert_row(u)
+                .execute(&mut *tx)
+                .await
+                .map_err(self.db_err())?;
         }
         tx.commit().await.map_err(self.db_err())?;
         Ok(())
     }
 }
 
-fn insert_row(u: &DurableUpdate) -> sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments<'static>> {
+fn insert_row(
+    u: &DurableUpdate,
+) -> sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments<'static>> {
     let metrics = serde_json::to_string(&u.metrics).expect("serialisable");
     sqlx::query(
         "INSERT INTO updates (round_id, device, payload_hash, samples, raw_weight, stake, metrics, received_ms,

@@ -74,7 +74,10 @@ async fn an_ack_waits_for_its_group(db: Database) {
     };
     let mut commit = GroupCommit::new(store.update_writer(), limits);
     let now = Instant::now();
-    assert!(commit.route(heartbeat(1, 0)).is_some(), "nothing pending yet");
+    assert!(
+        commit.route(heartbeat(1, 0)).is_some(),
+        "nothing pending yet"
+    );
     let (a, b) = (update(3, 1, b"payload a"), update(3, 2, b"payload b"));
     commit.add(now, a.clone());
     assert!(commit.route(ack(1, &a)).is_none(), "held: a is not durable");
@@ -145,7 +148,10 @@ async fn a_group_that_cannot_be_written_acks_nothing(db: Database) {
         matches!(store_err, StoreError::Io { path, .. } if path.starts_with(dir.path().join("updates").join("6"))),
         "{store_err}"
     );
-    assert!(format!("{err:#}").contains("none of them was acknowledged"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("none of them was acknowledged"),
+        "{err:#}"
+    );
     assert_eq!(commit.held(), 2, "neither ack was released");
     store.close().await;
 
