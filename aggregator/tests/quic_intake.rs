@@ -101,6 +101,10 @@ async fn answer(c: &mut Raw) -> AggMsg {
     }
 }
 
+/// What is sent, the payload signed, the payload sent, the rejection
+/// expected (none: accepted).
+type Case = (&'static str, Vec<u8>, Vec<u8>, Option<RejectCode>);
+
 fn dense(value: f32) -> Bytes {
     encode_update(Codec::DenseF32, &[value; DIM])
 }
@@ -134,8 +138,7 @@ async fn bad_payloads_checked_off_task_get_their_typed_rejections() {
     nan[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
     let mut tampered = good.to_vec();
     tampered[8] ^= 1;
-    let cases: Vec<(&str, Vec<u8>, Vec<u8>, Option<RejectCode>)> = vec![
-        // (what, payload signed, payload sent, expected reject)
+    let cases: Vec<Case> = vec![
         (
             "hash",
             good.to_vec(),
