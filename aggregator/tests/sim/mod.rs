@@ -9,7 +9,6 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fedge_aggregator::coordinator::{
@@ -19,23 +18,12 @@ use fedge_device::session::{
     DeviceEvent, DeviceSession, EvalOutput, SessionConfig, Status, TrainOutput,
 };
 use fedge_proto::sign::SigningKey;
-use fedge_proto::{AggMsg, DeviceMsg, ModelBlob, ModelVersion, ParamLayout, Params, TensorSpec};
+use fedge_proto::{AggMsg, DeviceMsg, ModelBlob, ModelVersion};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-pub fn model(dim: usize) -> ModelBlob {
-    let layout = Arc::new(
-        ParamLayout::new(vec![
-            TensorSpec::new("w", &[dim - dim / 4]),
-            TensorSpec::new("b", &[dim / 4]),
-        ])
-        .unwrap(),
-    );
-    ModelBlob {
-        onnx_graph: Default::default(),
-        params: Params::new(layout, (0..dim).map(|i| i as f32 * 0.01).collect()).unwrap(),
-    }
-}
+mod data;
+pub use data::{model, wobble};
 
 #[derive(Clone, Debug)]
 pub struct NetConfig {
@@ -805,10 +793,4 @@ impl Sim {
             })
             .collect()
     }
-}
-
-/// 1.5 or 0.5 for coordinate `j` in round `round_id` ([`DeviceSpec::wobble`]).
-pub fn wobble(round_id: u64, j: usize) -> f32 {
-    let h = blake3::hash(&[round_id.to_le_bytes(), (j as u64).to_le_bytes()].concat());
-    if h.as_bytes()[0] & 1 == 0 { 1.5 } else { 0.5 }
 }
