@@ -199,6 +199,18 @@ pub struct ServerLimits {
     /// update: memory stays bounded however many devices upload slowly.
     /// Must hold the largest upload of the model (dense float32).
     pub uploads_in_flight_bytes_max: u64,
+    /// Complete uploads whose payloads (hash, decoding, norm) are checked
+    /// at once, off the coordinator's task; each holds one decoded
+    /// update, and the others wait in order (1 to 1024).
+    pub verify_in_flight_max: usize,
+    /// Accepted updates made durable together (group commit): payloads
+    /// fsynced, rows in one transaction, and only then is each
+    /// acknowledged. 1 writes each update alone (1 to 4096).
+    pub commit_group_max: usize,
+    /// How long the first update of a group waits for others to join it
+    /// before the group is written, in milliseconds (0 to 1000; while a
+    /// group is being written the next one gathers anyway).
+    pub commit_wait_ms: u64,
 }
 
 impl Default for AggregatorConfig {
@@ -296,6 +308,15 @@ impl Default for LimitsConfig {
     }
 }
 
+impl ServerLimits {
+    fn commit_limits(&self) -> crate::server::CommitLimits {
+        crate::server::CommitLimits {
+            group_max: self.commit_group_max,
+            wait: Duration::from_millis(self.commit_wait_ms),
+        }
+    }
+}
+
 impl Default for ServerLimits {
     fn default() -> Self {
         let s = ServerConfig::default();
@@ -316,6 +337,9 @@ impl Default for ServerLimits {
             metrics_listen: None,
             writer_queue_bytes_max: s.writer_queue_bytes_max,
             uploads_in_flight_bytes_max: CoordinatorConfig::default().uploads_in_flight_bytes_max,
+            verify_in_flight_max: CoordinatorConfig::default().verify_in_flight_max,
+            commit_group_max: s.commit.group_max,
+            commit_wait_ms: s.commit.wait.as_millis() as u64,
         }
     }
 }
@@ -495,6 +519,10 @@ impl AggregatorConfig {
                 self.server.writer_queue_bytes_max, limits.frame_bytes_max
             )));
         }
+        self.server
+            .commit_limits()
+            .validate()
+            .map_err(ConfigError::Invalid)?;
         if limits.frame_bytes_max < limits.chunk_bytes_max + 1024 {
             return Err(ConfigError::Invalid(
                 "limits.frame_bytes_max must exceed chunk_bytes_max by at least 1024".into(),
@@ -536,6 +564,7 @@ impl AggregatorConfig {
             final_downloads_max: self.server.final_downloads_max,
             versions_kept: 4,
             uploads_in_flight_bytes_max: self.server.uploads_in_flight_bytes_max,
+            verify_in_flight_max: self.server.verify_in_flight_max,
             plan: self.plan()?,
             weights: self.weights.clone(),
             strategy: self.strategy.clone(),
@@ -602,6 +631,7 @@ impl AggregatorConfig {
                 queue_wait: Duration::from_millis(self.server.handshake_queue_wait_ms),
                 ..Default::default()
             },
+            commit: self.server.commit_limits(),
         })
     }
 }

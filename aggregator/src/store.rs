@@ -18,10 +18,11 @@
 //!   penalties;
 //! - `ledger.key` / `ledger.pub`: the aggregator's ledger key.
 //!
-//! **Invariant:** an update is acknowledged only after [`Store::persist_update`]
-//! returned: its payload is fsynced and its row committed (SQLite with
-//! `synchronous = FULL`, PostgreSQL with `synchronous_commit = on`, set on
-//! every connection).
+//! **Invariant:** an update is acknowledged only after the group it was
+//! written with ([`UpdateWriter::persist_group`]; [`Store::persist_update`]
+//! is a group of one) returned: its payload is fsynced and its row
+//! committed (SQLite with `synchronous = FULL`, PostgreSQL with
+//! `synchronous_commit = on`, set on every connection).
 //!
 //! **Invariant:** a published version, its ledger record and the ratings
 //! it moves are committed in one transaction ([`Store::publish`]): after a
@@ -39,11 +40,13 @@ mod db;
 mod ledger;
 mod lock;
 mod penalties;
+mod updates;
 use db::Db;
 pub use db::{DATABASE_FORMS, Database, SCHEMA_VERSION, testing};
 pub use ledger::LedgerView;
 use ledger::{ledger_rows, rating_rows};
 pub use lock::{ADVISORY_KEY, LOCK_FILE, PG_LOCK_WAIT};
+pub use updates::UpdateWriter;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ResumePoint {
@@ -158,6 +161,13 @@ fn read_model(dir: &Path, hex: &str, limits: &Limits) -> Result<ModelBlob, Store
         });
     }
     Ok(blob)
+}
+
+/// `updates/<round>/<payload hash>.bin` of a state directory.
+fn update_path(dir: &Path, round_id: u64, payload_hash: &[u8; 32]) -> PathBuf {
+    dir.join("updates")
+        .join(round_id.to_string())
+        .join(format!("{}.bin", hex::encode(payload_hash)))
 }
 
 fn now_ms() -> i64 {
@@ -325,45 +335,25 @@ impl Store {
     }
 
     fn update_path(&self, round_id: u64, payload_hash: &[u8; 32]) -> PathBuf {
-        self.dir
-            .join("updates")
-            .join(round_id.to_string())
-            .join(format!("{}.bin", hex::encode(payload_hash)))
+        update_path(&self.dir, round_id, payload_hash)
     }
 
-    /// Make an accepted update durable: payload fsynced, then its row.
+    /// Make an accepted update durable: payload fsynced, then its row
+    /// (a group of one: see [`UpdateWriter::persist_group`]).
     pub async fn persist_update(&self, u: &DurableUpdate) -> Result<(), StoreError> {
-        let path = self.update_path(u.round_id, &u.payload_hash);
-        fedge_proto::io::write_atomic(&path, &u.payload, None).map_err(|source| {
-            StoreError::Io {
-                path: path.clone(),
-                source,
-            }
-        })?;
-        let metrics = serde_json::to_string(&u.metrics).expect("serialisable");
-        sqlx::query(
-            "INSERT INTO updates (round_id, device, payload_hash, samples, raw_weight, stake, metrics, received_ms,
-                                  task_round, model_version, discount, manifest_hash, signed_manifest)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
-             ON CONFLICT (round_id, device) DO NOTHING",
-        )
-        .bind(u.round_id as i64)
-        .bind(&u.device)
-        .bind(hex::encode(u.payload_hash))
-        .bind(u.sample_count as i64)
-        .bind(u.raw_weight)
-        .bind(u.stake)
-        .bind(metrics)
-        .bind(now_ms())
-        .bind(u.task_round as i64)
-        .bind(u.model_version.map(|v| v.to_hex()))
-        .bind(u.discount)
-        .bind(hex::encode(u.manifest_hash))
-        .bind((!u.signed_manifest.is_empty()).then(|| hex::encode(&u.signed_manifest)))
-        .execute(&self.db.pool)
-        .await
-        .map_err(self.db())?;
-        Ok(())
+        self.update_writer()
+            .persist_group(std::slice::from_ref(u))
+            .await
+    }
+
+    /// A handle that makes accepted updates durable in groups, usable
+    /// beside this store (it shares the store's pool and directory).
+    pub fn update_writer(&self) -> UpdateWriter {
+        UpdateWriter {
+            dir: self.dir.clone(),
+            pool: self.db.pool.clone(),
+            label: self.db.label.clone(),
+        }
     }
 
     /// Accepted updates of `round_id` (a round open when the aggregator stopped).

@@ -8,7 +8,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fedge_aggregator::coordinator::{Coordinator, CoordinatorConfig, Event, Output, SessionId};
+use fedge_aggregator::coordinator::{
+    Coordinator, CoordinatorConfig, Event, Output, SessionId, VerifyJob,
+};
 use fedge_aggregator::strategy::BufferedSpec;
 use fedge_proto::msg::{AbandonReason, Capabilities, Hello, ModelRef, UploadBegin};
 use fedge_proto::sign::{SigningKey, UpdateManifest, sign_auth};
@@ -49,6 +51,8 @@ fn config(seed: u64) -> CoordinatorConfig {
         // First come first served, a short and a long check-in window.
         selection_window: Duration::from_millis([0, 500, 2000][(seed / 2 % 3) as usize]),
         slot_timeout: Duration::from_secs(3),
+        // Payload checks queue past two out at once.
+        verify_in_flight_max: 2,
         seed,
         ..CoordinatorConfig::default()
     };
@@ -90,6 +94,9 @@ struct Run {
     owner: HashMap<SessionId, usize>,
     durable: HashSet<(String, [u8; 32])>,
     accepted_tasks: HashSet<(String, u64)>,
+    /// Payload checks handed out and not yet answered: answered in a
+    /// random order, interleaved with the other inputs.
+    checks: Vec<VerifyJob>,
 }
 
 impl Run {
@@ -108,6 +115,7 @@ impl Run {
             owner: HashMap::new(),
             durable: HashSet::new(),
             accepted_tasks: HashSet::new(),
+            checks: Vec::new(),
         }
     }
 
@@ -119,6 +127,13 @@ impl Run {
 
     /// Mostly what an honest device would do next, sometimes anything.
     fn step(&mut self) {
+        if !self.checks.is_empty() && self.rng.random_bool(0.3) {
+            let job = self
+                .checks
+                .swap_remove(self.rng.random_range(0..self.checks.len()));
+            self.c.handle_verified(self.now, job.run());
+            return;
+        }
         let i = self.rng.random_range(0..DEVICES);
         let d = &self.devs[i];
         let action = if self.rng.random_bool(0.15) {
@@ -361,8 +376,16 @@ impl Run {
                 }
                 Output::Event(_) => {}
                 Output::Forward(f) => panic!("seed {seed}: a lone aggregator forwarded {f:?}"),
+                Output::Verify(job) => self.checks.push(*job),
             }
         }
+        assert!(
+            self.checks.len() == self.c.verify_jobs_out() && self.checks.len() <= 2,
+            "seed {seed}: {} payload checks out, the coordinator counts {}",
+            self.checks.len(),
+            self.c.verify_jobs_out()
+        );
+        let (_, verify_bytes) = self.c.verify_backlog();
         assert!(
             self.c.session_count() <= 4 + 3,
             "seed {seed}: {} sessions",
@@ -370,7 +393,7 @@ impl Run {
         );
         let bound = DEVICES as u64 * fedge_proto::codec::payload_bytes_max(DIM as u64);
         assert!(
-            self.c.upload_bytes_held() <= bound,
+            self.c.upload_bytes_held() + verify_bytes <= bound,
             "seed {seed}: {} upload bytes held",
             self.c.upload_bytes_held()
         );

@@ -504,3 +504,31 @@ fn a_connection_burst_is_paced_not_timed_out() {
         }
     }
 }
+
+/// Uploads that complete together wait for a payload-check slot: the
+/// coordinator never has more than `verify_in_flight_max` checks out
+/// (and here reaches it), and every update is still checked, made
+/// durable, combined and acknowledged.
+#[test]
+fn payload_checks_stay_within_their_bound_when_uploads_complete_together() {
+    for seed in SEEDS {
+        let mut c = cfg(24, 24, 1);
+        c.verify_in_flight_max = 2;
+        c.over_selection = 1.0;
+        let net = NetConfig {
+            jitter: Duration::ZERO,
+            ..NetConfig::default()
+        };
+        let mut sim = Sim::new(seed, c, net, specs(24));
+        sim.run_to_end(Duration::from_secs(60));
+        assert_eq!(
+            sim.verify_out_max, 2,
+            "seed {seed}: bound reached, never passed"
+        );
+        let published = sim.published();
+        assert_eq!(published.len(), 1, "seed {seed}");
+        assert_eq!(published[0].1, 24, "seed {seed}: every update combined");
+        assert_eq!(sim.persisted, 24, "seed {seed}");
+        assert_eq!(sim.coord.verify_backlog(), (0, 0), "seed {seed}");
+    }
+}

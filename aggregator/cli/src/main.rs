@@ -1,6 +1,7 @@
 //! `fedge-aggregator`: run federated rounds over QUIC.
 
 mod bench;
+mod bench_commit;
 mod bench_secagg;
 mod evaluator;
 mod ledger_cmd;
@@ -81,6 +82,9 @@ enum Cmd {
     /// with injected dropouts; check the exact sum and write bytes per
     /// device and the aggregator's time, with and without SecAgg, as JSON.
     BenchSecagg(bench_secagg::SecAggBenchArgs),
+    /// Accepted updates made durable per second, one at a time and in
+    /// groups (group commit), in the same run; writes JSON with the ratio.
+    BenchCommit(bench_commit::CommitBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -397,6 +401,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Simulate(args) => simulate::run(*args),
         Cmd::Bench(args) => bench::run(args),
         Cmd::BenchSecagg(args) => bench_secagg::run(args),
+        Cmd::BenchCommit(args) => bench_commit::run(args),
         Cmd::Ledger(cmd) => ledger_cmd::run(cmd),
     }
 }

@@ -81,6 +81,12 @@ pub struct CoordinatorConfig {
     /// the total past this waits (the device is paced away, keeps its
     /// update and comes back) instead of growing the aggregator's memory.
     pub uploads_in_flight_bytes_max: u64,
+    /// Payload checks of complete uploads (hash, decoding, norm) handed
+    /// to the driver at once (`coordinator::verify`); each holds one
+    /// decoded update (at most 8 bytes a parameter), and complete uploads
+    /// past it wait in order, their bytes counted against
+    /// `uploads_in_flight_bytes_max`.
+    pub verify_in_flight_max: usize,
     /// Training plan sent with each task (the strategy may adjust it).
     pub plan: TrainingPlan,
     /// How participants are weighted (stake, samples, share cap).
@@ -202,6 +208,13 @@ impl TreeRole {
     }
 }
 
+/// Default for [`CoordinatorConfig::verify_in_flight_max`]: enough to
+/// keep a few cores checking payloads, each job one decoded update.
+pub const VERIFY_IN_FLIGHT_MAX: usize = 8;
+
+/// The most [`CoordinatorConfig::verify_in_flight_max`] may be.
+pub const VERIFY_IN_FLIGHT_LIMIT: usize = 1024;
+
 impl Default for CoordinatorConfig {
     fn default() -> Self {
         CoordinatorConfig {
@@ -226,6 +239,7 @@ impl Default for CoordinatorConfig {
             max_unauthenticated: 1024,
             versions_kept: 4,
             uploads_in_flight_bytes_max: 256 << 20,
+            verify_in_flight_max: VERIFY_IN_FLIGHT_MAX,
             plan: TrainingPlan::default(),
             weights: WeightPolicy::default(),
             strategy: StrategyConfig::default(),
@@ -296,6 +310,12 @@ impl CoordinatorConfig {
         }
         if self.uploads_in_flight_bytes_max == 0 {
             return Err("uploads_in_flight_bytes_max must be at least 1".into());
+        }
+        if !(1..=VERIFY_IN_FLIGHT_LIMIT).contains(&self.verify_in_flight_max) {
+            return Err(format!(
+                "verify_in_flight_max must be in 1..={VERIFY_IN_FLIGHT_LIMIT}, got {}",
+                self.verify_in_flight_max
+            ));
         }
         if self.versions_kept == 0 {
             return Err("versions_kept must be at least 1".into());

@@ -1,7 +1,7 @@
 //! Update intake: a signed manifest is checked, the upload reassembled
 //! (by the transfer manager), and the complete payload admitted (hash,
-//! decoding, norm, weight) before it is made durable, combined and
-//! acknowledged.
+//! decoding and norm off this task, see [`super::verify`]; then weight)
+//! before it is made durable, combined and acknowledged.
 
 use std::time::Instant;
 
@@ -9,7 +9,7 @@ use bytes::Bytes;
 use fedge_proto::evidence::SignedManifest;
 use fedge_proto::msg::UploadBegin;
 use fedge_proto::sign::VerifyingKey;
-use fedge_proto::{AggMsg, ProtoError, RejectCode, update};
+use fedge_proto::{AggMsg, ProtoError, RejectCode};
 
 use super::ledger::{self, Accepted};
 use super::policy::Refusal;
@@ -114,9 +114,17 @@ impl Coordinator {
             self.reject(session, Some(device_id(&key)), code, detail, false);
             return;
         }
+        if self.verifying.holds(key.as_bytes()) {
+            // One upload a device at a time: its last one is still being
+            // checked (its answer follows).
+            self.pace_away(session, "the device's previous upload is being checked");
+            return;
+        }
         let payload_hash = b.manifest.payload_hash;
+        // Payloads being checked still count against the budget.
         let budget = self.cfg.uploads_in_flight_bytes_max;
-        let next_index = match self.transfers.begin_upload(key.to_bytes(), b, budget) {
+        let room = budget.saturating_sub(self.verifying.bytes());
+        let next_index = match self.transfers.begin_upload(key.to_bytes(), b, room) {
             Ok(i) => i,
             Err(reserved) => {
                 // Back-pressure: the device keeps its update and comes back.
@@ -206,40 +214,33 @@ impl Coordinator {
             self.reject(session, Some(dev), code, detail, false);
             return;
         }
-        match self.admit(&dev, &u) {
-            Ok(admitted) => self.accept(now, session, key, u, admitted),
-            Err((code, detail)) => {
-                self.note_refusal(&dev, code, &u);
-                let samples = u.begin.manifest.sample_count;
-                let stake = self.stake_of(&dev);
-                let reason = format!("{code}: {detail}");
-                let record = ledger::refused(self.round.id, &dev, stake, samples, reason);
-                self.event(Event::Contribution(record));
-                self.reject(session, Some(dev), code, detail, false);
-            }
-        }
+        // The payload's own checks run off this task (see `verify`).
+        self.start_verify(session, key, u);
     }
 
-    /// The checks of a complete upload: its hash, its decoding, its norm
-    /// and its weight.
-    pub(super) fn admit(&self, dev: &str, u: &Upload) -> Result<Admitted, Refusal> {
+    /// An update refused after its upload completed: penalties for
+    /// misconduct, its contribution record, and the reject.
+    pub(super) fn refuse_update(
+        &mut self,
+        session: SessionId,
+        dev: &str,
+        code: RejectCode,
+        detail: String,
+        u: &Upload,
+    ) {
+        self.note_refusal(dev, code, u);
+        let samples = u.begin.manifest.sample_count;
+        let stake = self.stake_of(dev);
+        let reason = format!("{code}: {detail}");
+        let record = ledger::refused(self.round.id, dev, stake, samples, reason);
+        self.event(Event::Contribution(record));
+        self.reject(session, Some(dev.to_string()), code, detail, false);
+    }
+
+    /// The last check of a complete upload whose payload passed its own
+    /// (hash, decoding, norm: `verify`): its weight.
+    pub(super) fn weigh(&self, dev: &str, u: &Upload, delta: Values) -> Result<Admitted, Refusal> {
         let m = &u.begin.manifest;
-        if *blake3::hash(&u.data).as_bytes() != m.payload_hash {
-            return Err((
-                RejectCode::HashMismatch,
-                "payload does not match the signed hash".into(),
-            ));
-        }
-        let delta = self
-            .decode_delta(&u.data)
-            .map_err(|e| (e.reject_code(), e.to_string()))?;
-        if let Some(bound) = self.cfg.update_norm_max {
-            let norm = delta.norm();
-            if norm > bound {
-                let detail = format!("update norm {norm:.4} exceeds the bound {bound}");
-                return Err((RejectCode::NormBound, detail));
-            }
-        }
         let stake = self.stake_of(dev);
         let discount = self.policy.discount(self.round.id - m.round_id);
         if let Some(p) = &m.partial {
@@ -275,12 +276,12 @@ impl Coordinator {
     /// this aggregator takes partials (a root), a device's otherwise.
     pub(super) fn decode_delta(&self, payload: &[u8]) -> Result<Values, ProtoError> {
         let dim = self.round.combiner.dimension();
-        let limits = &self.cfg.limits;
-        Ok(if self.cfg.tree.takes_partials() {
-            Values::F64(update::decode_partial(payload, dim, limits)?)
-        } else {
-            Values::F32(update::decode_update(payload, dim, limits)?)
-        })
+        super::verify::decode(
+            payload,
+            dim,
+            self.cfg.tree.takes_partials(),
+            &self.cfg.limits,
+        )
     }
 
     /// Put back an update that was acknowledged before a restart. Its

@@ -31,6 +31,9 @@
 //!   equivocation, copies) and the stake they slash;
 //! - [`tree`]: a leaf's rounds driven by its parent, and a root's checks
 //!   of its leaves' partial aggregates;
+//! - [`verify`]: a complete upload's payload checks (hash, decoding, norm),
+//!   handed to the driver to run off this task ([`Output::Verify`],
+//!   [`Coordinator::handle_verified`]), bounded;
 //! - this module: the message flow that ties them together, weighting,
 //!   combining and publishing.
 
@@ -53,12 +56,16 @@ mod sessions;
 mod settle;
 mod transfers;
 mod tree;
+mod verify;
 
-pub use config::{CoordinatorConfig, LeafBounds, TreeRole};
+pub use config::{
+    CoordinatorConfig, LeafBounds, TreeRole, VERIFY_IN_FLIGHT_LIMIT, VERIFY_IN_FLIGHT_MAX,
+};
 pub use output::{
     Contribution, DurableUpdate, Event, Output, Penalty, RoundOutcome, SettledEntry, Settlement,
 };
 pub use tree::{Forward, ParentRound, Partial};
+pub use verify::{Verified, VerifyJob};
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -156,6 +163,8 @@ pub struct Coordinator {
     finals: finish::FinalDownloads,
     /// A leaf's link with its parent (unused elsewhere).
     leaf: tree::LeafState,
+    /// Complete uploads whose payloads are being checked off this task.
+    verifying: verify::Verifying,
     out: VecDeque<Output>,
 }
 
@@ -238,6 +247,7 @@ impl Coordinator {
                 awaiting: cfg.tree.leaf,
                 ..Default::default()
             },
+            verifying: verify::Verifying::new(cfg.verify_in_flight_max),
             out: VecDeque::new(),
             cfg,
         };
@@ -339,6 +349,19 @@ impl Coordinator {
     /// Bytes of partial uploads the coordinator holds.
     pub fn upload_bytes_held(&self) -> u64 {
         self.transfers.upload_bytes_held()
+    }
+
+    /// Payload checks handed out ([`Output::Verify`]) and not yet
+    /// answered; at most `verify_in_flight_max`.
+    pub fn verify_jobs_out(&self) -> usize {
+        self.verifying.out()
+    }
+
+    /// Complete uploads waiting for a payload check, and the payload bytes
+    /// held for checks (waiting or out), which count against
+    /// `uploads_in_flight_bytes_max`.
+    pub fn verify_backlog(&self) -> (usize, u64) {
+        (self.verifying.waiting(), self.verifying.bytes())
     }
 
     // ------------------------------------------------------------ outputs

@@ -56,6 +56,11 @@ pub enum Output {
     Event(Event),
     /// A leaf's round closed: tell the parent (see `coordinator::tree`).
     Forward(Box<super::Forward>),
+    /// Run this payload check ([`super::VerifyJob::run`], pure: anywhere,
+    /// off the coordinator's task) and hand its result to
+    /// [`super::Coordinator::handle_verified`]. Unlike the other outputs it
+    /// need not be acted on in order.
+    Verify(Box<super::VerifyJob>),
 }
 
 /// What happened, for logs, metrics, persistence and tests.

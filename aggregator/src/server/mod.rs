@@ -24,9 +24,13 @@ use crate::store::Store;
 use crate::tls::TlsIdentity;
 use crate::uplink::{FromParent, ParentLink};
 
+mod commit;
 mod handshakes;
 mod outputs;
 
+pub use commit::{
+    COMMIT_GROUP_LIMIT, COMMIT_GROUP_MAX, COMMIT_WAIT, COMMIT_WAIT_LIMIT, CommitLimits,
+};
 pub use handshakes::HandshakeLimits;
 
 #[derive(Clone, Debug)]
@@ -51,6 +55,9 @@ pub struct ServerConfig {
     /// TLS handshakes at once, and how new connections wait for a turn
     /// (see `server::handshakes`).
     pub handshakes: HandshakeLimits,
+    /// How accepted updates are grouped before they are made durable
+    /// and acknowledged (see `server::commit`).
+    pub commit: CommitLimits,
 }
 
 impl Default for ServerConfig {
@@ -66,6 +73,7 @@ impl Default for ServerConfig {
             metrics_listen: None,
             writer_queue_bytes_max: WRITER_QUEUE_BYTES_MAX,
             handshakes: HandshakeLimits::default(),
+            commit: CommitLimits::default(),
         }
     }
 }
@@ -368,6 +376,11 @@ impl Server {
             }
             None => (None, None, None),
         };
+        cfg.commit
+            .validate()
+            .map_err(|e| anyhow::anyhow!("bad configuration: {e}"))?;
+        let mut commit = commit::GroupCommit::new(store.update_writer(), cfg.commit.clone());
+        let mut jobs = tokio::task::JoinSet::new();
         let mut writers: HashMap<SessionId, Writer> = HashMap::new();
         let mut report = ServeReport::default();
         let mut finished_at: Option<Instant> = core.is_finished().then(Instant::now);
@@ -378,6 +391,8 @@ impl Server {
                 metrics: &metrics,
                 observer: observer.as_ref(),
                 forwards: forward_tx.as_ref(),
+                commit: &mut commit,
+                jobs: &mut jobs,
             };
             let closed = outputs::drain(
                 &mut core,
@@ -388,6 +403,7 @@ impl Server {
                 outlets,
             )
             .await?;
+            commit.poll_start(Instant::now());
             if closed {
                 metrics
                     .aggregation_seconds
@@ -425,7 +441,7 @@ impl Server {
                 break;
             }
             let mut wake = core.poll_timeout();
-            if let Some(until) = finish_until {
+            for until in [finish_until, commit.start_at()].into_iter().flatten() {
                 wake = Some(wake.map_or(until, |w| w.min(until)));
             }
             let sleep = async {
@@ -457,6 +473,16 @@ impl Server {
                     handled_at = Instant::now();
                     core.handle_timeout(handled_at);
                 }
+                res = async { commit.running().await }, if commit.is_running() => {
+                    for o in commit.done(res)? {
+                        outputs::deliver(o, &mut core, &mut writers, &metrics);
+                    }
+                }
+                Some(v) = jobs.join_next(), if !jobs.is_empty() => {
+                    let v = v.map_err(|e| anyhow::anyhow!("a payload check failed: {e}"))?;
+                    handled_at = Instant::now();
+                    core.handle_verified(handled_at, v);
+                }
                 m = async { from_parent.as_mut()?.recv().await }, if from_parent.is_some() => {
                     let now = Instant::now();
                     handled_at = now;
@@ -480,6 +506,16 @@ impl Server {
                 _ = &mut shutdown => break,
             }
         }
+        // Whatever was accepted is made durable before the store closes
+        // (its acknowledgements go out with the frames still queued).
+        for o in commit.flush().await? {
+            outputs::deliver(o, &mut core, &mut writers, &metrics);
+        }
+        tracing::debug!(
+            updates = commit.written.0,
+            groups = commit.written.1,
+            "accepted updates made durable"
+        );
         accept.abort();
         if let Some(t) = uplink {
             t.abort();

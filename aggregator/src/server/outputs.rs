@@ -1,15 +1,19 @@
-//! Acting on the coordinator's outputs, in order: durable writes before
-//! the acknowledgements that follow them, frames to connections (a device
-//! that does not read is dropped), events to the store, logs, metrics and
-//! observers, and a leaf's round outcomes to its parent link.
+//! Acting on the coordinator's outputs, in order: accepted updates to the
+//! group being gathered (`server::commit`; their acknowledgements held
+//! until it is durable), payload checks to tokio's blocking pool, frames
+//! to connections (a device that does not read is dropped), events to the
+//! store, logs, metrics and observers, and a leaf's round outcomes to its
+//! parent link.
 
 use std::collections::HashMap;
 use std::time::Instant;
 
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 
+use super::commit::GroupCommit;
 use super::{ServeReport, Writer};
-use crate::coordinator::{Coordinator, Event, Forward, Output, RoundOutcome, SessionId};
+use crate::coordinator::{Coordinator, Event, Forward, Output, RoundOutcome, SessionId, Verified};
 use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -20,6 +24,10 @@ pub(super) struct Outlets<'a> {
     pub observer: Option<&'a mpsc::UnboundedSender<Event>>,
     /// A leaf's link with its parent.
     pub forwards: Option<&'a mpsc::Sender<Forward>>,
+    /// Accepted updates gathering into groups, and the frames they hold.
+    pub commit: &'a mut GroupCommit,
+    /// Payload checks running off the coordinator's task.
+    pub jobs: &'a mut JoinSet<Verified>,
 }
 
 /// Acts on the coordinator's outputs in order; true when a round closed.
@@ -35,30 +43,28 @@ pub(super) async fn drain(
         metrics,
         observer,
         forwards,
+        commit,
+        jobs,
     } = outlets;
     let mut closed = false;
     while let Some(out) = core.poll_output() {
         match out {
             Output::Persist(u) => {
-                // Durable before the acknowledgement that follows it is sent.
-                store.persist_update(&u).await?;
-            }
-            Output::Send { session, msg } => {
-                if let Some(w) = writers.get(&session)
-                    && !w.try_frame(msg.encode())
-                {
-                    // A device that does not read its messages is dropped,
-                    // never allowed to grow our queues.
-                    tracing::warn!(session, "writer queue full; closing connection");
-                    metrics.reject("too_slow");
-                    let w = writers.remove(&session).expect("present");
-                    w.close("too slow: messages queued for this device were not read".into());
-                    core.handle_disconnect(Instant::now(), session);
+                // Durable with its group before the acknowledgement that
+                // follows it is sent (`commit::route` holds it).
+                for o in commit.make_room().await? {
+                    deliver(o, core, writers, metrics);
                 }
+                commit.add(Instant::now(), *u);
             }
-            Output::Close { session, reason } => {
-                if let Some(w) = writers.remove(&session) {
-                    w.close(reason);
+            Output::Verify(job) => {
+                // At most `verify_in_flight_max` at once: the coordinator
+                // hands out no more.
+                jobs.spawn_blocking(move || job.run());
+            }
+            o @ (Output::Send { .. } | Output::Close { .. }) => {
+                if let Some(o) = commit.route(o) {
+                    deliver(o, core, writers, metrics);
                 }
             }
             Output::Forward(f) => match forwards {
@@ -67,6 +73,19 @@ pub(super) async fn drain(
                 _ => tracing::error!("a round's outcome could not be handed to the parent link"),
             },
             Output::Event(e) => {
+                if matches!(
+                    e,
+                    Event::ModelPublished { .. }
+                        | Event::RoundClosed {
+                            outcome: RoundOutcome::Aborted,
+                            ..
+                        }
+                ) {
+                    // The round's store writes follow its updates'.
+                    for o in commit.flush().await? {
+                        deliver(o, core, writers, metrics);
+                    }
+                }
                 match &e {
                     Event::UpdateAccepted { .. } => {
                         metrics.updates_accepted.inc();
@@ -96,6 +115,36 @@ pub(super) async fn drain(
         }
     }
     Ok(closed)
+}
+
+/// A frame or close, to its connection's writer.
+pub(super) fn deliver(
+    out: Output,
+    core: &mut Coordinator,
+    writers: &mut HashMap<SessionId, Writer>,
+    metrics: &Metrics,
+) {
+    match out {
+        Output::Send { session, msg } => {
+            if let Some(w) = writers.get(&session)
+                && !w.try_frame(msg.encode())
+            {
+                // A device that does not read its messages is dropped,
+                // never allowed to grow our queues.
+                tracing::warn!(session, "writer queue full; closing connection");
+                metrics.reject("too_slow");
+                let w = writers.remove(&session).expect("present");
+                w.close("too slow: messages queued for this device were not read".into());
+                core.handle_disconnect(Instant::now(), session);
+            }
+        }
+        Output::Close { session, reason } => {
+            if let Some(w) = writers.remove(&session) {
+                w.close(reason);
+            }
+        }
+        _ => unreachable!("only frames and closes are delivered"),
+    }
 }
 
 async fn on_event(

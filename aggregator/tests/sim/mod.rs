@@ -9,31 +9,21 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fedge_aggregator::coordinator::{Coordinator, CoordinatorConfig, Event, Output, RoundOutcome};
+use fedge_aggregator::coordinator::{
+    Coordinator, CoordinatorConfig, Event, Output, RoundOutcome, Verified,
+};
 use fedge_device::session::{
     DeviceEvent, DeviceSession, EvalOutput, SessionConfig, Status, TrainOutput,
 };
 use fedge_proto::sign::SigningKey;
-use fedge_proto::{AggMsg, DeviceMsg, ModelBlob, ModelVersion, ParamLayout, Params, TensorSpec};
+use fedge_proto::{AggMsg, DeviceMsg, ModelBlob, ModelVersion};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-pub fn model(dim: usize) -> ModelBlob {
-    let layout = Arc::new(
-        ParamLayout::new(vec![
-            TensorSpec::new("w", &[dim - dim / 4]),
-            TensorSpec::new("b", &[dim / 4]),
-        ])
-        .unwrap(),
-    );
-    ModelBlob {
-        onnx_graph: Default::default(),
-        params: Params::new(layout, (0..dim).map(|i| i as f32 * 0.01).collect()).unwrap(),
-    }
-}
+mod data;
+pub use data::{model, wobble};
 
 #[derive(Clone, Debug)]
 pub struct NetConfig {
@@ -167,7 +157,13 @@ enum Ev {
         round: u64,
         out: Option<EvalOutput>,
     },
+    /// A payload check the coordinator handed out came back.
+    Verified(Verified),
 }
+
+/// Virtual time a payload check takes off the coordinator's task (other
+/// inputs are handled meanwhile, as on the server).
+const VERIFY_TIME: Duration = Duration::from_millis(3);
 
 pub struct Sim {
     pub seed: u64,
@@ -188,6 +184,8 @@ pub struct Sim {
     /// Updates the coordinator asked to make durable, and the last of them
     /// (at most 64, for a verifier's recomputation).
     pub persisted: usize,
+    /// The most payload checks the coordinator had out at once.
+    pub verify_out_max: usize,
     pub kept: std::collections::VecDeque<fedge_aggregator::coordinator::DurableUpdate>,
 }
 
@@ -253,6 +251,7 @@ impl Sim {
             events: Vec::new(),
             steps: 0,
             persisted: 0,
+            verify_out_max: 0,
             kept: Default::default(),
         }
     }
@@ -302,6 +301,11 @@ impl Sim {
                         self.kept.push_front(*u);
                     }
                     Output::Forward(f) => panic!("a lone aggregator forwarded {f:?}"),
+                    Output::Verify(job) => {
+                        self.verify_out_max = self.verify_out_max.max(self.coord.verify_jobs_out());
+                        let at = self.now + VERIFY_TIME;
+                        self.schedule(at, Ev::Verified(job.run()));
+                    }
                 }
             }
             for i in 0..self.devices.len() {
@@ -494,6 +498,7 @@ impl Sim {
                 }
             }
             Ev::AggLost { conn } => self.coord.handle_disconnect(now, conn),
+            Ev::Verified(v) => self.coord.handle_verified(now, v),
             Ev::Trained { dev, out, .. } => self.devices[dev].session.handle_trained(now, out),
             Ev::Evaluated { dev, round, out } => {
                 self.devices[dev]
@@ -788,10 +793,4 @@ impl Sim {
             })
             .collect()
     }
-}
-
-/// 1.5 or 0.5 for coordinate `j` in round `round_id` ([`DeviceSpec::wobble`]).
-pub fn wobble(round_id: u64, j: usize) -> f32 {
-    let h = blake3::hash(&[round_id.to_le_bytes(), (j as u64).to_le_bytes()].concat());
-    if h.as_bytes()[0] & 1 == 0 { 1.5 } else { 0.5 }
 }
