@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fedge_aggregator::coordinator::{
-    Coordinator, CoordinatorConfig, Event, Output, SessionId, VerifyJob,
+    CloseJob, Coordinator, CoordinatorConfig, Event, Output, SessionId, VerifyJob,
 };
 use fedge_aggregator::strategy::BufferedSpec;
 use fedge_proto::msg::{AbandonReason, Capabilities, Hello, ModelRef, UploadBegin};
@@ -97,6 +97,12 @@ struct Run {
     /// Payload checks handed out and not yet answered: answered in a
     /// random order, interleaved with the other inputs.
     checks: Vec<VerifyJob>,
+    /// A round's close handed out and not yet answered: answered at a
+    /// random later step, other inputs (uploads, checks, requests,
+    /// timeouts) arriving meanwhile.
+    close: Option<CloseJob>,
+    /// Round closes applied.
+    closes_applied: usize,
 }
 
 impl Run {
@@ -116,6 +122,8 @@ impl Run {
             durable: HashSet::new(),
             accepted_tasks: HashSet::new(),
             checks: Vec::new(),
+            close: None,
+            closes_applied: 0,
         }
     }
 
@@ -127,6 +135,19 @@ impl Run {
 
     /// Mostly what an honest device would do next, sometimes anything.
     fn step(&mut self) {
+        if self.close.is_some() && self.rng.random_bool(0.1) {
+            let job = self.close.take().expect("some");
+            let round = job.round_id();
+            assert_eq!(self.c.round_id(), round, "seed {}: the round waits", self.seed);
+            self.c.handle_closed(self.now, job.run());
+            assert!(
+                self.c.round_id() > round || self.c.is_finished(),
+                "seed {}: the close of round {round} was applied",
+                self.seed
+            );
+            self.closes_applied += 1;
+            return;
+        }
         if !self.checks.is_empty() && self.rng.random_bool(0.3) {
             let job = self
                 .checks
@@ -377,6 +398,13 @@ impl Run {
                 Output::Event(_) => {}
                 Output::Forward(f) => panic!("seed {seed}: a lone aggregator forwarded {f:?}"),
                 Output::Verify(job) => self.checks.push(*job),
+                Output::CloseRound(job) => {
+                    assert!(
+                        self.close.is_none(),
+                        "seed {seed}: a second close while one is out"
+                    );
+                    self.close = Some(*job);
+                }
             }
         }
         assert!(
@@ -439,6 +467,7 @@ impl Run {
 fn random_message_sequences_keep_the_invariants() {
     let mut accepted = 0;
     let mut max_published = 0;
+    let mut closes = 0;
     for seed in 0..SEQUENCES {
         let mut run = Run::new(seed);
         let steps = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -452,9 +481,14 @@ fn random_message_sequences_keep_the_invariants() {
             std::panic::resume_unwind(e);
         }
         accepted += run.accepted_tasks.len();
+        closes += run.closes_applied;
         max_published = max_published.max(run.c.published_rounds());
     }
-    eprintln!("accepted {accepted}, most rounds published in one sequence {max_published}");
+    eprintln!(
+        "accepted {accepted}, {closes} round closes answered out of order, \
+         most rounds published in one sequence {max_published}"
+    );
+    assert!(closes > 10, "only {closes} round closes in all sequences");
     // The sequences reach acceptance, not only rejections.
     assert!(
         accepted > 100,

@@ -35,7 +35,13 @@ impl Coordinator {
         self.cfg.rollback_on_divergence && diverged >= self.cfg.min_devices && diverged > accepted
     }
 
+    /// Closes the open round: aborted, rolled back or (SecAgg+) published
+    /// here; combined, scored and published through a close job
+    /// otherwise ([`super::close`]). Nothing while a close is out.
     pub(super) fn close_round(&mut self, now: Instant) {
+        if self.closing() {
+            return;
+        }
         if self.is_leaf() {
             return self.close_leaf_round(now);
         }
@@ -82,24 +88,27 @@ impl Coordinator {
             self.strategy.on_rollback();
             let blob = model.encode();
             (self.make_current(round_id, to, model, blob), contributions)
-        } else if accepted >= self.cfg.min_devices {
-            let combined = self
-                .round
-                .combiner
-                .finish(self.cfg.weights.max_share)
-                .expect("accepted >= 1");
-            let contributions = self.round.book.settle_published(&combined.weights);
-            self.settle(round_id, &contributions);
-            let values = self.strategy.aggregate_round(
-                round_id,
-                &self.current.params.values,
-                &combined,
-                &[],
-            );
-            (self.publish(round_id, values), contributions)
+        } else if accepted >= self.cfg.min_devices && accepted > 0 {
+            // Combined and scored off this task; published when it is back.
+            return self.start_close(accepted);
         } else {
             (RoundOutcome::Aborted, self.round.book.settle_aborted())
         };
+        self.finish_close(now, accepted, outcome, contributions, secure_metrics);
+    }
+
+    /// What follows a round's outcome: metrics, records and `RoundClosed`
+    /// out, the checkpoint of a published version, the next round opened
+    /// (or the run finished).
+    pub(super) fn finish_close(
+        &mut self,
+        now: Instant,
+        accepted: usize,
+        outcome: RoundOutcome,
+        contributions: Vec<super::Contribution>,
+        secure_metrics: Vec<(String, f64)>,
+    ) {
+        let round_id = self.round.id;
         let published = matches!(outcome, RoundOutcome::Published(_));
         let mut metrics = self.strategy.aggregate_evaluate(self.round.book.metrics());
         metrics.extend(self.strategy.report());

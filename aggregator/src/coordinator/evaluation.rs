@@ -214,7 +214,8 @@ impl Coordinator {
             self.cfg.weights.max_share,
         );
         let n = self.cfg.evaluation.validation_examples;
-        if let Some(e) = self.evaluator.as_deref_mut()
+        let mut evaluator = self.evaluator.as_ref().map(|e| super::settle::lock(e));
+        if let Some(e) = evaluator.as_deref_mut()
             && self.cfg.evaluation.enabled()
             && n > 0
             && !e.is_empty()
@@ -232,6 +233,7 @@ impl Coordinator {
                 Err(err) => tracing::warn!(%err, "evaluating on the validation set failed"),
             }
         }
+        drop(evaluator);
         let summary = (s.devices > 0 || s.validation_loss.is_some()).then_some(s);
         if let Some(s) = &summary {
             self.event(Event::Evaluated(Box::new(s.clone())));

@@ -114,6 +114,13 @@ impl Coordinator {
             self.reject(session, Some(device_id(&key)), code, detail, false);
             return;
         }
+        if self.closing() && self.cfg.strategy.buffered.is_none() {
+            // The round's close is out: its updates are all in. (A FedBuff
+            // upload goes on: it is combined into the next buffer.)
+            let detail = format!("round {} is closing: the update is late", self.round.id);
+            self.reject(session, Some(device_id(&key)), RejectCode::RoundClosed, detail, false);
+            return;
+        }
         if self.verifying.holds(key.as_bytes()) {
             // One upload a device at a time: its last one is still being
             // checked (its answer follows).

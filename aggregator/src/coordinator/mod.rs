@@ -34,11 +34,15 @@
 //! - [`verify`]: a complete upload's payload checks (hash, decoding, norm),
 //!   handed to the driver to run off this task ([`Output::Verify`],
 //!   [`Coordinator::handle_verified`]), bounded;
+//! - [`close`]: a round's close (the combiner's finish and contribution
+//!   scoring), handed to the driver likewise ([`Output::CloseRound`],
+//!   [`Coordinator::handle_closed`]), one at a time;
 //! - this module: the message flow that ties them together, weighting,
 //!   combining and publishing.
 
 mod admission;
 mod checkpoint;
+mod close;
 mod closing;
 mod config;
 mod evaluation;
@@ -64,6 +68,7 @@ pub use config::{
 pub use output::{
     Contribution, DurableUpdate, Event, Output, Penalty, RoundOutcome, SettledEntry, Settlement,
 };
+pub use close::{CloseJob, RoundClose};
 pub use tree::{Forward, ParentRound, Partial};
 pub use verify::{Verified, VerifyJob};
 
@@ -148,7 +153,7 @@ pub struct Coordinator {
     policy: Box<dyn RoundPolicy>,
     strategy: Box<dyn Strategy>,
     stakes: Box<dyn StakeRegistry>,
-    evaluator: Option<Box<dyn Evaluator>>,
+    evaluator: Option<settle::SharedEvaluator>,
     /// Penalties not yet settled (a round that aborts settles none).
     penalties: Vec<Penalty>,
     /// Signed manifests kept for equivocation evidence, and slashed stakes.
@@ -165,6 +170,8 @@ pub struct Coordinator {
     leaf: tree::LeafState,
     /// Complete uploads whose payloads are being checked off this task.
     verifying: verify::Verifying,
+    /// The round's close while its job is out, and results waiting for it.
+    closes: close::Closes,
     out: VecDeque<Output>,
 }
 
@@ -248,6 +255,7 @@ impl Coordinator {
                 ..Default::default()
             },
             verifying: verify::Verifying::new(cfg.verify_in_flight_max),
+            closes: Default::default(),
             out: VecDeque::new(),
             cfg,
         };
@@ -272,7 +280,7 @@ impl Coordinator {
     /// [`crate::scoring`]); without an evaluator rounds are settled
     /// unscored and pay no rewards.
     pub fn set_evaluator(&mut self, evaluator: Box<dyn Evaluator>) {
-        self.evaluator = Some(evaluator);
+        self.evaluator = Some(std::sync::Arc::new(std::sync::Mutex::new(evaluator)));
     }
 
     pub fn set_stakes(&mut self, stakes: Box<dyn StakeRegistry>) {
@@ -343,7 +351,9 @@ impl Coordinator {
 
     /// Updates accepted so far in the open round.
     pub fn accepted_in_round(&self) -> usize {
-        self.round.combiner.count()
+        self.closes
+            .closing_accepted()
+            .unwrap_or_else(|| self.round.combiner.count())
     }
 
     /// Bytes of partial uploads the coordinator holds.
@@ -372,7 +382,9 @@ impl Coordinator {
 
     /// The earliest instant at which `handle_timeout` has work to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let round = if self.finished {
+        // While a close job is out the round has no timers: nothing is due
+        // until its result comes back.
+        let round = if self.finished || self.closing() {
             [None; 3]
         } else {
             [
@@ -508,6 +520,9 @@ impl Coordinator {
                 true,
             );
         }
+        if self.closing() {
+            return; // the round's timers wait for its close
+        }
         if !self.finished {
             self.expire_slots(now);
             self.secure_timeout(now);
@@ -610,6 +625,10 @@ impl Coordinator {
         }
         if self.leaf.awaiting {
             self.pace_away(session, "waiting for the parent aggregator's next round");
+            return;
+        }
+        if self.closing() {
+            self.pace_away(session, "the round is closing; the next opens once it publishes");
             return;
         }
         if self.secure_running() {

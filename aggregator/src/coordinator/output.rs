@@ -39,7 +39,7 @@ pub struct DurableUpdate {
 }
 
 /// What the driver must do, in order.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Debug)]
 pub enum Output {
     /// Make this update durable before acting on any later output (the
     /// acknowledgement follows it).
@@ -61,6 +61,13 @@ pub enum Output {
     /// [`super::Coordinator::handle_verified`]. Unlike the other outputs it
     /// need not be acted on in order.
     Verify(Box<super::VerifyJob>),
+    /// Run this round's close ([`super::CloseJob::run`], pure: anywhere,
+    /// off the coordinator's task) and hand its result to
+    /// [`super::Coordinator::handle_closed`]. The round's publication, its
+    /// ledger record and the next round follow that result; meanwhile
+    /// the coordinator serves everything else. Need not be acted on in
+    /// order.
+    CloseRound(Box<super::CloseJob>),
 }
 
 /// What happened, for logs, metrics, persistence and tests.

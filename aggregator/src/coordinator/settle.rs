@@ -5,10 +5,86 @@
 //! just before the version it produced is published; the driver writes it
 //! to the ledger with the publication.
 
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
 use super::ledger::Held;
 use super::{Contribution, Coordinator, Event, SettledEntry, Settlement};
 use crate::robust::Values;
-use crate::scoring::{self, RoundScores, UpdateScore};
+use crate::scoring::{self, Evaluator, RoundScores, UpdateScore};
+
+/// The operator's validation set, shared by the coordinator (evaluation
+/// at a round's close) and the close job it hands out (scoring): never
+/// both at once, as a round's close job is out only after its evaluation
+/// and the next close starts only after it came back.
+pub(super) type SharedEvaluator = Arc<Mutex<Box<dyn Evaluator>>>;
+
+/// The evaluator, locked (a job that panicked holding it leaves it as
+/// it was: its methods take no lock of their own).
+pub(super) fn lock(e: &SharedEvaluator) -> MutexGuard<'_, Box<dyn Evaluator>> {
+    e.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What scoring a round needs of it, taken out of the round so that a
+/// close job can own it: the held updates (their deltas with scoring
+/// on), the scoring seed, the server learning rate, the estimated
+/// training examples and the budgeted scoring configuration.
+pub(super) struct Scoring {
+    held: Vec<Held>,
+    seed: [u8; 32],
+    lr: f64,
+    examples: u64,
+    budgeted: scoring::ScoringConfig,
+}
+
+impl Scoring {
+    /// Scores the updates against `base` (the model they were applied
+    /// to) on the evaluator's validation sample. Pure given the
+    /// evaluator: O(updates x validation sample) forward passes.
+    pub(super) fn score(
+        &self,
+        evaluator: Option<&mut dyn Evaluator>,
+        base: &[f32],
+    ) -> RoundScores {
+        let held = &self.held;
+        let examples = self.examples;
+        let deltas: Option<Vec<&[f32]>> = held.iter().map(|h| h.delta.as_deref()).collect();
+        match deltas.as_ref() {
+            Some(d) if !held.is_empty() => scoring::score_round(
+                &self.budgeted,
+                evaluator,
+                &self.seed,
+                base,
+                self.lr,
+                d,
+                examples,
+            ),
+            _ => RoundScores {
+                base_loss: None,
+                updates: held
+                    .iter()
+                    .map(|_| UpdateScore {
+                        score: None,
+                        norm: 0.0,
+                        copy_of: None,
+                        similarity: 0.0,
+                        alignment: 0.0,
+                        free_rider: false,
+                        noise: false,
+                    })
+                    .collect(),
+                error: Some(if held.is_empty() {
+                    "no accepted updates".into()
+                } else {
+                    "no validation set configured".into()
+                }),
+                cost: scoring::ScoringCost {
+                    training_passes: examples.saturating_mul(3),
+                    ..Default::default()
+                },
+            },
+        }
+    }
+}
 
 impl Coordinator {
     /// What settling will need of an accepted update (its delta, already
@@ -41,9 +117,24 @@ impl Coordinator {
 
     /// Scores and rewards the open round's accepted updates (`settled`:
     /// their contribution records with final shares, in acceptance order)
-    /// and emits [`Event::RoundSettled`]. Call before publishing, while the
-    /// current model is the one the updates were applied to.
+    /// and emits [`Event::RoundSettled`], all on this task (a leaf's
+    /// close; a root's runs [`Scoring::score`] in its close job). Call
+    /// before publishing, while the current model is the one the updates
+    /// were applied to.
     pub(super) fn settle(&mut self, round_id: u64, settled: &[Contribution]) {
+        let scoring = self.scoring(round_id);
+        let scores = {
+            let mut evaluator = self.evaluator.as_ref().map(|e| lock(e));
+            scoring.score(
+                evaluator.as_deref_mut().map(|e| &mut **e as &mut dyn Evaluator),
+                &self.current.params.values,
+            )
+        };
+        self.settle_scored(round_id, settled, scoring, scores);
+    }
+
+    /// What scoring the open round needs, taken from it (its held updates).
+    pub(super) fn scoring(&mut self, round_id: u64) -> Scoring {
         let held = self.round.book.take_held();
         let seed = scoring::scoring_seed(self.cfg.seed, round_id, &self.current_version);
         let lr = scoring::server_lr(&self.cfg.strategy.server_opt);
@@ -54,48 +145,36 @@ impl Coordinator {
         let examples = claimed
             .get(claimed.len() / 2)
             .map_or(0, |m| m.saturating_mul(claimed.len() as u64));
-        let deltas: Option<Vec<&[f32]>> = held.iter().map(|h| h.delta.as_deref()).collect();
         let budgeted = scoring::ScoringConfig {
             validation_samples: scoring::budgeted_samples(&self.cfg.scoring, held.len(), examples),
             ..self.cfg.scoring.clone()
         };
-        let mut scores = match deltas.as_ref() {
-            Some(d) if !held.is_empty() => scoring::score_round(
-                &budgeted,
-                self.evaluator
-                    .as_deref_mut()
-                    .map(|e| e as &mut dyn scoring::Evaluator),
-                &seed,
-                &self.current.params.values,
-                lr,
-                d,
-                examples,
-            ),
-            _ => RoundScores {
-                base_loss: None,
-                updates: held
-                    .iter()
-                    .map(|_| UpdateScore {
-                        score: None,
-                        norm: 0.0,
-                        copy_of: None,
-                        similarity: 0.0,
-                        alignment: 0.0,
-                        free_rider: false,
-                        noise: false,
-                    })
-                    .collect(),
-                error: Some(if held.is_empty() {
-                    "no accepted updates".into()
-                } else {
-                    "no validation set configured".into()
-                }),
-                cost: scoring::ScoringCost {
-                    training_passes: examples.saturating_mul(3),
-                    ..Default::default()
-                },
-            },
-        };
+        Scoring {
+            held,
+            seed,
+            lr,
+            examples,
+            budgeted,
+        }
+    }
+
+    /// Settles the open round with `scores` ([`Scoring::score`] of
+    /// `scoring`): stale replays flagged, rewards split, the record emitted.
+    pub(super) fn settle_scored(
+        &mut self,
+        round_id: u64,
+        settled: &[Contribution],
+        scoring: Scoring,
+        mut scores: RoundScores,
+    ) {
+        let Scoring {
+            held,
+            seed,
+            lr,
+            examples: _,
+            budgeted,
+        } = scoring;
+        let deltas: Option<Vec<&[f32]>> = held.iter().map(|h| h.delta.as_deref()).collect();
         // Scored rounds only: their records carry the flag rules, so a
         // verifier replays the same history.
         if let (Some(d), None) = (&deltas, &scores.error) {
@@ -148,7 +227,7 @@ impl Coordinator {
             .collect();
         let scored = scores.error.is_none();
         let samples = if scored {
-            let held = self.evaluator.as_ref().map_or(0, |e| e.len());
+            let held = self.evaluator.as_ref().map_or(0, |e| lock(e).len());
             budgeted.validation_samples.min(held) as u32
         } else {
             0

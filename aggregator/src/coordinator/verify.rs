@@ -228,7 +228,7 @@ impl Coordinator {
             ticket,
             payload_hash: u.begin.manifest.payload_hash,
             payload: u.data,
-            dimension: self.round.combiner.dimension(),
+            dimension: self.current.params.values.len(),
             partial: self.cfg.tree.takes_partials(),
             limits: self.cfg.limits.clone(),
             norm_max: self.cfg.update_norm_max,
@@ -248,7 +248,12 @@ impl Coordinator {
         self.hand_out_jobs();
     }
 
-    fn hand_out_jobs(&mut self) {
+    /// Hands out payload checks while slots are free (none while a round's
+    /// close is out: their results would wait for it).
+    pub(super) fn hand_out_jobs(&mut self) {
+        if self.closing() {
+            return;
+        }
         while let Some(job) = self.verifying.next_job() {
             self.out.push_back(Output::Verify(Box::new(job)));
         }
@@ -261,6 +266,11 @@ impl Coordinator {
     /// coordinator did not hand out is ignored.
     pub fn handle_verified(&mut self, now: Instant, v: Verified) {
         self.tick(now);
+        if self.closing() {
+            // Taken once the close is applied, against the round it opens.
+            self.closes.parked.push(v);
+            return;
+        }
         let Some(p) = self.verifying.finish(&v) else {
             tracing::warn!(ticket = v.ticket, "a payload check nobody asked for");
             return;

@@ -381,6 +381,7 @@ impl Server {
             .map_err(|e| anyhow::anyhow!("bad configuration: {e}"))?;
         let mut commit = commit::GroupCommit::new(store.update_writer(), cfg.commit.clone());
         let mut jobs = tokio::task::JoinSet::new();
+        let mut closes = tokio::task::JoinSet::new();
         let mut writers: HashMap<SessionId, Writer> = HashMap::new();
         let mut report = ServeReport::default();
         let mut finished_at: Option<Instant> = core.is_finished().then(Instant::now);
@@ -393,6 +394,7 @@ impl Server {
                 forwards: forward_tx.as_ref(),
                 commit: &mut commit,
                 jobs: &mut jobs,
+                closes: &mut closes,
             };
             let closed = outputs::drain(
                 &mut core,
@@ -482,6 +484,18 @@ impl Server {
                     let v = v.map_err(|e| anyhow::anyhow!("a payload check failed: {e}"))?;
                     handled_at = Instant::now();
                     core.handle_verified(handled_at, v);
+                }
+                Some(c) = closes.join_next(), if !closes.is_empty() => {
+                    let (c, took) = c.map_err(|e| anyhow::anyhow!("a round's close failed: {e}"))?;
+                    handled_at = Instant::now();
+                    let round_id = c.round_id();
+                    core.handle_closed(handled_at, c);
+                    tracing::info!(
+                        round_id,
+                        close_job_ms = took.as_secs_f64() * 1e3,
+                        apply_ms = handled_at.elapsed().as_secs_f64() * 1e3,
+                        "round closed: combined and scored off the coordinator's task"
+                    );
                 }
                 m = async { from_parent.as_mut()?.recv().await }, if from_parent.is_some() => {
                     let now = Instant::now();

@@ -13,7 +13,9 @@ use tokio::task::JoinSet;
 
 use super::commit::GroupCommit;
 use super::{ServeReport, Writer};
-use crate::coordinator::{Coordinator, Event, Forward, Output, RoundOutcome, SessionId, Verified};
+use crate::coordinator::{
+    Coordinator, Event, Forward, Output, RoundClose, RoundOutcome, SessionId, Verified,
+};
 use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -28,6 +30,9 @@ pub(super) struct Outlets<'a> {
     pub commit: &'a mut GroupCommit,
     /// Payload checks running off the coordinator's task.
     pub jobs: &'a mut JoinSet<Verified>,
+    /// A round's close running off the coordinator's task, with how long
+    /// it took there.
+    pub closes: &'a mut JoinSet<(RoundClose, std::time::Duration)>,
 }
 
 /// Acts on the coordinator's outputs in order; true when a round closed.
@@ -45,6 +50,7 @@ pub(super) async fn drain(
         forwards,
         commit,
         jobs,
+        closes,
     } = outlets;
     let mut closed = false;
     while let Some(out) = core.poll_output() {
@@ -61,6 +67,15 @@ pub(super) async fn drain(
                 // At most `verify_in_flight_max` at once: the coordinator
                 // hands out no more.
                 jobs.spawn_blocking(move || job.run());
+            }
+            Output::CloseRound(job) => {
+                // One at a time: the coordinator starts no other close
+                // until this one's result is back.
+                closes.spawn_blocking(move || {
+                    let started = Instant::now();
+                    let closed = job.run();
+                    (closed, started.elapsed())
+                });
             }
             o @ (Output::Send { .. } | Output::Close { .. }) => {
                 if let Some(o) = commit.route(o) {
