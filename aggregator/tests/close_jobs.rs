@@ -125,7 +125,9 @@ const RECORDED: [(u64, bool, [&str; 3], [u64; 15]); 4] = [
             "4c433c198485e1f9c489580fbcd885afb5afd8baf09f0fa6055e0859302848ed",
             "65844ac3af5d441494c0fa74e3df951dbc375dbd70677e979542bca956a4b671",
         ],
-        [185, 208, 209, 200, 196, 214, 205, 191, 189, 199, 197, 187, 215, 212, 187],
+        [
+            185, 208, 209, 200, 196, 214, 205, 191, 189, 199, 197, 187, 215, 212, 187,
+        ],
     ),
     (
         3,
@@ -135,7 +137,9 @@ const RECORDED: [(u64, bool, [&str; 3], [u64; 15]); 4] = [
             "12ae78ba7b5929f98ef9d95e993d00743bfcf097929cb135f531622bc2c583a0",
             "4df7b0705901e4adbdb2162649676c95e3f5715fc2a4782acc2cefbae9e97ddb",
         ],
-        [186, 210, 202, 201, 199, 145, 217, 205, 205, 226, 155, 236, 228, 158, 220],
+        [
+            186, 210, 202, 201, 199, 145, 217, 205, 205, 226, 155, 236, 228, 158, 220,
+        ],
     ),
     (
         11,
@@ -145,7 +149,9 @@ const RECORDED: [(u64, bool, [&str; 3], [u64; 15]); 4] = [
             "824466988321f7d9de0e996716a9fc45bcc91d3bd6951d0bd67ff4389ecc2147",
             "1ff11f569236c44d55deacbd5a566291ba3a0e608d3b1c2792fcbc7256ef77a2",
         ],
-        [185, 198, 208, 209, 197, 215, 192, 195, 193, 203, 195, 192, 183, 213, 214],
+        [
+            185, 198, 208, 209, 197, 215, 192, 195, 193, 203, 195, 192, 183, 213, 214,
+        ],
     ),
     (
         11,
@@ -155,7 +161,9 @@ const RECORDED: [(u64, bool, [&str; 3], [u64; 15]); 4] = [
             "46073f183cbe59c1f330e39d22508b87ec08f727d4c4b598e9914806f1e60150",
             "4bccd86ea62fbde92a12af705001d0f7fea7b94ca249b8fd3821fda41aa1b8d9",
         ],
-        [208, 209, 196, 200, 185, 159, 242, 157, 220, 219, 156, 150, 227, 215, 250],
+        [
+            208, 209, 196, 200, 185, 159, 242, 157, 220, 219, 156, 150, 227, 215, 250,
+        ],
     ),
 ];
 
@@ -249,7 +257,10 @@ fn a_close_result_applies_once_and_only_to_its_round() {
     // The same round's result again (its twin's): ignored.
     let again = twin.held_closes.pop().expect("twin's round 1").run();
     a.coord.handle_closed(now, again);
-    assert_eq!((a.coord.round_id(), a.coord.current_version()), (2, version));
+    assert_eq!(
+        (a.coord.round_id(), a.coord.current_version()),
+        (2, version)
+    );
     assert_eq!(a.coord.published_rounds(), before + 1);
     // Round 2 closing: round 1's result is not its.
     a.run_until(Duration::from_secs(120), |s| !s.held_closes.is_empty());
@@ -258,7 +269,10 @@ fn a_close_result_applies_once_and_only_to_its_round() {
     let stale = other.held_closes.pop().expect("round 1").run();
     let now = a.now;
     a.coord.handle_closed(now, stale);
-    assert_eq!((a.coord.round_id(), a.coord.current_version()), (2, version));
+    assert_eq!(
+        (a.coord.round_id(), a.coord.current_version()),
+        (2, version)
+    );
     a.coord.handle_closed(now, job2.run());
     assert_eq!(a.coord.round_id(), 3);
     assert_eq!(a.coord.published_rounds(), before + 2);

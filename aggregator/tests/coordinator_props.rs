@@ -138,7 +138,12 @@ impl Run {
         if self.close.is_some() && self.rng.random_bool(0.1) {
             let job = self.close.take().expect("some");
             let round = job.round_id();
-            assert_eq!(self.c.round_id(), round, "seed {}: the round waits", self.seed);
+            assert_eq!(
+                self.c.round_id(),
+                round,
+                "seed {}: the round waits",
+                self.seed
+            );
             self.c.handle_closed(self.now, job.run());
             assert!(
                 self.c.round_id() > round || self.c.is_finished(),

@@ -71,6 +71,14 @@ impl fmt::Debug for CloseJob {
     }
 }
 
+/// The same job: the same ticket of the same round (what it holds is
+/// not comparable; no two jobs of one coordinator share a ticket).
+impl PartialEq for CloseJob {
+    fn eq(&self, other: &Self) -> bool {
+        (self.ticket, self.round_id) == (other.ticket, other.round_id)
+    }
+}
+
 impl fmt::Debug for RoundClose {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RoundClose")
@@ -93,8 +101,12 @@ impl CloseJob {
         let combined = self.combiner.finish(self.max_share);
         let scores = {
             let mut evaluator = self.evaluator.as_ref().map(lock);
-            self.scoring
-                .score(evaluator.as_deref_mut().map(|e| &mut **e as &mut dyn Evaluator), &self.base)
+            self.scoring.score(
+                evaluator
+                    .as_deref_mut()
+                    .map(|e| &mut **e as &mut dyn Evaluator),
+                &self.base,
+            )
         };
         RoundClose {
             ticket: self.ticket,
@@ -144,10 +156,8 @@ impl Coordinator {
         let round_id = self.round.id;
         let dim = self.current.params.values.len();
         // An empty stand-in until the next round opens with its own.
-        let combiner = std::mem::replace(
-            &mut self.round.combiner,
-            Box::new(StreamingMean::new(dim)),
-        );
+        let combiner =
+            std::mem::replace(&mut self.round.combiner, Box::new(StreamingMean::new(dim)));
         debug_assert_eq!(combiner.count(), accepted);
         let ticket = self.closes.next_ticket;
         self.closes.next_ticket += 1;

@@ -118,7 +118,13 @@ impl Coordinator {
             // The round's close is out: its updates are all in. (A FedBuff
             // upload goes on: it is combined into the next buffer.)
             let detail = format!("round {} is closing: the update is late", self.round.id);
-            self.reject(session, Some(device_id(&key)), RejectCode::RoundClosed, detail, false);
+            self.reject(
+                session,
+                Some(device_id(&key)),
+                RejectCode::RoundClosed,
+                detail,
+                false,
+            );
             return;
         }
         if self.verifying.holds(key.as_bytes()) {

@@ -62,13 +62,13 @@ mod transfers;
 mod tree;
 mod verify;
 
+pub use close::{CloseJob, RoundClose};
 pub use config::{
     CoordinatorConfig, LeafBounds, TreeRole, VERIFY_IN_FLIGHT_LIMIT, VERIFY_IN_FLIGHT_MAX,
 };
 pub use output::{
     Contribution, DurableUpdate, Event, Output, Penalty, RoundOutcome, SettledEntry, Settlement,
 };
-pub use close::{CloseJob, RoundClose};
 pub use tree::{Forward, ParentRound, Partial};
 pub use verify::{Verified, VerifyJob};
 
@@ -628,7 +628,10 @@ impl Coordinator {
             return;
         }
         if self.closing() {
-            self.pace_away(session, "the round is closing; the next opens once it publishes");
+            self.pace_away(
+                session,
+                "the round is closing; the next opens once it publishes",
+            );
             return;
         }
         if self.secure_running() {

@@ -39,7 +39,7 @@ pub struct DurableUpdate {
 }
 
 /// What the driver must do, in order.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub enum Output {
     /// Make this update durable before acting on any later output (the
     /// acknowledgement follows it).

@@ -40,11 +40,7 @@ impl Scoring {
     /// Scores the updates against `base` (the model they were applied
     /// to) on the evaluator's validation sample. Pure given the
     /// evaluator: O(updates x validation sample) forward passes.
-    pub(super) fn score(
-        &self,
-        evaluator: Option<&mut dyn Evaluator>,
-        base: &[f32],
-    ) -> RoundScores {
+    pub(super) fn score(&self, evaluator: Option<&mut dyn Evaluator>, base: &[f32]) -> RoundScores {
         let held = &self.held;
         let examples = self.examples;
         let deltas: Option<Vec<&[f32]>> = held.iter().map(|h| h.delta.as_deref()).collect();
@@ -126,7 +122,9 @@ impl Coordinator {
         let scores = {
             let mut evaluator = self.evaluator.as_ref().map(|e| lock(e));
             scoring.score(
-                evaluator.as_deref_mut().map(|e| &mut **e as &mut dyn Evaluator),
+                evaluator
+                    .as_deref_mut()
+                    .map(|e| &mut **e as &mut dyn Evaluator),
                 &self.current.params.values,
             )
         };
