@@ -70,8 +70,8 @@ fn main() {
     sim.coord.set_evaluator(Box::new(Quadratic { n: 200 }));
     sim.run_to_end(Duration::from_secs(3600));
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    let job: Vec<f64> = sim.close_wall.iter().map(|c| ms(c.0)).collect();
-    let apply: Vec<f64> = sim.close_wall.iter().map(|c| ms(c.1)).collect();
+    let job: Vec<f64> = sim.closes.wall.iter().map(|c| ms(c.0)).collect();
+    let apply: Vec<f64> = sim.closes.wall.iter().map(|c| ms(c.1)).collect();
     let inline: Vec<f64> = job.iter().zip(&apply).map(|(j, a)| j + a).collect();
     let sum = |v: &[f64]| v.iter().sum::<f64>();
     println!(

@@ -87,7 +87,7 @@ fn scored_cfg(buffered: bool) -> CoordinatorConfig {
 fn scored_run(seed: u64, buffered: bool, close_time: Duration) -> Sim {
     let mut sim = Sim::new(seed, scored_cfg(buffered), NetConfig::default(), specs(7));
     sim.coord.set_evaluator(Box::new(Quadratic { n: 100 }));
-    sim.close_time = close_time;
+    sim.closes.time = close_time;
     sim.run_to_end(Duration::from_secs(300));
     sim
 }
@@ -191,7 +191,7 @@ fn a_close_off_task_publishes_every_round() {
             let published = sim.published();
             assert_eq!(published.len(), 3, "seed {seed} buffered {buffered}");
             assert_eq!(settled(&sim).len(), 15, "seed {seed} buffered {buffered}");
-            assert_eq!(sim.close_wall.len(), 3, "seed {seed}: one job a round");
+            assert_eq!(sim.closes.wall.len(), 3, "seed {seed}: one job a round");
             assert!(sim.coord.is_finished(), "seed {seed}");
         }
     }
@@ -213,10 +213,10 @@ fn the_coordinator_serves_other_sessions_while_a_close_is_out() {
         }
         let mut sim = Sim::new(seed, cfg, NetConfig::default(), specs);
         sim.coord.set_evaluator(Box::new(Quadratic { n: 100 }));
-        sim.close_time = Duration::from_secs(3);
+        sim.closes.time = Duration::from_secs(3);
         sim.run_to_end(Duration::from_secs(300));
         assert_eq!(sim.published().len(), 3, "seed {seed}");
-        let sent = &sim.sent_while_closing;
+        let sent = &sim.closes.sent;
         eprintln!("seed {seed}: sent while closing: {sent:?}");
         for name in ["NoTask", "HeartbeatAck"] {
             assert!(sent.contains(&name), "seed {seed}: no {name} while closing");
@@ -239,14 +239,14 @@ fn a_close_result_applies_once_and_only_to_its_round() {
     let holding = || {
         let mut sim = Sim::new(seed, scored_cfg(false), NetConfig::default(), specs(7));
         sim.coord.set_evaluator(Box::new(Quadratic { n: 100 }));
-        sim.hold_closes = true;
-        sim.run_until(Duration::from_secs(120), |s| !s.held_closes.is_empty());
+        sim.closes.hold = true;
+        sim.run_until(Duration::from_secs(120), |s| !s.closes.held.is_empty());
         sim
     };
     let mut a = holding();
     let mut twin = holding();
     let mut other = holding();
-    let job = a.held_closes.pop().expect("round 1's close");
+    let job = a.closes.held.pop().expect("round 1's close");
     assert_eq!((job.round_id(), a.coord.round_id()), (1, 1));
     let before = a.coord.published_rounds();
     let now = a.now;
@@ -255,7 +255,7 @@ fn a_close_result_applies_once_and_only_to_its_round() {
     assert_eq!(a.coord.published_rounds(), before + 1);
     let version = a.coord.current_version();
     // The same round's result again (its twin's): ignored.
-    let again = twin.held_closes.pop().expect("twin's round 1").run();
+    let again = twin.closes.held.pop().expect("twin's round 1").run();
     a.coord.handle_closed(now, again);
     assert_eq!(
         (a.coord.round_id(), a.coord.current_version()),
@@ -263,10 +263,10 @@ fn a_close_result_applies_once_and_only_to_its_round() {
     );
     assert_eq!(a.coord.published_rounds(), before + 1);
     // Round 2 closing: round 1's result is not its.
-    a.run_until(Duration::from_secs(120), |s| !s.held_closes.is_empty());
-    let job2 = a.held_closes.pop().expect("round 2's close");
+    a.run_until(Duration::from_secs(120), |s| !s.closes.held.is_empty());
+    let job2 = a.closes.held.pop().expect("round 2's close");
     assert_eq!(job2.round_id(), 2);
-    let stale = other.held_closes.pop().expect("round 1").run();
+    let stale = other.closes.held.pop().expect("round 1").run();
     let now = a.now;
     a.coord.handle_closed(now, stale);
     assert_eq!(

@@ -144,6 +144,14 @@ impl Closes {
 }
 
 impl Coordinator {
+    /// Updates accepted so far in the open round (the round being closed
+    /// while its job is out).
+    pub fn accepted_in_round(&self) -> usize {
+        self.closes
+            .closing_accepted()
+            .unwrap_or_else(|| self.round.combiner.count())
+    }
+
     /// Whether a round's close job is out.
     pub(super) fn closing(&self) -> bool {
         self.closes.out.is_some()

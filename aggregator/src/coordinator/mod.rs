@@ -349,13 +349,6 @@ impl Coordinator {
         self.sessions.awaiting_finish()
     }
 
-    /// Updates accepted so far in the open round.
-    pub fn accepted_in_round(&self) -> usize {
-        self.closes
-            .closing_accepted()
-            .unwrap_or_else(|| self.round.combiner.count())
-    }
-
     /// Bytes of partial uploads the coordinator holds.
     pub fn upload_bytes_held(&self) -> u64 {
         self.transfers.upload_bytes_held()
@@ -382,8 +375,7 @@ impl Coordinator {
 
     /// The earliest instant at which `handle_timeout` has work to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        // While a close job is out the round has no timers: nothing is due
-        // until its result comes back.
+        // While a close job is out the round's timers wait for it.
         let round = if self.finished || self.closing() {
             [None; 3]
         } else {
@@ -628,10 +620,7 @@ impl Coordinator {
             return;
         }
         if self.closing() {
-            self.pace_away(
-                session,
-                "the round is closing; the next opens once it publishes",
-            );
+            self.pace_away(session, "the round is closing");
             return;
         }
         if self.secure_running() {

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::time::{Duration, Instant};
 
 use fedge_aggregator::coordinator::{
-    CloseJob, Coordinator, CoordinatorConfig, Event, Output, RoundClose, RoundOutcome, Verified,
+    Coordinator, CoordinatorConfig, Event, Output, RoundClose, RoundOutcome, Verified,
 };
 use fedge_device::session::{
     DeviceEvent, DeviceSession, EvalOutput, SessionConfig, Status, TrainOutput,
@@ -22,7 +22,9 @@ use fedge_proto::{AggMsg, DeviceMsg, ModelBlob, ModelVersion};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+mod close;
 mod data;
+pub use close::{CLOSE_TIME, agg_msg_name};
 pub use data::{model, wobble};
 
 #[derive(Clone, Debug)]
@@ -167,10 +169,6 @@ enum Ev {
 /// inputs are handled meanwhile, as on the server).
 const VERIFY_TIME: Duration = Duration::from_millis(3);
 
-/// Virtual time a round's close takes off the coordinator's task, unless
-/// a test sets [`Sim::close_time`].
-pub const CLOSE_TIME: Duration = Duration::from_millis(40);
-
 pub struct Sim {
     pub seed: u64,
     pub t0: Instant,
@@ -193,20 +191,8 @@ pub struct Sim {
     /// The most payload checks the coordinator had out at once.
     pub verify_out_max: usize,
     pub kept: std::collections::VecDeque<fedge_aggregator::coordinator::DurableUpdate>,
-    /// Virtual time a round's close job takes; zero: it is answered at
-    /// once, before any other input (the close as it ran inline).
-    pub close_time: Duration,
-    /// While a close job is out: since when.
-    pub closing_since: Option<Instant>,
-    /// What the coordinator sent devices while a close job was out (the
-    /// message's name).
-    pub sent_while_closing: Vec<&'static str>,
-    /// Wall time of each close job's run and of applying its result.
-    pub close_wall: Vec<(Duration, Duration)>,
-    /// Keep close jobs in `held_closes` instead of running them (a test
-    /// answers them itself, through `coord.handle_closed`).
-    pub hold_closes: bool,
-    pub held_closes: Vec<CloseJob>,
+    /// Round closes: how they are answered, and what happened meanwhile.
+    pub closes: close::Closes,
 }
 
 impl Sim {
@@ -273,12 +259,7 @@ impl Sim {
             persisted: 0,
             verify_out_max: 0,
             kept: Default::default(),
-            close_time: CLOSE_TIME,
-            closing_since: None,
-            sent_while_closing: Vec::new(),
-            close_wall: Vec::new(),
-            hold_closes: false,
-            held_closes: Vec::new(),
+            closes: Default::default(),
         }
     }
 
@@ -313,9 +294,7 @@ impl Sim {
                 progressed = true;
                 match out {
                     Output::Send { session, msg } => {
-                        if self.closing_since.is_some() {
-                            self.sent_while_closing.push(agg_msg_name(&msg));
-                        }
+                        self.closes.note_sent(&msg);
                         let at = self.stream_at(session, false);
                         self.schedule(at, Ev::ToDev { conn: session, msg });
                     }
@@ -335,25 +314,7 @@ impl Sim {
                         let at = self.now + VERIFY_TIME;
                         self.schedule(at, Ev::Verified(job.run()));
                     }
-                    Output::CloseRound(job) if self.hold_closes => {
-                        self.closing_since = Some(self.now);
-                        self.held_closes.push(*job);
-                    }
-                    Output::CloseRound(job) => {
-                        let started = Instant::now();
-                        let closed = job.run();
-                        let ran = started.elapsed();
-                        if self.close_time.is_zero() {
-                            let started = Instant::now();
-                            self.coord.handle_closed(self.now, closed);
-                            self.close_wall.push((ran, started.elapsed()));
-                        } else {
-                            self.close_wall.push((ran, Duration::ZERO));
-                            self.closing_since = Some(self.now);
-                            let at = self.now + self.close_time;
-                            self.schedule(at, Ev::Closed(closed));
-                        }
-                    }
+                    Output::CloseRound(job) => self.on_close_job(*job),
                 }
             }
             for i in 0..self.devices.len() {
@@ -547,14 +508,7 @@ impl Sim {
             }
             Ev::AggLost { conn } => self.coord.handle_disconnect(now, conn),
             Ev::Verified(v) => self.coord.handle_verified(now, v),
-            Ev::Closed(c) => {
-                self.closing_since = None;
-                let started = Instant::now();
-                self.coord.handle_closed(now, c);
-                if let Some(last) = self.close_wall.last_mut() {
-                    last.1 = started.elapsed();
-                }
-            }
+            Ev::Closed(c) => self.on_closed(now, c),
             Ev::Trained { dev, out, .. } => self.devices[dev].session.handle_trained(now, out),
             Ev::Evaluated { dev, round, out } => {
                 self.devices[dev]
@@ -771,29 +725,6 @@ impl Sim {
             .collect()
     }
 
-    /// Details of the rejections with `code`.
-    pub fn rejection_details(&self, code: fedge_proto::RejectCode) -> Vec<String> {
-        self.events
-            .iter()
-            .filter_map(|e| match e {
-                Event::Rejected {
-                    code: c, detail, ..
-                } if *c == code => Some(detail.clone()),
-                _ => None,
-            })
-            .collect()
-    }
-
-    pub fn rejections(&self) -> Vec<fedge_proto::RejectCode> {
-        self.events
-            .iter()
-            .filter_map(|e| match e {
-                Event::Rejected { code, .. } => Some(*code),
-                _ => None,
-            })
-            .collect()
-    }
-
     /// Sample-weighted mean of the deltas of the devices whose updates were
     /// accepted in `round`, recomputed naively from the specs; with FedBuff
     /// each delta is also multiplied by `(1 + staleness)^-a` (Nguyen et al.
@@ -848,20 +779,5 @@ impl Sim {
                 _ => None,
             })
             .collect()
-    }
-}
-
-/// A message's name, for what a test saw the coordinator send.
-pub fn agg_msg_name(m: &AggMsg) -> &'static str {
-    match m {
-        AggMsg::Challenge { .. } => "Challenge",
-        AggMsg::AuthOk { .. } => "AuthOk",
-        AggMsg::NoTask { .. } => "NoTask",
-        AggMsg::HeartbeatAck { .. } => "HeartbeatAck",
-        AggMsg::ModelChunk { .. } => "ModelChunk",
-        AggMsg::TaskOffer(_) => "TaskOffer",
-        AggMsg::UpdateAccepted { .. } => "UpdateAccepted",
-        AggMsg::Reject { .. } => "Reject",
-        _ => "other",
     }
 }
