@@ -24,7 +24,6 @@ use rand_chacha::ChaCha8Rng;
 
 mod close;
 mod data;
-pub use close::{CLOSE_TIME, agg_msg_name};
 pub use data::{model, wobble};
 
 #[derive(Clone, Debug)]
