@@ -357,7 +357,8 @@ impl Coordinator {
     /// Payload checks handed out ([`Output::Verify`]) and not yet
     /// answered; at most `verify_in_flight_max`.
     pub fn verify_jobs_out(&self) -> usize {
-        self.verifying.out()
+        // Those answered while a close is out wait for it, answered.
+        self.verifying.out() - self.closes.parked.len()
     }
 
     /// Complete uploads waiting for a payload check, and the payload bytes
