@@ -1,0 +1,153 @@
+"""Processes the comparison starts, and what it measures of them.
+
+A `Tracked` process has its output (stdout and stderr together) copied to
+a log file line by line, each line offered to a callback; its CPU time is
+read from /proc/PID/stat whenever the caller asks (`cpu_s`, e.g. when a
+log line says a round began), and a sampler thread follows its resident
+memory. When it exits, `os.wait4` gives the exact totals: user and system
+CPU time of every thread, and the peak resident set (ru_maxrss).
+"""
+
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+
+TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def proc_cpu_s(pid):
+    """User + system CPU seconds of process `pid` so far (all its threads),
+    or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # Field 2 (the command) is in parentheses and may hold spaces.
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS_PER_S
+
+
+def proc_status_kib(pid, key):
+    """A `VmRSS`/`VmHWM`-style line of /proc/PID/status, in KiB."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class Tracked:
+    """One child process, measured."""
+
+    def __init__(self, argv, log_path, on_line=None, env=None, cwd=None, sample_s=0.1):
+        self.argv = argv
+        self.started = time.monotonic()
+        self._log = open(log_path, "w")
+        self._on_line = on_line
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, env=env, cwd=cwd, text=True, bufsize=1,
+        )
+        self.pid = self.proc.pid
+        self.rusage = None
+        self.status = None
+        self.ended = None
+        self.rss_max_sampled_kib = 0
+        self._done = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        threading.Thread(target=self._wait, daemon=True).start()
+        threading.Thread(target=self._sample, args=(sample_s,), daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self._log.write(line)
+            self._log.flush()
+            if self._on_line is not None:
+                self._on_line(self, ANSI.sub("", line.rstrip("\n")))
+        self._log.close()
+
+    def _wait(self):
+        _, status, rusage = os.wait4(self.pid, 0)
+        self.ended = time.monotonic()
+        self.status = os.waitstatus_to_exitcode(status)
+        self.proc.returncode = self.status  # reaped here, not by Popen
+        self.rusage = rusage
+        self._done.set()
+
+    def _sample(self, every_s):
+        while not self._done.wait(every_s):
+            rss = proc_status_kib(self.pid, "VmRSS")
+            if rss is not None:
+                self.rss_max_sampled_kib = max(self.rss_max_sampled_kib, rss)
+
+    def cpu_s(self):
+        return proc_cpu_s(self.pid)
+
+    def rss_kib(self):
+        return proc_status_kib(self.pid, "VmRSS")
+
+    def running(self):
+        return not self._done.is_set()
+
+    def wait(self, timeout_s):
+        """True when it exited within `timeout_s`; then its output is read."""
+        if not self._done.wait(timeout_s):
+            return False
+        self._reader.join(5)
+        return True
+
+    def stop(self):
+        """SIGTERM, then SIGKILL after 3 s; only if still running."""
+        for sig, grace_s in ((signal.SIGTERM, 3), (signal.SIGKILL, 3)):
+            if not self.running():
+                return
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                return
+            self._done.wait(grace_s)
+
+    def totals(self):
+        """Exact figures from wait4, once it exited."""
+        r = self.rusage
+        return {
+            "exit_code": self.status,
+            "wall_s": round(self.ended - self.started, 3),
+            "cpu_user_s": round(r.ru_utime, 3),
+            "cpu_sys_s": round(r.ru_stime, 3),
+            "cpu_total_s": round(r.ru_utime + r.ru_stime, 3),
+            "peak_rss_mib": round(r.ru_maxrss / 1024, 1),  # ru_maxrss is in KiB on Linux
+        }
+
+
+class Fleet:
+    """Every process a run started, stopped together."""
+
+    def __init__(self):
+        self.procs = []
+
+    def start(self, *args, **kw):
+        p = Tracked(*args, **kw)
+        self.procs.append(p)
+        return p
+
+    def stop_all(self):
+        for p in self.procs:
+            p.stop()
+
+    def wait_all(self, procs, deadline):
+        """Waits for every one of `procs` until the monotonic `deadline`;
+        True when all exited."""
+        for p in procs:
+            if not p.wait(max(0.0, deadline - time.monotonic())):
+                return False
+        return True
