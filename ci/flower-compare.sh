@@ -8,7 +8,7 @@
 # Builds the release binaries (cargo build --release --locked), makes a
 # throwaway virtual environment with a pinned flwr and numpy from PyPI
 # (no torch: the Flower clients train in numpy), runs both federations
-# one after the other, writes flower-compare.json (--out) and prints a
+# one after the other, writes results/flower-compare.json (--out) and prints a
 # table. Not part of ci/test.sh: it downloads from PyPI.
 #
 # Environment: FLOWER_VENV (default /tmp/fedge-flower-venv; removed at
@@ -32,7 +32,7 @@ for arg in "$@"; do
         echo "  --local-epochs N (2) --batch N (32) --lr F (0.05) --momentum F (0.9)"
         echo "  --repeat N (1: runs of each, alternating; the table shows medians)"
         echo "  --only both|flower|fedge --flower-insecure (Flower without TLS)"
-        echo "  --timeout-s S (900 per server run) --out FILE (flower-compare.json)"
+        echo "  --timeout-s S (900 per server run) --out FILE (results/flower-compare.json)"
         echo "  --keep DIR (keep the runs' logs and state there)"
         exit 0
         ;;
@@ -54,5 +54,5 @@ if ! "$venv/bin/python" -c "import flwr, sys; sys.exit(flwr.__version__ != '$flw
     "$venv/bin/pip" install -q --no-cache-dir --disable-pip-version-check \
         "flwr==$flwr_version" "numpy==$numpy_version"
 fi
-timeout 7200 "$venv/bin/python" ci/flower/compare.py \
+PYTHONDONTWRITEBYTECODE=1 timeout 7200 "$venv/bin/python" ci/flower/compare.py \
     --fedge-bin "$CARGO_TARGET_DIR/release" "${args[@]+"${args[@]}"}"

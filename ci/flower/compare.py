@@ -14,11 +14,11 @@ loopback.
 - fedge: `fedge-aggregator serve` (QUIC, TLS 1.3, signed updates, SQLite
   state) and one `fedge-device run` process per device (tract).
 
-Measured for each server process: CPU (user + system, every thread) and
-peak RSS from wait4 when it exits; CPU and RSS read from /proc at its
-log's round markers (ready, each round's start and end), so that start-up
-and the finish can be told apart from the rounds; wall time; rounds
-completed. Both final models are evaluated on the held-out digits
+Measured for each server process: CPU (user + system, every thread) from
+wait4 when it exits; peak RSS (VmHWM) read every 50 ms until it exits; CPU
+and RSS read from /proc at its log's round markers (ready, each round's
+start and end), so that start-up and the finish can be told apart from
+the rounds; wall time; rounds completed. Both final models are evaluated on the held-out digits
 8000..10000 afterwards (outside the measured processes). Devices' CPU is
 reported too. Writes JSON (`--out`) and prints a table.
 
@@ -123,10 +123,9 @@ def summarize(server, marks, rounds, devices):
         # Rounds 2..N: no start-up, no first connections.
         out["cpu_per_round_steady_s"] = round((ends[-1][2] - ends[0][2]) / (len(ends) - 1), 4)
     out["cpu_total_per_round_s"] = round(out["cpu_total_s"] / max(1, rounds), 4)
-    out["peak_rss_sampled_mib"] = round(server.rss_max_sampled_kib / 1024, 1)
     done = [d for d in devices if d.rusage is not None]
     dev_cpu = [d.rusage.ru_utime + d.rusage.ru_stime for d in done]
-    dev_rss = [d.rusage.ru_maxrss / 1024 for d in done]
+    dev_rss = [d.hwm_kib / 1024 for d in done]
     out["devices"] = {
         "exited": len(done),
         "exit_codes_nonzero": sum(1 for d in done if d.status != 0),
@@ -257,7 +256,7 @@ def run_fedge(a, work, fleet):
     for i in range(a.clients):
         devices.append(fleet.start(
             [str(dev), "run", "--aggregator", seen["listening"], "--pin", seen["fingerprint"],
-             "--state-dir", str(work / f"dev{i}"), "--data", f"mnist:{a.data}",
+             "--state-dir", str(work / f"dev{i}"), "--data", f"mnist:{a.data.parent}",
              "--range", f"{i * a.per_client}..{(i + 1) * a.per_client}", "--seed", str(i)],
             work / f"dev{i}.log", env=denv))
     finish(fleet, server, devices, a, "fedge")
@@ -272,7 +271,7 @@ def fedge_accuracy(a, model):
     """Held-out accuracy as fedge's engine computes it (as ci/tree.sh)."""
     out = subprocess.run(
         [str(a.fedge_bin / "fedge-device"), "train", "--model", str(model),
-         "--data", f"mnist:{a.data}", "--epochs", "0", "--train", "0..32", "--test", "8000..10000"],
+         "--data", f"mnist:{a.data.parent}", "--epochs", "0", "--train", "0..32", "--test", "8000..10000"],
         check=True, capture_output=True, text=True, timeout=120).stdout
     for line in out.splitlines():
         f = line.split()
@@ -333,7 +332,7 @@ def median_runs(runs):
 
 
 ROWS = [
-    ("rounds completed", "rounds_completed", "{}"),
+    ("rounds completed", "rounds_completed", "{:.0f}"),
     ("server CPU, whole run (s)", "cpu_total_s", "{:.2f}"),
     ("  of which start-up, until ready (s)", "cpu_at_ready_s", "{:.2f}"),
     ("  of which after the last round (s)", "cpu_after_rounds_s", "{:.2f}"),
@@ -380,9 +379,11 @@ def main():
     ap.add_argument("--flower-insecure", action="store_true", help="Flower without TLS (fedge always has it)")
     ap.add_argument("--fedge-bin", type=pathlib.Path, required=True, help="directory of the release binaries")
     ap.add_argument("--model", type=pathlib.Path, default=REPO / "models" / "mlp.onnx")
-    ap.add_argument("--data", type=pathlib.Path, default=REPO / "models" / "data" / "mnist-10k")
+    # fedge's `--data mnist:DIR` reads DIR/mnist-10k: it is given the parent.
+    ap.add_argument("--data", type=pathlib.Path, default=REPO / "models" / "data" / "mnist-10k",
+                    help="the directory of the IDX files (named mnist-10k)")
     ap.add_argument("--timeout-s", type=float, default=900, help="per server run")
-    ap.add_argument("--out", type=pathlib.Path, default=pathlib.Path("flower-compare.json"))
+    ap.add_argument("--out", type=pathlib.Path, default=REPO / "results" / "flower-compare.json")
     ap.add_argument("--keep", type=pathlib.Path, help="keep the runs' logs and state in this directory")
     a = ap.parse_args()
     if a.clients * a.per_client > 8000:
@@ -427,6 +428,7 @@ def main():
         res[k]["median"] = median_runs(res[k]["runs"])
     res["flwr_version"] = flwr.__version__
     res["fedge_commit"] = commit
+    a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2) + "\n")
     print(table(res))
     print(f"\n{a.rounds} rounds, {a.clients} devices, {a.per_round} per round; "

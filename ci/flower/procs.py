@@ -3,9 +3,15 @@
 A `Tracked` process has its output (stdout and stderr together) copied to
 a log file line by line, each line offered to a callback; its CPU time is
 read from /proc/PID/stat whenever the caller asks (`cpu_s`, e.g. when a
-log line says a round began), and a sampler thread follows its resident
-memory. When it exits, `os.wait4` gives the exact totals: user and system
-CPU time of every thread, and the peak resident set (ru_maxrss).
+log line says a round began). A sampler thread reads its peak resident
+set (VmHWM in /proc/PID/status) every `sample_s` while it runs; the last
+reading, at most `sample_s` before it exits, is the peak. When it exits,
+`os.wait4` gives the exact CPU time: user and system, every thread.
+
+Not wait4's ru_maxrss: on Linux it is the larger of the process's own
+peak and the pages of the process it was forked from, counted before its
+exec; forked from this driver (numpy and the digits loaded, about 140 MB)
+every process would read at least that.
 """
 
 import os
@@ -47,7 +53,7 @@ def proc_status_kib(pid, key):
 class Tracked:
     """One child process, measured."""
 
-    def __init__(self, argv, log_path, on_line=None, env=None, cwd=None, sample_s=0.1):
+    def __init__(self, argv, log_path, on_line=None, env=None, cwd=None, sample_s=0.05):
         self.argv = argv
         self.started = time.monotonic()
         self._log = open(log_path, "w")
@@ -60,7 +66,7 @@ class Tracked:
         self.rusage = None
         self.status = None
         self.ended = None
-        self.rss_max_sampled_kib = 0
+        self.hwm_kib = 0
         self._done = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -85,9 +91,9 @@ class Tracked:
 
     def _sample(self, every_s):
         while not self._done.wait(every_s):
-            rss = proc_status_kib(self.pid, "VmRSS")
-            if rss is not None:
-                self.rss_max_sampled_kib = max(self.rss_max_sampled_kib, rss)
+            hwm = proc_status_kib(self.pid, "VmHWM")
+            if hwm is not None:
+                self.hwm_kib = max(self.hwm_kib, hwm)
 
     def cpu_s(self):
         return proc_cpu_s(self.pid)
@@ -117,7 +123,7 @@ class Tracked:
             self._done.wait(grace_s)
 
     def totals(self):
-        """Exact figures from wait4, once it exited."""
+        """CPU from wait4 and the last peak RSS read, once it exited."""
         r = self.rusage
         return {
             "exit_code": self.status,
@@ -125,7 +131,7 @@ class Tracked:
             "cpu_user_s": round(r.ru_utime, 3),
             "cpu_sys_s": round(r.ru_stime, 3),
             "cpu_total_s": round(r.ru_utime + r.ru_stime, 3),
-            "peak_rss_mib": round(r.ru_maxrss / 1024, 1),  # ru_maxrss is in KiB on Linux
+            "peak_rss_mib": round(self.hwm_kib / 1024, 1),
         }
 
 
