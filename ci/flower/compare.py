@@ -8,9 +8,13 @@ round, dense float32 updates, `--rounds` (20) rounds, `--local-epochs`
 (2) of SGD (batch 32, lr 0.05, momentum 0.9) per round, everything over
 loopback.
 
-- Flower: `flwr.server.start_server` (server.py; gRPC, TLS unless
-  --flower-insecure) and one `flwr.client.start_client` process per
-  device (client.py; training in numpy).
+- Flower, `--flower-mode start_server`: `flwr.server.start_server`
+  (server.py; gRPC, TLS unless --flower-insecure) and one
+  `flwr.client.start_client` process per device (client.py; training in
+  numpy).
+- Flower, `--flower-mode superlink`: Flower's current deployment, a
+  SuperLink with its SuperExec and ServerApp processes and one SuperNode
+  per device (superlink.py; the Flower App in app/; plaintext HTTP).
 - fedge: `fedge-aggregator serve` (QUIC, TLS 1.3, signed updates, SQLite
   state) and one `fedge-device run` process per device (tract).
 
@@ -42,6 +46,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import mlp  # noqa: E402
 import procs  # noqa: E402
+import superlink  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -350,7 +355,7 @@ ROWS = [
 
 
 def table(res):
-    cols = [k for k in ("flower", "fedge") if k in res]
+    cols = [k for k in ("flower", "flower_superlink", "fedge") if k in res]
     lines = [f"| metric | {' | '.join(res[k]['label'] for k in cols)} |",
              "|---|" + "---:|" * len(cols)]
     for label, key, fmt in ROWS:
@@ -376,7 +381,10 @@ def main():
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--repeat", type=int, default=1, help="runs of each, alternating; the table shows medians")
     ap.add_argument("--only", choices=["both", "flower", "fedge"], default="both")
-    ap.add_argument("--flower-insecure", action="store_true", help="Flower without TLS (fedge always has it)")
+    ap.add_argument("--flower-insecure", action="store_true",
+                    help="start_server without TLS (fedge always has it; the SuperLink runs without)")
+    ap.add_argument("--flower-mode", choices=["start_server", "superlink", "both"], default="both",
+                    help="Flower's server: start_server (gRPC, one process), the SuperLink deployment, or both")
     ap.add_argument("--fedge-bin", type=pathlib.Path, required=True, help="directory of the release binaries")
     ap.add_argument("--model", type=pathlib.Path, default=REPO / "models" / "mlp.onnx")
     # fedge's `--data mnist:DIR` reads DIR/mnist-10k: it is given the parent.
@@ -406,9 +414,13 @@ def main():
         res["initial_accuracy_fedge"] = fedge_accuracy(a, a.model)
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()
-    kinds = {"flower": (run_flower, f"Flower {flwr.__version__}"),
+    kinds = {"flower": (run_flower, f"Flower {flwr.__version__} start_server"),
+             "flower_superlink": (lambda a, w, f: superlink.run_superlink(a, w, f, free_port),
+                                  f"Flower {flwr.__version__} SuperLink"),
              "fedge": (run_fedge, f"fedge {commit}")}
-    order = ["flower", "fedge"] if a.only == "both" else [a.only]
+    flower = {"start_server": ["flower"], "superlink": ["flower_superlink"],
+              "both": ["flower", "flower_superlink"]}[a.flower_mode]
+    order = {"both": flower + ["fedge"], "flower": flower, "fedge": ["fedge"]}[a.only]
     root = a.keep or pathlib.Path(tempfile.mkdtemp(prefix="fedge-flower-"))
     fleet = procs.Fleet()
     try:

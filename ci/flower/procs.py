@@ -53,7 +53,8 @@ def proc_status_kib(pid, key):
 class Tracked:
     """One child process, measured."""
 
-    def __init__(self, argv, log_path, on_line=None, env=None, cwd=None, sample_s=0.05):
+    def __init__(self, argv, log_path, on_line=None, env=None, cwd=None, sample_s=0.05,
+                 group=False):
         self.argv = argv
         self.started = time.monotonic()
         self._log = open(log_path, "w")
@@ -61,7 +62,11 @@ class Tracked:
         self.proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, env=env, cwd=cwd, text=True, bufsize=1,
+            start_new_session=group,
         )
+        # With `group`, stop() signals the whole process group: what the
+        # process started (Flower's SuperExec and app processes) goes too.
+        self.group = group
         self.pid = self.proc.pid
         self.rusage = None
         self.status = None
@@ -112,15 +117,19 @@ class Tracked:
         return True
 
     def stop(self):
-        """SIGTERM, then SIGKILL after 3 s; only if still running."""
+        """SIGTERM, then SIGKILL after 3 s (the process, or its group)."""
         for sig, grace_s in ((signal.SIGTERM, 3), (signal.SIGKILL, 3)):
-            if not self.running():
+            if not self.running() and not self.group:
                 return
             try:
-                os.kill(self.pid, sig)
+                if self.group:
+                    os.killpg(self.pid, sig)
+                else:
+                    os.kill(self.pid, sig)
             except ProcessLookupError:
                 return
-            self._done.wait(grace_s)
+            if self._done.wait(grace_s) and self.group and sig == signal.SIGTERM:
+                time.sleep(0.5)  # let the group's other members go before SIGKILL
 
     def totals(self):
         """CPU from wait4 and the last peak RSS read, once it exited."""
@@ -157,3 +166,79 @@ class Fleet:
             if not p.wait(max(0.0, deadline - time.monotonic())):
                 return False
         return True
+
+
+def proc_table():
+    """pid -> (ppid, CPU seconds, RSS KiB) for every process now. CPU is
+    user + system of the process and of its children it has reaped (so a
+    finished child's time moves to its parent and is not lost); a zombie
+    still shows its own."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        ticks = sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
+        rss_kib = int(fields[21]) * os.sysconf("SC_PAGE_SIZE") // 1024
+        table[int(name)] = (int(fields[1]), ticks / TICKS_PER_S, rss_kib)
+    return table
+
+
+def tree_totals(table, root):
+    """(CPU seconds, RSS KiB) of `root` and every descendant in `table`."""
+    children = {}
+    for pid, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    cpu = rss = 0
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        if pid in table:
+            cpu += table[pid][1]
+            rss += table[pid][2]
+            todo.extend(children.get(pid, []))
+    return cpu, rss
+
+
+class TreeSampler:
+    """Every `every_s`, the CPU and summed RSS of each root's process tree,
+    with the wall-clock time; `series[root]` is a list of (t, cpu, rss)."""
+
+    def __init__(self, roots, every_s=0.1):
+        self.roots = list(roots)
+        self.series = {r: [] for r in self.roots}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
+        self._thread.start()
+
+    def sample(self):
+        t = time.time()
+        table = proc_table()
+        for r in self.roots:
+            cpu, rss = tree_totals(table, r)
+            if r in table:
+                self.series[r].append((t, cpu, rss))
+
+    def _run(self, every_s):
+        while not self._stop.wait(every_s):
+            self.sample()
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(5)
+        self.sample()
+
+    def cpu_at(self, root, t):
+        """The tree's CPU at wall-clock time `t`, from the nearest samples."""
+        s = self.series[root]
+        before = [x for x in s if x[0] <= t]
+        after = [x for x in s if x[0] >= t]
+        if not before or not after:
+            return None
+        (t0, c0, _), (t1, c1, _) = before[-1], after[0]
+        return c0 if t1 == t0 else c0 + (c1 - c0) * (t - t0) / (t1 - t0)
