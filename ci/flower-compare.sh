@@ -2,6 +2,8 @@
 # Aggregator CPU per round and peak RSS: Flower's server against fedge's on
 # the same task (issue #18). 20 device processes, 10 per round, the zoo's
 # MNIST MLP, dense float32 updates, loopback; see ci/flower/compare.py.
+# Flower runs twice: `start_server` (gRPC, one server process) and its
+# current deployment (SuperLink + SuperExec + ServerApp, HTTP; app/).
 #
 #   bash ci/flower-compare.sh [--keep-venv] [--help] [compare.py options...]
 #
@@ -31,7 +33,8 @@ for arg in "$@"; do
         echo "  --rounds N (20) --clients N (20) --per-round N (10) --per-client N (400)"
         echo "  --local-epochs N (2) --batch N (32) --lr F (0.05) --momentum F (0.9)"
         echo "  --repeat N (1: runs of each, alternating; the table shows medians)"
-        echo "  --only both|flower|fedge --flower-insecure (Flower without TLS)"
+        echo "  --only both|flower|fedge --flower-mode start_server|superlink|both"
+        echo "  --flower-insecure (start_server without TLS)"
         echo "  --timeout-s S (900 per server run) --out FILE (results/flower-compare.json)"
         echo "  --keep DIR (keep the runs' logs and state there)"
         exit 0

@@ -344,6 +344,7 @@ ROWS = [
     ("server CPU per round, rounds 1..N (s)", "cpu_per_round_s", "{:.3f}"),
     ("server CPU per round, rounds 2..N (s)", "cpu_per_round_steady_s", "{:.3f}"),
     ("server CPU, whole run / rounds (s)", "cpu_total_per_round_s", "{:.3f}"),
+    ("server CPU per second, devices connected, no run (s)", "cpu_idle_per_s", "{:.3f}"),
     ("server peak RSS (MiB)", "peak_rss_mib", "{:.1f}"),
     ("server RSS when ready (MiB)", "rss_at_ready_mib", "{:.1f}"),
     ("server wall, whole run (s)", "wall_s", "{:.1f}"),
@@ -379,12 +380,17 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--momentum", type=float, default=0.9)
-    ap.add_argument("--repeat", type=int, default=1, help="runs of each, alternating; the table shows medians")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs of each, alternating; the table shows medians")
     ap.add_argument("--only", choices=["both", "flower", "fedge"], default="both")
     ap.add_argument("--flower-insecure", action="store_true",
                     help="start_server without TLS (fedge always has it; the SuperLink runs without)")
     ap.add_argument("--flower-mode", choices=["start_server", "superlink", "both"], default="both",
-                    help="Flower's server: start_server (gRPC, one process), the SuperLink deployment, or both")
+                    help="Flower's server: start_server (gRPC, one process), "
+                    "the SuperLink deployment, or both")
+    ap.add_argument("--superlink-idle-s", type=float, default=10,
+                    help="SuperLink: seconds its CPU is measured with the SuperNodes "
+                    "connected, before the run is submitted")
     ap.add_argument("--fedge-bin", type=pathlib.Path, required=True, help="directory of the release binaries")
     ap.add_argument("--model", type=pathlib.Path, default=REPO / "models" / "mlp.onnx")
     # fedge's `--data mnist:DIR` reads DIR/mnist-10k: it is given the parent.
