@@ -35,6 +35,7 @@ for arg in "$@"; do
         echo "  --repeat N (1: runs of each, alternating; the table shows medians)"
         echo "  --only both|flower|fedge --flower-mode start_server|superlink|both"
         echo "  --flower-insecure (start_server without TLS)"
+        echo "  --superlink-idle-s S (0: the SuperLink's CPU with SuperNodes connected, no run)"
         echo "  --timeout-s S (900 per server run) --out FILE (results/flower-compare.json)"
         echo "  --keep DIR (keep the runs' logs and state there)"
         exit 0

@@ -388,9 +388,9 @@ def main():
     ap.add_argument("--flower-mode", choices=["start_server", "superlink", "both"], default="both",
                     help="Flower's server: start_server (gRPC, one process), "
                     "the SuperLink deployment, or both")
-    ap.add_argument("--superlink-idle-s", type=float, default=10,
+    ap.add_argument("--superlink-idle-s", type=float, default=0,
                     help="SuperLink: seconds its CPU is measured with the SuperNodes "
-                    "connected, before the run is submitted")
+                    "connected, before the run is submitted (0: not measured)")
     ap.add_argument("--fedge-bin", type=pathlib.Path, required=True, help="directory of the release binaries")
     ap.add_argument("--model", type=pathlib.Path, default=REPO / "models" / "mlp.onnx")
     # fedge's `--data mnist:DIR` reads DIR/mnist-10k: it is given the parent.

@@ -74,14 +74,18 @@ def run_superlink(a, work, fleet, free_port):
         raise SystemExit(f"SuperNodes {dead} exited at start; see {work}/supernode{dead[0]}.log")
     sampler.roots += [n.pid for n in nodes]
     sampler.series.update({n.pid: [] for n in nodes})
-    # The SuperNodes poll the SuperLink whether or not a run is going: its
-    # CPU per second while they are connected and no run is submitted.
-    time.sleep(5)
-    sampler.sample()
-    idle0 = sampler.series[link.pid][-1]
-    time.sleep(a.superlink_idle_s)
-    sampler.sample()
-    idle1 = sampler.series[link.pid][-1]
+    # The SuperNodes poll the SuperLink whether or not a run is going: with
+    # --superlink-idle-s, its CPU per second while they are connected and
+    # no run is submitted (after 5 s for them to register).
+    idle = None
+    if a.superlink_idle_s > 0:
+        time.sleep(5)
+        sampler.sample()
+        idle0 = sampler.series[link.pid][-1]
+        time.sleep(a.superlink_idle_s)
+        sampler.sample()
+        idle1 = sampler.series[link.pid][-1]
+        idle = round((idle1[1] - idle0[1]) / (idle1[0] - idle0[0]), 4)
 
     marks, final = work / "marks.txt", work / "final.npz"
     cfg = {"rounds": a.rounds, "clients": a.clients, "per-round": a.per_round,
@@ -114,7 +118,7 @@ def run_superlink(a, work, fleet, free_port):
         "peak_rss_mib": round(max(s[2] for s in sampler.series[link.pid]) / 1024, 1),
         "rounds_completed": len(rounds),
         "processes": "superlink + superexec + serverapp (summed, sampled every 100 ms)",
-        "cpu_idle_per_s": round((idle1[1] - idle0[1]) / max(1e-9, idle1[0] - idle0[0]), 4),
+        "cpu_idle_per_s": idle,
     }
     if rounds:
         c0 = sampler.cpu_at(link.pid, starts[1])
