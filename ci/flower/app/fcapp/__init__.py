@@ -1,0 +1,1 @@
+"""The comparison's task as a Flower App (see ../pyproject.toml)."""
