@@ -108,6 +108,17 @@ impl Coordinator {
                 ),
             ));
         }
+        // The round's evaluation was combined as its close began: a report
+        // taken now would be acknowledged and never counted.
+        if self.closing() {
+            return Err((
+                RejectCode::RoundClosed,
+                format!(
+                    "round {} is closing: the evaluation report is late",
+                    self.round.id
+                ),
+            ));
+        }
         if m.round_id != self.round.id {
             return Err((
                 RejectCode::RoundClosed,

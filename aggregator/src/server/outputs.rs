@@ -82,11 +82,22 @@ pub(super) async fn drain(
                     deliver(o, core, writers, metrics);
                 }
             }
-            Output::Forward(f) => match forwards {
-                // One a round: the link takes each before the next round opens.
-                Some(tx) if tx.try_send(*f).is_ok() => {}
-                _ => tracing::error!("a round's outcome could not be handed to the parent link"),
-            },
+            Output::Forward(f) => {
+                // A partial counts its updates: they are durable (and
+                // their devices acknowledged) before it leaves, or a leaf
+                // killed once its parent has it would have lost updates
+                // the parent counted.
+                for o in commit.flush().await? {
+                    deliver(o, core, writers, metrics);
+                }
+                match forwards {
+                    // One a round: the link takes each before the next round opens.
+                    Some(tx) if tx.try_send(*f).is_ok() => {}
+                    _ => {
+                        tracing::error!("a round's outcome could not be handed to the parent link")
+                    }
+                }
+            }
             Output::Event(e) => {
                 if matches!(
                     e,
