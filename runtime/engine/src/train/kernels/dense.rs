@@ -8,10 +8,12 @@
 //! layer's input; with `transB=0` the other way round.
 //!
 //! Unfused, the step writes the gradient `p^T q` (as large as the weight),
-//! then reads it, the weight and the momentum again to update them. Here
-//! tract-linalg's kernel adds the momentum to each tile of the product and
-//! stores `v'` over `v`, then one pass writes `w - lr v'`: no gradient
-//! tensor exists. `p` is packed scaled by `alpha / mu` so that the tile's
+//! then reads it, the weight and the momentum again to update them. On
+//! x86_64 with AVX-512F, [`direct`] updates `v` and `w` from each tile of
+//! the product in registers. Elsewhere tract-linalg's kernel adds the
+//! momentum to each tile of the product and stores `v'` over `v`, then one
+//! pass writes `w - lr v'`: no gradient tensor exists either way. There
+//! `p` is packed scaled by `alpha / mu` so that the tile's
 //! `(tile + v) x mu` is `mu v + alpha p^T q` (within a rounding of
 //! PyTorch's order of operations). (Storing `w'` from the same tiles, a
 //! second `Store` after the first, gave wrong weights on border tiles of
@@ -34,8 +36,8 @@ pub const MOMENTUM_MIN: f32 = 0.01;
 
 /// `v = mu v + alpha p^T q`, `w = w - lr v`, in place (see the module
 /// docs); `p` is `[b, m]`, `q` is `[b, n]`, `w` and `v` are `[m, n]`.
-/// On x86_64 with AVX-512 or AVX2 and FMA, [`direct`]; elsewhere
-/// tract-linalg's kernel ([`gemm_sgd_tract`]).
+/// On x86_64 with AVX-512F, [`direct`]; elsewhere tract-linalg's kernel
+/// ([`gemm_sgd_tract`]).
 pub(super) fn gemm_sgd(
     w: &mut Tensor,
     v: &mut Tensor,
