@@ -8,10 +8,12 @@
 //! layer's input; with `transB=0` the other way round.
 //!
 //! Unfused, the step writes the gradient `p^T q` (as large as the weight),
-//! then reads it, the weight and the momentum again to update them. Here
-//! tract-linalg's kernel adds the momentum to each tile of the product and
-//! stores `v'` over `v`, then one pass writes `w - lr v'`: no gradient
-//! tensor exists. `p` is packed scaled by `alpha / mu` so that the tile's
+//! then reads it, the weight and the momentum again to update them. On
+//! x86_64 with AVX-512F, [`direct`] updates `v` and `w` from each tile of
+//! the product in registers. Elsewhere tract-linalg's kernel adds the
+//! momentum to each tile of the product and stores `v'` over `v`, then one
+//! pass writes `w - lr v'`: no gradient tensor exists either way. There
+//! `p` is packed scaled by `alpha / mu` so that the tile's
 //! `(tile + v) x mu` is `mu v + alpha p^T q` (within a rounding of
 //! PyTorch's order of operations). (Storing `w'` from the same tiles, a
 //! second `Store` after the first, gave wrong weights on border tiles of
@@ -26,18 +28,43 @@ use tract_onnx::tract_hir::internal::*;
 
 use super::conv::{Gemm, pack_strided, panels_mut};
 
+mod direct;
+
 /// The smallest momentum the compiler fuses for (`alpha / mu` scales the
 /// packed gradient).
 pub const MOMENTUM_MIN: f32 = 0.01;
 
 /// `v = mu v + alpha p^T q`, `w = w - lr v`, in place (see the module
 /// docs); `p` is `[b, m]`, `q` is `[b, n]`, `w` and `v` are `[m, n]`.
+/// On x86_64 with AVX-512F, [`direct`]; elsewhere tract-linalg's kernel
+/// ([`gemm_sgd_tract`]).
 pub(super) fn gemm_sgd(
     w: &mut Tensor,
     v: &mut Tensor,
     (p, q): (&[f32], &[f32]),
     (m, n, b): (usize, usize, usize),
     (alpha, mu, lr): (f32, f32, f32),
+) -> TractResult<()> {
+    check(w, v, (p, q), (m, n, b))?;
+    if direct::available() {
+        let mut wv = w.try_as_plain_ram_mut()?;
+        let mut vv = v.try_as_plain_ram_mut()?;
+        direct::gemm_sgd(
+            (wv.as_slice_mut::<f32>()?, vv.as_slice_mut::<f32>()?),
+            (p, q),
+            (m, n, b),
+            (alpha, mu, lr),
+        );
+        return Ok(());
+    }
+    gemm_sgd_tract(w, v, (p, q), (m, n, b), (alpha, mu, lr))
+}
+
+fn check(
+    w: &Tensor,
+    v: &Tensor,
+    (p, q): (&[f32], &[f32]),
+    (m, n, b): (usize, usize, usize),
 ) -> TractResult<()> {
     ensure!(
         w.len() == m * n && v.len() == m * n && p.len() == b * m && q.len() == b * n,
@@ -47,25 +74,43 @@ pub(super) fn gemm_sgd(
         p.len(),
         q.len()
     );
+    Ok(())
+}
+
+/// [`gemm_sgd`] with tract-linalg's kernel: the momentum added to each tile
+/// of the product, then a pass for the weight.
+fn gemm_sgd_tract(
+    w: &mut Tensor,
+    v: &mut Tensor,
+    (p, q): (&[f32], &[f32]),
+    (m, n, b): (usize, usize, usize),
+    (alpha, mu, lr): (f32, f32, f32),
+) -> TractResult<()> {
+    check(w, v, (p, q), (m, n, b))?;
     ensure!(mu > 0.0, "FedgeGemmSgd needs a positive momentum");
-    let gemm = Gemm::new(m, b, n)?;
-    let mut a = gemm.a.new_packed_buffer(b, m)?;
+    // The product is computed transposed, `v'^T = q^T p` (`[n, m]`): the
+    // kernel's tile is a column of vectors along its `m` side, which is
+    // then `v`'s contiguous axis, so the momentum it reads (a gather) and
+    // stores for a tile lie in a few cache lines instead of one per row.
+    let gemm = Gemm::new(n, b, m)?;
+    let mut a = gemm.a.new_packed_buffer(b, n)?;
     {
         let (d, pl) = panels_mut(&mut a);
-        pack_strided(d, (pl, gemm.a.r), p, (m, b, 0), (1, m));
+        pack_strided(d, (pl, gemm.a.r), q, (n, b, 0), (1, n));
+    }
+    let mut bp = gemm.b.new_packed_buffer(b, m)?;
+    {
+        let (d, pl) = panels_mut(&mut bp);
+        pack_strided(d, (pl, gemm.b.r), p, (m, b, 0), (1, m));
         let scale = alpha / mu;
         d.iter_mut().for_each(|x| *x *= scale);
     }
-    let mut bq = gemm.b.new_packed_buffer(b, n)?;
-    {
-        let (d, pl) = panels_mut(&mut bq);
-        pack_strided(d, (pl, gemm.b.r), q, (n, b, 0), (1, n));
-    }
     let mu_t = tensor0(mu);
-    // SAFETY: `v` is `[m, n]`, contiguous, and outlives the run.
+    // SAFETY: `v` is `[m, n]`, contiguous, and outlives the run; read as
+    // `[n, m]` (row stride 1, column stride `n`).
     let vs = unsafe {
         gemm.mmm
-            .c_from_data_and_strides(4, n as isize, 1)
+            .c_from_data_and_strides(4, 1, n as isize)
             .wrap(&v.view())
     };
     let ops: TVec<FusedSpec> = tvec![
@@ -74,7 +119,7 @@ pub(super) fn gemm_sgd(
         FusedSpec::Store(vs),
     ];
     let mut scratch = unsafe { gemm.mmm.allocate_scratch_space() };
-    gemm.run(&mut *scratch, (m, n), &a, &bq, ops)?;
+    gemm.run(&mut *scratch, (n, m), &a, &bp, ops)?;
     let mut wv = w.try_as_plain_ram_mut()?;
     for (w, &v) in wv.as_slice_mut::<f32>()?.iter_mut().zip(super::plain(v)?) {
         *w -= lr * v;
@@ -160,11 +205,28 @@ mod tests {
             .collect()
     }
 
+    type Update = fn(
+        &mut Tensor,
+        &mut Tensor,
+        (&[f32], &[f32]),
+        (usize, usize, usize),
+        (f32, f32, f32),
+    ) -> TractResult<()>;
+
+    /// The dispatched update (the direct kernel where the CPU runs it) and
+    /// tract-linalg's.
     #[test]
     fn gemm_sgd_matches_the_definition() {
+        check_update(gemm_sgd);
+        check_update(gemm_sgd_tract);
+    }
+
+    fn check_update(update: Update) {
         for (m, n, b) in [
             (1, 1, 1),
             (5, 3, 2),
+            (9, 33, 1),
+            (13, 70, 3),
             (17, 33, 7),
             (200, 784, 32),
             (10, 200, 64),
@@ -174,7 +236,7 @@ mod tests {
             let (alpha, mu, lr) = (0.5f32, 0.9f32, 0.05f32);
             let mut w = Tensor::from_shape(&[m, n], &w0).unwrap();
             let mut v = Tensor::from_shape(&[m, n], &v0).unwrap();
-            gemm_sgd(&mut w, &mut v, (&p, &q), (m, n, b), (alpha, mu, lr)).unwrap();
+            update(&mut w, &mut v, (&p, &q), (m, n, b), (alpha, mu, lr)).unwrap();
             let (w, v) = (
                 super::super::plain(&w).unwrap(),
                 super::super::plain(&v).unwrap(),
