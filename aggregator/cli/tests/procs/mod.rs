@@ -121,16 +121,7 @@ pub fn start_training_device(
     state: &Path,
     range: &str,
 ) -> (Proc, mpsc::Receiver<String>) {
-    let mut p = spawn_logged(
-        Command::new(bin("fedge-device"))
-            .args(["run", "--aggregator", addr, "--pin", fp])
-            .arg("--state-dir")
-            .arg(state)
-            .args(["--data", "mnist", "--range", range])
-            .args(["--keepalive-ms", "300", "--idle-timeout-ms", "1500"]),
-    );
-    let rx = stderr_lines(&mut p);
-    (p, rx)
+    start_device_with(addr, fp, state, &["--data", "mnist", "--range", range])
 }
 
 /// A device process sending the update `value` everywhere with one
@@ -141,12 +132,28 @@ pub fn start_device(
     state: &Path,
     value: &str,
 ) -> (Proc, mpsc::Receiver<String>) {
+    start_device_with(
+        addr,
+        fp,
+        state,
+        &["--known-update", value, "--samples", "1"],
+    )
+}
+
+/// `fedge-device run` against `addr` (pinned to `fp`) on `state` with
+/// `what` it sends, quick to notice a lost connection.
+fn start_device_with(
+    addr: &str,
+    fp: &str,
+    state: &Path,
+    what: &[&str],
+) -> (Proc, mpsc::Receiver<String>) {
     let mut p = spawn_logged(
         Command::new(bin("fedge-device"))
             .args(["run", "--aggregator", addr, "--pin", fp])
             .arg("--state-dir")
             .arg(state)
-            .args(["--known-update", value, "--samples", "1"])
+            .args(what)
             .args(["--keepalive-ms", "300", "--idle-timeout-ms", "1500"]),
     );
     let rx = stderr_lines(&mut p);
