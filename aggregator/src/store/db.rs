@@ -357,6 +357,29 @@ impl Db {
 pub mod testing {
     use super::*;
 
+    /// Runs the crate's test `$name(db)` on both backends, as tests
+    /// `$name::sqlite` and `$name::postgres` (a fresh database `$label...`
+    /// on the server FEDGE_TEST_PG_URL names; without it the PostgreSQL
+    /// half fails, saying how to start one).
+    #[cfg(test)]
+    macro_rules! on_both_stores {
+        ($name:ident, $label:literal) => {
+            mod $name {
+                #[tokio::test]
+                async fn sqlite() {
+                    super::$name($crate::store::Database::Sqlite).await;
+                }
+
+                #[tokio::test]
+                async fn postgres() {
+                    super::$name($crate::store::testing::fresh_postgres($label).await).await;
+                }
+            }
+        };
+    }
+    #[cfg(test)]
+    pub(crate) use on_both_stores;
+
     /// The test server's URL (any existing database on it, e.g.
     /// `postgres://postgres@127.0.0.1:54329/postgres`); `ci/pg.sh`
     /// starts the server and prints it.

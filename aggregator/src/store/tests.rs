@@ -1,26 +1,5 @@
 use super::*;
-
-/// Runs store test `$name(db)` on both backends, as tests
-/// `$name::sqlite` and `$name::postgres` (a fresh database `$label...`
-/// on the server FEDGE_TEST_PG_URL names; without it the PostgreSQL
-/// half fails, saying how to start one).
-macro_rules! on_both_stores {
-    ($name:ident, $label:literal) => {
-        mod $name {
-            use super::*;
-
-            #[tokio::test]
-            async fn sqlite() {
-                super::$name(Database::Sqlite).await;
-            }
-
-            #[tokio::test]
-            async fn postgres() {
-                super::$name(testing::fresh_postgres($label).await).await;
-            }
-        }
-    };
-}
+use crate::store::testing::on_both_stores;
 
 on_both_stores!(one_store_per_state_directory_and_database, "state_lock");
 

@@ -4,7 +4,8 @@
 //! none of them and leaves what was durable before intact.
 
 use super::*;
-use crate::store::{Database, Store, testing};
+use crate::store::testing::on_both_stores;
+use crate::store::{Database, Store};
 
 fn update(round_id: u64, device: u8, payload: &[u8]) -> DurableUpdate {
     DurableUpdate {
@@ -39,24 +40,6 @@ fn heartbeat(session: SessionId, seq: u64) -> Output {
         session,
         msg: AggMsg::HeartbeatAck { seq },
     }
-}
-
-macro_rules! on_both_stores {
-    ($name:ident, $label:literal) => {
-        mod $name {
-            use super::*;
-
-            #[tokio::test]
-            async fn sqlite() {
-                super::$name(Database::Sqlite).await;
-            }
-
-            #[tokio::test]
-            async fn postgres() {
-                super::$name(testing::fresh_postgres($label).await).await;
-            }
-        }
-    };
 }
 
 on_both_stores!(an_ack_waits_for_its_group, "commit_ack_waits");
