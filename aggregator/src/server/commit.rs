@@ -14,8 +14,9 @@
 //!
 //! A group is written when it is full (`group_max`), when its first
 //! update has waited `wait`, or at once when the driver flushes (before a
-//! publication, whose store writes must follow the round's updates, and
-//! when the server stops). While one group is written the next gathers;
+//! publication or an aborted round, whose store writes must follow the
+//! round's updates; before a leaf hands its partial to its parent, which
+//! counts the updates in it; and when the server stops). While one group is written the next gathers;
 //! a full group waits for the one before it (back-pressure on the
 //! coordinator's task, which is where a flood of updates should wait).
 

@@ -60,18 +60,24 @@ impl Copycats {
         }
     }
 
-    /// The first honest update of `round` the aggregator has accepted:
-    /// its raw delta, and the payload's hash.
-    fn accepted_honest(&self, round: u64) -> Option<(Vec<f32>, [u8; 32])> {
-        let board = self.board.lock().expect("board");
-        let accepted = self.accepted.lock().expect("accepted");
-        board.get(&round).and_then(|ups| {
-            ups.iter().find_map(|(d, u)| {
-                accepted
-                    .get(&(round, d.clone()))
-                    .map(|hash| (u.clone(), *hash))
-            })
-        })
+    /// What a copycat of `round` copies, once the aggregator has accepted
+    /// an honest update of it: that update's accepted payload, decoded,
+    /// or with `near` its raw delta. Only what is copied is cloned (this
+    /// runs every poll).
+    fn copy_of(&self, round: u64, dim: usize, near: bool) -> Option<Vec<f32>> {
+        let hash = {
+            let board = self.board.lock().expect("board");
+            let accepted = self.accepted.lock().expect("accepted");
+            let (raw, hash) = board
+                .get(&round)?
+                .iter()
+                .find_map(|(d, u)| accepted.get(&(round, d.clone())).map(|hash| (u, *hash)))?;
+            if near {
+                return Some(raw.clone());
+            }
+            hash
+        };
+        self.payload(round, &hash, dim)
     }
 
     /// The accepted payload `hash` of `round`, decoded, if an aggregator
@@ -101,13 +107,14 @@ impl Trainer for Posting {
         plan: &TrainingPlan,
     ) -> anyhow::Result<TrainOutput> {
         let out = self.inner.train(round_id, model, plan)?;
-        self.copycats
-            .board
-            .lock()
-            .expect("board")
+        let mut board = self.copycats.board.lock().expect("board");
+        // Copycats copy from their own round: older rounds go.
+        board.retain(|r, _| *r + 1 >= round_id);
+        board
             .entry(round_id)
             .or_default()
             .push((self.device.clone(), out.delta.clone()));
+        drop(board);
         Ok(out)
     }
 
@@ -196,17 +203,7 @@ impl Trainer for Copycat {
         let dim = model.params.values.len();
         let until = Instant::now() + self.copycats.wait;
         let copy = loop {
-            let found = self
-                .copycats
-                .accepted_honest(round_id)
-                .and_then(|(raw, hash)| {
-                    if self.near {
-                        Some(raw)
-                    } else {
-                        self.copycats.payload(round_id, &hash, dim)
-                    }
-                });
-            match found {
+            match self.copycats.copy_of(round_id, dim, self.near) {
                 Some(u) if u.len() == dim => break u,
                 _ if Instant::now() >= until => break vec![0.0; dim],
                 _ => std::thread::sleep(POLL),
