@@ -444,6 +444,10 @@ impl Strategy for NormClipped {
     }
 }
 
+/// `[strategy] downlink = "none"`: models are published exactly, as with
+/// no `downlink` at all (a config file's way to turn off a default).
+pub const DOWNLINK_NONE: &str = "none";
+
 /// Seed of the downlink codec's randomness (stochastic quantizers), mixed
 /// with the round: the same on every restart, so a replayed round
 /// publishes the same model.
@@ -466,8 +470,8 @@ pub struct StrategyConfig {
     pub secagg: Option<crate::privacy::secagg::SecAggSpec>,
     /// Compress each published step with this update codec (e.g.
     /// `topk:0.1`), with server-side error feedback, so the downlink delta
-    /// devices fetch shrinks (see [`crate::downlink`]). None: models are
-    /// published exactly.
+    /// devices fetch shrinks (see [`crate::downlink`]). None (or
+    /// [`DOWNLINK_NONE`]): models are published exactly.
     pub downlink: Option<String>,
 }
 
@@ -676,10 +680,12 @@ impl StrategyConfig {
         }
     }
 
-    /// The downlink codec, parsed (`validate` refuses a bad one first).
+    /// The downlink codec, parsed (`validate` refuses a bad one first);
+    /// `"none"` is the same as no codec (models published exactly).
     pub fn downlink_spec(&self) -> Result<Option<fedge_proto::codec::CodecSpec>, String> {
         self.downlink
             .as_deref()
+            .filter(|s| *s != DOWNLINK_NONE)
             .map(|s| {
                 fedge_proto::codec::CodecSpec::parse(s)
                     .map_err(|e| format!("strategy.downlink `{s}`: {e}"))

@@ -3,7 +3,7 @@
 //! same model sequence as one that never stopped; without the checkpoint
 //! the sequence differs (the test can fail).
 
-mod sim;
+use crate::sim;
 
 use std::time::Duration;
 

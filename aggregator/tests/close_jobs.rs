@@ -5,7 +5,7 @@
 //! coordinator keeps answering while a close is out, and a close result
 //! is applied once, to the round it was made for.
 
-mod sim;
+use crate::sim;
 
 use std::time::Duration;
 

@@ -5,7 +5,7 @@
 //! content hash checked), and fetch far fewer chunks than with whole
 //! models.
 
-mod sim;
+use crate::sim;
 
 use std::time::Duration;
 

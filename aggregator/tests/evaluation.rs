@@ -4,7 +4,7 @@
 //! the round closes, and liars claiming a perfect model on countless
 //! examples move the result no further than the honest reports' range.
 
-mod sim;
+use crate::sim;
 
 use std::collections::HashSet;
 use std::time::Duration;

@@ -20,7 +20,7 @@ use fedge_proto::{
 };
 use prost::Message;
 
-mod raw;
+use crate::raw;
 use raw::{Raw, WAIT};
 
 fn model() -> ModelBlob {

@@ -2,7 +2,7 @@
 //! over-selection, deadlines, minimum-participant aborts, late updates,
 //! dropouts mid-download and mid-upload with resume, and message loss.
 
-mod sim;
+use crate::sim;
 
 use std::time::Duration;
 

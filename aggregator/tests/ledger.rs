@@ -396,6 +396,7 @@ async fn every_entry_matches_its_stored_signed_manifest() {
         ledger::ManifestCheck {
             checked: (ROUNDS * u64::from(DEVICES)) as usize,
             unsigned: 0,
+            secure_records: 0,
             before_manifests: 0,
         }
     );
@@ -444,4 +445,31 @@ async fn every_entry_matches_its_stored_signed_manifest() {
     let counts = ledger::check_manifests(&records, &early).unwrap();
     assert_eq!(counts.before_manifests, usize::from(DEVICES));
     assert_eq!(counts.checked, 2 * usize::from(DEVICES));
+
+    // Whoever holds the ledger key (the operator) re-signs records at
+    // will, so these are edited after the chain check. One entry of an
+    // ordinary round naming no manifest: a participant nobody signed for.
+    let k2 = records.iter().position(|r| r.round_id == 2).unwrap();
+    let mut slipped = records.clone();
+    slipped[k2].entries[0].manifest_hash = [0; 32];
+    let e = ledger::check_manifests(&slipped, &view.manifests).unwrap_err();
+    assert!(e.seq == seq_of(2) && e.reason.contains("1 of its"), "{e}");
+    // Every entry naming none but still naming payloads: not the shape of
+    // a secure round (its inputs are masked: no payload either).
+    let mut named = records.clone();
+    for en in &mut named[k2].entries {
+        en.manifest_hash = [0; 32];
+    }
+    let e = ledger::check_manifests(&named, &view.manifests).unwrap_err();
+    assert_eq!(e.seq, seq_of(2), "{e}");
+    // A whole record in a secure round's shape passes, and is counted as
+    // one, so `ledger verify` shows the claim.
+    for en in &mut named[k2].entries {
+        en.payload_hash = [0; 32];
+    }
+    let counts = ledger::check_manifests(&named, &view.manifests).unwrap();
+    assert_eq!(
+        (counts.secure_records, counts.unsigned, counts.checked),
+        (1, usize::from(DEVICES), 2 * usize::from(DEVICES))
+    );
 }

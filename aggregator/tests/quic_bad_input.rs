@@ -24,7 +24,7 @@ use fedge_proto::{
     SCHEMA_VERSION, TensorSpec,
 };
 
-mod raw;
+use crate::raw;
 use raw::{Raw, WAIT};
 
 fn model() -> ModelBlob {

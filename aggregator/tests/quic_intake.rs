@@ -20,7 +20,7 @@ use fedge_proto::{
     AggMsg, DeviceMsg, Limits, ModelBlob, ModelVersion, ParamLayout, Params, RejectCode, TensorSpec,
 };
 
-mod raw;
+use crate::raw;
 use raw::Raw;
 
 const DIM: usize = 16;

@@ -5,7 +5,7 @@
 //! published model, the updates and the validation set; everything is the
 //! same for the same seed.
 
-mod sim;
+use crate::sim;
 
 use std::time::Duration;
 

@@ -36,7 +36,7 @@ fn model() -> ModelBlob {
     }
 }
 
-mod raw;
+use crate::raw;
 use raw::{Raw, WAIT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,7 @@
 //! published model the survivors' mean, failures recorded, and nothing
 //! sent in the clear accepted.
 
-mod sim;
+use crate::sim;
 
 use std::collections::BTreeSet;
 use std::time::Duration;

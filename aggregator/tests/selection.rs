@@ -4,7 +4,7 @@
 //! abandoned tasks closing a round early, and rollback when most devices
 //! report that training diverged.
 
-mod sim;
+use crate::sim;
 
 use std::collections::HashSet;
 use std::time::Duration;

@@ -11,8 +11,8 @@ use std::time::Duration;
 use fedge_aggregator::coordinator::{Event, RoundOutcome};
 use fedge_proto::ModelBlob;
 
-mod raw;
-mod treekit;
+use crate::raw;
+use crate::treekit;
 use treekit::{DIM, Wavy, devices, leaf, leaf_key, model, published, root, start};
 
 /// Rounds of the equality test.

@@ -13,8 +13,8 @@ use fedge_proto::sign::{PartialAggregate, SigningKey, UpdateManifest};
 use fedge_proto::{AggMsg, DeviceMsg, ModelVersion, RejectCode, wire};
 use prost::Message;
 
-mod raw;
-mod treekit;
+use crate::raw;
+use crate::treekit;
 use raw::Raw;
 use treekit::{DIM, Wavy, devices, leaf, leaf_key, model, published, root, start};
 

@@ -133,8 +133,9 @@ pub fn run(cmd: LedgerCmd) -> anyhow::Result<()> {
             );
             if manifests.unsigned > 0 {
                 line += &format!(
-                    "; {} secure-aggregation inputs name none",
-                    manifests.unsigned
+                    "; {} inputs of {} records that say they are secure-aggregation rounds \
+                     name none (the aggregator saw only their masked sum)",
+                    manifests.unsigned, manifests.secure_records
                 );
             }
             if manifests.before_manifests > 0 {

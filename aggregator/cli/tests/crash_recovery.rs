@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-mod procs;
+use crate::procs;
 use procs::{
     CLOSED_FLEET, Proc, bin, closed_fleet_config, device_succeeded, listening, start_device,
     start_training_device, wait_exit, wait_for,

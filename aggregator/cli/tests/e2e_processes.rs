@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-mod procs;
+use crate::procs;
 use procs::{Proc, closed_fleet_config, read_listening, wait_exit};
 
 use fedge_proto::{Limits, ModelBlob, ParamLayout, Params, TensorSpec};

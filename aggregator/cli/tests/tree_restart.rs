@@ -16,7 +16,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-mod procs;
+use crate::procs;
 use procs::{
     CLOSED_FLEET, Proc, bin, device_succeeded, listening, spawn_logged, start_device, stderr_lines,
     wait_exit, wait_for,

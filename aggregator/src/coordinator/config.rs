@@ -198,7 +198,7 @@ impl TreeRole {
                     s.server_opt
                 ));
             }
-            if s.downlink.is_some() {
+            if s.downlink_spec()?.is_some() {
                 return Err("a leaf publishes its parent's models as they are: remove \
                             strategy.downlink (set it at the root)"
                     .into());

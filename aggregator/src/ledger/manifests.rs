@@ -27,18 +27,29 @@ pub struct StoredManifest {
 
 /// What [`check_manifests`] found: entries whose manifest was checked;
 /// entries that name none (a secure-aggregation round's, whose inputs
-/// are masked); and entries of records before the first with a stored
-/// manifest (updates kept before manifests were).
+/// are masked), and how many records hold them; and entries of records
+/// before the first with a stored manifest (updates kept before manifests
+/// were).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct ManifestCheck {
     pub checked: usize,
     pub unsigned: usize,
+    pub secure_records: usize,
     pub before_manifests: usize,
 }
 
 /// Checks every entry of `records` against its stored manifest; fails
 /// naming the first record whose entry does not match its manifest, or,
 /// from the first record with a stored manifest on, has none.
+///
+/// An entry may name no manifest (all zeros) only as an input of a
+/// secure-aggregation round, where the aggregator saw the masked sum and
+/// nothing a device signed alone: such a record's entries all name none,
+/// and no payload either. A record mixing the two, or an entry naming a
+/// payload but no manifest, fails: otherwise whoever writes the ledger
+/// could slip unsigned participants into an ordinary round. (A whole
+/// record claiming to be a secure round is counted in
+/// [`ManifestCheck::secure_records`], and `ledger verify` says so.)
 pub fn check_manifests(
     records: &[LedgerRecord],
     stored: &[StoredManifest],
@@ -55,6 +66,30 @@ pub fn check_manifests(
             .any(|e| by_entry.contains_key(&(r.round_id, e.device)))
     });
     for (k, r) in records.iter().enumerate() {
+        let unsigned = r
+            .entries
+            .iter()
+            .filter(|e| e.manifest_hash == [0; 32])
+            .count();
+        if unsigned > 0 {
+            let secure_shape = unsigned == r.entries.len()
+                && r.staleness.is_none()
+                && r.entries.iter().all(|e| e.payload_hash == [0; 32]);
+            if !secure_shape {
+                return Err(VerifyError {
+                    seq: r.seq,
+                    reason: format!(
+                        "{unsigned} of its {} entries name no signed manifest: only a \
+                         secure-aggregation round's inputs may, all of them, naming no \
+                         payload either, in a synchronous round",
+                        r.entries.len()
+                    ),
+                });
+            }
+            found.unsigned += unsigned;
+            found.secure_records += 1;
+            continue;
+        }
         let task_round = |i: usize| {
             r.staleness
                 .as_ref()
@@ -62,10 +97,6 @@ pub fn check_manifests(
                 .map_or(r.round_id, |e| e.task_round)
         };
         for (i, e) in r.entries.iter().enumerate() {
-            if e.manifest_hash == [0; 32] {
-                found.unsigned += 1;
-                continue;
-            }
             let fail = |reason: String| VerifyError {
                 seq: r.seq,
                 reason: format!(
