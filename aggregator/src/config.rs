@@ -211,6 +211,14 @@ pub struct ServerLimits {
     /// before the group is written, in milliseconds (0 to 1000; while a
     /// group is being written the next one gathers anyway).
     pub commit_wait_ms: u64,
+    /// With PostgreSQL, how often the server asks the database whether
+    /// it still holds its lock (one small query on the lock's own
+    /// connection), in milliseconds (10 to 60000). A lost lock (the
+    /// server ended that session: restart, `pg_terminate_backend`, a cut
+    /// network) stops the aggregator with an error, having written
+    /// nothing more; writes are fenced meanwhile, so a second aggregator
+    /// that took the database is never written over.
+    pub lock_check_ms: u64,
 }
 
 impl Default for AggregatorConfig {
@@ -340,6 +348,7 @@ impl Default for ServerLimits {
             verify_in_flight_max: CoordinatorConfig::default().verify_in_flight_max,
             commit_group_max: s.commit.group_max,
             commit_wait_ms: s.commit.wait.as_millis() as u64,
+            lock_check_ms: s.lock_check.as_millis() as u64,
         }
     }
 }
@@ -523,6 +532,8 @@ impl AggregatorConfig {
             .commit_limits()
             .validate()
             .map_err(ConfigError::Invalid)?;
+        let lock_check = Duration::from_millis(self.server.lock_check_ms);
+        crate::store::check_lock_interval(lock_check).map_err(ConfigError::Invalid)?;
         if limits.frame_bytes_max < limits.chunk_bytes_max + 1024 {
             return Err(ConfigError::Invalid(
                 "limits.frame_bytes_max must exceed chunk_bytes_max by at least 1024".into(),
@@ -632,6 +643,7 @@ impl AggregatorConfig {
                 ..Default::default()
             },
             commit: self.server.commit_limits(),
+            lock_check,
         })
     }
 }

@@ -45,7 +45,10 @@ use db::Db;
 pub use db::{DATABASE_FORMS, Database, SCHEMA_VERSION, testing};
 pub use ledger::LedgerView;
 use ledger::{ledger_rows, rating_rows};
-pub use lock::{ADVISORY_KEY, LOCK_FILE, PG_LOCK_WAIT};
+pub use lock::{
+    ADVISORY_KEY, LOCK_ANSWER_WAIT, LOCK_CHECK, LOCK_CHECK_MAX, LOCK_CHECK_MIN, LOCK_FILE,
+    LockWatch, PG_LOCK_WAIT, check_lock_interval,
+};
 pub use updates::UpdateWriter;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -108,6 +111,16 @@ pub enum StoreError {
         db: String,
         key: i64,
         holder: String,
+    },
+    #[error(
+        "lost the lock on database {db} (advisory lock {key:#x}): {reason}; this aggregator \
+         writes nothing more and stops (its acknowledged updates are durable). Start it again: \
+         it resumes from the database, or is refused while another aggregator holds it"
+    )]
+    DatabaseLockLost {
+        db: String,
+        key: i64,
+        reason: String,
     },
     #[error(transparent)]
     LedgerKey(#[from] crate::ledger::LedgerKeyError),
@@ -183,6 +196,9 @@ pub struct Store {
     /// This store's hold on its state directory and database (one
     /// aggregator each; see [`lock`]).
     lock: lock::StateLock,
+    /// What every write checks first: that the database is still this
+    /// store's ([`lock::Fence`]).
+    fence: std::sync::Arc<lock::Fence>,
     resume: ResumePoint,
     ledger_key: LedgerKey,
     /// The last ledger record's sequence number and hash.
@@ -211,8 +227,12 @@ impl Store {
             Database::Sqlite => None,
             Database::Postgres(url) => Some((url.as_str(), database.label(dir))),
         };
-        let lock =
-            lock::StateLock::acquire(dir, postgres.as_ref().map(|(u, l)| (*u, l.as_str()))).await?;
+        let mut lock = lock::StateLock::acquire(
+            dir,
+            postgres.as_ref().map(|(u, l)| (*u, l.as_str())),
+            database.label(dir),
+        )
+        .await?;
         for sub in ["models", "updates", "evidence"] {
             std::fs::create_dir_all(dir.join(sub)).map_err(|source| StoreError::Io {
                 path: dir.join(sub),
@@ -221,6 +241,7 @@ impl Store {
         }
         let db = db::connect(database, dir, false).await?;
         db.migrate().await?;
+        let fence = lock.claim(&db.pool).await?;
         let ledger_key = LedgerKey::load_or_create(dir)?;
         let key_hex = hex::encode(ledger_key.public().to_bytes());
         match db.state_value("ledger_key").await? {
@@ -232,17 +253,20 @@ impl Store {
             }
             Some(_) => {}
             None => {
+                let mut tx = fence.begin(&db.pool).await?;
                 sqlx::query("INSERT INTO state (key, value) VALUES ('ledger_key', $1)")
                     .bind(&key_hex)
-                    .execute(&db.pool)
+                    .execute(&mut *tx)
                     .await
                     .map_err(db.err())?;
+                tx.commit().await.map_err(db.err())?;
             }
         }
         let mut store = Store {
             dir: dir.to_path_buf(),
             db,
             lock,
+            fence,
             resume: ResumePoint::default(),
             ledger_key,
             ledger_tip: (0, [0; 32]),
@@ -265,8 +289,21 @@ impl Store {
         self.lock.release().await;
     }
 
+    /// Watches the database lock every `every` (`server.lock_check_ms`):
+    /// the watch resolves once it is lost, and from then on every write
+    /// fails with [`StoreError::DatabaseLockLost`] (see [`lock`]). For
+    /// SQLite, a watch that never resolves.
+    pub fn watch_lock(&mut self, every: std::time::Duration) -> LockWatch {
+        self.lock.watch(every)
+    }
+
     fn db(&self) -> impl Fn(sqlx::Error) -> StoreError + '_ {
         self.db.err()
+    }
+
+    /// A transaction to write in, while the database is this store's.
+    async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
+        self.fence.begin(&self.db.pool).await
     }
 
     fn corrupt(&self, reason: String) -> StoreError {
@@ -353,6 +390,7 @@ impl Store {
             dir: self.dir.clone(),
             pool: self.db.pool.clone(),
             label: self.db.label.clone(),
+            fence: std::sync::Arc::clone(&self.fence),
         }
     }
 
@@ -423,7 +461,7 @@ impl Store {
     /// record of that round from an earlier closing, in one transaction:
     /// a device counts once a round however often the round closes.
     pub async fn record_contribution(&self, c: &Contribution) -> Result<(), StoreError> {
-        let mut tx = self.db.pool.begin().await.map_err(self.db())?;
+        let mut tx = self.begin().await?;
         if c.settles {
             sqlx::query(
                 "DELETE FROM contributions WHERE round_id = $1 AND device = $2 AND accepted = 1",
@@ -533,6 +571,7 @@ impl Store {
         v: ModelVersion,
         blob: &[u8],
     ) -> Result<(), StoreError> {
+        self.fence.check()?;
         let settlement = self.staged.take().filter(|s| s.round_id == round_id);
         let record = match &settlement {
             Some(s) => {
@@ -573,7 +612,7 @@ impl Store {
             published_rounds: self.resume.published_rounds + 1,
             current_version: Some(v.to_hex()),
         };
-        let mut tx = self.db.pool.begin().await.map_err(self.db())?;
+        let mut tx = self.begin().await?;
         sqlx::query(
             "INSERT INTO model_versions (version, round_id, bytes, created_ms) VALUES ($1, $2, $3, $4)
              ON CONFLICT (version) DO NOTHING",
@@ -664,6 +703,7 @@ impl Store {
 
     /// Keep the coordinator's checkpoint of version `v` (fsynced).
     pub fn save_checkpoint(&self, v: &ModelVersion, state: &[u8]) -> Result<(), StoreError> {
+        self.fence.check()?;
         let path = self.checkpoint_path(v);
         fedge_proto::io::write_atomic(&path, state, None)
             .map_err(|source| StoreError::Io { path, source })
@@ -681,14 +721,16 @@ impl Store {
 
     /// A round ended without a model (aborted): move the resume point past it.
     pub async fn skip_round(&mut self, round_id: u64) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
         sqlx::query(
             "INSERT INTO state (key, value) VALUES ('next_round_id', $1)
              ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         )
         .bind((round_id + 1).to_string())
-        .execute(&self.db.pool)
+        .execute(&mut *tx)
         .await
         .map_err(self.db())?;
+        tx.commit().await.map_err(self.db())?;
         self.resume.next_round_id = round_id + 1;
         let _ = std::fs::remove_dir_all(self.dir.join("updates").join(round_id.to_string()));
         Ok(())

@@ -161,6 +161,9 @@ struct ServeArgs {
     /// exist (createdb); its tables are created on first use, and one
     /// written by a newer fedge or paired with another state directory is
     /// refused. Blobs and keys stay in the state directory either way.
+    /// With PostgreSQL the aggregator holds a lock in the database, checked
+    /// every `server.lock_check_ms` (1000): should the server end that
+    /// session, serve stops with an error, writing nothing more.
     /// Config file: `database = "..."`.
     #[arg(long, env = "FEDGE_DATABASE", value_name = "URL")]
     database: Option<fedge_aggregator::store::Database>,

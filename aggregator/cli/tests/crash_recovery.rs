@@ -5,7 +5,10 @@
 //! per state directory and database: a second is refused while the first
 //! runs, and starts once it is killed. A scored run's ratings and chain
 //! survive a kill mid-round too. Each once with the tables in
-//! SQLite, once in PostgreSQL (`FEDGE_TEST_PG_URL`, see `ci/pg.sh`).
+//! SQLite, once in PostgreSQL (`FEDGE_TEST_PG_URL`, see `ci/pg.sh`). With
+//! PostgreSQL, an aggregator whose database lock is lost mid-round stops
+//! with the error and the next one finishes the round with every
+//! acknowledged update.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -15,7 +18,7 @@ use std::time::Duration;
 use crate::procs;
 use procs::{
     CLOSED_FLEET, Proc, bin, closed_fleet_config, device_succeeded, listening, start_device,
-    start_training_device, wait_exit, wait_for,
+    start_training_device, stderr_lines, wait_exit, wait_for,
 };
 
 use fedge_aggregator::store::{Database, LedgerView, Store, testing};
@@ -205,6 +208,77 @@ fn sigkill_mid_round_loses_no_acknowledged_update(database: Database) {
             .0
     );
 
+    // 0.5 + (1 + 2 + 3) / 3: both acknowledged updates made it in.
+    for d in ["a", "b", "c"] {
+        let bytes = std::fs::read(dir.path().join(d).join("model.fedge")).unwrap();
+        let m = ModelBlob::decode(&bytes, &Limits::default()).unwrap();
+        assert_eq!(m.params.values, vec![2.5; 6], "device {d}'s final model");
+    }
+}
+
+/// Mid-round (two of three updates acknowledged), the PostgreSQL server
+/// ends the session holding the aggregator's database lock (as a server
+/// restart or a cut network would): the aggregator stops within its
+/// checks with the lost-lock error, exiting non-zero. The next aggregator
+/// takes the database and finishes the round with both acknowledged
+/// updates (the final model counts them). SQLite's lock is the state
+/// directory's open file, which cannot be lost while the process runs.
+#[test]
+fn a_lost_database_lock_stops_the_aggregator_and_the_next_resumes_postgres() {
+    let database = fresh_postgres("lock_lost_serve");
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_file(dir.path());
+    let state = dir.path().join("agg");
+    let config = dir.path().join("lock-check.toml");
+    std::fs::write(
+        &config,
+        format!("{CLOSED_FLEET}\n[server]\nlock_check_ms = 100\n"),
+    )
+    .unwrap();
+    let run = Run {
+        model: &model,
+        rounds: 1,
+        config,
+    };
+    let mut agg = Proc(
+        serve("127.0.0.1:0", &state, &database, &run)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (addr, fp) = listening(&mut agg);
+    let errors = stderr_lines(&mut agg);
+    let (mut a, a_log) = start_device(&addr, &fp, &dir.path().join("a"), "1.0");
+    let (mut b, b_log) = start_device(&addr, &fp, &dir.path().join("b"), "2.0");
+    wait_for(&a_log, "update accepted", Duration::from_secs(30));
+    wait_for(&b_log, "update accepted", Duration::from_secs(30));
+
+    let ended = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(testing::end_lock_session(&database));
+    assert_eq!(ended, 1, "the aggregator's lock session");
+    let status = wait_exit(&mut agg, Duration::from_secs(30));
+    // Every line, up to the end of its standard error.
+    let err: Vec<String> = errors.iter().collect();
+    let err = err.join("\n");
+    assert!(!status.success(), "it served on: {err}");
+    assert!(
+        err.contains("lost the lock on database") && err.contains("advisory lock"),
+        "{err}"
+    );
+
+    let (mut agg, addr2, _) = start_aggregator(&addr, &state, &database, &run);
+    assert_eq!(addr2, addr);
+    let (mut c, _c_log) = start_device(&addr, &fp, &dir.path().join("c"), "3.0");
+    for (name, p) in [("a", &mut a), ("b", &mut b), ("c", &mut c)] {
+        let out = device_succeeded(name, p, Duration::from_secs(60));
+        assert!(
+            out.contains("rounds_contributed=1 "),
+            "device {name}: {out}"
+        );
+    }
+    assert!(wait_exit(&mut agg, Duration::from_secs(30)).success());
     // 0.5 + (1 + 2 + 3) / 3: both acknowledged updates made it in.
     for d in ["a", "b", "c"] {
         let bytes = std::fs::read(dir.path().join(d).join("model.fedge")).unwrap();

@@ -58,6 +58,9 @@ pub struct ServerConfig {
     /// How accepted updates are grouped before they are made durable
     /// and acknowledged (see `server::commit`).
     pub commit: CommitLimits,
+    /// How often the server asks whether it still holds its PostgreSQL
+    /// database lock; it stops once it does not (see `store::lock`).
+    pub lock_check: Duration,
 }
 
 impl Default for ServerConfig {
@@ -74,6 +77,7 @@ impl Default for ServerConfig {
             writer_queue_bytes_max: WRITER_QUEUE_BYTES_MAX,
             handshakes: HandshakeLimits::default(),
             commit: CommitLimits::default(),
+            lock_check: crate::store::LOCK_CHECK,
         }
     }
 }
@@ -379,6 +383,12 @@ impl Server {
         cfg.commit
             .validate()
             .map_err(|e| anyhow::anyhow!("bad configuration: {e}"))?;
+        crate::store::check_lock_interval(cfg.lock_check)
+            .map_err(|e| anyhow::anyhow!("bad configuration: {e}"))?;
+        let mut lock = store.watch_lock(cfg.lock_check);
+        // Set when the database lock is lost: the server stops, writing
+        // nothing more (see `store::lock`).
+        let mut lock_lost = None;
         let mut commit = commit::GroupCommit::new(store.update_writer(), cfg.commit.clone());
         let mut jobs = tokio::task::JoinSet::new();
         let mut closes = tokio::task::JoinSet::new();
@@ -517,14 +527,25 @@ impl Server {
                     Ok(false) => {}
                     Err(e) => tracing::warn!(error = %e, "stake registry not reloaded; previous stakes stay"),
                 },
+                e = lock.lost() => {
+                    lock_lost = Some(e);
+                    break;
+                }
                 _ = &mut shutdown => break,
             }
         }
         // Whatever was accepted is made durable before the store closes
-        // (its acknowledgements go out with the frames still queued).
-        for o in commit.flush().await? {
-            outputs::deliver(o, &mut core, &mut writers, &metrics);
-        }
+        // (its acknowledgements go out with the frames still queued),
+        // unless the database is no longer this server's: then nothing is
+        // written, and what waits for a group is never acknowledged.
+        let flushed = match lock_lost {
+            Some(e) => Err(anyhow::Error::new(e)),
+            None => commit.flush().await.map(|released| {
+                for o in released {
+                    outputs::deliver(o, &mut core, &mut writers, &metrics);
+                }
+            }),
+        };
         tracing::debug!(
             updates = commit.written.0,
             groups = commit.written.1,
@@ -546,6 +567,7 @@ impl Server {
         tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle())
             .await
             .ok();
+        flushed?;
         // The state directory and database are free for the next run.
         store.close().await;
         Ok(report)

@@ -433,6 +433,67 @@ pub mod testing {
         Database::Postgres(url)
     }
 
+    /// Ends the server session holding `database`'s advisory lock (what
+    /// a server restart or a cut network does to a running aggregator),
+    /// waiting up to 5 s for it to be gone: how many sessions were ended.
+    ///
+    /// # Panics
+    /// When `database` is not a reachable PostgreSQL database.
+    pub async fn end_lock_session(database: &Database) -> u64 {
+        let Database::Postgres(url) = database else {
+            panic!("only a PostgreSQL database has a lock session");
+        };
+        let mut conn = sqlx::postgres::PgConnection::connect(url)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {}: {e}", redact(url)));
+        let ended: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_locks
+             WHERE locktype = 'advisory' AND granted AND objsubid = 1
+               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+               AND ((classid::bigint << 32) | objid::bigint) = $1",
+        )
+        .bind(super::super::ADVISORY_KEY)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("ending the lock's session: {e}"));
+        let _ = conn.close().await;
+        ended.into_iter().filter(|e| *e).count() as u64
+    }
+
+    /// Waits (30 s at most) until a session of `database` waits for a
+    /// lock another holds.
+    ///
+    /// # Panics
+    /// When none does by then.
+    pub async fn wait_for_lock_waiter(database: &Database) {
+        let Database::Postgres(url) = database else {
+            panic!("only a PostgreSQL database has lock waiters");
+        };
+        let mut conn = sqlx::postgres::PgConnection::connect(url)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {}: {e}", redact(url)));
+        let since = std::time::Instant::now();
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("reading pg_stat_activity: {e}"));
+            if waiting > 0 {
+                break;
+            }
+            assert!(
+                since.elapsed() < std::time::Duration::from_secs(30),
+                "no session of {} waited for a lock in 30 s",
+                redact(url)
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let _ = conn.close().await;
+    }
+
     /// `url` naming database `name` instead of its own (query kept).
     fn replace_database(url: &str, name: &str) -> String {
         let (base, query) = match url.split_once('?') {

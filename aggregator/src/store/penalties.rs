@@ -23,6 +23,7 @@ impl Store {
     /// Writes a penalty's evidence (fsynced; a copy's is already among the
     /// round's updates) and then its row.
     pub async fn hold_penalty(&self, p: &Penalty) -> Result<(), StoreError> {
+        self.fence.check()?;
         if !p.payload.is_empty() {
             let path = self.evidence_path(&p.payload_hash);
             fedge_proto::io::write_atomic(&path, &p.payload, None).map_err(|source| {
@@ -32,6 +33,7 @@ impl Store {
                 }
             })?;
         }
+        let mut tx = self.begin().await?;
         sqlx::query(
             "INSERT INTO pending_penalties
                 (device, round_id, manifest_hash, payload_hash, kind, slashed)
@@ -44,9 +46,10 @@ impl Store {
         .bind(hex::encode(p.payload_hash))
         .bind(i64::from(p.kind))
         .bind(p.slashed)
-        .execute(&self.db.pool)
+        .execute(&mut *tx)
         .await
         .map_err(self.db())?;
+        tx.commit().await.map_err(self.db())?;
         Ok(())
     }
 

@@ -5,7 +5,9 @@
 //! (SQLite `synchronous = FULL`, PostgreSQL `synchronous_commit = on`)
 //! and one directory sync for the whole group instead of one each per
 //! update. The driver acknowledges an update only once its whole group
-//! returned (see `server::commit`).
+//! returned (see `server::commit`). Nothing is written once the store's
+//! database lock is lost, and the transaction is fenced (see
+//! `store::lock`): it commits only while the database is this store's.
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -27,6 +29,7 @@ pub struct UpdateWriter {
     pub(super) dir: PathBuf,
     pub(super) pool: AnyPool,
     pub(super) label: String,
+    pub(super) fence: std::sync::Arc<super::lock::Fence>,
 }
 
 impl UpdateWriter {
@@ -45,6 +48,7 @@ impl UpdateWriter {
         if group.is_empty() {
             return Ok(());
         }
+        self.fence.check()?;
         // Two devices may send the same bytes in one round (a copy): one
         // file, written once.
         let mut seen = BTreeSet::new();
@@ -60,7 +64,7 @@ impl UpdateWriter {
                 path: PathBuf::from("updates"),
                 source: std::io::Error::other(e.to_string()),
             })??;
-        let mut tx = self.pool.begin().await.map_err(self.db_err())?;
+        let mut tx = self.fence.begin(&self.pool).await?;
         for u in group {
             insert_row(u)
                 .execute(&mut *tx)
