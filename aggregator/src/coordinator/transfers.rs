@@ -6,7 +6,10 @@
 //! here**: upload buffers (counted in [`TransferManager::upload_bytes_held`])
 //! and the record of uploads cut short by a closed round. Model versions and
 //! deltas are the aggregator's own data, bounded by `versions_kept` and
-//! cleared every round.
+//! cleared every round. A device names the base it holds, any version it
+//! likes: only a held version or one in the chain of recorded steps gets
+//! a delta (at most one build each per round, remembered whether it won
+//! or not), and the deltas held never pass `versions_kept` models' bytes.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -58,8 +61,14 @@ pub(super) struct TransferManager {
     history: VecDeque<ModelVersion>,
     /// Downlink deltas to the current model, by delta id, and which base
     /// has one (None: the full model is smaller). Cleared each round.
+    /// Only bases held or in `steps` are entered.
     deltas: HashMap<ModelVersion, StoredModel>,
     delta_for: HashMap<ModelVersion, Option<ModelVersion>>,
+    /// Bytes of `deltas`.
+    delta_bytes: u64,
+    /// Deltas built (or estimated and not built) since the start.
+    #[cfg(test)]
+    delta_builds: u64,
     /// Compressed steps between the last versions (`[strategy] downlink`),
     /// oldest first, contiguous, at most `fedge_proto::delta::STEPS_MAX`:
     /// (before, after, payload). A device holding any `before` replays the
@@ -83,6 +92,9 @@ impl TransferManager {
             history: VecDeque::new(),
             deltas: HashMap::new(),
             delta_for: HashMap::new(),
+            delta_bytes: 0,
+            #[cfg(test)]
+            delta_builds: 0,
             steps: VecDeque::new(),
             uploads: HashMap::new(),
             upload_bytes: 0,
@@ -141,6 +153,12 @@ impl TransferManager {
             return None;
         }
         if !self.delta_for.contains_key(&base) {
+            // A version the device made up, or one long gone: nothing to
+            // build, and nothing remembered (a device could fill the map).
+            let in_steps = self.steps.iter().any(|(b, _, _)| *b == base);
+            if !in_steps && !self.models.contains_key(&base) {
+                return None;
+            }
             let made = self.make_delta(base, current_version, current, limits);
             self.delta_for.insert(base, made);
         }
@@ -191,6 +209,15 @@ impl TransferManager {
         )
     }
 
+    /// Deltas built (or found not worth building) so far.
+    #[cfg(test)]
+    fn delta_builds(&self) -> u64 {
+        self.delta_builds
+    }
+
+    /// The delta from `base` to the current model if it is smaller than
+    /// the model and fits beside the deltas held (`versions_kept` models'
+    /// bytes in all).
     fn make_delta(
         &mut self,
         base: ModelVersion,
@@ -198,6 +225,15 @@ impl TransferManager {
         current: &ModelBlob,
         limits: &Limits,
     ) -> Option<ModelVersion> {
+        let full = self.models[&current_version].mref.model_bytes;
+        let room = (self.versions_kept as u64)
+            .saturating_mul(full)
+            .saturating_sub(self.delta_bytes);
+        let bytes_max = full.min(room);
+        #[cfg(test)]
+        {
+            self.delta_builds += 1;
+        }
         let bytes = match self.steps_from(base, current_version) {
             Some(steps) => fedge_proto::delta::encode_steps(
                 base,
@@ -208,13 +244,15 @@ impl TransferManager {
             None => {
                 let m = self.models.get(&base)?;
                 let base_model = ModelBlob::decode(&m.blob, limits).ok()?;
-                fedge_proto::delta::encode(&base_model, current)?
+                // Estimated first: a dense step's XOR is not worth
+                // compressing whole.
+                fedge_proto::delta::encode_smaller_than(&base_model, current, bytes_max)?
             }
         };
-        let full = self.models[&current_version].mref.model_bytes;
-        if bytes.len() as u64 >= full {
+        if bytes.len() as u64 >= bytes_max {
             return None;
         }
+        self.delta_bytes += bytes.len() as u64;
         let id = ModelVersion::of(&bytes);
         let mref = ModelRef::new(id, bytes.len() as u64, self.chunk_bytes);
         self.deltas.insert(
@@ -366,6 +404,7 @@ impl TransferManager {
     pub fn on_round_closed(&mut self, keep_from: u64) {
         self.deltas.clear();
         self.delta_for.clear();
+        self.delta_bytes = 0;
         self.closed_uploads.clear();
         let (closed, held) = (&mut self.closed_uploads, &mut self.upload_bytes);
         self.uploads.retain(|_, u| {
@@ -401,6 +440,100 @@ mod tests {
             signature: [0; 64],
             chunk_bytes,
         }
+    }
+
+    fn blob(values: Vec<f32>) -> (ModelVersion, ModelBlob, Bytes) {
+        let layout =
+            fedge_proto::ParamLayout::new(vec![fedge_proto::TensorSpec::new("w", &[values.len()])]);
+        let m = ModelBlob {
+            onnx_graph: Bytes::new(),
+            params: fedge_proto::Params::new(std::sync::Arc::new(layout.unwrap()), values).unwrap(),
+        };
+        let b = m.encode();
+        (ModelVersion::of(&b), m, b)
+    }
+
+    /// A device names whatever base it likes: a made-up or evicted
+    /// version gets no delta, builds nothing and is not remembered; a held
+    /// one is built once a round, however often it is asked for.
+    #[test]
+    fn only_held_bases_are_built_once_a_round() {
+        let limits = Limits::default();
+        let mut t = TransferManager::new(1 << 10, 2);
+        let models: Vec<_> = (0..3)
+            .map(|k| blob((0..4096).map(|i| (i % 7) as f32 + k as f32 * 0.5).collect()))
+            .collect();
+        for (v, _, b) in &models {
+            t.store_model(*v, b.clone());
+        }
+        let (current_v, current, _) = &models[2];
+        for k in 0..1000u32 {
+            let mut made_up = [0u8; 32];
+            made_up[..4].copy_from_slice(&k.to_le_bytes());
+            let base = ModelVersion(made_up);
+            assert!(t.delta_ref(base, *current_v, current, &limits).is_none());
+        }
+        // Evicted (versions_kept = 2).
+        assert!(
+            t.delta_ref(models[0].0, *current_v, current, &limits)
+                .is_none()
+        );
+        assert_eq!((t.delta_for.len(), t.delta_builds()), (0, 0));
+        for _ in 0..5 {
+            let d = t
+                .delta_ref(models[1].0, *current_v, current, &limits)
+                .unwrap();
+            assert_eq!(d.base, models[1].0);
+        }
+        assert_eq!((t.delta_for.len(), t.delta_builds()), (1, 1));
+        t.on_round_closed(1);
+        assert!(
+            t.delta_ref(models[1].0, *current_v, current, &limits)
+                .is_some()
+        );
+        assert_eq!(t.delta_builds(), 2, "built again for the next round");
+    }
+
+    /// Every version of a long chain of small steps asked for: the deltas
+    /// held stay within `versions_kept` models' bytes; past that a device
+    /// gets the whole model.
+    #[test]
+    fn deltas_held_stay_within_versions_kept_models() {
+        let limits = Limits::default();
+        let kept = 2;
+        let mut t = TransferManager::new(1 << 10, kept);
+        let (current_v, current, b) = blob((0..4096).map(|i| i as f32).collect());
+        t.store_model(current_v, b.clone());
+        let full = b.len() as u64;
+        let chain: Vec<ModelVersion> = (0..=12u8).map(|k| ModelVersion([k + 1; 32])).collect();
+        for w in chain.windows(2) {
+            t.record_step(w[0], w[1], Bytes::from(vec![0u8; full as usize / 8]), full);
+        }
+        t.record_step(
+            chain[12],
+            current_v,
+            Bytes::from(vec![0u8; full as usize / 8]),
+            full,
+        );
+        let mut served = 0;
+        for base in &chain {
+            if let Some(d) = t.delta_ref(*base, current_v, &current, &limits) {
+                assert!(d.blob.model_bytes < full);
+                served += 1;
+            }
+        }
+        assert!(
+            t.delta_bytes <= kept as u64 * full,
+            "{} > {kept} x {full}",
+            t.delta_bytes
+        );
+        let held: u64 = t.deltas.values().map(|d| d.blob.len() as u64).sum();
+        assert_eq!(held, t.delta_bytes);
+        assert!(
+            served >= 2,
+            "the first bases asked for are served ({served})"
+        );
+        assert!(t.delta_builds() <= chain.len() as u64);
     }
 
     /// Uploads for tasks older than `keep_from` are cut at a round's close
