@@ -18,6 +18,7 @@ mod evaluation_quic;
 mod fleet;
 mod layering;
 mod ledger;
+mod lock_lost;
 mod quic_bad_input;
 mod quic_burst;
 mod quic_intake;
