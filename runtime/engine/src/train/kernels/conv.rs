@@ -133,6 +133,10 @@ fn width<const R: usize>(r: usize) -> usize {
     if R == 0 { r } else { R }
 }
 
+mod patches;
+
+use patches::{Lanes, Padded, pack_patches_by_pixel, pack_patches_by_row};
+
 /// Pack records `k0..k0 + k` of an `[mn, k]` operand read at `src[r *
 /// mn_stride + kk * k_stride]` into `r`-wide panels.
 pub(super) fn pack_strided(
@@ -177,160 +181,14 @@ fn pack_strided_r<const R: usize>(
     }
 }
 
-/// Some images zero-padded so that every patch element is in bounds, and
-/// the patches as offsets into them: element `(kk, q)` of the patches (row
-/// `kk = (ci, i, j)`, pixel `q = (b, oy, ox)`) is `xp[row[kk] + pixel[q]]`,
-/// with `row[kk] = (ci*Hp + i)*Wp + j` and `pixel[q] = ((b*C)*Hp + oy*sh)*Wp + ox*sw`.
-/// The packers below are then gathers with no branches.
-struct Padded {
-    xp: Vec<f32>,
-    row: Vec<usize>,
-    pixel: Vec<usize>,
-    /// Padded height and width.
-    hp: usize,
-    wp: usize,
-}
-
-impl Padded {
-    /// The offsets for `images` images, with `xp` zeroed (the padding stays
-    /// zero; [`Padded::fill`] writes the images).
-    fn new(g: &Geometry, images: usize) -> Padded {
-        // Padded rows oy*sh + i for oy < ho, i < kh; image row y is padded
-        // row y + pt.
-        let hp = (g.ho.max(1) - 1) * g.sh + g.kh;
-        let wp = (g.wo.max(1) - 1) * g.sw + g.kw;
-        let mut row = Vec::with_capacity(g.c * g.kh * g.kw);
-        for ci in 0..g.c {
-            for i in 0..g.kh {
-                for j in 0..g.kw {
-                    row.push((ci * hp + i) * wp + j);
-                }
-            }
-        }
-        let mut pixel = Vec::with_capacity(images * g.ho * g.wo);
-        for b in 0..images {
-            for oy in 0..g.ho {
-                for ox in 0..g.wo {
-                    pixel.push((b * g.c * hp + oy * g.sh) * wp + ox * g.sw);
-                }
-            }
-        }
-        Padded {
-            xp: vec![0.0; images * g.c * hp * wp],
-            row,
-            pixel,
-            hp,
-            wp,
-        }
-    }
-
-    /// Where the image lands in the padded frame: `(padded index of image
-    /// row 0, rows inside the frame)`, likewise for columns. Rows past the
-    /// frame are read by no patch.
-    fn overlap(g: &Geometry, hp: usize, wp: usize) -> [(usize, usize); 2] {
-        [
-            (g.pt, g.h.min(hp.saturating_sub(g.pt))),
-            (g.pl, g.w.min(wp.saturating_sub(g.pl))),
-        ]
-    }
-
-    /// Copy images `images` of the batch `x` into the frame.
-    fn fill(&mut self, g: &Geometry, x: &[f32], images: std::ops::Range<usize>) {
-        let (hp, wp) = (self.hp, self.wp);
-        let [(y0, ny), (x0, nx)] = Self::overlap(g, hp, wp);
-        for (k, b) in images.enumerate() {
-            for ci in 0..g.c {
-                let src = &x[(b * g.c + ci) * g.h * g.w..][..g.h * g.w];
-                let dst = &mut self.xp[(k * g.c + ci) * hp * wp..][..hp * wp];
-                for y in 0..ny {
-                    dst[(y0 + y) * wp + x0..][..nx].copy_from_slice(&src[y * g.w..][..nx]);
-                }
-            }
-        }
-    }
-}
-
-/// The patches (of image 0 of `p`) as the right operand of
-/// `W2 x im2col`: records are patch rows, panels run along the pixels.
-fn pack_patches_by_pixel(
-    p: &Padded,
-    dst: &mut [f32],
-    (panel_len, r): (usize, usize),
-    g: &Geometry,
-    row: &mut [f32],
-) {
-    by_width!(r, pack_patches_by_pixel_r(p, dst, (panel_len, r), g, row))
-}
-
-fn pack_patches_by_pixel_r<const R: usize>(
-    p: &Padded,
-    dst: &mut [f32],
-    (panel_len, r): (usize, usize),
-    g: &Geometry,
-    row: &mut [f32],
-) {
-    let r = width::<R>(r);
-    let (xp, wp) = (&p.xp[..], p.wp);
-    let (ho, wo, sh, sw) = (g.ho, g.wo, g.sh, g.sw);
-    let hw = ho * wo;
-    let (full, tail) = (hw / r, hw % r);
-    let row = &mut row[..hw];
-    for (kk, &base) in p.row.iter().enumerate() {
-        // The patch row, contiguous: one run of the frame per output row.
-        for oy in 0..ho {
-            let src = &xp[base + oy * sh * wp..];
-            let out = &mut row[oy * wo..][..wo];
-            if sw == 1 {
-                out.copy_from_slice(&src[..wo]);
-            } else {
-                for (ox, v) in out.iter_mut().enumerate() {
-                    *v = src[ox * sw];
-                }
-            }
-        }
-        for panel in 0..full {
-            // A constant `r` (by_width!) makes this a few moves.
-            dst[panel * panel_len + kk * r..][..r].copy_from_slice(&row[panel * r..][..r]);
-        }
-        if tail > 0 {
-            let d = &mut dst[full * panel_len + kk * r..][..r];
-            d[..tail].copy_from_slice(&row[full * r..]);
-            d[tail..].fill(0.0);
-        }
-    }
-}
-
-/// The patches of all the images of `p` as the right operand of
-/// `G x im2col^T`: records are pixels, panels run along the patch rows.
-fn pack_patches_by_row(p: &Padded, dst: &mut [f32], (panel_len, r): (usize, usize)) {
-    by_width!(r, pack_patches_by_row_r(p, dst, (panel_len, r)))
-}
-
-fn pack_patches_by_row_r<const R: usize>(
-    p: &Padded,
-    dst: &mut [f32],
-    (panel_len, r): (usize, usize),
-) {
-    let r = width::<R>(r);
-    let xp = &p.xp[..];
-    let pixels = p.pixel.len();
-    for (panel, rows) in p.row.chunks(r).enumerate() {
-        let d = &mut dst[panel * panel_len..][..pixels * r];
-        if rows.len() == r {
-            for (d, &q) in d.chunks_exact_mut(r).zip(&p.pixel) {
-                let src = &xp[q..];
-                for (v, &base) in d.iter_mut().zip(rows) {
-                    *v = src[base];
-                }
-            }
-        } else {
-            for (d, &q) in d.chunks_exact_mut(r).zip(&p.pixel) {
-                for (v, &base) in d.iter_mut().zip(rows) {
-                    *v = xp[q + base];
-                }
-                d[rows.len()..].fill(0.0);
-            }
-        }
+/// The runs of `offsets` for the masked-load packers, when the CPU has
+/// them and the panel width fits a vector; else `None` (the scalar
+/// packers).
+fn masked_lanes(offsets: &[usize], r: usize) -> Option<Lanes> {
+    if patches::avx512_available() {
+        Lanes::new(offsets, r)
+    } else {
+        None
     }
 }
 
@@ -359,7 +217,9 @@ pub(super) fn forward(
     let mut b = gemm.b.new_packed_buffer(ck, hw)?;
     let y = unsafe { Tensor::uninitialized::<f32>(&[g.n, co, g.ho, g.wo])? };
     let mut padded = Padded::new(g, 1);
-    let mut row = vec![0.0f32; hw];
+    let lanes = masked_lanes(&padded.pixel, gemm.b.r);
+    // The scalar packer's patch row (none with masked loads).
+    let mut row = vec![0.0f32; if lanes.is_some() { 0 } else { hw }];
     // SAFETY: `[co, hw]` rows of an image's output, contiguous.
     let spec = unsafe { gemm.mmm.c_from_data_and_strides(4, hw as isize, 1) };
     let mut scratch = unsafe { gemm.mmm.allocate_scratch_space() };
@@ -367,7 +227,7 @@ pub(super) fn forward(
         {
             padded.fill(g, x, img..img + 1);
             let (d, pl) = panels_mut(&mut b);
-            pack_patches_by_pixel(&padded, d, (pl, gemm.b.r), g, &mut row);
+            pack_patches_by_pixel(&padded, d, (pl, gemm.b.r), g, lanes.as_ref(), &mut row);
         }
         let view = TensorView::at_prefix(&y, &[img])?;
         // SAFETY: the view is image `img` of `y`, `[co, ho, wo]`.
@@ -405,6 +265,7 @@ pub(super) fn grad_weight(
     };
     let mut scratch = unsafe { gemm.mmm.allocate_scratch_space() };
     let mut padded = Padded::new(g, images);
+    let lanes = masked_lanes(&padded.row, gemm.b.r);
     // Buffers for a full chunk and, made when needed, the shorter last one.
     let mut full: Option<(EagerPackedInput, EagerPackedInput)> = None;
     for (chunk, first) in (0..g.n).step_by(images).enumerate() {
@@ -440,7 +301,7 @@ pub(super) fn grad_weight(
             }
             padded.fill(g, x, first..first + len);
             let (d, pl) = panels_mut(b);
-            pack_patches_by_row(&padded, d, (pl, gemm.b.r));
+            pack_patches_by_row(&padded, d, (pl, gemm.b.r), lanes.as_ref());
         }
         let ops: TVec<FusedSpec> = if chunk == 0 {
             tvec![FusedSpec::Store(store)]
@@ -573,6 +434,9 @@ mod tests {
             (2, 2, 6, 6, 3, 2, 0, 4),
             (2, 4, 5, 5, 1, 1, 0, 3),
             (5, 3, 8, 6, 2, 2, 1, 7),
+            // A kernel wider than the image row; a single output pixel.
+            (2, 2, 4, 3, 5, 1, 2, 3),
+            (1, 1, 2, 2, 3, 2, 1, 2),
         ] {
             let ho = (h + 2 * p - k) / s + 1;
             let wo = (w + 2 * p - k) / s + 1;
