@@ -84,6 +84,19 @@ fn start_aggregator(
     (p, addr, fp)
 }
 
+/// Devices a, b and c each succeed having contributed to one round, and
+/// the aggregator exits cleanly after them.
+fn each_contributed_once_and_the_aggregator_finished(devices: [Proc; 3], agg: &mut Proc) {
+    for (name, mut p) in ["a", "b", "c"].into_iter().zip(devices) {
+        let out = device_succeeded(name, &mut p, Duration::from_secs(60));
+        assert!(
+            out.contains("rounds_contributed=1 "),
+            "device {name}: {out}"
+        );
+    }
+    assert!(wait_exit(agg, Duration::from_secs(30)).success());
+}
+
 /// Six parameters at 0.5, in `dir/m.fedge`.
 fn model_file(dir: &Path) -> std::path::PathBuf {
     let model = dir.join("m.fedge");
@@ -125,8 +138,8 @@ fn sigkill_mid_round_loses_no_acknowledged_update(database: Database) {
     let run = Run::one_round(&state, &model);
 
     let (mut agg, addr, fp) = start_aggregator("127.0.0.1:0", &state, &database, &run);
-    let (mut a, a_log) = start_device(&addr, &fp, &dir.path().join("a"), "1.0");
-    let (mut b, b_log) = start_device(&addr, &fp, &dir.path().join("b"), "2.0");
+    let (a, a_log) = start_device(&addr, &fp, &dir.path().join("a"), "1.0");
+    let (b, b_log) = start_device(&addr, &fp, &dir.path().join("b"), "2.0");
     wait_for(&a_log, "update accepted", Duration::from_secs(30));
     wait_for(&b_log, "update accepted", Duration::from_secs(30));
 
@@ -140,17 +153,10 @@ fn sigkill_mid_round_loses_no_acknowledged_update(database: Database) {
         (&addr, &fp),
         "same address and identity after restart"
     );
-    let (mut c, _c_log) = start_device(&addr, &fp, &dir.path().join("c"), "3.0");
-    for (name, p) in [("a", &mut a), ("b", &mut b), ("c", &mut c)] {
-        let out = device_succeeded(name, p, Duration::from_secs(60));
-        // Had the restarted aggregator forgotten a and b, they would have
-        // been selected again and contributed twice.
-        assert!(
-            out.contains("rounds_contributed=1 "),
-            "device {name}: {out}"
-        );
-    }
-    assert!(wait_exit(&mut agg, Duration::from_secs(30)).success());
+    let (c, _c_log) = start_device(&addr, &fp, &dir.path().join("c"), "3.0");
+    // Had the restarted aggregator forgotten a and b, they would have
+    // been selected again and contributed twice.
+    each_contributed_once_and_the_aggregator_finished([a, b, c], &mut agg);
 
     // The contribution records survived too: three accepted in round 1.
     let records = tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -249,8 +255,8 @@ fn a_lost_database_lock_stops_the_aggregator_and_the_next_resumes_postgres() {
     );
     let (addr, fp) = listening(&mut agg);
     let errors = stderr_lines(&mut agg);
-    let (mut a, a_log) = start_device(&addr, &fp, &dir.path().join("a"), "1.0");
-    let (mut b, b_log) = start_device(&addr, &fp, &dir.path().join("b"), "2.0");
+    let (a, a_log) = start_device(&addr, &fp, &dir.path().join("a"), "1.0");
+    let (b, b_log) = start_device(&addr, &fp, &dir.path().join("b"), "2.0");
     wait_for(&a_log, "update accepted", Duration::from_secs(30));
     wait_for(&b_log, "update accepted", Duration::from_secs(30));
 
@@ -270,15 +276,8 @@ fn a_lost_database_lock_stops_the_aggregator_and_the_next_resumes_postgres() {
 
     let (mut agg, addr2, _) = start_aggregator(&addr, &state, &database, &run);
     assert_eq!(addr2, addr);
-    let (mut c, _c_log) = start_device(&addr, &fp, &dir.path().join("c"), "3.0");
-    for (name, p) in [("a", &mut a), ("b", &mut b), ("c", &mut c)] {
-        let out = device_succeeded(name, p, Duration::from_secs(60));
-        assert!(
-            out.contains("rounds_contributed=1 "),
-            "device {name}: {out}"
-        );
-    }
-    assert!(wait_exit(&mut agg, Duration::from_secs(30)).success());
+    let (c, _c_log) = start_device(&addr, &fp, &dir.path().join("c"), "3.0");
+    each_contributed_once_and_the_aggregator_finished([a, b, c], &mut agg);
     // 0.5 + (1 + 2 + 3) / 3: both acknowledged updates made it in.
     for d in ["a", "b", "c"] {
         let bytes = std::fs::read(dir.path().join(d).join("model.fedge")).unwrap();

@@ -404,31 +404,33 @@ async fn a_newer_schema_is_refused(db: Database) {
 
 on_both_stores!(corrupt_rows_are_typed_errors, "corrupt_rows");
 
+/// A round-1 update of `device` (its name repeated to a key's 64
+/// characters) carrying `payload`: one sample, weight 1, no stake.
+pub(super) fn update(device: &str, payload: &'static [u8]) -> DurableUpdate {
+    DurableUpdate {
+        round_id: 1,
+        manifest_hash: [5; 32],
+        signed_manifest: bytes::Bytes::new(),
+        task_round: 1,
+        model_version: None,
+        device: device.repeat(64),
+        payload_hash: *blake3::hash(payload).as_bytes(),
+        sample_count: 1,
+        raw_weight: 1.0,
+        discount: 1.0,
+        stake: None,
+        metrics: vec![],
+        payload: bytes::Bytes::from_static(payload),
+    }
+}
+
 /// Rows altered behind the store's back are typed errors on either
 /// backend: a hash that is not hex, a ledger record that is not hex, a
 /// resume point that is not a number (naming the database).
 async fn corrupt_rows_are_typed_errors(db: Database) {
     let dir = tempfile::tempdir().unwrap();
     let mut store = Store::open_with(dir.path(), &db).await.unwrap();
-    let payload: &'static [u8] = b"p";
-    store
-        .persist_update(&DurableUpdate {
-            round_id: 1,
-            manifest_hash: [5; 32],
-            signed_manifest: bytes::Bytes::new(),
-            task_round: 1,
-            model_version: None,
-            device: "a".repeat(64),
-            payload_hash: *blake3::hash(payload).as_bytes(),
-            sample_count: 1,
-            raw_weight: 1.0,
-            discount: 1.0,
-            stake: None,
-            metrics: vec![],
-            payload: bytes::Bytes::from_static(payload),
-        })
-        .await
-        .unwrap();
+    store.persist_update(&update("a", b"p")).await.unwrap();
     store.stage_settlement(settlement(
         1,
         ModelVersion([0; 32]),

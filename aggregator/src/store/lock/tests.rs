@@ -8,26 +8,8 @@ use std::time::Duration;
 
 use fedge_proto::ModelVersion;
 
-use crate::coordinator::DurableUpdate;
+use crate::store::tests::update;
 use crate::store::{ADVISORY_KEY, Database, Store, StoreError, testing};
-
-fn update(device: &str, payload: &'static [u8]) -> DurableUpdate {
-    DurableUpdate {
-        round_id: 1,
-        manifest_hash: [5; 32],
-        signed_manifest: bytes::Bytes::new(),
-        task_round: 1,
-        model_version: Some(ModelVersion([9; 32])),
-        device: device.repeat(64),
-        payload_hash: *blake3::hash(payload).as_bytes(),
-        sample_count: 1,
-        raw_weight: 1.0,
-        discount: 1.0,
-        stake: None,
-        metrics: vec![],
-        payload: bytes::Bytes::from_static(payload),
-    }
-}
 
 fn model() -> fedge_proto::ModelBlob {
     let layout = fedge_proto::ParamLayout::new(vec![fedge_proto::TensorSpec::new("w", &[2])]);

@@ -438,23 +438,7 @@ mod tests {
             (2, 2, 4, 3, 5, 1, 2, 3),
             (1, 1, 2, 2, 3, 2, 1, 2),
         ] {
-            let ho = (h + 2 * p - k) / s + 1;
-            let wo = (w + 2 * p - k) / s + 1;
-            let g = Geometry {
-                n,
-                c,
-                h,
-                w,
-                kh: k,
-                kw: k,
-                sh: s,
-                sw: s,
-                pt: p,
-                pl: p,
-                ho,
-                wo,
-            };
-            v.push((g, co));
+            v.push((Geometry::square((n, c, h, w), (k, s, p)), co));
         }
         v
     }

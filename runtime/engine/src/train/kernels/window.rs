@@ -21,6 +21,29 @@ pub struct Geometry {
 }
 
 impl Geometry {
+    /// A square kernel `k`, stride `s` and padding `p` on every side over
+    /// `n` images of `c` channels of `h` x `w` (the tests' geometries).
+    #[cfg(test)]
+    pub(crate) fn square(
+        (n, c, h, w): (usize, usize, usize, usize),
+        (k, s, p): (usize, usize, usize),
+    ) -> Geometry {
+        Geometry {
+            n,
+            c,
+            h,
+            w,
+            kh: k,
+            kw: k,
+            sh: s,
+            sw: s,
+            pt: p,
+            pl: p,
+            ho: (h + 2 * p - k) / s + 1,
+            wo: (w + 2 * p - k) / s + 1,
+        }
+    }
+
     pub fn to_ints(&self) -> Vec<i64> {
         [
             self.n, self.c, self.h, self.w, self.kh, self.kw, self.sh, self.sw, self.pt, self.pl,
@@ -313,22 +336,7 @@ mod tests {
             (3, 3, 3, 3, 2),
             (8, 5, 3, 2, 2),
         ] {
-            let ho = (h + 2 * p - k) / s + 1;
-            let wo = (w + 2 * p - k) / s + 1;
-            v.push(Geometry {
-                n: 2,
-                c: 3,
-                h,
-                w,
-                kh: k,
-                kw: k,
-                sh: s,
-                sw: s,
-                pt: p,
-                pl: p,
-                ho,
-                wo,
-            });
+            v.push(Geometry::square((2, 3, h, w), (k, s, p)));
         }
         v
     }

@@ -381,26 +381,6 @@ mod tests {
         }
     }
 
-    fn geometry(
-        (n, c, h, w): (usize, usize, usize, usize),
-        (k, s, p): (usize, usize, usize),
-    ) -> Geometry {
-        Geometry {
-            n,
-            c,
-            h,
-            w,
-            kh: k,
-            kw: k,
-            sh: s,
-            sw: s,
-            pt: p,
-            pl: p,
-            ho: (h + 2 * p - k) / s + 1,
-            wo: (w + 2 * p - k) / s + 1,
-        }
-    }
-
     /// Padding, stride 2, a kernel wider than the image row, 1x1 kernels
     /// and outputs, odd sizes, the McMahan CNN's two layers.
     fn geometries() -> Vec<Geometry> {
@@ -417,7 +397,7 @@ mod tests {
             ((2, 32, 14, 14), (5, 1, 2)),
         ]
         .into_iter()
-        .map(|(i, k)| geometry(i, k))
+        .map(|(i, k)| Geometry::square(i, k))
         .collect()
     }
 
