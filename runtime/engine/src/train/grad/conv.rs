@@ -60,7 +60,7 @@ pub(super) fn conv(
         }
     }
     if needs.len() > 2 && needs[2] {
-        out[2] = Some(b.reduce_sum(gy, &[0, 2, 3], false)?);
+        out[2] = Some(bias_grad(b, gy)?);
     }
     Ok(())
 }
@@ -363,7 +363,7 @@ pub(super) fn conv_as_gemm(
         );
     }
     if needs.len() > 2 && needs[2] {
-        out[2] = Some(b.reduce_sum(gy, &[0, 2, 3], false)?);
+        out[2] = Some(bias_grad(b, gy)?);
     }
     Ok(())
 }
@@ -445,7 +445,15 @@ pub(super) fn grouped_conv_as_gemm(
         out[0] = Some(name);
     }
     if needs.len() > 2 && needs[2] {
-        out[2] = Some(b.reduce_sum(gy, &[0, 2, 3], false)?);
+        out[2] = Some(bias_grad(b, gy)?);
     }
     Ok(())
+}
+
+/// A 2-D convolution's bias gradient, `gy` summed over batch and pixels:
+/// over the pixels first (the contiguous axes), then the batch, which
+/// tract reduces several times faster than the three axes at once.
+fn bias_grad(b: &mut Builder, gy: &str) -> Result<String, TrainError> {
+    let per_image = b.reduce_sum(gy, &[2, 3], false)?;
+    b.reduce_sum(&per_image, &[0], false)
 }

@@ -22,8 +22,8 @@ use std::sync::Arc;
 
 use tract_onnx::tract_core::tract_linalg::BinOp;
 use tract_onnx::tract_core::tract_linalg::mmm::{
-    AsInputValue, EagerPackedInput, FusedSpec, MatMatMul, MmmDispatch, Query, Suitable,
-    pick_by_shape, retain_best,
+    AsInputValue, EagerPackedInput, FusedSpec, MMMInputValue, MatMatMul, MmmDispatch, Query,
+    ScratchSpace, Suitable, pick_by_shape, retain_best,
 };
 use tract_onnx::tract_core::tract_linalg::pack::PackedFormat;
 use tract_onnx::tract_hir::internal::*;
@@ -32,16 +32,56 @@ use super::Geometry;
 
 /// A matrix kernel chosen for one product shape, with its operand layouts.
 pub(super) struct Gemm {
-    pub(super) mmm: Box<dyn MatMatMul>,
-    packing: usize,
+    kernel: Kernel,
     pub(super) a: PackedFormat,
     pub(super) b: PackedFormat,
 }
 
+enum Kernel {
+    /// One of tract-linalg's, with the index of its plain packing.
+    Tract {
+        mmm: Box<dyn MatMatMul>,
+        packing: usize,
+    },
+    /// [`avx512`]'s 32x12 tiles.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+/// What a product does with `C` after `A x B`.
+#[derive(Clone, Copy)]
+pub(super) enum Then<'t> {
+    /// `C = A x B`.
+    Store,
+    /// `C += A x B`.
+    Accumulate,
+    /// `C = A x B + bias`, one bias per row.
+    AddPerRow(&'t Tensor),
+}
+
+/// The scratch space a kernel needs between products (none for ours).
+pub(super) struct Scratch(Option<Box<dyn ScratchSpace>>);
+
 impl Gemm {
+    /// The kernel for an f32 `[m, k] x [k, n]` product: [`avx512`]'s where
+    /// it pays, else the one tract would pick among those reading plain
+    /// packed panels.
+    pub(super) fn new(m: usize, k: usize, n: usize) -> TractResult<Gemm> {
+        #[cfg(target_arch = "x86_64")]
+        if avx512::suits(m, k, n) {
+            tracing::trace!(m, k, n, kernel = "fedge avx512 32x12", "fedge conv product");
+            return Ok(Gemm {
+                kernel: Kernel::Avx512,
+                a: PackedFormat::new(f32::datum_type(), avx512::MR, 64),
+                b: PackedFormat::new(f32::datum_type(), avx512::NR, 64),
+            });
+        }
+        Self::tract(m, k, n)
+    }
+
     /// The kernel tract would pick for an f32 `[m, k] x [k, n]` product,
     /// among those reading plain packed panels.
-    pub(super) fn new(m: usize, k: usize, n: usize) -> TractResult<Gemm> {
+    pub(super) fn tract(m: usize, k: usize, n: usize) -> TractResult<Gemm> {
         let dispatch = MmmDispatch::native();
         let query = Query::plain(f32::datum_type(), Some(m), Some(k), Some(n));
         let plain = |(mmm, ix, pe): &Suitable| {
@@ -67,28 +107,124 @@ impl Gemm {
         let (a, b) = &mmm.packings()[packing];
         let a = a.downcast_ref::<PackedFormat>().expect("checked").clone();
         let b = b.downcast_ref::<PackedFormat>().expect("checked").clone();
-        Ok(Gemm { mmm, packing, a, b })
+        Ok(Gemm {
+            kernel: Kernel::Tract { mmm, packing },
+            a,
+            b,
+        })
     }
 
-    /// Run `C = A x B` (then `ops` after the product, before the store).
-    pub(super) fn run<'t>(
+    /// A scratch space for this kernel's products.
+    pub(super) fn scratch(&self) -> Scratch {
+        match &self.kernel {
+            // SAFETY: used only with this kernel (`run` below).
+            Kernel::Tract { mmm, .. } => Scratch(Some(unsafe { mmm.allocate_scratch_space() })),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => Scratch(None),
+        }
+    }
+
+    /// tract's kernel and its fused ops, for a [`Gemm::tract`] product whose
+    /// store is not a plain row-major block.
+    pub(super) fn run_fused<'t>(
         &self,
-        scratch: &mut dyn tract_onnx::tract_core::tract_linalg::mmm::ScratchSpace,
+        scratch: &mut Scratch,
         (m, n): (usize, usize),
-        a: &'t EagerPackedInput,
-        b: &'t EagerPackedInput,
-        ops: TVec<FusedSpec<'t>>,
+        (a, b): (&'t EagerPackedInput, &'t EagerPackedInput),
+        ops: impl FnOnce(&dyn MatMatMul) -> TVec<FusedSpec<'t>>,
     ) -> TractResult<()> {
+        let Kernel::Tract { mmm, packing } = &self.kernel else {
+            bail!("fused ops need one of tract's kernels");
+        };
         let mut specs: TVec<FusedSpec> = tvec![FusedSpec::AddMatMul {
             a: AsInputValue::Borrowed(a),
             b: AsInputValue::Borrowed(b),
-            packing: self.packing,
+            packing: *packing,
         }];
-        specs.extend(ops);
+        specs.extend(ops(&**mmm));
+        let scratch = scratch
+            .0
+            .as_deref_mut()
+            .context("a scratch space for tract")?;
         // SAFETY: both operands were packed in the kernel's own formats for
-        // this `k`, and every store in `ops` covers an `m x n` region.
-        unsafe { self.mmm.run_with_scratch_space(m, n, scratch, &specs) }
+        // this `k`, and every store in `ops` covers an `m x n` region (the
+        // caller's).
+        unsafe { mmm.run_with_scratch_space(m, n, scratch, &specs) }
     }
+
+    /// `C = A x B` (then `then`), into `c`: a contiguous row-major `[m, n]`
+    /// block, `a` and `b` packed in this kernel's formats for `k` records.
+    pub(super) fn run(
+        &self,
+        scratch: &mut Scratch,
+        (m, k, n): (usize, usize, usize),
+        a: &EagerPackedInput,
+        b: &EagerPackedInput,
+        c: &mut TensorView,
+        then: Then,
+    ) -> TractResult<()> {
+        ensure!(
+            c.datum_type() == f32::datum_type() && c.len() == m * n,
+            "a product's output is {:?} {:?}, not f32 {m}x{n}",
+            c.datum_type(),
+            c.shape()
+        );
+        ensure!(
+            a.k() == k && b.k() == k,
+            "operands packed for k {} and {}, not {k}",
+            a.k(),
+            b.k()
+        );
+        match &self.kernel {
+            Kernel::Tract { mmm, packing } => {
+                // SAFETY: `c` is a contiguous `[m, n]` f32 block (checked).
+                let store = unsafe { mmm.c_from_data_and_strides(4, n as isize, 1).wrap(c) };
+                let mut specs: TVec<FusedSpec> = tvec![FusedSpec::AddMatMul {
+                    a: AsInputValue::Borrowed(a),
+                    b: AsInputValue::Borrowed(b),
+                    packing: *packing,
+                }];
+                match then {
+                    Then::Store => {}
+                    Then::Accumulate => specs.push(FusedSpec::AddUnicast(store)),
+                    Then::AddPerRow(bias) => {
+                        specs.push(FusedSpec::BinPerRow(bias.view(), BinOp::Add))
+                    }
+                }
+                specs.push(FusedSpec::Store(store));
+                let scratch = scratch
+                    .0
+                    .as_deref_mut()
+                    .context("a scratch space for tract")?;
+                // SAFETY: both operands were packed in the kernel's own
+                // formats for this `k`, and the store covers `m x n`.
+                unsafe { mmm.run_with_scratch_space(m, n, scratch, &specs) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => {
+                let panels = |p: &EagerPackedInput| -> TractResult<(&[f32], usize)> {
+                    let bytes = p.packed.as_bytes();
+                    // SAFETY: the blob is aligned for f32 (64 bytes) and
+                    // holds whole f32s.
+                    let f = unsafe {
+                        std::slice::from_raw_parts(bytes.as_ptr() as *const f32, bytes.len() / 4)
+                    };
+                    Ok((f, p.panel_bytes / 4))
+                };
+                let then = match then {
+                    Then::Store => avx512::Epilogue::Store,
+                    Then::Accumulate => avx512::Epilogue::Accumulate,
+                    Then::AddPerRow(bias) => avx512::Epilogue::AddPerRow(plain_f32(bias)?),
+                };
+                let out = c.as_slice_mut::<f32>()?;
+                avx512::run(k, (m, n), panels(a)?, panels(b)?, out, then)
+            }
+        }
+    }
+}
+
+fn plain_f32(t: &Tensor) -> TractResult<&[f32]> {
+    t.try_as_plain_ram()?.as_slice::<f32>()
 }
 
 /// The panels of a packed operand, as floats, and the floats per panel.
@@ -133,6 +269,8 @@ fn width<const R: usize>(r: usize) -> usize {
     if R == 0 { r } else { R }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod patches;
 
 use patches::{Lanes, Padded, pack_patches_by_pixel, pack_patches_by_row};
@@ -220,24 +358,17 @@ pub(super) fn forward(
     let lanes = masked_lanes(&padded.pixel, gemm.b.r);
     // The scalar packer's patch row (none with masked loads).
     let mut row = vec![0.0f32; if lanes.is_some() { 0 } else { hw }];
-    // SAFETY: `[co, hw]` rows of an image's output, contiguous.
-    let spec = unsafe { gemm.mmm.c_from_data_and_strides(4, hw as isize, 1) };
-    let mut scratch = unsafe { gemm.mmm.allocate_scratch_space() };
+    let mut scratch = gemm.scratch();
+    let then = bias.map_or(Then::Store, Then::AddPerRow);
     for img in 0..g.n {
         {
             padded.fill(g, x, img..img + 1);
             let (d, pl) = panels_mut(&mut b);
             pack_patches_by_pixel(&padded, d, (pl, gemm.b.r), g, lanes.as_ref(), &mut row);
         }
-        let view = TensorView::at_prefix(&y, &[img])?;
-        // SAFETY: the view is image `img` of `y`, `[co, ho, wo]`.
-        let store = unsafe { spec.wrap(&view) };
-        let mut ops: TVec<FusedSpec> = tvec![];
-        if let Some(bias) = bias {
-            ops.push(FusedSpec::BinPerRow(bias.view(), BinOp::Add));
-        }
-        ops.push(FusedSpec::Store(store));
-        gemm.run(&mut *scratch, (co, hw), &a, &b, ops)?;
+        // Image `img` of `y`: `[co, ho, wo]`, contiguous.
+        let mut view = TensorView::at_prefix(&y, &[img])?;
+        gemm.run(&mut scratch, (co, ck, hw), &a, &b, &mut view, then)?;
     }
     Ok(y)
 }
@@ -257,13 +388,9 @@ pub(super) fn grad_weight(
     let images = images.clamp(1, g.n.max(1));
     let dw = Tensor::zero::<f32>(&[co, g.c, g.kh, g.kw])?;
     let gemm = Gemm::new(co, images * hw, ck)?;
-    // SAFETY: `dw` is `[co, ck]`, contiguous.
-    let store = unsafe {
-        gemm.mmm
-            .c_from_data_and_strides(4, ck as isize, 1)
-            .wrap(&dw.view())
-    };
-    let mut scratch = unsafe { gemm.mmm.allocate_scratch_space() };
+    let mut scratch = gemm.scratch();
+    // `dw` as `[co, ck]`, contiguous.
+    let mut out = dw.view();
     let mut padded = Padded::new(g, images);
     let lanes = masked_lanes(&padded.row, gemm.b.r);
     // Buffers for a full chunk and, made when needed, the shorter last one.
@@ -303,12 +430,12 @@ pub(super) fn grad_weight(
             let (d, pl) = panels_mut(b);
             pack_patches_by_row(&padded, d, (pl, gemm.b.r), lanes.as_ref());
         }
-        let ops: TVec<FusedSpec> = if chunk == 0 {
-            tvec![FusedSpec::Store(store)]
+        let then = if chunk == 0 {
+            Then::Store
         } else {
-            tvec![FusedSpec::AddUnicast(store), FusedSpec::Store(store)]
+            Then::Accumulate
         };
-        gemm.run(&mut *scratch, (co, ck), a, b, ops)?;
+        gemm.run(&mut scratch, (co, k, ck), a, b, &mut out, then)?;
     }
     Ok(dw)
 }
@@ -360,13 +487,7 @@ pub(super) fn grad_input(g: &Geometry, co: usize, gy: &[f32], w: &[f32]) -> Trac
     }
     let mut b = gemm.b.new_packed_buffer(co, hw)?;
     let cols = unsafe { Tensor::uninitialized::<f32>(&[ck, hw])? };
-    // SAFETY: `cols` is `[ck, hw]`, contiguous.
-    let store = unsafe {
-        gemm.mmm
-            .c_from_data_and_strides(4, hw as isize, 1)
-            .wrap(&cols.view())
-    };
-    let mut scratch = unsafe { gemm.mmm.allocate_scratch_space() };
+    let mut scratch = gemm.scratch();
     let mut dx = unsafe { Tensor::uninitialized::<f32>(&g.image_shape())? };
     let one = Geometry { n: 1, ..*g };
     let image = g.c * g.h * g.w;
@@ -376,12 +497,14 @@ pub(super) fn grad_input(g: &Geometry, co: usize, gy: &[f32], w: &[f32]) -> Trac
             let src = &gy[img * co * hw..][..co * hw];
             pack_strided(d, (pl, gemm.b.r), src, (hw, co, 0), (1, hw));
         }
+        // `cols` as `[ck, hw]`, contiguous.
         gemm.run(
-            &mut *scratch,
-            (ck, hw),
+            &mut scratch,
+            (ck, co, hw),
             &a,
             &b,
-            tvec![FusedSpec::Store(store)],
+            &mut cols.view(),
+            Then::Store,
         )?;
         let mut view = dx.try_as_plain_ram_mut()?;
         let out = &mut view.as_slice_mut::<f32>()?[img * image..][..image];

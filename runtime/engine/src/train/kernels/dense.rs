@@ -92,7 +92,7 @@ fn gemm_sgd_tract(
     // kernel's tile is a column of vectors along its `m` side, which is
     // then `v`'s contiguous axis, so the momentum it reads (a gather) and
     // stores for a tile lie in a few cache lines instead of one per row.
-    let gemm = Gemm::new(n, b, m)?;
+    let gemm = Gemm::tract(n, b, m)?;
     let mut a = gemm.a.new_packed_buffer(b, n)?;
     {
         let (d, pl) = panels_mut(&mut a);
@@ -106,20 +106,18 @@ fn gemm_sgd_tract(
         d.iter_mut().for_each(|x| *x *= scale);
     }
     let mu_t = tensor0(mu);
-    // SAFETY: `v` is `[m, n]`, contiguous, and outlives the run; read as
-    // `[n, m]` (row stride 1, column stride `n`).
-    let vs = unsafe {
-        gemm.mmm
-            .c_from_data_and_strides(4, 1, n as isize)
-            .wrap(&v.view())
-    };
-    let ops: TVec<FusedSpec> = tvec![
-        FusedSpec::AddUnicast(vs),
-        FusedSpec::BinScalar(&mu_t, BinOp::Mul),
-        FusedSpec::Store(vs),
-    ];
-    let mut scratch = unsafe { gemm.mmm.allocate_scratch_space() };
-    gemm.run(&mut *scratch, (n, m), &a, &bp, ops)?;
+    let view = v.view();
+    let mut scratch = gemm.scratch();
+    gemm.run_fused(&mut scratch, (n, m), (&a, &bp), |mmm| {
+        // SAFETY: `v` is `[m, n]`, contiguous, and outlives the run; read
+        // as `[n, m]` (row stride 1, column stride `n`).
+        let vs = unsafe { mmm.c_from_data_and_strides(4, 1, n as isize).wrap(&view) };
+        tvec![
+            FusedSpec::AddUnicast(vs),
+            FusedSpec::BinScalar(&mu_t, BinOp::Mul),
+            FusedSpec::Store(vs),
+        ]
+    })?;
     let mut wv = w.try_as_plain_ram_mut()?;
     for (w, &v) in wv.as_slice_mut::<f32>()?.iter_mut().zip(super::plain(v)?) {
         *w -= lr * v;

@@ -279,6 +279,25 @@ impl Geometry {
             let xi = &x[plane * h * w..][..h * w];
             let gi = &gy[plane * ho * wo..][..ho * wo];
             let go = &mut gx[plane * h * w..][..h * w];
+            if self.kh == 2 && self.kw == 2 {
+                // The common 2x2 case: two rows at a time, the window's
+                // four values compared in `argmax`'s order (a strictly
+                // greater value replaces: the first maximum wins).
+                for oy in 0..ho {
+                    let (r0, r1) = (2 * oy * w, (2 * oy + 1) * w);
+                    for (ox, &g) in gi[oy * wo..][..wo].iter().enumerate() {
+                        let taps = [r0 + 2 * ox, r0 + 2 * ox + 1, r1 + 2 * ox, r1 + 2 * ox + 1];
+                        let mut best = taps[0];
+                        for &t in &taps[1..] {
+                            if xi[t] > xi[best] {
+                                best = t;
+                            }
+                        }
+                        go[best] += g;
+                    }
+                }
+                continue;
+            }
             for oy in 0..ho {
                 for ox in 0..wo {
                     go[self.argmax(xi, oy, ox)] += gi[oy * wo + ox];
