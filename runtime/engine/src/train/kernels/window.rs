@@ -274,35 +274,56 @@ impl Geometry {
         let Geometry {
             n, c, h, w, ho, wo, ..
         } = *self;
+        if self.kh == 2 && self.kw == 2 && h == 2 * ho && w == 2 * wo {
+            // The common case: 2x2 windows tiling the image, every element
+            // of `gx` written once, no branches on the data.
+            for plane in 0..n * c {
+                let xi = &x[plane * h * w..][..h * w];
+                let gi = &gy[plane * ho * wo..][..ho * wo];
+                let go = &mut gx[plane * h * w..][..h * w];
+                max_pool_grad_2x2(xi, gi, go, w);
+            }
+            return;
+        }
         gx.fill(0.0);
         for plane in 0..n * c {
             let xi = &x[plane * h * w..][..h * w];
             let gi = &gy[plane * ho * wo..][..ho * wo];
             let go = &mut gx[plane * h * w..][..h * w];
-            if self.kh == 2 && self.kw == 2 {
-                // The common 2x2 case: two rows at a time, the window's
-                // four values compared in `argmax`'s order (a strictly
-                // greater value replaces: the first maximum wins).
-                for oy in 0..ho {
-                    let (r0, r1) = (2 * oy * w, (2 * oy + 1) * w);
-                    for (ox, &g) in gi[oy * wo..][..wo].iter().enumerate() {
-                        let taps = [r0 + 2 * ox, r0 + 2 * ox + 1, r1 + 2 * ox, r1 + 2 * ox + 1];
-                        let mut best = taps[0];
-                        for &t in &taps[1..] {
-                            if xi[t] > xi[best] {
-                                best = t;
-                            }
-                        }
-                        go[best] += g;
-                    }
-                }
-                continue;
-            }
             for oy in 0..ho {
                 for ox in 0..wo {
                     go[self.argmax(xi, oy, ox)] += gi[oy * wo + ox];
                 }
             }
+        }
+    }
+}
+
+/// One plane's 2x2 max-pool gradient, the windows tiling `w`-wide rows:
+/// each window's gradient goes to its first maximum in `argmax`'s order
+/// (a strictly greater value replaces, so a NaN wins only in the first
+/// tap), the other three taps get zero. Selects instead of branches: the
+/// comparisons of real activations are unpredictable.
+fn max_pool_grad_2x2(xi: &[f32], gi: &[f32], go: &mut [f32], w: usize) {
+    let rows = xi.chunks_exact(2 * w).zip(go.chunks_exact_mut(2 * w));
+    for ((x, g), gr) in rows.zip(gi.chunks_exact(w / 2)) {
+        let (x0, x1) = x.split_at(w);
+        let (g0, g1) = g.split_at_mut(w);
+        let windows = x0.chunks_exact(2).zip(x1.chunks_exact(2));
+        let outs = g0.chunks_exact_mut(2).zip(g1.chunks_exact_mut(2));
+        for (((a, b), (o0, o1)), &v) in windows.zip(outs).zip(gr) {
+            let s1 = a[1] > a[0];
+            let m1 = if s1 { a[1] } else { a[0] };
+            let s2 = b[0] > m1;
+            let m2 = if s2 { b[0] } else { m1 };
+            let s3 = b[1] > m2;
+            let (t3, t2) = (s3, s2 && !s3);
+            let t1 = s1 && !s2 && !s3;
+            let t0 = !(s1 || s2 || s3);
+            o0[0] = if t0 { v } else { 0.0 };
+            o0[1] = if t1 { v } else { 0.0 };
+            o1[0] = if t2 { v } else { 0.0 };
+            o1[1] = if t3 { v } else { 0.0 };
         }
     }
 }
@@ -415,12 +436,12 @@ mod tests {
 
     #[test]
     fn max_pool_matches_the_general_path() {
-        for (kh, kw) in [(2, 2), (3, 2), (1, 3)] {
+        for (kh, kw, extra) in [(2, 2, 1), (2, 2, 0), (3, 2, 1), (1, 3, 0)] {
             let (ho, wo) = (3, 2);
             let g = Geometry {
                 n: 2,
                 c: 2,
-                h: ho * kh + 1,
+                h: ho * kh + extra,
                 w: wo * kw,
                 kh,
                 kw,
@@ -431,25 +452,31 @@ mod tests {
                 ho,
                 wo,
             };
-            let x: Vec<f32> = (0..g.n * g.c * g.h * g.w)
-                .map(|i| ((i * 37 % 23) as f32) - 11.0)
+            let len = g.n * g.c * g.h * g.w;
+            let x: Vec<f32> = (0..len).map(|i| ((i * 37 % 23) as f32) - 11.0).collect();
+            // Ties everywhere, and NaNs in every tap position: the
+            // gradient still goes to `argmax`'s first maximum.
+            let tied: Vec<f32> = (0..len)
+                .map(|i| if i % 7 == 3 { f32::NAN } else { (i % 3) as f32 })
                 .collect();
             let mut y = vec![f32::NAN; g.n * g.c * ho * wo];
             g.max_pool(&x, &mut y);
             let gy: Vec<f32> = (0..y.len()).map(|i| i as f32 + 1.0).collect();
-            let mut gx = vec![f32::NAN; x.len()];
-            g.max_pool_grad(&x, &gy, &mut gx);
-            let mut want = vec![0.0; x.len()];
-            for plane in 0..g.n * g.c {
-                let xi = &x[plane * g.h * g.w..][..g.h * g.w];
-                for oy in 0..ho {
-                    for ox in 0..wo {
-                        want[plane * g.h * g.w + g.argmax(xi, oy, ox)] +=
-                            gy[(plane * ho + oy) * wo + ox];
+            for x in [&x, &tied] {
+                let mut gx = vec![f32::NAN; x.len()];
+                g.max_pool_grad(x, &gy, &mut gx);
+                let mut want = vec![0.0; x.len()];
+                for plane in 0..g.n * g.c {
+                    let xi = &x[plane * g.h * g.w..][..g.h * g.w];
+                    for oy in 0..ho {
+                        for ox in 0..wo {
+                            want[plane * g.h * g.w + g.argmax(xi, oy, ox)] +=
+                                gy[(plane * ho + oy) * wo + ox];
+                        }
                     }
                 }
+                assert_eq!(gx, want, "{kh}x{kw}");
             }
-            assert_eq!(gx, want, "{kh}x{kw}");
             for plane in 0..g.n * g.c {
                 let xi = &x[plane * g.h * g.w..][..g.h * g.w];
                 for oy in 0..ho {
