@@ -133,8 +133,10 @@ impl Gemm {
         (a, b): (&'t EagerPackedInput, &'t EagerPackedInput),
         ops: impl FnOnce(&dyn MatMatMul) -> TVec<FusedSpec<'t>>,
     ) -> TractResult<()> {
-        let Kernel::Tract { mmm, packing } = &self.kernel else {
-            bail!("fused ops need one of tract's kernels");
+        let (mmm, packing) = match &self.kernel {
+            Kernel::Tract { mmm, packing } => (mmm, packing),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => bail!("fused ops need one of tract's kernels"),
         };
         let mut specs: TVec<FusedSpec> = tvec![FusedSpec::AddMatMul {
             a: AsInputValue::Borrowed(a),
@@ -202,15 +204,6 @@ impl Gemm {
             }
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512 => {
-                let panels = |p: &EagerPackedInput| -> TractResult<(&[f32], usize)> {
-                    let bytes = p.packed.as_bytes();
-                    // SAFETY: the blob is aligned for f32 (64 bytes) and
-                    // holds whole f32s.
-                    let f = unsafe {
-                        std::slice::from_raw_parts(bytes.as_ptr() as *const f32, bytes.len() / 4)
-                    };
-                    Ok((f, p.panel_bytes / 4))
-                };
                 let then = match then {
                     Then::Store => avx512::Epilogue::Store,
                     Then::Accumulate => avx512::Epilogue::Accumulate,
@@ -223,6 +216,17 @@ impl Gemm {
     }
 }
 
+/// A packed operand's panels as floats, and the floats per panel.
+#[cfg(target_arch = "x86_64")]
+fn panels(p: &EagerPackedInput) -> TractResult<(&[f32], usize)> {
+    // SAFETY: any bytes are valid f32s; `align_to` keeps only what is
+    // aligned (all of a 64-byte aligned blob).
+    let (head, f, _) = unsafe { p.packed.as_bytes().align_to::<f32>() };
+    ensure!(head.is_empty(), "a packed operand not aligned for f32");
+    Ok((f, p.panel_bytes / 4))
+}
+
+#[cfg(target_arch = "x86_64")]
 fn plain_f32(t: &Tensor) -> TractResult<&[f32]> {
     t.try_as_plain_ram()?.as_slice::<f32>()
 }
