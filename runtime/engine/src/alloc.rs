@@ -31,9 +31,11 @@
 //!
 //! Install it in a binary:
 //!
-//! ```ignore
+//! ```no_run
 //! #[global_allocator]
 //! static ALLOC: fedge_engine::alloc::StepAlloc = fedge_engine::alloc::StepAlloc;
+//!
+//! fn main() {}
 //! ```
 
 use std::alloc::{GlobalAlloc, Layout, System};
