@@ -120,7 +120,9 @@ pub(super) struct Lanes {
     /// Per run: the lanes it fills, as a bit mask.
     mask: Vec<u16>,
     /// Per run: its first offset minus its first lane, so that lane `t`
-    /// of the run reads `xp[base + adj + t]`.
+    /// of the run reads `xp[base + adj + t]` (read by the AVX-512
+    /// packer only).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     adj: Vec<isize>,
     /// One past the largest offset.
     end: usize,
