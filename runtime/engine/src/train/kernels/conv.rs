@@ -155,13 +155,12 @@ impl Gemm {
     }
 
     /// `C = A x B` (then `then`), into `c`: a contiguous row-major `[m, n]`
-    /// block, `a` and `b` packed in this kernel's formats for `k` records.
+    /// block, `a` and `b` packed in this kernel's formats for the same `k`.
     pub(super) fn run(
         &self,
         scratch: &mut Scratch,
-        (m, k, n): (usize, usize, usize),
-        a: &EagerPackedInput,
-        b: &EagerPackedInput,
+        (m, n): (usize, usize),
+        (a, b): (&EagerPackedInput, &EagerPackedInput),
         c: &mut TensorView,
         then: Then,
     ) -> TractResult<()> {
@@ -171,37 +170,23 @@ impl Gemm {
             c.datum_type(),
             c.shape()
         );
-        ensure!(
-            a.k() == k && b.k() == k,
-            "operands packed for k {} and {}, not {k}",
-            a.k(),
-            b.k()
-        );
+        let k = a.k();
+        ensure!(b.k() == k, "operands packed for k {k} and {}", b.k());
         match &self.kernel {
-            Kernel::Tract { mmm, packing } => {
+            Kernel::Tract { .. } => self.run_fused(scratch, (m, n), (a, b), |mmm| {
                 // SAFETY: `c` is a contiguous `[m, n]` f32 block (checked).
                 let store = unsafe { mmm.c_from_data_and_strides(4, n as isize, 1).wrap(c) };
-                let mut specs: TVec<FusedSpec> = tvec![FusedSpec::AddMatMul {
-                    a: AsInputValue::Borrowed(a),
-                    b: AsInputValue::Borrowed(b),
-                    packing: *packing,
-                }];
+                let mut ops: TVec<FusedSpec> = tvec![];
                 match then {
                     Then::Store => {}
-                    Then::Accumulate => specs.push(FusedSpec::AddUnicast(store)),
+                    Then::Accumulate => ops.push(FusedSpec::AddUnicast(store)),
                     Then::AddPerRow(bias) => {
-                        specs.push(FusedSpec::BinPerRow(bias.view(), BinOp::Add))
+                        ops.push(FusedSpec::BinPerRow(bias.view(), BinOp::Add))
                     }
                 }
-                specs.push(FusedSpec::Store(store));
-                let scratch = scratch
-                    .0
-                    .as_deref_mut()
-                    .context("a scratch space for tract")?;
-                // SAFETY: both operands were packed in the kernel's own
-                // formats for this `k`, and the store covers `m x n`.
-                unsafe { mmm.run_with_scratch_space(m, n, scratch, &specs) }
-            }
+                ops.push(FusedSpec::Store(store));
+                ops
+            }),
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512 => {
                 let then = match then {
@@ -372,7 +357,7 @@ pub(super) fn forward(
         }
         // Image `img` of `y`: `[co, ho, wo]`, contiguous.
         let mut view = TensorView::at_prefix(&y, &[img])?;
-        gemm.run(&mut scratch, (co, ck, hw), &a, &b, &mut view, then)?;
+        gemm.run(&mut scratch, (co, hw), (&a, &b), &mut view, then)?;
     }
     Ok(y)
 }
@@ -439,7 +424,7 @@ pub(super) fn grad_weight(
         } else {
             Then::Accumulate
         };
-        gemm.run(&mut scratch, (co, k, ck), a, b, &mut out, then)?;
+        gemm.run(&mut scratch, (co, ck), (a, b), &mut out, then)?;
     }
     Ok(dw)
 }
@@ -504,9 +489,8 @@ pub(super) fn grad_input(g: &Geometry, co: usize, gy: &[f32], w: &[f32]) -> Trac
         // `cols` as `[ck, hw]`, contiguous.
         gemm.run(
             &mut scratch,
-            (ck, co, hw),
-            &a,
-            &b,
+            (ck, hw),
+            (&a, &b),
             &mut cols.view(),
             Then::Store,
         )?;

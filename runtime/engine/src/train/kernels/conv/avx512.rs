@@ -91,6 +91,8 @@ pub(super) fn run(
     // weight-gradient product's `k` is a whole chunk of images, and its
     // panels would otherwise stream from memory once per tile row or
     // column). A block after the first adds to what the first stored.
+    // Every float of a tile is written by `product` before it is read.
+    let mut tile = [0.0f32; MR * NR];
     for k0 in (0..k.max(1)).step_by(KC) {
         let kc = (k - k0).min(KC);
         let epilogue = if k0 == 0 {
@@ -106,7 +108,6 @@ pub(super) fn run(
                     Epilogue::AddPerRow(bias) => Some(&bias[p * MR..][..rows]),
                     _ => None,
                 };
-                let mut tile = [0.0f32; MR * NR];
                 let (ap, bp) = (&a[p * pa + k0 * MR..], &b[q * pb + k0 * NR..]);
                 // SAFETY: AVX-512F checked above; panel `p` of `a` holds
                 // `k` records of MR floats and panel `q` of `b` `k` records
