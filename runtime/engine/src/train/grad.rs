@@ -214,10 +214,12 @@ pub fn backward(
             // Masked by the output (y > 0 exactly where x > 0), so that the
             // input is used by the Relu alone and tract rectifies it in
             // place: one activation-sized tensor fewer per layer.
-            out[0] = Some(
-                b.fedge_op(kernels::RELU_GRAD, &[y, gy], vec![], 1)?
+            out[0] = Some(match fold_relu_into_pool_grad(b, y, gy) {
+                true => gy.to_string(),
+                false => b
+                    .fedge_op(kernels::RELU_GRAD, &[y, gy], vec![], 1)?
                     .remove(0),
-            );
+            });
         }
         "Relu" | "LeakyRelu" => {
             let zero = b.scalar(0.0);
@@ -358,6 +360,31 @@ pub fn backward(
     Ok(out)
 }
 
+/// When the gradient `gy` of a Relu's output `y` is a `FedgeMaxPoolGrad`
+/// of `y` itself (the Relu feeds only a MaxPool: a gradient summed from
+/// several uses comes from an `Add`), mark that node `positive` so that it
+/// also applies the Relu's mask (a window's maximum is what `y` holds at
+/// the position the gradient goes to); true when it did.
+fn fold_relu_into_pool_grad(b: &mut Builder, y: &str, gy: &str) -> bool {
+    let producer = b
+        .nodes
+        .iter_mut()
+        .rev()
+        .find(|n| n.output.iter().any(|o| o == gy));
+    match producer {
+        Some(n)
+            if n.op_type == kernels::MAX_POOL_GRAD
+                && n.domain == kernels::DOMAIN
+                && n.input.first().map(String::as_str) == Some(y)
+                && onnx::attr_i(n, "positive").is_none() =>
+        {
+            n.attribute.push(onnx::int("positive", 1));
+            true
+        }
+        _ => false,
+    }
+}
+
 fn gemm(
     b: &mut Builder,
     node: &NodeProto,
@@ -374,14 +401,25 @@ fn gemm(
     let (a, w) = (node.input[0].as_str(), node.input[1].as_str());
     if needs[0] {
         // dA = alpha * G * B'^T
-        out[0] = Some(b.op(
-            "Gemm",
-            &[gy, w],
-            vec![
+        out[0] = Some(if b.lowering == Lowering::Tract {
+            // The weight read in place, not packed (FedgeLinear).
+            let k = b.try_shape(a)?.get(1).copied().unwrap_or(0);
+            let attrs = vec![
+                onnx::int("trans_b", (!tb) as i64),
                 onnx::float("alpha", alpha),
-                onnx::int("transB", (!tb) as i64),
-            ],
-        )?);
+                onnx::int("n", k as i64),
+            ];
+            b.fedge_op(kernels::LINEAR, &[gy, w], attrs, 1)?.remove(0)
+        } else {
+            b.op(
+                "Gemm",
+                &[gy, w],
+                vec![
+                    onnx::float("alpha", alpha),
+                    onnx::int("transB", (!tb) as i64),
+                ],
+            )?
+        });
     }
     if needs[1] {
         out[1] = Some(if tb {

@@ -238,9 +238,36 @@ pub(super) fn concat_named(
 ///   whole batch is one chunk its patches are kept for the weight
 ///   gradient ([`Builder::conv_cols`]).
 /// - MaxPool over non-overlapping windows: `FedgeMaxPool`.
+/// - Gemm (transA=0) with no bias, or a bias of one value per column and
+///   beta 1: `FedgeLinear` (the weight read in place, not packed).
 pub fn lower_forward(b: &mut Builder, node: &NodeProto) -> Result<bool, TrainError> {
     debug_assert_eq!(b.lowering, Lowering::Tract);
     match node.op_type.as_str() {
+        "Gemm" => {
+            let (a, w) = (node.input[0].as_str(), node.input[1].as_str());
+            let (sa, sw) = (b.try_shape(a)?, b.try_shape(w)?);
+            let tb = attr_i(node, "transB").unwrap_or(0) != 0;
+            if attr_i(node, "transA").unwrap_or(0) != 0 || sa.len() != 2 || sw.len() != 2 {
+                return Ok(false);
+            }
+            let n = if tb { sw[0] } else { sw[1] };
+            let mut inputs = vec![a, w];
+            if let Some(c) = node.input.get(2).filter(|c| !c.is_empty()) {
+                let sc = b.try_shape(c)?;
+                let beta = attr_f(node, "beta").unwrap_or(1.0);
+                if beta != 1.0 || !(sc == [n] || sc == [1, n]) {
+                    return Ok(false);
+                }
+                inputs.push(c);
+            }
+            let attrs = vec![
+                onnx::int("trans_b", tb as i64),
+                onnx::float("alpha", attr_f(node, "alpha").unwrap_or(1.0)),
+                onnx::int("n", n as i64),
+            ];
+            b.fedge_op_named(kernels::LINEAR, &inputs, attrs, &[node.output[0].as_str()])?;
+            Ok(true)
+        }
         "Conv" => {
             let (x, w) = (node.input[0].as_str(), node.input[1].as_str());
             let y = node.output[0].as_str();

@@ -195,7 +195,15 @@ impl Gemm {
                     Then::AddPerRow(bias) => avx512::Epilogue::AddPerRow(plain_f32(bias)?),
                 };
                 let out = c.as_slice_mut::<f32>()?;
-                avx512::run(k, (m, n), panels(a)?, panels(b)?, out, then)
+                let (b, pb) = panels(b)?;
+                avx512::run(
+                    k,
+                    (m, n),
+                    panels(a)?,
+                    avx512::Right::Panels(b, pb),
+                    out,
+                    then,
+                )
             }
         }
     }
@@ -259,7 +267,7 @@ fn width<const R: usize>(r: usize) -> usize {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512;
+pub(super) mod avx512;
 mod patches;
 
 use patches::{Lanes, Padded, pack_patches_by_pixel, pack_patches_by_row};

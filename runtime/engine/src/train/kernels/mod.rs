@@ -31,12 +31,18 @@
 //!   is).
 //! - `FedgeMaxPoolGrad` (x, gy) -> gx for non-overlapping windows: each
 //!   window's gradient goes to the first position holding its maximum
-//!   (PyTorch's convention), in one pass.
+//!   (PyTorch's convention), in one pass. With attribute `positive` = 1,
+//!   only where that maximum is above zero: the compiler folds the
+//!   gradient of a Relu whose output `x` is into it (no `FedgeReluGrad`
+//!   pass).
 //! - `FedgeSgd` (w, v, g, lr) -> (w', v'): SGD with momentum `mu` and weight
 //!   decay `wd` (`v' = mu v + g + wd w`, `w' = w - lr v'`) in one pass.
 //! - `FedgeGemmSgd` (w, v, p, q, lr) -> (w', v'): a dense layer's weight
 //!   gradient `alpha p^T q` and that update in one matrix product, no
 //!   gradient tensor ([`dense`]).
+//! - `FedgeLinear` (a `[m, k]`, w, optional bias `[n]`) -> `alpha a op(w)
+//!   + bias` `[m, n]`: a dense layer's forward (`op(w) = w^T`) and input
+//!   gradient with the weight read in place, not packed ([`linear`]).
 //!
 //! **Invariant:** every op here has a portable equivalent in plain ONNX
 //! ops (the `Lowering::Portable` rules in `grad` and `compile`), which the
@@ -59,6 +65,7 @@ pub const CONV: &str = "FedgeConv";
 pub const CONV_GRAD_W: &str = "FedgeConvGradW";
 pub const CONV_GRAD_X: &str = "FedgeConvGradX";
 pub const GEMM_SGD: &str = "FedgeGemmSgd";
+pub const LINEAR: &str = "FedgeLinear";
 
 /// Whether `op` is one of fedge's ops.
 pub fn is_fedge_op(op: &str) -> bool {
@@ -73,6 +80,7 @@ pub fn is_fedge_op(op: &str) -> bool {
         CONV_GRAD_W,
         CONV_GRAD_X,
         GEMM_SGD,
+        LINEAR,
     ]
     .contains(&op)
 }
@@ -81,6 +89,13 @@ pub fn is_fedge_op(op: &str) -> bool {
 pub fn output_shape(node: &NodeProto, x: &[usize]) -> Result<Vec<usize>, String> {
     if node.op_type == SGD || node.op_type == RELU_GRAD || node.op_type == GEMM_SGD {
         return Ok(x.to_vec());
+    }
+    if node.op_type == LINEAR {
+        let n = super::onnx::attr_i(node, "n").ok_or("missing `n`")?;
+        return match (x, usize::try_from(n)) {
+            ([m, _], Ok(n)) => Ok(vec![*m, n]),
+            _ => Err(format!("input is {x:?}, expected [m, k]; n = {n}")),
+        };
     }
     if let Some(kind) = ConvKind::of(&node.op_type) {
         let op = parse_conv(node, kind).map_err(|e| e.to_string())?;
@@ -132,6 +147,17 @@ fn register(reg: &mut OnnxOpRegister) {
         };
         Ok((expand(Typed(TypedOpBox(Box::new(op)))), vec![]))
     });
+    reg.insert(LINEAR, |_, node| {
+        let n = super::onnx::attr_i(node, "n")
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| format_err!("{LINEAR} `{}`: missing or bad `n`", node.name))?;
+        let op = linear::Linear {
+            trans_b: super::onnx::attr_i(node, "trans_b").unwrap_or(0) != 0,
+            alpha_bits: super::onnx::attr_f(node, "alpha").unwrap_or(1.0).to_bits(),
+            n,
+        };
+        Ok((expand(Typed(TypedOpBox(Box::new(op)))), vec![]))
+    });
     for op in [CONV, CONV_GRAD_W, CONV_GRAD_X] {
         reg.insert(op, |_, n| {
             let kind = ConvKind::of(&n.op_type).expect("registered");
@@ -143,6 +169,7 @@ fn register(reg: &mut OnnxOpRegister) {
 
 mod conv;
 mod dense;
+mod linear;
 mod window;
 
 pub use dense::MOMENTUM_MIN as GEMM_SGD_MOMENTUM_MIN;
@@ -155,6 +182,10 @@ enum Kind {
     Col2Im,
     MaxPool,
     MaxPoolGrad,
+    /// `MaxPoolGrad` with attribute `positive`: a window whose maximum is
+    /// not above zero passes nothing back (the gradient of a Relu before
+    /// the pool, folded in).
+    MaxPoolGradPositive,
 }
 
 impl Kind {
@@ -163,14 +194,14 @@ impl Kind {
             Kind::Im2Col => IM2COL,
             Kind::Col2Im => COL2IM,
             Kind::MaxPool => MAX_POOL,
-            Kind::MaxPoolGrad => MAX_POOL_GRAD,
+            Kind::MaxPoolGrad | Kind::MaxPoolGradPositive => MAX_POOL_GRAD,
         }
     }
 
     fn inputs(self) -> usize {
         match self {
             Kind::Im2Col | Kind::Col2Im | Kind::MaxPool => 1,
-            Kind::MaxPoolGrad => 2,
+            Kind::MaxPoolGrad | Kind::MaxPoolGradPositive => 2,
         }
     }
 }
@@ -183,6 +214,12 @@ fn ints(node: &NodeProto, name: &str) -> TractResult<Vec<i64>> {
 fn parse(node: &NodeProto, kind: Kind) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
     let geometry = Geometry::from_ints(&ints(node, "geometry")?)
         .ok_or_else(|| format_err!("{} `{}`: bad geometry", node.op_type, node.name))?;
+    let kind = match kind {
+        Kind::MaxPoolGrad if super::onnx::attr_i(node, "positive").unwrap_or(0) != 0 => {
+            Kind::MaxPoolGradPositive
+        }
+        k => k,
+    };
     let op = WindowOp { kind, geometry };
     Ok((expand(Typed(TypedOpBox(Box::new(op)))), vec![]))
 }
@@ -252,6 +289,15 @@ impl Expansion for Typed {
             s.equals(&outputs[0].datum_type, f32::datum_type())?;
             s.equals(&outputs[0].shape, &inputs[0].shape)?;
             s.equals(&inputs[1].shape, &inputs[0].shape)?;
+        } else if let Some(l) = self.0.0.as_op().downcast_ref::<linear::Linear>() {
+            if inputs.len() != 2 && inputs.len() != 3 {
+                bail!("{LINEAR}: {} inputs, expected 2 or 3", inputs.len());
+            }
+            check_output_arity(outputs, 1)?;
+            s.equals(&outputs[0].datum_type, f32::datum_type())?;
+            s.equals(&outputs[0].rank, 2)?;
+            s.equals(&outputs[0].shape[0], &inputs[0].shape[0])?;
+            s.equals(&outputs[0].shape[1], l.n.to_dim())?;
         } else if self.0.0.as_op().downcast_ref::<dense::GemmSgd>().is_some() {
             check_input_arity(inputs, 5)?;
             check_output_arity(outputs, 2)?;
@@ -295,7 +341,9 @@ impl WindowOp {
                 let g = &self.geometry;
                 vec![g.n, g.c, g.ho, g.wo]
             }
-            Kind::Col2Im | Kind::MaxPoolGrad => self.geometry.image_shape().to_vec(),
+            Kind::Col2Im | Kind::MaxPoolGrad | Kind::MaxPoolGradPositive => {
+                self.geometry.image_shape().to_vec()
+            }
         }
     }
 
@@ -304,7 +352,9 @@ impl WindowOp {
         match self.kind {
             Kind::Im2Col | Kind::MaxPool => vec![g.image_shape().to_vec()],
             Kind::Col2Im => vec![g.cols_shape().to_vec()],
-            Kind::MaxPoolGrad => vec![g.image_shape().to_vec(), vec![g.n, g.c, g.ho, g.wo]],
+            Kind::MaxPoolGrad | Kind::MaxPoolGradPositive => {
+                vec![g.image_shape().to_vec(), vec![g.n, g.c, g.ho, g.wo]]
+            }
         }
     }
 }
@@ -354,7 +404,10 @@ impl EvalOp for WindowOp {
                 Kind::Im2Col => g.im2col(plain(&inputs[0])?, o),
                 Kind::Col2Im => g.col2im(plain(&inputs[0])?, o),
                 Kind::MaxPool => g.max_pool(plain(&inputs[0])?, o),
-                Kind::MaxPoolGrad => g.max_pool_grad(plain(&inputs[0])?, plain(&inputs[1])?, o),
+                Kind::MaxPoolGrad | Kind::MaxPoolGradPositive => {
+                    let positive = self.kind == Kind::MaxPoolGradPositive;
+                    g.max_pool_grad(plain(&inputs[0])?, plain(&inputs[1])?, o, positive)
+                }
             }
         }
         Ok(tvec!(out.into_tvalue()))

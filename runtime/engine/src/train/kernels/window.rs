@@ -270,7 +270,10 @@ impl Geometry {
         }
     }
 
-    pub(super) fn max_pool_grad(&self, x: &[f32], gy: &[f32], gx: &mut [f32]) {
+    /// With `positive`, a window whose maximum is not above zero (or is
+    /// NaN) passes nothing back: the gradient of a Relu that made `x`,
+    /// folded in.
+    pub(super) fn max_pool_grad(&self, x: &[f32], gy: &[f32], gx: &mut [f32], positive: bool) {
         let Geometry {
             n, c, h, w, ho, wo, ..
         } = *self;
@@ -281,7 +284,11 @@ impl Geometry {
                 let xi = &x[plane * h * w..][..h * w];
                 let gi = &gy[plane * ho * wo..][..ho * wo];
                 let go = &mut gx[plane * h * w..][..h * w];
-                max_pool_grad_2x2(xi, gi, go, w);
+                if positive {
+                    max_pool_grad_2x2::<true>(xi, gi, go, w);
+                } else {
+                    max_pool_grad_2x2::<false>(xi, gi, go, w);
+                }
             }
             return;
         }
@@ -292,7 +299,10 @@ impl Geometry {
             let go = &mut gx[plane * h * w..][..h * w];
             for oy in 0..ho {
                 for ox in 0..wo {
-                    go[self.argmax(xi, oy, ox)] += gi[oy * wo + ox];
+                    let at = self.argmax(xi, oy, ox);
+                    if !positive || xi[at] > 0.0 {
+                        go[at] += gi[oy * wo + ox];
+                    }
                 }
             }
         }
@@ -303,8 +313,9 @@ impl Geometry {
 /// each window's gradient goes to its first maximum in `argmax`'s order
 /// (a strictly greater value replaces, so a NaN wins only in the first
 /// tap), the other three taps get zero. Selects instead of branches: the
-/// comparisons of real activations are unpredictable.
-fn max_pool_grad_2x2(xi: &[f32], gi: &[f32], go: &mut [f32], w: usize) {
+/// comparisons of real activations are unpredictable. With `POSITIVE`, a
+/// window whose maximum is not above zero gets zero everywhere.
+fn max_pool_grad_2x2<const POSITIVE: bool>(xi: &[f32], gi: &[f32], go: &mut [f32], w: usize) {
     let rows = xi.chunks_exact(2 * w).zip(go.chunks_exact_mut(2 * w));
     for ((x, g), gr) in rows.zip(gi.chunks_exact(w / 2)) {
         let (x0, x1) = x.split_at(w);
@@ -317,6 +328,12 @@ fn max_pool_grad_2x2(xi: &[f32], gi: &[f32], go: &mut [f32], w: usize) {
             let s2 = b[0] > m1;
             let m2 = if s2 { b[0] } else { m1 };
             let s3 = b[1] > m2;
+            let v = if POSITIVE {
+                let m3 = if s3 { b[1] } else { m2 };
+                if m3 > 0.0 { v } else { 0.0 }
+            } else {
+                v
+            };
             let (t3, t2) = (s3, s2 && !s3);
             let t1 = s1 && !s2 && !s3;
             let t0 = !(s1 || s2 || s3);
@@ -427,8 +444,15 @@ mod tests {
         };
         let x = [1.0, 3.0, 5.0, 5.0, 3.0, 2.0, 5.0, 0.0];
         let mut gx = [f32::NAN; 8];
-        g.max_pool_grad(&x, &[10.0, 20.0], &mut gx);
+        g.max_pool_grad(&x, &[10.0, 20.0], &mut gx, false);
         assert_eq!(gx, [0.0, 10.0, 20.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+        // With `positive`: the same (both maxima above zero), and nothing
+        // from a window whose maximum is zero.
+        g.max_pool_grad(&x, &[10.0, 20.0], &mut gx, true);
+        assert_eq!(gx, [0.0, 10.0, 20.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+        let zero = [0.0, -1.0, 3.0, 5.0, -2.0, 0.0, 5.0, 0.0];
+        g.max_pool_grad(&zero, &[10.0, 20.0], &mut gx, true);
+        assert_eq!(gx, [0.0, 0.0, 0.0, 20.0, 0.0, 0.0, 0.0, 0.0]);
         let mut y = [f32::NAN; 2];
         g.max_pool(&x, &mut y);
         assert_eq!(y, [3.0, 5.0]);
@@ -462,20 +486,24 @@ mod tests {
             let mut y = vec![f32::NAN; g.n * g.c * ho * wo];
             g.max_pool(&x, &mut y);
             let gy: Vec<f32> = (0..y.len()).map(|i| i as f32 + 1.0).collect();
-            for x in [&x, &tied] {
+            // With `positive`, only windows whose maximum is above zero
+            // (not NaN) pass their gradient back.
+            for (x, positive) in [(&x, false), (&tied, false), (&x, true), (&tied, true)] {
                 let mut gx = vec![f32::NAN; x.len()];
-                g.max_pool_grad(x, &gy, &mut gx);
+                g.max_pool_grad(x, &gy, &mut gx, positive);
                 let mut want = vec![0.0; x.len()];
                 for plane in 0..g.n * g.c {
                     let xi = &x[plane * g.h * g.w..][..g.h * g.w];
                     for oy in 0..ho {
                         for ox in 0..wo {
-                            want[plane * g.h * g.w + g.argmax(xi, oy, ox)] +=
-                                gy[(plane * ho + oy) * wo + ox];
+                            let at = g.argmax(xi, oy, ox);
+                            if !positive || xi[at] > 0.0 {
+                                want[plane * g.h * g.w + at] += gy[(plane * ho + oy) * wo + ox];
+                            }
                         }
                     }
                 }
-                assert_eq!(gx, want, "{kh}x{kw}");
+                assert_eq!(gx, want, "{kh}x{kw} positive {positive}");
             }
             for plane in 0..g.n * g.c {
                 let xi = &x[plane * g.h * g.w..][..g.h * g.w];

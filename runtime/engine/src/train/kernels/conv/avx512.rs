@@ -23,9 +23,9 @@ use std::arch::x86_64::*;
 use tract_onnx::tract_hir::internal::*;
 
 /// Rows per tile: the left operand's panel width.
-pub(super) const MR: usize = 32;
+pub(in super::super) const MR: usize = 32;
 /// Columns per tile: the right operand's panel width.
-pub(super) const NR: usize = 12;
+pub(in super::super) const NR: usize = 12;
 /// Records of `k` per block: 128 KiB of a left panel and 48 KiB of a right
 /// one, both in the L2 cache, at the cost of one more pass over `C` per
 /// block (a few percent of a block's FMAs).
@@ -33,13 +33,29 @@ const KC: usize = 1024;
 
 /// What the kernel does with a tile's product `P` before it lands in `C`.
 #[derive(Clone, Copy)]
-pub(super) enum Epilogue<'a> {
+pub(in super::super) enum Epilogue<'a> {
     /// `C = P`.
     Store,
     /// `C += P`.
     Accumulate,
     /// `C[i, j] = P[i, j] + bias[i]`.
     AddPerRow(&'a [f32]),
+    /// `C[i, j] = P[i, j] + bias[j]`.
+    AddPerCol(&'a [f32]),
+}
+
+/// The right operand of a product: tract's packed panels, or a matrix
+/// read where it lies (a dense layer's weight, which packing would copy
+/// whole every step).
+#[derive(Clone, Copy)]
+pub(in super::super) enum Right<'a> {
+    /// `ceil(n / NR)` panels of `len` floats, each `k` records of NR
+    /// floats, zero past the last column.
+    Panels(&'a [f32], usize),
+    /// Element `(kk, j)` at `b[kk * rs + j * cs]`, with `rs == 1` or
+    /// `cs == 1`: with `cs == 1` a record is NR contiguous floats, with
+    /// `rs == 1` the NR columns are NR rows of `b` read side by side.
+    Strided { b: &'a [f32], rs: usize, cs: usize },
 }
 
 /// Whether the kernel pays for an `[m, k] x [k, n]` product: tract's
@@ -47,18 +63,18 @@ pub(super) enum Epilogue<'a> {
 /// tile's store; fewer than 16 rows leave most of a tile empty). Measured
 /// on the first convolution of the bench's CNN (`[32, 25] x [25, 784]`
 /// per image): 2.5 ms a step at batch 64 here against 4.2 with tract's.
-pub(super) fn suits(m: usize, k: usize, n: usize) -> bool {
+pub(in super::super) fn suits(m: usize, k: usize, n: usize) -> bool {
     m >= 16 && k >= 16 && n >= NR && super::patches::avx512_available()
 }
 
 /// `C = A x B` then the epilogue; `a` holds `ceil(m / MR)` panels of `pa`
-/// floats, `b` holds `ceil(n / NR)` panels of `pb` floats, each panel `k`
-/// records of `MR` (`NR`) floats, zero past the last row (column).
-pub(super) fn run(
+/// floats, each `k` records of `MR` floats, zero past the last row; `b`
+/// as [`Right`] says.
+pub(in super::super) fn run(
     k: usize,
     (m, n): (usize, usize),
     (a, pa): (&[f32], usize),
-    (b, pb): (&[f32], usize),
+    b: Right,
     c: &mut [f32],
     epilogue: Epilogue,
 ) -> TractResult<()> {
@@ -66,25 +82,42 @@ pub(super) fn run(
         super::patches::avx512_available(),
         "no AVX-512F on this CPU"
     );
+    ensure!(pa >= k * MR, "left panels shorter than k records");
     ensure!(
-        pa >= k * MR && pb >= k * NR,
-        "panels shorter than k records"
+        a.len() >= m.div_ceil(MR) * pa,
+        "the left operand is shorter than its panels"
     );
-    ensure!(
-        a.len() >= m.div_ceil(MR) * pa && b.len() >= n.div_ceil(NR) * pb,
-        "packed operands shorter than their panels"
-    );
+    match b {
+        Right::Panels(b, pb) => ensure!(
+            pb >= k * NR && b.len() >= n.div_ceil(NR) * pb,
+            "the right operand's panels are shorter than k records"
+        ),
+        Right::Strided { b, rs, cs } => ensure!(
+            (rs == 1 || cs == 1)
+                && rs > 0
+                && cs > 0
+                && (k == 0 || n == 0 || (k - 1) * rs + (n - 1) * cs < b.len()),
+            "a right operand of {} values read with strides ({rs}, {cs}) for {k}x{n}",
+            b.len()
+        ),
+    }
     ensure!(
         c.len() == m * n,
         "the output holds {} values, not {m}x{n}",
         c.len()
     );
-    if let Epilogue::AddPerRow(bias) = epilogue {
-        ensure!(
+    match epilogue {
+        Epilogue::AddPerRow(bias) => ensure!(
             bias.len() == m,
             "a bias of {} values for {m} rows",
             bias.len()
-        );
+        ),
+        Epilogue::AddPerCol(bias) => ensure!(
+            bias.len() == n,
+            "a bias of {} values for {n} columns",
+            bias.len()
+        ),
+        _ => {}
     }
     // Blocks of at most KC records along `k`, each over every tile: a
     // block's panels stay in the L2 cache while the tiles reuse them (a
@@ -93,6 +126,9 @@ pub(super) fn run(
     // column). A block after the first adds to what the first stored.
     // Every float of a tile is written by `product` before it is read.
     let mut tile = [0.0f32; MR * NR];
+    // A strided operand's last, partial panel, packed per block (reading
+    // its NR columns in place would run past the matrix).
+    let mut edge = Vec::new();
     for k0 in (0..k.max(1)).step_by(KC) {
         let kc = (k - k0).min(KC);
         let epilogue = if k0 == 0 {
@@ -102,28 +138,73 @@ pub(super) fn run(
         };
         for q in 0..n.div_ceil(NR) {
             let cols = (n - q * NR).min(NR);
+            // Where records `k0..` of panel `q` start, and how to read them.
+            let (bp, read) = match b {
+                Right::Panels(b, pb) => (&b[q * pb + k0 * NR..], Read::Panel),
+                Right::Strided { b, rs, cs } if cols == NR => {
+                    if cs == 1 {
+                        (&b[k0 * rs + q * NR..], Read::Records(rs))
+                    } else {
+                        (&b[k0 + q * NR * cs..], Read::Columns(cs))
+                    }
+                }
+                Right::Strided { b, rs, cs } => {
+                    edge.clear();
+                    edge.resize(kc * NR, 0.0);
+                    for (kk, rec) in edge.chunks_exact_mut(NR).enumerate() {
+                        for (j, v) in rec.iter_mut().enumerate().take(cols) {
+                            *v = b[(k0 + kk) * rs + (q * NR + j) * cs];
+                        }
+                    }
+                    (&edge[..], Read::Panel)
+                }
+            };
             for p in 0..m.div_ceil(MR) {
                 let rows = (m - p * MR).min(MR);
-                let bias = match epilogue {
-                    Epilogue::AddPerRow(bias) => Some(&bias[p * MR..][..rows]),
-                    _ => None,
-                };
-                let (ap, bp) = (&a[p * pa + k0 * MR..], &b[q * pb + k0 * NR..]);
+                let ap = &a[p * pa + k0 * MR..];
                 // SAFETY: AVX-512F checked above; panel `p` of `a` holds
-                // `k` records of MR floats and panel `q` of `b` `k` records
-                // of NR (checked above), so records `k0..k0 + kc` are in
-                // bounds.
-                unsafe { product(kc, ap.as_ptr(), bp.as_ptr(), &mut tile) };
+                // `k` records of MR floats (checked above), so records
+                // `k0..k0 + kc` are in bounds; `bp` reads records
+                // `0..kc` of its panel: for packed panels within `k`
+                // records of NR (checked), for a strided operand
+                // elements `(k0 + kk, q * NR + j)` with `kk < kc`, `j <
+                // NR` and `q * NR + j < n` (a full panel), at most
+                // `(k - 1) * rs + (n - 1) * cs` (checked).
+                unsafe {
+                    match read {
+                        Read::Panel => product::<true>(kc, ap.as_ptr(), bp.as_ptr(), NR, &mut tile),
+                        Read::Records(rs) => {
+                            product::<true>(kc, ap.as_ptr(), bp.as_ptr(), rs, &mut tile)
+                        }
+                        Read::Columns(cs) => {
+                            product::<false>(kc, ap.as_ptr(), bp.as_ptr(), cs, &mut tile)
+                        }
+                    }
+                };
                 let out = &mut c[p * MR * n + q * NR..];
                 for i in 0..rows {
                     let row = &mut out[i * n..][..cols];
-                    let add = bias.map_or(0.0, |b| b[i]);
-                    for (j, o) in row.iter_mut().enumerate() {
-                        let v = tile[j * MR + i];
-                        *o = match epilogue {
-                            Epilogue::Accumulate => *o + v,
-                            _ => v + add,
-                        };
+                    match epilogue {
+                        Epilogue::Accumulate => {
+                            for (j, o) in row.iter_mut().enumerate() {
+                                *o += tile[j * MR + i];
+                            }
+                        }
+                        Epilogue::AddPerCol(bias) => {
+                            let bias = &bias[q * NR..][..cols];
+                            for (j, (o, b)) in row.iter_mut().zip(bias).enumerate() {
+                                *o = tile[j * MR + i] + b;
+                            }
+                        }
+                        Epilogue::Store | Epilogue::AddPerRow(_) => {
+                            let add = match epilogue {
+                                Epilogue::AddPerRow(bias) => bias[p * MR + i],
+                                _ => 0.0,
+                            };
+                            for (j, o) in row.iter_mut().enumerate() {
+                                *o = tile[j * MR + i] + add;
+                            }
+                        }
                     }
                 }
             }
@@ -132,22 +213,49 @@ pub(super) fn run(
     Ok(())
 }
 
+/// How [`product`] reads the right operand.
+#[derive(Clone, Copy)]
+enum Read {
+    /// Records of NR contiguous floats, one after the other.
+    Panel,
+    /// Records of NR contiguous floats, this many floats apart.
+    Records(usize),
+    /// NR columns, each contiguous along `k`, this many floats apart.
+    Columns(usize),
+}
+
 /// One tile's product, column by column into `tile` (`tile[j * MR + i]`).
+/// With `RECORDS`, element `(kk, j)` of the right operand is `b[kk * s +
+/// j]`; else `b[kk + j * s]`.
 ///
 /// # Safety
-/// AVX-512F; `a` points at `k * MR` floats and `b` at `k * NR`.
+/// AVX-512F; `a` points at `k * MR` floats and every element of `b` read
+/// for `kk < k`, `j < NR` is in bounds.
 #[target_feature(enable = "avx512f")]
-unsafe fn product(k: usize, a: *const f32, b: *const f32, tile: &mut [f32; MR * NR]) {
+unsafe fn product<const RECORDS: bool>(
+    k: usize,
+    a: *const f32,
+    b: *const f32,
+    s: usize,
+    tile: &mut [f32; MR * NR],
+) {
     let mut lo = [_mm512_setzero_ps(); NR];
     let mut hi = [_mm512_setzero_ps(); NR];
+    // The columns' starts (read side by side, one float per column per
+    // step): computed without dereferencing.
+    let columns: [*const f32; NR] = std::array::from_fn(|j| b.wrapping_add(j * s));
     for kk in 0..k {
-        // SAFETY: record `kk < k` of each panel is in bounds (the caller).
+        // SAFETY: record `kk < k` of each operand is in bounds (the caller).
         unsafe {
             let ar = a.add(kk * MR);
-            let br = b.add(kk * NR);
             let (a0, a1) = (_mm512_loadu_ps(ar), _mm512_loadu_ps(ar.add(16)));
             for j in 0..NR {
-                let bj = _mm512_set1_ps(*br.add(j));
+                let e = if RECORDS {
+                    *b.add(kk * s + j)
+                } else {
+                    *columns[j].add(kk)
+                };
+                let bj = _mm512_set1_ps(e);
                 lo[j] = _mm512_fmadd_ps(a0, bj, lo[j]);
                 hi[j] = _mm512_fmadd_ps(a1, bj, hi[j]);
             }
@@ -201,20 +309,13 @@ mod tests {
                 (0..k).map(|kk| a[i * k + kk] * bt[j * k + kk]).sum()
             };
             let mut c = vec![1.0; m * n];
-            run(k, (m, n), (&pa, la), (&pb, lb), &mut c, Epilogue::Store).unwrap();
+            let right = Right::Panels(&pb, lb);
+            run(k, (m, n), (&pa, la), right, &mut c, Epilogue::Store).unwrap();
             let mut acc = c.clone();
-            run(
-                k,
-                (m, n),
-                (&pa, la),
-                (&pb, lb),
-                &mut acc,
-                Epilogue::Accumulate,
-            )
-            .unwrap();
+            run(k, (m, n), (&pa, la), right, &mut acc, Epilogue::Accumulate).unwrap();
             let mut biased = vec![0.0; m * n];
             let e = Epilogue::AddPerRow(&bias);
-            run(k, (m, n), (&pa, la), (&pb, lb), &mut biased, e).unwrap();
+            run(k, (m, n), (&pa, la), right, &mut biased, e).unwrap();
             for i in 0..m {
                 for j in 0..n {
                     let w = want(i, j);
@@ -234,12 +335,129 @@ mod tests {
         let (a, b) = (vec![0.0; 32 * 8], vec![0.0; 12 * 8]);
         let mut c = vec![0.0; 32 * 12];
         let e = Epilogue::Store;
-        assert!(run(8, (32, 12), (&a, 32 * 8), (&b, 12 * 8), &mut c, e).is_ok());
-        assert!(run(9, (32, 12), (&a, 32 * 8), (&b, 12 * 8), &mut c, e).is_err());
-        assert!(run(8, (33, 12), (&a, 32 * 8), (&b, 12 * 8), &mut c, e).is_err());
-        assert!(run(8, (32, 12), (&a, 32 * 8), (&b, 12 * 8), &mut c[1..], e).is_err());
+        assert!(
+            run(
+                8,
+                (32, 12),
+                (&a, 32 * 8),
+                Right::Panels(&b, 12 * 8),
+                &mut c,
+                e
+            )
+            .is_ok()
+        );
+        assert!(
+            run(
+                9,
+                (32, 12),
+                (&a, 32 * 8),
+                Right::Panels(&b, 12 * 8),
+                &mut c,
+                e
+            )
+            .is_err()
+        );
+        assert!(
+            run(
+                8,
+                (33, 12),
+                (&a, 32 * 8),
+                Right::Panels(&b, 12 * 8),
+                &mut c,
+                e
+            )
+            .is_err()
+        );
+        assert!(
+            run(
+                8,
+                (32, 12),
+                (&a, 32 * 8),
+                Right::Panels(&b, 12 * 8),
+                &mut c[1..],
+                e
+            )
+            .is_err()
+        );
         let short = [0.0; 31];
         let e = Epilogue::AddPerRow(&short);
-        assert!(run(8, (32, 12), (&a, 32 * 8), (&b, 12 * 8), &mut c, e).is_err());
+        assert!(
+            run(
+                8,
+                (32, 12),
+                (&a, 32 * 8),
+                Right::Panels(&b, 12 * 8),
+                &mut c,
+                e
+            )
+            .is_err()
+        );
+    }
+
+    /// A right operand read in place, as records (`cs == 1`, a row stride
+    /// wider than `n`) and as columns (`rs == 1`), with a last partial
+    /// panel, a second `k` block, and the per-column bias.
+    #[test]
+    fn strided_right_operands_match_the_definition() {
+        if !super::super::patches::avx512_available() {
+            return;
+        }
+        for (m, k, n) in [(32, 40, 12), (64, 33, 200), (17, 70, 25), (40, KC + 9, 30)] {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
+            let (pa, la) = pack(&a, m, k, MR);
+            // B as [k, n] with rows `n + 3` apart, and as [n, k] with rows
+            // `k + 2` apart; the same values.
+            let bv = |kk: usize, j: usize| ((kk * 5 + j * 3) % 11) as f32 - 5.0;
+            let (rs, cs) = (n + 3, k + 2);
+            let mut records = vec![f32::NAN; (k - 1) * rs + n];
+            let mut columns = vec![f32::NAN; (n - 1) * cs + k];
+            for kk in 0..k {
+                for j in 0..n {
+                    records[kk * rs + j] = bv(kk, j);
+                    columns[j * cs + kk] = bv(kk, j);
+                }
+            }
+            let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.25).collect();
+            let want =
+                |i: usize, j: usize| -> f32 { (0..k).map(|kk| a[i * k + kk] * bv(kk, j)).sum() };
+            for right in [
+                Right::Strided {
+                    b: &records,
+                    rs,
+                    cs: 1,
+                },
+                Right::Strided {
+                    b: &columns,
+                    rs: 1,
+                    cs,
+                },
+            ] {
+                let mut c = vec![0.0; m * n];
+                run(k, (m, n), (&pa, la), right, &mut c, Epilogue::Store).unwrap();
+                let mut biased = vec![0.0; m * n];
+                let e = Epilogue::AddPerCol(&bias);
+                run(k, (m, n), (&pa, la), right, &mut biased, e).unwrap();
+                for i in 0..m {
+                    for j in 0..n {
+                        assert_eq!(c[i * n + j], want(i, j), "{m}x{k}x{n} [{i}, {j}]");
+                        assert_eq!(biased[i * n + j], want(i, j) + bias[j], "biased");
+                    }
+                }
+            }
+            // One float short of the last element read: refused.
+            let short = Right::Strided {
+                b: &records[..records.len() - 1],
+                rs,
+                cs: 1,
+            };
+            let mut c = vec![0.0; m * n];
+            assert!(run(k, (m, n), (&pa, la), short, &mut c, Epilogue::Store).is_err());
+            let both = Right::Strided {
+                b: &records,
+                rs: 2,
+                cs: 2,
+            };
+            assert!(run(k, (m, n), (&pa, la), both, &mut c, Epilogue::Store).is_err());
+        }
     }
 }
