@@ -295,6 +295,32 @@ fn pack_strided_r<const R: usize>(
     (mn_stride, k_stride): (usize, usize),
 ) {
     let r = width::<R>(r);
+    if k_stride == 1 && mn_stride != 1 {
+        // Each lane's values are contiguous along `k` (a transpose): copied
+        // a block of records at a time, row by row, so that the reads are
+        // runs and the block being written stays in the L1 cache. (Record
+        // by record, each of the `r` reads hits another row.)
+        const BLOCK: usize = 64;
+        for p in 0..mn.div_ceil(r) {
+            let rows = (mn - p * r).min(r);
+            let panel = &mut dst[p * panel_len + k0 * r..][..k * r];
+            for kb in (0..k).step_by(BLOCK) {
+                let len = BLOCK.min(k - kb);
+                let block = &mut panel[kb * r..][..len * r];
+                for rr in 0..r {
+                    if rr < rows {
+                        let run = &src[(p * r + rr) * mn_stride + kb..][..len];
+                        for (rec, &v) in block.chunks_exact_mut(r).zip(run) {
+                            rec[rr] = v;
+                        }
+                    } else {
+                        block.chunks_exact_mut(r).for_each(|rec| rec[rr] = 0.0);
+                    }
+                }
+            }
+        }
+        return;
+    }
     for p in 0..mn.div_ceil(r) {
         let rows = (mn - p * r).min(r);
         let panel = &mut dst[p * panel_len..][..panel_len];
@@ -370,8 +396,12 @@ pub(super) fn forward(
     Ok(y)
 }
 
+/// The most records of `k` a weight-gradient chunk packs at once (unless
+/// one image has more).
+const CHUNK_K: usize = 1024;
+
 /// `dW` (`[co, c, kh, kw]`) from the input `x` and the output gradient
-/// `gy`, `images` images per product.
+/// `gy`, at most `images` images per product.
 pub(super) fn grad_weight(
     g: &Geometry,
     co: usize,
@@ -382,7 +412,13 @@ pub(super) fn grad_weight(
     let (ck, hw) = (g.c * g.kh * g.kw, g.ho * g.wo);
     check_len("the input", x.len(), g.n * g.c * g.h * g.w)?;
     check_len("the output gradient", gy.len(), g.n * co * hw)?;
-    let images = images.clamp(1, g.n.max(1));
+    // At most about CHUNK_K records per chunk (at least one image): a
+    // chunk's two packed operands then stay in the L2 cache from their
+    // packing to the product; packed whole for a larger chunk they went
+    // out to memory and back (profiled: the packing's stores stalled).
+    let images = images
+        .clamp(1, g.n.max(1))
+        .min((CHUNK_K / hw.max(1)).max(1));
     let dw = Tensor::zero::<f32>(&[co, g.c, g.kh, g.kw])?;
     let gemm = Gemm::new(co, images * hw, ck)?;
     let mut scratch = gemm.scratch();
@@ -584,6 +620,46 @@ mod tests {
             .as_slice::<f32>()
             .unwrap()
             .to_vec()
+    }
+
+    /// Both loops of `pack_strided` (a transpose, rows contiguous along
+    /// `k`, and the general one) against the definition, at an offset
+    /// `k0`, over more than one block of records, with a partial last
+    /// panel, for a width `by_width!` names and one it does not.
+    #[test]
+    fn pack_strided_matches_the_definition() {
+        let (mn, k, k0) = (37, 150, 5);
+        for r in [32, 7] {
+            for (mn_stride, k_stride) in [(k + 3, 1), (1, mn + 2), (2, 2 * mn + 1)] {
+                let src = data((mn - 1) * mn_stride + (k - 1) * k_stride + 1, 9);
+                let panel_len = (k0 + k) * r;
+                let mut dst = vec![f32::NAN; mn.div_ceil(r) * panel_len];
+                pack_strided(
+                    &mut dst,
+                    (panel_len, r),
+                    &src,
+                    (mn, k, k0),
+                    (mn_stride, k_stride),
+                );
+                for p in 0..mn.div_ceil(r) {
+                    for kk in 0..k {
+                        for rr in 0..r {
+                            let got = dst[p * panel_len + (k0 + kk) * r + rr];
+                            let row = p * r + rr;
+                            let want = if row < mn {
+                                src[row * mn_stride + kk * k_stride]
+                            } else {
+                                0.0
+                            };
+                            assert_eq!(
+                                got, want,
+                                "r {r} strides ({mn_stride}, {k_stride}) [{p}, {kk}, {rr}]"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
