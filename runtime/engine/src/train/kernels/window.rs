@@ -316,10 +316,19 @@ impl Geometry {
 /// comparisons of real activations are unpredictable. With `POSITIVE`, a
 /// window whose maximum is not above zero gets zero everywhere.
 fn max_pool_grad_2x2<const POSITIVE: bool>(xi: &[f32], gi: &[f32], go: &mut [f32], w: usize) {
+    #[cfg(target_arch = "x86_64")]
+    let simd = std::arch::is_x86_feature_detected!("avx512f");
     let rows = xi.chunks_exact(2 * w).zip(go.chunks_exact_mut(2 * w));
     for ((x, g), gr) in rows.zip(gi.chunks_exact(w / 2)) {
         let (x0, x1) = x.split_at(w);
         let (g0, g1) = g.split_at_mut(w);
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: AVX-512F is present; the rows hold `w` floats each and
+            // `gr` `w / 2`.
+            unsafe { pool_grad_avx512::row_pair::<POSITIVE>((x0, x1), gr, (g0, g1)) };
+            continue;
+        }
         let windows = x0.chunks_exact(2).zip(x1.chunks_exact(2));
         let outs = g0.chunks_exact_mut(2).zip(g1.chunks_exact_mut(2));
         for (((a, b), (o0, o1)), &v) in windows.zip(outs).zip(gr) {
@@ -341,6 +350,92 @@ fn max_pool_grad_2x2<const POSITIVE: bool>(xi: &[f32], gi: &[f32], go: &mut [f32
             o0[1] = if t1 { v } else { 0.0 };
             o1[0] = if t2 { v } else { 0.0 };
             o1[1] = if t3 { v } else { 0.0 };
+        }
+    }
+}
+
+/// [`max_pool_grad_2x2`] sixteen windows at a time: the rows' even and
+/// odd columns split into vectors, the same comparisons as the scalar
+/// loop (ordered `>`: a NaN never replaces), the four taps' gradients
+/// selected by mask and interleaved back.
+#[cfg(target_arch = "x86_64")]
+mod pool_grad_avx512 {
+    use std::arch::x86_64::*;
+
+    /// One pair of rows (`x0`, `x1`, `w` floats each; `w` even) and the
+    /// `w / 2` window gradients `gr`, into `g0`, `g1`.
+    ///
+    /// # Safety
+    /// AVX-512F; the lengths above (checked).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn row_pair<const POSITIVE: bool>(
+        (x0, x1): (&[f32], &[f32]),
+        gr: &[f32],
+        (g0, g1): (&mut [f32], &mut [f32]),
+    ) {
+        let wo = gr.len();
+        assert!(
+            x0.len() == 2 * wo && x1.len() == 2 * wo && g0.len() == 2 * wo && g1.len() == 2 * wo,
+            "a 2x2 pool's rows and windows do not match"
+        );
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        let first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        let second =
+            _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+        let zero = _mm512_setzero_ps();
+        for t0 in (0..wo).step_by(16) {
+            let cnt = (wo - t0).min(16);
+            // Masks of the windows, and of the row floats in each half.
+            let win = ((1u32 << cnt) - 1) as __mmask16;
+            let lo = ((1u32 << (2 * cnt).min(16)) - 1) as __mmask16;
+            let hi = ((1u32 << (2 * cnt).saturating_sub(16)) - 1) as __mmask16;
+            let at = 2 * t0;
+            // SAFETY (all below): lanes past the masks are neither read nor
+            // written; the masked ones are inside the rows (`at + 2 * cnt
+            // <= w`) and `gr` (`t0 + cnt <= wo`).
+            unsafe {
+                // (Macros, not closures: a closure would not inherit the
+                // target feature, and the intrinsics would not inline.)
+                macro_rules! load {
+                    ($r:expr) => {{
+                        let p = $r.as_ptr().add(at);
+                        let (l, h) = (
+                            _mm512_maskz_loadu_ps(lo, p),
+                            _mm512_maskz_loadu_ps(hi, p.add(16)),
+                        );
+                        (
+                            _mm512_permutex2var_ps(l, even, h),
+                            _mm512_permutex2var_ps(l, odd, h),
+                        )
+                    }};
+                }
+                let (a0, a1) = load!(x0);
+                let (b0, b1) = load!(x1);
+                let s1 = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(a1, a0);
+                let m1 = _mm512_mask_blend_ps(s1, a0, a1);
+                let s2 = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(b0, m1);
+                let m2 = _mm512_mask_blend_ps(s2, m1, b0);
+                let s3 = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(b1, m2);
+                let mut v = _mm512_maskz_loadu_ps(win, gr.as_ptr().add(t0));
+                if POSITIVE {
+                    let m3 = _mm512_mask_blend_ps(s3, m2, b1);
+                    v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(m3, zero), v);
+                }
+                let (t3, t2) = (s3, s2 & !s3);
+                let t1 = s1 & !s2 & !s3;
+                let t0m = !(s1 | s2 | s3);
+                macro_rules! store {
+                    ($r:expr, $e:expr, $o:expr) => {{
+                        let (e, o) = ($e, $o);
+                        let p = $r.as_mut_ptr().add(at);
+                        _mm512_mask_storeu_ps(p, lo, _mm512_permutex2var_ps(e, first, o));
+                        _mm512_mask_storeu_ps(p.add(16), hi, _mm512_permutex2var_ps(e, second, o));
+                    }};
+                }
+                store!(g0, _mm512_maskz_mov_ps(t0m, v), _mm512_maskz_mov_ps(t1, v));
+                store!(g1, _mm512_maskz_mov_ps(t2, v), _mm512_maskz_mov_ps(t3, v));
+            }
         }
     }
 }
@@ -460,8 +555,17 @@ mod tests {
 
     #[test]
     fn max_pool_matches_the_general_path() {
-        for (kh, kw, extra) in [(2, 2, 1), (2, 2, 0), (3, 2, 1), (1, 3, 0)] {
-            let (ho, wo) = (3, 2);
+        for (kh, kw, extra, wo) in [
+            (2, 2, 1, 2),
+            (2, 2, 0, 2),
+            (3, 2, 1, 2),
+            (1, 3, 0, 2),
+            // The 2x2 path over one partial vector, a full one and more.
+            (2, 2, 0, 7),
+            (2, 2, 0, 16),
+            (2, 2, 0, 19),
+        ] {
+            let ho = 3;
             let g = Geometry {
                 n: 2,
                 c: 2,

@@ -162,6 +162,24 @@ pub(in super::super) fn run(
             for p in 0..m.div_ceil(MR) {
                 let rows = (m - p * MR).min(MR);
                 let ap = &a[p * pa + k0 * MR..];
+                let out = &mut c[p * MR * n + q * NR..];
+                // A full tile goes from the registers straight into `C`;
+                // a partial one through `tile`.
+                let dest = if rows == MR && cols == NR {
+                    let then = match epilogue {
+                        Epilogue::Store => Then::Store,
+                        Epilogue::Accumulate => Then::Accumulate,
+                        Epilogue::AddPerRow(bias) => Then::PerRow(bias[p * MR..][..MR].as_ptr()),
+                        Epilogue::AddPerCol(bias) => Then::PerCol(bias[q * NR..][..NR].as_ptr()),
+                    };
+                    Dest::Rows {
+                        c: out.as_mut_ptr(),
+                        ldc: n,
+                        then,
+                    }
+                } else {
+                    Dest::Tile(tile.as_mut_ptr())
+                };
                 // SAFETY: AVX-512F checked above; panel `p` of `a` holds
                 // `k` records of MR floats (checked above), so records
                 // `k0..k0 + kc` are in bounds; `bp` reads records
@@ -169,19 +187,24 @@ pub(in super::super) fn run(
                 // records of NR (checked), for a strided operand
                 // elements `(k0 + kk, q * NR + j)` with `kk < kc`, `j <
                 // NR` and `q * NR + j < n` (a full panel), at most
-                // `(k - 1) * rs + (n - 1) * cs` (checked).
+                // `(k - 1) * rs + (n - 1) * cs` (checked). A full tile's
+                // rows `i < MR` and columns `j < NR` of `out` are
+                // `(p * MR + i) * n + q * NR + j < m * n` floats into
+                // `c`, and its biases are the MR (NR) sliced above.
                 unsafe {
                     match read {
-                        Read::Panel => product::<true>(kc, ap.as_ptr(), bp.as_ptr(), NR, &mut tile),
+                        Read::Panel => product::<true>(kc, ap.as_ptr(), bp.as_ptr(), NR, dest),
                         Read::Records(rs) => {
-                            product::<true>(kc, ap.as_ptr(), bp.as_ptr(), rs, &mut tile)
+                            product::<true>(kc, ap.as_ptr(), bp.as_ptr(), rs, dest)
                         }
                         Read::Columns(cs) => {
-                            product::<false>(kc, ap.as_ptr(), bp.as_ptr(), cs, &mut tile)
+                            product::<false>(kc, ap.as_ptr(), bp.as_ptr(), cs, dest)
                         }
                     }
                 };
-                let out = &mut c[p * MR * n + q * NR..];
+                if let Dest::Rows { .. } = dest {
+                    continue;
+                }
                 for i in 0..rows {
                     let row = &mut out[i * n..][..cols];
                     match epilogue {
@@ -224,20 +247,40 @@ enum Read {
     Columns(usize),
 }
 
-/// One tile's product, column by column into `tile` (`tile[j * MR + i]`).
-/// With `RECORDS`, element `(kk, j)` of the right operand is `b[kk * s +
-/// j]`; else `b[kk + j * s]`.
+/// Where [`product`] puts a tile.
+#[derive(Clone, Copy)]
+enum Dest {
+    /// The tile buffer, column by column (`tile[j * MR + i]`).
+    Tile(*mut f32),
+    /// A full tile straight into row-major `C` at `c`, rows `ldc` floats
+    /// apart, through the epilogue.
+    Rows { c: *mut f32, ldc: usize, then: Then },
+}
+
+/// [`Epilogue`] for a full tile: its MR row biases or NR column biases.
+#[derive(Clone, Copy)]
+enum Then {
+    Store,
+    Accumulate,
+    PerRow(*const f32),
+    PerCol(*const f32),
+}
+
+/// One tile's product into `dest`. With `RECORDS`, element `(kk, j)` of
+/// the right operand is `b[kk * s + j]`; else `b[kk + j * s]`.
 ///
 /// # Safety
 /// AVX-512F; `a` points at `k * MR` floats and every element of `b` read
-/// for `kk < k`, `j < NR` is in bounds.
+/// for `kk < k`, `j < NR` is in bounds; `dest` holds MR x NR floats (a
+/// tile buffer, or MR rows of NR in `C` and the biases its epilogue
+/// reads).
 #[target_feature(enable = "avx512f")]
 unsafe fn product<const RECORDS: bool>(
     k: usize,
     a: *const f32,
     b: *const f32,
     s: usize,
-    tile: &mut [f32; MR * NR],
+    dest: Dest,
 ) {
     let mut lo = [_mm512_setzero_ps(); NR];
     let mut hi = [_mm512_setzero_ps(); NR];
@@ -261,14 +304,89 @@ unsafe fn product<const RECORDS: bool>(
             }
         }
     }
-    for j in 0..NR {
-        // SAFETY: `tile` holds NR columns of MR floats.
-        unsafe {
-            let col = tile.as_mut_ptr().add(j * MR);
-            _mm512_storeu_ps(col, lo[j]);
-            _mm512_storeu_ps(col.add(16), hi[j]);
+    match dest {
+        Dest::Tile(tile) => {
+            for j in 0..NR {
+                // SAFETY: `tile` holds NR columns of MR floats.
+                unsafe {
+                    let col = tile.add(j * MR);
+                    _mm512_storeu_ps(col, lo[j]);
+                    _mm512_storeu_ps(col.add(16), hi[j]);
+                }
+            }
+        }
+        Dest::Rows { c, ldc, then } => {
+            // SAFETY: MR rows of NR floats at `c` (the caller), and the
+            // biases of rows 16.. start 16 further.
+            unsafe {
+                store_rows(&lo, c, ldc, then);
+                let then = match then {
+                    Then::PerRow(bias) => Then::PerRow(bias.add(16)),
+                    t => t,
+                };
+                store_rows(&hi, c.add(16 * ldc), ldc, then);
+            }
         }
     }
+}
+
+/// Sixteen rows of a tile, held as NR column vectors `r[j]` (lane `i` is
+/// row `i`), stored as rows of NR floats at `c` (`ldc` apart) through
+/// the epilogue: a transpose in registers instead of a round trip through
+/// memory (the scalar copy-out it replaces took 7% of the CNN step).
+///
+/// The columns in groups of four are interleaved (unpack, then shuffle
+/// within each 128-bit lane), after which lane `l` of `u[g][e]` holds
+/// columns `4g..4g + 4` of row `4l + e`; a row is then lane `l` of
+/// `u[0][e]`, `u[1][e]` and `u[2][e]` side by side (two lane shuffles)
+/// and one masked store of its NR floats.
+///
+/// # Safety
+/// AVX-512F; 16 rows of NR floats at `c`, `ldc` apart; a row bias reads
+/// 16 floats, a column bias NR.
+#[target_feature(enable = "avx512f")]
+unsafe fn store_rows(r: &[__m512; NR], c: *mut f32, ldc: usize, then: Then) {
+    const ROW: __mmask16 = (1 << NR) - 1;
+    let mut u = [[_mm512_setzero_ps(); 4]; NR / 4];
+    for (g, ug) in u.iter_mut().enumerate() {
+        let (r0, r1, r2, r3) = (r[4 * g], r[4 * g + 1], r[4 * g + 2], r[4 * g + 3]);
+        let (lo01, hi01) = (_mm512_unpacklo_ps(r0, r1), _mm512_unpackhi_ps(r0, r1));
+        let (lo23, hi23) = (_mm512_unpacklo_ps(r2, r3), _mm512_unpackhi_ps(r2, r3));
+        ug[0] = _mm512_shuffle_ps::<0x44>(lo01, lo23);
+        ug[1] = _mm512_shuffle_ps::<0xEE>(lo01, lo23);
+        ug[2] = _mm512_shuffle_ps::<0x44>(hi01, hi23);
+        ug[3] = _mm512_shuffle_ps::<0xEE>(hi01, hi23);
+    }
+    // SAFETY (all below): the rows and biases the caller vouches for;
+    // masked-off lanes are neither read nor written.
+    let col = match then {
+        Then::PerCol(bias) => unsafe { _mm512_maskz_loadu_ps(ROW, bias) },
+        _ => _mm512_setzero_ps(),
+    };
+    // Lane `$l`: the selectors (l, l, l, l) then (0, 2, l, l).
+    macro_rules! lane {
+        ($l:literal, $x:literal, $y:literal) => {
+            for (e, ((u0, u1), u2)) in u[0].iter().zip(&u[1]).zip(&u[2]).enumerate() {
+                let x = _mm512_shuffle_f32x4::<$x>(*u0, *u1);
+                let v = _mm512_shuffle_f32x4::<$y>(x, *u2);
+                let i = 4 * $l + e;
+                let dst = unsafe { c.add(i * ldc) };
+                let v = match then {
+                    Then::Store => v,
+                    Then::Accumulate => {
+                        _mm512_add_ps(v, unsafe { _mm512_maskz_loadu_ps(ROW, dst) })
+                    }
+                    Then::PerRow(bias) => _mm512_add_ps(v, _mm512_set1_ps(unsafe { *bias.add(i) })),
+                    Then::PerCol(_) => _mm512_add_ps(v, col),
+                };
+                unsafe { _mm512_mask_storeu_ps(dst, ROW, v) };
+            }
+        };
+    }
+    lane!(0, 0x00, 0x08);
+    lane!(1, 0x55, 0x58);
+    lane!(2, 0xAA, 0xA8);
+    lane!(3, 0xFF, 0xF8);
 }
 
 #[cfg(test)]

@@ -266,26 +266,31 @@ mod avx512 {
     }
 }
 
-/// The patches (of image 0 of `p`) as the right operand of
-/// `W2 x im2col`: records are patch rows, panels run along the pixels.
-/// `lanes`: [`Lanes::new`] of `p.pixel` for this `r`, when AVX-512F is
-/// there.
+/// Patch rows `records` (of image 0 of `p`) as the right operand of
+/// `W2 x im2col`: records are patch rows, panels run along the pixels,
+/// row `records.start` lands in record 0. `lanes`: [`Lanes::new`] of
+/// `p.pixel` for this `r`, when AVX-512F is there.
 pub(super) fn pack_patches_by_pixel(
     p: &Padded,
     dst: &mut [f32],
     (panel_len, r): (usize, usize),
     g: &Geometry,
-    lanes: Option<&Lanes>,
+    (lanes, records): (Option<&Lanes>, std::ops::Range<usize>),
     row: &mut [f32],
 ) {
+    let rows = &p.row[records];
     match lanes {
-        Some(l) => pack_masked(&p.xp, l, &p.row, dst, panel_len),
-        None => by_width!(r, pack_patches_by_pixel_r(p, dst, (panel_len, r), g, row)),
+        Some(l) => pack_masked(&p.xp, l, rows, dst, panel_len),
+        None => by_width!(
+            r,
+            pack_patches_by_pixel_r(p, rows, dst, (panel_len, r), g, row)
+        ),
     }
 }
 
 fn pack_patches_by_pixel_r<const R: usize>(
     p: &Padded,
+    rows: &[usize],
     dst: &mut [f32],
     (panel_len, r): (usize, usize),
     g: &Geometry,
@@ -297,7 +302,7 @@ fn pack_patches_by_pixel_r<const R: usize>(
     let hw = ho * wo;
     let (full, tail) = (hw / r, hw % r);
     let row = &mut row[..hw];
-    for (kk, &base) in p.row.iter().enumerate() {
+    for (kk, &base) in rows.iter().enumerate() {
         // The patch row, contiguous: one run of the frame per output row.
         for oy in 0..ho {
             let src = &xp[base + oy * sh * wp..];
@@ -447,13 +452,15 @@ mod tests {
                 }
                 let mut got = buffer(hw.div_ceil(r), ck, r).0;
                 let mut row = vec![0.0; hw];
-                pack_patches_by_pixel(&one, &mut got, (pl, r), &g, None, &mut row);
+                let all = 0..one.row.len();
+                pack_patches_by_pixel(&one, &mut got, (pl, r), &g, (None, all.clone()), &mut row);
                 same(&got, &want, &format!("by pixel, scalar, r={r} {g:?}"));
                 let lanes = Lanes::new(&one.pixel, r);
                 assert_eq!(lanes.is_some(), r <= 16);
                 if let (Some(l), true) = (&lanes, avx512_available()) {
                     let mut got = buffer(hw.div_ceil(r), ck, r).0;
-                    pack_patches_by_pixel(&one, &mut got, (pl, r), &g, Some(l), &mut []);
+                    let masked = (Some(l), all.clone());
+                    pack_patches_by_pixel(&one, &mut got, (pl, r), &g, masked, &mut []);
                     same(&got, &want, &format!("by pixel, masked, r={r} {g:?}"));
                     masked_runs += 1;
                 }
