@@ -452,64 +452,19 @@ mod tests {
         }
         let (a, b) = (vec![0.0; 32 * 8], vec![0.0; 12 * 8]);
         let mut c = vec![0.0; 32 * 12];
+        // `k` records and `m` rows against operands packed for 8 and 32.
+        let call = |k: usize, m: usize, c: &mut [f32], e: Epilogue| {
+            run(k, (m, 12), (&a, 32 * 8), Right::Panels(&b, 12 * 8), c, e)
+        };
         let e = Epilogue::Store;
-        assert!(
-            run(
-                8,
-                (32, 12),
-                (&a, 32 * 8),
-                Right::Panels(&b, 12 * 8),
-                &mut c,
-                e
-            )
-            .is_ok()
-        );
-        assert!(
-            run(
-                9,
-                (32, 12),
-                (&a, 32 * 8),
-                Right::Panels(&b, 12 * 8),
-                &mut c,
-                e
-            )
-            .is_err()
-        );
-        assert!(
-            run(
-                8,
-                (33, 12),
-                (&a, 32 * 8),
-                Right::Panels(&b, 12 * 8),
-                &mut c,
-                e
-            )
-            .is_err()
-        );
-        assert!(
-            run(
-                8,
-                (32, 12),
-                (&a, 32 * 8),
-                Right::Panels(&b, 12 * 8),
-                &mut c[1..],
-                e
-            )
-            .is_err()
-        );
+        assert!(call(8, 32, &mut c, e).is_ok());
+        assert!(call(9, 32, &mut c, e).is_err());
+        assert!(call(8, 33, &mut c, e).is_err());
+        assert!(call(8, 32, &mut c[1..], e).is_err());
         let short = [0.0; 31];
-        let e = Epilogue::AddPerRow(&short);
-        assert!(
-            run(
-                8,
-                (32, 12),
-                (&a, 32 * 8),
-                Right::Panels(&b, 12 * 8),
-                &mut c,
-                e
-            )
-            .is_err()
-        );
+        assert!(call(8, 32, &mut c, Epilogue::AddPerRow(&short)).is_err());
+        let short = [0.0; 11];
+        assert!(call(8, 32, &mut c, Epilogue::AddPerCol(&short)).is_err());
     }
 
     /// A right operand read in place, as records (`cs == 1`, a row stride
