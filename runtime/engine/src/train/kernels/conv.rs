@@ -376,11 +376,17 @@ const FORWARD_K: usize = 512;
 
 /// The slices of `ck` patch rows that [`forward`] packs one at a time.
 fn record_chunks(ck: usize, gemm: &Gemm) -> Vec<std::ops::Range<usize>> {
-    if !gemm.is_ours() || ck <= FORWARD_K {
-        return vec![0..ck];
-    }
-    let len = ck.div_ceil(ck.div_ceil(FORWARD_K));
-    (0..ck).step_by(len).map(|s| s..(s + len).min(ck)).collect()
+    // One slice of all the rows, or slices of equal length (the last
+    // shorter) of at most FORWARD_K.
+    let len = if gemm.is_ours() && ck > FORWARD_K {
+        ck.div_ceil(ck.div_ceil(FORWARD_K))
+    } else {
+        ck.max(1)
+    };
+    (0..ck.max(1))
+        .step_by(len)
+        .map(|s| s..(s + len).min(ck))
+        .collect()
 }
 
 /// `Y = conv(X, W) + bias`, NCHW: `[n, co, ho, wo]`.
