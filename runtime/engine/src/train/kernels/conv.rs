@@ -712,7 +712,9 @@ mod tests {
     /// channels) against a direct sum over the windows.
     #[test]
     fn products_over_slices_of_patch_rows_add_up() {
-        let g = Geometry::square((2, 24, 6, 7), (5, 1, 2));
+        // 41 * 25 = 1,025 rows forward: slices of 342, 342 and 341; 40 *
+        // 25 = 1,000 for the input gradient: two of 500.
+        let g = Geometry::square((2, 41, 6, 7), (5, 1, 2));
         let co = 40;
         let x = data(g.n * g.c * g.h * g.w, 7);
         let w = data(co * g.c * g.kh * g.kw, 8);

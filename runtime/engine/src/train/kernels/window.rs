@@ -402,7 +402,9 @@ mod pool_grad_avx512 {
                         let p = $r.as_ptr().add(at);
                         let (l, h) = (
                             _mm512_maskz_loadu_ps(lo, p),
-                            _mm512_maskz_loadu_ps(hi, p.add(16)),
+                            // `wrapping_add`: past the row when `hi` is
+                            // empty (nothing is read then).
+                            _mm512_maskz_loadu_ps(hi, p.wrapping_add(16)),
                         );
                         (
                             _mm512_permutex2var_ps(l, even, h),
@@ -430,7 +432,8 @@ mod pool_grad_avx512 {
                         let (e, o) = ($e, $o);
                         let p = $r.as_mut_ptr().add(at);
                         _mm512_mask_storeu_ps(p, lo, _mm512_permutex2var_ps(e, first, o));
-                        _mm512_mask_storeu_ps(p.add(16), hi, _mm512_permutex2var_ps(e, second, o));
+                        let q = p.wrapping_add(16);
+                        _mm512_mask_storeu_ps(q, hi, _mm512_permutex2var_ps(e, second, o));
                     }};
                 }
                 store!(g0, _mm512_maskz_mov_ps(t0m, v), _mm512_maskz_mov_ps(t1, v));
@@ -562,6 +565,7 @@ mod tests {
             (1, 3, 0, 2),
             // The 2x2 path over one partial vector, a full one and more.
             (2, 2, 0, 7),
+            (2, 2, 0, 12),
             (2, 2, 0, 16),
             (2, 2, 0, 19),
         ] {

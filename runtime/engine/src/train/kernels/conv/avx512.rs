@@ -92,14 +92,18 @@ pub(in super::super) fn run(
             pb >= k * NR && b.len() >= n.div_ceil(NR) * pb,
             "the right operand's panels are shorter than k records"
         ),
-        Right::Strided { b, rs, cs } => ensure!(
-            (rs == 1 || cs == 1)
-                && rs > 0
-                && cs > 0
-                && (k == 0 || n == 0 || (k - 1) * rs + (n - 1) * cs < b.len()),
-            "a right operand of {} values read with strides ({rs}, {cs}) for {k}x{n}",
-            b.len()
-        ),
+        Right::Strided { b, rs, cs } => {
+            // The last element read, without overflow.
+            let last = (k.max(1) - 1)
+                .checked_mul(rs)
+                .zip((n.max(1) - 1).checked_mul(cs))
+                .and_then(|(r, c)| r.checked_add(c));
+            ensure!(
+                (rs == 1 || cs == 1) && rs > 0 && cs > 0 && last.is_some_and(|l| l < b.len()),
+                "a right operand of {} values read with strides ({rs}, {cs}) for {k}x{n}",
+                b.len()
+            )
+        }
     }
     ensure!(
         c.len() == m * n,
