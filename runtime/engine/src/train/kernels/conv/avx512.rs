@@ -535,6 +535,13 @@ mod tests {
                 cs: 2,
             };
             assert!(run(k, (m, n), (&pa, la), both, &mut c, Epilogue::Store).is_err());
+            // Strides whose last element overflows: refused, not wrapped.
+            let huge = Right::Strided {
+                b: &records,
+                rs: usize::MAX / 2,
+                cs: 1,
+            };
+            assert!(run(k, (m, n), (&pa, la), huge, &mut c, Epilogue::Store).is_err());
         }
     }
 }
