@@ -199,3 +199,28 @@ pub(super) fn pool_grad_windows(
     )?;
     b.reshape(&dx, &xs)
 }
+
+/// When the gradient `gy` of a Relu's output `y` is a `FedgeMaxPoolGrad`
+/// of `y` itself (the Relu feeds only a MaxPool: a gradient summed from
+/// several uses comes from an `Add`), mark that node `positive` so that it
+/// also applies the Relu's mask (a window's maximum is what `y` holds at
+/// the position the gradient goes to); true when it did.
+pub(super) fn fold_relu_into_pool_grad(b: &mut Builder, y: &str, gy: &str) -> bool {
+    let producer = b
+        .nodes
+        .iter_mut()
+        .rev()
+        .find(|n| n.output.iter().any(|o| o == gy));
+    match producer {
+        Some(n)
+            if n.op_type == kernels::MAX_POOL_GRAD
+                && n.domain == kernels::DOMAIN
+                && n.input.first().map(String::as_str) == Some(y)
+                && onnx::attr_i(n, "positive").is_none() =>
+        {
+            n.attribute.push(onnx::int("positive", 1));
+            true
+        }
+        _ => false,
+    }
+}
