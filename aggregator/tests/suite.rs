@@ -31,6 +31,7 @@ mod secure_rounds;
 mod selection;
 mod tree;
 mod tree_adversary;
+mod tree_levels;
 
 /// A test file not declared in its suite's root would never be compiled
 /// or run: each directory of tests that is one binary is checked here.

@@ -21,15 +21,7 @@ const ROUNDS: u64 = 3;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_tree_publishes_the_models_one_aggregator_publishes() {
     // One aggregator, six devices, every device in every round.
-    let mut lone = start(
-        treekit::server(treekit::coordinator(6, ROUNDS)),
-        None,
-        model(),
-    )
-    .await;
-    treekit::join(devices(lone.addr, lone.fingerprint, 0..6)).await;
-    let single = published(&mut lone.events);
-    lone.finish().await;
+    let single = treekit::lone_models(6, ROUNDS).await;
 
     // The same six devices split over three leaves of a root.
     let keys: Vec<_> = (0..3).map(leaf_key).collect();
@@ -50,31 +42,13 @@ async fn a_tree_publishes_the_models_one_aggregator_publishes() {
     }
     let root_final = top.finish().await.0.final_version;
 
-    assert_eq!(single.len(), ROUNDS as usize, "{single:?}");
-    assert_eq!(tree.len(), ROUNDS as usize, "{tree:?}");
-    let start_values = model().params.values;
-    let mut largest = 0.0f32;
-    for ((r1, a), (r2, b)) in single.iter().zip(&tree) {
-        assert_eq!(r1, r2);
-        let moved = a
-            .iter()
-            .zip(&start_values)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0f32, f32::max);
-        assert!(moved > 0.01, "round {r1}: the model did not move");
-        let diff = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0f32, f32::max);
-        // Partials travel at float64: the root's mean is one aggregator's
-        // to about 1e-16 before both round it to float32 (measured: 0).
-        assert!(
-            diff <= 1e-7,
-            "round {r1}: the tree's model differs from one aggregator's by {diff}"
-        );
-        largest = largest.max(diff);
-    }
+    // Partials travel at float64: the root's mean is one aggregator's to
+    // about 1e-16 before both round it to float32 (measured: 0).
+    let largest = treekit::largest_difference(&single, &tree);
+    assert!(
+        largest <= 1e-7,
+        "the tree's models differ from one aggregator's by {largest}"
+    );
     eprintln!("largest difference from one aggregator's models: {largest:e}");
     // Every leaf ends on the root's final model.
     for f in leaf_finals {

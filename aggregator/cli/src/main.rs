@@ -161,6 +161,10 @@ struct ServeArgs {
     /// exist (createdb); its tables are created on first use, and one
     /// written by a newer fedge or paired with another state directory is
     /// refused. Blobs and keys stay in the state directory either way.
+    /// A server off this machine is reached over TLS with its certificate
+    /// and name verified (sslmode=verify-full, against the system's roots
+    /// or `?sslrootcert=CA.pem`) unless the URL states another sslmode
+    /// (disable, prefer, require: warned about at start).
     /// With PostgreSQL the aggregator holds a lock in the database, checked
     /// every `server.lock_check_ms` (1000): should the server end that
     /// session, serve stops with an error, writing nothing more.

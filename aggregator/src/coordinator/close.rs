@@ -25,10 +25,16 @@
 //! and it is applied only by the coordinator that handed out its job,
 //! for the round it was made for, once: anything else is ignored.
 //!
+//! A leaf's close goes the same way: its job combines at float64 (the
+//! partial aggregate travels so) and scores its devices, and the result
+//! is forwarded to the parent instead of published
+//! ([`Coordinator::forward_closed`]). Should the parent offer a later
+//! round while a leaf's close is out, the round is aborted and the job's
+//! result ignored when it comes back.
+//!
 //! Kept inline, on purpose: an aborted or rolled-back round (no combine,
-//! no scoring), a SecAgg+ round (its sum is the SecAgg server's, built
-//! stage by stage; the close divides it, O(dim), and scores nothing), and
-//! a leaf's close (see ARCHITECTURE.md, "a tree of aggregators").
+//! no scoring) and a SecAgg+ round (its sum is the SecAgg server's, built
+//! stage by stage; the close divides it, O(dim), and scores nothing).
 
 use std::fmt;
 use std::time::Instant;
@@ -50,6 +56,8 @@ pub struct CloseJob {
     /// The model the round's updates apply to (scoring's base).
     base: Vec<f32>,
     evaluator: Option<SharedEvaluator>,
+    /// A leaf's close: the combined update at float64, for its partial.
+    leaf: bool,
 }
 
 /// A close job's result, for [`Coordinator::handle_closed`].
@@ -57,6 +65,8 @@ pub struct RoundClose {
     ticket: u64,
     round_id: u64,
     combined: Option<Combined>,
+    /// A leaf's: the combined update at float64.
+    partial: Option<Combined<f64>>,
     scoring: Scoring,
     scores: RoundScores,
 }
@@ -98,7 +108,11 @@ impl CloseJob {
     /// is locked for the scoring: no one else uses it while a close is
     /// out); O(combine + updates x validation sample).
     pub fn run(mut self) -> RoundClose {
-        let combined = self.combiner.finish(self.max_share);
+        let (combined, partial) = if self.leaf {
+            (None, self.combiner.finish_f64(self.max_share))
+        } else {
+            (self.combiner.finish(self.max_share), None)
+        };
         let scores = {
             let mut evaluator = self.evaluator.as_ref().map(lock);
             self.scoring.score(
@@ -112,6 +126,7 @@ impl CloseJob {
             ticket: self.ticket,
             round_id: self.round_id,
             combined,
+            partial,
             scoring: self.scoring,
             scores,
         }
@@ -178,6 +193,7 @@ impl Coordinator {
             scoring: self.scoring(round_id),
             base: self.current.params.values.clone(),
             evaluator: self.evaluator.clone(),
+            leaf: self.is_leaf(),
         };
         self.out.push_back(super::Output::CloseRound(Box::new(job)));
     }
@@ -205,18 +221,40 @@ impl Coordinator {
         self.closes.out = None;
         let RoundClose {
             combined,
+            partial,
             scoring,
             scores,
             ..
         } = c;
-        let combined = combined.expect("a close job combines at least one update");
-        let contributions = self.round.book.settle_published(&combined.weights);
-        self.settle_scored(round_id, &contributions, scoring, scores);
-        let values =
-            self.strategy
-                .aggregate_round(round_id, &self.current.params.values, &combined, &[]);
-        let outcome: RoundOutcome = self.publish(round_id, values);
-        self.finish_close(now, accepted, outcome, contributions, Vec::new());
+        if let Some(partial) = partial {
+            self.forward_closed(accepted, partial, scoring, scores);
+        } else {
+            let combined = combined.expect("a close job combines at least one update");
+            let contributions = self.round.book.settle_published(&combined.weights);
+            self.settle_scored(round_id, &contributions, scoring, scores);
+            let values = self.strategy.aggregate_round(
+                round_id,
+                &self.current.params.values,
+                &combined,
+                &[],
+            );
+            let outcome: RoundOutcome = self.publish(round_id, values);
+            self.finish_close(now, accepted, outcome, contributions, Vec::new());
+        }
+        self.take_parked(now);
+    }
+
+    /// A leaf's round ended while its close was out (the parent moved
+    /// on): the job's result will be ignored, and payload checks parked
+    /// for it are taken now (against the round open now).
+    pub(super) fn drop_close(&mut self) -> Vec<Verified> {
+        self.closes.out = None;
+        std::mem::take(&mut self.closes.parked)
+    }
+
+    /// Payload checks parked while a close was out, taken now; then the
+    /// jobs that waited for them.
+    pub(super) fn take_parked(&mut self, now: Instant) {
         for v in std::mem::take(&mut self.closes.parked) {
             self.handle_verified(now, v);
         }

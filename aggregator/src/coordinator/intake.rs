@@ -330,7 +330,7 @@ impl Coordinator {
         let view = self.round_view();
         self.policy
             .on_restored(key, u.task_round, u.model_version, u.payload_hash, &view)?;
-        self.keep_restored_manifest(key, &u);
+        self.leaf.devices += self.keep_restored_manifest(key, &u);
         let delta = discounted(delta, u.discount);
         let held = self.held(
             u.manifest_hash,

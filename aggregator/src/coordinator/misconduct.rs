@@ -89,9 +89,13 @@ impl Coordinator {
     /// when its record has one that is this device's, for this task, and
     /// hashes to the recorded hash (anything else is ignored with a
     /// warning: the update itself was checked when it was accepted).
-    pub(super) fn keep_restored_manifest(&mut self, key: DeviceKey, u: &DurableUpdate) {
+    /// Returns the devices under the update: a partial aggregate's count
+    /// (a middle node restarted mid-round forwards its restored partials'
+    /// devices, not one each), 1 for a device's update or a record
+    /// without its manifest.
+    pub(super) fn keep_restored_manifest(&mut self, key: DeviceKey, u: &DurableUpdate) -> u64 {
         if u.signed_manifest.is_empty() {
-            return;
+            return 1;
         }
         match SignedManifest::decode(&u.signed_manifest, &self.cfg.limits) {
             Ok(s)
@@ -99,13 +103,18 @@ impl Coordinator {
                     && s.manifest.device_public_key.to_bytes() == key
                     && s.manifest.round_id == u.task_round =>
             {
-                self.misconduct.keep(key, s)
+                let devices = s.manifest.partial.map_or(1, |p| u64::from(p.devices));
+                self.misconduct.keep(key, s);
+                devices
             }
-            other => tracing::warn!(
-                device = %u.device,
-                error = ?other.err(),
-                "a restored update's signed manifest does not match its record; not kept"
-            ),
+            other => {
+                tracing::warn!(
+                    device = %u.device,
+                    error = ?other.err(),
+                    "a restored update's signed manifest does not match its record; not kept"
+                );
+                1
+            }
         }
     }
 

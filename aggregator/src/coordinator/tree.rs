@@ -37,7 +37,10 @@ use fedge_proto::sign::{UpdateManifest, VerifyingKey};
 use fedge_proto::{ModelBlob, ModelVersion, RejectCode};
 
 use super::policy::Refusal;
+use super::settle::Scoring;
 use super::{Contribution, Coordinator, DurableUpdate, Event, Output, Round, RoundOutcome};
+use crate::robust::Combined;
+use crate::scoring::RoundScores;
 
 /// What a leaf forwards to its parent when its round closes with enough
 /// updates: the round's combined update and what the parent needs to
@@ -104,6 +107,9 @@ pub(super) struct LeafState {
     /// Devices under the open round's accepted updates (partials count
     /// theirs).
     pub devices: u64,
+    /// Merkle root of the signed manifests of the round being closed,
+    /// taken before its close job took the held updates.
+    pub manifests_root: [u8; 32],
 }
 
 impl Coordinator {
@@ -129,6 +135,7 @@ impl Coordinator {
         if self.finished {
             return Err("the run is finished".into());
         }
+        let mut parked = Vec::new();
         if !self.leaf.awaiting {
             if round.round_id <= self.round.id {
                 return Ok(()); // the round already open here
@@ -138,6 +145,8 @@ impl Coordinator {
                 round.round_id
             );
             self.abort_leaf_round(&why);
+            // A close still out is for a round that is over.
+            parked = self.drop_close();
         } else if self.leaf.last_closed.is_some_and(|c| round.round_id <= c) {
             return Ok(()); // a round that already closed here
         }
@@ -169,6 +178,9 @@ impl Coordinator {
                 }
             }
         }
+        for v in parked {
+            self.handle_verified(now, v);
+        }
         Ok(())
     }
 
@@ -182,6 +194,9 @@ impl Coordinator {
         }
         if !self.leaf.awaiting {
             self.abort_leaf_round("the parent finished its run");
+            // Nothing is forwarded any more: a close still out is moot,
+            // and so are the payload checks that waited for it.
+            let _ = self.drop_close();
         }
         let _ = now;
         self.install_parent_model(self.round.id, model)?;
@@ -224,54 +239,12 @@ impl Coordinator {
                 "{} devices reported that training on model {} diverged",
                 self.round.diverged, self.current_version
             );
-            let c = self.round.book.settle_discarded(&detail);
-            self.settle_discarded(round_id);
-            let f = Forward::Abandoned {
-                round_id,
-                reason: AbandonReason::Diverged,
-                detail,
-            };
-            (RoundOutcome::Aborted, c, f)
-        } else if accepted >= self.cfg.min_devices {
-            let combined = self
-                .round
-                .combiner
-                .finish_f64(self.cfg.weights.max_share)
-                .expect("accepted >= 1");
-            let broken = |v: &f64| !(v.is_finite() && (*v as f32).is_finite());
-            if let Some(i) = combined.delta.iter().position(broken) {
-                // Never forward a broken aggregate (as a root never
-                // publishes one): the round is given up instead.
-                let detail = format!("the combined update is not finite at parameter {i}");
-                let c = self.round.book.settle_discarded(&detail);
-                self.settle_discarded(round_id);
-                let f = Forward::Abandoned {
-                    round_id,
-                    reason: AbandonReason::Diverged,
-                    detail,
-                };
-                self.leaf_round_closed(accepted, RoundOutcome::Aborted, c);
-                self.out.push_back(Output::Forward(Box::new(f)));
-                return;
-            }
-            let manifests_root = self.round.book.manifests_root();
-            let contributions = self.round.book.settle_published(&combined.weights);
-            self.settle(round_id, &contributions);
-            let partial = Partial {
-                round_id,
-                model_version: self.round.model_version,
-                total_weight: combined.weights.iter().sum(),
-                delta: combined.delta,
-                devices: u32::try_from(self.leaf.devices.max(accepted as u64)).unwrap_or(u32::MAX),
-                samples: contributions.iter().map(|c| c.samples).sum(),
-                manifests_root,
-                metrics: self.strategy.aggregate_evaluate(self.round.book.metrics()),
-            };
-            (
-                RoundOutcome::Forwarded,
-                contributions,
-                Forward::Partial(partial),
-            )
+            self.discard_diverged(detail)
+        } else if accepted >= self.cfg.min_devices && accepted > 0 {
+            // Combined (at float64) and scored off this task; forwarded
+            // when the job is back (`forward_closed`).
+            self.leaf.manifests_root = self.round.book.manifests_root();
+            return self.start_close(accepted);
         } else {
             let detail = format!(
                 "{accepted} updates by the deadline, {} needed",
@@ -288,9 +261,66 @@ impl Coordinator {
         self.out.push_back(Output::Forward(Box::new(forward)));
     }
 
+    /// Leaf: the round's close job is back with its combined update
+    /// (float64) and its devices' scores. A combined update that is not
+    /// finite is never forwarded (as a root never publishes one): the
+    /// round is given up instead. Otherwise it goes to the parent as the
+    /// round's partial aggregate.
+    pub(super) fn forward_closed(
+        &mut self,
+        accepted: usize,
+        combined: Combined<f64>,
+        scoring: Scoring,
+        scores: RoundScores,
+    ) {
+        let round_id = self.round.id;
+        let broken = |v: &f64| !(v.is_finite() && (*v as f32).is_finite());
+        let (outcome, contributions, forward) = if let Some(i) =
+            combined.delta.iter().position(broken)
+        {
+            self.discard_diverged(format!(
+                "the combined update is not finite at parameter {i}"
+            ))
+        } else {
+            let contributions = self.round.book.settle_published(&combined.weights);
+            self.settle_scored(round_id, &contributions, scoring, scores);
+            let partial = Partial {
+                round_id,
+                model_version: self.round.model_version,
+                total_weight: combined.weights.iter().sum(),
+                delta: combined.delta,
+                devices: u32::try_from(self.leaf.devices.max(accepted as u64)).unwrap_or(u32::MAX),
+                samples: contributions.iter().map(|c| c.samples).sum(),
+                manifests_root: self.leaf.manifests_root,
+                metrics: self.strategy.aggregate_evaluate(self.round.book.metrics()),
+            };
+            (
+                RoundOutcome::Forwarded,
+                contributions,
+                Forward::Partial(partial),
+            )
+        };
+        self.leaf_round_closed(accepted, outcome, contributions);
+        self.out.push_back(Output::Forward(Box::new(forward)));
+    }
+
+    /// Leaf: the round's updates are discarded and the round given up to
+    /// the parent as diverged, saying `detail`.
+    fn discard_diverged(&mut self, detail: String) -> (RoundOutcome, Vec<Contribution>, Forward) {
+        let round_id = self.round.id;
+        let c = self.round.book.settle_discarded(&detail);
+        self.settle_discarded(round_id);
+        let f = Forward::Abandoned {
+            round_id,
+            reason: AbandonReason::Diverged,
+            detail,
+        };
+        (RoundOutcome::Aborted, c, f)
+    }
+
     /// Leaf: the open round ends without anything forwarded.
     fn abort_leaf_round(&mut self, why: &str) {
-        let accepted = self.round.combiner.count();
+        let accepted = self.accepted_in_round();
         let mut contributions = self.round.book.settle_aborted();
         for c in &mut contributions {
             c.reason = Some(format!("round aborted: {why}"));

@@ -53,8 +53,39 @@ impl FromStr for Database {
         if opts.get_database().is_none_or(str::is_empty) {
             return Err(bad("it names no database (…/DATABASE at the end)".into()));
         }
+        // Safe by default on a network: a server off this machine is
+        // reached over TLS with its certificate verified against the
+        // system's roots (or `sslrootcert=FILE`) and its name checked,
+        // unless the URL (or PGSSLMODE) says otherwise.
+        let stated = url_names_ssl_mode(s) || std::env::var_os("PGSSLMODE").is_some();
+        if !stated && !is_local(&opts) {
+            let sep = if s.contains('?') { '&' } else { '?' };
+            return Ok(Database::Postgres(format!("{s}{sep}sslmode=verify-full")));
+        }
         Ok(Database::Postgres(s.to_string()))
     }
+}
+
+/// Whether `url`'s query names a TLS mode (`sslmode` or `ssl-mode`).
+fn url_names_ssl_mode(url: &str) -> bool {
+    url.split_once('?').is_some_and(|(_, query)| {
+        query
+            .split('&')
+            .any(|kv| matches!(kv.split('=').next(), Some("sslmode" | "ssl-mode")))
+    })
+}
+
+/// A Unix socket, or a loopback name or address: a server whose
+/// traffic never leaves this machine.
+fn is_local(opts: &PgConnectOptions) -> bool {
+    let host = opts.get_host();
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    opts.get_socket().is_some()
+        || host.starts_with('/')
+        || host.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 impl TryFrom<String> for Database {
@@ -74,6 +105,36 @@ impl From<Database> for String {
 }
 
 impl Database {
+    /// Why a PostgreSQL connection to this database could be read or
+    /// altered on the network, when it could: a server off this machine
+    /// with TLS off or its certificate unverified (`sslmode` disable,
+    /// allow, prefer or require, which the URL must have stated; see
+    /// [`FromStr`]). None for
+    /// SQLite, a loopback or socket server, or verified TLS.
+    pub fn transport_warning(&self) -> Option<String> {
+        use sqlx::postgres::PgSslMode;
+        let Database::Postgres(url) = self else {
+            return None;
+        };
+        let opts = PgConnectOptions::from_str(url).ok()?;
+        if is_local(&opts) {
+            return None;
+        }
+        let mode = match opts.get_ssl_mode() {
+            PgSslMode::Disable => "disable",
+            PgSslMode::Allow => "allow",
+            PgSslMode::Prefer => "prefer",
+            PgSslMode::Require => "require",
+            PgSslMode::VerifyCa | PgSslMode::VerifyFull => return None,
+        };
+        Some(format!(
+            "the PostgreSQL server {} is reached with sslmode={mode}: the connection (its \
+             password, the aggregator's rounds and ledger) is not protected by verified TLS; \
+             use sslmode=verify-full (the default for a server off this machine)",
+            opts.get_host()
+        ))
+    }
+
     /// A name for messages: the SQLite file, or the PostgreSQL URL
     /// without its password.
     pub fn label(&self, dir: &Path) -> String {
@@ -249,6 +310,9 @@ pub(super) async fn connect(
 ) -> Result<Db, StoreError> {
     sqlx::any::install_default_drivers();
     let label = database.label(dir);
+    if let Some(warning) = database.transport_warning() {
+        tracing::warn!("{warning}");
+    }
     let (url, dialect) = match database {
         Database::Sqlite => {
             let mode = if read_only { "ro" } else { "rwc" };
@@ -384,6 +448,23 @@ pub mod testing {
     /// `postgres://postgres@127.0.0.1:54329/postgres`); `ci/pg.sh`
     /// starts the server and prints it.
     pub const PG_URL_VAR: &str = "FEDGE_TEST_PG_URL";
+
+    /// The CA certificate (PEM file) that signed the test server's TLS
+    /// certificate; `ci/pg.sh` makes it and prints the variable.
+    pub const PG_CA_VAR: &str = "FEDGE_TEST_PG_CA";
+
+    /// The file [`PG_CA_VAR`] names.
+    ///
+    /// # Panics
+    /// When it is unset (as [`fresh_postgres`] does for its server).
+    pub fn postgres_ca() -> String {
+        std::env::var(PG_CA_VAR).unwrap_or_else(|_| {
+            panic!(
+                "{PG_CA_VAR} is not set: this test needs the TLS CA of the test PostgreSQL \
+                 server. Start one with `eval \"$(bash ci/pg.sh start)\"`"
+            )
+        })
+    }
 
     /// Create a database named after `label` (and a random suffix) on the
     /// server `FEDGE_TEST_PG_URL` names, and return it.
@@ -551,6 +632,57 @@ mod tests {
             let msg = e.to_string();
             assert!(msg.contains(says), "{bad}: {msg}");
             assert!(!msg.contains("secret"), "password shown: {msg}");
+        }
+    }
+
+    #[test]
+    fn a_server_off_this_machine_gets_verified_tls_unless_the_url_says_otherwise() {
+        // (PGSSLMODE, which would count as stated, is not set in the suite.)
+        let parse = |u: &str| match u.parse::<Database>().unwrap() {
+            Database::Postgres(url) => url,
+            Database::Sqlite => unreachable!(),
+        };
+        for (given, becomes) in [
+            (
+                "postgres://u@db.example.com/fedge",
+                "postgres://u@db.example.com/fedge?sslmode=verify-full",
+            ),
+            (
+                "postgres://u@10.0.0.7:5432/fedge?application_name=a",
+                "postgres://u@10.0.0.7:5432/fedge?application_name=a&sslmode=verify-full",
+            ),
+            // Loopback and sockets stay as given; a stated mode is kept.
+            (
+                "postgres://u@127.0.0.1/fedge",
+                "postgres://u@127.0.0.1/fedge",
+            ),
+            (
+                "postgres://u@localhost/fedge",
+                "postgres://u@localhost/fedge",
+            ),
+            ("postgres://u@[::1]:5/fedge", "postgres://u@[::1]:5/fedge"),
+            (
+                "postgres:///fedge?host=/run/postgresql",
+                "postgres:///fedge?host=/run/postgresql",
+            ),
+            (
+                "postgres://u@db.example.com/fedge?sslmode=disable",
+                "postgres://u@db.example.com/fedge?sslmode=disable",
+            ),
+        ] {
+            assert_eq!(parse(given), becomes);
+        }
+        let warned = |u: &str| u.parse::<Database>().unwrap().transport_warning();
+        assert_eq!(warned("postgres://u@db.example.com/fedge"), None);
+        assert_eq!(warned("postgres://u@127.0.0.1/fedge?sslmode=disable"), None);
+        assert_eq!(Database::Sqlite.transport_warning(), None);
+        for mode in ["disable", "allow", "prefer", "require"] {
+            let w = warned(&format!(
+                "postgres://u:secret@db.example.com/f?sslmode={mode}"
+            ))
+            .expect("an unverified remote connection is warned about");
+            assert!(w.contains(&format!("sslmode={mode}")), "{w}");
+            assert!(!w.contains("secret"), "{w}");
         }
     }
 

@@ -556,3 +556,51 @@ async fn a_round_closed_twice_counts_each_device_once(db: Database) {
         ]
     );
 }
+
+/// Over the network the store speaks TLS and checks who it talks to. The
+/// test server refuses role `fedge_tls` without TLS (`ci/pg.sh`), so a
+/// store that opens as that role used it; with `sslmode=verify-full` and
+/// the server's CA it opens and works, without that CA (the system's
+/// roots, which do not know it) it is refused with a typed error.
+#[tokio::test]
+async fn the_store_reaches_postgres_over_verified_tls() {
+    let Database::Postgres(url) = testing::fresh_postgres("tls").await else {
+        unreachable!()
+    };
+    let url = url.replacen("postgres@", "fedge_tls@", 1);
+    let ca = testing::postgres_ca();
+    let dir = tempfile::tempdir().unwrap();
+
+    let plain = Database::Postgres(format!("{url}?sslmode=disable"));
+    let e = Store::open_with(dir.path(), &plain).await.err().unwrap();
+    assert!(matches!(e, StoreError::Connect { .. }), "{e:?}");
+    assert!(e.to_string().contains("no encryption"), "{e}");
+
+    let verified = Database::Postgres(format!("{url}?sslmode=verify-full&sslrootcert={ca}"));
+    let store = Store::open_with(dir.path(), &verified).await.unwrap();
+    let c = Contribution {
+        round_id: 3,
+        device: "ab".repeat(32),
+        stake: None,
+        samples: 7,
+        raw_weight: 7.0,
+        share: 1.0,
+        accepted: true,
+        reason: None,
+        settles: true,
+    };
+    store.record_contribution(&c).await.unwrap();
+    store.close().await;
+    let store = Store::open_with(dir.path(), &verified).await.unwrap();
+    let read = store.contributions(3).await.unwrap();
+    assert_eq!(read.len(), 1);
+    assert_eq!(read[0].samples, 7);
+    store.close().await;
+
+    let unknown_ca = Database::Postgres(format!("{url}?sslmode=verify-full"));
+    let e = Store::open_with(dir.path(), &unknown_ca)
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(e, StoreError::Connect { .. }), "{e:?}");
+}

@@ -247,3 +247,44 @@ pub fn drain(events: &mut UnboundedReceiver<Event>) -> Vec<Event> {
     }
     out
 }
+
+/// The models one aggregator publishes over devices `0..devices`, every
+/// device in every round of `rounds`.
+pub async fn lone_models(devices_n: u8, rounds: u64) -> Vec<(u64, Vec<f32>)> {
+    let mut lone = start(
+        server(coordinator(usize::from(devices_n), rounds)),
+        None,
+        model(),
+    )
+    .await;
+    join(devices(lone.addr, lone.fingerprint, 0..devices_n)).await;
+    let single = published(&mut lone.events);
+    lone.finish().await;
+    assert_eq!(single.len(), rounds as usize, "{single:?}");
+    single
+}
+
+/// The largest parameter difference between two runs' published models,
+/// round by round; both publish the same rounds, and every model moved
+/// from the initial one (or the comparison would show nothing).
+pub fn largest_difference(a: &[(u64, Vec<f32>)], b: &[(u64, Vec<f32>)]) -> f32 {
+    assert_eq!(a.len(), b.len(), "{a:?} / {b:?}");
+    let start_values = model().params.values;
+    let mut largest = 0.0f32;
+    for ((r1, x), (r2, y)) in a.iter().zip(b) {
+        assert_eq!(r1, r2);
+        let moved = x
+            .iter()
+            .zip(&start_values)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0f32, f32::max);
+        assert!(moved > 0.01, "round {r1}: the model did not move");
+        let diff = x
+            .iter()
+            .zip(y)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0f32, f32::max);
+        largest = largest.max(diff);
+    }
+    largest
+}
