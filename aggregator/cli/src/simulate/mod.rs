@@ -337,3 +337,16 @@ fn announce(c: &SimConfig, addr: SocketAddr) {
         println!("attack: {}", plan.describe(&c.attack));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// A finished server keeps serving the final model for as long as a
+    /// device it refused at the handshake limit may back off.
+    #[test]
+    fn the_server_waits_as_long_as_a_refused_device_backs_off() {
+        assert_eq!(
+            fedge_aggregator::server::REFUSED_COMEBACK,
+            fedge_device::session::SessionConfig::default().refused_backoff_max
+        );
+    }
+}
