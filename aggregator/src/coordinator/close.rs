@@ -245,15 +245,15 @@ impl Coordinator {
     }
 
     /// A leaf's round ended while its close was out (the parent moved
-    /// on): the job's result will be ignored, and payload checks parked
-    /// for it are taken now (against the round open now).
-    pub(super) fn drop_close(&mut self) -> Vec<Verified> {
+    /// on): the job's result will be ignored. The payload checks parked
+    /// for it stay parked until [`Self::take_parked`] takes them against
+    /// the round open then.
+    pub(super) fn drop_close(&mut self) {
         self.closes.out = None;
-        std::mem::take(&mut self.closes.parked)
     }
 
     /// Payload checks parked while a close was out, taken now; then the
-    /// jobs that waited for them.
+    /// checks that were not handed out while it was.
     pub(super) fn take_parked(&mut self, now: Instant) {
         for v in std::mem::take(&mut self.closes.parked) {
             self.handle_verified(now, v);

@@ -135,7 +135,6 @@ impl Coordinator {
         if self.finished {
             return Err("the run is finished".into());
         }
-        let mut parked = Vec::new();
         if !self.leaf.awaiting {
             if round.round_id <= self.round.id {
                 return Ok(()); // the round already open here
@@ -146,7 +145,7 @@ impl Coordinator {
             );
             self.abort_leaf_round(&why);
             // A close still out is for a round that is over.
-            parked = self.drop_close();
+            self.drop_close();
         } else if self.leaf.last_closed.is_some_and(|c| round.round_id <= c) {
             return Ok(()); // a round that already closed here
         }
@@ -178,9 +177,9 @@ impl Coordinator {
                 }
             }
         }
-        for v in parked {
-            self.handle_verified(now, v);
-        }
+        // Payload checks that waited for a dropped close, and those not
+        // handed out meanwhile, go on against this round.
+        self.take_parked(now);
         Ok(())
     }
 
@@ -194,11 +193,11 @@ impl Coordinator {
         }
         if !self.leaf.awaiting {
             self.abort_leaf_round("the parent finished its run");
-            // Nothing is forwarded any more: a close still out is moot,
-            // and so are the payload checks that waited for it.
-            let _ = self.drop_close();
+            // Nothing is forwarded any more: a close still out is moot;
+            // the payload checks that waited for it are refused as late.
+            self.drop_close();
+            self.take_parked(now);
         }
-        let _ = now;
         self.install_parent_model(self.round.id, model)?;
         self.finished = true;
         self.event(Event::Finished {
