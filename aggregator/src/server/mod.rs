@@ -25,6 +25,7 @@ use crate::tls::TlsIdentity;
 use crate::uplink::{FromParent, ParentLink};
 
 mod commit;
+mod finish;
 mod handshakes;
 mod outputs;
 
@@ -437,14 +438,15 @@ impl Server {
             // until the grace period past the longest wait devices are
             // told (or a device refused at the door may take) has passed
             // since the last fetch began (or everyone has left).
-            let comeback = gate.comeback_until();
+            let comeback = finished_at.and_then(|_| gate.comeback_until());
             let finish_until = match (finished_at, cfg.finish_grace) {
-                (Some(t), Some(grace)) => {
-                    let active = core.finish_active_at().map_or(t, |a| a.max(t));
-                    let active = comeback.map_or(active, |c| c.max(active));
-                    let until = active + grace + core.pace_horizon(Instant::now());
-                    Some(until.min(t + grace + FINISH_EXTENSION_MAX))
-                }
+                (Some(t), Some(grace)) => Some(finish::finish_until(
+                    t,
+                    grace,
+                    core.finish_active_at(),
+                    comeback,
+                    core.pace_horizon(Instant::now()),
+                )),
                 _ => None,
             };
             if let Some(until) = finish_until
@@ -577,11 +579,6 @@ impl Server {
         Ok(report)
     }
 }
-
-/// The longest the finish is served past `finish_grace` while devices
-/// keep coming for the final model: a swarm of fresh keys fetching it
-/// keeps the server no longer.
-const FINISH_EXTENSION_MAX: Duration = Duration::from_secs(600);
 
 /// Socket buffer the server's UDP socket asks for, each way (the kernel
 /// grants at most `net.core.rmem_max` / `wmem_max`). Every device's packets
